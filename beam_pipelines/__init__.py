@@ -1,0 +1,1 @@
+"""The Beam passes of the product: prepare (Dolma -> candidates) and assemble (generations -> SFT)."""

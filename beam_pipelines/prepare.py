@@ -1,0 +1,480 @@
+"""Beam pass 1: Dolma head split -> exact length filter -> dedup -> token-balanced candidate shards.
+
+    ListInputs ─┬─ other splits ─ CountLines ──────────────────────────────────────────┐ tallies
+                └─ head split ── ReadAndMeasure ─ DedupById ─ DedupByText ─ Sample ─┐ │
+                                      └── rejects ──────────────────────────────────│─┼─ WriteRejects
+                         AssignShards (global, on (id, n_tokens)) <────────────────┘ │
+                         ─ GroupByKey(file) ─ WriteParts ─ GroupByKey(shard) ─ MergeShard ─ WriteStats
+
+Only keys travel through shuffles: a document's text is read from its input file twice (once to
+measure and hash it, once to write it into its shard) and never grouped, so the shuffle volume is
+~60 bytes per document whatever its length. Each shard is assembled from per-file parts by one
+worker, sorted by (n_tokens, id) and written whole-or-nothing; stats.json is written last and marks
+the output complete.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import time
+import uuid
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+import schemas
+from beam_pipelines import dolma
+from beam_pipelines.dedup import sample_key, text_hash
+from beam_pipelines.length import TokenCounter, length_verdict, load_tokenizer
+from beam_pipelines.shards import assign_shards, balance, shard_name
+from bft import storage
+
+log = logging.getLogger("bft.prepare")
+
+# A kept document between stages: (id, text_hash, n_tokens, n_chars, file, line)
+ID, HASH, NTOK, NCHARS, FILE, LINE = range(6)
+
+INPUT = "input_records"
+KEPT = "kept"
+
+
+class UnreadableFileError(RuntimeError):
+    """An input file is truncated or corrupt."""
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str]
+    output: str
+    tokenizer: str
+    max_tokens: int = 3584
+    min_tokens: int = 0
+    splits: list[str] = field(default_factory=lambda: ["cc_en_head"])
+    select_where: list[str] = field(default_factory=list)
+    num_shards: int = 16
+    target_docs: int | None = None
+    seed: int = 0
+    max_line_bytes: int = 1 << 20
+    skip_unreadable_files: bool = False
+    reject_shards: int = 4
+    batch_docs: int = 256
+
+
+def _tally(name: str, n: int = 1) -> tuple[str, int]:
+    Metrics.counter("bft.prepare", name).inc(n)
+    return name, n
+
+
+def _dropped(reason: str) -> str:
+    return f"dropped/{reason}"
+
+
+def _reject_row(file: str, line: int, reason: str, detail: str, doc_id=None, raw=None) -> dict:
+    return {"file": file, "line": line, "id": doc_id, "reason": reason, "detail": detail, "raw": raw}
+
+
+def list_inputs(patterns: list[str]) -> list[str]:
+    files: list[str] = []
+    for pattern in patterns:
+        matched = storage.glob(pattern)
+        if not matched:
+            raise FileNotFoundError(f"--input {pattern!r} matches no file")
+        files.extend(matched)
+    return sorted(set(files))
+
+
+_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError)
+
+
+class CountLines(beam.DoFn):
+    """Files of other splits: their documents are counted, not parsed."""
+
+    def __init__(self, skip_unreadable: bool):
+        self.skip_unreadable = skip_unreadable
+
+    def process(self, path: str):
+        n = 0
+        try:
+            for _ in storage.open_lines(path):
+                n += 1
+        except _READ_ERRORS as e:
+            yield from _unreadable(path, n, e, self.skip_unreadable)
+        yield _tally(INPUT, n)
+        yield _tally(_dropped("other_split"), n)
+
+
+def _unreadable(path: str, lines_read: int, error: Exception, skip: bool):
+    if not skip:
+        raise UnreadableFileError(
+            f"{path}: unreadable after {lines_read} lines ({type(error).__name__}: {error}); "
+            "fix or remove the file, or pass --skip-unreadable-files to count it and go on") from error
+    log.warning("%s: unreadable after %d lines (%s); skipped the rest", path, lines_read, error)
+    yield _tally("unreadable_files", 1)
+    yield beam.pvalue.TaggedOutput("unreadable", {"file": path, "lines_read": lines_read, "error": str(error)})
+
+
+class ReadAndMeasure(beam.DoFn):
+    """A head-split file -> kept-document keys (main), rejects, and tallies.
+
+    Parses every line, routes bad ones to rejects, applies the metadata predicate, hashes the
+    normalized text and counts its tokens exactly; the text itself does not leave this step.
+    """
+
+    def __init__(self, cfg: PrepareConfig):
+        self.cfg = cfg
+        self.where = [dolma.parse_where(w) for w in cfg.select_where]
+
+    def setup(self):
+        import os
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.counter = TokenCounter(load_tokenizer(self.cfg.tokenizer))
+
+    def process(self, path: str):
+        tallies: collections.Counter = collections.Counter()
+        batch: list[tuple[int, dolma.Document]] = []
+        line_no = 0
+        pieces_before, full_before = self.counter.counted_pieces, self.counter.counted_full
+        try:
+            for line_no, raw in enumerate(storage.open_lines(path), start=1):
+                tallies[INPUT] += 1
+                item = dolma.parse_line(raw, self.cfg.max_line_bytes)
+                if isinstance(item, dolma.Reject):
+                    tallies[_dropped(item.reason)] += 1
+                    yield beam.pvalue.TaggedOutput("rejects", _reject_row(
+                        path, line_no, item.reason, item.detail, item.id, item.raw))
+                    continue
+                if not all(str(dolma.field(item.record, f)) in values for f, values in self.where):
+                    tallies[_dropped("not_selected")] += 1
+                    continue
+                batch.append((line_no, item))
+                if len(batch) >= self.cfg.batch_docs:
+                    yield from self._measure(path, batch, tallies)
+                    batch = []
+        except _READ_ERRORS as e:
+            yield from _unreadable(path, line_no, e, self.cfg.skip_unreadable_files)
+        yield from self._measure(path, batch, tallies)
+        tallies["length/counted_pieces"] = self.counter.counted_pieces - pieces_before
+        tallies["length/counted_full"] = self.counter.counted_full - full_before
+        for name, n in sorted(tallies.items()):
+            yield beam.pvalue.TaggedOutput("tallies", _tally(name, n))
+
+    def _measure(self, path, batch, tallies):
+        if not batch:
+            return
+        cfg, counter = self.cfg, self.counter
+        todo, bounds = [], {}
+        for line_no, doc in batch:
+            lb = counter.lower_bound(doc.text)
+            if lb > cfg.max_tokens:
+                bounds[line_no] = lb
+            else:
+                todo.append((line_no, doc))
+        counts = dict(zip((ln for ln, _ in todo), counter.count([d.text for _, d in todo])))
+        tallies["length/rejected_by_bound"] += len(bounds)
+        for line_no, doc in batch:
+            if line_no in bounds:
+                verdict, detail = "too_long", f">= {bounds[line_no]} tokens (bytes bound) > {cfg.max_tokens}"
+            else:
+                n = counts[line_no]
+                verdict = length_verdict(n, cfg.min_tokens, cfg.max_tokens)
+                detail = f"{n} tokens, allowed {cfg.min_tokens}..{cfg.max_tokens}"
+            if verdict:
+                tallies[_dropped(verdict)] += 1
+                yield beam.pvalue.TaggedOutput("rejects", _reject_row(path, line_no, verdict, detail, doc.id))
+            else:
+                yield (doc.id, text_hash(doc.text), counts[line_no], len(doc.text), path, line_no)
+
+
+def keep_first(docs: Iterable[tuple], order, reason: str, detail):
+    """Of documents sharing a key, the first by `order` is kept; the others become rejects."""
+    docs = sorted(docs, key=order)
+    yield docs[0]
+    for d in docs[1:]:
+        yield beam.pvalue.TaggedOutput("rejects", _reject_row(d[FILE], d[LINE], reason, detail(docs[0]), d[ID]))
+        yield beam.pvalue.TaggedOutput("tallies", _tally(_dropped(reason)))
+
+
+class Deduplicate(beam.PTransform):
+    """Ids must be unique (the smallest text_hash wins), then texts (the smallest id wins)."""
+
+    def expand(self, docs):
+        by_id = (docs
+                 | "KeyById" >> beam.Map(lambda d: (d[ID], d))
+                 | "GroupById" >> beam.GroupByKey()
+                 | "UniqueIds" >> beam.FlatMap(
+                     lambda kv: keep_first(kv[1], lambda d: (d[HASH], d[FILE], d[LINE]), "duplicate_id",
+                                           lambda w: f"id also at {w[FILE]}:{w[LINE]}"))
+                 .with_outputs("rejects", "tallies", main="docs"))
+        by_text = (by_id.docs
+                   | "KeyByHash" >> beam.Map(lambda d: (d[HASH], d))
+                   | "GroupByHash" >> beam.GroupByKey()
+                   | "UniqueTexts" >> beam.FlatMap(
+                       lambda kv: keep_first(kv[1], lambda d: (d[ID], d[FILE], d[LINE]), "duplicate",
+                                             lambda w: f"same normalized text as {w[ID]}"))
+                   .with_outputs("rejects", "tallies", main="docs"))
+        rejects = (by_id.rejects, by_text.rejects) | "DedupRejects" >> beam.Flatten()
+        tallies = (by_id.tallies, by_text.tallies) | "DedupTallies" >> beam.Flatten()
+        return by_text.docs, rejects, tallies
+
+
+class SampleToTarget(beam.PTransform):
+    """Keeps the `target` documents of smallest sample_key(id, seed): a bottom-k sample, exact in
+    size, independent of order, and stable as the input grows (a kept document leaves only when a
+    new one ranks below it)."""
+
+    def __init__(self, target: int, seed: int):
+        super().__init__()
+        self.target, self.seed = target, seed
+
+    def expand(self, docs):
+        seed, target = self.seed, self.target
+        threshold = (docs
+                     | "Rank" >> beam.Map(lambda d: (sample_key(d[ID], seed), d[ID]))
+                     | "BottomK" >> beam.combiners.Top.Smallest(target)
+                     | "Threshold" >> beam.Map(lambda ranks: ranks[-1] if len(ranks) >= target else None))
+
+        def split(d, limit):
+            if limit is None or (sample_key(d[ID], seed), d[ID]) <= tuple(limit):
+                yield d
+            else:
+                yield beam.pvalue.TaggedOutput("rejects", _reject_row(
+                    d[FILE], d[LINE], "not_sampled", f"outside the --target-docs {target} sample", d[ID]))
+                yield beam.pvalue.TaggedOutput("tallies", _tally(_dropped("not_sampled")))
+
+        out = docs | "KeepSample" >> beam.FlatMap(split, limit=beam.pvalue.AsSingleton(threshold)).with_outputs(
+            "rejects", "tallies", main="docs")
+        return out.docs, out.rejects, out.tallies
+
+
+def _route_to_shards(all_docs: list[tuple], num_shards: int):
+    """The global balancing step: (file, (line, id, shard, n_tokens, text_hash)) for every document."""
+    shard_of = assign_shards(((d[ID], d[NTOK]) for d in all_docs), num_shards)
+    for d in all_docs:
+        yield d[FILE], (d[LINE], d[ID], shard_of[d[ID]], d[NTOK], d[HASH])
+
+
+class WriteParts(beam.DoFn):
+    """Re-reads one input file and writes its kept documents into one part file per shard."""
+
+    def __init__(self, cfg: PrepareConfig, tmp_dir: str):
+        self.cfg, self.tmp_dir = cfg, tmp_dir
+
+    def process(self, element):
+        path, wanted = element
+        by_line = {w[0]: w for w in wanted}
+        rows: dict[int, list[dict]] = collections.defaultdict(list)
+        remaining = len(by_line)
+        for line_no, raw in enumerate(storage.open_lines(path), start=1):
+            w = by_line.get(line_no)
+            if w is None:
+                continue
+            _, doc_id, shard, n_tokens, h = w
+            doc = dolma.parse_line(raw, self.cfg.max_line_bytes)
+            if isinstance(doc, dolma.Reject) or doc.id != doc_id:
+                raise RuntimeError(f"{path}:{line_no}: changed while the job ran (expected document {doc_id})")
+            rows[shard].append({"id": doc.id, "text": doc.text, "source": doc.source, "url": doc.url,
+                                "n_chars": len(doc.text), "n_tokens": n_tokens, "shard": shard, "text_hash": h})
+            remaining -= 1
+            if not remaining:
+                break
+        if remaining:
+            raise RuntimeError(f"{path}: {remaining} kept documents missing on the second read")
+        tag = f"{zlib.crc32(path.encode()):08x}-{uuid.uuid4().hex[:8]}"
+        for shard, shard_rows in rows.items():
+            part = storage.join(self.tmp_dir, f"shard-{shard:05d}", f"part-{tag}.parquet")
+            storage.write_parquet(schemas.to_table(shard_rows, schemas.CANDIDATE, part), part)
+            yield shard, part
+
+
+class MergeShard(beam.DoFn):
+    """A shard's parts -> candidates-SSSSS-of-NNNNN.parquet, rows sorted by (n_tokens, id)."""
+
+    def __init__(self, output: str, num_shards: int):
+        self.output, self.num_shards = output, num_shards
+
+    def process(self, element):
+        import pyarrow as pa
+
+        shard, parts = element
+        parts = sorted(p for p in parts if p is not None)
+        tables = [schemas.validate(storage.read_parquet(p), schemas.CANDIDATE, p) for p in parts]
+        table = pa.concat_tables(tables) if tables else schemas.empty_table(schemas.CANDIDATE)
+        table = table.sort_by([("n_tokens", "ascending"), ("id", "ascending")])
+        path = storage.join(self.output, shard_name("candidates", shard, self.num_shards))
+        table = schemas.validate(table.replace_schema_metadata(schemas.CANDIDATE.metadata), schemas.CANDIDATE, path)
+        size = storage.write_parquet(table, path)
+        tokens = int(pa.compute.sum(table["n_tokens"]).as_py() or 0)
+        yield {"shard": shard, "path": path, "rows": table.num_rows, "tokens": tokens, "bytes": size}
+
+
+class WriteRejects(beam.PTransform):
+    """Rejects -> rejects/rejects-SSSSS-of-NNNNN.parquet, sorted by (file, line)."""
+
+    def __init__(self, folder: str, num_shards: int):
+        super().__init__()
+        self.folder, self.num_shards = folder, num_shards
+
+    def expand(self, rejects):
+        n, folder = self.num_shards, self.folder
+        keyed = rejects | "KeyReject" >> beam.Map(lambda r: (zlib.crc32(r["file"].encode()) % n, r))
+        empties = rejects.pipeline | "RejectShards" >> beam.Create([(k, None) for k in range(n)])
+
+        def write(element):
+            shard, rows = element
+            rows = sorted((r for r in rows if r is not None), key=lambda r: (r["file"], r["line"]))
+            path = storage.join(folder, shard_name("rejects", shard, n))
+            storage.write_parquet(schemas.to_table(rows, schemas.REJECT, path), path)
+            return {"path": path, "rows": len(rows)}
+
+        return ((keyed, empties) | "AllRejectShards" >> beam.Flatten()
+                | "GroupRejects" >> beam.GroupByKey() | "WriteRejectShard" >> beam.Map(write))
+
+
+def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None):
+    """Adds the prepare pass to pipeline `p`; returns the PCollection of the final stats dict."""
+    files = list_inputs(cfg.inputs)
+    selected = [f for f in files if not cfg.splits or dolma.split_of(f, cfg.splits)]
+    others = [f for f in files if f not in set(selected)]
+    tmp_dir = storage.join(cfg.output, "_tmp", run_id or uuid.uuid4().hex[:12])
+
+    read = (p | "HeadSplitFiles" >> beam.Create(selected)
+            | "Reshuffle" >> beam.Reshuffle()
+            | "ReadAndMeasure" >> beam.ParDo(ReadAndMeasure(cfg)).with_outputs(
+                "rejects", "tallies", "unreadable", main="docs"))
+    other = (p | "OtherSplitFiles" >> beam.Create(others)
+             | "CountLines" >> beam.ParDo(CountLines(cfg.skip_unreadable_files)).with_outputs("unreadable", main="tallies"))
+
+    docs, dedup_rejects, dedup_tallies = read.docs | "Deduplicate" >> Deduplicate()
+    rejects = [read.rejects, dedup_rejects]
+    tallies = [read.tallies, other.tallies, dedup_tallies]
+    if cfg.target_docs:
+        docs, sample_rejects, sample_tallies = docs | "Sample" >> SampleToTarget(cfg.target_docs, cfg.seed)
+        rejects.append(sample_rejects)
+        tallies.append(sample_tallies)
+
+    parts = (docs
+             | "AllKept" >> beam.combiners.ToList()
+             | "AssignShards" >> beam.FlatMap(_route_to_shards, cfg.num_shards)
+             | "GroupByFile" >> beam.GroupByKey()
+             | "WriteParts" >> beam.ParDo(WriteParts(cfg, tmp_dir)))
+    every_shard = p | "ShardNumbers" >> beam.Create([(k, None) for k in range(cfg.num_shards)])
+    shards = ((parts, every_shard) | "AllShards" >> beam.Flatten()
+              | "GroupByShard" >> beam.GroupByKey()
+              | "MergeShard" >> beam.ParDo(MergeShard(cfg.output, cfg.num_shards)))
+    tallies.append(shards | "KeptTally" >> beam.Map(lambda s: _tally(KEPT, s["rows"])))
+
+    reject_files = (rejects | "AllRejects" >> beam.Flatten()
+                    | "WriteRejects" >> WriteRejects(storage.join(cfg.output, "rejects"), cfg.reject_shards))
+    totals = (tallies | "AllTallies" >> beam.Flatten()
+              | "SumTallies" >> beam.CombinePerKey(sum)
+              | "TallyDict" >> beam.combiners.ToDict())
+    unreadable = (read.unreadable, other.unreadable) | "AllUnreadable" >> beam.Flatten()
+    return (p | "Finish" >> beam.Create([None])
+            | "WriteStats" >> beam.Map(
+                lambda _, t, s, r, u: write_stats(cfg, tmp_dir, files, selected, t, s, r, u),
+                t=beam.pvalue.AsSingleton(totals), s=beam.pvalue.AsList(shards),
+                r=beam.pvalue.AsList(reject_files), u=beam.pvalue.AsList(unreadable)))
+
+
+def funnel(totals: dict[str, int]) -> dict:
+    """The accounting: every input record is kept or dropped with a reason."""
+    dropped = {k.split("/", 1)[1]: v for k, v in sorted(totals.items()) if k.startswith("dropped/")}
+    return {"input_records": totals.get(INPUT, 0), "kept": totals.get(KEPT, 0), "dropped": dropped}
+
+
+def write_stats(cfg, tmp_dir, files, selected, totals, shards, reject_files, unreadable) -> dict:
+    acc = funnel(totals)
+    if acc["input_records"] != acc["kept"] + sum(acc["dropped"].values()):
+        raise RuntimeError(f"accounting broken: {acc['input_records']} input records != {acc['kept']} kept + "
+                           f"{sum(acc['dropped'].values())} dropped ({acc['dropped']})")
+    n_rejects = sum(r["rows"] for r in reject_files)
+    listed = sum(v for k, v in acc["dropped"].items() if k not in ("other_split", "not_selected"))
+    if n_rejects != listed:
+        raise RuntimeError(f"rejects written ({n_rejects}) != dropped documents to list ({listed})")
+    shards = sorted(shards, key=lambda s: s["shard"])
+    shard_tokens = [s["tokens"] for s in shards]
+    stats = {
+        **acc,
+        "tokens": {"total": sum(shard_tokens), "max_tokens": cfg.max_tokens, "min_tokens": cfg.min_tokens},
+        "length_filter": {
+            "counted_from_pieces": totals.get("length/counted_pieces", 0),
+            "tokenized_in_full": totals.get("length/counted_full", 0),
+            "rejected_by_bound": totals.get("length/rejected_by_bound", 0),
+        },
+        "shards": {"num_shards": cfg.num_shards, "balance_max_over_mean": round(balance(shard_tokens), 6),
+                   "files": [{k: s[k] for k in ("path", "rows", "tokens", "bytes")} for s in shards]},
+        "rejects": {"rows": n_rejects, "files": [r["path"] for r in sorted(reject_files, key=lambda r: r["path"])]},
+        "input_files": {"total": len(files), "head_split": len(selected), "other_splits": len(files) - len(selected)},
+        "unreadable_files": sorted(unreadable, key=lambda u: u["file"]),
+        "config": asdict(cfg),
+        "schema_version": schemas.SCHEMA_VERSION,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_text(storage.join(cfg.output, "stats.json"), json.dumps(stats, indent=2, sort_keys=False) + "\n")
+    storage.delete_tree(tmp_dir)
+    return stats
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--input", action="append", required=True, help="glob of Dolma JSON-lines files (repeatable)")
+    ap.add_argument("--output", required=True, help="folder (local or gs://) for candidates, rejects, stats")
+    ap.add_argument("--tokenizer", required=True, help="tokenizer.json, a folder with one, gs:// path or hub id")
+    ap.add_argument("--max-tokens", type=int, default=3584,
+                    help="keep documents of at most this many tokens (default 3584 = Llama-2's 4096 context "
+                         "minus 512 for the prompt templates; see docs/ARCHITECTURE.md)")
+    ap.add_argument("--min-tokens", type=int, default=0)
+    ap.add_argument("--splits", default="cc_en_head",
+                    help="comma-separated split folders to select; '' selects every file")
+    ap.add_argument("--select-where", action="append", default=[], metavar="FIELD=V1,V2",
+                    help="also require a record field (dotted, e.g. metadata.bucket) to have one of the values")
+    ap.add_argument("--num-shards", type=int, default=16)
+    ap.add_argument("--target-docs", type=int, default=None, help="deterministic bottom-k sample of this size")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-line-bytes", type=int, default=1 << 20, help="longer lines are rejected as too_large")
+    ap.add_argument("--reject-shards", type=int, default=4)
+    ap.add_argument("--skip-unreadable-files", action="store_true",
+                    help="count a truncated/corrupt input file and go on instead of failing")
+    ap.add_argument("--overwrite", action="store_true", help="run even if OUTPUT/stats.json marks it complete")
+
+
+def config_from_args(args: argparse.Namespace) -> PrepareConfig:
+    return PrepareConfig(
+        inputs=args.input, output=args.output.rstrip("/"), tokenizer=args.tokenizer,
+        max_tokens=args.max_tokens, min_tokens=args.min_tokens,
+        splits=[s for s in args.splits.split(",") if s], select_where=args.select_where,
+        num_shards=args.num_shards, target_docs=args.target_docs, seed=args.seed,
+        max_line_bytes=args.max_line_bytes, skip_unreadable_files=args.skip_unreadable_files,
+        reject_shards=args.reject_shards)
+
+
+def run(cfg: PrepareConfig, beam_args: list[str], overwrite: bool = False) -> dict:
+    """Runs the pass unless OUTPUT/stats.json says it is complete; returns the stats."""
+    stats_path = storage.join(cfg.output, "stats.json")
+    if storage.exists(stats_path) and not overwrite:
+        log.info("%s exists: prepare is complete, skipping (pass --overwrite to redo it)", stats_path)
+        return json.loads(storage.read_text(stats_path))
+    if cfg.num_shards < 1 or cfg.reject_shards < 1:
+        raise ValueError("--num-shards and --reject-shards must be >= 1")
+    if cfg.min_tokens > cfg.max_tokens:
+        raise ValueError("--min-tokens is larger than --max-tokens")
+    options = PipelineOptions(default_beam_args(beam_args))
+    with beam.Pipeline(options=options) as p:
+        build(p, cfg)
+    return json.loads(storage.read_text(stats_path))
+
+
+def default_beam_args(beam_args: list[str]) -> list[str]:
+    """Local defaults: the FnApiRunner on every core, unless the user names a runner."""
+    args = list(beam_args)
+    if not any(a.startswith("--runner") for a in args):
+        args.append("--runner=FnApiRunner")
+        if not any(a.startswith("--direct_num_workers") for a in args):
+            args += ["--direct_num_workers=0", "--direct_running_mode=multi_processing"]
+    return args

@@ -1,0 +1,226 @@
+"""Files on local disk or gs://, with whole-or-nothing writes.
+
+One small layer used by every stage (Beam DoFns, generators, training), so that a run root can be a
+local folder or a bucket prefix. gs:// goes through google-cloud-storage; when STORAGE_EMULATOR_HOST is
+set (the gcp-storage-emulator in tests) the client uses anonymous credentials, so no credential lookup
+and its retries happen.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import io
+import os
+import posixpath
+import re
+import tempfile
+from typing import BinaryIO, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def is_gcs(path: str) -> bool:
+    return path.startswith("gs://")
+
+
+def join(base: str, *parts: str) -> str:
+    if is_gcs(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def _split_gcs(path: str) -> tuple[str, str]:
+    bucket, _, name = path[len("gs://"):].partition("/")
+    if not bucket:
+        raise ValueError(f"{path}: a gs:// path needs a bucket")
+    return bucket, name
+
+
+@functools.lru_cache(maxsize=1)
+def gcs_client():
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "emulator"),
+                              credentials=AnonymousCredentials())
+    return storage.Client()
+
+
+def _blob(path: str):
+    bucket, name = _split_gcs(path)
+    return gcs_client().bucket(bucket).blob(name)
+
+
+def exists(path: str) -> bool:
+    if is_gcs(path):
+        return _blob(path).exists()
+    return os.path.exists(path)
+
+
+def open_read(path: str) -> BinaryIO:
+    """A binary stream of the file's bytes as stored (no decompression)."""
+    if is_gcs(path):
+        return _blob(path).open("rb", chunk_size=8 << 20)
+    return open(path, "rb")
+
+
+def read_bytes(path: str) -> bytes:
+    if is_gcs(path):
+        return _blob(path).download_as_bytes()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes `data` so that `path` appears whole or not at all.
+
+    Local: a temporary file in the same folder, fsync, then an atomic rename. GCS: a single upload,
+    which creates the object atomically when it completes.
+    """
+    if is_gcs(path):
+        _blob(path).upload_from_string(data)
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def delete(path: str) -> None:
+    if is_gcs(path):
+        blob = _blob(path)
+        if blob.exists():
+            blob.delete()
+    elif os.path.exists(path):
+        os.unlink(path)
+
+
+def delete_tree(prefix: str) -> None:
+    """Removes every file under the folder `prefix`."""
+    if is_gcs(prefix):
+        bucket, name = _split_gcs(prefix.rstrip("/") + "/")
+        for blob in gcs_client().list_blobs(bucket, prefix=name):
+            blob.delete()
+        return
+    import shutil
+
+    shutil.rmtree(prefix, ignore_errors=True)
+
+
+def list_files(prefix: str) -> list[str]:
+    """Every file below the folder `prefix`, sorted."""
+    if is_gcs(prefix):
+        bucket, name = _split_gcs(prefix.rstrip("/") + "/")
+        return sorted(f"gs://{bucket}/{b.name}" for b in gcs_client().list_blobs(bucket, prefix=name))
+    out = []
+    for dirpath, _, names in os.walk(prefix):
+        out.extend(os.path.join(dirpath, n) for n in names)
+    return sorted(out)
+
+
+def glob(pattern: str) -> list[str]:
+    """Files matching `pattern` (`*`, `?`, `[..]`, and `**` for any depth), local or gs://, sorted."""
+    if not is_gcs(pattern):
+        import glob as _glob
+
+        return sorted(p for p in _glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    bucket, name = _split_gcs(pattern)
+    literal = name
+    for i, ch in enumerate(name):
+        if ch in "*?[":
+            literal = name[:i]
+            break
+    compiled = re.compile(_glob_regex(name))
+    blobs = gcs_client().list_blobs(bucket, prefix=literal)
+    return sorted(f"gs://{bucket}/{b.name}" for b in blobs if compiled.fullmatch(b.name))
+
+
+def _glob_regex(pattern: str) -> str:
+    """A regex for a glob where `*` stays within one path segment and `**` crosses segments."""
+    out, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif ch == "*":
+            out.append("[^/]*")
+            i += 1
+        elif ch == "?":
+            out.append("[^/]")
+            i += 1
+        elif ch == "[":
+            j = pattern.find("]", i + 1)
+            if j < 0:
+                out.append(re.escape(ch))
+                i += 1
+            else:
+                body = pattern[i + 1:j]
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append("[" + body + "]")
+                i = j + 1
+        else:
+            out.append(re.escape(ch))
+            i += 1
+    return "".join(out)
+
+
+def open_lines(path: str) -> Iterator[bytes]:
+    """The lines of a JSON-lines file as raw bytes (newline kept off), decompressing .gz and .zst.
+
+    Raw bytes rather than text, so that a line of invalid UTF-8 becomes a reject, not a crash.
+    """
+    raw = open_read(path)
+    try:
+        if path.endswith(".gz"):
+            stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb")
+        elif path.endswith(".zst") or path.endswith(".zstd"):
+            import zstandard
+
+            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True),
+                                       buffer_size=1 << 20)
+        else:
+            stream = io.BufferedReader(raw, buffer_size=1 << 20) if not is_gcs(path) else raw
+        for line in stream:
+            yield line.rstrip(b"\r\n") if line.endswith(b"\n") else line
+    finally:
+        raw.close()
+
+
+def write_parquet(table: pa.Table, path: str) -> int:
+    """Writes `table` (zstd) to `path` whole-or-nothing; returns the bytes written."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", row_group_size=8192)
+    data = sink.getvalue()
+    write_bytes(path, data)
+    return len(data)
+
+
+def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
+    if is_gcs(path):
+        return pq.read_table(pa.BufferReader(read_bytes(path)), columns=columns)
+    return pq.read_table(path, columns=columns)

@@ -1,0 +1,41 @@
+"""bft: the open pipeline that turns web text into instruction-tuning data (back-and-forth translation).
+
+The base install is what a Beam worker needs (Dataflow installs it with --setup_file ./setup.py):
+no torch, no vLLM. Extras add the rest.
+"""
+from setuptools import find_packages, setup
+
+BEAM = [
+    "apache-beam>=2.60",
+    "pyarrow>=15",
+    "tokenizers>=0.21",
+    "huggingface-hub>=0.20",
+    "xxhash>=3.4",
+    "zstandard>=0.22",
+    "google-cloud-storage>=2.14",
+    "nltk>=3.8",
+    "numpy>=1.26",
+]
+
+EXTRAS = {
+    "gcp": ["apache-beam[gcp]>=2.60"],
+    "generate": ["transformers[serving]>=4.50", "torch>=2.3", "httpx>=0.27", "tqdm>=4.66"],
+    "vllm": ["vllm>=0.6"],
+    "train": ["transformers>=4.50", "torch>=2.3", "accelerate>=1.0", "datasets>=2.19"],
+    "report": ["matplotlib>=3.8"],
+    "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "datasets>=2.19", "pandas>=2.1",
+             "datatrove>=0.4"],
+}
+
+setup(
+    name="bft",
+    version="0.1.0",
+    description="Instruction back-and-forth translation: Dolma -> candidates -> generations -> SFT corpus",
+    python_requires=">=3.10",
+    packages=find_packages(include=["bft", "bft.*", "beam_pipelines", "beam_pipelines.*", "generation",
+                                    "generation.*", "training", "training.*", "schemas", "schemas.*"]),
+    package_data={"generation": ["templates/*.txt"]},
+    install_requires=BEAM,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["bft=bft.cli:main"]},
+)

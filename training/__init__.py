@@ -1,0 +1,1 @@
+"""Models of the method: seed data, tiny smoke-test models, fine-tuning, evaluation."""
