@@ -105,8 +105,8 @@ class CountLines(beam.DoFn):
                 n += 1
         except _READ_ERRORS as e:
             yield from _unreadable(path, n, e, self.skip_unreadable)
-        yield _tally(INPUT, n)
-        yield _tally(_dropped("other_split"), n)
+        yield beam.pvalue.TaggedOutput("tallies", _tally(INPUT, n))
+        yield beam.pvalue.TaggedOutput("tallies", _tally(_dropped("other_split"), n))
 
 
 def _unreadable(path: str, lines_read: int, error: Exception, skip: bool):
@@ -115,7 +115,7 @@ def _unreadable(path: str, lines_read: int, error: Exception, skip: bool):
             f"{path}: unreadable after {lines_read} lines ({type(error).__name__}: {error}); "
             "fix or remove the file, or pass --skip-unreadable-files to count it and go on") from error
     log.warning("%s: unreadable after %d lines (%s); skipped the rest", path, lines_read, error)
-    yield _tally("unreadable_files", 1)
+    yield beam.pvalue.TaggedOutput("tallies", _tally("unreadable_files", 1))
     yield beam.pvalue.TaggedOutput("unreadable", {"file": path, "lines_read": lines_read, "error": str(error)})
 
 
@@ -349,7 +349,8 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None):
             | "ReadAndMeasure" >> beam.ParDo(ReadAndMeasure(cfg)).with_outputs(
                 "rejects", "tallies", "unreadable", main="docs"))
     other = (p | "OtherSplitFiles" >> beam.Create(others)
-             | "CountLines" >> beam.ParDo(CountLines(cfg.skip_unreadable_files)).with_outputs("unreadable", main="tallies"))
+             | "CountLines" >> beam.ParDo(CountLines(cfg.skip_unreadable_files)).with_outputs(
+                 "unreadable", "tallies", main="nothing"))
 
     docs, dedup_rejects, dedup_tallies = read.docs | "Deduplicate" >> Deduplicate()
     rejects = [read.rejects, dedup_rejects]

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny tokenizers trained here, Dolma-layout files, and a GCS emulator on loopback."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.corpus import TextMaker  # noqa: E402
+from training.tiny import train_byte_fallback_bpe, train_byte_level_bpe  # noqa: E402
+
+LOCAL = ["--runner=FnApiRunner"]
+
+
+@pytest.fixture(scope="session")
+def fixture_texts() -> list[str]:
+    maker = TextMaker(seed=11)
+    return [maker.text(int(maker.length(median=600, sigma=0.7, cap=5000))) for _ in range(200)]
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_path(tmp_path_factory, fixture_texts) -> str:
+    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+    train_byte_fallback_bpe(fixture_texts, 1200).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def byte_level_tokenizer_path(tmp_path_factory, fixture_texts) -> str:
+    path = str(tmp_path_factory.mktemp("tokbl") / "tokenizer.json")
+    train_byte_level_bpe(fixture_texts, 800).save(path)
+    return path
+
+
+def dolma_line(doc_id: str, text, **extra) -> bytes:
+    rec = {"id": doc_id, "text": text, "source": "common-crawl", "metadata": {"url": f"https://x.org/{doc_id}"}}
+    rec.update(extra)
+    return json.dumps(rec, ensure_ascii=False).encode()
+
+
+def write_dolma_file(path: str, lines: list[bytes]) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = b"\n".join(lines) + b"\n"
+    if path.endswith(".gz"):
+        with gzip.GzipFile(path, "wb", mtime=0) as f:
+            f.write(data)
+    elif path.endswith(".zst"):
+        import zstandard
+
+        with open(path, "wb") as f:
+            f.write(zstandard.ZstdCompressor().compress(data))
+    else:
+        with open(path, "wb") as f:
+            f.write(data)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """The gcp-storage-emulator on loopback; yields a google-cloud-storage client using it."""
+    port = _free_port()
+    exe = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
+    proc = subprocess.Popen([exe, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError("gcp-storage-emulator did not start")
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    from bft import storage
+
+    storage.gcs_client.cache_clear()
+    try:
+        yield storage.gcs_client()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        storage.gcs_client.cache_clear()
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+
+
+@pytest.fixture
+def bucket(gcs_emulator, request):
+    name = "b-" + request.node.name.lower().replace("_", "-")[:40]
+    return gcs_emulator.create_bucket(name).name

@@ -1,0 +1,174 @@
+"""bft prepare end to end on Beam's local runner (and the portable runner, and GCS via the emulator)."""
+import gzip
+import json
+import os
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer
+
+from beam_pipelines import prepare
+from beam_pipelines.prepare import PrepareConfig, UnreadableFileError
+from tests.conftest import LOCAL, dolma_line, write_dolma_file
+
+
+@pytest.fixture
+def corpus(tmp_path, fixture_texts):
+    """Two head files (with every kind of bad line), one middle file; returns the glob."""
+    docs = tmp_path / "dolma" / "documents"
+    head0 = [dolma_line(f"h{i:03d}", fixture_texts[i]) for i in range(0, 40)]
+    head1 = [dolma_line(f"h{i:03d}", fixture_texts[i]) for i in range(40, 80)]
+    head0 += [
+        b'{"id": "bad-json", "text": "x',
+        b"[1, 2]",
+        dolma_line("no-text", None),
+        dolma_line("blank", "  \n"),
+        b'{"id": "latin1", "text": "caf\xe9"}',
+        dolma_line("a-dup-of-h005", fixture_texts[5]),          # smaller id than h005: it wins
+        dolma_line("z-dup-of-h006", "  " + fixture_texts[6].replace(" ", "\n ")),
+        dolma_line("long", " ".join(fixture_texts[:60])),
+        b"",
+    ]
+    head1 += [dolma_line("h001", "same id, other text"), dolma_line("huge", "y" * (3 << 20))]
+    write_dolma_file(str(docs / "cc_en_head" / "cc_en_head-0000.json.gz"), head0)
+    write_dolma_file(str(docs / "cc_en_head" / "cc_en_head-0001.json.gz"), head1)
+    write_dolma_file(str(docs / "cc_en_middle" / "cc_en_middle-0000.json.gz"),
+                     [dolma_line(f"m{i}", fixture_texts[i]) for i in range(25)])
+    return str(docs / "*" / "*.json.gz")
+
+
+def run_prepare(corpus, out, tok, beam_args=LOCAL, **kw):
+    cfg = PrepareConfig(inputs=[corpus], output=str(out), tokenizer=tok, max_tokens=kw.pop("max_tokens", 4000),
+                        num_shards=kw.pop("num_shards", 4), reject_shards=2, **kw)
+    return prepare.run(cfg, beam_args, overwrite=kw.pop("overwrite", False))
+
+
+def read_dir(folder, prefix):
+    files = sorted(f for f in os.listdir(folder) if f.startswith(prefix))
+    return files, pd.concat([pd.read_parquet(os.path.join(folder, f)) for f in files], ignore_index=True)
+
+
+def test_every_record_is_accounted_for(corpus, tmp_path, bpe_tokenizer_path, fixture_texts):
+    out = tmp_path / "out"
+    stats = run_prepare(corpus, out, bpe_tokenizer_path)
+    assert stats["input_records"] == 80 + 9 + 2 + 25
+    assert stats["input_records"] == stats["kept"] + sum(stats["dropped"].values())
+    d = stats["dropped"]
+    assert d["other_split"] == 25
+    for reason in ("malformed_json", "not_an_object", "missing_text", "blank_text", "invalid_utf8",
+                   "empty_line", "too_large", "duplicate_id", "duplicate"):
+        assert d[reason] >= 1, reason
+
+    files, cands = read_dir(out, "candidates-")
+    assert files == [f"candidates-0000{k}-of-00004.parquet" for k in range(4)]
+    assert len(cands) == stats["kept"] and cands["id"].is_unique
+    # exact token counts, within the limit
+    tok = Tokenizer.from_file(bpe_tokenizer_path)
+    for text, n in zip(cands["text"], cands["n_tokens"]):
+        assert len(tok.encode(text, add_special_tokens=False).ids) == n <= 4000
+    # dedup keeps the smallest id; the id collision keeps one document
+    assert "a-dup-of-h005" in set(cands["id"]) and "h005" not in set(cands["id"])
+    assert "z-dup-of-h006" not in set(cands["id"]) and "h006" in set(cands["id"])
+    assert (cands["id"] == "h001").sum() == 1
+    # rows sorted by n_tokens inside each shard; shard column matches the file
+    for k, f in enumerate(files):
+        t = pd.read_parquet(out / f)
+        assert list(t["n_tokens"]) == sorted(t["n_tokens"]) and set(t["shard"]) <= {k}
+
+    _, rejects = read_dir(out / "rejects", "rejects-")
+    assert len(rejects) == stats["rejects"]["rows"]
+    by_reason = rejects.groupby("reason")
+    assert set(by_reason.get_group("duplicate")["id"]) == {"h005", "z-dup-of-h006"}
+    bad = rejects[rejects.reason == "malformed_json"].iloc[0]
+    assert bad["file"].endswith("cc_en_head-0000.json.gz") and bad["line"] == 41 and bad["raw"] == b'{"id": "bad-json", "text": "x'
+    assert rejects[rejects.reason == "too_long"]["id"].tolist() == ["long"]
+    assert rejects[rejects.reason == "too_long"]["raw"].isna().all()  # filtered docs: id and reason, no text
+    assert not os.path.exists(out / "_tmp") or not os.listdir(out / "_tmp")
+
+
+def test_output_is_deterministic_and_reruns_skip(corpus, tmp_path, bpe_tokenizer_path):
+    a = run_prepare(corpus, tmp_path / "a", bpe_tokenizer_path)
+    b = run_prepare(corpus, tmp_path / "b", bpe_tokenizer_path)
+    fa, ta = read_dir(tmp_path / "a", "candidates-")
+    fb, tb = read_dir(tmp_path / "b", "candidates-")
+    assert fa == fb and ta.equals(tb)
+    assert a["shards"]["balance_max_over_mean"] == b["shards"]["balance_max_over_mean"]
+    stamp = os.path.getmtime(tmp_path / "a" / "stats.json")
+    assert run_prepare(corpus, tmp_path / "a", bpe_tokenizer_path) == a  # complete: skipped
+    assert os.path.getmtime(tmp_path / "a" / "stats.json") == stamp
+
+
+def test_sample_to_target_docs_is_exact_and_stable(corpus, tmp_path, bpe_tokenizer_path):
+    s = run_prepare(corpus, tmp_path / "s", bpe_tokenizer_path, target_docs=30, seed=3)
+    assert s["kept"] == 30 and s["dropped"]["not_sampled"] > 0
+    _, kept = read_dir(tmp_path / "s", "candidates-")
+    full = run_prepare(corpus, tmp_path / "f", bpe_tokenizer_path)
+    _, all_kept = read_dir(tmp_path / "f", "candidates-")
+    from beam_pipelines.dedup import sample_key
+
+    expected = sorted(all_kept["id"], key=lambda i: (sample_key(i, 3), i))[:30]
+    assert sorted(kept["id"]) == sorted(expected)
+    assert s["input_records"] == full["input_records"]
+
+
+def test_a_corrupt_gzip_fails_naming_the_file_unless_skipped(corpus, tmp_path, bpe_tokenizer_path):
+    good = corpus.replace("*/*.json.gz", "cc_en_head/cc_en_head-0000.json.gz")
+    bad = good.replace("0000", "0002")
+    data = open(good, "rb").read()
+    open(bad, "wb").write(data[: len(data) // 2])  # truncated
+    with pytest.raises(Exception, match="cc_en_head-0002.json.gz: unreadable"):
+        run_prepare(corpus, tmp_path / "x", bpe_tokenizer_path)
+    stats = run_prepare(corpus, tmp_path / "y", bpe_tokenizer_path, skip_unreadable_files=True)
+    assert [u["file"] for u in stats["unreadable_files"]] == [bad]
+    assert stats["input_records"] == stats["kept"] + sum(stats["dropped"].values())
+    assert UnreadableFileError.__name__ in UnreadableFileError.__qualname__
+
+
+def test_selection_by_metadata_and_other_formats(tmp_path, bpe_tokenizer_path, fixture_texts):
+    lines = [dolma_line(f"d{i}", fixture_texts[i], metadata={"bucket": "head" if i % 2 else "tail"})
+             for i in range(20)]
+    write_dolma_file(str(tmp_path / "in" / "a.jsonl.zst"), lines[:10])
+    write_dolma_file(str(tmp_path / "in" / "b.jsonl"), lines[10:])
+    stats = run_prepare(str(tmp_path / "in" / "*"), tmp_path / "o", bpe_tokenizer_path, splits=[],
+                        select_where=["metadata.bucket=head"])
+    assert stats["kept"] == 10 and stats["dropped"] == {"not_selected": 10}
+
+
+def test_candidates_load_in_pyarrow_pandas_and_datasets(corpus, tmp_path, bpe_tokenizer_path):
+    import datasets
+
+    out = tmp_path / "out"
+    stats = run_prepare(corpus, out, bpe_tokenizer_path)
+    files = sorted(str(p) for p in out.glob("candidates-*.parquet"))
+    assert sum(pq.read_metadata(f).num_rows for f in files) == stats["kept"]
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    assert ds.num_rows == stats["kept"] and "n_tokens" in ds.column_names
+    assert json.loads((out / "stats.json").read_text())["kept"] == stats["kept"]
+
+
+def test_portable_runner_with_beams_python_job_service(corpus, tmp_path, bpe_tokenizer_path):
+    args = ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"]
+    local = run_prepare(corpus, tmp_path / "local", bpe_tokenizer_path)
+    portable = run_prepare(corpus, tmp_path / "portable", bpe_tokenizer_path, beam_args=args)
+    assert portable["kept"] == local["kept"] and portable["dropped"] == local["dropped"]
+    assert read_dir(tmp_path / "portable", "candidates-")[1].equals(read_dir(tmp_path / "local", "candidates-")[1])
+
+
+def test_gcs_input_and_output_through_the_emulator(corpus, tmp_path, bpe_tokenizer_path, gcs_emulator, bucket):
+    from bft import storage
+
+    for path in sorted(p for p in (tmp_path / "dolma").rglob("*.json.gz")):
+        rel = path.relative_to(tmp_path)
+        storage.write_bytes(f"gs://{bucket}/{rel}", path.read_bytes())
+    storage.write_bytes(f"gs://{bucket}/tok/tokenizer.json", open(bpe_tokenizer_path, "rb").read())
+    stats = run_prepare(f"gs://{bucket}/dolma/documents/*/*.json.gz", f"gs://{bucket}/run/candidates",
+                        f"gs://{bucket}/tok", beam_args=LOCAL)
+    local = run_prepare(corpus, tmp_path / "local", bpe_tokenizer_path)
+    assert stats["kept"] == local["kept"] and stats["dropped"] == local["dropped"]
+    names = storage.list_files(f"gs://{bucket}/run/candidates")
+    assert f"gs://{bucket}/run/candidates/stats.json" in names
+    assert sum(1 for n in names if "/candidates-" in n) == 4
+    assert not any("/_tmp/" in n for n in names)
+    table = storage.read_parquet(f"gs://{bucket}/run/candidates/candidates-00000-of-00004.parquet")
+    assert table.num_rows > 0

@@ -1,0 +1,71 @@
+import os
+
+import pyarrow as pa
+import pytest
+
+import schemas
+from bft import storage
+
+
+def candidate_row(**kw):
+    row = {"id": "a", "text": "t", "source": "cc", "url": None, "n_chars": 1, "n_tokens": 1, "shard": 0,
+           "text_hash": "0" * 32}
+    row.update(kw)
+    return row
+
+
+def test_rows_become_a_validated_table():
+    table = schemas.to_table([candidate_row()], schemas.CANDIDATE, "x.parquet")
+    assert table.schema.metadata[b"bft.kind"] == b"candidate"
+
+
+def test_a_null_in_a_required_column_names_the_file_and_column():
+    with pytest.raises(schemas.SchemaError, match=r"x.parquet: column 'text' has 1 null"):
+        schemas.to_table([candidate_row(text=None)], schemas.CANDIDATE, "x.parquet")
+
+
+def test_wrong_columns_wrong_kind_and_wrong_version_are_named():
+    t = schemas.to_table([candidate_row()], schemas.CANDIDATE)
+    with pytest.raises(schemas.SchemaError, match="missing"):
+        schemas.validate(t.drop(["url"]), schemas.CANDIDATE, "f")
+    with pytest.raises(schemas.SchemaError, match="holds candidate records, expected reject"):
+        schemas.validate(t, schemas.REJECT, "f")
+    old = t.replace_schema_metadata({b"bft.kind": b"candidate", b"bft.schema_version": b"0"})
+    with pytest.raises(schemas.SchemaError, match="schema version 0"):
+        schemas.validate(old, schemas.CANDIDATE, "f")
+    wrong_type = t.set_column(t.schema.get_field_index("n_tokens"), "n_tokens", pa.array(["1"]))
+    with pytest.raises(schemas.SchemaError, match="'n_tokens' is string"):
+        schemas.validate(wrong_type, schemas.CANDIDATE, "f")
+
+
+def test_write_bytes_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "sub" / "out.bin")
+    storage.write_bytes(path, b"whole")
+    assert open(path, "rb").read() == b"whole"
+
+    def boom(*a):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError):
+        storage.write_bytes(path, b"partial")
+    assert open(path, "rb").read() == b"whole"
+    assert os.listdir(tmp_path / "sub") == ["out.bin"]
+
+
+def test_glob_regex_keeps_single_star_within_a_folder():
+    import re
+
+    rx = re.compile(storage._glob_regex("d/documents/*/*.json.gz"))
+    assert rx.fullmatch("d/documents/cc_en_head/cc_en_head-0000.json.gz")
+    assert not rx.fullmatch("d/documents/a/b/c.json.gz")
+    assert re.compile(storage._glob_regex("d/**/*.gz")).fullmatch("d/a/b/c.gz")
+    assert re.compile(storage._glob_regex("d/**/*.gz")).fullmatch("d/c.gz")
+
+
+def test_open_lines_reads_gzip_zstd_and_plain(tmp_path):
+    from tests.conftest import write_dolma_file
+
+    for name in ("a.json.gz", "a.jsonl.zst", "a.jsonl"):
+        path = write_dolma_file(str(tmp_path / name), [b'{"a": 1}', b"\xff\xfe", b""])
+        assert list(storage.open_lines(path)) == [b'{"a": 1}', b"\xff\xfe", b""]
