@@ -24,7 +24,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
-	$(BIN)/python -m benchmarks.prepare_bench --docs $${DOCS:-100000}
+	$(BIN)/python -m benchmarks.prepare_bench --docs $${DOCS:-30000 100000 300000}
 
 clean:
 	rm -rf runs .pytest_cache

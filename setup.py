@@ -11,6 +11,7 @@ BEAM = [
     "tokenizers>=0.21",
     "huggingface-hub>=0.20",
     "xxhash>=3.4",
+    "orjson>=3.9",
     "zstandard>=0.22",
     "google-cloud-storage>=2.14",
     "nltk>=3.8",

@@ -6,7 +6,7 @@ bytes and decoded here, so that no malformed line can crash a job: it becomes a 
 """
 from __future__ import annotations
 
-import json
+import orjson
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,12 +70,12 @@ def parse_line(raw: bytes, max_line_bytes: int) -> Document | Reject:
         return Reject("too_large", f"{len(raw)} bytes > --max-line-bytes {max_line_bytes}",
                       id=_peek_id(raw), raw=raw[:RAW_KEEP_BYTES])
     try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return Reject("invalid_utf8", str(e), raw=raw[:RAW_KEEP_BYTES])
-    try:
-        record = json.loads(line)
-    except ValueError as e:
+        record = orjson.loads(raw)  # validates UTF-8 itself
+    except orjson.JSONDecodeError as e:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return Reject("invalid_utf8", str(bad), raw=raw[:RAW_KEEP_BYTES])
         return Reject("malformed_json", str(e), raw=raw[:RAW_KEEP_BYTES])
     if not isinstance(record, dict):
         return Reject("not_an_object", f"a JSON {type(record).__name__}, not an object",

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-_CACHE_LIMIT = 2_000_000
+_CACHE_LIMIT = 500_000  # segments (~80 MB); cleared when full
 
 
 def load_tokenizer(path_or_id: str) -> Tokenizer:
@@ -136,13 +136,12 @@ class TokenCounter:
     def count(self, texts: list[str]) -> list[int]:
         """Exact token counts (no special tokens added) of `texts`."""
         counts = [0] * len(texts)
-        full: list[int] = []
-        for i, text in enumerate(texts):
-            if self.shape.piecewise and not self._has_special(text):
-                counts[i] = self._count_pieces(text)
-                self.counted_pieces += 1
-            else:
-                full.append(i)
+        pieces = [i for i, t in enumerate(texts) if self.shape.piecewise and not self._has_special(t)]
+        if pieces:
+            for i, n in zip(pieces, self._count_pieces([texts[i] for i in pieces])):
+                counts[i] = n
+            self.counted_pieces += len(pieces)
+        full = sorted(set(range(len(texts))).difference(pieces))
         if full:
             encs = self.tokenizer.encode_batch_fast([texts[i] for i in full], add_special_tokens=False)
             for i, enc in zip(full, encs):
@@ -150,21 +149,31 @@ class TokenCounter:
             self.counted_full += len(full)
         return counts
 
+    def clear_cache(self) -> None:
+        self._segments.clear()
+
     def _has_special(self, text: str) -> bool:
         return any(s in text for s in self.shape.special_contents)
 
-    def _count_pieces(self, text: str) -> int:
-        segs = text.split(" ")
+    def _count_pieces(self, texts: list[str]) -> list[int]:
+        """n(seg_0) + sum n(" " + seg_i) per text; segment counts cached, misses encoded in one batch."""
         cache = self._segments
-        missing = [s for s in set(segs[1:]).difference(cache)]
+        seg_lists = [t.split(" ") for t in texts]
+        missing: set[str] = set()
+        for segs in seg_lists:
+            missing.update(segs)
+        missing.difference_update(cache)
+        if len(cache) + len(missing) > _CACHE_LIMIT:
+            cache.clear()
+            missing = set().union(*seg_lists)
         if missing:
-            if len(cache) > _CACHE_LIMIT:
-                cache.clear()
-            encs = self.tokenizer.encode_batch_fast([" " + s for s in missing], add_special_tokens=False)
-            for s, enc in zip(missing, encs):
-                cache[s] = len(enc.ids)
-        head = len(self.tokenizer.encode(segs[0], add_special_tokens=False).ids) if segs[0] else 0
-        return head + sum(map(cache.__getitem__, segs[1:]))
+            todo = list(missing)
+            encs = self.tokenizer.encode_batch_fast([" " + s for s in todo], add_special_tokens=False)
+            cache.update(zip(todo, (len(e.ids) for e in encs)))
+        heads = self.tokenizer.encode_batch_fast([segs[0] for segs in seg_lists], add_special_tokens=False)
+        get = cache.__getitem__
+        # the first segment is counted as itself, not as " " + itself
+        return [len(h.ids) + sum(map(get, segs)) - get(segs[0]) for h, segs in zip(heads, seg_lists)]
 
 
 def length_verdict(n_tokens: int, min_tokens: int, max_tokens: int) -> str | None:

@@ -34,6 +34,7 @@ from beam_pipelines.dedup import sample_key, text_hash
 from beam_pipelines.length import TokenCounter, length_verdict, load_tokenizer
 from beam_pipelines.shards import assign_shards, balance, shard_name
 from bft import storage
+from bft.runtime import configure_process
 
 log = logging.getLogger("bft.prepare")
 
@@ -131,9 +132,7 @@ class ReadAndMeasure(beam.DoFn):
         self.where = [dolma.parse_where(w) for w in cfg.select_where]
 
     def setup(self):
-        import os
-
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        configure_process()
         self.counter = TokenCounter(load_tokenizer(self.cfg.tokenizer))
 
     def process(self, path: str):
@@ -190,6 +189,10 @@ class ReadAndMeasure(beam.DoFn):
                 yield beam.pvalue.TaggedOutput("rejects", _reject_row(path, line_no, verdict, detail, doc.id))
             else:
                 yield (doc.id, text_hash(doc.text), counts[line_no], len(doc.text), path, line_no)
+
+    def finish_bundle(self):
+        # The segment cache has done its work for this bundle; free it before the write stages run.
+        self.counter.clear_cache()
 
 
 def keep_first(docs: Iterable[tuple], order, reason: str, detail):
@@ -266,6 +269,9 @@ class WriteParts(beam.DoFn):
     def __init__(self, cfg: PrepareConfig, tmp_dir: str):
         self.cfg, self.tmp_dir = cfg, tmp_dir
 
+    def setup(self):
+        configure_process()
+
     def process(self, element):
         path, wanted = element
         by_line = {w[0]: w for w in wanted}
@@ -287,9 +293,9 @@ class WriteParts(beam.DoFn):
         if remaining:
             raise RuntimeError(f"{path}: {remaining} kept documents missing on the second read")
         tag = f"{zlib.crc32(path.encode()):08x}-{uuid.uuid4().hex[:8]}"
-        for shard, shard_rows in rows.items():
+        for shard in sorted(rows):
             part = storage.join(self.tmp_dir, f"shard-{shard:05d}", f"part-{tag}.parquet")
-            storage.write_parquet(schemas.to_table(shard_rows, schemas.CANDIDATE, part), part)
+            storage.write_parquet(schemas.to_table(rows.pop(shard), schemas.CANDIDATE, part), part)
             yield shard, part
 
 
@@ -299,6 +305,9 @@ class MergeShard(beam.DoFn):
     def __init__(self, output: str, num_shards: int):
         self.output, self.num_shards = output, num_shards
 
+    def setup(self):
+        configure_process()
+
     def process(self, element):
         import pyarrow as pa
 
@@ -306,6 +315,7 @@ class MergeShard(beam.DoFn):
         parts = sorted(p for p in parts if p is not None)
         tables = [schemas.validate(storage.read_parquet(p), schemas.CANDIDATE, p) for p in parts]
         table = pa.concat_tables(tables) if tables else schemas.empty_table(schemas.CANDIDATE)
+        del tables
         table = table.sort_by([("n_tokens", "ascending"), ("id", "ascending")])
         path = storage.join(self.output, shard_name("candidates", shard, self.num_shards))
         table = schemas.validate(table.replace_schema_metadata(schemas.CANDIDATE.metadata), schemas.CANDIDATE, path)

@@ -34,7 +34,9 @@ VERBS = {"prepare": _prepare}
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from bft.runtime import configure_process
+
+    configure_process()
     logging.basicConfig(level=os.environ.get("BFT_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if "BFT_LOG_LEVEL" not in os.environ:

@@ -212,12 +212,27 @@ def open_lines(path: str) -> Iterator[bytes]:
 
 
 def write_parquet(table: pa.Table, path: str) -> int:
-    """Writes `table` (zstd) to `path` whole-or-nothing; returns the bytes written."""
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd", row_group_size=8192)
-    data = sink.getvalue()
-    write_bytes(path, data)
-    return len(data)
+    """Writes `table` (zstd) to `path` whole-or-nothing; returns the bytes written.
+
+    The file is streamed to a temporary file beside the target (local) or on local disk (GCS, then one
+    upload), never held in memory whole.
+    """
+    local_dir = None if is_gcs(path) else os.path.dirname(os.path.abspath(path))
+    if local_dir:
+        os.makedirs(local_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=".tmp-" + posixpath.basename(path) + ".")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=8192)
+        size = os.path.getsize(tmp)
+        if local_dir:
+            os.replace(tmp, path)
+        else:
+            _blob(path).upload_from_filename(tmp)
+        return size
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:

@@ -54,3 +54,44 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
+
+
+def sample_texts(glob_pattern: str, limit: int = 2000) -> list[str]:
+    """Texts of the Dolma-layout files matching `glob_pattern` (bad lines skipped), to train on."""
+    import glob
+    import gzip
+
+    texts: list[str] = []
+    for path in sorted(glob.glob(glob_pattern)):
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            for raw in f:
+                try:
+                    text = json.loads(raw).get("text")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(text, str) and text.strip() and len(text) < 100_000:
+                    texts.append(text)
+                if len(texts) >= limit:
+                    return texts
+    return texts
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import os
+
+    ap = argparse.ArgumentParser(description="Train a tiny byte-fallback BPE tokenizer on Dolma-layout text.")
+    ap.add_argument("--texts", required=True, help="glob of Dolma JSON-lines files to train on")
+    ap.add_argument("--output", required=True, help="folder; tokenizer.json is written there")
+    ap.add_argument("--vocab-size", type=int, default=2000)
+    args = ap.parse_args(argv)
+    os.makedirs(args.output, exist_ok=True)
+    texts = sample_texts(args.texts)
+    if not texts:
+        raise SystemExit(f"{args.texts}: no text to train on")
+    train_byte_fallback_bpe(texts, args.vocab_size).save(os.path.join(args.output, "tokenizer.json"))
+
+
+if __name__ == "__main__":
+    main()
