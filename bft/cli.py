@@ -29,7 +29,62 @@ def print_funnel(stats: dict, output: str) -> None:
           f"{sh['balance_max_over_mean']:.4f}; rejects: {stats['rejects']['rows']:,} rows")
 
 
-VERBS = {"prepare": _prepare}
+def _generate(argv: list[str]) -> int:
+    from generation.runner import GenerateConfig, StageRunner
+    from generation.stages import STAGES
+
+    ap = argparse.ArgumentParser(prog="bft generate", description="Run one LLM stage over the candidate shards.")
+    ap.add_argument("stage", choices=sorted(STAGES))
+    ap.add_argument("--root", required=True, help="run root (local or gs://) holding candidates/")
+    ap.add_argument("--engine", required=True, choices=["vllm", "openai", "hf"])
+    ap.add_argument("--model", required=True, help="model folder or hub id (for openai: the served model name)")
+    ap.add_argument("--tokenizer", help="tokenizer of the model, if not the --model folder")
+    ap.add_argument("--base-url", help="openai engine: the server, e.g. http://localhost:8000/v1")
+    ap.add_argument("--api", choices=["completions", "chat"], default="completions", help="openai engine endpoint")
+    ap.add_argument("--worker-index", type=int, default=0)
+    ap.add_argument("--num-workers", type=int, default=1)
+    ap.add_argument("--config", help="JSON or YAML file with any of these options (flags win)")
+    ap.add_argument("--temperature", type=float)
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--max-new-tokens", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--batch-size", type=int, help="hf engine: prompts per generate call")
+    ap.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    ap.add_argument("--score-mode", choices=["generate", "logprob"], help="score stage: the paper's generated "
+                    "reasoning + score (default), or the next-token probabilities of 1..5 after 'Score:'")
+    ap.add_argument("--template", help="file replacing the stage's prompt template")
+    ap.add_argument("--max-error-rate", type=float, help="fail a shard when more requests than this fail")
+    ap.add_argument("--concurrency", type=int, help="openai engine: requests in flight")
+    ap.add_argument("--tensor-parallel-size", type=int, help="vllm engine")
+    ap.add_argument("--gpu-memory-utilization", type=float, help="vllm engine")
+    ap.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"])
+    args = ap.parse_args(argv)
+    options = load_config(args.config) if args.config else {}
+    options.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    cfg = GenerateConfig(**options)
+    summary = StageRunner(cfg).run()
+    print(f"generate {cfg.stage}: shards written {summary['shards_done']}, skipped (complete) "
+          f"{summary['shards_skipped']}; {summary['rows']:,} rows, {summary['errors']} engine errors")
+    return 0
+
+
+def load_config(path: str) -> dict:
+    """The one config loader: a JSON or YAML mapping of option names (dashes or underscores)."""
+    from bft import storage
+
+    text = storage.read_text(path)
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: a config file holds a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+VERBS = {"prepare": _prepare, "generate": _generate}
 
 
 def main(argv: list[str] | None = None) -> int:

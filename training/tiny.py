@@ -56,6 +56,40 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}{% set msgs = messages[1:] %}"
+    "{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
+    "{% for m in msgs %}{% if m['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + (sys if loop.first else '') + m['content'] | trim + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def make_tiny_llama(folder: str, tokenizer: Tokenizer, chat_template: bool = True, hidden_size: int = 64,
+                    layers: int = 2, context: int = 2048, seed: int = 0) -> str:
+    """Saves a randomly initialised Llama-architecture model with `tokenizer` as a standard Hugging
+    Face folder (config, safetensors, tokenizer with or without a chat template); returns `folder`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                     unk_token="<unk>", pad_token="<unk>")
+    if chat_template:
+        hf_tok.chat_template = LLAMA2_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden_size,
+                         intermediate_size=hidden_size * 2, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=4, max_position_embeddings=context, tie_word_embeddings=True,
+                         bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
+                         pad_token_id=hf_tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = hf_tok.pad_token_id
+    model.save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    return folder
+
+
 def sample_texts(glob_pattern: str, limit: int = 2000) -> list[str]:
     """Texts of the Dolma-layout files matching `glob_pattern` (bad lines skipped), to train on."""
     import glob
@@ -81,16 +115,23 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import os
 
-    ap = argparse.ArgumentParser(description="Train a tiny byte-fallback BPE tokenizer on Dolma-layout text.")
-    ap.add_argument("--texts", required=True, help="glob of Dolma JSON-lines files to train on")
-    ap.add_argument("--output", required=True, help="folder; tokenizer.json is written there")
+    ap = argparse.ArgumentParser(description="Tiny smoke-test models: a byte-fallback BPE trained on Dolma-layout "
+                                             "text, and random-weight Llama models using it (nothing downloaded).")
+    ap.add_argument("--texts", required=True, help="glob of Dolma JSON-lines files to train the tokenizer on")
+    ap.add_argument("--output", required=True, help="folder; gets tokenizer/ and one folder per --model")
     ap.add_argument("--vocab-size", type=int, default=2000)
+    ap.add_argument("--model", action="append", default=[], metavar="NAME[:plain]",
+                    help="a tiny model folder to create (':plain' = no chat template)")
     args = ap.parse_args(argv)
-    os.makedirs(args.output, exist_ok=True)
     texts = sample_texts(args.texts)
     if not texts:
         raise SystemExit(f"{args.texts}: no text to train on")
-    train_byte_fallback_bpe(texts, args.vocab_size).save(os.path.join(args.output, "tokenizer.json"))
+    tok = train_byte_fallback_bpe(texts, args.vocab_size)
+    os.makedirs(os.path.join(args.output, "tokenizer"), exist_ok=True)
+    tok.save(os.path.join(args.output, "tokenizer", "tokenizer.json"))
+    for i, spec in enumerate(args.model):
+        name, _, kind = spec.partition(":")
+        make_tiny_llama(os.path.join(args.output, name), tok, chat_template=kind != "plain", seed=i)
 
 
 if __name__ == "__main__":

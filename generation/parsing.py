@@ -1,0 +1,111 @@
+"""Parsing of model outputs (PROMPTS.md): never crash, never guess; a failure has a reason.
+
+Each parser returns (fields, parse_error); parse_error is None on success, else one of the reasons
+below, recorded on the row so that the funnel can show why pairs were lost.
+"""
+from __future__ import annotations
+
+import re
+
+_LABEL = re.compile(r"^\s*(?:\*\*)?(?:question|instruction|query|prompt|user)\s*(?:\*\*)?\s*[:：]\s*", re.I)
+_ECHO_MARKERS = ("write the most likely question", "candidate answer to a question", "[inst]", "[/inst]")
+
+
+def parse_instruction(text: str, document: str, finish_reason: str | None) -> tuple[dict, str | None]:
+    """Backtranslation output -> instruction. Failures: empty, echo (the prompt or the document
+    copied back), truncated (cut by the token limit before a line ended)."""
+    out = text.strip()
+    out = _LABEL.sub("", out, count=1).strip()
+    if len(out) >= 2 and out[0] == out[-1] and out[0] in "\"'“”":
+        out = out[1:-1].strip()
+    if not out:
+        return {"instruction": None}, "empty"
+    low = out.lower()
+    if any(m in low for m in _ECHO_MARKERS):
+        return {"instruction": None}, "echo"
+    head = " ".join(document.split())[:200].lower()
+    if len(head) >= 40 and (" ".join(low.split()).startswith(head[:120]) or head.startswith(" ".join(low.split()))):
+        return {"instruction": None}, "echo"
+    if finish_reason == "length":
+        return {"instruction": out}, "truncated"
+    return {"instruction": out}, None
+
+
+_SCORE = re.compile(r"score\s*[:：]\s*\**\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*5)?", re.I)
+
+
+def parse_score(text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+    """Humpback rubric output -> score 1..5 and the reasoning before it.
+
+    The LAST `Score: N` counts (case-insensitive, optional spaces, N may be followed by "/5" or "."),
+    only integers 1..5 are accepted. Failures: no_match, truncated (no match and the output hit the
+    token limit), out_of_range (8, 10, 91, 0, 4.5 ...).
+    """
+    matches = list(_SCORE.finditer(text))
+    if not matches:
+        return {"score": None, "reasoning": text.strip() or None}, "truncated" if finish_reason == "length" else "no_match"
+    last = matches[-1]
+    reasoning = text[: last.start()].strip() or None
+    raw = last.group(1)
+    if not re.fullmatch(r"[1-5]", raw):
+        return {"score": None, "reasoning": reasoning}, "out_of_range"
+    return {"score": float(raw), "reasoning": reasoning}, None
+
+
+def score_from_probs(probs: dict[str, float]) -> tuple[dict, str | None]:
+    """Logprob score mode: probabilities of the next token being "1".."5" after "Score:" ->
+    the expected score (renormalized over the five) and the argmax."""
+    total = sum(probs.get(str(k), 0.0) for k in range(1, 6))
+    if total <= 0:
+        return {"score": None, "reasoning": None}, "no_digit_probability"
+    expected = sum(k * probs.get(str(k), 0.0) for k in range(1, 6)) / total
+    argmax = max(range(1, 6), key=lambda k: (probs.get(str(k), 0.0), k))
+    return {"score": round(expected, 4), "reasoning": f"argmax={argmax} p({argmax})={probs.get(str(argmax), 0.0) / total:.4f} mass={total:.4f}"}, None
+
+
+_RES = re.compile(r"\[RES\](.*?)\[/RES\]", re.S)
+
+
+def parse_rewrite(text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+    """Rewrite output -> the text between [RES] and [/RES].
+
+    Several complete blocks: the first is taken (later ones are repeats or continuations the chat
+    model adds), and parse_error says `multiple_blocks` while the response is kept. An open [RES]
+    without its close is `truncated` when the output hit the token limit, else `unclosed`. No tag at
+    all is `unparsed`; an empty block is `empty`.
+    """
+    blocks = _RES.findall(text)
+    if blocks:
+        response = blocks[0].strip()
+        if not response:
+            return {"response": None}, "empty"
+        return {"response": response}, ("multiple_blocks" if len(blocks) > 1 else None)
+    if "[RES]" in text:
+        return {"response": None}, "truncated" if finish_reason == "length" else "unclosed"
+    return {"response": None}, "unparsed"
+
+
+def parse_distill(text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+    """Distillation output -> the chat model's answer. `truncated` keeps the text; `empty` does not."""
+    response = text.strip()
+    if not response:
+        return {"response": None}, "empty"
+    return {"response": response}, ("truncated" if finish_reason == "length" else None)
+
+
+_RATING = re.compile(r"^\s*(?:score\s*[:：]?\s*)?\**\s*(\d+(?:\.\d+)?)\s*\**\s*(?:/\s*5)?", re.I)
+
+
+def parse_rating(text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+    """AlpaGasus output -> the number on the first line, 0..5, fractional allowed."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return {"score": None, "reasoning": None}, "truncated" if finish_reason == "length" else "empty"
+    m = _RATING.match(lines[0])
+    reasoning = "\n".join(lines[1:]).strip() or None
+    if not m:
+        return {"score": None, "reasoning": text.strip()}, "no_match"
+    value = float(m.group(1))
+    if not 0 <= value <= 5:
+        return {"score": None, "reasoning": reasoning}, "out_of_range"
+    return {"score": value, "reasoning": reasoning}, None

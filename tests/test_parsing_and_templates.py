@@ -1,0 +1,108 @@
+"""Parsers on literal strings (PROMPTS.md's failure cases included) and the templates."""
+import pytest
+
+from generation import parsing
+from generation.templates import DEFAULTS, Template, llama2_format, load_template
+
+
+@pytest.mark.parametrize("text, score, error", [
+    ("The answer is complete.\nScore: 5", 5.0, None),
+    ("reasoning... score:4", 4.0, None),
+    ("Score: 2 at first. After thought, Score: 5/5.", 5.0, None),
+    ("SCORE : 3.", 3.0, None),
+    ("Score: **4**", 4.0, None),
+    ("Score: 8", None, "out_of_range"),
+    ("Score: 10", None, "out_of_range"),
+    ("Score: 91", None, "out_of_range"),
+    ("Score: 10502", None, "out_of_range"),
+    ("Score: 0", None, "out_of_range"),
+    ("Score: 4.5", None, "out_of_range"),
+    ("I would rate it highly.", None, "no_match"),
+    ("", None, "no_match"),
+])
+def test_parse_score_takes_the_last_score_and_never_guesses(text, score, error):
+    fields, err = parsing.parse_score(text, "stop")
+    assert (fields["score"], err) == (score, error)
+
+
+def test_a_score_missing_from_a_cut_output_is_truncated():
+    assert parsing.parse_score("The answer is good because", "length") == (
+        {"score": None, "reasoning": "The answer is good because"}, "truncated")
+    assert parsing.parse_score("Fine.\nScore: 5", "stop")[0]["reasoning"] == "Fine."
+
+
+def test_score_from_probs_gives_expectation_and_argmax():
+    fields, err = parsing.score_from_probs({"4": 0.2, "5": 0.6, "1": 0.0})
+    assert err is None and fields["score"] == pytest.approx((4 * 0.2 + 5 * 0.6) / 0.8, abs=1e-4)
+    assert fields["reasoning"].startswith("argmax=5")
+    assert parsing.score_from_probs({}) == ({"score": None, "reasoning": None}, "no_digit_probability")
+
+
+@pytest.mark.parametrize("text, finish, response, error", [
+    ("Sure! [RES] The improved answer. [/RES]", "stop", "The improved answer.", None),
+    ("[RES]first[/RES] and [RES]second[/RES]", "stop", "first", "multiple_blocks"),
+    ("[RES] an answer that was cut", "length", None, "truncated"),
+    ("[RES] an answer without its close", "stop", None, "unclosed"),
+    ("Here is the rewrite: no tags at all", "stop", None, "unparsed"),
+    ("[RES]   [/RES]", "stop", None, "empty"),
+])
+def test_parse_rewrite(text, finish, response, error):
+    assert parsing.parse_rewrite(text, finish) == ({"response": response}, error)
+
+
+@pytest.mark.parametrize("text, instruction, error", [
+    ("How do I bake bread at home?", "How do I bake bread at home?", None),
+    ("Question: What is BPE?", "What is BPE?", None),
+    ('"Explain the water cycle."', "Explain the water cycle.", None),
+    ("   ", None, "empty"),
+    ("Write the most likely question to which the text below would be a great answer.", None, "echo"),
+    ("[INST] something", None, "echo"),
+])
+def test_parse_instruction(text, instruction, error):
+    assert parsing.parse_instruction(text, "Some document text that is long enough to compare.", "stop") == (
+        {"instruction": instruction}, error)
+
+
+def test_an_instruction_that_copies_the_document_is_an_echo():
+    doc = "The water cycle describes how water evaporates, condenses into clouds and falls as rain again."
+    assert parsing.parse_instruction(doc[:80], doc, "stop")[1] == "echo"
+    assert parsing.parse_instruction("What is the water cycle", doc, "length") == (
+        {"instruction": "What is the water cycle"}, "truncated")
+
+
+@pytest.mark.parametrize("text, score, error", [
+    ("4.5\nAccurate and complete.", 4.5, None),
+    ("Score: 5\nGreat.", 5.0, None),
+    ("**3**\nok", 3.0, None),
+    ("7\nway off", None, "out_of_range"),
+    ("The response is accurate.\n5", None, "no_match"),
+    ("", None, "empty"),
+])
+def test_parse_rating_reads_the_first_line(text, score, error):
+    assert (parsing.parse_rating(text, "stop")[0]["score"], parsing.parse_rating(text, "stop")[1]) == (score, error)
+
+
+def test_parse_distill():
+    assert parsing.parse_distill(" An answer. ", "stop") == ({"response": "An answer."}, None)
+    assert parsing.parse_distill("An answ", "length") == ({"response": "An answ"}, "truncated")
+    assert parsing.parse_distill("", "stop") == ({"response": None}, "empty")
+
+
+def test_templates_are_the_papers_verbatim_in_llama2_form():
+    bt = llama2_format(*DEFAULTS["backtranslate"].fill(response="DOC"))
+    assert bt == ("[INST] Below is a candidate answer to a question or instruction from an user. Write the most likely "
+                  "question to which the text below would be a great answer.\n\nDOC\n\nAnswer in the style of an AI "
+                  "Assistant.\n[/INST]")
+    rw = llama2_format(*DEFAULTS["rewrite"].fill(response="D", instruction="Q"))
+    assert rw.startswith("[INST] Given the draft response") and rw.endswith("between [RES] and [/RES]. [/INST]")
+    assert "Draft Response: D\n\nQuestion: Q\n\n" in rw
+    system, user = DEFAULTS["rate"].fill(instruction="I", input="", response="R")
+    assert system.startswith("We would like to request your feedback") and user.startswith("Instruction: I\n\nInput: \n\n")
+    assert DEFAULTS["score"].fill(instruction="I", response="R")[1].endswith('"Score: <rating>" in the last line.\n\nI\nR')
+
+
+def test_fill_does_not_rescan_values_and_templates_load_from_files(tmp_path):
+    assert Template("<instruction>|<response>").fill(instruction="<response>", response="x")[1] == "<response>|x"
+    f = tmp_path / "t.txt"
+    f.write_text("SYSTEM: be brief\nQ: <instruction>")
+    assert load_template("distill", str(f)) == Template("Q: <instruction>", "be brief")
