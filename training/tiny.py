@@ -67,9 +67,15 @@ LLAMA2_CHAT_TEMPLATE = (
 
 
 def make_tiny_llama(folder: str, tokenizer: Tokenizer, chat_template: bool = True, hidden_size: int = 64,
-                    layers: int = 2, context: int = 2048, seed: int = 0) -> str:
+                    layers: int = 2, context: int = 2048, seed: int = 0, mean_output_tokens: int = 16) -> str:
     """Saves a randomly initialised Llama-architecture model with `tokenizer` as a standard Hugging
-    Face folder (config, safetensors, tokenizer with or without a chat template); returns `folder`."""
+    Face folder (config, safetensors, tokenizer with or without a chat template); returns `folder`.
+
+    A random model almost never emits </s> (p ~ 1/vocab per token), so its outputs would always run to
+    the token limit. One residual dimension is made constant (every token embedding has 1.0 there);
+    after RMSNorm it carries a steady ~sqrt(hidden) signal that the untied lm_head reads for </s> alone,
+    with a weight that makes p(</s>) ~ 1/mean_output_tokens per step: outputs end after about
+    `mean_output_tokens` tokens, as a trained model's do."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -80,14 +86,38 @@ def make_tiny_llama(folder: str, tokenizer: Tokenizer, chat_template: bool = Tru
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden_size,
                          intermediate_size=hidden_size * 2, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=4, max_position_embeddings=context, tie_word_embeddings=True,
+                         num_key_value_heads=4, max_position_embeddings=context, tie_word_embeddings=False,
                          bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
                          pad_token_id=hf_tok.pad_token_id)
     model = LlamaForCausalLM(config)
+    if mean_output_tokens:
+        _calibrate_eos(model, hf_tok.eos_token_id, 1.0 / mean_output_tokens, hidden_size - 1)
     model.generation_config.pad_token_id = hf_tok.pad_token_id
     model.save_pretrained(folder)
     hf_tok.save_pretrained(folder)
     return folder
+
+
+def _calibrate_eos(model, eos: int, p_eos: float, d: int) -> None:
+    """Makes residual dimension `d` constant and sets lm_head's weight from it to </s> so that the
+    mean next-token probability of </s> on fixed random inputs is `p_eos`."""
+    import math
+
+    import torch
+
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, d] = model.model.embed_tokens.weight.abs().max() * 4
+        model.lm_head.weight[:, d] = 0.0
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (8, 32), generator=g)
+        hidden = model.model(ids).last_hidden_state.reshape(-1, model.config.hidden_size)
+        logits = model.lm_head(hidden)
+        h_d = hidden[:, d]
+        others = torch.logsumexp(torch.cat([logits[:, :eos], logits[:, eos + 1:]], dim=1), dim=1)
+        target = math.log(p_eos / (1 - p_eos))
+        # per position: logit_eos + w * h_d - others = target; one weight for all: the mean solution
+        w = float(((target + others - logits[:, eos]) / h_d).mean())
+        model.lm_head.weight[eos, d] = w
 
 
 def sample_texts(glob_pattern: str, limit: int = 2000) -> list[str]:

@@ -66,6 +66,7 @@ class HFEngine(Engine):
         gen = self.lm.generate(
             **enc, max_new_tokens=max(r.max_new_tokens for r in batch), do_sample=do_sample,
             temperature=first.temperature if do_sample else None, top_p=first.top_p if do_sample else None,
+            top_k=0 if do_sample else None,  # transformers samples from the top 50 unless told otherwise
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
             stop_strings=first.stop or None, tokenizer=self.tokenizer if first.stop else None,
         )

@@ -87,7 +87,7 @@ class LLM:
             else:
                 torch.manual_seed(sp.seed or 0)
                 g = self._lm.generate(ids, max_new_tokens=sp.max_tokens, do_sample=sp.temperature > 0,
-                                      temperature=sp.temperature or None, top_p=sp.top_p,
+                                      temperature=sp.temperature or None, top_p=sp.top_p, top_k=0,
                                       pad_token_id=self._tok.pad_token_id)
                 new = g[0, ids.shape[1]:].tolist()
             finish = "stop" if self._tok.eos_token_id in new else "length"
