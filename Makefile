@@ -25,6 +25,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.prepare_bench --docs $${DOCS:-30000 100000 300000}
+	$(BIN)/python -m benchmarks.generate_bench
 
 clean:
 	rm -rf runs .pytest_cache

@@ -20,12 +20,12 @@ BEAM = [
 
 EXTRAS = {
     "gcp": ["apache-beam[gcp]>=2.60"],
-    "generate": ["transformers[serving]>=4.50", "torch>=2.3", "httpx>=0.27", "tqdm>=4.66"],
+    "generate": ["transformers[serving]>=4.50", "torch>=2.3", "httpx>=0.27", "tqdm>=4.66", "pyyaml>=6"],
     "vllm": ["vllm>=0.6"],
     "train": ["transformers>=4.50", "torch>=2.3", "accelerate>=1.0", "datasets>=2.19"],
     "report": ["matplotlib>=3.8"],
     "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "datasets>=2.19", "pandas>=2.1",
-             "datatrove>=0.4"],
+             "datatrove>=0.4", "psutil>=5.9"],
 }
 
 setup(
