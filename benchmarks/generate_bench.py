@@ -9,6 +9,7 @@ A small Llama (hidden 256, 4 layers, random weights with outputs ending after ~4
 for the backward model; documents have log-normal lengths as in the prepare benchmark.
 
     .venv/bin/python -m benchmarks.generate_bench [--docs 256] [--device cpu|cuda]
+    .venv/bin/python -m benchmarks.generate_bench --engine vllm [--model PATH]   # where vLLM and a GPU exist
 """
 from __future__ import annotations
 
@@ -110,16 +111,53 @@ def batching_vs_loop(root: str, model: str, batch_size: int, max_new: int, devic
             "ratio": (ours_tokens / ours_s) / (loop_tokens / loop_s), "ours_s": ours_s, "loop_s": loop_s}
 
 
+def vllm_vs_bare(root: str, model: str, max_new: int) -> dict:
+    """--engine vllm: our adapter vs a bare `LLM.generate` on the same prompts, same LLM instance."""
+    import pyarrow.parquet as pq
+    from vllm import SamplingParams
+
+    from generation.engines import Request
+    from generation.engines.vllm import VLLMEngine
+    from generation.prompting import fit_prompt
+    from generation.templates import DEFAULTS
+
+    engine = VLLMEngine(model)
+    texts = pq.read_table(os.path.join(root, "candidates", "candidates-00000-of-00001.parquet"),
+                          columns=["text"]).column("text").to_pylist()
+    prompts = [fit_prompt(engine.tokenizer, DEFAULTS["backtranslate"], {"response": t}, "response",
+                          engine.max_model_len - max_new)[0] for t in texts]
+    requests = [Request(p, [], max_new, 1.0, 0.9, seed=i) for i, p in enumerate(prompts)]
+    engine.generate(requests[:8])  # warm-up
+    t0 = time.perf_counter()
+    ours = sum(c.output_tokens for c in engine.generate(requests))
+    ours_s = time.perf_counter() - t0
+    params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=max_new, seed=i) for i in range(len(prompts))]
+    t0 = time.perf_counter()
+    bare = sum(len(o.outputs[0].token_ids) for o in engine.llm.generate(prompts, params, use_tqdm=False))
+    bare_s = time.perf_counter() - t0
+    return {"prompts": len(prompts), "ours_tokens_per_s": ours / ours_s, "bare_tokens_per_s": bare / bare_s,
+            "ratio": (ours / ours_s) / (bare / bare_s)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--docs", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    ap.add_argument("--model", help="vllm mode: the model to serve (default: the tiny benchmark model)")
     args = ap.parse_args()
     os.makedirs(WORK, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)
     root, model = build(args.docs)
+    if args.engine == "vllm":
+        result = vllm_vs_bare(root, args.model or model, args.max_new_tokens)
+        print(json.dumps(result, indent=2))
+        print(f"\n| vLLM | prompts | ours tok/s | bare LLM.generate tok/s | ratio (target >= 0.97) |\n|---|---:|---:|---:|---:|\n"
+              f"| {args.model or 'tiny'} | {result['prompts']} | {result['ours_tokens_per_s']:.0f} | "
+              f"{result['bare_tokens_per_s']:.0f} | {result['ratio']:.3f}x |")
+        return
     a = stage_overhead(root, model, args.batch_size, args.max_new_tokens, args.device)
     b = batching_vs_loop(root, model, args.batch_size, args.max_new_tokens, args.device)
     result = {"device": args.device, "overhead": a, "batching": b}
