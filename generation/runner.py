@@ -188,8 +188,10 @@ class StageRunner:
                 pending.append((row, req, truncated))
         bar = tqdm(total=len(pending), unit="row", desc=f"{cfg.stage} shard {k}", disable=None)
         out_tokens = 0
-        for start in range(0, len(pending), cfg.chunk_rows):
-            chunk = pending[start:start + cfg.chunk_rows]
+        # vLLM schedules a whole shard best in one generate call; other engines report progress by chunk
+        step = max(len(pending), 1) if self.engine.name == "vllm" else cfg.chunk_rows
+        for start in range(0, len(pending), step):
+            chunk = pending[start:start + step]
             comps = self.engine.generate([req for _, req, _ in chunk])
             for (row, req, truncated), comp in zip(chunk, comps):
                 results.append(self._row(row, req, comp, truncated, None))
