@@ -314,7 +314,7 @@ class MergeShard(beam.DoFn):
         shard, parts = element
         parts = sorted(p for p in parts if p is not None)
         tables = [schemas.validate(storage.read_parquet(p), schemas.CANDIDATE, p) for p in parts]
-        table = pa.concat_tables(tables) if tables else schemas.empty_table(schemas.CANDIDATE)
+        table = pa.concat_tables(tables) if tables else schemas.CANDIDATE.empty_table()
         del tables
         table = table.sort_by([("n_tokens", "ascending"), ("id", "ascending")])
         path = storage.join(self.output, shard_name("candidates", shard, self.num_shards))

@@ -71,13 +71,6 @@ SFT = _schema("sft", [
     pa.field("n_tokens_response", pa.int32()),
 ])
 
-BY_KIND = {s.metadata[b"bft.kind"].decode(): s for s in (CANDIDATE, REJECT, GENERATION, SFT)}
-
-
-def empty_table(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
-
-
 def to_table(rows: list[dict], schema: pa.Schema, where: str = "") -> pa.Table:
     """Rows (dicts) to a table of `schema`, validated; `where` names the destination in errors."""
     try:
