@@ -122,20 +122,15 @@ def _calibrate_eos(model, eos: int, p_eos: float, d: int) -> None:
 
 def sample_texts(glob_pattern: str, limit: int = 2000) -> list[str]:
     """Texts of the Dolma-layout files matching `glob_pattern` (bad lines skipped), to train on."""
-    import glob
-    import gzip
+    from beam_pipelines.dolma import Document, parse_line
+    from bft import storage
 
     texts: list[str] = []
-    for path in sorted(glob.glob(glob_pattern)):
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            for raw in f:
-                try:
-                    text = json.loads(raw).get("text")
-                except (ValueError, AttributeError):
-                    continue
-                if isinstance(text, str) and text.strip() and len(text) < 100_000:
-                    texts.append(text)
+    for path in storage.glob(glob_pattern):
+        for raw in storage.open_lines(path):
+            doc = parse_line(raw, max_line_bytes=1 << 20)
+            if isinstance(doc, Document) and len(doc.text) < 100_000:
+                texts.append(doc.text)
                 if len(texts) >= limit:
                     return texts
     return texts
