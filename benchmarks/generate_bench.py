@@ -71,23 +71,30 @@ def stage_overhead(root: str, model: str, batch_size: int, max_new: int, device:
             "outside_share": (wall - inside[0]) / wall}
 
 
-def batching_vs_loop(root: str, model: str, batch_size: int, max_new: int, device: str) -> dict:
-    """Same prompts, same batch size and sampling: engine batching vs plain loop in input order."""
+def backtranslate_requests(root: str, tokenizer, max_model_len: int, max_new: int, input_order: bool = False):
+    """(prompts, requests): the backtranslate prompt of every candidate, fitted to the context."""
     import pyarrow.parquet as pq
 
     from generation.engines import Request
-    from generation.engines.hf import HFEngine
     from generation.prompting import fit_prompt
     from generation.templates import DEFAULTS
 
+    rows = pq.read_table(os.path.join(root, "candidates", "candidates-00000-of-00001.parquet"),
+                         columns=["id", "text"]).to_pylist()
+    if input_order:
+        rows.sort(key=lambda r: r["id"])  # the order documents arrive in, not sorted by length
+    prompts = [fit_prompt(tokenizer, DEFAULTS["backtranslate"], {"response": r["text"]}, "response",
+                          max_model_len - max_new)[0] for r in rows]
+    return prompts, [Request(p, [], max_new, 1.0, 0.9, seed=i) for i, p in enumerate(prompts)]
+
+
+def batching_vs_loop(root: str, model: str, batch_size: int, max_new: int, device: str) -> dict:
+    """Same prompts, same batch size and sampling: engine batching vs plain loop in input order."""
+    from generation.engines.hf import HFEngine
+
     engine = HFEngine(model, batch_size=batch_size, device=device)
     tok, lm = engine.tokenizer, engine.lm
-    texts = pq.read_table(os.path.join(root, "candidates", "candidates-00000-of-00001.parquet"),
-                          columns=["id", "text"]).to_pylist()
-    texts.sort(key=lambda r: r["id"])  # input order: not sorted by length
-    prompts = [fit_prompt(tok, DEFAULTS["backtranslate"], {"response": r["text"]}, "response",
-                          engine.max_model_len - max_new)[0] for r in texts]
-    requests = [Request(p, [], max_new, 1.0, 0.9, seed=i) for i, p in enumerate(prompts)]
+    prompts, requests = backtranslate_requests(root, tok, engine.max_model_len, max_new, input_order=True)
 
     t0 = time.perf_counter()
     ours = engine.generate(requests)
@@ -113,20 +120,12 @@ def batching_vs_loop(root: str, model: str, batch_size: int, max_new: int, devic
 
 def vllm_vs_bare(root: str, model: str, max_new: int) -> dict:
     """--engine vllm: our adapter vs a bare `LLM.generate` on the same prompts, same LLM instance."""
-    import pyarrow.parquet as pq
     from vllm import SamplingParams
 
-    from generation.engines import Request
     from generation.engines.vllm import VLLMEngine
-    from generation.prompting import fit_prompt
-    from generation.templates import DEFAULTS
 
     engine = VLLMEngine(model)
-    texts = pq.read_table(os.path.join(root, "candidates", "candidates-00000-of-00001.parquet"),
-                          columns=["text"]).column("text").to_pylist()
-    prompts = [fit_prompt(engine.tokenizer, DEFAULTS["backtranslate"], {"response": t}, "response",
-                          engine.max_model_len - max_new)[0] for t in texts]
-    requests = [Request(p, [], max_new, 1.0, 0.9, seed=i) for i, p in enumerate(prompts)]
+    prompts, requests = backtranslate_requests(root, engine.tokenizer, engine.max_model_len, max_new)
     engine.generate(requests[:8])  # warm-up
     t0 = time.perf_counter()
     ours = sum(c.output_tokens for c in engine.generate(requests))

@@ -2,7 +2,6 @@
 `transformers serve`, the vLLM adapter against a stand-in; resume, worker split, GCS."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from bft import storage
 from generation.prompting import fit_prompt, n_tokens, render
 from generation.runner import GenerateConfig, GenerationError, StageRunner, output_path, row_seed
 from generation.templates import DEFAULTS
-from tests.conftest import LOCAL, dolma_line, write_dolma_file
+from tests.conftest import LOCAL, _free_port, dolma_line, write_dolma_file
 from training.tiny import make_tiny_llama
 
 STAGES = ["backtranslate", "score", "rewrite", "distill", "rate"]
@@ -196,12 +195,6 @@ def test_vllm_adapter_against_the_standin(prepared_root, tmp_path, tiny_models, 
     # vLLM returns the top-20 logprobs: a digit outside them has probability 0; none at all is recorded
     assert len(sent) == 9 and (sent["score"].between(1, 5) | sent["parse_error"].eq("no_digit_probability")).all()
     sys.modules.pop("vllm", None)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
