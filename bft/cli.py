@@ -68,6 +68,46 @@ def _generate(argv: list[str]) -> int:
     return 0
 
 
+def _assemble(argv: list[str]) -> int:
+    from beam_pipelines import assemble, release
+
+    ap = argparse.ArgumentParser(prog="bft assemble", description=assemble.__doc__.split("\n")[0],
+                                 epilog="Any other flag (--runner, --project, --temp_location, ...) goes to Beam.")
+    assemble.add_arguments(ap)
+    args, beam_args = ap.parse_known_args(argv)
+    try:
+        stats = assemble.run(assemble.config_from_args(args), beam_args)
+    except (assemble.AssembleError, release.ReleaseError) as e:
+        print(f"bft assemble: {e}", file=sys.stderr)
+        return 1
+    f = stats["funnel"]
+    folder = release.release_dir(args.root.rstrip("/"), stats["version"])
+    print(f"assemble ({stats['recipe']}): {f['candidates']:,} candidates -> {f['web_examples']:,} web examples "
+          f"+ {f['seed']['kept']:,} seed = {f['final']['total']:,} ({f['final']['train']:,} train, "
+          f"{f['final']['validation']:,} validation)")
+    for reason, n in f["dropped"].items():
+        print(f"  dropped {reason:<32} {n:>10,}")
+    print(f"release {stats['version']}: {folder}\nreport: {folder}/report.html")
+    return 0
+
+
+def _validate(argv: list[str]) -> int:
+    from beam_pipelines import release
+
+    ap = argparse.ArgumentParser(prog="bft validate", description="Re-check a release: manifest, checksums, "
+                                 "schemas, row counts, unique ids. Exits 1 when anything is off.")
+    ap.add_argument("path", help="a release folder, or a run root / ROOT/sft whose LATEST names one")
+    args = ap.parse_args(argv)
+    try:
+        manifest = release.validate(args.path)
+    except release.ReleaseError as e:
+        print(f"bft validate: {e}", file=sys.stderr)
+        return 1
+    print(f"valid: release {manifest['version']} ({manifest['counts']['train']:,} train, "
+          f"{manifest['counts']['validation']:,} validation; {len(manifest['files'])} files checked)")
+    return 0
+
+
 def load_config(path: str) -> dict:
     """The one config loader: a JSON or YAML mapping of option names (dashes or underscores)."""
     from bft import storage
@@ -84,7 +124,7 @@ def load_config(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-VERBS = {"prepare": _prepare, "generate": _generate}
+VERBS = {"prepare": _prepare, "generate": _generate, "assemble": _assemble, "validate": _validate}
 
 
 def main(argv: list[str] | None = None) -> int:

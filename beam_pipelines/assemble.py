@@ -1,0 +1,516 @@
+"""Beam pass 2: candidates + generation shards -> the SFT corpus, its statistics, a versioned release.
+
+    ShardPlan ─ JoinShard ─┬─ web parts (tmp) ─────────────────────────────┐
+     (per candidates shard │  recipe + curation, vectorized)               │
+                           └─ (instruction key, id) ─ GroupByInstruction ─ KeepSmallestId ─┬─ losers ─┤
+                                                        winners ─ CapToMaxExamples ─ cutoff ┼─(side)──┤
+    SeedData ─ ReadSeed ─ seed parts (tmp) ────────────────────────────────────────────────┘          │
+                                  CoGroupByKey(shard) ─ FinalizeShard ─ train/validation-SSSSS-of-NNNNN
+    every step's partial statistics ─ MergePartials ─ summary (tmp)
+    driver: stats.json, report.html + plots, README.md (card), manifest.json, _SUCCESS, validate, LATEST
+
+Output shard k holds the web examples of candidates shard k (plus the seed examples hashed to k), so
+shard sizes follow the token-balanced candidate shards. As in prepare, only keys travel through the
+shuffle; examples go from JoinShard to FinalizeShard through per-shard Parquet parts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import xxhash
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+import schemas
+from beam_pipelines import corpus_stats, recipes, release
+from beam_pipelines.dedup import sample_key
+from beam_pipelines.prepare import default_beam_args
+from beam_pipelines.shards import shard_name
+from bft import storage
+from bft.runtime import configure_process
+
+log = logging.getLogger("bft.assemble")
+
+
+class AssembleError(RuntimeError):
+    """The inputs of assemble are missing or inconsistent."""
+
+
+@dataclass
+class AssembleConfig:
+    root: str
+    recipe: str = "filter+rewrite"
+    min_score: float | None = None          # default: the recipe's (5 for score, 4.5 for rate)
+    seed_data: str | None = None
+    max_examples: int | None = None
+    validation_fraction: float = 0.02
+    version: str | None = None
+    min_instruction_chars: int = 10
+    max_instruction_chars: int = 800
+    seed_tag: str | None = None             # None: PROMPTS.md section 6; "" switches one tag off
+    web_tag: str | None = None
+    no_tags: bool = False
+    tokenizer: str | None = None            # default: the tokenizer prepare counted with
+    allow_partial: bool = False
+    seed: int = 0
+
+    @property
+    def threshold(self) -> float | None:
+        return self.min_score if self.min_score is not None else recipes.RECIPES[self.recipe].threshold
+
+    @property
+    def tags(self) -> tuple[str | None, str | None]:
+        return recipes.default_tags(self.no_tags, self.seed_tag, self.web_tag)
+
+    def curation(self) -> recipes.Curation:
+        return recipes.Curation(self.min_instruction_chars, self.max_instruction_chars)
+
+
+@dataclass(frozen=True)
+class ShardInput:
+    shard: int
+    num_shards: int
+    candidates: str
+    stages: tuple[tuple[str, str], ...]     # (stage, path)
+
+
+def part_path(tmp: str, kind: str, shard: int) -> str:
+    return storage.join(tmp, f"{kind}-{shard:05d}.parquet")
+
+
+def _token_counter(tokenizer_path: str):
+    from beam_pipelines.length import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    return lambda texts: [len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)] if texts else []
+
+
+class JoinShard(beam.DoFn):
+    """Candidates shard k joined with its generation shards; the recipe and curation decide each row.
+    Main output: (instruction key, (id, k)) of kept rows; tagged: ("parts", (k, path)), ("partials", dict)."""
+
+    def __init__(self, cfg: AssembleConfig, tmp: str):
+        self.cfg, self.tmp = cfg, tmp
+
+    def setup(self):
+        configure_process()
+        self.count_tokens = _token_counter(self.cfg.tokenizer)
+
+    def process(self, shard: ShardInput):
+        t0 = time.perf_counter()
+        cfg, recipe = self.cfg, recipes.RECIPES[self.cfg.recipe]
+        cands = schemas.validate(storage.read_parquet(shard.candidates), schemas.CANDIDATE, shard.candidates)
+        stages, partial = {}, {"stages": {}}
+        t_stats = 0.0
+        for stage, path in shard.stages:
+            table = schemas.validate(storage.read_parquet(path), schemas.GENERATION, path)
+            wrong = pc.unique(pc.filter(table["stage"], pc.not_equal(table["stage"], stage))).to_pylist()
+            if wrong:
+                raise AssembleError(f"{path}: holds rows of stage {wrong}, expected {stage}")
+            stages[stage] = table
+            t = time.perf_counter()
+            partial["stages"][stage] = corpus_stats.stage_partial(stage, table)
+            t_stats += time.perf_counter() - t
+        joined = recipes.join_stages(cands, stages)
+        reason = recipes.verdicts(joined, recipe, cfg.curation(), cfg.threshold)
+        keep = pc.is_null(reason)
+        web = recipes.web_examples(joined, keep, recipe, cfg.tags[1], self.count_tokens)
+        path = part_path(self.tmp, "web", shard.shard)
+        storage.write_parquet(web, path)
+        t = time.perf_counter()
+        partial["funnel"] = {"dropped": corpus_stats.value_counts(pc.drop_null(reason))}
+        t_stats += time.perf_counter() - t
+        partial["timing"] = {"stats_s": t_stats, "work_s": time.perf_counter() - t0}
+        Metrics.counter("bft.assemble", "candidates").inc(cands.num_rows)
+        Metrics.counter("bft.assemble", "kept_by_recipe").inc(web.num_rows)
+        yield beam.pvalue.TaggedOutput("parts", (shard.shard, path))
+        yield beam.pvalue.TaggedOutput("partials", partial)
+        for doc_id, instruction in zip(web["id"].to_pylist(), web["instruction"].to_pylist()):
+            yield recipes.instruction_key(instruction), (doc_id, shard.shard)
+
+
+class KeepSmallestId(beam.DoFn):
+    """One example per normalized instruction: the smallest id wins (as in prepare's text dedup).
+    Main output: (sample key, id) of winners; tagged "losers": (shard, id)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def process(self, element):
+        _, members = element
+        members = sorted(members)
+        winner = members[0][0]
+        yield sample_key(winner, self.seed), winner
+        for doc_id, shard in members[1:]:
+            yield beam.pvalue.TaggedOutput("losers", (shard, doc_id))
+
+
+class ReadSeed(beam.DoFn):
+    """Seed pairs (Parquet or JSON lines with instruction/response, optional id) -> seed parts by
+    output shard. Tagged outputs: ("parts", (k, path)), ("partials", dict)."""
+
+    def __init__(self, cfg: AssembleConfig, tmp: str, num_shards: int):
+        self.cfg, self.tmp, self.num_shards = cfg, tmp, num_shards
+
+    def setup(self):
+        configure_process()
+        self.count_tokens = _token_counter(self.cfg.tokenizer)
+
+    def process(self, path: str):
+        table = read_seed_table(path)
+        instr = pc.utf8_trim_whitespace(pc.fill_null(table["instruction"], "")).combine_chunks()
+        resp = pc.utf8_trim_whitespace(pc.fill_null(table["response"], "")).combine_chunks()
+        ok = pc.and_(pc.greater(pc.utf8_length(instr), 0), pc.greater(pc.utf8_length(resp), 0))
+        n_empty = table.num_rows - pc.sum(ok.cast(pa.int64())).as_py()
+        ids, instr, resp = table["id"].combine_chunks().filter(ok), instr.filter(ok), resp.filter(ok)
+        seed_tag = self.cfg.tags[0]
+        rows = recipes.examples(instr, resp, ids=ids, origin="seed", recipe=None, tag=seed_tag, scores=None,
+                                n_tokens_instruction=self.count_tokens(instr.to_pylist()),
+                                n_tokens_response=self.count_tokens(resp.to_pylist()))
+        shard = np.array([xxhash.xxh3_64_intdigest(i.encode()) % self.num_shards for i in ids.to_pylist()], np.int64)
+        for k in np.unique(shard):
+            out = part_path(self.tmp, "seed", int(k))
+            storage.write_parquet(rows.filter(pa.array(shard == k)), out)
+            yield beam.pvalue.TaggedOutput("parts", (int(k), out))
+        yield beam.pvalue.TaggedOutput("partials", {"seed": {"input": table.num_rows, "kept": rows.num_rows,
+                                                             "dropped": {"empty": n_empty} if n_empty else {}}})
+
+
+def read_seed_table(path: str) -> pa.Table:
+    """(id, instruction, response) from a Parquet or JSON-lines seed file; ids made unique per file."""
+    if path.endswith(".parquet"):
+        table = storage.read_parquet(path)
+    else:
+        import orjson
+
+        rows = []
+        for i, line in enumerate(storage.open_lines(path), 1):
+            if line.strip():
+                try:
+                    rows.append(orjson.loads(line))
+                except orjson.JSONDecodeError as e:
+                    raise AssembleError(f"{path}:{i}: not JSON ({e})") from e
+        table = pa.Table.from_pylist(rows) if rows else pa.table({"instruction": pa.array([], pa.string()),
+                                                                  "response": pa.array([], pa.string())})
+    missing = [c for c in ("instruction", "response") if c not in table.column_names]
+    if missing:
+        raise AssembleError(f"{path}: seed data needs columns instruction and response; missing {missing}")
+    if "id" not in table.column_names:
+        name = path.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+        table = table.append_column("id", pa.array([f"seed:{name}:{i:06d}" for i in range(table.num_rows)]))
+    table = table.select(["id", "instruction", "response"])
+    try:
+        table = table.cast(pa.schema([("id", pa.string()), ("instruction", pa.string()), ("response", pa.string())]))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise AssembleError(f"{path}: id, instruction and response must be strings ({e})") from e
+    if table["id"].null_count or len(pc.unique(table["id"])) != table.num_rows:
+        raise AssembleError(f"{path}: seed ids must be present and unique")
+    return table
+
+
+class FinalizeShard(beam.DoFn):
+    """Output shard k: web part minus duplicate-instruction losers and rows over the cap, plus seed
+    rows, split by hash into train/validation-SSSSS-of-NNNNN.parquet. Yields a partial."""
+
+    def __init__(self, cfg: AssembleConfig, folder: str, num_shards: int):
+        self.cfg, self.folder, self.num_shards = cfg, folder, num_shards
+
+    def setup(self):
+        configure_process()
+
+    def process(self, element, cutoff):
+        k, grouped = element
+        t0 = time.perf_counter()
+        web_parts = list(grouped["web"])
+        web = (schemas.validate(storage.read_parquet(web_parts[0]), schemas.SFT, web_parts[0])
+               if web_parts else schemas.SFT.empty_table())
+        losers = pa.array(list(grouped["losers"]), pa.string())
+        dup = pc.is_in(web["id"], value_set=losers)
+        n_dup = int(pc.sum(dup.cast(pa.int64())).as_py() or 0)
+        web = web.filter(pc.invert(dup))
+        n_over = 0
+        if cutoff is not None:
+            keys = [(sample_key(i, self.cfg.seed), i) for i in web["id"].to_pylist()]
+            within = pa.array([key <= cutoff for key in keys], pa.bool_())
+            n_over = web.num_rows - int(pc.sum(within.cast(pa.int64())).as_py() or 0)
+            web = web.filter(within)
+        seed_parts = list(grouped["seed"])
+        tables = [web] + [schemas.validate(storage.read_parquet(p), schemas.SFT, p) for p in seed_parts]
+        table = pa.concat_tables(tables).sort_by("id")
+        in_val = validation_mask(table["id"], self.cfg.validation_fraction, self.cfg.seed)
+        partial = {"funnel": {"dropped": {"duplicate_instruction": n_dup, "over_cap": n_over}}, "final": {}}
+        t_stats = 0.0
+        for split, mask in (("train", pc.invert(in_val)), ("validation", in_val)):
+            rows = table.filter(mask)
+            if rows.num_rows:  # no empty files: `datasets` cannot read a Parquet file without rows
+                path = storage.join(self.folder, shard_name(split, k, self.num_shards))
+                storage.write_parquet(schemas.validate(rows, schemas.SFT, path), path)
+            t = time.perf_counter()
+            partial["final"] = corpus_stats.merge(partial["final"], corpus_stats.final_partial(rows, split))
+            t_stats += time.perf_counter() - t
+        partial["timing"] = {"stats_s": t_stats, "work_s": time.perf_counter() - t0}
+        yield partial
+
+
+def validation_mask(ids, fraction: float, seed: int) -> pa.Array:
+    """Deterministic split: an id is in validation when its hash falls in the first `fraction`."""
+    limit = int(fraction * 2**64)
+    return pa.array([xxhash.xxh3_64_intdigest(i.encode(), seed=seed + 1) < limit for i in ids.to_pylist()], pa.bool_())
+
+
+class MergePartials(beam.CombineFn):
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, partial):
+        return corpus_stats.merge(acc, partial)
+
+    def merge_accumulators(self, accs):
+        out = None
+        for a in accs:
+            out = corpus_stats.merge(out, a)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _cutoff(top: list, n: int):
+    """The largest (sample key, id) kept by the cap; None when there are not more than n examples."""
+    return max(top) if len(top) >= n else None
+
+
+def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_shards: int, folder: str, tmp: str):
+    joined = (p | "ShardPlan" >> beam.Create(shards)
+              | "Reshuffle" >> beam.Reshuffle()
+              | "JoinShard" >> beam.ParDo(JoinShard(cfg, tmp)).with_outputs("parts", "partials", main="keys"))
+    dedup = (joined.keys
+             | "GroupByInstruction" >> beam.GroupByKey()
+             | "KeepSmallestId" >> beam.ParDo(KeepSmallestId(cfg.seed)).with_outputs("losers", main="winners"))
+    if cfg.max_examples:
+        cutoff = (dedup.winners
+                  | "CapToMaxExamples" >> beam.combiners.Top.Smallest(cfg.max_examples)
+                  | "Cutoff" >> beam.Map(_cutoff, cfg.max_examples))
+    else:
+        cutoff = p | "NoCap" >> beam.Create([None])
+    seed = (p | "SeedData" >> beam.Create([cfg.seed_data] if cfg.seed_data else [])
+            | "ReadSeed" >> beam.ParDo(ReadSeed(cfg, tmp, num_shards)).with_outputs("parts", "partials", main="none"))
+    every_shard = p | "OutputShards" >> beam.Create([(k, None) for k in range(num_shards)])
+    finals = ({"web": joined.parts, "losers": dedup.losers, "seed": seed.parts, "shard": every_shard}
+              | "GroupByShard" >> beam.CoGroupByKey()
+              | "FinalizeShard" >> beam.ParDo(FinalizeShard(cfg, folder, num_shards),
+                                               cutoff=beam.pvalue.AsSingleton(cutoff)))
+    summary_path = storage.join(tmp, "summary.json")
+    return ((joined.partials, seed.partials, finals)
+            | "AllPartials" >> beam.Flatten()
+            | "MergePartials" >> beam.CombineGlobally(MergePartials())
+            | "WriteSummary" >> beam.Map(
+                lambda s: storage.write_text(summary_path, json.dumps(corpus_stats.summarize(s)))))
+
+
+# ---- the driver: plan, run, then publish -------------------------------------------------------
+
+def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], list[int], int, dict]:
+    """Which shards to join, which are missing generation output, and the input lineage."""
+    from generation.runner import candidate_shards, output_path
+
+    recipe = recipes.RECIPES[cfg.recipe]
+    try:
+        cands = candidate_shards(cfg.root)
+    except RuntimeError as e:
+        raise AssembleError(str(e)) from e
+    shards, missing_files, skipped = [], [], []
+    lineage = {"candidates": [], "generations": {s: [] for s in recipe.stages}, "seed_data": None}
+    for k, n, path in cands:
+        lineage["candidates"].append({"path": path, "bytes": release._size(path)})
+        stage_paths, missing_here = [], []
+        for stage in recipe.stages:
+            out = output_path(cfg.root, stage, k, n)
+            if storage.exists(out):
+                stage_paths.append((stage, out))
+                lineage["generations"][stage].append({"path": out, "bytes": release._size(out)})
+            else:
+                missing_here.append(out)
+        if missing_here:
+            missing_files += missing_here
+            skipped.append(k)
+        else:
+            shards.append(ShardInput(k, n, path, tuple(stage_paths)))
+    if missing_files and not cfg.allow_partial:
+        raise AssembleError(f"recipe {cfg.recipe} needs stages {recipe.stages}; {len(missing_files)} generation "
+                            "shard(s) are missing (run bft generate for them, or pass --allow-partial):\n  "
+                            + "\n  ".join(missing_files))
+    if cfg.seed_data:
+        if not storage.exists(cfg.seed_data):
+            raise AssembleError(f"{cfg.seed_data}: seed data not found")
+        lineage["seed_data"] = {"path": cfg.seed_data, "bytes": release._size(cfg.seed_data)}
+    return shards, skipped, cands[0][1], lineage
+
+
+def _stage_models(cfg: AssembleConfig, shards: list[ShardInput]) -> dict[str, list[str]]:
+    models: dict[str, set] = {}
+    for s in shards:
+        for stage, path in s.stages:
+            metrics = path.replace(".parquet", ".metrics.json")
+            if storage.exists(metrics):
+                models.setdefault(stage, set()).add(json.loads(storage.read_text(metrics)).get("model"))
+    return {k: sorted(m for m in v if m) for k, v in models.items()}
+
+
+def run(cfg: AssembleConfig, beam_args: list[str]) -> dict:
+    """Builds and publishes a release; returns its stats (a rerun of a published version returns
+    the published stats)."""
+    if cfg.recipe not in recipes.RECIPES:
+        raise ValueError(f"unknown recipe {cfg.recipe!r}; expected one of {sorted(recipes.RECIPES)}")
+    if not 0 <= cfg.validation_fraction < 1:
+        raise ValueError("--validation-fraction must be in [0, 1)")
+    if cfg.max_examples is not None and cfg.max_examples < 1:
+        raise ValueError("--max-examples must be >= 1")
+    cfg.root = cfg.root.rstrip("/")
+    prep_stats = json.loads(storage.read_text(storage.join(cfg.root, "candidates", "stats.json"))) \
+        if storage.exists(storage.join(cfg.root, "candidates", "stats.json")) else {}
+    if not cfg.tokenizer:
+        cfg.tokenizer = (prep_stats.get("config") or {}).get("tokenizer")
+        if not cfg.tokenizer:
+            raise AssembleError("no --tokenizer given and candidates/stats.json names none")
+    shards, skipped, num_shards, lineage = plan_inputs(cfg)
+    config = asdict(cfg)
+    chash = release.config_hash(config, lineage)
+    version = release.check_version_name(cfg.version or release.default_version(chash))
+    folder = release.release_dir(cfg.root, version)
+    if storage.exists(storage.join(folder, release.SUCCESS)):
+        published = json.loads(storage.read_text(storage.join(folder, release.MANIFEST)))
+        if published.get("config_hash") != chash:
+            raise release.ReleaseError(f"{folder}: release {version} exists with other inputs or config "
+                                       f"(hash {published.get('config_hash')} != {chash}); releases are never "
+                                       "overwritten: pass another --version")
+        log.info("%s is published with the same config; nothing to do", folder)
+        return json.loads(storage.read_text(storage.join(folder, "stats.json")))
+    storage.delete_tree(folder)  # debris of a failed run: never a published release
+    tmp = storage.join(cfg.root, "sft", "_tmp", uuid.uuid4().hex[:12])
+    t0 = time.perf_counter()
+    with beam.Pipeline(options=PipelineOptions(default_beam_args(beam_args))) as p:
+        build(p, cfg, shards, num_shards, folder, tmp)
+    pipeline_s = time.perf_counter() - t0
+    summary = json.loads(storage.read_text(storage.join(tmp, "summary.json")))
+    t1 = time.perf_counter()
+    skipped_rows = sum(release.parquet_rows(path) for k, _, path in _candidate_list(cfg.root) if k in skipped)
+    stats = make_stats(cfg, version, summary, prep_stats, skipped, skipped_rows, _stage_models(cfg, shards))
+    stats["timing"] = {"pipeline_s": round(pipeline_s, 3),
+                       "stats_in_pipeline_worker_s": round(summary.get("timing", {}).get("stats_s", 0.0), 3),
+                       "pipeline_worker_s": round(summary.get("timing", {}).get("work_s", 0.0), 3)}
+    from beam_pipelines import report
+
+    storage.write_text(storage.join(folder, "stats.json"), json.dumps(stats, indent=2) + "\n")
+    report.write_report(folder, stats)
+    report.write_card(folder, stats, config)
+    stats["timing"]["report_s"] = round(time.perf_counter() - t1, 3)
+    storage.write_text(storage.join(folder, "stats.json"), json.dumps(stats, indent=2) + "\n")
+    counts = {"train": stats["funnel"]["final"]["train"], "validation": stats["funnel"]["final"]["validation"]}
+    release.write_manifest(folder, version=version, chash=chash, config=config, lineage=lineage, counts=counts)
+    release.mark_complete(folder)
+    release.publish_latest(cfg.root, version)
+    storage.delete_tree(tmp)
+    return stats
+
+
+def _candidate_list(root: str):
+    from generation.runner import candidate_shards
+
+    return candidate_shards(root)
+
+
+def make_stats(cfg: AssembleConfig, version: str, summary: dict, prep_stats: dict, skipped: list[int],
+               skipped_rows: int, models: dict) -> dict:
+    """The release's stats.json from the merged partials; checks that every candidate is accounted for."""
+    dropped = {k: v for k, v in (summary.get("funnel", {}).get("dropped") or {}).items() if v}
+    if skipped_rows:
+        dropped["missing_generation_shard"] = skipped_rows
+    final = summary.get("final") or {}
+    by_origin = {}
+    for origin, o in final.items():
+        rows = o["rows"]
+        total = rows.get("train", 0) + rows.get("validation", 0)
+        by_origin[origin] = {
+            **{k: v for k, v in o.items() if k != "rows"},
+            "rows": {"train": rows.get("train", 0), "validation": rows.get("validation", 0), "total": total},
+            "avg_tokens_instruction": round(o["tokens_instruction"] / total, 2) if total else 0.0,
+            "avg_tokens_response": round(o["tokens_response"] / total, 2) if total else 0.0,
+        }
+    web = by_origin.get("web", {}).get("rows", {}).get("total", 0)
+    seed = summary.get("seed") or {"input": 0, "kept": 0, "dropped": {}}
+    candidates = sum(s["rows"] for s in (prep_stats.get("shards") or {}).get("files", [])) \
+        or prep_stats.get("kept", 0)
+    if candidates != web + sum(dropped.values()):
+        raise AssembleError(f"accounting broken: {candidates} candidates != {web} web examples + "
+                            f"{sum(dropped.values())} dropped ({dropped})")
+    seed_final = by_origin.get("seed", {}).get("rows", {}).get("total", 0)
+    if seed_final != seed["kept"]:
+        raise AssembleError(f"accounting broken: {seed['kept']} seed examples read, {seed_final} written")
+    train = sum(o["rows"]["train"] for o in by_origin.values())
+    validation = sum(o["rows"]["validation"] for o in by_origin.values())
+    stages = {}
+    for stage, s in (summary.get("stages") or {}).items():
+        stages[stage] = {**s, "pass_rate": round(s["ok"] / s["rows"], 4) if s["rows"] else 0.0,
+                         "model": ", ".join(models.get(stage, []))}
+    recipe = recipes.RECIPES[cfg.recipe]
+    score_hist = None
+    if recipe.gate and recipe.gate in stages:
+        score_hist = {"stage": recipe.gate, "threshold": cfg.threshold, "edges": corpus_stats.SCORE_EDGES,
+                      "counts": stages[recipe.gate].get("score_histogram")}
+    seed_tag, web_tag = cfg.tags
+    return {
+        "version": version,
+        "recipe": cfg.recipe,
+        "funnel": {
+            "dolma": {k: prep_stats.get(k) for k in ("input_records", "kept", "dropped")} if prep_stats else None,
+            "candidates": candidates,
+            "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1])),
+            "web_examples": web,
+            "seed": seed,
+            "final": {"train": train, "validation": validation, "total": train + validation},
+        },
+        "stages": stages,
+        "score_histogram": score_hist,
+        "by_origin": by_origin,
+        "length_edges": corpus_stats.LENGTH_EDGES,
+        "tags": {"seed": seed_tag, "web": web_tag},
+        "missing_shards": skipped,
+        "schema_version": schemas.SCHEMA_VERSION,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--root", required=True, help="run root (local or gs://) with candidates/ and generations/")
+    ap.add_argument("--recipe", default="filter+rewrite", choices=sorted(recipes.RECIPES))
+    ap.add_argument("--min-score", type=float, help="gate threshold (default: 5 for the score stage, 4.5 for "
+                    "rate; may be fractional, e.g. with --score-mode logprob)")
+    ap.add_argument("--seed-data", help="seed pairs to mix in: Parquet or JSON lines with instruction/response "
+                    "(e.g. the output of bft seed)")
+    ap.add_argument("--max-examples", type=int, help="deterministic cap on web examples (the paper: 12800, "
+                    "25600, 51200)")
+    ap.add_argument("--validation-fraction", type=float, default=0.02)
+    ap.add_argument("--version", help="release name (default: UTC date + config hash)")
+    ap.add_argument("--min-instruction-chars", type=int, default=10)
+    ap.add_argument("--max-instruction-chars", type=int, default=800)
+    ap.add_argument("--seed-tag", help="tag (system prompt) of seed examples; '' for none")
+    ap.add_argument("--web-tag", help="tag (system prompt) of web examples; '' for none")
+    ap.add_argument("--no-tags", action="store_true", help="no data-source tags at all")
+    ap.add_argument("--tokenizer", help="for token counts (default: the one prepare used)")
+    ap.add_argument("--allow-partial", action="store_true",
+                    help="publish without candidate shards whose generation output is missing (reported)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the cap sample and the validation split")
+
+
+def config_from_args(args: argparse.Namespace) -> AssembleConfig:
+    return AssembleConfig(**{f: getattr(args, f) for f in AssembleConfig.__dataclass_fields__})

@@ -1,0 +1,150 @@
+"""Corpus statistics as mergeable partials: each shard computes its partial with Arrow/numpy, a Beam
+combiner merges them (`merge`), and `summarize` turns the result into plain JSON.
+
+A partial is a nested dict whose leaves are numbers (summed), lists of numbers (histogram counts,
+summed element-wise) or `Uniques` (sets of 64-bit trigram hashes, united). Unique trigrams follow
+the paper's Figure 3: NLTK's `wordpunct_tokenize` on lower-cased text (regex tokens, no downloaded
+NLTK data), then `nltk.ngrams(tokens, 3)` within each text; `trigram_hashes` computes the same set
+vectorized (a test checks it against NLTK itself), hashed to 64 bits.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import xxhash
+
+# Token-length histogram bins (upper edges, tokens); the last bin is open.
+LENGTH_EDGES = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+# Score histogram bins: [0, 0.5), [0.5, 1), ... [5, 5.5): generated scores are integers, logprob
+# scores and AlpaGasus ratings may be fractional.
+SCORE_EDGES = [x / 2 for x in range(1, 12)]
+
+
+class Uniques:
+    """A set of uint64 hashes, stored sorted."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: np.ndarray | None = None):
+        self.values = np.unique(values) if values is not None else np.empty(0, np.uint64)
+
+    def merge(self, other: "Uniques") -> "Uniques":
+        out = Uniques()
+        out.values = np.union1d(self.values, other.values)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def merge(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, dict):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(out.get(k), v)
+        return out
+    if isinstance(a, Uniques):
+        return a.merge(b)
+    if isinstance(a, list):
+        return [x + y for x, y in zip(a, b)]
+    return a + b
+
+
+def summarize(partial):
+    """Uniques -> their counts; everything else as it is (JSON-ready)."""
+    if isinstance(partial, dict):
+        return {k: summarize(v) for k, v in sorted(partial.items())}
+    if isinstance(partial, Uniques):
+        return len(partial)
+    return partial
+
+
+def value_counts(arr, null: str = "none") -> dict[str, int]:
+    vc = pc.value_counts(pc.fill_null(arr, null))
+    return {str(v): int(c) for v, c in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())}
+
+
+def histogram(values, edges: list[float]) -> list[int]:
+    """Counts per bin: [<edges[0]], [edges[0], edges[1]), ..., [>=edges[-1]]; nulls are skipped."""
+    arr = np.asarray(pc.drop_null(values).to_numpy(zero_copy_only=False), dtype=float)
+    return np.bincount(np.searchsorted(edges, arr, side="right"), minlength=len(edges) + 1).tolist()
+
+
+def stage_partial(stage: str, table: pa.Table) -> dict:
+    """A generation stage shard: rows, good rows, finish reasons, parse failures, score histogram."""
+    errors = table["parse_error"]
+    out = {"rows": table.num_rows, "ok": errors.null_count,
+           "finish_reasons": value_counts(table["finish_reason"], "not_sent"),
+           "parse_failures": value_counts(pc.drop_null(_category(errors))),
+           "input_truncated": int(pc.sum(pc.fill_null(table["input_truncated"], False).cast(pa.int64())).as_py() or 0),
+           "prompt_tokens": int(pc.sum(table["prompt_tokens"]).as_py() or 0),
+           "output_tokens": int(pc.sum(table["output_tokens"]).as_py() or 0)}
+    if stage in ("score", "rate"):
+        out["score_histogram"] = histogram(table["score"], SCORE_EDGES)
+    return out
+
+
+def _category(errors):
+    return pc.replace_substring_regex(errors, r"(?s):.*$", "")
+
+
+def final_partial(table: pa.Table, split: str) -> dict:
+    """Final examples of one split file, by origin: counts, token sums, length histograms, trigrams."""
+    out: dict = {}
+    for origin in pc.unique(table["origin"]).to_pylist():
+        rows = table.filter(pc.equal(table["origin"], origin))
+        out[origin] = {
+            "rows": {split: rows.num_rows},
+            "tokens_instruction": int(pc.sum(rows["n_tokens_instruction"]).as_py() or 0),
+            "tokens_response": int(pc.sum(rows["n_tokens_response"]).as_py() or 0),
+            "chars_instruction": int(pc.sum(pc.utf8_length(rows["instruction"])).as_py() or 0),
+            "chars_response": int(pc.sum(pc.utf8_length(rows["response"])).as_py() or 0),
+            "length_histogram_instruction": histogram(rows["n_tokens_instruction"], LENGTH_EDGES),
+            "length_histogram_response": histogram(rows["n_tokens_response"], LENGTH_EDGES),
+            "unique_trigrams_instruction": Uniques(trigram_hashes(rows["instruction"])),
+            "unique_trigrams_response": Uniques(trigram_hashes(rows["response"])),
+        }
+        if rows.num_rows and rows["score"].null_count < rows.num_rows:
+            out[origin]["score_histogram"] = histogram(rows["score"], SCORE_EDGES)
+    return out
+
+
+# NLTK's WordPunctTokenizer pattern is r"\w+|[^\w\s]+"; RE2 spells Python's Unicode \w this way.
+_WORD = r"([\p{L}\p{N}_]+)"
+_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def trigram_hashes(texts) -> np.ndarray:
+    """64-bit hashes of the word trigrams of each text (lower-cased wordpunct tokens; a trigram
+    never spans two texts), unique. Vectorized: Arrow splits, one Python hash per distinct token."""
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    if len(texts) == 0:
+        return np.empty(0, np.uint64)
+    texts = pc.fill_null(texts.cast(pa.string()), "")
+    spaced = pc.utf8_trim_whitespace(pc.replace_substring_regex(pc.utf8_lower(texts), _WORD, r" \1 "))
+    tokens = pc.split_pattern_regex(spaced, r"\s+")
+    # a blank text splits into one empty token; it has none
+    tokens = pc.if_else(pc.equal(pc.utf8_length(spaced), 0), pa.scalar([], tokens.type), tokens)
+    lengths = pc.list_value_length(tokens).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(tokens)
+    if len(flat) < 3:
+        return np.empty(0, np.uint64)
+    encoded = pc.dictionary_encode(flat)
+    vocab = encoded.dictionary.to_pylist()
+    token_hash = np.fromiter((xxhash.xxh3_64_intdigest(t.encode("utf-8")) for t in vocab), np.uint64, len(vocab))
+    h = token_hash[encoded.indices.to_numpy(zero_copy_only=False)]
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    same_text = row[:-2] == row[2:]
+    with np.errstate(over="ignore"):
+        tri = (h[:-2] * np.uint64(0x9E3779B97F4A7C15)) ^ _rotl(h[1:-1], 21) * np.uint64(0xC2B2AE3D27D4EB4F) ^ _rotl(h[2:], 42)
+    return np.unique(tri[same_text] & _MASK)
+
+
+def _rotl(x: np.ndarray, r: int) -> np.ndarray:
+    return (x << np.uint64(r)) | (x >> np.uint64(64 - r))

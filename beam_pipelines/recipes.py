@@ -1,0 +1,172 @@
+"""The paper's corpus recipes and the curation after them, as pure functions on Arrow tables.
+
+A recipe names the generation stages it joins and what they decide (Nguyen et al. 2024, Table 2;
+Chen et al. 2023 for AlpaGasus):
+
+    recipe           gate (keep when score >= threshold)   response
+    filter           score  >= 5                           the original document
+    rewrite          (none)                                the rewrite
+    filter+rewrite   score  >= 5                           the rewrite            (default)
+    filter+distill   score  >= 5                           the distilled answer
+    alpagasus        rate   >= 4.5                         the original document
+
+`verdicts` gives every candidate row exactly one outcome: kept (null) or the first reason it was
+dropped, in pipeline order: a stage row missing or failed (`<stage>:<parse_error>`), the gate, then
+curation (instruction length bounds in characters, empty or truncated response). A stage row counts
+as good only when its parse_error is null, as in the generation runner itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import schemas
+from beam_pipelines.dedup import normalize_for_dedup
+from generation.templates import SEED_TAG, WEB_TAG
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    gate: str | None        # the stage whose score gates a pair
+    answer: str | None      # the stage whose response is used; None = the document itself
+    threshold: float | None
+
+    @property
+    def stages(self) -> list[str]:
+        return ["backtranslate"] + [s for s in (self.gate, self.answer) if s]
+
+
+RECIPES = {
+    "filter": Recipe("filter", "score", None, 5.0),
+    "rewrite": Recipe("rewrite", None, "rewrite", None),
+    "filter+rewrite": Recipe("filter+rewrite", "score", "rewrite", 5.0),
+    "filter+distill": Recipe("filter+distill", "score", "distill", 5.0),
+    "alpagasus": Recipe("alpagasus", "rate", None, 4.5),
+}
+
+# The columns each stage contributes to the join, renamed `<stage>.<column>`.
+STAGE_COLUMNS = ["instruction", "score", "response", "parse_error", "finish_reason"]
+
+
+@dataclass(frozen=True)
+class Curation:
+    min_instruction_chars: int = 10
+    max_instruction_chars: int = 800
+
+
+def join_stages(candidates: pa.Table, stages: dict[str, pa.Table]) -> pa.Table:
+    """candidates (id, text, n_tokens) left-joined with each stage's rows by id, sorted by id.
+
+    A stage's columns come as `<stage>.<column>` plus `<stage>.present` (null when the stage has no
+    row for the id)."""
+    joined = candidates.select(["id", "text", "n_tokens"])
+    for stage, table in stages.items():
+        cols = table.select(["id"] + STAGE_COLUMNS)
+        cols = cols.rename_columns(["id"] + [f"{stage}.{c}" for c in STAGE_COLUMNS])
+        cols = cols.append_column(f"{stage}.present", pa.array(np.ones(cols.num_rows, bool)))
+        joined = joined.join(cols, keys="id", join_type="left outer")
+    return joined.sort_by("id")
+
+
+def _first_reason(reason: pa.Array, cond, label) -> pa.Array:
+    """`label` where no reason is set yet and `cond` holds (null counts as false)."""
+    cond = pc.fill_null(cond, False)
+    return pc.if_else(pc.and_(pc.is_null(reason), cond), label, reason)
+
+
+def error_category(parse_error: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """'engine_error: timeout' -> 'engine_error'; 'upstream_failed:echo' -> 'upstream_failed'."""
+    return pc.replace_substring_regex(parse_error, r"(?s):.*$", "")
+
+
+def verdicts(joined: pa.Table, recipe: Recipe, curation: Curation, threshold: float | None = None) -> pa.Array:
+    """One reason per joined row (null = kept); see the module docstring for the order."""
+    n = joined.num_rows
+    reason = pa.nulls(n, pa.string())
+    for stage in recipe.stages:
+        reason = _first_reason(reason, pc.is_null(joined[f"{stage}.present"]), f"{stage}:missing_row")
+        err = joined[f"{stage}.parse_error"]
+        label = pc.binary_join_element_wise(f"{stage}:", error_category(err), "")
+        reason = _first_reason(reason, pc.is_valid(err), label)
+    if recipe.gate:
+        limit = recipe.threshold if threshold is None else threshold
+        score = joined[f"{recipe.gate}.score"]
+        reason = _first_reason(reason, pc.is_null(score), f"{recipe.gate}:no_score")
+        reason = _first_reason(reason, pc.less(score, limit), f"{recipe.gate}_below_threshold")
+    instruction = pc.utf8_trim_whitespace(joined["backtranslate.instruction"])
+    chars = pc.utf8_length(instruction)
+    reason = _first_reason(reason, pc.less(chars, curation.min_instruction_chars), "instruction_too_short")
+    reason = _first_reason(reason, pc.greater(chars, curation.max_instruction_chars), "instruction_too_long")
+    response = response_column(joined, recipe)
+    reason = _first_reason(reason, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(response)), 0), "empty_response")
+    if recipe.answer:
+        reason = _first_reason(reason, pc.equal(joined[f"{recipe.answer}.finish_reason"], "length"),
+                               "truncated_response")
+    return reason
+
+
+def response_column(joined: pa.Table, recipe: Recipe):
+    return joined[f"{recipe.answer}.response"] if recipe.answer else joined["text"]
+
+
+def messages_column(instructions: pa.Array, responses: pa.Array, tag: str | None) -> pa.Array:
+    """The chat form of each pair, as TRL's SFTTrainer and chat templates take it:
+    [system: tag]?, user: instruction, assistant: response. The tag is a system prompt, as in
+    Humpback (Li et al. 2023a, section 2.3)."""
+    n = len(instructions)
+    roles = (["system"] if tag else []) + ["user", "assistant"]
+    parts = ([pa.array([tag] * n, pa.string())] if tag else []) + [instructions, responses]
+    k = len(parts)
+    contents = pa.concat_arrays([p.combine_chunks() if isinstance(p, pa.ChunkedArray) else p for p in parts])
+    contents = contents.take(pa.array(np.arange(k * n).reshape(k, n).T.ravel()))
+    role_arr = pa.array(np.tile(np.array(roles, dtype=object), n), pa.string())
+    structs = pa.StructArray.from_arrays([role_arr, contents], fields=list(schemas.MESSAGE))
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, k * n + 1, k), pa.int32()), structs)
+
+
+def examples(instructions, responses, *, ids, origin: str, recipe: str | None, tag: str | None, scores,
+             n_tokens_instruction, n_tokens_response) -> pa.Table:
+    """SFT-schema rows from column arrays (instructions and responses already stripped)."""
+    n = len(ids)
+    table = pa.table({
+        "id": ids,
+        "origin": pa.array([origin] * n, pa.string()),
+        "recipe": pa.array([recipe] * n, pa.string()),
+        "instruction": instructions,
+        "response": responses,
+        "messages": messages_column(instructions, responses, tag),
+        "tag": pa.array([tag] * n, pa.string()),
+        "score": pa.array(scores, pa.float32()) if scores is not None else pa.nulls(n, pa.float32()),
+        "n_tokens_instruction": pa.array(n_tokens_instruction, pa.int32()),
+        "n_tokens_response": pa.array(n_tokens_response, pa.int32()),
+    })
+    return schemas.validate(table.replace_schema_metadata(schemas.SFT.metadata), schemas.SFT, "examples")
+
+
+def web_examples(joined: pa.Table, keep: pa.Array, recipe: Recipe, tag: str | None, count_tokens) -> pa.Table:
+    """The kept joined rows as SFT examples. `count_tokens(list[str]) -> list[int]`."""
+    rows = joined.filter(keep)
+    instructions = pc.utf8_trim_whitespace(rows["backtranslate.instruction"]).combine_chunks()
+    responses = pc.utf8_trim_whitespace(response_column(rows, recipe)).combine_chunks()
+    n_resp = rows["n_tokens"] if not recipe.answer else count_tokens(responses.to_pylist())
+    scores = rows[f"{recipe.gate}.score"] if recipe.gate else None
+    return examples(instructions, responses, ids=rows["id"], origin="web", recipe=recipe.name, tag=tag,
+                    scores=scores, n_tokens_instruction=count_tokens(instructions.to_pylist()),
+                    n_tokens_response=n_resp)
+
+
+def instruction_key(instruction: str) -> str:
+    """Dedup key of an instruction: NFC, whitespace collapsed, case folded; xxh3_128 hex."""
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(normalize_for_dedup(instruction).casefold().encode("utf-8"))
+
+
+def default_tags(no_tags: bool, seed_tag: str | None, web_tag: str | None) -> tuple[str | None, str | None]:
+    if no_tags:
+        return None, None
+    return (SEED_TAG if seed_tag is None else seed_tag) or None, (WEB_TAG if web_tag is None else web_tag) or None

@@ -1,0 +1,308 @@
+"""bft assemble: the recipes on literal generation shards, curation, seed mixing, statistics, the
+versioned release (manifest, _SUCCESS, LATEST) and `bft validate`, locally and on GCS."""
+import json
+import os
+
+import datasets
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from nltk import ngrams
+from nltk.tokenize import wordpunct_tokenize
+
+import schemas
+from beam_pipelines import assemble, corpus_stats, recipes, release
+from beam_pipelines.assemble import AssembleConfig, AssembleError
+from bft import cli, storage
+from generation.runner import output_path
+from generation.templates import SEED_TAG, WEB_TAG
+from tests.conftest import LOCAL
+
+SHARDS = [["a0", "a1", "a2", "a3", "a4", "a5"], ["b0", "b1", "b2", "b3", "b4", "b5"]]
+INSTRUCTION = "Explain the topic of document {} please."
+
+
+def doc(i):
+    return f"Document {i} is about the weather in the mountains. " * 3
+
+
+def gen_row(i, stage, **kw):
+    row = {"id": i, "stage": stage, "model": f"tiny-{stage}", "prompt_tokens": 50, "output_tokens": 10,
+           "finish_reason": "stop", "raw_output": "...", "instruction": None, "score": None, "reasoning": None,
+           "response": None, "parse_error": None, "input_truncated": False, "seed": 1}
+    row.update(kw)
+    return row
+
+
+def stage_rows(stage):
+    """The literal generation output: one case per drop reason (see EXPECTED)."""
+    ids = [i for s in SHARDS for i in s]
+    if stage == "backtranslate":
+        rows = {i: gen_row(i, stage, instruction=INSTRUCTION.format(i)) for i in ids}
+        rows["a1"].update(instruction=None, parse_error="echo")
+        rows["a2"].update(instruction="Short")
+        rows["b0"].update(instruction="  EXPLAIN the topic of document a0\n please.")  # duplicate of a0's
+        del rows["b1"]                                                                 # missing row
+    elif stage == "score":
+        rows = {i: gen_row(i, stage, score=5.0, reasoning="fine") for i in ids}
+        rows["a3"].update(score=4.0)
+        rows["a4"].update(score=None, parse_error="no_match")
+    elif stage in ("rewrite", "distill"):
+        rows = {i: gen_row(i, stage, response=f"{stage.title()} answer for {i}.") for i in ids}
+        rows["a5"].update(finish_reason="length", response=None, parse_error="truncated")
+        rows["b3"].update(response="   ")
+    else:  # rate
+        rows = {i: gen_row(i, stage, score=4.5, reasoning="accurate") for i in ids}
+        rows["b4"].update(score=4.0)
+    return rows
+
+
+EXPECTED_KEPT = {
+    "filter+rewrite": ["a0", "b2", "b4", "b5"],
+    "filter": ["a0", "a5", "b2", "b3", "b4", "b5"],
+    "rewrite": ["a0", "a3", "a4", "b2", "b4", "b5"],
+    "filter+distill": ["a0", "b2", "b4", "b5"],
+    "alpagasus": ["a0", "a3", "a4", "a5", "b2", "b3", "b5"],
+}
+
+
+def write_root(root, tokenizer, stages=("backtranslate", "score", "rewrite", "distill", "rate")):
+    """Candidates (2 shards) and generation shards written through the schemas, as the pipeline does."""
+    n = len(SHARDS)
+    files = []
+    for k, ids in enumerate(SHARDS):
+        rows = [{"id": i, "text": doc(i), "source": "common-crawl", "url": None, "n_chars": len(doc(i)),
+                 "n_tokens": 30, "shard": k, "text_hash": i} for i in ids]
+        path = storage.join(root, "candidates", f"candidates-{k:05d}-of-{n:05d}.parquet")
+        storage.write_parquet(schemas.to_table(rows, schemas.CANDIDATE, path), path)
+        files.append({"path": path, "rows": len(rows), "tokens": 180, "bytes": 0})
+        for stage in stages:
+            by_id = stage_rows(stage)
+            out = output_path(root, stage, k, n)
+            storage.write_parquet(schemas.to_table([by_id[i] for i in ids if i in by_id], schemas.GENERATION, out), out)
+            storage.write_text(out.replace(".parquet", ".metrics.json"), json.dumps({"model": f"tiny-{stage}"}))
+    stats = {"input_records": 20, "kept": 12, "dropped": {"too_long": 8}, "shards": {"files": files},
+             "config": {"tokenizer": tokenizer}}
+    storage.write_text(storage.join(root, "candidates", "stats.json"), json.dumps(stats))
+    return root
+
+
+def write_seed(path, n=5):
+    rows = [{"instruction": f"Seed question number {i}?", "response": f"Seed answer {i}."} for i in range(n)]
+    rows.append({"instruction": "   ", "response": "no question"})
+    storage.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def root(tmp_path, bpe_tokenizer_path):
+    return write_root(str(tmp_path / "run"), bpe_tokenizer_path)
+
+
+def run(root, **kw):
+    return assemble.run(AssembleConfig(root=root, **kw), LOCAL)
+
+
+def read_release(root, version=None):
+    folder = release.resolve(os.path.join(root, "sft")) if version is None else os.path.join(root, "sft", version)
+    splits = {}
+    for split in ("train", "validation"):
+        files = sorted(f for f in os.listdir(folder) if f.startswith(split))
+        frames = [pd.read_parquet(os.path.join(folder, f)) for f in files]
+        splits[split] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=schemas.SFT.names)
+    return folder, splits
+
+
+# ---- the recipes as pure functions -----------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", sorted(EXPECTED_KEPT))
+def test_recipe_keeps_exactly_the_expected_rows(root, recipe):
+    r = recipes.RECIPES[recipe]
+    kept = []
+    for k in range(2):
+        cands = storage.read_parquet(storage.join(root, "candidates", f"candidates-{k:05d}-of-00002.parquet"))
+        stages = {s: storage.read_parquet(output_path(root, s, k, 2)) for s in r.stages}
+        joined = recipes.join_stages(cands, stages)
+        keep = pa.compute.is_null(recipes.verdicts(joined, r, recipes.Curation()))
+        web = recipes.web_examples(joined, keep, r, WEB_TAG, lambda texts: [len(t.split()) for t in texts])
+        kept += web.to_pylist()
+    # b0 survives the recipe; it is dropped later as a duplicate instruction of a0
+    survivors = sorted(EXPECTED_KEPT[recipe] + ["b0"])
+    assert sorted(e["id"] for e in kept) == survivors
+    for e in kept:
+        if r.answer:
+            assert e["response"] == f"{r.answer.title()} answer for {e['id']}."
+        else:
+            assert e["response"] == doc(e["id"]).strip() and e["n_tokens_response"] == 30
+        assert e["messages"] == [{"role": "system", "content": WEB_TAG}, {"role": "user", "content": e["instruction"]},
+                                 {"role": "assistant", "content": e["response"]}]
+        assert e["origin"] == "web" and e["recipe"] == recipe
+
+
+def test_verdicts_name_the_first_reason_in_pipeline_order(root):
+    cands = pa.concat_tables(storage.read_parquet(storage.join(root, "candidates", f"candidates-{k:05d}-of-00002.parquet"))
+                             for k in range(2))
+    stages = {s: pa.concat_tables(storage.read_parquet(output_path(root, s, k, 2)) for k in range(2))
+              for s in ("backtranslate", "score", "rewrite")}
+    joined = recipes.join_stages(cands, stages)
+    reasons = dict(zip(joined["id"].to_pylist(),
+                       recipes.verdicts(joined, recipes.RECIPES["filter+rewrite"], recipes.Curation()).to_pylist()))
+    assert reasons == {"a0": None, "a1": "backtranslate:echo", "a2": "instruction_too_short",
+                       "a3": "score_below_threshold", "a4": "score:no_match", "a5": "rewrite:truncated",
+                       "b0": None, "b1": "backtranslate:missing_row", "b2": None, "b3": "empty_response",
+                       "b4": None, "b5": None}
+    # a fractional threshold (logprob scores) and the instruction bounds are parameters
+    strict = recipes.verdicts(joined, recipes.RECIPES["filter+rewrite"], recipes.Curation(10, 30), 4.5)
+    assert dict(zip(joined["id"].to_pylist(), strict.to_pylist()))["a0"] == "instruction_too_long"
+
+
+def test_instruction_key_ignores_case_and_layout():
+    assert recipes.instruction_key("Explain  this\nplease") == recipes.instruction_key(" explain this please ")
+    assert recipes.instruction_key("Explain this") != recipes.instruction_key("Explain that")
+
+
+def test_trigram_counts_equal_nltk():
+    texts = ["Hello, world! Don't stop... now?!", "Café au lait — naïve résumé 42x", "a b", "", "a b c a b c",
+             "Über straße ÉCOLE", "  \n ", "x y z", "hello , world !"]
+    expected = set()
+    for t in texts:
+        expected |= set(ngrams(wordpunct_tokenize(t.lower()), 3))
+    assert len(corpus_stats.trigram_hashes(pa.array(texts))) == len(expected)
+    merged = corpus_stats.Uniques(corpus_stats.trigram_hashes(pa.array(texts[:4]))).merge(
+        corpus_stats.Uniques(corpus_stats.trigram_hashes(pa.array(texts[4:]))))
+    assert len(merged) == len(expected)
+
+
+def test_histograms_and_merge():
+    assert corpus_stats.histogram(pa.array([1.0, 5.0, 5.0, 4.5, None]), corpus_stats.SCORE_EDGES)[2] == 1
+    assert corpus_stats.histogram(pa.array([7, 8, 9000]), [8, 16]) == [1, 1, 1]
+    assert corpus_stats.merge({"a": 1, "h": [1, 2], "d": {"x": 1}}, {"a": 2, "h": [0, 1], "d": {"y": 3}}) == \
+        {"a": 3, "h": [1, 3], "d": {"x": 1, "y": 3}}
+
+
+# ---- the pipeline, the release, validate -------------------------------------------------------------
+
+def test_assemble_publishes_a_complete_release(root, tmp_path):
+    seed = write_seed(str(tmp_path / "seed.jsonl"))
+    stats = run(root, seed_data=seed, validation_fraction=0.3, version="v1")
+    folder, splits = read_release(root)
+    assert folder.endswith("/sft/v1") and storage.read_text(os.path.join(root, "sft", "LATEST")).strip() == "v1"
+    both = pd.concat([splits["train"], splits["validation"]])
+    web = both[both.origin == "web"]
+    assert sorted(web.id) == EXPECTED_KEPT["filter+rewrite"]              # b0 lost to a0 (smaller id)
+    assert len(splits["validation"]) > 0 and len(splits["train"]) > 0
+    assert set(splits["train"].id).isdisjoint(splits["validation"].id)
+    seed_rows = both[both.origin == "seed"]
+    assert len(seed_rows) == 5 and set(seed_rows.tag) == {SEED_TAG} and set(web.tag) == {WEB_TAG}
+    assert list(seed_rows.iloc[0].messages[0].values()) == ["system", SEED_TAG]
+
+    f = stats["funnel"]
+    assert f["candidates"] == 12 == f["web_examples"] + sum(f["dropped"].values())
+    assert f["dropped"]["duplicate_instruction"] == 1 and f["dropped"]["backtranslate:missing_row"] == 1
+    assert f["seed"] == {"input": 6, "kept": 5, "dropped": {"empty": 1}}
+    assert f["final"]["total"] == 9 and f["dolma"]["input_records"] == 20
+    assert stats["stages"]["score"]["score_histogram"][10] == 10       # ten rows scored 5 (bin [5, 5.5))
+    assert stats["stages"]["backtranslate"]["rows"] == 11 and stats["stages"]["backtranslate"]["pass_rate"] == round(10 / 11, 4)
+    assert stats["by_origin"]["web"]["unique_trigrams_response"] > 0
+    assert stats["by_origin"]["seed"]["avg_tokens_instruction"] > 0
+
+    manifest = json.loads(open(os.path.join(folder, "manifest.json")).read())
+    listed = {e["path"] for e in manifest["files"]}
+    assert {"train-00000-of-00002.parquet", "validation-00001-of-00002.parquet", "stats.json", "report.html",
+            "README.md", "plots/funnel.png", "plots/scores.png"} <= listed
+    assert manifest["counts"] == {"train": len(splits["train"]), "validation": len(splits["validation"])}
+    assert manifest["config"]["recipe"] == "filter+rewrite" and manifest["code_revision"]
+    assert len(manifest["inputs"]["generations"]["rewrite"]) == 2 and manifest["inputs"]["seed_data"]["path"] == seed
+    assert os.path.exists(os.path.join(folder, "_SUCCESS"))
+    card = open(os.path.join(folder, "README.md")).read()
+    assert card.startswith("---\nlicense: odc-by") and "path: train-*.parquet" in card
+    assert "<img src=\"plots/funnel.png\">" in open(os.path.join(folder, "report.html")).read()
+    assert not os.path.exists(os.path.join(root, "sft", "_tmp")) or not os.listdir(os.path.join(root, "sft", "_tmp"))
+
+    # the files load in pyarrow, pandas and datasets, and match the sft schema
+    ds = datasets.load_dataset("parquet", data_files={"train": os.path.join(folder, "train-*.parquet"),
+                                                      "validation": os.path.join(folder, "validation-*.parquet")})
+    assert ds["train"].num_rows == len(splits["train"]) and ds["train"][0]["messages"][1]["role"] == "user"
+    assert pq.read_table(os.path.join(folder, "train-00000-of-00002.parquet")).schema.metadata[b"bft.kind"] == b"sft"
+
+
+def test_rerun_is_a_no_op_and_releases_are_never_overwritten(root):
+    first = run(root, version="v1")
+    assert run(root, version="v1")["finished_at"] == first["finished_at"]
+    with pytest.raises(release.ReleaseError, match="never overwritten"):
+        run(root, version="v1", recipe="filter")
+    # a default version is the UTC date + config hash: another config is another release
+    other = run(root, recipe="filter")
+    manifest = json.loads(open(os.path.join(root, "sft", other["version"], "manifest.json")).read())
+    assert other["version"] == release.default_version(release.config_hash(manifest["config"], manifest["inputs"]))
+    assert storage.read_text(os.path.join(root, "sft", "LATEST")).strip() == other["version"]
+
+
+def test_debris_of_a_failed_run_is_cleared(root):
+    folder = os.path.join(root, "sft", "v1")
+    os.makedirs(folder)
+    open(os.path.join(folder, "train-00000-of-00009.parquet"), "w").write("half a file")
+    run(root, version="v1")
+    assert "train-00000-of-00009.parquet" not in os.listdir(folder)
+    release.validate(folder)
+
+
+def test_cap_keeps_a_deterministic_bottom_k(root):
+    stats = run(root, max_examples=2, version="capped")
+    _, splits = read_release(root, "capped")
+    ids = sorted(pd.concat(splits.values()).id)
+    from beam_pipelines.dedup import sample_key
+
+    assert ids == sorted(sorted(EXPECTED_KEPT["filter+rewrite"], key=lambda i: (sample_key(i, 0), i))[:2])
+    assert stats["funnel"]["dropped"]["over_cap"] == 2
+
+
+def test_missing_generation_shards_are_listed_or_reported(root):
+    os.remove(output_path(root, "rewrite", 1, 2))
+    with pytest.raises(AssembleError, match=r"rewrite-00001-of-00002\.parquet"):
+        run(root, version="p")
+    stats = run(root, version="p", allow_partial=True)
+    assert stats["missing_shards"] == [1] and stats["funnel"]["dropped"]["missing_generation_shard"] == 6
+    assert "Partial release" in open(os.path.join(root, "sft", "p", "README.md")).read()
+
+
+def test_a_shard_with_the_wrong_schema_is_named(root):
+    path = output_path(root, "score", 0, 2)
+    pq.write_table(pa.table({"id": ["a0"], "score": [5]}), path)
+    with pytest.raises(schemas.SchemaError, match=r"score-00000-of-00002\.parquet"):
+        run(root, version="bad")
+
+
+def test_validate_finds_every_kind_of_damage(root, capsys):
+    run(root, version="v1")
+    folder = os.path.join(root, "sft", "v1")
+    assert cli.main(["validate", root]) == 0 and "valid: release v1" in capsys.readouterr().out
+    data = os.path.join(folder, "train-00000-of-00002.parquet")
+    blob = bytearray(open(data, "rb").read())
+    blob[len(blob) // 2] ^= 0xFF
+    open(data, "wb").write(bytes(blob))
+    open(os.path.join(folder, "extra.txt"), "w").write("x")
+    gone = sorted(f for f in os.listdir(folder) if f.startswith("train-"))[-1]
+    os.remove(os.path.join(folder, gone))
+    with pytest.raises(release.ReleaseError) as e:
+        release.validate(folder)
+    msg = str(e.value)
+    assert "train-00000-of-00002.parquet: sha256" in msg and "extra.txt: present in the release but not listed" in msg
+    assert f"{gone}: listed in manifest.json but missing" in msg
+    os.remove(os.path.join(folder, "_SUCCESS"))
+    assert cli.main(["validate", folder]) == 1
+    assert "_SUCCESS missing" in capsys.readouterr().err
+
+
+def test_assemble_on_gcs(gcs_emulator, bucket, bpe_tokenizer_path, tmp_path):
+    root = write_root(f"gs://{bucket}/run", bpe_tokenizer_path, stages=("backtranslate", "score", "rewrite"))
+    seed = write_seed(f"gs://{bucket}/seed.jsonl")
+    stats = run(root, seed_data=seed)
+    folder = f"{root}/sft/{stats['version']}"
+    assert storage.read_text(f"{root}/sft/LATEST").strip() == stats["version"]
+    assert storage.exists(f"{folder}/_SUCCESS") and storage.exists(f"{folder}/plots/funnel.png")
+    manifest = release.validate(f"{root}/sft")
+    assert manifest["counts"]["train"] + manifest["counts"]["validation"] == 4 + 5
+    table = storage.read_parquet(f"{folder}/train-00000-of-00002.parquet")
+    assert table.schema.metadata[b"bft.kind"] == b"sft"
