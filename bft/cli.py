@@ -124,7 +124,26 @@ def load_config(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-VERBS = {"prepare": _prepare, "generate": _generate, "assemble": _assemble, "validate": _validate}
+def _seed(argv: list[str]) -> int:
+    from training import seed
+
+    return seed.main(argv)
+
+
+def _train(argv: list[str]) -> int:
+    from training import train
+
+    return train.main(argv)
+
+
+def _eval(argv: list[str]) -> int:
+    from training import evaluate
+
+    return evaluate.main(argv)
+
+
+VERBS = {"prepare": _prepare, "generate": _generate, "assemble": _assemble, "validate": _validate,
+         "seed": _seed, "train": _train, "eval": _eval}
 
 
 def main(argv: list[str] | None = None) -> int:

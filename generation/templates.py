@@ -1,6 +1,7 @@
 """The method's prompts, verbatim from the papers (see ../shared/PROMPTS.md), and how they are rendered.
 
-A template is a (system, user) pair with markers `<response>`, `<instruction>`, `<input>`. Any
+A template is a (system, user) pair with markers `<response>`, `<instruction>`, `<input>` (and
+`<answer_a>`, `<answer_b>` for the judge). Any
 template can be replaced by a file (`--template FILE`: the user text; a first line `SYSTEM: ...`
 sets the system text). Rendering: a model with its own chat template gets the user text (and system)
 as chat messages through that template; otherwise the Llama-2 format (meta-llama/llama
@@ -79,6 +80,36 @@ WEB_TAG = "Answer with knowledge from web search."
 EVAL_SUFFIX = "Answer in the style of an AI Assistant."
 EVAL_SUFFIX_WEB = "Answer in the style of an AI Assistant, with knowledge from web search if needed."
 
+# 7. The Llama-2 chat format as a Hugging Face chat template (meta-llama/llama generation.py): the
+# system block merged into the first user turn; each assistant turn ends with </s>. `bft train` gives
+# it to a model that has no chat template, so that training and generation render prompts alike.
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}{% set msgs = messages[1:] %}"
+    "{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
+    "{% for m in msgs %}{% if m['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + (sys if loop.first else '') + m['content'] | trim + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+# Pairwise judge for `bft eval judge`: MT-Bench "pair-v2" (Zheng et al. 2023, FastChat
+# fastchat/llm_judge/data/judge_prompts.jsonl). Verdict: the last [[A]], [[B]] or [[C]] (tie).
+JUDGE_SYSTEM = (
+    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to "
+    "the user question displayed below. You should choose the assistant that follows the user's instructions and "
+    "answers the user's question better. Your evaluation should consider factors such as the helpfulness, "
+    "relevance, accuracy, depth, creativity, and level of detail of their responses. Begin your evaluation by "
+    "comparing the two responses and provide a short explanation. Avoid any position biases and ensure that the "
+    "order in which the responses were presented does not influence your decision. Do not allow the length of the "
+    "responses to influence your evaluation. Do not favor certain names of the assistants. Be as objective as "
+    "possible. After providing your explanation, output your final verdict by strictly following this format: "
+    "\"[[A]]\" if assistant A is better, \"[[B]]\" if assistant B is better, and \"[[C]]\" for a tie."
+)
+JUDGE = (
+    "[User Question]\n<instruction>\n\n[The Start of Assistant A's Answer]\n<answer_a>\n[The End of Assistant A's "
+    "Answer]\n\n[The Start of Assistant B's Answer]\n<answer_b>\n[The End of Assistant B's Answer]"
+)
+
 
 @dataclass(frozen=True)
 class Template:
@@ -93,7 +124,7 @@ class Template:
         return (sub(self.system) if self.system else None), sub(self.user)
 
 
-_MARKER = re.compile(r"<(response|instruction|input)>")
+_MARKER = re.compile(r"<(response|instruction|input|answer_a|answer_b)>")
 
 DEFAULTS = {
     "backtranslate": Template(BACKTRANSLATE),
@@ -101,6 +132,7 @@ DEFAULTS = {
     "rewrite": Template(REWRITE),
     "distill": Template(DISTILL),
     "rate": Template(RATE, RATE_SYSTEM),
+    "judge": Template(JUDGE, JUDGE_SYSTEM),
 }
 
 

@@ -41,6 +41,19 @@ def byte_level_tokenizer_path(tmp_path_factory, fixture_texts) -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, bpe_tokenizer_path):
+    """Random-weight tiny Llama models: "chat" (Llama-2 chat template) and "plain" (none)."""
+    from tokenizers import Tokenizer
+
+    from training.tiny import make_tiny_llama
+
+    root = tmp_path_factory.mktemp("models")
+    tok = Tokenizer.from_file(bpe_tokenizer_path)
+    return {"chat": make_tiny_llama(str(root / "chat"), tok, context=1024),
+            "plain": make_tiny_llama(str(root / "plain"), tok, chat_template=False, context=1024, seed=1)}
+
+
 def dolma_line(doc_id: str, text, **extra) -> bytes:
     rec = {"id": doc_id, "text": text, "source": "common-crawl", "metadata": {"url": f"https://x.org/{doc_id}"}}
     rec.update(extra)

@@ -8,7 +8,6 @@ import time
 
 import pandas as pd
 import pytest
-from tokenizers import Tokenizer
 
 import schemas
 from bft import storage
@@ -16,17 +15,8 @@ from generation.prompting import fit_prompt, n_tokens, render
 from generation.runner import GenerateConfig, GenerationError, StageRunner, output_path, row_seed
 from generation.templates import DEFAULTS
 from tests.conftest import LOCAL, _free_port, dolma_line, write_dolma_file
-from training.tiny import make_tiny_llama
 
 STAGES = ["backtranslate", "score", "rewrite", "distill", "rate"]
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory, bpe_tokenizer_path):
-    root = tmp_path_factory.mktemp("models")
-    tok = Tokenizer.from_file(bpe_tokenizer_path)
-    return {"chat": make_tiny_llama(str(root / "chat"), tok, context=1024),
-            "plain": make_tiny_llama(str(root / "plain"), tok, chat_template=False, context=1024, seed=1)}
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,4 @@
 """bft prepare end to end on Beam's local runner (and the portable runner, and GCS via the emulator)."""
-import gzip
 import json
 import os
 

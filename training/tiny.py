@@ -56,16 +56,6 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-LLAMA2_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}"
-    "{% set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}{% set msgs = messages[1:] %}"
-    "{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
-    "{% for m in msgs %}{% if m['role'] == 'user' %}"
-    "{{ bos_token + '[INST] ' + (sys if loop.first else '') + m['content'] | trim + ' [/INST]' }}"
-    "{% else %}{{ ' ' + m['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}"
-)
-
-
 def make_tiny_llama(folder: str, tokenizer: Tokenizer, chat_template: bool = True, hidden_size: int = 64,
                     layers: int = 2, context: int = 2048, seed: int = 0, mean_output_tokens: int = 16) -> str:
     """Saves a randomly initialised Llama-architecture model with `tokenizer` as a standard Hugging
@@ -78,6 +68,8 @@ def make_tiny_llama(folder: str, tokenizer: Tokenizer, chat_template: bool = Tru
     `mean_output_tokens` tokens, as a trained model's do."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from generation.templates import LLAMA2_CHAT_TEMPLATE
 
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
                                      unk_token="<unk>", pad_token="<unk>")

@@ -1,0 +1,237 @@
+"""training/: seed selection on the fixture, the loss mask token by token, a few real training steps
+on a tiny model, the saved folder in the hf engine, SFT on a release, and the evaluation verbs."""
+import gzip
+import json
+import os
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import schemas
+from bft import cli
+from generation.engines.hf import HFEngine
+from generation.prompting import render
+from generation.templates import DEFAULTS, EVAL_SUFFIX, JUDGE_SYSTEM, llama2_format
+from training import data, evaluate, seed, train
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "..", "samples", "oasst", "oasst1-sample.jsonl")
+PAIRS = ["t01", "t02", "t07", "t09", "t11", "t12", "t13", "t14"]
+
+
+# ---- bft seed ---------------------------------------------------------------------------------------
+
+def test_seed_selects_first_turn_english_rank0_reviewed_pairs():
+    pairs, counts = seed.select_pairs(seed.read_messages(FIXTURE))
+    assert pairs["tree"].to_pylist() == PAIRS
+    # rank 0 even where rank 1/2 come first in the file; the root's first reply only, not deeper turns
+    assert pairs["reply_id"].to_pylist() == [f"{t}-a0" for t in PAIRS]
+    assert counts == {"trees": 14, "root_not_english_deleted_or_unreviewed": 4, "no_usable_rank0_reply": 2,
+                      "pairs": 8}
+
+
+def test_seed_sample_is_deterministic_and_complete_when_small(tmp_path):
+    out = str(tmp_path / "seed.parquet")
+    assert seed.run(FIXTURE, out, n=5, seed=3)["selected"] == 5
+    first = pq.read_table(out)
+    assert seed.run(FIXTURE, out, n=5, seed=3)["selected"] == 5
+    assert pq.read_table(out).equals(first)
+    assert first.schema.metadata[b"bft.kind"] == b"sft"
+    assert set(first["id"].to_pylist()) < {f"oasst1/{t}" for t in PAIRS}
+    seed.run(FIXTURE, out, n=3200)
+    table = schemas.validate(pq.read_table(out), schemas.SFT, out)
+    assert table["id"].to_pylist() == [f"oasst1/{t}" for t in PAIRS]
+    row = table.to_pylist()[6]
+    assert row["instruction"] == "What does HTTP stand for?" and row["response"].startswith("HTTP stands for")
+    assert row["messages"] == [{"role": "user", "content": row["instruction"]},
+                               {"role": "assistant", "content": row["response"]}]
+
+
+def test_seed_reads_gzip_and_parquet_and_names_a_bad_file(tmp_path):
+    gz = tmp_path / "m.jsonl.gz"
+    gz.write_bytes(gzip.compress(open(FIXTURE, "rb").read()))
+    pq.write_table(seed.read_messages(FIXTURE), str(tmp_path / "m.parquet"))
+    for path in (str(gz), str(tmp_path / "m.parquet")):
+        assert seed.select_pairs(seed.read_messages(path))[0]["tree"].to_pylist() == PAIRS
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"message_id": "x", "text": "hi"}\n')
+    with pytest.raises(seed.SeedError, match=r"bad\.jsonl: not an oasst1 messages export"):
+        seed.read_messages(str(bad))
+
+
+# ---- the loss mask --------------------------------------------------------------------------------
+
+def test_mask_covers_exactly_the_generation_prompt(tiny_models):
+    tok = train.load_tokenizer(tiny_models["chat"])
+    row = {"instruction": "Why is the sky blue?", "response": "Rayleigh scattering of sunlight."}
+    ex = data.encode(tok, data.conversation("forward", row))
+    prompt_ids = tok(render(tok, None, row["instruction"]), add_special_tokens=False)["input_ids"]
+    n = len(prompt_ids)
+    assert ex["input_ids"][:n] == prompt_ids                          # what the engine sends, token for token
+    assert ex["labels"][:n] == [data.IGNORE] * n
+    assert ex["labels"][n:] == ex["input_ids"][n:]                      # every target token is trained
+    assert ex["input_ids"][-1] == tok.eos_token_id
+    assert tok.decode(ex["input_ids"][n:], skip_special_tokens=False).strip() == "Rayleigh scattering of sunlight. </s>"
+
+    back = data.encode(tok, data.conversation("backward", row))
+    system, user = DEFAULTS["backtranslate"].fill(response=row["response"])
+    bt_prompt = tok(render(tok, system, user), add_special_tokens=False)["input_ids"]
+    assert back["input_ids"][:len(bt_prompt)] == bt_prompt and back["labels"][:len(bt_prompt)] == [data.IGNORE] * len(bt_prompt)
+    assert tok.decode([t for t in back["labels"] if t != data.IGNORE]).strip() == "Why is the sky blue? </s>"
+
+
+def test_mask_on_a_tagged_multi_turn_conversation(tiny_models):
+    tok = train.load_tokenizer(tiny_models["chat"])
+    msgs = [{"role": "system", "content": "Answer with knowledge from web search."},
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
+            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]
+    ex = data.encode(tok, msgs)
+    trained = [t if lab != data.IGNORE else None for t, lab in zip(ex["input_ids"], ex["labels"])]
+    spans, cur = [], []
+    for t in trained + [None]:
+        if t is None and cur:
+            spans.append(tok.decode(cur).strip())
+            cur = []
+        elif t is not None:
+            cur.append(t)
+    assert spans == ["Hello there. </s>", "Goodbye. </s>"]
+    full = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert tok.decode(ex["input_ids"]) == tok.decode(full)
+
+
+def test_plain_llama2_format_without_a_template(tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["plain"])
+    assert not tok.chat_template
+    pieces = data.segments(tok, data.conversation("forward", {"instruction": "Q?", "response": "A."}))
+    assert pieces == [(llama2_format(None, "Q?"), False), (" A.", True)]
+    assert pieces[0][0] == render(tok, None, "Q?")
+
+
+# ---- training -----------------------------------------------------------------------------------------
+
+def _fixed_batch_loss(model_dir, batch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+@pytest.fixture(scope="module")
+def seed_file(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("seed") / "seed.parquet")
+    seed.run(FIXTURE, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def forward_model(tmp_path_factory, tiny_models, seed_file):
+    out = str(tmp_path_factory.mktemp("trained") / "forward")
+    summary = train.run(train.TrainConfig(role="forward", base_model=tiny_models["chat"], data=seed_file, output=out,
+                                          max_steps=12, lr=3e-3, batch_size=8, per_device_batch_size=4,
+                                          warmup_ratio=0.0, logging_steps=1))
+    return out, summary
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(forward_model, tiny_models, seed_file):
+    out, summary = forward_model
+    tok = train.load_tokenizer(tiny_models["chat"])
+    ds, _ = data.build_dataset(tok, "forward", pq.read_table(seed_file).to_pylist(), 1024)
+    batch = data.PadCollator(tok.pad_token_id)([ds[i] for i in range(4)])
+    before, after = _fixed_batch_loss(tiny_models["chat"], batch), _fixed_batch_loss(out, batch)
+    assert after < before - 0.5, (before, after)
+    assert summary["examples"] == 8 and summary["batch"] == {"per_device": 4, "grad_accum": 2, "processes": 1,
+                                                             "effective": 8}
+    assert summary["metrics"]["steps"] == 12 and summary["metrics"]["tokens"] > 0
+
+
+def test_the_trained_folder_loads_in_the_hf_engine_and_reruns_are_no_ops(forward_model):
+    out, summary = forward_model
+    files = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "bft_train.json"} <= files
+    assert not os.path.exists(out + ".partial") and not os.path.exists(out + ".checkpoints")
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["attention_dropout"] == 0.0                           # dropout is for training only
+    engine = HFEngine(out, batch_size=2)
+    assert engine.tokenizer.chat_template
+    answers = evaluate.generate(engine, [{"instruction": "Why is the sky blue?"}], "fwd", max_new_tokens=8)
+    assert answers[0]["generator"] == "fwd" and answers[0]["finish_reason"] in ("stop", "length")
+    again = train.run(train.TrainConfig(role="forward", base_model="unused", data="unused", output=out))
+    assert again["metrics"] == json.loads(json.dumps(summary["metrics"]))
+
+
+def test_sft_trains_on_a_published_release(tmp_path, tiny_models, bpe_tokenizer_path, seed_file):
+    from tests.test_assemble import run as assemble, write_root
+
+    root = write_root(str(tmp_path / "run"), bpe_tokenizer_path, stages=("backtranslate", "score", "rewrite"))
+    assemble(root, seed_data=seed_file, version="r1")
+    out = str(tmp_path / "sft")
+    rc = cli.main(["train", "--role", "sft", "--base-model", tiny_models["plain"], "--data", root, "--output", out,
+                   "--max-steps", "2", "--batch-size", "4", "--per-device-batch-size", "2"])
+    assert rc == 0
+    summary = json.load(open(os.path.join(out, "bft_train.json")))
+    assert summary["data"].startswith("release r1") and summary["examples"] + summary["validation_examples"] == 4 + 8
+    # a base model without a chat template gets Llama-2's, the one its training prompts were rendered with
+    assert "[INST]" in open(os.path.join(out, "chat_template.jinja")).read()
+
+
+def test_a_bad_batch_split_and_bad_data_are_named(tmp_path, tiny_models):
+    with pytest.raises(ValueError, match="not a multiple"):
+        train.TrainConfig("sft", "", "", "", batch_size=32, per_device_batch_size=5).accumulation(1)
+    bad = tmp_path / "d.jsonl"
+    bad.write_text('{"instruction": "only a question"}\n')
+    assert cli.main(["train", "--role", "forward", "--base-model", tiny_models["chat"], "--data", str(bad),
+                     "--output", str(tmp_path / "m")]) == 1
+
+
+# ---- bft eval --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("first,second,verdict", [
+    ("A", "B", "win"), ("A", "C", "win"), ("C", "B", "win"), ("A", None, "win"),
+    ("C", "C", "tie"), ("A", "A", "tie"), ("B", "B", "tie"), (None, None, "tie"),
+    ("B", "A", "loss"), ("B", "C", "loss"), ("C", "A", "loss"),
+])
+def test_verdicts_in_both_orders(first, second, verdict):
+    # first: a shown as assistant A; second: a shown as assistant B
+    assert evaluate.outcome(first, second) == verdict
+
+
+def test_verdict_parsing_and_win_rate():
+    assert evaluate.parse_verdict("A is more helpful. [[A]]") == "A"
+    assert evaluate.parse_verdict("Not [[A]] but finally [[C]]") == "C"
+    assert evaluate.parse_verdict("[A] is better") is None
+    s = evaluate.summarize(["win", "win", "tie", "loss"])
+    assert (s["win"], s["tie"], s["loss"]) == (2, 1, 1) and s["win_rate"] == pytest.approx(0.625)
+    assert s["standard_error"] == pytest.approx((sum((x - 0.625) ** 2 for x in (1, 1, .5, 0)) / 3 / 4) ** 0.5)
+
+
+def test_eval_generate_and_judge_end_to_end(tmp_path, tiny_models, capsys):
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps([{"instruction": "Name a colour.", "dataset": "mini"},
+                                     {"instruction": "Say hello."}]))
+    a, b, verdicts = str(tmp_path / "a.json"), str(tmp_path / "b.json"), str(tmp_path / "v.json")
+    for model, out in ((tiny_models["chat"], a), (tiny_models["plain"], b)):
+        assert cli.main(["eval", "generate", "--model", model, "--questions", str(questions), "--output", out,
+                         "--engine", "hf", "--max-new-tokens", "6"]) == 0
+    answers = json.load(open(a))
+    assert [set(x) >= {"instruction", "output", "generator", "dataset"} for x in answers] == [True, True]
+    assert answers[0]["dataset"] == "mini" and answers[1]["dataset"] == "bft" and answers[0]["generator"] == "chat"
+    assert cli.main(["eval", "judge", "--a", a, "--b", b, "--judge-model", tiny_models["chat"], "--engine", "hf",
+                     "--max-new-tokens", "6", "--output", verdicts]) == 0
+    result = json.load(open(verdicts))
+    s = result["summary"]
+    assert s["items"] == 2 == s["win"] + s["tie"] + s["loss"] and len(result["items"]) == 2
+    assert len(result["items"][0]["judge_outputs"]) == 2 and "win rate" in capsys.readouterr().out
+    shutil.copy(a, b)
+    json.dump(json.load(open(a))[:1], open(b, "w"))
+    assert cli.main(["eval", "judge", "--a", a, "--b", b, "--judge-model", tiny_models["chat"]]) == 1
+    assert "answer different questions" in capsys.readouterr().err
+
+
+def test_eval_prompt_carries_the_suffix_and_the_judge_prompt_is_mt_bench():
+    assert evaluate.question_text("Why?", EVAL_SUFFIX) == "Why?\n\nAnswer in the style of an AI Assistant."
+    system, user = DEFAULTS["judge"].fill(instruction="Q", answer_a="X", answer_b="Y")
+    assert system == JUDGE_SYSTEM and "[The Start of Assistant A's Answer]\nX\n" in user and user.endswith("Answer]")

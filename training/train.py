@@ -1,0 +1,215 @@
+"""`bft train`: fine-tune a causal LM as the backward, forward or SFT model, with transformers' Trainer.
+
+Why Trainer and not TRL's SFTTrainer: the loss mask must match generation's prompt rendering token
+for token (training/data.py builds it from the same renderer), which a custom collator on Trainer
+gives exactly; SFTTrainer's assistant-only loss relies on `{% generation %}` markers that Llama-2's
+template lacks. Trainer still brings what matters at scale: bf16, gradient accumulation, FSDP and
+multi-node through `accelerate launch` (docs/TRAINING.md), checkpoints and resume.
+
+Defaults are the paper's (PROMPTS.md section 8): cosine schedule, batch 32 (per-device batch x
+gradient accumulation x processes), weight decay 0.1, dropout 0.1, lr 1e-5; length-grouped batches.
+The output is a standard Hugging Face folder (config, safetensors, tokenizer with a chat template;
+Llama-2's when the base model has none) that the hf, openai (`vllm serve` / `transformers serve`)
+and vllm engines load. It appears whole: written beside, then renamed into place; `bft_train.json`
+in it records the config, data, losses and tokens/s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+from training import data
+
+log = logging.getLogger("bft.train")
+
+# Config fields that mean dropout in the common causal-LM families (Llama: attention_dropout).
+DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                  "hidden_dropout_prob", "attention_probs_dropout_prob")
+MARKER = "bft_train.json"
+
+
+@dataclass
+class TrainConfig:
+    role: str
+    base_model: str
+    data: str
+    output: str
+    max_steps: int = -1
+    epochs: float = 1.0
+    lr: float = 1e-5
+    batch_size: int = 32
+    per_device_batch_size: int = 4
+    grad_accum: int | None = None
+    weight_decay: float = 0.1
+    dropout: float = 0.1
+    warmup_ratio: float = 0.03
+    max_length: int | None = None
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    logging_steps: int = 10
+    save_steps: int = 500
+    resume: bool = False
+    overwrite: bool = False
+    fsdp: str | None = None
+    fsdp_config: str | None = None
+
+    def accumulation(self, world_size: int) -> int:
+        if self.grad_accum:
+            return self.grad_accum
+        per_step = self.per_device_batch_size * world_size
+        if self.batch_size % per_step:
+            raise ValueError(f"--batch-size {self.batch_size} is not a multiple of per-device batch "
+                             f"{self.per_device_batch_size} x {world_size} processes; pass --grad-accum")
+        return self.batch_size // per_step
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    from generation.templates import LLAMA2_CHAT_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if not tok.chat_template:
+        tok.chat_template = LLAMA2_CHAT_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def set_dropout(config, p: float) -> dict:
+    """Sets every dropout field the config has to p; returns the old values."""
+    old = {}
+    for name in DROPOUT_FIELDS:
+        if isinstance(getattr(config, name, None), (int, float)):
+            old[name] = getattr(config, name)
+            setattr(config, name, p)
+    return old
+
+
+def run(cfg: TrainConfig) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments, trainer_utils
+
+    if cfg.role not in data.ROLES:
+        raise ValueError(f"--role must be one of {data.ROLES}")
+    marker = os.path.join(cfg.output, MARKER)
+    if os.path.exists(marker) and not cfg.overwrite:
+        log.info("%s exists: this model is trained; pass --overwrite to train it again", marker)
+        return json.load(open(marker))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accum = cfg.accumulation(world)
+    tokenizer = load_tokenizer(cfg.base_model)
+    model_config = AutoConfig.from_pretrained(cfg.base_model)
+    original_dropout = set_dropout(model_config, cfg.dropout)
+    max_length = cfg.max_length or getattr(model_config, "max_position_embeddings", 4096)
+    train_rows, val_rows, source = data.load_rows(cfg.data)
+    train_ds, too_long = data.build_dataset(tokenizer, cfg.role, train_rows, max_length)
+    val_ds = data.build_dataset(tokenizer, cfg.role, val_rows, max_length)[0] if val_rows else None
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, config=model_config, dtype=dtype)
+    collator = data.PadCollator(tokenizer.pad_token_id)
+    work = cfg.output.rstrip("/") + ".checkpoints"
+    args = TrainingArguments(
+        output_dir=work, max_steps=cfg.max_steps, num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.per_device_batch_size, per_device_eval_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=accum, weight_decay=cfg.weight_decay, lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio, bf16=cfg.bf16,
+        train_sampling_strategy="group_by_length", length_column_name="length", seed=cfg.seed,
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        report_to="none", remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
+        fsdp=cfg.fsdp or "", fsdp_config=cfg.fsdp_config, use_cpu=not torch.cuda.is_available(),
+        **({"activation_checkpointing": True} if cfg.gradient_checkpointing else {}))
+    trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=val_ds)
+    resume = trainer_utils.get_last_checkpoint(work) if cfg.resume and os.path.isdir(work) else None
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    wall = time.perf_counter() - t0
+    metrics = {"train_loss": result.training_loss, "steps": result.global_step, "wall_s": round(wall, 3),
+               "tokens": collator.tokens, "tokens_per_s": round(collator.tokens / wall, 1) if wall else None,
+               "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+    if val_ds is not None:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    if trainer.is_world_process_zero():
+        summary = {"config": asdict(cfg), "data": source, "examples": len(train_ds),
+                   "left_out_too_long": too_long, "validation_examples": len(val_ds) if val_ds else 0,
+                   "batch": {"per_device": cfg.per_device_batch_size, "grad_accum": accum, "processes": world,
+                             "effective": cfg.per_device_batch_size * accum * world},
+                   "metrics": metrics}
+        save(trainer, tokenizer, original_dropout, cfg.output, summary)
+        shutil.rmtree(work, ignore_errors=True)
+        return summary
+    return {"metrics": metrics}
+
+
+def save(trainer, tokenizer, original_dropout: dict, output: str, summary: dict) -> None:
+    """Writes the model folder beside `output`, then renames it into place (whole or not at all)."""
+    staging = output.rstrip("/") + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    model = trainer.model
+    for name, value in original_dropout.items():  # inference configs keep the base model's values
+        setattr(model.config, name, value)
+    trainer.save_model(staging)
+    tokenizer.save_pretrained(staging)
+    with open(os.path.join(staging, MARKER), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    if os.path.exists(output):
+        shutil.rmtree(output)
+    os.replace(staging, output)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    d = TrainConfig("sft", "", "", "")
+    ap.add_argument("--role", required=True, choices=data.ROLES)
+    ap.add_argument("--base-model", required=True, help="model folder or hub id to fine-tune")
+    ap.add_argument("--data", required=True, help="backward/forward: seed pairs (bft seed output, Parquet or "
+                    "JSON lines); sft: a release (folder, ROOT/sft or run root: its LATEST), or a file")
+    ap.add_argument("--output", required=True, help="model folder to write (local path)")
+    ap.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps (default: --epochs)")
+    ap.add_argument("--epochs", type=float, default=d.epochs)
+    ap.add_argument("--lr", type=float, default=d.lr, help="1e-5 (7B) in the paper; 5.5e-6 for 70B")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="effective batch (sequences per step)")
+    ap.add_argument("--per-device-batch-size", type=int, default=d.per_device_batch_size)
+    ap.add_argument("--grad-accum", type=int, help="default: batch-size / (per-device batch x processes)")
+    ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    ap.add_argument("--dropout", type=float, default=d.dropout)
+    ap.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    ap.add_argument("--max-length", type=int, help="longest example in tokens (default: the model's context)")
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--logging-steps", type=int, default=d.logging_steps)
+    ap.add_argument("--save-steps", type=int, default=d.save_steps, help="checkpoint interval (OUTPUT.checkpoints/)")
+    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT.checkpoints/")
+    ap.add_argument("--overwrite", action="store_true", help="train again although OUTPUT holds a trained model")
+    ap.add_argument("--fsdp", help="Trainer's fsdp option, e.g. 'full_shard auto_wrap' (or use accelerate launch "
+                    "with training/accelerate/*.yaml)")
+    ap.add_argument("--fsdp-config", help="JSON file of Trainer's fsdp_config")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__})
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="bft train", description=__doc__.split("\n")[0])
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    try:
+        summary = run(config_from_args(args))
+    except (data.DataError, ValueError) as e:
+        print(f"bft train: {e}", file=__import__("sys").stderr)
+        return 1
+    m = summary["metrics"]
+    if "examples" in summary:
+        losses = m["losses"] or [m["train_loss"]]
+        print(f"train {args.role}: {summary['examples']:,} examples ({summary['left_out_too_long']} too long), "
+              f"{m['steps']} steps, logged loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
+              f"{m['tokens_per_s']:,} tokens/s -> {args.output}")
+    return 0
+
