@@ -22,20 +22,43 @@ SCORE_EDGES = [x / 2 for x in range(1, 12)]
 
 
 class Uniques:
-    """A set of uint64 hashes, stored sorted."""
+    """A set of uint64 hashes. Merging only collects the parts; they are united (one concatenate +
+    np.unique) when counted or pickled, so merging k partials costs one sort, not k."""
 
-    __slots__ = ("values",)
+    __slots__ = ("parts",)
 
     def __init__(self, values: np.ndarray | None = None):
-        self.values = np.unique(values) if values is not None else np.empty(0, np.uint64)
+        self.parts = [sorted_unique(values)] if values is not None and len(values) else []
 
     def merge(self, other: "Uniques") -> "Uniques":
         out = Uniques()
-        out.values = np.union1d(self.values, other.values)
+        out.parts = self.parts + other.parts
         return out
 
+    def values(self) -> np.ndarray:
+        if len(self.parts) > 1:
+            self.parts = [sorted_unique(np.concatenate(self.parts))]
+        return self.parts[0] if self.parts else np.empty(0, np.uint64)
+
+    def __getstate__(self):
+        return {"parts": [self.values()]}
+
+    def __setstate__(self, state):
+        self.parts = state["parts"]
+
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self.values())
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique by sort + compare: several times faster than np.unique's hash path on uint64."""
+    a = np.sort(values)
+    if len(a) < 2:
+        return a
+    keep = np.empty(len(a), bool)
+    keep[0] = True
+    np.not_equal(a[1:], a[:-1], out=keep[1:])
+    return a[keep]
 
 
 def merge(a, b):
@@ -143,7 +166,7 @@ def trigram_hashes(texts) -> np.ndarray:
     same_text = row[:-2] == row[2:]
     with np.errstate(over="ignore"):
         tri = (h[:-2] * np.uint64(0x9E3779B97F4A7C15)) ^ _rotl(h[1:-1], 21) * np.uint64(0xC2B2AE3D27D4EB4F) ^ _rotl(h[2:], 42)
-    return np.unique(tri[same_text] & _MASK)
+    return sorted_unique(tri[same_text] & _MASK)
 
 
 def _rotl(x: np.ndarray, r: int) -> np.ndarray:

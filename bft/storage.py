@@ -95,11 +95,26 @@ def write_bytes(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once: os.umask can only be read by setting it, which races with threads
+
+
+def _readable(tmp: str) -> None:
+    """mkstemp makes 0600 files; give the output the mode a plain open() would (0666 less umask)."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
 
 
 def write_text(path: str, text: str) -> None:
@@ -226,6 +241,7 @@ def write_parquet(table: pa.Table, path: str) -> int:
         pq.write_table(table, tmp, compression="zstd", row_group_size=8192)
         size = os.path.getsize(tmp)
         if local_dir:
+            _readable(tmp)
             os.replace(tmp, path)
         else:
             _blob(path).upload_from_filename(tmp)

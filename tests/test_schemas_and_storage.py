@@ -69,3 +69,12 @@ def test_open_lines_reads_gzip_zstd_and_plain(tmp_path):
     for name in ("a.json.gz", "a.jsonl.zst", "a.jsonl"):
         path = write_dolma_file(str(tmp_path / name), [b'{"a": 1}', b"\xff\xfe", b""])
         assert list(storage.open_lines(path)) == [b'{"a": 1}', b"\xff\xfe", b""]
+
+
+def test_written_files_get_the_usual_mode_not_mkstemps_0600(tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    storage.write_text(str(tmp_path / "a.json"), "{}")
+    storage.write_parquet(pa.table({"x": [1]}), str(tmp_path / "b.parquet"))
+    for name in ("a.json", "b.parquet"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~mask

@@ -108,6 +108,8 @@ def run(cfg: TrainConfig) -> dict:
     model_config = AutoConfig.from_pretrained(cfg.base_model)
     original_dropout = set_dropout(model_config, cfg.dropout)
     max_length = cfg.max_length or getattr(model_config, "max_position_embeddings", 4096)
+    if int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(cfg.output.rstrip("/") + ".partial", ignore_errors=True)  # debris of a failed save
     train_rows, val_rows, source = data.load_rows(cfg.data)
     train_ds, too_long = data.build_dataset(tokenizer, cfg.role, train_rows, max_length)
     val_ds = data.build_dataset(tokenizer, cfg.role, val_rows, max_length)[0] if val_rows else None
@@ -135,26 +137,26 @@ def run(cfg: TrainConfig) -> dict:
                "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
     if val_ds is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    summary = {"config": asdict(cfg), "data": source, "examples": len(train_ds), "left_out_too_long": too_long,
+               "validation_examples": len(val_ds) if val_ds else 0,
+               "batch": {"per_device": cfg.per_device_batch_size, "grad_accum": accum, "processes": world,
+                         "effective": cfg.per_device_batch_size * accum * world},
+               "metrics": metrics}
+    save(trainer, tokenizer, original_dropout, cfg.output, summary)
     if trainer.is_world_process_zero():
-        summary = {"config": asdict(cfg), "data": source, "examples": len(train_ds),
-                   "left_out_too_long": too_long, "validation_examples": len(val_ds) if val_ds else 0,
-                   "batch": {"per_device": cfg.per_device_batch_size, "grad_accum": accum, "processes": world,
-                             "effective": cfg.per_device_batch_size * accum * world},
-                   "metrics": metrics}
-        save(trainer, tokenizer, original_dropout, cfg.output, summary)
         shutil.rmtree(work, ignore_errors=True)
-        return summary
-    return {"metrics": metrics}
+    return summary
 
 
 def save(trainer, tokenizer, original_dropout: dict, output: str, summary: dict) -> None:
-    """Writes the model folder beside `output`, then renames it into place (whole or not at all)."""
+    """Writes the model folder beside `output`, then renames it into place (whole or not at all).
+    Every process calls it: under FSDP, saving gathers the full state dict from all ranks."""
     staging = output.rstrip("/") + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    model = trainer.model
     for name, value in original_dropout.items():  # inference configs keep the base model's values
-        setattr(model.config, name, value)
+        setattr(trainer.model.config, name, value)
     trainer.save_model(staging)
+    if not trainer.is_world_process_zero():
+        return
     tokenizer.save_pretrained(staging)
     with open(os.path.join(staging, MARKER), "w") as f:
         json.dump(summary, f, indent=2, default=str)
@@ -206,7 +208,7 @@ def main(argv: list[str]) -> int:
         print(f"bft train: {e}", file=__import__("sys").stderr)
         return 1
     m = summary["metrics"]
-    if "examples" in summary:
+    if int(os.environ.get("RANK", "0")) == 0:
         losses = m["losses"] or [m["train_loss"]]
         print(f"train {args.role}: {summary['examples']:,} examples ({summary['left_out_too_long']} too long), "
               f"{m['steps']} steps, logged loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
