@@ -187,20 +187,10 @@ class ReadSeed(beam.DoFn):
 
 def read_seed_table(path: str) -> pa.Table:
     """(id, instruction, response) from a Parquet or JSON-lines seed file; ids made unique per file."""
-    if path.endswith(".parquet"):
-        table = storage.read_parquet(path)
-    else:
-        import orjson
-
-        rows = []
-        for i, line in enumerate(storage.open_lines(path), 1):
-            if line.strip():
-                try:
-                    rows.append(orjson.loads(line))
-                except orjson.JSONDecodeError as e:
-                    raise AssembleError(f"{path}:{i}: not JSON ({e})") from e
-        table = pa.Table.from_pylist(rows) if rows else pa.table({"instruction": pa.array([], pa.string()),
-                                                                  "response": pa.array([], pa.string())})
+    try:
+        table = storage.read_records(path)
+    except ValueError as e:
+        raise AssembleError(str(e)) from e
     missing = [c for c in ("instruction", "response") if c not in table.column_names]
     if missing:
         raise AssembleError(f"{path}: seed data needs columns instruction and response; missing {missing}")

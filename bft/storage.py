@@ -226,6 +226,23 @@ def open_lines(path: str) -> Iterator[bytes]:
         raw.close()
 
 
+def read_records(path: str) -> pa.Table:
+    """A Parquet file, or a JSON-lines file (plain, .gz or .zst), as a table. A line that is not JSON
+    is a ValueError naming the file and line."""
+    if path.endswith(".parquet"):
+        return read_parquet(path)
+    import orjson
+
+    rows = []
+    for i, line in enumerate(open_lines(path), 1):
+        if line.strip():
+            try:
+                rows.append(orjson.loads(line))
+            except orjson.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e})") from e
+    return pa.Table.from_pylist(rows)
+
+
 def write_parquet(table: pa.Table, path: str) -> int:
     """Writes `table` (zstd) to `path` whole-or-nothing; returns the bytes written.
 

@@ -306,3 +306,13 @@ def test_assemble_on_gcs(gcs_emulator, bucket, bpe_tokenizer_path, tmp_path):
     assert manifest["counts"]["train"] + manifest["counts"]["validation"] == 4 + 5
     table = storage.read_parquet(f"{folder}/train-00000-of-00002.parquet")
     assert table.schema.metadata[b"bft.kind"] == b"sft"
+
+
+def test_bad_seed_data_is_named(root, tmp_path):
+    bad = tmp_path / "seed.jsonl"
+    bad.write_text('{"instruction": "Q?", "response": "A."}\n{"instruction": \n')
+    with pytest.raises(AssembleError, match=r"seed\.jsonl:2: not JSON"):
+        assemble.read_seed_table(str(bad))
+    bad.write_text('{"question": "Q?", "answer": "A."}\n')
+    with pytest.raises(AssembleError, match=r"seed\.jsonl: seed data needs columns instruction and response"):
+        assemble.read_seed_table(str(bad))

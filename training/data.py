@@ -94,10 +94,11 @@ def load_rows(path: str) -> tuple[list[dict], list[dict], str]:
                 full = storage.join(folder, entry["path"])
                 splits[entry["split"]] += schemas.validate(storage.read_parquet(full), schemas.SFT, full).to_pylist()
         return splits["train"], splits["validation"], f"release {manifest['version']} ({folder})"
-    if path.endswith(".parquet"):
-        rows = storage.read_parquet(path).to_pylist()
-    elif path.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".jsonl.zst")):
-        rows = [json.loads(line) for line in storage.open_lines(path) if line.strip()]
+    if path.endswith((".parquet", ".jsonl", ".jsonl.gz", ".json.gz", ".jsonl.zst")):
+        try:
+            rows = storage.read_records(path).to_pylist()
+        except ValueError as e:
+            raise DataError(str(e)) from e
     elif path.endswith(".json"):
         rows = json.loads(storage.read_text(path))
     else:

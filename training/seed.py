@@ -30,19 +30,10 @@ class SeedError(ValueError):
 
 
 def read_messages(path: str) -> pa.Table:
-    if path.endswith(".parquet"):
-        table = storage.read_parquet(path)
-    else:
-        import orjson
-
-        rows = []
-        for i, line in enumerate(storage.open_lines(path), 1):
-            if line.strip():
-                try:
-                    rows.append(orjson.loads(line))
-                except orjson.JSONDecodeError as e:
-                    raise SeedError(f"{path}:{i}: not JSON ({e})") from e
-        table = pa.Table.from_pylist(rows)
+    try:
+        table = storage.read_records(path)
+    except ValueError as e:
+        raise SeedError(str(e)) from e
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
         raise SeedError(f"{path}: not an oasst1 messages export; missing columns {missing}")
