@@ -200,7 +200,7 @@ def read_seed_table(path: str) -> pa.Table:
     table = table.select(["id", "instruction", "response"])
     try:
         table = table.cast(pa.schema([("id", pa.string()), ("instruction", pa.string()), ("response", pa.string())]))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+    except pa.ArrowException as e:
         raise AssembleError(f"{path}: id, instruction and response must be strings ({e})") from e
     if table["id"].null_count or len(pc.unique(table["id"])) != table.num_rows:
         raise AssembleError(f"{path}: seed ids must be present and unique")

@@ -160,7 +160,7 @@ def test_the_trained_folder_loads_in_the_hf_engine_and_reruns_are_no_ops(forward
     answers = evaluate.generate(engine, [{"instruction": "Why is the sky blue?"}], "fwd", max_new_tokens=8)
     assert answers[0]["generator"] == "fwd" and answers[0]["finish_reason"] in ("stop", "length")
     again = train.run(train.TrainConfig(role="forward", base_model="unused", data="unused", output=out))
-    assert again["metrics"] == json.loads(json.dumps(summary["metrics"]))
+    assert again["skipped"] and again["metrics"] == json.loads(json.dumps(summary["metrics"]))
 
 
 def test_sft_trains_on_a_published_release(tmp_path, tiny_models, bpe_tokenizer_path, seed_file):

@@ -101,7 +101,7 @@ def run(cfg: TrainConfig) -> dict:
     marker = os.path.join(cfg.output, MARKER)
     if os.path.exists(marker) and not cfg.overwrite:
         log.info("%s exists: this model is trained; pass --overwrite to train it again", marker)
-        return json.load(open(marker))
+        return {**json.load(open(marker)), "skipped": True}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accum = cfg.accumulation(world)
     tokenizer = load_tokenizer(cfg.base_model)
@@ -208,7 +208,9 @@ def main(argv: list[str]) -> int:
         print(f"bft train: {e}", file=__import__("sys").stderr)
         return 1
     m = summary["metrics"]
-    if int(os.environ.get("RANK", "0")) == 0:
+    if summary.get("skipped"):
+        print(f"train {args.role}: {args.output} is already trained (bft_train.json); skipped")
+    elif int(os.environ.get("RANK", "0")) == 0:
         losses = m["losses"] or [m["train_loss"]]
         print(f"train {args.role}: {summary['examples']:,} examples ({summary['left_out_too_long']} too long), "
               f"{m['steps']} steps, logged loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
