@@ -309,8 +309,9 @@ def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_s
 
 # ---- the driver: plan, run, then publish -------------------------------------------------------
 
-def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], list[int], int, dict]:
-    """Which shards to join, which are missing generation output, and the input lineage."""
+def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], int, dict]:
+    """Which shards to join, which are missing generation output ({shard: candidate rows}), the
+    number of shards, and the input lineage."""
     from generation.runner import candidate_shards, output_path
 
     recipe = recipes.RECIPES[cfg.recipe]
@@ -318,7 +319,7 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], list[int], int, 
         cands = candidate_shards(cfg.root)
     except RuntimeError as e:
         raise AssembleError(str(e)) from e
-    shards, missing_files, skipped = [], [], []
+    shards, missing_files, skipped = [], [], {}
     lineage = {"candidates": [], "generations": {s: [] for s in recipe.stages}, "seed_data": None}
     for k, n, path in cands:
         lineage["candidates"].append({"path": path, "bytes": release._size(path)})
@@ -332,7 +333,7 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], list[int], int, 
                 missing_here.append(out)
         if missing_here:
             missing_files += missing_here
-            skipped.append(k)
+            skipped[k] = release.parquet_rows(path)
         else:
             shards.append(ShardInput(k, n, path, tuple(stage_paths)))
     if missing_files and not cfg.allow_partial:
@@ -393,14 +394,13 @@ def run(cfg: AssembleConfig, beam_args: list[str]) -> dict:
     pipeline_s = time.perf_counter() - t0
     summary = json.loads(storage.read_text(storage.join(tmp, "summary.json")))
     t1 = time.perf_counter()
-    skipped_rows = sum(release.parquet_rows(path) for k, _, path in _candidate_list(cfg.root) if k in skipped)
-    stats = make_stats(cfg, version, summary, prep_stats, skipped, skipped_rows, _stage_models(cfg, shards))
+    stats = make_stats(cfg, version, summary, prep_stats, sorted(skipped), sum(skipped.values()),
+                       _stage_models(cfg, shards))
     stats["timing"] = {"pipeline_s": round(pipeline_s, 3),
                        "stats_in_pipeline_worker_s": round(summary.get("timing", {}).get("stats_s", 0.0), 3),
                        "pipeline_worker_s": round(summary.get("timing", {}).get("work_s", 0.0), 3)}
     from beam_pipelines import report
 
-    storage.write_text(storage.join(folder, "stats.json"), json.dumps(stats, indent=2) + "\n")
     report.write_report(folder, stats)
     report.write_card(folder, stats, config)
     stats["timing"]["report_s"] = round(time.perf_counter() - t1, 3)
@@ -411,12 +411,6 @@ def run(cfg: AssembleConfig, beam_args: list[str]) -> dict:
     release.publish_latest(cfg.root, version)
     storage.delete_tree(tmp)
     return stats
-
-
-def _candidate_list(root: str):
-    from generation.runner import candidate_shards
-
-    return candidate_shards(root)
 
 
 def make_stats(cfg: AssembleConfig, version: str, summary: dict, prep_stats: dict, skipped: list[int],
