@@ -14,6 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
+from beam_pipelines.recipes import error_category
+
 # Token-length histogram bins (upper edges, tokens); the last bin is open.
 LENGTH_EDGES = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 # Score histogram bins: [0, 0.5), [0.5, 1), ... [5, 5.5): generated scores are integers, logprob
@@ -103,17 +105,13 @@ def stage_partial(stage: str, table: pa.Table) -> dict:
     errors = table["parse_error"]
     out = {"rows": table.num_rows, "ok": errors.null_count,
            "finish_reasons": value_counts(table["finish_reason"], "not_sent"),
-           "parse_failures": value_counts(pc.drop_null(_category(errors))),
+           "parse_failures": value_counts(pc.drop_null(error_category(errors))),
            "input_truncated": int(pc.sum(pc.fill_null(table["input_truncated"], False).cast(pa.int64())).as_py() or 0),
            "prompt_tokens": int(pc.sum(table["prompt_tokens"]).as_py() or 0),
            "output_tokens": int(pc.sum(table["output_tokens"]).as_py() or 0)}
     if stage in ("score", "rate"):
         out["score_histogram"] = histogram(table["score"], SCORE_EDGES)
     return out
-
-
-def _category(errors):
-    return pc.replace_substring_regex(errors, r"(?s):.*$", "")
 
 
 def final_partial(table: pa.Table, split: str) -> dict:

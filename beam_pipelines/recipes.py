@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import xxhash
 
 import schemas
 from beam_pipelines.dedup import normalize_for_dedup
@@ -161,8 +162,6 @@ def web_examples(joined: pa.Table, keep: pa.Array, recipe: Recipe, tag: str | No
 
 def instruction_key(instruction: str) -> str:
     """Dedup key of an instruction: NFC, whitespace collapsed, case folded; xxh3_128 hex."""
-    import xxhash
-
     return xxhash.xxh3_128_hexdigest(normalize_for_dedup(instruction).casefold().encode("utf-8"))
 
 
