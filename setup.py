@@ -34,7 +34,7 @@ setup(
     description="Instruction back-and-forth translation: Dolma -> candidates -> generations -> SFT corpus",
     python_requires=">=3.10",
     packages=find_packages(include=["bft", "bft.*", "beam_pipelines", "beam_pipelines.*", "generation",
-                                    "generation.*", "training", "training.*", "schemas", "schemas.*"]),
+                                    "generation.*", "training", "training.*", "schemas", "schemas.*", "storage", "storage.*"]),
     package_data={"generation": ["templates/*.txt"]},
     install_requires=BEAM,
     extras_require=EXTRAS,

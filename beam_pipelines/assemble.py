@@ -15,53 +15,71 @@ shuffle; examples go from JoinShard to FinalizeShard through per-shard Parquet p
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import xxhash
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
 
 import schemas
-from beam_pipelines import corpus_stats, recipes, release
-from beam_pipelines.dedup import sample_key
-from beam_pipelines.prepare import default_beam_args
-from beam_pipelines.shards import shard_name
-from bft import storage
-from bft.runtime import configure_process
+from schemas.options import option, required
+from schemas.errors import UserError
+from schemas.keys import instruction_key, sample_key, seed_row_shard, validation_mask
+from schemas.layout import RunLayout, shard_name
+from schemas.recipes import DEFAULT_RECIPE
+from beam_pipelines import corpus_stats, recipes
+from schemas import release
+import storage
+from beam_pipelines.options import configure_process, pipeline_options
 
 log = logging.getLogger("bft.assemble")
 
 
-class AssembleError(RuntimeError):
+class AssembleError(UserError):
     """The inputs of assemble are missing or inconsistent."""
 
 
 @dataclass
 class AssembleConfig:
-    root: str
-    recipe: str = "filter+rewrite"
-    min_score: float | None = None          # default: the recipe's (5 for score, 4.5 for rate)
-    seed_data: str | None = None
-    max_examples: int | None = None
-    validation_fraction: float = 0.02
-    version: str | None = None
-    min_instruction_chars: int = 10
-    max_instruction_chars: int = 800
-    seed_tag: str | None = None             # None: PROMPTS.md section 6; "" switches one tag off
-    web_tag: str | None = None
-    no_tags: bool = False
-    tokenizer: str | None = None            # default: the tokenizer prepare counted with
-    allow_partial: bool = False
-    seed: int = 0
+    """The options of `bft assemble` (flags and the `assemble:` section of a run file)."""
+
+    root: str = required("run root (local or gs://) with candidates/ and generations/")
+    recipe: str = option(DEFAULT_RECIPE, "the paper's corpus variant", choices=sorted(recipes.RECIPES))
+    min_score: float | None = option(None, "gate threshold (default: 5 for the score stage, 4.5 for rate; may be "
+                                   "fractional, e.g. with --score-mode logprob)")
+    seed_data: str | None = option(None, "seed pairs to mix in: Parquet or JSON lines with instruction/response "
+                                 "(e.g. the output of bft seed)")
+    max_examples: int | None = option(None, "deterministic cap on web examples (the paper: 12800, 25600, 51200)")
+    validation_fraction: float = option(0.02, "share of examples in the validation split")
+    version: str | None = option(None, "release name (default: UTC date + config hash)")
+    min_instruction_chars: int = option(10, "shorter instructions are dropped")
+    max_instruction_chars: int = option(800, "longer instructions are dropped")
+    seed_tag: str | None = option(None, "tag (system prompt) of seed examples (default: PROMPTS.md section 6); "
+                                "'' for none")
+    web_tag: str | None = option(None, "tag (system prompt) of web examples (default: PROMPTS.md section 6); "
+                               "'' for none")
+    no_tags: bool = option(False, "no data-source tags at all")
+    tokenizer: str | None = option(None, "for token counts (default: the one prepare used)")
+    allow_partial: bool = option(False, "publish without candidate shards whose generation output is missing "
+                               "(reported)")
+    seed: int = option(0, "seed of the cap sample and the validation split")
+
+    def check(self) -> None:
+        if self.recipe not in recipes.RECIPES:
+            raise UserError(f"unknown recipe {self.recipe!r}; expected one of {sorted(recipes.RECIPES)}")
+        if not 0 <= self.validation_fraction < 1:
+            raise UserError("--validation-fraction must be in [0, 1)")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise UserError("--max-examples must be >= 1")
+        if self.min_instruction_chars > self.max_instruction_chars:
+            raise UserError("--min-instruction-chars is larger than --max-instruction-chars")
+        self.root = RunLayout(self.root).root
 
     @property
     def threshold(self) -> float | None:
@@ -81,10 +99,6 @@ class ShardInput:
     num_shards: int
     candidates: str
     stages: tuple[tuple[str, str], ...]     # (stage, path)
-
-
-def part_path(tmp: str, kind: str, shard: int) -> str:
-    return storage.join(tmp, f"{kind}-{shard:05d}.parquet")
 
 
 def _token_counter(tokenizer_path: str):
@@ -124,7 +138,7 @@ class JoinShard(beam.DoFn):
         reason = recipes.verdicts(joined, recipe, cfg.curation(), cfg.threshold)
         keep = pc.is_null(reason)
         web = recipes.web_examples(joined, keep, recipe, cfg.tags[1], self.count_tokens)
-        path = part_path(self.tmp, "web", shard.shard)
+        path = RunLayout.assemble_part(self.tmp, "web", shard.shard)
         storage.write_parquet(web, path)
         t = time.perf_counter()
         partial["funnel"] = {"dropped": corpus_stats.value_counts(pc.drop_null(reason))}
@@ -135,7 +149,7 @@ class JoinShard(beam.DoFn):
         yield beam.pvalue.TaggedOutput("parts", (shard.shard, path))
         yield beam.pvalue.TaggedOutput("partials", partial)
         for doc_id, instruction in zip(web["id"].to_pylist(), web["instruction"].to_pylist()):
-            yield recipes.instruction_key(instruction), (doc_id, shard.shard)
+            yield instruction_key(instruction), (doc_id, shard.shard)
 
 
 class KeepSmallestId(beam.DoFn):
@@ -176,9 +190,9 @@ class ReadSeed(beam.DoFn):
         rows = recipes.examples(instr, resp, ids=ids, origin="seed", recipe=None, tag=seed_tag, scores=None,
                                 n_tokens_instruction=self.count_tokens(instr.to_pylist()),
                                 n_tokens_response=self.count_tokens(resp.to_pylist()))
-        shard = np.array([xxhash.xxh3_64_intdigest(i.encode()) % self.num_shards for i in ids.to_pylist()], np.int64)
+        shard = np.array([seed_row_shard(i, self.num_shards) for i in ids.to_pylist()], np.int64)
         for k in np.unique(shard):
-            out = part_path(self.tmp, "seed", int(k))
+            out = RunLayout.assemble_part(self.tmp, "seed", int(k))
             storage.write_parquet(rows.filter(pa.array(shard == k)), out)
             yield beam.pvalue.TaggedOutput("parts", (int(k), out))
         yield beam.pvalue.TaggedOutput("partials", {"seed": {"input": table.num_rows, "kept": rows.num_rows,
@@ -251,12 +265,6 @@ class FinalizeShard(beam.DoFn):
         yield partial
 
 
-def validation_mask(ids, fraction: float, seed: int) -> pa.Array:
-    """Deterministic split: an id is in validation when its hash falls in the first `fraction`."""
-    limit = int(fraction * 2**64)
-    return pa.array([xxhash.xxh3_64_intdigest(i.encode(), seed=seed + 1) < limit for i in ids.to_pylist()], pa.bool_())
-
-
 class MergePartials(beam.CombineFn):
     def create_accumulator(self):
         return None
@@ -299,7 +307,7 @@ def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_s
               | "GroupByShard" >> beam.CoGroupByKey()
               | "FinalizeShard" >> beam.ParDo(FinalizeShard(cfg, folder, num_shards),
                                                cutoff=beam.pvalue.AsSingleton(cutoff)))
-    summary_path = storage.join(tmp, "summary.json")
+    summary_path = RunLayout.summary(tmp)
     return ((joined.partials, seed.partials, finals)
             | "AllPartials" >> beam.Flatten()
             | "MergePartials" >> beam.CombineGlobally(MergePartials())
@@ -312,23 +320,19 @@ def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_s
 def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], int, dict]:
     """Which shards to join, which are missing generation output ({shard: candidate rows}), the
     number of shards, and the input lineage."""
-    from generation.runner import candidate_shards, output_path
-
     recipe = recipes.RECIPES[cfg.recipe]
-    try:
-        cands = candidate_shards(cfg.root)
-    except RuntimeError as e:
-        raise AssembleError(str(e)) from e
+    layout = RunLayout(cfg.root)
+    cands = layout.candidate_shards()
     shards, missing_files, skipped = [], [], {}
     lineage = {"candidates": [], "generations": {s: [] for s in recipe.stages}, "seed_data": None}
     for k, n, path in cands:
-        lineage["candidates"].append({"path": path, "bytes": release._size(path)})
+        lineage["candidates"].append({"path": path, "bytes": storage.size(path)})
         stage_paths, missing_here = [], []
         for stage in recipe.stages:
-            out = output_path(cfg.root, stage, k, n)
+            out = layout.generation_shard(stage, k, n)
             if storage.exists(out):
                 stage_paths.append((stage, out))
-                lineage["generations"][stage].append({"path": out, "bytes": release._size(out)})
+                lineage["generations"][stage].append({"path": out, "bytes": storage.size(out)})
             else:
                 missing_here.append(out)
         if missing_here:
@@ -343,15 +347,16 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
     if cfg.seed_data:
         if not storage.exists(cfg.seed_data):
             raise AssembleError(f"{cfg.seed_data}: seed data not found")
-        lineage["seed_data"] = {"path": cfg.seed_data, "bytes": release._size(cfg.seed_data)}
+        lineage["seed_data"] = {"path": cfg.seed_data, "bytes": storage.size(cfg.seed_data)}
     return shards, skipped, cands[0][1], lineage
 
 
 def _stage_models(cfg: AssembleConfig, shards: list[ShardInput]) -> dict[str, list[str]]:
     models: dict[str, set] = {}
+    layout = RunLayout(cfg.root)
     for s in shards:
-        for stage, path in s.stages:
-            metrics = path.replace(".parquet", ".metrics.json")
+        for stage, _ in s.stages:
+            metrics = layout.generation_metrics(stage, s.shard, s.num_shards)
             if storage.exists(metrics):
                 models.setdefault(stage, set()).add(json.loads(storage.read_text(metrics)).get("model"))
     return {k: sorted(m for m in v if m) for k, v in models.items()}
@@ -360,15 +365,8 @@ def _stage_models(cfg: AssembleConfig, shards: list[ShardInput]) -> dict[str, li
 def run(cfg: AssembleConfig, beam_args: list[str]) -> dict:
     """Builds and publishes a release; returns its stats (a rerun of a published version returns
     the published stats)."""
-    if cfg.recipe not in recipes.RECIPES:
-        raise ValueError(f"unknown recipe {cfg.recipe!r}; expected one of {sorted(recipes.RECIPES)}")
-    if not 0 <= cfg.validation_fraction < 1:
-        raise ValueError("--validation-fraction must be in [0, 1)")
-    if cfg.max_examples is not None and cfg.max_examples < 1:
-        raise ValueError("--max-examples must be >= 1")
-    cfg.root = cfg.root.rstrip("/")
-    prep_stats = json.loads(storage.read_text(storage.join(cfg.root, "candidates", "stats.json"))) \
-        if storage.exists(storage.join(cfg.root, "candidates", "stats.json")) else {}
+    layout = RunLayout(cfg.root)
+    prep_stats = json.loads(storage.read_text(layout.prepare_stats)) if storage.exists(layout.prepare_stats) else {}
     if not cfg.tokenizer:
         cfg.tokenizer = (prep_stats.get("config") or {}).get("tokenizer")
         if not cfg.tokenizer:
@@ -387,12 +385,12 @@ def run(cfg: AssembleConfig, beam_args: list[str]) -> dict:
         log.info("%s is published with the same config; nothing to do", folder)
         return json.loads(storage.read_text(storage.join(folder, "stats.json")))
     storage.delete_tree(folder)  # debris of a failed run: never a published release
-    tmp = storage.join(cfg.root, "sft", "_tmp", uuid.uuid4().hex[:12])
+    tmp = layout.assemble_tmp(uuid.uuid4().hex[:12])
     t0 = time.perf_counter()
-    with beam.Pipeline(options=PipelineOptions(default_beam_args(beam_args))) as p:
+    with beam.Pipeline(options=pipeline_options(beam_args)) as p:
         build(p, cfg, shards, num_shards, folder, tmp)
     pipeline_s = time.perf_counter() - t0
-    summary = json.loads(storage.read_text(storage.join(tmp, "summary.json")))
+    summary = json.loads(storage.read_text(RunLayout.summary(tmp)))
     t1 = time.perf_counter()
     stats = make_stats(cfg, version, summary, prep_stats, sorted(skipped), sum(skipped.values()),
                        _stage_models(cfg, shards))
@@ -472,29 +470,3 @@ def make_stats(cfg: AssembleConfig, version: str, summary: dict, prep_stats: dic
         "schema_version": schemas.SCHEMA_VERSION,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--root", required=True, help="run root (local or gs://) with candidates/ and generations/")
-    ap.add_argument("--recipe", default="filter+rewrite", choices=sorted(recipes.RECIPES))
-    ap.add_argument("--min-score", type=float, help="gate threshold (default: 5 for the score stage, 4.5 for "
-                    "rate; may be fractional, e.g. with --score-mode logprob)")
-    ap.add_argument("--seed-data", help="seed pairs to mix in: Parquet or JSON lines with instruction/response "
-                    "(e.g. the output of bft seed)")
-    ap.add_argument("--max-examples", type=int, help="deterministic cap on web examples (the paper: 12800, "
-                    "25600, 51200)")
-    ap.add_argument("--validation-fraction", type=float, default=0.02)
-    ap.add_argument("--version", help="release name (default: UTC date + config hash)")
-    ap.add_argument("--min-instruction-chars", type=int, default=10)
-    ap.add_argument("--max-instruction-chars", type=int, default=800)
-    ap.add_argument("--seed-tag", help="tag (system prompt) of seed examples; '' for none")
-    ap.add_argument("--web-tag", help="tag (system prompt) of web examples; '' for none")
-    ap.add_argument("--no-tags", action="store_true", help="no data-source tags at all")
-    ap.add_argument("--tokenizer", help="for token counts (default: the one prepare used)")
-    ap.add_argument("--allow-partial", action="store_true",
-                    help="publish without candidate shards whose generation output is missing (reported)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the cap sample and the validation split")
-
-
-def config_from_args(args: argparse.Namespace) -> AssembleConfig:
-    return AssembleConfig(**{f: getattr(args, f) for f in AssembleConfig.__dataclass_fields__})

@@ -14,13 +14,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from beam_pipelines.recipes import error_category
+from schemas.outcomes import SCORE_EDGES, histogram, shard_summary, value_counts  # noqa: F401 (re-exported)
 
 # Token-length histogram bins (upper edges, tokens); the last bin is open.
 LENGTH_EDGES = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
-# Score histogram bins: [0, 0.5), [0.5, 1), ... [5, 5.5): generated scores are integers, logprob
-# scores and AlpaGasus ratings may be fractional.
-SCORE_EDGES = [x / 2 for x in range(1, 12)]
 
 
 class Uniques:
@@ -89,29 +86,9 @@ def summarize(partial):
     return partial
 
 
-def value_counts(arr, null: str = "none") -> dict[str, int]:
-    vc = pc.value_counts(pc.fill_null(arr, null))
-    return {str(v): int(c) for v, c in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())}
-
-
-def histogram(values, edges: list[float]) -> list[int]:
-    """Counts per bin: [<edges[0]], [edges[0], edges[1]), ..., [>=edges[-1]]; nulls are skipped."""
-    arr = np.asarray(pc.drop_null(values).to_numpy(zero_copy_only=False), dtype=float)
-    return np.bincount(np.searchsorted(edges, arr, side="right"), minlength=len(edges) + 1).tolist()
-
-
 def stage_partial(stage: str, table: pa.Table) -> dict:
-    """A generation stage shard: rows, good rows, finish reasons, parse failures, score histogram."""
-    errors = table["parse_error"]
-    out = {"rows": table.num_rows, "ok": errors.null_count,
-           "finish_reasons": value_counts(table["finish_reason"], "not_sent"),
-           "parse_failures": value_counts(pc.drop_null(error_category(errors))),
-           "input_truncated": int(pc.sum(pc.fill_null(table["input_truncated"], False).cast(pa.int64())).as_py() or 0),
-           "prompt_tokens": int(pc.sum(table["prompt_tokens"]).as_py() or 0),
-           "output_tokens": int(pc.sum(table["output_tokens"]).as_py() or 0)}
-    if stage in ("score", "rate"):
-        out["score_histogram"] = histogram(table["score"], SCORE_EDGES)
-    return out
+    """A generation stage shard's statistics (the runner's metrics compute the same)."""
+    return shard_summary(table, scored=stage in ("score", "rate"))
 
 
 def final_partial(table: pa.Table, split: str) -> dict:

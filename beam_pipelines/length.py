@@ -35,7 +35,7 @@ _CACHE_LIMIT = 500_000  # segments (~80 MB); cleared when full
 
 def load_tokenizer(path_or_id: str) -> Tokenizer:
     """A fast tokenizer from a tokenizer.json file, a folder holding one, a gs:// path or a hub id."""
-    from bft import storage
+    import storage
 
     if storage.is_gcs(path_or_id):
         target = path_or_id if path_or_id.endswith(".json") else storage.join(path_or_id, "tokenizer.json")

@@ -14,10 +14,10 @@ the output complete.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import logging
+import os
 import time
 import uuid
 import zlib
@@ -26,15 +26,17 @@ from typing import Iterable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
 
 import schemas
+from schemas.options import option, required
 from beam_pipelines import dolma
-from beam_pipelines.dedup import sample_key, text_hash
+import storage
 from beam_pipelines.length import TokenCounter, length_verdict, load_tokenizer
-from beam_pipelines.shards import assign_shards, balance, shard_name
-from bft import storage
-from bft.runtime import configure_process
+from beam_pipelines.options import configure_process
+from beam_pipelines.shards import assign_shards, balance
+from schemas.errors import UserError
+from schemas.keys import sample_key, text_hash
+from schemas.layout import RunLayout
 
 log = logging.getLogger("bft.prepare")
 
@@ -45,26 +47,46 @@ INPUT = "input_records"
 KEPT = "kept"
 
 
-class UnreadableFileError(RuntimeError):
+class UnreadableFileError(UserError):
     """An input file is truncated or corrupt."""
 
 
 @dataclass
 class PrepareConfig:
-    inputs: list[str]
-    output: str
-    tokenizer: str
-    max_tokens: int = 3584
-    min_tokens: int = 0
-    splits: list[str] = field(default_factory=lambda: ["cc_en_head"])
-    select_where: list[str] = field(default_factory=list)
-    num_shards: int = 16
-    target_docs: int | None = None
-    seed: int = 0
-    max_line_bytes: int = 1 << 20
-    skip_unreadable_files: bool = False
-    reject_shards: int = 4
-    batch_docs: int = 256
+    """The options of `bft prepare` (flags and the `prepare:` section of a run file)."""
+
+    input: list[str] = required("glob of Dolma JSON-lines files, local or gs:// (repeatable)")
+    root: str = required("run root (local or gs://); writes ROOT/candidates/")
+    tokenizer: str = required("tokenizer.json, a folder with one, a gs:// path or a hub id")
+    max_tokens: int = option(3584, "keep documents of at most this many tokens (3584 = Llama-2's 4096 context minus "
+                           "512 for the prompt templates; see docs/ARCHITECTURE.md)")
+    min_tokens: int = option(0, "drop documents of fewer tokens")
+    splits: list[str] = option(["cc_en_head"], "split folders to select; '' selects every file", comma=True)
+    select_where: list[str] = option([], "also require a record field (dotted, e.g. metadata.bucket) to have one "
+                                     "of the values, as FIELD=V1,V2 (repeatable)")
+    num_shards: int = option(16, "candidate shards (balanced by tokens)")
+    target_docs: int | None = option(None, "deterministic bottom-k sample of this many documents")
+    seed: int = option(0, "seed of the sample")
+    max_line_bytes: int = option(1 << 20, "longer lines are rejected as too_large")
+    skip_unreadable_files: bool = option(False, "count a truncated/corrupt input file and go on instead of failing")
+    reject_shards: int = option(4, "files of rejects")
+    batch_docs: int = option(256, "documents measured per tokenizer call")
+    overwrite: bool = option(False, "redo a complete output (with another config too)", run_only=True)
+
+    def check(self) -> None:
+        if self.num_shards < 1 or self.reject_shards < 1 or self.batch_docs < 1:
+            raise UserError("--num-shards, --reject-shards and --batch-docs must be >= 1")
+        if self.min_tokens > self.max_tokens:
+            raise UserError(f"--min-tokens {self.min_tokens} is larger than --max-tokens {self.max_tokens}")
+        if self.target_docs is not None and self.target_docs < 1:
+            raise UserError("--target-docs must be >= 1")
+        if not self.input:
+            raise UserError("--input: give at least one glob of Dolma files")
+        self.root = RunLayout(self.root).root
+
+    def identity(self) -> dict:
+        """What determines the output: every option but the run-only ones."""
+        return {k: v for k, v in asdict(self).items() if not PrepareConfig.__dataclass_fields__[k].metadata.get("run_only")}
 
 
 def _tally(name: str, n: int = 1) -> tuple[str, int]:
@@ -83,9 +105,11 @@ def _reject_row(file: str, line: int, reason: str, detail: str, doc_id=None, raw
 def list_inputs(patterns: list[str]) -> list[str]:
     files: list[str] = []
     for pattern in patterns:
+        if not storage.is_gcs(pattern):
+            pattern = os.path.abspath(os.path.expanduser(pattern))
         matched = storage.glob(pattern)
         if not matched:
-            raise FileNotFoundError(f"--input {pattern!r} matches no file")
+            raise UserError(f"--input {pattern!r} matches no file")
         files.extend(matched)
     return sorted(set(files))
 
@@ -267,7 +291,7 @@ class WriteParts(beam.DoFn):
     """Re-reads one input file and writes its kept documents into one part file per shard."""
 
     def __init__(self, cfg: PrepareConfig, tmp_dir: str):
-        self.cfg, self.tmp_dir = cfg, tmp_dir
+        self.cfg, self.tmp_dir, self.layout = cfg, tmp_dir, RunLayout(cfg.root)
 
     def setup(self):
         configure_process()
@@ -294,7 +318,7 @@ class WriteParts(beam.DoFn):
             raise RuntimeError(f"{path}: {remaining} kept documents missing on the second read")
         tag = f"{zlib.crc32(path.encode()):08x}-{uuid.uuid4().hex[:8]}"
         for shard in sorted(rows):
-            part = storage.join(self.tmp_dir, f"shard-{shard:05d}", f"part-{tag}.parquet")
+            part = self.layout.prepare_part(self.tmp_dir, shard, tag)
             storage.write_parquet(schemas.to_table(rows.pop(shard), schemas.CANDIDATE, part), part)
             yield shard, part
 
@@ -302,8 +326,8 @@ class WriteParts(beam.DoFn):
 class MergeShard(beam.DoFn):
     """A shard's parts -> candidates-SSSSS-of-NNNNN.parquet, rows sorted by (n_tokens, id)."""
 
-    def __init__(self, output: str, num_shards: int):
-        self.output, self.num_shards = output, num_shards
+    def __init__(self, layout: RunLayout, num_shards: int):
+        self.layout, self.num_shards = layout, num_shards
 
     def setup(self):
         configure_process()
@@ -317,7 +341,7 @@ class MergeShard(beam.DoFn):
         table = pa.concat_tables(tables) if tables else schemas.CANDIDATE.empty_table()
         del tables
         table = table.sort_by([("n_tokens", "ascending"), ("id", "ascending")])
-        path = storage.join(self.output, shard_name("candidates", shard, self.num_shards))
+        path = self.layout.candidates_shard(shard, self.num_shards)
         table = schemas.validate(table.replace_schema_metadata(schemas.CANDIDATE.metadata), schemas.CANDIDATE, path)
         size = storage.write_parquet(table, path)
         tokens = int(pa.compute.sum(table["n_tokens"]).as_py() or 0)
@@ -327,19 +351,19 @@ class MergeShard(beam.DoFn):
 class WriteRejects(beam.PTransform):
     """Rejects -> rejects/rejects-SSSSS-of-NNNNN.parquet, sorted by (file, line)."""
 
-    def __init__(self, folder: str, num_shards: int):
+    def __init__(self, layout: RunLayout, num_shards: int):
         super().__init__()
-        self.folder, self.num_shards = folder, num_shards
+        self.layout, self.num_shards = layout, num_shards
 
     def expand(self, rejects):
-        n, folder = self.num_shards, self.folder
+        n, layout = self.num_shards, self.layout
         keyed = rejects | "KeyReject" >> beam.Map(lambda r: (zlib.crc32(r["file"].encode()) % n, r))
         empties = rejects.pipeline | "RejectShards" >> beam.Create([(k, None) for k in range(n)])
 
         def write(element):
             shard, rows = element
             rows = sorted((r for r in rows if r is not None), key=lambda r: (r["file"], r["line"]))
-            path = storage.join(folder, shard_name("rejects", shard, n))
+            path = layout.rejects_shard(shard, n)
             storage.write_parquet(schemas.to_table(rows, schemas.REJECT, path), path)
             return {"path": path, "rows": len(rows)}
 
@@ -347,12 +371,13 @@ class WriteRejects(beam.PTransform):
                 | "GroupRejects" >> beam.GroupByKey() | "WriteRejectShard" >> beam.Map(write))
 
 
-def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None):
+def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files: list[str] | None = None):
     """Adds the prepare pass to pipeline `p`; returns the PCollection of the final stats dict."""
-    files = list_inputs(cfg.inputs)
+    files = list_inputs(cfg.input) if files is None else files
     selected = [f for f in files if not cfg.splits or dolma.split_of(f, cfg.splits)]
     others = [f for f in files if f not in set(selected)]
-    tmp_dir = storage.join(cfg.output, "_tmp", run_id or uuid.uuid4().hex[:12])
+    layout = RunLayout(cfg.root)
+    tmp_dir = layout.prepare_tmp(run_id or uuid.uuid4().hex[:12])
 
     read = (p | "HeadSplitFiles" >> beam.Create(selected)
             | "Reshuffle" >> beam.Reshuffle()
@@ -378,11 +403,11 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None):
     every_shard = p | "ShardNumbers" >> beam.Create([(k, None) for k in range(cfg.num_shards)])
     shards = ((parts, every_shard) | "AllShards" >> beam.Flatten()
               | "GroupByShard" >> beam.GroupByKey()
-              | "MergeShard" >> beam.ParDo(MergeShard(cfg.output, cfg.num_shards)))
+              | "MergeShard" >> beam.ParDo(MergeShard(layout, cfg.num_shards)))
     tallies.append(shards | "KeptTally" >> beam.Map(lambda s: _tally(KEPT, s["rows"])))
 
     reject_files = (rejects | "AllRejects" >> beam.Flatten()
-                    | "WriteRejects" >> WriteRejects(storage.join(cfg.output, "rejects"), cfg.reject_shards))
+                    | "WriteRejects" >> WriteRejects(layout, cfg.reject_shards))
     totals = (tallies | "AllTallies" >> beam.Flatten()
               | "SumTallies" >> beam.CombinePerKey(sum)
               | "TallyDict" >> beam.combiners.ToDict())
@@ -424,68 +449,56 @@ def write_stats(cfg, tmp_dir, files, selected, totals, shards, reject_files, unr
         "rejects": {"rows": n_rejects, "files": [r["path"] for r in sorted(reject_files, key=lambda r: r["path"])]},
         "input_files": {"total": len(files), "head_split": len(selected), "other_splits": len(files) - len(selected)},
         "unreadable_files": sorted(unreadable, key=lambda u: u["file"]),
-        "config": asdict(cfg),
+        "config": cfg.identity(),
         "schema_version": schemas.SCHEMA_VERSION,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    storage.write_text(storage.join(cfg.output, "stats.json"), json.dumps(stats, indent=2, sort_keys=False) + "\n")
+    storage.write_text(RunLayout(cfg.root).prepare_stats, json.dumps(stats, indent=2, sort_keys=False) + "\n")
     storage.delete_tree(tmp_dir)
     return stats
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--input", action="append", required=True, help="glob of Dolma JSON-lines files (repeatable)")
-    ap.add_argument("--output", required=True, help="folder (local or gs://) for candidates, rejects, stats")
-    ap.add_argument("--tokenizer", required=True, help="tokenizer.json, a folder with one, gs:// path or hub id")
-    ap.add_argument("--max-tokens", type=int, default=3584,
-                    help="keep documents of at most this many tokens (default 3584 = Llama-2's 4096 context "
-                         "minus 512 for the prompt templates; see docs/ARCHITECTURE.md)")
-    ap.add_argument("--min-tokens", type=int, default=0)
-    ap.add_argument("--splits", default="cc_en_head",
-                    help="comma-separated split folders to select; '' selects every file")
-    ap.add_argument("--select-where", action="append", default=[], metavar="FIELD=V1,V2",
-                    help="also require a record field (dotted, e.g. metadata.bucket) to have one of the values")
-    ap.add_argument("--num-shards", type=int, default=16)
-    ap.add_argument("--target-docs", type=int, default=None, help="deterministic bottom-k sample of this size")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-line-bytes", type=int, default=1 << 20, help="longer lines are rejected as too_large")
-    ap.add_argument("--reject-shards", type=int, default=4)
-    ap.add_argument("--skip-unreadable-files", action="store_true",
-                    help="count a truncated/corrupt input file and go on instead of failing")
-    ap.add_argument("--overwrite", action="store_true", help="run even if OUTPUT/stats.json marks it complete")
+def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
+    """Runs the pass unless ROOT/candidates/stats.json records a complete output of the same config;
+    returns the stats (with "reused": true when nothing was run).
 
+    A complete output of another config is an error naming the keys that differ (--overwrite redoes
+    it). Before a run, whatever is under ROOT/candidates (an output being overwritten, or the debris
+    of a killed run: shards, rejects, _tmp/ parts) is removed, the completion marker first, so that a
+    run killed at any point leaves an output that is visibly incomplete and a rerun starts clean.
+    """
+    from beam_pipelines.options import pipeline_options
 
-def config_from_args(args: argparse.Namespace) -> PrepareConfig:
-    return PrepareConfig(
-        inputs=args.input, output=args.output.rstrip("/"), tokenizer=args.tokenizer,
-        max_tokens=args.max_tokens, min_tokens=args.min_tokens,
-        splits=[s for s in args.splits.split(",") if s], select_where=args.select_where,
-        num_shards=args.num_shards, target_docs=args.target_docs, seed=args.seed,
-        max_line_bytes=args.max_line_bytes, skip_unreadable_files=args.skip_unreadable_files,
-        reject_shards=args.reject_shards)
-
-
-def run(cfg: PrepareConfig, beam_args: list[str], overwrite: bool = False) -> dict:
-    """Runs the pass unless OUTPUT/stats.json says it is complete; returns the stats."""
-    stats_path = storage.join(cfg.output, "stats.json")
-    if storage.exists(stats_path) and not overwrite:
-        log.info("%s exists: prepare is complete, skipping (pass --overwrite to redo it)", stats_path)
-        return json.loads(storage.read_text(stats_path))
-    if cfg.num_shards < 1 or cfg.reject_shards < 1:
-        raise ValueError("--num-shards and --reject-shards must be >= 1")
-    if cfg.min_tokens > cfg.max_tokens:
-        raise ValueError("--min-tokens is larger than --max-tokens")
-    options = PipelineOptions(default_beam_args(beam_args))
+    layout = RunLayout(cfg.root)
+    if storage.exists(layout.prepare_stats) and not cfg.overwrite:
+        stats = json.loads(storage.read_text(layout.prepare_stats))
+        differ = config_differences(stats.get("config") or {}, cfg.identity())
+        if differ:
+            raise UserError(f"{layout.candidates} holds a complete prepare output of another config ("
+                            + "; ".join(differ) + "): pass --overwrite to redo it, or use another --root")
+        log.info("%s exists with the same config: prepare is complete, skipping", layout.prepare_stats)
+        return {**stats, "reused": True}
+    check_tokenizer(cfg.tokenizer)
+    options = pipeline_options(beam_args)
+    files = list_inputs(cfg.input)
+    storage.delete(layout.prepare_stats)
+    storage.delete_tree(layout.candidates)
     with beam.Pipeline(options=options) as p:
-        build(p, cfg)
-    return json.loads(storage.read_text(stats_path))
+        build(p, cfg, files=files)
+    return json.loads(storage.read_text(layout.prepare_stats))
 
 
-def default_beam_args(beam_args: list[str]) -> list[str]:
-    """Local defaults: the FnApiRunner on every core, unless the user names a runner."""
-    args = list(beam_args)
-    if not any(a.startswith("--runner") for a in args):
-        args.append("--runner=FnApiRunner")
-        if not any(a.startswith("--direct_num_workers") for a in args):
-            args += ["--direct_num_workers=0", "--direct_running_mode=multi_processing"]
-    return args
+def config_differences(recorded: dict, current: dict) -> list[str]:
+    """'key: recorded -> current' for every key whose value differs."""
+    keys = sorted(set(recorded) | set(current))
+    return [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in keys if recorded.get(k) != current.get(k)]
+
+
+def check_tokenizer(path: str) -> None:
+    """Loads the tokenizer in the driver, so that a bad --tokenizer is one clear error, not a worker
+    traceback."""
+    try:
+        load_tokenizer(path)
+    except Exception as e:  # tokenizers raises its own Exception type for a bad file
+        raise UserError(f"--tokenizer {path!r}: cannot load it as a Hugging Face tokenizer "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e

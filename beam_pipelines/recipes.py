@@ -1,14 +1,5 @@
-"""The paper's corpus recipes and the curation after them, as pure functions on Arrow tables.
-
-A recipe names the generation stages it joins and what they decide (Nguyen et al. 2024, Table 2;
-Chen et al. 2023 for AlpaGasus):
-
-    recipe           gate (keep when score >= threshold)   response
-    filter           score  >= 5                           the original document
-    rewrite          (none)                                the rewrite
-    filter+rewrite   score  >= 5                           the rewrite            (default)
-    filter+distill   score  >= 5                           the distilled answer
-    alpagasus        rate   >= 4.5                         the original document
+"""The paper's corpus recipes (the table is schemas.recipes) applied, and the curation after them, as
+pure functions on Arrow tables.
 
 `verdicts` gives every candidate row exactly one outcome: kept (null) or the first reason it was
 dropped, in pipeline order: a stage row missing or failed (`<stage>:<parse_error>`), the gate, then
@@ -22,32 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import xxhash
 
 import schemas
-from beam_pipelines.dedup import normalize_for_dedup
+from schemas.recipes import RECIPES, Recipe  # noqa: F401 (the recipe table is a contract)
+from schemas.outcomes import categories
 from generation.templates import SEED_TAG, WEB_TAG
 
-
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    gate: str | None        # the stage whose score gates a pair
-    answer: str | None      # the stage whose response is used; None = the document itself
-    threshold: float | None
-
-    @property
-    def stages(self) -> list[str]:
-        return ["backtranslate"] + [s for s in (self.gate, self.answer) if s]
-
-
-RECIPES = {
-    "filter": Recipe("filter", "score", None, 5.0),
-    "rewrite": Recipe("rewrite", None, "rewrite", None),
-    "filter+rewrite": Recipe("filter+rewrite", "score", "rewrite", 5.0),
-    "filter+distill": Recipe("filter+distill", "score", "distill", 5.0),
-    "alpagasus": Recipe("alpagasus", "rate", None, 4.5),
-}
 
 # The columns each stage contributes to the join, renamed `<stage>.<column>`.
 STAGE_COLUMNS = ["instruction", "score", "response", "parse_error", "finish_reason"]
@@ -55,8 +26,8 @@ STAGE_COLUMNS = ["instruction", "score", "response", "parse_error", "finish_reas
 
 @dataclass(frozen=True)
 class Curation:
-    min_instruction_chars: int = 10
-    max_instruction_chars: int = 800
+    min_instruction_chars: int
+    max_instruction_chars: int
 
 
 def join_stages(candidates: pa.Table, stages: dict[str, pa.Table]) -> pa.Table:
@@ -79,11 +50,6 @@ def _first_reason(reason: pa.Array, cond, label) -> pa.Array:
     return pc.if_else(pc.and_(pc.is_null(reason), cond), label, reason)
 
 
-def error_category(parse_error: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """'engine_error: timeout' -> 'engine_error'; 'upstream_failed:echo' -> 'upstream_failed'."""
-    return pc.replace_substring_regex(parse_error, r"(?s):.*$", "")
-
-
 def verdicts(joined: pa.Table, recipe: Recipe, curation: Curation, threshold: float | None = None) -> pa.Array:
     """One reason per joined row (null = kept); see the module docstring for the order."""
     n = joined.num_rows
@@ -91,7 +57,7 @@ def verdicts(joined: pa.Table, recipe: Recipe, curation: Curation, threshold: fl
     for stage in recipe.stages:
         reason = _first_reason(reason, pc.is_null(joined[f"{stage}.present"]), f"{stage}:missing_row")
         err = joined[f"{stage}.parse_error"]
-        label = pc.binary_join_element_wise(f"{stage}:", error_category(err), "")
+        label = pc.binary_join_element_wise(f"{stage}:", categories(err), "")
         reason = _first_reason(reason, pc.is_valid(err), label)
     if recipe.gate:
         limit = recipe.threshold if threshold is None else threshold
@@ -158,11 +124,6 @@ def web_examples(joined: pa.Table, keep: pa.Array, recipe: Recipe, tag: str | No
     return examples(instructions, responses, ids=rows["id"], origin="web", recipe=recipe.name, tag=tag,
                     scores=scores, n_tokens_instruction=count_tokens(instructions.to_pylist()),
                     n_tokens_response=n_resp)
-
-
-def instruction_key(instruction: str) -> str:
-    """Dedup key of an instruction: NFC, whitespace collapsed, case folded; xxh3_128 hex."""
-    return xxhash.xxh3_128_hexdigest(normalize_for_dedup(instruction).casefold().encode("utf-8"))
 
 
 def default_tags(no_tags: bool, seed_tag: str | None, web_tag: str | None) -> tuple[str | None, str | None]:

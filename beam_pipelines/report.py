@@ -7,7 +7,7 @@ import html
 import io
 
 from beam_pipelines.corpus_stats import LENGTH_EDGES, SCORE_EDGES
-from bft import storage
+import storage
 
 PLOTS = ("funnel", "scores", "lengths", "trigrams")
 

@@ -31,6 +31,3 @@ def balance(shard_tokens: list[int]) -> float:
         return 1.0
     return max(shard_tokens) / (total / len(shard_tokens))
 
-
-def shard_name(prefix: str, shard: int, num_shards: int, ext: str = "parquet") -> str:
-    return f"{prefix}-{shard:05d}-of-{num_shards:05d}.{ext}"

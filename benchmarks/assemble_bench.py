@@ -25,7 +25,7 @@ SHARDS = 16
 def build_root(n: int, tokenizer: str) -> str:
     import schemas
     from benchmarks.corpus import TextMaker
-    from bft import storage
+    import storage
     from generation.runner import output_path
 
     root = os.path.join(WORK, f"assemble-{n}")

@@ -39,8 +39,8 @@ def build(docs: int) -> tuple[str, str]:
     if not os.path.exists(os.path.join(root, "candidates", "stats.json")):
         shutil.rmtree(root, ignore_errors=True)
         write_dolma(os.path.join(root, "dolma"), docs, 2, maker=TextMaker(seed=docs), dup_rate=0.0)
-        prepare.run(prepare.PrepareConfig(inputs=[os.path.join(root, "dolma", "documents", "*", "*.json.gz")],
-                                          output=os.path.join(root, "candidates"), tokenizer=model,
+        prepare.run(prepare.PrepareConfig(input=[os.path.join(root, "dolma", "documents", "*", "*.json.gz")],
+                                          root=root, tokenizer=model,
                                           max_tokens=1500, num_shards=1, reject_shards=1), ["--runner=FnApiRunner"])
     return root, model
 

@@ -81,11 +81,12 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
 def run_size(n_docs: int, files: int, max_tokens: int, shards: int, tokenizer: str) -> dict:
     corpus = make_corpus(n_docs, files)
     head = os.path.join(corpus, "documents", "cc_en_head")
-    ours_out = os.path.join(WORK, f"ours-{n_docs}")
+    ours_root = os.path.join(WORK, f"ours-{n_docs}")
+    ours_out = os.path.join(ours_root, "candidates")
     peer_out = os.path.join(WORK, f"datatrove-{n_docs}")
-    for d in (ours_out, peer_out, peer_out + "-logs"):
+    for d in (ours_root, peer_out, peer_out + "-logs"):
         shutil.rmtree(d, ignore_errors=True)
-    ours = measure([BFT, "prepare", "--input", os.path.join(head, "*.json.gz"), "--output", ours_out,
+    ours = measure([BFT, "prepare", "--input", os.path.join(head, "*.json.gz"), "--root", ours_root,
                     "--tokenizer", tokenizer, "--max-tokens", str(max_tokens), "--num-shards", str(shards)])
     peer = measure([PY, "-m", "benchmarks.datatrove_peer", "--input-dir", head, "--output", peer_out,
                     "--tokenizer", tokenizer, "--max-tokens", str(max_tokens), "--tasks", str(files)],

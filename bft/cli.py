@@ -1,87 +1,75 @@
-"""`bft`: the one entry point. Each verb has --help; Beam verbs pass unknown flags to Beam."""
+"""`bft`: the one entry point, and the roof of the code: the verb table, one config loader
+(`bft.config`), and one error path (a `UserError` is one line and exit 1; a usage error exit 2).
+
+    bft prepare | generate STAGE | assemble | validate | seed | train | eval generate|judge
+
+Every verb takes its options as flags or from a run file (`--config FILE`: the verb's section, see
+bft.config). Beam verbs (prepare, assemble) pass the flags that Beam's PipelineOptions knows to Beam
+(`--runner`, `--project`, ...); any other unknown flag is a usage error. Beam's own logs show only
+with --verbose.
+"""
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
 import os
+import re
 import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from bft import config
 
 
-def _prepare(argv: list[str]) -> int:
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    summary: str
+    config: str                       # "module:Class" of the verb's config dataclass (imported when run)
+    run: Callable                     # (cfg, beam_args) -> exit status; prints what the user needs
+    beam: bool = False                # takes Beam's pipeline options
+    positional: tuple[str, ...] = ()
+
+    def config_class(self):
+        module, cls = self.config.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+# ---- what each verb prints ---------------------------------------------------------------------
+
+def _prepare(cfg, beam_args) -> int:
     from beam_pipelines import prepare
 
-    ap = argparse.ArgumentParser(prog="bft prepare", description=prepare.__doc__.split("\n")[0],
-                                 epilog="Any other flag (--runner, --project, --temp_location, ...) goes to Beam.")
-    prepare.add_arguments(ap)
-    args, beam_args = ap.parse_known_args(argv)
-    stats = prepare.run(prepare.config_from_args(args), beam_args, overwrite=args.overwrite)
-    print_funnel(stats, args.output)
-    return 0
-
-
-def print_funnel(stats: dict, output: str) -> None:
-    print(f"prepare: {stats['input_records']:,} input records -> {stats['kept']:,} candidates in {output}")
+    stats = prepare.run(cfg, beam_args)
+    if stats.get("reused"):
+        print(f"prepare: {cfg.root}/candidates is complete with this config; nothing to do")
+    print(f"prepare: {stats['input_records']:,} input records -> {stats['kept']:,} candidates in "
+          f"{cfg.root}/candidates")
     for reason, n in sorted(stats["dropped"].items(), key=lambda kv: -kv[1]):
         print(f"  dropped {reason:<14} {n:>10,}")
     sh = stats["shards"]
     print(f"  {sh['num_shards']} shards, {stats['tokens']['total']:,} tokens, balance max/mean "
           f"{sh['balance_max_over_mean']:.4f}; rejects: {stats['rejects']['rows']:,} rows")
+    return 0
 
 
-def _generate(argv: list[str]) -> int:
-    from generation.runner import GenerateConfig, StageRunner
-    from generation.stages import STAGES
+def _generate(cfg, beam_args) -> int:
+    from generation.runner import StageRunner
 
-    ap = argparse.ArgumentParser(prog="bft generate", description="Run one LLM stage over the candidate shards.")
-    ap.add_argument("stage", choices=sorted(STAGES))
-    ap.add_argument("--root", required=True, help="run root (local or gs://) holding candidates/")
-    ap.add_argument("--engine", required=True, choices=["vllm", "openai", "hf"])
-    ap.add_argument("--model", required=True, help="model folder or hub id (for openai: the served model name)")
-    ap.add_argument("--tokenizer", help="tokenizer of the model, if not the --model folder")
-    ap.add_argument("--base-url", help="openai engine: the server, e.g. http://localhost:8000/v1")
-    ap.add_argument("--api", choices=["completions", "chat"], default="completions", help="openai engine endpoint")
-    ap.add_argument("--worker-index", type=int, default=0)
-    ap.add_argument("--num-workers", type=int, default=1)
-    ap.add_argument("--config", help="JSON or YAML file with any of these options (flags win)")
-    ap.add_argument("--temperature", type=float)
-    ap.add_argument("--top-p", type=float)
-    ap.add_argument("--max-new-tokens", type=int)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--batch-size", type=int, help="hf engine: prompts per generate call")
-    ap.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-    ap.add_argument("--score-mode", choices=["generate", "logprob"], help="score stage: the paper's generated "
-                    "reasoning + score (default), or the next-token probabilities of 1..5 after 'Score:'")
-    ap.add_argument("--template", help="file replacing the stage's prompt template")
-    ap.add_argument("--max-error-rate", type=float, help="fail a shard when more requests than this fail")
-    ap.add_argument("--concurrency", type=int, help="openai engine: requests in flight")
-    ap.add_argument("--tensor-parallel-size", type=int, help="vllm engine")
-    ap.add_argument("--gpu-memory-utilization", type=float, help="vllm engine")
-    ap.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"])
-    args = ap.parse_args(argv)
-    options = load_config(args.config) if args.config else {}
-    options.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
-    cfg = GenerateConfig(**options)
     summary = StageRunner(cfg).run()
     print(f"generate {cfg.stage}: shards written {summary['shards_done']}, skipped (complete) "
           f"{summary['shards_skipped']}; {summary['rows']:,} rows, {summary['errors']} engine errors")
     return 0
 
 
-def _assemble(argv: list[str]) -> int:
-    from beam_pipelines import assemble, release
+def _assemble(cfg, beam_args) -> int:
+    from beam_pipelines import assemble
+    from schemas import release
 
-    ap = argparse.ArgumentParser(prog="bft assemble", description=assemble.__doc__.split("\n")[0],
-                                 epilog="Any other flag (--runner, --project, --temp_location, ...) goes to Beam.")
-    assemble.add_arguments(ap)
-    args, beam_args = ap.parse_known_args(argv)
-    try:
-        stats = assemble.run(assemble.config_from_args(args), beam_args)
-    except (assemble.AssembleError, release.ReleaseError) as e:
-        print(f"bft assemble: {e}", file=sys.stderr)
-        return 1
+    stats = assemble.run(cfg, beam_args)
     f = stats["funnel"]
-    folder = release.release_dir(args.root.rstrip("/"), stats["version"])
+    folder = release.release_dir(cfg.root, stats["version"])
     print(f"assemble ({stats['recipe']}): {f['candidates']:,} candidates -> {f['web_examples']:,} web examples "
           f"+ {f['seed']['kept']:,} seed = {f['final']['total']:,} ({f['final']['train']:,} train, "
           f"{f['final']['validation']:,} validation)")
@@ -91,77 +79,204 @@ def _assemble(argv: list[str]) -> int:
     return 0
 
 
-def _validate(argv: list[str]) -> int:
-    from beam_pipelines import release
+def _validate(cfg, beam_args) -> int:
+    from schemas import release
 
-    ap = argparse.ArgumentParser(prog="bft validate", description="Re-check a release: manifest, checksums, "
-                                 "schemas, row counts, unique ids. Exits 1 when anything is off.")
-    ap.add_argument("path", help="a release folder, or a run root / ROOT/sft whose LATEST names one")
-    args = ap.parse_args(argv)
-    try:
-        manifest = release.validate(args.path)
-    except release.ReleaseError as e:
-        print(f"bft validate: {e}", file=sys.stderr)
-        return 1
+    manifest = release.validate(cfg.target)
     print(f"valid: release {manifest['version']} ({manifest['counts']['train']:,} train, "
           f"{manifest['counts']['validation']:,} validation; {len(manifest['files'])} files checked)")
     return 0
 
 
-def load_config(path: str) -> dict:
-    """The one config loader: a JSON or YAML mapping of option names (dashes or underscores)."""
-    from bft import storage
-
-    text = storage.read_text(path)
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise SystemExit(f"{path}: a config file holds a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
-
-
-def _seed(argv: list[str]) -> int:
+def _seed(cfg, beam_args) -> int:
     from training import seed
 
-    return seed.main(argv)
+    counts = seed.run(cfg)
+    print(f"seed: {counts['trees']:,} trees -> {counts['pairs']:,} first-turn pairs -> {counts['selected']:,} "
+          f"selected in {cfg.output} (left out: {counts['root_not_english_deleted_or_unreviewed']:,} roots not "
+          f"English/deleted/unreviewed, {counts['no_usable_rank0_reply']:,} without a usable rank-0 reply)")
+    return 0
 
 
-def _train(argv: list[str]) -> int:
+def _train(cfg, beam_args) -> int:
     from training import train
 
-    return train.main(argv)
+    summary = train.run(cfg)
+    m = summary["metrics"]
+    if summary.get("skipped"):
+        print(f"train {cfg.role}: {cfg.output} is already trained (bft_train.json); skipped")
+    elif int(os.environ.get("RANK", "0")) == 0:
+        losses = m["losses"] or [m["train_loss"]]
+        print(f"train {cfg.role}: {summary['examples']:,} examples ({summary['left_out_too_long']} too long), "
+              f"{m['steps']} steps, logged loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
+              f"{m['tokens_per_s']:,} tokens/s -> {cfg.output}")
+    return 0
 
 
-def _eval(argv: list[str]) -> int:
+def _eval_generate(cfg, beam_args) -> int:
     from training import evaluate
 
-    return evaluate.main(argv)
+    out = evaluate.run_generate(cfg)
+    print(f"eval generate: {len(out)} answers by {cfg.generator} -> {cfg.output}")
+    return 0
 
 
-VERBS = {"prepare": _prepare, "generate": _generate, "assemble": _assemble, "validate": _validate,
-         "seed": _seed, "train": _train, "eval": _eval}
+def _eval_judge(cfg, beam_args) -> int:
+    from training import evaluate
+
+    s = evaluate.run_judge(cfg)
+    print(f"eval judge: a={cfg.a} vs b={cfg.b}: {s['win']} win / {s['tie']} tie / {s['loss']} loss, "
+          f"win rate {s['win_rate']:.3f} ± {s['standard_error']:.3f} (judgments without a verdict: "
+          f"{s['judgments_without_verdict']})" + (f" -> {cfg.output}" if cfg.output else ""))
+    return 0
+
+
+VERBS = {v.name: v for v in [
+    Verb("prepare", "Beam pass 1: Dolma head split -> exact length filter -> dedup -> balanced candidate shards",
+         "beam_pipelines.prepare:PrepareConfig", _prepare, beam=True),
+    Verb("generate", "run one LLM stage (backtranslate, score, rewrite, distill, rate) over the candidate shards",
+         "generation.runner:GenerateConfig", _generate, positional=("stage",)),
+    Verb("assemble", "Beam pass 2: candidates + generations -> the SFT corpus, its statistics, a versioned release",
+         "beam_pipelines.assemble:AssembleConfig", _assemble, beam=True),
+    Verb("validate", "re-check a release: manifest, checksums, schemas, row counts, unique ids (exit 1 if not)",
+         "schemas.release:ValidateConfig", _validate, positional=("path",)),
+    Verb("seed", "the seed pairs: first turns of OpenAssistant oasst1 trees", "training.seed:SeedConfig", _seed),
+    Verb("train", "fine-tune the backward, forward or SFT model (transformers' Trainer)",
+         "training.train:TrainConfig", _train),
+    Verb("eval generate", "answer an AlpacaEval-format question file", "training.evaluate:EvalGenerateConfig",
+         _eval_generate),
+    Verb("eval judge", "judge two answer files pairwise, both orders (MT-Bench's prompt)",
+         "training.evaluate:EvalJudgeConfig", _eval_judge),
+]}
+
+
+def usage() -> str:
+    import bft
+
+    lines = [f"usage: bft VERB [options]   (bft {bft.__version__})", "",
+             "Instruction back-and-forth translation: web text -> instruction-tuning data.", "", "verbs:"]
+    lines += [f"  {v.name:<15} {v.summary}" for v in VERBS.values()]
+    lines += ["", "Run `bft VERB --help` for a verb's options. Every option can also come from a run file:",
+              "`bft VERB --config FILE` reads FILE's section for the verb (flags win)."]
+    return "\n".join(lines)
+
+
+# ---- one error path ----------------------------------------------------------------------------
+
+def _user_error_names() -> set[str]:
+    from schemas.errors import UserError
+
+    names, todo = set(), [UserError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The message of a UserError, also when a Beam runner re-raised it from a worker (as the text
+    of another exception, whose last line is `<ErrorClass>: <message>`)."""
+    from schemas.errors import UserError
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    names = "|".join(sorted(_user_error_names()))
+    found = re.findall(rf"\b(?:{names}): (.+)", str(exc))
+    if not found:
+        return None
+    return re.sub(r"\s*\[while running '[^']*'\]\s*$", "", found[-1]).strip()
+
+
+def _configure_logging(verbose: bool) -> None:
+    level = os.environ.get("BFT_LOG_LEVEL", "INFO" if verbose else "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose and "BFT_LOG_LEVEL" not in os.environ:
+        # The local runner relays every worker's start-up warnings; they are noise for a user.
+        for name in ("apache_beam", "absl", "httpx", "transformers", "datasets"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run_verb(verb: Verb, argv: list[str]) -> int:
+    cls = verb.config_class()
+    ap = argparse.ArgumentParser(prog=f"bft {verb.name}", description=(cls.__doc__ or verb.summary).strip(),
+                                 allow_abbrev=False,
+                                 epilog="Beam's pipeline options (--runner, --project, --temp_location, ...) "
+                                        "pass through to Beam." if verb.beam else None)
+    ap.add_argument("--config", metavar="FILE", help=f"run file (YAML or JSON): its `{verb.name.split()[0]}:` "
+                    "section (and `root:`) supplies options; flags win")
+    ap.add_argument("--verbose", action="store_true", help="show Beam's and the libraries' logs")
+    config.add_arguments(ap, cls, verb.positional)
+    if verb.beam:
+        args, beam_args = ap.parse_known_args(argv)
+        from beam_pipelines.options import unknown_beam_flags
+
+        unknown = unknown_beam_flags(beam_args)
+        if unknown:
+            ap.error(f"unknown option(s) {', '.join(unknown)}: neither bft {verb.name} nor Beam's pipeline "
+                     "options know them")
+    else:
+        args, beam_args = ap.parse_args(argv), []
+    _configure_logging(args.verbose)
+    from beam_pipelines.options import configure_process
+
+    configure_process()
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "verbose")}
+    try:
+        file_values = {}
+        if args.config:
+            head, _, sub = verb.name.partition(" ")
+            doc = config.read_run_file(args.config)
+            raw = config.section(doc, args.config, head, sub or flags.get("stage"))
+            names = {o.name for o in config.options(cls)}
+            if "root" in raw and "root" not in names:
+                raw.pop("root")
+            where = f"{args.config} (section {head})"
+            file_values = config.check_values(cls, raw, where, allowed_extra=("beam_args",) if verb.beam else ())
+            file_beam = file_values.pop("beam_args", [])
+            if file_beam:
+                from beam_pipelines.options import unknown_beam_flags
+
+                if not isinstance(file_beam, list) or not all(isinstance(a, str) for a in file_beam):
+                    raise config.ConfigError(f"{where}: key 'beam_args' must be a list of strings")
+                unknown = unknown_beam_flags(file_beam)
+                if unknown:
+                    raise config.ConfigError(f"{where}: beam_args {', '.join(unknown)} are not Beam pipeline options")
+                beam_args = file_beam + beam_args
+        cfg = config.build(cls, file_values, flags, args.config or "")
+        return verb.run(cfg, beam_args)
+    except KeyboardInterrupt:
+        print(f"bft {verb.name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a user's mistake is one line; anything else is a bug and keeps its traceback
+        message = user_error_message(e)
+        if message is None:
+            raise
+        print(f"bft {verb.name}: {message}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from bft.runtime import configure_process
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] == "--version":
+        import bft
 
-    configure_process()
-    logging.basicConfig(level=os.environ.get("BFT_LOG_LEVEL", "WARNING"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if "BFT_LOG_LEVEL" not in os.environ:
-        # The local runner relays every worker's start-up warnings; they are noise for a user.
-        logging.getLogger("apache_beam").setLevel(logging.ERROR)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
-        print("usage: bft {" + ",".join(VERBS) + "} ...\n\n"
-              "Instruction back-and-forth translation: web text -> instruction-tuning data.\n"
-              "Run `bft VERB --help` for a verb's flags.", file=sys.stderr if argv else sys.stdout)
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    return VERBS[argv[0]](argv[1:])
+        print(f"bft {bft.__version__}")
+        return 0
+    name = argv[0]
+    if name == "eval" and len(argv) > 1 and not argv[1].startswith("-"):
+        name, argv = f"eval {argv[1]}", argv[1:]
+    verb = VERBS.get(name)
+    if verb is None:
+        print(usage() + f"\n\nbft: unknown verb {' '.join(argv[:1])!r}", file=sys.stderr)
+        return 2
+    return run_verb(verb, argv[1:])
 
 
 if __name__ == "__main__":

@@ -12,16 +12,18 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import re
 import time
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
-import xxhash
 from tqdm import tqdm
 
 import schemas
-from bft import storage
+import storage
+from schemas.errors import UserError
+from schemas.keys import row_seed
+from schemas.layout import RunLayout
+from schemas.options import option, required
 from generation import parsing
 from generation.engines import Completion, Engine, Request, make_engine
 from generation.prompting import SCORE_PREFIX, fit_prompt, n_tokens
@@ -29,68 +31,57 @@ from generation.stages import STAGES
 from generation.templates import load_template
 
 log = logging.getLogger("bft.generate")
-_SHARD = re.compile(r"candidates-(\d{5})-of-(\d{5})\.parquet$")
 
 
-class GenerationError(RuntimeError):
+class GenerationError(UserError):
     pass
 
 
 @dataclass
 class GenerateConfig:
-    stage: str
-    root: str
-    engine: str
-    model: str
-    tokenizer: str | None = None
-    base_url: str | None = None
-    api: str = "completions"
-    worker_index: int = 0
-    num_workers: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    max_new_tokens: int | None = None
-    seed: int = 0
-    batch_size: int = 16
-    max_model_len: int | None = None
-    score_mode: str = "generate"
-    template: str | None = None
-    max_error_rate: float = 0.02
-    concurrency: int = 16
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    dtype: str = "auto"
-    chunk_rows: int = 512
+    """The options of `bft generate STAGE` (flags and the `generate:` section of a run file)."""
+
+    stage: str = required("the stage to run", choices=sorted(STAGES))
+    root: str = required("run root (local or gs://) holding candidates/")
+    engine: str = required("vllm (in-process), openai (any compatible server) or hf (transformers)",
+                           choices=["vllm", "openai", "hf"])
+    model: str = required("model folder or hub id (for openai: the served model name)")
+    tokenizer: str | None = option(None, "tokenizer of the model, if not the --model folder")
+    base_url: str | None = option(None, "openai engine: the server, e.g. http://localhost:8000/v1")
+    api: str = option("completions", "openai engine endpoint", choices=["completions", "chat"])
+    worker_index: int = option(0, "this worker's index: it takes shards k with k % num_workers == index",
+                               run_only=True)
+    num_workers: int = option(1, "workers sharing the stage", run_only=True)
+    temperature: float | None = option(None, "sampling temperature (default: the stage's, 1.0 in the paper)")
+    top_p: float | None = option(None, "nucleus sampling (default: the stage's, 0.9 in the paper)")
+    max_new_tokens: int | None = option(None, "new-token cap (default: the stage's)")
+    seed: int = option(0, "seed of every row's sampling seed")
+    batch_size: int = option(16, "hf engine: prompts per generate call")
+    max_model_len: int | None = option(None, "context length (default: the model's)")
+    score_mode: str = option("generate", "score stage: the paper's generated reasoning + score, or the next-token "
+                             "probabilities of 1..5 after 'Score:'", choices=["generate", "logprob"])
+    template: str | None = option(None, "file replacing the stage's prompt template")
+    max_error_rate: float = option(0.02, "fail a shard when a larger share of its requests fails")
+    concurrency: int = option(16, "openai engine: requests in flight")
+    tensor_parallel_size: int = option(1, "vllm engine: GPUs per model")
+    gpu_memory_utilization: float = option(0.9, "vllm engine: share of GPU memory to take")
+    dtype: str = option("auto", "vllm and hf engines: weights' dtype", choices=["auto", "bf16", "fp16", "fp32"])
+    chunk_rows: int = option(512, "rows per engine call (progress granularity) for engines that stream",
+                             run_only=True)
+
+    def check(self) -> None:
+        if self.stage not in STAGES:
+            raise UserError(f"unknown stage {self.stage!r}; expected one of {sorted(STAGES)}")
+        if not 0 <= self.worker_index < self.num_workers:
+            raise UserError("--worker-index must be in 0..--num-workers-1")
+        if self.chunk_rows < 1 or self.batch_size < 1 or self.concurrency < 1:
+            raise UserError("--chunk-rows, --batch-size and --concurrency must be >= 1")
+        self.root = RunLayout(self.root).root
 
     def engine_options(self) -> dict:
         return {k: getattr(self, k) for k in ("tokenizer", "base_url", "api", "batch_size", "max_model_len",
                                               "concurrency", "tensor_parallel_size", "gpu_memory_utilization",
                                               "dtype", "seed")}
-
-
-def row_seed(doc_id: str, stage: str, seed: int) -> int:
-    return xxhash.xxh3_64_intdigest(f"{stage}\0{doc_id}".encode(), seed=seed) % (2**31)
-
-
-def candidate_shards(root: str) -> list[tuple[int, int, str]]:
-    folder = storage.join(root, "candidates")
-    if not storage.exists(storage.join(folder, "stats.json")):
-        raise GenerationError(f"{folder}: no complete prepare output (stats.json missing); run bft prepare first")
-    shards = []
-    for path in storage.list_files(folder):
-        m = _SHARD.search(path)
-        if m and "/rejects/" not in path and "/_tmp/" not in path:
-            shards.append((int(m.group(1)), int(m.group(2)), path))
-    if not shards:
-        raise GenerationError(f"{folder}: no candidates-*.parquet shards")
-    n = shards[0][1]
-    if sorted(k for k, _, _ in shards) != list(range(n)) or any(s[1] != n for s in shards):
-        raise GenerationError(f"{folder}: shard files are not exactly 0..{n - 1} of {n}")
-    return sorted(shards)
-
-
-def output_path(root: str, stage: str, shard: int, num_shards: int) -> str:
-    return storage.join(root, "generations", stage, f"{stage}-{shard:05d}-of-{num_shards:05d}.parquet")
 
 
 def read_generation(path: str) -> pa.Table:
@@ -110,13 +101,9 @@ def shard_complete(path: str, ids: list[str]) -> bool:
 
 class StageRunner:
     def __init__(self, cfg: GenerateConfig, engine: Engine | None = None):
-        if cfg.stage not in STAGES:
-            raise ValueError(f"unknown stage {cfg.stage!r}; expected one of {sorted(STAGES)}")
-        if not 0 <= cfg.worker_index < cfg.num_workers:
-            raise ValueError("--worker-index must be in 0..--num-workers-1")
-        if cfg.score_mode not in ("generate", "logprob"):
-            raise ValueError("--score-mode must be generate or logprob")
+        cfg.check()
         self.cfg, self.spec = cfg, STAGES[cfg.stage]
+        self.layout = RunLayout(cfg.root)
         self.template = load_template(cfg.stage, cfg.template)
         self._engine = engine
         self.logprob = cfg.stage == "score" and cfg.score_mode == "logprob"
@@ -129,10 +116,10 @@ class StageRunner:
 
     def run(self) -> dict:
         cfg = self.cfg
-        shards = [s for s in candidate_shards(cfg.root) if s[0] % cfg.num_workers == cfg.worker_index]
+        shards = [s for s in self.layout.candidate_shards() if s[0] % cfg.num_workers == cfg.worker_index]
         summary = {"stage": cfg.stage, "shards_done": [], "shards_skipped": [], "rows": 0, "errors": 0}
         for k, n, cand_path in shards:
-            out = output_path(cfg.root, cfg.stage, k, n)
+            out = self.layout.generation_shard(cfg.stage, k, n)
             cands = schemas.validate(storage.read_parquet(cand_path), schemas.CANDIDATE, cand_path)
             ids = cands.column("id").to_pylist()
             if shard_complete(out, ids):
@@ -149,7 +136,7 @@ class StageRunner:
         rows = cands.select(["id", "text"]).to_pylist()
         if not self.spec.upstream:
             return rows
-        up_path = output_path(self.cfg.root, self.spec.upstream, k, n)
+        up_path = self.layout.generation_shard(self.spec.upstream, k, n)
         if not storage.exists(up_path):
             raise GenerationError(f"{up_path}: missing; run `bft generate {self.spec.upstream}` for shard {k} first")
         up = {r["id"]: r for r in read_generation(up_path).select(["id", "instruction", "parse_error"]).to_pylist()}
@@ -208,7 +195,7 @@ class StageRunner:
         results.sort(key=lambda r: order[r["id"]])
         storage.write_parquet(schemas.to_table(results, schemas.GENERATION, out), out)
         metrics = self._metrics(k, results, time.perf_counter() - t0, errors)
-        storage.write_text(out.replace(".parquet", ".metrics.json"), json.dumps(metrics, indent=2) + "\n")
+        storage.write_text(self.layout.generation_metrics(cfg.stage, k, n), json.dumps(metrics, indent=2) + "\n")
         return metrics
 
     def _row(self, row: dict, req: Request | None, comp: Completion | None, truncated: bool, reason: str | None) -> dict:

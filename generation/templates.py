@@ -140,7 +140,7 @@ def load_template(stage: str, path: str | None = None) -> Template:
     """The stage's default template, or the one in file `path` (first line `SYSTEM: ...` optional)."""
     if not path:
         return DEFAULTS[stage]
-    from bft import storage
+    import storage
 
     text = storage.read_text(path)
     if text.startswith("SYSTEM:"):

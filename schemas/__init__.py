@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from schemas.errors import UserError
+
 SCHEMA_VERSION = "1"
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """A table or file does not follow its record contract."""
 
 

@@ -25,7 +25,7 @@ $BIN/bft train --role forward --base-model "$MODELS/base" --data "$ROOT/seed/see
   --output "$MODELS/forward" "${TRAIN[@]}"
 
 echo "== bft prepare: Dolma head split -> exact length filter -> dedup -> token-balanced shards"
-$BIN/bft prepare --input "$SAMPLE" --output "$ROOT/candidates" \
+$BIN/bft prepare --input "$SAMPLE" --root "$ROOT" \
   --tokenizer "$MODELS/tokenizer" --max-tokens 1024 --num-shards 4
 
 GEN=(--root "$ROOT" --engine hf --max-new-tokens 64 --batch-size 16 --seed 0)

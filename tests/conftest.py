@@ -102,7 +102,7 @@ def gcs_emulator():
         raise RuntimeError("gcp-storage-emulator did not start")
     old = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    from bft import storage
+    import storage
 
     storage.gcs_client.cache_clear()
     try:

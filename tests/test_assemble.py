@@ -12,10 +12,13 @@ from nltk import ngrams
 from nltk.tokenize import wordpunct_tokenize
 
 import schemas
-from beam_pipelines import assemble, corpus_stats, recipes, release
+from beam_pipelines import assemble, corpus_stats, recipes
+from schemas import release
 from beam_pipelines.assemble import AssembleConfig, AssembleError
-from bft import cli, storage
-from generation.runner import output_path
+import storage
+from bft import cli
+from schemas.keys import instruction_key
+from schemas.layout import RunLayout
 from generation.templates import SEED_TAG, WEB_TAG
 from tests.conftest import LOCAL
 
@@ -74,17 +77,17 @@ def write_root(root, tokenizer, stages=("backtranslate", "score", "rewrite", "di
     for k, ids in enumerate(SHARDS):
         rows = [{"id": i, "text": doc(i), "source": "common-crawl", "url": None, "n_chars": len(doc(i)),
                  "n_tokens": 30, "shard": k, "text_hash": i} for i in ids]
-        path = storage.join(root, "candidates", f"candidates-{k:05d}-of-{n:05d}.parquet")
+        path = RunLayout(root).candidates_shard(k, n)
         storage.write_parquet(schemas.to_table(rows, schemas.CANDIDATE, path), path)
         files.append({"path": path, "rows": len(rows), "tokens": 180, "bytes": 0})
         for stage in stages:
             by_id = stage_rows(stage)
-            out = output_path(root, stage, k, n)
+            out = RunLayout(root).generation_shard(stage, k, n)
             storage.write_parquet(schemas.to_table([by_id[i] for i in ids if i in by_id], schemas.GENERATION, out), out)
             storage.write_text(out.replace(".parquet", ".metrics.json"), json.dumps({"model": f"tiny-{stage}"}))
     stats = {"input_records": 20, "kept": 12, "dropped": {"too_long": 8}, "shards": {"files": files},
              "config": {"tokenizer": tokenizer}}
-    storage.write_text(storage.join(root, "candidates", "stats.json"), json.dumps(stats))
+    storage.write_text(RunLayout(root).prepare_stats, json.dumps(stats))
     return root
 
 
@@ -121,10 +124,10 @@ def test_recipe_keeps_exactly_the_expected_rows(root, recipe):
     r = recipes.RECIPES[recipe]
     kept = []
     for k in range(2):
-        cands = storage.read_parquet(storage.join(root, "candidates", f"candidates-{k:05d}-of-00002.parquet"))
-        stages = {s: storage.read_parquet(output_path(root, s, k, 2)) for s in r.stages}
+        cands = storage.read_parquet(RunLayout(root).candidates_shard(k, 2))
+        stages = {s: storage.read_parquet(RunLayout(root).generation_shard(s, k, 2)) for s in r.stages}
         joined = recipes.join_stages(cands, stages)
-        keep = pa.compute.is_null(recipes.verdicts(joined, r, recipes.Curation()))
+        keep = pa.compute.is_null(recipes.verdicts(joined, r, recipes.Curation(10, 800)))
         web = recipes.web_examples(joined, keep, r, WEB_TAG, lambda texts: [len(t.split()) for t in texts])
         kept += web.to_pylist()
     # b0 survives the recipe; it is dropped later as a duplicate instruction of a0
@@ -141,13 +144,13 @@ def test_recipe_keeps_exactly_the_expected_rows(root, recipe):
 
 
 def test_verdicts_name_the_first_reason_in_pipeline_order(root):
-    cands = pa.concat_tables(storage.read_parquet(storage.join(root, "candidates", f"candidates-{k:05d}-of-00002.parquet"))
+    cands = pa.concat_tables(storage.read_parquet(RunLayout(root).candidates_shard(k, 2))
                              for k in range(2))
-    stages = {s: pa.concat_tables(storage.read_parquet(output_path(root, s, k, 2)) for k in range(2))
+    stages = {s: pa.concat_tables(storage.read_parquet(RunLayout(root).generation_shard(s, k, 2)) for k in range(2))
               for s in ("backtranslate", "score", "rewrite")}
     joined = recipes.join_stages(cands, stages)
     reasons = dict(zip(joined["id"].to_pylist(),
-                       recipes.verdicts(joined, recipes.RECIPES["filter+rewrite"], recipes.Curation()).to_pylist()))
+                       recipes.verdicts(joined, recipes.RECIPES["filter+rewrite"], recipes.Curation(10, 800)).to_pylist()))
     assert reasons == {"a0": None, "a1": "backtranslate:echo", "a2": "instruction_too_short",
                        "a3": "score_below_threshold", "a4": "score:no_match", "a5": "rewrite:truncated",
                        "b0": None, "b1": "backtranslate:missing_row", "b2": None, "b3": "empty_response",
@@ -158,8 +161,8 @@ def test_verdicts_name_the_first_reason_in_pipeline_order(root):
 
 
 def test_instruction_key_ignores_case_and_layout():
-    assert recipes.instruction_key("Explain  this\nplease") == recipes.instruction_key(" explain this please ")
-    assert recipes.instruction_key("Explain this") != recipes.instruction_key("Explain that")
+    assert instruction_key("Explain  this\nplease") == instruction_key(" explain this please ")
+    assert instruction_key("Explain this") != instruction_key("Explain that")
 
 
 def test_trigram_counts_equal_nltk():
@@ -252,14 +255,14 @@ def test_cap_keeps_a_deterministic_bottom_k(root):
     stats = run(root, max_examples=2, version="capped")
     _, splits = read_release(root, "capped")
     ids = sorted(pd.concat(splits.values()).id)
-    from beam_pipelines.dedup import sample_key
+    from schemas.keys import sample_key
 
     assert ids == sorted(sorted(EXPECTED_KEPT["filter+rewrite"], key=lambda i: (sample_key(i, 0), i))[:2])
     assert stats["funnel"]["dropped"]["over_cap"] == 2
 
 
 def test_missing_generation_shards_are_listed_or_reported(root):
-    os.remove(output_path(root, "rewrite", 1, 2))
+    os.remove(RunLayout(root).generation_shard("rewrite", 1, 2))
     with pytest.raises(AssembleError, match=r"rewrite-00001-of-00002\.parquet"):
         run(root, version="p")
     stats = run(root, version="p", allow_partial=True)
@@ -268,7 +271,7 @@ def test_missing_generation_shards_are_listed_or_reported(root):
 
 
 def test_a_shard_with_the_wrong_schema_is_named(root):
-    path = output_path(root, "score", 0, 2)
+    path = RunLayout(root).generation_shard("score", 0, 2)
     pq.write_table(pa.table({"id": ["a0"], "score": [5]}), path)
     with pytest.raises(schemas.SchemaError, match=r"score-00000-of-00002\.parquet"):
         run(root, version="bad")

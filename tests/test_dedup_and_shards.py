@@ -1,7 +1,11 @@
+import os
 import random
 
-from beam_pipelines.dedup import normalize_for_dedup, sample_key, text_hash
-from beam_pipelines.shards import assign_shards, balance, shard_name
+import pytest
+
+from beam_pipelines.shards import assign_shards, balance
+from schemas.keys import normalize_for_dedup, sample_key, text_hash
+from schemas.layout import LayoutError, RunLayout, parse_shard_name, shard_name
 
 
 def test_normalization_collapses_whitespace_and_composes_unicode():
@@ -43,3 +47,27 @@ def test_fewer_documents_than_shards_leaves_shards_empty():
 
 def test_shard_names():
     assert shard_name("candidates", 3, 16) == "candidates-00003-of-00016.parquet"
+    assert parse_shard_name("/r/generations/score/score-00002-of-00016.metrics.json") == ("score", 2, 16)
+    assert parse_shard_name("gs://b/r/candidates/candidates-00003-of-00016.parquet") == ("candidates", 3, 16)
+    assert parse_shard_name("candidates-3-of-16.parquet") is None and parse_shard_name("stats.json") is None
+    with pytest.raises(ValueError):
+        shard_name("candidates", 16, 16)
+
+
+def test_the_layout_owns_every_path_under_a_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    layout = RunLayout("run/")
+    assert layout.root == str(tmp_path / "run")  # recorded paths name the file from any directory
+    assert layout.candidates_shard(0, 2) == str(tmp_path / "run" / "candidates" / "candidates-00000-of-00002.parquet")
+    assert layout.generation_metrics("score", 1, 2).endswith("/generations/score/score-00001-of-00002.metrics.json")
+    assert RunLayout("gs://b/runs/x/").release("v1") == "gs://b/runs/x/sft/v1"
+    with pytest.raises(LayoutError, match="run bft prepare first"):
+        layout.candidate_shards()
+    os.makedirs(tmp_path / "run" / "candidates" / "rejects")
+    for name in ("stats.json", "candidates-00000-of-00002.parquet", "candidates-00001-of-00002.parquet",
+                 "rejects/rejects-00000-of-00001.parquet"):
+        (tmp_path / "run" / "candidates" / name).write_bytes(b"")
+    assert [k for k, _, _ in layout.candidate_shards()] == [0, 1]
+    os.remove(tmp_path / "run" / "candidates" / "candidates-00001-of-00002.parquet")
+    with pytest.raises(LayoutError, match="not exactly 0..1 of 2"):
+        layout.candidate_shards()

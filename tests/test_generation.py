@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 
 import schemas
-from bft import storage
+import storage
 from generation.prompting import fit_prompt, n_tokens, render
-from generation.runner import GenerateConfig, GenerationError, StageRunner, output_path, row_seed
+from generation.runner import GenerateConfig, GenerationError, StageRunner
+from schemas.keys import row_seed
+from schemas.layout import RunLayout
 from generation.templates import DEFAULTS
 from tests.conftest import LOCAL, _free_port, dolma_line, write_dolma_file
 
@@ -27,8 +29,8 @@ def prepared_root(tmp_path_factory, fixture_texts, bpe_tokenizer_path):
     root = tmp_path_factory.mktemp("run")
     lines = [dolma_line(f"d{i:02d}", fixture_texts[i][:300]) for i in range(12)]
     write_dolma_file(str(root / "in" / "cc_en_head" / "a.json.gz"), lines)
-    prepare.run(prepare.PrepareConfig(inputs=[str(root / "in" / "*" / "*.json.gz")],
-                                      output=str(root / "candidates"), tokenizer=bpe_tokenizer_path,
+    prepare.run(prepare.PrepareConfig(input=[str(root / "in" / "*" / "*.json.gz")],
+                                      root=str(root), tokenizer=bpe_tokenizer_path,
                                       max_tokens=1000, num_shards=3, reject_shards=1), LOCAL)
     return str(root)
 
@@ -121,7 +123,7 @@ def test_resume_and_worker_split(prepared_root, tmp_path, tiny_models):
     w0 = gen(root, "backtranslate", tiny_models["plain"], worker_index=0, num_workers=2)
     w1 = gen(root, "backtranslate", tiny_models["plain"], worker_index=1, num_workers=2)
     assert (w0["shards_done"], w1["shards_done"]) == ([0, 2], [1])
-    path = output_path(root, "backtranslate", 1, 3)
+    path = RunLayout(root).generation_shard("backtranslate", 1, 3)
     stamp = os.path.getmtime(path)
     again = gen(root, "backtranslate", tiny_models["plain"])
     assert again["shards_done"] == [] and again["shards_skipped"] == [0, 1, 2]
@@ -159,7 +161,7 @@ def test_engine_errors_fail_the_shard_past_the_error_rate(prepared_root, tmp_pat
     cfg = GenerateConfig(stage="backtranslate", root=root, engine="hf", model=tiny_models["plain"], max_new_tokens=4)
     with pytest.raises(GenerationError, match="requests failed, over --max-error-rate 0.02; not written. First: engine_error: boom"):
         StageRunner(cfg, engine=Failing(tiny_models["plain"])).run()
-    assert not os.path.exists(output_path(root, "backtranslate", 0, 3))
+    assert not os.path.exists(RunLayout(root).generation_shard("backtranslate", 0, 3))
     cfg.max_error_rate = 1.0
     StageRunner(cfg, engine=Failing(tiny_models["plain"])).run()
     rows = read_stage(root, "backtranslate")[1]
@@ -248,7 +250,7 @@ def test_generation_on_gcs(prepared_root, tiny_models, gcs_emulator, bucket):
             storage.write_bytes(f"gs://{bucket}/run/candidates/{name}", open(path, "rb").read())
     root = f"gs://{bucket}/run"
     gen(root, "backtranslate", tiny_models["plain"])
-    out = output_path(root, "backtranslate", 2, 3)
+    out = RunLayout(root).generation_shard("backtranslate", 2, 3)
     table = schemas.validate(storage.read_parquet(out), schemas.GENERATION, out)
     assert table.num_rows == 4 and storage.exists(out.replace(".parquet", ".metrics.json"))
     assert gen(root, "backtranslate", tiny_models["plain"])["shards_skipped"] == [0, 1, 2]

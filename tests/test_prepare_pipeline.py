@@ -37,10 +37,11 @@ def corpus(tmp_path, fixture_texts):
     return str(docs / "*" / "*.json.gz")
 
 
-def run_prepare(corpus, out, tok, beam_args=LOCAL, **kw):
-    cfg = PrepareConfig(inputs=[corpus], output=str(out), tokenizer=tok, max_tokens=kw.pop("max_tokens", 4000),
+def run_prepare(corpus, root, tok, beam_args=LOCAL, **kw):
+    cfg = PrepareConfig(input=[corpus], root=str(root), tokenizer=tok, max_tokens=kw.pop("max_tokens", 4000),
                         num_shards=kw.pop("num_shards", 4), reject_shards=2, **kw)
-    return prepare.run(cfg, beam_args, overwrite=kw.pop("overwrite", False))
+    cfg.check()
+    return prepare.run(cfg, beam_args)
 
 
 def read_dir(folder, prefix):
@@ -49,8 +50,8 @@ def read_dir(folder, prefix):
 
 
 def test_every_record_is_accounted_for(corpus, tmp_path, bpe_tokenizer_path, fixture_texts):
-    out = tmp_path / "out"
-    stats = run_prepare(corpus, out, bpe_tokenizer_path)
+    stats = run_prepare(corpus, tmp_path / "out", bpe_tokenizer_path)
+    out = tmp_path / "out" / "candidates"
     assert stats["input_records"] == 80 + 9 + 2 + 25
     assert stats["input_records"] == stats["kept"] + sum(stats["dropped"].values())
     d = stats["dropped"]
@@ -89,22 +90,22 @@ def test_every_record_is_accounted_for(corpus, tmp_path, bpe_tokenizer_path, fix
 def test_output_is_deterministic_and_reruns_skip(corpus, tmp_path, bpe_tokenizer_path):
     a = run_prepare(corpus, tmp_path / "a", bpe_tokenizer_path)
     b = run_prepare(corpus, tmp_path / "b", bpe_tokenizer_path)
-    fa, ta = read_dir(tmp_path / "a", "candidates-")
-    fb, tb = read_dir(tmp_path / "b", "candidates-")
+    fa, ta = read_dir(tmp_path / "a" / "candidates", "candidates-")
+    fb, tb = read_dir(tmp_path / "b" / "candidates", "candidates-")
     assert fa == fb and ta.equals(tb)
     assert a["shards"]["balance_max_over_mean"] == b["shards"]["balance_max_over_mean"]
-    stamp = os.path.getmtime(tmp_path / "a" / "stats.json")
-    assert run_prepare(corpus, tmp_path / "a", bpe_tokenizer_path) == a  # complete: skipped
-    assert os.path.getmtime(tmp_path / "a" / "stats.json") == stamp
+    stamp = os.path.getmtime(tmp_path / "a" / "candidates" / "stats.json")
+    assert run_prepare(corpus, tmp_path / "a", bpe_tokenizer_path) == {**a, "reused": True}  # complete: skipped
+    assert os.path.getmtime(tmp_path / "a" / "candidates" / "stats.json") == stamp
 
 
 def test_sample_to_target_docs_is_exact_and_stable(corpus, tmp_path, bpe_tokenizer_path):
     s = run_prepare(corpus, tmp_path / "s", bpe_tokenizer_path, target_docs=30, seed=3)
     assert s["kept"] == 30 and s["dropped"]["not_sampled"] > 0
-    _, kept = read_dir(tmp_path / "s", "candidates-")
+    _, kept = read_dir(tmp_path / "s" / "candidates", "candidates-")
     full = run_prepare(corpus, tmp_path / "f", bpe_tokenizer_path)
-    _, all_kept = read_dir(tmp_path / "f", "candidates-")
-    from beam_pipelines.dedup import sample_key
+    _, all_kept = read_dir(tmp_path / "f" / "candidates", "candidates-")
+    from schemas.keys import sample_key
 
     expected = sorted(all_kept["id"], key=lambda i: (sample_key(i, 3), i))[:30]
     assert sorted(kept["id"]) == sorted(expected)
@@ -137,8 +138,8 @@ def test_selection_by_metadata_and_other_formats(tmp_path, bpe_tokenizer_path, f
 def test_candidates_load_in_pyarrow_pandas_and_datasets(corpus, tmp_path, bpe_tokenizer_path):
     import datasets
 
-    out = tmp_path / "out"
-    stats = run_prepare(corpus, out, bpe_tokenizer_path)
+    stats = run_prepare(corpus, tmp_path / "out", bpe_tokenizer_path)
+    out = tmp_path / "out" / "candidates"
     files = sorted(str(p) for p in out.glob("candidates-*.parquet"))
     assert sum(pq.read_metadata(f).num_rows for f in files) == stats["kept"]
     ds = datasets.load_dataset("parquet", data_files=files, split="train")
@@ -151,17 +152,17 @@ def test_portable_runner_with_beams_python_job_service(corpus, tmp_path, bpe_tok
     local = run_prepare(corpus, tmp_path / "local", bpe_tokenizer_path)
     portable = run_prepare(corpus, tmp_path / "portable", bpe_tokenizer_path, beam_args=args)
     assert portable["kept"] == local["kept"] and portable["dropped"] == local["dropped"]
-    assert read_dir(tmp_path / "portable", "candidates-")[1].equals(read_dir(tmp_path / "local", "candidates-")[1])
+    assert read_dir(tmp_path / "portable" / "candidates", "candidates-")[1].equals(read_dir(tmp_path / "local" / "candidates", "candidates-")[1])
 
 
 def test_gcs_input_and_output_through_the_emulator(corpus, tmp_path, bpe_tokenizer_path, gcs_emulator, bucket):
-    from bft import storage
+    import storage
 
     for path in sorted(p for p in (tmp_path / "dolma").rglob("*.json.gz")):
         rel = path.relative_to(tmp_path)
         storage.write_bytes(f"gs://{bucket}/{rel}", path.read_bytes())
     storage.write_bytes(f"gs://{bucket}/tok/tokenizer.json", open(bpe_tokenizer_path, "rb").read())
-    stats = run_prepare(f"gs://{bucket}/dolma/documents/*/*.json.gz", f"gs://{bucket}/run/candidates",
+    stats = run_prepare(f"gs://{bucket}/dolma/documents/*/*.json.gz", f"gs://{bucket}/run",
                         f"gs://{bucket}/tok", beam_args=LOCAL)
     local = run_prepare(corpus, tmp_path / "local", bpe_tokenizer_path)
     assert stats["kept"] == local["kept"] and stats["dropped"] == local["dropped"]

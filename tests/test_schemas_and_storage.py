@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 
 import schemas
-from bft import storage
+import storage
 
 
 def candidate_row(**kw):

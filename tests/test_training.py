@@ -11,6 +11,7 @@ import torch
 
 import schemas
 from bft import cli
+from schemas.errors import UserError
 from generation.engines.hf import HFEngine
 from generation.prompting import render
 from generation.templates import DEFAULTS, EVAL_SUFFIX, JUDGE_SYSTEM, llama2_format
@@ -33,13 +34,13 @@ def test_seed_selects_first_turn_english_rank0_reviewed_pairs():
 
 def test_seed_sample_is_deterministic_and_complete_when_small(tmp_path):
     out = str(tmp_path / "seed.parquet")
-    assert seed.run(FIXTURE, out, n=5, seed=3)["selected"] == 5
+    assert seed.run(seed.SeedConfig(oasst=FIXTURE, output=out, n=5, seed=3))["selected"] == 5
     first = pq.read_table(out)
-    assert seed.run(FIXTURE, out, n=5, seed=3)["selected"] == 5
+    assert seed.run(seed.SeedConfig(oasst=FIXTURE, output=out, n=5, seed=3))["selected"] == 5
     assert pq.read_table(out).equals(first)
     assert first.schema.metadata[b"bft.kind"] == b"sft"
     assert set(first["id"].to_pylist()) < {f"oasst1/{t}" for t in PAIRS}
-    seed.run(FIXTURE, out, n=3200)
+    seed.run(seed.SeedConfig(oasst=FIXTURE, output=out, n=3200))
     table = schemas.validate(pq.read_table(out), schemas.SFT, out)
     assert table["id"].to_pylist() == [f"oasst1/{t}" for t in PAIRS]
     row = table.to_pylist()[6]
@@ -123,7 +124,7 @@ def _fixed_batch_loss(model_dir, batch):
 @pytest.fixture(scope="module")
 def seed_file(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("seed") / "seed.parquet")
-    seed.run(FIXTURE, out)
+    seed.run(seed.SeedConfig(oasst=FIXTURE, output=out))
     return out
 
 
@@ -179,8 +180,8 @@ def test_sft_trains_on_a_published_release(tmp_path, tiny_models, bpe_tokenizer_
 
 
 def test_a_bad_batch_split_and_bad_data_are_named(tmp_path, tiny_models):
-    with pytest.raises(ValueError, match="not a multiple"):
-        train.TrainConfig("sft", "", "", "", batch_size=32, per_device_batch_size=5).accumulation(1)
+    with pytest.raises(UserError, match="not a multiple"):
+        train.TrainConfig(role="sft", base_model="", data="", output="", batch_size=32, per_device_batch_size=5).accumulation(1)
     bad = tmp_path / "d.jsonl"
     bad.write_text('{"instruction": "only a question"}\n')
     assert cli.main(["train", "--role", "forward", "--base-model", tiny_models["chat"], "--data", str(bad),

@@ -16,14 +16,15 @@ import json
 import os
 
 import schemas
-from bft import storage
+from schemas.errors import UserError
+import storage
 from generation.templates import DEFAULTS, llama2_format
 
 ROLES = ("backward", "forward", "sft")
 IGNORE = -100
 
 
-class DataError(ValueError):
+class DataError(UserError):
     pass
 
 
@@ -83,7 +84,7 @@ def encode(tokenizer, messages: list[dict]) -> dict:
 def load_rows(path: str) -> tuple[list[dict], list[dict], str]:
     """(train rows, validation rows, description) from a release (folder, ROOT/sft or run root:
     validated first, as a training team does), a Parquet file, or JSON lines."""
-    from beam_pipelines import release
+    from schemas import release
 
     folder = release.resolve(path)
     if storage.exists(storage.join(folder, release.MANIFEST)):

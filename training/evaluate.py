@@ -14,25 +14,84 @@ or wins once and loses once; anything else is a loss. A judgment without a verdi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
-import sys
+from dataclasses import dataclass
 
-from bft import storage
+import storage
+from schemas.errors import UserError
+from schemas.layout import RunLayout
+from schemas.options import option, required
+from schemas.keys import row_seed
 from generation.engines import Request, make_engine
 from generation.prompting import render
-from generation.runner import row_seed
 from generation.templates import DEFAULTS, EVAL_SUFFIX, EVAL_SUFFIX_WEB, messages
 
 SUFFIXES = {"assistant": EVAL_SUFFIX, "web": EVAL_SUFFIX_WEB, "none": ""}
 _VERDICT = re.compile(r"\[\[([ABC])\]\]")
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     pass
+
+
+ENGINES = ["hf", "vllm", "openai"]
+
+
+@dataclass
+class EngineOptions:
+    """How `bft eval` runs its model (the engines of bft generate)."""
+
+    engine: str = option("hf", "the generation engine", choices=ENGINES)
+    base_url: str | None = option(None, "openai engine: e.g. http://localhost:8000/v1")
+    api: str | None = option(None, "openai engine endpoint", choices=["completions", "chat"])
+    batch_size: int | None = option(None, "hf engine: prompts per generate call")
+    max_model_len: int | None = option(None, "context length (default: the model's)")
+    tensor_parallel_size: int | None = option(None, "vllm engine: GPUs per model")
+    dtype: str | None = option(None, "weights' dtype", choices=["auto", "bf16", "fp16", "fp32"])
+    max_new_tokens: int | None = option(None, "new-token cap (default: 1024 for answers, 512 for judgments)")
+
+    def load_engine(self, model: str):
+        opts = {k: getattr(self, k) for k in ("base_url", "api", "batch_size", "max_model_len",
+                                              "tensor_parallel_size", "dtype") if getattr(self, k) is not None}
+        return make_engine(self.engine, model, **opts)
+
+
+@dataclass(kw_only=True)
+class EvalGenerateConfig(EngineOptions):
+    """The options of `bft eval generate`."""
+
+    model: str = required("model folder (or served name) that answers")
+    questions: str = required("JSON list of {instruction, ...} (AlpacaEval format)")
+    root: str | None = option(None, "run root: --output defaults to ROOT/eval/GENERATOR.json")
+    output: str | None = option(None, "JSON file of answers")
+    generator: str | None = option(None, "name in the output (default: the model folder's name)")
+    suffix: str = option("assistant", "appended to each question: PROMPTS.md section 6", choices=sorted(SUFFIXES))
+    seed: int = option(0, "seed of the sampling seeds")
+
+    def check(self) -> None:
+        self.generator = self.generator or os.path.basename(self.model.rstrip("/"))
+        if self.output is None:
+            if self.root is None:
+                raise EvalError("give --root or --output")
+            self.output = RunLayout(self.root).eval_file(self.generator)
+
+
+@dataclass(kw_only=True)
+class EvalJudgeConfig(EngineOptions):
+    """The options of `bft eval judge`."""
+
+    a: str = required("answers of model a (bft eval generate output)")
+    b: str = required("answers of model b")
+    judge_model: str = required("the judge (model folder or served name)")
+    root: str | None = option(None, "run root: --output defaults to ROOT/eval/judge.json")
+    output: str | None = option(None, "JSON file: summary and per-item verdicts")
+
+    def check(self) -> None:
+        if self.output is None and self.root is not None:
+            self.output = RunLayout(self.root).eval_file("judge")
 
 
 def read_answers(path: str, what: str) -> list[dict]:
@@ -123,62 +182,19 @@ def judge(engine, pairs: list[tuple[dict, dict]], max_new_tokens: int = 512) -> 
     return summary, items
 
 
-def _engine(args):
-    opts = {k: getattr(args, k) for k in ("base_url", "api", "batch_size", "max_model_len", "tensor_parallel_size",
-                                          "dtype") if getattr(args, k, None) is not None}
-    return make_engine(args.engine, args.model if args.cmd == "generate" else args.judge_model, **opts)
+def run_generate(cfg: EvalGenerateConfig) -> list[dict]:
+    questions = read_answers(cfg.questions, "questions")
+    out = generate(cfg.load_engine(cfg.model), questions, cfg.generator, SUFFIXES[cfg.suffix],
+                   max_new_tokens=cfg.max_new_tokens or 1024, seed=cfg.seed)
+    storage.write_text(cfg.output, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+    return out
 
 
-def _add_engine_flags(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--engine", default="hf", choices=["hf", "vllm", "openai"])
-    ap.add_argument("--base-url", help="openai engine: e.g. http://localhost:8000/v1")
-    ap.add_argument("--api", choices=["completions", "chat"], help="openai engine endpoint")
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--max-model-len", type=int)
-    ap.add_argument("--tensor-parallel-size", type=int)
-    ap.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"])
-    ap.add_argument("--max-new-tokens", type=int)
-
-
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="bft eval", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="answer an AlpacaEval-format question file")
-    g.add_argument("--model", required=True)
-    g.add_argument("--questions", required=True, help="JSON list of {instruction, ...} (AlpacaEval format)")
-    g.add_argument("--output", required=True)
-    g.add_argument("--generator", help="name in the output (default: the model folder's name)")
-    g.add_argument("--suffix", choices=sorted(SUFFIXES), default="assistant",
-                   help="appended to each question: PROMPTS.md section 6 (default 'assistant')")
-    g.add_argument("--seed", type=int, default=0)
-    _add_engine_flags(g)
-    j = sub.add_parser("judge", help="pairwise judging of two answer files, both orders")
-    j.add_argument("--a", required=True)
-    j.add_argument("--b", required=True)
-    j.add_argument("--judge-model", required=True)
-    j.add_argument("--output", help="JSON file: summary and per-item verdicts")
-    _add_engine_flags(j)
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "generate":
-            questions = read_answers(args.questions, "questions")
-            name = args.generator or os.path.basename(args.model.rstrip("/"))
-            out = generate(_engine(args), questions, name, SUFFIXES[args.suffix],
-                           max_new_tokens=args.max_new_tokens or 1024, seed=args.seed)
-            storage.write_text(args.output, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
-            print(f"eval generate: {len(out)} answers by {name} -> {args.output}")
-            return 0
-        a, b = read_answers(args.a, "answers"), read_answers(args.b, "answers")
-        pairs = pair_up(a, b, args.a, args.b)
-        summary, items = judge(_engine(args), pairs, max_new_tokens=args.max_new_tokens or 512)
-    except EvalError as e:
-        print(f"bft eval: {e}", file=sys.stderr)
-        return 1
-    summary.update(a=args.a, b=args.b, judge_model=args.judge_model)
-    if args.output:
-        storage.write_text(args.output, json.dumps({"summary": summary, "items": items}, indent=2,
-                                                   ensure_ascii=False) + "\n")
-    print(f"eval judge: a={args.a} vs b={args.b}: {summary['win']} win / {summary['tie']} tie / {summary['loss']} loss, "
-          f"win rate {summary['win_rate']:.3f} ± {summary['standard_error']:.3f} (judgments without a verdict: "
-          f"{summary['judgments_without_verdict']})")
-    return 0
+def run_judge(cfg: EvalJudgeConfig) -> dict:
+    pairs = pair_up(read_answers(cfg.a, "answers"), read_answers(cfg.b, "answers"), cfg.a, cfg.b)
+    summary, items = judge(cfg.load_engine(cfg.judge_model), pairs, max_new_tokens=cfg.max_new_tokens or 512)
+    summary.update(a=cfg.a, b=cfg.b, judge_model=cfg.judge_model)
+    if cfg.output:
+        storage.write_text(cfg.output, json.dumps({"summary": summary, "items": items}, indent=2,
+                                                  ensure_ascii=False) + "\n")
+    return summary

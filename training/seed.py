@@ -10,23 +10,45 @@ with at least message_id, parent_id, message_tree_id, role, text, lang, rank, de
 """
 from __future__ import annotations
 
-import argparse
 import collections
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import xxhash
 
 import schemas
+from schemas.errors import UserError
+from schemas.layout import RunLayout
+from schemas.options import option, required
+from schemas.keys import seed_tree_key
 from beam_pipelines import recipes
-from bft import storage
+import storage
 
 COLUMNS = ["message_id", "parent_id", "message_tree_id", "role", "text", "lang", "rank", "deleted", "review_result"]
 
 
-class SeedError(ValueError):
+class SeedError(UserError):
     pass
+
+
+@dataclass
+class SeedConfig:
+    """The options of `bft seed`."""
+
+    oasst: str = required("oasst1 messages: .jsonl, .jsonl.gz or .parquet (local or gs://)")
+    root: str | None = option(None, "run root: writes ROOT/seed/seed.parquet")
+    output: str | None = option(None, "Parquet file of seed pairs (sft schema), if not under --root")
+    n: int = option(3200, "pairs to sample (3,200 as in the paper)")
+    seed: int = option(0, "seed of the sample")
+
+    def check(self) -> None:
+        if self.n < 1:
+            raise SeedError("--n must be >= 1")
+        if self.output is None:
+            if self.root is None:
+                raise SeedError("give --root or --output")
+            self.output = RunLayout(self.root).seed_pairs
 
 
 def read_messages(path: str) -> pa.Table:
@@ -74,7 +96,7 @@ def sample_pairs(pairs: pa.Table, n: int, seed: int) -> pa.Table:
     if pairs.num_rows <= n:
         return pairs
     trees = pairs["tree"].to_pylist()
-    order = sorted(range(len(trees)), key=lambda i: (xxhash.xxh3_64_intdigest(trees[i].encode(), seed=seed), trees[i]))
+    order = sorted(range(len(trees)), key=lambda i: (seed_tree_key(trees[i], seed), trees[i]))
     return pairs.take(pa.array(sorted(order[:n])))
 
 
@@ -87,30 +109,11 @@ def to_sft(pairs: pa.Table) -> pa.Table:
                             n_tokens_instruction=pa.nulls(n, pa.int32()), n_tokens_response=pa.nulls(n, pa.int32()))
 
 
-def run(oasst: str, output: str, n: int = 3200, seed: int = 0) -> dict:
-    if n < 1:
-        raise SeedError("--n must be >= 1")
+def run(cfg: SeedConfig) -> dict:
+    oasst, output, n, seed = cfg.oasst, cfg.output, cfg.n, cfg.seed
     pairs, counts = select_pairs(read_messages(oasst))
     chosen = sample_pairs(pairs, n, seed)
     table = to_sft(chosen)
     storage.write_parquet(schemas.validate(table, schemas.SFT, output), output)
     counts["selected"] = table.num_rows
     return counts
-
-
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="bft seed", description=__doc__.split("\n")[0])
-    ap.add_argument("--oasst", required=True, help="oasst1 messages: .jsonl, .jsonl.gz or .parquet (local or gs://)")
-    ap.add_argument("--output", required=True, help="Parquet file of seed pairs (sft schema)")
-    ap.add_argument("--n", type=int, default=3200, help="pairs to sample (default 3,200 as in the paper)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    try:
-        counts = run(args.oasst, args.output, args.n, args.seed)
-    except SeedError as e:
-        print(f"bft seed: {e}", file=__import__("sys").stderr)
-        return 1
-    print(f"seed: {counts['trees']:,} trees -> {counts['pairs']:,} first-turn pairs -> {counts['selected']:,} "
-          f"selected in {args.output} (left out: {counts['root_not_english_deleted_or_unreviewed']:,} roots not "
-          f"English/deleted/unreviewed, {counts['no_usable_rank0_reply']:,} without a usable rank-0 reply)")
-    return 0

@@ -115,7 +115,7 @@ def _calibrate_eos(model, eos: int, p_eos: float, d: int) -> None:
 def sample_texts(glob_pattern: str, limit: int = 2000) -> list[str]:
     """Texts of the Dolma-layout files matching `glob_pattern` (bad lines skipped), to train on."""
     from beam_pipelines.dolma import Document, parse_line
-    from bft import storage
+    import storage
 
     texts: list[str] = []
     for path in storage.glob(glob_pattern):

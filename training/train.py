@@ -15,7 +15,6 @@ in it records the config, data, losses and tokens/s.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -23,6 +22,9 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 
+from schemas.errors import UserError
+from schemas.layout import RunLayout
+from schemas.options import option, required
 from training import data
 
 log = logging.getLogger("bft.train")
@@ -35,36 +37,52 @@ MARKER = "bft_train.json"
 
 @dataclass
 class TrainConfig:
-    role: str
-    base_model: str
-    data: str
-    output: str
-    max_steps: int = -1
-    epochs: float = 1.0
-    lr: float = 1e-5
-    batch_size: int = 32
-    per_device_batch_size: int = 4
-    grad_accum: int | None = None
-    weight_decay: float = 0.1
-    dropout: float = 0.1
-    warmup_ratio: float = 0.03
-    max_length: int | None = None
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    logging_steps: int = 10
-    save_steps: int = 500
-    resume: bool = False
-    overwrite: bool = False
-    fsdp: str | None = None
-    fsdp_config: str | None = None
+    """The options of `bft train` (flags and the `train:` section of a run file)."""
+
+    role: str = required("which model to train", choices=list(data.ROLES))
+    base_model: str = required("model folder or hub id to fine-tune")
+    root: str | None = option(None, "run root: --data defaults to ROOT/seed/seed.parquet (backward, forward) or "
+                              "ROOT's latest release (sft), --output to ROOT/models/ROLE")
+    data: str | None = option(None, "backward/forward: seed pairs (bft seed output, Parquet or JSON lines); sft: "
+                              "a release (folder, ROOT/sft or run root: its LATEST), or a file")
+    output: str | None = option(None, "model folder to write (local path)")
+    max_steps: int = option(-1, "optimizer steps (-1: --epochs)")
+    epochs: float = option(1.0, "passes over the data")
+    lr: float = option(1e-5, "learning rate: 1e-5 (7B) in the paper; 5.5e-6 for 70B")
+    batch_size: int = option(32, "effective batch (sequences per step)")
+    per_device_batch_size: int = option(4, "sequences per device and micro-step")
+    grad_accum: int | None = option(None, "default: batch-size / (per-device batch x processes)")
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    dropout: float = option(0.1, "set on every dropout field of the model config while training")
+    warmup_ratio: float = option(0.03, "share of steps warming up")
+    max_length: int | None = option(None, "longest example in tokens (default: the model's context)")
+    bf16: bool = option(False, "train in bf16")
+    gradient_checkpointing: bool = option(False, "recompute activations to save memory")
+    seed: int = option(0, "seed of data order and initialisation")
+    logging_steps: int = option(10, "steps between logged losses", run_only=True)
+    save_steps: int = option(500, "checkpoint interval (OUTPUT.checkpoints/)", run_only=True)
+    resume: bool = option(False, "continue from the last checkpoint in OUTPUT.checkpoints/", run_only=True)
+    overwrite: bool = option(False, "train again although OUTPUT holds a trained model", run_only=True)
+    fsdp: str | None = option(None, "Trainer's fsdp option, e.g. 'full_shard auto_wrap' (or use accelerate launch "
+                              "with training/accelerate/*.yaml)")
+    fsdp_config: str | None = option(None, "JSON file of Trainer's fsdp_config")
+
+    def check(self) -> None:
+        if self.data is None or self.output is None:
+            if self.root is None:
+                raise UserError("give --root, or both --data and --output")
+            layout = RunLayout(self.root)
+            if self.data is None:
+                self.data = layout.root if self.role == "sft" else layout.seed_pairs
+            if self.output is None:
+                self.output = layout.model(self.role)
 
     def accumulation(self, world_size: int) -> int:
         if self.grad_accum:
             return self.grad_accum
         per_step = self.per_device_batch_size * world_size
         if self.batch_size % per_step:
-            raise ValueError(f"--batch-size {self.batch_size} is not a multiple of per-device batch "
+            raise UserError(f"--batch-size {self.batch_size} is not a multiple of per-device batch "
                              f"{self.per_device_batch_size} x {world_size} processes; pass --grad-accum")
         return self.batch_size // per_step
 
@@ -96,8 +114,6 @@ def run(cfg: TrainConfig) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments, trainer_utils
 
-    if cfg.role not in data.ROLES:
-        raise ValueError(f"--role must be one of {data.ROLES}")
     marker = os.path.join(cfg.output, MARKER)
     if os.path.exists(marker) and not cfg.overwrite:
         log.info("%s exists: this model is trained; pass --overwrite to train it again", marker)
@@ -163,57 +179,3 @@ def save(trainer, tokenizer, original_dropout: dict, output: str, summary: dict)
     if os.path.exists(output):
         shutil.rmtree(output)
     os.replace(staging, output)
-
-
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    d = TrainConfig("sft", "", "", "")
-    ap.add_argument("--role", required=True, choices=data.ROLES)
-    ap.add_argument("--base-model", required=True, help="model folder or hub id to fine-tune")
-    ap.add_argument("--data", required=True, help="backward/forward: seed pairs (bft seed output, Parquet or "
-                    "JSON lines); sft: a release (folder, ROOT/sft or run root: its LATEST), or a file")
-    ap.add_argument("--output", required=True, help="model folder to write (local path)")
-    ap.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps (default: --epochs)")
-    ap.add_argument("--epochs", type=float, default=d.epochs)
-    ap.add_argument("--lr", type=float, default=d.lr, help="1e-5 (7B) in the paper; 5.5e-6 for 70B")
-    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="effective batch (sequences per step)")
-    ap.add_argument("--per-device-batch-size", type=int, default=d.per_device_batch_size)
-    ap.add_argument("--grad-accum", type=int, help="default: batch-size / (per-device batch x processes)")
-    ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    ap.add_argument("--dropout", type=float, default=d.dropout)
-    ap.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    ap.add_argument("--max-length", type=int, help="longest example in tokens (default: the model's context)")
-    ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--logging-steps", type=int, default=d.logging_steps)
-    ap.add_argument("--save-steps", type=int, default=d.save_steps, help="checkpoint interval (OUTPUT.checkpoints/)")
-    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT.checkpoints/")
-    ap.add_argument("--overwrite", action="store_true", help="train again although OUTPUT holds a trained model")
-    ap.add_argument("--fsdp", help="Trainer's fsdp option, e.g. 'full_shard auto_wrap' (or use accelerate launch "
-                    "with training/accelerate/*.yaml)")
-    ap.add_argument("--fsdp-config", help="JSON file of Trainer's fsdp_config")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__})
-
-
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="bft train", description=__doc__.split("\n")[0])
-    add_arguments(ap)
-    args = ap.parse_args(argv)
-    try:
-        summary = run(config_from_args(args))
-    except (data.DataError, ValueError) as e:
-        print(f"bft train: {e}", file=__import__("sys").stderr)
-        return 1
-    m = summary["metrics"]
-    if summary.get("skipped"):
-        print(f"train {args.role}: {args.output} is already trained (bft_train.json); skipped")
-    elif int(os.environ.get("RANK", "0")) == 0:
-        losses = m["losses"] or [m["train_loss"]]
-        print(f"train {args.role}: {summary['examples']:,} examples ({summary['left_out_too_long']} too long), "
-              f"{m['steps']} steps, logged loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
-              f"{m['tokens_per_s']:,} tokens/s -> {args.output}")
-    return 0
-

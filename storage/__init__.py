@@ -30,6 +30,22 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def parent(path: str) -> str:
+    """The folder that holds `path`."""
+    if is_gcs(path):
+        return posixpath.dirname(path.rstrip("/"))
+    return os.path.dirname(path.rstrip("/"))
+
+
+def size(path: str) -> int:
+    """Bytes of a stored file."""
+    if is_gcs(path):
+        blob = _blob(path)
+        blob.reload()
+        return int(blob.size)
+    return os.path.getsize(path)
+
+
 def _split_gcs(path: str) -> tuple[str, str]:
     bucket, _, name = path[len("gs://"):].partition("/")
     if not bucket:

@@ -19,22 +19,41 @@ import os
 import re
 import subprocess
 import time
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 import schemas
-from bft import storage
+import storage
+from schemas.errors import UserError
+from schemas.options import option
+from schemas.layout import LATEST, SFT, TMP, RunLayout, parse_shard_name
 
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
-LATEST = "LATEST"
-_DATA = re.compile(r"(train|validation)-(\d{5})-of-(\d{5})\.parquet$")
+SPLITS = ("train", "validation")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class ReleaseError(RuntimeError):
+class ReleaseError(UserError):
     """A release is missing, incomplete or does not match its manifest."""
+
+
+@dataclass
+class ValidateConfig:
+    """The options of `bft validate`: what a training team runs before it trains."""
+
+    path: str | None = option(None, "a release folder, or a run root / ROOT/sft whose LATEST names one")
+    root: str | None = option(None, "run root whose sft/LATEST names the release (instead of PATH)")
+
+    @property
+    def target(self) -> str:
+        return self.path or self.root
+
+    def check(self) -> None:
+        if not self.target:
+            raise ReleaseError("give a release folder or --root")
 
 
 def config_hash(config: dict, lineage: dict) -> str:
@@ -48,13 +67,13 @@ def default_version(chash: str, now: float | None = None) -> str:
 
 
 def check_version_name(version: str) -> str:
-    if not _VERSION.match(version) or version in (LATEST, "_tmp"):
+    if not _VERSION.match(version) or version in (LATEST, TMP):
         raise ValueError(f"--version {version!r}: use letters, digits, '.', '_' and '-' (not LATEST or _tmp)")
     return version
 
 
 def release_dir(root: str, version: str) -> str:
-    return storage.join(root, "sft", version)
+    return RunLayout(root).release(version)
 
 
 def sha256_of(path: str) -> str:
@@ -72,19 +91,11 @@ def parquet_rows(path: str) -> int:
 
 def describe_file(folder: str, path: str) -> dict:
     rel = path[len(folder.rstrip("/")) + 1:]
-    entry = {"path": rel, "bytes": _size(path), "sha256": sha256_of(path)}
-    m = _DATA.search(rel)
-    if m:
-        entry.update(split=m.group(1), rows=parquet_rows(path))
+    entry = {"path": rel, "bytes": storage.size(path), "sha256": sha256_of(path)}
+    parsed = parse_shard_name(rel)
+    if parsed and parsed[0] in SPLITS:
+        entry.update(split=parsed[0], rows=parquet_rows(path))
     return entry
-
-
-def _size(path: str) -> int:
-    if storage.is_gcs(path):
-        blob = storage._blob(path)
-        blob.reload()
-        return int(blob.size)
-    return os.path.getsize(path)
 
 
 def code_revision() -> str:
@@ -130,7 +141,7 @@ def mark_complete(folder: str) -> None:
 def resolve(path: str) -> str:
     """A release folder from PATH: the folder itself, or ROOT/sft (or ROOT) whose LATEST names one."""
     path = path.rstrip("/")
-    for base in (path, storage.join(path, "sft")):
+    for base in (path, storage.join(path, SFT)):
         latest = storage.join(base, LATEST)
         if storage.exists(latest) and not storage.exists(storage.join(path, MANIFEST)):
             return storage.join(base, storage.read_text(latest).strip())
@@ -165,7 +176,7 @@ def validate(path: str) -> dict:
         if rel not in present:
             problems.append(f"{rel}: listed in {MANIFEST} but missing")
             continue
-        size = _size(full)
+        size = storage.size(full)
         if size != entry["bytes"]:
             problems.append(f"{rel}: {size} bytes, manifest says {entry['bytes']}")
             continue
@@ -201,4 +212,4 @@ def validate(path: str) -> dict:
 def publish_latest(root: str, version: str) -> None:
     """Points ROOT/sft/LATEST at `version`, after validating it."""
     validate(release_dir(root, version))
-    storage.write_text(storage.join(root, "sft", LATEST), version + "\n")
+    storage.write_text(RunLayout(root).latest, version + "\n")

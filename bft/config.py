@@ -1,0 +1,225 @@
+"""The one config loader: YAML sections and command-line flags onto each verb's config dataclass.
+
+A verb's options are the fields of its config dataclass, and nothing else: the default is written
+once, on the field; `metadata={"help": ..., "choices": [...], "flag": "--name", "comma": True}` adds
+the help text, the allowed values, a flag name other than the field's, and a list given on the
+command line as comma-separated values. From the fields come both the argparse flags (`--max-tokens`
+for `max_tokens`, defaults shown in --help) and the keys of the verb's section in a run file:
+
+    root: gs://bucket/runs/nightly          # every verb that takes --root
+    prepare:  {input: [...], tokenizer: ..., max_tokens: 3584, beam_args: ["--runner=DataflowRunner"]}
+    generate:
+      batch_size: 32                        # every stage
+      score: {engine: openai, model: forward-7b, base_url: http://gpu:8000/v1}
+    assemble: {recipe: filter+rewrite, seed_data: ...}
+
+Precedence: flags > the verb's section (for generate: the stage's keys over the shared ones) > the
+top-level `root` > the field's default. A key the verb does not know, or a value of the wrong type,
+is an error naming the key and the file.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from typing import Any
+
+import storage
+from schemas.errors import UserError
+
+STAGE_SECTIONS = ("backtranslate", "score", "rewrite", "distill", "rate")
+
+
+class ConfigError(UserError):
+    """A run file or a flag value is not what the verb takes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    name: str                # the field, and the key in a run file
+    flag: str                # the command-line flag
+    kind: type               # int, float, str, bool or list
+    optional: bool           # None is allowed
+    default: Any             # dataclasses.MISSING when required
+    help: str
+    choices: tuple | None
+    comma: bool
+
+    @property
+    def required(self) -> bool:
+        return self.default is dataclasses.MISSING
+
+
+def options(cls) -> list[Option]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init or f.metadata.get("internal"):
+            continue
+        kind, optional = _kind(hints[f.name], f"{cls.__name__}.{f.name}")
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = dataclasses.MISSING
+        choices = f.metadata.get("choices")
+        out.append(Option(f.name, f.metadata.get("flag", "--" + f.name.replace("_", "-")), kind, optional, default,
+                          f.metadata.get("help", ""), tuple(choices) if choices else None,
+                          bool(f.metadata.get("comma"))))
+    return out
+
+
+def _kind(hint, where: str) -> tuple[type, bool]:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        kind, _ = _kind(inner[0], where)
+        return kind, True
+    if typing.get_origin(hint) is list or hint is list:
+        return list, False
+    if hint in (int, float, str, bool):
+        return hint, False
+    raise TypeError(f"{where}: unsupported option type {hint}")
+
+
+def add_arguments(ap: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
+    """One flag per option; defaults are SUPPRESSed so that only what the user typed is returned
+    (the default comes from the dataclass, after the run file)."""
+    for opt in options(cls):
+        shown = "" if opt.required or opt.default is None or opt.default is False or opt.default in ([], "") else f" (default: {_show(opt.default)})"
+        kw: dict[str, Any] = {"help": (opt.help + shown).strip() or None, "default": argparse.SUPPRESS}
+        if opt.name in positional:
+            ap.add_argument(opt.name, choices=opt.choices, help=kw["help"], default=argparse.SUPPRESS,
+                            nargs=None if opt.required else "?")
+            continue
+        if opt.kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction if opt.default is True else "store_true"
+        elif opt.kind is list:
+            if opt.comma:
+                kw.update(type=_comma_list, metavar="A,B")
+            else:
+                kw.update(action="append", metavar=opt.name.upper().rstrip("S"))
+        else:
+            kw.update(type=opt.kind, choices=opt.choices, metavar=None if opt.choices else opt.name.upper())
+        if opt.required:
+            kw["help"] = (kw["help"] or "") + " (required, here or in --config)"
+        ap.add_argument(opt.flag, dest=opt.name, **kw)
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [s for s in text.split(",") if s]
+
+
+def read_run_file(path: str) -> dict:
+    """A run file (YAML or JSON) as a mapping; errors name the file."""
+    try:
+        text = storage.read_text(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e})") from e
+    try:
+        if path.endswith(".json"):
+            doc = json.loads(text)
+        else:
+            import yaml
+
+            doc = yaml.safe_load(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: both name the line
+        raise ConfigError(f"{path}: not valid YAML/JSON ({e})") from e
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: a config file holds a mapping (root:, prepare:, generate:, assemble:, ...)")
+    return doc
+
+
+SUB_SECTIONS = {"generate": STAGE_SECTIONS, "eval": ("generate", "judge")}
+
+
+def section(doc: dict, path: str, verb: str, sub: str | None = None) -> dict:
+    """The keys a verb reads from a run file: `root`, then the verb's section; for a verb with
+    sub-sections (generate: one per stage; eval: generate, judge), the shared keys and then the
+    sub-section's own."""
+    out = {}
+    if "root" in doc:
+        out["root"] = doc["root"]
+    body = doc.get(verb) or {}
+    if not isinstance(body, dict):
+        raise ConfigError(f"{path}: section {verb!r} must be a mapping of option names to values")
+    subs = SUB_SECTIONS.get(verb, ())
+    out.update({k: v for k, v in body.items() if k not in subs})
+    if sub is not None:
+        own = body.get(sub) or {}
+        if not isinstance(own, dict):
+            raise ConfigError(f"{path}: section {verb}.{sub} must be a mapping of option names to values")
+        out.update(own)
+    return out
+
+
+def check_values(cls, values: dict, where: str, allowed_extra: tuple[str, ...] = ()) -> dict:
+    """Values from a run file, checked against the verb's options: an unknown key or a wrong type is
+    an error naming the key and `where`."""
+    by_name = {o.name: o for o in options(cls)}
+    out = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name in allowed_extra:
+            out[name] = value
+            continue
+        opt = by_name.get(name)
+        if opt is None:
+            raise ConfigError(f"{where}: unknown key {key!r}; this verb takes {', '.join(sorted(by_name))}")
+        out[name] = _coerce(opt, value, f"{where}: key {key!r}")
+    return out
+
+
+def _coerce(opt: Option, value, where: str):
+    if value is None:
+        if opt.optional:
+            return None
+        raise ConfigError(f"{where} must not be empty")
+    kind = opt.kind
+    if kind is list:
+        if isinstance(value, str):
+            value = _comma_list(value) if opt.comma else [value]
+        if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, not {value!r}")
+        return [str(v) for v in value]
+    ok = (isinstance(value, bool) if kind is bool
+          else isinstance(value, int) and not isinstance(value, bool) if kind is int
+          else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+          else isinstance(value, str))
+    if not ok:
+        raise ConfigError(f"{where} must be {kind.__name__}, not {type(value).__name__} ({value!r})")
+    value = float(value) if kind is float else value
+    if opt.choices and value not in opt.choices:
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, opt.choices))}, not {value!r}")
+    return value
+
+
+def build(cls, file_values: dict, flag_values: dict, where: str):
+    """The verb's config: defaults < file values < flags. A missing required option is an error."""
+    values = {**file_values, **flag_values}
+    missing = [o for o in options(cls) if o.required and o.name not in values]
+    if missing:
+        names = ", ".join(f"{o.flag} (key {o.name})" for o in missing)
+        raise ConfigError(f"missing required option(s): {names}" + (f" in {where}" if where else ""))
+    try:
+        cfg = cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+    check = getattr(cfg, "check", None)
+    if check:
+        check()
+    return cfg
+
+
+def as_section(cfg) -> dict:
+    """The config as a run file's section (field names and values): what stats and manifests record."""
+    return {o.name: getattr(cfg, o.name) for o in options(type(cfg))}

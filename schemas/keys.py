@@ -1,0 +1,60 @@
+"""Every deterministic key of the product, in one place.
+
+Each key depends on its inputs and the seed only, never on order, runner or worker count, so that
+outputs are reproducible and stable as the input grows.
+
+    text_hash          prepare's exact text dedup: xxh3_128 of NFC + collapsed whitespace (case kept)
+    sample_key         prepare's --target-docs sample and assemble's --max-examples cap: xxh3_64(id, seed)
+    instruction_key    assemble's instruction dedup: xxh3_128 of NFC + collapsed whitespace + casefold
+    in_validation      assemble's train/validation split: xxh3_64(id, seed + 1) < fraction * 2^64
+    seed_row_shard     the output shard of a seed example: xxh3_64(id) % shards
+    row_seed           a generation request's sampling seed: xxh3_64(stage \\0 id, seed) % 2^31
+    seed_tree_key      bft seed's sample of oasst1 trees: xxh3_64(tree id, seed)
+"""
+from __future__ import annotations
+
+import unicodedata
+
+import pyarrow as pa
+import xxhash
+
+
+def normalize_for_dedup(text: str) -> str:
+    """NFC, then every run of whitespace (any Unicode space) collapsed to one space, ends stripped.
+    Case and punctuation are kept: exact dedup of the same text laid out differently."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def text_hash(text: str) -> str:
+    return xxhash.xxh3_128_hexdigest(normalize_for_dedup(text).encode("utf-8"))
+
+
+def sample_key(doc_id: str, seed: int) -> int:
+    """A stable pseudo-random rank for bottom-k sampling: depends on the id and seed only."""
+    return xxhash.xxh3_64_intdigest(doc_id.encode("utf-8"), seed=seed)
+
+
+def instruction_key(instruction: str) -> str:
+    return xxhash.xxh3_128_hexdigest(normalize_for_dedup(instruction).casefold().encode("utf-8"))
+
+
+def in_validation(doc_id: str, fraction: float, seed: int) -> bool:
+    return xxhash.xxh3_64_intdigest(doc_id.encode("utf-8"), seed=seed + 1) < int(fraction * 2**64)
+
+
+def validation_mask(ids: pa.Array | pa.ChunkedArray, fraction: float, seed: int) -> pa.Array:
+    limit = int(fraction * 2**64)
+    return pa.array([xxhash.xxh3_64_intdigest(i.encode("utf-8"), seed=seed + 1) < limit for i in ids.to_pylist()],
+                    pa.bool_())
+
+
+def seed_row_shard(row_id: str, num_shards: int) -> int:
+    return xxhash.xxh3_64_intdigest(row_id.encode("utf-8")) % num_shards
+
+
+def row_seed(doc_id: str, stage: str, seed: int) -> int:
+    return xxhash.xxh3_64_intdigest(f"{stage}\0{doc_id}".encode("utf-8"), seed=seed) % (2**31)
+
+
+def seed_tree_key(tree_id: str, seed: int) -> int:
+    return xxhash.xxh3_64_intdigest(tree_id.encode("utf-8"), seed=seed)

@@ -1,0 +1,173 @@
+"""The run layout: the only code that knows paths under a run root, and the only code that makes and
+parses shard names.
+
+    <root>/candidates/candidates-SSSSS-of-NNNNN.parquet      bft prepare (rows sorted by n_tokens, id)
+    <root>/candidates/rejects/rejects-SSSSS-of-NNNNN.parquet  every dropped input line, with its reason
+    <root>/candidates/stats.json                              the funnel; written last: marks prepare complete
+    <root>/candidates/_tmp/<run>/                             a prepare run in flight
+    <root>/generations/<stage>/<stage>-SSSSS-of-NNNNN.parquet bft generate (+ .metrics.json beside each)
+    <root>/sft/<version>/                                     a release (see schemas.release)
+    <root>/sft/LATEST                                         the newest release that validated
+    <root>/sft/_tmp/<run>/                                    an assemble run in flight
+    <root>/seed/seed.parquet                                  bft seed (the OpenAssistant seed pairs)
+    <root>/models/<name>/                                     bft train (backward, forward, sft)
+    <root>/eval/<name>.json                                   bft eval (answers, judgments)
+
+A local root is made absolute, so that every path recorded in stats and manifests names the same
+file from any working directory (and from a Beam worker).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import storage
+
+CANDIDATES = "candidates"
+REJECTS = "rejects"
+GENERATIONS = "generations"
+SFT = "sft"
+SEED = "seed"
+MODELS = "models"
+EVAL = "eval"
+TMP = "_tmp"
+STATS = "stats.json"
+LATEST = "LATEST"
+_SHARD = re.compile(r"^(?P<prefix>[a-z_]+)-(?P<shard>\d{5})-of-(?P<num>\d{5})\.(?P<ext>[a-z.]+)$")
+
+
+class LayoutError(ValueError):
+    """The files under a run root do not form what the layout says they should."""
+
+
+def shard_name(prefix: str, shard: int, num_shards: int, ext: str = "parquet") -> str:
+    """`<prefix>-SSSSS-of-NNNNN.<ext>`: shard k of n, zero-based."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is not in 0..{num_shards - 1}")
+    return f"{prefix}-{shard:05d}-of-{num_shards:05d}.{ext}"
+
+
+def parse_shard_name(path: str) -> tuple[str, int, int] | None:
+    """(prefix, shard, num_shards) of a shard file's name (any folder), or None when it is not one."""
+    m = _SHARD.match(path.rstrip("/").rsplit("/", 1)[-1])
+    if not m:
+        return None
+    return m.group("prefix"), int(m.group("shard")), int(m.group("num"))
+
+
+def normalize_root(root: str) -> str:
+    root = root.rstrip("/") or "/"
+    if storage.is_gcs(root):
+        return root
+    return os.path.abspath(os.path.expanduser(root))
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths under one run root (local folder or gs://bucket/prefix)."""
+
+    root: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", normalize_root(self.root))
+
+    def _join(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    # ---- bft prepare ----------------------------------------------------------------------------
+    @property
+    def candidates(self) -> str:
+        return self._join(CANDIDATES)
+
+    @property
+    def prepare_stats(self) -> str:
+        return self._join(CANDIDATES, STATS)
+
+    @property
+    def rejects(self) -> str:
+        return self._join(CANDIDATES, REJECTS)
+
+    def candidates_shard(self, shard: int, num_shards: int) -> str:
+        return self._join(CANDIDATES, shard_name(CANDIDATES, shard, num_shards))
+
+    def rejects_shard(self, shard: int, num_shards: int) -> str:
+        return self._join(CANDIDATES, REJECTS, shard_name(REJECTS, shard, num_shards))
+
+    def prepare_tmp(self, run_id: str) -> str:
+        return self._join(CANDIDATES, TMP, run_id)
+
+    @property
+    def prepare_tmp_root(self) -> str:
+        return self._join(CANDIDATES, TMP)
+
+    def prepare_part(self, tmp: str, shard: int, tag: str) -> str:
+        return storage.join(tmp, f"shard-{shard:05d}", f"part-{tag}.parquet")
+
+    def candidate_shards(self) -> list[tuple[int, int, str]]:
+        """[(k, n, path)] of a complete prepare output, sorted; LayoutError when it is incomplete."""
+        if not storage.exists(self.prepare_stats):
+            raise LayoutError(f"{self.candidates}: no complete prepare output ({STATS} missing); "
+                              "run bft prepare first")
+        shards = []
+        for path in storage.list_files(self.candidates):
+            if storage.parent(path) != self.candidates:
+                continue  # rejects/ and _tmp/ hold other files
+            parsed = parse_shard_name(path)
+            if parsed and parsed[0] == CANDIDATES:
+                shards.append((parsed[1], parsed[2], path))
+        if not shards:
+            raise LayoutError(f"{self.candidates}: no {CANDIDATES}-*.parquet shards")
+        n = shards[0][1]
+        if sorted(k for k, _, _ in shards) != list(range(n)) or any(s[1] != n for s in shards):
+            raise LayoutError(f"{self.candidates}: shard files are not exactly 0..{n - 1} of {n}")
+        return sorted(shards)
+
+    # ---- bft generate ---------------------------------------------------------------------------
+    def generations(self, stage: str) -> str:
+        return self._join(GENERATIONS, stage)
+
+    def generation_shard(self, stage: str, shard: int, num_shards: int) -> str:
+        return self._join(GENERATIONS, stage, shard_name(stage, shard, num_shards))
+
+    def generation_metrics(self, stage: str, shard: int, num_shards: int) -> str:
+        return self._join(GENERATIONS, stage, shard_name(stage, shard, num_shards, "metrics.json"))
+
+    # ---- bft assemble ---------------------------------------------------------------------------
+    @property
+    def sft(self) -> str:
+        return self._join(SFT)
+
+    @property
+    def latest(self) -> str:
+        return self._join(SFT, LATEST)
+
+    def release(self, version: str) -> str:
+        return self._join(SFT, version)
+
+    def assemble_tmp(self, run_id: str) -> str:
+        return self._join(SFT, TMP, run_id)
+
+    @staticmethod
+    def assemble_part(tmp: str, kind: str, shard: int) -> str:
+        return storage.join(tmp, f"{kind}-{shard:05d}.parquet")
+
+    @staticmethod
+    def summary(tmp: str) -> str:
+        return storage.join(tmp, "summary.json")
+
+    # ---- training/ ------------------------------------------------------------------------------
+    @property
+    def seed_pairs(self) -> str:
+        return self._join(SEED, "seed.parquet")
+
+    def model(self, name: str) -> str:
+        return self._join(MODELS, name)
+
+    def eval_file(self, name: str) -> str:
+        return self._join(EVAL, f"{name}.json")
+
+    def relative(self, path: str) -> str:
+        """`path` relative to the root (for display); unchanged when it is outside."""
+        prefix = self.root.rstrip("/") + "/"
+        return path[len(prefix):] if path.startswith(prefix) else path

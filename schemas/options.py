@@ -1,0 +1,18 @@
+"""Declaring a verb's options: a config dataclass field with its help text, read by `bft.config`
+(which makes the flag, the run-file key, the --help line and the type check from it)."""
+from __future__ import annotations
+
+from dataclasses import field
+
+
+def option(default, help_text: str, **meta):
+    """A field with a default. meta: choices=[...], flag="--name", comma=True (a comma-separated list on
+    the command line), run_only=True (changes how the verb runs, not what it produces)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help_text, **meta})
+    return field(default=default, metadata={"help": help_text, **meta})
+
+
+def required(help_text: str, **meta):
+    """A field the user must give (flag or run file)."""
+    return field(metadata={"help": help_text, **meta})
