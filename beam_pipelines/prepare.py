@@ -83,6 +83,10 @@ class PrepareConfig:
         if not self.input:
             raise UserError("--input: give at least one glob of Dolma files")
         self.root = RunLayout(self.root).root
+        # recorded paths must name the same files from any directory (assemble reads them back)
+        self.input = [p if storage.is_gcs(p) else os.path.abspath(os.path.expanduser(p)) for p in self.input]
+        if not storage.is_gcs(self.tokenizer) and os.path.exists(self.tokenizer):
+            self.tokenizer = os.path.abspath(self.tokenizer)
 
     def identity(self) -> dict:
         """What determines the output: every option but the run-only ones."""

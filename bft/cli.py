@@ -194,6 +194,8 @@ def user_error_message(exc: BaseException) -> str | None:
 def _configure_logging(verbose: bool) -> None:
     level = os.environ.get("BFT_LOG_LEVEL", "INFO" if verbose else "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars too
     if not verbose and "BFT_LOG_LEVEL" not in os.environ:
         # The local runner relays every worker's start-up warnings; they are noise for a user.
         for name in ("apache_beam", "absl", "httpx", "transformers", "datasets"):

@@ -131,7 +131,10 @@ def read_run_file(path: str) -> dict:
 
             doc = yaml.safe_load(text)
     except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: both name the line
-        raise ConfigError(f"{path}: not valid YAML/JSON ({e})") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML/JSON{where} ({problem})") from e
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):

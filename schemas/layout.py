@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 
 import storage
+from schemas.errors import UserError
 
 CANDIDATES = "candidates"
 REJECTS = "rejects"
@@ -37,7 +38,7 @@ LATEST = "LATEST"
 _SHARD = re.compile(r"^(?P<prefix>[a-z_]+)-(?P<shard>\d{5})-of-(?P<num>\d{5})\.(?P<ext>[a-z.]+)$")
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """The files under a run root do not form what the layout says they should."""
 
 

@@ -1,0 +1,161 @@
+"""The command line as a user meets it: one config loader, flags that no one knows are errors, user
+mistakes are one line and exit 1, a run file's section per verb."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from bft import cli, config
+from beam_pipelines.prepare import PrepareConfig
+from generation.runner import GenerateConfig
+from tests.conftest import LOCAL, dolma_line, write_dolma_file
+
+
+def run(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+def dolma(tmp_path, fixture_texts):
+    write_dolma_file(str(tmp_path / "d" / "cc_en_head" / "a.json.gz"),
+                     [dolma_line(f"d{i}", fixture_texts[i]) for i in range(12)])
+    return str(tmp_path / "d" / "*" / "*.json.gz")
+
+
+def test_help_and_version_go_to_stdout(capsys):
+    rc, out, err = run(capsys, "--help")
+    assert rc == 0 and "prepare" in out and "eval judge" in out and not err
+    rc, out, _ = run(capsys, "--version")
+    assert rc == 0 and out.startswith("bft ")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["prepare", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "(default: 3584)" in out and "(default: 16)" in out and "(default: 0)" in out  # defaults shown
+
+
+def test_an_unknown_verb_is_a_usage_error(capsys):
+    rc, _, err = run(capsys, "prepair")
+    assert rc == 2 and "unknown verb 'prepair'" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["prepare", "--input", "x", "--root", "r", "--tokenizer", "t", "--maxtokens", "64"],
+    ["assemble", "--root", "r", "--recipie", "filter"],
+    ["generate", "score", "--root", "r", "--engine", "hf", "--model", "m", "--temprature", "0.5"],
+    ["prepare", "--input", "x", "--root", "r", "--tokenizer", "t", "--max", "64"],  # no abbreviations
+])
+def test_a_flag_that_neither_bft_nor_beam_knows_is_a_usage_error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err or "unknown option" in err
+
+
+def test_beam_flags_pass_through(tmp_path, dolma, bpe_tokenizer_path, capsys):
+    rc, out, err = run(capsys, "prepare", "--input", dolma, "--root", str(tmp_path / "r"), "--tokenizer",
+                       bpe_tokenizer_path, "--num-shards", "2", "--runner=FnApiRunner", "--direct_num_workers", "1")
+    assert rc == 0, err
+    assert "12 input records -> 12 candidates" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-shards", "0"], "--num-shards, --reject-shards and --batch-docs must be >= 1"),
+    (["--min-tokens", "900", "--max-tokens", "100"], "--min-tokens 900 is larger than --max-tokens 100"),
+    (["--tokenizer", "/nonexistent/tokenizer.json"], "--tokenizer '/nonexistent/tokenizer.json': cannot load it"),
+])
+def test_user_errors_are_one_line_and_exit_1(tmp_path, dolma, bpe_tokenizer_path, capsys, argv, message):
+    base = {"--input": dolma, "--root": str(tmp_path / "r"), "--tokenizer": bpe_tokenizer_path}
+    for i in range(0, len(argv), 2):
+        base[argv[i]] = argv[i + 1]
+    rc, _, err = run(capsys, "prepare", *[x for kv in base.items() for x in kv], *LOCAL)
+    assert rc == 1 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_glob_that_matches_nothing_and_steps_out_of_order_are_one_line(tmp_path, bpe_tokenizer_path, capsys):
+    rc, _, err = run(capsys, "prepare", "--input", str(tmp_path / "none" / "*.gz"), "--root", str(tmp_path / "r"),
+                     "--tokenizer", bpe_tokenizer_path, *LOCAL)
+    assert rc == 1 and "matches no file" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run(capsys, "generate", "score", "--root", str(tmp_path / "empty"), "--engine", "hf", "--model", "m")
+    assert rc == 1 and "run bft prepare first" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run(capsys, "assemble", "--root", str(tmp_path / "empty"), *LOCAL)
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_rerun_with_another_config_names_the_keys_that_differ(tmp_path, dolma, bpe_tokenizer_path, capsys):
+    args = ["prepare", "--input", dolma, "--root", str(tmp_path / "r"), "--tokenizer", bpe_tokenizer_path, *LOCAL]
+    assert run(capsys, *args, "--num-shards", "2")[0] == 0
+    rc, out, _ = run(capsys, *args, "--num-shards", "2")
+    assert rc == 0 and "complete with this config; nothing to do" in out
+    rc, _, err = run(capsys, *args, "--num-shards", "3", "--max-tokens", "500")
+    assert rc == 1 and "max_tokens: 3584 -> 500" in err and "num_shards: 2 -> 3" in err and "--overwrite" in err
+    rc, out, _ = run(capsys, *args, "--num-shards", "3", "--overwrite")
+    assert rc == 0 and "3 shards" in out
+    names = sorted(os.listdir(tmp_path / "r" / "candidates"))
+    assert [n for n in names if n.startswith("candidates-")] == [f"candidates-0000{k}-of-00003.parquet" for k in range(3)]
+
+
+def test_recorded_paths_are_absolute(tmp_path, dolma, bpe_tokenizer_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run(capsys, "prepare", "--input", os.path.relpath(dolma, tmp_path), "--root", "r", "--tokenizer",
+                     bpe_tokenizer_path, "--num-shards", "2", *LOCAL)
+    assert rc == 0, err
+    stats = json.loads((tmp_path / "r" / "candidates" / "stats.json").read_text())
+    assert stats["config"]["root"] == str(tmp_path / "r")
+    assert all(os.path.isabs(p) for p in stats["config"]["input"])
+    assert all(os.path.isabs(f["path"]) for f in stats["shards"]["files"])
+
+
+def test_a_run_file_section_supplies_options_and_flags_win(tmp_path, dolma, bpe_tokenizer_path, capsys):
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(f"root: {tmp_path / 'r'}\n"
+                        f"prepare:\n  input: ['{dolma}']\n  tokenizer: {bpe_tokenizer_path}\n  num_shards: 3\n"
+                        f"  beam_args: ['--runner=FnApiRunner']\n"
+                        "generate:\n  batch_size: 4\n  score: {engine: hf, model: m, max_new_tokens: 7}\n")
+    rc, out, err = run(capsys, "prepare", "--config", str(run_file), "--num-shards", "2")
+    assert rc == 0, err
+    assert "2 shards" in out
+    cls_values = config.section(config.read_run_file(str(run_file)), str(run_file), "generate", "score")
+    cfg = config.build(GenerateConfig, config.check_values(GenerateConfig, cls_values, "f"), {"stage": "score"}, "f")
+    assert (cfg.batch_size, cfg.max_new_tokens, cfg.engine, cfg.root) == (4, 7, "hf", str(tmp_path / "r"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("prepare:\n  max_tokenz: 5\n", "unknown key 'max_tokenz'"),
+    ("prepare:\n  max_tokens: lots\n", "key 'max_tokens' must be int, not str"),
+    ("prepare:\n  splits: 5\n", "key 'splits' must be a list of strings"),
+    ("prepare:\n  beam_args: ['--maxtokens=5']\n", "beam_args --maxtokens are not Beam pipeline options"),
+    ("prepare: [1, 2]\n", "section 'prepare' must be a mapping"),
+    ("- a\n- b\n", "a config file holds a mapping"),
+    ("prepare: {input: [x]\n", "not valid YAML/JSON"),
+    ("prepare:\n  num_shards: 2\n", "missing required option(s): --input (key input), --root (key root), "
+                                    "--tokenizer (key tokenizer)"),
+])
+def test_run_file_errors_name_the_key_and_the_file(tmp_path, capsys, text, message):
+    run_file = tmp_path / "bad.yaml"
+    run_file.write_text(text)
+    rc, _, err = run(capsys, "prepare", "--config", str(run_file))
+    assert rc == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    if "key" in message:
+        assert str(run_file) in err
+
+
+def test_every_verb_declares_its_options_once():
+    for verb in cli.VERBS.values():
+        opts = config.options(verb.config_class())
+        assert len({o.flag for o in opts}) == len(opts), verb.name
+        assert all(o.help for o in opts), [o.name for o in opts if not o.help]
+    assert {o.name for o in config.options(PrepareConfig)} >= {"input", "root", "tokenizer", "max_tokens"}
+
+
+def test_a_user_error_raised_in_a_beam_worker_is_one_line():
+    text = ("Pipeline failed: Traceback (most recent call last):\n  File x\n"
+            "beam_pipelines.prepare.UnreadableFileError: /d/a.json.gz: unreadable after 3 lines "
+            "(EOFError: eof) [while running 'ReadAndMeasure']\n")
+    assert cli.user_error_message(RuntimeError(text)) == "/d/a.json.gz: unreadable after 3 lines (EOFError: eof)"
+    assert cli.user_error_message(RuntimeError("ZeroDivisionError: bug")) is None
