@@ -362,9 +362,11 @@ def _stage_models(cfg: AssembleConfig, shards: list[ShardInput]) -> dict[str, li
     return {k: sorted(m for m in v if m) for k, v in models.items()}
 
 
-def run(cfg: AssembleConfig, beam_args: list[str]) -> dict:
-    """Builds and publishes a release; returns its stats (a rerun of a published version returns
-    the published stats)."""
+def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = None) -> dict:
+    """Builds and publishes a release; returns its stats. A rerun of a published version, or (without
+    --version) a run whose config and inputs are those of the LATEST release, returns the published
+    stats with "reused": true and publishes nothing. `run_record` (what bft rebuild did) goes into the
+    manifest, outside the config hash."""
     layout = RunLayout(cfg.root)
     prep_stats = json.loads(storage.read_text(layout.prepare_stats)) if storage.exists(layout.prepare_stats) else {}
     if not cfg.tokenizer:
@@ -374,6 +376,11 @@ def run(cfg: AssembleConfig, beam_args: list[str]) -> dict:
     shards, skipped, num_shards, lineage = plan_inputs(cfg)
     config = asdict(cfg)
     chash = release.config_hash(config, lineage)
+    current = _latest_with_hash(layout, chash) if cfg.version is None else None
+    if current:
+        log.info("release %s (LATEST) has this config and these inputs; nothing to publish", current)
+        return {**json.loads(storage.read_text(storage.join(release.release_dir(cfg.root, current), "stats.json"))),
+                "reused": True}
     version = release.check_version_name(cfg.version or release.default_version(chash))
     folder = release.release_dir(cfg.root, version)
     if storage.exists(storage.join(folder, release.SUCCESS)):
@@ -383,7 +390,7 @@ def run(cfg: AssembleConfig, beam_args: list[str]) -> dict:
                                        f"(hash {published.get('config_hash')} != {chash}); releases are never "
                                        "overwritten: pass another --version")
         log.info("%s is published with the same config; nothing to do", folder)
-        return json.loads(storage.read_text(storage.join(folder, "stats.json")))
+        return {**json.loads(storage.read_text(storage.join(folder, "stats.json"))), "reused": True}
     storage.delete_tree(folder)  # debris of a failed run: never a published release
     tmp = layout.assemble_tmp(uuid.uuid4().hex[:12])
     t0 = time.perf_counter()
@@ -404,11 +411,23 @@ def run(cfg: AssembleConfig, beam_args: list[str]) -> dict:
     stats["timing"]["report_s"] = round(time.perf_counter() - t1, 3)
     storage.write_text(storage.join(folder, "stats.json"), json.dumps(stats, indent=2) + "\n")
     counts = {"train": stats["funnel"]["final"]["train"], "validation": stats["funnel"]["final"]["validation"]}
-    release.write_manifest(folder, version=version, chash=chash, config=config, lineage=lineage, counts=counts)
+    release.write_manifest(folder, version=version, chash=chash, config=config, lineage=lineage, counts=counts,
+                           run=run_record)
     release.mark_complete(folder)
     release.publish_latest(cfg.root, version)
     storage.delete_tree(tmp)
     return stats
+
+
+def _latest_with_hash(layout: RunLayout, chash: str) -> str | None:
+    """The LATEST release's version when it was made from this config hash, else None."""
+    if not storage.exists(layout.latest):
+        return None
+    version = storage.read_text(layout.latest).strip()
+    manifest = storage.join(layout.release(version), release.MANIFEST)
+    if not storage.exists(manifest):
+        return None
+    return version if json.loads(storage.read_text(manifest)).get("config_hash") == chash else None
 
 
 def make_stats(cfg: AssembleConfig, version: str, summary: dict, prep_stats: dict, skipped: list[int],

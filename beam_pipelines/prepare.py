@@ -89,8 +89,10 @@ class PrepareConfig:
             self.tokenizer = os.path.abspath(self.tokenizer)
 
     def identity(self) -> dict:
-        """What determines the output: every option but the run-only ones."""
-        return {k: v for k, v in asdict(self).items() if not PrepareConfig.__dataclass_fields__[k].metadata.get("run_only")}
+        """What determines the output: every option but the run-only ones and the root (a run root
+        copied or moved elsewhere holds the same output)."""
+        return {k: v for k, v in asdict(self).items()
+                if k != "root" and not PrepareConfig.__dataclass_fields__[k].metadata.get("run_only")}
 
 
 def _tally(name: str, n: int = 1) -> tuple[str, int]:
@@ -375,7 +377,8 @@ class WriteRejects(beam.PTransform):
                 | "GroupRejects" >> beam.GroupByKey() | "WriteRejectShard" >> beam.Map(write))
 
 
-def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files: list[str] | None = None):
+def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files: list[str] | None = None,
+          fingerprint: list[dict] | None = None):
     """Adds the prepare pass to pipeline `p`; returns the PCollection of the final stats dict."""
     files = list_inputs(cfg.input) if files is None else files
     selected = [f for f in files if not cfg.splits or dolma.split_of(f, cfg.splits)]
@@ -418,7 +421,7 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
     unreadable = (read.unreadable, other.unreadable) | "AllUnreadable" >> beam.Flatten()
     return (p | "Finish" >> beam.Create([None])
             | "WriteStats" >> beam.Map(
-                lambda _, t, s, r, u: write_stats(cfg, tmp_dir, files, selected, t, s, r, u),
+                lambda _, t, s, r, u: write_stats(cfg, tmp_dir, files, selected, t, s, r, u, fingerprint),
                 t=beam.pvalue.AsSingleton(totals), s=beam.pvalue.AsList(shards),
                 r=beam.pvalue.AsList(reject_files), u=beam.pvalue.AsList(unreadable)))
 
@@ -429,7 +432,7 @@ def funnel(totals: dict[str, int]) -> dict:
     return {"input_records": totals.get(INPUT, 0), "kept": totals.get(KEPT, 0), "dropped": dropped}
 
 
-def write_stats(cfg, tmp_dir, files, selected, totals, shards, reject_files, unreadable) -> dict:
+def write_stats(cfg, tmp_dir, files, selected, totals, shards, reject_files, unreadable, fingerprint=None) -> dict:
     acc = funnel(totals)
     if acc["input_records"] != acc["kept"] + sum(acc["dropped"].values()):
         raise RuntimeError(f"accounting broken: {acc['input_records']} input records != {acc['kept']} kept + "
@@ -454,6 +457,7 @@ def write_stats(cfg, tmp_dir, files, selected, totals, shards, reject_files, unr
         "input_files": {"total": len(files), "head_split": len(selected), "other_splits": len(files) - len(selected)},
         "unreadable_files": sorted(unreadable, key=lambda u: u["file"]),
         "config": cfg.identity(),
+        "inputs": fingerprint,
         "schema_version": schemas.SCHEMA_VERSION,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -474,22 +478,30 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
     from beam_pipelines.options import pipeline_options
 
     layout = RunLayout(cfg.root)
+    files = list_inputs(cfg.input)
+    fingerprint = input_fingerprint(files)
     if storage.exists(layout.prepare_stats) and not cfg.overwrite:
         stats = json.loads(storage.read_text(layout.prepare_stats))
         differ = config_differences(stats.get("config") or {}, cfg.identity())
         if differ:
             raise UserError(f"{layout.candidates} holds a complete prepare output of another config ("
                             + "; ".join(differ) + "): pass --overwrite to redo it, or use another --root")
-        log.info("%s exists with the same config: prepare is complete, skipping", layout.prepare_stats)
-        return {**stats, "reused": True}
+        if stats.get("inputs") == fingerprint:
+            log.info("%s exists with the same config and inputs: prepare is complete, skipping", layout.prepare_stats)
+            return {**stats, "reused": True}
+        log.warning("the input files changed since %s was written: prepare runs again", layout.prepare_stats)
     check_tokenizer(cfg.tokenizer)
     options = pipeline_options(beam_args)
-    files = list_inputs(cfg.input)
     storage.delete(layout.prepare_stats)
     storage.delete_tree(layout.candidates)
     with beam.Pipeline(options=options) as p:
-        build(p, cfg, files=files)
+        build(p, cfg, files=files, fingerprint=fingerprint)
     return json.loads(storage.read_text(layout.prepare_stats))
+
+
+def input_fingerprint(files: list[str]) -> list[dict]:
+    """What the output was made from: every input file's path, size and content checksum."""
+    return [{"path": f, "bytes": storage.size(f), "checksum": storage.checksum(f)} for f in files]
 
 
 def config_differences(recorded: dict, current: dict) -> list[str]:

@@ -27,7 +27,7 @@ class Verb:
     name: str
     summary: str
     config: str                       # "module:Class" of the verb's config dataclass (imported when run)
-    run: Callable                     # (cfg, beam_args) -> exit status; prints what the user needs
+    run: Callable                     # (cfg, beam_args, run_file) -> exit status; prints what the user needs
     beam: bool = False                # takes Beam's pipeline options
     positional: tuple[str, ...] = ()
 
@@ -38,7 +38,7 @@ class Verb:
 
 # ---- what each verb prints ---------------------------------------------------------------------
 
-def _prepare(cfg, beam_args) -> int:
+def _prepare(cfg, beam_args, run_file) -> int:
     from beam_pipelines import prepare
 
     stats = prepare.run(cfg, beam_args)
@@ -54,7 +54,7 @@ def _prepare(cfg, beam_args) -> int:
     return 0
 
 
-def _generate(cfg, beam_args) -> int:
+def _generate(cfg, beam_args, run_file) -> int:
     from generation.runner import StageRunner
 
     summary = StageRunner(cfg).run()
@@ -63,7 +63,7 @@ def _generate(cfg, beam_args) -> int:
     return 0
 
 
-def _assemble(cfg, beam_args) -> int:
+def _assemble(cfg, beam_args, run_file) -> int:
     from beam_pipelines import assemble
     from schemas import release
 
@@ -79,7 +79,7 @@ def _assemble(cfg, beam_args) -> int:
     return 0
 
 
-def _validate(cfg, beam_args) -> int:
+def _validate(cfg, beam_args, run_file) -> int:
     from schemas import release
 
     manifest = release.validate(cfg.target)
@@ -88,7 +88,7 @@ def _validate(cfg, beam_args) -> int:
     return 0
 
 
-def _seed(cfg, beam_args) -> int:
+def _seed(cfg, beam_args, run_file) -> int:
     from training import seed
 
     counts = seed.run(cfg)
@@ -98,7 +98,7 @@ def _seed(cfg, beam_args) -> int:
     return 0
 
 
-def _train(cfg, beam_args) -> int:
+def _train(cfg, beam_args, run_file) -> int:
     from training import train
 
     summary = train.run(cfg)
@@ -113,7 +113,7 @@ def _train(cfg, beam_args) -> int:
     return 0
 
 
-def _eval_generate(cfg, beam_args) -> int:
+def _eval_generate(cfg, beam_args, run_file) -> int:
     from training import evaluate
 
     out = evaluate.run_generate(cfg)
@@ -121,7 +121,7 @@ def _eval_generate(cfg, beam_args) -> int:
     return 0
 
 
-def _eval_judge(cfg, beam_args) -> int:
+def _eval_judge(cfg, beam_args, run_file) -> int:
     from training import evaluate
 
     s = evaluate.run_judge(cfg)
@@ -131,7 +131,23 @@ def _eval_judge(cfg, beam_args) -> int:
     return 0
 
 
+def _rebuild(cfg, beam_args, run_file) -> int:
+    from bft import rebuild
+
+    return rebuild.main_rebuild(cfg, run_file)
+
+
+def _plan(cfg, beam_args, run_file) -> int:
+    from bft import plan
+
+    return plan.main_plan(cfg, run_file)
+
+
 VERBS = {v.name: v for v in [
+    Verb("rebuild", "the whole run from one run file, reusing what is current: prepare -> generate -> assemble "
+         "-> validate -> publish", "bft.rebuild:RebuildConfig", _rebuild),
+    Verb("plan", "before any GPU is spent: requests, tokens, gate pass rates and GPU-hours per stage",
+         "bft.plan:PlanConfig", _plan),
     Verb("prepare", "Beam pass 1: Dolma head split -> exact length filter -> dedup -> balanced candidate shards",
          "beam_pipelines.prepare:PrepareConfig", _prepare, beam=True),
     Verb("generate", "run one LLM stage (backtranslate, score, rewrite, distill, rate) over the candidate shards",
@@ -237,7 +253,14 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
             if "root" in raw and "root" not in names:
                 raw.pop("root")
             where = f"{args.config} (section {head})"
-            file_values = config.check_values(cls, raw, where, allowed_extra=("beam_args",) if verb.beam else ())
+            extra = ("beam_args",) if verb.beam else ()
+            if head == "generate":
+                from bft.rebuild import RUN_KEYS
+
+                extra = RUN_KEYS  # keys that bft rebuild and bft plan read from a stage's section
+            file_values = config.check_values(cls, raw, where, allowed_extra=extra)
+            for key in RUN_KEYS if head == "generate" else ():
+                file_values.pop(key, None)
             file_beam = file_values.pop("beam_args", [])
             if file_beam:
                 from beam_pipelines.options import unknown_beam_flags
@@ -249,7 +272,7 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
                     raise config.ConfigError(f"{where}: beam_args {', '.join(unknown)} are not Beam pipeline options")
                 beam_args = file_beam + beam_args
         cfg = config.build(cls, file_values, flags, args.config or "")
-        return verb.run(cfg, beam_args)
+        return verb.run(cfg, beam_args, args.config)
     except KeyboardInterrupt:
         print(f"bft {verb.name}: interrupted", file=sys.stderr)
         return 130

@@ -99,6 +99,18 @@ def shard_complete(path: str, ids: list[str]) -> bool:
     return sorted(table.column("id").to_pylist()) == sorted(ids)
 
 
+def stage_status(cfg: GenerateConfig) -> dict:
+    """Which of this worker set's shards are complete, without loading a model: {"shards": n,
+    "complete": [k...], "pending": [k...]} (what `bft rebuild` checks for external workers)."""
+    layout = RunLayout(cfg.root)
+    complete, pending, total = [], [], 0
+    for k, n, cand_path in layout.candidate_shards():
+        total = n
+        ids = storage.read_parquet(cand_path, columns=["id"]).column("id").to_pylist()
+        (complete if shard_complete(layout.generation_shard(cfg.stage, k, n), ids) else pending).append(k)
+    return {"shards": total, "complete": complete, "pending": pending}
+
+
 class StageRunner:
     def __init__(self, cfg: GenerateConfig, engine: Engine | None = None):
         cfg.check()

@@ -114,7 +114,8 @@ def code_revision() -> str:
         return os.environ.get("BFT_CODE_REVISION") or f"bft {bft.__version__}"
 
 
-def write_manifest(folder: str, *, version: str, chash: str, config: dict, lineage: dict, counts: dict) -> dict:
+def write_manifest(folder: str, *, version: str, chash: str, config: dict, lineage: dict, counts: dict,
+                   run: dict | None = None) -> dict:
     """Lists every file of the release folder (checksums read back from storage) in manifest.json."""
     files = sorted(p for p in storage.list_files(folder)
                    if not p.endswith("/" + MANIFEST) and not p.endswith("/" + SUCCESS))
@@ -130,6 +131,8 @@ def write_manifest(folder: str, *, version: str, chash: str, config: dict, linea
         "config": config,
         "inputs": lineage,
     }
+    if run:
+        manifest["run"] = run  # what the rebuild did (reuse, timing): not part of the config hash
     storage.write_text(storage.join(folder, MANIFEST), json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -46,6 +46,22 @@ def size(path: str) -> int:
     return os.path.getsize(path)
 
 
+def checksum(path: str) -> str:
+    """A content checksum of a stored file: GCS's own crc32c (no download), or xxh3_128 of a local
+    file's bytes (read in 8 MB blocks)."""
+    if is_gcs(path):
+        blob = _blob(path)
+        blob.reload()
+        return f"crc32c:{blob.crc32c}"
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            digest.update(block)
+    return f"xxh3_128:{digest.hexdigest()}"
+
+
 def _split_gcs(path: str) -> tuple[str, str]:
     bucket, _, name = path[len("gs://"):].partition("/")
     if not bucket:

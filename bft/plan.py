@@ -1,0 +1,293 @@
+"""`bft plan --config FILE`: what a run will cost before any GPU is spent.
+
+Per generation stage the recipe needs: requests, prompt tokens, output tokens, the rows expected to
+pass each gate, and GPU-hours; and the candidates needed for a target corpus size. Each figure says
+where it comes from:
+
+- requests: backtranslate gets every candidate (ROOT/candidates when prepare has run, else an estimate
+  from a sample of the input: kept share x lines, scaled by file count); score/rate get the rows whose
+  instruction parsed; rewrite/distill only the rows that pass the gate (score >= 5, rate >= 4.5),
+  when the gate is on.
+- pass rates: measured on existing shards (ROOT/generations/...), else the paper's: 13.6% of pairs
+  scored 5 (Nguyen et al. 2024), 100% for parsing.
+- prompt tokens: the stage's template rendered with the model's own tokenizer (its chat template or
+  the Llama-2 format) with empty values, plus the document's tokens (the candidates' exact counts
+  when the model's tokenizer is prepare's; else counted on a sample of candidates with the model's
+  tokenizer and scaled), plus for the stages after backtranslate the instruction's tokens (measured,
+  else backtranslate's new-token cap: an upper bound).
+- output tokens: the mean measured on existing shards, else the stage's new-token cap (upper bound).
+- GPU-hours: output tokens / `tokens_per_s` of the stage's section (decode throughput of one GPU for
+  that model), else the throughput measured on existing shards (output tokens / wall seconds of a
+  worker); unknown when neither exists.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import storage
+from bft.rebuild import RunPlan, StagePlan, load_run
+from schemas.errors import UserError
+from schemas.layout import RunLayout
+from schemas.options import option
+
+PAPER_SCORE5_SHARE = 0.136   # Nguyen et al. 2024: share of backtranslated pairs scored 5
+GATED = ("rewrite", "distill")
+
+
+@dataclass
+class PlanConfig:
+    """The options of `bft plan`."""
+
+    root: str | None = option(None, "run root (default: the run file's `root:`)")
+    format: str = option("table", "output format", choices=["table", "json"])
+    target_examples: int | None = option(None, "corpus size wanted: how many candidates it needs (the paper: "
+                                         "12800, 51200)")
+    sample_docs: int = option(2000, "documents sampled to count tokens with a model's tokenizer")
+
+
+def main_plan(cfg: PlanConfig, run_file: str | None) -> int:
+    if not run_file:
+        raise UserError("bft plan needs --config FILE (the run file)")
+    result = make_plan(load_run(run_file, cfg.root), cfg.target_examples, cfg.sample_docs)
+    print(json.dumps(result, indent=2) if cfg.format == "json" else render_table(result))
+    return 0
+
+
+# ---- inputs: candidates, measured shards -------------------------------------------------------
+
+def _candidates(plan: RunPlan, sample_docs: int) -> dict:
+    """{"rows", "doc_tokens", "texts" (a sample), "source"} of the candidates, measured or estimated."""
+    import pyarrow.compute as pc
+
+    layout = RunLayout(plan.root)
+    if storage.exists(layout.prepare_stats):
+        rows, tokens, texts = 0, 0, []
+        for _, _, path in layout.candidate_shards():
+            t = storage.read_parquet(path, columns=["n_tokens", "text"] if len(texts) < sample_docs else ["n_tokens"])
+            rows += t.num_rows
+            tokens += int(pc.sum(t["n_tokens"]).as_py() or 0)
+            if "text" in t.column_names:
+                texts += t["text"].to_pylist()[: sample_docs - len(texts)]
+        return {"rows": rows, "doc_tokens": tokens, "texts": texts, "source": "candidates"}
+    return _estimate_from_input(plan, sample_docs)
+
+
+def _estimate_from_input(plan: RunPlan, sample_docs: int) -> dict:
+    """Before prepare has run: parse up to `sample_docs` lines of the first head-split file, measure
+    them with prepare's tokenizer and limits, and scale by the number of files."""
+    from beam_pipelines import dolma
+    from beam_pipelines.length import load_tokenizer
+    from beam_pipelines.prepare import list_inputs
+
+    cfg = plan.prepare
+    files = [f for f in list_inputs(cfg.input) if not cfg.splits or dolma.split_of(f, cfg.splits)]
+    if not files:
+        raise UserError("no input file is in the selected splits: nothing to plan")
+    tok = load_tokenizer(cfg.tokenizer)
+    lines, kept, tokens, texts = 0, 0, 0, []
+    for raw in storage.open_lines(files[0]):
+        lines += 1
+        doc = dolma.parse_line(raw, cfg.max_line_bytes)
+        if isinstance(doc, dolma.Document):
+            n = len(tok.encode(doc.text, add_special_tokens=False).ids)
+            if cfg.min_tokens <= n <= cfg.max_tokens:
+                kept += 1
+                tokens += n
+                texts.append(doc.text)
+        if lines >= sample_docs:
+            break
+    # a sampled file that is shorter than the sample is the whole file: scale by files either way
+    per_file_lines = lines
+    if lines >= sample_docs:  # count the rest of the first file's lines cheaply (no parsing)
+        per_file_lines = sum(1 for _ in storage.open_lines(files[0]))
+    scale = per_file_lines * len(files) / max(lines, 1)
+    rows = kept * scale
+    if cfg.target_docs:
+        tokens = tokens * min(cfg.target_docs, rows) / max(kept, 1) if kept else 0
+        rows = min(cfg.target_docs, rows)
+    else:
+        tokens *= scale
+    return {"rows": int(rows), "doc_tokens": int(tokens), "texts": texts,
+            "source": f"estimated from {lines} lines of {files[0]} x {len(files)} files"}
+
+
+def _measured(layout: RunLayout, stage: str, threshold: float | None) -> dict | None:
+    """Totals over the stage's existing shards' metrics (and the gate's pass count for scores)."""
+    import pyarrow.compute as pc
+
+    try:
+        shards = layout.candidate_shards()
+    except UserError:
+        return None
+    totals = {"rows": 0, "sent": 0, "ok": 0, "prompt_tokens": 0, "output_tokens": 0, "wall_s": 0.0, "passed": 0}
+    found = 0
+    for k, n, _ in shards:
+        metrics = layout.generation_metrics(stage, k, n)
+        if not storage.exists(metrics):
+            continue
+        found += 1
+        m = json.loads(storage.read_text(metrics))
+        not_sent = (m.get("finish_reasons") or {}).get("not_sent", 0)
+        totals["rows"] += m["rows"]
+        totals["sent"] += m["rows"] - not_sent
+        totals["ok"] += m["rows"] - sum((m.get("parse_failures") or {}).values())
+        for key in ("prompt_tokens", "output_tokens", "wall_s"):
+            totals[key] += m.get(key) or 0
+        if threshold is not None and storage.exists(layout.generation_shard(stage, k, n)):
+            scores = storage.read_parquet(layout.generation_shard(stage, k, n), columns=["score"])["score"]
+            totals["passed"] += int(pc.sum(pc.fill_null(pc.greater_equal(scores, threshold), False)
+                                           .cast("int64")).as_py() or 0)
+    return totals if found else None
+
+
+# ---- per stage ---------------------------------------------------------------------------------
+
+def _model_tokenizer(sp: StagePlan):
+    from transformers import AutoTokenizer
+
+    source = sp.cfg.tokenizer or sp.cfg.model
+    try:
+        return AutoTokenizer.from_pretrained(source), source
+    except Exception:  # a served model name with no local tokenizer: fall back to prepare's counts
+        return None, None
+
+
+def _template_tokens(sp: StagePlan, tokenizer) -> int:
+    from generation.prompting import n_tokens, render
+    from generation.templates import load_template
+
+    system, user = load_template(sp.stage, sp.cfg.template).fill(response="", instruction="", input="")
+    return n_tokens(tokenizer, render(tokenizer, system, user))
+
+
+def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: int = 2000) -> dict:
+    from generation.stages import STAGES
+    from schemas.recipes import RECIPES
+
+    layout = RunLayout(plan.root)
+    recipe = RECIPES[plan.assemble.recipe]
+    threshold = plan.assemble.min_score if plan.assemble.min_score is not None else recipe.threshold
+    cands = _candidates(plan, sample_docs)
+    out: dict = {"root": plan.root, "recipe": recipe.name, "candidates": {k: cands[k] for k in ("rows", "doc_tokens",
+                                                                                                "source")},
+                 "stages": {}}
+    rows_ok = {"backtranslate": cands["rows"]}
+    instruction_tokens, instruction_source = None, None
+    for sp in plan.stages:
+        spec = STAGES[sp.stage]
+        measured = _measured(layout, sp.stage, threshold if sp.stage == recipe.gate else None)
+        if sp.stage == "backtranslate":
+            requests, req_source = cands["rows"], cands["source"]
+        elif sp.stage in GATED and recipe.gate:
+            gate = out["stages"].get(recipe.gate, {})
+            requests, req_source = gate.get("passing_gate", 0), f"rows passing the {recipe.gate} gate"
+        else:
+            requests, req_source = rows_ok["backtranslate"], "rows whose instruction parsed"
+        cap = 1 if (sp.stage == "score" and sp.cfg.score_mode == "logprob") else (sp.cfg.max_new_tokens or
+                                                                                 spec.max_new_tokens)
+        if measured and measured["sent"]:
+            out_per_req, out_source = measured["output_tokens"] / measured["sent"], "measured"
+        else:
+            out_per_req, out_source = cap, "new-token cap (upper bound)"
+        tokenizer, tok_source = _model_tokenizer(sp)
+        if tokenizer is not None:
+            overhead = _template_tokens(sp, tokenizer)
+            if tok_source and tok_source == plan.prepare.tokenizer or not cands["texts"]:
+                doc_per_req = cands["doc_tokens"] / max(cands["rows"], 1)
+            else:
+                sample = cands["texts"]
+                doc_per_req = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in sample) / len(sample)
+            prompt_source = "template with the model's tokenizer + documents"
+        else:
+            overhead, doc_per_req = 0, cands["doc_tokens"] / max(cands["rows"], 1)
+            prompt_source = "documents in prepare's tokens (no local tokenizer for the model)"
+        if sp.stage == "distill":
+            doc_per_req = 0
+        instr = 0 if sp.stage == "backtranslate" else (instruction_tokens or 0)
+        prompt_per_req = overhead + doc_per_req + instr
+        if measured and measured["rows"]:
+            ok_rate, ok_source = measured["ok"] / measured["rows"], "measured"
+        else:
+            ok_rate, ok_source = 1.0, "assumed (no shards yet)"
+        entry = {
+            "requests": int(round(requests)),
+            "requests_source": req_source,
+            "prompt_tokens": int(round(requests * prompt_per_req)),
+            "prompt_tokens_source": prompt_source,
+            "output_tokens": int(round(requests * out_per_req)),
+            "output_tokens_source": out_source,
+            "parse_ok_rate": round(ok_rate, 4),
+            "parse_ok_source": ok_source,
+        }
+        if sp.stage == "backtranslate":
+            rows_ok["backtranslate"] = requests * ok_rate
+            instruction_tokens = (measured["output_tokens"] / measured["sent"]) if measured and measured["sent"] else cap
+            instruction_source = out_source
+        if sp.stage == recipe.gate:
+            if measured and measured["rows"]:
+                share = measured["passed"] / measured["rows"]
+                gate_source = "measured"
+            else:
+                share = PAPER_SCORE5_SHARE
+                gate_source = "the paper's 13.6% scored 5"
+            entry.update(gate_threshold=threshold, gate_pass_rate=round(share, 4), gate_source=gate_source,
+                         passing_gate=int(round(requests * share)))
+        tps = sp.tokens_per_s
+        tps_source = "run file" if tps else None
+        if not tps and measured and measured["wall_s"]:
+            tps, tps_source = measured["output_tokens"] / measured["wall_s"], "measured (one worker)"
+        entry["tokens_per_s"] = round(tps, 2) if tps else None
+        entry["tokens_per_s_source"] = tps_source
+        entry["gpu_hours"] = round(entry["output_tokens"] / tps / 3600, 3) if tps else None
+        out["stages"][sp.stage] = entry
+    out["instruction_tokens"] = {"per_request": instruction_tokens, "source": instruction_source}
+    yield_rate = _yield(out, recipe)
+    out["examples_expected"] = int(cands["rows"] * yield_rate)
+    out["yield_per_candidate"] = round(yield_rate, 5)
+    if target_examples:
+        out["target_examples"] = target_examples
+        out["candidates_needed"] = math.ceil(target_examples / yield_rate) if yield_rate else None
+    out["gpu_hours_total"] = (round(sum(s["gpu_hours"] for s in out["stages"].values()), 3)
+                              if all(s["gpu_hours"] is not None for s in out["stages"].values()) else None)
+    return out
+
+
+def _yield(out: dict, recipe) -> float:
+    """Examples per candidate: parse rates along the recipe's stages times the gate's pass rate."""
+    stages = out["stages"]
+    rate = stages["backtranslate"]["parse_ok_rate"] if "backtranslate" in stages else 1.0
+    if recipe.gate and recipe.gate in stages:
+        rate *= stages[recipe.gate]["gate_pass_rate"]
+    if recipe.answer and recipe.answer in stages:
+        rate *= stages[recipe.answer]["parse_ok_rate"]
+    return rate
+
+
+def render_table(result: dict) -> str:
+    c = result["candidates"]
+    lines = [f"plan for {result['root']} (recipe {result['recipe']})",
+             f"candidates: {c['rows']:,} documents, {c['doc_tokens']:,} tokens ({c['source']})", "",
+             f"{'stage':<14}{'requests':>12}{'prompt tok':>15}{'output tok':>14}{'pass':>8}{'tok/s':>10}{'GPU-h':>10}"]
+    for stage, s in result["stages"].items():
+        passing = s.get("gate_pass_rate", s["parse_ok_rate"])
+        lines.append(f"{stage:<14}{s['requests']:>12,}{s['prompt_tokens']:>15,}{s['output_tokens']:>14,}"
+                     f"{passing:>8.3f}{(s['tokens_per_s'] or 0):>10,.0f}"
+                     f"{(s['gpu_hours'] if s['gpu_hours'] is not None else float('nan')):>10.2f}")
+    lines.append("")
+    for stage, s in result["stages"].items():
+        src = [s["requests_source"], "outputs: " + s["output_tokens_source"]]
+        if "gate_source" in s:
+            src.append(f"gate >= {s['gate_threshold']}: {s['gate_source']}")
+        if s["tokens_per_s_source"]:
+            src.append("tok/s: " + s["tokens_per_s_source"])
+        lines.append(f"  {stage}: " + "; ".join(src))
+    lines.append(f"\nexpected examples: {result['examples_expected']:,} ({result['yield_per_candidate']:.4f} per candidate)")
+    if "target_examples" in result:
+        lines.append(f"candidates needed for {result['target_examples']:,} examples: "
+                     f"{result['candidates_needed']:,}" if result["candidates_needed"] else "cannot be reached")
+    total = result["gpu_hours_total"]
+    lines.append("GPU-hours in all: " + (f"{total:.2f}" if total is not None else
+                                          "unknown (give tokens_per_s in each stage's section)"))
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""bft rebuild and bft plan: one run file, the whole flow, reuse of what is current, the hand-off to
+external generation workers, and the cost plan."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+import storage
+from bft import cli
+from tests.conftest import dolma_line, write_dolma_file
+
+
+def write_corpus(folder, texts, ids):
+    write_dolma_file(str(folder / "documents" / "cc_en_head" / f"{ids[0]}.json.gz"),
+                     [dolma_line(i, t) for i, t in zip(ids, texts)])
+
+
+def run_file(tmp_path, tiny_models, tokenizer, root_dir, inputs, **changes) -> str:
+    doc = {
+        "root": root_dir,
+        "prepare": {"input": inputs, "tokenizer": tokenizer, "max_tokens": 4000, "num_shards": 2,
+                    "beam_args": ["--runner=FnApiRunner"]},
+        "generate": {"engine": "hf", "max_new_tokens": 6, "batch_size": 8,
+                     "backtranslate": {"model": tiny_models["chat"]},
+                     "score": {"model": tiny_models["chat"], "score_mode": "logprob"}},
+        "assemble": {"recipe": "filter", "min_score": 0, "max_instruction_chars": 5000, "min_instruction_chars": 0,
+                     "beam_args": ["--runner=FnApiRunner"]},
+    }
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            stage, _, opt = name.partition("__")
+            target = doc[section][stage] if opt else doc[section]
+            target[opt or name] = value
+        else:
+            doc[section] = value
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def bft(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+def corpus(tmp_path, fixture_texts):
+    write_corpus(tmp_path / "dolma", fixture_texts[:10], [f"a{i:02d}" for i in range(10)])
+    return str(tmp_path / "dolma" / "documents" / "*" / "*.json.gz")
+
+
+def test_rebuild_runs_the_flow_then_reuses_everything(tmp_path, tiny_models, bpe_tokenizer_path, corpus, capsys):
+    root = str(tmp_path / "run")
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus])
+    rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+    assert rc == 0, err
+    assert "published release" in out and "shards generated [0, 1]" in out
+    latest = storage.read_text(os.path.join(root, "sft", "LATEST")).strip()
+    manifest = json.loads(open(os.path.join(root, "sft", latest, "manifest.json")).read())
+    assert set(manifest["run"]["stages"]) == {"prepare", "backtranslate", "score", "assemble"}
+    assert manifest["run"]["stages"]["prepare"]["reused"] is False
+    stamps = {p: os.path.getmtime(p) for p in storage.list_files(os.path.join(root, "generations"))}
+
+    rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+    assert rc == 0, err
+    assert "reused (config and input files unchanged)" in out
+    assert out.count("shards generated none, reused 2; 0 rows sent") == 2  # no request to any model
+    assert "nothing new published" in out
+    assert storage.read_text(os.path.join(root, "sft", "LATEST")).strip() == latest
+    assert {p: os.path.getmtime(p) for p in storage.list_files(os.path.join(root, "generations"))} == stamps
+    assert sorted(set(os.listdir(os.path.join(root, "sft"))) - {"_tmp"}) == [latest, "LATEST"]
+
+
+def test_a_changed_input_file_is_noticed(tmp_path, tiny_models, bpe_tokenizer_path, corpus, fixture_texts, capsys):
+    root = str(tmp_path / "run")
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus])
+    assert bft(capsys, "rebuild", "--config", cfg)[0] == 0
+    write_corpus(tmp_path / "dolma", fixture_texts[20:23], ["b00", "b01", "b02"])  # a new file lands
+    rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+    assert rc == 0, err
+    assert "done: 13 input records -> 13 candidates" in out
+    latest = storage.read_text(os.path.join(root, "sft", "LATEST")).strip()
+    stats = json.loads(open(os.path.join(root, "sft", latest, "stats.json")).read())
+    assert stats["funnel"]["candidates"] == 13
+
+
+def test_external_stages_hand_off_to_workers(tmp_path, tiny_models, bpe_tokenizer_path, corpus, capsys):
+    root = str(tmp_path / "run")
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], generate__score__external=True,
+                   generate__score__workers=2)
+    rc, out, _ = bft(capsys, "rebuild", "--config", cfg)
+    assert rc == 75
+    assert "0 of 2 shards complete" in out
+    assert f"bft generate score --config {cfg} --worker-index $I --num-workers 2" in out
+    assert not os.path.exists(os.path.join(root, "sft"))
+    rc, out, err = bft(capsys, "rebuild", "--config", cfg, "--wait", "--wait-timeout", "0", "--poll-s", "0")
+    assert rc == 1 and "still missing after --wait-timeout 0 s" in err
+    for i in range(2):  # what each worker runs on its GPU
+        rc, out, err = bft(capsys, "generate", "score", "--config", cfg, "--worker-index", str(i), "--num-workers", "2")
+        assert rc == 0, err
+    rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+    assert rc == 0, err
+    assert "published release" in out
+
+
+def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_tokenizer_path, corpus, capsys):
+    root = str(tmp_path / "run")
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], generate__score__tokens_per_s=100.0,
+                   generate__backtranslate__tokens_per_s=50.0)
+    rc, out, err = bft(capsys, "plan", "--config", cfg, "--format", "json", "--target-examples", "68")
+    assert rc == 0, err
+    before = json.loads(out)
+    assert before["candidates"]["rows"] == 10 and before["candidates"]["source"].startswith("estimated from 10 lines")
+    bt, score = before["stages"]["backtranslate"], before["stages"]["score"]
+    assert bt["requests"] == 10 and bt["output_tokens"] == 60 and bt["output_tokens_source"].startswith("new-token cap")
+    assert score["output_tokens"] == 10  # logprob mode: one token per request
+    assert score["gate_pass_rate"] == 0.136 and score["passing_gate"] == 1
+    assert bt["gpu_hours"] == round(60 / 50 / 3600, 3) and before["candidates_needed"] == 500
+    assert {"requests", "prompt_tokens", "output_tokens", "gpu_hours"} <= set(bt)
+    assert bt["prompt_tokens"] > before["candidates"]["doc_tokens"]  # the template's tokens are counted too
+
+    assert bft(capsys, "rebuild", "--config", cfg)[0] == 0
+    rc, out, err = bft(capsys, "plan", "--config", cfg, "--format", "json")
+    after = json.loads(out)
+    assert after["candidates"]["source"] == "candidates" and after["candidates"]["rows"] == 10
+    measured = after["stages"]["backtranslate"]
+    assert measured["output_tokens_source"] == "measured" and measured["output_tokens"] <= 60
+    assert after["stages"]["score"]["gate_source"] == "measured"
+    rc, out, _ = bft(capsys, "plan", "--config", cfg)
+    assert rc == 0 and "backtranslate" in out and "GPU-hours in all" in out
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"generate__score__temprature": 1.0}, "unknown key 'temprature'"),
+    ({"prepare__num_shards": "four"}, "key 'num_shards' must be int"),
+    ({"assemble__recipe": "filter+rewrite"}, "recipe filter+rewrite needs stage rewrite"),
+    ({"extra": {"a": 1}}, "unknown section(s) extra"),
+    ({"root": ""}, "no `root:`"),
+])
+def test_run_file_errors_name_the_key_and_the_file(tmp_path, tiny_models, bpe_tokenizer_path, corpus, capsys,
+                                                   changes, message):
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(tmp_path / "run"), [corpus], **changes)
+    for verb in ("rebuild", "plan"):
+        rc, _, err = bft(capsys, verb, "--config", cfg)
+        assert rc == 1 and message in err and len(err.strip().splitlines()) == 1, err
+        if "key" in message or "section" in message:
+            assert cfg in err
+    assert not os.path.exists(tmp_path / "run")  # nothing ran
+
+
+def test_rebuild_on_gcs(tmp_path, tiny_models, bpe_tokenizer_path, corpus, gcs_emulator, bucket, capsys):
+    for path in (tmp_path / "dolma").rglob("*.json.gz"):
+        storage.write_bytes(f"gs://{bucket}/{path.relative_to(tmp_path)}", path.read_bytes())
+    storage.write_bytes(f"gs://{bucket}/tok/tokenizer.json", open(bpe_tokenizer_path, "rb").read())
+    root = f"gs://{bucket}/runs/nightly"
+    cfg = run_file(tmp_path, tiny_models, f"gs://{bucket}/tok", root,
+                   [f"gs://{bucket}/dolma/documents/*/*.json.gz"])
+    rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+    assert rc == 0, err
+    latest = storage.read_text(f"{root}/sft/LATEST").strip()
+    rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+    assert rc == 0, err
+    assert "reused (config and input files unchanged)" in out and "nothing new published" in out
+    assert storage.read_text(f"{root}/sft/LATEST").strip() == latest
