@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the whole method end to end on the bundled sample, with tiny local models built here:
-# seed -> train backward/forward -> prepare -> generate -> assemble (release) -> validate -> train sft -> eval.
+# seed -> train backward/forward -> plan -> rebuild (prepare -> generate -> assemble -> validate -> publish),
+# twice (the second run reuses everything) -> train sft -> eval.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${BFT_DEMO_ROOT:-runs/demo}
@@ -15,38 +16,27 @@ echo "== tiny models: a tokenizer trained on the sample, random-weight Llama mod
   $BIN/python -m training.tiny --texts "$SAMPLE" --output "$MODELS" --vocab-size 2000 \
     --model base:plain --model chat
 
-echo "== bft seed: first-turn English rank-0 pairs from the bundled OpenAssistant fixture"
-$BIN/bft seed --oasst samples/oasst/oasst1-sample.jsonl --output "$ROOT/seed/seed.parquet"
+echo "== bft seed: first-turn English rank-0 pairs from the bundled OpenAssistant fixture -> ROOT/seed/"
+$BIN/bft seed --oasst samples/oasst/oasst1-sample.jsonl --root "$ROOT"
 
 echo "== bft train: backward (response -> instruction) and forward (instruction -> response) models"
-$BIN/bft train --role backward --base-model "$MODELS/base" --data "$ROOT/seed/seed.parquet" \
-  --output "$MODELS/backward" "${TRAIN[@]}"
-$BIN/bft train --role forward --base-model "$MODELS/base" --data "$ROOT/seed/seed.parquet" \
-  --output "$MODELS/forward" "${TRAIN[@]}"
+$BIN/bft train --role backward --base-model "$MODELS/base" --root "$ROOT" "${TRAIN[@]}"
+$BIN/bft train --role forward --base-model "$MODELS/base" --root "$ROOT" "${TRAIN[@]}"
 
-echo "== bft prepare: Dolma head split -> exact length filter -> dedup -> token-balanced shards"
-$BIN/bft prepare --input "$SAMPLE" --root "$ROOT" \
-  --tokenizer "$MODELS/tokenizer" --max-tokens 1024 --num-shards 4
-
-GEN=(--root "$ROOT" --engine hf --max-new-tokens 64 --batch-size 16 --seed 0)
-echo "== bft generate backtranslate (backward model)"
-$BIN/bft generate backtranslate "${GEN[@]}" --model "$MODELS/backward"
-echo "== bft generate score (forward model; expected score from the digit probabilities)"
-$BIN/bft generate score "${GEN[@]}" --model "$MODELS/forward" --score-mode logprob
-echo "== bft generate rewrite (chat model)"
-$BIN/bft generate rewrite "${GEN[@]}" --model "$MODELS/chat"
-
-# Tiny models never write a parsable [RES]...[/RES] rewrite, so the demo publishes the `filter` recipe
-# with a threshold on the logprob scores (expected values; a tiny model's sit near 2); the default recipe
-# is filter+rewrite with score 5.
-echo "== bft assemble: recipe, curation, seed mixing, stats, report, card, versioned release"
-$BIN/bft assemble --root "$ROOT" --recipe filter --min-score 2 --seed-data "$ROOT/seed/seed.parquet" \
-  --max-instruction-chars 2000
-echo "== bft validate: what a training team runs before it trains"
-$BIN/bft validate "$ROOT"
+RUN_FILE=samples/runs/demo.yaml
+if [ "$ROOT" != runs/demo ]; then  # the run file names runs/demo; point it at this root
+  RUN_FILE="$ROOT/demo.yaml"
+  sed "s|runs/demo|$ROOT|g" samples/runs/demo.yaml > "$RUN_FILE"
+fi
+echo "== bft plan: what the run will cost before any GPU is spent"
+$BIN/bft plan --config "$RUN_FILE" --target-examples 51200
+echo "== bft rebuild: prepare -> generate backtranslate, score -> assemble -> validate -> publish"
+$BIN/bft rebuild --config "$RUN_FILE"
+echo "== bft rebuild again: nothing changed, so every stage is reused and nothing new is published"
+$BIN/bft rebuild --config "$RUN_FILE"
 
 echo "== bft train sft: the base model on the published corpus (tags included)"
-$BIN/bft train --role sft --base-model "$MODELS/base" --data "$ROOT" --output "$MODELS/sft" "${TRAIN[@]}"
+$BIN/bft train --role sft --base-model "$MODELS/base" --root "$ROOT" "${TRAIN[@]}"
 
 echo "== bft eval: answer the sample questions with the SFT and the base model, judge them pairwise"
 $BIN/bft eval generate --model "$MODELS/sft" --questions samples/eval/questions.json \
@@ -56,6 +46,8 @@ $BIN/bft eval generate --model "$MODELS/base" --questions samples/eval/questions
 $BIN/bft eval judge --a "$ROOT/eval/sft.json" --b "$ROOT/eval/base.json" --judge-model "$MODELS/chat" \
   --max-new-tokens 32 --output "$ROOT/eval/judge.json"
 
+echo "== bft validate: what a training team runs before it trains"
+$BIN/bft validate --root "$ROOT"
 LATEST=$(cat "$ROOT/sft/LATEST")
 echo
 echo "published release: $ROOT/sft/$LATEST  (manifest.json, README.md card, train/validation Parquet)"
