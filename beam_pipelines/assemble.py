@@ -377,13 +377,16 @@ def run(cfg: AssembleConfig, beam_args: list[str]) -> dict:
 
     def build_release(folder: str, version: str) -> dict:
         """The Beam pass into `folder`, then stats.json, report and card; returns the split counts."""
+        storage.delete_tree(layout.assemble_tmp_root)  # parts left by a killed run (one assemble per root)
         tmp = layout.assemble_tmp(uuid.uuid4().hex[:12])
         t0 = time.perf_counter()
-        with beam.Pipeline(options=pipeline_options(beam_args)) as p:
-            build(p, cfg, shards, num_shards, folder, tmp)
+        try:
+            with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+                build(p, cfg, shards, num_shards, folder, tmp)
+            summary = json.loads(storage.read_text(RunLayout.summary(tmp)))
+        finally:
+            storage.delete_tree(tmp)
         pipeline_s = time.perf_counter() - t0
-        summary = json.loads(storage.read_text(RunLayout.summary(tmp)))
-        storage.delete_tree(tmp)
         t1 = time.perf_counter()
         stats = corpus_stats.release_stats(cfg, version, summary, prep_stats, sorted(skipped),
                                            sum(skipped.values()), _stage_models(cfg, shards))

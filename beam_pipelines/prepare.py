@@ -453,8 +453,8 @@ def write_stats(cfg, tmp_dir, files, selected, totals, shards, reject_files, unr
         "schema_version": schemas.SCHEMA_VERSION,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    storage.delete_tree(tmp_dir)  # before the marker: a kill in between leaves no complete output with texts in _tmp/
     storage.write_text(RunLayout(cfg.root).prepare_stats, json.dumps(stats, indent=2, sort_keys=False) + "\n")
-    storage.delete_tree(tmp_dir)
     return stats
 
 
@@ -477,7 +477,9 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
             raise UserError(f"{layout.candidates} holds a complete prepare output of another config ("
                             + "; ".join(differ) + "): pass --overwrite to redo it, or use another --root")
         log.info("%s exists with the same config: prepare is complete, skipping", layout.prepare_stats)
+        storage.delete_tree(layout.prepare_tmp_root)  # document texts left by a run killed after its marker
         return {**stats, "reused": True}
+    check_output(layout.candidates)
     check_tokenizer(cfg.tokenizer)
     options = pipeline_options(beam_args)
     files = list_inputs(cfg.input)
@@ -492,6 +494,16 @@ def config_differences(recorded: dict, current: dict) -> list[str]:
     """'key: recorded -> current' for every key whose value differs."""
     keys = sorted(set(recorded) | set(current))
     return [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in keys if recorded.get(k) != current.get(k)]
+
+
+def check_output(folder: str) -> None:
+    """Fails at once, in one line, when the output folder cannot be written (a file stands in its
+    path, or it is read-only), instead of after the whole read pass."""
+    try:
+        storage.check_writable(folder)
+    except Exception as e:  # OSError locally; google.api_core's Forbidden and the like on gs://
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"--root: cannot write {folder} ({reason})") from e
 
 
 def check_tokenizer(path: str) -> None:

@@ -282,7 +282,7 @@ def manifest_problems(manifest) -> list[str]:
     """What is wrong with the form of a parsed manifest (a hand-edited or damaged one): each problem
     names the field or the file entry."""
     if not isinstance(manifest, dict):
-        return [f"{MANIFEST}: a JSON {type(manifest).__name__}, expected an object"]
+        return [f"{MANIFEST}: {_kind(manifest)}, expected an object"]
     problems = []
     for key, kind in (("version", str), ("config_hash", str), ("counts", dict),
                       ("files", list)):

@@ -7,6 +7,7 @@ and its retries happen.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import gzip
 import io
@@ -132,6 +133,21 @@ _UMASK = _read_umask()  # read once: os.umask can only be read by setting it, wh
 def _readable(tmp: str) -> None:
     """mkstemp makes 0600 files; give the output the mode a plain open() would (0666 less umask)."""
     os.chmod(tmp, 0o666 & ~_UMASK)
+
+
+def check_writable(folder: str) -> None:
+    """Creates `folder` (local) and writes and deletes a probe file in it; the OSError of a folder
+    that cannot be written (a file in its path, read-only, no permission on the bucket)."""
+    if not is_gcs(folder):
+        node = os.path.abspath(folder)
+        while not os.path.exists(node):
+            node = os.path.dirname(node)
+        if not os.path.isdir(node):
+            raise NotADirectoryError(errno.ENOTDIR, "a file stands where a folder is needed", node)
+        os.makedirs(folder, exist_ok=True)
+    probe = join(folder, ".bft-write-probe")
+    write_bytes(probe, b"")
+    delete(probe)
 
 
 def write_text(path: str, text: str) -> None:
