@@ -414,7 +414,7 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
     unreadable = (read.unreadable, other.unreadable) | "AllUnreadable" >> beam.Flatten()
     return (p | "Finish" >> beam.Create([None])
             | "WriteStats" >> beam.Map(
-                lambda _, t, s, r, u: write_stats(cfg, tmp_dir, files, selected, t, s, r, u),
+                lambda _, t, s, r, u: write_stats(cfg, files, selected, t, s, r, u),
                 t=beam.pvalue.AsSingleton(totals), s=beam.pvalue.AsList(shards),
                 r=beam.pvalue.AsList(reject_files), u=beam.pvalue.AsList(unreadable)))
 
@@ -425,7 +425,7 @@ def funnel(totals: dict[str, int]) -> dict:
     return {"input_records": totals.get(INPUT, 0), "kept": totals.get(KEPT, 0), "dropped": dropped}
 
 
-def write_stats(cfg, tmp_dir, files, selected, totals, shards, reject_files, unreadable) -> dict:
+def write_stats(cfg, files, selected, totals, shards, reject_files, unreadable) -> dict:
     acc = funnel(totals)
     if acc["input_records"] != acc["kept"] + sum(acc["dropped"].values()):
         raise RuntimeError(f"accounting broken: {acc['input_records']} input records != {acc['kept']} kept + "
@@ -453,7 +453,8 @@ def write_stats(cfg, tmp_dir, files, selected, totals, shards, reject_files, unr
         "schema_version": schemas.SCHEMA_VERSION,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    storage.delete_tree(tmp_dir)  # before the marker: a kill in between leaves no complete output with texts in _tmp/
+    # _tmp/ before the marker: a kill in between leaves no complete output with document texts in _tmp/
+    storage.delete_tree(RunLayout(cfg.root).prepare_tmp_root)
     storage.write_text(RunLayout(cfg.root).prepare_stats, json.dumps(stats, indent=2, sort_keys=False) + "\n")
     return stats
 
