@@ -221,7 +221,7 @@ def validate(path: str, *, published: bool = True) -> dict:
         success = storage.join(folder, SUCCESS)
         if not storage.exists(success):
             problems.append(f"{folder}: {SUCCESS} missing: the release is incomplete")
-        elif storage.read_text(success).split()[:1] != [sha256_of(manifest_path)]:
+        elif storage.read_bytes(success).decode("utf-8", "replace").split()[:1] != [sha256_of(manifest_path)]:
             problems.append(f"{MANIFEST}: its sha256 is not the one {SUCCESS} records: the manifest was changed "
                             "after the release was published")
     try:

@@ -305,3 +305,63 @@ def test_prepare_killed_at_any_write_reruns_to_the_output_of_an_uninterrupted_ru
         assert not os.path.exists(layout.prepare_stats), point
         rerun = prepare.run(prepare_cfg(corpus, layout.root, bpe_tokenizer_path), LOCAL)
         assert "reused" not in rerun and output() == expected, point
+
+
+def test_local_runner_workers_end_when_the_driver_is_killed(tmp_path, bpe_tokenizer_path):
+    """With the local runner's worker processes, a SIGKILLed driver's busy workers went on with their
+    bundle (reading, then writing into the output the next run cleans); they now end within a second."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    big = tmp_path / "in" / "big.jsonl"  # long enough to be read while the driver is killed
+    big.parent.mkdir()
+    with open(big, "wb") as f:
+        for i in range(800_000):
+            f.write(b'{"id": "d%d", "text": "document number %d of many"}\n' % (i, i))
+    cmd = [sys.executable, "-m", "bft.cli", "prepare", "--input", str(big), "--root", str(tmp_path / "o"),
+           "--tokenizer", bpe_tokenizer_path, "--splits", "", "--direct_num_workers=2",
+           "--direct_running_mode=multi_processing"]
+    driver = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": ROOT}, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def group():
+        """Live (not zombie) processes of the driver's session other than the driver: its workers."""
+        out = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[3]) == driver.pid and int(pid) != driver.pid and stat[0] != b"Z":
+                out.append(int(pid))
+        return out
+
+    def readers():
+        """Workers with the input open: they ran the DoFn's setup and are processing it."""
+        out = set()
+        for pid in group():
+            try:
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(big) for fd in os.listdir(f"/proc/{pid}/fd")):
+                    out.add(pid)
+            except OSError:
+                continue
+        return out
+
+    try:
+        deadline = time.time() + 120
+        while not (busy := readers()):
+            assert driver.poll() is None and time.time() < deadline, "no worker read the input"
+            time.sleep(0.2)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        deadline = time.time() + 3  # the watch polls every 0.5 s; the old code's worker read on for ~10 s
+        while busy & set(group()) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not busy & set(group()), "a worker went on after the driver was killed"
+    finally:
+        for pid in group():  # only this test's processes (its driver's session); idle workers are not watched
+            os.kill(pid, signal.SIGKILL)
