@@ -363,10 +363,10 @@ def _stage_models(cfg: AssembleConfig, shards: list[ShardInput]) -> dict[str, li
 
 
 def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = None) -> dict:
-    """Builds and publishes a release; returns its stats. A rerun of a published version, or (without
-    --version) a run whose config and inputs are those of the LATEST release, returns the published
-    stats with "reused": true and publishes nothing. `run_record` (what bft rebuild did) goes into the
-    manifest, outside the config hash."""
+    """Plans the inputs, then publishes the release (schemas.release.publish) with the Beam pass,
+    stats, report and card as its build step; returns its stats. When the same config was published
+    before (that version, or LATEST when no version is named) nothing is built: its stats come back
+    with "reused": true. `run_record` (what bft rebuild did) goes into the manifest."""
     layout = RunLayout(cfg.root)
     prep_stats = json.loads(storage.read_text(layout.prepare_stats)) if storage.exists(layout.prepare_stats) else {}
     if not cfg.tokenizer:
@@ -375,117 +375,34 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
             raise AssembleError("no --tokenizer given and candidates/stats.json names none")
     shards, skipped, num_shards, lineage = plan_inputs(cfg)
     config = asdict(cfg)
-    chash = release.config_hash(config, lineage)
-    current = _latest_with_hash(layout, chash) if cfg.version is None else None
-    if current:
-        log.info("release %s (LATEST) has this config and these inputs; nothing to publish", current)
-        return {**json.loads(storage.read_text(storage.join(release.release_dir(cfg.root, current), "stats.json"))),
-                "reused": True}
-    version = release.check_version_name(cfg.version or release.default_version(chash))
-    folder = release.release_dir(cfg.root, version)
-    if storage.exists(storage.join(folder, release.SUCCESS)):
-        published = json.loads(storage.read_text(storage.join(folder, release.MANIFEST)))
-        if published.get("config_hash") != chash:
-            raise release.ReleaseError(f"{folder}: release {version} exists with other inputs or config "
-                                       f"(hash {published.get('config_hash')} != {chash}); releases are never "
-                                       "overwritten: pass another --version")
-        log.info("%s is published with the same config; nothing to do", folder)
-        return {**json.loads(storage.read_text(storage.join(folder, "stats.json"))), "reused": True}
-    storage.delete_tree(folder)  # debris of a failed run: never a published release
-    tmp = layout.assemble_tmp(uuid.uuid4().hex[:12])
-    t0 = time.perf_counter()
-    with beam.Pipeline(options=pipeline_options(beam_args)) as p:
-        build(p, cfg, shards, num_shards, folder, tmp)
-    pipeline_s = time.perf_counter() - t0
-    summary = json.loads(storage.read_text(RunLayout.summary(tmp)))
-    t1 = time.perf_counter()
-    stats = make_stats(cfg, version, summary, prep_stats, sorted(skipped), sum(skipped.values()),
-                       _stage_models(cfg, shards))
-    stats["timing"] = {"pipeline_s": round(pipeline_s, 3),
-                       "stats_in_pipeline_worker_s": round(summary.get("timing", {}).get("stats_s", 0.0), 3),
-                       "pipeline_worker_s": round(summary.get("timing", {}).get("work_s", 0.0), 3)}
-    from beam_pipelines import report
 
-    report.write_report(folder, stats)
-    report.write_card(folder, stats, config)
-    stats["timing"]["report_s"] = round(time.perf_counter() - t1, 3)
-    storage.write_text(storage.join(folder, "stats.json"), json.dumps(stats, indent=2) + "\n")
-    counts = {"train": stats["funnel"]["final"]["train"], "validation": stats["funnel"]["final"]["validation"]}
-    release.write_manifest(folder, version=version, chash=chash, config=config, lineage=lineage, counts=counts,
-                           run=run_record)
-    release.mark_complete(folder)
-    release.publish_latest(cfg.root, version)
-    storage.delete_tree(tmp)
-    return stats
+    def build_release(folder: str, version: str) -> dict:
+        """The Beam pass into `folder`, then stats.json, report and card; returns the split counts."""
+        storage.delete_tree(layout.assemble_tmp_root)  # parts left by a killed run (one assemble per root)
+        tmp = layout.assemble_tmp(uuid.uuid4().hex[:12])
+        t0 = time.perf_counter()
+        try:
+            with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+                build(p, cfg, shards, num_shards, folder, tmp)
+            summary = json.loads(storage.read_text(RunLayout.summary(tmp)))
+        finally:
+            storage.delete_tree(tmp)
+        pipeline_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        stats = corpus_stats.release_stats(cfg, version, summary, prep_stats, sorted(skipped),
+                                           sum(skipped.values()), _stage_models(cfg, shards))
+        stats["timing"] = {"pipeline_s": round(pipeline_s, 3),
+                           "stats_in_pipeline_worker_s": round(summary.get("timing", {}).get("stats_s", 0.0), 3),
+                           "pipeline_worker_s": round(summary.get("timing", {}).get("work_s", 0.0), 3)}
+        from beam_pipelines import report
 
+        report.write_report(folder, stats)
+        report.write_card(folder, stats, config)
+        stats["timing"]["report_s"] = round(time.perf_counter() - t1, 3)
+        storage.write_text(storage.join(folder, corpus_stats.RELEASE_STATS), json.dumps(stats, indent=2) + "\n")
+        return {split: stats["funnel"]["final"][split] for split in release.SPLITS}
 
-def _latest_with_hash(layout: RunLayout, chash: str) -> str | None:
-    """The LATEST release's version when it was made from this config hash, else None."""
-    if not storage.exists(layout.latest):
-        return None
-    version = storage.read_text(layout.latest).strip()
-    manifest = storage.join(layout.release(version), release.MANIFEST)
-    if not storage.exists(manifest):
-        return None
-    return version if json.loads(storage.read_text(manifest)).get("config_hash") == chash else None
-
-
-def make_stats(cfg: AssembleConfig, version: str, summary: dict, prep_stats: dict, skipped: list[int],
-               skipped_rows: int, models: dict) -> dict:
-    """The release's stats.json from the merged partials; checks that every candidate is accounted for."""
-    dropped = {k: v for k, v in (summary.get("funnel", {}).get("dropped") or {}).items() if v}
-    if skipped_rows:
-        dropped["missing_generation_shard"] = skipped_rows
-    final = summary.get("final") or {}
-    by_origin = {}
-    for origin, o in final.items():
-        rows = o["rows"]
-        total = rows.get("train", 0) + rows.get("validation", 0)
-        by_origin[origin] = {
-            **{k: v for k, v in o.items() if k != "rows"},
-            "rows": {"train": rows.get("train", 0), "validation": rows.get("validation", 0), "total": total},
-            "avg_tokens_instruction": round(o["tokens_instruction"] / total, 2) if total else 0.0,
-            "avg_tokens_response": round(o["tokens_response"] / total, 2) if total else 0.0,
-        }
-    web = by_origin.get("web", {}).get("rows", {}).get("total", 0)
-    seed = summary.get("seed") or {"input": 0, "kept": 0, "dropped": {}}
-    candidates = sum(s["rows"] for s in (prep_stats.get("shards") or {}).get("files", [])) \
-        or prep_stats.get("kept", 0)
-    if candidates != web + sum(dropped.values()):
-        raise AssembleError(f"accounting broken: {candidates} candidates != {web} web examples + "
-                            f"{sum(dropped.values())} dropped ({dropped})")
-    seed_final = by_origin.get("seed", {}).get("rows", {}).get("total", 0)
-    if seed_final != seed["kept"]:
-        raise AssembleError(f"accounting broken: {seed['kept']} seed examples read, {seed_final} written")
-    train = sum(o["rows"]["train"] for o in by_origin.values())
-    validation = sum(o["rows"]["validation"] for o in by_origin.values())
-    stages = {}
-    for stage, s in (summary.get("stages") or {}).items():
-        stages[stage] = {**s, "pass_rate": round(s["ok"] / s["rows"], 4) if s["rows"] else 0.0,
-                         "model": ", ".join(models.get(stage, []))}
-    recipe = recipes.RECIPES[cfg.recipe]
-    score_hist = None
-    if recipe.gate and recipe.gate in stages:
-        score_hist = {"stage": recipe.gate, "threshold": cfg.threshold, "edges": corpus_stats.SCORE_EDGES,
-                      "counts": stages[recipe.gate].get("score_histogram")}
-    seed_tag, web_tag = cfg.tags
-    return {
-        "version": version,
-        "recipe": cfg.recipe,
-        "funnel": {
-            "dolma": {k: prep_stats.get(k) for k in ("input_records", "kept", "dropped")} if prep_stats else None,
-            "candidates": candidates,
-            "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1])),
-            "web_examples": web,
-            "seed": seed,
-            "final": {"train": train, "validation": validation, "total": train + validation},
-        },
-        "stages": stages,
-        "score_histogram": score_hist,
-        "by_origin": by_origin,
-        "length_edges": corpus_stats.LENGTH_EDGES,
-        "tags": {"seed": seed_tag, "web": web_tag},
-        "missing_shards": skipped,
-        "schema_version": schemas.SCHEMA_VERSION,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    folder, built = release.publish(cfg.root, version=cfg.version, config=config, lineage=lineage,
+                                    build=build_release, run=run_record)
+    stats = json.loads(storage.read_text(storage.join(folder, corpus_stats.RELEASE_STATS)))
+    return stats if built else {**stats, "reused": True}

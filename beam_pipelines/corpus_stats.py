@@ -9,12 +9,18 @@ vectorized (a test checks it against NLTK itself), hashed to 64 bits.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
+import schemas
+from schemas.recipes import RECIPES
 from schemas.outcomes import SCORE_EDGES, histogram, shard_summary, value_counts  # noqa: F401 (re-exported)
+
+RELEASE_STATS = "stats.json"  # a release's statistics, beside its data files
 
 # Token-length histogram bins (upper edges, tokens); the last bin is open.
 LENGTH_EDGES = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -146,3 +152,72 @@ def trigram_hashes(texts) -> np.ndarray:
 
 def _rotl(x: np.ndarray, r: int) -> np.ndarray:
     return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
+
+
+# ---- a release's stats.json ------------------------------------------------------------------------
+
+class AccountingError(RuntimeError):
+    """The counts of a pass do not add up: a bug, never a user's mistake."""
+
+
+def release_stats(cfg, version: str, summary: dict, prep_stats: dict, skipped: list[int],
+               skipped_rows: int, models: dict) -> dict:
+    """The release's stats.json from the merged partials of the assemble pass (`summarize`), the prepare
+    stats and the driver's plan; checks that every candidate is accounted for. `cfg` is the
+    AssembleConfig (recipe, threshold, tags)."""
+    dropped = {k: v for k, v in (summary.get("funnel", {}).get("dropped") or {}).items() if v}
+    if skipped_rows:
+        dropped["missing_generation_shard"] = skipped_rows
+    final = summary.get("final") or {}
+    by_origin = {}
+    for origin, o in final.items():
+        rows = o["rows"]
+        total = rows.get("train", 0) + rows.get("validation", 0)
+        by_origin[origin] = {
+            **{k: v for k, v in o.items() if k != "rows"},
+            "rows": {"train": rows.get("train", 0), "validation": rows.get("validation", 0), "total": total},
+            "avg_tokens_instruction": round(o["tokens_instruction"] / total, 2) if total else 0.0,
+            "avg_tokens_response": round(o["tokens_response"] / total, 2) if total else 0.0,
+        }
+    web = by_origin.get("web", {}).get("rows", {}).get("total", 0)
+    seed = summary.get("seed") or {"input": 0, "kept": 0, "dropped": {}}
+    candidates = sum(s["rows"] for s in (prep_stats.get("shards") or {}).get("files", [])) \
+        or prep_stats.get("kept", 0)
+    if candidates != web + sum(dropped.values()):
+        raise AccountingError(f"accounting broken: {candidates} candidates != {web} web examples + "
+                            f"{sum(dropped.values())} dropped ({dropped})")
+    seed_final = by_origin.get("seed", {}).get("rows", {}).get("total", 0)
+    if seed_final != seed["kept"]:
+        raise AccountingError(f"accounting broken: {seed['kept']} seed examples read, {seed_final} written")
+    train = sum(o["rows"]["train"] for o in by_origin.values())
+    validation = sum(o["rows"]["validation"] for o in by_origin.values())
+    stages = {}
+    for stage, s in (summary.get("stages") or {}).items():
+        stages[stage] = {**s, "pass_rate": round(s["ok"] / s["rows"], 4) if s["rows"] else 0.0,
+                         "model": ", ".join(models.get(stage, []))}
+    recipe = RECIPES[cfg.recipe]
+    score_hist = None
+    if recipe.gate and recipe.gate in stages:
+        score_hist = {"stage": recipe.gate, "threshold": cfg.threshold, "edges": SCORE_EDGES,
+                      "counts": stages[recipe.gate].get("score_histogram")}
+    seed_tag, web_tag = cfg.tags
+    return {
+        "version": version,
+        "recipe": cfg.recipe,
+        "funnel": {
+            "dolma": {k: prep_stats.get(k) for k in ("input_records", "kept", "dropped")} if prep_stats else None,
+            "candidates": candidates,
+            "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1])),
+            "web_examples": web,
+            "seed": seed,
+            "final": {"train": train, "validation": validation, "total": train + validation},
+        },
+        "stages": stages,
+        "score_histogram": score_hist,
+        "by_origin": by_origin,
+        "length_edges": LENGTH_EDGES,
+        "tags": {"seed": seed_tag, "web": web_tag},
+        "missing_shards": skipped,
+        "schema_version": schemas.SCHEMA_VERSION,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -20,6 +20,7 @@ _ENV = {
     "MALLOC_TRIM_THRESHOLD_": str(1 << 20),
 }
 _done = False
+DRIVER_PID = "BFT_DRIVER_PID"  # the pid of the process driving a pass, for its workers (driver_watch)
 
 
 def configure_process() -> None:
@@ -40,6 +41,9 @@ def configure_process() -> None:
 
     if os.environ["ARROW_DEFAULT_MEMORY_POOL"] == "system":
         pa.set_memory_pool(pa.system_memory_pool())
+    from beam_pipelines import driver_watch
+
+    driver_watch.watch()
 
 
 def default_beam_args(beam_args: list[str]) -> list[str]:
@@ -69,6 +73,9 @@ def unknown_beam_flags(beam_args: list[str]) -> list[str]:
 
 
 def pipeline_options(beam_args: list[str]):
+    """Beam's options for a pass that this process drives; its worker processes learn its pid."""
     from apache_beam.options.pipeline_options import PipelineOptions
+
+    os.environ[DRIVER_PID] = str(os.getpid())
 
     return PipelineOptions(default_beam_args(beam_args))

@@ -421,7 +421,7 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
     unreadable = (read.unreadable, other.unreadable) | "AllUnreadable" >> beam.Flatten()
     return (p | "Finish" >> beam.Create([None])
             | "WriteStats" >> beam.Map(
-                lambda _, t, s, r, u: write_stats(cfg, tmp_dir, files, selected, t, s, r, u, fingerprint),
+                lambda _, t, s, r, u: write_stats(cfg, files, selected, t, s, r, u, fingerprint),
                 t=beam.pvalue.AsSingleton(totals), s=beam.pvalue.AsList(shards),
                 r=beam.pvalue.AsList(reject_files), u=beam.pvalue.AsList(unreadable)))
 
@@ -432,7 +432,7 @@ def funnel(totals: dict[str, int]) -> dict:
     return {"input_records": totals.get(INPUT, 0), "kept": totals.get(KEPT, 0), "dropped": dropped}
 
 
-def write_stats(cfg, tmp_dir, files, selected, totals, shards, reject_files, unreadable, fingerprint=None) -> dict:
+def write_stats(cfg, files, selected, totals, shards, reject_files, unreadable, fingerprint=None) -> dict:
     acc = funnel(totals)
     if acc["input_records"] != acc["kept"] + sum(acc["dropped"].values()):
         raise RuntimeError(f"accounting broken: {acc['input_records']} input records != {acc['kept']} kept + "
@@ -456,13 +456,15 @@ def write_stats(cfg, tmp_dir, files, selected, totals, shards, reject_files, unr
         "rejects": {"rows": n_rejects, "files": [r["path"] for r in sorted(reject_files, key=lambda r: r["path"])]},
         "input_files": {"total": len(files), "head_split": len(selected), "other_splits": len(files) - len(selected)},
         "unreadable_files": sorted(unreadable, key=lambda u: u["file"]),
+        "root": cfg.root,
         "config": cfg.identity(),
         "inputs": fingerprint,
         "schema_version": schemas.SCHEMA_VERSION,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    # _tmp/ before the marker: a kill in between leaves no complete output with document texts in _tmp/
+    storage.delete_tree(RunLayout(cfg.root).prepare_tmp_root)
     storage.write_text(RunLayout(cfg.root).prepare_stats, json.dumps(stats, indent=2, sort_keys=False) + "\n")
-    storage.delete_tree(tmp_dir)
     return stats
 
 
@@ -488,8 +490,10 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
                             + "; ".join(differ) + "): pass --overwrite to redo it, or use another --root")
         if stats.get("inputs") == fingerprint:
             log.info("%s exists with the same config and inputs: prepare is complete, skipping", layout.prepare_stats)
+            storage.delete_tree(layout.prepare_tmp_root)  # document texts left by a run killed after its marker
             return {**stats, "reused": True}
         log.warning("the input files changed since %s was written: prepare runs again", layout.prepare_stats)
+    check_output(layout.candidates)
     check_tokenizer(cfg.tokenizer)
     options = pipeline_options(beam_args)
     storage.delete(layout.prepare_stats)
@@ -508,6 +512,16 @@ def config_differences(recorded: dict, current: dict) -> list[str]:
     """'key: recorded -> current' for every key whose value differs."""
     keys = sorted(set(recorded) | set(current))
     return [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in keys if recorded.get(k) != current.get(k)]
+
+
+def check_output(folder: str) -> None:
+    """Fails at once, in one line, when the output folder cannot be written (a file stands in its
+    path, or it is read-only), instead of after the whole read pass."""
+    try:
+        storage.check_writable(folder)
+    except Exception as e:  # OSError locally; google.api_core's Forbidden and the like on gs://
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"--root: cannot write {folder} ({reason})") from e
 
 
 def check_tokenizer(path: str) -> None:

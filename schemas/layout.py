@@ -149,6 +149,10 @@ class RunLayout:
     def assemble_tmp(self, run_id: str) -> str:
         return self._join(SFT, TMP, run_id)
 
+    @property
+    def assemble_tmp_root(self) -> str:
+        return self._join(SFT, TMP)
+
     @staticmethod
     def assemble_part(tmp: str, kind: str, shard: int) -> str:
         return storage.join(tmp, f"{kind}-{shard:05d}.parquet")

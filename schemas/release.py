@@ -4,12 +4,17 @@
                       stats.json, report.html, plots/*.png, README.md (dataset card)
                       manifest.json   every other file: size, sha256, rows; schema version; config;
                                       code revision; input lineage
-                      _SUCCESS        written last: the release is complete
-    ROOT/sft/LATEST                   the newest release that validated (its version name)
+                      _SUCCESS        written last, after the release validated: the sha256 of
+                                      manifest.json (`sha256sum -c _SUCCESS` checks it), so that an
+                                      edit of the manifest's config or version fails validate
+    ROOT/sft/LATEST                   the release published last (its version name)
 
-A release is never overwritten: publishing a version that exists is a no-op when its config hash
-matches (a rerun) and an error otherwise. A folder without _SUCCESS is the debris of a failed run
-and is cleared before the version is built again.
+`publish` is the protocol, the one way a release is made: name the version; refuse a published
+version of another config (releases are never overwritten); clear the debris of a failed run; let the
+caller write the data files, stats and report; list them in the manifest; validate; write _SUCCESS;
+point LATEST at it. A rerun of the same config finishes what an interrupted publish left: a folder
+with a manifest that validates gets its _SUCCESS, a published one is validated again, and LATEST is
+written in both cases, so a kill between any two steps never leaves LATEST stale.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import re
 import subprocess
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -137,8 +143,82 @@ def write_manifest(folder: str, *, version: str, chash: str, config: dict, linea
     return manifest
 
 
-def mark_complete(folder: str) -> None:
-    storage.write_text(storage.join(folder, SUCCESS), "")
+def success_line(folder: str) -> str:
+    """What _SUCCESS holds: the manifest's sha256 in `sha256sum` format."""
+    return f"{sha256_of(storage.join(folder, MANIFEST))}  {MANIFEST}\n"
+
+
+def publish(root: str, *, version: str | None, config: dict, lineage: dict,
+            build: Callable[[str, str], dict], run: dict | None = None) -> tuple[str, bool]:
+    """Publishes the release of (config, lineage) under ROOT/sft/<version> (default: UTC date + config
+    hash); returns (its folder, whether it was built now).
+
+    Without a version name, a LATEST release of the same config hash is the answer: nothing is built
+    and LATEST does not move (a nightly rebuild with nothing changed publishes nothing new). `run`
+    (what bft rebuild did: reuse, timing) goes into the manifest, outside the config hash.
+
+    `build(folder, version)` writes the data files, stats.json, report and card into the empty folder
+    and returns the split counts ({"train": n, "validation": n}) the manifest records. A published
+    version of another config is a ReleaseError; a release that does not validate is left without
+    _SUCCESS (debris that the next run clears) and raises ReleaseError.
+    """
+    chash = config_hash(config, lineage)
+    if version is None:
+        current = _latest_of_hash(root, chash)
+        if current is not None:
+            return current, False
+    version = check_version_name(version or default_version(chash))
+    folder = release_dir(root, version)
+    manifest_path, success = storage.join(folder, MANIFEST), storage.join(folder, SUCCESS)
+    recorded = _recorded_hash(manifest_path)
+    if recorded is not None and recorded != chash and storage.exists(success):
+        raise ReleaseError(f"{folder}: release {version} exists with other inputs or config (hash {recorded} "
+                           f"!= {chash}); releases are never overwritten: pass another --version")
+    built = False
+    if recorded == chash and storage.exists(success):
+        validate(folder)  # published before: check it again before LATEST names it
+    elif recorded == chash and _validates(folder):
+        storage.write_text(success, success_line(folder))  # killed after the manifest: finish
+    else:
+        storage.delete_tree(folder)  # debris of a failed run: never a published release
+        counts = build(folder, version)
+        write_manifest(folder, version=version, chash=chash, config=config, lineage=lineage, counts=counts, run=run)
+        validate(folder, published=False)
+        storage.write_text(success, success_line(folder))
+        built = True
+    storage.write_text(RunLayout(root).latest, version + "\n")
+    return folder, built
+
+
+def _latest_of_hash(root: str, chash: str) -> str | None:
+    """The folder LATEST names when that release is published and was made from `chash`, else None."""
+    layout = RunLayout(root)
+    if not storage.exists(layout.latest):
+        return None
+    folder = layout.release(storage.read_text(layout.latest).strip())
+    if _recorded_hash(storage.join(folder, MANIFEST)) != chash or not storage.exists(storage.join(folder, SUCCESS)):
+        return None
+    validate(folder)
+    return folder
+
+
+def _recorded_hash(manifest_path: str) -> str | None:
+    """The config hash a (possibly unfinished or damaged) manifest records, or None."""
+    if not storage.exists(manifest_path):
+        return None
+    try:
+        manifest = json.loads(storage.read_text(manifest_path))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return manifest.get("config_hash") if isinstance(manifest, dict) else None
+
+
+def _validates(folder: str) -> bool:
+    try:
+        validate(folder, published=False)
+        return True
+    except ReleaseError:
+        return False
 
 
 def resolve(path: str) -> str:
@@ -151,24 +231,33 @@ def resolve(path: str) -> str:
     return path
 
 
-def validate(path: str) -> dict:
+def validate(path: str, *, published: bool = True) -> dict:
     """Re-checks a release against its manifest; returns the manifest or raises ReleaseError listing
-    every problem: completeness, unlisted or missing files, sizes, checksums, schemas, row counts,
-    unique ids."""
+    every problem: completeness (_SUCCESS and the manifest checksum it holds, when `published`), the
+    manifest's own form, unlisted or missing files, sizes, checksums, schemas, row counts, unique ids."""
     folder = resolve(path)
-    if not storage.exists(storage.join(folder, MANIFEST)):
+    manifest_path = storage.join(folder, MANIFEST)
+    if not storage.exists(manifest_path):
         raise ReleaseError(f"{folder}: no {MANIFEST}; not a release folder (or the run did not finish)")
     problems = []
-    if not storage.exists(storage.join(folder, SUCCESS)):
-        problems.append(f"{folder}: {SUCCESS} missing: the release is incomplete")
+    if published:
+        success = storage.join(folder, SUCCESS)
+        if not storage.exists(success):
+            problems.append(f"{folder}: {SUCCESS} missing: the release is incomplete")
+        elif storage.read_bytes(success).decode("utf-8", "replace").split()[:1] != [sha256_of(manifest_path)]:
+            problems.append(f"{MANIFEST}: its sha256 is not the one {SUCCESS} records: the manifest was changed "
+                            "after the release was published")
     try:
-        manifest = json.loads(storage.read_text(storage.join(folder, MANIFEST)))
-    except json.JSONDecodeError as e:
+        manifest = json.loads(storage.read_text(manifest_path))
+    except (ValueError, UnicodeDecodeError) as e:
         raise ReleaseError(f"{folder}/{MANIFEST}: not valid JSON ({e})") from e
+    form = manifest_problems(manifest)
+    if form:
+        raise ReleaseError(f"{folder}: release is not valid:\n  " + "\n  ".join(problems + form))
     if manifest.get("schema_version") != schemas.SCHEMA_VERSION:
         problems.append(f"{MANIFEST}: schema version {manifest.get('schema_version')}, this code reads "
                         f"{schemas.SCHEMA_VERSION}")
-    listed = {f["path"]: f for f in manifest.get("files", [])}
+    listed = {f["path"]: f for f in manifest["files"]}
     present = {p[len(folder) + 1:] for p in storage.list_files(folder)} - {MANIFEST, SUCCESS}
     for rel in sorted(present - set(listed)):
         problems.append(f"{rel}: present in the release but not listed in {MANIFEST}")
@@ -191,7 +280,7 @@ def validate(path: str) -> dict:
             continue
         if data is not None:
             try:
-                table = schemas.validate(pq.read_table(pa.BufferReader(data)), schemas.SFT, rel)
+                table = schemas.validate(storage.parquet_from_bytes(data), schemas.SFT, rel)
             except (schemas.SchemaError, pa.ArrowInvalid) as e:
                 problems.append(str(e))
                 continue
@@ -200,7 +289,7 @@ def validate(path: str) -> dict:
             rows[entry["split"]] += table.num_rows
             ids.append(table["id"].combine_chunks())
     for split, n in rows.items():
-        expected = manifest.get("counts", {}).get(split)
+        expected = manifest["counts"].get(split)
         if expected is not None and expected != n:
             problems.append(f"{split}: {n} rows in the files, manifest counts {expected}")
     if ids:
@@ -212,7 +301,54 @@ def validate(path: str) -> dict:
     return manifest
 
 
-def publish_latest(root: str, version: str) -> None:
-    """Points ROOT/sft/LATEST at `version`, after validating it."""
-    validate(release_dir(root, version))
-    storage.write_text(RunLayout(root).latest, version + "\n")
+def manifest_problems(manifest) -> list[str]:
+    """What is wrong with the form of a parsed manifest (a hand-edited or damaged one): each problem
+    names the field or the file entry."""
+    if not isinstance(manifest, dict):
+        return [f"{MANIFEST}: {_kind(manifest)}, expected an object"]
+    problems = []
+    for key, kind in (("version", str), ("config_hash", str), ("counts", dict),
+                      ("files", list)):
+        if not isinstance(manifest.get(key), kind):
+            problems.append(f"{MANIFEST}: '{key}' is {_kind(manifest.get(key))}, expected {_JSON[kind]}")
+    counts = manifest.get("counts")
+    if isinstance(counts, dict):
+        problems += [f"{MANIFEST}: counts.{split} is {_kind(counts.get(split))}, expected a whole number"
+                     for split in SPLITS if not _whole(counts.get(split))]
+    seen = set()
+    for i, entry in enumerate(manifest.get("files") if isinstance(manifest.get("files"), list) else []):
+        where = f"{MANIFEST}: files[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where} is {_kind(entry)}, expected an object with path, bytes and sha256")
+            continue
+        path = entry.get("path")
+        if not isinstance(path, str) or not path or path.startswith("/") or ".." in path.split("/") \
+                or path in (MANIFEST, SUCCESS):
+            problems.append(f"{where}: 'path' is {path!r}, expected a file name inside the release")
+            continue
+        if path in seen:
+            problems.append(f"{where}: {path} is listed twice")
+        seen.add(path)
+        if not _whole(entry.get("bytes")):
+            problems.append(f"{where} ({path}): 'bytes' is {_kind(entry.get('bytes'))}, expected a whole number")
+        sha = entry.get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            problems.append(f"{where} ({path}): 'sha256' is {sha!r}, expected 64 hex digits")
+        if "split" in entry and (entry["split"] not in SPLITS or not _whole(entry.get("rows"))):
+            problems.append(f"{where} ({path}): a data file needs 'split' in {list(SPLITS)} and whole 'rows'")
+    return problems
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+_JSON = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+         bool: "a boolean"}
+
+
+def _kind(value) -> str:
+    """How a manifest value reads in a problem: missing, or its JSON type (a string is shown)."""
+    if value is None:
+        return "missing"
+    return repr(value) if isinstance(value, str) else _JSON.get(type(value), type(value).__name__)

@@ -7,6 +7,7 @@ and its retries happen.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import gzip
 import io
@@ -14,6 +15,7 @@ import os
 import posixpath
 import re
 import tempfile
+import zlib
 from typing import BinaryIO, Iterator
 
 import pyarrow as pa
@@ -149,6 +151,21 @@ def _readable(tmp: str) -> None:
     os.chmod(tmp, 0o666 & ~_UMASK)
 
 
+def check_writable(folder: str) -> None:
+    """Creates `folder` (local) and writes and deletes a probe file in it; the OSError of a folder
+    that cannot be written (a file in its path, read-only, no permission on the bucket)."""
+    if not is_gcs(folder):
+        node = os.path.abspath(folder)
+        while not os.path.exists(node):
+            node = os.path.dirname(node)
+        if not os.path.isdir(node):
+            raise NotADirectoryError(errno.ENOTDIR, "a file stands where a folder is needed", node)
+        os.makedirs(folder, exist_ok=True)
+    probe = join(folder, ".bft-write-probe")
+    write_bytes(probe, b"")
+    delete(probe)
+
+
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
@@ -236,26 +253,82 @@ def _glob_regex(pattern: str) -> str:
     return "".join(out)
 
 
+class CorruptFileError(OSError):
+    """A compressed file is truncated or corrupt; the message names the file."""
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
 def open_lines(path: str) -> Iterator[bytes]:
     """The lines of a JSON-lines file as raw bytes (newline kept off), decompressing .gz and .zst.
 
-    Raw bytes rather than text, so that a line of invalid UTF-8 becomes a reject, not a crash.
+    Raw bytes rather than text, so that a line of invalid UTF-8 becomes a reject, not a crash. A UTF-8
+    byte order mark at the start of the file is dropped. A .gz or .zst stream that is cut short or
+    corrupt raises CorruptFileError naming the file, after the lines read before the damage (a cut
+    stream never reads as a short file). A plain file has no framing: a cut inside a line leaves a
+    last line that is not JSON (a reject downstream); a cut between lines cannot be told from an end.
     """
     raw = open_read(path)
     try:
         if path.endswith(".gz"):
             stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb")
         elif path.endswith(".zst") or path.endswith(".zstd"):
-            import zstandard
-
-            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True),
-                                       buffer_size=1 << 20)
+            stream = io.BufferedReader(_ChunkReader(_zstd_chunks(raw, path)), buffer_size=1 << 20)
         else:
             stream = io.BufferedReader(raw, buffer_size=1 << 20) if not is_gcs(path) else raw
-        for line in stream:
-            yield line.rstrip(b"\r\n") if line.endswith(b"\n") else line
+        first = True
+        try:
+            for line in stream:
+                if first:
+                    first = False
+                    if line.startswith(_BOM):
+                        line = line[len(_BOM):]
+                yield line.rstrip(b"\r\n") if line.endswith(b"\n") else line
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # what gzip raises for a cut or bad stream
+            raise CorruptFileError(f"{path}: truncated or corrupt gzip stream ({e})") from e
     finally:
         raw.close()
+
+
+def _zstd_chunks(raw: BinaryIO, path: str) -> Iterator[bytes]:
+    """The decompressed bytes of every zstd frame in `raw`; CorruptFileError when a frame is corrupt or
+    the stream ends inside one (zstandard's stream_reader takes such an end for the end of the data)."""
+    import zstandard
+
+    dctx, frame = zstandard.ZstdDecompressor(), None
+    while chunk := raw.read(1 << 20):
+        while chunk:
+            if frame is None:
+                frame = dctx.decompressobj()
+            try:
+                out = frame.decompress(chunk)
+            except zstandard.ZstdError as e:
+                raise CorruptFileError(f"{path}: corrupt zstd stream ({e})") from e
+            if out:
+                yield out
+            chunk, frame = (frame.unused_data, None) if frame.eof else (b"", frame)
+    if frame is not None:
+        raise CorruptFileError(f"{path}: truncated zstd stream (it ends inside a frame)")
+
+
+class _ChunkReader(io.RawIOBase):
+    """A readable raw stream over an iterator of byte chunks (for io.BufferedReader's line splitting)."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self.chunks, self.rest = chunks, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.rest:
+            self.rest = next(self.chunks, b"")
+            if not self.rest:
+                return 0
+        n = min(len(buffer), len(self.rest))
+        buffer[:n], self.rest = self.rest[:n], self.rest[n:]
+        return n
 
 
 def read_records(path: str) -> pa.Table:
@@ -302,5 +375,12 @@ def write_parquet(table: pa.Table, path: str) -> int:
 
 def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
     if is_gcs(path):
-        return pq.read_table(pa.BufferReader(read_bytes(path)), columns=columns)
+        return parquet_from_bytes(read_bytes(path), columns)
     return pq.read_table(path, columns=columns)
+
+
+def parquet_from_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file held in memory, as a table, read on the calling thread: `pq.read_table` of a
+    BufferReader with Arrow's threads aborts the process (SIGABRT) in a few percent of runs, at the
+    end of the read or at exit (apache/arrow#34314, #33975)."""
+    return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns, use_threads=False)

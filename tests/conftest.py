@@ -1,9 +1,11 @@
 """Shared fixtures: tiny tokenizers trained here, Dolma-layout files, and a GCS emulator on loopback."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -121,3 +123,50 @@ def gcs_emulator():
 def bucket(gcs_emulator, request):
     name = "b-" + request.node.name.lower().replace("_", "-")[:40]
     return gcs_emulator.create_bucket(name).name
+
+
+# ---- fault injection: a process "killed" at a chosen write ----------------------------------------
+
+class SimulatedKill(Exception):
+    """Stands in for SIGKILL at a write: raised instead of writing, nothing of the file appears."""
+
+
+@contextlib.contextmanager
+def kill_at(monkeypatch, pattern: str):
+    """Within the block, the first storage write (write_bytes/write_text or write_parquet) to a path
+    matching the regex `pattern` raises SimulatedKill before anything is written: the run stops there,
+    as a kill between the previous write and this one would stop it. Works with the in-process local
+    runner (tests.conftest.LOCAL), where the Beam workers are threads of this process."""
+    import storage
+
+    fired = []
+
+    def guard(real):
+        def write(*args, **kwargs):
+            path = args[1] if real is real_parquet else args[0]
+            if not fired and re.search(pattern, path):
+                fired.append(path)
+                raise SimulatedKill(f"killed before writing {path}")
+            return real(*args, **kwargs)
+        return write
+
+    real_bytes, real_parquet = storage.write_bytes, storage.write_parquet
+    monkeypatch.setattr(storage, "write_bytes", guard(real_bytes))
+    monkeypatch.setattr(storage, "write_parquet", guard(real_parquet))
+    try:
+        yield fired
+    finally:
+        monkeypatch.setattr(storage, "write_bytes", real_bytes)
+        monkeypatch.setattr(storage, "write_parquet", real_parquet)
+    assert fired, f"no write matched {pattern!r}: the kill point was never reached"
+
+
+def snapshot(folder: str, clean=lambda rel, data: data) -> dict:
+    """{path relative to folder: clean(path, bytes)} for every file under `folder`."""
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, folder)
+            out[rel] = clean(rel, open(full, "rb").read())
+    return out

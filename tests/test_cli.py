@@ -106,7 +106,7 @@ def test_recorded_paths_are_absolute(tmp_path, dolma, bpe_tokenizer_path, monkey
                      bpe_tokenizer_path, "--num-shards", "2", *LOCAL)
     assert rc == 0, err
     stats = json.loads((tmp_path / "r" / "candidates" / "stats.json").read_text())
-    assert stats["config"]["root"] == str(tmp_path / "r")
+    assert stats["root"] == str(tmp_path / "r")
     assert all(os.path.isabs(p) for p in stats["config"]["input"])
     assert all(os.path.isabs(f["path"]) for f in stats["shards"]["files"])
 

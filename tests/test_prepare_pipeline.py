@@ -9,6 +9,7 @@ from tokenizers import Tokenizer
 
 from beam_pipelines import prepare
 from beam_pipelines.prepare import PrepareConfig, UnreadableFileError
+from schemas.errors import UserError
 from tests.conftest import LOCAL, dolma_line, write_dolma_file
 
 
@@ -172,3 +173,195 @@ def test_gcs_input_and_output_through_the_emulator(corpus, tmp_path, bpe_tokeniz
     assert not any("/_tmp/" in n for n in names)
     table = storage.read_parquet(f"gs://{bucket}/run/candidates/candidates-00000-of-00004.parquet")
     assert table.num_rows > 0
+
+
+# ---- issue 14: robustness (truncated .zst, BOM, unwritable output, _tmp, overwrite, kills) -----------
+
+def prepare_cfg(corpus, root, tok, **kw):
+    cfg = PrepareConfig(input=[corpus], root=str(root), tokenizer=tok, max_tokens=4000,
+                        **{"num_shards": 4, "reject_shards": 2, **kw})
+    cfg.check()
+    return cfg
+
+
+def test_a_truncated_zstd_fails_naming_the_file_unless_skipped(tmp_path, bpe_tokenizer_path, fixture_texts):
+    """Issue 14.1: a .zst cut short used to read as a short file: documents vanished, exit 0."""
+    lines = [dolma_line(f"d{i:03d}", fixture_texts[i % 200] + f" {i}") for i in range(300)]
+    write_dolma_file(str(tmp_path / "in" / "a.jsonl.zst"), lines[:20])
+    cut = write_dolma_file(str(tmp_path / "in" / "b.jsonl.zst"), lines[20:])
+    data = open(cut, "rb").read()
+    open(cut, "wb").write(data[:int(len(data) * 0.6)])
+    with pytest.raises(UnreadableFileError, match=r"b\.jsonl\.zst: unreadable after \d+ lines.*truncated zstd"):
+        prepare.run(prepare_cfg(str(tmp_path / "in" / "*"), tmp_path / "x", bpe_tokenizer_path, splits=[]), LOCAL)
+    stats = prepare.run(prepare_cfg(str(tmp_path / "in" / "*"), tmp_path / "y", bpe_tokenizer_path, splits=[],
+                                    skip_unreadable_files=True), LOCAL)
+    assert [u["file"] for u in stats["unreadable_files"]] == [cut] and "truncated" in stats["unreadable_files"][0]["error"]
+    assert stats["input_records"] == stats["kept"] + sum(stats["dropped"].values())
+
+
+def test_a_byte_order_mark_does_not_make_the_first_document_a_reject(tmp_path, bpe_tokenizer_path, fixture_texts):
+    lines = [dolma_line(f"d{i}", fixture_texts[i]) for i in range(5)]
+    lines[0] = b"\xef\xbb\xbf" + lines[0]
+    write_dolma_file(str(tmp_path / "in" / "a.jsonl"), lines)
+    stats = prepare.run(prepare_cfg(str(tmp_path / "in" / "*"), tmp_path / "o", bpe_tokenizer_path, splits=[]), LOCAL)
+    assert stats["kept"] == 5 and stats["dropped"] == {}
+
+
+def test_an_unwritable_output_fails_in_one_line_before_the_read_pass(corpus, tmp_path, bpe_tokenizer_path, capsys,
+                                                                     monkeypatch):
+    import storage
+    from bft import cli
+
+    monkeypatch.setattr(prepare.beam, "Pipeline", lambda *a, **k: pytest.fail("the read pass started"))
+    a_file = tmp_path / "root-is-a-file"
+    a_file.write_text("x")
+    args = ["prepare", "--input", corpus, "--tokenizer", bpe_tokenizer_path]
+    assert cli.main(args + ["--root", str(a_file)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot write {a_file}/candidates" in err and "a file stands" in err
+    # read-only: tests run as root, which writes anywhere, so the refusal a read-only folder gives is raised
+    # in its place (PermissionError, errno 13, from the probe write)
+    real = storage.write_bytes
+
+    def read_only(path, data):
+        if "/ro/" in path:
+            raise PermissionError(13, "Permission denied", path)
+        return real(path, data)
+
+    monkeypatch.setattr(storage, "write_bytes", read_only)
+    assert cli.main(args + ["--root", str(tmp_path / "ro")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write" in err and "Permission denied" in err
+
+
+def test_a_killed_runs_tmp_with_document_texts_is_cleaned(corpus, tmp_path, bpe_tokenizer_path, monkeypatch):
+    from schemas.layout import RunLayout
+    from tests.conftest import SimulatedKill, kill_at
+
+    layout = RunLayout(str(tmp_path / "o"))
+    with kill_at(monkeypatch, r"candidates-00001-of-00004"):
+        with pytest.raises(Exception, match="SimulatedKill|killed before"):
+            prepare.run(prepare_cfg(corpus, layout.root, bpe_tokenizer_path), LOCAL)
+    assert os.listdir(layout.prepare_tmp_root)  # the killed run's parts: full document texts
+    prepare.run(prepare_cfg(corpus, layout.root, bpe_tokenizer_path), LOCAL)
+    assert not os.path.exists(layout.prepare_tmp_root) or not os.listdir(layout.prepare_tmp_root)
+    # a run killed after its marker (stats.json) but before removing _tmp/ is complete: the rerun that
+    # reuses the output removes the texts too
+    part = os.path.join(layout.prepare_tmp(SimulatedKill.__name__), "shard-00000", "part-x.parquet")
+    os.makedirs(os.path.dirname(part))
+    open(part, "wb").write(b"texts")
+    assert prepare.run(prepare_cfg(corpus, layout.root, bpe_tokenizer_path), LOCAL)["reused"]
+    assert not os.path.exists(layout.prepare_tmp_root)
+
+
+def test_an_overwrite_killed_midway_leaves_no_complete_output_and_no_old_shards(corpus, tmp_path,
+                                                                                 bpe_tokenizer_path, monkeypatch):
+    """Issue 14.3: the old stats.json stayed while new shards replaced some old ones (ids in two shards);
+    shard and reject files of another --num-shards stayed behind; another config was skipped silently."""
+    from schemas.layout import LayoutError, RunLayout
+    from tests.conftest import kill_at
+
+    layout = RunLayout(str(tmp_path / "o"))
+    old = prepare.run(prepare_cfg(corpus, layout.root, bpe_tokenizer_path, num_shards=4, reject_shards=3), LOCAL)
+    with pytest.raises(UserError, match=r"another config \(num_shards: 4 -> 2; reject_shards: 3 -> 2\).*--overwrite"):
+        prepare.run(prepare_cfg(corpus, layout.root, bpe_tokenizer_path, num_shards=2), LOCAL)
+    with kill_at(monkeypatch, r"candidates-00001-of-00002"):
+        with pytest.raises(Exception, match="killed before"):
+            prepare.run(prepare_cfg(corpus, layout.root, bpe_tokenizer_path, num_shards=2, overwrite=True), LOCAL)
+    assert not os.path.exists(layout.prepare_stats)  # not complete: assemble and generate refuse it
+    with pytest.raises(LayoutError, match="no complete prepare output"):
+        layout.candidate_shards()
+    new = prepare.run(prepare_cfg(corpus, layout.root, bpe_tokenizer_path, num_shards=2), LOCAL)
+    assert "reused" not in new and new["kept"] == old["kept"]
+    names = sorted(os.listdir(layout.candidates)) + sorted(os.listdir(layout.rejects))
+    assert names == ["candidates-00000-of-00002.parquet", "candidates-00001-of-00002.parquet", "rejects",
+                     "stats.json", "rejects-00000-of-00002.parquet", "rejects-00001-of-00002.parquet"]
+    _, table = read_dir(layout.candidates, "candidates-")
+    assert table["id"].is_unique and len(table) == new["kept"]
+
+
+PREPARE_KILL_POINTS = [r"/_tmp/.*/part-", r"candidates-00002-of-00004", r"rejects-00001-of-00002",
+                       r"/candidates/stats\.json$"]  # the last: every data file written, the marker not
+
+
+def test_prepare_killed_at_any_write_reruns_to_the_output_of_an_uninterrupted_run(corpus, tmp_path,
+                                                                                   bpe_tokenizer_path, monkeypatch):
+    from schemas.layout import RunLayout
+    from tests.conftest import kill_at, snapshot
+
+    layout = RunLayout(str(tmp_path / "o"))
+
+    def output():
+        return snapshot(layout.candidates, lambda rel, data: {k: v for k, v in json.loads(data).items()
+                                                              if k != "finished_at"} if rel == "stats.json" else data)
+
+    prepare.run(prepare_cfg(corpus, layout.root, bpe_tokenizer_path), LOCAL)
+    expected = output()
+    assert "stats.json" in expected and "rejects/rejects-00001-of-00002.parquet" in expected
+    for point in PREPARE_KILL_POINTS:
+        with kill_at(monkeypatch, point):
+            with pytest.raises(Exception, match="killed before"):
+                prepare.run(prepare_cfg(corpus, layout.root, bpe_tokenizer_path, overwrite=True), LOCAL)
+        assert not os.path.exists(layout.prepare_stats), point
+        rerun = prepare.run(prepare_cfg(corpus, layout.root, bpe_tokenizer_path), LOCAL)
+        assert "reused" not in rerun and output() == expected, point
+
+
+def test_local_runner_workers_end_when_the_driver_is_killed(tmp_path, bpe_tokenizer_path):
+    """With the local runner's worker processes, a SIGKILLed driver's busy workers went on with their
+    bundle (reading, then writing into the output the next run cleans); they now end within a second."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    big = tmp_path / "in" / "big.jsonl"  # long enough to be read while the driver is killed
+    big.parent.mkdir()
+    with open(big, "wb") as f:
+        for i in range(800_000):
+            f.write(b'{"id": "d%d", "text": "document number %d of many"}\n' % (i, i))
+    cmd = [sys.executable, "-m", "bft.cli", "prepare", "--input", str(big), "--root", str(tmp_path / "o"),
+           "--tokenizer", bpe_tokenizer_path, "--splits", "", "--direct_num_workers=2",
+           "--direct_running_mode=multi_processing"]
+    driver = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": ROOT}, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def group():
+        """Live (not zombie) processes of the driver's session other than the driver: its workers."""
+        out = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[3]) == driver.pid and int(pid) != driver.pid and stat[0] != b"Z":
+                out.append(int(pid))
+        return out
+
+    def readers():
+        """Workers with the input open: they ran the DoFn's setup and are processing it."""
+        out = set()
+        for pid in group():
+            try:
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(big) for fd in os.listdir(f"/proc/{pid}/fd")):
+                    out.add(pid)
+            except OSError:
+                continue
+        return out
+
+    try:
+        deadline = time.time() + 120
+        while not (busy := readers()):
+            assert driver.poll() is None and time.time() < deadline, "no worker read the input"
+            time.sleep(0.2)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        deadline = time.time() + 3  # the watch polls every 0.5 s; the old code's worker read on for ~10 s
+        while busy & set(group()) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not busy & set(group()), "a worker went on after the driver was killed"
+    finally:
+        for pid in group():  # only this test's processes (its driver's session); idle workers are not watched
+            os.kill(pid, signal.SIGKILL)

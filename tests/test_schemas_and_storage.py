@@ -78,3 +78,51 @@ def test_written_files_get_the_usual_mode_not_mkstemps_0600(tmp_path):
     storage.write_parquet(pa.table({"x": [1]}), str(tmp_path / "b.parquet"))
     for name in ("a.json", "b.parquet"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~mask
+
+
+def _docs(n):
+    return [b'{"id": "%d", "text": "%s"}' % (i, os.urandom(120).hex().encode()) for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ["a.jsonl.zst", "a.json.gz"])
+def test_a_cut_compressed_file_is_an_error_naming_it_not_a_short_file(tmp_path, name):
+    """Issue 14.1: 600 documents cut at 60% used to read as ~360 lines and one malformed line."""
+    from tests.conftest import write_dolma_file
+
+    path = write_dolma_file(str(tmp_path / name), _docs(600))
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:int(len(data) * 0.6)])
+    read = []
+    with pytest.raises(storage.CorruptFileError, match=f"{name}: truncated"):
+        for line in storage.open_lines(path):
+            read.append(line)
+    assert len(read) < 600  # what was read before the cut (zstd may hold back a partial block)
+
+
+def test_a_garbage_zstd_is_an_error_naming_the_file_and_frames_are_read_across(tmp_path):
+    import zstandard
+
+    path = str(tmp_path / "g.jsonl.zst")
+    open(path, "wb").write(b"not zstd at all " * 100)
+    with pytest.raises(storage.CorruptFileError, match=r"g\.jsonl\.zst: corrupt zstd stream"):
+        list(storage.open_lines(path))
+    docs = _docs(50)
+    frames = b"".join(zstandard.ZstdCompressor().compress(b"\n".join(docs[i:i + 10]) + b"\n") for i in range(0, 50, 10))
+    open(path, "wb").write(frames)
+    assert list(storage.open_lines(path)) == docs
+
+
+def test_a_byte_order_mark_at_the_start_is_dropped(tmp_path):
+    from tests.conftest import write_dolma_file
+
+    for name in ("a.json.gz", "a.jsonl.zst", "a.jsonl"):
+        path = write_dolma_file(str(tmp_path / name), [b'\xef\xbb\xbf{"a": 1}', b'{"b": 2}'])
+        assert list(storage.open_lines(path)) == [b'{"a": 1}', b'{"b": 2}']
+
+
+def test_check_writable_names_a_file_in_the_way(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="a file stands where a folder is needed"):
+        storage.check_writable(str(tmp_path / "f" / "candidates"))
+    storage.check_writable(str(tmp_path / "d" / "candidates"))
+    assert os.listdir(tmp_path / "d" / "candidates") == []

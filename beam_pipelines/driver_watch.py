@@ -1,0 +1,43 @@
+"""A worker process of the local runner ends itself when the driver process that started it is gone.
+
+The FnApiRunner starts its workers through `sh -c`; when the driver is killed (SIGKILL, the OOM
+killer) they are reparented and stay: busy ones finish their bundle (writing files into an output
+the next run is cleaning), then all wait for a driver that never answers. Measured with `bft prepare`
+killed 3 s after its workers started: both workers were still there 20 s later. The driver exports
+its pid (BFT_DRIVER_PID, see options.pipeline_options); `watch`, started by options.configure_process
+in the setup of every bft DoFn, polls it from a daemon thread every 0.5 s. A worker that never ran a
+bft DoFn is not watched: the FnApiRunner gives its workers no pipeline options (so no --beam_plugin)
+and nothing of ours runs in them before a bundle.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from beam_pipelines.options import DRIVER_PID
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (Linux /proc; elsewhere: assumed alive)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
+def _exit_with(driver: int, interval_s: float) -> None:
+    while alive(driver):
+        time.sleep(interval_s)
+    os._exit(1)  # no cleanup: whatever this worker was writing is whole-or-nothing
+
+
+def watch(interval_s: float = 0.5) -> None:
+    """Starts the watch in a worker process (not in the driver itself, which runs in-process runners)."""
+    driver = int(os.environ.get(DRIVER_PID, "0") or 0)
+    if driver and driver != os.getpid():
+        threading.Thread(target=_exit_with, args=(driver, interval_s), name="bft-driver-watch", daemon=True).start()
+
