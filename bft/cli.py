@@ -126,8 +126,10 @@ def _eval_judge(cfg, beam_args) -> int:
 
     s = evaluate.run_judge(cfg)
     print(f"eval judge: a={cfg.a} vs b={cfg.b}: {s['win']} win / {s['tie']} tie / {s['loss']} loss, "
-          f"win rate {s['win_rate']:.3f} ± {s['standard_error']:.3f} (judgments without a verdict: "
-          f"{s['judgments_without_verdict']})" + (f" -> {cfg.output}" if cfg.output else ""))
+          f"win rate {s['win_rate']:.3f} ± {s['standard_error']:.3f} over {s['judged']} judged items; "
+          f"{s['no_verdict']} item(s) without a verdict ({s['judgments_without_verdict']} judgments, "
+          f"{s['judgments_cut_off']} cut off at {s['max_new_tokens']} new tokens)"
+          + (f" -> {cfg.output}" if cfg.output else ""))
     return 0
 
 
