@@ -31,11 +31,11 @@ class Curation:
 
 
 def join_stages(candidates: pa.Table, stages: dict[str, pa.Table]) -> pa.Table:
-    """candidates (id, text, n_tokens) left-joined with each stage's rows by id, sorted by id.
+    """candidates (id, text, n_tokens, url) left-joined with each stage's rows by id, sorted by id.
 
     A stage's columns come as `<stage>.<column>` plus `<stage>.present` (null when the stage has no
     row for the id)."""
-    joined = candidates.select(["id", "text", "n_tokens"])
+    joined = candidates.select(["id", "text", "n_tokens", "url"])
     for stage, table in stages.items():
         cols = table.select(["id"] + STAGE_COLUMNS)
         cols = cols.rename_columns(["id"] + [f"{stage}.{c}" for c in STAGE_COLUMNS])

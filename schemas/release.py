@@ -148,10 +148,11 @@ def resolve(path: str) -> str:
     return path
 
 
-def validate(path: str) -> dict:
+def validate(path: str, tables: dict[str, list[pa.Table]] | None = None) -> dict:
     """Re-checks a release against its manifest; returns the manifest or raises ReleaseError listing
     every problem: completeness, unlisted or missing files, sizes, checksums, schemas, row counts,
-    unique ids."""
+    unique ids. With `tables` ({} to fill), the data files parsed while checking are kept there by
+    split (in manifest order), so a reader gets the validated bytes without reading them again."""
     folder = resolve(path)
     if not storage.exists(storage.join(folder, MANIFEST)):
         raise ReleaseError(f"{folder}: no {MANIFEST}; not a release folder (or the run did not finish)")
@@ -196,6 +197,8 @@ def validate(path: str) -> dict:
                 problems.append(f"{rel}: {table.num_rows} rows, manifest says {entry['rows']}")
             rows[entry["split"]] += table.num_rows
             ids.append(table["id"].combine_chunks())
+            if tables is not None:
+                tables.setdefault(entry["split"], []).append(table)
     for split, n in rows.items():
         expected = manifest.get("counts", {}).get(split)
         if expected is not None and expected != n:
@@ -207,6 +210,20 @@ def validate(path: str) -> dict:
     if problems:
         raise ReleaseError(f"{folder}: release is not valid:\n  " + "\n  ".join(problems))
     return manifest
+
+
+def load(path: str) -> tuple[dict, dict[str, pa.Table]]:
+    """A release (folder, ROOT/sft or run root) validated once and read: (manifest, {split: table});
+    every data file is read a single time (the bytes checksummed are the bytes parsed)."""
+    tables: dict[str, list[pa.Table]] = {}
+    manifest = validate(path, tables)
+    return manifest, {split: pa.concat_tables(tables[split]) if tables.get(split) else schemas.SFT.empty_table()
+                      for split in SPLITS}
+
+
+def is_release(path: str) -> bool:
+    """Whether `path` is (or names, through LATEST) a release folder."""
+    return storage.exists(storage.join(resolve(path), MANIFEST))
 
 
 def publish_latest(root: str, version: str) -> None:
