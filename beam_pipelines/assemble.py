@@ -100,7 +100,7 @@ class ShardInput:
     shard: int
     num_shards: int
     candidates: str
-    stages: tuple[tuple[str, str], ...]     # (stage, path)
+    stages: tuple[tuple[str, str], ...]     # (stage, path): the recipe's stages, and any other stage run
 
 
 def _token_counter(tokenizer_path: str):
@@ -136,7 +136,8 @@ class JoinShard(beam.DoFn):
             t = time.perf_counter()
             partial["stages"][stage] = corpus_stats.stage_partial(stage, table)
             t_stats += time.perf_counter() - t
-        joined = recipes.join_stages(cands, stages)
+        # every stage run is in the statistics; the recipe's stages decide the rows
+        joined = recipes.join_stages(cands, {st: t for st, t in stages.items() if st in recipe.stages})
         reason = recipes.verdicts(joined, recipe, cfg.curation(), cfg.threshold)
         keep = pc.is_null(reason)
         web = recipes.web_examples(joined, keep, recipe, cfg.tags[1], self.count_tokens)
@@ -355,12 +356,13 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
     for k, n, path in cands:
         lineage["candidates"].append({"path": path, "bytes": storage.size(path)})
         stage_paths, missing_here = [], []
-        for stage in recipe.stages:
+        # the recipe's stages must be there; any other stage run is read for the report's statistics
+        for stage in recipes.ALL_STAGES:
             out = layout.generation_shard(stage, k, n)
             if storage.exists(out):
                 stage_paths.append((stage, out))
-                lineage["generations"][stage].append({"path": out, "bytes": storage.size(out)})
-            else:
+                lineage["generations"].setdefault(stage, []).append({"path": out, "bytes": storage.size(out)})
+            elif stage in recipe.stages:
                 missing_here.append(out)
         if missing_here:
             missing_files += missing_here

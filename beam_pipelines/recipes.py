@@ -20,6 +20,9 @@ from schemas.outcomes import categories
 from generation.templates import SEED_TAG, WEB_TAG
 
 
+# Every generation stage a recipe can use, in pipeline order.
+ALL_STAGES = list(dict.fromkeys(stage for r in RECIPES.values() for stage in r.stages))
+
 # The columns each stage contributes to the join, renamed `<stage>.<column>`.
 STAGE_COLUMNS = ["instruction", "score", "response", "parse_error", "finish_reason"]
 

@@ -119,7 +119,8 @@ def test_examples_funnel_and_stages_travel_through_the_partials(published):
     assert (rewrite["rows"], rewrite["sent"]) == (12, 10)
     assert rewrite["not_sent"] == {"not_sent: below_gate": 1, "upstream_failed:missing": 1}
     assert rewrite["pass_rate_of_sent"] == 0.9 and rewrite["sent_failures"] == {"truncated": 1}
-    assert [r["stage"] for r in report.stage_rows(stats)] == ["backtranslate", "score", "rewrite"]
+    # every stage run is reported, the recipe's and the others (here distill and rate), in pipeline order
+    assert [r["stage"] for r in report.stage_rows(stats)] == ["backtranslate", "score", "rewrite", "distill", "rate"]
     assert stats["config"]["recipe"] == "filter+rewrite" and stats["code_revision"]
 
     d = stats["score_distributions"]["score"]
