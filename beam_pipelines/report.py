@@ -217,7 +217,10 @@ def plots(stats: dict) -> dict[str, bytes]:
         x = range(len(labels))
         ax.bar(x, kept, color="#48a", label="kept")
         ax.bar(x, dropped, bottom=kept, color="#c44", label="dropped")
-        ax.set_xticks(list(x), labels, rotation=0 if len(labels) <= 6 else 90, fontsize=7 if len(labels) > 6 else 9)
+        if dist["non_integer"] == 0:
+            ax.set_xticks(list(x), labels)
+        else:  # 0.1-wide bins: bin 10*v starts at score v
+            ax.set_xticks([10 * v for v in range(6)], [str(v) for v in range(6)])
         mode = "integer scores" if dist["non_integer"] == 0 else "continuous scores"
         ax.set_title(f"{stage} stage: {mode}, kept vs dropped")
         ax.set_xlabel("score")
