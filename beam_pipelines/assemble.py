@@ -472,7 +472,6 @@ def make_stats(cfg: AssembleConfig, version: str, summary: dict, prep_stats: dic
     stages = {}
     for stage, s in (summary.get("stages") or {}).items():
         stages[stage] = {**s, "pass_rate": round(s["ok"] / s["rows"], 4) if s["rows"] else 0.0,
-                         "pass_rate_of_sent": round(s["ok"] / s["sent"], 4) if s.get("sent") else 0.0,
                          "model": ", ".join(models.get(stage, []))}
     recipe = recipes.RECIPES[cfg.recipe]
     score_hist = None
@@ -496,15 +495,7 @@ def make_stats(cfg: AssembleConfig, version: str, summary: dict, prep_stats: dic
         "by_origin": by_origin,
         "length_edges": corpus_stats.LENGTH_EDGES,
         "tags": {"seed": seed_tag, "web": web_tag},
-        # what the report shows beside the numbers: example rows, score distributions, provenance
-        "examples": {"kept": (summary.get("examples") or {}).get("kept") or [],
-                     "dropped": {r: e for r, e in sorted(((summary.get("examples") or {}).get("dropped") or {}).items())
-                                 if e}},
-        "score_distributions": {stage: {**d, "edges": corpus_stats.FINE_SCORE_EDGES}
-                                for stage, d in (summary.get("scores") or {}).items()},
-        "trigram_sample_size": corpus_stats.TRIGRAM_SAMPLE,
-        "config": asdict(cfg),
-        "code_revision": release.code_revision(),
+        **corpus_stats.report_extras(summary, asdict(cfg)),
         "missing_shards": skipped,
         "schema_version": schemas.SCHEMA_VERSION,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
+from schemas.release import code_revision
 from schemas.outcomes import SCORE_EDGES, categories, histogram, shard_summary, value_counts  # noqa: F401 (re-exported)
 
 # Token-length histogram bins (upper edges, tokens); the last bin is open.
@@ -164,6 +165,20 @@ def score_partial(joined: pa.Table, reason: pa.Array, stages) -> dict:
                       "dropped": histogram(pc.filter(score, pc.invert(kept)), FINE_SCORE_EDGES),
                       "non_integer": int(pc.sum(pc.not_equal(valid, pc.floor(valid)).cast(pa.int64())).as_py() or 0)}
     return out
+
+
+def report_extras(summary: dict, config: dict) -> dict:
+    """What a release's stats.json carries for the report beside the counts, from the merged
+    partials (`summarize`d): example rows, score distributions per scoring stage, the trigram
+    sample size, the assemble config and the code revision."""
+    examples = summary.get("examples") or {}
+    return {"examples": {"kept": examples.get("kept") or [],
+                         "dropped": {r: e for r, e in sorted((examples.get("dropped") or {}).items()) if e}},
+            "score_distributions": {stage: {**d, "edges": FINE_SCORE_EDGES}
+                                    for stage, d in (summary.get("scores") or {}).items()},
+            "trigram_sample_size": TRIGRAM_SAMPLE,
+            "config": config,
+            "code_revision": code_revision()}
 
 
 def _cut(values: list) -> list:

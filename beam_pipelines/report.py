@@ -116,7 +116,7 @@ def stage_rows(stats: dict) -> list[dict]:
         rows.append({"stage": name, "model": model_names(v.get("model")), "rows": v["rows"],
                      "sent": v.get("sent", v["rows"]), "not_sent": v.get("not_sent") or {},
                      "sent_failures": v.get("sent_failures", v.get("parse_failures")) or {},
-                     "pass_rate_of_sent": v.get("pass_rate_of_sent", v["pass_rate"]),
+                     "pass_rate_of_sent": round(v["ok"] / v["sent"], 4) if v.get("sent") else v["pass_rate"],
                      "input_truncated": v["input_truncated"], "finish_reasons": v["finish_reasons"],
                      "prompt_tokens": v["prompt_tokens"], "output_tokens": v["output_tokens"]})
     return rows
