@@ -5,6 +5,7 @@
                            └─ (instruction key, id) ─ GroupByInstruction ─ KeepSmallestId ─┬─ losers ─┤
                                                         winners ─ CapToMaxExamples ─ cutoff ┼─(side)──┤
     SeedData ─ ReadSeed ─ seed parts (tmp) ────────────────────────────────────────────────┘          │
+    winners within the cap + seed ids ─ smallest validation key ─(side)─┐                               │
                                   CoGroupByKey(shard) ─ FinalizeShard ─ train/validation-SSSSS-of-NNNNN
     every step's partial statistics ─ MergePartials ─ summary (tmp)
     driver: stats.json, report.html + plots, README.md (card), manifest.json, _SUCCESS, validate, LATEST
@@ -30,7 +31,7 @@ from apache_beam.metrics import Metrics
 import schemas
 from schemas.options import option, required
 from schemas.errors import UserError
-from schemas.keys import instruction_key, sample_key, seed_row_shard, validation_mask
+from schemas.keys import instruction_key, sample_key, seed_row_shard, validation_key, validation_mask
 from schemas.layout import RunLayout, shard_name
 from schemas.recipes import DEFAULT_RECIPE
 from beam_pipelines import corpus_stats, recipes
@@ -56,7 +57,8 @@ class AssembleConfig:
     seed_data: str | None = option(None, "seed pairs to mix in: Parquet or JSON lines with instruction/response "
                                  "(e.g. the output of bft seed)")
     max_examples: int | None = option(None, "deterministic cap on web examples (the paper: 12800, 25600, 51200)")
-    validation_fraction: float = option(0.02, "share of examples in the validation split")
+    validation_fraction: float = option(0.02, "share of examples in the validation split (when > 0, at least one "
+                                        "example: the one with the smallest validation hash)")
     version: str | None = option(None, "release name (default: UTC date + config hash)")
     min_instruction_chars: int = option(10, "shorter instructions are dropped")
     max_instruction_chars: int = option(800, "longer instructions are dropped")
@@ -98,7 +100,7 @@ class ShardInput:
     shard: int
     num_shards: int
     candidates: str
-    stages: tuple[tuple[str, str], ...]     # (stage, path)
+    stages: tuple[tuple[str, str], ...]     # (stage, path): the recipe's stages, and any other stage run
 
 
 def _token_counter(tokenizer_path: str):
@@ -134,7 +136,8 @@ class JoinShard(beam.DoFn):
             t = time.perf_counter()
             partial["stages"][stage] = corpus_stats.stage_partial(stage, table)
             t_stats += time.perf_counter() - t
-        joined = recipes.join_stages(cands, stages)
+        # every stage run is in the statistics; the recipe's stages decide the rows
+        joined = recipes.join_stages(cands, {st: t for st, t in stages.items() if st in recipe.stages})
         reason = recipes.verdicts(joined, recipe, cfg.curation(), cfg.threshold)
         keep = pc.is_null(reason)
         web = recipes.web_examples(joined, keep, recipe, cfg.tags[1], self.count_tokens)
@@ -142,6 +145,10 @@ class JoinShard(beam.DoFn):
         storage.write_parquet(web, path)
         t = time.perf_counter()
         partial["funnel"] = {"dropped": corpus_stats.value_counts(pc.drop_null(reason))}
+        partial["scores"] = corpus_stats.score_partial(joined, reason, recipe.stages)
+        partial["examples"] = corpus_stats.example_partial(
+            joined, reason, joined["backtranslate.instruction"], recipes.response_column(joined, recipe),
+            recipe.gate, recipe.stages)
         t_stats += time.perf_counter() - t
         partial["timing"] = {"stats_s": t_stats, "work_s": time.perf_counter() - t0}
         Metrics.counter("bft.assemble", "candidates").inc(cands.num_rows)
@@ -170,7 +177,7 @@ class KeepSmallestId(beam.DoFn):
 
 class ReadSeed(beam.DoFn):
     """Seed pairs (Parquet or JSON lines with instruction/response, optional id) -> seed parts by
-    output shard. Tagged outputs: ("parts", (k, path)), ("partials", dict)."""
+    output shard. Main output: the ids kept; tagged: ("parts", (k, path)), ("partials", dict)."""
 
     def __init__(self, cfg: AssembleConfig, tmp: str, num_shards: int):
         self.cfg, self.tmp, self.num_shards = cfg, tmp, num_shards
@@ -197,6 +204,7 @@ class ReadSeed(beam.DoFn):
             yield beam.pvalue.TaggedOutput("parts", (int(k), out))
         yield beam.pvalue.TaggedOutput("partials", {"seed": {"input": table.num_rows, "kept": rows.num_rows,
                                                              "dropped": {"empty": n_empty} if n_empty else {}}})
+        yield from rows["id"].to_pylist()
 
 
 def read_seed_table(path: str) -> pa.Table:
@@ -231,7 +239,7 @@ class FinalizeShard(beam.DoFn):
     def setup(self):
         configure_process()
 
-    def process(self, element, cutoff):
+    def process(self, element, cutoff, first_validation):
         k, grouped = element
         t0 = time.perf_counter()
         web_parts = list(grouped["web"])
@@ -240,18 +248,21 @@ class FinalizeShard(beam.DoFn):
         losers = pa.array(list(grouped["losers"]), pa.string())
         dup = pc.is_in(web["id"], value_set=losers)
         n_dup = int(pc.sum(dup.cast(pa.int64())).as_py() or 0)
+        examples = {"duplicate_instruction": _drop_examples(web.filter(dup), "duplicate_instruction")}
         web = web.filter(pc.invert(dup))
         n_over = 0
         if cutoff is not None:
             keys = [(sample_key(i, self.cfg.seed), i) for i in web["id"].to_pylist()]
             within = pa.array([key <= cutoff for key in keys], pa.bool_())
             n_over = web.num_rows - int(pc.sum(within.cast(pa.int64())).as_py() or 0)
+            examples["over_cap"] = _drop_examples(web.filter(pc.invert(within)), "over_cap")
             web = web.filter(within)
         seed_parts = list(grouped["seed"])
         tables = [web] + [schemas.validate(storage.read_parquet(p), schemas.SFT, p) for p in seed_parts]
         table = pa.concat_tables(tables).sort_by("id")
-        in_val = validation_mask(table["id"], self.cfg.validation_fraction, self.cfg.seed)
-        partial = {"funnel": {"dropped": {"duplicate_instruction": n_dup, "over_cap": n_over}}, "final": {}}
+        in_val = validation_mask(table["id"], self.cfg.validation_fraction, self.cfg.seed, first_validation)
+        partial = {"funnel": {"dropped": {"duplicate_instruction": n_dup, "over_cap": n_over}}, "final": {},
+                   "examples": {"dropped": examples}}
         t_stats = 0.0
         for split, mask in (("train", pc.invert(in_val)), ("validation", in_val)):
             rows = table.filter(mask)
@@ -263,6 +274,13 @@ class FinalizeShard(beam.DoFn):
             t_stats += time.perf_counter() - t
         partial["timing"] = {"stats_s": t_stats, "work_s": time.perf_counter() - t0}
         yield partial
+
+
+def _drop_examples(web: pa.Table, reason: str) -> corpus_stats.Smallest:
+    """The smallest-id SFT rows dropped for `reason` after the recipe, as report examples."""
+    rows = web.sort_by("id").slice(0, corpus_stats.EXAMPLES_PER_REASON)
+    return corpus_stats.Smallest(corpus_stats.EXAMPLES_PER_REASON, corpus_stats.example_rows(
+        rows, rows["instruction"], rows["response"], pa.array([reason] * rows.num_rows, pa.string())))
 
 
 class MergePartials(beam.CombineFn):
@@ -301,12 +319,22 @@ def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_s
     else:
         cutoff = p | "NoCap" >> beam.Create([None])
     seed = (p | "SeedData" >> beam.Create([cfg.seed_data] if cfg.seed_data else [])
-            | "ReadSeed" >> beam.ParDo(ReadSeed(cfg, tmp, num_shards)).with_outputs("parts", "partials", main="none"))
+            | "ReadSeed" >> beam.ParDo(ReadSeed(cfg, tmp, num_shards)).with_outputs("parts", "partials", main="ids"))
+    # the released id with the smallest validation key: always in validation (a small release has one)
+    web_ids = (dedup.winners
+               | "WithinCap" >> beam.Filter(lambda kv, c: c is None or kv <= c, c=beam.pvalue.AsSingleton(cutoff))
+               | "WebIds" >> beam.Map(lambda kv: kv[1]))
+    first_validation = ((web_ids, seed.ids)
+                        | "ReleasedIds" >> beam.Flatten()
+                        | "ValidationKey" >> beam.Map(lambda i, s: (validation_key(i, s), i), cfg.seed)
+                        | "SmallestKey" >> beam.combiners.Top.Smallest(1)
+                        | "FirstValidation" >> beam.Map(lambda top: top[0][1] if top else None))
     every_shard = p | "OutputShards" >> beam.Create([(k, None) for k in range(num_shards)])
     finals = ({"web": joined.parts, "losers": dedup.losers, "seed": seed.parts, "shard": every_shard}
               | "GroupByShard" >> beam.CoGroupByKey()
               | "FinalizeShard" >> beam.ParDo(FinalizeShard(cfg, folder, num_shards),
-                                               cutoff=beam.pvalue.AsSingleton(cutoff)))
+                                               cutoff=beam.pvalue.AsSingleton(cutoff),
+                                               first_validation=beam.pvalue.AsSingleton(first_validation)))
     summary_path = RunLayout.summary(tmp)
     return ((joined.partials, seed.partials, finals)
             | "AllPartials" >> beam.Flatten()
@@ -328,12 +356,13 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
     for k, n, path in cands:
         lineage["candidates"].append({"path": path, "bytes": storage.size(path)})
         stage_paths, missing_here = [], []
-        for stage in recipe.stages:
+        # the recipe's stages must be there; any other stage run is read for the report's statistics
+        for stage in recipes.ALL_STAGES:
             out = layout.generation_shard(stage, k, n)
             if storage.exists(out):
                 stage_paths.append((stage, out))
-                lineage["generations"][stage].append({"path": out, "bytes": storage.size(out)})
-            else:
+                lineage["generations"].setdefault(stage, []).append({"path": out, "bytes": storage.size(out)})
+            elif stage in recipe.stages:
                 missing_here.append(out)
         if missing_here:
             missing_files += missing_here

@@ -2,14 +2,19 @@
 combiner merges them (`merge`), and `summarize` turns the result into plain JSON.
 
 A partial is a nested dict whose leaves are numbers (summed), lists of numbers (histogram counts,
-summed element-wise) or `Uniques` (sets of 64-bit trigram hashes, united). Unique trigrams follow
+summed element-wise), `Uniques` (sets of 64-bit trigram hashes, united) or `Smallest` (the k rows
+with the smallest keys: example rows for the report, and the fixed-size trigram sample; bounded, so
+partials stay small whatever the corpus size, and deterministic: the same rows whatever the
+sharding). Unique trigrams follow
 the paper's Figure 3: NLTK's `wordpunct_tokenize` on lower-cased text (regex tokens, no downloaded
 NLTK data), then `nltk.ngrams(tokens, 3)` within each text; `trigram_hashes` computes the same set
 vectorized (a test checks it against NLTK itself), hashed to 64 bits.
 """
 from __future__ import annotations
 
+import heapq
 import time
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -17,13 +22,24 @@ import pyarrow.compute as pc
 import xxhash
 
 import schemas
+from schemas.outcomes import SCORE_EDGES, categories, histogram, shard_summary, value_counts  # noqa: F401 (re-exported)
 from schemas.recipes import RECIPES
-from schemas.outcomes import SCORE_EDGES, histogram, shard_summary, value_counts  # noqa: F401 (re-exported)
+from schemas.release import code_revision
 
 RELEASE_STATS = "stats.json"  # a release's statistics, beside its data files
 
 # Token-length histogram bins (upper edges, tokens); the last bin is open.
 LENGTH_EDGES = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+# Score distributions per scoring stage, in 0.1-wide bins (bin i holds [i/10, (i+1)/10)): integer
+# scores (generate mode) fall on bins 0, 10, ..., 50; logprob scores and ratings anywhere.
+FINE_SCORE_EDGES = [i / 10 for i in range(1, 56)]
+# Example rows carried to the report: kept pairs, and per drop reason; texts cut to TEXT_CHARS.
+KEPT_EXAMPLES = 5
+EXAMPLES_PER_REASON = 1
+TEXT_CHARS = 600
+# Unique trigrams are counted on a fixed-size sample (the examples with the smallest id hashes) so
+# that corpora and origins of different sizes compare: the number grows sublinearly with size.
+TRIGRAM_SAMPLE = 1000
 
 
 class Uniques:
@@ -55,6 +71,36 @@ class Uniques:
         return len(self.values())
 
 
+class Smallest:
+    """The `k` rows with the smallest keys, as (key, payload) pairs; merging keeps the k smallest of
+    both. Keys must be unique across partials (ids, or hashes of ids), so the result does not
+    depend on the order of merges."""
+
+    __slots__ = ("k", "rows")
+
+    def __init__(self, k: int, rows=()):
+        self.k = k
+        self.rows = heapq.nsmallest(k, rows, key=lambda r: r[0])
+
+    def merge(self, other: "Smallest") -> "Smallest":
+        return type(self)(self.k, self.rows + other.rows)
+
+    def summary(self):
+        return [payload for _, payload in self.rows]
+
+
+class TrigramSample(Smallest):
+    """Per example (key = hash of its id): its instruction and response trigram hashes. Summary:
+    the number of examples and the unique trigrams over them (at most TRIGRAM_SAMPLE examples)."""
+
+    def summary(self) -> dict:
+        out = {"examples": len(self.rows)}
+        for i, field in enumerate(("instruction", "response")):
+            parts = [p[i] for _, p in self.rows]
+            out[f"unique_trigrams_{field}"] = len(sorted_unique(np.concatenate(parts))) if parts else 0
+        return out
+
+
 def sorted_unique(values: np.ndarray) -> np.ndarray:
     """np.unique by sort + compare: several times faster than np.unique's hash path on uint64."""
     a = np.sort(values)
@@ -76,7 +122,7 @@ def merge(a, b):
         for k, v in b.items():
             out[k] = merge(out.get(k), v)
         return out
-    if isinstance(a, Uniques):
+    if isinstance(a, (Uniques, Smallest)):
         return a.merge(b)
     if isinstance(a, list):
         return [x + y for x, y in zip(a, b)]
@@ -84,17 +130,101 @@ def merge(a, b):
 
 
 def summarize(partial):
-    """Uniques -> their counts; everything else as it is (JSON-ready)."""
+    """Uniques -> their counts, Smallest -> their summaries; everything else as it is (JSON-ready)."""
     if isinstance(partial, dict):
         return {k: summarize(v) for k, v in sorted(partial.items())}
     if isinstance(partial, Uniques):
         return len(partial)
+    if isinstance(partial, Smallest):
+        return partial.summary()
     return partial
 
 
+SCORING_STAGES = ("score", "rate")
+
+
 def stage_partial(stage: str, table: pa.Table) -> dict:
-    """A generation stage shard's statistics (the runner's metrics compute the same)."""
-    return shard_summary(table, scored=stage in ("score", "rate"))
+    """A generation stage shard's statistics (the runner's metrics compute the same), plus what the
+    report needs about requests: rows sent to the model (`sent`: a finish reason is set), rows not
+    sent by their parse_error (`not_sent`: e.g. `not_sent: below_gate`, `upstream_failed:echo`), and
+    parse failures among the rows sent (`sent_failures`, by category)."""
+    out = shard_summary(table, scored=stage in SCORING_STAGES)
+    sent = pc.is_valid(table["finish_reason"])
+    errors = table["parse_error"]
+    out["sent"] = int(pc.sum(sent.cast(pa.int64())).as_py() or 0)
+    out["not_sent"] = value_counts(pc.filter(errors, pc.invert(sent)), null="unknown")
+    out["sent_failures"] = value_counts(pc.drop_null(categories(pc.filter(errors, sent))))
+    return out
+
+
+def score_partial(joined: pa.Table, reason: pa.Array, stages) -> dict:
+    """Per scoring stage among `stages`: 0.1-wide score histograms of the rows the release keeps
+    and of those it drops (for any reason), and how many scores are not integers."""
+    out = {}
+    kept = pc.is_null(reason)
+    for stage in stages:
+        if stage not in SCORING_STAGES:
+            continue
+        score = joined[f"{stage}.score"]
+        valid = pc.drop_null(score)
+        out[stage] = {"kept": histogram(pc.filter(score, kept), FINE_SCORE_EDGES),
+                      "dropped": histogram(pc.filter(score, pc.invert(kept)), FINE_SCORE_EDGES),
+                      "non_integer": int(pc.sum(pc.not_equal(valid, pc.floor(valid)).cast(pa.int64())).as_py() or 0)}
+    return out
+
+
+def report_extras(summary: dict, config: dict) -> dict:
+    """What a release's stats.json carries for the report beside the counts, from the merged
+    partials (`summarize`d): example rows, score distributions per scoring stage, the trigram
+    sample size, the assemble config and the code revision."""
+    examples = summary.get("examples") or {}
+    return {"examples": {"kept": examples.get("kept") or [],
+                         "dropped": {r: e for r, e in sorted((examples.get("dropped") or {}).items()) if e}},
+            "score_distributions": {stage: {**d, "edges": FINE_SCORE_EDGES}
+                                    for stage, d in (summary.get("scores") or {}).items()},
+            "trigram_sample_size": TRIGRAM_SAMPLE,
+            "config": config,
+            "code_revision": code_revision()}
+
+
+def _cut(values: list) -> list:
+    return [v if v is None or len(v) <= TEXT_CHARS else v[:TEXT_CHARS] + " [...]" for v in values]
+
+
+def example_rows(table: pa.Table, instruction, response, reason=None, detail=None) -> list[tuple[str, dict]]:
+    """(id, example) pairs for the report: id, instruction, response (cut), score, url, reason and
+    the failing stage's parse error. Columns may be arrays of `table`'s length or None."""
+    cols = {"id": table["id"].to_pylist(),
+            "instruction": _cut(instruction.to_pylist()), "response": _cut(response.to_pylist()),
+            "score": table["score"].to_pylist() if "score" in table.column_names else [None] * table.num_rows,
+            "url": table["url"].to_pylist() if "url" in table.column_names else [None] * table.num_rows,
+            "reason": reason.to_pylist() if reason is not None else [None] * table.num_rows,
+            "detail": detail.to_pylist() if detail is not None else [None] * table.num_rows}
+    return [(row_id, {k: cols[k][i] for k in cols}) for i, row_id in enumerate(cols["id"])]
+
+
+def example_partial(joined: pa.Table, reason: pa.Array, instruction, response, gate: str | None,
+                    stages) -> dict:
+    """The smallest-id kept pairs and, per drop reason, the smallest-id dropped rows, as `Smallest`
+    partials. `joined` is recipes.join_stages' table (sorted by id; with `url` from the candidates)."""
+    table = joined.select(["id", "url"])
+    if gate:
+        table = table.append_column("score", joined[f"{gate}.score"])
+    # the first stage error in pipeline order: what made a `<stage>:<category>` drop
+    detail = pa.nulls(joined.num_rows, pa.string())
+    for stage in stages:
+        detail = pc.coalesce(detail, joined[f"{stage}.parse_error"])
+
+    def first(mask, k: int, with_reason: bool) -> Smallest:
+        # joined is sorted by id: the first k rows of a mask are its k smallest ids
+        idx = pc.indices_nonzero(pc.fill_null(mask, False)).slice(0, k)
+        return Smallest(k, example_rows(table.take(idx), instruction.take(idx), response.take(idx),
+                                        reason.take(idx) if with_reason else None,
+                                        detail.take(idx) if with_reason else None))
+
+    return {"kept": first(pc.is_null(reason), KEPT_EXAMPLES, False),
+            "dropped": {r: first(pc.equal(reason, r), EXAMPLES_PER_REASON, True)
+                        for r in pc.unique(pc.drop_null(reason)).to_pylist()}}
 
 
 def final_partial(table: pa.Table, split: str) -> dict:
@@ -112,6 +242,7 @@ def final_partial(table: pa.Table, split: str) -> dict:
             "length_histogram_response": histogram(rows["n_tokens_response"], LENGTH_EDGES),
             "unique_trigrams_instruction": Uniques(trigram_hashes(rows["instruction"])),
             "unique_trigrams_response": Uniques(trigram_hashes(rows["response"])),
+            "trigram_sample": trigram_sample(rows),
         }
         if rows.num_rows and rows["score"].null_count < rows.num_rows:
             out[origin]["score_histogram"] = histogram(rows["score"], SCORE_EDGES)
@@ -126,10 +257,23 @@ _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 def trigram_hashes(texts) -> np.ndarray:
     """64-bit hashes of the word trigrams of each text (lower-cased wordpunct tokens; a trigram
     never spans two texts), unique. Vectorized: Arrow splits, one Python hash per distinct token."""
+    return sorted_unique(_trigrams(texts)[0])
+
+
+def trigrams_per_text(texts) -> list[np.ndarray]:
+    """The unique trigram hashes of each text apart."""
+    tri, row = _trigrams(texts)
+    order = np.argsort(row, kind="stable")
+    bounds = np.searchsorted(row[order], np.arange(len(texts) + 1))
+    return [sorted_unique(tri[order[a:b]]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _trigrams(texts) -> tuple[np.ndarray, np.ndarray]:
+    """(trigram hashes, index of the text each comes from), with repeats."""
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
     if len(texts) == 0:
-        return np.empty(0, np.uint64)
+        return np.empty(0, np.uint64), np.empty(0, np.int64)
     texts = pc.fill_null(texts.cast(pa.string()), "")
     spaced = pc.utf8_trim_whitespace(pc.replace_substring_regex(pc.utf8_lower(texts), _WORD, r" \1 "))
     tokens = pc.split_pattern_regex(spaced, r"\s+")
@@ -138,7 +282,7 @@ def trigram_hashes(texts) -> np.ndarray:
     lengths = pc.list_value_length(tokens).to_numpy(zero_copy_only=False)
     flat = pc.list_flatten(tokens)
     if len(flat) < 3:
-        return np.empty(0, np.uint64)
+        return np.empty(0, np.uint64), np.empty(0, np.int64)
     encoded = pc.dictionary_encode(flat)
     vocab = encoded.dictionary.to_pylist()
     token_hash = np.fromiter((xxhash.xxh3_64_intdigest(t.encode("utf-8")) for t in vocab), np.uint64, len(vocab))
@@ -147,7 +291,17 @@ def trigram_hashes(texts) -> np.ndarray:
     same_text = row[:-2] == row[2:]
     with np.errstate(over="ignore"):
         tri = (h[:-2] * np.uint64(0x9E3779B97F4A7C15)) ^ _rotl(h[1:-1], 21) * np.uint64(0xC2B2AE3D27D4EB4F) ^ _rotl(h[2:], 42)
-    return sorted_unique(tri[same_text] & _MASK)
+    return tri[same_text] & _MASK, row[:-2][same_text]
+
+
+def trigram_sample(table: pa.Table) -> TrigramSample:
+    """The TRIGRAM_SAMPLE examples of `table` with the smallest id hashes, with their trigrams."""
+    keys = np.fromiter((xxhash.xxh3_64_intdigest(i.encode("utf-8")) for i in table["id"].to_pylist()), np.uint64,
+                       table.num_rows)
+    idx = np.argsort(keys, kind="stable")[:TRIGRAM_SAMPLE]
+    rows = table.take(pa.array(idx, pa.int64()))
+    instr, resp = trigrams_per_text(rows["instruction"]), trigrams_per_text(rows["response"])
+    return TrigramSample(TRIGRAM_SAMPLE, [(int(keys[i]), (a, b)) for i, a, b in zip(idx, instr, resp)])
 
 
 def _rotl(x: np.ndarray, r: int) -> np.ndarray:
@@ -217,6 +371,7 @@ def release_stats(cfg, version: str, summary: dict, prep_stats: dict, skipped: l
         "by_origin": by_origin,
         "length_edges": LENGTH_EDGES,
         "tags": {"seed": seed_tag, "web": web_tag},
+        **report_extras(summary, asdict(cfg)),
         "missing_shards": skipped,
         "schema_version": schemas.SCHEMA_VERSION,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

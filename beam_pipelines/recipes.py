@@ -20,6 +20,9 @@ from schemas.outcomes import categories
 from generation.templates import SEED_TAG, WEB_TAG
 
 
+# Every generation stage a recipe can use, in pipeline order.
+ALL_STAGES = list(dict.fromkeys(stage for r in RECIPES.values() for stage in r.stages))
+
 # The columns each stage contributes to the join, renamed `<stage>.<column>`.
 STAGE_COLUMNS = ["instruction", "score", "response", "parse_error", "finish_reason"]
 
@@ -31,11 +34,11 @@ class Curation:
 
 
 def join_stages(candidates: pa.Table, stages: dict[str, pa.Table]) -> pa.Table:
-    """candidates (id, text, n_tokens) left-joined with each stage's rows by id, sorted by id.
+    """candidates (id, text, n_tokens, url) left-joined with each stage's rows by id, sorted by id.
 
     A stage's columns come as `<stage>.<column>` plus `<stage>.present` (null when the stage has no
     row for the id)."""
-    joined = candidates.select(["id", "text", "n_tokens"])
+    joined = candidates.select(["id", "text", "n_tokens", "url"])
     for stage, table in stages.items():
         cols = table.select(["id"] + STAGE_COLUMNS)
         cols = cols.rename_columns(["id"] + [f"{stage}.{c}" for c in STAGE_COLUMNS])

@@ -1,15 +1,30 @@
 """What a data team reads before training: report.html with PNG plots, and the dataset card
-(README.md with the Hugging Face YAML header), both written from the release's stats.json."""
+(README.md with the Hugging Face YAML header), both written from the release's stats.json alone.
+
+The report, top to bottom: provenance (config, models, code revision, links to the card, manifest
+and stats), the whole funnel from Dolma records to train/validation in one table and one plot,
+per-stage request statistics, score distributions per scoring stage (kept vs dropped), lengths and
+diversity comparable across origins (normalized histograms, unique trigrams on a fixed-size sample),
+and example rows: kept pairs and one dropped row per drop reason.
+"""
 from __future__ import annotations
 
-import bisect
 import html
 import io
+import os
 
-from beam_pipelines.corpus_stats import LENGTH_EDGES, SCORE_EDGES
+from beam_pipelines.corpus_stats import LENGTH_EDGES
+from schemas.recipes import RECIPES
 import storage
 
 PLOTS = ("funnel", "scores", "lengths", "trigrams")
+
+# The paper's own figures for comparison (Nguyen et al. 2024, Table 6 lengths, Figure 3 trigrams):
+# not filled in: the numbers could not be retrieved from the sources available when this was
+# written, and are not invented. The report says so and links the paper.
+PAPER = "https://arxiv.org/abs/2408.04614"
+
+CURATION = ("instruction_too_short", "instruction_too_long", "empty_response", "truncated_response")
 
 
 def _bin_labels(edges: list[float]) -> list[str]:
@@ -20,12 +35,150 @@ def _bin_labels(edges: list[float]) -> list[str]:
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
     return buf.getvalue()
 
+
+# ---- the numbers the report shows (pure functions of stats; tested without a browser) -------------
+
+def _step_of(reason: str, stages: list[str], gate: str | None) -> str:
+    """The funnel step at which an assemble drop reason removed a row."""
+    if reason == "missing_generation_shard":
+        return "missing generation shards"
+    if gate and reason in (f"{gate}_below_threshold", f"{gate}:no_score"):
+        return f"gate: {gate} below threshold"
+    for stage in stages:
+        if reason.startswith(f"{stage}:"):
+            return f"{stage}: failed or missing"
+    if reason in CURATION:
+        return "curation: length, empty or truncated"
+    if reason == "duplicate_instruction":
+        return "curation: duplicate instructions"
+    if reason == "over_cap":
+        return "cap (--max-examples)"
+    return "other"
+
+
+def funnel_rows(stats: dict) -> list[dict]:
+    """The whole funnel in pipeline order, one dict per step: `step`, `rows` (left after it), `dropped`
+    (at it), `reasons` ({reason: rows}), `pct_input` (rows as % of Dolma records, None when unknown)
+    and `pct_candidates`."""
+    f = stats["funnel"]
+    recipe = RECIPES[stats["recipe"]]
+    dolma = f.get("dolma") or {}
+    steps: list[dict] = []
+    total_in = dolma.get("input_records")
+    if total_in:
+        steps.append({"step": "Dolma records read", "rows": total_in, "dropped": 0, "reasons": {}})
+        prep = {k: v for k, v in (dolma.get("dropped") or {}).items() if v}
+        steps.append({"step": "candidates (prepare: length filter, dedup)", "rows": f["candidates"],
+                      "dropped": sum(prep.values()), "reasons": prep})
+    else:
+        steps.append({"step": "candidates", "rows": f["candidates"], "dropped": 0, "reasons": {}})
+    order = (["missing generation shards"] + [f"{s}: failed or missing" for s in recipe.stages]
+             + [f"gate: {recipe.gate} below threshold", "curation: length, empty or truncated",
+                "curation: duplicate instructions", "cap (--max-examples)", "other"])
+    grouped: dict[str, dict] = {}
+    for reason, n in f["dropped"].items():
+        grouped.setdefault(_step_of(reason, recipe.stages, recipe.gate), {})[reason] = n
+    left = f["candidates"]
+    for step in order:
+        if step in grouped:
+            left -= sum(grouped[step].values())
+            steps.append({"step": step, "rows": left, "dropped": sum(grouped[step].values()), "reasons": grouped[step]})
+    steps.append({"step": "web examples", "rows": f["web_examples"], "dropped": 0, "reasons": {}})
+    seed = f.get("seed") or {}
+    if seed.get("input"):
+        steps.append({"step": "+ seed examples", "rows": f["web_examples"] + seed["kept"], "dropped": 0,
+                      "reasons": {f"seed: {k}": v for k, v in (seed.get("dropped") or {}).items()}})
+    for split in ("train", "validation"):
+        steps.append({"step": f"split: {split}", "rows": f["final"][split], "dropped": 0, "reasons": {}})
+    for i, s in enumerate(steps):
+        s["pct_input"] = round(100 * s["rows"] / total_in, 2) if total_in else None
+        before_candidates = total_in and i == 0
+        s["pct_candidates"] = round(100 * s["rows"] / f["candidates"], 2) \
+            if f["candidates"] and not before_candidates else None
+    return steps
+
+
+def stage_rows(stats: dict) -> list[dict]:
+    """Per generation stage, in pipeline order: model, rows, requests sent, rows not sent (by
+    reason), parse failures among sent rows (by category), pass rate of the rows sent, truncated
+    inputs, finish reasons, prompt and output tokens."""
+    recipe = RECIPES[stats["recipe"]]
+    names = [s for s in recipe.stages if s in stats["stages"]] + sorted(set(stats["stages"]) - set(recipe.stages))
+    rows = []
+    for name in names:
+        v = stats["stages"][name]
+        rows.append({"stage": name, "model": model_names(v.get("model")), "rows": v["rows"],
+                     "sent": v.get("sent", v["rows"]), "not_sent": v.get("not_sent") or {},
+                     "sent_failures": v.get("sent_failures", v.get("parse_failures")) or {},
+                     "pass_rate_of_sent": round(v["ok"] / v["sent"], 4) if v.get("sent") else v["pass_rate"],
+                     "input_truncated": v["input_truncated"], "finish_reasons": v["finish_reasons"],
+                     "prompt_tokens": v["prompt_tokens"], "output_tokens": v["output_tokens"]})
+    return rows
+
+
+def model_name(model: str) -> str:
+    """A model as a reader can look it up: a hub id (org/name) or served name as given; for a local
+    or gs:// folder, its last path component, and the base model it was fine-tuned from when the
+    folder holds bft train's record."""
+    model = model.strip()
+    is_path = model.startswith(("/", ".", "~", "gs://")) or model.count("/") > 1
+    if not is_path:
+        return model
+    name = model.rstrip("/").rsplit("/", 1)[-1]
+    marker = os.path.join(os.path.expanduser(model), "bft_train.json")
+    if not model.startswith("gs://") and os.path.exists(marker):
+        import json
+
+        with open(marker) as f:
+            base = (json.load(f).get("config") or {}).get("base_model")
+        if base:
+            return f"{name} (fine-tuned from {model_name(base)})"
+    return name
+
+
+def model_names(models: str | None) -> str:
+    return ", ".join(model_name(m) for m in (models or "").split(",") if m.strip())
+
+
+def score_bars(dist: dict) -> tuple[list[str], list[int], list[int]]:
+    """(labels, kept, dropped) for one scoring stage: one bar per integer when every score is an
+    integer (generate mode), else the 0.1-wide bins (logprob mode, ratings)."""
+    kept, dropped = dist["kept"], dist["dropped"]
+    if dist["non_integer"] == 0:
+        # integer v falls into the 0.1-wide bin 10*v
+        ints = list(range(0, 6))
+        return [str(v) for v in ints], [kept[10 * v] for v in ints], [dropped[10 * v] for v in ints]
+    return _bin_labels(dist["edges"]), kept, dropped
+
+
+def diversity_rows(stats: dict) -> list[dict]:
+    """Per origin: examples, mean token lengths, and unique trigrams on the fixed-size sample."""
+    out = []
+    size = stats.get("trigram_sample_size", 1000)
+    for origin, o in sorted(stats["by_origin"].items()):
+        sample = o.get("trigram_sample") or {}
+        n = sample.get("examples", 0)
+        out.append({"origin": origin, "examples": o["rows"]["total"],
+                    "avg_tokens_instruction": o["avg_tokens_instruction"],
+                    "avg_tokens_response": o["avg_tokens_response"],
+                    "sample": n, "sample_complete": n >= size,
+                    "trigrams_instruction": sample.get("unique_trigrams_instruction", 0),
+                    "trigrams_response": sample.get("unique_trigrams_response", 0)})
+    return out
+
+
+def normalized(counts: list[int]) -> list[float]:
+    total = sum(counts)
+    return [c / total if total else 0.0 for c in counts]
+
+
+# ---- plots -------------------------------------------------------------------------------------------
 
 def plots(stats: dict) -> dict[str, bytes]:
     """The report's figures as PNG bytes, by name."""
@@ -35,60 +188,87 @@ def plots(stats: dict) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
 
     out = {}
-    f = stats["funnel"]
-    steps = [("candidates", f["candidates"])] + sorted(f["dropped"].items(), key=lambda kv: -kv[1])
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(steps) + 1))
-    ax.barh([s for s, _ in steps][::-1], [n for _, n in steps][::-1], color=["#c44"] * (len(steps) - 1) + ["#48a"])
-    ax.set_xlabel("candidate rows")
-    ax.set_title(f"Candidates and where they were dropped; kept {f['web_examples']:,}")
+    steps = funnel_rows(stats)
+    fig, ax = plt.subplots(figsize=(8, 0.38 * len(steps) + 1))
+    labels = [s["step"] for s in steps][::-1]
+    values = [s["rows"] for s in steps][::-1]
+    colors = ["#7a7" if s["step"].startswith("split") else "#48a" for s in steps][::-1]
+    ax.barh(labels, values, color=colors)
+    nonzero = [v for v in values if v]
+    if nonzero and max(nonzero) > 100 * min(nonzero):  # Dolma records vs a small release: log scale
+        ax.set_xscale("log")
+    for y, s in enumerate(steps[::-1]):
+        pct = s["pct_input"] if s["pct_input"] is not None else s["pct_candidates"]
+        ax.text(max(s["rows"], 1), y, f" {s['rows']:,}" + (f" ({pct:g}%)" if pct is not None else ""),
+                va="center", fontsize=8)
+    base = "Dolma records" if steps[0]["pct_input"] is not None else "candidates"
+    ax.set_title(f"Rows left after each step (% of {base})")
+    ax.set_xlabel("rows")
     out["funnel"] = _png(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 3))
-    hist = stats.get("score_histogram")
-    if hist:
-        ax.bar(_bin_labels(SCORE_EDGES), hist["counts"], color="#48a")
-        # bin i holds [edges[i-1], edges[i]); the line is drawn at the left edge of the threshold's bin
-        ax.axvline(bisect.bisect_right(SCORE_EDGES, hist["threshold"]) - 0.5, color="#c44", linestyle="--",
-                   label=f"threshold {hist['threshold']:g}")
-        ax.legend()
-        ax.set_title(f"{hist['stage']} scores of parsed rows")
-        ax.tick_params(axis="x", rotation=45)
-    else:
-        ax.text(0.5, 0.5, "no scoring stage in this recipe", ha="center")
+    dists = stats.get("score_distributions") or {}
+    fig, axes = plt.subplots(1, max(len(dists), 1), figsize=(6.5 * max(len(dists), 1), 3), squeeze=False)
+    if not dists:
+        axes[0][0].text(0.5, 0.5, "no scoring stage in this recipe", ha="center")
+        axes[0][0].set_axis_off()
+    gate = (stats.get("score_histogram") or {})
+    for ax, (stage, dist) in zip(axes[0], sorted(dists.items())):
+        labels, kept, dropped = score_bars(dist)
+        x = range(len(labels))
+        ax.bar(x, kept, color="#48a", label="kept")
+        ax.bar(x, dropped, bottom=kept, color="#c44", label="dropped")
+        if dist["non_integer"] == 0:
+            ax.set_xticks(list(x), labels)
+        else:  # 0.1-wide bins: bin 10*v starts at score v
+            ax.set_xticks([10 * v for v in range(6)], [str(v) for v in range(6)])
+        mode = "integer scores" if dist["non_integer"] == 0 else "continuous scores"
+        ax.set_title(f"{stage} stage: {mode}, kept vs dropped")
+        ax.set_xlabel("score")
+        ax.set_ylabel("rows")
+        if gate.get("stage") == stage and gate.get("threshold") is not None:
+            pos = gate["threshold"] if dist["non_integer"] == 0 else gate["threshold"] * 10
+            ax.axvline(pos - 0.5, color="#333", linestyle="--", label=f"threshold {gate['threshold']:g}")
+        ax.legend(fontsize=8)
     out["scores"] = _png(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
     labels = _bin_labels(LENGTH_EDGES)
     for ax, field in zip(axes, ("instruction", "response")):
         for origin, o in sorted(stats["by_origin"].items()):
-            ax.plot(labels, o[f"length_histogram_{field}"], marker="o", label=origin)
-            ax.set_title(f"{field} length (tokens)")
+            ax.plot(labels, normalized(o[f"length_histogram_{field}"]), marker="o",
+                    label=f"{origin} (n={o['rows']['total']:,})")
+        ax.set_title(f"{field} length (tokens), share of examples")
+        ax.set_ylabel("share")
         ax.tick_params(axis="x", rotation=45)
         if stats["by_origin"]:
             ax.legend()
     out["lengths"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3))
-    origins = sorted(stats["by_origin"])
+    rows = diversity_rows(stats)
     width = 0.38
     for i, field in enumerate(("instruction", "response")):
-        ax.bar([j + i * width for j in range(len(origins))],
-               [stats["by_origin"][o][f"unique_trigrams_{field}"] for o in origins], width, label=field)
-    ax.set_xticks([j + width / 2 for j in range(len(origins))], origins)
-    ax.set_title("unique word trigrams (the paper's Figure 3)")
-    if origins:
+        ax.bar([j + i * width for j in range(len(rows))], [r[f"trigrams_{field}"] for r in rows], width, label=field)
+    ax.set_xticks([j + width / 2 for j in range(len(rows))],
+                  [f"{r['origin']}\n({r['sample']:,} examples)" for r in rows])
+    ax.set_title(f"unique word trigrams per {stats.get('trigram_sample_size', 1000):,} examples")
+    if rows:
         ax.legend()
     out["trigrams"] = _png(fig)
     return out
 
 
-def _table(headers: list[str], rows: list[list]) -> str:
+# ---- HTML -----------------------------------------------------------------------------------------
+
+def _table(headers: list[str], rows: list[list], cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table{f' class={cls}' if cls else ''}><tr>{head}</tr>{body}</table>"
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return f"{v:,.3f}"
     if isinstance(v, int):
@@ -96,17 +276,34 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def origin_rows(stats: dict) -> list[list]:
-    """The paper's Table 6: examples and mean token lengths per origin."""
-    rows = []
-    for origin, o in sorted(stats["by_origin"].items()):
-        rows.append([origin, o["rows"]["total"], o["avg_tokens_instruction"], o["avg_tokens_response"],
-                     o["unique_trigrams_instruction"], o["unique_trigrams_response"]])
-    return rows
+def _kv(d: dict) -> str:
+    return ", ".join(f"{k}: {v:,}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])) or "-"
 
 
-ORIGIN_HEADERS = ["origin", "examples", "avg instruction tokens", "avg response tokens",
-                  "unique instruction trigrams", "unique response trigrams"]
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:g}%"
+
+
+def _link(url: str | None) -> str:
+    if not url:
+        return "-"
+    return f'<a href="{html.escape(url, quote=True)}">{html.escape(url)}</a>'
+
+
+def _examples_html(stats: dict) -> str:
+    ex = stats.get("examples") or {"kept": [], "dropped": {}}
+    kept = "".join(f"<tr><td>{_fmt(e['id'])}</td><td class=t>{_fmt(e['instruction'])}</td>"
+                   f"<td class=t>{_fmt(e['response'])}</td><td>{_fmt(e['score'])}</td><td>{_link(e['url'])}</td></tr>"
+                   for e in ex["kept"])
+    dropped = "".join(f"<tr><td>{_fmt(reason)}</td><td>{_fmt(e['id'])}</td><td class=t>{_fmt(e['instruction'])}</td>"
+                      f"<td class=t>{_fmt(e['response'])}</td><td>{_fmt(e['detail'])}</td><td>{_link(e['url'])}</td></tr>"
+                      for reason, rows in sorted(ex["dropped"].items()) for e in rows)
+    return (f"<h3>Kept pairs (the smallest ids kept by the recipe and curation)</h3>"
+            f"<table class=ex><tr><th>id</th><th>instruction</th><th>response</th><th>score</th><th>source</th></tr>"
+            f"{kept or '<tr><td colspan=5>none</td></tr>'}</table>"
+            f"<h3>Dropped rows, one per reason (the smallest id)</h3>"
+            f"<table class=ex><tr><th>reason</th><th>id</th><th>instruction</th><th>response / document</th>"
+            f"<th>stage error</th><th>source</th></tr>{dropped or '<tr><td colspan=6>none</td></tr>'}</table>")
 
 
 def write_report(folder: str, stats: dict) -> list[str]:
@@ -116,54 +313,99 @@ def write_report(folder: str, stats: dict) -> list[str]:
         path = storage.join(folder, "plots", f"{name}.png")
         storage.write_bytes(path, data)
         written.append(path)
+    storage.write_text(storage.join(folder, "report.html"), report_html(stats))
+    return written + [storage.join(folder, "report.html")]
+
+
+def report_html(stats: dict) -> str:
     f = stats["funnel"]
-    dolma = f.get("dolma") or {}
-    funnel_rows = [["Dolma input records", dolma.get("input_records", "?")]]
-    funnel_rows += [[f"  prepare dropped: {r}", n] for r, n in sorted((dolma.get("dropped") or {}).items())]
-    funnel_rows += [["candidates", f["candidates"]]]
-    funnel_rows += [[f"  assemble dropped: {r}", n] for r, n in sorted(f["dropped"].items(), key=lambda kv: -kv[1])]
-    funnel_rows += [["web examples", f["web_examples"]], ["seed examples", f["seed"]["kept"]],
-                    ["final: train", f["final"]["train"]], ["final: validation", f["final"]["validation"]]]
-    stage_rows = [[s, v["rows"], v["ok"], v["pass_rate"], v["input_truncated"], _kv(v["finish_reasons"]),
-                   _kv(v["parse_failures"])] for s, v in stats["stages"].items()]
+    funnel = [[s["step"], s["rows"], s["dropped"] or None, _pct(s["pct_input"]), _pct(s["pct_candidates"]),
+               _kv(s["reasons"]) if s["reasons"] else "-"] for s in funnel_rows(stats)]
+    stages = [[r["stage"], r["model"] or "-", r["rows"], r["sent"], _kv(r["not_sent"]), _kv(r["sent_failures"]),
+               r["pass_rate_of_sent"], r["input_truncated"], _kv(r["finish_reasons"]), r["prompt_tokens"],
+               r["output_tokens"]] for r in stage_rows(stats)]
+    size = stats.get("trigram_sample_size", 1000)
+    diversity = [[r["origin"], r["examples"], r["avg_tokens_instruction"], r["avg_tokens_response"],
+                  r["trigrams_instruction"], r["trigrams_response"],
+                  f"{r['sample']:,}" + ("" if r["sample_complete"] else f" (fewer than {size:,}: not comparable)")]
+                 for r in diversity_rows(stats)]
+    dists = stats.get("score_distributions") or {}
+    score_rows = []
+    for stage, d in sorted(dists.items()):
+        labels, kept, dropped = score_bars(d)
+        score_rows += [[stage, label, k, dr] for label, k, dr in zip(labels, kept, dropped) if k or dr]
+    config = stats.get("config") or {}
+    config_rows = [[k, "-" if v is None else str(v)] for k, v in sorted(config.items())]
+    models = [[r["stage"], r["model"] or "-"] for r in stage_rows(stats)]
     partial = ""
     if stats.get("missing_shards"):
         partial = (f"<p class=warn>Partial release (--allow-partial): candidate shards "
                    f"{stats['missing_shards']} had no complete generation output and are not in it.</p>")
-    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>bft release {html.escape(stats['version'])}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}.warn{{color:#b00}}</style></head><body>
-<h1>SFT corpus release {html.escape(stats['version'])}</h1>
+    version = html.escape(stats["version"])
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>bft release {version}</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;font-size:14px}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right;vertical-align:top}}
+td:first-child{{text-align:left}}td.t{{text-align:left;white-space:pre-wrap;max-width:420px}}.warn{{color:#b00}}
+.note{{color:#555}}img{{max-width:100%}}</style></head><body>
+<h1>SFT corpus release {version}</h1>
 <p>Recipe <b>{html.escape(stats['recipe'])}</b>; {f['final']['total']:,} examples
-({f['final']['train']:,} train, {f['final']['validation']:,} validation).</p>{partial}
-<h2>Funnel</h2>{_table(['step', 'rows'], funnel_rows)}<img src="plots/funnel.png">
-<h2>Generation stages</h2>{_table(['stage', 'rows', 'parsed', 'pass rate', 'input truncated', 'finish reasons', 'parse failures'], stage_rows)}
-<h2>Scores</h2><img src="plots/scores.png">
-<h2>Examples by origin (the paper's Table 6)</h2>{_table(ORIGIN_HEADERS, origin_rows(stats))}
-<img src="plots/lengths.png"><img src="plots/trigrams.png">
+({f['final']['train']:,} train, {f['final']['validation']:,} validation).
+Dataset card: <a href="README.md">README.md</a>; files and checksums: <a href="manifest.json">manifest.json</a>;
+all numbers: <a href="stats.json">stats.json</a>.</p>{partial}
+<h2>Provenance</h2>
+<p>Code revision <code>{_fmt(stats.get('code_revision'))}</code>; finished {_fmt(stats.get('finished_at'))}.</p>
+{_table(['stage', 'model'], models)}
+<details><summary>assemble configuration</summary>{_table(['option', 'value'], config_rows)}</details>
+<h2>Funnel</h2>
+<p class=note>Every Dolma record read, to the released splits. Each row says how many rows are left after
+the step, how many it dropped and why.</p>
+{_table(['step', 'rows left', 'dropped here', '% of Dolma records', '% of candidates', 'reasons'], funnel)}
+<img src="plots/funnel.png" alt="funnel">
+<h2>Generation stages</h2>
+<p class=note>Requests sent = rows a model was asked about; rows not sent carry their reason (an upstream
+failure, or the gate of a stage that only answers pairs that passed it). The pass rate is over the rows sent.</p>
+{_table(['stage', 'model', 'rows', 'requests sent', 'not sent (why)', 'parse failures of sent rows',
+         'pass rate of sent', 'input truncated', 'finish reasons', 'prompt tokens', 'output tokens'], stages)}
+<h2>Scores</h2>
+<img src="plots/scores.png" alt="scores">
+{_table(['stage', 'score', 'kept', 'dropped'], score_rows) if score_rows else '<p>No scoring stage in this recipe.</p>'}
+<h2>Lengths and diversity by origin</h2>
+<p class=note>Length histograms are shares of each origin's examples, so origins of different sizes compare.
+Unique word trigrams (the paper's Figure 3 measure) are counted on a fixed sample of {size:,} examples per
+origin (the smallest id hashes): the raw count over a whole corpus grows with its size and says nothing
+across sizes. The paper's own figures (<a href="{PAPER}">Nguyen et al. 2024</a>, Table 6 lengths and
+Figure 3 trigrams) are not reproduced here: their numbers were not available when this report was built.</p>
+{_table(['origin', 'examples', 'avg instruction tokens', 'avg response tokens',
+         f'unique instruction trigrams per {size:,}', f'unique response trigrams per {size:,}', 'sample'], diversity)}
+<img src="plots/lengths.png" alt="lengths"><img src="plots/trigrams.png" alt="trigrams">
+<h2>Examples</h2>
+{_examples_html(stats)}
 </body></html>
 """
-    path = storage.join(folder, "report.html")
-    storage.write_text(path, doc)
-    return written + [path]
 
 
-def _kv(d: dict) -> str:
-    return ", ".join(f"{k}: {v:,}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])) or "-"
+# ---- the dataset card -------------------------------------------------------------------------------
+
+# Hugging Face's size_categories buckets (the Hub's dataset card metadata).
+SIZE_BUCKETS = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),
+                (10_000_000_000, "1B<n<10B"), (100_000_000_000, "10B<n<100B"), (1_000_000_000_000, "100B<n<1T"))
 
 
-def _size_category(n: int) -> str:
-    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+def size_category(n: int) -> str:
+    for limit, name in SIZE_BUCKETS:
         if n < limit:
             return name
-    return "1M<n<10M"
+    return "n>1T"
 
 
 def write_card(folder: str, stats: dict, config: dict) -> str:
-    """README.md: the dataset card, with the Hugging Face YAML header (splits, size, license)."""
+    """README.md: the dataset card, with the Hugging Face YAML header (pretty name, sources, splits,
+    size, license)."""
     f = stats["funnel"]
-    models = ", ".join(f"{s}: `{v['model']}`" for s, v in stats["stages"].items() if v.get("model")) or "-"
-    origin_lines = "\n".join("| " + " | ".join(_fmt(c) for c in r) + " |" for r in origin_rows(stats))
+    models = ", ".join(f"{r['stage']}: `{r['model']}`" for r in stage_rows(stats) if r["model"]) or "-"
+    origin_lines = "\n".join(f"| {r['origin']} | {r['examples']:,} | {r['avg_tokens_instruction']:,.2f} | "
+                             f"{r['avg_tokens_response']:,.2f} |" for r in diversity_rows(stats))
     partial = ""
     if stats.get("missing_shards"):
         partial = (f"\n**Partial release** (`--allow-partial`): candidate shards {stats['missing_shards']} had no "
@@ -172,14 +414,19 @@ def write_card(folder: str, stats: dict, config: dict) -> str:
     # only splits with rows: a split pattern that matches no file is an error for `datasets`
     splits_yaml = "\n".join(f"  - split: {s}\n    path: {s}-*.parquet" for s in ("train", "validation")
                             if f["final"][s]) or "  []"
+    sources = ["allenai/dolma"] + (["OpenAssistant/oasst1"] if (f.get("seed") or {}).get("kept") else [])
+    sources_yaml = "\n".join(f"- {s}" for s in sources)
     card = f"""---
+pretty_name: Back-and-forth translation SFT corpus ({stats['recipe']}, {stats['version']})
 license: odc-by
 language:
 - en
 task_categories:
 - text-generation
 size_categories:
-- {_size_category(f['final']['total'])}
+- {size_category(f['final']['total'])}
+source_datasets:
+{sources_yaml}
 tags:
 - instruction-tuning
 - synthetic
@@ -202,8 +449,8 @@ of Humpback, Li et al. 2023) from Dolma's Common Crawl head split, with recipe *
 | train | {f['final']['train']:,} |
 | validation | {f['final']['validation']:,} |
 
-| origin | examples | avg instruction tokens | avg response tokens | unique instruction trigrams | unique response trigrams |
-|---|---|---|---|---|---|
+| origin | examples | avg instruction tokens | avg response tokens |
+|---|---|---|---|
 {origin_lines}
 
 Each row: `id`, `origin` (web or seed), `recipe`, `instruction`, `response`, `messages` (chat list:
@@ -219,10 +466,20 @@ an optional system message carrying the data-source tag, the user instruction, t
   characters, no empty or truncated response, one example per normalized instruction
   {f"(capped to {config['max_examples']:,})" if config.get('max_examples') else ""}.
 - Dropped candidates by reason: {_kv(f['dropped'])}.
-- Validation split: a deterministic {config['validation_fraction']:.1%} by hash of the id.
+- Validation split: a deterministic {config['validation_fraction']:.1%} by hash of the id; when that
+  fraction is above zero, the example with the smallest hash is always in it, so a small release still
+  has a validation split of at least one example.
 
-See `report.html` for the funnel, pass rates, score and length histograms, and `manifest.json` for
-every file's checksum, the full config, the code revision and the input shards.
+See `report.html` for the funnel, per-stage statistics, score and length histograms and example rows,
+and `manifest.json` for every file's checksum, the full config, the code revision and the input shards.
+
+## Training on it
+
+`bft train --role sft --data <this folder>` validates the release against its manifest and trains with
+the loss on assistant tokens only. TRL's `SFTTrainer` with `assistant_only_loss=True` reads the
+`messages` column and trains on the same tokens with the chat template `bft train` saves with the model
+(it carries `{{% generation %}}` markers); note that TRL cuts examples longer than `max_length`,
+where `bft train` leaves them out.
 
 ## License notes
 

@@ -125,9 +125,12 @@ def _eval_judge(cfg, beam_args, run_file) -> int:
     from training import evaluate
 
     s = evaluate.run_judge(cfg)
-    print(f"eval judge: a={cfg.a} vs b={cfg.b}: {s['win']} win / {s['tie']} tie / {s['loss']} loss, "
-          f"win rate {s['win_rate']:.3f} ± {s['standard_error']:.3f} (judgments without a verdict: "
-          f"{s['judgments_without_verdict']})" + (f" -> {cfg.output}" if cfg.output else ""))
+    rate = (f"win rate {s['win_rate']:.3f} ± {s['standard_error']:.3f} over {s['judged']} judged items"
+            if s["judged"] else "no item has a verdict in both orders, so no win rate")
+    print(f"eval judge: a={cfg.a} vs b={cfg.b}: {s['win']} win / {s['tie']} tie / {s['loss']} loss, {rate}; "
+          f"{s['no_verdict']} item(s) without a verdict ({s['judgments_without_verdict']} judgments, "
+          f"{s['judgments_cut_off']} cut off at {s['max_new_tokens']} new tokens)"
+          + (f" -> {cfg.output}" if cfg.output else ""))
     return 0
 
 

@@ -77,19 +77,25 @@ RATE = (
 # 6. Data-source tags for SFT, Li et al. 2023a; Nguyen et al. 2024 App. A.3
 SEED_TAG = "Answer in the style of an AI Assistant."
 WEB_TAG = "Answer with knowledge from web search."
-EVAL_SUFFIX = "Answer in the style of an AI Assistant."
-EVAL_SUFFIX_WEB = "Answer in the style of an AI Assistant, with knowledge from web search if needed."
+# At evaluation the paper adds these to the question; `bft eval generate` sends them as the system turn,
+# the place where training puts the data-source tag (training/data.py), so a model sees its tag where
+# it learned it.
+EVAL_TAG = "Answer in the style of an AI Assistant."
+EVAL_TAG_WEB = "Answer in the style of an AI Assistant, with knowledge from web search if needed."
 
 # 7. The Llama-2 chat format as a Hugging Face chat template (meta-llama/llama generation.py): the
 # system block merged into the first user turn; each assistant turn ends with </s>. `bft train` gives
 # it to a model that has no chat template, so that training and generation render prompts alike.
+# `{% generation %}` marks the assistant turn (answer and </s>) for transformers' assistant-token mask,
+# which TRL's SFTTrainer(assistant_only_loss=True) trains on; the markers render nothing.
 LLAMA2_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}"
     "{% set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}{% set msgs = messages[1:] %}"
     "{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
     "{% for m in msgs %}{% if m['role'] == 'user' %}"
     "{{ bos_token + '[INST] ' + (sys if loop.first else '') + m['content'] | trim + ' [/INST]' }}"
-    "{% else %}{{ ' ' + m['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}"
+    "{% else %}{% generation %}{{ ' ' + m['content'] | trim + ' ' + eos_token }}{% endgeneration %}"
+    "{% endif %}{% endfor %}"
 )
 
 # Pairwise judge for `bft eval judge`: MT-Bench "pair-v2" (Zheng et al. 2023, FastChat

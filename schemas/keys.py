@@ -38,13 +38,21 @@ def instruction_key(instruction: str) -> str:
     return xxhash.xxh3_128_hexdigest(normalize_for_dedup(instruction).casefold().encode("utf-8"))
 
 
+def validation_key(doc_id: str, seed: int) -> int:
+    """An example is in validation when this key is below fraction * 2**64."""
+    return xxhash.xxh3_64_intdigest(doc_id.encode("utf-8"), seed=seed + 1)
+
+
 def in_validation(doc_id: str, fraction: float, seed: int) -> bool:
-    return xxhash.xxh3_64_intdigest(doc_id.encode("utf-8"), seed=seed + 1) < int(fraction * 2**64)
+    return validation_key(doc_id, seed) < int(fraction * 2**64)
 
 
-def validation_mask(ids: pa.Array | pa.ChunkedArray, fraction: float, seed: int) -> pa.Array:
+def validation_mask(ids: pa.Array | pa.ChunkedArray, fraction: float, seed: int, always: str | None = None) -> pa.Array:
+    """Which ids are in validation. `always` (the release's id with the smallest validation key) is
+    in it whenever fraction > 0, so that a small release still has a validation example; a release
+    whose validation split is not empty holds that id anyway, so this changes only small releases."""
     limit = int(fraction * 2**64)
-    return pa.array([xxhash.xxh3_64_intdigest(i.encode("utf-8"), seed=seed + 1) < limit for i in ids.to_pylist()],
+    return pa.array([validation_key(i, seed) < limit or (fraction > 0 and i == always) for i in ids.to_pylist()],
                     pa.bool_())
 
 

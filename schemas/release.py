@@ -231,10 +231,12 @@ def resolve(path: str) -> str:
     return path
 
 
-def validate(path: str, *, published: bool = True) -> dict:
+def validate(path: str, *, published: bool = True, tables: dict[str, list[pa.Table]] | None = None) -> dict:
     """Re-checks a release against its manifest; returns the manifest or raises ReleaseError listing
     every problem: completeness (_SUCCESS and the manifest checksum it holds, when `published`), the
-    manifest's own form, unlisted or missing files, sizes, checksums, schemas, row counts, unique ids."""
+    manifest's own form, unlisted or missing files, sizes, checksums, schemas, row counts, unique ids.
+    With `tables` ({} to fill), the data files parsed while checking are kept there by split (in
+    manifest order), so a reader gets the validated bytes without reading them again."""
     folder = resolve(path)
     manifest_path = storage.join(folder, MANIFEST)
     if not storage.exists(manifest_path):
@@ -288,6 +290,8 @@ def validate(path: str, *, published: bool = True) -> dict:
                 problems.append(f"{rel}: {table.num_rows} rows, manifest says {entry['rows']}")
             rows[entry["split"]] += table.num_rows
             ids.append(table["id"].combine_chunks())
+            if tables is not None:
+                tables.setdefault(entry["split"], []).append(table)
     for split, n in rows.items():
         expected = manifest["counts"].get(split)
         if expected is not None and expected != n:
@@ -352,3 +356,23 @@ def _kind(value) -> str:
     if value is None:
         return "missing"
     return repr(value) if isinstance(value, str) else _JSON.get(type(value), type(value).__name__)
+
+
+def load(path: str) -> tuple[dict, dict[str, pa.Table]]:
+    """A release (folder, ROOT/sft or run root) validated once and read: (manifest, {split: table});
+    every data file is read a single time (the bytes checksummed are the bytes parsed)."""
+    tables: dict[str, list[pa.Table]] = {}
+    manifest = validate(path, tables=tables)
+    return manifest, {split: pa.concat_tables(tables[split]) if tables.get(split) else schemas.SFT.empty_table()
+                      for split in SPLITS}
+
+
+def is_release(path: str) -> bool:
+    """Whether `path` is (or names, through LATEST) a release folder."""
+    return storage.exists(storage.join(resolve(path), MANIFEST))
+
+
+def publish_latest(root: str, version: str) -> None:
+    """Points ROOT/sft/LATEST at `version`, after validating it."""
+    validate(release_dir(root, version))
+    storage.write_text(RunLayout(root).latest, version + "\n")

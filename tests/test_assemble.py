@@ -75,7 +75,7 @@ def write_root(root, tokenizer, stages=("backtranslate", "score", "rewrite", "di
     n = len(SHARDS)
     files = []
     for k, ids in enumerate(SHARDS):
-        rows = [{"id": i, "text": doc(i), "source": "common-crawl", "url": None, "n_chars": len(doc(i)),
+        rows = [{"id": i, "text": doc(i), "source": "common-crawl", "url": f"https://example.org/{i}", "n_chars": len(doc(i)),
                  "n_tokens": 30, "shard": k, "text_hash": i} for i in ids]
         path = RunLayout(root).candidates_shard(k, n)
         storage.write_parquet(schemas.to_table(rows, schemas.CANDIDATE, path), path)
@@ -219,8 +219,8 @@ def test_assemble_publishes_a_complete_release(root, tmp_path):
     assert len(manifest["inputs"]["generations"]["rewrite"]) == 2 and manifest["inputs"]["seed_data"]["path"] == seed
     assert os.path.exists(os.path.join(folder, "_SUCCESS"))
     card = open(os.path.join(folder, "README.md")).read()
-    assert card.startswith("---\nlicense: odc-by") and "path: train-*.parquet" in card
-    assert "<img src=\"plots/funnel.png\">" in open(os.path.join(folder, "report.html")).read()
+    assert card.startswith("---\npretty_name: ") and "\nlicense: odc-by\n" in card and "path: train-*.parquet" in card
+    assert "<img src=\"plots/funnel.png\"" in open(os.path.join(folder, "report.html")).read()
     assert not os.path.exists(os.path.join(root, "sft", "_tmp")) or not os.listdir(os.path.join(root, "sft", "_tmp"))
 
     # the files load in pyarrow, pandas and datasets, and match the sft schema

@@ -69,7 +69,8 @@ KILL_POINTS = [r"/sft/_tmp/.*/web-", r"/train-00001-of-00002\.parquet$", r"/v1/s
 
 def release_snapshot(root):
     """Every file under ROOT/sft, as bytes, less what records the time: created_at, finished_at, the
-    timing section, the checksum of stats.json (which holds them) and _SUCCESS (the manifest's)."""
+    timing section, the checksums of stats.json and report.html (which hold them) and _SUCCESS (the
+    manifest's)."""
     def clean(rel, data):
         if rel.endswith("/_SUCCESS"):
             return b"present"
@@ -79,8 +80,11 @@ def release_snapshot(root):
         if rel.endswith("/manifest.json"):
             m = json.loads(data)
             m.pop("created_at")
-            m["files"] = [e if e["path"] != "stats.json" else {"path": e["path"]} for e in m["files"]]
+            m["files"] = [e if e["path"] not in ("stats.json", "report.html") else {"path": e["path"]}
+                          for e in m["files"]]
             return m
+        if rel.endswith("/report.html"):  # the report says when the release was finished
+            return re.sub(rb"finished \d{4}-\d\d-\d\dT[\d:]+Z", b"finished T", data)
         return data
     return snapshot(os.path.join(root, "sft"), clean)
 

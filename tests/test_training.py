@@ -14,7 +14,7 @@ from bft import cli
 from schemas.errors import UserError
 from generation.engines.hf import HFEngine
 from generation.prompting import render
-from generation.templates import DEFAULTS, EVAL_SUFFIX, JUDGE_SYSTEM, llama2_format
+from generation.templates import DEFAULTS, EVAL_TAG, JUDGE_SYSTEM, llama2_format
 from training import data, evaluate, seed, train
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "samples", "oasst", "oasst1-sample.jsonl")
@@ -191,22 +191,61 @@ def test_a_bad_batch_split_and_bad_data_are_named(tmp_path, tiny_models):
 # ---- bft eval --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("first,second,verdict", [
-    ("A", "B", "win"), ("A", "C", "win"), ("C", "B", "win"), ("A", None, "win"),
-    ("C", "C", "tie"), ("A", "A", "tie"), ("B", "B", "tie"), (None, None, "tie"),
-    ("B", "A", "loss"), ("B", "C", "loss"), ("C", "A", "loss"),
+    # first: a shown as assistant A; second: a shown as assistant B (MT-Bench show_result.py's rule)
+    ("A", "B", "win"), ("B", "A", "loss"), ("C", "C", "tie"),
+    ("A", "C", "tie"), ("C", "B", "tie"), ("B", "C", "tie"), ("C", "A", "tie"),   # a win/loss and a tie: a tie
+    ("A", "A", "tie"), ("B", "B", "tie"),                                       # inconsistent: a tie
+    ("A", None, "no_verdict"), (None, "B", "no_verdict"), (None, None, "no_verdict"),
 ])
-def test_verdicts_in_both_orders(first, second, verdict):
-    # first: a shown as assistant A; second: a shown as assistant B
+def test_verdicts_in_both_orders_as_mt_bench(first, second, verdict):
     assert evaluate.outcome(first, second) == verdict
 
 
-def test_verdict_parsing_and_win_rate():
+def test_verdict_parsing_and_win_rate_without_unjudged_items():
     assert evaluate.parse_verdict("A is more helpful. [[A]]") == "A"
     assert evaluate.parse_verdict("Not [[A]] but finally [[C]]") == "C"
     assert evaluate.parse_verdict("[A] is better") is None
-    s = evaluate.summarize(["win", "win", "tie", "loss"])
+    s = evaluate.summarize(["win", "win", "tie", "loss", "no_verdict", "no_verdict"])
+    assert (s["items"], s["judged"], s["no_verdict"]) == (6, 4, 2)
     assert (s["win"], s["tie"], s["loss"]) == (2, 1, 1) and s["win_rate"] == pytest.approx(0.625)
     assert s["standard_error"] == pytest.approx((sum((x - 0.625) ** 2 for x in (1, 1, .5, 0)) / 3 / 4) ** 0.5)
+
+
+class ScriptedEngine:
+    """A stand-in engine (generation.engines.base.Engine's interface) that answers request i with the
+    i-th scripted (text, finish_reason), and keeps the requests it got."""
+
+    tokenizer = None
+
+    def __init__(self, outputs):
+        self.outputs = outputs
+        self.requests = []
+
+    def generate(self, requests):
+        from generation.engines import Completion
+
+        self.requests += requests
+        return [Completion(text=t, finish_reason=r, prompt_tokens=1, output_tokens=1)
+                for t, r in self.outputs[:len(requests)]]
+
+
+def test_judge_counts_cut_judgments_apart_and_writes_alpaca_eval_annotations():
+    pairs = [({"instruction": f"q{i}", "output": f"a{i}", "generator": "ours"},
+              {"instruction": f"q{i}", "output": f"b{i}", "generator": "base"}) for i in range(4)]
+    judge = ScriptedEngine([("[[A]]", "stop"), ("[[B]]", "stop"),          # a wins in both orders
+                           ("[[A]]", "stop"), ("[[C]]", "stop"),          # win + tie: a tie
+                           ("Assistant A is", "length"), ("[[B]]", "stop"),  # cut off: no verdict
+                           ("[[B]]", "stop"), ("[[A]]", "stop")])         # b wins
+    summary, items = evaluate.judge(judge, pairs)
+    assert [it["verdict"] for it in items] == ["win", "tie", "no_verdict", "loss"]
+    assert judge.requests[0].max_new_tokens == evaluate.JUDGE_MAX_NEW_TOKENS == 2048
+    assert (summary["judged"], summary["no_verdict"], summary["judgments_cut_off"]) == (3, 1, 1)
+    assert summary["win_rate"] == pytest.approx(0.5)
+    notes = evaluate.alpaca_eval_annotations(pairs, items, "judge-m")
+    assert [n["preference"] for n in notes] == [2.0, 1.5, None, 1.0]
+    assert notes[0] | {"raw_completion": None} == {
+        "instruction": "q0", "output_1": "b0", "generator_1": "base", "output_2": "a0", "generator_2": "ours",
+        "annotator": "judge-m", "preference": 2.0, "raw_completion": None}
 
 
 def test_eval_generate_and_judge_end_to_end(tmp_path, tiny_models, capsys):
@@ -224,15 +263,30 @@ def test_eval_generate_and_judge_end_to_end(tmp_path, tiny_models, capsys):
                      "--max-new-tokens", "6", "--output", verdicts]) == 0
     result = json.load(open(verdicts))
     s = result["summary"]
-    assert s["items"] == 2 == s["win"] + s["tie"] + s["loss"] and len(result["items"]) == 2
-    assert len(result["items"][0]["judge_outputs"]) == 2 and "win rate" in capsys.readouterr().out
+    assert s["items"] == 2 == s["win"] + s["tie"] + s["loss"] + s["no_verdict"] and len(result["items"]) == 2
+    assert len(result["items"][0]["judge_outputs"]) == 2 and "without a verdict" in capsys.readouterr().out
+    notes = json.load(open(evaluate.annotations_path(verdicts)))
+    assert [n["instruction"] for n in notes] == ["Name a colour.", "Say hello."]
+    assert {n["generator_1"] for n in notes} == {"plain"} and {n["generator_2"] for n in notes} == {"chat"}
     shutil.copy(a, b)
     json.dump(json.load(open(a))[:1], open(b, "w"))
     assert cli.main(["eval", "judge", "--a", a, "--b", b, "--judge-model", tiny_models["chat"]]) == 1
     assert "answer different questions" in capsys.readouterr().err
 
 
-def test_eval_prompt_carries_the_suffix_and_the_judge_prompt_is_mt_bench():
-    assert evaluate.question_text("Why?", EVAL_SUFFIX) == "Why?\n\nAnswer in the style of an AI Assistant."
+def test_eval_prompt_puts_the_tag_where_training_does_and_the_judge_prompt_is_mt_bench(tiny_models):
+    tok = train.load_tokenizer(tiny_models["chat"])
+    engine = ScriptedEngine([("An answer.", "stop")])
+    engine.tokenizer = tok
+    evaluate.generate(engine, [{"instruction": "Why?"}], "m", evaluate.TAGS["assistant"])
+    sent = engine.requests[0]
+    assert sent.messages == [{"role": "system", "content": EVAL_TAG}, {"role": "user", "content": "Why?"}]
+    # the prompt is token for token the prompt part of an SFT example tagged the same way
+    trained = data.encode(tok, [{"role": "system", "content": EVAL_TAG}, {"role": "user", "content": "Why?"},
+                                {"role": "assistant", "content": "An answer."}])
+    n = trained["labels"].index(next(x for x in trained["labels"] if x != data.IGNORE))
+    assert tok(sent.prompt, add_special_tokens=False)["input_ids"] == trained["input_ids"][:n]
+    evaluate.generate(engine, [{"instruction": "Why?"}], "m", evaluate.TAGS["none"])
+    assert engine.requests[-1].messages == [{"role": "user", "content": "Why?"}]
     system, user = DEFAULTS["judge"].fill(instruction="Q", answer_a="X", answer_b="Y")
     assert system == JUDGE_SYSTEM and "[The Start of Assistant A's Answer]\nX\n" in user and user.endswith("Answer]")

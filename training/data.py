@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 
-import schemas
 from schemas.errors import UserError
 import storage
 from generation.templates import DEFAULTS, llama2_format
@@ -86,15 +85,11 @@ def load_rows(path: str) -> tuple[list[dict], list[dict], str]:
     validated first, as a training team does), a Parquet file, or JSON lines."""
     from schemas import release
 
-    folder = release.resolve(path)
-    if storage.exists(storage.join(folder, release.MANIFEST)):
-        manifest = release.validate(folder)
-        splits: dict[str, list[dict]] = {"train": [], "validation": []}
-        for entry in manifest["files"]:
-            if "split" in entry:
-                full = storage.join(folder, entry["path"])
-                splits[entry["split"]] += schemas.validate(storage.read_parquet(full), schemas.SFT, full).to_pylist()
-        return splits["train"], splits["validation"], f"release {manifest['version']} ({folder})"
+    if release.is_release(path):
+        # through the release protocol: validated against the manifest, each file read once
+        manifest, splits = release.load(path)
+        return (splits["train"].to_pylist(), splits["validation"].to_pylist(),
+                f"release {manifest['version']} ({release.resolve(path)})")
     if path.endswith((".parquet", ".jsonl", ".jsonl.gz", ".json.gz", ".jsonl.zst")):
         try:
             rows = storage.read_records(path).to_pylist()

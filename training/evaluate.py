@@ -3,14 +3,23 @@
     bft eval generate --model DIR --questions FILE --output FILE [--engine hf|vllm|openai]
     bft eval judge --a FILE --b FILE --judge-model M --engine hf|vllm|openai [--output FILE]
 
-generate: T=0.7, top_p=0.9 (PROMPTS.md section 8), the evaluation suffix of section 6 appended to
-each question; writes [{instruction, output, generator, dataset}], which the `alpaca_eval` CLI takes
-as --model_outputs.
+generate: T=0.7, top_p=0.9 (PROMPTS.md section 8). The data-source tag is the system turn, exactly
+where `bft train` puts it (training/data.py: the release's `messages` carry it as a system message):
+`--tag assistant` is PROMPTS.md section 6's "Answer in the style of an AI Assistant." (the seed tag),
+`--tag web` its web variant, `--tag none` no system turn. Writes [{instruction, output, generator,
+dataset}], which the `alpaca_eval` CLI takes as --model_outputs.
 
 judge: every item is judged twice, A/B then B/A, with MT-Bench's pairwise prompt (greedy), to cancel
-position bias. Per item, for model a: win = wins twice, or wins once and ties once; tie = ties twice,
-or wins once and loses once; anything else is a loss. A judgment without a verdict counts as a tie
-(and is reported). Win rate = (wins + ties / 2) / items, with the standard error of that mean.
+position bias, and aggregated as MT-Bench does (FastChat llm_judge: `show_result.py`
+display_result_pairwise): a model wins an item only when both orders name it; a tie in either order
+or two verdicts that disagree (inconsistent) is a tie. An item with a judgment that has no verdict
+(no [[A]]/[[B]]/[[C]], e.g. cut off by the new-token cap) is neither: it is counted apart as
+`no_verdict` and left out of the win rate, as FastChat leaves out its "error" judgments.
+Win rate = (wins + ties / 2) / judged items, with the standard error of that mean. The judge gets
+2048 new tokens by default (FastChat's GPT-4 judge setting); judgments cut by the cap
+(finish_reason "length") are counted. The verdicts are also written in alpaca_eval's annotation
+format (output_1 = b, the reference; output_2 = a; preference 2 = a wins, 1 = b wins, 1.5 = tie,
+null = no verdict), so alpaca_eval's own analysis tools read them.
 """
 from __future__ import annotations
 
@@ -27,9 +36,10 @@ from schemas.options import option, required
 from schemas.keys import row_seed
 from generation.engines import Request, make_engine
 from generation.prompting import render
-from generation.templates import DEFAULTS, EVAL_SUFFIX, EVAL_SUFFIX_WEB, messages
+from generation.templates import DEFAULTS, EVAL_TAG, EVAL_TAG_WEB, messages
 
-SUFFIXES = {"assistant": EVAL_SUFFIX, "web": EVAL_SUFFIX_WEB, "none": ""}
+TAGS = {"assistant": EVAL_TAG, "web": EVAL_TAG_WEB, "none": None}
+JUDGE_MAX_NEW_TOKENS = 2048
 _VERDICT = re.compile(r"\[\[([ABC])\]\]")
 
 
@@ -51,7 +61,7 @@ class EngineOptions:
     max_model_len: int | None = option(None, "context length (default: the model's)")
     tensor_parallel_size: int | None = option(None, "vllm engine: GPUs per model")
     dtype: str | None = option(None, "weights' dtype", choices=["auto", "bf16", "fp16", "fp32"])
-    max_new_tokens: int | None = option(None, "new-token cap (default: 1024 for answers, 512 for judgments)")
+    max_new_tokens: int | None = option(None, "new-token cap (default: 1024 for answers, 2048 for judgments)")
 
     def load_engine(self, model: str):
         opts = {k: getattr(self, k) for k in ("base_url", "api", "batch_size", "max_model_len",
@@ -68,7 +78,8 @@ class EvalGenerateConfig(EngineOptions):
     root: str | None = option(None, "run root: --output defaults to ROOT/eval/GENERATOR.json")
     output: str | None = option(None, "JSON file of answers")
     generator: str | None = option(None, "name in the output (default: the model folder's name)")
-    suffix: str = option("assistant", "appended to each question: PROMPTS.md section 6", choices=sorted(SUFFIXES))
+    tag: str = option("assistant", "data-source tag, sent as the system turn as in training: PROMPTS.md section 6",
+                      choices=sorted(TAGS))
     seed: int = option(0, "seed of the sampling seeds")
 
     def check(self) -> None:
@@ -87,7 +98,8 @@ class EvalJudgeConfig(EngineOptions):
     b: str = required("answers of model b")
     judge_model: str = required("the judge (model folder or served name)")
     root: str | None = option(None, "run root: --output defaults to ROOT/eval/judge.json")
-    output: str | None = option(None, "JSON file: summary and per-item verdicts")
+    output: str | None = option(None, "JSON file: summary and per-item verdicts (alpaca_eval annotations beside "
+                                "it: NAME.annotations.json)")
 
     def check(self) -> None:
         if self.output is None and self.root is not None:
@@ -105,16 +117,13 @@ def read_answers(path: str, what: str) -> list[dict]:
     return items
 
 
-def question_text(instruction: str, suffix: str) -> str:
-    return f"{instruction.rstrip()}\n\n{suffix}" if suffix else instruction
-
-
-def generate(engine, questions: list[dict], generator: str, suffix: str = EVAL_SUFFIX, max_new_tokens: int = 1024,
+def generate(engine, questions: list[dict], generator: str, tag: str | None = EVAL_TAG, max_new_tokens: int = 1024,
              temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> list[dict]:
+    """Answers to `questions`; `tag` is the system turn (None: no system turn), as in training."""
     requests = []
     for q in questions:
-        user = question_text(q["instruction"], suffix)
-        requests.append(Request(render(engine.tokenizer, None, user), messages(None, user), max_new_tokens,
+        user = q["instruction"]
+        requests.append(Request(render(engine.tokenizer, tag, user), messages(tag, user), max_new_tokens,
                                 temperature, top_p, row_seed(q["instruction"], "eval", seed)))
     outputs = engine.generate(requests)
     return [{"instruction": q["instruction"], "output": o.text.strip() if o.finish_reason != "error" else "",
@@ -128,26 +137,46 @@ def parse_verdict(text: str) -> str | None:
     return found[-1] if found else None
 
 
+NO_VERDICT = "no_verdict"
+
+
 def outcome(first: str | None, second: str | None) -> str:
-    """The item's verdict for model a, from (a shown as A) and (a shown as B) judgments."""
-    as_a = {"A": "win", "B": "loss"}.get(first, "tie")
-    as_b = {"B": "win", "A": "loss"}.get(second, "tie")
-    both = sorted([as_a, as_b])
-    if both in (["win", "win"], ["tie", "win"]):
-        return "win"
-    if both in (["tie", "tie"], ["loss", "win"]):
+    """The item's verdict for model a, from (a shown as A) and (a shown as B) judgments, as MT-Bench
+    aggregates them: the same winner in both orders wins; a tie or disagreement is a tie; a missing
+    verdict in either order makes the item `no_verdict`."""
+    if first is None or second is None:
+        return NO_VERDICT
+    g1 = {"A": "a", "B": "b"}.get(first, "tie")
+    g2 = {"B": "a", "A": "b"}.get(second, "tie")
+    if g1 == "tie" or g1 != g2:
         return "tie"
-    return "loss"
+    return "win" if g1 == "a" else "loss"
 
 
 def summarize(verdicts: list[str]) -> dict:
-    n = len(verdicts)
-    wins, ties, losses = (verdicts.count(v) for v in ("win", "tie", "loss"))
-    scores = [1.0 if v == "win" else 0.5 if v == "tie" else 0.0 for v in verdicts]
+    """Counts and the win rate of model a over the items with a verdict (no_verdict items apart)."""
+    judged = [v for v in verdicts if v != NO_VERDICT]
+    n = len(judged)
+    wins, ties, losses = (judged.count(v) for v in ("win", "tie", "loss"))
+    scores = [1.0 if v == "win" else 0.5 if v == "tie" else 0.0 for v in judged]
     rate = sum(scores) / n if n else float("nan")
     var = sum((s - rate) ** 2 for s in scores) / (n - 1) if n > 1 else float("nan")
-    return {"items": n, "win": wins, "tie": ties, "loss": losses, "win_rate": rate,
+    return {"items": len(verdicts), "judged": n, "win": wins, "tie": ties, "loss": losses,
+            NO_VERDICT: len(verdicts) - n, "win_rate": rate,
             "standard_error": math.sqrt(var / n) if n > 1 else float("nan")}
+
+
+ALPACA_PREFERENCE = {"win": 2.0, "loss": 1.0, "tie": 1.5, NO_VERDICT: None}
+
+
+def alpaca_eval_annotations(pairs: list[tuple[dict, dict]], items: list[dict], judge_model: str) -> list[dict]:
+    """The verdicts in alpaca_eval's annotation format: output_1/generator_1 the reference (b),
+    output_2/generator_2 the model evaluated (a); preference 1 = reference wins, 2 = a wins, 1.5 =
+    draw, None = no verdict (alpaca_eval drops non-preferences from its win rate)."""
+    return [{"instruction": a["instruction"], "output_1": b.get("output"), "generator_1": b.get("generator", "b"),
+             "output_2": a.get("output"), "generator_2": a.get("generator", "a"), "annotator": judge_model,
+             "preference": ALPACA_PREFERENCE[item["verdict"]], "raw_completion": item["judge_outputs"]}
+            for (a, b), item in zip(pairs, items)]
 
 
 def pair_up(a: list[dict], b: list[dict], a_path: str, b_path: str) -> list[tuple[dict, dict]]:
@@ -162,7 +191,7 @@ def pair_up(a: list[dict], b: list[dict], a_path: str, b_path: str) -> list[tupl
     return [(i, by_b[i["instruction"]]) for i in a]
 
 
-def judge(engine, pairs: list[tuple[dict, dict]], max_new_tokens: int = 512) -> tuple[dict, list[dict]]:
+def judge(engine, pairs: list[tuple[dict, dict]], max_new_tokens: int = JUDGE_MAX_NEW_TOKENS) -> tuple[dict, list[dict]]:
     template = DEFAULTS["judge"]
     requests = []
     for a, b in pairs:
@@ -176,15 +205,17 @@ def judge(engine, pairs: list[tuple[dict, dict]], max_new_tokens: int = 512) -> 
         o1, o2 = outputs[2 * i], outputs[2 * i + 1]
         v1, v2 = parse_verdict(o1.text), parse_verdict(o2.text)
         items.append({"instruction": a["instruction"], "verdict": outcome(v1, v2), "a_first": v1, "b_first": v2,
-                      "judge_outputs": [o1.text, o2.text]})
+                      "judge_outputs": [o1.text, o2.text], "finish_reasons": [o1.finish_reason, o2.finish_reason]})
     summary = summarize([it["verdict"] for it in items])
     summary["judgments_without_verdict"] = sum((it["a_first"] is None) + (it["b_first"] is None) for it in items)
+    summary["judgments_cut_off"] = sum(r == "length" for it in items for r in it["finish_reasons"])
+    summary["max_new_tokens"] = max_new_tokens
     return summary, items
 
 
 def run_generate(cfg: EvalGenerateConfig) -> list[dict]:
     questions = read_answers(cfg.questions, "questions")
-    out = generate(cfg.load_engine(cfg.model), questions, cfg.generator, SUFFIXES[cfg.suffix],
+    out = generate(cfg.load_engine(cfg.model), questions, cfg.generator, TAGS[cfg.tag],
                    max_new_tokens=cfg.max_new_tokens or 1024, seed=cfg.seed)
     storage.write_text(cfg.output, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     return out
@@ -192,9 +223,17 @@ def run_generate(cfg: EvalGenerateConfig) -> list[dict]:
 
 def run_judge(cfg: EvalJudgeConfig) -> dict:
     pairs = pair_up(read_answers(cfg.a, "answers"), read_answers(cfg.b, "answers"), cfg.a, cfg.b)
-    summary, items = judge(cfg.load_engine(cfg.judge_model), pairs, max_new_tokens=cfg.max_new_tokens or 512)
+    summary, items = judge(cfg.load_engine(cfg.judge_model), pairs,
+                           max_new_tokens=cfg.max_new_tokens or JUDGE_MAX_NEW_TOKENS)
     summary.update(a=cfg.a, b=cfg.b, judge_model=cfg.judge_model)
     if cfg.output:
         storage.write_text(cfg.output, json.dumps({"summary": summary, "items": items}, indent=2,
                                                   ensure_ascii=False) + "\n")
+        storage.write_text(annotations_path(cfg.output), json.dumps(
+            alpaca_eval_annotations(pairs, items, cfg.judge_model), indent=2, ensure_ascii=False) + "\n")
     return summary
+
+
+def annotations_path(output: str) -> str:
+    """judge.json -> judge.annotations.json (alpaca_eval's format), beside the summary."""
+    return (output[:-5] if output.endswith(".json") else output) + ".annotations.json"

@@ -1,10 +1,12 @@
 """`bft train`: fine-tune a causal LM as the backward, forward or SFT model, with transformers' Trainer.
 
-Why Trainer and not TRL's SFTTrainer: the loss mask must match generation's prompt rendering token
-for token (training/data.py builds it from the same renderer), which a custom collator on Trainer
-gives exactly; SFTTrainer's assistant-only loss relies on `{% generation %}` markers that Llama-2's
-template lacks. Trainer still brings what matters at scale: bf16, gradient accumulation, FSDP and
-multi-node through `accelerate launch` (docs/TRAINING.md), checkpoints and resume.
+Why Trainer: the loss mask must match generation's prompt rendering token for token
+(training/data.py builds it from the same renderer), which a custom collator on Trainer gives
+exactly, and examples too long are left out rather than cut. TRL's SFTTrainer with
+assistant_only_loss=True is a supported consumer of releases: our Llama-2 template carries
+`{% generation %}` markers, and a test checks TRL's labels equal data.encode's. Trainer brings what
+matters at scale: bf16, gradient accumulation, FSDP and multi-node through `accelerate launch`
+(docs/TRAINING.md), checkpoints and resume.
 
 Defaults are the paper's (PROMPTS.md section 8): cosine schedule, batch 32 (per-device batch x
 gradient accumulation x processes), weight decay 0.1, dropout 0.1, lr 1e-5; length-grouped batches.

@@ -1,0 +1,236 @@
+"""The release as a data scientist reads it (issue 13): the statistics behind report.html (examples,
+funnel, per-stage requests, score distributions, comparable lengths and diversity, provenance), the
+dataset card, the validation split of small releases, the release read once by `bft train`, and the
+report opened in a real headless browser."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from nltk import ngrams
+from nltk.tokenize import wordpunct_tokenize
+
+import schemas
+import storage
+from beam_pipelines import assemble, corpus_stats, report
+from schemas import release
+from schemas.layout import RunLayout
+from tests.test_assemble import gen_row, run, write_root, write_seed
+
+ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def root(tmp_path, bpe_tokenizer_path):
+    return write_root(str(tmp_path / "run"), bpe_tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, bpe_tokenizer_path):
+    """The fixture run assembled with seed data; rewrite shards hold rows a gate did not send."""
+    tmp_path = tmp_path_factory.mktemp("published")
+    root = write_root(str(tmp_path / "run"), bpe_tokenizer_path)
+    for k in range(2):
+        path = RunLayout(root).generation_shard("rewrite", k, 2)
+        table = storage.read_parquet(path).to_pylist()
+        for row in table:
+            if row["id"] in ("a3", "b1"):    # below the score gate / upstream failed: never sent
+                row.update(finish_reason=None, response=None, prompt_tokens=None, output_tokens=None,
+                           parse_error="not_sent: below_gate" if row["id"] == "a3" else "upstream_failed:missing")
+        storage.write_parquet(schemas.to_table(table, schemas.GENERATION, path), path)
+    stats = run(root, seed_data=write_seed(str(tmp_path / "seed.jsonl")), validation_fraction=0.3, version="v1")
+    return os.path.join(root, "sft", "v1"), stats
+
+
+# ---- mergeable partials ----------------------------------------------------------------------------
+
+def test_stage_partial_counts_requests_sent_not_sent_and_failures_of_sent():
+    rows = [gen_row("1", "rewrite", response="ok"), gen_row("2", "rewrite", parse_error="no_res"),
+            gen_row("3", "rewrite", finish_reason=None, parse_error="not_sent: below_gate"),
+            gen_row("4", "rewrite", finish_reason=None, parse_error="not_sent: below_gate"),
+            gen_row("5", "rewrite", finish_reason=None, parse_error="upstream_failed:echo")]
+    p = corpus_stats.stage_partial("rewrite", schemas.to_table(rows, schemas.GENERATION))
+    assert (p["rows"], p["ok"], p["sent"]) == (5, 1, 2)
+    assert p["not_sent"] == {"not_sent: below_gate": 2, "upstream_failed:echo": 1}
+    assert p["sent_failures"] == {"no_res": 1}
+
+
+def test_smallest_partials_do_not_depend_on_sharding():
+    rows = [(f"id{i:03d}", {"id": f"id{i:03d}"}) for i in range(50)]
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        order = rng.permutation(50)
+        cuts = sorted(rng.choice(np.arange(1, 50), 4, replace=False))
+        parts = [corpus_stats.Smallest(3, [rows[j] for j in chunk]) for chunk in np.split(order, cuts)]
+        merged = None
+        for part in parts:
+            merged = corpus_stats.merge(merged, part)
+        assert corpus_stats.summarize({"x": merged}) == {"x": [{"id": "id000"}, {"id": "id001"}, {"id": "id002"}]}
+
+
+def test_trigram_sample_is_a_fixed_size_and_equals_nltk_on_it():
+    texts = [f"word{i % 37} common phrase number {i} and w{i % 11} more" for i in range(2500)]
+    table = pa.table({"id": [f"r{i}" for i in range(2500)], "instruction": texts, "response": texts})
+    whole = corpus_stats.summarize(corpus_stats.trigram_sample(table))
+    parts = None
+    for a, b in ((0, 700), (700, 1900), (1900, 2500)):
+        parts = corpus_stats.merge(parts, corpus_stats.trigram_sample(table.slice(a, b - a)))
+    assert corpus_stats.summarize(parts) == whole
+    assert whole["examples"] == corpus_stats.TRIGRAM_SAMPLE == 1000
+    import xxhash
+
+    sample = sorted(range(2500), key=lambda i: xxhash.xxh3_64_intdigest(f"r{i}".encode()))[:1000]
+    expected = set()
+    for i in sample:
+        expected |= set(ngrams(wordpunct_tokenize(texts[i].lower()), 3))
+    assert whole["unique_trigrams_instruction"] == len(expected)
+
+
+# ---- the statistics of a published release -------------------------------------------------------------
+
+def test_examples_funnel_and_stages_travel_through_the_partials(published):
+    folder, stats = published
+    ex = stats["examples"]
+    assert [e["id"] for e in ex["kept"]] == ["a0", "b0", "b2", "b4", "b5"]     # kept by recipe and curation
+    assert ex["kept"][0] == {"id": "a0", "instruction": "Explain the topic of document a0 please.",
+                             "response": "Rewrite answer for a0.", "score": 5.0, "url": "https://example.org/a0",
+                             "reason": None, "detail": None}
+    dropped = {r: [e["id"] for e in rows] for r, rows in ex["dropped"].items()}
+    assert dropped == {"backtranslate:echo": ["a1"], "backtranslate:missing_row": ["b1"],
+                       "duplicate_instruction": ["b0"], "empty_response": ["b3"], "instruction_too_short": ["a2"],
+                       "rewrite:not_sent": ["a3"], "rewrite:truncated": ["a5"], "score:no_match": ["a4"]}
+    assert ex["dropped"]["score:no_match"][0]["detail"] == "no_match"
+    assert ex["dropped"]["backtranslate:echo"][0]["url"] == "https://example.org/a1"
+
+    steps = report.funnel_rows(stats)
+    assert [(s["step"], s["rows"], s["dropped"]) for s in steps] == [
+        ("Dolma records read", 20, 0), ("candidates (prepare: length filter, dedup)", 12, 8),
+        ("backtranslate: failed or missing", 10, 2), ("score: failed or missing", 9, 1),
+        ("rewrite: failed or missing", 7, 2), ("curation: length, empty or truncated", 5, 2),
+        ("curation: duplicate instructions", 4, 1), ("web examples", 4, 0), ("+ seed examples", 9, 0),
+        ("split: train", stats["funnel"]["final"]["train"], 0),
+        ("split: validation", stats["funnel"]["final"]["validation"], 0)]
+    assert steps[1]["pct_input"] == 60.0 and steps[7]["pct_candidates"] == 33.33 and steps[0]["pct_candidates"] is None
+
+    rewrite = {r["stage"]: r for r in report.stage_rows(stats)}["rewrite"]
+    assert (rewrite["rows"], rewrite["sent"]) == (12, 10)
+    assert rewrite["not_sent"] == {"not_sent: below_gate": 1, "upstream_failed:missing": 1}
+    assert rewrite["pass_rate_of_sent"] == 0.9 and rewrite["sent_failures"] == {"truncated": 1}
+    # every stage run is reported, the recipe's and the others (here distill and rate), in pipeline order
+    assert [r["stage"] for r in report.stage_rows(stats)] == ["backtranslate", "score", "rewrite", "distill", "rate"]
+    assert stats["config"]["recipe"] == "filter+rewrite" and stats["code_revision"]
+
+    d = stats["score_distributions"]["score"]
+    assert d["non_integer"] == 0 and sum(d["kept"]) == 5 and sum(d["dropped"]) == 6
+    assert report.score_bars(d) == (["0", "1", "2", "3", "4", "5"], [0, 0, 0, 0, 0, 5], [0, 0, 0, 0, 1, 5])
+
+
+def test_score_bars_are_continuous_for_fractional_scores():
+    kept = corpus_stats.histogram(pa.array([2.35, 4.71]), corpus_stats.FINE_SCORE_EDGES)
+    dist = {"kept": kept, "dropped": [0] * len(kept), "non_integer": 2, "edges": corpus_stats.FINE_SCORE_EDGES}
+    labels, k, _ = report.score_bars(dist)
+    assert len(labels) == len(k) == 56 and labels[k.index(1)] == "2.3-2.4"
+
+
+def test_lengths_are_shares_and_trigrams_use_the_fixed_sample(published):
+    _, stats = published
+    rows = {r["origin"]: r for r in report.diversity_rows(stats)}
+    assert rows["web"]["sample"] == 4 and not rows["web"]["sample_complete"]
+    assert report.normalized(stats["by_origin"]["seed"]["length_histogram_response"])[1] == 1.0
+
+
+def test_report_html_shows_examples_stages_scores_and_provenance(published):
+    folder, stats = published
+    page = open(os.path.join(folder, "report.html")).read()
+    assert page == report.report_html(stats)
+    assert "score scores" not in page and "score stage: integer scores" not in page  # titles are in the PNG
+    for text in ("Explain the topic of document a0 please.", '<a href="https://example.org/a0">',
+                 "not_sent: below_gate: 1", "requests sent", "pass rate of sent", '<a href="README.md">',
+                 '<a href="manifest.json">', stats["code_revision"], "rewrite:truncated", "tiny-rewrite",
+                 "unique response trigrams per 1,000", "fewer than 1,000: not comparable", "Table 6"):
+        assert text in page, text
+    for name in report.PLOTS:
+        assert f'<img src="plots/{name}.png"' in page and os.path.getsize(os.path.join(folder, "plots", f"{name}.png"))
+
+
+# ---- the card -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,bucket", [(0, "n<1K"), (999, "n<1K"), (1_000, "1K<n<10K"), (250_000, "100K<n<1M"),
+                                      (1_500_000, "1M<n<10M"), (25_000_000, "10M<n<100M"),
+                                      (2_000_000_000, "1B<n<10B")])
+def test_size_categories_follow_the_hub_buckets(n, bucket):
+    assert report.size_category(n) == bucket
+
+
+def test_models_are_named_as_users_know_them(tmp_path):
+    assert report.model_name("meta-llama/Llama-2-70b-chat-hf") == "meta-llama/Llama-2-70b-chat-hf"
+    assert report.model_name("gpt-4o") == "gpt-4o"
+    assert report.model_name("gs://bucket/models/forward") == "forward"
+    folder = tmp_path / "models" / "backward"
+    folder.mkdir(parents=True)
+    (folder / "bft_train.json").write_text(json.dumps({"config": {"base_model": "meta-llama/Llama-2-7b-hf"}}))
+    assert report.model_name(str(folder)) == "backward (fine-tuned from meta-llama/Llama-2-7b-hf)"
+    assert report.model_names(f"{folder}, x/y") == "backward (fine-tuned from meta-llama/Llama-2-7b-hf), x/y"
+
+
+def test_card_header_and_a_small_release_always_has_a_validation_split(root, tmp_path):
+    import datasets
+
+    stats = run(root, seed_data=write_seed(str(tmp_path / "seed.jsonl")), validation_fraction=0.02, version="s")
+    folder = os.path.join(root, "sft", "s")
+    card = open(os.path.join(folder, "README.md")).read()
+    header = card.split("---")[1]
+    assert "pretty_name: Back-and-forth translation SFT corpus (filter+rewrite, s)" in header
+    assert "source_datasets:\n- allenai/dolma\n- OpenAssistant/oasst1" in header and "- n<1K" in header
+    assert "at least one example" in card
+    # 9 examples at 2%: no id hashes below the fraction, yet one example (the smallest hash) validates
+    assert stats["funnel"]["final"] == {"train": 8, "validation": 1, "total": 9}
+    ds = datasets.load_dataset(folder)
+    assert ds["validation"].num_rows == 1 and ds["train"].num_rows == 8
+    from schemas.keys import validation_key
+
+    ids = list(ds["train"]["id"]) + list(ds["validation"]["id"])
+    assert list(ds["validation"]["id"]) == [min(ids, key=lambda i: validation_key(i, 0))]
+    none = run(root, validation_fraction=0.0, version="n")
+    assert none["funnel"]["final"]["validation"] == 0
+
+
+# ---- bft train reads a release through the release protocol, once --------------------------------------
+
+def test_train_reads_a_release_validated_once(published, monkeypatch):
+    from training import data
+
+    folder, stats = published
+    reads = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda p: reads.append(p) or real(p))
+    monkeypatch.setattr(storage, "read_parquet", lambda p: pytest.fail(f"{p} read a second time"))
+    train, validation, source = data.load_rows(os.path.dirname(os.path.dirname(folder)))
+    data_files = [p for p in reads if p.endswith(".parquet")]
+    assert sorted(data_files) == sorted(set(data_files)) and len(data_files) == 3
+    assert len(train) == stats["funnel"]["final"]["train"] and len(validation) == stats["funnel"]["final"]["validation"]
+    assert source.startswith("release v1")
+    manifest, tables = release.load(folder)
+    assert tables["train"].schema.metadata[b"bft.kind"] == b"sft"
+
+
+# ---- the report in a real browser ------------------------------------------------------------------------
+
+def test_report_renders_in_headless_chromium(published, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT_DIR, "scripts"))
+    import screenshot_report
+
+    if screenshot_report.find_browser() is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium)")
+    folder, _ = published
+    out = str(tmp_path / "report.png")
+    assert subprocess.run([sys.executable, os.path.join(ROOT_DIR, "scripts", "screenshot_report.py"), folder, out],
+                          capture_output=True, timeout=300).returncode == 0
+    from PIL import Image
+
+    img = Image.open(out)
+    assert img.width == 640 and img.height > 600            # the whole page, not a blank window
+    assert len(img.getcolors(256 * 256) or []) > 20         # text, tables and plots drawn
