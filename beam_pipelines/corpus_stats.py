@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
+from schemas.recipes import GATE_STAGES
 from schemas.outcomes import SCORE_EDGES, histogram, shard_summary, value_counts  # noqa: F401 (re-exported)
 
 # Token-length histogram bins (upper edges, tokens); the last bin is open.
@@ -88,7 +89,7 @@ def summarize(partial):
 
 def stage_partial(stage: str, table: pa.Table) -> dict:
     """A generation stage shard's statistics (the runner's metrics compute the same)."""
-    return shard_summary(table, scored=stage in ("score", "rate"))
+    return shard_summary(table, scored=stage in GATE_STAGES)
 
 
 def final_partial(table: pa.Table, split: str) -> dict:

@@ -13,7 +13,7 @@ from nltk.tokenize import wordpunct_tokenize
 
 import schemas
 from beam_pipelines import assemble, corpus_stats, recipes
-from schemas import release
+from schemas import provenance, release
 from beam_pipelines.assemble import AssembleConfig, AssembleError
 import storage
 from bft import cli
@@ -46,7 +46,7 @@ def stage_rows(stage):
         rows["a1"].update(instruction=None, parse_error="echo")
         rows["a2"].update(instruction="Short")
         rows["b0"].update(instruction="  EXPLAIN the topic of document a0\n please.")  # duplicate of a0's
-        del rows["b1"]                                                                 # missing row
+        rows["b1"].update(instruction=None, parse_error="engine_error: timeout")       # a failed request
     elif stage == "score":
         rows = {i: gen_row(i, stage, score=5.0, reasoning="fine") for i in ids}
         rows["a3"].update(score=4.0)
@@ -83,12 +83,25 @@ def write_root(root, tokenizer, stages=("backtranslate", "score", "rewrite", "di
         for stage in stages:
             by_id = stage_rows(stage)
             out = RunLayout(root).generation_shard(stage, k, n)
-            storage.write_parquet(schemas.to_table([by_id[i] for i in ids if i in by_id], schemas.GENERATION, out), out)
-            storage.write_text(out.replace(".parquet", ".metrics.json"), json.dumps({"model": f"tiny-{stage}"}))
+            storage.write_parquet(schemas.to_table([by_id[i] for i in ids], schemas.GENERATION, out), out)
+            write_marker(root, stage, k, n)
     stats = {"input_records": 20, "kept": 12, "dropped": {"too_long": 8}, "shards": {"files": files},
              "config": {"tokenizer": tokenizer}}
     storage.write_text(RunLayout(root).prepare_stats, json.dumps(stats))
     return root
+
+
+def write_marker(root, stage, k, n, inputs=None):
+    """The marker the runner writes after a shard: its model and provenance (candidates shard k and,
+    downstream, backtranslate shard k as its inputs)."""
+    layout = RunLayout(root)
+    if inputs is None:
+        inputs = {"candidates": layout.candidates_shard(k, n)}
+        if stage != "backtranslate":
+            inputs["backtranslate"] = layout.generation_shard("backtranslate", k, n)
+    out = layout.generation_shard(stage, k, n)
+    record = provenance.seal(out, provenance.made_from(layout, inputs, {"model": f"tiny-{stage}"}))
+    storage.write_text(layout.generation_metrics(stage, k, n), json.dumps({"model": f"tiny-{stage}", provenance.KEY: record}))
 
 
 def write_seed(path, n=5):
@@ -153,7 +166,7 @@ def test_verdicts_name_the_first_reason_in_pipeline_order(root):
                        recipes.verdicts(joined, recipes.RECIPES["filter+rewrite"], recipes.Curation(10, 800)).to_pylist()))
     assert reasons == {"a0": None, "a1": "backtranslate:echo", "a2": "instruction_too_short",
                        "a3": "score_below_threshold", "a4": "score:no_match", "a5": "rewrite:truncated",
-                       "b0": None, "b1": "backtranslate:missing_row", "b2": None, "b3": "empty_response",
+                       "b0": None, "b1": "backtranslate:engine_error", "b2": None, "b3": "empty_response",
                        "b4": None, "b5": None}
     # a fractional threshold (logprob scores) and the instruction bounds are parameters
     strict = recipes.verdicts(joined, recipes.RECIPES["filter+rewrite"], recipes.Curation(10, 30), 4.5)
@@ -202,11 +215,11 @@ def test_assemble_publishes_a_complete_release(root, tmp_path):
 
     f = stats["funnel"]
     assert f["candidates"] == 12 == f["web_examples"] + sum(f["dropped"].values())
-    assert f["dropped"]["duplicate_instruction"] == 1 and f["dropped"]["backtranslate:missing_row"] == 1
+    assert f["dropped"]["duplicate_instruction"] == 1 and f["dropped"]["backtranslate:engine_error"] == 1
     assert f["seed"] == {"input": 6, "kept": 5, "dropped": {"empty": 1}}
     assert f["final"]["total"] == 9 and f["dolma"]["input_records"] == 20
     assert stats["stages"]["score"]["score_histogram"][10] == 10       # ten rows scored 5 (bin [5, 5.5))
-    assert stats["stages"]["backtranslate"]["rows"] == 11 and stats["stages"]["backtranslate"]["pass_rate"] == round(10 / 11, 4)
+    assert stats["stages"]["backtranslate"]["rows"] == 12 and stats["stages"]["backtranslate"]["pass_rate"] == round(10 / 12, 4)
     assert stats["by_origin"]["web"]["unique_trigrams_response"] > 0
     assert stats["by_origin"]["seed"]["avg_tokens_instruction"] > 0
 
@@ -273,6 +286,7 @@ def test_missing_generation_shards_are_listed_or_reported(root):
 def test_a_shard_with_the_wrong_schema_is_named(root):
     path = RunLayout(root).generation_shard("score", 0, 2)
     pq.write_table(pa.table({"id": ["a0"], "score": [5]}), path)
+    write_marker(root, "score", 0, 2)  # a marker that vouches for it: the schema check still names it
     with pytest.raises(schemas.SchemaError, match=r"score-00000-of-00002\.parquet"):
         run(root, version="bad")
 
