@@ -42,6 +42,9 @@ class GenerationError(UserError):
     pass
 
 
+NO_GATE = "none"        # --gate none: rewrite and distill send every row
+
+
 @dataclass
 class GenerateConfig:
     """The options of `bft generate STAGE` (flags and the `generate:` section of a run file)."""
@@ -69,7 +72,7 @@ class GenerateConfig:
     gate: str | None = option(None, "rewrite and distill: send only rows whose pair passed this stage's gate "
                               "(default: score, as the filter recipes; rate for alpagasus) or none (send every "
                               "row: the rewrite-only recipe); rows not sent are written with parse_error "
-                              "'not_sent: below_gate'", choices=GATE_STAGES + ["none"])
+                              "'not_sent: below_gate'", choices=GATE_STAGES + [NO_GATE])
     min_score: float | None = option(None, "the gate's threshold (default: the recipe's, 5 for score, 4.5 for rate)")
     max_error_rate: float = option(0.02, "fail a shard when a larger share of its requests fails", run_only=True)
     concurrency: int = option(16, "openai engine: requests in flight", run_only=True)
@@ -90,7 +93,7 @@ class GenerateConfig:
         if spec.gate is None and (self.gate or self.min_score is not None):
             raise UserError(f"--gate and --min-score are for stages with a gate "
                             f"({sorted(s for s, v in STAGES.items() if v.gate)}), not {self.stage}")
-        if self.gate == "none" and self.min_score is not None:
+        if self.gate == NO_GATE and self.min_score is not None:
             raise UserError("--min-score sets the gate's threshold; it contradicts --gate none")
         if self.score_mode == "logprob" and spec.logprob_prefix is None:
             raise UserError(f"--score-mode logprob is for stages {sorted(s for s, v in STAGES.items() if v.logprob_prefix)}, "
@@ -100,7 +103,7 @@ class GenerateConfig:
     def gate_rule(self) -> Gate | None:
         """The gate rows must pass to be sent (None: every row is sent)."""
         stage = self.gate or STAGES[self.stage].gate
-        if stage is None or stage == "none":
+        if stage in (None, NO_GATE):
             return None
         return Gate(stage, gate_threshold(stage) if self.min_score is None else self.min_score)
 
@@ -185,8 +188,8 @@ class StageRunner:
         """(candidate ids in shard order, joined rows: see generation.stages)."""
         cands = schemas.validate(storage.read_parquet(inputs["candidates"]), schemas.CANDIDATE, inputs["candidates"])
         rows = cands.select(["id", "text"]).to_pylist()
-        read = {stage: {r["id"]: r for r in read_generation(path).to_pylist()}
-                for stage, path in inputs.items() if stage != "candidates"}
+        read = {stage: {r["id"]: r for r in read_generation(inputs[stage]).to_pylist()}
+                for stage in self.spec.reads(self.gate)}
         for row in rows:
             row["inputs"] = {stage: by_id.get(row["id"]) for stage, by_id in read.items()}
         return [r["id"] for r in rows], rows
