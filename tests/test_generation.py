@@ -444,3 +444,55 @@ def test_a_rerun_resends_only_engine_error_rows(prepared_root, tmp_path, tiny_mo
     assert not second["parse_error"].fillna("").str.startswith("engine_error").any()
     assert second[~failed]["raw_output"].equals(first[~failed]["raw_output"])
     assert gen(root, "backtranslate", tiny_models["plain"])["shards_skipped"] == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared_root, tmp_path_factory, tiny_models):
+    """backtranslate run once without a kill."""
+    clean = copy_root(prepared_root, tmp_path_factory.mktemp("clean"))
+    gen(clean, "backtranslate", tiny_models["plain"])
+    return clean
+
+
+class Killed(BaseException):
+    """A kill: nothing in the runner catches it."""
+
+
+@pytest.mark.parametrize("kill_at", range(7))
+def test_a_generate_killed_anywhere_then_rerun_equals_an_uninterrupted_run(prepared_root, tmp_path, tiny_models,
+                                                                             uninterrupted, monkeypatch, kill_at):
+    """Writes in order: shard 0 data, shard 0 marker, shard 1 data, ... The kill comes instead of write
+    `kill_at` (so between a shard's data and its marker for odd ones); 6 leaves half of shard 1's data."""
+    clean = uninterrupted
+    root = copy_root(prepared_root, tmp_path / "killed")
+    writes = []
+    real = {"write_parquet": storage.write_parquet, "write_text": storage.write_text}
+
+    def fake(name):
+        def write(data, path=None):
+            target = path if name == "write_parquet" else data
+            if len(writes) == (2 if kill_at == 6 else kill_at):
+                if kill_at == 6:                       # a torn data file (as a non-atomic store could leave)
+                    real["write_parquet"](data, target)
+                    blob = open(target, "rb").read()
+                    open(target, "wb").write(blob[: len(blob) // 2])
+                raise Killed(target)
+            writes.append(target)
+            return real[name](data, path)
+        return write
+
+    monkeypatch.setattr(storage, "write_parquet", fake("write_parquet"))
+    monkeypatch.setattr(storage, "write_text", fake("write_text"))
+    with pytest.raises(Killed):
+        gen(root, "backtranslate", tiny_models["plain"])
+    monkeypatch.undo()
+    gen(root, "backtranslate", tiny_models["plain"])
+    layout_a, layout_b = RunLayout(clean), RunLayout(root)
+    for k in range(3):
+        a, b = layout_a.generation_shard("backtranslate", k, 3), layout_b.generation_shard("backtranslate", k, 3)
+        assert open(a, "rb").read() == open(b, "rb").read()
+        ma = json.loads(storage.read_text(layout_a.generation_metrics("backtranslate", k, 3)))[provenance.KEY]
+        mb = json.loads(storage.read_text(layout_b.generation_metrics("backtranslate", k, 3)))[provenance.KEY]
+        assert ma["sha256"] == mb["sha256"] and ma["config"] == mb["config"]
+        assert {n: i["sha256"] for n, i in ma["inputs"].items()} == {n: i["sha256"] for n, i in mb["inputs"].items()}
+    assert gen(root, "backtranslate", tiny_models["plain"])["shards_skipped"] == [0, 1, 2]
