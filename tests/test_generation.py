@@ -496,3 +496,29 @@ def test_a_generate_killed_anywhere_then_rerun_equals_an_uninterrupted_run(prepa
         assert ma["sha256"] == mb["sha256"] and ma["config"] == mb["config"]
         assert {n: i["sha256"] for n, i in ma["inputs"].items()} == {n: i["sha256"] for n, i in mb["inputs"].items()}
     assert gen(root, "backtranslate", tiny_models["plain"])["shards_skipped"] == [0, 1, 2]
+
+
+def test_the_whole_document_limit_is_what_the_runner_keeps_whole(tiny_models):
+    """generation.budget's --max-tokens advice agrees with fit_prompt: a document at the limit is sent
+    whole by every stage, one a few tokens longer is cut by at least one."""
+    from transformers import AutoTokenizer
+
+    from generation import budget
+    from generation.stages import STAGES as SPECS
+    from generation.templates import load_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["chat"])
+    limits = budget.document_limits(tok, 3072, instruction_tokens=40)
+    assert set(limits) == {"backtranslate", "score", "rewrite", "rate"}   # distill's prompt has no document
+    limit = budget.whole_document_limit(tok, 3072, instruction_tokens=40)
+    assert limit == limits["rewrite"]["max_document_tokens"] and limits["rewrite"]["cap"] == SPECS["distill"].max_new_tokens
+    words = tok.decode(tok(" ".join(["weather"] * 4000), add_special_tokens=False)["input_ids"][:limit + 8])
+
+    def cut(stage, n):
+        doc = tok.decode(tok(words, add_special_tokens=False)["input_ids"][:n])
+        spec = SPECS[stage]
+        return fit_prompt(tok, load_template(stage, None), spec.prompt(doc, budget.placeholder_instruction(40)),
+                          spec.doc_field, 3072 - spec.max_new_tokens)[2]
+
+    assert not any(cut(stage, limit) for stage in limits)
+    assert any(cut(stage, limit + 8) for stage in limits)
