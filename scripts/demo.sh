@@ -33,8 +33,10 @@ echo "== bft generate backtranslate (backward model)"
 $BIN/bft generate backtranslate "${GEN[@]}" --model "$MODELS/backward"
 echo "== bft generate score (forward model; expected score from the digit probabilities)"
 $BIN/bft generate score "${GEN[@]}" --model "$MODELS/forward" --score-mode logprob
-echo "== bft generate rewrite (chat model)"
-$BIN/bft generate rewrite "${GEN[@]}" --model "$MODELS/chat"
+echo "== bft generate rewrite (chat model; only pairs past the score gate are sent)"
+# The default gate is the paper's score 5; the tiny models' logprob scores sit near 2, so the demo
+# gates at the threshold its assemble step uses.
+$BIN/bft generate rewrite "${GEN[@]}" --model "$MODELS/chat" --min-score 2
 
 # Tiny models never write a parsable [RES]...[/RES] rewrite, so the demo publishes the `filter` recipe
 # with a threshold on the logprob scores (expected values; a tiny model's sit near 2); the default recipe
