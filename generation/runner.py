@@ -176,7 +176,7 @@ class StageRunner:
                     summary["shards_skipped"].append(k)
                     continue
                 log.info("%s: retrying its engine-error rows", out)
-            elif why != "missing":
+            elif why != provenance.MISSING:
                 log.warning("%s: %s; regenerating it", out, why)
             metrics = self.run_shard(k, n, inputs, made, out, previous)
             summary["shards_done"].append(k)

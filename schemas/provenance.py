@@ -25,6 +25,7 @@ from schemas.layout import RunLayout
 from schemas.release import sha256_of
 
 KEY = "provenance"
+MISSING = "missing"     # `problem` of a shard whose data file does not exist (yet)
 
 
 def made_from(layout: RunLayout, inputs: dict[str, str], config: dict) -> dict:
@@ -63,7 +64,7 @@ def problem(layout: RunLayout, path: str, marker: str, expected: dict | None = N
     recorded inputs are checked against the files as they are now (assemble). checksums: a cache
     {path: sha256} shared between calls, so that each input file is read once."""
     if not storage.exists(path):
-        return "missing"
+        return MISSING
     record = read_record(marker)
     if record is None:
         return f"no valid completion marker {marker} (the run stopped before finishing this shard)"
@@ -81,7 +82,7 @@ def problem(layout: RunLayout, path: str, marker: str, expected: dict | None = N
     for name, entry in sorted(record["inputs"].items()):
         source = storage.join(layout.root, entry["path"])
         if source not in cache:
-            cache[source] = sha256_of(source) if storage.exists(source) else "missing"
+            cache[source] = sha256_of(source) if storage.exists(source) else MISSING
         if cache[source] != entry["sha256"]:
             return f"made from {entry['path']} ({name}), which changed since (stale)"
     return None
