@@ -35,7 +35,7 @@ from schemas.keys import instruction_key, sample_key, seed_row_shard, validation
 from schemas.layout import RunLayout, shard_name
 from schemas.recipes import DEFAULT_RECIPE
 from beam_pipelines import corpus_stats, recipes
-from schemas import release
+from schemas import provenance, release
 import storage
 from beam_pipelines.options import configure_process, pipeline_options
 
@@ -71,10 +71,17 @@ class AssembleConfig:
     allow_partial: bool = option(False, "publish without candidate shards whose generation output is missing "
                                "(reported)")
     seed: int = option(0, "seed of the cap sample and the validation split")
+    same_ids_as: str | None = option(None, "keep only pairs that this other recipe keeps too (before dedup and "
+                                     "--max-examples), e.g. filter+distill beside filter+rewrite: both releases "
+                                     "then hold the same ids, as the paper compares them",
+                                     choices=sorted(recipes.RECIPES))
 
     def check(self) -> None:
         if self.recipe not in recipes.RECIPES:
             raise UserError(f"unknown recipe {self.recipe!r}; expected one of {sorted(recipes.RECIPES)}")
+        if self.same_ids_as is not None and self.same_ids_as not in recipes.RECIPES:
+            raise UserError(f"--same-ids-as: unknown recipe {self.same_ids_as!r}; expected one of "
+                            f"{sorted(recipes.RECIPES)}")
         if not 0 <= self.validation_fraction < 1:
             raise UserError("--validation-fraction must be in [0, 1)")
         if self.max_examples is not None and self.max_examples < 1:
@@ -86,6 +93,18 @@ class AssembleConfig:
     @property
     def threshold(self) -> float | None:
         return self.min_score if self.min_score is not None else recipes.RECIPES[self.recipe].threshold
+
+    @property
+    def stages(self) -> list[str]:
+        """The generation stages to read: the recipe's, and --same-ids-as's."""
+        names = recipes.RECIPES[self.recipe].stages + (recipes.RECIPES[self.same_ids_as].stages
+                                                       if self.same_ids_as else [])
+        return list(dict.fromkeys(names))
+
+    def other_threshold(self) -> float | None:
+        """--same-ids-as's gate threshold: --min-score when both recipes gate on the same stage."""
+        other = recipes.RECIPES[self.same_ids_as]
+        return self.threshold if other.gate == recipes.RECIPES[self.recipe].gate else other.threshold
 
     @property
     def tags(self) -> tuple[str | None, str | None]:
@@ -132,13 +151,18 @@ class JoinShard(beam.DoFn):
             wrong = pc.unique(pc.filter(table["stage"], pc.not_equal(table["stage"], stage))).to_pylist()
             if wrong:
                 raise AssembleError(f"{path}: holds rows of stage {wrong}, expected {stage}")
+            check_shard_ids(path, table, cands)
             stages[stage] = table
             t = time.perf_counter()
             partial["stages"][stage] = corpus_stats.stage_partial(stage, table)
             t_stats += time.perf_counter() - t
-        # every stage run is in the statistics; the recipe's stages decide the rows
-        joined = recipes.join_stages(cands, {st: t for st, t in stages.items() if st in recipe.stages})
+        # every stage run is in the statistics; the recipe's (and --same-ids-as's) stages decide the rows
+        joined = recipes.join_stages(cands, {st: t for st, t in stages.items() if st in cfg.stages})
+        check_carried_instructions(joined, {st: p for st, p in shard.stages if st in cfg.stages})
         reason = recipes.verdicts(joined, recipe, cfg.curation(), cfg.threshold)
+        if cfg.same_ids_as:
+            other = recipes.verdicts(joined, recipes.RECIPES[cfg.same_ids_as], cfg.curation(), cfg.other_threshold())
+            reason = recipes.restrict(reason, other, cfg.same_ids_as)
         keep = pc.is_null(reason)
         web = recipes.web_examples(joined, keep, recipe, cfg.tags[1], self.count_tokens)
         path = RunLayout.assemble_part(self.tmp, "web", shard.shard)
@@ -157,6 +181,28 @@ class JoinShard(beam.DoFn):
         yield beam.pvalue.TaggedOutput("partials", partial)
         for doc_id, instruction in zip(web["id"].to_pylist(), web["instruction"].to_pylist()):
             yield instruction_key(instruction), (doc_id, shard.shard)
+
+
+def check_shard_ids(path: str, table: pa.Table, cands: pa.Table) -> None:
+    """A generation shard k holds exactly the ids of candidates shard k (else it is another shard's)."""
+    if table.num_rows != cands.num_rows or sorted(table["id"].to_pylist()) != sorted(cands["id"].to_pylist()):
+        raise AssembleError(f"{path}: its ids are not those of its candidates shard (a copy of another shard?); "
+                            "rerun bft generate for it")
+
+
+def check_carried_instructions(joined: pa.Table, paths: dict[str, str]) -> None:
+    """Every stage row's carried instruction is its backtranslate row's: else the stage was made from
+    another backtranslation (stale)."""
+    base = joined["backtranslate.instruction"]
+    for stage, path in paths.items():
+        if stage == "backtranslate":
+            continue
+        carried = joined[f"{stage}.instruction"]
+        differs = pc.fill_null(pc.and_(pc.is_valid(carried), pc.not_equal(carried, base)), False)
+        if pc.any(differs).as_py():
+            first = joined["id"].filter(differs)[0].as_py()
+            raise AssembleError(f"{path}: row {first} carries another instruction than its backtranslate row "
+                                f"(made from an older backtranslation); rerun bft generate {stage}")
 
 
 class KeepSmallestId(beam.DoFn):
@@ -348,21 +394,26 @@ def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_s
 def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], int, dict]:
     """Which shards to join, which are missing generation output ({shard: candidate rows}), the
     number of shards, and the input lineage."""
-    recipe = recipes.RECIPES[cfg.recipe]
     layout = RunLayout(cfg.root)
     cands = layout.candidate_shards()
     shards, missing_files, skipped = [], [], {}
-    lineage = {"candidates": [], "generations": {s: [] for s in recipe.stages}, "seed_data": None}
+    lineage = {"candidates": [], "generations": {s: [] for s in cfg.stages}, "seed_data": None}
+    checksums: dict[str, str] = {}
     for k, n, path in cands:
         lineage["candidates"].append({"path": path, "bytes": storage.size(path)})
         stage_paths, missing_here = [], []
-        # the recipe's stages must be there; any other stage run is read for the report's statistics
+        # the stages the rows need must be there and current; any other stage run is read for the
+        # report's statistics when it is current, and left out (with a warning) when it is not
         for stage in recipes.ALL_STAGES:
             out = layout.generation_shard(stage, k, n)
             if storage.exists(out):
+                if stage in cfg.stages:
+                    check_generation_shard(layout, stage, k, n, checksums)
+                elif not generation_shard_current(layout, stage, k, n, checksums):
+                    continue
                 stage_paths.append((stage, out))
                 lineage["generations"].setdefault(stage, []).append({"path": out, "bytes": storage.size(out)})
-            elif stage in recipe.stages:
+            elif stage in cfg.stages:
                 missing_here.append(out)
         if missing_here:
             missing_files += missing_here
@@ -370,7 +421,7 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
         else:
             shards.append(ShardInput(k, n, path, tuple(stage_paths)))
     if missing_files and not cfg.allow_partial:
-        raise AssembleError(f"recipe {cfg.recipe} needs stages {recipe.stages}; {len(missing_files)} generation "
+        raise AssembleError(f"recipe {cfg.recipe} needs stages {cfg.stages}; {len(missing_files)} generation "
                             "shard(s) are missing (run bft generate for them, or pass --allow-partial):\n  "
                             + "\n  ".join(missing_files))
     if cfg.seed_data:
@@ -378,6 +429,24 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
             raise AssembleError(f"{cfg.seed_data}: seed data not found")
         lineage["seed_data"] = {"path": cfg.seed_data, "bytes": storage.size(cfg.seed_data)}
     return shards, skipped, cands[0][1], lineage
+
+
+def generation_shard_current(layout: RunLayout, stage: str, k: int, n: int, checksums: dict[str, str]) -> bool:
+    """Whether shard k of a stage the recipe does not need may go into the statistics (else a warning)."""
+    out = layout.generation_shard(stage, k, n)
+    why = provenance.problem(layout, out, layout.generation_metrics(stage, k, n), checksums=checksums)
+    if why:
+        log.warning("%s: %s; left out of the statistics", out, why)
+    return why is None
+
+
+def check_generation_shard(layout: RunLayout, stage: str, k: int, n: int, checksums: dict[str, str]) -> None:
+    """AssembleError naming shard k of `stage` unless its marker, checksum and inputs hold
+    (schemas.provenance); `checksums` caches the inputs' sha256 across shards."""
+    out = layout.generation_shard(stage, k, n)
+    why = provenance.problem(layout, out, layout.generation_metrics(stage, k, n), checksums=checksums)
+    if why:
+        raise AssembleError(f"{out}: {why}; rerun bft generate {stage}")
 
 
 def _stage_models(cfg: AssembleConfig, shards: list[ShardInput]) -> dict[str, list[str]]:

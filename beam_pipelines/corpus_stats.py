@@ -23,7 +23,7 @@ import xxhash
 
 import schemas
 from schemas.outcomes import SCORE_EDGES, categories, histogram, shard_summary, value_counts  # noqa: F401 (re-exported)
-from schemas.recipes import RECIPES
+from schemas.recipes import GATE_STAGES, RECIPES
 from schemas.release import code_revision
 
 RELEASE_STATS = "stats.json"  # a release's statistics, beside its data files
@@ -140,15 +140,12 @@ def summarize(partial):
     return partial
 
 
-SCORING_STAGES = ("score", "rate")
-
-
 def stage_partial(stage: str, table: pa.Table) -> dict:
     """A generation stage shard's statistics (the runner's metrics compute the same), plus what the
     report needs about requests: rows sent to the model (`sent`: a finish reason is set), rows not
     sent by their parse_error (`not_sent`: e.g. `not_sent: below_gate`, `upstream_failed:echo`), and
     parse failures among the rows sent (`sent_failures`, by category)."""
-    out = shard_summary(table, scored=stage in SCORING_STAGES)
+    out = shard_summary(table, scored=stage in GATE_STAGES)
     sent = pc.is_valid(table["finish_reason"])
     errors = table["parse_error"]
     out["sent"] = int(pc.sum(sent.cast(pa.int64())).as_py() or 0)
@@ -163,7 +160,7 @@ def score_partial(joined: pa.Table, reason: pa.Array, stages) -> dict:
     out = {}
     kept = pc.is_null(reason)
     for stage in stages:
-        if stage not in SCORING_STAGES:
+        if stage not in GATE_STAGES:
             continue
         score = joined[f"{stage}.score"]
         valid = pc.drop_null(score)

@@ -2,9 +2,14 @@
 pure functions on Arrow tables.
 
 `verdicts` gives every candidate row exactly one outcome: kept (null) or the first reason it was
-dropped, in pipeline order: a stage row missing or failed (`<stage>:<parse_error>`), the gate, then
-curation (instruction length bounds in characters, empty or truncated response). A stage row counts
-as good only when its parse_error is null, as in the generation runner itself.
+dropped, in pipeline order: the backtranslate row missing or failed (`<stage>:<parse_error category>`),
+the gate stage's row missing, failed or made from a cut document (`<stage>:input_truncated`), the gate
+itself (`<stage>_below_threshold`), then the answering stage's row the same way, then curation
+(instruction length bounds in characters, empty or truncated response). A stage row counts as good
+only when its parse_error is null, as in the generation runner itself. The gate comes before the
+answer, so a rewrite the runner did not send because the pair failed the gate (`not_sent: below_gate`)
+counts as dropped by the gate, not as a failed rewrite. `restrict` drops rows another recipe drops
+(assemble's --same-ids-as).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from generation.templates import SEED_TAG, WEB_TAG
 ALL_STAGES = list(dict.fromkeys(stage for r in RECIPES.values() for stage in r.stages))
 
 # The columns each stage contributes to the join, renamed `<stage>.<column>`.
-STAGE_COLUMNS = ["instruction", "score", "response", "parse_error", "finish_reason"]
+STAGE_COLUMNS = ["instruction", "score", "response", "parse_error", "finish_reason", "input_truncated"]
 
 
 @dataclass(frozen=True)
@@ -53,20 +58,27 @@ def _first_reason(reason: pa.Array, cond, label) -> pa.Array:
     return pc.if_else(pc.and_(pc.is_null(reason), cond), label, reason)
 
 
+def _stage_outcome(reason: pa.Array, joined: pa.Table, stage: str, whole_input: bool) -> pa.Array:
+    """A stage's row missing or failed; with `whole_input`, also made from a cut document."""
+    reason = _first_reason(reason, pc.is_null(joined[f"{stage}.present"]), f"{stage}:missing_row")
+    err = joined[f"{stage}.parse_error"]
+    reason = _first_reason(reason, pc.is_valid(err), pc.binary_join_element_wise(f"{stage}:", categories(err), ""))
+    if whole_input:
+        reason = _first_reason(reason, joined[f"{stage}.input_truncated"], f"{stage}:input_truncated")
+    return reason
+
+
 def verdicts(joined: pa.Table, recipe: Recipe, curation: Curation, threshold: float | None = None) -> pa.Array:
     """One reason per joined row (null = kept); see the module docstring for the order."""
-    n = joined.num_rows
-    reason = pa.nulls(n, pa.string())
-    for stage in recipe.stages:
-        reason = _first_reason(reason, pc.is_null(joined[f"{stage}.present"]), f"{stage}:missing_row")
-        err = joined[f"{stage}.parse_error"]
-        label = pc.binary_join_element_wise(f"{stage}:", categories(err), "")
-        reason = _first_reason(reason, pc.is_valid(err), label)
+    reason = _stage_outcome(pa.nulls(joined.num_rows, pa.string()), joined, "backtranslate", False)
     if recipe.gate:
+        reason = _stage_outcome(reason, joined, recipe.gate, True)
         limit = recipe.threshold if threshold is None else threshold
         score = joined[f"{recipe.gate}.score"]
         reason = _first_reason(reason, pc.is_null(score), f"{recipe.gate}:no_score")
         reason = _first_reason(reason, pc.less(score, limit), f"{recipe.gate}_below_threshold")
+    if recipe.answer:
+        reason = _stage_outcome(reason, joined, recipe.answer, True)
     instruction = pc.utf8_trim_whitespace(joined["backtranslate.instruction"])
     chars = pc.utf8_length(instruction)
     reason = _first_reason(reason, pc.less(chars, curation.min_instruction_chars), "instruction_too_short")
@@ -77,6 +89,11 @@ def verdicts(joined: pa.Table, recipe: Recipe, curation: Curation, threshold: fl
         reason = _first_reason(reason, pc.equal(joined[f"{recipe.answer}.finish_reason"], "length"),
                                "truncated_response")
     return reason
+
+
+def restrict(reason: pa.Array, other: pa.Array, other_recipe: str) -> pa.Array:
+    """`reason`, plus `not_kept_by:<other_recipe>` where it keeps a row that the other verdicts drop."""
+    return _first_reason(reason, pc.is_valid(other), f"not_kept_by:{other_recipe}")
 
 
 def response_column(joined: pa.Table, recipe: Recipe):

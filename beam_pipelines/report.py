@@ -78,9 +78,13 @@ def funnel_rows(stats: dict) -> list[dict]:
                       "dropped": sum(prep.values()), "reasons": prep})
     else:
         steps.append({"step": "candidates", "rows": f["candidates"], "dropped": 0, "reasons": {}})
-    order = (["missing generation shards"] + [f"{s}: failed or missing" for s in recipe.stages]
-             + [f"gate: {recipe.gate} below threshold", "curation: length, empty or truncated",
-                "curation: duplicate instructions", "cap (--max-examples)", "other"])
+    # the order of recipes.verdicts: backtranslate, the gate stage's row, the gate, the answering stage
+    judged = [s for s in recipe.stages if s != recipe.answer]
+    order = (["missing generation shards"] + [f"{s}: failed or missing" for s in judged]
+             + [f"gate: {recipe.gate} below threshold"]
+             + ([f"{recipe.answer}: failed or missing"] if recipe.answer else [])
+             + ["curation: length, empty or truncated", "curation: duplicate instructions",
+                "cap (--max-examples)", "other"])
     grouped: dict[str, dict] = {}
     for reason, n in f["dropped"].items():
         grouped.setdefault(_step_of(reason, recipe.stages, recipe.gate), {})[reason] = n

@@ -26,7 +26,9 @@ def build_root(n: int, tokenizer: str) -> str:
     import schemas
     from benchmarks.corpus import TextMaker
     import storage
-    from generation.runner import output_path
+    from schemas import provenance
+    from schemas.layout import RunLayout
+    from schemas.outcomes import BELOW_GATE
 
     root = os.path.join(WORK, f"assemble-{n}")
     if os.path.exists(os.path.join(root, "DONE")):
@@ -54,15 +56,26 @@ def build_root(n: int, tokenizer: str) -> str:
             bt.append({**base, "id": i, "stage": "backtranslate", "instruction": None if fail[0] else instr,
                        "parse_error": "echo" if fail[0] else None, "raw_output": instr})
             score = float(rng.choice([1, 2, 3, 4, 5], p=[0.1, 0.15, 0.15, 0.2, 0.4]))
-            sc.append({**base, "id": i, "stage": "score", "score": None if fail[1] else score,
+            carried = None if fail[0] else instr
+            sc.append({**base, "id": i, "stage": "score", "score": None if fail[1] else score, "instruction": carried,
                        "reasoning": "The answer is relevant.", "raw_output": f"Relevant.\nScore: {score:g}",
                        "parse_error": "no_match" if fail[1] else None})
             rewrite = t[: max(200, len(t) // 2)]
-            rw.append({**base, "id": i, "stage": "rewrite", "response": None if fail[2] else rewrite,
+            if fail[0] or fail[1] or score < 5:   # as generate's default gate writes what it does not send
+                rw.append({**base, "id": i, "stage": "rewrite", "instruction": carried, "prompt_tokens": None,
+                           "output_tokens": None, "finish_reason": None, "parse_error": BELOW_GATE})
+                continue
+            rw.append({**base, "id": i, "stage": "rewrite", "response": None if fail[2] else rewrite, "instruction": carried,
                        "raw_output": f"[RES]{rewrite}[/RES]", "parse_error": "unclosed" if fail[2] else None})
+        layout = RunLayout(root)
         for stage, rows in (("backtranslate", bt), ("score", sc), ("rewrite", rw)):
-            out = output_path(root, stage, k, SHARDS)
+            out = layout.generation_shard(stage, k, SHARDS)
             storage.write_parquet(schemas.to_table(rows, schemas.GENERATION, out), out)
+            inputs = {"candidates": path, **({} if stage == "backtranslate" else
+                                             {"backtranslate": layout.generation_shard("backtranslate", k, SHARDS)})}
+            record = provenance.seal(out, provenance.made_from(layout, inputs, {"model": "synthetic"}))
+            storage.write_text(layout.generation_metrics(stage, k, SHARDS),
+                               json.dumps({"model": "synthetic", provenance.KEY: record}))
     stats = {"input_records": n, "kept": n, "dropped": {}, "shards": {"files": files},
              "config": {"tokenizer": tokenizer}}
     storage.write_text(os.path.join(root, "candidates", "stats.json"), json.dumps(stats))

@@ -1,15 +1,17 @@
-"""A generation stage as a batch job over candidate shards.
+"""A generation stage as a batch job over candidate shards; the stage itself (inputs, prompt values,
+parser, carried fields, gate) is its StageSpec in generation/stages.py, and the runner names none.
 
 Work unit = a shard: worker I of W takes shards k with k % W == I (Slurm arrays, Kubernetes indexed
-jobs). Shard k of every stage holds exactly the ids of candidates shard k, read beside the upstream
-stage's shard k, so no shuffle is needed. A shard's output is written whole or not at all; a rerun
-skips shards whose output exists and validates (same ids as the candidates shard), so a crash loses
-at most the shard in flight. Outputs are reproducible given the seed: each row's seed is derived
-from its id, the stage and --seed.
+jobs). Shard k of every stage holds exactly the ids of candidates shard k, read beside the shards k of
+the stages it reads (upstream, gate), so no shuffle is needed. A shard's data is written whole, then
+its marker (`.metrics.json`: metrics and the provenance record of schemas/provenance.py). A rerun skips
+a shard only when its marker, checksum, inputs' checksums and config all match; it resends just the
+engine-error rows of an otherwise complete shard, and redoes any other shard, so a crash loses at most
+the shard in flight and nothing stale survives an upstream rerun. Outputs are reproducible given the
+seed: each row's seed is derived from its id, the stage and --seed.
 """
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import time
@@ -21,13 +23,16 @@ from tqdm import tqdm
 import schemas
 import storage
 from schemas.errors import UserError
+from schemas import provenance
 from schemas.keys import row_seed
-from schemas.layout import RunLayout
-from schemas.options import option, required
+from schemas.layout import LayoutError, RunLayout
+from schemas.options import option, product_options, required
+from schemas.outcomes import engine_error, is_engine_error, shard_summary
+from schemas.recipes import GATE_STAGES, gate_threshold
 from generation import parsing
 from generation.engines import Completion, Engine, Request, make_engine
-from generation.prompting import SCORE_PREFIX, fit_prompt, n_tokens
-from generation.stages import STAGES
+from generation.prompting import fit_prompt, n_tokens
+from generation.stages import STAGES, Gate
 from generation.templates import load_template
 
 log = logging.getLogger("bft.generate")
@@ -37,17 +42,20 @@ class GenerationError(UserError):
     pass
 
 
+NO_GATE = "none"        # --gate none: rewrite and distill send every row
+
+
 @dataclass
 class GenerateConfig:
     """The options of `bft generate STAGE` (flags and the `generate:` section of a run file)."""
 
     stage: str = required("the stage to run", choices=sorted(STAGES))
-    root: str = required("run root (local or gs://) holding candidates/")
+    root: str = required("run root (local or gs://) holding candidates/", run_only=True)
     engine: str = required("vllm (in-process), openai (any compatible server) or hf (transformers)",
                            choices=["vllm", "openai", "hf"])
     model: str = required("model folder or hub id (for openai: the served model name)")
     tokenizer: str | None = option(None, "tokenizer of the model, if not the --model folder")
-    base_url: str | None = option(None, "openai engine: the server, e.g. http://localhost:8000/v1")
+    base_url: str | None = option(None, "openai engine: the server, e.g. http://localhost:8000/v1", run_only=True)
     api: str = option("completions", "openai engine endpoint", choices=["completions", "chat"])
     worker_index: int = option(0, "this worker's index: it takes shards k with k % num_workers == index",
                                run_only=True)
@@ -56,15 +64,20 @@ class GenerateConfig:
     top_p: float | None = option(None, "nucleus sampling (default: the stage's, 0.9 in the paper)")
     max_new_tokens: int | None = option(None, "new-token cap (default: the stage's)")
     seed: int = option(0, "seed of every row's sampling seed")
-    batch_size: int = option(16, "hf engine: prompts per generate call")
+    batch_size: int = option(16, "hf engine: prompts per generate call", run_only=True)
     max_model_len: int | None = option(None, "context length (default: the model's)")
     score_mode: str = option("generate", "score stage: the paper's generated reasoning + score, or the next-token "
                              "probabilities of 1..5 after 'Score:'", choices=["generate", "logprob"])
     template: str | None = option(None, "file replacing the stage's prompt template")
-    max_error_rate: float = option(0.02, "fail a shard when a larger share of its requests fails")
-    concurrency: int = option(16, "openai engine: requests in flight")
-    tensor_parallel_size: int = option(1, "vllm engine: GPUs per model")
-    gpu_memory_utilization: float = option(0.9, "vllm engine: share of GPU memory to take")
+    gate: str | None = option(None, "rewrite and distill: send only rows whose pair passed this stage's gate "
+                              "(default: score, as the filter recipes; rate for alpagasus) or none (send every "
+                              "row: the rewrite-only recipe); rows not sent are written with parse_error "
+                              "'not_sent: below_gate'", choices=GATE_STAGES + [NO_GATE])
+    min_score: float | None = option(None, "the gate's threshold (default: the recipe's, 5 for score, 4.5 for rate)")
+    max_error_rate: float = option(0.02, "fail a shard when a larger share of its requests fails", run_only=True)
+    concurrency: int = option(16, "openai engine: requests in flight", run_only=True)
+    tensor_parallel_size: int = option(1, "vllm engine: GPUs per model", run_only=True)
+    gpu_memory_utilization: float = option(0.9, "vllm engine: share of GPU memory to take", run_only=True)
     dtype: str = option("auto", "vllm and hf engines: weights' dtype", choices=["auto", "bf16", "fp16", "fp32"])
     chunk_rows: int = option(512, "rows per engine call (progress granularity) for engines that stream",
                              run_only=True)
@@ -76,7 +89,23 @@ class GenerateConfig:
             raise UserError("--worker-index must be in 0..--num-workers-1")
         if self.chunk_rows < 1 or self.batch_size < 1 or self.concurrency < 1:
             raise UserError("--chunk-rows, --batch-size and --concurrency must be >= 1")
+        spec = STAGES[self.stage]
+        if spec.gate is None and (self.gate or self.min_score is not None):
+            raise UserError(f"--gate and --min-score are for stages with a gate "
+                            f"({sorted(s for s, v in STAGES.items() if v.gate)}), not {self.stage}")
+        if self.gate == NO_GATE and self.min_score is not None:
+            raise UserError("--min-score sets the gate's threshold; it contradicts --gate none")
+        if self.score_mode == "logprob" and spec.logprob_prefix is None:
+            raise UserError(f"--score-mode logprob is for stages {sorted(s for s, v in STAGES.items() if v.logprob_prefix)}, "
+                            f"not {self.stage}")
         self.root = RunLayout(self.root).root
+
+    def gate_rule(self) -> Gate | None:
+        """The gate rows must pass to be sent (None: every row is sent)."""
+        stage = self.gate or STAGES[self.stage].gate
+        if stage in (None, NO_GATE):
+            return None
+        return Gate(stage, gate_threshold(stage) if self.min_score is None else self.min_score)
 
     def engine_options(self) -> dict:
         return {k: getattr(self, k) for k in ("tokenizer", "base_url", "api", "batch_size", "max_model_len",
@@ -88,27 +117,9 @@ def read_generation(path: str) -> pa.Table:
     return schemas.validate(storage.read_parquet(path), schemas.GENERATION, path)
 
 
-def shard_complete(path: str, ids: list[str]) -> bool:
-    if not storage.exists(path):
-        return False
-    try:
-        table = read_generation(path)
-    except (schemas.SchemaError, OSError, pa.ArrowInvalid) as e:
-        log.warning("%s exists but is not valid (%s); regenerating it", path, e)
-        return False
-    return sorted(table.column("id").to_pylist()) == sorted(ids)
-
-
 def stage_status(cfg: GenerateConfig) -> dict:
-    """Which of this worker set's shards are complete, without loading a model: {"shards": n,
-    "complete": [k...], "pending": [k...]} (what `bft rebuild` checks for external workers)."""
-    layout = RunLayout(cfg.root)
-    complete, pending, total = [], [], 0
-    for k, n, cand_path in layout.candidate_shards():
-        total = n
-        ids = storage.read_parquet(cand_path, columns=["id"]).column("id").to_pylist()
-        (complete if shard_complete(layout.generation_shard(cfg.stage, k, n), ids) else pending).append(k)
-    return {"shards": total, "complete": complete, "pending": pending}
+    """StageRunner(cfg).status(): the stage's complete and pending shards."""
+    return StageRunner(cfg).status()
 
 
 class StageRunner:
@@ -118,7 +129,11 @@ class StageRunner:
         self.layout = RunLayout(cfg.root)
         self.template = load_template(cfg.stage, cfg.template)
         self._engine = engine
-        self.logprob = cfg.stage == "score" and cfg.score_mode == "logprob"
+        self.gate = cfg.gate_rule()
+        self.logprob_prefix = self.spec.logprob_prefix if cfg.score_mode == "logprob" else None
+        self.max_new = 1 if self.logprob_prefix else (cfg.max_new_tokens or self.spec.max_new_tokens)
+        self.temperature = self.spec.temperature if cfg.temperature is None else cfg.temperature
+        self.top_p = self.spec.top_p if cfg.top_p is None else cfg.top_p
 
     @property
     def engine(self) -> Engine:
@@ -126,62 +141,108 @@ class StageRunner:
             self._engine = make_engine(self.cfg.engine, self.cfg.model, **self.cfg.engine_options())
         return self._engine
 
+    def product_config(self) -> dict:
+        """What shapes a shard's rows: the options that are not run_only, the values the stage's
+        defaults resolve to and the prompt template's text (a shard made otherwise is redone)."""
+        return {**product_options(self.cfg), "max_new_tokens": self.max_new, "temperature": self.temperature,
+                "top_p": self.top_p, "gate": [self.gate.stage, self.gate.threshold] if self.gate else None,
+                "template_text": [self.template.system, self.template.user]}
+
+    def inputs(self, k: int, n: int, cand_path: str) -> dict[str, str]:
+        """{name: path} of the files shard k is made from; GenerationError when a stage it reads has
+        no complete, intact shard k."""
+        paths = {"candidates": cand_path}
+        for stage in self.spec.reads(self.gate):
+            path = self.layout.generation_shard(stage, k, n)
+            why = provenance.problem(self.layout, path, self.layout.generation_metrics(stage, k, n))
+            if why:
+                raise GenerationError(f"{path}: {why}; run `bft generate {stage}` for shard {k} first")
+            paths[stage] = path
+        return paths
+
+    def status(self) -> dict:
+        """Which shards of the stage (all workers') are complete and current, without loading a model:
+        {"shards": n, "complete": [k...], "pending": [k...]}; what `bft rebuild` checks before it hands
+        a stage to external workers."""
+        complete, pending, total = [], [], 0
+        for k, n, cand_path in self.layout.candidate_shards():
+            total = n
+            try:
+                inputs = self.inputs(k, n, cand_path)
+            except GenerationError:  # an upstream shard is not there yet
+                pending.append(k)
+                continue
+            made = provenance.made_from(self.layout, inputs, self.product_config())
+            out, marker = self.layout.generation_shard(self.cfg.stage, k, n), self.layout.generation_metrics(
+                self.cfg.stage, k, n)
+            (complete if provenance.problem(self.layout, out, marker, made) is None else pending).append(k)
+        return {"shards": total, "complete": complete, "pending": pending}
+
     def run(self) -> dict:
         cfg = self.cfg
-        shards = [s for s in self.layout.candidate_shards() if s[0] % cfg.num_workers == cfg.worker_index]
+        try:
+            all_shards = self.layout.candidate_shards()
+        except LayoutError as e:
+            raise GenerationError(str(e)) from e
+        shards = [s for s in all_shards if s[0] % cfg.num_workers == cfg.worker_index]
         summary = {"stage": cfg.stage, "shards_done": [], "shards_skipped": [], "rows": 0, "errors": 0}
         for k, n, cand_path in shards:
-            out = self.layout.generation_shard(cfg.stage, k, n)
-            cands = schemas.validate(storage.read_parquet(cand_path), schemas.CANDIDATE, cand_path)
-            ids = cands.column("id").to_pylist()
-            if shard_complete(out, ids):
-                log.info("%s is complete; skipped", out)
-                summary["shards_skipped"].append(k)
-                continue
-            metrics = self.run_shard(k, n, cands, out)
+            out, marker = self.layout.generation_shard(cfg.stage, k, n), self.layout.generation_metrics(cfg.stage, k, n)
+            inputs = self.inputs(k, n, cand_path)
+            made = provenance.made_from(self.layout, inputs, self.product_config())
+            why = provenance.problem(self.layout, out, marker, made)
+            previous = None
+            if why is None:
+                previous = read_generation(out)
+                if not any(is_engine_error(e) for e in previous["parse_error"].to_pylist()):
+                    log.info("%s is complete; skipped", out)
+                    summary["shards_skipped"].append(k)
+                    continue
+                log.info("%s: retrying its engine-error rows", out)
+            elif why != provenance.MISSING:
+                log.warning("%s: %s; regenerating it", out, why)
+            metrics = self.run_shard(k, n, inputs, made, out, previous)
             summary["shards_done"].append(k)
             summary["rows"] += metrics["rows"]
             summary["errors"] += metrics["engine_errors"]
         return summary
 
-    def _joined_rows(self, k: int, n: int, cands: pa.Table) -> list[dict]:
+    def _joined_rows(self, inputs: dict[str, str]) -> tuple[list[str], list[dict]]:
+        """(candidate ids in shard order, joined rows: see generation.stages)."""
+        cands = schemas.validate(storage.read_parquet(inputs["candidates"]), schemas.CANDIDATE, inputs["candidates"])
         rows = cands.select(["id", "text"]).to_pylist()
-        if not self.spec.upstream:
-            return rows
-        up_path = self.layout.generation_shard(self.spec.upstream, k, n)
-        if not storage.exists(up_path):
-            raise GenerationError(f"{up_path}: missing; run `bft generate {self.spec.upstream}` for shard {k} first")
-        up = {r["id"]: r for r in read_generation(up_path).select(["id", "instruction", "parse_error"]).to_pylist()}
+        read = {stage: {r["id"]: r for r in read_generation(inputs[stage]).to_pylist()}
+                for stage in self.spec.reads(self.gate)}
         for row in rows:
-            u = up.get(row["id"])
-            if u is None:
-                row["upstream_missing"] = True
-            else:
-                row["instruction"] = u["instruction"] if not u["parse_error"] else None
-                row["upstream_error"] = u["parse_error"]
-        return rows
+            row["inputs"] = {stage: by_id.get(row["id"]) for stage, by_id in read.items()}
+        return [r["id"] for r in rows], rows
 
     def _request(self, row: dict, values: dict) -> tuple[Request, bool]:
-        cfg, spec, eng = self.cfg, self.spec, self.engine
-        max_new = 1 if self.logprob else (cfg.max_new_tokens or spec.max_new_tokens)
-        budget = eng.max_model_len - max_new
-        prompt, msgs, truncated = fit_prompt(eng.tokenizer, self.template, values, spec.doc_field, budget,
-                                             SCORE_PREFIX if self.logprob else "")
-        temperature = spec.temperature if cfg.temperature is None else cfg.temperature
-        top_p = spec.top_p if cfg.top_p is None else cfg.top_p
-        return Request(prompt, msgs, max_new, temperature, top_p, row_seed(row["id"], cfg.stage, cfg.seed),
-                       digit_probs=self.logprob), truncated
+        eng = self.engine
+        budget = eng.max_model_len - self.max_new
+        prompt, msgs, truncated = fit_prompt(eng.tokenizer, self.template, values, self.spec.doc_field, budget,
+                                             self.logprob_prefix or "")
+        return Request(prompt, msgs, self.max_new, self.temperature, self.top_p,
+                       row_seed(row["id"], self.cfg.stage, self.cfg.seed),
+                       digit_probs=self.logprob_prefix is not None), truncated
 
-    def run_shard(self, k: int, n: int, cands: pa.Table, out: str) -> dict:
-        cfg, spec = self.cfg, self.spec
+    def run_shard(self, k: int, n: int, inputs: dict[str, str], made: dict, out: str,
+                  previous: pa.Table | None = None) -> dict:
+        """Writes shard k (data, then its marker with metrics and provenance). `previous`: a complete
+        shard of the same inputs and config whose rows are kept except its engine errors, resent."""
+        cfg = self.cfg
         t0 = time.perf_counter()
-        rows = self._joined_rows(k, n, cands)
+        ids, rows = self._joined_rows(inputs)
+        kept = {r["id"]: r for r in previous.to_pylist() if not is_engine_error(r["parse_error"])} if previous else {}
         results: list[dict] = []
         pending: list[tuple[dict, Request, bool]] = []
         for row in rows:
-            values, missing = spec.values(row)
+            if row["id"] in kept:
+                results.append(kept[row["id"]])
+                continue
+            values, reason = self.spec.format_input(row, self.gate)
             if values is None:
-                results.append(self._row(row, None, None, False, missing))
+                results.append(self._row(row, None, None, False, reason))
             else:
                 req, truncated = self._request(row, values)
                 pending.append((row, req, truncated))
@@ -198,15 +259,18 @@ class StageRunner:
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{out_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
         bar.close()
-        errors = sum(1 for r in results if (r["parse_error"] or "").startswith("engine_error"))
-        if pending and errors / len(pending) > cfg.max_error_rate:
-            first = next(r["parse_error"] for r in results if (r["parse_error"] or "").startswith("engine_error"))
-            raise GenerationError(f"{cfg.stage} shard {k}: {errors} of {len(pending)} requests failed, over "
-                                  f"--max-error-rate {cfg.max_error_rate}; not written. First: {first}")
-        order = {doc_id: i for i, doc_id in enumerate(cands.column("id").to_pylist())}
+        failed = [r["parse_error"] for r in results if r["id"] not in kept and is_engine_error(r["parse_error"])]
+        if pending and len(failed) / len(pending) > cfg.max_error_rate:
+            raise GenerationError(f"{cfg.stage} shard {k}: {len(failed)} of {len(pending)} requests failed, over "
+                                  f"--max-error-rate {cfg.max_error_rate}; not written. First: {failed[0]}")
+        order = {doc_id: i for i, doc_id in enumerate(ids)}
         results.sort(key=lambda r: order[r["id"]])
-        storage.write_parquet(schemas.to_table(results, schemas.GENERATION, out), out)
-        metrics = self._metrics(k, results, time.perf_counter() - t0, errors)
+        table = schemas.to_table(results, schemas.GENERATION, out)
+        storage.write_parquet(table, out)
+        metrics = {"stage": cfg.stage, "shard": k, "model": cfg.model, "engine": cfg.engine,
+                   "wall_s": round(time.perf_counter() - t0, 3), **shard_summary(table, self.spec.scored),
+                   "config": {k2: v for k2, v in asdict(cfg).items() if k2 != "base_url"},
+                   provenance.KEY: provenance.seal(out, made)}
         storage.write_text(self.layout.generation_metrics(cfg.stage, k, n), json.dumps(metrics, indent=2) + "\n")
         return metrics
 
@@ -214,31 +278,19 @@ class StageRunner:
         base = {"id": row["id"], "stage": self.cfg.stage, "model": self.cfg.model, "prompt_tokens": None,
                 "output_tokens": None, "finish_reason": None, "raw_output": None, "instruction": None,
                 "score": None, "reasoning": None, "response": None, "parse_error": reason,
-                "input_truncated": truncated, "seed": req.seed if req else None}
+                "input_truncated": truncated, "seed": req.seed if req else None, **self.spec.carried(row)}
         if comp is None:
             return base
         base.update(prompt_tokens=comp.prompt_tokens if comp.prompt_tokens is not None
                     else n_tokens(self.engine.tokenizer, req.prompt),
                     output_tokens=comp.output_tokens, finish_reason=comp.finish_reason, raw_output=comp.text)
         if comp.finish_reason == "error":
-            base["parse_error"] = f"engine_error: {comp.error}"
+            base["parse_error"] = engine_error(comp.error)
             return base
-        if self.logprob:
+        if self.logprob_prefix:
             fields, error = parsing.score_from_probs(comp.digit_probs or {})
         else:
-            fields, error = self.spec.parse(comp.text, row, comp.finish_reason)
-        if self.cfg.stage in ("score", "rewrite", "distill", "rate"):
-            fields.setdefault("instruction", row.get("instruction"))
+            fields, error = self.spec.format_output(comp.text, row, comp.finish_reason)
         base.update(fields)
         base["parse_error"] = error
         return base
-
-    def _metrics(self, k: int, results: list[dict], wall: float, errors: int) -> dict:
-        finish = collections.Counter(r["finish_reason"] or "not_sent" for r in results)
-        failures = collections.Counter((r["parse_error"] or "").split(":")[0] for r in results if r["parse_error"])
-        return {"stage": self.cfg.stage, "shard": k, "rows": len(results), "model": self.cfg.model,
-                "engine": self.cfg.engine, "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in results),
-                "output_tokens": sum(r["output_tokens"] or 0 for r in results), "wall_s": round(wall, 3),
-                "finish_reasons": dict(finish), "parse_failures": dict(failures), "engine_errors": errors,
-                "input_truncated": sum(1 for r in results if r["input_truncated"]),
-                "config": {k2: v for k2, v in asdict(self.cfg).items() if k2 != "base_url"}}

@@ -1,11 +1,36 @@
-"""The five LLM stages as pure pieces: which inputs a stage reads, how a row becomes a prompt, how an
-output becomes fields (distilabel's format_input / format_output), and the sampling defaults."""
+"""The five LLM stages as pure pieces (distilabel's format_input / format_output): which shards a stage
+reads, a row's template values or the reason it is not sent, how an output becomes fields, which
+fields it carries from its upstream row, its gate, and the sampling defaults. The runner names no
+stage: adding a stage is a StageSpec here and a template in generation/templates.py.
+
+A joined row, as the runner builds it for shard k: {"id", "text", "inputs": {stage: that stage's row
+of shard k (a dict) or None when it has none}} for every stage the spec reads (`reads`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
 from generation import parsing
+from generation.prompting import SCORE_PREFIX
+from schemas.outcomes import BELOW_GATE, MISSING_TEXT, MISSING_UPSTREAM_ROW, category, upstream_failed
+from schemas.recipes import GATE_STAGES
+
+# Rewrite and distill answer the same instructions and are compared in the paper (Nguyen et al. 2024,
+# Table 2): one new-token cap for both.
+ANSWER_MAX_NEW_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Send a row only when its `stage` row parsed and scored >= threshold."""
+
+    stage: str
+    threshold: float
+
+    def passes(self, gate_row: dict | None) -> bool:
+        return (gate_row is not None and gate_row.get("parse_error") is None and gate_row.get("score") is not None
+                and gate_row["score"] >= self.threshold)
 
 
 @dataclass(frozen=True)
@@ -13,40 +38,66 @@ class StageSpec:
     name: str
     upstream: str | None            # the generation stage whose shard k it reads beside candidates shard k
     doc_field: str | None           # the template value that is cut when a prompt is too long
-    parse: Callable[[str, dict, str | None], tuple[dict, str | None]]
+    prompt: Callable[[str, str | None], dict[str, str]]     # (document, instruction) -> template values
+    parse: Callable[[str, dict, str | None], tuple[dict, str | None]]   # (output, row, finish) -> fields, error
     temperature: float = 1.0
     top_p: float = 0.9
     max_new_tokens: int = 512
+    gate: str | None = None         # the gate stage used by default (--gate); None: the stage has no gate
+    carries: tuple[str, ...] = ()   # fields copied from the upstream row into every output row
+    logprob_prefix: str | None = None   # --score-mode logprob: the digit's probability after this text
 
-    def values(self, row: dict) -> tuple[dict[str, str] | None, str | None]:
-        """Template values for a joined row, or (None, reason) when an input is missing."""
+    @property
+    def scored(self) -> bool:
+        return self.name in GATE_STAGES
+
+    def reads(self, gate: Gate | None) -> list[str]:
+        """The generation stages whose shard k this stage reads (upstream first, then the gate)."""
+        return [s for s in (self.upstream, gate.stage if gate else None) if s]
+
+    def format_input(self, row: dict, gate: Gate | None) -> tuple[dict[str, str] | None, str | None]:
+        """(template values, None) for a joined row, or (None, why it is not sent)."""
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():
-            return None, "missing_text"
+            return None, MISSING_TEXT
+        instruction = None
         if self.upstream:
-            if row.get("upstream_missing"):
-                return None, "missing_upstream_row"
-            instruction = row.get("instruction")
-            if not instruction:
-                return None, f"upstream_failed:{row.get('upstream_error') or 'no_instruction'}"
-        if self.name == "backtranslate":
-            return {"response": text}, None
-        if self.name == "distill":
-            return {"instruction": row["instruction"]}, None
-        if self.name == "rate":
-            return {"instruction": row["instruction"], "input": "", "response": text}, None
-        return {"instruction": row["instruction"], "response": text}, None
+            up = row["inputs"].get(self.upstream)
+            if up is None:
+                return None, MISSING_UPSTREAM_ROW
+            instruction = up.get("instruction")
+            if up.get("parse_error") or not instruction:
+                return None, upstream_failed(category(up.get("parse_error")) or "no_instruction")
+        if gate and not gate.passes(row["inputs"].get(gate.stage)):
+            return None, BELOW_GATE
+        return self.prompt(text, instruction), None
+
+    def carried(self, row: dict) -> dict:
+        """The fields every output row of `row` carries from its upstream row (sent or not)."""
+        up = row["inputs"].get(self.upstream) if self.upstream else None
+        return {f: up.get(f) if up and not up.get("parse_error") else None for f in self.carries}
+
+    def format_output(self, text: str, row: dict, finish_reason: str | None) -> tuple[dict, str | None]:
+        fields, error = self.parse(text, row, finish_reason)
+        return {**self.carried(row), **fields}, error
 
 
 STAGES = {
-    "backtranslate": StageSpec("backtranslate", None, "response",
-                               lambda out, row, fin: parsing.parse_instruction(out, row["text"], fin), max_new_tokens=256),
-    "score": StageSpec("score", "backtranslate", "response",
-                       lambda out, row, fin: parsing.parse_score(out, fin), max_new_tokens=512),
+    "backtranslate": StageSpec("backtranslate", None, "response", lambda doc, _: {"response": doc},
+                               lambda out, row, fin: parsing.parse_instruction(out, row["text"], fin),
+                               max_new_tokens=256),
+    "score": StageSpec("score", "backtranslate", "response", lambda doc, ins: {"instruction": ins, "response": doc},
+                       lambda out, row, fin: parsing.parse_score(out, fin), max_new_tokens=512,
+                       carries=("instruction",), logprob_prefix=SCORE_PREFIX),
     "rewrite": StageSpec("rewrite", "backtranslate", "response",
-                         lambda out, row, fin: parsing.parse_rewrite(out, fin), max_new_tokens=2048),
-    "distill": StageSpec("distill", "backtranslate", None,
-                         lambda out, row, fin: parsing.parse_distill(out, fin), max_new_tokens=1024),
+                         lambda doc, ins: {"instruction": ins, "response": doc},
+                         lambda out, row, fin: parsing.parse_rewrite(out, fin),
+                         max_new_tokens=ANSWER_MAX_NEW_TOKENS, gate="score", carries=("instruction",)),
+    "distill": StageSpec("distill", "backtranslate", None, lambda doc, ins: {"instruction": ins},
+                         lambda out, row, fin: parsing.parse_distill(out, fin),
+                         max_new_tokens=ANSWER_MAX_NEW_TOKENS, gate="score", carries=("instruction",)),
     "rate": StageSpec("rate", "backtranslate", "response",
-                      lambda out, row, fin: parsing.parse_rating(out, fin), max_new_tokens=256),
+                      lambda doc, ins: {"instruction": ins, "input": "", "response": doc},
+                      lambda out, row, fin: parsing.parse_rating(out, fin), max_new_tokens=256,
+                      carries=("instruction",)),
 }

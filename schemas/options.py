@@ -2,7 +2,7 @@
 (which makes the flag, the run-file key, the --help line and the type check from it)."""
 from __future__ import annotations
 
-from dataclasses import field
+from dataclasses import asdict, field, fields
 
 
 def option(default, help_text: str, **meta):
@@ -16,3 +16,9 @@ def option(default, help_text: str, **meta):
 def required(help_text: str, **meta):
     """A field the user must give (flag or run file)."""
     return field(metadata={"help": help_text, **meta})
+
+
+def product_options(cfg) -> dict:
+    """The options of a config dataclass that shape what the verb produces (all but run_only ones)."""
+    values = asdict(cfg)
+    return {f.name: values[f.name] for f in fields(cfg) if not f.metadata.get("run_only")}

@@ -7,6 +7,8 @@ is its category, and what follows, the detail:
     upstream_failed:<upstream category>        the upstream stage's row failed: nothing was sent
     missing_upstream_row                       the upstream shard has no row for this id
     missing_text                               the candidate has no text
+    not_sent: below_gate                       the row did not pass the stage's gate (rewrite/distill
+                                               send only pairs whose score passed): nothing was sent
     <parser category>[: detail]                the output could not be parsed (generation/parsing.py)
 
 These spellings are used by the generation runner (which writes them and counts engine errors),
@@ -24,6 +26,7 @@ UPSTREAM_FAILED = "upstream_failed"
 MISSING_UPSTREAM_ROW = "missing_upstream_row"
 MISSING_TEXT = "missing_text"
 NOT_SENT = "not_sent"               # the finish_reason of a row that was never sent to a model
+BELOW_GATE = f"{NOT_SENT}: below_gate"  # the parse_error of a row its stage's gate kept from the model
 
 # Score histogram bins: [0, 0.5), [0.5, 1), ... [5, 5.5): generated scores are integers, logprob
 # scores and AlpaGasus ratings may be fractional.

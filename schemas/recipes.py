@@ -35,3 +35,13 @@ RECIPES = {
     "alpagasus": Recipe("alpagasus", "rate", None, 4.5),
 }
 DEFAULT_RECIPE = "filter+rewrite"
+GATE_STAGES = sorted({r.gate for r in RECIPES.values() if r.gate})   # the stages that write scores
+
+
+def gate_threshold(stage: str) -> float:
+    """The paper's threshold for a gate stage (5 for score, 4.5 for rate): the one the recipes gated
+    by `stage` use (they agree)."""
+    limits = {r.threshold for r in RECIPES.values() if r.gate == stage}
+    if len(limits) != 1:
+        raise ValueError(f"{stage!r} gates no recipe (gate stages: {GATE_STAGES})")
+    return limits.pop()

@@ -13,10 +13,11 @@ from nltk.tokenize import wordpunct_tokenize
 
 import schemas
 from beam_pipelines import assemble, corpus_stats, recipes
-from schemas import release
+from schemas import provenance, release
 from beam_pipelines.assemble import AssembleConfig, AssembleError
 import storage
 from bft import cli
+from schemas.errors import UserError
 from schemas.keys import instruction_key
 from schemas.layout import RunLayout
 from generation.templates import SEED_TAG, WEB_TAG
@@ -46,7 +47,7 @@ def stage_rows(stage):
         rows["a1"].update(instruction=None, parse_error="echo")
         rows["a2"].update(instruction="Short")
         rows["b0"].update(instruction="  EXPLAIN the topic of document a0\n please.")  # duplicate of a0's
-        del rows["b1"]                                                                 # missing row
+        rows["b1"].update(instruction=None, parse_error="engine_error: timeout")       # a failed request
     elif stage == "score":
         rows = {i: gen_row(i, stage, score=5.0, reasoning="fine") for i in ids}
         rows["a3"].update(score=4.0)
@@ -80,15 +81,31 @@ def write_root(root, tokenizer, stages=("backtranslate", "score", "rewrite", "di
         path = RunLayout(root).candidates_shard(k, n)
         storage.write_parquet(schemas.to_table(rows, schemas.CANDIDATE, path), path)
         files.append({"path": path, "rows": len(rows), "tokens": 180, "bytes": 0})
+        instructions = {i: r["instruction"] for i, r in stage_rows("backtranslate").items() if not r["parse_error"]}
         for stage in stages:
             by_id = stage_rows(stage)
+            for i, r in by_id.items():   # downstream rows carry their backtranslate row's instruction
+                r["instruction"] = instructions.get(i)
             out = RunLayout(root).generation_shard(stage, k, n)
-            storage.write_parquet(schemas.to_table([by_id[i] for i in ids if i in by_id], schemas.GENERATION, out), out)
-            storage.write_text(out.replace(".parquet", ".metrics.json"), json.dumps({"model": f"tiny-{stage}"}))
+            storage.write_parquet(schemas.to_table([by_id[i] for i in ids], schemas.GENERATION, out), out)
+            write_marker(root, stage, k, n)
     stats = {"input_records": 20, "kept": 12, "dropped": {"too_long": 8}, "shards": {"files": files},
              "config": {"tokenizer": tokenizer}}
     storage.write_text(RunLayout(root).prepare_stats, json.dumps(stats))
     return root
+
+
+def write_marker(root, stage, k, n, inputs=None):
+    """The marker the runner writes after a shard: its model and provenance (candidates shard k and,
+    downstream, backtranslate shard k as its inputs)."""
+    layout = RunLayout(root)
+    if inputs is None:
+        inputs = {"candidates": layout.candidates_shard(k, n)}
+        if stage != "backtranslate":
+            inputs["backtranslate"] = layout.generation_shard("backtranslate", k, n)
+    out = layout.generation_shard(stage, k, n)
+    record = provenance.seal(out, provenance.made_from(layout, inputs, {"model": f"tiny-{stage}"}))
+    storage.write_text(layout.generation_metrics(stage, k, n), json.dumps({"model": f"tiny-{stage}", provenance.KEY: record}))
 
 
 def write_seed(path, n=5):
@@ -153,7 +170,7 @@ def test_verdicts_name_the_first_reason_in_pipeline_order(root):
                        recipes.verdicts(joined, recipes.RECIPES["filter+rewrite"], recipes.Curation(10, 800)).to_pylist()))
     assert reasons == {"a0": None, "a1": "backtranslate:echo", "a2": "instruction_too_short",
                        "a3": "score_below_threshold", "a4": "score:no_match", "a5": "rewrite:truncated",
-                       "b0": None, "b1": "backtranslate:missing_row", "b2": None, "b3": "empty_response",
+                       "b0": None, "b1": "backtranslate:engine_error", "b2": None, "b3": "empty_response",
                        "b4": None, "b5": None}
     # a fractional threshold (logprob scores) and the instruction bounds are parameters
     strict = recipes.verdicts(joined, recipes.RECIPES["filter+rewrite"], recipes.Curation(10, 30), 4.5)
@@ -202,11 +219,11 @@ def test_assemble_publishes_a_complete_release(root, tmp_path):
 
     f = stats["funnel"]
     assert f["candidates"] == 12 == f["web_examples"] + sum(f["dropped"].values())
-    assert f["dropped"]["duplicate_instruction"] == 1 and f["dropped"]["backtranslate:missing_row"] == 1
+    assert f["dropped"]["duplicate_instruction"] == 1 and f["dropped"]["backtranslate:engine_error"] == 1
     assert f["seed"] == {"input": 6, "kept": 5, "dropped": {"empty": 1}}
     assert f["final"]["total"] == 9 and f["dolma"]["input_records"] == 20
     assert stats["stages"]["score"]["score_histogram"][10] == 10       # ten rows scored 5 (bin [5, 5.5))
-    assert stats["stages"]["backtranslate"]["rows"] == 11 and stats["stages"]["backtranslate"]["pass_rate"] == round(10 / 11, 4)
+    assert stats["stages"]["backtranslate"]["rows"] == 12 and stats["stages"]["backtranslate"]["pass_rate"] == round(10 / 12, 4)
     assert stats["by_origin"]["web"]["unique_trigrams_response"] > 0
     assert stats["by_origin"]["seed"]["avg_tokens_instruction"] > 0
 
@@ -273,6 +290,7 @@ def test_missing_generation_shards_are_listed_or_reported(root):
 def test_a_shard_with_the_wrong_schema_is_named(root):
     path = RunLayout(root).generation_shard("score", 0, 2)
     pq.write_table(pa.table({"id": ["a0"], "score": [5]}), path)
+    write_marker(root, "score", 0, 2)  # a marker that vouches for it: the schema check still names it
     with pytest.raises(schemas.SchemaError, match=r"score-00000-of-00002\.parquet"):
         run(root, version="bad")
 
@@ -319,3 +337,117 @@ def test_bad_seed_data_is_named(root, tmp_path):
     bad.write_text('{"question": "Q?", "answer": "A."}\n')
     with pytest.raises(AssembleError, match=r"seed\.jsonl: seed data needs columns instruction and response"):
         assemble.read_seed_table(str(bad))
+
+
+# ---- generation shards as generate writes them now: the gate, cut documents, provenance --------------
+
+def rewrite_shard(root, stage, k, change, n=2):
+    """Rows of generation shard k changed by `change(row)`, rewritten with a fresh marker."""
+    path = RunLayout(root).generation_shard(stage, k, n)
+    rows = [change(r) or r for r in storage.read_parquet(path).to_pylist()]
+    storage.write_parquet(schemas.to_table(rows, schemas.GENERATION, path), path)
+    write_marker(root, stage, k, n)
+    return path
+
+
+def reasons_of(root, recipe, **kw):
+    cfg = AssembleConfig(root=root, recipe=recipe, **kw)
+    out = {}
+    for k in range(2):
+        layout = RunLayout(root)
+        cands = storage.read_parquet(layout.candidates_shard(k, 2))
+        stages = {s: storage.read_parquet(layout.generation_shard(s, k, 2)) for s in cfg.stages}
+        joined = recipes.join_stages(cands, stages)
+        reason = recipes.verdicts(joined, recipes.RECIPES[recipe], cfg.curation(), cfg.threshold)
+        out.update(zip(joined["id"].to_pylist(), reason.to_pylist()))
+    return out
+
+
+def test_rows_the_gate_kept_from_the_answering_stage_count_as_gate_drops(root):
+    from schemas.outcomes import BELOW_GATE
+
+    def not_sent(r):  # as `bft generate rewrite` writes the pairs whose score did not pass
+        if r["id"] in ("a3", "a4"):
+            r.update(finish_reason=None, response=None, raw_output=None, parse_error=BELOW_GATE)
+    rewrite_shard(root, "rewrite", 0, not_sent)
+    reasons = reasons_of(root, "filter+rewrite")
+    assert reasons["a3"] == "score_below_threshold" and reasons["a4"] == "score:no_match"
+    stats = run(root, version="gated")
+    assert not [r for r in stats["funnel"]["dropped"] if r.startswith("rewrite:not_sent")]
+    assert stats["funnel"]["dropped"]["score_below_threshold"] == 1
+    # the rewrite-only recipe has no gate: rows generate did not send are missing answers there
+    assert reasons_of(root, "rewrite")["a3"] == "rewrite:not_sent"
+
+
+def test_rows_whose_gate_or_answer_saw_a_cut_document_are_dropped_by_reason(root):
+    rewrite_shard(root, "score", 0, lambda r: r.update(input_truncated=True) if r["id"] == "a0" else None)
+    rewrite_shard(root, "rewrite", 1, lambda r: r.update(input_truncated=True) if r["id"] == "b2" else None)
+    rewrite_shard(root, "backtranslate", 1, lambda r: r.update(input_truncated=True) if r["id"] == "b4" else None)
+    for stage in ("score", "rewrite"):      # their inputs changed: markers made from the new backtranslate shard
+        write_marker(root, stage, 1, 2)
+    reasons = reasons_of(root, "filter+rewrite")
+    assert reasons["a0"] == "score:input_truncated" and reasons["b2"] == "rewrite:input_truncated"
+    assert reasons["b4"] is None            # a cut document only made the instruction: no stage judged it
+    assert reasons_of(root, "filter")["b2"] is None
+    stats = run(root, version="cut")
+    assert stats["funnel"]["dropped"]["score:input_truncated"] == 1
+    assert stats["funnel"]["dropped"]["rewrite:input_truncated"] == 1
+
+
+def test_same_ids_as_restricts_two_recipes_to_the_same_pairs(root):
+    rewrite_shard(root, "distill", 1, lambda r: r.update(parse_error="empty", response=None) if r["id"] == "b4" else None)
+    a = run(root, version="rw", same_ids_as="filter+distill", max_examples=2)
+    b = run(root, version="di", recipe="filter+distill", same_ids_as="filter+rewrite", max_examples=2)
+    ids = [sorted(read_release(root, v)[1]["train"].pipe(lambda t: t[t.origin == "web"]).id.tolist()
+                  + read_release(root, v)[1]["validation"].pipe(lambda t: t[t.origin == "web"]).id.tolist())
+           for v in ("rw", "di")]
+    assert ids[0] == ids[1] and "b4" not in ids[0] and len(ids[0]) == 2
+    assert a["funnel"]["dropped"]["not_kept_by:filter+distill"] == 1
+    assert "b4" not in b["funnel"]["dropped"] and b["funnel"]["dropped"]["distill:empty"] == 1
+    with pytest.raises(UserError):
+        AssembleConfig(root=root, same_ids_as="filter+distil").check()
+
+
+def test_a_generation_shard_with_another_shards_ids_is_named(root):
+    layout = RunLayout(root)
+    for src, dst in ((layout.generation_shard("rewrite", 1, 2), layout.generation_shard("rewrite", 0, 2)),
+                     (layout.generation_metrics("rewrite", 1, 2), layout.generation_metrics("rewrite", 0, 2))):
+        storage.write_bytes(dst, storage.read_bytes(src))
+    with pytest.raises(AssembleError, match=r"rewrite-00000-of-00002\.parquet"):
+        run(root, version="copy")
+    # even when its marker is made to vouch for the copy, the ids say it is another shard's
+    write_marker(root, "rewrite", 0, 2)
+    with pytest.raises(AssembleError, match=r"rewrite-00000-of-00002\.parquet: its ids are not those"):
+        run(root, version="copy")
+    assert not storage.exists(layout.latest)
+
+
+@pytest.mark.parametrize("where", ["text", "middle", "footer"])
+def test_a_flipped_byte_in_a_generation_shard_is_named(root, where):
+    path = RunLayout(root).generation_shard("score", 1, 2)
+    blob = bytearray(open(path, "rb").read())
+    pos = {"text": blob.find(b"Explain"), "middle": len(blob) // 2, "footer": len(blob) - 12}[where]
+    assert pos > 0
+    blob[pos] ^= 0x01
+    open(path, "wb").write(bytes(blob))
+    with pytest.raises(AssembleError, match=r"score-00001-of-00002\.parquet: its bytes differ"):
+        run(root, version="flip")
+
+
+def test_stale_generation_rows_are_refused(root):
+    # backtranslate shard 0 redone with other instructions: rewrite and score were made from the old one
+    rewrite_shard(root, "backtranslate", 0, lambda r: r.update(instruction=r["instruction"] and r["instruction"] + "!"))
+    with pytest.raises(AssembleError, match=r"score-00000-of-00002\.parquet: made from .*backtranslate.*stale"):
+        run(root, version="stale")
+    # a shard whose marker does not record its upstream: the carried instructions still tell
+    layout = RunLayout(root)
+    for stage in ("score", "rewrite"):
+        write_marker(root, stage, 0, 2, inputs={"candidates": layout.candidates_shard(0, 2)})
+    with pytest.raises(AssembleError, match=r"-00000-of-00002\.parquet: row a0 carries another instruction"):
+        run(root, version="stale")
+
+
+def test_a_shard_without_its_completion_marker_is_named(root):
+    os.remove(RunLayout(root).generation_metrics("rewrite", 1, 2))
+    with pytest.raises(AssembleError, match=r"rewrite-00001-of-00002\.parquet: no valid completion marker"):
+        run(root, version="nomarker")

@@ -18,7 +18,7 @@ import storage
 from beam_pipelines import assemble, corpus_stats, report
 from schemas import release
 from schemas.layout import RunLayout
-from tests.test_assemble import gen_row, run, write_root, write_seed
+from tests.test_assemble import gen_row, run, write_marker, write_root, write_seed
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +41,7 @@ def published(tmp_path_factory, bpe_tokenizer_path):
                 row.update(finish_reason=None, response=None, prompt_tokens=None, output_tokens=None,
                            parse_error="not_sent: below_gate" if row["id"] == "a3" else "upstream_failed:missing")
         storage.write_parquet(schemas.to_table(table, schemas.GENERATION, path), path)
+        write_marker(root, "rewrite", k, 2)  # re-sealed, as generate does after writing a shard
     stats = run(root, seed_data=write_seed(str(tmp_path / "seed.jsonl")), validation_fraction=0.3, version="v1")
     return os.path.join(root, "sft", "v1"), stats
 
@@ -99,9 +100,10 @@ def test_examples_funnel_and_stages_travel_through_the_partials(published):
                              "response": "Rewrite answer for a0.", "score": 5.0, "url": "https://example.org/a0",
                              "reason": None, "detail": None}
     dropped = {r: [e["id"] for e in rows] for r, rows in ex["dropped"].items()}
-    assert dropped == {"backtranslate:echo": ["a1"], "backtranslate:missing_row": ["b1"],
+    # the gate comes before the answering stage: a rewrite that was not sent below the gate is a gate drop
+    assert dropped == {"backtranslate:echo": ["a1"], "backtranslate:engine_error": ["b1"],
                        "duplicate_instruction": ["b0"], "empty_response": ["b3"], "instruction_too_short": ["a2"],
-                       "rewrite:not_sent": ["a3"], "rewrite:truncated": ["a5"], "score:no_match": ["a4"]}
+                       "score_below_threshold": ["a3"], "rewrite:truncated": ["a5"], "score:no_match": ["a4"]}
     assert ex["dropped"]["score:no_match"][0]["detail"] == "no_match"
     assert ex["dropped"]["backtranslate:echo"][0]["url"] == "https://example.org/a1"
 
@@ -109,11 +111,12 @@ def test_examples_funnel_and_stages_travel_through_the_partials(published):
     assert [(s["step"], s["rows"], s["dropped"]) for s in steps] == [
         ("Dolma records read", 20, 0), ("candidates (prepare: length filter, dedup)", 12, 8),
         ("backtranslate: failed or missing", 10, 2), ("score: failed or missing", 9, 1),
-        ("rewrite: failed or missing", 7, 2), ("curation: length, empty or truncated", 5, 2),
+        ("gate: score below threshold", 8, 1), ("rewrite: failed or missing", 7, 1),
+        ("curation: length, empty or truncated", 5, 2),
         ("curation: duplicate instructions", 4, 1), ("web examples", 4, 0), ("+ seed examples", 9, 0),
         ("split: train", stats["funnel"]["final"]["train"], 0),
         ("split: validation", stats["funnel"]["final"]["validation"], 0)]
-    assert steps[1]["pct_input"] == 60.0 and steps[7]["pct_candidates"] == 33.33 and steps[0]["pct_candidates"] is None
+    assert steps[1]["pct_input"] == 60.0 and steps[8]["pct_candidates"] == 33.33 and steps[0]["pct_candidates"] is None
 
     rewrite = {r["stage"]: r for r in report.stage_rows(stats)}["rewrite"]
     assert (rewrite["rows"], rewrite["sent"]) == (12, 10)

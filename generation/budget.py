@@ -1,0 +1,68 @@
+"""Which `bft prepare --max-tokens` keeps every stage's document whole for a given context length.
+
+A stage that puts the document in its prompt (backtranslate, score, rewrite, rate) cuts it when the
+rendered prompt exceeds `context - the stage's new-token cap` (generation.prompting.fit_prompt). The
+prompt around the document is the template text, the chat format and, for the stages that quote the
+backtranslated instruction, that instruction. So a document stays whole in stage S when
+
+    document tokens <= context - cap(S) - overhead(S)
+
+and `--max-tokens` at the minimum over the stages keeps it whole everywhere (the limit of a stage is
+measured with the model's own tokenizer and an instruction of `instruction_tokens` tokens).
+
+    python -m generation.budget --tokenizer MODEL_OR_FOLDER --context 4096 [--instruction-tokens 200]
+"""
+from __future__ import annotations
+
+import argparse
+
+from generation.prompting import n_tokens, render
+from generation.stages import STAGES
+from generation.templates import load_template
+
+
+def placeholder_instruction(tokens: int) -> str:
+    """A text of about `tokens` tokens (one repeated word)."""
+    return " ".join(["word"] * tokens) if tokens else "?"
+
+
+def document_limits(tokenizer, context: int, instruction_tokens: int = 200) -> dict[str, dict]:
+    """{stage: {"cap", "overhead", "max_document_tokens"}} for each stage whose prompt holds the
+    document, with the stages' default new-token caps and templates."""
+    out = {}
+    instruction = placeholder_instruction(instruction_tokens)
+    for name, spec in STAGES.items():
+        if not spec.doc_field:
+            continue
+        system, user = load_template(name, None).fill(**spec.prompt("", instruction))
+        overhead = n_tokens(tokenizer, render(tokenizer, system, user))
+        out[name] = {"cap": spec.max_new_tokens, "overhead": overhead,
+                     "max_document_tokens": context - spec.max_new_tokens - overhead - 1}
+    return out
+
+
+def whole_document_limit(tokenizer, context: int, instruction_tokens: int = 200) -> int:
+    """The largest `--max-tokens` that keeps every stage's document whole."""
+    return min(v["max_document_tokens"] for v in document_limits(tokenizer, context, instruction_tokens).values())
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transformers import AutoTokenizer
+
+    p = argparse.ArgumentParser(prog="python -m generation.budget", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokenizer", required=True, help="the generation models' tokenizer (hub id or folder)")
+    p.add_argument("--context", type=int, required=True, help="the models' context length (--max-model-len)")
+    p.add_argument("--instruction-tokens", type=int, default=200,
+                   help="room for the backtranslated instruction (assemble drops instructions over 800 chars)")
+    args = p.parse_args(argv)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    limits = document_limits(tok, args.context, args.instruction_tokens)
+    for stage, v in limits.items():
+        print(f"{stage:<14} cap {v['cap']:>5}  prompt overhead {v['overhead']:>4}  whole up to "
+              f"{v['max_document_tokens']} document tokens")
+    print(f"bft prepare --max-tokens {min(v['max_document_tokens'] for v in limits.values())} keeps every "
+          f"stage whole at context {args.context}")
+
+
+if __name__ == "__main__":
+    main()

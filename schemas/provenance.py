@@ -1,0 +1,88 @@
+"""What a generation shard was made from, and the one check that it is whole and current, used by
+`bft generate` (skip, redo or retry a shard) and `bft assemble` (refuse a shard).
+
+The marker of `generations/<stage>/<stage>-k-of-n.parquet` is the `.metrics.json` beside it, written
+after the data; its `provenance` record is
+
+    {"sha256": ..., "bytes": ...,                         the data file as written (sha256 as in a
+                                                          release manifest)
+     "inputs": {"candidates": {"path", "sha256"},          every file it was made from: candidates
+                "<stage>": {"path", "sha256"}, ...},       shard k and the upstream/gate stages' shard k
+                                                          (paths relative to the run root)
+     "config": {...}}                                     the stage config and model that shape its rows
+
+A shard is complete and current only when `problem(...)` finds nothing: the marker exists and parses,
+the data file has the recorded size and sha256 (a flipped byte is a mismatch, never an Arrow or
+Unicode error), every input still has its recorded sha256 (else the shard is stale: its upstream was
+redone), and, when the caller knows what the shard should be made from now, inputs and config equal it.
+"""
+from __future__ import annotations
+
+import json
+
+import storage
+from schemas.layout import RunLayout
+from schemas.release import sha256_of
+
+KEY = "provenance"
+MISSING = "missing"     # `problem` of a shard whose data file does not exist (yet)
+
+
+def made_from(layout: RunLayout, inputs: dict[str, str], config: dict) -> dict:
+    """The inputs ({name: path}, checksummed now) and config a shard is (to be) made from."""
+    return {"inputs": {name: {"path": layout.relative(path), "sha256": sha256_of(path)}
+                       for name, path in sorted(inputs.items())},
+            "config": json.loads(json.dumps(config, sort_keys=True))}
+
+
+def seal(path: str, made: dict) -> dict:
+    """The record of a data file just written from `made`."""
+    return {"sha256": sha256_of(path), "bytes": storage.size(path), **made}
+
+
+def read_record(marker: str) -> dict | None:
+    """The provenance record in a marker; None when the marker is missing, unreadable or has none."""
+    if not storage.exists(marker):
+        return None
+    try:
+        record = json.loads(storage.read_text(marker)).get(KEY)
+    except (ValueError, AttributeError):     # a damaged marker (bad JSON, bad UTF-8, not an object)
+        return None
+    return record if isinstance(record, dict) and {"sha256", "bytes", "inputs", "config"} <= record.keys() else None
+
+
+def _differences(recorded: dict, expected: dict) -> list[str]:
+    keys = sorted(set(recorded) | set(expected))
+    return [k for k in keys if recorded.get(k) != expected.get(k)]
+
+
+def problem(layout: RunLayout, path: str, marker: str, expected: dict | None = None,
+            checksums: dict[str, str] | None = None) -> str | None:
+    """Why the shard at `path` is not complete and current, or None when it is.
+
+    expected: `made_from(...)` of what the shard should be made from now (the runner); without it the
+    recorded inputs are checked against the files as they are now (assemble). checksums: a cache
+    {path: sha256} shared between calls, so that each input file is read once."""
+    if not storage.exists(path):
+        return MISSING
+    record = read_record(marker)
+    if record is None:
+        return f"no valid completion marker {marker} (the run stopped before finishing this shard)"
+    if storage.size(path) != record["bytes"] or sha256_of(path) != record["sha256"]:
+        return "its bytes differ from the sha256 recorded when it was written (damaged or edited)"
+    if expected is not None:
+        changed = _differences(record["inputs"], expected["inputs"])
+        if changed:
+            return f"made from other inputs ({', '.join(changed)} changed since; stale)"
+        changed = _differences(record["config"], expected["config"])
+        if changed:
+            return f"made with another config ({', '.join(changed)} differ)"
+        return None
+    cache = {} if checksums is None else checksums
+    for name, entry in sorted(record["inputs"].items()):
+        source = storage.join(layout.root, entry["path"])
+        if source not in cache:
+            cache[source] = sha256_of(source) if storage.exists(source) else MISSING
+        if cache[source] != entry["sha256"]:
+            return f"made from {entry['path']} ({name}), which changed since (stale)"
+    return None
