@@ -401,5 +401,5 @@ def run(cfg: AssembleConfig, beam_args: list[str]) -> dict:
         storage.write_text(storage.join(folder, corpus_stats.RELEASE_STATS), json.dumps(stats, indent=2) + "\n")
         return {split: stats["funnel"]["final"][split] for split in release.SPLITS}
 
-    folder, _ = release.publish(cfg.root, version=cfg.version, config=config, lineage=lineage, build=build_release)
+    folder = release.publish(cfg.root, version=cfg.version, config=config, lineage=lineage, build=build_release)
     return json.loads(storage.read_text(storage.join(folder, corpus_stats.RELEASE_STATS)))

@@ -146,37 +146,37 @@ def success_line(folder: str) -> str:
 
 
 def publish(root: str, *, version: str | None, config: dict, lineage: dict,
-            build: Callable[[str, str], dict]) -> tuple[str, bool]:
+            build: Callable[[str, str], dict]) -> str:
     """Publishes the release of (config, lineage) under ROOT/sft/<version> (default: UTC date + config
-    hash); returns (its folder, whether it was built now).
+    hash) and returns its folder.
 
     `build(folder, version)` writes the data files, stats.json, report and card into the empty folder
     and returns the split counts ({"train": n, "validation": n}) the manifest records. A published
-    version of another config is a ReleaseError; a release that does not validate is left without
+    version (one with _SUCCESS) of another or an unreadable config is a ReleaseError, and so is a
+    published version that no longer validates; a release that does not validate is left without
     _SUCCESS (debris that the next run clears) and raises ReleaseError.
     """
     chash = config_hash(config, lineage)
     version = check_version_name(version or default_version(chash))
     folder = release_dir(root, version)
-    manifest_path, success = storage.join(folder, MANIFEST), storage.join(folder, SUCCESS)
-    recorded = _recorded_hash(manifest_path)
-    if recorded is not None and recorded != chash and storage.exists(success):
-        raise ReleaseError(f"{folder}: release {version} exists with other inputs or config (hash {recorded} "
-                           f"!= {chash}); releases are never overwritten: pass another --version")
-    built = False
-    if recorded == chash and storage.exists(success):
+    success = storage.join(folder, SUCCESS)
+    recorded = _recorded_hash(storage.join(folder, MANIFEST))
+    if storage.exists(success):
+        if recorded != chash:
+            raise ReleaseError(f"{folder}: release {version} exists with other inputs or config (hash "
+                               f"{recorded or 'unreadable'} != {chash}); releases are never overwritten: pass "
+                               "another --version")
         validate(folder)  # published before: check it again before LATEST names it
     elif recorded == chash and _validates(folder):
-        storage.write_text(success, success_line(folder))  # killed after the manifest: finish
+        storage.write_text(success, success_line(folder))  # killed between the manifest and _SUCCESS
     else:
         storage.delete_tree(folder)  # debris of a failed run: never a published release
         counts = build(folder, version)
         write_manifest(folder, version=version, chash=chash, config=config, lineage=lineage, counts=counts)
         validate(folder, published=False)
         storage.write_text(success, success_line(folder))
-        built = True
     storage.write_text(RunLayout(root).latest, version + "\n")
-    return folder, built
+    return folder
 
 
 def _recorded_hash(manifest_path: str) -> str | None:
