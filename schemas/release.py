@@ -221,9 +221,15 @@ def validate(path: str, *, published: bool = True) -> dict:
         success = storage.join(folder, SUCCESS)
         if not storage.exists(success):
             problems.append(f"{folder}: {SUCCESS} missing: the release is incomplete")
-        elif storage.read_bytes(success).decode("utf-8", "replace").split()[:1] != [sha256_of(manifest_path)]:
-            problems.append(f"{MANIFEST}: its sha256 is not the one {SUCCESS} records: the manifest was changed "
-                            "after the release was published")
+        else:
+            recorded = storage.read_bytes(success).decode("utf-8", "replace").split()[:1]
+            if not recorded:
+                problems.append(f"{SUCCESS} holds no checksum of {MANIFEST} (a release made before _SUCCESS held one, or an "
+                                f"emptied file): to re-mark it, delete {SUCCESS} and rerun bft assemble with the "
+                                "same config")
+            elif recorded != [sha256_of(manifest_path)]:
+                problems.append(f"{MANIFEST}: its sha256 is not the one {SUCCESS} records: the manifest was "
+                                "changed after the release was published")
     try:
         manifest = json.loads(storage.read_text(manifest_path))
     except (ValueError, UnicodeDecodeError) as e:
