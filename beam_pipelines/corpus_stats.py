@@ -1,5 +1,6 @@
 """Corpus statistics as mergeable partials: each shard computes its partial with Arrow/numpy, a Beam
-combiner merges them (`merge`), and `summarize` turns the result into plain JSON.
+combiner merges them (`merge`), and `summarize` turns the result into plain JSON; `release_stats`
+makes a release's stats.json from it (the schema of that file).
 
 A partial is a nested dict whose leaves are numbers (summed), lists of numbers (histogram counts,
 summed element-wise), `Uniques` (sets of 64-bit trigram hashes, united) or `Smallest` (the k rows
@@ -312,7 +313,7 @@ class AccountingError(RuntimeError):
 
 
 def release_stats(cfg, version: str, summary: dict, prep_stats: dict, skipped: list[int],
-               skipped_rows: int, models: dict) -> dict:
+                  skipped_rows: int, models: dict) -> dict:
     """The release's stats.json from the merged partials of the assemble pass (`summarize`), the prepare
     stats and the driver's plan; checks that every candidate is accounted for. `cfg` is the
     AssembleConfig (recipe, threshold, tags)."""
@@ -336,7 +337,7 @@ def release_stats(cfg, version: str, summary: dict, prep_stats: dict, skipped: l
         or prep_stats.get("kept", 0)
     if candidates != web + sum(dropped.values()):
         raise AccountingError(f"accounting broken: {candidates} candidates != {web} web examples + "
-                            f"{sum(dropped.values())} dropped ({dropped})")
+                              f"{sum(dropped.values())} dropped ({dropped})")
     seed_final = by_origin.get("seed", {}).get("rows", {}).get("total", 0)
     if seed_final != seed["kept"]:
         raise AccountingError(f"accounting broken: {seed['kept']} seed examples read, {seed_final} written")

@@ -159,7 +159,8 @@ def publish(root: str, *, version: str | None, config: dict, lineage: dict,
 
     `build(folder, version)` writes the data files, stats.json, report and card into the empty folder
     and returns the split counts ({"train": n, "validation": n}) the manifest records. A published
-    version of another config is a ReleaseError; a release that does not validate is left without
+    version (one with _SUCCESS) of another or an unreadable config is a ReleaseError, and so is a
+    published version that no longer validates; a release that does not validate is left without
     _SUCCESS (debris that the next run clears) and raises ReleaseError.
     """
     chash = config_hash(config, lineage)
@@ -169,16 +170,17 @@ def publish(root: str, *, version: str | None, config: dict, lineage: dict,
             return current, False
     version = check_version_name(version or default_version(chash))
     folder = release_dir(root, version)
-    manifest_path, success = storage.join(folder, MANIFEST), storage.join(folder, SUCCESS)
-    recorded = _recorded_hash(manifest_path)
-    if recorded is not None and recorded != chash and storage.exists(success):
-        raise ReleaseError(f"{folder}: release {version} exists with other inputs or config (hash {recorded} "
-                           f"!= {chash}); releases are never overwritten: pass another --version")
+    success = storage.join(folder, SUCCESS)
+    recorded = _recorded_hash(storage.join(folder, MANIFEST))
     built = False
-    if recorded == chash and storage.exists(success):
+    if storage.exists(success):
+        if recorded != chash:
+            raise ReleaseError(f"{folder}: release {version} exists with other inputs or config (hash "
+                               f"{recorded or 'unreadable'} != {chash}); releases are never overwritten: pass "
+                               "another --version")
         validate(folder)  # published before: check it again before LATEST names it
     elif recorded == chash and _validates(folder):
-        storage.write_text(success, success_line(folder))  # killed after the manifest: finish
+        storage.write_text(success, success_line(folder))  # killed between the manifest and _SUCCESS
     else:
         storage.delete_tree(folder)  # debris of a failed run: never a published release
         counts = build(folder, version)
@@ -246,9 +248,15 @@ def validate(path: str, *, published: bool = True, tables: dict[str, list[pa.Tab
         success = storage.join(folder, SUCCESS)
         if not storage.exists(success):
             problems.append(f"{folder}: {SUCCESS} missing: the release is incomplete")
-        elif storage.read_bytes(success).decode("utf-8", "replace").split()[:1] != [sha256_of(manifest_path)]:
-            problems.append(f"{MANIFEST}: its sha256 is not the one {SUCCESS} records: the manifest was changed "
-                            "after the release was published")
+        else:
+            recorded = storage.read_bytes(success).decode("utf-8", "replace").split()[:1]
+            if not recorded:
+                problems.append(f"{SUCCESS} holds no checksum of {MANIFEST} (a release made before _SUCCESS held one, or an "
+                                f"emptied file): to re-mark it, delete {SUCCESS} and rerun bft assemble with the "
+                                "same config")
+            elif recorded != [sha256_of(manifest_path)]:
+                problems.append(f"{MANIFEST}: its sha256 is not the one {SUCCESS} records: the manifest was "
+                                "changed after the release was published")
     try:
         manifest = json.loads(storage.read_text(manifest_path))
     except (ValueError, UnicodeDecodeError) as e:

@@ -195,7 +195,8 @@ def test_a_truncated_zstd_fails_naming_the_file_unless_skipped(tmp_path, bpe_tok
         prepare.run(prepare_cfg(str(tmp_path / "in" / "*"), tmp_path / "x", bpe_tokenizer_path, splits=[]), LOCAL)
     stats = prepare.run(prepare_cfg(str(tmp_path / "in" / "*"), tmp_path / "y", bpe_tokenizer_path, splits=[],
                                     skip_unreadable_files=True), LOCAL)
-    assert [u["file"] for u in stats["unreadable_files"]] == [cut] and "truncated" in stats["unreadable_files"][0]["error"]
+    assert [u["file"] for u in stats["unreadable_files"]] == [cut]
+    assert "truncated" in stats["unreadable_files"][0]["error"]
     assert stats["input_records"] == stats["kept"] + sum(stats["dropped"].values())
 
 

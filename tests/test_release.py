@@ -180,3 +180,25 @@ def test_bft_validate_never_aborts_in_a_loop_of_processes(root):
         procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
         codes += [p.wait(timeout=120) for p in procs]
     assert codes == [0] * len(codes)
+
+
+def test_a_published_release_with_an_unreadable_manifest_is_refused_not_rebuilt(root):
+    run(root, version="v1")
+    folder = os.path.join(root, "sft", "v1")
+    open(os.path.join(folder, "manifest.json"), "w").write("{ not json")
+    with pytest.raises(release.ReleaseError, match="exists with other inputs or config.*never overwritten"):
+        run(root, version="v1")
+    assert os.path.exists(os.path.join(folder, "train-00000-of-00002.parquet"))
+
+
+def test_an_empty_success_is_named_and_a_rerun_re_marks_a_release_without_rebuilding_it(root):
+    run(root, version="v1")
+    folder = os.path.join(root, "sft", "v1")
+    data = os.path.join(folder, "train-00000-of-00002.parquet")
+    stamp = os.path.getmtime(data)
+    open(os.path.join(folder, "_SUCCESS"), "w").close()  # as the code before the checksum wrote it
+    with pytest.raises(release.ReleaseError, match="_SUCCESS holds no checksum of manifest.json.*delete _SUCCESS"):
+        release.validate(folder)
+    os.remove(os.path.join(folder, "_SUCCESS"))  # as a kill between the manifest and _SUCCESS leaves it
+    run(root, version="v1")
+    assert os.path.getmtime(data) == stamp and release.validate(folder)["version"] == "v1"
