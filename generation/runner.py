@@ -25,7 +25,7 @@ from schemas.keys import row_seed
 from schemas.layout import RunLayout
 from schemas.options import option, required
 from generation import parsing
-from generation.engines import Completion, Engine, Request, make_engine
+from generation.engines import Completion, Engine, EngineConfig, Request, load_engine
 from generation.prompting import SCORE_PREFIX, fit_prompt, n_tokens
 from generation.stages import STAGES
 from generation.templates import load_template
@@ -63,6 +63,9 @@ class GenerateConfig:
     template: str | None = option(None, "file replacing the stage's prompt template")
     max_error_rate: float = option(0.02, "fail a shard when a larger share of its requests fails")
     concurrency: int = option(16, "openai engine: requests in flight")
+    request_timeout: float = option(600.0, "openai engine: seconds one HTTP request may take")
+    max_retries: int = option(5, "openai engine: retries of a request that failed for a transient reason "
+                              "(429, 5xx, timeout, connection); Retry-After is honoured")
     tensor_parallel_size: int = option(1, "vllm engine: GPUs per model")
     gpu_memory_utilization: float = option(0.9, "vllm engine: share of GPU memory to take")
     dtype: str = option("auto", "vllm and hf engines: weights' dtype", choices=["auto", "bf16", "fp16", "fp32"])
@@ -78,10 +81,10 @@ class GenerateConfig:
             raise UserError("--chunk-rows, --batch-size and --concurrency must be >= 1")
         self.root = RunLayout(self.root).root
 
-    def engine_options(self) -> dict:
-        return {k: getattr(self, k) for k in ("tokenizer", "base_url", "api", "batch_size", "max_model_len",
-                                              "concurrency", "tensor_parallel_size", "gpu_memory_utilization",
-                                              "dtype", "seed")}
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(self.engine, self.model, **{k: getattr(self, k) for k in (
+            "tokenizer", "base_url", "api", "batch_size", "max_model_len", "concurrency", "tensor_parallel_size",
+            "gpu_memory_utilization", "dtype", "seed", "request_timeout", "max_retries")})
 
 
 def read_generation(path: str) -> pa.Table:
@@ -106,12 +109,22 @@ class StageRunner:
         self.layout = RunLayout(cfg.root)
         self.template = load_template(cfg.stage, cfg.template)
         self._engine = engine
+        self._owns_engine = engine is None
         self.logprob = cfg.stage == "score" and cfg.score_mode == "logprob"
+
+    def __enter__(self) -> "StageRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Close the engine if the runner loaded it (an engine passed in belongs to the caller)."""
+        if self._owns_engine and self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = make_engine(self.cfg.engine, self.cfg.model, **self.cfg.engine_options())
+            self._engine = load_engine(self.cfg.engine_config())
         return self._engine
 
     def run(self) -> dict:
@@ -176,7 +189,7 @@ class StageRunner:
         bar = tqdm(total=len(pending), unit="row", desc=f"{cfg.stage} shard {k}", disable=None)
         out_tokens = 0
         # vLLM schedules a whole shard best in one generate call; other engines report progress by chunk
-        step = max(len(pending), 1) if self.engine.name == "vllm" else cfg.chunk_rows
+        step = max(len(pending), 1) if self.engine.whole_shard else cfg.chunk_rows
         for start in range(0, len(pending), step):
             chunk = pending[start:start + step]
             comps = self.engine.generate([req for _, req, _ in chunk])
