@@ -137,7 +137,7 @@ def test_logprob_score_mode_on_hf(prepared_root, tmp_path, tiny_models):
 
 
 def test_engine_errors_fail_the_shard_past_the_error_rate(prepared_root, tmp_path, tiny_models):
-    from generation.engines import Completion
+    from generation.engines import Completion, EngineConfig
     from generation.engines.hf import HFEngine
 
     class Failing(HFEngine):
