@@ -8,7 +8,9 @@ applies its template; needed for hosted chat-only APIs).
   to true), and the chat template already wrote BOS, so the body says `add_special_tokens: false`
   (vLLM's and SGLang's parameter): the server sees exactly the tokens counted here. Taking the BOS
   text off the prompt instead is not exact: a sentencepiece that prepends "▁" to the first text then
-  tokenizes the start differently.
+  tokenizes the start differently. A server that refuses the parameter (transformers serve answers 422
+  "Unexpected fields") gets, from then on, the prompt without its leading BOS text when the tokenizer
+  adds BOS itself: one BOS again, the first token possibly tokenized differently.
 - Chat API without --tokenizer: no local tokenizer is loaded. The context length is --max-model-len,
   else the server's model listing (GET /models, `max_model_len` as vLLM returns it), else the local
   model folder's config.json, else an error; documents are cut by the byte bound of prompting.py and
@@ -67,6 +69,7 @@ class OpenAIEngine(Engine):
         if not self.max_model_len:
             raise EngineError(f"{self.base_url}/models gives no max_model_len for {self.model!r} and it is no local "
                               "model folder: give --max-model-len (the served context length)")
+        self._strip_bos = None  # set once a server refuses add_special_tokens: the BOS text to take off
         self._loop = asyncio.new_event_loop()
         self._client: httpx.AsyncClient | None = None
 
@@ -122,7 +125,11 @@ class OpenAIEngine(Engine):
             if r.digit_probs:
                 body.update(logprobs=True, top_logprobs=20, temperature=0.0, max_tokens=2)
             return "/chat/completions", body
-        body.update(prompt=r.prompt, add_special_tokens=False)
+        if self._strip_bos is None:
+            body.update(prompt=r.prompt, add_special_tokens=False)
+        else:
+            bos = self._strip_bos
+            body["prompt"] = r.prompt[len(bos):] if bos and r.prompt.startswith(bos) else r.prompt
         if r.digit_probs:
             body.update(logprobs=20, temperature=0.0)
         return "/completions", body
@@ -138,6 +145,11 @@ class OpenAIEngine(Engine):
                     error = f"HTTP {resp.status_code}: {resp.text[:200]}"
                     if resp.status_code in (429, 503):
                         wait = retry_after(resp.headers.get("retry-after"))
+                elif resp.status_code in (400, 422) and "add_special_tokens" in body and \
+                        "add_special_tokens" in resp.text:
+                    self._strip_bos = _added_bos(self.tokenizer)
+                    path, body = self._body(r)
+                    continue
                 elif resp.status_code >= 400:
                     return failed(f"HTTP {resp.status_code}: {resp.text[:500]}")
                 else:
@@ -192,6 +204,13 @@ def retry_after(value: str | None) -> float | None:
         except (TypeError, ValueError):
             return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def _added_bos(tokenizer) -> str:
+    """The BOS text a server adds again when it tokenizes with special tokens, or ""."""
+    if not tokenizer.bos_token:
+        return ""
+    return tokenizer.bos_token if tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id] else ""
 
 
 def _local_context_length(model: str) -> int | None:
