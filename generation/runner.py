@@ -188,7 +188,7 @@ class StageRunner:
                 pending.append((row, req, truncated))
         bar = tqdm(total=len(pending), unit="row", desc=f"{cfg.stage} shard {k}", disable=None)
         out_tokens = 0
-        # vLLM schedules a whole shard best in one generate call; other engines report progress by chunk
+        # an engine that schedules a whole shard itself (vLLM) gets it in one call; others report progress by chunk
         step = max(len(pending), 1) if self.engine.whole_shard else cfg.chunk_rows
         for start in range(0, len(pending), step):
             chunk = pending[start:start + step]

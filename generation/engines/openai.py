@@ -134,22 +134,26 @@ class OpenAIEngine(Engine):
             body.update(logprobs=20, temperature=0.0)
         return "/completions", body
 
-    async def _one(self, r: Request) -> Completion:
+    async def _post(self, r: Request) -> httpx.Response:
+        """POST the request; a server that refuses `add_special_tokens` gets it again without."""
         path, body = self._body(r)
+        resp = await self._client.post(self.base_url + path, json=body)
+        if resp.status_code in (400, 422) and "add_special_tokens" in body and "add_special_tokens" in resp.text:
+            self._strip_bos = _added_bos(self.tokenizer)
+            path, body = self._body(r)
+            resp = await self._client.post(self.base_url + path, json=body)
+        return resp
+
+    async def _one(self, r: Request) -> Completion:
         error = ""
         for attempt in range(self.max_retries + 1):
             wait = None
             try:
-                resp = await self._client.post(self.base_url + path, json=body)
+                resp = await self._post(r)
                 if resp.status_code in RETRY_STATUS:
                     error = f"HTTP {resp.status_code}: {resp.text[:200]}"
                     if resp.status_code in (429, 503):
                         wait = retry_after(resp.headers.get("retry-after"))
-                elif resp.status_code in (400, 422) and "add_special_tokens" in body and \
-                        "add_special_tokens" in resp.text:
-                    self._strip_bos = _added_bos(self.tokenizer)
-                    path, body = self._body(r)
-                    continue
                 elif resp.status_code >= 400:
                     return failed(f"HTTP {resp.status_code}: {resp.text[:500]}")
                 else:
