@@ -95,6 +95,44 @@ def space_digit_tokenizer(tmp_path_factory, fixture_texts):
     return path
 
 
+@pytest.fixture(scope="module")
+def llama2_structure_tokenizer(tmp_path_factory, bpe_tokenizer_path):
+    """The exact structure of Llama-2's tokenizer.json: Prepend("▁") + Replace(" ", "▁") normalizer, no
+    pre-tokenizer, byte-fallback BPE, "<s> $A" post-processor (the tiny BPE's vocabulary and merges)."""
+    import json
+
+    spec = json.load(open(bpe_tokenizer_path))
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                               {"type": "Replace", "pattern": {"String": " "},
+                                                                "content": "▁"}]}
+    spec["pre_tokenizer"] = None
+    bos = next(t["id"] for t in spec["added_tokens"] if t["content"] == "<s>")
+    spec["post_processor"] = {"type": "TemplateProcessing",
+                              "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                       {"Sequence": {"id": "A", "type_id": 0}},
+                                       {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {"<s>": {"id": "<s>", "ids": [bos], "tokens": ["<s>"]}}}
+    path = str(tmp_path_factory.mktemp("tok_l2") / "tokenizer.json")
+    json.dump(spec, open(path, "w"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tekken_tokenizer(tmp_path_factory):
+    """The real tekken tokenizer that mistral-common ships (byte-level BPE with a split regex, the
+    structure of Llama-3's), converted at test time."""
+    import mistral_common
+    from transformers.integrations.mistral import convert_tekken_tokenizer
+
+    tok = convert_tekken_tokenizer(os.path.join(os.path.dirname(mistral_common.__file__), "data",
+                                                "tekken_240718.json"))
+    path = str(tmp_path_factory.mktemp("tok_tekken") / "tokenizer.json")
+    tok.backend_tokenizer.save(path)
+    return path
+
+
 # --- configuration apart from loading; close; the batching hint (issue 12) ---------------------------
 
 def test_engine_config_is_checked_before_anything_loads():
@@ -197,12 +235,12 @@ def test_completions_endpoint_gets_one_bos(prepared_root, tmp_path, digit_model,
 
 # --- the logprob score prompt (issue 9 point 3) -------------------------------------------------------
 
-@pytest.mark.parametrize("which", ["sentencepiece_structure", "byte_level", "space_digit"])
+@pytest.mark.parametrize("which", ["metaspace", "llama2_structure", "byte_level", "space_digit", "tekken"])
 @pytest.mark.parametrize("chat_template", [True, False])
-def test_the_score_prompt_ends_where_the_digit_token_begins(which, chat_template, bpe_tokenizer_path,
-                                                            byte_level_tokenizer_path, space_digit_tokenizer):
-    path = {"sentencepiece_structure": bpe_tokenizer_path, "byte_level": byte_level_tokenizer_path,
-            "space_digit": space_digit_tokenizer}[which]
+def test_the_score_prompt_ends_where_the_digit_token_begins(which, chat_template, request):
+    path = request.getfixturevalue({"metaspace": "bpe_tokenizer_path", "llama2_structure": "llama2_structure_tokenizer",
+                                    "byte_level": "byte_level_tokenizer_path", "space_digit": "space_digit_tokenizer",
+                                    "tekken": "tekken_tokenizer"}[which])
     tok = hf_tokenizer(path, chat_template)
     values = {"instruction": "Explain BPE.", "response": "It merges frequent pairs."}
     prompt, msgs, _ = fit_prompt(tok, DEFAULTS["score"], values, "response", 4000, SCORE_PREFIX)
