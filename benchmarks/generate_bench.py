@@ -46,11 +46,12 @@ def build(docs: int) -> tuple[str, str]:
 
 
 def stage_overhead(root: str, model: str, batch_size: int, max_new: int, device: str) -> dict:
+    from generation.engines import EngineConfig
     from generation.engines.hf import HFEngine
     from generation.runner import GenerateConfig, StageRunner
 
     shutil.rmtree(os.path.join(root, "generations"), ignore_errors=True)
-    engine = HFEngine(model, batch_size=batch_size, device=device)
+    engine = HFEngine(EngineConfig("hf", model, batch_size=batch_size), device=device)
     inside = [0.0]
     original = engine.generate
 
@@ -90,9 +91,10 @@ def backtranslate_requests(root: str, tokenizer, max_model_len: int, max_new: in
 
 def batching_vs_loop(root: str, model: str, batch_size: int, max_new: int, device: str) -> dict:
     """Same prompts, same batch size and sampling: engine batching vs plain loop in input order."""
+    from generation.engines import EngineConfig
     from generation.engines.hf import HFEngine
 
-    engine = HFEngine(model, batch_size=batch_size, device=device)
+    engine = HFEngine(EngineConfig("hf", model, batch_size=batch_size), device=device)
     tok, lm = engine.tokenizer, engine.lm
     prompts, requests = backtranslate_requests(root, tok, engine.max_model_len, max_new, input_order=True)
 
@@ -122,9 +124,10 @@ def vllm_vs_bare(root: str, model: str, max_new: int) -> dict:
     """--engine vllm: our adapter vs a bare `LLM.generate` on the same prompts, same LLM instance."""
     from vllm import SamplingParams
 
+    from generation.engines import EngineConfig
     from generation.engines.vllm import VLLMEngine
 
-    engine = VLLMEngine(model)
+    engine = VLLMEngine(EngineConfig("vllm", model))
     prompts, requests = backtranslate_requests(root, engine.tokenizer, engine.max_model_len, max_new)
     engine.generate(requests[:8])  # warm-up
     t0 = time.perf_counter()
@@ -132,7 +135,8 @@ def vllm_vs_bare(root: str, model: str, max_new: int) -> dict:
     ours_s = time.perf_counter() - t0
     params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=max_new, seed=i) for i in range(len(prompts))]
     t0 = time.perf_counter()
-    bare = sum(len(o.outputs[0].token_ids) for o in engine.llm.generate(prompts, params, use_tqdm=False))
+    ids = [{"prompt_token_ids": engine.tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+    bare = sum(len(o.outputs[0].token_ids) for o in engine.llm.generate(ids, params, use_tqdm=False))
     bare_s = time.perf_counter() - t0
     return {"prompts": len(prompts), "ours_tokens_per_s": ours / ours_s, "bare_tokens_per_s": bare / bare_s,
             "ratio": (ours / ours_s) / (bare / bare_s)}

@@ -57,7 +57,8 @@ def _prepare(cfg, beam_args, run_file) -> int:
 def _generate(cfg, beam_args, run_file) -> int:
     from generation.runner import StageRunner
 
-    summary = StageRunner(cfg).run()
+    with StageRunner(cfg) as runner:
+        summary = runner.run()
     print(f"generate {cfg.stage}: shards written {summary['shards_done']}, skipped (complete) "
           f"{summary['shards_skipped']}; {summary['rows']:,} rows, {summary['errors']} engine errors")
     return 0

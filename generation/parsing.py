@@ -31,25 +31,31 @@ def parse_instruction(text: str, document: str, finish_reason: str | None) -> tu
     return {"instruction": out}, None
 
 
-_SCORE = re.compile(r"score\s*[:：]\s*\**\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*5)?", re.I)
+_SCORE = re.compile(r"(?:\*\*|__)?score(?:\*\*|__)?\s*[:：]\s*(?:\*\*|__)?\s*(-?\d+(?:\.\d+)?)"
+                    r"(?:\s*/\s*(\d+))?(\s*[-–~]\s*\d)?", re.I)
 
 
 def parse_score(text: str, finish_reason: str | None) -> tuple[dict, str | None]:
     """Humpback rubric output -> score 1..5 and the reasoning before it.
 
-    The LAST `Score: N` counts (case-insensitive, optional spaces, N may be followed by "/5" or "."),
-    only integers 1..5 are accepted. Failures: no_match, truncated (no match and the output hit the
-    token limit), out_of_range (8, 10, 91, 0, 4.5 ...).
+    The LAST `Score: N` counts (case-insensitive, optional spaces, the label may be bold:
+    `**Score**: 5`). N must be a whole number 1..5, written as an integer or with a zero fraction
+    (5, 5.0), optionally followed by "/5" or ".". Failures: no_match, truncated (no match and the
+    output hit the token limit), out_of_range (8, 10, 91, 0, 4.5, 3/10: another scale), ambiguous
+    (a range such as 4-5).
     """
     matches = list(_SCORE.finditer(text))
     if not matches:
         return {"score": None, "reasoning": text.strip() or None}, "truncated" if finish_reason == "length" else "no_match"
     last = matches[-1]
     reasoning = text[: last.start()].strip() or None
-    raw = last.group(1)
-    if not re.fullmatch(r"[1-5]", raw):
+    raw, scale, span = last.groups()
+    if span:
+        return {"score": None, "reasoning": reasoning}, "ambiguous"
+    value = float(raw)
+    if (scale and scale != "5") or value not in (1, 2, 3, 4, 5):
         return {"score": None, "reasoning": reasoning}, "out_of_range"
-    return {"score": float(raw), "reasoning": reasoning}, None
+    return {"score": value, "reasoning": reasoning}, None
 
 
 def score_from_probs(probs: dict[str, float]) -> tuple[dict, str | None]:
@@ -63,16 +69,18 @@ def score_from_probs(probs: dict[str, float]) -> tuple[dict, str | None]:
     return {"score": round(expected, 4), "reasoning": f"argmax={argmax} p({argmax})={probs.get(str(argmax), 0.0) / total:.4f} mass={total:.4f}"}, None
 
 
-_RES = re.compile(r"\[RES\](.*?)\[/RES\]", re.S)
+_RES = re.compile(r"\[RES\]((?:(?!\[RES\]).)*?)\[/RES\]", re.S)
 
 
 def parse_rewrite(text: str, finish_reason: str | None) -> tuple[dict, str | None]:
     """Rewrite output -> the text between [RES] and [/RES].
 
-    Several complete blocks: the first is taken (later ones are repeats or continuations the chat
-    model adds), and parse_error says `multiple_blocks` while the response is kept. An open [RES]
-    without its close is `truncated` when the output hit the token limit, else `unclosed`. No tag at
-    all is `unparsed`; an empty block is `empty`.
+    A block is the text after the LAST [RES] before a [/RES] (`[RES] a [RES] b [/RES]` gives "b": the
+    model restarted its answer). A closed block is complete even when the model ran out of tokens
+    after it. Several complete blocks: the first is taken (later ones are repeats or continuations
+    the chat model adds), and parse_error says `multiple_blocks` while the response is kept. An open
+    [RES] without its close is `truncated` when the output hit the token limit, else `unclosed`. No
+    tag at all is `unparsed`; an empty block is `empty`.
     """
     blocks = _RES.findall(text)
     if blocks:

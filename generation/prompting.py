@@ -1,43 +1,101 @@
-"""Rows -> rendered prompts that fit the model: chat template (or Llama-2 format), and truncation of
-the document part when the prompt would not fit `max_model_len - max_new_tokens`."""
+"""Rows -> rendered prompts that fit the model: chat template (or Llama-2 format), the score prefill
+of the logprob mode, and cutting the document part when the prompt would not fit the budget
+(`max_model_len - max_new_tokens`).
+
+With a tokenizer, lengths are counted in tokens, exactly. Without one (the openai engine's chat API
+with no --tokenizer: the server applies its own template), lengths are bounded in UTF-8 bytes: every
+token of a byte-level BPE or a byte-fallback sentencepiece covers at least one byte of the text,
+except the "▁" a sentencepiece prepends to a text (one per message), so a message of B bytes is at
+most B + 1 tokens. The template the server wraps around the messages (role headers, BOS, a default
+system prompt) is not known here; CHAT_TEMPLATE_RESERVE tokens are kept for it. Documents are then cut
+so that bytes + one per message + the reserve fit the budget: safe for those tokenizers, and about
+4x stricter than needed on English text. A server that still finds the prompt too long answers 400,
+which becomes an error row.
+"""
 from __future__ import annotations
 
 from generation.templates import Template, llama2_format, messages
 
 SCORE_PREFIX = "Score:"
+CHAT_TEMPLATE_RESERVE = 128
 
 
 def render(tokenizer, system: str | None, user: str, assistant_prefix: str = "") -> str:
-    """The prompt text: the model's own chat template when it has one, else the Llama-2 format."""
+    """The prompt text: the model's own chat template when it has one, else the Llama-2 format;
+    `assistant_prefix` is written as the start of the assistant's turn (the template's own spacing)."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages(system, user), tokenize=False, add_generation_prompt=True)
-    else:
-        text = llama2_format(system, user)
-    return text + (" " + assistant_prefix if assistant_prefix else "")
+        msgs = messages(system, user)
+        if assistant_prefix:
+            return tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": assistant_prefix}],
+                                                 tokenize=False, continue_final_message=True)
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return llama2_format(system, user) + (" " + assistant_prefix if assistant_prefix else "")
 
 
-def n_tokens(tokenizer, text: str) -> int:
+def score_prompt(tokenizer, system: str | None, user: str) -> tuple[str, str]:
+    """(prompt, prefill) of the logprob score mode: the prompt ends exactly where the digit token
+    begins in the model's own tokenization of the assistant turn "Score: 5", so the next token is the
+    digit ("Score", ":", "▁", "5" in Llama-2's sentencepiece ends the prompt after the space; a
+    tokenizer with a " 5" token ends it after the colon). `prefill` is the assistant turn's text up to
+    there, for chat endpoints that continue a final assistant message."""
+    full = render(tokenizer, system, user, SCORE_PREFIX + " 5")
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    digit = len(full) - 1
+    start = next(s for s, e in reversed(enc["offset_mapping"]) if s <= digit < e)
+    content = full.rindex(SCORE_PREFIX + " 5")
+    return full[:start], full[content:start]
+
+
+def n_tokens(tokenizer, text: str) -> int | None:
+    """Tokens of `text` without special tokens added; None without a tokenizer."""
+    if tokenizer is None:
+        return None
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _bound(tokenizer, prompt: str, msgs: list[dict]) -> int:
+    """The prompt's length in tokens, or without a tokenizer its upper bound (module docstring)."""
+    if tokenizer is not None:
+        return n_tokens(tokenizer, prompt)
+    return sum(len(m["content"].encode()) + 1 for m in msgs) + CHAT_TEMPLATE_RESERVE
+
+
+def _build(tokenizer, template: Template, values: dict[str, str], assistant_prefix: str) -> tuple[str, list[dict]]:
+    system, user = template.fill(**values)
+    msgs = messages(system, user)
+    if not assistant_prefix:
+        return render(tokenizer, system, user), msgs
+    if tokenizer is None:
+        return llama2_format(system, user) + " " + assistant_prefix, msgs + [
+            {"role": "assistant", "content": assistant_prefix}]
+    prompt, prefill = score_prompt(tokenizer, system, user)
+    return prompt, msgs + [{"role": "assistant", "content": prefill}]
 
 
 def fit_prompt(tokenizer, template: Template, values: dict[str, str], doc_field: str | None, budget: int,
                assistant_prefix: str = "") -> tuple[str, list[dict], bool]:
-    """(prompt, messages, truncated): the document value is cut (by tokens, at its end) until the
-    rendered prompt has at most `budget` tokens. Never raises for length; a template that cannot fit
-    even with an empty document is returned as it is and the engine reports the overflow."""
-    system, user = template.fill(**values)
-    prompt = render(tokenizer, system, user, assistant_prefix)
-    total = n_tokens(tokenizer, prompt)
+    """(prompt, messages, truncated): the document value is cut at its end until the prompt has at
+    most `budget` tokens (by the byte bound when `tokenizer` is None). A non-empty `assistant_prefix`
+    asks for the logprob score prompt (`score_prompt`; the messages end with the prefill). Never
+    raises for length; a template that cannot fit even with an empty document is returned as it is
+    and the engine reports the overflow."""
+    prompt, msgs = _build(tokenizer, template, values, assistant_prefix)
+    total = _bound(tokenizer, prompt, msgs)
     if total <= budget or not doc_field or not values.get(doc_field):
-        return prompt, messages(system, user), False
+        return prompt, msgs, False
+    if tokenizer is None:
+        doc = values[doc_field].encode()
+        keep = max(0, len(doc) - (total - budget))
+        cut = dict(values, **{doc_field: doc[:keep].decode(errors="ignore")})  # never half a character
+        prompt, msgs = _build(None, template, cut, assistant_prefix)
+        return prompt, msgs, True
     doc_ids = tokenizer(values[doc_field], add_special_tokens=False)["input_ids"]
     keep = max(0, len(doc_ids) - (total - budget))
     for _ in range(4):  # re-tokenization at the cut can shift a token or two
         cut = dict(values, **{doc_field: tokenizer.decode(doc_ids[:keep], skip_special_tokens=True)})
-        system, user = template.fill(**cut)
-        prompt = render(tokenizer, system, user, assistant_prefix)
+        prompt, msgs = _build(tokenizer, template, cut, assistant_prefix)
         over = n_tokens(tokenizer, prompt) - budget
         if over <= 0:
             break
         keep = max(0, keep - over - 2)
-    return prompt, messages(system, user), True
+    return prompt, msgs, True

@@ -30,7 +30,7 @@ from schemas.options import option, product_options, required
 from schemas.outcomes import engine_error, is_engine_error, shard_summary
 from schemas.recipes import GATE_STAGES, gate_threshold
 from generation import parsing
-from generation.engines import Completion, Engine, Request, make_engine
+from generation.engines import Completion, Engine, EngineConfig, Request, load_engine
 from generation.prompting import fit_prompt, n_tokens
 from generation.stages import STAGES, Gate
 from generation.templates import load_template
@@ -76,6 +76,9 @@ class GenerateConfig:
     min_score: float | None = option(None, "the gate's threshold (default: the recipe's, 5 for score, 4.5 for rate)")
     max_error_rate: float = option(0.02, "fail a shard when a larger share of its requests fails", run_only=True)
     concurrency: int = option(16, "openai engine: requests in flight", run_only=True)
+    request_timeout: float = option(600.0, "openai engine: seconds one HTTP request may take", run_only=True)
+    max_retries: int = option(5, "openai engine: retries of a request that failed for a transient reason "
+                              "(429, 5xx, timeout, connection); Retry-After is honoured", run_only=True)
     tensor_parallel_size: int = option(1, "vllm engine: GPUs per model", run_only=True)
     gpu_memory_utilization: float = option(0.9, "vllm engine: share of GPU memory to take", run_only=True)
     dtype: str = option("auto", "vllm and hf engines: weights' dtype", choices=["auto", "bf16", "fp16", "fp32"])
@@ -107,10 +110,10 @@ class GenerateConfig:
             return None
         return Gate(stage, gate_threshold(stage) if self.min_score is None else self.min_score)
 
-    def engine_options(self) -> dict:
-        return {k: getattr(self, k) for k in ("tokenizer", "base_url", "api", "batch_size", "max_model_len",
-                                              "concurrency", "tensor_parallel_size", "gpu_memory_utilization",
-                                              "dtype", "seed")}
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(self.engine, self.model, **{k: getattr(self, k) for k in (
+            "tokenizer", "base_url", "api", "batch_size", "max_model_len", "concurrency", "tensor_parallel_size",
+            "gpu_memory_utilization", "dtype", "seed", "request_timeout", "max_retries")})
 
 
 def read_generation(path: str) -> pa.Table:
@@ -134,11 +137,21 @@ class StageRunner:
         self.max_new = 1 if self.logprob_prefix else (cfg.max_new_tokens or self.spec.max_new_tokens)
         self.temperature = self.spec.temperature if cfg.temperature is None else cfg.temperature
         self.top_p = self.spec.top_p if cfg.top_p is None else cfg.top_p
+        self._owns_engine = engine is None
+
+    def __enter__(self) -> "StageRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Close the engine if the runner loaded it (an engine passed in belongs to the caller)."""
+        if self._owns_engine and self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = make_engine(self.cfg.engine, self.cfg.model, **self.cfg.engine_options())
+            self._engine = load_engine(self.cfg.engine_config())
         return self._engine
 
     def product_config(self) -> dict:
@@ -248,8 +261,8 @@ class StageRunner:
                 pending.append((row, req, truncated))
         bar = tqdm(total=len(pending), unit="row", desc=f"{cfg.stage} shard {k}", disable=None)
         out_tokens = 0
-        # vLLM schedules a whole shard best in one generate call; other engines report progress by chunk
-        step = max(len(pending), 1) if self.engine.name == "vllm" else cfg.chunk_rows
+        # an engine that schedules a whole shard itself (vLLM) gets it in one call; others report progress by chunk
+        step = max(len(pending), 1) if self.engine.whole_shard else cfg.chunk_rows
         for start in range(0, len(pending), step):
             chunk = pending[start:start + step]
             comps = self.engine.generate([req for _, req, _ in chunk])

@@ -56,6 +56,20 @@ def tiny_models(tmp_path_factory, bpe_tokenizer_path):
             "plain": make_tiny_llama(str(root / "plain"), tok, chat_template=False, context=1024, seed=1)}
 
 
+@pytest.fixture(scope="session")
+def prepared_root(tmp_path_factory, fixture_texts, bpe_tokenizer_path):
+    """A run root with complete candidates: 12 short documents in 3 shards."""
+    from beam_pipelines import prepare
+
+    root = tmp_path_factory.mktemp("run")
+    lines = [dolma_line(f"d{i:02d}", fixture_texts[i][:300]) for i in range(12)]
+    write_dolma_file(str(root / "in" / "cc_en_head" / "a.json.gz"), lines)
+    prepare.run(prepare.PrepareConfig(input=[str(root / "in" / "*" / "*.json.gz")],
+                                      root=str(root), tokenizer=bpe_tokenizer_path,
+                                      max_tokens=1000, num_shards=3, reject_shards=1), LOCAL)
+    return str(root)
+
+
 def dolma_line(doc_id: str, text, **extra) -> bytes:
     rec = {"id": doc_id, "text": text, "source": "common-crawl", "metadata": {"url": f"https://x.org/{doc_id}"}}
     rec.update(extra)

@@ -11,6 +11,7 @@ import pytest
 
 import schemas
 import storage
+from generation.engines import EngineConfig
 from generation.prompting import fit_prompt, n_tokens, render
 from generation.runner import GenerateConfig, GenerationError, StageRunner
 from schemas import provenance
@@ -18,25 +19,11 @@ from schemas.keys import row_seed
 from schemas.release import sha256_of
 from schemas.layout import RunLayout
 from generation.templates import DEFAULTS
-from tests.conftest import LOCAL, _free_port, dolma_line, write_dolma_file
+from tests.conftest import _free_port
 
 STAGES = ["backtranslate", "score", "rewrite", "distill", "rate"]
 # Tiny random models never score 5: the tests that drive every stage send rewrite and distill every row.
 NO_GATE = {"rewrite": {"gate": "none"}, "distill": {"gate": "none"}}
-
-
-@pytest.fixture(scope="session")
-def prepared_root(tmp_path_factory, fixture_texts, bpe_tokenizer_path):
-    """A run root with complete candidates: 12 short documents in 3 shards."""
-    from beam_pipelines import prepare
-
-    root = tmp_path_factory.mktemp("run")
-    lines = [dolma_line(f"d{i:02d}", fixture_texts[i][:300]) for i in range(12)]
-    write_dolma_file(str(root / "in" / "cc_en_head" / "a.json.gz"), lines)
-    prepare.run(prepare.PrepareConfig(input=[str(root / "in" / "*" / "*.json.gz")],
-                                      root=str(root), tokenizer=bpe_tokenizer_path,
-                                      max_tokens=1000, num_shards=3, reject_shards=1), LOCAL)
-    return str(root)
 
 
 def copy_root(src, dst):
@@ -49,7 +36,8 @@ def copy_root(src, dst):
 def gen(root, stage, model, engine="hf", **kw):
     cfg = GenerateConfig(stage=stage, root=root, engine=engine, model=model, max_new_tokens=kw.pop("max_new_tokens", 12),
                          batch_size=4, seed=7, **kw)
-    return StageRunner(cfg).run()
+    with StageRunner(cfg) as runner:
+        return runner.run()
 
 
 def give_instructions(root):
@@ -164,7 +152,7 @@ def test_logprob_score_mode_on_hf(prepared_root, tmp_path, tiny_models):
 
 
 def test_engine_errors_fail_the_shard_past_the_error_rate(prepared_root, tmp_path, tiny_models):
-    from generation.engines import Completion
+    from generation.engines import Completion, EngineConfig
     from generation.engines.hf import HFEngine
 
     class Failing(HFEngine):
@@ -174,33 +162,12 @@ def test_engine_errors_fail_the_shard_past_the_error_rate(prepared_root, tmp_pat
     root = copy_root(prepared_root, tmp_path)
     cfg = GenerateConfig(stage="backtranslate", root=root, engine="hf", model=tiny_models["plain"], max_new_tokens=4)
     with pytest.raises(GenerationError, match="requests failed, over --max-error-rate 0.02; not written. First: engine_error: boom"):
-        StageRunner(cfg, engine=Failing(tiny_models["plain"])).run()
+        StageRunner(cfg, engine=Failing(EngineConfig("hf", tiny_models["plain"]))).run()
     assert not os.path.exists(RunLayout(root).generation_shard("backtranslate", 0, 3))
     cfg.max_error_rate = 1.0
-    StageRunner(cfg, engine=Failing(tiny_models["plain"])).run()
+    StageRunner(cfg, engine=Failing(EngineConfig("hf", tiny_models["plain"]))).run()
     rows = read_stage(root, "backtranslate")[1]
     assert rows["parse_error"].eq("engine_error: boom").all()
-
-
-def test_vllm_adapter_against_the_standin(prepared_root, tmp_path, tiny_models, monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "vllm_standin"))
-    sys.modules.pop("vllm", None)
-    import vllm
-
-    root = copy_root(prepared_root, tmp_path)
-    gen(root, "backtranslate", tiny_models["plain"], engine="vllm", max_model_len=1024, tensor_parallel_size=1)
-    give_instructions(root)
-    gen(root, "score", tiny_models["chat"], engine="vllm", score_mode="logprob")
-    init = [c["init"] for c in vllm.calls if "init" in c]
-    assert init[0]["enable_prefix_caching"] and init[0]["max_model_len"] == 1024 and init[0]["seed"] == 7
-    assert [c["generate"] for c in vllm.calls if "generate" in c][0] == 4  # one call per shard (4 docs)
-    bt = read_stage(root, "backtranslate")[1]
-    assert (bt["output_tokens"] <= 12).all() and bt["finish_reason"].isin(["stop", "length"]).all()
-    sc = read_stage(root, "score")[1]
-    sent = sc[sc["finish_reason"].notna()]
-    # vLLM returns the top-20 logprobs: a digit outside them has probability 0; none at all is recorded
-    assert len(sent) == 9 and (sent["score"].between(1, 5) | sent["parse_error"].eq("no_digit_probability")).all()
-    sys.modules.pop("vllm", None)
 
 
 @pytest.fixture(scope="module")
@@ -249,10 +216,9 @@ def test_openai_engine_retries_then_reports_errors(prepared_root, tmp_path, tiny
     root = copy_root(prepared_root, tmp_path)
     url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
     cfg = GenerateConfig(stage="backtranslate", root=root, engine="openai", model=tiny_models["chat"], base_url=url,
-                         max_new_tokens=4, max_error_rate=1.0)
-    runner = StageRunner(cfg)
-    runner.engine.max_retries = 1
-    runner.run()
+                         max_new_tokens=4, max_error_rate=1.0, max_retries=1)
+    with StageRunner(cfg) as runner:
+        runner.run()
     rows = read_stage(root, "backtranslate")[1]
     assert rows["parse_error"].str.startswith("engine_error: gave up after 1 retries").all()
 
@@ -429,11 +395,11 @@ def test_a_rerun_resends_only_engine_error_rows(prepared_root, tmp_path, tiny_mo
     root = copy_root(prepared_root, tmp_path)
     cfg = GenerateConfig(stage="backtranslate", root=root, engine="hf", model=tiny_models["plain"], max_new_tokens=12,
                          batch_size=4, seed=7, max_error_rate=1.0)
-    StageRunner(cfg, engine=Flaky(tiny_models["plain"], batch_size=4, seed=7)).run()
+    StageRunner(cfg, engine=Flaky(EngineConfig("hf", tiny_models["plain"], batch_size=4, seed=7))).run()
     first = read_stage(root, "backtranslate")[1]
     failed = first["parse_error"].fillna("").str.startswith("engine_error")
     assert failed.any() and (~failed).any()
-    engine = HFEngine(tiny_models["plain"], batch_size=4, seed=7)
+    engine = HFEngine(EngineConfig("hf", tiny_models["plain"], batch_size=4, seed=7))
     calls = []
     engine_generate = engine.generate
     engine.generate = lambda reqs: calls.append(len(reqs)) or engine_generate(reqs)

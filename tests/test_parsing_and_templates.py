@@ -17,6 +17,12 @@ from generation.templates import DEFAULTS, Template, llama2_format, load_templat
     ("Score: 10502", None, "out_of_range"),
     ("Score: 0", None, "out_of_range"),
     ("Score: 4.5", None, "out_of_range"),
+    ("Score: 3/10", None, "out_of_range"),     # another scale: never read as 3
+    ("Score: 4-5", None, "ambiguous"),         # a range: never read as 4
+    ("Score: 2 – 3", None, "ambiguous"),
+    ("Score: 5.0", 5.0, None),
+    ("**Score**: 5", 5.0, None),
+    ("Reasoning.\n__Score__: 4/5", 4.0, None),
     ("I would rate it highly.", None, "no_match"),
     ("", None, "no_match"),
 ])
@@ -45,6 +51,8 @@ def test_score_from_probs_gives_expectation_and_argmax():
     ("[RES] an answer without its close", "stop", None, "unclosed"),
     ("Here is the rewrite: no tags at all", "stop", None, "unparsed"),
     ("[RES]   [/RES]", "stop", None, "empty"),
+    ("[RES] a [RES] b [/RES]", "stop", "b", None),  # the text after the last [RES] before [/RES]
+    ("[RES] done [/RES]\nAnd then the model went on until it ran out", "length", "done", None),  # closed: complete
 ])
 def test_parse_rewrite(text, finish, response, error):
     assert parsing.parse_rewrite(text, finish) == ({"response": response}, error)

@@ -12,6 +12,7 @@ import torch
 import schemas
 from bft import cli
 from schemas.errors import UserError
+from generation.engines import EngineConfig
 from generation.engines.hf import HFEngine
 from generation.prompting import render
 from generation.templates import DEFAULTS, EVAL_TAG, JUDGE_SYSTEM, llama2_format
@@ -156,7 +157,7 @@ def test_the_trained_folder_loads_in_the_hf_engine_and_reruns_are_no_ops(forward
     assert not os.path.exists(out + ".partial") and not os.path.exists(out + ".checkpoints")
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["attention_dropout"] == 0.0                           # dropout is for training only
-    engine = HFEngine(out, batch_size=2)
+    engine = HFEngine(EngineConfig("hf", out, batch_size=2))
     assert engine.tokenizer.chat_template
     answers = evaluate.generate(engine, [{"instruction": "Why is the sky blue?"}], "fwd", max_new_tokens=8)
     assert answers[0]["generator"] == "fwd" and answers[0]["finish_reason"] in ("stop", "length")

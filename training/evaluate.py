@@ -215,16 +215,17 @@ def judge(engine, pairs: list[tuple[dict, dict]], max_new_tokens: int = JUDGE_MA
 
 def run_generate(cfg: EvalGenerateConfig) -> list[dict]:
     questions = read_answers(cfg.questions, "questions")
-    out = generate(cfg.load_engine(cfg.model), questions, cfg.generator, TAGS[cfg.tag],
-                   max_new_tokens=cfg.max_new_tokens or 1024, seed=cfg.seed)
+    with cfg.load_engine(cfg.model) as engine:
+        out = generate(engine, questions, cfg.generator, TAGS[cfg.tag],
+                       max_new_tokens=cfg.max_new_tokens or 1024, seed=cfg.seed)
     storage.write_text(cfg.output, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     return out
 
 
 def run_judge(cfg: EvalJudgeConfig) -> dict:
     pairs = pair_up(read_answers(cfg.a, "answers"), read_answers(cfg.b, "answers"), cfg.a, cfg.b)
-    summary, items = judge(cfg.load_engine(cfg.judge_model), pairs,
-                           max_new_tokens=cfg.max_new_tokens or JUDGE_MAX_NEW_TOKENS)
+    with cfg.load_engine(cfg.judge_model) as engine:
+        summary, items = judge(engine, pairs, max_new_tokens=cfg.max_new_tokens or JUDGE_MAX_NEW_TOKENS)
     summary.update(a=cfg.a, b=cfg.b, judge_model=cfg.judge_model)
     if cfg.output:
         storage.write_text(cfg.output, json.dumps({"summary": summary, "items": items}, indent=2,

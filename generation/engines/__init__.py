@@ -1,24 +1,32 @@
 """One engine interface, three backends: vllm (offline, in-process), openai (any compatible server),
-hf (transformers in-process). `make_engine` builds one by name."""
+hf (transformers in-process). An `EngineConfig` says which and how; `load_engine` loads it."""
 from __future__ import annotations
 
-from generation.engines.base import Completion, Engine, Request
+from dataclasses import fields
+
+from generation.engines.base import Completion, Engine, EngineConfig, EngineError, Request
+
+
+def load_engine(config: EngineConfig) -> Engine:
+    """The loaded engine of `config` (checked first). Close it (or use it as a context manager)."""
+    config.check()
+    if config.engine == "hf":
+        from generation.engines.hf import HFEngine
+
+        return HFEngine(config)
+    if config.engine == "openai":
+        from generation.engines.openai import OpenAIEngine
+
+        return OpenAIEngine(config)
+    from generation.engines.vllm import VLLMEngine
+
+    return VLLMEngine(config)
 
 
 def make_engine(name: str, model: str, **options) -> Engine:
-    if name == "hf":
-        from generation.engines.hf import HFEngine
-
-        return HFEngine(model, **options)
-    if name == "openai":
-        from generation.engines.openai import OpenAIEngine
-
-        return OpenAIEngine(model, **options)
-    if name == "vllm":
-        from generation.engines.vllm import VLLMEngine
-
-        return VLLMEngine(model, **options)
-    raise ValueError(f"--engine {name!r}: expected vllm, openai or hf")
+    """`load_engine` from keyword options (those EngineConfig does not know are ignored)."""
+    known = {f.name for f in fields(EngineConfig)}
+    return load_engine(EngineConfig(engine=name, model=model, **{k: v for k, v in options.items() if k in known}))
 
 
-__all__ = ["Completion", "Engine", "Request", "make_engine"]
+__all__ = ["Completion", "Engine", "EngineConfig", "EngineError", "Request", "load_engine", "make_engine"]

@@ -1,16 +1,64 @@
-"""The engine contract: rendered requests in, completions out, in the same order."""
+"""The engine contract, as Beam's ModelHandler divides it: an `EngineConfig` says which engine and how
+(cheap, checkable, no model touched); `load_engine(config)` (engines/__init__.py) loads it and returns
+an `Engine`; `Engine.generate` turns rendered requests into completions, in the same order;
+`Engine.close()` releases what the engine holds (an `Engine` is a context manager that closes itself).
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from schemas.errors import UserError
+
 SCORE_DIGITS = ("1", "2", "3", "4", "5")
+ENGINES = ("vllm", "openai", "hf")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+class EngineError(UserError):
+    """An engine cannot be set up as configured (no server URL, no context length, ...)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Which engine runs which model, and its settings. Options an engine does not use are ignored."""
+
+    engine: str                          # vllm | openai | hf
+    model: str                           # model folder or hub id (openai: the served model name)
+    tokenizer: str | None = None         # tokenizer folder or id, if not the model's
+    max_model_len: int | None = None     # context length (default: the model's, or the server's)
+    dtype: str = "auto"                  # vllm, hf: auto | bf16 | fp16 | fp32
+    seed: int = 0                        # vllm: the engine's seed (requests carry their own)
+    batch_size: int = 16                 # hf: prompts per forward batch
+    tensor_parallel_size: int = 1        # vllm
+    gpu_memory_utilization: float = 0.9  # vllm
+    base_url: str | None = None          # openai: e.g. http://localhost:8000/v1
+    api: str = "completions"             # openai: completions | chat
+    concurrency: int = 16                # openai: requests in flight
+    request_timeout: float = 600.0       # openai: seconds one HTTP request may take
+    max_retries: int = 5                 # openai: retries of a request that failed for a transient reason
+    api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable holding the key
+
+    def check(self) -> None:
+        """Raise EngineError for a setting that cannot work, before anything is loaded."""
+        if self.engine not in ENGINES:
+            raise EngineError(f"--engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
+        if self.dtype not in DTYPES:
+            raise EngineError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if self.engine == "openai":
+            if not self.base_url:
+                raise EngineError("--engine openai needs --base-url (e.g. http://localhost:8000/v1)")
+            if self.api not in ("completions", "chat"):
+                raise EngineError(f"--api {self.api!r}: expected completions or chat")
+        if self.request_timeout <= 0 or self.max_retries < 0:
+            raise EngineError("--request-timeout must be > 0 and --max-retries >= 0")
 
 
 @dataclass
 class Request:
     prompt: str                      # the full prompt text (chat template already applied)
-    messages: list[dict]             # the same prompt as chat messages (for chat endpoints)
+    messages: list[dict]             # the same prompt as chat messages (for chat endpoints); a last
+                                     # assistant message is a prefill the model continues
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 0.9
@@ -29,14 +77,35 @@ class Completion:
     digit_probs: dict[str, float] | None = None
 
 
+def failed(error: str, prompt_tokens: int | None = None) -> Completion:
+    """The completion of a request that produced no usable output; `error` says why."""
+    return Completion("", prompt_tokens, None, "error", error=error)
+
+
+def finished(text: str, prompt_tokens: int | None, output_tokens: int | None, reason: str | None) -> Completion:
+    """A completion from a server's finish reason. Only "stop" and "length" are outputs; every other
+    reason (vLLM's abort, error, repetition; OpenAI's content_filter, tool_calls; none at all) is an
+    error row naming it, never an answer."""
+    if reason in ("stop", "length"):
+        return Completion(text, prompt_tokens, output_tokens, reason)
+    return Completion(text, prompt_tokens, output_tokens, "error", error=f"finish_reason {reason}")
+
+
 class Engine(ABC):
-    """A text generator. `tokenizer` is a Hugging Face tokenizer of the served model, used for chat
-    templates, prompt truncation and token counts; `max_model_len` is the context length."""
+    """A loaded text generator.
+
+    `tokenizer`: a Hugging Face tokenizer of the served model (chat templates, prompt cutting, token
+    counts), or None where the engine needs none (openai chat API without --tokenizer).
+    `max_model_len`: the context length. `whole_shard`: the batching hint the runner reads: True when
+    the engine schedules best with every request of a shard in one `generate` call (vLLM), False when
+    the runner should send chunks (progress, bounded memory).
+    """
 
     name: str
     model: str
-    tokenizer: object
+    tokenizer: object | None
     max_model_len: int
+    whole_shard: bool = False
 
     @abstractmethod
     def generate(self, requests: list[Request]) -> list[Completion]:
@@ -44,11 +113,17 @@ class Engine(ABC):
         finish_reason "error" and the error text; only a failure of the whole engine raises."""
 
     def close(self) -> None:
-        pass
+        """Release what the engine holds (model weights, GPU memory, connections). Idempotent."""
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def digit_token_ids(tokenizer) -> dict[str, list[int]]:
-    """Token ids that spell each score digit right after "Score:" ("5", "▁5", "Ġ5" ...)."""
+    """Token ids that spell each score digit where the prompt stops ("5", "▁5", "Ġ5" ...)."""
     out: dict[str, list[int]] = {}
     vocab = tokenizer.get_vocab()
     for d in SCORE_DIGITS:

@@ -6,12 +6,14 @@ from its rows' seeds, so a run is reproducible for a given seed and batch size.
 """
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from generation.engines.base import Completion, Engine, Request, digit_token_ids, model_context_length
+from generation.engines.base import (Completion, Engine, EngineConfig, Request, digit_token_ids, failed,
+                                     model_context_length)
 
 log = logging.getLogger("bft.engine.hf")
 
@@ -19,18 +21,24 @@ log = logging.getLogger("bft.engine.hf")
 class HFEngine(Engine):
     name = "hf"
 
-    def __init__(self, model: str, tokenizer: str | None = None, batch_size: int = 16,
-                 max_model_len: int | None = None, device: str | None = None, dtype: str = "auto", **_):
-        self.model = model
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+    def __init__(self, config: EngineConfig, device: str | None = None):
+        self.model = config.model
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-        self.lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device).eval()
-        self.max_model_len = max_model_len or model_context_length(self.lm.config)
-        self.batch_size = batch_size
+        torch_dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[config.dtype]
+        self.lm = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch_dtype).to(self.device).eval()
+        self.max_model_len = config.max_model_len or model_context_length(self.lm.config)
+        self.batch_size = config.batch_size
+
+    def close(self) -> None:
+        """Drop the model and return its memory (the GPU cache too)."""
+        self.lm = None
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt))
@@ -42,7 +50,7 @@ class HFEngine(Engine):
                 results = self._digits(batch) if batch[0].digit_probs else self._sample(batch)
             except (RuntimeError, ValueError) as e:  # e.g. out of memory on one batch
                 log.warning("batch failed: %s", e)
-                results = [Completion("", None, None, "error", error=f"{type(e).__name__}: {e}") for _ in batch]
+                results = [failed(f"{type(e).__name__}: {e}") for _ in batch]
             for i, r in zip(idx, results):
                 out[i] = r
         return out  # type: ignore[return-value]

@@ -1,14 +1,40 @@
-"""A STAND-IN for vLLM (which cannot be installed without CUDA): exactly the offline API the adapter
-uses (LLM, SamplingParams, RequestOutput, CompletionOutput, Logprob), backed by a transformers model on
-CPU, so that the adapter's calls, argument names and output reading are exercised. Not vLLM."""
+"""A STAND-IN for vLLM 0.33.0 (which cannot be installed without CUDA), backed by a transformers model
+on CPU. Not vLLM. It mirrors, read from vLLM 0.33.0's source, what our adapter depends on:
+
+- `LLM(model, *, tokenizer, tensor_parallel_size, dtype, seed, gpu_memory_utilization, **EngineArgs)`
+  (vllm/entrypoints/llm.py): an unknown keyword is a TypeError (EngineArgs is a dataclass); dtype must
+  be one of ModelDType (auto, half, float16, bfloat16, float, float32: vllm/config/model.py), else an
+  error; `llm.llm_engine.model_config.max_model_len`; `llm.llm_engine.engine_core.shutdown()`.
+- `LLM.generate(prompts, sampling_params, *, use_tqdm)`: a prompt is a str or {"prompt": str}
+  (tokenized WITH special tokens, so BOS is added) or {"prompt_token_ids": [...]} (used as is). The
+  prompts' lengths are checked before anything runs (v1/engine/input_processor._validate_prompt_len):
+  an empty prompt, or one of max_model_len tokens or more (room for one new token), raises
+  VLLMValidationError (a ValueError) and the whole call fails.
+- `SamplingParams` (sampling_params.py): max_tokens defaults to 16; an unknown keyword is a TypeError;
+  `stop` strings end the output, which excludes them (include_stop_str_in_output=False), with
+  finish_reason "stop" and `stop_reason` the string; output also ends at max_model_len ("length").
+- `RequestOutput.outputs[i]` (outputs.py): text, token_ids, logprobs (per generated token
+  {token_id: Logprob(logprob, rank, decoded_token)}), finish_reason in FINISH_REASON_STRINGS
+  (stop, length, abort, error, repetition: v1/engine/__init__.py).
+Test hooks (not vLLM): `calls` records constructor arguments, prompts and shutdowns;
+`finish_override`, when set, is the finish_reason of every output (to produce abort/error/repetition).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 calls: list[dict] = []
+finish_override: str | None = None
+
+MODEL_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+FINISH_REASON_STRINGS = ("stop", "length", "abort", "error", "repetition")
+
+
+class VLLMValidationError(ValueError):
+    pass
 
 
 @dataclass
@@ -16,10 +42,12 @@ class SamplingParams:
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    max_tokens: int | None = 16
+    top_k: int = 0
     seed: int | None = None
-    stop: list[str] | None = None
+    stop: str | list[str] | None = None
+    max_tokens: int | None = 16
     logprobs: int | None = None
+    include_stop_str_in_output: bool = False
 
 
 @dataclass
@@ -37,15 +65,23 @@ class CompletionOutput:
     cumulative_logprob: float | None
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 @dataclass
 class RequestOutput:
     request_id: str
-    prompt: str
+    prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
+
+
+@dataclass
+class _EngineArgs:  # the EngineArgs our adapter passes through LLM's **kwargs (a subset of vLLM's)
+    max_model_len: int | None = None
+    enable_prefix_caching: bool | None = None
+    disable_log_stats: bool = True
 
 
 class _ModelConfig:
@@ -53,47 +89,100 @@ class _ModelConfig:
         self.max_model_len = n
 
 
+class _EngineCore:
+    def shutdown(self, timeout=None):
+        calls.append({"shutdown": True})
+
+
 class _Engine:
     def __init__(self, n):
         self.model_config = _ModelConfig(n)
+        self.engine_core = _EngineCore()
 
 
 class LLM:
-    def __init__(self, model, tokenizer=None, tensor_parallel_size=1, max_model_len=None, gpu_memory_utilization=0.9,
-                 enable_prefix_caching=False, seed=0, dtype="auto", **kwargs):
-        calls.append({"init": dict(model=model, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+    def __init__(self, model, *, tokenizer=None, tensor_parallel_size=1, dtype="auto", seed=0,
+                 gpu_memory_utilization=0.92, **kwargs):
+        engine_args = _EngineArgs(**kwargs)  # TypeError on an unknown keyword, as vLLM's EngineArgs
+        if dtype not in MODEL_DTYPES:
+            raise ValueError(f"Unknown dtype: {dtype!r}; expected one of {MODEL_DTYPES}")
+        calls.append({"init": dict(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
                                    gpu_memory_utilization=gpu_memory_utilization,
-                                   enable_prefix_caching=enable_prefix_caching, seed=seed)})
+                                   **{f.name: getattr(engine_args, f.name) for f in fields(engine_args)})})
         self._tok = AutoTokenizer.from_pretrained(tokenizer or model)
         self._lm = AutoModelForCausalLM.from_pretrained(model).eval()
-        self.llm_engine = _Engine(max_model_len or self._lm.config.max_position_embeddings)
+        self.llm_engine = _Engine(engine_args.max_model_len or self._lm.config.max_position_embeddings)
+        self.model_config = self.llm_engine.model_config
 
     def get_tokenizer(self):
         return self._tok
 
+    def _prompt_ids(self, p) -> tuple[str | None, list[int]]:
+        if isinstance(p, str):
+            p = {"prompt": p}
+        if "prompt_token_ids" in p:
+            return None, list(p["prompt_token_ids"])
+        return p["prompt"], self._tok(p["prompt"])["input_ids"]  # with special tokens, as vLLM
+
     @torch.inference_mode()
-    def generate(self, prompts, sampling_params, use_tqdm=True):
-        assert isinstance(prompts, list) and len(prompts) == len(sampling_params)
-        calls.append({"generate": len(prompts)})
-        outs = []
-        for i, (p, sp) in enumerate(zip(prompts, sampling_params)):
-            ids = self._tok(p, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            logprobs = None
-            if sp.logprobs:
-                lp = torch.log_softmax(self._lm(ids).logits[0, -1].float(), -1)
+    def generate(self, prompts, sampling_params=None, *, use_tqdm=True, lora_request=None, priority=None,
+                 tokenization_kwargs=None):
+        prompts = prompts if isinstance(prompts, list) else [prompts]
+        if not isinstance(sampling_params, list):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError("The lengths of prompts and sampling_params must be the same.")
+        encoded = [self._prompt_ids(p) for p in prompts]
+        limit = self.llm_engine.model_config.max_model_len
+        for _, ids in encoded:
+            if not ids:
+                raise VLLMValidationError("The decoder prompt cannot be empty")
+            if len(ids) >= limit:
+                raise VLLMValidationError(f"The decoder prompt (length {len(ids)}) is longer than the maximum model "
+                                          f"length of {limit}." if len(ids) > limit else
+                                          f"The decoder prompt (length {len(ids)}) plus the number of requested "
+                                          f"output tokens (at least 1) is longer than the maximum model length")
+        calls.append({"generate": len(prompts), "prompt_token_ids": [ids for _, ids in encoded]})
+        return [self._one(str(i), text, ids, sp) for i, ((text, ids), sp) in
+                enumerate(zip(encoded, sampling_params))]
+
+    def _one(self, request_id, text, ids, sp) -> RequestOutput:
+        x = torch.tensor([ids])
+        max_new = min(sp.max_tokens if sp.max_tokens is not None else 10**9, self.llm_engine.model_config.max_model_len - len(ids))
+        torch.manual_seed(sp.seed or 0)
+        greedy = sp.temperature == 0
+        g = self._lm.generate(x, max_new_tokens=max_new, do_sample=not greedy,
+                              temperature=None if greedy else sp.temperature, top_p=None if greedy else sp.top_p,
+                              top_k=None if greedy else 0, pad_token_id=self._tok.pad_token_id,
+                              return_dict_in_generate=True, output_logits=bool(sp.logprobs))
+        logprobs = None
+        if sp.logprobs:  # per generated token: the sampled one and the top `logprobs`, from the raw logits
+            logprobs = []
+            for step, logits in enumerate(g.logits):
+                lp = torch.log_softmax(logits[0].float(), -1)
                 top = torch.topk(lp, sp.logprobs)
-                logprobs = [{int(t): Logprob(float(v), r + 1) for r, (v, t) in enumerate(zip(top.values, top.indices))}]
-                new = [int(top.indices[0])]
-            else:
-                torch.manual_seed(sp.seed or 0)
-                g = self._lm.generate(ids, max_new_tokens=sp.max_tokens, do_sample=sp.temperature > 0,
-                                      temperature=sp.temperature or None, top_p=sp.top_p, top_k=0,
-                                      pad_token_id=self._tok.pad_token_id)
-                new = g[0, ids.shape[1]:].tolist()
-            finish = "stop" if self._tok.eos_token_id in new else "length"
-            if self._tok.eos_token_id in new:
-                new = new[: new.index(self._tok.eos_token_id)]
-            text = self._tok.decode(new, skip_special_tokens=True)
-            outs.append(RequestOutput(str(i), p, ids[0].tolist(),
-                                      [CompletionOutput(0, text, new, None, logprobs, finish)]))
-        return outs
+                entry = {int(t): Logprob(float(v), r + 1, self._tok.decode([int(t)]))
+                         for r, (v, t) in enumerate(zip(top.values, top.indices))}
+                chosen = int(g.sequences[0, len(ids) + step])
+                entry.setdefault(chosen, Logprob(float(lp[chosen]), int((lp > lp[chosen]).sum()) + 1,
+                                                 self._tok.decode([chosen])))
+                logprobs.append(entry)
+        g = g.sequences
+        new = g[0, len(ids):].tolist()
+        finish, stop_reason = "length", None
+        if self._tok.eos_token_id in new:
+            new, finish = new[: new.index(self._tok.eos_token_id)], "stop"
+        out_text = self._tok.decode(new, skip_special_tokens=True)
+        stops = [sp.stop] if isinstance(sp.stop, str) else (sp.stop or [])
+        hits = [(out_text.index(s), s) for s in stops if s in out_text]
+        if hits:
+            at, s = min(hits)
+            out_text = out_text[: at + (len(s) if sp.include_stop_str_in_output else 0)]
+            new = self._tok(out_text, add_special_tokens=False)["input_ids"]
+            finish, stop_reason = "stop", s
+        if finish_override:
+            finish = finish_override
+        if logprobs is not None:
+            logprobs = logprobs[: len(new)] or logprobs[:1]
+        return RequestOutput(request_id, text, ids,
+                             [CompletionOutput(0, out_text, new, None, logprobs, finish, stop_reason)])

@@ -1,0 +1,379 @@
+"""The engines against what they talk to: configuration apart from loading, close(), the batching
+hint; BOS, the logprob score prompt, finish reasons, over-long prompts, dtype names, the chat API
+without a tokenizer, malformed answers, timeouts and Retry-After. vLLM's offline API through
+tests/vllm_standin/vllm, vLLM's HTTP server through tests/vllm_standin/openai_server.py (both
+stand-ins of vLLM 0.33.0)."""
+import os
+import sys
+import time
+
+import pytest
+
+from generation.engines import Completion, Engine, EngineConfig, EngineError, Request, load_engine
+from generation.engines.base import digit_token_ids, finished
+from generation.prompting import SCORE_PREFIX, fit_prompt, render
+from generation.runner import GenerateConfig, GenerationError, StageRunner
+from generation.templates import DEFAULTS, LLAMA2_CHAT_TEMPLATE
+from tests.test_generation import copy_root, gen, give_instructions, read_stage
+from tests.vllm_standin.openai_server import StandinServer
+
+STANDIN = os.path.join(os.path.dirname(__file__), "vllm_standin")
+
+
+@pytest.fixture
+def vllm(monkeypatch):
+    """The vLLM stand-in as the `vllm` module, with its call log and hooks reset."""
+    monkeypatch.syspath_prepend(STANDIN)
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        sys.modules.pop(name)
+    import vllm as standin
+
+    standin.calls.clear()
+    yield standin
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        sys.modules.pop(name)
+
+
+@pytest.fixture(scope="module")
+def digit_model(tiny_models, tmp_path_factory):
+    """The tiny chat model as Llama-2 is tokenized and scores: its tokenizer adds BOS (a post-processor
+    "<s> $A", as Llama-2's), so a prompt whose template already wrote "<s>" gets a second BOS when it
+    is tokenized with special tokens; and the digits' lm_head rows are made as likely as </s>, so the
+    score digits are always among the top-20 logprobs and a logprob score that finds none is a real
+    failure."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder = str(tmp_path_factory.mktemp("digits"))
+    tok = AutoTokenizer.from_pretrained(tiny_models["chat"])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                              special_tokens=[("<s>", tok.bos_token_id)])
+    model = LlamaForCausalLM.from_pretrained(tiny_models["chat"])
+    with __import__("torch").no_grad():
+        w = model.lm_head.weight
+        for k, ids in enumerate(digit_token_ids(tok).values()):
+            for t in ids:
+                w[t] = w[tok.eos_token_id] * (1.0 + 0.05 * k)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(digit_model):
+    """The vLLM-server stand-in serving the digit model as "tiny-chat" (no local folder by that name)."""
+    s = StandinServer(digit_model, served_name="tiny-chat")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def fresh(server):
+    server.plan.clear()
+    server.requests.clear()
+    return server
+
+
+def hf_tokenizer(path, chat_template=True):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(path), bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    if chat_template:
+        tok.chat_template = LLAMA2_CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def space_digit_tokenizer(tmp_path_factory, fixture_texts):
+    """A byte-level BPE that has merged " 5" into one token (as GPT-2-style splits do)."""
+    from training.tiny import train_byte_level_bpe
+
+    path = str(tmp_path_factory.mktemp("tok_sd") / "tokenizer.json")
+    train_byte_level_bpe(fixture_texts[:50] + ["Score: 1 Score: 2 Score: 3 Score: 4 Score: 5"] * 200, 600).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama2_structure_tokenizer(tmp_path_factory, bpe_tokenizer_path):
+    """The exact structure of Llama-2's tokenizer.json: Prepend("▁") + Replace(" ", "▁") normalizer, no
+    pre-tokenizer, byte-fallback BPE, "<s> $A" post-processor (the tiny BPE's vocabulary and merges)."""
+    import json
+
+    spec = json.load(open(bpe_tokenizer_path))
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                               {"type": "Replace", "pattern": {"String": " "},
+                                                                "content": "▁"}]}
+    spec["pre_tokenizer"] = None
+    bos = next(t["id"] for t in spec["added_tokens"] if t["content"] == "<s>")
+    spec["post_processor"] = {"type": "TemplateProcessing",
+                              "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                       {"Sequence": {"id": "A", "type_id": 0}},
+                                       {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {"<s>": {"id": "<s>", "ids": [bos], "tokens": ["<s>"]}}}
+    path = str(tmp_path_factory.mktemp("tok_l2") / "tokenizer.json")
+    json.dump(spec, open(path, "w"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tekken_tokenizer(tmp_path_factory):
+    """The real tekken tokenizer that mistral-common ships (byte-level BPE with a split regex, the
+    structure of Llama-3's), converted at test time."""
+    import mistral_common
+    from transformers.integrations.mistral import convert_tekken_tokenizer
+
+    tok = convert_tekken_tokenizer(os.path.join(os.path.dirname(mistral_common.__file__), "data",
+                                                "tekken_240718.json"))
+    path = str(tmp_path_factory.mktemp("tok_tekken") / "tokenizer.json")
+    tok.backend_tokenizer.save(path)
+    return path
+
+
+# --- configuration apart from loading; close; the batching hint (issue 12) ---------------------------
+
+def test_engine_config_is_checked_before_anything_loads():
+    with pytest.raises(EngineError, match="--engine openai needs --base-url"):
+        load_engine(EngineConfig("openai", "m"))
+    with pytest.raises(EngineError, match="--dtype 'bf17'"):
+        load_engine(EngineConfig("hf", "/nonexistent", dtype="bf17"))
+    cfg = GenerateConfig(stage="backtranslate", root="/r", engine="openai", model="m", base_url="http://x/v1",
+                         request_timeout=3.0, max_retries=2)
+    ec = cfg.engine_config()
+    assert (ec.engine, ec.model, ec.request_timeout, ec.max_retries) == ("openai", "m", 3.0, 2)
+
+
+def test_engines_close_what_they_hold(tiny_models, vllm, fresh):
+    with load_engine(EngineConfig("hf", tiny_models["plain"])) as hf:
+        assert hf.lm is not None
+    assert hf.lm is None
+    eng = load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api="chat"))
+    eng.generate([Request("", [{"role": "user", "content": "hi"}], 2)])
+    client = eng._client
+    eng.close()
+    assert client.is_closed and eng._client is None
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.generate([])
+    with load_engine(EngineConfig("vllm", tiny_models["plain"])):
+        pass
+    assert {"shutdown": True} in vllm.calls and {"cleanup_dist_env_and_memory": True} in vllm.calls
+
+
+def test_the_runner_closes_the_engine_it_loaded(prepared_root, tmp_path, tiny_models, vllm):
+    root = copy_root(prepared_root, tmp_path)
+    gen(root, "backtranslate", tiny_models["plain"], engine="vllm")
+    assert vllm.calls[-1] == {"cleanup_dist_env_and_memory": True}
+
+
+def test_the_runner_reads_the_batching_hint_not_the_engine_name(prepared_root, tmp_path, tiny_models):
+    class WholeShard(Engine):
+        name, model, tokenizer, max_model_len, whole_shard = "mine", "m", None, 4096, True
+
+        def __init__(self):
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tiny_models["plain"])
+            self.calls = []
+
+        def generate(self, requests):
+            self.calls.append(len(requests))
+            return [Completion("What is it?", 3, 3, "stop") for _ in requests]
+
+    root = copy_root(prepared_root, tmp_path)
+    engine = WholeShard()
+    cfg = GenerateConfig(stage="backtranslate", root=root, engine="hf", model="m", chunk_rows=1)
+    StageRunner(cfg, engine=engine).run()
+    assert engine.calls == [4, 4, 4]  # one call per shard despite --chunk-rows 1
+
+
+# --- the vLLM stand-in behaves as vLLM 0.33.0 on what the adapter depends on --------------------------
+
+def test_the_vllm_standin_behaves_as_vllm(digit_model, vllm):
+    llm = vllm.LLM(digit_model, max_model_len=64)
+    tok = llm.get_tokenizer()
+    out = llm.generate(["[INST] hi [/INST]"], [vllm.SamplingParams(max_tokens=4)], use_tqdm=False)[0]
+    assert out.prompt_token_ids[0] == tok.bos_token_id  # text prompts get BOS
+    ids = tok("<s>[INST] hi [/INST]", add_special_tokens=False)["input_ids"]
+    out = llm.generate([{"prompt_token_ids": ids}], [vllm.SamplingParams(max_tokens=4)], use_tqdm=False)[0]
+    assert out.prompt_token_ids == ids
+    assert out.outputs[0].finish_reason in vllm.FINISH_REASON_STRINGS
+    text = llm.generate([{"prompt_token_ids": ids}], [vllm.SamplingParams(max_tokens=30, seed=1)])[0].outputs[0].text
+    stop = text.split()[1] if len(text.split()) > 1 else text[:2]
+    cut = llm.generate([{"prompt_token_ids": ids}], [vllm.SamplingParams(max_tokens=30, seed=1, stop=[stop])])[0]
+    assert stop not in cut.outputs[0].text and cut.outputs[0].finish_reason == "stop"
+    assert cut.outputs[0].stop_reason == stop
+    with pytest.raises(ValueError, match="longer than the maximum model length"):
+        llm.generate([{"prompt_token_ids": ids}, {"prompt_token_ids": [5] * 64}], [vllm.SamplingParams()] * 2)
+    with pytest.raises(TypeError):
+        vllm.SamplingParams(max_new_tokens=3)
+    with pytest.raises(TypeError):
+        vllm.LLM(digit_model, not_an_engine_arg=1)
+    with pytest.raises(ValueError, match="dtype"):
+        vllm.LLM(digit_model, dtype="bf16")
+
+
+# --- BOS once (issue 9 point 1) ----------------------------------------------------------------------
+
+def test_vllm_gets_token_ids_with_one_bos(prepared_root, tmp_path, digit_model, vllm):
+    root = copy_root(prepared_root, tmp_path)
+    gen(root, "backtranslate", digit_model, engine="vllm")
+    sent = [ids for c in vllm.calls if "generate" in c for ids in c["prompt_token_ids"]]
+    assert len(sent) == 12 and all(ids[0] == 1 and ids[1] != 1 for ids in sent)
+
+
+def test_completions_endpoint_gets_one_bos(prepared_root, tmp_path, digit_model, fresh):
+    root = copy_root(prepared_root, tmp_path)
+    gen(root, "backtranslate", "tiny-chat", engine="openai", base_url=fresh.url, tokenizer=digit_model)
+    sent = [r["prompt_token_ids"] for r in fresh.requests]
+    assert len(sent) == 12 and all(ids[0] == 1 and ids[1] != 1 for ids in sent)
+    rows = read_stage(root, "backtranslate")[1]
+    assert sorted(rows["prompt_tokens"]) == sorted(len(ids) for ids in sent)  # the server's usage
+
+
+# --- the logprob score prompt (issue 9 point 3) -------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["metaspace", "llama2_structure", "byte_level", "space_digit", "tekken"])
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_the_score_prompt_ends_where_the_digit_token_begins(which, chat_template, request):
+    path = request.getfixturevalue({"metaspace": "bpe_tokenizer_path", "llama2_structure": "llama2_structure_tokenizer",
+                                    "byte_level": "byte_level_tokenizer_path", "space_digit": "space_digit_tokenizer",
+                                    "tekken": "tekken_tokenizer"}[which])
+    tok = hf_tokenizer(path, chat_template)
+    values = {"instruction": "Explain BPE.", "response": "It merges frequent pairs."}
+    prompt, msgs, _ = fit_prompt(tok, DEFAULTS["score"], values, "response", 4000, SCORE_PREFIX)
+    system, user = DEFAULTS["score"].fill(**values)
+    full = tok(render(tok, system, user, "Score: 5"), add_special_tokens=False)["input_ids"]
+    mine = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert full[: len(mine)] == mine and len(full) == len(mine) + 1  # the next token is the digit's
+    assert tok.decode(full[-1:]).strip() == "5" and full[-1] in digit_token_ids(tok)["5"]
+    assert msgs[-1]["role"] == "assistant" and msgs[-1]["content"].startswith("Score:")
+    if which == "space_digit":
+        assert msgs[-1]["content"] == "Score:"
+
+
+def test_logprob_scores_through_vllm_and_both_http_endpoints(prepared_root, tmp_path, digit_model, vllm, fresh):
+    for engine, extra in [("vllm", {}), ("openai", dict(base_url=fresh.url, tokenizer=digit_model)),
+                          ("openai", dict(base_url=fresh.url, tokenizer=digit_model, api="chat"))]:
+        root = copy_root(prepared_root, tmp_path / f"{engine}{len(extra)}")
+        gen(root, "backtranslate", digit_model, engine="hf")
+        give_instructions(root)
+        gen(root, "score", digit_model if engine == "vllm" else "tiny-chat", engine=engine, score_mode="logprob", **extra)
+        sent = read_stage(root, "score")[1].dropna(subset=["finish_reason"])
+        assert len(sent) == 9 and sent["parse_error"].isna().all(), sent["parse_error"].tolist()
+        assert sent["score"].between(1, 5).all() and sent["reasoning"].str.contains("argmax=").all()
+    chat = [r["body"] for r in fresh.requests if r["path"].endswith("/chat/completions")]
+    assert chat and all(b["continue_final_message"] and b["messages"][-1]["role"] == "assistant" for b in chat)
+
+
+# --- finish reasons (issue 9 point 4) -----------------------------------------------------------------
+
+def test_only_stop_and_length_are_outputs():
+    assert finished("x", 1, 1, "length").finish_reason == "length"
+    for reason in ("content_filter", "abort", "error", "repetition", "tool_calls", None):
+        c = finished("partial", 1, 1, reason)
+        assert c.finish_reason == "error" and c.error == f"finish_reason {reason}"
+
+
+def test_abort_from_vllm_is_an_error_row(prepared_root, tmp_path, tiny_models, vllm):
+    vllm.finish_override = "abort"
+    root = copy_root(prepared_root, tmp_path)
+    try:
+        gen(root, "backtranslate", tiny_models["plain"], engine="vllm", max_error_rate=1.0)
+    finally:
+        vllm.finish_override = None
+    assert read_stage(root, "backtranslate")[1]["parse_error"].eq("engine_error: finish_reason abort").all()
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_content_filter_over_http_is_an_error_row(fresh, digit_model, api):
+    fresh.plan += [{"choice": {"finish_reason": "content_filter"}}, {"choice": {"finish_reason": "abort"}}]
+    with load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api=api, tokenizer=digit_model,
+                                  concurrency=1)) as eng:
+        out = eng.generate([Request("[INST] hi [/INST]", [{"role": "user", "content": "hi"}], 4)] * 3)
+    assert [c.finish_reason for c in out[:2]] == ["error", "error"]
+    assert [c.error for c in out[:2]] == ["finish_reason content_filter", "finish_reason abort"]
+    assert out[2].finish_reason in ("stop", "length")
+
+
+# --- the chat API without a local tokenizer (issue 9 point 5) ----------------------------------------
+
+def test_chat_api_needs_no_local_tokenizer(prepared_root, tmp_path, fresh, fixture_texts):
+    root = copy_root(prepared_root, tmp_path)
+    gen(root, "backtranslate", "tiny-chat", engine="openai", base_url=fresh.url, api="chat", max_new_tokens=8)
+    rows = read_stage(root, "backtranslate")[1]
+    assert not rows["parse_error"].fillna("").str.startswith("engine_error").any()
+    assert sorted(rows["prompt_tokens"]) == sorted(len(r["prompt_token_ids"]) for r in fresh.requests)  # usage
+    # a document far over the context is cut by the byte bound, and the server accepts the prompt
+    with load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api="chat")) as eng:
+        assert eng.tokenizer is None and eng.max_model_len == 1024
+        long_doc = " ".join(fixture_texts[:30])  # far beyond the served context of 1024 tokens
+        prompt, msgs, cut = fit_prompt(None, DEFAULTS["backtranslate"], {"response": long_doc}, "response",
+                                       eng.max_model_len - 8)
+        assert cut and sum(len(m["content"].encode()) for m in msgs) <= 1024
+        out = eng.generate([Request(prompt, msgs, 8)])[0]
+    assert out.finish_reason in ("stop", "length") and out.prompt_tokens <= 1024 - 8
+
+
+def test_chat_api_without_a_context_length_is_a_user_error(fresh):
+    fresh.name, old = "other", fresh.name
+    try:
+        with pytest.raises(EngineError, match="give --max-model-len"):
+            load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api="chat"))
+        with load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api="chat", max_model_len=512)) as e:
+            assert e.max_model_len == 512
+    finally:
+        fresh.name = old
+
+
+# --- dtype names, over-long prompts (issue 9 points 6, 7) ---------------------------------------------
+
+def test_vllm_gets_its_own_dtype_names(tiny_models, vllm):
+    for ours, theirs in [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"), ("auto", "auto")]:
+        load_engine(EngineConfig("vllm", tiny_models["plain"], dtype=ours)).close()
+        assert [c["init"]["dtype"] for c in vllm.calls if "init" in c][-1] == theirs
+
+
+def test_an_over_long_prompt_is_an_error_row_not_a_failed_shard(tiny_models, vllm):
+    with load_engine(EngineConfig("vllm", tiny_models["plain"], max_model_len=64)) as eng:
+        out = eng.generate([Request("[INST] hi [/INST]", [], 4), Request("word " * 200, [], 4)])
+    assert out[0].finish_reason in ("stop", "length")
+    assert out[1].finish_reason == "error" and "does not fit max_model_len 64" in out[1].error
+
+
+# --- malformed answers, timeouts, Retry-After (issue 14 points 6, 9) ----------------------------------
+
+@pytest.mark.parametrize("raw", [b'{"id": "x", "object": "text_completion"}', b'{"choices": [null]}',
+                                 b'{"choices": []}', b"not json {", b'{"choices": [{"finish_reason": "stop"}]}'])
+def test_a_malformed_200_is_an_engine_error_row(prepared_root, tmp_path, digit_model, fresh, raw):
+    root = copy_root(prepared_root, tmp_path)
+    fresh.plan += [{"raw": raw}] * 4
+    with pytest.raises(GenerationError, match="over --max-error-rate"):
+        gen(root, "backtranslate", "tiny-chat", engine="openai", base_url=fresh.url, tokenizer=digit_model,
+            concurrency=1)
+    fresh.plan[:] = [{"raw": raw}] * 4
+    gen(root, "backtranslate", "tiny-chat", engine="openai", base_url=fresh.url, tokenizer=digit_model,
+        concurrency=1, max_error_rate=1.0)
+    rows = read_stage(root, "backtranslate")[1]
+    errors = rows["parse_error"].fillna("").str.startswith("engine_error: the server answered 200")
+    assert errors.sum() == 4 and not rows["parse_error"].fillna("").eq("empty").any()
+
+
+def test_a_server_that_never_answers_is_bounded_by_the_timeout(fresh):
+    fresh.plan += [{"hang": True}] * 4
+    t0 = time.monotonic()
+    with load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api="chat", request_timeout=0.5,
+                                  max_retries=1)) as eng:
+        out = eng.generate([Request("", [{"role": "user", "content": "hi"}], 4)] * 2)
+    assert time.monotonic() - t0 < 10
+    assert all(c.finish_reason == "error" and c.error.startswith("gave up after 1 retries: ReadTimeout") for c in out)
+
+
+def test_retry_after_is_honoured(fresh):
+    fresh.plan += [{"status": 429, "headers": {"Retry-After": "2"}, "body": {"error": {"message": "slow down"}}}]
+    with load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api="chat")) as eng:
+        out = eng.generate([Request("", [{"role": "user", "content": "hi"}], 4)])
+    first, second = fresh.requests
+    assert out[0].finish_reason in ("stop", "length") and second["time"] - first["time"] >= 2.0

@@ -1,0 +1,153 @@
+"""A STAND-IN for vLLM 0.33.0's OpenAI-compatible server (`vllm serve`), for tests: what `transformers
+serve` cannot show (BOS handling, logprobs, finish reasons other than stop/length). Not vLLM: an
+http.server on loopback over the vLLM stand-in's `LLM` (tests/vllm_standin/vllm). Mirrored from
+vllm/entrypoints/openai/ (completion/protocol.py, chat_completion/protocol.py, models/serving.py):
+
+- GET /v1/models lists the served model with its `max_model_len`.
+- POST /v1/completions: the prompt is tokenized WITH special tokens unless `add_special_tokens` is
+  false (so a prompt that already starts with the BOS text gets a second BOS, as in vLLM);
+  `logprobs: N` gives `choices[0].logprobs.{tokens, token_logprobs, top_logprobs: [{token: lp}]}`.
+- POST /v1/chat/completions: the model's chat template renders the messages
+  (`add_generation_prompt` true by default, `continue_final_message` prefills the last assistant
+  message; both at once is a 400), then tokenized WITHOUT special tokens (vLLM's default for chat);
+  `logprobs: true, top_logprobs: N` gives `choices[0].logprobs.content[i].{token, logprob, top_logprobs}`.
+- A prompt the engine rejects (max_model_len tokens or more, empty) is a 400 with vLLM's error body
+  {"error": {"message", "type": "BadRequestError", "code": 400}}. `usage` counts prompt and output tokens.
+
+Test hooks (not vLLM): `plan`, a list of answers that the next POSTs get instead of a normal one:
+{"status": 429, "headers": {...}, "body": ...}, {"raw": b"..."} (a 200 with that body), {"hang": True}
+(never answers), {"choice": {...}} (fields merged into a normal choice, e.g. a finish_reason);
+`requests` records each POST's path, body and the token ids the engine saw, with its arrival time.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tests.vllm_standin.vllm import LLM, SamplingParams, VLLMValidationError
+
+
+class StandinServer:
+    def __init__(self, model: str, served_name: str | None = None, max_model_len: int | None = None):
+        self.llm = LLM(model, max_model_len=max_model_len)
+        self.tok = self.llm.get_tokenizer()
+        self.name = served_name or model
+        self.plan: list[dict] = []
+        self.requests: list[dict] = []
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._http.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._http.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._http.shutdown()
+        self._http.server_close()
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, body, headers: dict | None = None):
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path.rstrip("/") == "/v1/models":
+                    self._send(200, {"object": "list", "data": [
+                        {"id": server.name, "object": "model", "owned_by": "vllm", "root": server.name,
+                         "max_model_len": server.llm.llm_engine.model_config.max_model_len}]})
+                else:
+                    self._send(404, {"error": {"message": "Not Found", "type": "NotFoundError", "code": 404}})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                with server._lock:
+                    step = server.plan.pop(0) if server.plan else {}
+                    record = {"path": self.path, "body": body, "time": time.monotonic()}
+                    server.requests.append(record)
+                if step.get("hang"):
+                    server._stopped.wait(120)
+                    return
+                if "status" in step:
+                    return self._send(step["status"], step.get("body", {}), step.get("headers"))
+                if "raw" in step:
+                    return self._send(200, step["raw"])
+                try:
+                    if self.path == "/v1/completions":
+                        answer = server.completions(body, record)
+                    elif self.path == "/v1/chat/completions":
+                        answer = server.chat(body, record)
+                    else:
+                        return self._send(404, {"error": {"message": "Not Found", "type": "NotFoundError", "code": 404}})
+                except (VLLMValidationError, ValueError) as e:
+                    return self._send(400, {"error": {"message": str(e), "type": "BadRequestError", "code": 400}})
+                answer["choices"][0].update(step.get("choice", {}))
+                self._send(200, answer)
+
+        return Handler
+
+    def _run(self, ids: list[int], body: dict, record: dict):
+        record["prompt_token_ids"] = ids
+        top = body.get("top_logprobs") if isinstance(body.get("logprobs"), bool) else body.get("logprobs")
+        sp = SamplingParams(temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
+                            max_tokens=body.get("max_tokens", 16), seed=body.get("seed"), stop=body.get("stop"),
+                            logprobs=top or None)
+        with self._lock:
+            return self.llm.generate([{"prompt_token_ids": ids}], [sp], use_tqdm=False)[0]
+
+    def _answer(self, obj: str, out, choice: dict) -> dict:
+        o = out.outputs[0]
+        choice.update(index=0, finish_reason=o.finish_reason, stop_reason=o.stop_reason)
+        return {"id": "cmpl-standin", "object": obj, "created": int(time.time()), "model": self.name,
+                "choices": [choice], "usage": {"prompt_tokens": len(out.prompt_token_ids),
+                                               "completion_tokens": len(o.token_ids),
+                                               "total_tokens": len(out.prompt_token_ids) + len(o.token_ids)}}
+
+    def completions(self, body: dict, record: dict) -> dict:
+        ids = self.tok(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))["input_ids"]
+        out = self._run(ids, body, record)
+        o = out.outputs[0]
+        logprobs = None
+        if body.get("logprobs"):
+            steps = o.logprobs or []
+            chosen = [max(s.values(), key=lambda lp: lp.logprob) for s in steps]
+            logprobs = {"tokens": [c.decoded_token for c in chosen], "token_logprobs": [c.logprob for c in chosen],
+                        "top_logprobs": [{lp.decoded_token: lp.logprob for lp in s.values()} for s in steps],
+                        "text_offset": [0] * len(steps)}
+        return self._answer("text_completion", out, {"text": o.text, "logprobs": logprobs})
+
+    def chat(self, body: dict, record: dict) -> dict:
+        if body.get("continue_final_message") and body.get("add_generation_prompt", True):
+            raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+        text = self.tok.apply_chat_template(body["messages"], tokenize=False,
+                                            add_generation_prompt=body.get("add_generation_prompt", True),
+                                            continue_final_message=body.get("continue_final_message", False))
+        ids = self.tok(text, add_special_tokens=body.get("add_special_tokens", False))["input_ids"]
+        out = self._run(ids, body, record)
+        o = out.outputs[0]
+        logprobs = None
+        if body.get("logprobs"):
+            content = []
+            for tid, s in zip(o.token_ids, o.logprobs or []):
+                chosen = s.get(tid) or max(s.values(), key=lambda lp: lp.logprob)
+                content.append({"token": chosen.decoded_token, "logprob": chosen.logprob,
+                                "top_logprobs": [{"token": lp.decoded_token, "logprob": lp.logprob}
+                                                 for lp in sorted(s.values(), key=lambda lp: lp.rank)]})
+            logprobs = {"content": content}
+        return self._answer("chat.completion", out, {"message": {"role": "assistant", "content": o.text},
+                                                     "logprobs": logprobs})
