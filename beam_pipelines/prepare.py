@@ -1,9 +1,10 @@
 """Beam pass 1: Dolma head split -> exact length filter -> dedup -> token-balanced candidate shards.
 
-    ListInputs ─┬─ other splits ─ CountLines ──────────────────────────────────────────┐ tallies
-                └─ head split ── ReadAndMeasure ─ DedupById ─ DedupByText ─ Sample ─┐ │
-                                      └── rejects ──────────────────────────────────│─┼─ WriteRejects
-                         AssignShards (global, on (id, n_tokens)) <────────────────┘ │
+    ListInputs ─┬─ other splits ─ CountLines ─────────────────────────────────────────────┐ tallies
+                └─ head split ── ReadAndMeasure ─ Deduplicate ─────────────────────────┐  │
+                       or, with --target-docs: ReadAndMeasure(rank only) ─ SampleByKey ┤  │
+                                      └── rejects ─────────────────────────────────────│──┼─ WriteRejects
+                         AssignShards (count -> hash buckets -> balance per bucket) <──┘  │
                          ─ GroupByKey(file) ─ WriteParts ─ GroupByKey(shard) ─ MergeShard ─ WriteStats
 
 Only keys travel through shuffles: a document's text is read from its input file twice (once to
