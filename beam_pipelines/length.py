@@ -43,7 +43,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, pre_tokenizers
 
 _CACHE_LIMIT = 500_000  # words (~80 MB); cleared when full
 MARK = "▁"
@@ -85,8 +85,9 @@ class TokenizerShape:
     special_contents: tuple[str, ...]
 
 
-def tokenizer_shape(tok: Tokenizer) -> TokenizerShape:
-    spec = json.loads(tok.to_str())
+def tokenizer_shape(tok: Tokenizer, spec: dict | None = None) -> TokenizerShape:
+    """The shape of `tok` (`spec`: its parsed JSON, when the caller has it already)."""
+    spec = json.loads(tok.to_str()) if spec is None else spec
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer")
     specials = tuple(a["content"] for a in spec.get("added_tokens", []))
     path, why = _counting_path(model, pre)
@@ -152,25 +153,24 @@ def _flatten(node) -> list[dict]:
     return [node]
 
 
-def _split_and_words(tok: Tokenizer):
-    """(the pre-tokenizer steps that split, a tokenizer that counts one word).
+def _split_and_words(tok: Tokenizer, spec: dict):
+    """(the pre-tokenizer steps that split, a tokenizer that counts one word), from the tokenizer and
+    its parsed JSON `spec`.
 
     The word counter is the bare model, with the pre-tokenizer's trailing ByteLevel(use_regex=False)
     step when it has one: that step only maps each piece's bytes to characters, piece by piece, so it
     gives the same pieces whether applied before the cache or inside it, and the Rust split alone is
-    much cheaper than splitting and mapping with offsets (Llama-3's and tekken's structure)."""
-    spec = json.loads(tok.to_str())
-    steps = _flatten(spec.get("pre_tokenizer"))
-    tail = None
-    if len(steps) > 1 and steps[-1].get("type") == "ByteLevel" and not steps[-1].get("use_regex", True):
-        tail, steps = steps[-1], steps[:-1]
-    split = None
-    if steps:
-        split = Tokenizer.from_str(json.dumps({**spec, "pre_tokenizer": {"type": "Sequence", "pretokenizers": steps}}
-                                              if len(steps) > 1 else {**spec, "pre_tokenizer": steps[0]})).pre_tokenizer
-    words = Tokenizer.from_str(json.dumps({**spec, "normalizer": None, "pre_tokenizer": tail, "post_processor": None,
-                                           "added_tokens": []}))
-    return split, words
+    much cheaper than splitting and mapping with offsets (Llama-3's and tekken's structure). The
+    steps are taken from the live pre-tokenizer (no re-serialization of a 131K vocabulary)."""
+    pre = spec.get("pre_tokenizer")
+    words = Tokenizer(tok.model)
+    if pre and pre.get("type") == "Sequence":
+        steps = pre.get("pretokenizers") or []
+        if len(steps) > 1 and steps[-1].get("type") == "ByteLevel" and not steps[-1].get("use_regex", True):
+            live = [tok.pre_tokenizer[i] for i in range(len(steps))]
+            words.pre_tokenizer = live[-1]
+            return (live[0] if len(live) == 2 else pre_tokenizers.Sequence(live[:-1])), words
+    return tok.pre_tokenizer, words
 
 
 class TokenCounter:
@@ -178,9 +178,10 @@ class TokenCounter:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.shape = tokenizer_shape(tokenizer)
+        spec = json.loads(tokenizer.to_str())
+        self.shape = tokenizer_shape(tokenizer, spec)
         self._normalizer = tokenizer.normalizer
-        self._pre, self._model = _split_and_words(tokenizer)
+        self._pre, self._model = _split_and_words(tokenizer, spec)
         self._words: dict[str, int] = {}
         self._specials: dict[str, list[str]] = {}
         for special in self.shape.special_contents:
