@@ -49,6 +49,20 @@ def test_real_structures_count_exactly_by_words(real, structure, path, fixture_t
     assert counter.count(texts) == full_counts(tok, texts)  # and again from a warm cache
 
 
+@pytest.mark.parametrize("scheme, split, path", [("first", False, CUTS), ("always", False, CUTS),
+                                                 ("always", True, PRETOKENS), ("never", True, PRETOKENS)])
+def test_metaspace_variants_of_the_llama2_vocabulary(real, scheme, split, path, fixture_texts):
+    """transformers' non-legacy Llama conversion (no normalizer, Metaspace(split=False)) is cut like
+    Llama-2; Metaspace(split=True) is emulated in Python; both equal full tokenization."""
+    tok = Tokenizer.from_str(real["llama2"].to_str())
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=split)
+    counter = TokenCounter(tok)
+    assert counter.shape.path == path
+    texts = adversarial_texts(fixture_texts, n=150, seed=4)
+    assert counter.count(texts) == full_counts(tok, texts)
+
+
 def test_llama2_conversion_is_sentencepiece(real):
     """The converted Llama-2-structure tokenizer tokenizes as sentencepiece itself does."""
     import sentencepiece as spm
