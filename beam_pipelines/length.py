@@ -2,35 +2,60 @@
 
 `n_tokens` is the number of tokens of the text alone (no special tokens), exactly what
 `tokenizer.encode(text, add_special_tokens=False)` gives. Every kept document needs its exact count
-(the candidate schema carries it and the shard balancer uses it), so the savings come from two
-places, both exact:
+(the candidate schema carries it and the shard balancer uses it), so the savings are all exact:
 
-1. Piecewise counting (memoized). For a BPE model without normalizer whose pre-tokenizer is
-   `Metaspace(split=True)` (sentencepiece's split-by-whitespace; our benchmark tokenizer and many
-   sentencepiece conversions), the pre-tokenizer cuts the text before every space and the model
-   encodes each piece on its own. Cutting the text at each " " therefore gives
-   n(text) = n(seg_0) + sum_i n(" " + seg_i): a piece " seg" starts with the replacement character,
-   so no prefix is prepended to it alone, exactly as inside the text. Counts of segments are
-   cached, so a document costs a few dictionary look-ups per word instead of a BPE pass.
-   Texts that contain an added (special) token's content are counted in full.
+1. Counting by words, memoized. A Hugging Face tokenizer encodes a text (without added tokens) as
+   normalizer -> pre-tokenizer -> model, and the model encodes each pre-token on its own. So
+   n(text) = sum of n_model(w) over the words w of normalize(text), where the words are
+
+   - "pretokens": the pre-tokenizer's pieces, for any tokenizer that has a pre-tokenizer (byte-level
+     BPE with a split regex: Llama-3, Qwen, tekken, GPT-2; Metaspace(split=True) sentencepiece
+     conversions, NFKC-normalized ones included). The tokenizer's own normalizer (Rust) normalizes, so
+     any normalizer is handled exactly; its pre-tokenizer (Rust) splits, except a lone Metaspace("▁"),
+     whose few string operations (see `_metaspace`) are done in Python, several times faster than
+     the Rust call that also builds offsets.
+   - "cuts": Llama-2's structure (no pre-tokenizer: the whole normalized text is one BPE word; e.g.
+     normalizer Prepend("▁") + Replace(" ", "▁"), byte fallback). The normalized text is cut before
+     every "▁" that follows a character other than "▁" (a run of "▁" stays with the word after it).
+     No BPE token can straddle such a cut when no vocabulary entry and no merge contains a character
+     other than "▁" directly followed by "▁": merges only ever join adjacent symbols into a vocabulary
+     entry, so the two sides are merged independently, and byte fallback is per character. This is
+     proved by a scan of the vocabulary and merges when the counter is built; it also requires no
+     dropout, no continuing-subword prefix or end-of-word suffix (they depend on the word start) and
+     "▁" in the vocabulary (so an unknown-token fusion cannot cross a cut). A lone Metaspace("▁",
+     split=False) pre-tokenizer (transformers' non-legacy Llama conversion) is cut the same way.
+
+   Word counts are cached, so a document costs a normalization, a split and a few dictionary look-ups
+   per word instead of a BPE pass; misses are encoded in one batch by the bare model. Texts that
+   contain an added (special) token's content, raw or normalized, are counted in full.
 2. A lower bound rejects texts that cannot fit without tokenizing them: every token of a BPE model
-   with byte fallback (or a byte-level one) covers at most B bytes of the text, B being the longest
-   vocabulary entry in bytes, so n >= ceil(bytes / B).
+   with byte fallback (all 256 byte pieces) or a byte-level one covers at most B units of the model's
+   input (UTF-8 bytes; bytes for byte-level), B being the longest vocabulary entry in those units, and
+   the pre-tokenizers allowed (Metaspace, ByteLevel, Split without removal) never shorten it, so
+   n >= ceil(bytes(normalize(text)) / B).
 
-Any other tokenizer is counted in full with `encode_batch_fast` (exact by definition). The tests
-prove both shortcuts against full tokenization on texts with runs of spaces, newlines, leading and
-trailing spaces, byte-fallback characters and special tokens.
+Any other tokenizer (BPE with dropout, or one word per text that no cut rule splits) is counted in full
+with `encode_batch_fast`, exact by definition. tests/test_length.py proves each path against full
+tokenization on texts built to break it, with converted real vocabularies (benchmarks/real_tokenizers.py).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, pre_tokenizers
 
-_CACHE_LIMIT = 500_000  # segments (~80 MB); cleared when full
+_CACHE_LIMIT = 500_000  # words (~80 MB); cleared when full
+MARK = "▁"
+# Llama-2-structure words: a run of "▁" and the characters up to the next "▁" (or a trailing run).
+_CUT_WORDS = re.compile(f"{MARK}*[^{MARK}]+|{MARK}+")
+_STRADDLE = re.compile(f"[^{MARK}]{MARK}")
+# Metaspace(split=True) words: each "▁" starts one (MergedWithNext), and a leading text without one.
+_METASPACE_WORDS = re.compile(f"{MARK}[^{MARK}]*|[^{MARK}]+")
+PRETOKENS, CUTS, FULL = "pretokens", "cuts", "full"
 
 
 def load_tokenizer(path_or_id: str) -> Tokenizer:
@@ -56,39 +81,83 @@ def load_tokenizer(path_or_id: str) -> Tokenizer:
 
 @dataclass(frozen=True)
 class TokenizerShape:
-    """What the tokenizer's structure allows: piecewise counting, and the bytes-per-token bound."""
+    """What the tokenizer's structure allows: which way its texts are counted (`path`, one of
+    PRETOKENS, CUTS, FULL, with `why` for FULL), and the bytes-per-token bound."""
 
-    piecewise: bool
+    path: str
+    why: str
     max_token_bytes: int  # 0 when no lower bound is sound for this tokenizer
     special_contents: tuple[str, ...]
 
 
-def tokenizer_shape(tok: Tokenizer) -> TokenizerShape:
-    spec = json.loads(tok.to_str())
-    model, normalizer, pre = spec.get("model") or {}, spec.get("normalizer"), spec.get("pre_tokenizer")
-    pre_types = _types(pre)
-    is_bpe = model.get("type") == "BPE" and not model.get("dropout")
-    metaspace = [p for p in _flatten(pre) if p.get("type") == "Metaspace"]
-    piecewise = (is_bpe and normalizer is None and pre is not None and pre.get("type") == "Metaspace"
-                 and bool(pre.get("split", True)))
-    byte_level = "ByteLevel" in pre_types
-    covered = (is_bpe and (model.get("byte_fallback") or byte_level)
-               and (normalizer is None or _is_llama_normalizer(normalizer))
-               and pre_types <= {"Metaspace", "ByteLevel", "Sequence"})
-    max_bytes = 0
-    if covered:
-        repl = metaspace[0].get("replacement", "▁") if metaspace else "▁"
-        vocab = list(model.get("vocab", {})) + [a["content"] for a in spec.get("added_tokens", [])]
-        for piece in vocab:
-            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-                n = 1
-            elif byte_level:
-                n = len(piece)
-            else:
-                n = len(piece.replace(repl, " ").replace("▁", " ").encode("utf-8"))
-            max_bytes = max(max_bytes, n)
+def tokenizer_shape(tok: Tokenizer, spec: dict | None = None) -> TokenizerShape:
+    """The shape of `tok` (`spec`: its parsed JSON, when the caller has it already)."""
+    spec = json.loads(tok.to_str()) if spec is None else spec
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer")
     specials = tuple(a["content"] for a in spec.get("added_tokens", []))
-    return TokenizerShape(piecewise=piecewise, max_token_bytes=max_bytes, special_contents=specials)
+    path, why = _counting_path(model, pre)
+    return TokenizerShape(path=path, why=why, max_token_bytes=_max_token_bytes(spec), special_contents=specials)
+
+
+def _counting_path(model: dict, pre) -> tuple[str, str]:
+    kind = model.get("type")
+    if kind == "BPE" and model.get("dropout"):
+        return FULL, "BPE dropout is random"
+    if pre is not None and not _metaspace(pre, split=False):
+        return PRETOKENS, ""
+    if kind != "BPE":
+        return FULL, f"{kind} model without a pre-tokenizer"
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return FULL, "BPE with a word-position prefix or suffix and no pre-tokenizer"
+    vocab = model.get("vocab") or {}
+    if MARK not in vocab:
+        return FULL, f"no pre-tokenizer and {MARK!r} is not in the vocabulary"
+    for piece in vocab:
+        if _STRADDLE.search(piece):
+            return FULL, f"no pre-tokenizer and the vocabulary entry {piece!r} spans a cut before {MARK!r}"
+    for merge in model.get("merges") or []:
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        if _STRADDLE.search(left + right):
+            return FULL, f"no pre-tokenizer and the merge {left!r} + {right!r} spans a cut before {MARK!r}"
+    return CUTS, ""
+
+
+def _metaspace(pre, split: bool | None = None) -> tuple[str, bool, bool] | None:
+    """(replacement, prepends, splits) of a lone Metaspace("▁") pre-tokenizer (with `split` as given,
+    when given), else None. Its work is emulated in Python, as tokenizers 0.2x's metaspace.rs does it:
+    " " -> "▁", "▁" prepended unless the text starts with one (schemes always/first: the whole text is
+    the first split), then, with split, a cut before every "▁" (MergedWithNext)."""
+    if not pre or pre.get("type") != "Metaspace" or pre.get("replacement") != MARK or "prepend_scheme" not in pre:
+        return None
+    splits = bool(pre.get("split", True))
+    if split is not None and splits != split:
+        return None
+    return MARK, pre["prepend_scheme"] in ("always", "first"), splits
+
+
+def _max_token_bytes(spec: dict) -> int:
+    """B of the lower bound (see the module docstring), or 0 when the bound is not sound."""
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer")
+    if model.get("type") != "BPE" or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return 0
+    steps = _flatten(pre)
+    if any(s.get("type") not in ("Metaspace", "ByteLevel", "Split") or s.get("behavior") == "Removed"
+           for s in steps):
+        return 0
+    byte_level = any(s.get("type") == "ByteLevel" for s in steps)
+    vocab = model.get("vocab") or {}
+    if not byte_level and not (model.get("byte_fallback") and all(f"<0x{i:02X}>" in vocab for i in range(256))):
+        return 0  # an unknown token could stand for any number of bytes
+    best = 0
+    for piece in list(vocab) + [a["content"] for a in spec.get("added_tokens", [])]:
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            n = 1
+        elif byte_level:
+            n = len(piece)  # one character per byte
+        else:
+            n = len(piece.encode("utf-8"))
+        best = max(best, n)
+    return best
 
 
 def _flatten(node) -> list[dict]:
@@ -102,19 +171,24 @@ def _flatten(node) -> list[dict]:
     return [node]
 
 
-def _types(node) -> set[str]:
-    return {n.get("type") for n in _flatten(node)}
+def _split_and_words(tok: Tokenizer, spec: dict):
+    """(the pre-tokenizer steps that split, a tokenizer that counts one word), from the tokenizer and
+    its parsed JSON `spec`.
 
-
-def _is_llama_normalizer(node) -> bool:
-    """Llama-2's legacy normalizer: prepend "▁", replace " " by "▁" (never shortens the text)."""
-    for n in _flatten(node):
-        if n.get("type") == "Prepend":
-            continue
-        if n.get("type") == "Replace" and n.get("pattern", {}).get("String") == " ":
-            continue
-        return False
-    return True
+    The word counter is the bare model, with the pre-tokenizer's trailing ByteLevel(use_regex=False)
+    step when it has one: that step only maps each piece's bytes to characters, piece by piece, so it
+    gives the same pieces whether applied before the cache or inside it, and the Rust split alone is
+    much cheaper than splitting and mapping with offsets (Llama-3's and tekken's structure). The
+    steps are taken from the live pre-tokenizer (no re-serialization of a 131K vocabulary)."""
+    pre = spec.get("pre_tokenizer")
+    words = Tokenizer(tok.model)
+    if pre and pre.get("type") == "Sequence":
+        steps = pre.get("pretokenizers") or []
+        if len(steps) > 1 and steps[-1].get("type") == "ByteLevel" and not steps[-1].get("use_regex", True):
+            live = [tok.pre_tokenizer[i] for i in range(len(steps))]
+            words.pre_tokenizer = live[-1]
+            return (live[0] if len(live) == 2 else pre_tokenizers.Sequence(live[:-1])), words
+    return tok.pre_tokenizer, words
 
 
 class TokenCounter:
@@ -122,26 +196,45 @@ class TokenCounter:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.shape = tokenizer_shape(tokenizer)
-        self._segments: dict[str, int] = {}
+        spec = json.loads(tokenizer.to_str())
+        self.shape = tokenizer_shape(tokenizer, spec)
+        self._normalizer = tokenizer.normalizer
+        self._pre, self._model = _split_and_words(tokenizer, spec)
+        self._metaspace = _metaspace(spec.get("pre_tokenizer"))
+        self._words: dict[str, int] = {}
+        self._specials: dict[str, list[str]] = {}
+        for special in self.shape.special_contents:
+            if special:
+                self._specials.setdefault(special[0], []).append(special)
         self.counted_full = 0       # texts tokenized in full
-        self.counted_pieces = 0     # texts counted from cached pieces
+        self.counted_pieces = 0     # texts counted from cached words
         self.rejected_by_bound = 0  # texts proved too long without tokenizing
+
+    def normalize(self, text: str) -> str:
+        return self._normalizer.normalize_str(text) if self._normalizer is not None else text
 
     def lower_bound(self, text: str) -> int:
         """A number of tokens the text is sure to reach (0 when no bound is sound)."""
         b = self.shape.max_token_bytes
-        return math.ceil(len(text.encode("utf-8")) / b) if b else 0
+        return math.ceil(len(self.normalize(text).encode("utf-8")) / b) if b else 0
 
     def count(self, texts: list[str]) -> list[int]:
         """Exact token counts (no special tokens added) of `texts`."""
         counts = [0] * len(texts)
-        pieces = [i for i, t in enumerate(texts) if self.shape.piecewise and not self._has_special(t)]
-        if pieces:
-            for i, n in zip(pieces, self._count_pieces([texts[i] for i in pieces])):
-                counts[i] = n
-            self.counted_pieces += len(pieces)
-        full = sorted(set(range(len(texts))).difference(pieces))
+        full: list[int] = []
+        by_words: list[tuple[int, list[str]]] = []
+        for i, text in enumerate(texts):
+            words = None if self.shape.path == FULL or self._has_special(text) else self._split(text)
+            if words is None:
+                full.append(i)
+            else:
+                by_words.append((i, words))
+        if by_words:
+            self._learn(by_words)
+            get = self._words.__getitem__
+            for i, words in by_words:
+                counts[i] = sum(map(get, words))
+            self.counted_pieces += len(by_words)
         if full:
             encs = self.tokenizer.encode_batch_fast([texts[i] for i in full], add_special_tokens=False)
             for i, enc in zip(full, encs):
@@ -150,30 +243,41 @@ class TokenCounter:
         return counts
 
     def clear_cache(self) -> None:
-        self._segments.clear()
+        self._words.clear()
 
     def _has_special(self, text: str) -> bool:
-        return any(s in text for s in self.shape.special_contents)
+        # grouped by first character: one substring test per group for the usual text (tekken has 1000)
+        return any(c in text and any(s in text for s in group) for c, group in self._specials.items())
 
-    def _count_pieces(self, texts: list[str]) -> list[int]:
-        """n(seg_0) + sum n(" " + seg_i) per text; segment counts cached, misses encoded in one batch."""
-        cache = self._segments
-        seg_lists = [t.split(" ") for t in texts]
-        missing: set[str] = set()
-        for segs in seg_lists:
-            missing.update(segs)
-        missing.difference_update(cache)
+    def _split(self, text: str) -> list[str] | None:
+        """The model's words of `text`, or None when the text must be counted in full."""
+        norm = self.normalize(text)
+        if norm is not text and self._has_special(norm):  # normalized added tokens match here
+            return None
+        if self._metaspace:
+            if not norm:
+                return []
+            mark, prepend, split = self._metaspace
+            norm = norm.replace(" ", mark)
+            if prepend and not norm.startswith(mark):
+                norm = mark + norm
+            if split:
+                return _METASPACE_WORDS.findall(norm)
+        if self.shape.path == CUTS:
+            return _CUT_WORDS.findall(norm)
+        return [w for w, _ in self._pre.pre_tokenize_str(norm)]
+
+    def _learn(self, by_words: list[tuple[int, list[str]]]) -> None:
+        """Counts the words not in the cache yet, in one batch of the bare model."""
+        cache = self._words
+        missing = {w for _, words in by_words for w in words if w not in cache}
         if len(cache) + len(missing) > _CACHE_LIMIT:
             cache.clear()
-            missing = set().union(*seg_lists)
+            missing = {w for _, words in by_words for w in words}
         if missing:
             todo = list(missing)
-            encs = self.tokenizer.encode_batch_fast([" " + s for s in todo], add_special_tokens=False)
+            encs = self._model.encode_batch_fast(todo, add_special_tokens=False)
             cache.update(zip(todo, (len(e.ids) for e in encs)))
-        heads = self.tokenizer.encode_batch_fast([segs[0] for segs in seg_lists], add_special_tokens=False)
-        get = cache.__getitem__
-        # the first segment is counted as itself, not as " " + itself
-        return [len(h.ids) + sum(map(get, segs)) - get(segs[0]) for h, segs in zip(heads, seg_lists)]
 
 
 def length_verdict(n_tokens: int, min_tokens: int, max_tokens: int) -> str | None:

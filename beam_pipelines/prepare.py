@@ -1,9 +1,10 @@
 """Beam pass 1: Dolma head split -> exact length filter -> dedup -> token-balanced candidate shards.
 
-    ListInputs ─┬─ other splits ─ CountLines ──────────────────────────────────────────┐ tallies
-                └─ head split ── ReadAndMeasure ─ DedupById ─ DedupByText ─ Sample ─┐ │
-                                      └── rejects ──────────────────────────────────│─┼─ WriteRejects
-                         AssignShards (global, on (id, n_tokens)) <────────────────┘ │
+    ListInputs ─┬─ other splits ─ CountLines ─────────────────────────────────────────────┐ tallies
+                └─ head split ── ReadAndMeasure ─ Deduplicate ─────────────────────────┐  │
+                       or, with --target-docs: ReadAndMeasure(rank only) ─ SampleByKey ┤  │
+                                      └── rejects ─────────────────────────────────────│──┼─ WriteRejects
+                         AssignShards (count -> hash buckets -> balance per bucket) <──┘  │
                          ─ GroupByKey(file) ─ WriteParts ─ GroupByKey(shard) ─ MergeShard ─ WriteStats
 
 Only keys travel through shuffles: a document's text is read from its input file twice (once to
@@ -17,12 +18,13 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
 import time
 import uuid
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -33,9 +35,9 @@ from beam_pipelines import dolma
 import storage
 from beam_pipelines.length import TokenCounter, length_verdict, load_tokenizer
 from beam_pipelines.options import configure_process
-from beam_pipelines.shards import assign_shards, balance
+from beam_pipelines.shards import assign_bucket, balance, num_buckets
 from schemas.errors import UserError
-from schemas.keys import sample_key, text_hash
+from schemas.keys import balance_bucket, sample_key, text_hash
 from schemas.layout import RunLayout
 
 log = logging.getLogger("bft.prepare")
@@ -150,49 +152,15 @@ def _unreadable(path: str, lines_read: int, error: Exception, skip: bool):
     yield beam.pvalue.TaggedOutput("unreadable", {"file": path, "lines_read": lines_read, "error": str(error)})
 
 
-class ReadAndMeasure(beam.DoFn):
-    """A head-split file -> kept-document keys (main), rejects, and tallies.
-
-    Parses every line, routes bad ones to rejects, applies the metadata predicate, hashes the
-    normalized text and counts its tokens exactly; the text itself does not leave this step.
-    """
+class _Measurer(beam.DoFn):
+    """Counts tokens of batches of parsed documents: kept-document keys (main), rejects, tallies."""
 
     def __init__(self, cfg: PrepareConfig):
         self.cfg = cfg
-        self.where = [dolma.parse_where(w) for w in cfg.select_where]
 
     def setup(self):
         configure_process()
         self.counter = TokenCounter(load_tokenizer(self.cfg.tokenizer))
-
-    def process(self, path: str):
-        tallies: collections.Counter = collections.Counter()
-        batch: list[tuple[int, dolma.Document]] = []
-        line_no = 0
-        pieces_before, full_before = self.counter.counted_pieces, self.counter.counted_full
-        try:
-            for line_no, raw in enumerate(storage.open_lines(path), start=1):
-                tallies[INPUT] += 1
-                item = dolma.parse_line(raw, self.cfg.max_line_bytes)
-                if isinstance(item, dolma.Reject):
-                    tallies[_dropped(item.reason)] += 1
-                    yield beam.pvalue.TaggedOutput("rejects", _reject_row(
-                        path, line_no, item.reason, item.detail, item.id, item.raw))
-                    continue
-                if not all(str(dolma.field(item.record, f)) in values for f, values in self.where):
-                    tallies[_dropped("not_selected")] += 1
-                    continue
-                batch.append((line_no, item))
-                if len(batch) >= self.cfg.batch_docs:
-                    yield from self._measure(path, batch, tallies)
-                    batch = []
-        except _READ_ERRORS as e:
-            yield from _unreadable(path, line_no, e, self.cfg.skip_unreadable_files)
-        yield from self._measure(path, batch, tallies)
-        tallies["length/counted_pieces"] = self.counter.counted_pieces - pieces_before
-        tallies["length/counted_full"] = self.counter.counted_full - full_before
-        for name, n in sorted(tallies.items()):
-            yield beam.pvalue.TaggedOutput("tallies", _tally(name, n))
 
     def _measure(self, path, batch, tallies):
         if not batch:
@@ -206,6 +174,7 @@ class ReadAndMeasure(beam.DoFn):
             else:
                 todo.append((line_no, doc))
         counts = dict(zip((ln for ln, _ in todo), counter.count([d.text for _, d in todo])))
+        tallies["length/measured"] += len(batch)
         tallies["length/rejected_by_bound"] += len(bounds)
         for line_no, doc in batch:
             if line_no in bounds:
@@ -220,9 +189,104 @@ class ReadAndMeasure(beam.DoFn):
             else:
                 yield (doc.id, text_hash(doc.text), counts[line_no], len(doc.text), path, line_no)
 
+    def _counted(self, tallies, before):
+        tallies["length/counted_pieces"] = self.counter.counted_pieces - before[0]
+        tallies["length/counted_full"] = self.counter.counted_full - before[1]
+        for name, n in sorted(tallies.items()):
+            yield beam.pvalue.TaggedOutput("tallies", _tally(name, n))
+
     def finish_bundle(self):
-        # The segment cache has done its work for this bundle; free it before the write stages run.
+        # The word cache has done its work for this bundle; free it before the write stages run.
         self.counter.clear_cache()
+
+
+class ReadAndMeasure(_Measurer):
+    """A head-split file -> kept-document keys (main), rejects, and tallies.
+
+    Parses every line, routes bad ones to rejects, applies the metadata predicate, hashes the
+    normalized text and counts its tokens exactly; the text itself does not leave this step.
+    With `rank_only` (the --target-docs path) nothing is measured: every selected document is
+    yielded as (id, sample_key, file, line) for SampleByKey to pick the ones worth measuring.
+    """
+
+    def __init__(self, cfg: PrepareConfig, rank_only: bool = False):
+        super().__init__(cfg)
+        self.rank_only = rank_only
+        self.where = [dolma.parse_where(w) for w in cfg.select_where]
+
+    def setup(self):
+        if self.rank_only:
+            configure_process()
+        else:
+            super().setup()
+
+    def process(self, path: str):
+        tallies: collections.Counter = collections.Counter()
+        batch: list[tuple[int, dolma.Document]] = []
+        line_no = 0
+        before = (0, 0) if self.rank_only else (self.counter.counted_pieces, self.counter.counted_full)
+        try:
+            for line_no, raw in enumerate(storage.open_lines(path), start=1):
+                tallies[INPUT] += 1
+                item = dolma.parse_line(raw, self.cfg.max_line_bytes)
+                if isinstance(item, dolma.Reject):
+                    tallies[_dropped(item.reason)] += 1
+                    yield beam.pvalue.TaggedOutput("rejects", _reject_row(
+                        path, line_no, item.reason, item.detail, item.id, item.raw))
+                    continue
+                if not all(str(dolma.field(item.record, f)) in values for f, values in self.where):
+                    tallies[_dropped("not_selected")] += 1
+                    continue
+                if self.rank_only:
+                    yield item.id, sample_key(item.id, self.cfg.seed), path, line_no
+                    continue
+                batch.append((line_no, item))
+                if len(batch) >= self.cfg.batch_docs:
+                    yield from self._measure(path, batch, tallies)
+                    batch = []
+        except _READ_ERRORS as e:
+            yield from _unreadable(path, line_no, e, self.cfg.skip_unreadable_files)
+        yield from self._measure(path, batch, tallies)
+        if self.rank_only:
+            for name, n in sorted(tallies.items()):
+                yield beam.pvalue.TaggedOutput("tallies", _tally(name, n))
+        else:
+            yield from self._counted(tallies, before)
+
+    def finish_bundle(self):
+        if not self.rank_only:
+            super().finish_bundle()
+
+
+class MeasureLines(_Measurer):
+    """(file, [(line, id), ...]) -> the same outputs as ReadAndMeasure for those lines only: the file
+    is read again and only the wanted lines are parsed and measured."""
+
+    def process(self, element):
+        path, wanted = element
+        want = dict(wanted)
+        tallies: collections.Counter = collections.Counter()
+        before = (self.counter.counted_pieces, self.counter.counted_full)
+        batch: list[tuple[int, dolma.Document]] = []
+        remaining = len(want)
+        for line_no, raw in enumerate(storage.open_lines(path), start=1):
+            doc_id = want.get(line_no)
+            if doc_id is None:
+                continue
+            doc = dolma.parse_line(raw, self.cfg.max_line_bytes)
+            if isinstance(doc, dolma.Reject) or doc.id != doc_id:
+                raise RuntimeError(f"{path}:{line_no}: changed while the job ran (expected document {doc_id})")
+            batch.append((line_no, doc))
+            if len(batch) >= self.cfg.batch_docs:
+                yield from self._measure(path, batch, tallies)
+                batch = []
+            remaining -= 1
+            if not remaining:
+                break
+        if remaining:
+            raise RuntimeError(f"{path}: {remaining} documents missing on the second read")
+        yield from self._measure(path, batch, tallies)
+        yield from self._counted(tallies, before)
 
 
 def keep_first(docs: Iterable[tuple], order, reason: str, detail):
@@ -235,9 +299,17 @@ def keep_first(docs: Iterable[tuple], order, reason: str, detail):
 
 
 class Deduplicate(beam.PTransform):
-    """Ids must be unique (the smallest text_hash wins), then texts (the smallest id wins)."""
+    """Ids must be unique (the smallest text_hash wins), then texts (the document that ranks first in
+    the sample wins: smallest (sample_key(id, seed), id)). Ranking duplicates by the sample key makes
+    the --target-docs sample decomposable: a document measured for the sample can only lose to a
+    duplicate of lower key, which is measured too (see SampleByKey)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
 
     def expand(self, docs):
+        seed = self.seed
         by_id = (docs
                  | "KeyById" >> beam.Map(lambda d: (d[ID], d))
                  | "GroupById" >> beam.GroupByKey()
@@ -249,7 +321,7 @@ class Deduplicate(beam.PTransform):
                    | "KeyByHash" >> beam.Map(lambda d: (d[HASH], d))
                    | "GroupByHash" >> beam.GroupByKey()
                    | "UniqueTexts" >> beam.FlatMap(
-                       lambda kv: keep_first(kv[1], lambda d: (d[ID], d[FILE], d[LINE]), "duplicate",
+                       lambda kv: keep_first(kv[1], lambda d: (sample_key(d[ID], seed), d[ID], d[FILE], d[LINE]), "duplicate",
                                              lambda w: f"same normalized text as {w[ID]}"))
                    .with_outputs("rejects", "tallies", main="docs"))
         rejects = (by_id.rejects, by_text.rejects) | "DedupRejects" >> beam.Flatten()
@@ -286,10 +358,115 @@ class SampleToTarget(beam.PTransform):
         return out.docs, out.rejects, out.tallies
 
 
-def _route_to_shards(all_docs: list[tuple], num_shards: int):
-    """The global balancing step: (file, (line, id, shard, n_tokens, text_hash)) for every document."""
-    shard_of = assign_shards(((d[ID], d[NTOK]) for d in all_docs), num_shards)
-    for d in all_docs:
+KEY_SPACE = 1 << 64  # sample keys are xxh3_64 values: uniform in [0, KEY_SPACE)
+ROUNDS = 3           # measuring rounds of SampleByKey; the last one takes whatever is left
+
+
+def key_limit(n_ranked: int, target: int, survival: float) -> int:
+    """A sample-key limit under which enough documents fall for `target` to survive with margin, when a
+    share `survival` of measured documents survives the length filter and dedup (KEY_SPACE: all)."""
+    if survival < 0.02:
+        return KEY_SPACE
+    want = target / survival * 1.25 + 4 * math.sqrt(target) + 64
+    return KEY_SPACE if want >= n_ranked else int(KEY_SPACE * want / n_ranked)
+
+
+def next_window(n_ranked: int, window: tuple[int, int], survivors: int, measured: int, target: int,
+                last: bool) -> tuple[int, int]:
+    """The key window [lo, hi) of the next measuring round: empty when `survivors` (documents of key
+    below window[1] that survive) already make the target or everything was measured; the rest of the
+    key space in the last round; else widened by the survival rate seen so far (at least doubled)."""
+    hi = window[1]
+    if survivors >= target or hi >= KEY_SPACE:
+        return hi, hi
+    if last:
+        return hi, KEY_SPACE
+    return hi, max(key_limit(n_ranked, target, survivors / max(measured, 1)), min(2 * hi, KEY_SPACE))
+
+
+class SampleByKey(beam.PTransform):
+    """--target-docs with work that follows the sample: ranked documents (id, sample_key, file, line)
+    -> (kept documents, rejects, tallies), exactly the bottom-N sample of the full computation.
+
+    Round 0 measures (reads, counts tokens of, hashes) only the documents of sample key below an
+    estimated limit (N x 1.25 + margin of the ranked documents); each next round widens the window by
+    the survival rate seen so far, only while fewer than N survive; the last round takes the rest. The
+    documents of key below the final limit are exactly those the full computation would measure with
+    such a key, and since a duplicate loses only to one of lower key (Deduplicate), the survivors
+    among them are exactly the full computation's survivors of key below the limit: when at least N
+    survive, the bottom N of them is the full computation's sample. The others are dropped as
+    not_sampled without being measured. What is global: a count, a few limits, and the bottom-N
+    ranks (SampleToTarget): memory follows N, not the corpus."""
+
+    def __init__(self, cfg: PrepareConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, ranked):
+        cfg, target = self.cfg, self.cfg.target_docs
+        n_ranked = ranked | "CountRanked" >> beam.combiners.Count.Globally()
+        # windows hold KEY_SPACE = 2^64, past the 64-bit integer coder Beam would infer: typed Any
+        window = n_ranked | "Window0" >> beam.Map(lambda n: (0, key_limit(n, target, 1.0))).with_output_types(Any)
+        rounds, rejects, tallies, measured = [], [], [], []
+        for j in range(ROUNDS):
+            if j:
+                survivors = (rounds | f"UpTo{j}" >> beam.Flatten() | f"Dedup{j}" >> Deduplicate(cfg.seed))[0]
+                n_surv = survivors | f"Survivors{j}" >> beam.combiners.Count.Globally()
+                n_measured = (measured | f"Measured{j}" >> beam.Flatten()
+                              | f"SumMeasured{j}" >> beam.CombineGlobally(sum))
+                window = n_ranked | f"Window{j}" >> beam.Map(
+                    lambda n, w, s, m, last: next_window(n, tuple(w), s, m, target, last),
+                    w=beam.pvalue.AsSingleton(window), s=beam.pvalue.AsSingleton(n_surv),
+                    m=beam.pvalue.AsSingleton(n_measured), last=j == ROUNDS - 1).with_output_types(Any)
+            wanted = ranked | f"Want{j}" >> beam.Filter(
+                lambda r, w: w[0] <= r[1] < w[1], w=beam.pvalue.AsSingleton(window))
+            measured.append(wanted | f"CountWanted{j}" >> beam.combiners.Count.Globally())
+            tallies.append(window | f"Round{j}" >> beam.Map(lambda w: _tally("sample/rounds", int(w[0] < w[1]))))
+            out = (wanted | f"ByFile{j}" >> beam.Map(lambda r: (r[2], (r[3], r[0])))
+                   | f"GroupByFile{j}" >> beam.GroupByKey()
+                   | f"Measure{j}" >> beam.ParDo(MeasureLines(cfg)).with_outputs("rejects", "tallies", main="docs"))
+            rounds.append(out.docs)
+            rejects.append(out.rejects)
+            tallies.append(out.tallies)
+
+        def unmeasured(r, w):
+            if r[1] >= w[1]:
+                yield beam.pvalue.TaggedOutput("rejects", _reject_row(
+                    r[2], r[3], "not_sampled", f"outside the --target-docs {target} sample (not measured)", r[0]))
+                yield _tally(_dropped("not_sampled"))
+
+        rest = ranked | "Unmeasured" >> beam.FlatMap(unmeasured, w=beam.pvalue.AsSingleton(window)).with_outputs(
+            "rejects", main="tallies")
+        docs, dedup_rejects, dedup_tallies = rounds | "AllMeasured" >> beam.Flatten() | "Deduplicate" >> Deduplicate(
+            cfg.seed)
+        docs, sample_rejects, sample_tallies = docs | "Sample" >> SampleToTarget(target, cfg.seed)
+        rejects += [rest.rejects, dedup_rejects, sample_rejects]
+        tallies += [rest.tallies, dedup_tallies, sample_tallies]
+        return (docs, rejects | "SampleRejects" >> beam.Flatten(), tallies | "SampleTallies" >> beam.Flatten())
+
+
+class AssignShards(beam.PTransform):
+    """Kept documents -> (file, (line, id, shard, n_tokens, text_hash)), balanced bucket by bucket
+    (beam_pipelines/shards.py): what is global is the count of kept documents."""
+
+    def __init__(self, num_shards: int):
+        super().__init__()
+        self.num_shards = num_shards
+
+    def expand(self, docs):
+        n = docs | "CountKept" >> beam.combiners.Count.Globally()
+        return (docs
+                | "KeyByBucket" >> beam.Map(lambda d, n: (balance_bucket(d[ID], num_buckets(n)), d),
+                                            n=beam.pvalue.AsSingleton(n))
+                | "GroupByBucket" >> beam.GroupByKey()
+                | "BalanceBucket" >> beam.FlatMap(_route_bucket, self.num_shards))
+
+
+def _route_bucket(element, num_shards: int):
+    bucket, docs = element
+    docs = list(docs)
+    shard_of = assign_bucket(((d[ID], d[NTOK]) for d in docs), num_shards, bucket)
+    for d in docs:
         yield d[FILE], (d[LINE], d[ID], shard_of[d[ID]], d[NTOK], d[HASH])
 
 
@@ -388,23 +565,21 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
 
     read = (p | "HeadSplitFiles" >> beam.Create(selected)
             | "Reshuffle" >> beam.Reshuffle()
-            | "ReadAndMeasure" >> beam.ParDo(ReadAndMeasure(cfg)).with_outputs(
+            | "ReadAndMeasure" >> beam.ParDo(ReadAndMeasure(cfg, rank_only=bool(cfg.target_docs))).with_outputs(
                 "rejects", "tallies", "unreadable", main="docs"))
     other = (p | "OtherSplitFiles" >> beam.Create(others)
              | "CountLines" >> beam.ParDo(CountLines(cfg.skip_unreadable_files)).with_outputs(
                  "unreadable", "tallies", main="nothing"))
 
-    docs, dedup_rejects, dedup_tallies = read.docs | "Deduplicate" >> Deduplicate()
-    rejects = [read.rejects, dedup_rejects]
-    tallies = [read.tallies, other.tallies, dedup_tallies]
     if cfg.target_docs:
-        docs, sample_rejects, sample_tallies = docs | "Sample" >> SampleToTarget(cfg.target_docs, cfg.seed)
-        rejects.append(sample_rejects)
-        tallies.append(sample_tallies)
+        docs, kept_rejects, kept_tallies = read.docs | "SampleByKey" >> SampleByKey(cfg)
+    else:
+        docs, kept_rejects, kept_tallies = read.docs | "Deduplicate" >> Deduplicate(cfg.seed)
+    rejects = [read.rejects, kept_rejects]
+    tallies = [read.tallies, other.tallies, kept_tallies]
 
     parts = (docs
-             | "AllKept" >> beam.combiners.ToList()
-             | "AssignShards" >> beam.FlatMap(_route_to_shards, cfg.num_shards)
+             | "AssignShards" >> AssignShards(cfg.num_shards)
              | "GroupByFile" >> beam.GroupByKey()
              | "WriteParts" >> beam.ParDo(WriteParts(cfg, tmp_dir)))
     every_shard = p | "ShardNumbers" >> beam.Create([(k, None) for k in range(cfg.num_shards)])
@@ -450,6 +625,8 @@ def write_stats(cfg, files, selected, totals, shards, reject_files, unreadable, 
             "counted_from_pieces": totals.get("length/counted_pieces", 0),
             "tokenized_in_full": totals.get("length/counted_full", 0),
             "rejected_by_bound": totals.get("length/rejected_by_bound", 0),
+            "measured": totals.get("length/measured", 0),
+            "sample_rounds": totals.get("sample/rounds", 0),
         },
         "shards": {"num_shards": cfg.num_shards, "balance_max_over_mean": round(balance(shard_tokens), 6),
                    "files": [{k: s[k] for k in ("path", "rows", "tokens", "bytes")} for s in shards]},

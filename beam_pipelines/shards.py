@@ -1,26 +1,58 @@
-"""Token-balanced shard assignment.
+"""Token-balanced shard assignment with bounded memory per worker.
 
-Longest-processing-time-first: documents in decreasing `n_tokens` (ties by id) go each to the shard
-with the fewest tokens so far (ties by shard number). The result depends on the set of documents
-only, not on their order, and max/mean shard tokens is at most 1 + (largest document / mean shard),
-which is ~1.001 at 100K documents in 16 shards.
+A document's balancing bucket is a hash of its id (schemas.keys.balance_bucket) among
+num_buckets(kept documents) buckets of about BUCKET_DOCS documents each; the only global input is
+that count, a small summary. Inside a bucket, longest-processing-time-first: documents in decreasing
+`n_tokens` (ties by id) go each to the shard with the fewest tokens of that bucket so far (ties by the
+shard's rank in the bucket's rotation, which starts at shard `bucket % num_shards`, so that the
+buckets' remainders fall on different shards). A bucket's max/mean is at most 1 + largest document /
+its mean shard, and summing the buckets keeps that bound for the whole: ~1.001 at 100K documents in
+16 shards; benchmarks/shard_balance.py simulates 10M. The result depends on the set of documents only,
+never on their order or the runner.
+
+A document keeps its bucket as the corpus grows while the number of buckets stays the same; its shard
+inside the bucket can change when documents are added to that bucket (see docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
 import heapq
+import math
 from typing import Iterable
 
+from schemas.keys import balance_bucket
 
-def assign_shards(docs: Iterable[tuple[str, int]], num_shards: int) -> dict[str, int]:
-    """{id: shard} for (id, n_tokens) pairs."""
+BUCKET_DOCS = 200_000  # documents balanced together by one worker (~30 MB of (id, n_tokens))
+
+
+def num_buckets(n_docs: int) -> int:
+    """Buckets for `n_docs` kept documents: at most ~BUCKET_DOCS documents each."""
+    return max(1, math.ceil(n_docs / BUCKET_DOCS))
+
+
+def assign_bucket(docs: Iterable[tuple[str, int]], num_shards: int, bucket: int = 0) -> dict[str, int]:
+    """{id: shard} for the (id, n_tokens) pairs of one bucket."""
     if num_shards < 1:
         raise ValueError("num_shards must be >= 1")
-    heap = [(0, 0, k) for k in range(num_shards)]  # (tokens, rows, shard)
+    heap = [(0, (k - bucket) % num_shards, k) for k in range(num_shards)]  # (tokens, rank, shard)
     out: dict[str, int] = {}
     for doc_id, n in sorted(docs, key=lambda d: (-d[1], d[0])):
-        tokens, rows, k = heapq.heappop(heap)
+        tokens, rank, k = heapq.heappop(heap)
         out[doc_id] = k
-        heapq.heappush(heap, (tokens + n, rows + 1, k))
+        heapq.heappush(heap, (tokens + n, rank, k))
+    return out
+
+
+def assign_shards(docs: Iterable[tuple[str, int]], num_shards: int, n_buckets: int | None = None) -> dict[str, int]:
+    """{id: shard} for (id, n_tokens) pairs, bucket by bucket (in one process: for tests and the
+    simulation; the pipeline balances each bucket on its own worker)."""
+    docs = list(docs)
+    n_buckets = num_buckets(len(docs)) if n_buckets is None else n_buckets
+    buckets: dict[int, list[tuple[str, int]]] = {}
+    for d in docs:
+        buckets.setdefault(balance_bucket(d[0], n_buckets), []).append(d)
+    out: dict[str, int] = {}
+    for b, members in buckets.items():
+        out.update(assign_bucket(members, num_shards, b))
     return out
 
 
@@ -30,4 +62,3 @@ def balance(shard_tokens: list[int]) -> float:
     if not shard_tokens or total == 0:
         return 1.0
     return max(shard_tokens) / (total / len(shard_tokens))
-

@@ -74,8 +74,9 @@ class TextMaker:
 
 def write_dolma(root: str, n_docs: int, n_files: int, split: str = "cc_en_head",
                 dup_rate: float = 0.02, seed: int = 0, maker: TextMaker | None = None,
-                id_prefix: str = "") -> list[str]:
-    """Writes `n_docs` documents as `root/documents/<split>/<split>-NNNN.json.gz`; returns the paths."""
+                id_prefix: str = "", median_chars: float = 3000.0) -> list[str]:
+    """Writes `n_docs` documents (log-normal lengths of median `median_chars`) as
+    `root/documents/<split>/<split>-NNNN.json.gz`; returns the paths."""
     maker = maker or TextMaker(seed)
     folder = os.path.join(root, "documents", split)
     os.makedirs(folder, exist_ok=True)
@@ -87,7 +88,7 @@ def write_dolma(root: str, n_docs: int, n_files: int, split: str = "cc_en_head",
             if recent and maker.rng.random() < dup_rate:
                 text = recent[int(maker.rng.integers(len(recent)))]
             else:
-                text = maker.text(maker.length())
+                text = maker.text(maker.length(median=median_chars))
                 recent.append(text)
             doc = {
                 "id": f"{id_prefix}{split}-{n:08d}",

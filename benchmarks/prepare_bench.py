@@ -1,12 +1,21 @@
-"""Benchmark of `bft prepare` against datatrove, side by side in one run (issue: pass 1).
+"""Benchmark of `bft prepare` against datatrove, side by side in one run (issue 10).
 
-For each corpus size: generate a Dolma-layout corpus (benchmarks/corpus.py; cached), train a 32K-piece
-byte-fallback BPE on a sample of it (cached), then run both tools as subprocesses on the same files
-with the same tokenizer and limit, measuring wall time and the peak RSS of the whole process tree.
-Both sides' length decisions are compared document by document. Prints a markdown table and writes
-benchmarks/work/prepare_bench.json.
+Three parts, each writing into benchmarks/work/ and printing markdown tables:
 
-    .venv/bin/python -m benchmarks.prepare_bench --docs 30000 100000 300000
+1. Speed, per tokenizer structure (benchmarks/real_tokenizers.py: `llama2` = Mistral-7B's sentencepiece
+   model in Llama-2's structure, `tekken` = byte-level BPE with a split regex as Llama-3's, `nfkc` = an
+   NFKC-normalized sentencepiece BPE) and corpus size: both tools run as subprocesses on the same files
+   with the same tokenizer and limit; wall time, docs/s, the ratio, the peak RSS of the whole process
+   tree, the share of documents counted each way, and whether both tools' length decisions and token
+   counts agree document by document.
+2. `--target-docs` on a corpus (default 300K documents): wall time of the sample against the full pass,
+   and how many documents each measured.
+3. Memory per process on short documents (default 30K, 300K, 1M): the largest RSS of any one process of
+   `bft prepare`'s tree (flat is the target).
+
+    .venv/bin/python -m benchmarks.prepare_bench                               # everything, as documented
+    .venv/bin/python -m benchmarks.prepare_bench --docs 2000 --files 4 --sample-docs 3000 --target 100 \\
+        --memory-docs 2000 4000                                                # a smoke run
 """
 from __future__ import annotations
 
@@ -26,44 +35,42 @@ import psutil
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORK = os.path.join(HERE, "work")
 PY = sys.executable
-BFT = os.path.join(os.path.dirname(PY), "bft")
+REPO = os.path.dirname(HERE)
+ENV = {"PYTHONPATH": REPO}
 
 
-def make_corpus(n_docs: int, files: int) -> str:
+def make_corpus(n_docs: int, files: int, median_chars: int = 3000) -> str:
     from benchmarks.corpus import TextMaker, write_dolma
 
-    root = os.path.join(WORK, f"corpus-{n_docs}")
+    root = os.path.join(WORK, f"corpus-{n_docs}" + ("" if median_chars == 3000 else f"-m{median_chars}"))
     if not os.path.exists(os.path.join(root, "DONE")):
         shutil.rmtree(root, ignore_errors=True)
-        write_dolma(root, n_docs, files, maker=TextMaker(seed=n_docs))
+        write_dolma(root, n_docs, files, maker=TextMaker(seed=n_docs), median_chars=median_chars)
         open(os.path.join(root, "DONE"), "w").close()
     return root
 
 
-def make_tokenizer(vocab: int = 32000) -> str:
-    from benchmarks.corpus import TextMaker
-    from training.tiny import train_byte_fallback_bpe
+def make_tokenizer(structure: str) -> str:
+    from benchmarks.real_tokenizers import save
 
-    path = os.path.join(WORK, f"tokenizer-{vocab}.json")
-    if not os.path.exists(path):
-        maker = TextMaker(seed=12345)
-        train_byte_fallback_bpe([maker.text(maker.length()) for _ in range(4000)], vocab).save(path)
-    return path
+    return save(structure, os.path.join(WORK, f"tokenizer-{structure}"))
 
 
 def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Runs `cmd`; wall seconds and peak RSS (bytes) summed over its process tree, sampled every 50 ms."""
+    """Runs `cmd`; wall seconds, peak RSS (bytes) summed over its process tree and the largest RSS of
+    any one of its processes, sampled every 50 ms."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    peak = [0]
+    peak, peak_one = [0], [0]
 
     def sample():
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
-                rss = sum(p.memory_info().rss for p in [root] + root.children(recursive=True))
-                peak[0] = max(peak[0], rss)
+                rss = [p.memory_info().rss for p in [root] + root.children(recursive=True)]
+                peak[0] = max(peak[0], sum(rss))
+                peak_one[0] = max(peak_one[0], max(rss))
             except psutil.Error:
                 pass
             time.sleep(0.05)
@@ -75,23 +82,28 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     th.join()
     if proc.returncode:
         raise RuntimeError(f"{cmd[0]} failed:\n{out[-4000:]}")
-    return {"wall_s": wall, "peak_rss_bytes": peak[0], "log_tail": out[-2000:]}
+    return {"wall_s": wall, "peak_rss_bytes": peak[0], "peak_process_rss_bytes": peak_one[0]}
 
 
-def run_size(n_docs: int, files: int, max_tokens: int, shards: int, tokenizer: str) -> dict:
-    corpus = make_corpus(n_docs, files)
-    head = os.path.join(corpus, "documents", "cc_en_head")
-    ours_root = os.path.join(WORK, f"ours-{n_docs}")
-    ours_out = os.path.join(ours_root, "candidates")
-    peer_out = os.path.join(WORK, f"datatrove-{n_docs}")
-    for d in (ours_root, peer_out, peer_out + "-logs"):
+def run_ours(head: str, root: str, tokenizer: str, max_tokens: int, shards: int, *extra: str) -> tuple[dict, dict]:
+    shutil.rmtree(root, ignore_errors=True)
+    m = measure([PY, "-m", "bft.cli", "prepare", "--input", os.path.join(head, "*.json.gz"), "--root", root,
+                 "--tokenizer", tokenizer, "--max-tokens", str(max_tokens), "--num-shards", str(shards), *extra],
+                env=ENV)
+    return m, json.load(open(os.path.join(root, "candidates", "stats.json")))
+
+
+def run_speed(n_docs: int, files: int, max_tokens: int, shards: int, structure: str) -> dict:
+    tokenizer = make_tokenizer(structure)
+    head = os.path.join(make_corpus(n_docs, files), "documents", "cc_en_head")
+    ours_root = os.path.join(WORK, f"ours-{structure}-{n_docs}")
+    peer_out = os.path.join(WORK, f"datatrove-{structure}-{n_docs}")
+    for d in (peer_out, peer_out + "-logs"):
         shutil.rmtree(d, ignore_errors=True)
-    ours = measure([BFT, "prepare", "--input", os.path.join(head, "*.json.gz"), "--root", ours_root,
-                    "--tokenizer", tokenizer, "--max-tokens", str(max_tokens), "--num-shards", str(shards)])
+    ours, stats = run_ours(head, ours_root, tokenizer, max_tokens, shards)
     peer = measure([PY, "-m", "benchmarks.datatrove_peer", "--input-dir", head, "--output", peer_out,
-                    "--tokenizer", tokenizer, "--max-tokens", str(max_tokens), "--tasks", str(files)],
-                   env={"PYTHONPATH": os.path.dirname(HERE)})
-    stats = json.load(open(os.path.join(ours_out, "stats.json")))
+                    "--tokenizer", tokenizer, "--max-tokens", str(max_tokens), "--tasks", str(files)], env=ENV)
+    ours_out = os.path.join(ours_root, "candidates")
     # Length decisions, document by document: datatrove keeps exactly what we keep or drop as a duplicate
     # (it does not dedup), with the same token count; what we drop as too long it drops.
     mine = pd.concat([pd.read_parquet(f, columns=["id", "n_tokens"])
@@ -102,51 +114,105 @@ def run_size(n_docs: int, files: int, max_tokens: int, shards: int, tokenizer: s
                         for f in glob.glob(os.path.join(peer_out, "*.parquet"))])
     theirs_tokens = dict(zip(theirs["id"], (m["token_count"] for m in theirs["metadata"])))
     length_ok_ours = set(mine["id"]) | set(rejects.loc[rejects.reason == "duplicate", "id"])
-    same_decisions = length_ok_ours == set(theirs_tokens)
-    same_counts = all(theirs_tokens.get(i) == n for i, n in zip(mine["id"], mine["n_tokens"]))
     lf = stats["length_filter"]
-    measured = sum(lf.values())
+    measured = lf["measured"] or 1
+    from beam_pipelines.length import load_tokenizer, tokenizer_shape
+
     return {
+        "structure": structure,
+        "path": tokenizer_shape(load_tokenizer(tokenizer)).path,
         "docs": n_docs,
-        "ours": {k: ours[k] for k in ("wall_s", "peak_rss_bytes")},
-        "datatrove": {k: peer[k] for k in ("wall_s", "peak_rss_bytes")},
+        "ours": ours,
+        "datatrove": peer,
         "ours_docs_per_s": n_docs / ours["wall_s"],
         "datatrove_docs_per_s": n_docs / peer["wall_s"],
         "speed_ratio": peer["wall_s"] / ours["wall_s"],
-        "same_length_decisions": same_decisions,
-        "same_token_counts": same_counts,
-        "share_tokenized_in_full": lf["tokenized_in_full"] / measured if measured else 0.0,
-        "share_rejected_by_bound": lf["rejected_by_bound"] / measured if measured else 0.0,
+        "same_length_decisions": length_ok_ours == set(theirs_tokens),
+        "same_token_counts": all(theirs_tokens.get(i) == n for i, n in zip(mine["id"], mine["n_tokens"])),
+        "share_counted_by_words": lf["counted_from_pieces"] / measured,
+        "share_tokenized_in_full": lf["tokenized_in_full"] / measured,
+        "share_rejected_by_bound": lf["rejected_by_bound"] / measured,
         "balance_max_over_mean": stats["shards"]["balance_max_over_mean"],
         "kept": stats["kept"],
-        "dropped": stats["dropped"],
     }
 
 
-def main() -> None:
+def run_sample(n_docs: int, files: int, max_tokens: int, shards: int, target: int, structure: str) -> dict:
+    tokenizer = make_tokenizer(structure)
+    head = os.path.join(make_corpus(n_docs, files), "documents", "cc_en_head")
+    full, full_stats = run_ours(head, os.path.join(WORK, f"sample-full-{n_docs}"), tokenizer, max_tokens, shards)
+    samp, samp_stats = run_ours(head, os.path.join(WORK, f"sample-{target}-{n_docs}"), tokenizer, max_tokens,
+                                shards, "--target-docs", str(target))
+    return {"docs": n_docs, "target": target, "structure": structure, "full": full, "sample": samp,
+            "wall_share": samp["wall_s"] / full["wall_s"],
+            "measured_full": full_stats["length_filter"]["measured"],
+            "measured_sample": samp_stats["length_filter"]["measured"],
+            "sample_rounds": samp_stats["length_filter"]["sample_rounds"], "kept": samp_stats["kept"]}
+
+
+def run_memory(n_docs: int, files: int, max_tokens: int, shards: int, structure: str) -> dict:
+    tokenizer = make_tokenizer(structure)
+    head = os.path.join(make_corpus(n_docs, files, median_chars=300), "documents", "cc_en_head")
+    m, stats = run_ours(head, os.path.join(WORK, f"memory-{n_docs}"), tokenizer, max_tokens, shards)
+    return {"docs": n_docs, "structure": structure, **m, "kept": stats["kept"]}
+
+
+def main(argv=None) -> None:
+    from benchmarks.real_tokenizers import STRUCTURES
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--docs", type=int, nargs="+", default=[100_000])
+    ap.add_argument("--docs", type=int, nargs="*", default=[30_000, 100_000])
+    ap.add_argument("--structures", nargs="+", default=list(STRUCTURES), choices=STRUCTURES)
     ap.add_argument("--files", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=3584)
     ap.add_argument("--num-shards", type=int, default=16)
-    args = ap.parse_args()
+    ap.add_argument("--sample-docs", type=int, default=300_000, help="corpus of the --target-docs part (0: skip)")
+    ap.add_argument("--target", type=int, default=1000)
+    ap.add_argument("--memory-docs", type=int, nargs="*", default=[30_000, 300_000, 1_000_000])
+    args = ap.parse_args(argv)
     os.makedirs(WORK, exist_ok=True)
-    tokenizer = make_tokenizer()
-    results = []
+    common = (args.files, args.max_tokens, args.num_shards)
+    results: dict = {"speed": [], "sample": None, "memory": []}
+
+    def save():
+        json.dump(results, open(os.path.join(WORK, "prepare_bench.json"), "w"), indent=2)
+
     for n in args.docs:
-        r = run_size(n, args.files, args.max_tokens, args.num_shards, tokenizer)
-        results.append(r)
-        print(json.dumps(r), flush=True)
-    json.dump(results, open(os.path.join(WORK, "prepare_bench.json"), "w"), indent=2)
-    print("\n| docs | bft prepare docs/s | datatrove docs/s | ratio | bft peak RSS | datatrove peak RSS |"
-          " same decisions | tokenized in full | balance |")
-    print("|---:|---:|---:|---:|---:|---:|:---:|---:|---:|")
-    for r in results:
-        print(f"| {r['docs']:,} | {r['ours_docs_per_s']:,.0f} | {r['datatrove_docs_per_s']:,.0f} | "
-              f"{r['speed_ratio']:.2f}x | {r['ours']['peak_rss_bytes'] / 2**20:,.0f} MiB | "
-              f"{r['datatrove']['peak_rss_bytes'] / 2**20:,.0f} MiB | "
-              f"{'yes' if r['same_length_decisions'] and r['same_token_counts'] else 'NO'} | "
-              f"{r['share_tokenized_in_full']:.1%} | {r['balance_max_over_mean']:.4f} |")
+        for structure in args.structures:
+            results["speed"].append(run_speed(n, *common, structure))
+            print(json.dumps(results["speed"][-1]), flush=True)
+            save()
+    if args.sample_docs:
+        results["sample"] = run_sample(args.sample_docs, *common, args.target, args.structures[0])
+        print(json.dumps(results["sample"]), flush=True)
+        save()
+    for n in args.memory_docs:
+        results["memory"].append(run_memory(n, *common, args.structures[0]))
+        print(json.dumps(results["memory"][-1]), flush=True)
+        save()
+
+    mib = 2 ** 20
+    print("\n| tokenizer | path | docs | bft prepare docs/s | datatrove docs/s | ratio | bft peak RSS | "
+          "datatrove peak RSS | by words / in full / by bound | same decisions and counts |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|:---:|")
+    for r in results["speed"]:
+        print(f"| {r['structure']} | {r['path']} | {r['docs']:,} | {r['ours_docs_per_s']:,.0f} | "
+              f"{r['datatrove_docs_per_s']:,.0f} | {r['speed_ratio']:.2f}x | {r['ours']['peak_rss_bytes'] / mib:,.0f} MiB | "
+              f"{r['datatrove']['peak_rss_bytes'] / mib:,.0f} MiB | {r['share_counted_by_words']:.1%} / "
+              f"{r['share_tokenized_in_full']:.1%} / {r['share_rejected_by_bound']:.1%} | "
+              f"{'yes' if r['same_length_decisions'] and r['same_token_counts'] else 'NO'} |")
+    if results["sample"]:
+        s = results["sample"]
+        print("\n| corpus | --target-docs | full pass | sample | share of the full pass | measured (full / sample) | rounds |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"| {s['docs']:,} | {s['target']:,} | {s['full']['wall_s']:.1f} s | {s['sample']['wall_s']:.1f} s | "
+              f"{s['wall_share']:.1%} | {s['measured_full']:,} / {s['measured_sample']:,} | {s['sample_rounds']} |")
+    if results["memory"]:
+        print("\n| short documents | wall | peak RSS, largest process | peak RSS, all processes |")
+        print("|---:|---:|---:|---:|")
+        for r in results["memory"]:
+            print(f"| {r['docs']:,} | {r['wall_s']:.1f} s | {r['peak_process_rss_bytes'] / mib:,.0f} MiB | "
+                  f"{r['peak_rss_bytes'] / mib:,.0f} MiB |")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ outputs are reproducible and stable as the input grows.
     instruction_key    assemble's instruction dedup: xxh3_128 of NFC + collapsed whitespace + casefold
     in_validation      assemble's train/validation split: xxh3_64(id, seed + 1) < fraction * 2^64
     seed_row_shard     the output shard of a seed example: xxh3_64(id) % shards
+    balance_bucket     prepare's shard-balancing bucket of a kept document: xxh3_64(id, seed 7) % buckets
     row_seed           a generation request's sampling seed: xxh3_64(stage \\0 id, seed) % 2^31
     seed_tree_key      bft seed's sample of oasst1 trees: xxh3_64(tree id, seed)
 """
@@ -58,6 +59,10 @@ def validation_mask(ids: pa.Array | pa.ChunkedArray, fraction: float, seed: int,
 
 def seed_row_shard(row_id: str, num_shards: int) -> int:
     return xxhash.xxh3_64_intdigest(row_id.encode("utf-8")) % num_shards
+
+
+def balance_bucket(doc_id: str, n_buckets: int) -> int:
+    return xxhash.xxh3_64_intdigest(doc_id.encode("utf-8"), seed=7) % n_buckets
 
 
 def row_seed(doc_id: str, stage: str, seed: int) -> int:

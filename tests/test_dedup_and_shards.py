@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from beam_pipelines.shards import assign_shards, balance
-from schemas.keys import normalize_for_dedup, sample_key, text_hash
+from beam_pipelines.shards import BUCKET_DOCS, assign_shards, balance, num_buckets
+from schemas.keys import balance_bucket, normalize_for_dedup, sample_key, text_hash
 from schemas.layout import LayoutError, RunLayout, parse_shard_name, shard_name
 
 
@@ -26,17 +26,25 @@ def test_sample_key_depends_on_id_and_seed_only():
     assert sample_key("doc-1", 0) != sample_key("doc-1", 1)
 
 
-def test_assignment_is_balanced_and_independent_of_order():
+@pytest.mark.parametrize("n_buckets", [None, 7])
+def test_assignment_is_balanced_and_independent_of_order(n_buckets):
+    """100K documents in 16 shards, in one bucket (the default at this size) or in 7."""
     rng = random.Random(0)
-    docs = [(f"d{i}", int(rng.lognormvariate(6.5, 1.0)) % 3584 + 1) for i in range(20000)]
-    a = assign_shards(docs, 16)
+    docs = [(f"d{i}", int(rng.lognormvariate(6.5, 1.0)) % 3584 + 1) for i in range(100_000)]
+    a = assign_shards(docs, 16, n_buckets)
     rng.shuffle(docs)
-    assert assign_shards(docs, 16) == a
+    assert assign_shards(docs, 16, n_buckets) == a
     tokens = [0] * 16
     for doc_id, n in docs:
         tokens[a[doc_id]] += n
     assert balance(tokens) <= 1.02
     assert set(a.values()) == set(range(16))
+
+
+def test_buckets_follow_the_corpus_size_and_a_document_keeps_its_bucket():
+    assert num_buckets(0) == num_buckets(BUCKET_DOCS) == 1 and num_buckets(BUCKET_DOCS + 1) == 2
+    assert num_buckets(10_000_000) == 10_000_000 // BUCKET_DOCS
+    assert balance_bucket("doc-1", 50) == balance_bucket("doc-1", 50) < 50
 
 
 def test_fewer_documents_than_shards_leaves_shards_empty():

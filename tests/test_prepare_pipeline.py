@@ -68,9 +68,12 @@ def test_every_record_is_accounted_for(corpus, tmp_path, bpe_tokenizer_path, fix
     tok = Tokenizer.from_file(bpe_tokenizer_path)
     for text, n in zip(cands["text"], cands["n_tokens"]):
         assert len(tok.encode(text, add_special_tokens=False).ids) == n <= 4000
-    # dedup keeps the smallest id; the id collision keeps one document
-    assert "a-dup-of-h005" in set(cands["id"]) and "h005" not in set(cands["id"])
-    assert "z-dup-of-h006" not in set(cands["id"]) and "h006" in set(cands["id"])
+    # dedup keeps the document that ranks first in the sample; the id collision keeps one document
+    from schemas.keys import sample_key
+
+    for pair in (["a-dup-of-h005", "h005"], ["z-dup-of-h006", "h006"]):
+        winner, loser = sorted(pair, key=lambda i: (sample_key(i, 0), i))
+        assert winner in set(cands["id"]) and loser not in set(cands["id"])
     assert (cands["id"] == "h001").sum() == 1
     # rows sorted by n_tokens inside each shard; shard column matches the file
     for k, f in enumerate(files):
@@ -80,7 +83,8 @@ def test_every_record_is_accounted_for(corpus, tmp_path, bpe_tokenizer_path, fix
     _, rejects = read_dir(out / "rejects", "rejects-")
     assert len(rejects) == stats["rejects"]["rows"]
     by_reason = rejects.groupby("reason")
-    assert set(by_reason.get_group("duplicate")["id"]) == {"h005", "z-dup-of-h006"}
+    assert set(by_reason.get_group("duplicate")["id"]) == {
+        max(pair, key=lambda i: (sample_key(i, 0), i)) for pair in (["a-dup-of-h005", "h005"], ["z-dup-of-h006", "h006"])}
     bad = rejects[rejects.reason == "malformed_json"].iloc[0]
     assert bad["file"].endswith("cc_en_head-0000.json.gz") and bad["line"] == 41 and bad["raw"] == b'{"id": "bad-json", "text": "x'
     assert rejects[rejects.reason == "too_long"]["id"].tolist() == ["long"]
@@ -104,13 +108,66 @@ def test_sample_to_target_docs_is_exact_and_stable(corpus, tmp_path, bpe_tokeniz
     s = run_prepare(corpus, tmp_path / "s", bpe_tokenizer_path, target_docs=30, seed=3)
     assert s["kept"] == 30 and s["dropped"]["not_sampled"] > 0
     _, kept = read_dir(tmp_path / "s" / "candidates", "candidates-")
-    full = run_prepare(corpus, tmp_path / "f", bpe_tokenizer_path)
+    full = run_prepare(corpus, tmp_path / "f", bpe_tokenizer_path, seed=3)
     _, all_kept = read_dir(tmp_path / "f" / "candidates", "candidates-")
     from schemas.keys import sample_key
 
     expected = sorted(all_kept["id"], key=lambda i: (sample_key(i, 3), i))[:30]
     assert sorted(kept["id"]) == sorted(expected)
     assert s["input_records"] == full["input_records"]
+    assert s["length_filter"]["measured"] <= full["length_filter"]["measured"]  # 30 + margin: all 84 here
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_the_sample_measures_few_widens_when_few_survive_and_equals_the_full_computation(
+        tmp_path, bpe_tokenizer_path, fixture_texts, seed):
+    """400 documents, 85% too long, 5% duplicates of others: target 20 needs a wider second round;
+    the kept documents and their shards' rows equal the bottom 20 of the full computation's survivors."""
+    import random
+
+    rng = random.Random(seed)
+    lines, texts = [], []
+    for i in range(400):
+        roll = rng.random()
+        if roll < 0.85:
+            text = " ".join(fixture_texts[rng.randrange(200)] for _ in range(4))  # too long
+        elif roll < 0.9 and texts:
+            text = "  " + rng.choice(texts).replace(" ", "\n ")  # a duplicate of an earlier text
+        else:
+            text = fixture_texts[rng.randrange(200)][:300] + f" doc {i}"
+            texts.append(text)
+        lines.append(dolma_line(f"d{rng.randrange(10**6):06d}-{i}", text))
+    for k in range(4):
+        write_dolma_file(str(tmp_path / "in" / "cc_en_head" / f"part-{k}.jsonl"), lines[k::4])
+    glob = str(tmp_path / "in" / "*" / "*.jsonl")
+    sampled = run_prepare(glob, tmp_path / "s", bpe_tokenizer_path, target_docs=20, seed=seed, max_tokens=400)
+    full = run_prepare(glob, tmp_path / "f", bpe_tokenizer_path, seed=seed, max_tokens=400)
+    from schemas.keys import sample_key
+
+    _, kept = read_dir(tmp_path / "s" / "candidates", "candidates-")
+    _, every = read_dir(tmp_path / "f" / "candidates", "candidates-")
+    bottom = every.assign(rank=[(sample_key(i, seed), i) for i in every["id"]]).sort_values("rank").head(20)
+    assert sorted(kept["id"]) == sorted(bottom["id"])
+    cols = ["id", "text", "n_tokens", "text_hash"]
+    assert kept.sort_values("id")[cols].reset_index(drop=True).equals(bottom.sort_values("id")[cols].reset_index(drop=True))
+    lf = sampled["length_filter"]
+    assert lf["sample_rounds"] >= 2  # round 0 (~107 of 400) finds ~11 survivors at ~10%
+    assert lf["measured"] < 400 == full["length_filter"]["measured"]
+    assert sampled["kept"] == 20 and sampled["input_records"] == 400
+    assert sum(sampled["dropped"].values()) == 380
+
+
+def test_shards_are_balanced_bucket_by_bucket_as_assign_shards_says(corpus, tmp_path, bpe_tokenizer_path, monkeypatch):
+    """With buckets of 10 documents the pipeline's assignment is the in-process one, shard by shard."""
+    from beam_pipelines import shards
+
+    monkeypatch.setattr(shards, "BUCKET_DOCS", 10)
+    stats = run_prepare(corpus, tmp_path / "b", bpe_tokenizer_path)
+    _, cands = read_dir(tmp_path / "b" / "candidates", "candidates-")
+    assert shards.num_buckets(len(cands)) == 8
+    expected = shards.assign_shards(zip(cands["id"], cands["n_tokens"]), 4, 8)
+    assert dict(zip(cands["id"], cands["shard"])) == expected
+    assert stats["shards"]["balance_max_over_mean"] < 1.2  # 72 documents, 4 shards
 
 
 def test_a_corrupt_gzip_fails_naming_the_file_unless_skipped(corpus, tmp_path, bpe_tokenizer_path):
