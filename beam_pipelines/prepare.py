@@ -38,12 +38,13 @@ from beam_pipelines.options import configure_process
 from beam_pipelines.shards import assign_bucket, balance, num_buckets
 from schemas.errors import UserError
 from schemas.keys import balance_bucket, sample_key, text_hash
-from schemas.layout import RunLayout
+from schemas.layout import RunLayout, parse_shard_name
 
 log = logging.getLogger("bft.prepare")
 
 # A kept document between stages: (id, text_hash, n_tokens, n_chars, file, line)
 ID, HASH, NTOK, NCHARS, FILE, LINE = range(6)
+PRIOR = 6  # appended when the output being replaced is known: the document's shard there (or None)
 
 INPUT = "input_records"
 KEPT = "kept"
@@ -465,7 +466,8 @@ class AssignShards(beam.PTransform):
 def _route_bucket(element, num_shards: int):
     bucket, docs = element
     docs = list(docs)
-    shard_of = assign_bucket(((d[ID], d[NTOK]) for d in docs), num_shards, bucket)
+    prior = {d[ID]: d[PRIOR] for d in docs if len(d) > PRIOR and d[PRIOR] is not None}
+    shard_of = assign_bucket(((d[ID], d[NTOK]) for d in docs), num_shards, bucket, prior)
     for d in docs:
         yield d[FILE], (d[LINE], d[ID], shard_of[d[ID]], d[NTOK], d[HASH])
 
@@ -555,7 +557,7 @@ class WriteRejects(beam.PTransform):
 
 
 def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files: list[str] | None = None,
-          fingerprint: list[dict] | None = None):
+          fingerprint: list[dict] | None = None, prior: list[str] | None = None):
     """Adds the prepare pass to pipeline `p`; returns the PCollection of the final stats dict."""
     files = list_inputs(cfg.input) if files is None else files
     selected = [f for f in files if not cfg.splits or dolma.split_of(f, cfg.splits)]
@@ -578,6 +580,12 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
     rejects = [read.rejects, kept_rejects]
     tallies = [read.tallies, other.tallies, kept_tallies]
 
+    if prior:  # documents already seen keep their shard: their generations are reused
+        seen = p | "PriorFiles" >> beam.Create(prior) | "ReadPrior" >> beam.FlatMap(_read_prior)
+        docs = ({"doc": docs | "KeyDocById" >> beam.Map(lambda d: (d[ID], d)), "prior": seen}
+                | "JoinPrior" >> beam.CoGroupByKey()
+                | "WithPrior" >> beam.FlatMap(lambda kv: [d + (next(iter(kv[1]["prior"]), None),)
+                                                          for d in kv[1]["doc"]]))
     parts = (docs
              | "AssignShards" >> AssignShards(cfg.num_shards)
              | "GroupByFile" >> beam.GroupByKey()
@@ -641,6 +649,7 @@ def write_stats(cfg, files, selected, totals, shards, reject_files, unreadable, 
     }
     # _tmp/ before the marker: a kill in between leaves no complete output with document texts in _tmp/
     storage.delete_tree(RunLayout(cfg.root).prepare_tmp_root)
+    storage.delete_tree(RunLayout(cfg.root).prepare_prior)
     storage.write_text(RunLayout(cfg.root).prepare_stats, json.dumps(stats, indent=2, sort_keys=False) + "\n")
     return stats
 
@@ -673,11 +682,44 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
     check_output(layout.candidates)
     check_tokenizer(cfg.tokenizer)
     options = pipeline_options(beam_args)
-    storage.delete(layout.prepare_stats)
-    storage.delete_tree(layout.candidates)
+    prior = keep_prior(layout, cfg.num_shards)
+    storage.delete(layout.prepare_stats)  # the marker first: from here the output is visibly incomplete
+    for path in storage.list_files(layout.candidates):
+        if not path.startswith(layout.prepare_prior + "/"):
+            storage.delete(path)
     with beam.Pipeline(options=options) as p:
-        build(p, cfg, files=files, fingerprint=fingerprint)
+        build(p, cfg, files=files, fingerprint=fingerprint, prior=prior)
     return json.loads(storage.read_text(layout.prepare_stats))
+
+
+def keep_prior(layout: RunLayout, num_shards: int) -> list[str]:
+    """The ids of the output being replaced, by shard, under candidates/_prior/ (one small file per
+    shard, written shard by shard: the driver never holds every id). From a complete output of the
+    same --num-shards; else what a killed run kept; else nothing. Removed when the new output is
+    complete (with _tmp/, before the marker)."""
+    kept = sorted(p for p in storage.list_files(layout.prepare_prior)
+                  if (parse_shard_name(p) or (None, None, None))[2] == num_shards)
+    if storage.exists(layout.prepare_stats):  # a complete output (its marker not yet removed)
+        try:
+            old = layout.candidate_shards()
+        except UserError:
+            old = []
+        if old and old[0][1] == num_shards:
+            storage.delete_tree(layout.prepare_prior)
+            kept = []
+            for k, n, path in old:
+                ids = storage.read_parquet(path, columns=["id"])
+                target = layout.prior_shard(k, n)
+                storage.write_parquet(ids, target)
+                kept.append(target)
+    return kept
+
+
+def _read_prior(path: str):
+    """(id, shard) of one prior file."""
+    _, shard, _ = parse_shard_name(path)
+    for doc_id in storage.read_parquet(path, columns=["id"]).column("id").to_pylist():
+        yield doc_id, shard
 
 
 def input_fingerprint(files: list[str]) -> list[dict]:

@@ -29,13 +29,26 @@ def num_buckets(n_docs: int) -> int:
     return max(1, math.ceil(n_docs / BUCKET_DOCS))
 
 
-def assign_bucket(docs: Iterable[tuple[str, int]], num_shards: int, bucket: int = 0) -> dict[str, int]:
-    """{id: shard} for the (id, n_tokens) pairs of one bucket."""
+def assign_bucket(docs: Iterable[tuple[str, int]], num_shards: int, bucket: int = 0,
+                  prior: dict[str, int] | None = None) -> dict[str, int]:
+    """{id: shard} for the (id, n_tokens) pairs of one bucket. `prior` ({id: shard} of the output this
+    one replaces): a document already seen keeps its shard, and the new ones are balanced onto the
+    shards' loads (so a nightly rebuild moves no document, and generates only for the new ones)."""
     if num_shards < 1:
         raise ValueError("num_shards must be >= 1")
-    heap = [(0, (k - bucket) % num_shards, k) for k in range(num_shards)]  # (tokens, rank, shard)
     out: dict[str, int] = {}
-    for doc_id, n in sorted(docs, key=lambda d: (-d[1], d[0])):
+    loads = [0] * num_shards
+    new = []
+    for doc_id, n in docs:
+        k = (prior or {}).get(doc_id)
+        if k is not None and 0 <= k < num_shards:
+            out[doc_id] = k
+            loads[k] += n
+        else:
+            new.append((doc_id, n))
+    heap = [(loads[k], (k - bucket) % num_shards, k) for k in range(num_shards)]  # (tokens, rank, shard)
+    heapq.heapify(heap)
+    for doc_id, n in sorted(new, key=lambda d: (-d[1], d[0])):
         tokens, rank, k = heapq.heappop(heap)
         out[doc_id] = k
         heapq.heappush(heap, (tokens + n, rank, k))

@@ -60,7 +60,8 @@ def _generate(cfg, beam_args, run_file) -> int:
     with StageRunner(cfg) as runner:
         summary = runner.run()
     print(f"generate {cfg.stage}: shards written {summary['shards_done']}, skipped (complete) "
-          f"{summary['shards_skipped']}; {summary['rows']:,} rows, {summary['errors']} engine errors")
+          f"{summary['shards_skipped']}; {summary['rows']:,} rows, {summary['sent']:,} requests sent, "
+          f"{summary['errors']} engine errors")
     return 0
 
 

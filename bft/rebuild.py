@@ -4,9 +4,12 @@ needs, assemble, validate and publish, in order, each reusing what is still curr
 Reuse rule (docs/OPERATIONS.md):
 - prepare is reused when its config and the content of its input files (path, size and checksum of
   every file the globs match) are what ROOT/candidates/stats.json records; otherwise it is redone.
-- a generation shard is reused when the generation runner finds it complete for its candidates
-  shard (same ids; see generation/runner.py for what else it checks); only the other shards are
-  generated.
+- a generation shard is reused when its recorded inputs (checksums of its candidates shard and
+  upstream shards) and stage config are the current ones (schemas/provenance.py). When only its
+  inputs changed (documents joined or left the candidates shard), its rows are reused one by one:
+  a row whose prompt values are unchanged (schemas.keys.input_hash) is kept, the others are sent.
+  Prepare keeps every document already seen in its shard (candidates/_prior/), so a night with a
+  few new Dolma files sends requests for their documents only.
 - assemble is reused when a release with the same config hash (config + every input shard) is
   published: then LATEST does not move and nothing new is published.
 
@@ -143,14 +146,15 @@ def rebuild(plan: RunPlan, cfg: RebuildConfig) -> int:
                      + worker_command(plan.path, sp.stage, sp.workers)
                      + f"\n   then run this rebuild again (or with --wait)")
                 return EX_TEMPFAIL
-            summary = {"shards_done": [], "shards_skipped": status["complete"], "rows": 0, "errors": 0}
+            summary = {"shards_done": [], "shards_skipped": status["complete"], "rows": 0, "sent": 0, "errors": 0}
         else:
             summary = StageRunner(sp.cfg).run()
         record["stages"][sp.stage] = {"reused_shards": len(summary["shards_skipped"]),
-                                      "generated_shards": len(summary["shards_done"]), "external": sp.external,
+                                      "generated_shards": len(summary["shards_done"]),
+                                      "requests_sent": summary["sent"], "external": sp.external,
                                       "model": sp.cfg.model, "seconds": round(time.perf_counter() - t, 3)}
         _say(f"   shards generated {summary['shards_done'] or 'none'}, reused {len(summary['shards_skipped'])}; "
-             f"{summary['rows']:,} rows sent, {summary['errors']} engine errors")
+             f"{summary['sent']:,} requests sent, {summary['errors']} engine errors")
     t = time.perf_counter()
     _say(f"== assemble ({plan.assemble.recipe}) -> {plan.root}/sft")
     record["stages"]["assemble"] = {}

@@ -24,7 +24,7 @@ import schemas
 import storage
 from schemas.errors import UserError
 from schemas import provenance
-from schemas.keys import row_seed
+from schemas.keys import input_hash, row_seed
 from schemas.layout import LayoutError, RunLayout
 from schemas.options import option, product_options, required
 from schemas.outcomes import engine_error, is_engine_error, shard_summary
@@ -198,7 +198,7 @@ class StageRunner:
         except LayoutError as e:
             raise GenerationError(str(e)) from e
         shards = [s for s in all_shards if s[0] % cfg.num_workers == cfg.worker_index]
-        summary = {"stage": cfg.stage, "shards_done": [], "shards_skipped": [], "rows": 0, "errors": 0}
+        summary = {"stage": cfg.stage, "shards_done": [], "shards_skipped": [], "rows": 0, "sent": 0, "errors": 0}
         for k, n, cand_path in shards:
             out, marker = self.layout.generation_shard(cfg.stage, k, n), self.layout.generation_metrics(cfg.stage, k, n)
             inputs = self.inputs(k, n, cand_path)
@@ -212,11 +212,15 @@ class StageRunner:
                     summary["shards_skipped"].append(k)
                     continue
                 log.info("%s: retrying its engine-error rows", out)
+            elif why != provenance.MISSING and provenance.reusable(out, marker, made):
+                log.info("%s: %s; reusing the rows whose input is unchanged", out, why)
+                previous = read_generation(out)
             elif why != provenance.MISSING:
                 log.warning("%s: %s; regenerating it", out, why)
             metrics = self.run_shard(k, n, inputs, made, out, previous)
             summary["shards_done"].append(k)
             summary["rows"] += metrics["rows"]
+            summary["sent"] = summary.get("sent", 0) + metrics["sent_now"]
             summary["errors"] += metrics["engine_errors"]
         return summary
 
@@ -241,20 +245,26 @@ class StageRunner:
 
     def run_shard(self, k: int, n: int, inputs: dict[str, str], made: dict, out: str,
                   previous: pa.Table | None = None) -> dict:
-        """Writes shard k (data, then its marker with metrics and provenance). `previous`: a complete
-        shard of the same inputs and config whose rows are kept except its engine errors, resent."""
+        """Writes shard k (data, then its marker with metrics and provenance). `previous`: an intact
+        shard of the same config (of the same inputs when only its engine errors are to be resent, or
+        of older inputs when documents joined or left the candidates shard): a row of it is kept when
+        its id and input_hash (schemas.keys.input_hash: the prompt values, or why it was not sent) are
+        the current ones and it is not an engine error; every other row is sent again."""
         cfg = self.cfg
         t0 = time.perf_counter()
         ids, rows = self._joined_rows(inputs)
         kept = {r["id"]: r for r in previous.to_pylist() if not is_engine_error(r["parse_error"])} if previous else {}
         results: list[dict] = []
         pending: list[tuple[dict, Request, bool]] = []
+        reused = 0
         for row in rows:
-            if row["id"] in kept:
-                results.append(kept[row["id"]])
-                continue
             values, reason = self.spec.format_input(row, self.gate)
-            if values is None:
+            row["input_hash"] = input_hash(values, reason)
+            old = kept.get(row["id"])
+            if old is not None and old.get("input_hash") == row["input_hash"]:
+                results.append(old)
+                reused += 1
+            elif values is None:
                 results.append(self._row(row, None, None, False, reason))
             else:
                 req, truncated = self._request(row, values)
@@ -262,7 +272,7 @@ class StageRunner:
         bar = tqdm(total=len(pending), unit="row", desc=f"{cfg.stage} shard {k}", disable=None)
         out_tokens = 0
         # an engine that schedules a whole shard itself (vLLM) gets it in one call; others report progress by chunk
-        step = max(len(pending), 1) if self.engine.whole_shard else cfg.chunk_rows
+        step = (max(len(pending), 1) if self.engine.whole_shard else cfg.chunk_rows) if pending else 1
         for start in range(0, len(pending), step):
             chunk = pending[start:start + step]
             comps = self.engine.generate([req for _, req, _ in chunk])
@@ -272,7 +282,7 @@ class StageRunner:
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{out_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
         bar.close()
-        failed = [r["parse_error"] for r in results if r["id"] not in kept and is_engine_error(r["parse_error"])]
+        failed = [r["parse_error"] for r in results[len(results) - len(pending):] if is_engine_error(r["parse_error"])]
         if pending and len(failed) / len(pending) > cfg.max_error_rate:
             raise GenerationError(f"{cfg.stage} shard {k}: {len(failed)} of {len(pending)} requests failed, over "
                                   f"--max-error-rate {cfg.max_error_rate}; not written. First: {failed[0]}")
@@ -282,6 +292,7 @@ class StageRunner:
         storage.write_parquet(table, out)
         metrics = {"stage": cfg.stage, "shard": k, "model": cfg.model, "engine": cfg.engine,
                    "wall_s": round(time.perf_counter() - t0, 3), **shard_summary(table, self.spec.scored),
+                   "sent_now": len(pending), "reused_rows": reused,
                    "config": {k2: v for k2, v in asdict(cfg).items() if k2 != "base_url"},
                    provenance.KEY: provenance.seal(out, made)}
         storage.write_text(self.layout.generation_metrics(cfg.stage, k, n), json.dumps(metrics, indent=2) + "\n")
@@ -291,7 +302,8 @@ class StageRunner:
         base = {"id": row["id"], "stage": self.cfg.stage, "model": self.cfg.model, "prompt_tokens": None,
                 "output_tokens": None, "finish_reason": None, "raw_output": None, "instruction": None,
                 "score": None, "reasoning": None, "response": None, "parse_error": reason,
-                "input_truncated": truncated, "seed": req.seed if req else None, **self.spec.carried(row)}
+                "input_truncated": truncated, "seed": req.seed if req else None, "input_hash": row["input_hash"],
+                **self.spec.carried(row)}
         if comp is None:
             return base
         base.update(prompt_tokens=comp.prompt_tokens if comp.prompt_tokens is not None

@@ -56,6 +56,7 @@ GENERATION = _schema("generation", [
     pa.field("parse_error", pa.string()),
     pa.field("input_truncated", pa.bool_()),
     pa.field("seed", pa.int64()),
+    pa.field("input_hash", pa.string()),   # schemas.keys.input_hash of what was (or was not) sent
 ])
 
 MESSAGE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])

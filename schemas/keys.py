@@ -11,6 +11,8 @@ outputs are reproducible and stable as the input grows.
     balance_bucket     prepare's shard-balancing bucket of a kept document: xxh3_64(id, seed 7) % buckets
     row_seed           a generation request's sampling seed: xxh3_64(stage \\0 id, seed) % 2^31
     seed_tree_key      bft seed's sample of oasst1 trees: xxh3_64(tree id, seed)
+    input_hash         what a generation row was made from: xxh3_128 of its prompt values (or of the
+                       reason it was not sent); a rerun reuses a row whose input_hash is unchanged
 """
 from __future__ import annotations
 
@@ -71,3 +73,12 @@ def row_seed(doc_id: str, stage: str, seed: int) -> int:
 
 def seed_tree_key(tree_id: str, seed: int) -> int:
     return xxhash.xxh3_64_intdigest(tree_id.encode("utf-8"), seed=seed)
+
+
+def input_hash(values: dict | None, reason: str | None) -> str:
+    """What one generation row is made from, beyond the stage config: the template values it is
+    prompted with (document, instruction), or the reason it is not sent."""
+    import json
+
+    blob = json.dumps({"values": values, "not_sent": reason}, sort_keys=True, ensure_ascii=False)
+    return xxhash.xxh3_128_hexdigest(blob.encode("utf-8"))

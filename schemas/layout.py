@@ -5,6 +5,8 @@ parses shard names.
     <root>/candidates/rejects/rejects-SSSSS-of-NNNNN.parquet  every dropped input line, with its reason
     <root>/candidates/stats.json                              the funnel; written last: marks prepare complete
     <root>/candidates/_tmp/<run>/                             a prepare run in flight
+    <root>/candidates/_prior/prior-SSSSS-of-NNNNN.parquet     the ids of the output being replaced, by
+                                                              shard: documents already seen keep their shard
     <root>/generations/<stage>/<stage>-SSSSS-of-NNNNN.parquet bft generate (+ .metrics.json beside each)
     <root>/sft/<version>/                                     a release (see schemas.release)
     <root>/sft/LATEST                                         the newest release that validated
@@ -33,6 +35,7 @@ SEED = "seed"
 MODELS = "models"
 EVAL = "eval"
 TMP = "_tmp"
+PRIOR = "_prior"
 STATS = "stats.json"
 LATEST = "LATEST"
 _SHARD = re.compile(r"^(?P<prefix>[a-z_]+)-(?P<shard>\d{5})-of-(?P<num>\d{5})\.(?P<ext>[a-z.]+)$")
@@ -97,6 +100,13 @@ class RunLayout:
 
     def prepare_tmp(self, run_id: str) -> str:
         return self._join(CANDIDATES, TMP, run_id)
+
+    @property
+    def prepare_prior(self) -> str:
+        return self._join(CANDIDATES, PRIOR)
+
+    def prior_shard(self, shard: int, num_shards: int) -> str:
+        return self._join(CANDIDATES, PRIOR, shard_name(PRIOR.strip("_"), shard, num_shards))
 
     @property
     def prepare_tmp_root(self) -> str:

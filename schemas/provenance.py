@@ -86,3 +86,15 @@ def problem(layout: RunLayout, path: str, marker: str, expected: dict | None = N
         if cache[source] != entry["sha256"]:
             return f"made from {entry['path']} ({name}), which changed since (stale)"
     return None
+
+
+def reusable(path: str, marker: str, expected: dict) -> bool:
+    """Whether the rows of an existing shard may be reused row by row (by input_hash) for a shard
+    to be made from `expected`: its marker is valid, its bytes are the recorded ones, and it was made
+    with the same config; its inputs may differ (documents joined or left the candidates shard)."""
+    if not storage.exists(path):
+        return False
+    record = read_record(marker)
+    if record is None or storage.size(path) != record["bytes"] or sha256_of(path) != record["sha256"]:
+        return False
+    return record["config"] == expected["config"]

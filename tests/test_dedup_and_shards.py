@@ -79,3 +79,13 @@ def test_the_layout_owns_every_path_under_a_root(tmp_path, monkeypatch):
     os.remove(tmp_path / "run" / "candidates" / "candidates-00001-of-00002.parquet")
     with pytest.raises(LayoutError, match="not exactly 0..1 of 2"):
         layout.candidate_shards()
+
+
+def test_documents_already_seen_keep_their_shard_and_new_ones_level_the_loads():
+    from beam_pipelines.shards import assign_bucket
+
+    old = {"a": 0, "b": 0, "c": 1}
+    out = assign_bucket([("a", 10), ("b", 10), ("c", 5), ("n1", 9), ("n2", 1)], 3, prior=old)
+    assert {k: out[k] for k in old} == old
+    assert out["n1"] == 2 and out["n2"] == 1  # longest first onto the lightest: loads 20, 5, 0 -> 20, 5, 9 -> 20, 6, 9
+    assert assign_bucket([("a", 10)], 3, prior={"a": 7})["a"] in range(3)  # a prior of another shard count

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import yaml
 
 import storage
-from bft import cli
 from tests.conftest import dolma_line, write_dolma_file
+from tests.test_cli import run as bft
 
 
 def write_corpus(folder, texts, ids):
@@ -42,12 +43,6 @@ def run_file(tmp_path, tiny_models, tokenizer, root_dir, inputs, **changes) -> s
     return str(path)
 
 
-def bft(capsys, *argv):
-    rc = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 @pytest.fixture
 def corpus(tmp_path, fixture_texts):
     write_corpus(tmp_path / "dolma", fixture_texts[:10], [f"a{i:02d}" for i in range(10)])
@@ -69,24 +64,61 @@ def test_rebuild_runs_the_flow_then_reuses_everything(tmp_path, tiny_models, bpe
     rc, out, err = bft(capsys, "rebuild", "--config", cfg)
     assert rc == 0, err
     assert "reused (config and input files unchanged)" in out
-    assert out.count("shards generated none, reused 2; 0 rows sent") == 2  # no request to any model
+    assert out.count("shards generated none, reused 2; 0 requests sent") == 2  # no request to any model
     assert "nothing new published" in out
     assert storage.read_text(os.path.join(root, "sft", "LATEST")).strip() == latest
     assert {p: os.path.getmtime(p) for p in storage.list_files(os.path.join(root, "generations"))} == stamps
     assert sorted(set(os.listdir(os.path.join(root, "sft"))) - {"_tmp"}) == [latest, "LATEST"]
 
 
-def test_a_changed_input_file_is_noticed(tmp_path, tiny_models, bpe_tokenizer_path, corpus, fixture_texts, capsys):
+def shard_of(root):
+    import pandas as pd
+
+    files = sorted((tmp for tmp in storage.list_files(os.path.join(root, "candidates"))
+                    if os.path.basename(tmp).startswith("candidates-")))
+    return {i: s for f in files for i, s in pd.read_parquet(f, columns=["id", "shard"]).itertuples(index=False)}
+
+
+def generated(root, stage):
+    import pandas as pd
+
+    files = [f for f in storage.list_files(os.path.join(root, "generations", stage)) if f.endswith(".parquet")]
+    return pd.concat([pd.read_parquet(f) for f in files]).set_index("id")
+
+
+def test_a_new_input_file_generates_only_for_its_documents(tmp_path, tiny_models, bpe_tokenizer_path, corpus,
+                                                           fixture_texts, capsys):
     root = str(tmp_path / "run")
     cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus])
     assert bft(capsys, "rebuild", "--config", cfg)[0] == 0
+    before, rows_before, score_before = shard_of(root), generated(root, "backtranslate"), generated(root, "score")
+    first_release = storage.read_text(os.path.join(root, "sft", "LATEST")).strip()
+
     write_corpus(tmp_path / "dolma", fixture_texts[20:23], ["b00", "b01", "b02"])  # a new file lands
     rc, out, err = bft(capsys, "rebuild", "--config", cfg)
     assert rc == 0, err
     assert "done: 13 input records -> 13 candidates" in out
+    after = shard_of(root)
+    assert {i: after[i] for i in before} == before          # documents already seen keep their shard
+    sent = {stage: int(re.search(rf"== generate {stage} .*\n.*; (\d+) requests sent", out).group(1))
+            for stage in ("backtranslate", "score")}
+    new_parsed = generated(root, "backtranslate").loc[["b00", "b01", "b02"], "parse_error"].isna().sum()
+    assert sent == {"backtranslate": 3, "score": new_parsed}  # requests for the new documents only
+    for stage, old_rows in (("backtranslate", rows_before), ("score", score_before)):
+        rows_after = generated(root, stage)  # the old rows are reused as they were
+        assert rows_after.loc[list(before)].equals(old_rows.loc[list(before)]), stage
     latest = storage.read_text(os.path.join(root, "sft", "LATEST")).strip()
+    assert latest != first_release
     stats = json.loads(open(os.path.join(root, "sft", latest, "stats.json")).read())
-    assert stats["funnel"]["candidates"] == 13
+    assert stats["funnel"]["candidates"] == 13               # the new release holds the old and the new pairs
+    assert not os.path.exists(os.path.join(root, "candidates", "_prior"))
+
+    os.remove(str(tmp_path / "dolma" / "documents" / "cc_en_head" / "a00.json.gz"))  # a file leaves
+    write_corpus(tmp_path / "dolma", fixture_texts[:2], ["a00", "a01"])               # ... mostly
+    rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+    assert rc == 0, err
+    assert "done: 5 input records -> 5 candidates" in out and out.count("; 0 requests sent") == 2
+    assert set(shard_of(root)) == {"a00", "a01", "b00", "b01", "b02"}  # the documents that left are gone
 
 
 def test_external_stages_hand_off_to_workers(tmp_path, tiny_models, bpe_tokenizer_path, corpus, capsys):
