@@ -253,29 +253,9 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
         if args.config:
             head, _, sub = verb.name.partition(" ")
             doc = config.read_run_file(args.config)
-            raw = config.section(doc, args.config, head, sub or flags.get("stage"))
-            names = {o.name for o in config.options(cls)}
-            if "root" in raw and "root" not in names:
-                raw.pop("root")
-            where = f"{args.config} (section {head})"
-            extra = ("beam_args",) if verb.beam else ()
-            if head == "generate":
-                from bft.rebuild import RUN_KEYS
-
-                extra = RUN_KEYS  # keys that bft rebuild and bft plan read from a stage's section
-            file_values = config.check_values(cls, raw, where, allowed_extra=extra)
-            for key in RUN_KEYS if head == "generate" else ():
-                file_values.pop(key, None)
-            file_beam = file_values.pop("beam_args", [])
-            if file_beam:
-                from beam_pipelines.options import unknown_beam_flags
-
-                if not isinstance(file_beam, list) or not all(isinstance(a, str) for a in file_beam):
-                    raise config.ConfigError(f"{where}: key 'beam_args' must be a list of strings")
-                unknown = unknown_beam_flags(file_beam)
-                if unknown:
-                    raise config.ConfigError(f"{where}: beam_args {', '.join(unknown)} are not Beam pipeline options")
-                beam_args = file_beam + beam_args
+            # a generate stage's run keys (external, workers, tokens_per_s) are bft rebuild's: not used here
+            file_values, run_values, _ = config.section_values(cls, doc, args.config, head, sub or flags.get("stage"))
+            beam_args = run_values.get("beam_args", []) + beam_args
         cfg = config.build(cls, file_values, flags, args.config or "")
         return verb.run(cfg, beam_args, args.config)
     except KeyboardInterrupt:

@@ -165,6 +165,35 @@ def section(doc: dict, path: str, verb: str, sub: str | None = None) -> dict:
     return out
 
 
+# Keys a section may hold beside the verb's own options, with their types: Beam's pipeline options for
+# the Beam verbs, and what `bft rebuild` / `bft plan` read from a generation stage's section.
+RUN_KEYS = {"prepare": {"beam_args": list}, "assemble": {"beam_args": list},
+            "generate": {"external": bool, "workers": int, "tokens_per_s": float}}
+
+
+def section_values(cls, doc: dict, path: str, verb: str, sub: str | None = None) -> tuple[dict, dict, str]:
+    """(the verb's option values, its RUN_KEYS values, where) from a parsed run file, every key and
+    type checked; `beam_args` must be flags that Beam's PipelineOptions knows."""
+    raw = section(doc, path, verb, sub)
+    if "root" in raw and "root" not in {o.name for o in options(cls)}:
+        raw.pop("root")  # `root:` applies to the verbs that take one
+    where = f"{path} (section {verb}{'.' + sub if sub else ''})"
+    run_types = RUN_KEYS.get(verb, {})
+    values = check_values(cls, raw, where, allowed_extra=tuple(run_types))
+    run = {}
+    for key, kind in run_types.items():
+        if key in values:
+            option = Option(key, key, kind, False, dataclasses.MISSING, "", None, False)
+            run[key] = _coerce(option, values.pop(key), f"{where}: key {key!r}")
+    if run.get("beam_args"):
+        from beam_pipelines.options import unknown_beam_flags
+
+        unknown = unknown_beam_flags(run["beam_args"])
+        if unknown:
+            raise ConfigError(f"{where}: beam_args {', '.join(unknown)} are not Beam pipeline options")
+    return values, run, where
+
+
 def check_values(cls, values: dict, where: str, allowed_extra: tuple[str, ...] = ()) -> dict:
     """Values from a run file, checked against the verb's options: an unknown key or a wrong type is
     an error naming the key and `where`."""

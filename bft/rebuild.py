@@ -29,8 +29,6 @@ from schemas.errors import UserError
 from schemas.options import option
 
 EX_TEMPFAIL = 75
-# Keys of a generate stage's section that are about the run, not about `bft generate` itself.
-RUN_KEYS = ("external", "workers", "tokens_per_s")
 
 
 @dataclass
@@ -83,16 +81,13 @@ def load_run(path: str, root: str | None = None, stages: list[str] | None = None
     if not doc.get("root"):
         raise config.ConfigError(f"{path}: no `root:` (the run root, local or gs://)")
 
-    def verb_config(cls, verb, sub=None, extra=()):
-        raw = config.section(doc, path, verb, sub)
-        where = f"{path} (section {verb}{'.' + sub if sub else ''})"
-        values = config.check_values(cls, raw, where, allowed_extra=extra)
-        run_values = {k: values.pop(k) for k in extra if k in values}
+    def verb_config(cls, verb, sub=None):
+        values, run_values, where = config.section_values(cls, doc, path, verb, sub)
         fixed = {"stage": sub} if sub and verb == "generate" else {}
         return config.build(cls, values, fixed, where), run_values
 
-    prep, prep_run = verb_config(PrepareConfig, "prepare", extra=("beam_args",))
-    asm, asm_run = verb_config(AssembleConfig, "assemble", extra=("beam_args",))
+    prep, prep_run = verb_config(PrepareConfig, "prepare")
+    asm, asm_run = verb_config(AssembleConfig, "assemble")
     wanted = stages or RECIPES[asm.recipe].stages
     gen = doc.get("generate") or {}
     plans = []
@@ -100,12 +95,9 @@ def load_run(path: str, root: str | None = None, stages: list[str] | None = None
         if not isinstance(gen.get(stage), dict):
             raise config.ConfigError(f"{path}: recipe {asm.recipe} needs stage {stage}: add a `generate: {stage}:` "
                                      "section with at least engine and model")
-        cfg, run_values = verb_config(GenerateConfig, "generate", stage, extra=RUN_KEYS)
-        plans.append(StagePlan(stage, cfg, bool(run_values.get("external", False)),
-                               int(run_values.get("workers", 1)), run_values.get("tokens_per_s")))
-    for key, value in (("beam_args", prep_run.get("beam_args")), ("beam_args", asm_run.get("beam_args"))):
-        if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
-            raise config.ConfigError(f"{path}: key {key!r} must be a list of strings")
+        cfg, run_values = verb_config(GenerateConfig, "generate", stage)
+        plans.append(StagePlan(stage, cfg, run_values.get("external", False), run_values.get("workers", 1),
+                               run_values.get("tokens_per_s")))
     return RunPlan(path, prep.root, prep, prep_run.get("beam_args") or [], plans, asm, asm_run.get("beam_args") or [])
 
 

@@ -181,15 +181,20 @@ class StageRunner:
         for k, n, cand_path in self.layout.candidate_shards():
             total = n
             try:
-                inputs = self.inputs(k, n, cand_path)
+                why = self.check(k, n, cand_path)[-1]
             except GenerationError:  # an upstream shard is not there yet
-                pending.append(k)
-                continue
-            made = provenance.made_from(self.layout, inputs, self.product_config())
-            out, marker = self.layout.generation_shard(self.cfg.stage, k, n), self.layout.generation_metrics(
-                self.cfg.stage, k, n)
-            (complete if provenance.problem(self.layout, out, marker, made) is None else pending).append(k)
+                why = provenance.MISSING
+            (complete if why is None else pending).append(k)
         return {"shards": total, "complete": complete, "pending": pending}
+
+    def check(self, k: int, n: int, cand_path: str) -> tuple[str, str, dict[str, str], dict, str | None]:
+        """(output path, marker, inputs, what it is to be made from, why it is not complete and current
+        or None) of shard k; GenerationError when an input shard is missing or damaged."""
+        out, marker = self.layout.generation_shard(self.cfg.stage, k, n), self.layout.generation_metrics(
+            self.cfg.stage, k, n)
+        inputs = self.inputs(k, n, cand_path)
+        made = provenance.made_from(self.layout, inputs, self.product_config())
+        return out, marker, inputs, made, provenance.problem(self.layout, out, marker, made)
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -200,10 +205,7 @@ class StageRunner:
         shards = [s for s in all_shards if s[0] % cfg.num_workers == cfg.worker_index]
         summary = {"stage": cfg.stage, "shards_done": [], "shards_skipped": [], "rows": 0, "sent": 0, "errors": 0}
         for k, n, cand_path in shards:
-            out, marker = self.layout.generation_shard(cfg.stage, k, n), self.layout.generation_metrics(cfg.stage, k, n)
-            inputs = self.inputs(k, n, cand_path)
-            made = provenance.made_from(self.layout, inputs, self.product_config())
-            why = provenance.problem(self.layout, out, marker, made)
+            out, marker, inputs, made, why = self.check(k, n, cand_path)
             previous = None
             if why is None:
                 previous = read_generation(out)
@@ -212,7 +214,7 @@ class StageRunner:
                     summary["shards_skipped"].append(k)
                     continue
                 log.info("%s: retrying its engine-error rows", out)
-            elif why != provenance.MISSING and provenance.reusable(out, marker, made):
+            elif provenance.reusable(why, marker, made):
                 log.info("%s: %s; reusing the rows whose input is unchanged", out, why)
                 previous = read_generation(out)
             elif why != provenance.MISSING:
@@ -220,7 +222,7 @@ class StageRunner:
             metrics = self.run_shard(k, n, inputs, made, out, previous)
             summary["shards_done"].append(k)
             summary["rows"] += metrics["rows"]
-            summary["sent"] = summary.get("sent", 0) + metrics["sent_now"]
+            summary["sent"] += metrics["sent_now"]
             summary["errors"] += metrics["engine_errors"]
         return summary
 

@@ -26,6 +26,7 @@ from schemas.release import sha256_of
 
 KEY = "provenance"
 MISSING = "missing"     # `problem` of a shard whose data file does not exist (yet)
+STALE = "made from other inputs"   # `problem` of an intact shard whose recorded inputs differ
 
 
 def made_from(layout: RunLayout, inputs: dict[str, str], config: dict) -> dict:
@@ -73,7 +74,7 @@ def problem(layout: RunLayout, path: str, marker: str, expected: dict | None = N
     if expected is not None:
         changed = _differences(record["inputs"], expected["inputs"])
         if changed:
-            return f"made from other inputs ({', '.join(changed)} changed since; stale)"
+            return f"{STALE} ({', '.join(changed)} changed since; stale)"
         changed = _differences(record["config"], expected["config"])
         if changed:
             return f"made with another config ({', '.join(changed)} differ)"
@@ -88,13 +89,11 @@ def problem(layout: RunLayout, path: str, marker: str, expected: dict | None = N
     return None
 
 
-def reusable(path: str, marker: str, expected: dict) -> bool:
-    """Whether the rows of an existing shard may be reused row by row (by input_hash) for a shard
-    to be made from `expected`: its marker is valid, its bytes are the recorded ones, and it was made
-    with the same config; its inputs may differ (documents joined or left the candidates shard)."""
-    if not storage.exists(path):
+def reusable(why: str | None, marker: str, expected: dict) -> bool:
+    """Whether the rows of a shard that `problem(..., expected)` found stale (`why`: its marker is
+    valid and its bytes are the recorded ones, only its inputs differ: documents joined or left the
+    candidates shard) may be reused row by row (by input_hash): when it was made with the same config."""
+    if why is None or not why.startswith(STALE):
         return False
     record = read_record(marker)
-    if record is None or storage.size(path) != record["bytes"] or sha256_of(path) != record["sha256"]:
-        return False
-    return record["config"] == expected["config"]
+    return record is not None and record["config"] == expected["config"]

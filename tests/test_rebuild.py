@@ -170,6 +170,8 @@ def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_to
 @pytest.mark.parametrize("changes, message", [
     ({"generate__score__temprature": 1.0}, "unknown key 'temprature'"),
     ({"prepare__num_shards": "four"}, "key 'num_shards' must be int"),
+    ({"generate__score__workers": "two"}, "key 'workers' must be int"),
+    ({"assemble__beam_args": ["--runnr=FnApiRunner"]}, "beam_args --runnr are not Beam pipeline options"),
     ({"assemble__recipe": "filter+rewrite"}, "recipe filter+rewrite needs stage rewrite"),
     ({"extra": {"a": 1}}, "unknown section(s) extra"),
     ({"root": ""}, "no `root:`"),
