@@ -724,7 +724,7 @@ def _read_prior(path: str):
 
 def input_fingerprint(files: list[str]) -> list[dict]:
     """What the output was made from: every input file's path, size and content checksum."""
-    return [{"path": f, "bytes": storage.size(f), "checksum": storage.checksum(f)} for f in files]
+    return [{"path": f, **storage.fingerprint(f)} for f in files]
 
 
 def config_differences(recorded: dict, current: dict) -> list[str]:

@@ -48,20 +48,20 @@ def size(path: str) -> int:
     return os.path.getsize(path)
 
 
-def checksum(path: str) -> str:
-    """A content checksum of a stored file: GCS's own crc32c (no download), or xxh3_128 of a local
-    file's bytes (read in 8 MB blocks)."""
+def fingerprint(path: str) -> dict:
+    """{"bytes", "checksum"} of a stored file: GCS's own size and crc32c (one metadata request, no
+    download), or the size and xxh3_128 of a local file's bytes (read in 8 MB blocks)."""
     if is_gcs(path):
         blob = _blob(path)
         blob.reload()
-        return f"crc32c:{blob.crc32c}"
+        return {"bytes": int(blob.size), "checksum": f"crc32c:{blob.crc32c}"}
     import xxhash
 
     digest = xxhash.xxh3_128()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(8 << 20), b""):
             digest.update(block)
-    return f"xxh3_128:{digest.hexdigest()}"
+    return {"bytes": os.path.getsize(path), "checksum": f"xxh3_128:{digest.hexdigest()}"}
 
 
 def _split_gcs(path: str) -> tuple[str, str]:
