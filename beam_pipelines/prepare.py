@@ -169,8 +169,8 @@ class _Measurer(beam.DoFn):
         cfg, counter = self.cfg, self.counter
         todo, bounds = [], {}
         for line_no, doc in batch:
-            lb = counter.lower_bound(doc.text)
-            if lb > cfg.max_tokens:
+            lb = counter.bound_exceeds(doc.text, cfg.max_tokens)
+            if lb:
                 bounds[line_no] = lb
             else:
                 todo.append((line_no, doc))
@@ -195,10 +195,6 @@ class _Measurer(beam.DoFn):
         tallies["length/counted_full"] = self.counter.counted_full - before[1]
         for name, n in sorted(tallies.items()):
             yield beam.pvalue.TaggedOutput("tallies", _tally(name, n))
-
-    def finish_bundle(self):
-        # The word cache has done its work for this bundle; free it before the write stages run.
-        self.counter.clear_cache()
 
 
 class ReadAndMeasure(_Measurer):
@@ -253,10 +249,6 @@ class ReadAndMeasure(_Measurer):
                 yield beam.pvalue.TaggedOutput("tallies", _tally(name, n))
         else:
             yield from self._counted(tallies, before)
-
-    def finish_bundle(self):
-        if not self.rank_only:
-            super().finish_bundle()
 
 
 class MeasureLines(_Measurer):

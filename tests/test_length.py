@@ -1,18 +1,27 @@
 """The length filter's shortcuts are proved against full tokenization, with tokenizers of the real
 structures (converted from the vocabularies mistral-common ships) and texts built to break them."""
+import json
 import random
 
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from beam_pipelines.length import CUTS, FULL, PRETOKENS, TokenCounter, length_verdict, load_tokenizer, tokenizer_shape
+from tokenizers import AddedToken, Regex
+
+from beam_pipelines.length import (CHUNKS, CUTS, FULL, PRETOKENS, TokenCounter, length_verdict, load_tokenizer,
+                                   tokenizer_shape)
+from beam_pipelines.space_cuts import CANDIDATES, space_cuts
 from benchmarks import real_tokenizers
 
 WEIRD = ["", " ", "  ", "   ", "\n", "\n\n", " \n", "\n ", "\t", "\t\t", " \t ", "\r\n", "café", "cafe\u0301",
          "\u0301", " \u0301", "e\u0301\u0327", "日本語", "鱻", "𝔘𝔫𝔦", "🙂", "👩‍👩‍👧", "<s>", "</s>", "<unk>",
          "<|endoftext|>", "[INST]", "▁", "▁▁", "x▁y", " ▁ ", "<0x41>", "'s", "—", "ﬁ", "Ａ", "²", "\u00b4",
-         "㎏", "Ⅻ", "\u00a0", "\u3000", "\u200b", "    return x", "\tif a:\n\t\tb()", "})", "1234567", "٣٤"]
-SEPS = [" ", "  ", "", "\n", " \n ", "\t", "\n    ", "   "]
+         "㎏", "Ⅻ", "\u00a0", "\u3000", "\u200b", "    return x", "\tif a:\n\t\tb()", "})", "1234567", "٣٤",
+         "'S", " 's", "IT'S", "ſ", "\u212a", "x\u00a0 y", "a \u0301b", "a\u0301 b", "1,000 000", "x▁ y", "▁ x",
+         "a\r\n b", "''", " ' ", "Ġ", "x Ġ"]
+SEPS = [" ", " ", " ", "  ", "", "\n", " \n ", "\t", "\n    ", "   "]
+LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+          r"|\s+(?!\S)|\s+")
 
 
 def adversarial_texts(fixture_texts, n=300, seed=0):
@@ -37,30 +46,107 @@ def real(tmp_path_factory):
     return {s: real_tokenizers.build(s) for s in real_tokenizers.STRUCTURES}
 
 
-@pytest.mark.parametrize("structure, path", [("llama2", CUTS), ("tekken", PRETOKENS), ("nfkc", PRETOKENS)])
-def test_real_structures_count_exactly_by_words(real, structure, path, fixture_texts):
+@pytest.mark.parametrize("structure", real_tokenizers.STRUCTURES)
+def test_real_structures_count_exactly_by_chunks(real, structure, fixture_texts):
+    """Every real structure is proved cuttable before a space after any printable ASCII character, and
+    chunk counting equals full tokenization, cold and from a warm cache."""
     tok = real[structure]
     counter = TokenCounter(tok)
-    assert counter.shape.path == path, counter.shape.why
+    assert counter.shape.path == CHUNKS and counter.shape.cut_after == CANDIDATES, counter.shape.why
     texts = adversarial_texts(fixture_texts) + fixture_texts
     assert counter.count(texts) == full_counts(tok, texts)
     plain = [t for t in texts if not any(s in t for s in counter.shape.special_contents)]
     assert counter.counted_pieces == len(plain) > len(fixture_texts)  # the shortcut was really taken
     assert counter.count(texts) == full_counts(tok, texts)  # and again from a warm cache
+    assert counter.count(texts[::-1]) == full_counts(tok, texts[::-1])
 
 
-@pytest.mark.parametrize("scheme, split, path", [("first", False, CUTS), ("always", False, CUTS),
-                                                 ("always", True, PRETOKENS), ("never", True, PRETOKENS)])
-def test_metaspace_variants_of_the_llama2_vocabulary(real, scheme, split, path, fixture_texts):
-    """transformers' non-legacy Llama conversion (no normalizer, Metaspace(split=False)) is cut like
-    Llama-2; Metaspace(split=True) is emulated in Python; both equal full tokenization."""
+def _with_normalized_added_token(tok):
+    """The same tokenizer with an added token that is normalized: the chunk proof refuses it."""
+    tok = Tokenizer.from_str(tok.to_str())
+    tok.add_tokens([AddedToken("<extra>", normalized=True)])
+    return tok
+
+
+@pytest.mark.parametrize("structure, path", [("llama2", CUTS), ("tekken", PRETOKENS), ("nfkc", PRETOKENS)])
+def test_real_structures_count_exactly_by_words_without_chunks(real, structure, path, fixture_texts):
+    """Where chunks are not proved, the word paths on the normalized text still are exact."""
+    tok = _with_normalized_added_token(real[structure])
+    counter = TokenCounter(tok)
+    assert counter.shape.path == path and "normalized" in space_cuts(json.loads(tok.to_str())).why
+    texts = adversarial_texts(fixture_texts) + fixture_texts + ["a <extra> b", "<extra>"]
+    assert counter.count(texts) == full_counts(tok, texts)
+    assert counter.counted_pieces > len(fixture_texts)
+
+
+@pytest.mark.parametrize("scheme, split", [("first", False), ("always", False), ("always", True), ("never", True)])
+def test_metaspace_variants_of_the_llama2_vocabulary(real, scheme, split, fixture_texts):
+    """transformers' non-legacy Llama conversion (no normalizer, Metaspace(split=False)) and the
+    split=True variants, by chunks and (with a normalized added token) by words: both equal full
+    tokenization."""
     tok = Tokenizer.from_str(real["llama2"].to_str())
     tok.normalizer = None
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=split)
-    counter = TokenCounter(tok)
-    assert counter.shape.path == path
     texts = adversarial_texts(fixture_texts, n=150, seed=4)
-    assert counter.count(texts) == full_counts(tok, texts)
+    for t, path in ((tok, CHUNKS), (_with_normalized_added_token(tok), PRETOKENS if split else CUTS)):
+        counter = TokenCounter(t)
+        assert counter.shape.path == path
+        assert counter.count(texts) == full_counts(t, texts)
+
+
+def _tekken_with(pre_tokenizer=None, normalizer=None):
+    tok = real_tokenizers.build("tekken")
+    if pre_tokenizer is not None:
+        tok.pre_tokenizer = pre_tokenizer
+    tok.normalizer = normalizer
+    return tok
+
+
+def test_llama3_and_gpt2_regexes_and_lowercase_count_exactly_by_chunks(fixture_texts):
+    """Llama-3's split regex (with its case-insensitive contractions), GPT-2's (ByteLevel's own regex)
+    and a Lowercase + NFC normalizer, on a real byte-level vocabulary."""
+    texts = adversarial_texts(fixture_texts, n=200, seed=5)
+    for tok in (_tekken_with(pre_tokenizers.Sequence([
+                    pre_tokenizers.Split(Regex(LLAMA3), "isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])),
+                _tekken_with(pre_tokenizers.ByteLevel(add_prefix_space=True)),
+                _tekken_with(normalizer=normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()]))):
+        counter = TokenCounter(tok)
+        assert counter.shape.path == CHUNKS and counter.shape.cut_after == CANDIDATES
+        assert counter.count(texts) == full_counts(tok, texts)
+
+
+def test_a_split_regex_that_holds_a_space_narrows_the_cuts(fixture_texts):
+    """A regex whose matches can hold a word character then a space ("\\w+ \\w+") allows cuts only
+    after the other characters; one that looks ahead for a space after "a" forbids cuts after "a";
+    one without a run of spaces as an alternative (a gap could span a cut) allows none."""
+    texts = adversarial_texts(fixture_texts, n=150, seed=6) + ["ab cd, ef gh. a b", "x a b a  b"]
+    words = _tekken_with(pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\w+ \w+|\s+|[^\w\s]+"), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+    counter = TokenCounter(words)
+    assert counter.shape.path == CHUNKS
+    assert set(counter.shape.cut_after) == {c for c in CANDIDATES if not (c.isalnum() or c == "_")}
+    assert counter.count(texts) == full_counts(words, texts)
+    look = _tekken_with(pre_tokenizers.Split(Regex(r"a(?= )|\s+|[^a\s]+|a"), "isolated"))
+    assert "a" not in tokenizer_shape(look).cut_after and "b" in tokenizer_shape(look).cut_after
+    assert TokenCounter(look).count(texts) == full_counts(look, texts)
+    gaps = _tekken_with(pre_tokenizers.Split(Regex(r"\w+"), "isolated"))
+    assert not space_cuts(json.loads(gaps.to_str())).left
+    assert "run of spaces" in space_cuts(json.loads(gaps.to_str())).why
+    assert TokenCounter(gaps).count(texts) == full_counts(gaps, texts)
+
+
+@pytest.mark.parametrize("normalizer, why", [
+    (normalizers.Strip(), "Strip"), (normalizers.Replace(" ", "_"), "Replace"),
+    (normalizers.Replace(Regex(" +"), "▁"), "Replace")])
+def test_a_normalizer_that_is_not_local_at_a_space_gets_no_chunks(real, normalizer, why, fixture_texts):
+    tok = Tokenizer.from_str(real["llama2"].to_str())
+    tok.normalizer = normalizers.Sequence([normalizer, normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    cuts = space_cuts(json.loads(tok.to_str()))
+    assert not cuts.left and why in cuts.why
+    texts = adversarial_texts(fixture_texts, n=100, seed=7)
+    assert TokenCounter(tok).count(texts) == full_counts(tok, texts)
 
 
 def test_llama2_conversion_is_sentencepiece(real):
@@ -78,14 +164,16 @@ def test_a_vocabulary_entry_across_a_cut_turns_the_cut_rule_off(fixture_texts):
     tok = Tokenizer(models.BPE(vocab, [("a", "▁"), ("a▁", "b"), ("▁", "b")], unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     shape = tokenizer_shape(tok)
-    assert shape.path == FULL and "'a▁'" in shape.why
+    assert shape.path == CHUNKS and "a" not in shape.cut_after and "b" in shape.cut_after  # chunks: not after "a"
+    assert _with_normalized_added_token(tok).to_str() and "'a▁'" in tokenizer_shape(_with_normalized_added_token(tok)).why
     counter = TokenCounter(tok)
-    assert counter.count(["a b", "b a b"]) == full_counts(tok, ["a b", "b a b"]) == [2, 3]
-    assert counter.counted_full == 2
-    # the same vocabulary without the straddling entries is cut
+    assert counter.count(["a b", "b a b", "b b a b"]) == full_counts(tok, ["a b", "b a b", "b b a b"]) == [2, 3, 4]
+    assert TokenCounter(_with_normalized_added_token(tok)).count(["a b"]) == [2]
+    # the same vocabulary without the straddling entries is cut after any character
     ok = Tokenizer(models.BPE({"<unk>": 0, "a": 1, "b": 2, "▁": 3, "▁b": 4}, [("▁", "b")], unk_token="<unk>"))
     ok.normalizer = tok.normalizer
-    assert tokenizer_shape(ok).path == CUTS
+    assert tokenizer_shape(ok).cut_after == CANDIDATES
+    assert tokenizer_shape(_with_normalized_added_token(ok)).path == CUTS
 
 
 def test_bpe_dropout_is_counted_in_full():
@@ -94,12 +182,12 @@ def test_bpe_dropout_is_counted_in_full():
     assert tokenizer_shape(tok).path == FULL
 
 
-def test_byte_level_and_metaspace_tokenizers_count_by_pretokens(bpe_tokenizer_path, byte_level_tokenizer_path,
-                                                                fixture_texts):
+def test_byte_level_and_metaspace_tokenizers_count_by_chunks(bpe_tokenizer_path, byte_level_tokenizer_path,
+                                                             fixture_texts):
     for path in (bpe_tokenizer_path, byte_level_tokenizer_path):
         tok = Tokenizer.from_file(path)
         counter = TokenCounter(tok)
-        assert counter.shape.path == PRETOKENS
+        assert counter.shape.path == CHUNKS
         texts = adversarial_texts(fixture_texts, n=100, seed=2)
         assert counter.count(texts) == full_counts(tok, texts)
 
