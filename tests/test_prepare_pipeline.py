@@ -423,3 +423,22 @@ def test_local_runner_workers_end_when_the_driver_is_killed(tmp_path, bpe_tokeni
     finally:
         for pid in group():  # only this test's processes (its driver's session); idle workers are not watched
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("code, status", [("print('last words', end='')", 0), ("raise ValueError('boom')", 1)])
+def test_a_local_worker_ends_at_once_at_a_clean_exit_and_keeps_a_failure_status(code, status):
+    """driver_watch's quick exit: at a clean exit the interpreter's teardown is skipped (an exit handler
+    registered before it, like the modules' own, does not run) and what the worker printed is flushed;
+    an uncaught exception is not turned into success and tears down as usual."""
+    import subprocess
+    import sys
+
+    from beam_pipelines.options import DRIVER_PID
+
+    script = ("import atexit, os, sys\natexit.register(lambda: sys.stderr.write('teardown ran'))\n"
+              f"from beam_pipelines import driver_watch\ndriver_watch.watch()\n{code}\n")
+    env = {**os.environ, DRIVER_PID: str(os.getpid()), "PYTHONPATH": os.getcwd()}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == status, done.stderr
+    assert ("last words" in done.stdout) == (status == 0)
+    assert ("teardown ran" in done.stderr) == (status != 0)
