@@ -375,7 +375,7 @@ def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_s
                         | "ValidationKey" >> beam.Map(lambda i, s: (validation_key(i, s), i), cfg.seed)
                         | "SmallestKey" >> beam.combiners.Top.Smallest(1)
                         | "FirstValidation" >> beam.Map(lambda top: top[0][1] if top else None))
-    every_shard = p | "OutputShards" >> beam.Create([(k, None) for k in range(num_shards)])
+    every_shard = p | "OutputShards" >> beam.Create([(k, None) for k in range(num_shards)], reshuffle=False)
     finals = ({"web": joined.parts, "losers": dedup.losers, "seed": seed.parts, "shard": every_shard}
               | "GroupByShard" >> beam.CoGroupByKey()
               | "FinalizeShard" >> beam.ParDo(FinalizeShard(cfg, folder, num_shards),

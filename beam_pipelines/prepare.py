@@ -535,7 +535,8 @@ class WriteRejects(beam.PTransform):
     def expand(self, rejects):
         n, layout = self.num_shards, self.layout
         keyed = rejects | "KeyReject" >> beam.Map(lambda r: (zlib.crc32(r["file"].encode()) % n, r))
-        empties = rejects.pipeline | "RejectShards" >> beam.Create([(k, None) for k in range(n)])
+        # markers only, flattened into a GroupByKey: no reshuffle of their own (one stage less)
+        empties = rejects.pipeline | "RejectShards" >> beam.Create([(k, None) for k in range(n)], reshuffle=False)
 
         def write(element):
             shard, rows = element
@@ -557,20 +558,22 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
     layout = RunLayout(cfg.root)
     tmp_dir = layout.prepare_tmp(run_id or uuid.uuid4().hex[:12])
 
-    read = (p | "HeadSplitFiles" >> beam.Create(selected)
-            | "Reshuffle" >> beam.Reshuffle()
+    read = (p | "HeadSplitFiles" >> beam.Create(selected)  # Create spreads its elements (a reshuffle)
             | "ReadAndMeasure" >> beam.ParDo(ReadAndMeasure(cfg, rank_only=bool(cfg.target_docs))).with_outputs(
                 "rejects", "tallies", "unreadable", main="docs"))
-    other = (p | "OtherSplitFiles" >> beam.Create(others)
-             | "CountLines" >> beam.ParDo(CountLines(cfg.skip_unreadable_files)).with_outputs(
-                 "unreadable", "tallies", main="nothing"))
-
     if cfg.target_docs:
         docs, kept_rejects, kept_tallies = read.docs | "SampleByKey" >> SampleByKey(cfg)
     else:
         docs, kept_rejects, kept_tallies = read.docs | "Deduplicate" >> Deduplicate(cfg.seed)
     rejects = [read.rejects, kept_rejects]
-    tallies = [read.tallies, other.tallies, kept_tallies]
+    tallies = [read.tallies, kept_tallies]
+    unreadable = [read.unreadable]
+    if others:  # no stage for an empty list
+        other = (p | "OtherSplitFiles" >> beam.Create(others)
+                 | "CountLines" >> beam.ParDo(CountLines(cfg.skip_unreadable_files)).with_outputs(
+                     "unreadable", "tallies", main="nothing"))
+        tallies.append(other.tallies)
+        unreadable.append(other.unreadable)
 
     if prior:  # documents already seen keep their shard: their generations are reused
         seen = p | "PriorFiles" >> beam.Create(prior) | "ReadPrior" >> beam.FlatMap(_read_prior)
@@ -582,7 +585,7 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
              | "AssignShards" >> AssignShards(cfg.num_shards)
              | "GroupByFile" >> beam.GroupByKey()
              | "WriteParts" >> beam.ParDo(WriteParts(cfg, tmp_dir)))
-    every_shard = p | "ShardNumbers" >> beam.Create([(k, None) for k in range(cfg.num_shards)])
+    every_shard = p | "ShardNumbers" >> beam.Create([(k, None) for k in range(cfg.num_shards)], reshuffle=False)
     shards = ((parts, every_shard) | "AllShards" >> beam.Flatten()
               | "GroupByShard" >> beam.GroupByKey()
               | "MergeShard" >> beam.ParDo(MergeShard(layout, cfg.num_shards)))
@@ -593,7 +596,7 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
     totals = (tallies | "AllTallies" >> beam.Flatten()
               | "SumTallies" >> beam.CombinePerKey(sum)
               | "TallyDict" >> beam.combiners.ToDict())
-    unreadable = (read.unreadable, other.unreadable) | "AllUnreadable" >> beam.Flatten()
+    unreadable = unreadable | "AllUnreadable" >> beam.Flatten()
     return (p | "Finish" >> beam.Create([None])
             | "WriteStats" >> beam.Map(
                 lambda _, t, s, r, u: write_stats(cfg, files, selected, t, s, r, u, fingerprint),
