@@ -51,7 +51,8 @@ from tokenizers import Tokenizer, pre_tokenizers
 
 from beam_pipelines.space_cuts import space_cuts
 
-_CACHE_LIMIT = 300_000  # words or chunks (~50 MB) per cache; cleared when full
+_CACHE_LIMIT = 300_000  # words or chunks (~50 MB); cleared when full
+_FIRST_LIMIT = 20_000   # first chunks of texts
 MARK = "▁"
 # Llama-2-structure words: a run of "▁" and the characters up to the next "▁" (or a trailing run).
 _CUT_WORDS = re.compile(f"{MARK}*[^{MARK}]+|{MARK}+")
@@ -291,8 +292,9 @@ class TokenCounter:
         is recorded; the misses are counted in one batch of the real tokenizer (a first chunk alone, a
         following chunk k as n(ctx + " " + k) - n(ctx): its count after any cut) and added back."""
         inner, first = self._words, self._first
-        if len(inner) > _CACHE_LIMIT or len(first) > _CACHE_LIMIT:
+        if len(inner) > _CACHE_LIMIT:
             inner.clear()
+        if len(first) > _FIRST_LIMIT:  # a text's start rarely repeats: a small cache
             first.clear()
         inner.missed.clear()
         first.missed.clear()

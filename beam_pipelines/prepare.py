@@ -464,8 +464,13 @@ def _route_bucket(element, num_shards: int):
         yield d[FILE], (d[LINE], d[ID], shard_of[d[ID]], d[NTOK], d[HASH])
 
 
+PART_CHARS = 32 << 20  # document text a WriteParts worker holds before it writes its parts (~100 MB)
+
+
 class WriteParts(beam.DoFn):
-    """Re-reads one input file and writes its kept documents into one part file per shard."""
+    """Re-reads one input file and writes its kept documents into part files by shard: one per shard,
+    or more when the file's kept text passes PART_CHARS (memory stays bounded whatever the file's
+    size)."""
 
     def __init__(self, cfg: PrepareConfig, tmp_dir: str):
         self.cfg, self.tmp_dir, self.layout = cfg, tmp_dir, RunLayout(cfg.root)
@@ -476,10 +481,12 @@ class WriteParts(beam.DoFn):
     def process(self, element):
         path, wanted = element
         by_line = {w[0]: w for w in wanted}
+        del wanted
         rows: dict[int, list[dict]] = collections.defaultdict(list)
-        remaining = len(by_line)
+        remaining, held = len(by_line), 0
+        tag = f"{zlib.crc32(path.encode()):08x}-{uuid.uuid4().hex[:8]}"
         for line_no, raw in enumerate(storage.open_lines(path), start=1):
-            w = by_line.get(line_no)
+            w = by_line.pop(line_no, None)
             if w is None:
                 continue
             _, doc_id, shard, n_tokens, h = w
@@ -488,12 +495,18 @@ class WriteParts(beam.DoFn):
                 raise RuntimeError(f"{path}:{line_no}: changed while the job ran (expected document {doc_id})")
             rows[shard].append({"id": doc.id, "text": doc.text, "source": doc.source, "url": doc.url,
                                 "n_chars": len(doc.text), "n_tokens": n_tokens, "shard": shard, "text_hash": h})
+            held += len(doc.text)
             remaining -= 1
+            if held > PART_CHARS:
+                yield from self._write(rows, f"{tag}-{line_no}")
+                held = 0
             if not remaining:
                 break
         if remaining:
             raise RuntimeError(f"{path}: {remaining} kept documents missing on the second read")
-        tag = f"{zlib.crc32(path.encode()):08x}-{uuid.uuid4().hex[:8]}"
+        yield from self._write(rows, tag)
+
+    def _write(self, rows: dict[int, list[dict]], tag: str):
         for shard in sorted(rows):
             part = self.layout.prepare_part(self.tmp_dir, shard, tag)
             storage.write_parquet(schemas.to_table(rows.pop(shard), schemas.CANDIDATE, part), part)

@@ -21,7 +21,7 @@ from typing import Iterable
 
 from schemas.keys import balance_bucket
 
-BUCKET_DOCS = 200_000  # documents balanced together by one worker (~30 MB of (id, n_tokens))
+BUCKET_DOCS = 50_000  # documents balanced together by one worker (~30 MB of their keys)
 
 
 def num_buckets(n_docs: int) -> int:

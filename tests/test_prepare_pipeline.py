@@ -157,6 +157,24 @@ def test_the_sample_measures_few_widens_when_few_survive_and_equals_the_full_com
     assert sum(sampled["dropped"].values()) == 380
 
 
+def test_a_file_whose_kept_text_passes_the_part_limit_is_written_in_several_parts(corpus, tmp_path,
+                                                                                 bpe_tokenizer_path, monkeypatch):
+    """WriteParts holds at most PART_CHARS of text: with a tiny limit it writes many parts per file, and
+    the shards are the same as with one part per file and shard."""
+    from schemas.layout import RunLayout
+
+    run_prepare(corpus, tmp_path / "one", bpe_tokenizer_path)
+    parts = []
+    real = RunLayout.prepare_part
+    monkeypatch.setattr(RunLayout, "prepare_part", lambda self, *a: parts.append(a) or real(self, *a))
+    monkeypatch.setattr(prepare, "PART_CHARS", 2000)
+    run_prepare(corpus, tmp_path / "many", bpe_tokenizer_path)
+    _, one = read_dir(tmp_path / "one" / "candidates", "candidates-")
+    _, many = read_dir(tmp_path / "many" / "candidates", "candidates-")
+    assert one.equals(many)
+    assert len(parts) > 2 * len({(shard, tag.split("-")[0]) for _, shard, tag in parts})  # several per file and shard
+
+
 def test_shards_are_balanced_bucket_by_bucket_as_assign_shards_says(corpus, tmp_path, bpe_tokenizer_path, monkeypatch):
     """With buckets of 10 documents the pipeline's assignment is the in-process one, shard by shard."""
     from beam_pipelines import shards
