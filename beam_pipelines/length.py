@@ -4,8 +4,16 @@
 `tokenizer.encode(text, add_special_tokens=False)` gives. Every kept document needs its exact count
 (the candidate schema carries it and the shard balancer uses it), so the savings are all exact:
 
-1. Counting by words, memoized. A Hugging Face tokenizer encodes a text (without added tokens) as
-   normalizer -> pre-tokenizer -> model, and the model encodes each pre-token on its own. So
+0. Counting by chunks of the raw text ("chunks", the first choice). `space_cuts.py` proves from the
+   tokenizer's structure that cutting the raw text before a space that follows a printable ASCII
+   character changes no count (its normalizer is local at such a space, no piece of its split regex
+   and no vocabulary entry can hold the two characters, no lookahead crosses). Then n(text) = the
+   first chunk's count + the cached counts of the following chunks, each chunk counted once by the
+   real tokenizer in a fixed context: no normalization, split or model call per document, a plain
+   `str.split(" ")` and a dictionary look-up per chunk. Proved for Llama-2's structure, byte-level
+   BPE with a split regex (Llama-3, Qwen, tekken, GPT-2) and NFKC sentencepiece conversions.
+1. Counting by words, memoized, when no chunk cut is proved. A Hugging Face tokenizer encodes a
+   text (without added tokens) as normalizer -> pre-tokenizer -> model, and the model encodes each pre-token on its own. So
    n(text) = sum of n_model(w) over the words w of normalize(text), where the words are
 
    - "pretokens": the pre-tokenizer's pieces, for any tokenizer that has a pre-tokenizer (byte-level
@@ -28,7 +36,8 @@
    Word counts are cached, so a document costs a normalization, a split and a few dictionary look-ups
    per word instead of a BPE pass; misses are encoded in one batch by the bare model. Texts that
    contain an added (special) token's content, raw or normalized, are counted in full.
-2. A lower bound rejects texts that cannot fit without tokenizing them: every token of a BPE model
+2. A lower bound rejects texts that cannot fit without tokenizing them (computed only for texts
+   long enough to reach the limit): every token of a BPE model
    with byte fallback (all 256 byte pieces) or a byte-level one covers at most B units of the model's
    input (UTF-8 bytes; bytes for byte-level), B being the longest vocabulary entry in those units, and
    the pre-tokenizers allowed (Metaspace, ByteLevel, Split without removal) never shorten it, so
