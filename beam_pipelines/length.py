@@ -14,7 +14,8 @@
    BPE with a split regex (Llama-3, Qwen, tekken, GPT-2) and NFKC sentencepiece conversions.
 1. Counting by words, memoized, when no chunk cut is proved. A Hugging Face tokenizer encodes a
    text (without added tokens) as normalizer -> pre-tokenizer -> model, and the model encodes each
-   pre-token on its own. So n(text) = sum of n_model(w) over the words w of normalize(text), where the words are
+   pre-token on its own. So n(text) = sum of n_model(w) over the words w of normalize(text), where
+   the words are
 
    - "pretokens": the pre-tokenizer's pieces, for any tokenizer that has a pre-tokenizer (byte-level
      BPE with a split regex: Llama-3, Qwen, tekken, GPT-2; Metaspace(split=True) sentencepiece
