@@ -509,7 +509,8 @@ class WriteParts(beam.DoFn):
     def _write(self, rows: dict[int, list[dict]], tag: str):
         for shard in sorted(rows):
             part = self.layout.prepare_part(self.tmp_dir, shard, tag)
-            storage.write_parquet(schemas.to_table(rows.pop(shard), schemas.CANDIDATE, part), part)
+            # a part lives until its shard is merged: lz4 writes and reads ~3x faster than zstd
+            storage.write_parquet(schemas.to_table(rows.pop(shard), schemas.CANDIDATE, part), part, "lz4")
             yield shard, part
 
 

@@ -348,8 +348,8 @@ def read_records(path: str) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
-def write_parquet(table: pa.Table, path: str) -> int:
-    """Writes `table` (zstd) to `path` whole-or-nothing; returns the bytes written.
+def write_parquet(table: pa.Table, path: str, compression: str = "zstd") -> int:
+    """Writes `table` (zstd, unless told) to `path` whole-or-nothing; returns the bytes written.
 
     The file is streamed to a temporary file beside the target (local) or on local disk (GCS, then one
     upload), never held in memory whole.
@@ -360,7 +360,7 @@ def write_parquet(table: pa.Table, path: str) -> int:
     fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=".tmp-" + posixpath.basename(path) + ".")
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=8192)
+        pq.write_table(table, tmp, compression=compression, row_group_size=8192)
         size = os.path.getsize(tmp)
         if local_dir:
             _readable(tmp)
