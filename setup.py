@@ -13,6 +13,7 @@ BEAM = [
     "xxhash>=3.4",
     "orjson>=3.9",
     "zstandard>=0.22",
+    "isal>=1.6",
     "google-cloud-storage>=2.14",
     "nltk>=3.8",
     "numpy>=1.26",

@@ -20,6 +20,7 @@ from typing import BinaryIO, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from isal import igzip, isal_zlib
 
 
 def is_gcs(path: str) -> bool:
@@ -272,7 +273,9 @@ def open_lines(path: str) -> Iterator[bytes]:
     raw = open_read(path)
     try:
         if path.endswith(".gz"):
-            stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb")
+            # ISA-L's inflate: the same gzip format, read ~3x faster than zlib's (the read passes are
+            # bound by it once token counting is cheap)
+            stream: BinaryIO = igzip.IGzipFile(fileobj=raw, mode="rb")
         elif path.endswith(".zst") or path.endswith(".zstd"):
             stream = io.BufferedReader(_ChunkReader(_zstd_chunks(raw, path)), buffer_size=1 << 20)
         else:
@@ -285,7 +288,7 @@ def open_lines(path: str) -> Iterator[bytes]:
                     if line.startswith(_BOM):
                         line = line[len(_BOM):]
                 yield line.rstrip(b"\r\n") if line.endswith(b"\n") else line
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # what gzip raises for a cut or bad stream
+        except (EOFError, zlib.error, isal_zlib.error, gzip.BadGzipFile) as e:  # a cut or bad stream
             raise CorruptFileError(f"{path}: truncated or corrupt gzip stream ({e})") from e
     finally:
         raw.close()
