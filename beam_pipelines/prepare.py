@@ -486,8 +486,9 @@ class SampleByKey(beam.PTransform):
 
     def expand(self, inputs):
         measured0, ranks = inputs
-        # the steps that wait on the windows (side inputs computed from the counts below) read the ranks
-        # in a stage of their own: fused with the counting, the local runner waits on itself forever
+        # the steps that wait on the windows (side inputs computed from the counts below and from the
+        # read's other output) read the ranks in a stage of their own: without this boundary Beam 2.77's
+        # local runner stops with "watermark-pending bundles did not execute"
         pending = ranks | "RanksToPick" >> beam.Reshuffle()
         cfg, target, limit0 = self.cfg, self.cfg.target_docs, self.limit0
         n_ranked = ranks | "CountRanked" >> beam.Map(lambda r: r[1]) | "SumRanked" >> beam.CombineGlobally(sum)
