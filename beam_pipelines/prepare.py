@@ -2,19 +2,22 @@
 
     ListInputs ─┬─ other splits ─ CountLines ─────────────────────────────────────────────┐ tallies
                 └─ head split ── ReadAndMeasure ─ Deduplicate ─────────────────────────┐  │
-                       or, with --target-docs: ReadAndMeasure(rank only) ─ SampleByKey ┤  │
+            or, with --target-docs: ReadAndMeasure(keys < limit0) ─┬─ SampleByKey ┤  │
+                                                    └─ ranks ─┘              │  │
                                       └── rejects ─────────────────────────────────────│──┼─ WriteRejects
                          AssignShards (count -> hash buckets -> balance per bucket) <──┘  │
                          ─ GroupByKey(file) ─ WriteParts ─ GroupByKey(shard) ─ MergeShard ─ WriteStats
 
 Only keys travel through shuffles: a document's text is read from its input file twice (once to
 measure and hash it, once to write it into its shard) and never grouped, so the shuffle volume is
-~60 bytes per document whatever its length. Each shard is assembled from per-file parts by one
-worker, sorted by (n_tokens, id) and written whole-or-nothing; stats.json is written last and marks
-the output complete.
+~60 bytes per document whatever its length. With --target-docs, only the documents measured for the
+sample travel one by one; the others are 16 bytes each in one element per input file. Each shard is
+assembled from per-file parts by one worker, sorted by (n_tokens, id) and written whole-or-nothing;
+stats.json is written last and marks the output complete.
 """
 from __future__ import annotations
 
+import array
 import collections
 import json
 import logging
@@ -202,26 +205,24 @@ class ReadAndMeasure(_Measurer):
 
     Parses every line, routes bad ones to rejects, applies the metadata predicate, hashes the
     normalized text and counts its tokens exactly; the text itself does not leave this step.
-    With `rank_only` (the --target-docs path) nothing is measured: every selected document is
-    yielded as (id, sample_key, file, line) for SampleByKey to pick the ones worth measuring.
+    With `key_limit` (the --target-docs path: round 0 of SampleByKey, fused into this read) only the
+    selected documents of sample key below it are measured; the others are not yielded one by one
+    but as ONE element per file on the "ranks" output: (file, selected documents, their unmeasured
+    sample keys, their line numbers), numpy arrays in line order, for the later rounds to pick from.
     """
 
-    def __init__(self, cfg: PrepareConfig, rank_only: bool = False):
+    def __init__(self, cfg: PrepareConfig, key_limit: int | None = None):
         super().__init__(cfg)
-        self.rank_only = rank_only
+        self.key_limit = key_limit
         self.where = [dolma.parse_where(w) for w in cfg.select_where]
-
-    def setup(self):
-        if self.rank_only:
-            configure_process()
-        else:
-            super().setup()
 
     def process(self, path: str):
         tallies: collections.Counter = collections.Counter()
         batch: list[tuple[int, dolma.Document]] = []
-        line_no = 0
-        before = (0, 0) if self.rank_only else (self.counter.counted_pieces, self.counter.counted_full)
+        line_no = selected = 0
+        limit, seed = self.key_limit, self.cfg.seed
+        keys, lines = array.array("Q"), array.array("Q")  # the unmeasured documents: 16 bytes each
+        before = (self.counter.counted_pieces, self.counter.counted_full)
         try:
             for line_no, raw in enumerate(storage.open_lines(path), start=1):
                 tallies[INPUT] += 1
@@ -234,9 +235,13 @@ class ReadAndMeasure(_Measurer):
                 if not all(str(dolma.field(item.record, f)) in values for f, values in self.where):
                     tallies[_dropped("not_selected")] += 1
                     continue
-                if self.rank_only:
-                    yield item.id, sample_key(item.id, self.cfg.seed), path, line_no
-                    continue
+                if limit is not None:
+                    selected += 1
+                    key = sample_key(item.id, seed)
+                    if key >= limit:
+                        keys.append(key)
+                        lines.append(line_no)
+                        continue
                 batch.append((line_no, item))
                 if len(batch) >= self.cfg.batch_docs:
                     yield from self._measure(path, batch, tallies)
@@ -244,31 +249,36 @@ class ReadAndMeasure(_Measurer):
         except _READ_ERRORS as e:
             yield from _unreadable(path, line_no, e, self.cfg.skip_unreadable_files)
         yield from self._measure(path, batch, tallies)
-        if self.rank_only:
-            for name, n in sorted(tallies.items()):
-                yield beam.pvalue.TaggedOutput("tallies", _tally(name, n))
-        else:
-            yield from self._counted(tallies, before)
+        yield from self._counted(tallies, before)
+        if limit is not None:
+            yield beam.pvalue.TaggedOutput("ranks", (path, selected, _array(keys), _array(lines)))
+
+
+def _array(values: array.array):
+    import numpy as np
+
+    return np.frombuffer(values, dtype=np.uint64) if len(values) else np.zeros(0, np.uint64)
 
 
 class MeasureLines(_Measurer):
-    """(file, [(line, id), ...]) -> the same outputs as ReadAndMeasure for those lines only: the file
-    is read again and only the wanted lines are parsed and measured."""
+    """(file, line numbers, their sample keys) -> the same outputs as ReadAndMeasure for those lines
+    only: the file is read again and only the wanted lines are parsed and measured."""
 
     def process(self, element):
-        path, wanted = element
-        want = dict(wanted)
+        path, lines, keys = element
+        want = dict(zip(lines.tolist(), keys.tolist()))
         tallies: collections.Counter = collections.Counter()
         before = (self.counter.counted_pieces, self.counter.counted_full)
         batch: list[tuple[int, dolma.Document]] = []
         remaining = len(want)
         for line_no, raw in enumerate(storage.open_lines(path), start=1):
-            doc_id = want.get(line_no)
-            if doc_id is None:
+            key = want.get(line_no)
+            if key is None:
                 continue
             doc = dolma.parse_line(raw, self.cfg.max_line_bytes)
-            if isinstance(doc, dolma.Reject) or doc.id != doc_id:
-                raise RuntimeError(f"{path}:{line_no}: changed while the job ran (expected document {doc_id})")
+            if isinstance(doc, dolma.Reject) or sample_key(doc.id, self.cfg.seed) != key:
+                raise RuntimeError(f"{path}:{line_no}: changed while the job ran (another document than "
+                                   "on the first read)")
             batch.append((line_no, doc))
             if len(batch) >= self.cfg.batch_docs:
                 yield from self._measure(path, batch, tallies)
@@ -325,7 +335,8 @@ class Deduplicate(beam.PTransform):
 class SampleToTarget(beam.PTransform):
     """Keeps the `target` documents of smallest sample_key(id, seed): a bottom-k sample, exact in
     size, independent of order, and stable as the input grows (a kept document leaves only when a
-    new one ranks below it)."""
+    new one ranks below it). -> (kept documents, tallies): the others are counted as not_sampled,
+    not listed as rejects."""
 
     def __init__(self, target: int, seed: int):
         super().__init__()
@@ -342,17 +353,16 @@ class SampleToTarget(beam.PTransform):
             if limit is None or (sample_key(d[ID], seed), d[ID]) <= tuple(limit):
                 yield d
             else:
-                yield beam.pvalue.TaggedOutput("rejects", _reject_row(
-                    d[FILE], d[LINE], "not_sampled", f"outside the --target-docs {target} sample", d[ID]))
                 yield beam.pvalue.TaggedOutput("tallies", _tally(_dropped("not_sampled")))
 
         out = docs | "KeepSample" >> beam.FlatMap(split, limit=beam.pvalue.AsSingleton(threshold)).with_outputs(
-            "rejects", "tallies", main="docs")
-        return out.docs, out.rejects, out.tallies
+            "tallies", main="docs")
+        return out.docs, out.tallies
 
 
 KEY_SPACE = 1 << 64  # sample keys are xxh3_64 values: uniform in [0, KEY_SPACE)
-ROUNDS = 3           # measuring rounds of SampleByKey; the last one takes whatever is left
+ROUNDS = 3           # measuring rounds of SampleByKey (round 0 in the first read); the last one takes the rest
+HEAD_BYTES = 1 << 20  # how much of one input file the driver reads to estimate the documents per byte
 
 
 def key_limit(n_ranked: int, target: int, survival: float) -> int:
@@ -377,30 +387,112 @@ def next_window(n_ranked: int, window: tuple[int, int], survivors: int, measured
     return hi, max(key_limit(n_ranked, target, survivors / max(measured, 1)), min(2 * hi, KEY_SPACE))
 
 
-class SampleByKey(beam.PTransform):
-    """--target-docs with work that follows the sample: ranked documents (id, sample_key, file, line)
-    -> (kept documents, rejects, tallies), exactly the bottom-N sample of the full computation.
+def estimate_ranked(files: list[str], sizes: list[int], cfg: PrepareConfig) -> int:
+    """About how many documents of `files` (of `sizes` bytes as stored) are selected: for the files of
+    each compression (.gz, .zst, plain), the selected lines per stored byte of the head (HEAD_BYTES)
+    of the first one with a complete line there, times their bytes. Read in the driver before the
+    pipeline runs, for the round-0 key limit; it only needs to be reasonable (SampleByKey's rounds
+    make the sample exact whatever it says)."""
+    kinds: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+    for path, size in zip(files, sizes):
+        kinds[_compression(path)].append((path, size))
+    return sum(math.ceil(_per_byte([p for p, _ in group], cfg) * sum(n for _, n in group))
+               for group in kinds.values())
 
-    Round 0 measures (reads, counts tokens of, hashes) only the documents of sample key below an
-    estimated limit (N x 1.25 + margin of the ranked documents); each next round widens the window by
-    the survival rate seen so far, only while fewer than N survive; the last round takes the rest. The
+
+def _per_byte(files: list[str], cfg: PrepareConfig) -> float:
+    """Selected documents per stored byte in the head of the first of `files` that has a complete
+    line there (0 when none has: round 0 then measures every document)."""
+    where = [dolma.parse_where(w) for w in cfg.select_where]
+    for path in files:
+        try:
+            stored, text = _head(path)
+        except _READ_ERRORS:  # an unreadable file is the pipeline's to report (or skip)
+            continue
+        whole = text[:text.rfind(b"\n") + 1]  # complete lines only
+        if not whole:
+            continue
+        docs = (dolma.parse_line(raw, cfg.max_line_bytes) for raw in whole.splitlines())
+        selected = sum(isinstance(d, dolma.Document) and all(str(dolma.field(d.record, f)) in v for f, v in where)
+                       for d in docs)
+        return max(selected, 1) / (stored * len(whole) / len(text))
+    return 0.0
+
+
+def _compression(path: str) -> str:
+    return ".gz" if path.endswith(".gz") else ".zst" if path.endswith((".zst", ".zstd")) else ""
+
+
+def _head(path: str) -> tuple[int, bytes]:
+    """(stored bytes read, their decompressed bytes) of the start of a file, .gz and .zst decompressed
+    (at most 16 MB of .gz text: a highly compressed head is not read whole)."""
+    with storage.open_read(path) as f:
+        head = f.read(HEAD_BYTES)
+    if _compression(path) == ".gz":
+        d = zlib.decompressobj(wbits=47)
+        text = d.decompress(head, 16 << 20)
+        return len(head) - len(d.unconsumed_tail), _ended(text, d.eof and len(head) < HEAD_BYTES)
+    if _compression(path) == ".zst":
+        import zstandard
+
+        text = zstandard.ZstdDecompressor().decompressobj().decompress(head)
+        return len(head), _ended(text, len(head) < HEAD_BYTES)
+    return len(head), _ended(head, len(head) < HEAD_BYTES)
+
+
+def _ended(text: bytes, whole_file: bool) -> bytes:
+    """A whole file's last line is complete even without its newline."""
+    return text + b"\n" if whole_file and text and not text.endswith(b"\n") else text
+
+
+def _in_window(keys, window: tuple[int, int]):
+    """The mask of `keys` (uint64 array) in [lo, hi); the bounds may be KEY_SPACE, past uint64."""
+    import numpy as np
+
+    lo, hi = window
+    if lo >= KEY_SPACE or lo >= hi:
+        return np.zeros(len(keys), bool)
+    mask = keys >= np.uint64(lo)
+    return mask if hi >= KEY_SPACE else mask & (keys < np.uint64(hi))
+
+
+class SampleByKey(beam.PTransform):
+    """--target-docs with work that follows the sample: (round-0 measured documents, ranks) -> (kept
+    documents, rejects, tallies), exactly the bottom-N sample of the full computation.
+
+    Round 0 is fused into the first read (ReadAndMeasure with `limit0`): it measured (counted the
+    tokens of, hashed) the documents of sample key below a limit estimated in the driver before the
+    pipeline ran (estimate_ranked, key_limit: N x 1.25 + margin of the ranked documents); every other
+    selected document is only in `ranks`, one element per file: (file, selected, keys, lines). Each
+    next round widens the window [lo, hi) by the survival rate seen so far, only while fewer than N
+    survive, picks each file's documents of key in it (vectorized) and re-reads only those files
+    (MeasureLines); the last round takes the rest. The windows are contiguous from 0, so the
     documents of key below the final limit are exactly those the full computation would measure with
     such a key, and since a duplicate loses only to one of lower key (Deduplicate), the survivors
     among them are exactly the full computation's survivors of key below the limit: when at least N
-    survive, the bottom N of them is the full computation's sample. The others are dropped as
-    not_sampled without being measured. What is global: a count, a few limits, and the bottom-N
-    ranks (SampleToTarget): memory follows N, not the corpus."""
+    survive, the bottom N of them is the full computation's sample, whatever the estimate was (a low
+    one costs rounds, a high one measures more in round 0). The others are counted as not_sampled,
+    never measured nor listed. What is global: a count, a few limits, and the bottom-N ranks
+    (SampleToTarget): memory follows N, not the corpus; a file's element holds 16 bytes per
+    unmeasured document."""
 
-    def __init__(self, cfg: PrepareConfig):
+    def __init__(self, cfg: PrepareConfig, limit0: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.limit0 = cfg, limit0
 
-    def expand(self, ranked):
-        cfg, target = self.cfg, self.cfg.target_docs
-        n_ranked = ranked | "CountRanked" >> beam.combiners.Count.Globally()
+    def expand(self, inputs):
+        measured0, ranks = inputs
+        # the steps that wait on the windows (side inputs computed from the counts below and from the
+        # read's other output) read the ranks in a stage of their own: without this boundary Beam 2.77's
+        # local runner stops with "watermark-pending bundles did not execute"
+        pending = ranks | "RanksToPick" >> beam.Reshuffle()
+        cfg, target, limit0 = self.cfg, self.cfg.target_docs, self.limit0
+        n_ranked = ranks | "CountRanked" >> beam.Map(lambda r: r[1]) | "SumRanked" >> beam.CombineGlobally(sum)
         # windows hold KEY_SPACE = 2^64, past the 64-bit integer coder Beam would infer: typed Any
-        window = n_ranked | "Window0" >> beam.Map(lambda n: (0, key_limit(n, target, 1.0))).with_output_types(Any)
-        rounds, rejects, tallies, measured = [], [], [], []
+        window = n_ranked | "Window0" >> beam.Map(lambda n: (0, limit0)).with_output_types(Any)
+        measured = [ranks | "CountMeasured0" >> beam.Map(lambda r: r[1] - len(r[2]))
+                    | "SumMeasured0" >> beam.CombineGlobally(sum)]
+        rounds, rejects, tallies = [measured0], [], []
         for j in range(ROUNDS):
             if j:
                 survivors = (rounds | f"UpTo{j}" >> beam.Flatten() | f"Dedup{j}" >> Deduplicate(cfg.seed))[0]
@@ -411,31 +503,33 @@ class SampleByKey(beam.PTransform):
                     lambda n, w, s, m, last: next_window(n, tuple(w), s, m, target, last),
                     w=beam.pvalue.AsSingleton(window), s=beam.pvalue.AsSingleton(n_surv),
                     m=beam.pvalue.AsSingleton(n_measured), last=j == ROUNDS - 1).with_output_types(Any)
-            wanted = ranked | f"Want{j}" >> beam.Filter(
-                lambda r, w: w[0] <= r[1] < w[1], w=beam.pvalue.AsSingleton(window))
-            measured.append(wanted | f"CountWanted{j}" >> beam.combiners.Count.Globally())
+                wanted = pending | f"Want{j}" >> beam.FlatMap(_wanted, window=beam.pvalue.AsSingleton(window))
+                measured.append(wanted | f"CountWanted{j}" >> beam.Map(lambda e: len(e[1]))
+                                | f"SumWanted{j}" >> beam.CombineGlobally(sum))
+                out = wanted | f"Measure{j}" >> beam.ParDo(MeasureLines(cfg)).with_outputs(
+                    "rejects", "tallies", main="docs")
+                rounds.append(out.docs)
+                rejects.append(out.rejects)
+                tallies.append(out.tallies)
             tallies.append(window | f"Round{j}" >> beam.Map(lambda w: _tally("sample/rounds", int(w[0] < w[1]))))
-            out = (wanted | f"ByFile{j}" >> beam.Map(lambda r: (r[2], (r[3], r[0])))
-                   | f"GroupByFile{j}" >> beam.GroupByKey()
-                   | f"Measure{j}" >> beam.ParDo(MeasureLines(cfg)).with_outputs("rejects", "tallies", main="docs"))
-            rounds.append(out.docs)
-            rejects.append(out.rejects)
-            tallies.append(out.tallies)
 
-        def unmeasured(r, w):
-            if r[1] >= w[1]:
-                yield beam.pvalue.TaggedOutput("rejects", _reject_row(
-                    r[2], r[3], "not_sampled", f"outside the --target-docs {target} sample (not measured)", r[0]))
-                yield _tally(_dropped("not_sampled"))
-
-        rest = ranked | "Unmeasured" >> beam.FlatMap(unmeasured, w=beam.pvalue.AsSingleton(window)).with_outputs(
-            "rejects", main="tallies")
+        tallies.append(pending | "Unmeasured" >> beam.Map(
+            lambda r, w: _tally(_dropped("not_sampled"), int(_in_window(r[2], (w[1], KEY_SPACE)).sum())),
+            w=beam.pvalue.AsSingleton(window)))
         docs, dedup_rejects, dedup_tallies = rounds | "AllMeasured" >> beam.Flatten() | "Deduplicate" >> Deduplicate(
             cfg.seed)
-        docs, sample_rejects, sample_tallies = docs | "Sample" >> SampleToTarget(target, cfg.seed)
-        rejects += [rest.rejects, dedup_rejects, sample_rejects]
-        tallies += [rest.tallies, dedup_tallies, sample_tallies]
+        docs, sample_tallies = docs | "Sample" >> SampleToTarget(target, cfg.seed)
+        rejects.append(dedup_rejects)
+        tallies += [dedup_tallies, sample_tallies]
         return (docs, rejects | "SampleRejects" >> beam.Flatten(), tallies | "SampleTallies" >> beam.Flatten())
+
+
+def _wanted(rank, window):
+    """A file's rank element -> (file, line numbers, sample keys) of its documents in `window`, if any."""
+    path, _, keys, lines = rank
+    mask = _in_window(keys, tuple(window))
+    if mask.any():
+        yield path, lines[mask], keys[mask]
 
 
 class AssignShards(beam.PTransform):
@@ -572,11 +666,16 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
     layout = RunLayout(cfg.root)
     tmp_dir = layout.prepare_tmp(run_id or uuid.uuid4().hex[:12])
 
+    limit0 = None
+    if cfg.target_docs:  # round 0 of the sample, measured in the first read: its key limit from an estimate
+        stored = {i["path"]: i["bytes"] for i in fingerprint or []}
+        sizes = [stored[f] if f in stored else storage.size(f) for f in selected]
+        limit0 = key_limit(estimate_ranked(selected, sizes, cfg), cfg.target_docs, 1.0)
     read = (p | "HeadSplitFiles" >> beam.Create(selected)  # Create spreads its elements (a reshuffle)
-            | "ReadAndMeasure" >> beam.ParDo(ReadAndMeasure(cfg, rank_only=bool(cfg.target_docs))).with_outputs(
-                "rejects", "tallies", "unreadable", main="docs"))
+            | "ReadAndMeasure" >> beam.ParDo(ReadAndMeasure(cfg, key_limit=limit0)).with_outputs(
+                "rejects", "tallies", "unreadable", "ranks", main="docs"))
     if cfg.target_docs:
-        docs, kept_rejects, kept_tallies = read.docs | "SampleByKey" >> SampleByKey(cfg)
+        docs, kept_rejects, kept_tallies = (read.docs, read.ranks) | "SampleByKey" >> SampleByKey(cfg, limit0)
     else:
         docs, kept_rejects, kept_tallies = read.docs | "Deduplicate" >> Deduplicate(cfg.seed)
     rejects = [read.rejects, kept_rejects]
@@ -624,13 +723,16 @@ def funnel(totals: dict[str, int]) -> dict:
     return {"input_records": totals.get(INPUT, 0), "kept": totals.get(KEPT, 0), "dropped": dropped}
 
 
+UNLISTED = ("other_split", "not_selected", "not_sampled")  # dropped reasons counted in stats, not listed as rejects
+
+
 def write_stats(cfg, files, selected, totals, shards, reject_files, unreadable, fingerprint=None) -> dict:
     acc = funnel(totals)
     if acc["input_records"] != acc["kept"] + sum(acc["dropped"].values()):
         raise RuntimeError(f"accounting broken: {acc['input_records']} input records != {acc['kept']} kept + "
                            f"{sum(acc['dropped'].values())} dropped ({acc['dropped']})")
     n_rejects = sum(r["rows"] for r in reject_files)
-    listed = sum(v for k, v in acc["dropped"].items() if k not in ("other_split", "not_selected"))
+    listed = sum(v for k, v in acc["dropped"].items() if k not in UNLISTED)
     if n_rejects != listed:
         raise RuntimeError(f"rejects written ({n_rejects}) != dropped documents to list ({listed})")
     shards = sorted(shards, key=lambda s: s["shard"])

@@ -118,11 +118,8 @@ def test_sample_to_target_docs_is_exact_and_stable(corpus, tmp_path, bpe_tokeniz
     assert s["length_filter"]["measured"] <= full["length_filter"]["measured"]  # 30 + margin: all 84 here
 
 
-@pytest.mark.parametrize("seed", [0, 5])
-def test_the_sample_measures_few_widens_when_few_survive_and_equals_the_full_computation(
-        tmp_path, bpe_tokenizer_path, fixture_texts, seed):
-    """400 documents, 85% too long, 5% duplicates of others: target 20 needs a wider second round;
-    the kept documents and their shards' rows equal the bottom 20 of the full computation's survivors."""
+def mixed_corpus(folder, fixture_texts, seed):
+    """400 documents in 4 plain files, 85% too long (for max_tokens 400), 5% duplicates of others."""
     import random
 
     rng = random.Random(seed)
@@ -138,18 +135,37 @@ def test_the_sample_measures_few_widens_when_few_survive_and_equals_the_full_com
             texts.append(text)
         lines.append(dolma_line(f"d{rng.randrange(10**6):06d}-{i}", text))
     for k in range(4):
-        write_dolma_file(str(tmp_path / "in" / "cc_en_head" / f"part-{k}.jsonl"), lines[k::4])
-    glob = str(tmp_path / "in" / "*" / "*.jsonl")
-    sampled = run_prepare(glob, tmp_path / "s", bpe_tokenizer_path, target_docs=20, seed=seed, max_tokens=400)
-    full = run_prepare(glob, tmp_path / "f", bpe_tokenizer_path, seed=seed, max_tokens=400)
+        write_dolma_file(str(folder / "cc_en_head" / f"part-{k}.jsonl"), lines[k::4])
+    return str(folder / "*" / "*.jsonl")
+
+
+def bottom_of_full(glob, root, tok, seed, n):
+    """The bottom n by sample key of the full computation's kept documents (and its stats)."""
     from schemas.keys import sample_key
 
+    full = run_prepare(glob, root, tok, seed=seed, max_tokens=400)
+    _, every = read_dir(root / "candidates", "candidates-")
+    return every.assign(rank=[(sample_key(i, seed), i) for i in every["id"]]).sort_values("rank").head(n), full
+
+
+SAMPLE_COLUMNS = ["id", "text", "n_tokens", "text_hash"]
+
+
+def same_rows(a, b):
+    return a.sort_values("id")[SAMPLE_COLUMNS].reset_index(drop=True).equals(
+        b.sort_values("id")[SAMPLE_COLUMNS].reset_index(drop=True))
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_the_sample_measures_few_widens_when_few_survive_and_equals_the_full_computation(
+        tmp_path, bpe_tokenizer_path, fixture_texts, seed):
+    """400 documents, 85% too long, 5% duplicates of others: target 20 needs a wider second round;
+    the kept documents and their shards' rows equal the bottom 20 of the full computation's survivors."""
+    glob = mixed_corpus(tmp_path / "in", fixture_texts, seed)
+    sampled = run_prepare(glob, tmp_path / "s", bpe_tokenizer_path, target_docs=20, seed=seed, max_tokens=400)
+    bottom, full = bottom_of_full(glob, tmp_path / "f", bpe_tokenizer_path, seed, 20)
     _, kept = read_dir(tmp_path / "s" / "candidates", "candidates-")
-    _, every = read_dir(tmp_path / "f" / "candidates", "candidates-")
-    bottom = every.assign(rank=[(sample_key(i, seed), i) for i in every["id"]]).sort_values("rank").head(20)
-    assert sorted(kept["id"]) == sorted(bottom["id"])
-    cols = ["id", "text", "n_tokens", "text_hash"]
-    assert kept.sort_values("id")[cols].reset_index(drop=True).equals(bottom.sort_values("id")[cols].reset_index(drop=True))
+    assert sorted(kept["id"]) == sorted(bottom["id"]) and same_rows(kept, bottom)
     lf = sampled["length_filter"]
     assert lf["sample_rounds"] >= 2  # round 0 (~107 of 400) finds ~11 survivors at ~10%
     assert lf["measured"] < 400 == full["length_filter"]["measured"]
@@ -173,6 +189,58 @@ def test_a_file_whose_kept_text_passes_the_part_limit_is_written_in_several_part
     _, many = read_dir(tmp_path / "many" / "candidates", "candidates-")
     assert one.equals(many)
     assert len(parts) > 2 * len({(shard, tag.split("-")[0]) for _, shard, tag in parts})  # several per file and shard
+
+
+@pytest.mark.parametrize("estimate", [10**9, 2000, 1])
+def test_the_sample_is_exact_however_far_off_the_round0_estimate_is(
+        tmp_path, bpe_tokenizer_path, fixture_texts, monkeypatch, estimate):
+    """The driver's estimate of the ranked documents only sets round 0's key limit: far too many
+    (a limit 5 or ~10^7 times too low: the later rounds widen) or far too few (every document measured
+    in the first read) give the same sample as the full computation."""
+    glob = mixed_corpus(tmp_path / "in", fixture_texts, 1)
+    monkeypatch.setattr(prepare, "estimate_ranked", lambda files, sizes, cfg: estimate)
+    sampled = run_prepare(glob, tmp_path / "s", bpe_tokenizer_path, target_docs=20, seed=1, max_tokens=400)
+    bottom, _ = bottom_of_full(glob, tmp_path / "f", bpe_tokenizer_path, 1, 20)
+    _, kept = read_dir(tmp_path / "s" / "candidates", "candidates-")
+    assert same_rows(kept, bottom)
+    lf = sampled["length_filter"]
+    if estimate == 1:
+        assert lf["sample_rounds"] == 1 and lf["measured"] == 400 and sampled["dropped"]["not_sampled"] > 0
+    else:
+        assert lf["sample_rounds"] >= 2
+
+
+def test_the_sample_measures_what_it_needs_and_lists_no_not_sampled_rejects(tmp_path, bpe_tokenizer_path):
+    """3000 short unique documents in 3 .gz files, target 25: round 0 (fused into the first read, its
+    limit from the driver's estimate) measures ~25 x 1.25 + 4 x 5 + 64 of them and is enough; the
+    2975 unsampled documents are counted in stats, not written as reject rows."""
+    for k in range(3):
+        write_dolma_file(str(tmp_path / "in" / "cc_en_head" / f"p{k}.json.gz"),
+                         [dolma_line(f"doc-{k}-{i}", f"short text number {i} of file {k}") for i in range(1000)]
+                         + [b"not json"])
+    glob = str(tmp_path / "in" / "*" / "*.json.gz")
+    stats = run_prepare(glob, tmp_path / "s", bpe_tokenizer_path, target_docs=25)
+    assert stats["kept"] == 25 and stats["dropped"]["not_sampled"] == 3000 - 25
+    lf = stats["length_filter"]
+    assert lf["sample_rounds"] == 1 and 25 <= lf["measured"] <= 4 * 116
+    _, rejects = read_dir(tmp_path / "s" / "candidates" / "rejects", "rejects-")
+    assert sorted(rejects["reason"]) == ["malformed_json"] * 3 == ["malformed_json"] * stats["rejects"]["rows"]
+
+
+def test_the_estimate_of_ranked_documents_is_close(tmp_path):
+    """estimate_ranked: selected documents per stored byte of one file's head, times all the bytes, by
+    compression."""
+    lines = [dolma_line(f"d{i}", f"text {i} " * (i % 50 + 1), metadata={"bucket": str(i // 2 % 4)})
+             for i in range(20000)]
+    files = [write_dolma_file(str(tmp_path / f"p{k}.{ext}"), lines[k::2]) for k, ext in enumerate(["json.gz", "jsonl"])]
+    cfg = PrepareConfig(input=["x"], root=str(tmp_path), tokenizer="t")
+    for path in files:
+        assert 0.8 * 10000 < prepare.estimate_ranked([path], [os.path.getsize(path)], cfg) < 1.25 * 10000
+    cfg.select_where = ["metadata.bucket=1"]
+    sizes = [os.path.getsize(f) for f in files]
+    assert 0.8 * 5000 < prepare.estimate_ranked(files, sizes, cfg) < 1.25 * 5000
+    cfg.select_where = []
+    assert prepare.estimate_ranked([], [], cfg) == 0
 
 
 def test_shards_are_balanced_bucket_by_bucket_as_assign_shards_says(corpus, tmp_path, bpe_tokenizer_path, monkeypatch):
