@@ -10,8 +10,9 @@
 
 Only keys travel through shuffles: a document's text is read from its input file twice (once to
 measure and hash it, once to write it into its shard) and never grouped, so the shuffle volume is
-~60 bytes per document whatever its length. With --target-docs, only the documents measured for the
-sample travel one by one; the others are 16 bytes each in one element per input file. Each shard is
+~100 bytes per document whatever its length. With --target-docs, only the documents measured for the
+sample travel one by one; the others are 16 bytes each in one element per input file, and the
+measured documents' fields are stashed in _tmp/ when measured, so that the input is read once. Each shard is
 assembled from per-file parts by one worker, sorted by (n_tokens, id) and written whole-or-nothing;
 stats.json is written last and marks the output complete.
 """
@@ -30,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 import schemas
@@ -51,6 +53,9 @@ PRIOR = 6  # appended when the output being replaced is known: the document's sh
 
 INPUT = "input_records"
 KEPT = "kept"
+PART_CHARS = 32 << 20  # document text a worker holds before it writes it to _tmp/ (~100 MB)
+_STASH = pa.schema([("line", pa.int64()), ("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
+                    ("url", pa.string())])  # a --target-docs sample's measured documents (_Measurer)
 
 
 class UnreadableFileError(UserError):
@@ -157,14 +162,37 @@ def _unreadable(path: str, lines_read: int, error: Exception, skip: bool):
 
 
 class _Measurer(beam.DoFn):
-    """Counts tokens of batches of parsed documents: kept-document keys (main), rejects, tallies."""
+    """Counts tokens of batches of parsed documents: kept-document keys (main), rejects, tallies.
 
-    def __init__(self, cfg: PrepareConfig):
-        self.cfg = cfg
+    With `stash_tmp` (the --target-docs path, where the measured documents are a small share of each
+    file) the fields of every document that passes the length filter are also written under
+    `stash_tmp` (RunLayout.prepare_stash, by input file, at most PART_CHARS of text per write), so that
+    WriteParts reads them there instead of decompressing and parsing the whole input file again."""
+
+    def __init__(self, cfg: PrepareConfig, stash_tmp: str | None = None):
+        self.cfg, self.stash_tmp = cfg, stash_tmp
 
     def setup(self):
         configure_process()
         self.counter = TokenCounter(load_tokenizer(self.cfg.tokenizer))
+        self._stash: list[dict] = []
+        self._stashed_chars = 0
+
+    def _keep(self, path: str, line_no: int, doc) -> None:
+        if self.stash_tmp is None:
+            return
+        self._stash.append({"line": line_no, "id": doc.id, "text": doc.text, "source": doc.source, "url": doc.url})
+        self._stashed_chars += len(doc.text)
+        if self._stashed_chars > PART_CHARS:
+            self._write_stash(path)
+
+    def _write_stash(self, path: str) -> None:
+        """Writes the stashed documents of input file `path` (called at the end of each file)."""
+        if self._stash:
+            target = storage.join(RunLayout(self.cfg.root).prepare_stash(self.stash_tmp, path),
+                                  f"{uuid.uuid4().hex}.parquet")
+            storage.write_parquet(pa.Table.from_pylist(self._stash, schema=_STASH), target, "lz4")
+        self._stash, self._stashed_chars = [], 0
 
     def _measure(self, path, batch, tallies):
         if not batch:
@@ -191,9 +219,11 @@ class _Measurer(beam.DoFn):
                 tallies[_dropped(verdict)] += 1
                 yield beam.pvalue.TaggedOutput("rejects", _reject_row(path, line_no, verdict, detail, doc.id))
             else:
+                self._keep(path, line_no, doc)
                 yield (doc.id, text_hash(doc.text), counts[line_no], len(doc.text), path, line_no)
 
-    def _counted(self, tallies, before):
+    def _counted(self, path, tallies, before):
+        self._write_stash(path)
         tallies["length/counted_pieces"] = self.counter.counted_pieces - before[0]
         tallies["length/counted_full"] = self.counter.counted_full - before[1]
         for name, n in sorted(tallies.items()):
@@ -211,8 +241,8 @@ class ReadAndMeasure(_Measurer):
     sample keys, their line numbers), numpy arrays in line order, for the later rounds to pick from.
     """
 
-    def __init__(self, cfg: PrepareConfig, key_limit: int | None = None):
-        super().__init__(cfg)
+    def __init__(self, cfg: PrepareConfig, key_limit: int | None = None, stash_tmp: str | None = None):
+        super().__init__(cfg, stash_tmp)
         self.key_limit = key_limit
         self.where = [dolma.parse_where(w) for w in cfg.select_where]
 
@@ -249,7 +279,7 @@ class ReadAndMeasure(_Measurer):
         except _READ_ERRORS as e:
             yield from _unreadable(path, line_no, e, self.cfg.skip_unreadable_files)
         yield from self._measure(path, batch, tallies)
-        yield from self._counted(tallies, before)
+        yield from self._counted(path, tallies, before)
         if limit is not None:
             yield beam.pvalue.TaggedOutput("ranks", (path, selected, _array(keys), _array(lines)))
 
@@ -289,7 +319,7 @@ class MeasureLines(_Measurer):
         if remaining:
             raise RuntimeError(f"{path}: {remaining} documents missing on the second read")
         yield from self._measure(path, batch, tallies)
-        yield from self._counted(tallies, before)
+        yield from self._counted(path, tallies, before)
 
 
 def keep_first(docs: Iterable[tuple], order, reason: str, detail):
@@ -476,9 +506,9 @@ class SampleByKey(beam.PTransform):
     (SampleToTarget): memory follows N, not the corpus; a file's element holds 16 bytes per
     unmeasured document."""
 
-    def __init__(self, cfg: PrepareConfig, limit0: int):
+    def __init__(self, cfg: PrepareConfig, limit0: int, stash_tmp: str | None = None):
         super().__init__()
-        self.cfg, self.limit0 = cfg, limit0
+        self.cfg, self.limit0, self.stash_tmp = cfg, limit0, stash_tmp
 
     def expand(self, inputs):
         measured0, ranks = inputs
@@ -506,7 +536,7 @@ class SampleByKey(beam.PTransform):
                 wanted = pending | f"Want{j}" >> beam.FlatMap(_wanted, window=beam.pvalue.AsSingleton(window))
                 measured.append(wanted | f"CountWanted{j}" >> beam.Map(lambda e: len(e[1]))
                                 | f"SumWanted{j}" >> beam.CombineGlobally(sum))
-                out = wanted | f"Measure{j}" >> beam.ParDo(MeasureLines(cfg)).with_outputs(
+                out = wanted | f"Measure{j}" >> beam.ParDo(MeasureLines(cfg, self.stash_tmp)).with_outputs(
                     "rejects", "tallies", main="docs")
                 rounds.append(out.docs)
                 rejects.append(out.rejects)
@@ -558,19 +588,27 @@ def _route_bucket(element, num_shards: int):
         yield d[FILE], (d[LINE], d[ID], shard_of[d[ID]], d[NTOK], d[HASH])
 
 
-PART_CHARS = 32 << 20  # document text a WriteParts worker holds before it writes its parts (~100 MB)
-
-
 class WriteParts(beam.DoFn):
     """Re-reads one input file and writes its kept documents into part files by shard: one per shard,
     or more when the file's kept text passes PART_CHARS (memory stays bounded whatever the file's
     size)."""
 
-    def __init__(self, cfg: PrepareConfig, tmp_dir: str):
-        self.cfg, self.tmp_dir, self.layout = cfg, tmp_dir, RunLayout(cfg.root)
+    def __init__(self, cfg: PrepareConfig, tmp_dir: str, stashed: bool = False):
+        self.cfg, self.tmp_dir, self.layout, self.stashed = cfg, tmp_dir, RunLayout(cfg.root), stashed
 
     def setup(self):
         configure_process()
+
+    def _documents(self, path: str):
+        """(line, document) of the input file, or of its stash (`_Measurer`), in line order."""
+        if not self.stashed:
+            for line_no, raw in enumerate(storage.open_lines(path), start=1):
+                yield line_no, raw
+            return
+        for stash in sorted(storage.list_files(self.layout.prepare_stash(self.tmp_dir, path))):
+            for row in storage.read_parquet(stash).to_pylist():
+                yield row["line"], dolma.Document(id=row["id"], text=row["text"], source=row["source"],
+                                                  url=row["url"], record={})
 
     def process(self, element):
         path, wanted = element
@@ -579,12 +617,12 @@ class WriteParts(beam.DoFn):
         rows: dict[int, list[dict]] = collections.defaultdict(list)
         remaining, held = len(by_line), 0
         tag = f"{zlib.crc32(path.encode()):08x}-{uuid.uuid4().hex[:8]}"
-        for line_no, raw in enumerate(storage.open_lines(path), start=1):
+        for line_no, raw in self._documents(path):
             w = by_line.pop(line_no, None)
             if w is None:
                 continue
             _, doc_id, shard, n_tokens, h = w
-            doc = dolma.parse_line(raw, self.cfg.max_line_bytes)
+            doc = raw if self.stashed else dolma.parse_line(raw, self.cfg.max_line_bytes)
             if isinstance(doc, dolma.Reject) or doc.id != doc_id:
                 raise RuntimeError(f"{path}:{line_no}: changed while the job ran (expected document {doc_id})")
             rows[shard].append({"id": doc.id, "text": doc.text, "source": doc.source, "url": doc.url,
@@ -667,15 +705,16 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
     tmp_dir = layout.prepare_tmp(run_id or uuid.uuid4().hex[:12])
 
     limit0 = None
+    stash = tmp_dir if cfg.target_docs else None  # a sample re-reads its few documents from a stash
     if cfg.target_docs:  # round 0 of the sample, measured in the first read: its key limit from an estimate
         stored = {i["path"]: i["bytes"] for i in fingerprint or []}
         sizes = [stored[f] if f in stored else storage.size(f) for f in selected]
         limit0 = key_limit(estimate_ranked(selected, sizes, cfg), cfg.target_docs, 1.0)
     read = (p | "HeadSplitFiles" >> beam.Create(selected)  # Create spreads its elements (a reshuffle)
-            | "ReadAndMeasure" >> beam.ParDo(ReadAndMeasure(cfg, key_limit=limit0)).with_outputs(
+            | "ReadAndMeasure" >> beam.ParDo(ReadAndMeasure(cfg, key_limit=limit0, stash_tmp=stash)).with_outputs(
                 "rejects", "tallies", "unreadable", "ranks", main="docs"))
     if cfg.target_docs:
-        docs, kept_rejects, kept_tallies = (read.docs, read.ranks) | "SampleByKey" >> SampleByKey(cfg, limit0)
+        docs, kept_rejects, kept_tallies = (read.docs, read.ranks) | "SampleByKey" >> SampleByKey(cfg, limit0, stash)
     else:
         docs, kept_rejects, kept_tallies = read.docs | "Deduplicate" >> Deduplicate(cfg.seed)
     rejects = [read.rejects, kept_rejects]
@@ -697,7 +736,7 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
     parts = (docs
              | "AssignShards" >> AssignShards(cfg.num_shards)
              | "GroupByFile" >> beam.GroupByKey()
-             | "WriteParts" >> beam.ParDo(WriteParts(cfg, tmp_dir)))
+             | "WriteParts" >> beam.ParDo(WriteParts(cfg, tmp_dir, stashed=stash is not None)))
     every_shard = p | "ShardNumbers" >> beam.Create([(k, None) for k in range(cfg.num_shards)], reshuffle=False)
     shards = ((parts, every_shard) | "AllShards" >> beam.Flatten()
               | "GroupByShard" >> beam.GroupByKey()

@@ -112,6 +112,12 @@ class RunLayout:
     def prepare_tmp_root(self) -> str:
         return self._join(CANDIDATES, TMP)
 
+    def prepare_stash(self, tmp: str, input_file: str) -> str:
+        """The folder of the measured documents of one input file, kept for a --target-docs sample."""
+        import xxhash
+
+        return storage.join(tmp, "stash", xxhash.xxh3_64_hexdigest(input_file.encode("utf-8")))
+
     def prepare_part(self, tmp: str, shard: int, tag: str) -> str:
         return storage.join(tmp, f"shard-{shard:05d}", f"part-{tag}.parquet")
 

@@ -210,16 +210,22 @@ def test_the_sample_is_exact_however_far_off_the_round0_estimate_is(
         assert lf["sample_rounds"] >= 2
 
 
-def test_the_sample_measures_what_it_needs_and_lists_no_not_sampled_rejects(tmp_path, bpe_tokenizer_path):
+def test_the_sample_measures_what_it_needs_and_lists_no_not_sampled_rejects(tmp_path, bpe_tokenizer_path,
+                                                                            monkeypatch):
     """3000 short unique documents in 3 .gz files, target 25: round 0 (fused into the first read, its
     limit from the driver's estimate) measures ~25 x 1.25 + 4 x 5 + 64 of them and is enough; the
-    2975 unsampled documents are counted in stats, not written as reject rows."""
+    2975 unsampled documents are counted in stats, not written as reject rows; each input file is read
+    once (the sample's shards are written from the measured documents' stash)."""
     for k in range(3):
         write_dolma_file(str(tmp_path / "in" / "cc_en_head" / f"p{k}.json.gz"),
                          [dolma_line(f"doc-{k}-{i}", f"short text number {i} of file {k}") for i in range(1000)]
                          + [b"not json"])
     glob = str(tmp_path / "in" / "*" / "*.json.gz")
+    opened = []
+    real_open = prepare.storage.open_lines
+    monkeypatch.setattr(prepare.storage, "open_lines", lambda path: opened.append(path) or real_open(path))
     stats = run_prepare(glob, tmp_path / "s", bpe_tokenizer_path, target_docs=25)
+    assert sorted(opened) == sorted(prepare.list_inputs([glob]))
     assert stats["kept"] == 25 and stats["dropped"]["not_sampled"] == 3000 - 25
     lf = stats["length_filter"]
     assert lf["sample_rounds"] == 1 and 25 <= lf["measured"] <= 4 * 116
