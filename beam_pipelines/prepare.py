@@ -47,7 +47,8 @@ from schemas.layout import RunLayout, parse_shard_name
 
 log = logging.getLogger("bft.prepare")
 
-# A kept document between stages: (id, text_hash, n_tokens, n_chars, file, line)
+# A kept document between stages: (id, text_hash, n_tokens, n_chars, file, line); `file` is the input
+# file's index in the sorted list of head-split files (an int shuffles in ~2 bytes, a path in ~100)
 ID, HASH, NTOK, NCHARS, FILE, LINE = range(6)
 PRIOR = 6  # appended when the output being replaced is known: the document's shard there (or None)
 
@@ -169,12 +170,13 @@ class _Measurer(beam.DoFn):
     `stash_tmp` (RunLayout.prepare_stash, by input file, at most PART_CHARS of text per write), so that
     WriteParts reads them there instead of decompressing and parsing the whole input file again."""
 
-    def __init__(self, cfg: PrepareConfig, stash_tmp: str | None = None):
-        self.cfg, self.stash_tmp = cfg, stash_tmp
+    def __init__(self, cfg: PrepareConfig, files: list[str], stash_tmp: str | None = None):
+        self.cfg, self.files, self.stash_tmp = cfg, files, stash_tmp
 
     def setup(self):
         configure_process()
         self.counter = TokenCounter(load_tokenizer(self.cfg.tokenizer))
+        self._file_index = {f: i for i, f in enumerate(self.files)}
         self._stash: list[dict] = []
         self._stashed_chars = 0
 
@@ -197,7 +199,7 @@ class _Measurer(beam.DoFn):
     def _measure(self, path, batch, tallies):
         if not batch:
             return
-        cfg, counter = self.cfg, self.counter
+        cfg, counter, file_index = self.cfg, self.counter, self._file_index[path]
         todo, bounds = [], {}
         for line_no, doc in batch:
             lb = counter.bound_exceeds(doc.text, cfg.max_tokens)
@@ -220,7 +222,7 @@ class _Measurer(beam.DoFn):
                 yield beam.pvalue.TaggedOutput("rejects", _reject_row(path, line_no, verdict, detail, doc.id))
             else:
                 self._keep(path, line_no, doc)
-                yield (doc.id, text_hash(doc.text), counts[line_no], len(doc.text), path, line_no)
+                yield (doc.id, text_hash(doc.text), counts[line_no], len(doc.text), file_index, line_no)
 
     def _counted(self, path, tallies, before):
         self._write_stash(path)
@@ -241,8 +243,9 @@ class ReadAndMeasure(_Measurer):
     sample keys, their line numbers), numpy arrays in line order, for the later rounds to pick from.
     """
 
-    def __init__(self, cfg: PrepareConfig, key_limit: int | None = None, stash_tmp: str | None = None):
-        super().__init__(cfg, stash_tmp)
+    def __init__(self, cfg: PrepareConfig, files: list[str], key_limit: int | None = None,
+                 stash_tmp: str | None = None):
+        super().__init__(cfg, files, stash_tmp)
         self.key_limit = key_limit
         self.where = [dolma.parse_where(w) for w in cfg.select_where]
 
@@ -322,12 +325,13 @@ class MeasureLines(_Measurer):
         yield from self._counted(path, tallies, before)
 
 
-def keep_first(docs: Iterable[tuple], order, reason: str, detail):
+def keep_first(docs: Iterable[tuple], order, reason: str, detail, files: list[str]):
     """Of documents sharing a key, the first by `order` is kept; the others become rejects."""
     docs = sorted(docs, key=order)
     yield docs[0]
     for d in docs[1:]:
-        yield beam.pvalue.TaggedOutput("rejects", _reject_row(d[FILE], d[LINE], reason, detail(docs[0]), d[ID]))
+        yield beam.pvalue.TaggedOutput("rejects", _reject_row(files[d[FILE]], d[LINE], reason, detail(docs[0]),
+                                                              d[ID]))
         yield beam.pvalue.TaggedOutput("tallies", _tally(_dropped(reason)))
 
 
@@ -337,25 +341,25 @@ class Deduplicate(beam.PTransform):
     the --target-docs sample decomposable: a document measured for the sample can only lose to a
     duplicate of lower key, which is measured too (see SampleByKey)."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, files: list[str]):
         super().__init__()
-        self.seed = seed
+        self.seed, self.files = seed, files
 
     def expand(self, docs):
-        seed = self.seed
+        seed, files = self.seed, self.files
         by_id = (docs
                  | "KeyById" >> beam.Map(lambda d: (d[ID], d))
                  | "GroupById" >> beam.GroupByKey()
                  | "UniqueIds" >> beam.FlatMap(
                      lambda kv: keep_first(kv[1], lambda d: (d[HASH], d[FILE], d[LINE]), "duplicate_id",
-                                           lambda w: f"id also at {w[FILE]}:{w[LINE]}"))
+                                           lambda w: f"id also at {files[w[FILE]]}:{w[LINE]}", files))
                  .with_outputs("rejects", "tallies", main="docs"))
         by_text = (by_id.docs
                    | "KeyByHash" >> beam.Map(lambda d: (d[HASH], d))
                    | "GroupByHash" >> beam.GroupByKey()
                    | "UniqueTexts" >> beam.FlatMap(
-                       lambda kv: keep_first(kv[1], lambda d: (sample_key(d[ID], seed), d[ID], d[FILE], d[LINE]), "duplicate",
-                                             lambda w: f"same normalized text as {w[ID]}"))
+                       lambda kv: keep_first(kv[1], lambda d: (sample_key(d[ID], seed), d[ID], d[FILE], d[LINE]),
+                                             "duplicate", lambda w: f"same normalized text as {w[ID]}", files))
                    .with_outputs("rejects", "tallies", main="docs"))
         rejects = (by_id.rejects, by_text.rejects) | "DedupRejects" >> beam.Flatten()
         tallies = (by_id.tallies, by_text.tallies) | "DedupTallies" >> beam.Flatten()
@@ -506,9 +510,9 @@ class SampleByKey(beam.PTransform):
     (SampleToTarget): memory follows N, not the corpus; a file's element holds 16 bytes per
     unmeasured document."""
 
-    def __init__(self, cfg: PrepareConfig, limit0: int, stash_tmp: str | None = None):
+    def __init__(self, cfg: PrepareConfig, files: list[str], limit0: int, stash_tmp: str | None = None):
         super().__init__()
-        self.cfg, self.limit0, self.stash_tmp = cfg, limit0, stash_tmp
+        self.cfg, self.files, self.limit0, self.stash_tmp = cfg, files, limit0, stash_tmp
 
     def expand(self, inputs):
         measured0, ranks = inputs
@@ -525,7 +529,8 @@ class SampleByKey(beam.PTransform):
         rounds, rejects, tallies = [measured0], [], []
         for j in range(ROUNDS):
             if j:
-                survivors = (rounds | f"UpTo{j}" >> beam.Flatten() | f"Dedup{j}" >> Deduplicate(cfg.seed))[0]
+                survivors = (rounds | f"UpTo{j}" >> beam.Flatten()
+                             | f"Dedup{j}" >> Deduplicate(cfg.seed, self.files))[0]
                 n_surv = survivors | f"Survivors{j}" >> beam.combiners.Count.Globally()
                 n_measured = (measured | f"Measured{j}" >> beam.Flatten()
                               | f"SumMeasured{j}" >> beam.CombineGlobally(sum))
@@ -536,7 +541,8 @@ class SampleByKey(beam.PTransform):
                 wanted = pending | f"Want{j}" >> beam.FlatMap(_wanted, window=beam.pvalue.AsSingleton(window))
                 measured.append(wanted | f"CountWanted{j}" >> beam.Map(lambda e: len(e[1]))
                                 | f"SumWanted{j}" >> beam.CombineGlobally(sum))
-                out = wanted | f"Measure{j}" >> beam.ParDo(MeasureLines(cfg, self.stash_tmp)).with_outputs(
+                measure = MeasureLines(cfg, self.files, self.stash_tmp)
+                out = wanted | f"Measure{j}" >> beam.ParDo(measure).with_outputs(
                     "rejects", "tallies", main="docs")
                 rounds.append(out.docs)
                 rejects.append(out.rejects)
@@ -547,7 +553,7 @@ class SampleByKey(beam.PTransform):
             lambda r, w: _tally(_dropped("not_sampled"), int(_in_window(r[2], (w[1], KEY_SPACE)).sum())),
             w=beam.pvalue.AsSingleton(window)))
         docs, dedup_rejects, dedup_tallies = rounds | "AllMeasured" >> beam.Flatten() | "Deduplicate" >> Deduplicate(
-            cfg.seed)
+            cfg.seed, self.files)
         docs, sample_tallies = docs | "Sample" >> SampleToTarget(target, cfg.seed)
         rejects.append(dedup_rejects)
         tallies += [dedup_tallies, sample_tallies]
@@ -593,8 +599,9 @@ class WriteParts(beam.DoFn):
     or more when the file's kept text passes PART_CHARS (memory stays bounded whatever the file's
     size)."""
 
-    def __init__(self, cfg: PrepareConfig, tmp_dir: str, stashed: bool = False):
-        self.cfg, self.tmp_dir, self.layout, self.stashed = cfg, tmp_dir, RunLayout(cfg.root), stashed
+    def __init__(self, cfg: PrepareConfig, tmp_dir: str, files: list[str], stashed: bool = False):
+        self.cfg, self.tmp_dir, self.files, self.stashed = cfg, tmp_dir, files, stashed
+        self.layout = RunLayout(cfg.root)
 
     def setup(self):
         configure_process()
@@ -611,7 +618,8 @@ class WriteParts(beam.DoFn):
                                                   url=row["url"], record={})
 
     def process(self, element):
-        path, wanted = element
+        index, wanted = element
+        path = self.files[index]
         by_line = {w[0]: w for w in wanted}
         del wanted
         rows: dict[int, list[dict]] = collections.defaultdict(list)
@@ -711,12 +719,13 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
         sizes = [stored[f] if f in stored else storage.size(f) for f in selected]
         limit0 = key_limit(estimate_ranked(selected, sizes, cfg), cfg.target_docs, 1.0)
     read = (p | "HeadSplitFiles" >> beam.Create(selected)  # Create spreads its elements (a reshuffle)
-            | "ReadAndMeasure" >> beam.ParDo(ReadAndMeasure(cfg, key_limit=limit0, stash_tmp=stash)).with_outputs(
+            | "ReadAndMeasure" >> beam.ParDo(ReadAndMeasure(cfg, selected, limit0, stash)).with_outputs(
                 "rejects", "tallies", "unreadable", "ranks", main="docs"))
     if cfg.target_docs:
-        docs, kept_rejects, kept_tallies = (read.docs, read.ranks) | "SampleByKey" >> SampleByKey(cfg, limit0, stash)
+        docs, kept_rejects, kept_tallies = ((read.docs, read.ranks)
+                                            | "SampleByKey" >> SampleByKey(cfg, selected, limit0, stash))
     else:
-        docs, kept_rejects, kept_tallies = read.docs | "Deduplicate" >> Deduplicate(cfg.seed)
+        docs, kept_rejects, kept_tallies = read.docs | "Deduplicate" >> Deduplicate(cfg.seed, selected)
     rejects = [read.rejects, kept_rejects]
     tallies = [read.tallies, kept_tallies]
     unreadable = [read.unreadable]
@@ -736,7 +745,7 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
     parts = (docs
              | "AssignShards" >> AssignShards(cfg.num_shards)
              | "GroupByFile" >> beam.GroupByKey()
-             | "WriteParts" >> beam.ParDo(WriteParts(cfg, tmp_dir, stashed=stash is not None)))
+             | "WriteParts" >> beam.ParDo(WriteParts(cfg, tmp_dir, selected, stashed=stash is not None)))
     every_shard = p | "ShardNumbers" >> beam.Create([(k, None) for k in range(cfg.num_shards)], reshuffle=False)
     shards = ((parts, every_shard) | "AllShards" >> beam.Flatten()
               | "GroupByShard" >> beam.GroupByKey()
