@@ -224,6 +224,9 @@ class TokenCounter:
     """Exact `n_tokens` for texts; see the module docstring for why each path is exact."""
 
     def __init__(self, tokenizer: Tokenizer):
+        # a tokenizer.json saved with truncation or padding on would cap or pad every count
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
         self.tokenizer = tokenizer
         spec = json.loads(tokenizer.to_str())
         self.shape = tokenizer_shape(tokenizer, spec)

@@ -176,6 +176,16 @@ def test_a_vocabulary_entry_across_a_cut_turns_the_cut_rule_off(fixture_texts):
     assert tokenizer_shape(_with_normalized_added_token(ok)).path == CUTS
 
 
+@pytest.mark.parametrize("structure", ["llama2", "tekken"])
+def test_a_tokenizer_saved_with_truncation_and_padding_is_counted_whole(real, structure, fixture_texts):
+    tok = Tokenizer.from_str(real[structure].to_str())
+    tok.enable_truncation(max_length=8)
+    tok.enable_padding(length=64)
+    texts = fixture_texts[:20] + ["a"]
+    assert TokenCounter(tok).count(texts) == full_counts(real[structure], texts)
+    assert all(n > 8 for n in full_counts(real[structure], fixture_texts[:20]))
+
+
 def test_bpe_dropout_is_counted_in_full():
     tok = Tokenizer(models.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")], dropout=0.5))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
