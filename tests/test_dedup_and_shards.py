@@ -89,3 +89,28 @@ def test_documents_already_seen_keep_their_shard_and_new_ones_level_the_loads():
     assert {k: out[k] for k in old} == old
     assert out["n1"] == 2 and out["n2"] == 1  # longest first onto the lightest: loads 20, 5, 0 -> 20, 5, 9 -> 20, 6, 9
     assert assign_bucket([("a", 10)], 3, prior={"a": 7})["a"] in range(3)  # a prior of another shard count
+
+
+def test_the_samples_survivor_count_is_what_deduplicate_keeps():
+    """SurvivorsAndMeasured (a round's stopping rule in SampleByKey) counts exactly the documents that
+    Deduplicate keeps: duplicate ids (smallest text_hash wins), then duplicate texts; in any order and
+    across merged accumulators."""
+    import apache_beam as beam
+
+    from beam_pipelines.prepare import Deduplicate, SurvivorsAndMeasured, _progress
+    from tests.conftest import LOCAL
+
+    rng = random.Random(3)
+    docs = [(f"id{rng.randrange(60)}", f"h{rng.randrange(40)}", 10, 10, rng.randrange(3), line) for line in range(200)]
+    counted = SurvivorsAndMeasured()
+    halves = [counted.create_accumulator(), counted.create_accumulator()]
+    for k, d in enumerate(docs):
+        halves[k % 2] = counted.add_input(halves[k % 2], _progress(d))
+    halves[0] = counted.add_input(halves[0], ("m", 7))
+    survivors, measured = counted.extract_output(counted.merge_accumulators(halves))
+    from apache_beam.testing.util import assert_that, equal_to
+
+    with beam.Pipeline(argv=LOCAL) as p:
+        kept = (p | beam.Create(docs) | Deduplicate(0, ["a", "b", "c"]))[0]
+        assert_that(kept | beam.combiners.Count.Globally(), equal_to([survivors]))
+    assert 20 < survivors < 40 and measured == 7
