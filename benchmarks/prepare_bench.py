@@ -196,7 +196,7 @@ def main(argv=None) -> None:
 
     mib = 2 ** 20
     print("\n| tokenizer | path | docs | bft prepare docs/s | datatrove docs/s | ratio | bft peak RSS | "
-          "datatrove peak RSS | by words / in full / by bound | same decisions and counts |")
+          "datatrove peak RSS | by pieces / in full / by bound | same decisions and counts |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|:---:|")
     for r in results["speed"]:
         print(f"| {r['structure']} | {r['path']} | {r['docs']:,} | {r['ours_docs_per_s']:,.0f} | "
