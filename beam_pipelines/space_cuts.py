@@ -61,15 +61,10 @@ _NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Prepend", "Replace",
 
 @dataclass(frozen=True)
 class SpaceCuts:
-    """`left`: the characters after which a cut before a space is safe ('' when none, `why` says why);
-    `ctx`: the context that chunks are counted after."""
+    """`left`: the characters after which a cut before a space is safe ('' when none, `why` says why)."""
 
     left: str
     why: str = ""
-
-    @property
-    def ctx(self) -> str:
-        return "a" if "a" in self.left else self.left[:1]
 
 
 def space_cuts(spec: dict) -> SpaceCuts:
