@@ -54,6 +54,11 @@ def field(record: dict, dotted: str) -> Any:
     return node
 
 
+def selected(record: dict, where: list[tuple[str, set[str]]]) -> bool:
+    """Whether `record` has, for each (field, values) of `where` (parse_where), one of the values."""
+    return all(str(field(record, name)) in values for name, values in where)
+
+
 def parse_where(expr: str) -> tuple[str, set[str]]:
     """`FIELD=V1,V2` -> (field, {values}); the field may be dotted (metadata.bucket)."""
     name, sep, values = expr.partition("=")

@@ -265,7 +265,7 @@ class ReadAndMeasure(_Measurer):
                     yield beam.pvalue.TaggedOutput("rejects", _reject_row(
                         path, line_no, item.reason, item.detail, item.id, item.raw))
                     continue
-                if not all(str(dolma.field(item.record, f)) in values for f, values in self.where):
+                if not dolma.selected(item.record, self.where):
                     tallies[_dropped("not_selected")] += 1
                     continue
                 if limit is not None:
@@ -293,36 +293,51 @@ def _array(values: array.array):
     return np.frombuffer(values, dtype=np.uint64) if len(values) else np.zeros(0, np.uint64)
 
 
+def reread(path: str, wanted: dict[int, Any], max_line_bytes: int, stashed=None):
+    """(line, document, wanted[line]) for each line of input file `path` in `wanted` (which it empties),
+    in line order: parsed from the file, or taken from `stashed` ((line, Document) in line order); it
+    stops reading once every wanted line is found. RuntimeError when one no longer holds a document
+    or is missing: the file changed while the job ran."""
+    lines = stashed if stashed is not None else enumerate(storage.open_lines(path), start=1)
+    for line_no, item in lines:
+        w = wanted.pop(line_no, None)
+        if w is None:
+            continue
+        doc = item if stashed is not None else dolma.parse_line(item, max_line_bytes)
+        if isinstance(doc, dolma.Reject):
+            raise RuntimeError(f"{path}:{line_no}: changed while the job ran (no document there any more)")
+        yield line_no, doc, w
+        if not wanted:
+            return
+    if wanted:
+        raise RuntimeError(f"{path}: {len(wanted)} wanted documents missing on the second read")
+
+
 class MeasureLines(_Measurer):
     """(file, line numbers, their sample keys) -> the same outputs as ReadAndMeasure for those lines
     only: the file is read again and only the wanted lines are parsed and measured."""
 
     def process(self, element):
         path, lines, keys = element
-        want = dict(zip(lines.tolist(), keys.tolist()))
         tallies: collections.Counter = collections.Counter()
         before = (self.counter.counted_pieces, self.counter.counted_full)
         batch: list[tuple[int, dolma.Document]] = []
-        remaining = len(want)
-        for line_no, raw in enumerate(storage.open_lines(path), start=1):
-            key = want.get(line_no)
-            if key is None:
-                continue
-            doc = dolma.parse_line(raw, self.cfg.max_line_bytes)
-            if isinstance(doc, dolma.Reject) or sample_key(doc.id, self.cfg.seed) != key:
+        for line_no, doc, key in reread(path, dict(zip(lines.tolist(), keys.tolist())), self.cfg.max_line_bytes):
+            if sample_key(doc.id, self.cfg.seed) != key:
                 raise RuntimeError(f"{path}:{line_no}: changed while the job ran (another document than "
                                    "on the first read)")
             batch.append((line_no, doc))
             if len(batch) >= self.cfg.batch_docs:
                 yield from self._measure(path, batch, tallies)
                 batch = []
-            remaining -= 1
-            if not remaining:
-                break
-        if remaining:
-            raise RuntimeError(f"{path}: {remaining} documents missing on the second read")
         yield from self._measure(path, batch, tallies)
         yield from self._counted(path, tallies, before)
+
+
+def id_rank(doc: tuple) -> tuple:
+    """Of documents sharing an id, the one of smallest id_rank is kept (Deduplicate, and the sample's
+    stopping rule in SurvivorsAndMeasured)."""
+    return doc[HASH], doc[FILE], doc[LINE]
 
 
 def keep_first(docs: Iterable[tuple], order, reason: str, detail, files: list[str]):
@@ -351,7 +366,7 @@ class Deduplicate(beam.PTransform):
                  | "KeyById" >> beam.Map(lambda d: (d[ID], d))
                  | "GroupById" >> beam.GroupByKey()
                  | "UniqueIds" >> beam.FlatMap(
-                     lambda kv: keep_first(kv[1], lambda d: (d[HASH], d[FILE], d[LINE]), "duplicate_id",
+                     lambda kv: keep_first(kv[1], id_rank, "duplicate_id",
                                            lambda w: f"id also at {files[w[FILE]]}:{w[LINE]}", files))
                  .with_outputs("rejects", "tallies", main="docs"))
         by_text = (by_id.docs
@@ -447,8 +462,7 @@ def _per_byte(files: list[str], cfg: PrepareConfig) -> float:
         if not whole:
             continue
         docs = (dolma.parse_line(raw, cfg.max_line_bytes) for raw in whole.splitlines())
-        selected = sum(isinstance(d, dolma.Document) and all(str(dolma.field(d.record, f)) in v for f, v in where)
-                       for d in docs)
+        selected = sum(isinstance(d, dolma.Document) and dolma.selected(d.record, where) for d in docs)
         return max(selected, 1) / (stored * len(whole) / len(text))
     return 0.0
 
@@ -561,13 +575,13 @@ class SampleByKey(beam.PTransform):
 
 
 def _progress(doc: tuple) -> tuple:
-    return "d", doc[ID], (doc[HASH], doc[FILE], doc[LINE])
+    return "d", doc[ID], id_rank(doc)
 
 
 class SurvivorsAndMeasured(beam.CombineFn):
     """(survivors, measured) of the rounds so far: `measured` sums the ("m", n) elements; `survivors`
-    counts what Deduplicate would keep of the ("d", id, (text_hash, file, line)) documents (per id the
-    smallest (text_hash, file, line), then one per text_hash), exactly, holding one entry per measured
+    counts what Deduplicate would keep of the ("d", id, id_rank) documents (per id the smallest
+    id_rank, then one per text_hash), exactly, holding one entry per measured
     document: memory follows the sample, not the corpus."""
 
     def create_accumulator(self):
@@ -642,12 +656,8 @@ class WriteParts(beam.DoFn):
     def setup(self):
         configure_process()
 
-    def _documents(self, path: str):
-        """(line, document) of the input file, or of its stash (`_Measurer`), in line order."""
-        if not self.stashed:
-            for line_no, raw in enumerate(storage.open_lines(path), start=1):
-                yield line_no, raw
-            return
+    def _stashed(self, path: str):
+        """(line, document) of the input file's stash (`_Measurer`), in line order."""
         for stash in sorted(storage.list_files(self.layout.prepare_stash(self.tmp_dir, path))):
             for row in storage.read_parquet(stash).to_pylist():
                 yield row["line"], dolma.Document(id=row["id"], text=row["text"], source=row["source"],
@@ -659,27 +669,18 @@ class WriteParts(beam.DoFn):
         by_line = {w[0]: w for w in wanted}
         del wanted
         rows: dict[int, list[dict]] = collections.defaultdict(list)
-        remaining, held = len(by_line), 0
+        held = 0
         tag = f"{zlib.crc32(path.encode()):08x}-{uuid.uuid4().hex[:8]}"
-        for line_no, raw in self._documents(path):
-            w = by_line.pop(line_no, None)
-            if w is None:
-                continue
-            _, doc_id, shard, n_tokens, h = w
-            doc = raw if self.stashed else dolma.parse_line(raw, self.cfg.max_line_bytes)
-            if isinstance(doc, dolma.Reject) or doc.id != doc_id:
+        stashed = self._stashed(path) if self.stashed else None
+        for line_no, doc, (_, doc_id, shard, n_tokens, h) in reread(path, by_line, self.cfg.max_line_bytes, stashed):
+            if doc.id != doc_id:
                 raise RuntimeError(f"{path}:{line_no}: changed while the job ran (expected document {doc_id})")
             rows[shard].append({"id": doc.id, "text": doc.text, "source": doc.source, "url": doc.url,
                                 "n_chars": len(doc.text), "n_tokens": n_tokens, "shard": shard, "text_hash": h})
             held += len(doc.text)
-            remaining -= 1
             if held > PART_CHARS:
                 yield from self._write(rows, f"{tag}-{line_no}")
                 held = 0
-            if not remaining:
-                break
-        if remaining:
-            raise RuntimeError(f"{path}: {remaining} kept documents missing on the second read")
         yield from self._write(rows, tag)
 
     def _write(self, rows: dict[int, list[dict]], tag: str):
