@@ -22,7 +22,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bft import config
 from schemas.errors import UserError
@@ -61,7 +61,6 @@ class RunPlan:
     stages: list[StagePlan]
     assemble: object             # AssembleConfig
     assemble_beam_args: list[str]
-    record: dict = field(default_factory=dict)
 
 
 def load_run(path: str, root: str | None = None, stages: list[str] | None = None) -> RunPlan:
@@ -140,7 +139,8 @@ def rebuild(plan: RunPlan, cfg: RebuildConfig) -> int:
                 return EX_TEMPFAIL
             summary = {"shards_done": [], "shards_skipped": status["complete"], "rows": 0, "sent": 0, "errors": 0}
         else:
-            summary = StageRunner(sp.cfg).run()
+            with StageRunner(sp.cfg) as runner:  # closes the stage's engine before the next one loads
+                summary = runner.run()
         record["stages"][sp.stage] = {"reused_shards": len(summary["shards_skipped"]),
                                       "generated_shards": len(summary["shards_done"]),
                                       "requests_sent": summary["sent"], "external": sp.external,
