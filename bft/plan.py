@@ -223,8 +223,7 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
         }
         if sp.stage == "backtranslate":
             rows_ok["backtranslate"] = requests * ok_rate
-            instruction_tokens = (measured["output_tokens"] / measured["sent"]) if measured and measured["sent"] else cap
-            instruction_source = out_source
+            instruction_tokens, instruction_source = out_per_req, out_source
         if sp.stage == recipe.gate:
             if measured and measured["rows"]:
                 share = measured["passed"] / measured["rows"]
