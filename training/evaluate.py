@@ -34,7 +34,7 @@ from schemas.errors import UserError
 from schemas.layout import RunLayout
 from schemas.options import option, required
 from schemas.keys import row_seed
-from generation.engines import Request, make_engine
+from generation.engines import EngineConfig, Request, load_engine
 from generation.prompting import render
 from generation.templates import DEFAULTS, EVAL_TAG, EVAL_TAG_WEB, messages
 
@@ -66,7 +66,7 @@ class EngineOptions:
     def load_engine(self, model: str):
         opts = {k: getattr(self, k) for k in ("base_url", "api", "batch_size", "max_model_len",
                                               "tensor_parallel_size", "dtype") if getattr(self, k) is not None}
-        return make_engine(self.engine, model, **opts)
+        return load_engine(EngineConfig(engine=self.engine, model=model, **opts))
 
 
 @dataclass(kw_only=True)

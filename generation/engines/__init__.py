@@ -2,8 +2,6 @@
 hf (transformers in-process). An `EngineConfig` says which and how; `load_engine` loads it."""
 from __future__ import annotations
 
-from dataclasses import fields
-
 from generation.engines.base import Completion, Engine, EngineConfig, EngineError, Request
 
 
@@ -23,10 +21,4 @@ def load_engine(config: EngineConfig) -> Engine:
     return VLLMEngine(config)
 
 
-def make_engine(name: str, model: str, **options) -> Engine:
-    """`load_engine` from keyword options (those EngineConfig does not know are ignored)."""
-    known = {f.name for f in fields(EngineConfig)}
-    return load_engine(EngineConfig(engine=name, model=model, **{k: v for k, v in options.items() if k in known}))
-
-
-__all__ = ["Completion", "Engine", "EngineConfig", "EngineError", "Request", "load_engine", "make_engine"]
+__all__ = ["Completion", "Engine", "EngineConfig", "EngineError", "Request", "load_engine"]
