@@ -407,9 +407,11 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
         for stage in recipes.ALL_STAGES:
             out = layout.generation_shard(stage, k, n)
             if storage.exists(out):
-                if stage in cfg.stages:
-                    check_generation_shard(layout, stage, k, n, checksums)
-                elif not generation_shard_current(layout, stage, k, n, checksums):
+                why = shard_problem(layout, stage, k, n, checksums)
+                if why and stage in cfg.stages:
+                    raise AssembleError(f"{out}: {why}; rerun bft generate {stage}")
+                if why:
+                    log.warning("%s: %s; left out of the statistics", out, why)
                     continue
                 stage_paths.append((stage, out))
                 lineage["generations"].setdefault(stage, []).append({"path": out, "bytes": storage.size(out)})
@@ -431,22 +433,11 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
     return shards, skipped, cands[0][1], lineage
 
 
-def generation_shard_current(layout: RunLayout, stage: str, k: int, n: int, checksums: dict[str, str]) -> bool:
-    """Whether shard k of a stage the recipe does not need may go into the statistics (else a warning)."""
+def shard_problem(layout: RunLayout, stage: str, k: int, n: int, checksums: dict[str, str]) -> str | None:
+    """Why shard k of `stage` is not current (its marker, checksum or inputs: schemas.provenance), or
+    None; `checksums` caches the inputs' sha256 across shards."""
     out = layout.generation_shard(stage, k, n)
-    why = provenance.problem(layout, out, layout.generation_metrics(stage, k, n), checksums=checksums)
-    if why:
-        log.warning("%s: %s; left out of the statistics", out, why)
-    return why is None
-
-
-def check_generation_shard(layout: RunLayout, stage: str, k: int, n: int, checksums: dict[str, str]) -> None:
-    """AssembleError naming shard k of `stage` unless its marker, checksum and inputs hold
-    (schemas.provenance); `checksums` caches the inputs' sha256 across shards."""
-    out = layout.generation_shard(stage, k, n)
-    why = provenance.problem(layout, out, layout.generation_metrics(stage, k, n), checksums=checksums)
-    if why:
-        raise AssembleError(f"{out}: {why}; rerun bft generate {stage}")
+    return provenance.problem(layout, out, layout.generation_metrics(stage, k, n), checksums=checksums)
 
 
 def _stage_models(cfg: AssembleConfig, shards: list[ShardInput]) -> dict[str, list[str]]:
