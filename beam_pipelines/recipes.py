@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import schemas
-from schemas.recipes import RECIPES, Recipe  # noqa: F401 (the recipe table is a contract)
+from schemas.recipes import EMPTY, RECIPES, TOO_LONG, TOO_SHORT, TRUNCATED, Recipe  # noqa: F401 (a contract)
 from schemas.outcomes import categories
 from generation.templates import SEED_TAG, WEB_TAG
 
@@ -81,13 +81,13 @@ def verdicts(joined: pa.Table, recipe: Recipe, curation: Curation, threshold: fl
         reason = _stage_outcome(reason, joined, recipe.answer, True)
     instruction = pc.utf8_trim_whitespace(joined["backtranslate.instruction"])
     chars = pc.utf8_length(instruction)
-    reason = _first_reason(reason, pc.less(chars, curation.min_instruction_chars), "instruction_too_short")
-    reason = _first_reason(reason, pc.greater(chars, curation.max_instruction_chars), "instruction_too_long")
+    reason = _first_reason(reason, pc.less(chars, curation.min_instruction_chars), TOO_SHORT)
+    reason = _first_reason(reason, pc.greater(chars, curation.max_instruction_chars), TOO_LONG)
     response = response_column(joined, recipe)
-    reason = _first_reason(reason, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(response)), 0), "empty_response")
+    reason = _first_reason(reason, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(response)), 0), EMPTY)
     if recipe.answer:
         reason = _first_reason(reason, pc.equal(joined[f"{recipe.answer}.finish_reason"], "length"),
-                               "truncated_response")
+                               TRUNCATED)
     return reason
 
 

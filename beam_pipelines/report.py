@@ -14,7 +14,7 @@ import io
 import os
 
 from beam_pipelines.corpus_stats import LENGTH_EDGES
-from schemas.recipes import RECIPES
+from schemas.recipes import CURATION_DROPS, RECIPES
 import storage
 
 PLOTS = ("funnel", "scores", "lengths", "trigrams")
@@ -24,7 +24,6 @@ PLOTS = ("funnel", "scores", "lengths", "trigrams")
 # written, and are not invented. The report says so and links the paper.
 PAPER = "https://arxiv.org/abs/2408.04614"
 
-CURATION = ("instruction_too_short", "instruction_too_long", "empty_response", "truncated_response")
 
 
 def _bin_labels(edges: list[float]) -> list[str]:
@@ -53,7 +52,7 @@ def _step_of(reason: str, stages: list[str], gate: str | None) -> str:
     for stage in stages:
         if reason.startswith(f"{stage}:"):
             return f"{stage}: failed or missing"
-    if reason in CURATION:
+    if reason in CURATION_DROPS:
         return "curation: length, empty or truncated"
     if reason == "duplicate_instruction":
         return "curation: duplicate instructions"
@@ -325,9 +324,10 @@ def report_html(stats: dict) -> str:
     f = stats["funnel"]
     funnel = [[s["step"], s["rows"], s["dropped"] or None, _pct(s["pct_input"]), _pct(s["pct_candidates"]),
                _kv(s["reasons"]) if s["reasons"] else "-"] for s in funnel_rows(stats)]
+    stages_of_run = stage_rows(stats)  # once: it may read each model's bft_train.json
     stages = [[r["stage"], r["model"] or "-", r["rows"], r["sent"], _kv(r["not_sent"]), _kv(r["sent_failures"]),
                r["pass_rate_of_sent"], r["input_truncated"], _kv(r["finish_reasons"]), r["prompt_tokens"],
-               r["output_tokens"]] for r in stage_rows(stats)]
+               r["output_tokens"]] for r in stages_of_run]
     size = stats.get("trigram_sample_size", 1000)
     diversity = [[r["origin"], r["examples"], r["avg_tokens_instruction"], r["avg_tokens_response"],
                   r["trigrams_instruction"], r["trigrams_response"],
@@ -340,7 +340,7 @@ def report_html(stats: dict) -> str:
         score_rows += [[stage, label, k, dr] for label, k, dr in zip(labels, kept, dropped) if k or dr]
     config = stats.get("config") or {}
     config_rows = [[k, "-" if v is None else str(v)] for k, v in sorted(config.items())]
-    models = [[r["stage"], r["model"] or "-"] for r in stage_rows(stats)]
+    models = [[r["stage"], r["model"] or "-"] for r in stages_of_run]
     partial = ""
     if stats.get("missing_shards"):
         partial = (f"<p class=warn>Partial release (--allow-partial): candidate shards "

@@ -35,6 +35,9 @@ RECIPES = {
     "alpagasus": Recipe("alpagasus", "rate", None, 4.5),
 }
 DEFAULT_RECIPE = "filter+rewrite"
+# assemble's curation drops (beam_pipelines.recipes.verdicts), in the order they are checked
+CURATION_DROPS = TOO_SHORT, TOO_LONG, EMPTY, TRUNCATED = (
+    "instruction_too_short", "instruction_too_long", "empty_response", "truncated_response")
 GATE_STAGES = sorted({r.gate for r in RECIPES.values() if r.gate})   # the stages that write scores
 
 
