@@ -62,7 +62,7 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    peak, peak_one, peak_root, peak_child = [0], [0], [0], [0]
+    peak, peak_root, peak_child = [0], [0], [0]
 
     def sample():
         root = psutil.Process(proc.pid)
@@ -70,7 +70,6 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
             try:
                 rss = [p.memory_info().rss for p in [root] + root.children(recursive=True)]
                 peak[0] = max(peak[0], sum(rss))
-                peak_one[0] = max(peak_one[0], max(rss))
                 peak_root[0] = max(peak_root[0], rss[0])
                 peak_child[0] = max(peak_child[0], max(rss[1:], default=0))
             except psutil.Error:
@@ -84,7 +83,7 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     th.join()
     if proc.returncode:
         raise RuntimeError(f"{cmd[0]} failed:\n{out[-4000:]}")
-    return {"wall_s": wall, "peak_rss_bytes": peak[0], "peak_process_rss_bytes": peak_one[0],
+    return {"wall_s": wall, "peak_rss_bytes": peak[0], "peak_process_rss_bytes": max(peak_root[0], peak_child[0]),
             "peak_driver_rss_bytes": peak_root[0], "peak_worker_rss_bytes": peak_child[0]}
 
 

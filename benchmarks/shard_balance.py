@@ -12,17 +12,15 @@ import argparse
 import json
 
 import numpy as np
-import xxhash
-
 from beam_pipelines.shards import assign_bucket, balance, num_buckets
+from schemas.keys import balance_bucket
 
 
 def simulate(n_docs: int, num_shards: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     lengths = np.minimum(rng.lognormal(6.5, 1.0, n_docs).astype(np.int64) + 1, 3584)
     n_buckets = num_buckets(n_docs)
-    bucket = np.fromiter((xxhash.xxh3_64_intdigest(f"d{i}".encode(), seed=7) % n_buckets for i in range(n_docs)),
-                         dtype=np.int64, count=n_docs)  # schemas.keys.balance_bucket, vectorised
+    bucket = np.fromiter((balance_bucket(f"d{i}", n_buckets) for i in range(n_docs)), dtype=np.int64, count=n_docs)
     order = np.argsort(bucket, kind="stable")
     bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
     tokens = [0] * num_shards
