@@ -21,7 +21,7 @@ BEAM = [
 
 EXTRAS = {
     "gcp": ["apache-beam[gcp]>=2.60"],
-    "generate": ["transformers[serving]>=4.50", "torch>=2.3", "httpx>=0.27", "tqdm>=4.66", "pyyaml>=6"],
+    "generate": ["transformers[serving]>=4.50", "torch>=2.3", "aiohttp>=3.9", "httpx>=0.27", "tqdm>=4.66", "pyyaml>=6"],
     "vllm": ["vllm>=0.6"],
     "train": ["transformers>=4.50", "torch>=2.3", "accelerate>=1.0", "datasets>=2.19"],
     "report": ["matplotlib>=3.8"],

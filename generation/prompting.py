@@ -79,16 +79,37 @@ def fit_prompt(tokenizer, template: Template, values: dict[str, str], doc_field:
     asks for the logprob score prompt (`score_prompt`; the messages end with the prefill). Never
     raises for length; a template that cannot fit even with an empty document is returned as it is
     and the engine reports the overflow."""
-    prompt, msgs = _build(tokenizer, template, values, assistant_prefix)
-    total = _bound(tokenizer, prompt, msgs)
-    if total <= budget or not doc_field or not values.get(doc_field):
-        return prompt, msgs, False
+    return fit_prompts(tokenizer, template, [values], doc_field, budget, assistant_prefix)[0][:3]
+
+
+def fit_prompts(tokenizer, template: Template, values: list[dict[str, str]], doc_field: str | None, budget: int,
+                assistant_prefix: str = "") -> list[tuple[str, list[dict], bool, int | None]]:
+    """`fit_prompt` of many rows, plus each prompt's length in tokens (None without a tokenizer). The
+    prompts are counted in one batched tokenizer call; only those over the budget take the cutting
+    path, one by one. The result is the same as `fit_prompt` row by row."""
+    built = [_build(tokenizer, template, v, assistant_prefix) for v in values]
+    if tokenizer is None:
+        totals = [_bound(None, p, m) for p, m in built]
+    else:
+        totals = [len(ids) for ids in tokenizer([p for p, _ in built], add_special_tokens=False)["input_ids"]]
+    out = []
+    for v, (prompt, msgs), total in zip(values, built, totals):
+        if total <= budget or not doc_field or not v.get(doc_field):
+            out.append((prompt, msgs, False, total if tokenizer is not None else None))
+        else:
+            prompt, msgs = _cut(tokenizer, template, v, doc_field, budget, assistant_prefix, total)
+            out.append((prompt, msgs, True, n_tokens(tokenizer, prompt)))
+    return out
+
+
+def _cut(tokenizer, template: Template, values: dict[str, str], doc_field: str, budget: int, assistant_prefix: str,
+         total: int) -> tuple[str, list[dict]]:
+    """The prompt with the document cut at its end so that it fits `budget` (`total`: its length now)."""
     if tokenizer is None:
         doc = values[doc_field].encode()
         keep = max(0, len(doc) - (total - budget))
         cut = dict(values, **{doc_field: doc[:keep].decode(errors="ignore")})  # never half a character
-        prompt, msgs = _build(None, template, cut, assistant_prefix)
-        return prompt, msgs, True
+        return _build(None, template, cut, assistant_prefix)
     doc_ids = tokenizer(values[doc_field], add_special_tokens=False)["input_ids"]
     keep = max(0, len(doc_ids) - (total - budget))
     for _ in range(4):  # re-tokenization at the cut can shift a token or two
@@ -98,4 +119,4 @@ def fit_prompt(tokenizer, template: Template, values: dict[str, str], doc_field:
         if over <= 0:
             break
         keep = max(0, keep - over - 2)
-    return prompt, msgs, True
+    return prompt, msgs

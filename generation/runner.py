@@ -6,19 +6,33 @@ jobs). Shard k of every stage holds exactly the ids of candidates shard k, read 
 the stages it reads (upstream, gate), so no shuffle is needed. A shard's data is written whole, then
 its marker (`.metrics.json`: metrics and the provenance record of schemas/provenance.py). A rerun skips
 a shard only when its marker, checksum, inputs' checksums and config all match; it resends just the
-engine-error rows of an otherwise complete shard, and redoes any other shard, so a crash loses at most
-the shard in flight and nothing stale survives an upstream rerun. Outputs are reproducible given the
-seed: each row's seed is derived from its id, the stage and --seed.
+transient-failure rows of an otherwise complete shard (schemas/outcomes.py: final outcomes such as
+content_filter are answers and are never resent while the config is unchanged), and redoes any other
+shard, so nothing stale survives an upstream rerun. Outcomes are reproducible given the seed: each
+row's seed is derived from its id, the stage and --seed.
+
+Inside a shard, answered rows are checkpointed (`--checkpoint-rows` rows or `--checkpoint-s` seconds,
+whichever comes first) as whole part files under `generations/<stage>/_checkpoints/<shard>/<config>/`;
+a killed run loses at most what came after the last checkpoint, the rerun sends only the rest, and
+the shard it writes is byte-identical to an uninterrupted run's (rows are reused by id and
+input_hash, as from an older shard). The checkpoints of a shard go once its marker is written.
+
+Requests are dispatched as a stream (Engine.stream): prompts are prepared in batches (one batched
+tokenizer call per CHUNK rows) while answers come back. The error budget (`--max-error-rate`) is
+counted over every request the stage sent in this run, all shards together: a shard with transient
+failures is still written (its answers were paid for; the next run resends only the failures), the
+other shards still run, and the stage then fails listing the failing shards.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
-from tqdm import tqdm
+import pyarrow.parquet as pq
 
 import schemas
 import storage
@@ -27,11 +41,12 @@ from schemas import provenance
 from schemas.keys import input_hash, row_seed
 from schemas.layout import LayoutError, RunLayout
 from schemas.options import option, product_options, required
-from schemas.outcomes import engine_error, is_engine_error, shard_summary
+from schemas.outcomes import REFUSALS, category, engine_error, is_engine_error, refused, shard_summary
 from schemas.recipes import GATE_STAGES, gate_threshold
 from generation import parsing
 from generation.engines import Completion, Engine, EngineConfig, Request, load_engine
-from generation.prompting import fit_prompt, n_tokens
+from generation.progress import StageProgress
+from generation.prompting import fit_prompts, n_tokens
 from generation.stages import STAGES, Gate
 from generation.templates import load_template
 
@@ -40,6 +55,17 @@ log = logging.getLogger("bft.generate")
 
 class GenerationError(UserError):
     pass
+
+
+class ErrorBudgetExceeded(GenerationError):
+    """A stage whose transient failures exceeded --max-error-rate; `summary` is what the stage did."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+PREPARE_CHUNK = 64      # rows whose prompts are built and counted in one batched tokenizer call
 
 
 NO_GATE = "none"        # --gate none: rewrite and distill send every row
@@ -74,15 +100,29 @@ class GenerateConfig:
                               "row: the rewrite-only recipe); rows not sent are written with parse_error "
                               "'not_sent: below_gate'", choices=GATE_STAGES + [NO_GATE])
     min_score: float | None = option(None, "the gate's threshold (default: the recipe's, 5 for score, 4.5 for rate)")
-    max_error_rate: float = option(0.02, "fail a shard when a larger share of its requests fails", run_only=True)
-    concurrency: int = option(16, "openai engine: requests in flight", run_only=True)
-    request_timeout: float = option(600.0, "openai engine: seconds one HTTP request may take", run_only=True)
-    max_retries: int = option(5, "openai engine: retries of a request that failed for a transient reason "
-                              "(429, 5xx, timeout, connection); Retry-After is honoured", run_only=True)
+    max_error_rate: float = option(0.02, "error budget: fail the stage (exit 1, after every shard ran) when more "
+                                   "than this share of the requests it sent in this run failed for a transient "
+                                   "reason (connection, timeout, 429, 5xx, broken answer) after every retry; final "
+                                   "outcomes (content_filter, refusal, prompt_too_long, unparseable) are not "
+                                   "counted", run_only=True)
+    concurrency: int = option(256, "openai engine: requests in flight (256: vLLM's default max_num_seqs, so "
+                              "a vllm serve batch is full; raise it with the server's --max-num-seqs)", run_only=True)
+    request_timeout: float = option(600.0, "openai engine: seconds one HTTP request may take, as a whole",
+                                    run_only=True)
+    max_retries: int = option(8, "openai engine: retries of a request that failed for a transient reason "
+                              "(429, 5xx, timeout, connection); the server's Retry-After, retry-after-ms and "
+                              "x-ratelimit-reset-* are honoured", run_only=True)
+    max_retry_time: float = option(900.0, "openai engine: seconds after a request's first try past which it is "
+                                   "not retried again (a rate-limit window may be minutes)", run_only=True)
+    checkpoint_rows: int = option(1000, "persist a shard's answered rows at least every this many rows",
+                                  run_only=True)
+    checkpoint_s: float = option(120.0, "... and at least every this many seconds (a kill loses at most that)",
+                                 run_only=True)
     tensor_parallel_size: int = option(1, "vllm engine: GPUs per model", run_only=True)
     gpu_memory_utilization: float = option(0.9, "vllm engine: share of GPU memory to take", run_only=True)
     dtype: str = option("auto", "vllm and hf engines: weights' dtype", choices=["auto", "bf16", "fp16", "fp32"])
-    chunk_rows: int = option(512, "rows per engine call (progress granularity) for engines that stream",
+    chunk_rows: int = option(512, "hf engine: rows per engine call (the openai engine streams, vllm takes a "
+                             "whole shard)",
                              run_only=True)
 
     def check(self) -> None:
@@ -90,8 +130,10 @@ class GenerateConfig:
             raise UserError(f"unknown stage {self.stage!r}; expected one of {sorted(STAGES)}")
         if not 0 <= self.worker_index < self.num_workers:
             raise UserError("--worker-index must be in 0..--num-workers-1")
-        if self.chunk_rows < 1 or self.batch_size < 1 or self.concurrency < 1:
-            raise UserError("--chunk-rows, --batch-size and --concurrency must be >= 1")
+        if self.chunk_rows < 1 or self.batch_size < 1 or self.concurrency < 1 or self.checkpoint_rows < 1:
+            raise UserError("--chunk-rows, --batch-size, --concurrency and --checkpoint-rows must be >= 1")
+        if not 0 <= self.max_error_rate <= 1:
+            raise UserError(f"--max-error-rate {self.max_error_rate:g}: a share, from 0 to 1")
         spec = STAGES[self.stage]
         if spec.gate is None and (self.gate or self.min_score is not None):
             raise UserError(f"--gate and --min-score are for stages with a gate "
@@ -113,11 +155,16 @@ class GenerateConfig:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(self.engine, self.model, **{k: getattr(self, k) for k in (
             "tokenizer", "base_url", "api", "batch_size", "max_model_len", "concurrency", "tensor_parallel_size",
-            "gpu_memory_utilization", "dtype", "seed", "request_timeout", "max_retries")})
+            "gpu_memory_utilization", "dtype", "seed", "request_timeout", "max_retries", "max_retry_time")})
 
 
 def read_generation(path: str) -> pa.Table:
     return schemas.validate(storage.read_parquet(path), schemas.GENERATION, path)
+
+
+def _num_rows(path: str) -> int:
+    with storage.open_read(path) as f:
+        return pq.read_metadata(f).num_rows
 
 
 def stage_status(cfg: GenerateConfig) -> dict:
@@ -138,6 +185,7 @@ class StageRunner:
         self.temperature = self.spec.temperature if cfg.temperature is None else cfg.temperature
         self.top_p = self.spec.top_p if cfg.top_p is None else cfg.top_p
         self._owns_engine = engine is None
+        self._served: set[str] = set()   # the model names the server said answered
 
     def __enter__(self) -> "StageRunner":
         return self
@@ -197,14 +245,21 @@ class StageRunner:
         return out, marker, inputs, made, provenance.problem(self.layout, out, marker, made)
 
     def run(self) -> dict:
-        cfg = self.cfg
+        """Every shard of this worker that is not complete and current; returns what the stage did:
+        shards written and skipped, rows, requests sent, rows reused, transient errors, final
+        refusals by category, seconds. ErrorBudgetExceeded (after every shard ran) when the stage is
+        over --max-error-rate."""
+        cfg, t0 = self.cfg, time.perf_counter()
         try:
             all_shards = self.layout.candidate_shards()
         except LayoutError as e:
             raise GenerationError(str(e)) from e
-        shards = [s for s in all_shards if s[0] % cfg.num_workers == cfg.worker_index]
-        summary = {"stage": cfg.stage, "shards_done": [], "shards_skipped": [], "rows": 0, "sent": 0, "errors": 0}
-        for k, n, cand_path in shards:
+        summary = {"stage": cfg.stage, "shards_done": [], "shards_skipped": [], "rows": 0, "sent": 0, "reused": 0,
+                   "errors": 0, "refusals": {}, "failing_shards": [], "seconds": 0.0}
+        work = []
+        for k, n, cand_path in all_shards:
+            if k % cfg.num_workers != cfg.worker_index:
+                continue
             out, marker, inputs, made, why = self.check(k, n, cand_path)
             previous = None
             if why is None:
@@ -213,17 +268,40 @@ class StageRunner:
                     log.info("%s is complete; skipped", out)
                     summary["shards_skipped"].append(k)
                     continue
-                log.info("%s: retrying its engine-error rows", out)
+                log.info("%s: resending its transient-failure rows", out)
             elif provenance.reusable(why, marker, made):
                 log.info("%s: %s; reusing the rows whose input is unchanged", out, why)
                 previous = read_generation(out)
             elif why != provenance.MISSING:
                 log.warning("%s: %s; regenerating it", out, why)
-            metrics = self.run_shard(k, n, inputs, made, out, previous)
-            summary["shards_done"].append(k)
-            summary["rows"] += metrics["rows"]
-            summary["sent"] += metrics["sent_now"]
-            summary["errors"] += metrics["engine_errors"]
+            work.append((k, n, inputs, made, out, previous))
+        if work:
+            self.engine  # noqa: B018 - load it now: an unreachable server fails here, before any shard
+        progress = StageProgress(cfg.stage, sum(_num_rows(w[2]["candidates"]) for w in work))
+        try:
+            for k, n, inputs, made, out, previous in work:
+                metrics = self.run_shard(k, n, inputs, made, out, previous, progress)
+                summary["shards_done"].append(k)
+                summary["rows"] += metrics["rows"]
+                summary["sent"] += metrics["sent_now"]
+                summary["reused"] += metrics["reused_rows"]
+                summary["errors"] += metrics["errors_now"]
+                for reason, count in metrics["refusals_now"].items():
+                    summary["refusals"][reason] = summary["refusals"].get(reason, 0) + count
+                if metrics["errors_now"]:
+                    summary["failing_shards"].append({"shard": k, "sent": metrics["sent_now"],
+                                                      "errors": metrics["errors_now"], "first": metrics["first_error"]})
+        finally:
+            progress.close()
+        summary["seconds"] = round(time.perf_counter() - t0, 3)
+        if summary["sent"] and summary["errors"] / summary["sent"] > cfg.max_error_rate:
+            shards = ", ".join(f"{f['shard']} ({f['errors']} of {f['sent']})" for f in summary["failing_shards"][:20])
+            raise ErrorBudgetExceeded(
+                f"{cfg.stage}: {summary['errors']:,} of {summary['sent']:,} requests failed for a transient reason "
+                f"({100 * summary['errors'] / summary['sent']:.1f}%), over --max-error-rate {cfg.max_error_rate:g} "
+                f"(run file: generate: max_error_rate); shards with failures: {shards}. Their answers are "
+                f"written; a rerun resends only the failed rows. First: {summary['failing_shards'][0]['first']}",
+                summary)
         return summary
 
     def _joined_rows(self, inputs: dict[str, str]) -> tuple[list[str], list[dict]]:
@@ -236,28 +314,42 @@ class StageRunner:
             row["inputs"] = {stage: by_id.get(row["id"]) for stage, by_id in read.items()}
         return [r["id"] for r in rows], rows
 
-    def _request(self, row: dict, values: dict) -> tuple[Request, bool]:
+    def _requests(self, todo: list[tuple[dict, dict]]):
+        """((row, truncated, request), request) for each (row, template values), prepared PREPARE_CHUNK
+        at a time (prompting.fit_prompts: one batched tokenizer call), lazily: the engine draws from it."""
         eng = self.engine
         budget = eng.max_model_len - self.max_new
-        prompt, msgs, truncated = fit_prompt(eng.tokenizer, self.template, values, self.spec.doc_field, budget,
-                                             self.logprob_prefix or "")
-        return Request(prompt, msgs, self.max_new, self.temperature, self.top_p,
-                       row_seed(row["id"], self.cfg.stage, self.cfg.seed),
-                       digit_probs=self.logprob_prefix is not None), truncated
+        for start in range(0, len(todo), PREPARE_CHUNK):
+            chunk = todo[start:start + PREPARE_CHUNK]
+            fitted = fit_prompts(eng.tokenizer, self.template, [values for _, values in chunk], self.spec.doc_field,
+                                 budget, self.logprob_prefix or "")
+            for (row, _), (prompt, msgs, truncated, count) in zip(chunk, fitted):
+                req = Request(prompt, msgs, self.max_new, self.temperature, self.top_p,
+                              row_seed(row["id"], self.cfg.stage, self.cfg.seed),
+                              digit_probs=self.logprob_prefix is not None, prompt_tokens=count)
+                yield (row, truncated, req), req
+
+    def _config_key(self) -> str:
+        """A short name of the product config (checkpoints of another config are never reused)."""
+        return hashlib.sha256(json.dumps(self.product_config(), sort_keys=True).encode()).hexdigest()[:16]
 
     def run_shard(self, k: int, n: int, inputs: dict[str, str], made: dict, out: str,
-                  previous: pa.Table | None = None) -> dict:
+                  previous: pa.Table | None = None, progress: StageProgress | None = None) -> dict:
         """Writes shard k (data, then its marker with metrics and provenance). `previous`: an intact
-        shard of the same config (of the same inputs when only its engine errors are to be resent, or
-        of older inputs when documents joined or left the candidates shard): a row of it is kept when
-        its id and input_hash (schemas.keys.input_hash: the prompt values, or why it was not sent) are
-        the current ones and it is not an engine error; every other row is sent again."""
+        shard of the same config (of the same inputs when only its transient failures are to be
+        resent, or of older inputs when documents joined or left the candidates shard); rows of this
+        shard's checkpoints are taken the same way: a row is kept when its id and input_hash
+        (schemas.keys.input_hash: the prompt values, or why it was not sent) are the current ones and
+        it is not a transient failure; every other row is sent again."""
         cfg = self.cfg
         t0 = time.perf_counter()
+        progress = progress or StageProgress(cfg.stage, 0)
         ids, rows = self._joined_rows(inputs)
+        ckpt = Checkpoints(self.layout, cfg.stage, k, n, self._config_key())
         kept = {r["id"]: r for r in previous.to_pylist() if not is_engine_error(r["parse_error"])} if previous else {}
+        kept.update((r["id"], r) for r in ckpt.rows() if not is_engine_error(r["parse_error"]))
         results: list[dict] = []
-        pending: list[tuple[dict, Request, bool]] = []
+        todo: list[tuple[dict, dict]] = []
         reused = 0
         for row in rows:
             values, reason = self.spec.format_input(row, self.gate)
@@ -269,35 +361,45 @@ class StageRunner:
             elif values is None:
                 results.append(self._row(row, None, None, False, reason))
             else:
-                req, truncated = self._request(row, values)
-                pending.append((row, req, truncated))
-        bar = tqdm(total=len(pending), unit="row", desc=f"{cfg.stage} shard {k}", disable=None)
-        out_tokens = 0
-        # an engine that schedules a whole shard itself (vLLM) gets it in one call; others report progress by chunk
-        step = (max(len(pending), 1) if self.engine.whole_shard else cfg.chunk_rows) if pending else 1
-        for start in range(0, len(pending), step):
-            chunk = pending[start:start + step]
-            comps = self.engine.generate([req for _, req, _ in chunk])
-            for (row, req, truncated), comp in zip(chunk, comps):
-                results.append(self._row(row, req, comp, truncated, None))
-                out_tokens += comp.output_tokens or 0
-            bar.update(len(chunk))
-            bar.set_postfix(tok_s=f"{out_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
-        bar.close()
-        failed = [r["parse_error"] for r in results[len(results) - len(pending):] if is_engine_error(r["parse_error"])]
-        if pending and len(failed) / len(pending) > cfg.max_error_rate:
-            raise GenerationError(f"{cfg.stage} shard {k}: {len(failed)} of {len(pending)} requests failed, over "
-                                  f"--max-error-rate {cfg.max_error_rate}; not written. First: {failed[0]}")
+                todo.append((row, values))
+        progress.skip(len(rows) - len(todo))
+        answered: list[dict] = []
+        tokens = 0
+
+        def emit(key, comp: Completion) -> None:
+            nonlocal tokens
+            row, truncated, req = key
+            done = self._row(row, req, comp, truncated, None)
+            answered.append(done)
+            ckpt.add(done, cfg.checkpoint_rows, cfg.checkpoint_s)
+            tokens += comp.output_tokens or 0
+            progress.answer(comp.output_tokens or 0, is_engine_error(done["parse_error"]),
+                            category(done["parse_error"]) in REFUSALS)
+
+        try:
+            self.engine.stream(self._requests(todo), emit, cfg.chunk_rows)
+        except BaseException:
+            ckpt.flush()  # an interrupt or an engine that broke keeps what was answered
+            raise
+        results += answered
+        failed = [r["parse_error"] for r in answered if is_engine_error(r["parse_error"])]
         order = {doc_id: i for i, doc_id in enumerate(ids)}
         results.sort(key=lambda r: order[r["id"]])
         table = schemas.to_table(results, schemas.GENERATION, out)
         storage.write_parquet(table, out)
+        refusals: dict[str, int] = {}
+        for r in answered:
+            if category(r["parse_error"]) in REFUSALS:
+                refusals[category(r["parse_error"])] = refusals.get(category(r["parse_error"]), 0) + 1
         metrics = {"stage": cfg.stage, "shard": k, "model": cfg.model, "engine": cfg.engine,
                    "wall_s": round(time.perf_counter() - t0, 3), **shard_summary(table, self.spec.scored),
-                   "sent_now": len(pending), "reused_rows": reused,
+                   "sent_now": len(todo), "reused_rows": reused, "errors_now": len(failed),
+                   "refusals_now": refusals, "first_error": failed[0] if failed else None,
+                   "output_tokens_now": tokens, "served_models": sorted(self._served),
                    "config": {k2: v for k2, v in asdict(cfg).items() if k2 != "base_url"},
                    provenance.KEY: provenance.seal(out, made)}
         storage.write_text(self.layout.generation_metrics(cfg.stage, k, n), json.dumps(metrics, indent=2) + "\n")
+        ckpt.clear()
         return metrics
 
     def _row(self, row: dict, req: Request | None, comp: Completion | None, truncated: bool, reason: str | None) -> dict:
@@ -308,11 +410,20 @@ class StageRunner:
                 **self.spec.carried(row)}
         if comp is None:
             return base
-        base.update(prompt_tokens=comp.prompt_tokens if comp.prompt_tokens is not None
-                    else n_tokens(self.engine.tokenizer, req.prompt),
+        if comp.served_model and comp.served_model != self.cfg.model and comp.served_model not in self._served:
+            log.warning("the server says %r answered, not %r (--model)", comp.served_model, self.cfg.model)
+        if comp.served_model:
+            self._served.add(comp.served_model)
+        prompt_tokens = comp.prompt_tokens if comp.prompt_tokens is not None else req.prompt_tokens
+        base.update(prompt_tokens=prompt_tokens if prompt_tokens is not None else n_tokens(self.engine.tokenizer,
+                                                                                             req.prompt),
                     output_tokens=comp.output_tokens, finish_reason=comp.finish_reason, raw_output=comp.text)
         if comp.finish_reason == "error":
-            base["parse_error"] = engine_error(comp.error)
+            if comp.refusal:
+                base["finish_reason"] = comp.refusal
+                base["parse_error"] = refused(comp.refusal, comp.error or comp.refusal)
+            else:
+                base["parse_error"] = engine_error(comp.error)
             return base
         if self.logprob_prefix:
             fields, error = parsing.score_from_probs(comp.digit_probs or {})
@@ -321,3 +432,43 @@ class StageRunner:
         base.update(fields)
         base["parse_error"] = error
         return base
+
+
+class Checkpoints:
+    """The answered rows of one shard in flight, persisted as whole part files
+    (RunLayout.generation_checkpoints: one folder per shard and product config)."""
+
+    def __init__(self, layout: RunLayout, stage: str, k: int, n: int, config_key: str):
+        self.shard_dir = layout.generation_checkpoints(stage, k, n)
+        self.folder = storage.join(self.shard_dir, config_key)
+        self.buffer: list[dict] = []
+        self.last = time.monotonic()
+        self.parts = 0
+
+    def rows(self) -> list[dict]:
+        """The rows of every part of this config; parts of other configs are removed."""
+        out = []
+        for path in sorted(storage.list_files(self.shard_dir)):
+            if storage.parent(path) != self.folder:
+                storage.delete(path)
+                continue
+            out += read_generation(path).to_pylist()
+            self.parts += 1
+        return out
+
+    def add(self, row: dict, every_rows: int, every_s: float) -> None:
+        self.buffer.append(row)
+        if len(self.buffer) >= every_rows or time.monotonic() - self.last >= every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.parts += 1
+            path = storage.join(self.folder, f"part-{self.parts:05d}.parquet")
+            storage.write_parquet(schemas.to_table(self.buffer, schemas.GENERATION, path), path)
+            self.buffer = []
+        self.last = time.monotonic()
+
+    def clear(self) -> None:
+        self.buffer = []
+        storage.delete_tree(self.shard_dir)

@@ -14,6 +14,8 @@ parses shard names.
     <root>/seed/seed.parquet                                  bft seed (the OpenAssistant seed pairs)
     <root>/models/<name>/                                     bft train (backward, forward, sft)
     <root>/eval/<name>.json                                   bft eval (answers, judgments)
+    <root>/_lock/<name>                                       who writes the root now (schemas.lock): "root",
+                                                              or generate-<stage>-<I>-of-<W> for one worker
 
 A local root is made absolute, so that every path recorded in stats and manifests names the same
 file from any working directory (and from a Beam worker).
@@ -36,6 +38,8 @@ MODELS = "models"
 EVAL = "eval"
 TMP = "_tmp"
 PRIOR = "_prior"
+CHECKPOINTS = "_checkpoints"
+LOCK = "_lock"
 STATS = "stats.json"
 LATEST = "LATEST"
 _SHARD = re.compile(r"^(?P<prefix>[a-z_]+)-(?P<shard>\d{5})-of-(?P<num>\d{5})\.(?P<ext>[a-z.]+)$")
@@ -58,6 +62,14 @@ def parse_shard_name(path: str) -> tuple[str, int, int] | None:
     if not m:
         return None
     return m.group("prefix"), int(m.group("shard")), int(m.group("num"))
+
+
+def lock_name(stage: str | None = None, worker_index: int = 0, num_workers: int = 1) -> str:
+    """The lock a writer of the root takes: "root", or for one of several generate workers
+    `generate-<stage>-<I>-of-<W>` (each writes only its own shards, so workers do not exclude each other)."""
+    if stage is None or num_workers <= 1:
+        return "root"
+    return f"generate-{stage}-{worker_index}-of-{num_workers}"
 
 
 def normalize_root(root: str) -> str:
@@ -150,6 +162,10 @@ class RunLayout:
     def generation_metrics(self, stage: str, shard: int, num_shards: int) -> str:
         return self._join(GENERATIONS, stage, shard_name(stage, shard, num_shards, "metrics.json"))
 
+    def generation_checkpoints(self, stage: str, shard: int, num_shards: int) -> str:
+        """The folder of a shard in flight's checkpoint parts (generation/runner.py: Checkpoints)."""
+        return self._join(GENERATIONS, stage, CHECKPOINTS, shard_name(stage, shard, num_shards, "d"))
+
     # ---- bft assemble ---------------------------------------------------------------------------
     @property
     def sft(self) -> str:
@@ -187,6 +203,13 @@ class RunLayout:
 
     def eval_file(self, name: str) -> str:
         return self._join(EVAL, f"{name}.json")
+
+    # ---- one writer per root --------------------------------------------------------------------
+    def lock(self, name: str = "root") -> str:
+        """The lock file (or object) of a writer of this root (schemas.lock.RootLock; `lock_name`)."""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"lock name {name!r}: letters, digits, '_', '.', '-' only")
+        return self._join(LOCK, name)
 
     def relative(self, path: str) -> str:
         """`path` relative to the root (for display); unchanged when it is outside."""

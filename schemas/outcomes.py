@@ -3,7 +3,16 @@
 A row of a stage shard is good when its parse_error is null. Otherwise the text before the first ':'
 is its category, and what follows, the detail:
 
-    engine_error: <what the engine said>      the request failed (after the engine's retries)
+    engine_error: <what the engine said>      TRANSIENT: the request failed for a reason a resend may
+                                               cure (connection, timeout, 429, 5xx, a broken body),
+                                               after the engine's retries; resent by the next run and
+                                               counted against the stage's error budget
+    content_filter: <detail>                   FINAL refusals: the server answered, and a resend of the
+    refusal: <detail>                          same prompt with the same config would not change it
+    prompt_too_long: <detail>                  (finish_reason content_filter; a chat `refusal`; a prompt
+                                               the server or engine rejects as longer than its context).
+                                               Never resent while the stage's config is unchanged, not
+                                               budgeted, dropped by assemble as `<stage>:<category>`
     upstream_failed:<upstream category>        the upstream stage's row failed: nothing was sent
     missing_upstream_row                       the upstream shard has no row for this id
     missing_text                               the candidate has no text
@@ -11,6 +20,7 @@ is its category, and what follows, the detail:
                                                send only pairs whose score passed): nothing was sent
     <parser category>[: detail]                the output could not be parsed (generation/parsing.py)
 
+Every category but engine_error is final: a parse failure is the model's answer too, and is kept.
 These spellings are used by the generation runner (which writes them and counts engine errors),
 by its per-shard metrics and by assemble's statistics and recipes (which read them); the summary
 below is the one computation of a shard's statistics that both the runner's metrics and assemble use.
@@ -27,6 +37,9 @@ MISSING_UPSTREAM_ROW = "missing_upstream_row"
 MISSING_TEXT = "missing_text"
 NOT_SENT = "not_sent"               # the finish_reason of a row that was never sent to a model
 BELOW_GATE = f"{NOT_SENT}: below_gate"  # the parse_error of a row its stage's gate kept from the model
+# Final refusals: the server's answer, not a failure to get one (module docstring)
+CONTENT_FILTER, REFUSAL, PROMPT_TOO_LONG = "content_filter", "refusal", "prompt_too_long"
+REFUSALS = (CONTENT_FILTER, REFUSAL, PROMPT_TOO_LONG)
 
 # Score histogram bins: [0, 0.5), [0.5, 1), ... [5, 5.5): generated scores are integers, logprob
 # scores and AlpaGasus ratings may be fractional.
@@ -35,6 +48,13 @@ SCORE_EDGES = [x / 2 for x in range(1, 12)]
 
 def engine_error(detail: str) -> str:
     return f"{ENGINE_ERROR}: {detail}"
+
+
+def refused(kind: str, detail: str) -> str:
+    """The parse_error of a final refusal (`kind` one of REFUSALS)."""
+    if kind not in REFUSALS:
+        raise ValueError(f"{kind!r} is no refusal category {REFUSALS}")
+    return f"{kind}: {detail}"
 
 
 def upstream_failed(upstream_category: str) -> str:
@@ -47,6 +67,7 @@ def category(parse_error: str | None) -> str | None:
 
 
 def is_engine_error(parse_error: str | None) -> bool:
+    """Whether the row is a transient failure (the only outcome a rerun sends again)."""
     return category(parse_error) == ENGINE_ERROR
 
 
@@ -68,14 +89,15 @@ def histogram(values, edges: list[float]) -> list[int]:
 
 def shard_summary(table: pa.Table, scored: bool) -> dict:
     """A generation shard (GENERATION schema): rows, good rows, finish reasons (`not_sent` for rows
-    never sent), parse failures by category, engine errors, truncated inputs, tokens, and for a
-    scoring stage the score histogram. Mergeable: every leaf is a number or a list of counts."""
+    never sent), parse failures by category, engine errors (transient), final refusals by category,
+    truncated inputs, tokens, and for a scoring stage the score histogram. Mergeable: every leaf is a number or a list of counts."""
     errors = table["parse_error"]
     failures = value_counts(pc.drop_null(categories(errors)))
     out = {"rows": table.num_rows, "ok": errors.null_count,
            "finish_reasons": value_counts(table["finish_reason"], NOT_SENT),
            "parse_failures": failures,
            "engine_errors": failures.get(ENGINE_ERROR, 0),
+           "refusals": {k: n for k, n in failures.items() if k in REFUSALS},
            "input_truncated": int(pc.sum(pc.fill_null(table["input_truncated"], False).cast(pa.int64())).as_py() or 0),
            "prompt_tokens": int(pc.sum(table["prompt_tokens"]).as_py() or 0),
            "output_tokens": int(pc.sum(table["output_tokens"]).as_py() or 0)}

@@ -152,9 +152,9 @@ def test_engines_close_what_they_hold(tiny_models, vllm, fresh):
     assert hf.lm is None
     eng = load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api="chat"))
     eng.generate([Request("", [{"role": "user", "content": "hi"}], 2)])
-    client = eng._client
+    session = eng._session
     eng.close()
-    assert client.is_closed and eng._client is None
+    assert session.closed and eng._session is None
     with pytest.raises(RuntimeError, match="closed"):
         eng.generate([])
     with load_engine(EngineConfig("vllm", tiny_models["plain"])):

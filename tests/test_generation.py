@@ -151,23 +151,39 @@ def test_logprob_score_mode_on_hf(prepared_root, tmp_path, tiny_models):
     assert (scored["output_tokens"] == 1).all() and scored["reasoning"].str.startswith("argmax=").all()
 
 
-def test_engine_errors_fail_the_shard_past_the_error_rate(prepared_root, tmp_path, tiny_models):
+def test_transient_failures_over_the_budget_fail_the_stage_after_every_shard(prepared_root, tmp_path, tiny_models):
+    """The error budget counts the stage's requests of this run, all shards together; each shard is
+    still written (its answers were paid for), the stage fails naming the shards, flag and run-file key."""
     from generation.engines import Completion, EngineConfig
     from generation.engines.hf import HFEngine
+    from generation.runner import ErrorBudgetExceeded
 
-    class Failing(HFEngine):
+    class FailsShardOne(HFEngine):
         def generate(self, requests):
-            return [Completion("", None, None, "error", error="boom") for _ in requests]
+            out = super().generate(requests)
+            return [Completion("", None, None, "error", error="boom") if r.seed in bad else c
+                    for r, c in zip(requests, out)]
 
     root = copy_root(prepared_root, tmp_path)
+    ids1 = read_candidates_ids(root, 1)
+    bad = {row_seed(i, "backtranslate", 0) for i in ids1[:2]}
     cfg = GenerateConfig(stage="backtranslate", root=root, engine="hf", model=tiny_models["plain"], max_new_tokens=4)
-    with pytest.raises(GenerationError, match="requests failed, over --max-error-rate 0.02; not written. First: engine_error: boom"):
-        StageRunner(cfg, engine=Failing(EngineConfig("hf", tiny_models["plain"]))).run()
-    assert not os.path.exists(RunLayout(root).generation_shard("backtranslate", 0, 3))
-    cfg.max_error_rate = 1.0
-    StageRunner(cfg, engine=Failing(EngineConfig("hf", tiny_models["plain"]))).run()
+    with pytest.raises(ErrorBudgetExceeded, match=r"backtranslate: 2 of 12 requests failed for a transient reason "
+                       r"\(16.7%\), over --max-error-rate 0.02 \(run file: generate: max_error_rate\); shards with "
+                       r"failures: 1 \(2 of 4\)\. .* First: engine_error: boom") as e:
+        StageRunner(cfg, engine=FailsShardOne(EngineConfig("hf", tiny_models["plain"]))).run()
+    assert e.value.summary["shards_done"] == [0, 1, 2]      # the shards after the failing one ran too
     rows = read_stage(root, "backtranslate")[1]
-    assert rows["parse_error"].eq("engine_error: boom").all()
+    assert rows["parse_error"].eq("engine_error: boom").sum() == 2 and len(rows) == 12
+    # the rerun resends the 2 failures alone; 2 of 2 is still over the budget, 2 of 2 under 1.0
+    cfg.max_error_rate = 1.0
+    summary = StageRunner(cfg, engine=FailsShardOne(EngineConfig("hf", tiny_models["plain"]))).run()
+    assert summary["sent"] == 2 and summary["errors"] == 2 and summary["shards_skipped"] == [0, 2]
+
+
+def read_candidates_ids(root, k):
+    path = RunLayout(root).candidates_shard(k, 3)
+    return storage.read_parquet(path, ["id"])["id"].to_pylist()
 
 
 @pytest.fixture(scope="module")
@@ -212,15 +228,21 @@ def test_openai_engine_against_transformers_serve(prepared_root, tmp_path, tiny_
         assert (sent["output_tokens"] <= 8).all() and (sent["prompt_tokens"] > 0).all()
 
 
-def test_openai_engine_retries_then_reports_errors(prepared_root, tmp_path, tiny_models):
+def test_a_server_that_is_down_fails_in_seconds_naming_the_url(prepared_root, tmp_path, tiny_models, capsys):
+    """Preflight: nothing listens; one line naming the URL within seconds, before any shard, and the
+    context length is not asked for (the server never answered)."""
+    from bft.cli import main
+
     root = copy_root(prepared_root, tmp_path)
-    url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
-    cfg = GenerateConfig(stage="backtranslate", root=root, engine="openai", model=tiny_models["chat"], base_url=url,
-                         max_new_tokens=4, max_error_rate=1.0, max_retries=1)
-    with StageRunner(cfg) as runner:
-        runner.run()
-    rows = read_stage(root, "backtranslate")[1]
-    assert rows["parse_error"].str.startswith("engine_error: gave up after 1 retries").all()
+    url = f"http://user:secret@127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    t0 = time.monotonic()
+    assert main(["generate", "backtranslate", "--root", root, "--engine", "openai", "--model", "served",
+                 "--base-url", url, "--api", "chat"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert time.monotonic() - t0 < 15 and len(err.splitlines()) == 1
+    assert "cannot reach the server at http://***@127.0.0.1:" in err and "secret" not in err
+    assert "max-model-len" not in err
+    assert not os.path.exists(os.path.join(root, "generations"))
 
 
 def test_generation_on_gcs(prepared_root, tiny_models, gcs_emulator, bucket):

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 from schemas.errors import UserError
+from schemas.outcomes import CONTENT_FILTER, PROMPT_TOO_LONG, REFUSAL  # noqa: F401 (engines name them from here)
 
 SCORE_DIGITS = ("1", "2", "3", "4", "5")
 ENGINES = ("vllm", "openai", "hf")
@@ -34,9 +36,10 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # vllm
     base_url: str | None = None          # openai: e.g. http://localhost:8000/v1
     api: str = "completions"             # openai: completions | chat
-    concurrency: int = 16                # openai: requests in flight
-    request_timeout: float = 600.0       # openai: seconds one HTTP request may take
-    max_retries: int = 5                 # openai: retries of a request that failed for a transient reason
+    concurrency: int = 256               # openai: requests in flight (vLLM's default max_num_seqs)
+    request_timeout: float = 600.0       # openai: seconds one HTTP request may take, as a whole
+    max_retries: int = 8                 # openai: retries of a request that failed for a transient reason
+    max_retry_time: float = 900.0        # openai: seconds from a request's first try after which it is not retried
     api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable holding the key
 
     def check(self) -> None:
@@ -50,8 +53,8 @@ class EngineConfig:
                 raise EngineError("--engine openai needs --base-url (e.g. http://localhost:8000/v1)")
             if self.api not in ("completions", "chat"):
                 raise EngineError(f"--api {self.api!r}: expected completions or chat")
-        if self.request_timeout <= 0 or self.max_retries < 0:
-            raise EngineError("--request-timeout must be > 0 and --max-retries >= 0")
+        if self.request_timeout <= 0 or self.max_retries < 0 or self.max_retry_time < 0:
+            raise EngineError("--request-timeout must be > 0, --max-retries and --max-retry-time >= 0")
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Request:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     digit_probs: bool = False        # logprob mode: only the next-token probabilities of "1".."5"
+    prompt_tokens: int | None = None # the prompt's length as counted when it was fitted (None: not counted)
 
 
 @dataclass
@@ -75,20 +79,26 @@ class Completion:
     finish_reason: str               # "stop" | "length" | "error"
     error: str | None = None
     digit_probs: dict[str, float] | None = None
+    refusal: str | None = None       # with finish_reason "error": the final outcome's category
+                                     # (schemas.outcomes.REFUSALS); None: a transient failure
+    served_model: str | None = None  # the model the server says answered, where it says
 
 
-def failed(error: str, prompt_tokens: int | None = None) -> Completion:
-    """The completion of a request that produced no usable output; `error` says why."""
-    return Completion("", prompt_tokens, None, "error", error=error)
+def failed(error: str, prompt_tokens: int | None = None, refusal: str | None = None) -> Completion:
+    """The completion of a request that produced no usable output; `error` says why. `refusal`: the
+    category of a FINAL outcome (a resend would not change it); None for a transient failure."""
+    return Completion("", prompt_tokens, None, "error", error=error, refusal=refusal)
 
 
 def finished(text: str, prompt_tokens: int | None, output_tokens: int | None, reason: str | None) -> Completion:
     """A completion from a server's finish reason. Only "stop" and "length" are outputs; every other
-    reason (vLLM's abort, error, repetition; OpenAI's content_filter, tool_calls; none at all) is an
-    error row naming it, never an answer."""
+    reason is an error row naming it, never an answer: content_filter (OpenAI, Azure, hosted vLLM
+    gateways) is final, a refusal of this prompt; the others (vLLM's abort and error, none at all,
+    anything unknown) are transient."""
     if reason in ("stop", "length"):
         return Completion(text, prompt_tokens, output_tokens, reason)
-    return Completion(text, prompt_tokens, output_tokens, "error", error=f"finish_reason {reason}")
+    return Completion(text, prompt_tokens, output_tokens, "error", error=f"finish_reason {reason}",
+                      refusal=CONTENT_FILTER if reason == CONTENT_FILTER else None)
 
 
 class Engine(ABC):
@@ -111,6 +121,26 @@ class Engine(ABC):
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Completions for `requests`, in order. A request that fails becomes a Completion with
         finish_reason "error" and the error text; only a failure of the whole engine raises."""
+
+    def stream(self, items: Iterable[tuple[Any, Request]], emit: Callable[[Any, Completion], None],
+               chunk: int = 512) -> None:
+        """Every (key, request) of `items` answered, `emit(key, completion)` called as each is done
+        (in any order). `items` may be a generator that prepares requests lazily. This default sends
+        `chunk` requests per `generate` call, or all of them for an engine that schedules a whole
+        shard itself (`whole_shard`); an engine that can keep a server busy overrides it with a
+        stream (openai)."""
+        batch: list[tuple[Any, Request]] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) >= chunk and not self.whole_shard:
+                self._emit_all(batch, emit)
+                batch = []
+        if batch:
+            self._emit_all(batch, emit)
+
+    def _emit_all(self, batch: list[tuple[Any, Request]], emit) -> None:
+        for (key, _), comp in zip(batch, self.generate([r for _, r in batch])):
+            emit(key, comp)
 
     def close(self) -> None:
         """Release what the engine holds (model weights, GPU memory, connections). Idempotent."""

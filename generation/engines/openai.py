@@ -11,21 +11,34 @@ applies its template; needed for hosted chat-only APIs).
   tokenizes the start differently. A server that refuses the parameter (transformers serve answers 422
   "Unexpected fields") gets, from then on, the prompt without its leading BOS text when the tokenizer
   adds BOS itself: one BOS again, the first token possibly tokenized differently.
-- Chat API without --tokenizer: no local tokenizer is loaded. The context length is --max-model-len,
-  else the server's model listing (GET /models, `max_model_len` as vLLM returns it), else the local
-  model folder's config.json, else an error; documents are cut by the byte bound of prompting.py and
-  token counts come from the response's `usage`.
+- Preflight: loading the engine asks GET /models (a few tries within PREFLIGHT_S seconds). A server
+  that cannot be reached is one error naming the URL, in seconds, before any shard; a 401/403 names
+  the key's environment variable. The context length is --max-model-len, else the server's listing
+  (`max_model_len`, as vLLM returns it), else the local model folder's config.json; it is asked of
+  the user only when the server answered without one.
+- Chat API without --tokenizer: no local tokenizer is loaded; documents are cut by the byte bound of
+  prompting.py and token counts come from the response's `usage`.
 - Logprob score mode: the prompt ends where the digit token begins (prompting.score_prompt; it needs a
   tokenizer); on the chat API the assistant turn is prefilled (`continue_final_message`, vLLM's
   parameter) and the first generated position that is not whitespace is read, as a server may strip
   the prefill's trailing space.
-- Failures: 408/409/429/5xx, timeouts (`request_timeout` per request) and connection errors are retried
-  `max_retries` times, waiting `Retry-After` when a 429/503 gives it (capped at MAX_RETRY_AFTER_S),
-  else exponential backoff with jitter. Other 4xx, a body that is not JSON, a 200 without a usable
-  choice, and any finish reason other than stop/length (content_filter, abort, ...) become error rows.
-- Requests run concurrently up to `concurrency` on one event loop and one HTTP client, kept for the
-  engine's life and closed by `close()`. The API key comes from the environment variable named by
-  `api_key_env` (default OPENAI_API_KEY) and is never logged.
+- Outcomes (schemas/outcomes.py). FINAL, never resent while the config is unchanged: finish_reason
+  content_filter; a chat answer whose `refusal` is set; a 400 saying the prompt exceeds the context.
+  TRANSIENT, retried here with back-off and resent by a later run: connection errors, timeouts,
+  408/409/429/5xx, a 200 whose body is broken or has no usable choice, any other finish reason
+  (vLLM's abort), any other 4xx (a server or config problem, which the error budget then stops).
+  A retry waits what the server asks: `retry-after-ms`, else `Retry-After` (seconds or an HTTP date),
+  else on a 429 the `x-ratelimit-reset-requests`/`-tokens` durations (OpenAI's "1s", "6m0s", "20ms"),
+  else exponential back-off with jitter; never past `max_retry_time` seconds from the first try.
+  `request_timeout` bounds each try as a whole (connect, send, every byte of the answer), so a
+  server that drips its answer byte by byte cannot hold a slot longer.
+- Dispatch is a stream (`stream`): `concurrency` requests are in flight at all times; a slot that
+  frees takes the next request at once, there is no barrier per chunk, and the requests are prepared
+  by the caller's generator in a thread beside the event loop. One aiohttp session and one event loop
+  are kept for the engine's life and closed by `close()`. aiohttp rather than httpx: at hundreds of
+  requests in flight its per-request cost is several times lower (docs/BENCHMARKS.md), and the client
+  must not be what leaves the GPU idle. The API key comes from the environment variable named by
+  `api_key_env` (default OPENAI_API_KEY) and is never logged; credentials in the URL are redacted.
 """
 from __future__ import annotations
 
@@ -36,16 +49,37 @@ import logging
 import math
 import os
 import random
+import re
+import threading
 import time
+import urllib.parse
+from typing import Any, Callable, Iterable
 
-import httpx
+import aiohttp
 
-from generation.engines.base import (Completion, Engine, EngineConfig, EngineError, Request, failed, finished,
-                                     model_context_length)
+from generation.engines.base import (CONTENT_FILTER, PROMPT_TOO_LONG, REFUSAL, Completion, Engine, EngineConfig,
+                                     EngineError, Request, failed, finished, model_context_length)
 
 log = logging.getLogger("bft.engine.openai")
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
-MAX_RETRY_AFTER_S = 300.0
+MAX_BACKOFF_S = 60.0
+PREFLIGHT_S = 5.0
+# How servers say a prompt does not fit: vLLM ("This model's maximum context length is N tokens",
+# V1 "The decoder prompt (length N) is longer than the maximum model length of M", "... is too long"),
+# OpenAI (code context_length_exceeded), SGLang / TGI ("exceeds the model's context length",
+# "must have less than N tokens").
+TOO_LONG = re.compile(r"maximum context length|context_length_exceeded|longer than the maximum model length|"
+                      r"prompt is too long|exceeds? (?:the )?(?:model'?s? )?(?:maximum )?context|"
+                      r"must have less than \d+ (?:input )?tokens|max_model_len", re.I)
+
+
+def redact(url: str) -> str:
+    """`url` without the user:password part it may carry."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}" + (f":{parts.port}" if parts.port else "")))
 
 
 class OpenAIEngine(Engine):
@@ -54,62 +88,142 @@ class OpenAIEngine(Engine):
     def __init__(self, config: EngineConfig):
         self.model = config.model
         self.base_url = config.base_url.rstrip("/")
+        self.shown_url = redact(self.base_url)
         self.api = config.api
         self.concurrency, self.max_retries = config.concurrency, config.max_retries
-        self.timeout_s = config.request_timeout
+        self.timeout_s, self.max_retry_time = config.request_timeout, config.max_retry_time
+        self.key_env = config.api_key_env
         key = os.environ.get(config.api_key_env)
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._strip_bos = None  # set once a server refuses add_special_tokens: the BOS text to take off
+        self._loop = asyncio.new_event_loop()
+        self._session: aiohttp.ClientSession | None = None
         self.tokenizer = None
+        served = self._loop.run_until_complete(self._preflight())
         if config.api == "completions" or config.tokenizer:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
-        self.max_model_len = config.max_model_len or self._server_context_length() or _local_context_length(
-            config.tokenizer or config.model)
+        self.max_model_len = config.max_model_len or served or _local_context_length(config.tokenizer or config.model)
         if not self.max_model_len:
-            raise EngineError(f"{self.base_url}/models gives no max_model_len for {self.model!r} and it is no local "
+            self.close()
+            raise EngineError(f"{self.shown_url}/models gives no max_model_len for {self.model!r} and it is no local "
                               "model folder: give --max-model-len (the served context length)")
-        self._strip_bos = None  # set once a server refuses add_special_tokens: the BOS text to take off
-        self._loop = asyncio.new_event_loop()
-        self._client: httpx.AsyncClient | None = None
 
-    def _server_context_length(self) -> int | None:
-        """`max_model_len` of the served model in GET /models (vLLM lists it), else None."""
+    # ---- the session ------------------------------------------------------------------------------
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=self.concurrency,
+                                             enable_cleanup_closed=True)
+            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers, trust_env=False,
+                                                  timeout=aiohttp.ClientTimeout(total=None))
+        return self._session
+
+    def close(self) -> None:
+        """Close the HTTP session and its event loop."""
+        if self._loop.is_closed():
+            return
+        if self._session is not None:
+            self._loop.run_until_complete(self._session.close())
+            self._session = None
+        self._loop.close()
+
+    async def _preflight(self) -> int | None:
+        """GET /models: the served `max_model_len` of our model, or None when the server lists none.
+        EngineError when the server cannot be reached within PREFLIGHT_S or refuses the key."""
+        url = self.base_url + "/models"
+        deadline = time.monotonic() + PREFLIGHT_S
+        while True:
+            try:
+                async with self._open().get(url, allow_redirects=False,
+                                            timeout=aiohttp.ClientTimeout(total=min(self.timeout_s, PREFLIGHT_S))) as resp:
+                    status, body = resp.status, await resp.read()
+                break
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                if time.monotonic() >= deadline:
+                    raise EngineError(f"cannot reach the server at {self.shown_url} ({type(e).__name__}: "
+                                      f"{_redacted(str(e), self.base_url, self.shown_url) or 'no answer'}): is it "
+                                      "running, and is --base-url right?") from None
+                await asyncio.sleep(0.5)
+        if status in (401, 403):
+            raise EngineError(f"{self.shown_url}/models answered {status}: the server refuses the API key "
+                              f"(environment variable {self.key_env})")
+        if status != 200:
+            return None  # a server without a model listing: the context length must come from elsewhere
         try:
-            resp = httpx.get(self.base_url + "/models", headers=self._headers, timeout=min(self.timeout_s, 30.0))
-            models = resp.json().get("data") or [] if resp.status_code == 200 else []
-        except (httpx.HTTPError, ValueError, AttributeError):
+            models = json.loads(body).get("data") or []
+        except (ValueError, AttributeError):
             return None
-        for m in models:
+        for m in models if isinstance(models, list) else []:
             if isinstance(m, dict) and m.get("id") == self.model and isinstance(m.get("max_model_len"), int):
                 return m["max_model_len"]
         return None
 
+    # ---- dispatch -----------------------------------------------------------------------------------
     def generate(self, requests: list[Request]) -> list[Completion]:
+        out: list[Completion | None] = [None] * len(requests)
+
+        def emit(i, comp):
+            out[i] = comp
+        self.stream(enumerate(requests), emit)
+        return out  # type: ignore[return-value]
+
+    def stream(self, items: Iterable[tuple[Any, Request]], emit: Callable[[Any, Completion], None],
+               chunk: int = 512) -> None:
+        """`concurrency` requests in flight, each freed slot taking the next item at once (`chunk` is
+        not used: no barrier). `items` is advanced in a thread of its own, so that preparing requests
+        overlaps waiting for answers; `emit` runs on the event loop's thread."""
         if self._loop.is_closed():
             raise RuntimeError("the engine is closed")
-        return self._loop.run_until_complete(self._all(requests))
+        self._loop.run_until_complete(self._stream(iter(items), emit))
 
-    def close(self) -> None:
-        """Close the HTTP client and its event loop."""
-        if self._loop.is_closed():
-            return
-        if self._client is not None:
-            self._loop.run_until_complete(self._client.aclose())
-            self._client = None
-        self._loop.close()
+    async def _stream(self, items, emit) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self.concurrency)
+        done, stop, problem = object(), threading.Event(), []
 
-    async def _all(self, requests: list[Request]) -> list[Completion]:
-        if self._client is None:
-            limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-            self._client = httpx.AsyncClient(timeout=self.timeout_s, headers=self._headers, limits=limits)
-        sem = asyncio.Semaphore(self.concurrency)
+        def put(item) -> bool:
+            fut = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+            while not stop.is_set():
+                try:
+                    fut.result(timeout=0.5)
+                    return True
+                except TimeoutError:
+                    continue
+            fut.cancel()
+            return False
 
-        async def one(r: Request) -> Completion:
-            async with sem:
-                return await self._one(r)
+        def produce() -> None:
+            try:
+                for item in items:
+                    if not put(item):
+                        return
+            except BaseException as e:  # handed to the loop's thread, raised there
+                problem.append(e)
+            finally:
+                for _ in range(self.concurrency):
+                    if not put(done):
+                        return
 
-        return list(await asyncio.gather(*(one(r) for r in requests)))
+        async def worker() -> None:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    return
+                key, request = item
+                emit(key, await self._one(request))
+
+        producer = threading.Thread(target=produce, name="bft-prepare", daemon=True)
+        producer.start()
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(self.concurrency):
+                    group.create_task(worker())
+        finally:
+            stop.set()
+            await loop.run_in_executor(None, producer.join)
+        if problem:
+            raise problem[0]
 
     def _body(self, r: Request) -> tuple[str, dict]:
         body: dict = {"model": self.model, "max_tokens": 1 if r.digit_probs else r.max_new_tokens,
@@ -134,53 +248,80 @@ class OpenAIEngine(Engine):
             body.update(logprobs=20, temperature=0.0)
         return "/completions", body
 
-    async def _post(self, r: Request) -> httpx.Response:
-        """POST the request; a server that refuses `add_special_tokens` gets it again without."""
+    async def _post_once(self, path: str, body: dict) -> tuple[int, Any, bytes]:
+        async with self._session.post(self.base_url + path, data=json.dumps(body), allow_redirects=False,
+                                      headers={"Content-Type": "application/json"}) as resp:
+            return resp.status, resp.headers, await resp.read()
+
+    async def _post(self, r: Request) -> tuple[int, Any, bytes]:
+        """POST the request (one try, bounded as a whole by request_timeout); a server that refuses
+        `add_special_tokens` gets it again without."""
         path, body = self._body(r)
-        resp = await self._client.post(self.base_url + path, json=body)
-        if resp.status_code in (400, 422) and "add_special_tokens" in body and "add_special_tokens" in resp.text:
+        status, headers, content = await asyncio.wait_for(self._post_once(path, body), self.timeout_s)
+        if status in (400, 422) and "add_special_tokens" in body and b"add_special_tokens" in content:
             self._strip_bos = _added_bos(self.tokenizer)
             path, body = self._body(r)
-            resp = await self._client.post(self.base_url + path, json=body)
-        return resp
+            status, headers, content = await asyncio.wait_for(self._post_once(path, body), self.timeout_s)
+        return status, headers, content
 
     async def _one(self, r: Request) -> Completion:
-        error = ""
+        self._open()
+        start, error = time.monotonic(), ""
         for attempt in range(self.max_retries + 1):
             wait = None
             try:
-                resp = await self._post(r)
-                if resp.status_code in RETRY_STATUS:
-                    error = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                    if resp.status_code in (429, 503):
-                        wait = retry_after(resp.headers.get("retry-after"))
-                elif resp.status_code >= 400:
-                    return failed(f"HTTP {resp.status_code}: {resp.text[:500]}")
+                status, headers, content = await self._post(r)
+                text = content[:500].decode("utf-8", "replace")
+                if status in RETRY_STATUS:
+                    error = f"HTTP {status}: {text[:200]}"
+                    wait = retry_wait(headers, status)
+                elif status == 400 and TOO_LONG.search(text):
+                    return failed(f"HTTP 400: {text}", refusal=PROMPT_TOO_LONG)
+                elif status >= 300:
+                    where = f" (redirect to {headers.get('location')})" if 300 <= status < 400 else ""
+                    return failed(f"HTTP {status}{where}: {text}")
                 else:
-                    return self._parse(resp.content, r)
-            except (httpx.TimeoutException, httpx.TransportError) as e:
-                error = f"{type(e).__name__}: {e}"
-            if attempt < self.max_retries:
-                delay = wait if wait is not None else min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random())
-                log.warning("request failed (%s); retry %d/%d in %.1fs", error, attempt + 1, self.max_retries, delay)
-                await asyncio.sleep(delay)
+                    return self._parse(content, r)
+            except asyncio.TimeoutError:
+                error = f"ReadTimeout: no whole answer within --request-timeout {self.timeout_s:g} s"
+            except (aiohttp.ClientError, OSError) as e:
+                error = f"{type(e).__name__}: {_redacted(str(e), self.base_url, self.shown_url)}"
+            if attempt == self.max_retries:
+                break
+            delay = wait if wait is not None else min(MAX_BACKOFF_S, 0.5 * 2 ** attempt) * (0.5 + random.random())
+            if time.monotonic() + delay - start > self.max_retry_time:
+                return failed(f"gave up after {attempt} retries (--max-retry-time {self.max_retry_time:g} s "
+                              f"would pass): {error}")
+            log.warning("request failed (%s); retry %d/%d in %.1fs", error, attempt + 1, self.max_retries, delay)
+            await asyncio.sleep(delay)
         return failed(f"gave up after {self.max_retries} retries: {error}")
 
     def _parse(self, content: bytes, r: Request) -> Completion:
-        """A 200 answer -> Completion; anything malformed is an error row saying what was wrong."""
+        """A 200 answer -> Completion; anything malformed is a (transient) error row saying what was wrong."""
         try:
             data = json.loads(content)
-        except ValueError:
+        except (ValueError, RecursionError):
             return failed(f"the server answered 200 with a body that is not JSON: {content[:200]!r}")
         choices = data.get("choices") if isinstance(data, dict) else None
         choice = choices[0] if isinstance(choices, list) and choices else None
         if not isinstance(choice, dict):
             return failed(f"the server answered 200 without a choice: {content[:200]!r}")
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        text = choice.get("text") if self.api == "completions" else (choice.get("message") or {}).get("content")
+        message = choice.get("message") if self.api == "chat" else None
+        if self.api == "chat" and not isinstance(message, dict):
+            return failed(f"the server answered 200 with a choice without a message: {content[:200]!r}")
+        if message is not None and isinstance(message.get("refusal"), str) and message["refusal"]:
+            return failed(f"refusal: {message['refusal'][:200]}", _count(usage.get("prompt_tokens")), refusal=REFUSAL)
+        text = choice.get("text") if self.api == "completions" else message.get("content")
         if not isinstance(text, str):
             return failed(f"the server answered 200 with a choice without text: {content[:200]!r}")
-        comp = finished(text, usage.get("prompt_tokens"), usage.get("completion_tokens"), choice.get("finish_reason"))
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\\ud800") would fail the shard's write later
+            return failed(f"the server answered 200 with text that is not valid Unicode: {content[:200]!r}")
+        comp = finished(text, _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")),
+                        choice.get("finish_reason"))
+        comp.served_model = data.get("model") if isinstance(data.get("model"), str) else None
         if r.digit_probs and comp.finish_reason != "error":
             top = _top_logprobs(choice, self.api)
             if top is None:
@@ -195,19 +336,63 @@ class OpenAIEngine(Engine):
         return comp
 
 
-def retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), capped; None if
-    absent or unreadable."""
+def _count(value) -> int | None:
+    """A token count from `usage`, or None when it is not a plausible one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 31 else None
+
+
+def _redacted(text: str, url: str, shown: str) -> str:
+    return text.replace(url, shown) if url != shown else text
+
+
+def _seconds(value: str | None) -> float | None:
+    """A finite, non-negative number of seconds, or None."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def duration(value: str | None) -> float | None:
+    """OpenAI's x-ratelimit-reset-* durations ("1s", "6m0s", "20ms", "1h2m3.5s") -> seconds."""
     if not value:
         return None
+    value = value.strip()
+    parts = _DURATION.findall(value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        return _seconds(value)
+    return sum(float(n) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[u] for n, u in parts)
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date); None if absent or
+    unreadable (nan, inf and negative numbers included)."""
+    if not value:
+        return None
+    seconds = _seconds(value)
+    if seconds is not None:
+        return seconds
     try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+        return max(email.utils.parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def retry_wait(headers, status: int) -> float | None:
+    """What the server asks us to wait before the next try (module docstring), or None."""
+    ms = _seconds(headers.get("retry-after-ms"))
+    if ms is not None:
+        return ms / 1000
+    seconds = retry_after(headers.get("retry-after"))
+    if seconds is not None or status != 429:
+        return seconds
+    resets = [duration(headers.get(h)) for h in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
+    resets = [s for s in resets if s is not None]
+    return max(resets) if resets else None
 
 
 def _added_bos(tokenizer) -> str:
@@ -229,15 +414,32 @@ def _local_context_length(model: str) -> int | None:
 
 
 def _top_logprobs(choice: dict, api: str) -> dict[str, float] | None:
-    """{token: logprob} at the position of the score digit, or None when the choice has none."""
+    """{token: logprob} at the position of the score digit, or None when the choice has none or it is
+    malformed (a logprob that is not a finite number <= 0 makes the position unusable)."""
     lp = choice.get("logprobs")
     if not isinstance(lp, dict):
         return None
     if api == "completions":
-        tops = lp.get("top_logprobs") or []
-        return dict(tops[0]) if tops and isinstance(tops[0], dict) else None
-    for position in lp.get("content") or []:
-        top = {t["token"]: t["logprob"] for t in position.get("top_logprobs") or []}
-        if top and position.get("token", "").strip(" ▁Ġ\n"):
+        tops = lp.get("top_logprobs")
+        top = tops[0] if isinstance(tops, list) and tops else None
+        return _valid_top(top.items()) if isinstance(top, dict) else None
+    for position in lp.get("content") or [] if isinstance(lp.get("content"), list) else []:
+        if not isinstance(position, dict) or not isinstance(position.get("token"), str):
+            return None
+        entries = position.get("top_logprobs")
+        if not isinstance(entries, list) or not all(isinstance(t, dict) for t in entries):
+            return None
+        top = _valid_top((t.get("token"), t.get("logprob")) for t in entries)
+        if top and position["token"].strip(" ▁Ġ\n"):
             return top
     return None
+
+
+def _valid_top(pairs) -> dict[str, float] | None:
+    out = {}
+    for token, logprob in pairs:
+        if not isinstance(token, str) or isinstance(logprob, bool) or not isinstance(logprob, (int, float)) \
+                or not math.isfinite(logprob) or logprob > 0:
+            return None
+        out[token] = float(logprob)
+    return out

@@ -24,8 +24,8 @@ from __future__ import annotations
 import gc
 import math
 
-from generation.engines.base import (Completion, Engine, EngineConfig, Request, digit_token_ids, failed,
-                                     finished)
+from generation.engines.base import (PROMPT_TOO_LONG, Completion, Engine, EngineConfig, Request, digit_token_ids,
+                                     failed, finished)
 
 VLLM_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -63,7 +63,7 @@ class VLLMEngine(Engine):
         for i, p in enumerate(ids):
             if not p or len(p) >= self.max_model_len:  # vLLM needs room for at least one new token
                 results[i] = failed(f"prompt of {len(p)} tokens does not fit max_model_len {self.max_model_len}",
-                                    len(p))
+                                    len(p), refusal=PROMPT_TOO_LONG)
             else:
                 send.append(i)
         outputs = self.llm.generate([{"prompt_token_ids": ids[i]} for i in send],
