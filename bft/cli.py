@@ -11,6 +11,7 @@ with --verbose.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -223,6 +224,21 @@ def _configure_logging(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+WRITERS = ("prepare", "generate", "assemble")  # verbs that write under --root: one writer per root at a time
+
+
+def root_lock(verb: Verb, cfg):
+    """The root's lock for a verb that writes it (schemas.lock; bft rebuild takes it in main_rebuild);
+    one of several generate workers locks only its own name, so the workers run side by side."""
+    if verb.name not in WRITERS:
+        return contextlib.nullcontext()
+    from schemas.lock import RootLock, lock_name
+
+    if verb.name == "generate":
+        return RootLock(cfg.root, lock_name(cfg.stage, cfg.worker_index, cfg.num_workers))
+    return RootLock(cfg.root)
+
+
 def run_verb(verb: Verb, argv: list[str]) -> int:
     cls = verb.config_class()
     ap = argparse.ArgumentParser(prog=f"bft {verb.name}", description=(cls.__doc__ or verb.summary).strip(),
@@ -257,7 +273,8 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
             file_values, run_values, _ = config.section_values(cls, doc, args.config, head, sub or flags.get("stage"))
             beam_args = run_values.get("beam_args", []) + beam_args
         cfg = config.build(cls, file_values, flags, args.config or "")
-        return verb.run(cfg, beam_args, args.config)
+        with root_lock(verb, cfg):
+            return verb.run(cfg, beam_args, args.config)
     except KeyboardInterrupt:
         print(f"bft {verb.name}: interrupted", file=sys.stderr)
         return 130

@@ -180,7 +180,10 @@ def main_rebuild(cfg: RebuildConfig, run_file: str | None) -> int:
     if not run_file:
         raise UserError("bft rebuild needs --config FILE (the run file)")
     plan = load_run(run_file, cfg.root)
-    return rebuild(plan, cfg)
+    from schemas.lock import RootLock
+
+    with RootLock(plan.root):  # the steps run in-process below and take no lock of their own
+        return rebuild(plan, cfg)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,339 @@
+"""One writer per root: the root's lock refuses a second writer at once, naming the holder; a dead
+holder's lock is taken over (locally by the kernel, on gs:// by its heartbeat's age or its gone pid);
+generate workers lock only their own names; the command line takes the lock for the writing verbs."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import storage
+from bft import cli
+from schemas.errors import UserError
+from schemas.layout import RunLayout, lock_name
+from schemas.lock import LockHeld, LockLost, RootLock
+from storage import lock as storage_lock
+from tests.conftest import ROOT, _free_port
+
+_HOLD = """
+import sys, time
+root, name = sys.argv[1], sys.argv[2]
+sys.argv = ["holder-of", root]
+from schemas.lock import RootLock
+RootLock(root, name).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+class Holder:
+    """A separate process that takes RootLock(root, name) and sleeps until killed."""
+
+    def __init__(self, root: str, name: str = "root"):
+        self.proc = subprocess.Popen([sys.executable, "-c", _HOLD, root, name], cwd=ROOT, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env={**os.environ, "PYTHONPATH": ROOT})
+        line = self.proc.stdout.readline()
+        assert line == "locked\n", self.proc.stderr.read()
+        self.pid = self.proc.pid
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+
+
+def refused(root, name="root", **kw) -> str:
+    t = time.monotonic()
+    with pytest.raises(LockHeld) as e:
+        RootLock(root, name, **kw).acquire()
+    assert time.monotonic() - t < 5, "a second writer must fail at once, not wait"
+    assert isinstance(e.value, UserError) and "\n" not in str(e.value)
+    return str(e.value)
+
+
+# ---- local roots -------------------------------------------------------------------------------
+
+def test_a_second_writer_on_a_local_root_fails_at_once_naming_the_holder(tmp_path):
+    root = str(tmp_path / "run")
+    path = RunLayout(root).lock()
+    assert path == os.path.join(root, "_lock", "root")
+    with RootLock(root) as held:
+        assert held.path == path
+        record = json.loads(open(path).read())
+        assert record["host"] == socket.gethostname() and record["pid"] == os.getpid()
+        assert record["command"] == shlex.join(sys.argv) and len(record["token"]) == 32
+        assert record["started"].endswith("Z")
+        message = refused(root)
+        for part in (path, f"host {socket.gethostname()}", f"pid {os.getpid()}", record["started"],
+                     record["command"], "wait", f"remove {path}"):
+            assert part in message, (part, message)
+    with RootLock(root):  # released: the next writer takes it
+        pass
+    assert os.path.exists(path) and open(path).read() == ""  # kept, naming no one
+
+
+def test_a_lock_held_by_a_killed_process_is_taken_over(tmp_path):
+    root = str(tmp_path / "run")
+    holder = Holder(root)
+    try:
+        message = refused(root)
+        assert f"pid {holder.pid}" in message and f"holder-of {root}" in message
+    finally:
+        holder.kill()  # kill -9: the kernel frees its lock
+    with RootLock(root) as mine:
+        assert json.loads(open(mine.path).read())["pid"] == os.getpid()
+
+
+def test_generate_workers_lock_only_their_own_names(tmp_path):
+    root = str(tmp_path / "run")
+    assert lock_name() == lock_name("score", 0, 1) == "root"
+    names = [lock_name("score", i, 2) for i in range(2)]
+    assert names == ["generate-score-0-of-2", "generate-score-1-of-2"]
+    with RootLock(root, names[0]), RootLock(root, names[1]), RootLock(root):
+        assert "generate-score-0-of-2" in refused(root, names[0])
+    with pytest.raises(ValueError):
+        RunLayout(root).lock("../x")
+
+
+def test_a_lock_file_removed_while_held_is_reported_lost(tmp_path):
+    root = str(tmp_path / "run")
+    with pytest.raises(LockLost, match="removed"):
+        with RootLock(root) as held:
+            os.unlink(held.path)
+            with RootLock(root):  # a second writer now gets a lock of its own
+                pass
+            with pytest.raises(LockLost):
+                held.check()
+
+
+# ---- gs:// roots -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gcs_emulator():
+    """conftest's emulator, started through tests/gcs_emulator.py: the stock emulator ignores
+    generation preconditions, which the gs:// lock relies on."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"), "start",
+                             "--host=127.0.0.1", f"--port={port}", "--in-memory"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError("gcp-storage-emulator did not start")
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    storage.gcs_client.cache_clear()
+    try:
+        yield storage.gcs_client()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        storage.gcs_client.cache_clear()
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+
+
+def test_gcs_emulator_checks_generations(bucket):
+    from google.api_core.exceptions import PreconditionFailed
+
+    blob = storage._blob(f"gs://{bucket}/x")
+    blob.upload_from_string(b"1", if_generation_match=0)
+    with pytest.raises(PreconditionFailed):
+        storage._blob(f"gs://{bucket}/x").upload_from_string(b"2", if_generation_match=0)
+    with pytest.raises(PreconditionFailed):
+        storage._blob(f"gs://{bucket}/x").delete(if_generation_match=blob.generation + 1)
+    assert storage.read_bytes(f"gs://{bucket}/x") == b"1"
+
+
+def test_gcs_second_writer_refused(bucket):
+    """A second writer is refused at once; release deletes the lock object."""
+    root = f"gs://{bucket}/run"
+    with RootLock(root) as held:
+        assert held.path == f"gs://{bucket}/run/_lock/root"
+        record = json.loads(storage.read_bytes(held.path))
+        assert record["pid"] == os.getpid() and record["token"] == held.holder["token"] and record["heartbeat"]
+        message = refused(root)
+        for part in (held.path, f"pid {os.getpid()}", record["started"], "taken over automatically",
+                     f"delete {held.path}"):
+            assert part in message, (part, message)
+    assert not storage.exists(held.path)
+    with RootLock(root):  # free again
+        pass
+
+
+def test_gcs_stale_lock_taken_over(bucket):
+    """A lock not rewritten for stale_s is taken over; its old holder learns it at release."""
+    root = f"gs://{bucket}/run"
+    old = RootLock(root, heartbeat_s=3600).acquire()  # its heartbeat never beats: a holder that hung
+    time.sleep(0.3)
+    assert "pid" in refused(root)  # 0.3 s is not stale by the default 10 minutes
+    new = RootLock(root, stale_s=0.2).acquire()
+    assert json.loads(storage.read_bytes(new.path))["token"] == new.holder["token"]
+    with pytest.raises(LockLost, match="took it over"):
+        old.release()  # its delete's precondition fails: the new holder's object stays
+    assert json.loads(storage.read_bytes(new.path))["token"] == new.holder["token"]
+    new.release()
+    assert not storage.exists(new.path)
+
+
+def test_gcs_heartbeat_notices_takeover(bucket):
+    root = f"gs://{bucket}/run"
+    first = RootLock(root, heartbeat_s=0.1).acquire()
+    generation = first.generation
+    deadline = time.monotonic() + 10
+    while first.generation == generation and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert first.generation != generation, "the heartbeat rewrites the lock"
+    first.check()
+    second = RootLock(root, stale_s=0.0).acquire()  # anything is stale to it
+    while first.lost is None and time.monotonic() < deadline + 10:
+        time.sleep(0.02)
+    with pytest.raises(LockLost):
+        first.check()
+    with pytest.raises(LockLost):
+        first.release()
+    assert json.loads(storage.read_bytes(second.path))["token"] == second.holder["token"]
+    second.release()
+
+
+def test_gcs_race_dead_holder_one_winner(bucket, monkeypatch):
+    for order in ("together", "late"):
+        race_takeover(bucket, monkeypatch, "process gone", order)
+
+
+def test_gcs_race_stale_holder_one_winner(bucket, monkeypatch):
+    for order in ("together", "late"):
+        race_takeover(bucket, monkeypatch, "stale", order)
+
+
+def race_takeover(bucket, monkeypatch, why, order):
+    """Two contenders read the same lock, gone (its process ended on this machine) or stale, and
+    both try to take it over: exactly one wins, the other is refused by the winner. `together`: two
+    threads, both read the old lock before either deletes it; `late`: one contender reads the old
+    lock, then the other takes it over completely before the first goes on (its delete of the
+    generation it read must not remove the winner's lock)."""
+    root = f"gs://{bucket}/run-{order}"
+    path = RunLayout(root).lock()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    record = {**storage_lock.holder_info(), "pid": dead.pid}  # this machine, a process that has ended
+    stale_s = 600.0
+    if why == "stale":  # a holder elsewhere that stopped beating
+        record, stale_s = {**record, "host": "elsewhere", "host_id": "elsewhere"}, 2.0
+    storage._blob(path).upload_from_string(json.dumps(record).encode(), if_generation_match=0)
+    if why == "stale":
+        assert "pid" in refused(root)  # not stale by the default 10 minutes
+        time.sleep(stale_s + 0.2)
+    real_read = storage_lock.Lock._read
+    results = [None, None]
+
+    def contend(i):
+        try:
+            results[i] = RootLock(root, stale_s=stale_s).acquire()
+        except LockHeld as e:
+            results[i] = e
+
+    if order == "together":
+        barrier, first_read = threading.Barrier(2), threading.local()
+
+        def read(self):
+            seen = real_read(self)
+            if not getattr(first_read, "done", False):
+                first_read.done = True
+                barrier.wait(timeout=30)
+            return seen
+
+        monkeypatch.setattr(storage_lock.Lock, "_read", read)
+        threads = [threading.Thread(target=contend, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    else:
+        def read(self):
+            seen = real_read(self)
+            if results[1] is None:
+                results[1] = "running"
+                contend(1)  # the other contender takes it over between our read and our delete
+            return seen
+
+        monkeypatch.setattr(storage_lock.Lock, "_read", read)
+        contend(0)
+    monkeypatch.setattr(storage_lock.Lock, "_read", real_read)
+    winners = [r for r in results if isinstance(r, RootLock)]
+    losers = [r for r in results if isinstance(r, LockHeld)]
+    assert len(winners) == 1 and len(losers) == 1, results
+    assert order == "together" or winners[0] is results[1]
+    assert json.loads(storage.read_bytes(path))["token"] == winners[0].holder["token"]
+    assert f"pid {os.getpid()}" in str(losers[0])  # refused by the winner, not by the dead holder
+    winners[0].release()
+    assert not storage.exists(path)
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+def bft(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_writer_verbs_refuse_a_root_held_by_another_process(tmp_path, capsys):
+    root = str(tmp_path / "run")
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(json.dumps({
+        "root": root, "prepare": {"input": [str(tmp_path / "in" / "*.gz")], "tokenizer": "t"},
+        "generate": {"engine": "hf", "backtranslate": {"model": "m"}, "score": {"model": "m"}},
+        "assemble": {"recipe": "filter"}}))
+    path = RunLayout(root).lock()
+    with Holder(root) as holder:
+        for argv in (["prepare", "--input", str(tmp_path / "in" / "*.gz"), "--root", root, "--tokenizer", "t"],
+                     ["assemble", "--root", root],
+                     ["generate", "score", "--root", root, "--engine", "hf", "--model", "m"],
+                     ["rebuild", "--config", str(run_file)]):
+            rc, out, err = bft(capsys, *argv)
+            assert rc == 1 and len(err.strip().splitlines()) == 1, (argv, err)
+            assert err.startswith(f"bft {argv[0]}: {path} is held by another run: "), err
+            for part in (f"host {socket.gethostname()}", f"pid {holder.pid}", f"holder-of {root}", "wait"):
+                assert part in err, (part, err)
+        # a generate worker of several locks its own name: the root's lock does not stop it
+        rc, _, err = bft(capsys, "generate", "score", "--root", root, "--engine", "hf", "--model", "m",
+                         "--num-workers", "2", "--worker-index", "1")
+        assert rc == 1 and "held by another run" not in err and "run bft prepare first" in err, err
+    rc, _, err = bft(capsys, "assemble", "--root", root)  # the holder was killed: the lock is free
+    assert rc == 1 and "held by another run" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_generate_worker_is_refused_only_by_its_own_name(tmp_path, capsys):
+    root = str(tmp_path / "run")
+    args = ["generate", "score", "--root", root, "--engine", "hf", "--model", "m", "--num-workers", "2"]
+    with Holder(root, "generate-score-0-of-2") as holder:
+        rc, _, err = bft(capsys, *args, "--worker-index", "0")
+        assert rc == 1 and "generate-score-0-of-2 is held by another run" in err and f"pid {holder.pid}" in err
+        rc, _, err = bft(capsys, *args, "--worker-index", "1")
+        assert rc == 1 and "run bft prepare first" in err, err
