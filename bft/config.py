@@ -90,7 +90,9 @@ def add_arguments(ap: argparse.ArgumentParser, cls, positional: tuple[str, ...] 
     (the default comes from the dataclass, after the run file)."""
     for opt in options(cls):
         shown = "" if opt.required or opt.default is None or opt.default is False or opt.default in ([], "") else f" (default: {_show(opt.default)})"
-        kw: dict[str, Any] = {"help": (opt.help + shown).strip() or None, "default": argparse.SUPPRESS}
+        # argparse formats help with %: a literal % in a help text or a default must be doubled
+        kw: dict[str, Any] = {"help": (opt.help + shown).strip().replace("%", "%%") or None,
+                              "default": argparse.SUPPRESS}
         if opt.name in positional:
             ap.add_argument(opt.name, choices=opt.choices, help=kw["help"], default=argparse.SUPPRESS,
                             nargs=None if opt.required else "?")

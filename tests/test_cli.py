@@ -38,6 +38,17 @@ def test_help_and_version_go_to_stdout(capsys):
     assert "(default: 3584)" in out and "(default: 16)" in out and "(default: 0)" in out  # defaults shown
 
 
+@pytest.mark.parametrize("verb", ["prepare", "generate", "generate backtranslate", "generate score",
+                                  "generate rewrite", "generate distill", "generate rate", "assemble", "validate",
+                                  "seed", "train", "eval generate", "eval judge", "rebuild", "plan"])
+def test_every_verb_and_stage_has_help(capsys, verb):
+    """Each verb's --help prints its options (a help text with a literal % once crashed argparse)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(verb.split() + ["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: bft ") and "--config FILE" in out
+
+
 def test_an_unknown_verb_is_a_usage_error(capsys):
     rc, _, err = run(capsys, "prepair")
     assert rc == 2 and "unknown verb 'prepair'" in err
