@@ -38,6 +38,7 @@ MODELS = "models"
 EVAL = "eval"
 TMP = "_tmp"
 PRIOR = "_prior"
+CHECKPOINTS = "_checkpoints"
 LOCK = "_lock"
 STATS = "stats.json"
 LATEST = "LATEST"
@@ -160,6 +161,10 @@ class RunLayout:
 
     def generation_metrics(self, stage: str, shard: int, num_shards: int) -> str:
         return self._join(GENERATIONS, stage, shard_name(stage, shard, num_shards, "metrics.json"))
+
+    def generation_checkpoints(self, stage: str, shard: int, num_shards: int) -> str:
+        """The folder of a shard in flight's checkpoint parts (generation/runner.py: Checkpoints)."""
+        return self._join(GENERATIONS, stage, CHECKPOINTS, shard_name(stage, shard, num_shards, "d"))
 
     # ---- bft assemble ---------------------------------------------------------------------------
     @property
