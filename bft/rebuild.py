@@ -16,10 +16,18 @@ Reuse rule (docs/OPERATIONS.md):
 A stage marked `external: true` in the run file runs elsewhere (a GPU cluster): rebuild checks its
 shards, prints the command the workers run when some are missing, and stops (exit 75, EX_TEMPFAIL);
 rerun later, or pass --wait to poll until the workers are done.
+
+The night: what every invocation did until a release is published (or found current) is one record,
+kept in ROOT/_night.json between invocations (an exit 75, a stage over its error budget, a kill),
+written into the release's manifest (`run`) and printed at the end with the difference from the
+release LATEST named before (text, or --format json).
 """
 from __future__ import annotations
 
+import json
+import os
 import shlex
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -39,6 +47,8 @@ class RebuildConfig:
     wait: bool = option(False, "wait for external generation workers instead of stopping")
     wait_timeout: float = option(6 * 3600.0, "seconds --wait waits before failing")
     poll_s: float = option(30.0, "seconds between checks of external workers' shards")
+    format: str = option("text", "the night's summary at the end: text, or one JSON object on stdout",
+                         choices=["text", "json"])
 
 
 @dataclass
@@ -107,58 +117,262 @@ def worker_command(path: str, stage: str, workers: int) -> str:
     return f"bft generate {stage} --config {shlex.quote(path)}"
 
 
-def _say(text: str) -> None:
-    print(text, flush=True)
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Night:
+    """The record of one night: every invocation until a release is published or found current
+    (module docstring). `stages` sums what each stage did over the invocations."""
+
+    def __init__(self, root: str, config_file: str):
+        from schemas.layout import RunLayout
+
+        self.path = RunLayout(root).night_record
+        record = None
+        if storage_exists(self.path):
+            try:
+                record = json.loads(_read(self.path))
+            except ValueError:
+                record = None
+        if not isinstance(record, dict) or not isinstance(record.get("stages"), dict):
+            record = {"config_file": config_file, "started_at": _now(), "invocations": [], "stages": {}}
+        record["invocations"].append({"started_at": _now(), "host": socket.gethostname(), "pid": os.getpid(),
+                                      "status": "running"})
+        self.record = record
+
+    def add(self, stage: str, values: dict) -> dict:
+        """Adds what `stage` did in this invocation (numbers and {reason: n} are summed)."""
+        into = self.record["stages"].setdefault(stage, {})
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
+                into[key] = value
+            elif isinstance(value, dict):
+                sub = into.setdefault(key, {})
+                for k, v in value.items():
+                    sub[k] = sub.get(k, 0) + v
+            else:
+                into[key] = round(into.get(key, 0) + value, 3)
+        return into
+
+    def save(self, status: str) -> None:
+        self.record["invocations"][-1].update(status=status, ended_at=_now())
+        _write(self.path, json.dumps(self.record, indent=2) + "\n")
+
+    def finish(self) -> None:
+        self.record["invocations"][-1].update(status="done", ended_at=_now())
+        self.record["ended_at"] = _now()
+        _delete(self.path)
+
+
+def storage_exists(path: str) -> bool:
+    import storage
+
+    return storage.exists(path)
+
+
+def _read(path: str) -> str:
+    import storage
+
+    return storage.read_text(path)
+
+
+def _write(path: str, text: str) -> None:
+    import storage
+
+    storage.write_text(path, text)
+
+
+def _delete(path: str) -> None:
+    import storage
+
+    if storage.exists(path):
+        storage.delete(path)
+
+
+class _Out:
+    """Progress lines on stdout (text format) or stderr (json format, so stdout is the JSON alone)."""
+
+    def __init__(self, fmt: str):
+        self.stream = sys.stderr if fmt == "json" else sys.stdout
+
+    def __call__(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+
+def _stage_line(r: dict) -> str:
+    refusals = r.get("refusals") or {}
+    refused = sum(refusals.values())
+    return (f"   shards generated {r['generated']}, reused {r['reused_shards']}; {r['requests_sent']:,} requests "
+            f"sent, {r['transient_errors']} engine errors (transient), {refused} refused"
+            + (f" ({', '.join(f'{k} {v}' for k, v in sorted(refusals.items()))})" if refused else "")
+            + f", {r['rows_reused']:,} rows reused, {r['seconds']:.1f} s")
 
 
 def rebuild(plan: RunPlan, cfg: RebuildConfig) -> int:
     """Runs the plan; returns the exit status (0 done, 75 waiting for external workers)."""
     from beam_pipelines import assemble, prepare
-    from generation.runner import StageRunner, stage_status
+    from generation.runner import ErrorBudgetExceeded, StageRunner, stage_status
     from schemas import release
 
-    record = {"config_file": plan.path, "stages": {}}
+    say = _Out(cfg.format)
+    night = Night(plan.root, plan.path)
     t0 = time.perf_counter()
-    _say(f"== prepare -> {plan.root}/candidates")
+    say(f"== prepare -> {plan.root}/candidates")
     stats = prepare.run(plan.prepare, plan.prepare_beam_args)
-    record["stages"]["prepare"] = {"reused": bool(stats.get("reused")), "seconds": round(time.perf_counter() - t0, 3),
-                                   "inputs": len(stats.get("inputs") or []), "candidates": stats["kept"]}
-    _say(f"   {'reused (config and input files unchanged)' if stats.get('reused') else 'done'}: "
-         f"{stats['input_records']:,} input records -> {stats['kept']:,} candidates")
+    night.add("prepare", {"reused": bool(stats.get("reused")), "seconds": round(time.perf_counter() - t0, 3),
+                          "inputs": len(stats.get("inputs") or []), "candidates": stats["kept"]})
+    say(f"   {'reused (config and input files unchanged)' if stats.get('reused') else 'done'}: "
+        f"{stats['input_records']:,} input records -> {stats['kept']:,} candidates")
     for sp in plan.stages:
         t = time.perf_counter()
-        _say(f"== generate {sp.stage} ({sp.cfg.engine}: {sp.cfg.model})" + (" [external]" if sp.external else ""))
+        say(f"== generate {sp.stage} ({sp.cfg.engine}: {sp.cfg.model})" + (" [external]" if sp.external else ""))
         if sp.external:
             status = stage_status(sp.cfg)
             if status["pending"] and cfg.wait:
                 status = _wait(sp, cfg)
             if status["pending"]:
-                _say(f"   {len(status['complete'])} of {status['shards']} shards complete; the workers run:\n     "
-                     + worker_command(plan.path, sp.stage, sp.workers)
-                     + f"\n   then run this rebuild again (or with --wait)")
+                say(f"   {len(status['complete'])} of {status['shards']} shards complete; the workers run:\n     "
+                    + worker_command(plan.path, sp.stage, sp.workers)
+                    + "\n   then run this rebuild again (or with --wait)")
+                night.save("waiting for external workers")
                 return EX_TEMPFAIL
-            summary = {"shards_done": [], "shards_skipped": status["complete"], "rows": 0, "sent": 0, "errors": 0}
+            summary = {"shards_done": [], "shards_skipped": status["complete"], "sent": 0, "reused": 0,
+                       "errors": 0, "refusals": {}}
         else:
-            with StageRunner(sp.cfg) as runner:  # closes the stage's engine before the next one loads
-                summary = runner.run()
-        record["stages"][sp.stage] = {"reused_shards": len(summary["shards_skipped"]),
-                                      "generated_shards": len(summary["shards_done"]),
-                                      "requests_sent": summary["sent"], "external": sp.external,
-                                      "model": sp.cfg.model, "seconds": round(time.perf_counter() - t, 3)}
-        _say(f"   shards generated {summary['shards_done'] or 'none'}, reused {len(summary['shards_skipped'])}; "
-             f"{summary['sent']:,} requests sent, {summary['errors']} engine errors")
+            try:
+                with StageRunner(sp.cfg) as runner:  # closes the stage's engine before the next one loads
+                    summary = runner.run()
+            except ErrorBudgetExceeded as e:
+                values = _stage_values(sp, e.summary, time.perf_counter() - t)
+                night.add(sp.stage, values)
+                say(_stage_line(values))
+                night.save(f"failed: {sp.stage} over its error budget")
+                raise
+            except BaseException:
+                night.save(f"failed in {sp.stage}")
+                raise
+        values = _stage_values(sp, summary, time.perf_counter() - t)
+        night.add(sp.stage, values)
+        say(_stage_line(values))
     t = time.perf_counter()
-    _say(f"== assemble ({plan.assemble.recipe}) -> {plan.root}/sft")
-    record["stages"]["assemble"] = {}
-    stats = assemble.run(plan.assemble, plan.assemble_beam_args, run_record=record)
-    record["stages"]["assemble"] = {"reused": bool(stats.get("reused")), "seconds": round(time.perf_counter() - t, 3)}
+    say(f"== assemble ({plan.assemble.recipe}) -> {plan.root}/sft")
+    previous = _latest(plan.root)
+    night.record["stages"]["assemble"] = {}
+    night.record["ended_at"] = _now()
+    stats = assemble.run(plan.assemble, plan.assemble_beam_args, run_record=night.record)
+    night.add("assemble", {"reused": bool(stats.get("reused")), "seconds": round(time.perf_counter() - t, 3)})
     folder = release.release_dir(plan.root, stats["version"])
     manifest = release.validate(folder)
     f = stats["funnel"]
-    _say(f"   {'reused: release ' + stats['version'] + ' is current, nothing new published' if stats.get('reused') else 'published release ' + stats['version']}"
-         f" ({f['final']['train']:,} train, {f['final']['validation']:,} validation)")
-    _say(f"== validate: {len(manifest['files'])} files checked\nrelease: {folder}\nreport: {folder}/report.html")
+    say(f"   {'reused: release ' + stats['version'] + ' is current, nothing new published' if stats.get('reused') else 'published release ' + stats['version']}"
+        f" ({f['final']['train']:,} train, {f['final']['validation']:,} validation)")
+    say(f"== validate: {len(manifest['files'])} files checked\nrelease: {folder}\nreport: {folder}/report.html")
+    night.finish()
+    result = {"night": night.record, "release": {"version": stats["version"], "published": not stats.get("reused"),
+                                                 "folder": folder, "train": f["final"]["train"],
+                                                 "validation": f["final"]["validation"]},
+              "changes": release_changes(plan.root, previous, stats["version"])}
+    if cfg.format == "json":
+        print(json.dumps(result, indent=2))
+    else:
+        print(night_text(result))
     return 0
+
+
+def _stage_values(sp: StagePlan, summary: dict, seconds: float) -> dict:
+    return {"generated": summary["shards_done"] or "none", "reused_shards": len(summary["shards_skipped"]),
+            "generated_shards": len(summary["shards_done"]), "requests_sent": summary["sent"],
+            "rows_reused": summary.get("reused", 0), "transient_errors": summary["errors"],
+            "refusals": dict(summary.get("refusals") or {}), "external": sp.external, "model": sp.cfg.model,
+            "seconds": round(seconds, 3)}
+
+
+def _latest(root: str) -> str | None:
+    from schemas.layout import RunLayout
+
+    path = RunLayout(root).latest
+    return _read(path).strip() if storage_exists(path) else None
+
+
+def _release_view(root: str, version: str) -> dict:
+    """{ids by origin, kept share, error share, sent} of a published release (its data files' id and
+    origin columns, and its stats.json)."""
+    import storage
+    from beam_pipelines.corpus_stats import RELEASE_STATS
+    from schemas import release
+
+    folder = release.release_dir(root, version)
+    manifest = json.loads(storage.read_text(storage.join(folder, release.MANIFEST)))
+    ids: dict[str, set] = {}
+    for entry in manifest["files"]:
+        if entry.get("split"):
+            table = storage.read_parquet(storage.join(folder, entry["path"]), ["id", "origin"])
+            for i, origin in zip(table["id"].to_pylist(), table["origin"].to_pylist()):
+                ids.setdefault(origin, set()).add(i)
+    stats = json.loads(storage.read_text(storage.join(folder, RELEASE_STATS)))
+    funnel, sent, failed = stats.get("funnel") or {}, 0, 0
+    for stage in (stats.get("stages") or {}).values():
+        sent += stage.get("sent", 0)
+        failed += sum((stage.get("sent_failures") or {}).get(k, 0)
+                      for k in ("engine_error", "content_filter", "refusal", "prompt_too_long"))
+    return {"ids": ids, "kept_share": (funnel.get("web_examples", 0) / funnel["candidates"])
+            if funnel.get("candidates") else None, "error_share": failed / sent if sent else None}
+
+
+def release_changes(root: str, previous: str | None, version: str) -> dict:
+    """How release `version` differs from `previous` (LATEST before this night): examples added,
+    removed and kept by origin, the kept share (web examples / candidates) and the error share
+    (transient failures and refusals / requests, over the stages the release was made from)."""
+    if previous is None or previous == version:
+        return {"previous": previous, "same_release": previous == version}
+    try:
+        old, new = _release_view(root, previous), _release_view(root, version)
+    except (OSError, ValueError, KeyError) as e:
+        return {"previous": previous, "error": f"the previous release cannot be read: {e}"}
+    by_origin = {}
+    for origin in sorted(set(old["ids"]) | set(new["ids"])):
+        a, b = old["ids"].get(origin, set()), new["ids"].get(origin, set())
+        by_origin[origin] = {"added": len(b - a), "removed": len(a - b), "kept": len(a & b)}
+    return {"previous": previous, "same_release": False, "examples": by_origin,
+            "kept_share": {"previous": old["kept_share"], "now": new["kept_share"]},
+            "error_share": {"previous": old["error_share"], "now": new["error_share"]}}
+
+
+def _share(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def night_text(result: dict) -> str:
+    night, rel, changes = result["night"], result["release"], result["changes"]
+    lines = [f"== the night ({len(night['invocations'])} invocation(s) since {night['started_at']})"]
+    for stage, r in night["stages"].items():
+        if stage == "prepare":
+            lines.append(f"   prepare: {'reused' if r.get('reused') else 'ran'}, {r.get('candidates', 0):,} candidates, "
+                         f"{r.get('seconds', 0):.1f} s")
+        elif stage == "assemble":
+            lines.append(f"   assemble: {'reused' if r.get('reused') else 'built'}, {r.get('seconds', 0):.1f} s")
+        else:
+            refusals = r.get("refusals") or {}
+            lines.append(f"   {stage}: {r.get('requests_sent', 0):,} sent, {r.get('rows_reused', 0):,} reused, "
+                         f"{sum(refusals.values())} refused"
+                         + (f" ({', '.join(f'{k} {v}' for k, v in sorted(refusals.items()))})" if refusals else "")
+                         + f", {r.get('transient_errors', 0)} transient failures, {r.get('seconds', 0):.1f} s")
+    lines.append(f"   release {rel['version']}: {'published' if rel['published'] else 'current, nothing new'} "
+                 f"({rel['train']:,} train, {rel['validation']:,} validation)")
+    if changes.get("previous") is None:
+        lines.append("   no previous release to compare with")
+    elif changes.get("same_release"):
+        lines.append(f"   same as the previous release {changes['previous']}")
+    elif changes.get("error"):
+        lines.append(f"   vs {changes['previous']}: {changes['error']}")
+    else:
+        parts = [f"{o}: +{v['added']} -{v['removed']} ={v['kept']}" for o, v in changes["examples"].items()]
+        lines.append(f"   vs {changes['previous']}: examples {'; '.join(parts)}; kept share "
+                     f"{_share(changes['kept_share']['previous'])} -> {_share(changes['kept_share']['now'])}; "
+                     f"error share {_share(changes['error_share']['previous'])} -> "
+                     f"{_share(changes['error_share']['now'])}")
+    return "\n".join(lines)
 
 
 def _wait(sp: StagePlan, cfg: RebuildConfig) -> dict:
@@ -167,7 +381,7 @@ def _wait(sp: StagePlan, cfg: RebuildConfig) -> dict:
     deadline = time.monotonic() + cfg.wait_timeout
     while True:
         status = stage_status(sp.cfg)
-        _say(f"   waiting for workers: {len(status['complete'])} of {status['shards']} shards complete")
+        _Out("text")(f"   waiting for workers: {len(status['complete'])} of {status['shards']} shards complete")
         if not status["pending"]:
             return status
         if time.monotonic() > deadline:

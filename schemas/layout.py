@@ -39,6 +39,7 @@ EVAL = "eval"
 TMP = "_tmp"
 PRIOR = "_prior"
 CHECKPOINTS = "_checkpoints"
+NIGHT = "_night.json"
 LOCK = "_lock"
 STATS = "stats.json"
 LATEST = "LATEST"
@@ -161,6 +162,11 @@ class RunLayout:
 
     def generation_metrics(self, stage: str, shard: int, num_shards: int) -> str:
         return self._join(GENERATIONS, stage, shard_name(stage, shard, num_shards, "metrics.json"))
+
+    @property
+    def night_record(self) -> str:
+        """bft rebuild's record of a night still in progress (bft/rebuild.py: Night)."""
+        return self._join(NIGHT)
 
     def generation_checkpoints(self, stage: str, shard: int, num_shards: int) -> str:
         """The folder of a shard in flight's checkpoint parts (generation/runner.py: Checkpoints)."""

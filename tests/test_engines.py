@@ -71,6 +71,7 @@ def server(digit_model):
 def fresh(server):
     server.plan.clear()
     server.requests.clear()
+    server.refuse = server.answer = None
     return server
 
 

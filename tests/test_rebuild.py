@@ -201,3 +201,61 @@ def test_rebuild_on_gcs(tmp_path, tiny_models, bpe_tokenizer_path, corpus, gcs_e
     assert rc == 0, err
     assert "reused (config and input files unchanged)" in out and "nothing new published" in out
     assert storage.read_text(f"{root}/sft/LATEST").strip() == latest
+
+
+@pytest.fixture(scope="module")
+def chat_server(tiny_models):
+    """The vLLM-server stand-in serving the tiny chat model as "tiny-chat" (tests/vllm_standin)."""
+    from tests.vllm_standin.openai_server import StandinServer
+
+    s = StandinServer(tiny_models["chat"], served_name="tiny-chat")
+    yield s
+    s.stop()
+
+
+def test_a_night_with_content_filter_refusals_publishes_and_the_next_sends_nothing(
+        tmp_path, tiny_models, bpe_tokenizer_path, corpus, fixture_texts, chat_server, capsys):
+    """Issue 18: a server that refuses ~10% of the rewrites (finish_reason content_filter, the same
+    prompt every time). With default settings the night publishes; the refused rows are final: counted
+    in the summary, the release's stats and report, dropped as rewrite:content_filter, and never sent
+    again: the next night with nothing changed sends no request at all."""
+    marker = fixture_texts[3][:60]
+
+    def text(body):
+        return body.get("prompt") or json.dumps(body.get("messages"), ensure_ascii=False)
+
+    chat_server.answer = lambda body: ("[RES] A rewritten answer. [/RES]" if "[RES]" in text(body) else
+                                       "Describe the topic of this page in a few sentences.")
+    chat_server.refuse = lambda body: "[RES]" in text(body) and marker in text(body)   # 1 rewrite of 10
+    chat_server.requests.clear()
+    root = str(tmp_path / "run")
+    served = {"engine": "openai", "model": "tiny-chat", "base_url": chat_server.url, "tokenizer": tiny_models["chat"]}
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], generate__backtranslate=served,
+                   generate__rewrite={**served, "min_score": 0}, assemble__recipe="filter+rewrite")
+    try:
+        rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+        assert rc == 0, err
+        assert re.search(r"== generate rewrite .*\n.*; 10 requests sent, 0 engine errors \(transient\), 1 refused "
+                         r"\(content_filter 1\)", out), out
+        assert "rewrite: 10 sent, 0 reused, 1 refused (content_filter 1), 0 transient failures" in out
+        latest = storage.read_text(os.path.join(root, "sft", "LATEST")).strip()
+        folder = os.path.join(root, "sft", latest)
+        stats = json.loads(open(os.path.join(folder, "stats.json")).read())
+        assert stats["funnel"]["dropped"]["rewrite:content_filter"] == 1
+        assert stats["stages"]["rewrite"]["sent_failures"] == {"content_filter": 1}
+        assert "rewrite:content_filter" in open(os.path.join(folder, "report.html")).read()
+        manifest = json.loads(open(os.path.join(folder, "manifest.json")).read())
+        assert manifest["run"]["stages"]["rewrite"]["refusals"] == {"content_filter": 1}
+        assert not os.path.exists(os.path.join(root, "_night.json"))
+        sent_first = len(chat_server.requests)
+
+        rc, out, err = bft(capsys, "rebuild", "--config", cfg, "--format", "json")
+        assert rc == 0, err
+        assert len(chat_server.requests) == sent_first          # not one request the second night
+        night = json.loads(out)
+        assert {s: r.get("requests_sent") for s, r in night["night"]["stages"].items()
+                if s not in ("prepare", "assemble")} == {"backtranslate": 0, "score": 0, "rewrite": 0}
+        assert night["release"] == {**night["release"], "version": latest, "published": False}
+        assert night["changes"] == {"previous": latest, "same_release": True}
+    finally:
+        chat_server.refuse = chat_server.answer = None

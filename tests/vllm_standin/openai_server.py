@@ -18,6 +18,11 @@ Test hooks (not vLLM): `plan`, a list of answers that the next POSTs get instead
 {"status": 429, "headers": {...}, "body": ...}, {"raw": b"..."} (a 200 with that body), {"hang": True}
 (never answers), {"choice": {...}} (fields merged into a normal choice, e.g. a finish_reason);
 `requests` records each POST's path, body and the token ids the engine saw, with its arrival time.
+`refuse`: a predicate on a POST's body; where it holds, the answer is a 200 whose choice has empty
+text and finish_reason "content_filter", as hosted OpenAI-compatible endpoints (Azure OpenAI, gateways
+in front of vLLM) answer a prompt their content filter blocks: the same prompt is refused every time.
+`answer`: a function of a POST's body giving the text the model "writes" (finish_reason stop) or None
+for the model's own output: scripted answers a random tiny model cannot give.
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ class StandinServer:
         self.name = served_name or model
         self.plan: list[dict] = []
         self.requests: list[dict] = []
+        self.refuse = None
+        self.answer = None
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -87,6 +94,13 @@ class StandinServer:
                     return self._send(step["status"], step.get("body", {}), step.get("headers"))
                 if "raw" in step:
                     return self._send(200, step["raw"])
+                scripted = server.answer(body) if server.answer is not None else None
+                if scripted is not None:
+                    step = {"choice": {"text": scripted, "message": {"role": "assistant", "content": scripted},
+                                       "finish_reason": "stop"}}
+                if server.refuse is not None and server.refuse(body):
+                    step = {"choice": {"text": "", "message": {"role": "assistant", "content": ""},
+                                       "finish_reason": "content_filter"}}
                 try:
                     if self.path == "/v1/completions":
                         answer = server.completions(body, record)
