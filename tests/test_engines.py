@@ -378,3 +378,76 @@ def test_retry_after_is_honoured(fresh):
         out = eng.generate([Request("", [{"role": "user", "content": "hi"}], 4)])
     first, second = fresh.requests
     assert out[0].finish_reason in ("stop", "length") and second["time"] - first["time"] >= 2.0
+
+
+# --- final outcomes and the server's back-off headers (issue 18) ---------------------------------------
+
+def test_the_servers_wait_headers():
+    from generation.engines.openai import duration, retry_after, retry_wait
+
+    assert [duration(v) for v in ("1s", "6m0s", "20ms", "1h2m3.5s", "2.5", "soon", "")] == \
+        [1.0, 360.0, 0.02, 3723.5, 2.5, None, None]
+    assert [retry_after(v) for v in ("3", "nan", "inf", "-1", "x", None)] == [3.0, None, None, None, None, None]
+    assert retry_wait({"retry-after-ms": "250", "retry-after": "9"}, 429) == 0.25
+    assert retry_wait({"retry-after": "9", "x-ratelimit-reset-tokens": "1m"}, 429) == 9.0
+    assert retry_wait({"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "6m0s"}, 429) == 360.0
+    assert retry_wait({"x-ratelimit-reset-tokens": "6m0s"}, 503) is None      # those are for 429 only
+    assert retry_wait({"retry-after": "nan"}, 429) is None
+
+
+def test_a_429_with_retry_after_ms_is_waited_then_answered(fresh):
+    fresh.plan += [{"status": 429, "headers": {"retry-after-ms": "700"}, "body": {"error": {"message": "slow"}}}]
+    with load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api="chat")) as eng:
+        out = eng.generate([Request("", [{"role": "user", "content": "hi"}], 4)])
+    first, second = fresh.requests
+    assert out[0].finish_reason in ("stop", "length") and 0.7 <= second["time"] - first["time"] < 5
+
+
+def test_retries_stop_at_the_total_retry_time(fresh):
+    """A rate limit that outlasts --max-retry-time: the request gives up instead of waiting past it."""
+    fresh.plan += [{"status": 429, "headers": {"x-ratelimit-reset-tokens": "30s"}, "body": {}}] * 3
+    t0 = time.monotonic()
+    with load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api="chat", max_retry_time=5)) as eng:
+        out = eng.generate([Request("", [{"role": "user", "content": "hi"}], 4)])
+    assert time.monotonic() - t0 < 5 and len(fresh.requests) == 1
+    assert out[0].finish_reason == "error" and out[0].refusal is None
+    assert out[0].error.startswith("gave up after 0 retries (--max-retry-time 5 s would pass): HTTP 429")
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_refusals_are_final_and_transient_failures_are_not(fresh, digit_model, api):
+    too_long = {"error": {"message": "This model's maximum context length is 1024 tokens. However, you requested "
+                                     "3000 tokens", "type": "BadRequestError", "code": 400}}
+    fresh.plan += [{"choice": {"finish_reason": "content_filter"}}, {"status": 400, "body": too_long},
+                   {"choice": {"finish_reason": "abort"}}, {"status": 400, "body": {"error": {"message": "bad"}}}]
+    if api == "chat":
+        fresh.plan.append({"choice": {"message": {"role": "assistant", "content": None,
+                                                  "refusal": "I can't help with that."}}})
+    with load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api=api, tokenizer=digit_model,
+                                  concurrency=1)) as eng:
+        out = eng.generate([Request("[INST] hi [/INST]", [{"role": "user", "content": "hi"}], 4)] * 5)
+    got = [(c.finish_reason, c.refusal) for c in out]
+    assert got[:4] == [("error", "content_filter"), ("error", "prompt_too_long"), ("error", None), ("error", None)]
+    assert got[4] == (("error", "refusal") if api == "chat" else (out[4].finish_reason, None))
+
+
+def test_a_content_filter_row_is_final_in_the_shard_and_never_resent(prepared_root, tmp_path, digit_model, fresh):
+    root = copy_root(prepared_root, tmp_path)
+    refused = set()
+
+    def refuse(body):
+        if len(refused) < 2 or body["prompt"] in refused:
+            refused.add(body["prompt"])
+            return True
+        return False
+
+    fresh.refuse = refuse
+    kw = dict(engine="openai", base_url=fresh.url, tokenizer=digit_model, max_new_tokens=4)
+    summary = gen(root, "backtranslate", "tiny-chat", **kw)
+    assert summary["refusals"] == {"content_filter": 2} and summary["errors"] == 0 and summary["sent"] == 12
+    rows = read_stage(root, "backtranslate")[1]
+    assert rows["parse_error"].fillna("").str.startswith("content_filter: finish_reason content_filter").sum() == 2
+    assert (rows["finish_reason"] == "content_filter").sum() == 2
+    fresh.requests.clear()
+    again = gen(root, "backtranslate", "tiny-chat", **kw)
+    assert again["shards_skipped"] == [0, 1, 2] and again["sent"] == 0 and fresh.requests == []

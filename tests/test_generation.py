@@ -486,6 +486,62 @@ def test_a_generate_killed_anywhere_then_rerun_equals_an_uninterrupted_run(prepa
     assert gen(root, "backtranslate", tiny_models["plain"])["shards_skipped"] == [0, 1, 2]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_row_by_row(prepared_root, tmp_path_factory, tiny_models):
+    """backtranslate run once without a kill, one request per engine call, a checkpoint per row."""
+    clean = copy_root(prepared_root, tmp_path_factory.mktemp("clean1"))
+    gen(clean, "backtranslate", tiny_models["plain"], chunk_rows=1, checkpoint_rows=1)
+    return clean
+
+
+@pytest.mark.parametrize("kill_at", [0, 2, 5, 8])
+def test_a_kill_between_checkpoints_loses_only_the_rows_after_the_last(prepared_root, tmp_path, tiny_models,
+                                                                       uninterrupted_row_by_row, monkeypatch, kill_at):
+    """With a checkpoint per row, a shard of 4 rows writes parts 1..4, then its data and marker. A
+    kill instead of Parquet write `kill_at` (0: before any checkpoint; 2: after two rows of shard 0;
+    5: before shard 1's first part; 8: after three rows of shard 1): the rerun sends only the rows not
+    checkpointed or written, every shard is byte-identical to the uninterrupted run's, and no
+    checkpoint is left."""
+    root = copy_root(prepared_root, tmp_path / "killed")
+    writes = []
+    real = storage.write_parquet
+
+    def write(table, path, *a, **kw):
+        if len(writes) == kill_at:
+            raise Killed(path)
+        writes.append(path)
+        return real(table, path, *a, **kw)
+
+    monkeypatch.setattr(storage, "write_parquet", write)
+    with pytest.raises(Killed):
+        gen(root, "backtranslate", tiny_models["plain"], chunk_rows=1, checkpoint_rows=1)
+    monkeypatch.undo()
+    summary = gen(root, "backtranslate", tiny_models["plain"], chunk_rows=1, checkpoint_rows=1)
+    # (requests sent, rows reused from checkpoints): 5 and 8 find shard 0 complete (skipped whole)
+    assert (summary["sent"], summary["reused"]) == {0: (12, 0), 2: (10, 2), 5: (8, 0), 8: (5, 3)}[kill_at]
+    for k in range(3):
+        a = RunLayout(uninterrupted_row_by_row).generation_shard("backtranslate", k, 3)
+        assert open(a, "rb").read() == open(RunLayout(root).generation_shard("backtranslate", k, 3), "rb").read()
+    assert storage.list_files(os.path.join(root, "generations", "backtranslate", "_checkpoints")) == []
+
+
+def test_checkpoints_of_another_config_are_not_used(prepared_root, tmp_path, tiny_models, monkeypatch):
+    root = copy_root(prepared_root, tmp_path)
+    real = storage.write_parquet
+
+    def write(table, path, *a, **kw):
+        if "/_checkpoints/" not in path:
+            raise Killed(path)
+        return real(table, path, *a, **kw)
+
+    monkeypatch.setattr(storage, "write_parquet", write)
+    with pytest.raises(Killed):
+        gen(root, "backtranslate", tiny_models["plain"], chunk_rows=1, checkpoint_rows=1)
+    monkeypatch.undo()
+    summary = gen(root, "backtranslate", tiny_models["plain"], chunk_rows=1, checkpoint_rows=1, max_new_tokens=5)
+    assert summary["sent"] == 12 and summary["reused"] == 0
+
+
 def test_the_whole_document_limit_is_what_the_runner_keeps_whole(tiny_models):
     """generation.budget's --max-tokens advice agrees with fit_prompt: a document at the limit is sent
     whole by every stage, one a few tokens longer is cut by at least one."""
