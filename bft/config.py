@@ -158,13 +158,23 @@ def section(doc: dict, path: str, verb: str, sub: str | None = None) -> dict:
     if not isinstance(body, dict):
         raise ConfigError(f"{path}: section {verb!r} must be a mapping of option names to values")
     subs = SUB_SECTIONS.get(verb, ())
+    _no_root(body, path, verb)
     out.update({k: v for k, v in body.items() if k not in subs})
     if sub is not None:
         own = body.get(sub) or {}
         if not isinstance(own, dict):
             raise ConfigError(f"{path}: section {verb}.{sub} must be a mapping of option names to values")
+        _no_root(own, path, f"{verb}.{sub}")
         out.update(own)
     return out
+
+
+def _no_root(body: dict, path: str, where: str) -> None:
+    """One root per run: a `root` inside a verb's section would make that verb (and the plan) work on
+    another root than the others (and than --root), so it is refused."""
+    if "root" in body:
+        raise ConfigError(f"{path}: key 'root' in section {where}: a run has one root, the top-level `root:` "
+                          "(or --root); move it there")
 
 
 # Keys a section may hold beside the verb's own options, with their types: Beam's pipeline options for

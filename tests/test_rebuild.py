@@ -175,6 +175,8 @@ def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_to
     ({"assemble__recipe": "filter+rewrite"}, "recipe filter+rewrite needs stage rewrite"),
     ({"extra": {"a": 1}}, "unknown section(s) extra"),
     ({"root": ""}, "no `root:`"),
+    ({"prepare__root": "/elsewhere"}, "key 'root' in section prepare: a run has one root"),
+    ({"generate__score__root": "/elsewhere"}, "key 'root' in section generate.score: a run has one root"),
 ])
 def test_run_file_errors_name_the_key_and_the_file(tmp_path, tiny_models, bpe_tokenizer_path, corpus, capsys,
                                                    changes, message):
