@@ -34,7 +34,7 @@ from schemas.errors import UserError
 from schemas.keys import instruction_key, sample_key, seed_row_shard, validation_key, validation_mask
 from schemas.layout import RunLayout, shard_name
 from schemas.recipes import DEFAULT_RECIPE
-from beam_pipelines import corpus_stats, recipes
+from beam_pipelines import corpus_stats, progress, recipes
 from schemas import provenance, release
 import storage
 from beam_pipelines.options import configure_process, pipeline_options
@@ -471,7 +471,7 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
         tmp = layout.assemble_tmp(uuid.uuid4().hex[:12])
         t0 = time.perf_counter()
         try:
-            with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+            with progress.running("assemble", pipeline_options(beam_args)) as p:
                 build(p, cfg, shards, num_shards, folder, tmp)
             summary = json.loads(storage.read_text(RunLayout.summary(tmp)))
         finally:

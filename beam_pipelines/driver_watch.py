@@ -8,6 +8,10 @@ its pid (BFT_DRIVER_PID, see options.pipeline_options); `watch`, started by opti
 in the setup of every bft DoFn, polls it from a daemon thread every 0.5 s. A worker that never ran a
 bft DoFn is not watched: the FnApiRunner gives its workers no pipeline options (so no --beam_plugin)
 and nothing of ours runs in them before a bundle.
+
+The other way round, on Ctrl-C: the workers ignore SIGINT (options.local_worker_command) and the
+interrupted driver ends them itself (`end_workers`, called by progress.interrupts), at once, instead of
+waiting for each busy worker's bundle.
 """
 from __future__ import annotations
 
@@ -76,3 +80,52 @@ def _quick_clean_exit() -> None:
     sys.excepthook = note_failure
     atexit.register(leave)
 
+
+
+WORKER_MAIN = b"apache_beam.runners.worker.sdk_worker_main"
+
+
+def local_workers(driver: int | None = None) -> list[int]:
+    """The pids of the local runner's worker processes under `driver` (default: this process), from
+    /proc (elsewhere: none): its descendants whose command line runs Beam's worker main."""
+    driver = os.getpid() if driver is None else driver
+    children: dict[int, list[int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    found, todo = [], list(children.get(driver, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if WORKER_MAIN in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def end_workers(driver: int | None = None) -> list[int]:
+    """Ends the local workers of an interrupted driver at once (SIGTERM: Python has no handler for it,
+    so no traceback): a busy worker would otherwise finish its bundle before the runner's shutdown,
+    which waits for every worker, lets the driver go. What a worker was writing is whole-or-nothing."""
+    import signal
+
+    pids = local_workers(driver)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    return pids

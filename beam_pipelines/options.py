@@ -72,6 +72,16 @@ def unknown_beam_flags(beam_args: list[str]) -> list[str]:
     return flags or unknown  # a stray value is reported only when no unknown flag explains it
 
 
+def local_worker_command(command: str) -> str:
+    """The shell command that starts a local worker (the FnApiRunner runs it with `sh -c`): the
+    terminal's Ctrl-C reaches every process of the foreground group, and a worker that took it raised
+    KeyboardInterrupt wherever it was (often in its imports) and printed its traceback, while the
+    driver's thread printed another for the worker's exit status. An ignored SIGINT survives `exec`,
+    and Python leaves an ignored SIGINT ignored, so the worker never sees Ctrl-C; the driver ends its
+    workers (driver_watch.end_workers) when it is interrupted."""
+    return f"trap '' INT; exec {command}"
+
+
 def pipeline_options(beam_args: list[str]):
     """Beam's options for a pass that this process drives; its worker processes learn its pid."""
     from apache_beam.options.pipeline_options import PipelineOptions

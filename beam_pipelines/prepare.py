@@ -859,6 +859,7 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
     of a killed run: shards, rejects, _tmp/ parts) is removed, the completion marker first, so that a
     run killed at any point leaves an output that is visibly incomplete and a rerun starts clean.
     """
+    from beam_pipelines import progress
     from beam_pipelines.options import pipeline_options
 
     layout = RunLayout(cfg.root)
@@ -883,8 +884,12 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
     for path in storage.list_files(layout.candidates):
         if not path.startswith(layout.prepare_prior + "/"):
             storage.delete(path)
-    with beam.Pipeline(options=options) as p:
-        build(p, cfg, files=files, fingerprint=fingerprint, prior=prior)
+    try:
+        with progress.running("prepare", options) as p:
+            build(p, cfg, files=files, fingerprint=fingerprint, prior=prior)
+    except KeyboardInterrupt:  # the output stays visibly incomplete (no marker); its document texts go
+        storage.delete_tree(layout.prepare_tmp_root)
+        raise
     return json.loads(storage.read_text(layout.prepare_stats))
 
 

@@ -248,6 +248,7 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
     ap.add_argument("--config", metavar="FILE", help=f"run file (YAML or JSON): its `{verb.name.split()[0]}:` "
                     "section (and `root:`) supplies options; flags win")
     ap.add_argument("--verbose", action="store_true", help="show Beam's and the libraries' logs")
+    ap.add_argument("--quiet", action="store_true", help="no progress line (schemas.progress)")
     config.add_arguments(ap, cls, verb.positional)
     if verb.beam:
         args, beam_args = ap.parse_known_args(argv)
@@ -260,10 +261,14 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
     else:
         args, beam_args = ap.parse_args(argv), []
     _configure_logging(args.verbose)
+    if args.quiet:  # for this process and those it starts (BFT_QUIET=1 in the environment does the same)
+        from schemas.progress import set_quiet
+
+        set_quiet(True)
     from beam_pipelines.options import configure_process
 
     configure_process()
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "verbose")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "verbose", "quiet")}
     try:
         file_values = {}
         if args.config:
@@ -303,7 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     if verb is None:
         print(usage() + f"\n\nbft: unknown verb {' '.join(argv[:1])!r}", file=sys.stderr)
         return 2
-    return run_verb(verb, argv[1:])
+    try:
+        return run_verb(verb, argv[1:])
+    except KeyboardInterrupt:  # before the verb's own handler (imports, parsing) or after it
+        print(f"bft {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,174 @@
+"""A Beam pass's progress (beam_pipelines/progress.py), --quiet, and Ctrl-C in a real `bft prepare`."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from beam_pipelines import driver_watch, progress
+from bft import cli
+from schemas.progress import ENV, quiet
+from tests.conftest import ROOT
+
+SAMPLE = os.path.join(ROOT, "samples", "dolma", "documents", "*", "*.json.gz")
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def not_quiet(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+
+
+def test_off_a_terminal_one_line_a_minute_at_most(not_quiet):
+    clock, out = Clock(), io.StringIO()
+    status = progress.PassStatus("prepare", out, clock=clock)
+    assert not status.tty
+    for _ in range(59):  # a pass shorter than a minute says nothing
+        clock.t += 1
+        status.tick()
+    assert out.getvalue() == ""
+    status.stage("ReadAndMeasure")
+    status.count({("bft.prepare", "input_records"): 1200, ("bft.prepare", "dropped/too_long"): 30,
+                  ("bft.prepare", "dropped/duplicate"): 5, ("bft.prepare", "length/measured"): 1200})
+    clock.t += 1
+    status.tick()
+    for _ in range(119):  # ticks every half second: still one line a minute
+        clock.t += 0.5
+        status.tick()
+    status.count({("bft.prepare", "input_records"): 800, ("bft.prepare", "kept"): 1900})
+    clock.t += 0.5
+    status.tick()
+    status.close()
+    assert out.getvalue().splitlines() == [
+        "bft prepare: 1m00s; 1,200 read, 35 dropped; stage ReadAndMeasure",
+        "bft prepare: 2m00s; 2,000 read, 1,900 kept, 35 dropped; stage ReadAndMeasure",
+    ]
+
+
+def test_on_a_terminal_one_line_redrawn_in_place_and_cleared(not_quiet):
+    clock, out = Clock(), io.StringIO()
+    status = progress.PassStatus("assemble", out, clock=clock, tty=True)
+    status.tick()
+    clock.t += 75
+    status.stage("Recipe")
+    status.count({("bft.assemble", "candidates"): 5000})
+    status.tick()
+    status.close()
+    assert out.getvalue() == ("\r\x1b[Kbft assemble: 0m00s"
+                              "\r\x1b[Kbft assemble: 1m15s; 5,000 candidates; stage Recipe"
+                              "\r\x1b[K")
+
+
+def test_quiet_shows_nothing_on_a_terminal_or_off_it(monkeypatch):
+    monkeypatch.setenv(ENV, "1")
+    for tty in (True, False):
+        clock, out = Clock(), io.StringIO()
+        status = progress.PassStatus("prepare", out, clock=clock, tty=tty)
+        for _ in range(5):
+            clock.t += 61
+            status.tick()
+        status.close()
+        assert out.getvalue() == ""
+
+
+def test_the_quiet_flag_is_one_setting_for_every_verb(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv(ENV, raising=False)
+    assert not quiet()
+    assert cli.main(["validate", str(tmp_path / "nothing"), "--quiet"]) == 1  # cheap: fails after parsing
+    assert quiet() and os.environ[ENV] == "1"  # in the environment: the Beam workers and helpers see it too
+    for verb in ("prepare", "assemble", "generate"):
+        with pytest.raises(SystemExit):
+            cli.main([verb, "--help"])
+        assert "--quiet" in capsys.readouterr().out
+
+
+def _transform(name, urn="beam:transform:pardo:v1"):
+    return SimpleNamespace(unique_name=name, spec=SimpleNamespace(urn=urn))
+
+
+def test_a_fused_stage_is_named_by_the_transforms_doing_its_work():
+    stage = SimpleNamespace(name="((ref_AppliedPTransform_...))", transforms=[
+        _transform("HeadSplitFiles/MaybeReshuffle/Reshuffle/ReshufflePerKey/GroupByKey/Read", "beam:runner:source:v1"),
+        _transform("HeadSplitFiles/MaybeReshuffle/Reshuffle/RemoveRandomKeys"),
+        _transform("HeadSplitFiles/Map(decode)"),
+        _transform("ReadAndMeasure/ParDo(ReadAndMeasure)"),
+        _transform("AllTallies/Transcode/0", "beam:transform:flatten:v1"),
+        _transform("Deduplicate/KeyById"),
+        _transform("Deduplicate/GroupById/Write", "beam:runner:sink:v1")])
+    assert progress.stage_label(stage) == "ReadAndMeasure+Deduplicate"
+    create = SimpleNamespace(name="x", transforms=[
+        _transform("ShardNumbers/Impulse", "beam:runner:source:v1"),
+        _transform("ShardNumbers/FlatMap(<lambda at core.py:4094>)"), _transform("ShardNumbers/Map(decode)")])
+    assert progress.stage_label(create) == "ShardNumbers"
+    shuffle = SimpleNamespace(name="x", transforms=[
+        _transform("AllShards/Read", "beam:runner:source:v1"), _transform("GroupByShard/Write", "beam:runner:sink:v1")])
+    assert progress.stage_label(shuffle) == "AllShards+GroupByShard"
+
+
+def test_user_counters_come_from_a_bundles_monitoring_infos():
+    from apache_beam.metrics import monitoring_infos as mi
+
+    infos = [mi.int64_user_counter("bft.prepare", "input_records", 7),
+             mi.int64_user_counter("bft.prepare", "input_records", 5),
+             mi.int64_counter(mi.ELEMENT_COUNT_URN, 99, pcollection="p")]
+    assert progress.user_counters(infos) == {("bft.prepare", "input_records"): 12}
+
+
+def _group(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid`."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != b"Z":
+                found.append(int(name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_in_prepare_is_one_line_exit_130_and_leaves_no_process(tmp_path, bpe_tokenizer_path):
+    """What a terminal's Ctrl-C does: SIGINT to the whole foreground process group (the driver and
+    the local runner's worker processes), here while the workers run."""
+    root = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in (ENV, "BFT_DRIVER_PID")}
+    proc = subprocess.Popen(  # the default runner: the FnApiRunner with workers in processes
+        [sys.executable, "-m", "bft.cli", "prepare", "--input", SAMPLE, "--tokenizer", bpe_tokenizer_path,
+         "--root", str(root), "--max-tokens", "1024", "--num-shards", "4"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 12
+        while time.time() < deadline and proc.poll() is None and not driver_watch.local_workers(proc.pid):
+            time.sleep(0.1)
+        assert proc.poll() is None and driver_watch.local_workers(proc.pid), "no local worker started"
+        time.sleep(1.0)  # the workers are importing, or running the first stages
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err.decode()
+    assert err.decode().splitlines() == ["bft prepare: interrupted"]
+    deadline = time.time() + 10
+    while _group(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _group(proc.pid) == []
+    candidates = root / "candidates"
+    assert not (candidates / "stats.json").exists()  # visibly incomplete: the next run redoes it
+    assert not (candidates / "_tmp").exists()  # the run's document texts are gone with it
