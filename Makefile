@@ -26,6 +26,7 @@ test: setup
 bench: setup
 	$(BIN)/python -m benchmarks.prepare_bench --docs $${DOCS:-30000 100000 300000}
 	$(BIN)/python -m benchmarks.generate_bench
+	$(BIN)/python -m benchmarks.utilization_bench
 	$(BIN)/python -m benchmarks.assemble_bench
 	$(BIN)/python -m benchmarks.train_bench
 
