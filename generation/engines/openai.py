@@ -175,7 +175,20 @@ class OpenAIEngine(Engine):
         overlaps waiting for answers; `emit` runs on the event loop's thread."""
         if self._loop.is_closed():
             raise RuntimeError("the engine is closed")
-        self._loop.run_until_complete(self._stream(iter(items), emit))
+        try:
+            self._loop.run_until_complete(self._stream(iter(items), emit))
+        except BaseException:  # Ctrl-C (or a failed emit): end every request in flight before leaving
+            self._cancel_all()
+            raise
+
+    def _cancel_all(self) -> None:
+        """Cancel the loop's pending tasks (requests in flight, the stream) and let them unwind, so that
+        nothing is left half-run or reported as destroyed while pending."""
+        tasks = [t for t in asyncio.all_tasks(self._loop) if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
     async def _stream(self, items, emit) -> None:
         loop = asyncio.get_running_loop()
