@@ -14,6 +14,8 @@ which becomes an error row.
 """
 from __future__ import annotations
 
+import json
+
 from generation.templates import Template, llama2_format, messages
 
 SCORE_PREFIX = "Score:"
@@ -72,6 +74,53 @@ def _build(tokenizer, template: Template, values: dict[str, str], assistant_pref
     return prompt, msgs + [{"role": "assistant", "content": prefill}]
 
 
+# A prompt of B UTF-8 bytes has at most B + BYTE_SLACK tokens under a `byte_bounded` tokenizer.
+BYTE_SLACK = 2
+_PREPENDS = ("Prepend", "Replace")
+_SPLITS = ("ByteLevel", "Metaspace", "Split", "Digits", "Whitespace", "WhitespaceSplit", "Punctuation")
+
+
+def byte_bounded(tokenizer) -> bool:
+    """Whether no text has more tokens (special tokens not added) than its UTF-8 bytes + BYTE_SLACK,
+    so that a prompt that short in bytes fits without being tokenized. True for a fast tokenizer
+    whose model is BPE and whose normalizer only prepends "▁" and/or replaces " " with "▁" (or is
+    absent), with pre-tokenizers that only split or map bytes (ByteLevel, Metaspace, Split, ...):
+    Llama-2's structure, Llama-3's, Qwen's, tekken. Why: a BPE token is a vocabulary piece of at
+    least one character, or (byte fallback) one byte of a character; ByteLevel turns each byte into
+    one character; " " -> "▁" keeps one character per space (and "▁" must be in the vocabulary, or
+    its byte fallback would take 3 tokens); Prepend, Metaspace's prefix and ByteLevel's prefix space
+    add at most one character. A normalizer that can lengthen text (NFKC: "ﷺ" is 1 character, 18
+    after) or any other model makes this False, and every prompt is counted."""
+    cached = getattr(tokenizer, "_bft_byte_bounded", None)
+    if cached is not None:
+        return cached
+    ok = False
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        model, norm, pre = spec.get("model") or {}, spec.get("normalizer"), spec.get("pre_tokenizer")
+
+        def steps(node, key):
+            if node is None:
+                return []
+            return [x for n in node.get(key, []) for x in steps(n, key)] if node.get("type") == "Sequence" else [node]
+
+        norms, pres = steps(norm, "normalizers"), steps(pre, "pretokenizers")
+        space_ok = all(n["type"] == "Prepend" and n.get("prepend") == "▁"
+                       or n["type"] == "Replace" and n.get("pattern") == {"String": " "} and n.get("content") == "▁"
+                       for n in norms)
+        needs_meta = any(n["type"] == "Replace" for n in norms) or any(p["type"] == "Metaspace" for p in pres)
+        prefixes = sum(n["type"] == "Prepend" for n in norms) + sum(
+            p["type"] == "Metaspace" or p["type"] == "ByteLevel" and p.get("add_prefix_space") for p in pres)
+        ok = (model.get("type") == "BPE" and space_ok and all(p["type"] in _SPLITS for p in pres)
+              and (not needs_meta or "▁" in (model.get("vocab") or {})) and prefixes < BYTE_SLACK)
+    try:
+        tokenizer._bft_byte_bounded = ok
+    except AttributeError:
+        pass
+    return ok
+
+
 def fit_prompt(tokenizer, template: Template, values: dict[str, str], doc_field: str | None, budget: int,
                assistant_prefix: str = "") -> tuple[str, list[dict], bool]:
     """(prompt, messages, truncated): the document value is cut at its end until the prompt has at
@@ -84,17 +133,27 @@ def fit_prompt(tokenizer, template: Template, values: dict[str, str], doc_field:
 
 def fit_prompts(tokenizer, template: Template, values: list[dict[str, str]], doc_field: str | None, budget: int,
                 assistant_prefix: str = "") -> list[tuple[str, list[dict], bool, int | None]]:
-    """`fit_prompt` of many rows, plus each prompt's length in tokens (None without a tokenizer). The
-    prompts are counted in one batched tokenizer call; only those over the budget take the cutting
-    path, one by one. The result is the same as `fit_prompt` row by row."""
+    """`fit_prompt` of many rows, plus each prompt's length in tokens (None when it was not counted).
+    A prompt whose UTF-8 bytes already prove it fits (`byte_bounded`) is not tokenized at all; the
+    others are counted in one batched tokenizer call, and only those over the budget take the
+    cutting path, one by one. The prompts are the same as `fit_prompt`'s row by row."""
     built = [_build(tokenizer, template, v, assistant_prefix) for v in values]
+    totals: list[int | None]
     if tokenizer is None:
         totals = [_bound(None, p, m) for p, m in built]
     else:
-        totals = [len(ids) for ids in tokenizer([p for p, _ in built], add_special_tokens=False)["input_ids"]]
+        totals = [None] * len(built)
+        if byte_bounded(tokenizer):
+            count = [i for i, (p, _) in enumerate(built) if len(p.encode("utf-8", "surrogatepass")) + BYTE_SLACK > budget]
+        else:
+            count = range(len(built))
+        if count:
+            ids = tokenizer([built[i][0] for i in count], add_special_tokens=False)["input_ids"]
+            for i, row in zip(count, ids):
+                totals[i] = len(row)
     out = []
     for v, (prompt, msgs), total in zip(values, built, totals):
-        if total <= budget or not doc_field or not v.get(doc_field):
+        if total is None or total <= budget or not doc_field or not v.get(doc_field):
             out.append((prompt, msgs, False, total if tokenizer is not None else None))
         else:
             prompt, msgs = _cut(tokenizer, template, v, doc_field, budget, assistant_prefix, total)

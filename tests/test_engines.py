@@ -451,3 +451,57 @@ def test_a_content_filter_row_is_final_in_the_shard_and_never_resent(prepared_ro
     fresh.requests.clear()
     again = gen(root, "backtranslate", "tiny-chat", **kw)
     assert again["shards_skipped"] == [0, 1, 2] and again["sent"] == 0 and fresh.requests == []
+
+
+# --- the client's cheap path: prompts short enough in bytes are not tokenized (issue 18 point 4) -------
+
+def test_byte_bounded_tokenizers_never_exceed_bytes_plus_slack(llama2_structure_tokenizer, tekken_tokenizer,
+                                                               fixture_texts):
+    """Llama-2's structure (byte fallback, Prepend+Replace) and tekken (byte-level BPE with a split
+    regex) qualify, and on texts built to stress the bound (multi-byte characters outside the
+    vocabulary, runs of spaces, emoji, combining marks) no text has more tokens than bytes + slack."""
+    import random
+
+    from generation.prompting import BYTE_SLACK, byte_bounded
+
+    rng = random.Random(3)
+    pieces = ["  ", " ", "\n\n", "é", "漢字", "😀", "e\u0301", "ﷺ", "\t", "[INST]", "<s>", "▁", "Ġ"]
+    texts = [t[:400] for t in fixture_texts[:20]] + [
+        "".join(rng.choice(pieces + [w for w in fixture_texts[0].split()[:30]]) for _ in range(rng.randint(1, 80)))
+        for _ in range(300)]
+    for path in (llama2_structure_tokenizer, tekken_tokenizer):
+        tok = hf_tokenizer(path)
+        assert byte_bounded(tok)
+        for text, ids in zip(texts, tok(texts, add_special_tokens=False)["input_ids"]):
+            assert len(ids) <= len(text.encode()) + BYTE_SLACK, (path, text)
+
+
+def test_a_normalizer_that_lengthens_text_is_not_byte_bounded(bpe_tokenizer_path):
+    import json
+
+    from generation.prompting import byte_bounded
+
+    spec = json.load(open(bpe_tokenizer_path))
+    spec["normalizer"] = {"type": "NFKC"}
+    tok = hf_tokenizer(bpe_tokenizer_path)
+    from tokenizers import Tokenizer
+
+    tok._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    assert not byte_bounded(tok)
+
+
+def test_fit_prompts_counts_only_what_bytes_cannot_prove(llama2_structure_tokenizer, fixture_texts):
+    """Short prompts are not tokenized (count None); long ones are counted and cut exactly as before."""
+    from generation.prompting import fit_prompts
+
+    tok = hf_tokenizer(llama2_structure_tokenizer)
+    calls = []
+    real = tok.__call__
+    tok.__class__ = type("Counting", (tok.__class__,), {
+        "__call__": lambda self, texts, **kw: calls.append(texts) or real(texts, **kw)})
+    docs = [fixture_texts[0][:200], " ".join(fixture_texts[1:11])]
+    out = fit_prompts(tok, DEFAULTS["backtranslate"], [{"response": d} for d in docs], "response", 600)
+    assert out[0][2] is False and out[0][3] is None                       # proved by bytes: never tokenized
+    assert out[1][2] is True and out[1][3] <= 600                         # counted, then cut to the budget
+    assert all(docs[0] not in (t if isinstance(t, str) else " ".join(t)) for t in calls)
+    assert out[1][3] == len(real(out[1][0], add_special_tokens=False)["input_ids"])

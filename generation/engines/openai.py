@@ -43,6 +43,7 @@ applies its template; needed for hosted chat-only APIs).
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import json
 import logging
@@ -56,6 +57,7 @@ import urllib.parse
 from typing import Any, Callable, Iterable
 
 import aiohttp
+import orjson
 
 from generation.engines.base import (CONTENT_FILTER, PROMPT_TOO_LONG, REFUSAL, Completion, Engine, EngineConfig,
                                      EngineError, Request, failed, finished, model_context_length)
@@ -64,6 +66,7 @@ log = logging.getLogger("bft.engine.openai")
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 MAX_BACKOFF_S = 60.0
 PREFLIGHT_S = 5.0
+HAND_OFF = 16           # prepared requests handed from the preparing thread to the event loop at once
 # How servers say a prompt does not fit: vLLM ("This model's maximum context length is N tokens",
 # V1 "The decoder prompt (length N) is longer than the maximum model length of M", "... is too long"),
 # OpenAI (code context_length_exceeded), SGLang / TGI ("exceeds the model's context length",
@@ -191,39 +194,46 @@ class OpenAIEngine(Engine):
             self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
     async def _stream(self, items, emit) -> None:
+        """Workers take requests from a local deque that the preparing thread fills a batch at a time
+        (one hand-off per batch, not per request), kept at most 2 x concurrency ahead of dispatch."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue(maxsize=self.concurrency)
-        done, stop, problem = object(), threading.Event(), []
+        ready: collections.deque = collections.deque()
+        arrived = asyncio.Event()
+        state = {"finished": False}
+        stop, problem = threading.Event(), []
+        ahead = 2 * self.concurrency
 
-        def put(item) -> bool:
-            fut = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
-            while not stop.is_set():
-                try:
-                    fut.result(timeout=0.5)
-                    return True
-                except TimeoutError:
-                    continue
-            fut.cancel()
-            return False
+        def arrive(batch: list, last: bool) -> None:   # on the loop's thread
+            ready.extend(batch)
+            state["finished"] = state["finished"] or last
+            arrived.set()
 
         def produce() -> None:
+            batch: list = []
             try:
                 for item in items:
-                    if not put(item):
-                        return
+                    batch.append(item)
+                    if len(batch) >= HAND_OFF:
+                        while len(ready) >= ahead and not stop.is_set():
+                            time.sleep(0.002)
+                        if stop.is_set():
+                            return
+                        loop.call_soon_threadsafe(arrive, batch, False)
+                        batch = []
             except BaseException as e:  # handed to the loop's thread, raised there
                 problem.append(e)
             finally:
-                for _ in range(self.concurrency):
-                    if not put(done):
-                        return
+                if not stop.is_set():
+                    loop.call_soon_threadsafe(arrive, batch, True)
 
         async def worker() -> None:
             while True:
-                item = await queue.get()
-                if item is done:
-                    return
-                key, request = item
+                while not ready:
+                    if state["finished"]:
+                        return
+                    arrived.clear()
+                    await arrived.wait()
+                key, request = ready.popleft()
                 emit(key, await self._one(request))
 
         producer = threading.Thread(target=produce, name="bft-prepare", daemon=True)
@@ -262,7 +272,7 @@ class OpenAIEngine(Engine):
         return "/completions", body
 
     async def _post_once(self, path: str, body: dict) -> tuple[int, Any, bytes]:
-        async with self._session.post(self.base_url + path, data=json.dumps(body), allow_redirects=False,
+        async with self._session.post(self.base_url + path, data=orjson.dumps(body), allow_redirects=False,
                                       headers={"Content-Type": "application/json"}) as resp:
             return resp.status, resp.headers, await resp.read()
 
@@ -295,6 +305,8 @@ class OpenAIEngine(Engine):
                     return failed(f"HTTP {status}{where}: {text}")
                 else:
                     return self._parse(content, r)
+            except orjson.JSONEncodeError as e:  # text JSON cannot carry (a lone surrogate): no retry helps
+                return failed(f"the request cannot be encoded as JSON: {e}")
             except asyncio.TimeoutError:
                 error = f"ReadTimeout: no whole answer within --request-timeout {self.timeout_s:g} s"
             except (aiohttp.ClientError, OSError) as e:
@@ -311,8 +323,8 @@ class OpenAIEngine(Engine):
 
     def _parse(self, content: bytes, r: Request) -> Completion:
         """A 200 answer -> Completion; anything malformed is a (transient) error row saying what was wrong."""
-        try:
-            data = json.loads(content)
+        try:  # orjson: ~3x json's speed; refuses lone surrogates and nesting past 1024 levels
+            data = orjson.loads(content)
         except (ValueError, RecursionError):
             return failed(f"the server answered 200 with a body that is not JSON: {content[:200]!r}")
         choices = data.get("choices") if isinstance(data, dict) else None
