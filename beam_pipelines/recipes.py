@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import schemas
-from schemas.recipes import EMPTY, RECIPES, TOO_LONG, TOO_SHORT, TRUNCATED, Recipe  # noqa: F401 (a contract)
+from schemas.recipes import EMPTY, RECIPES, TOO_LONG, TOO_SHORT, TRUNCATED, Gate, Recipe  # noqa: F401 (a contract)
 from schemas.outcomes import categories
 from generation.templates import SEED_TAG, WEB_TAG
 
@@ -76,7 +76,7 @@ def verdicts(joined: pa.Table, recipe: Recipe, curation: Curation, threshold: fl
         limit = recipe.threshold if threshold is None else threshold
         score = joined[f"{recipe.gate}.score"]
         reason = _first_reason(reason, pc.is_null(score), f"{recipe.gate}:no_score")
-        reason = _first_reason(reason, pc.less(score, limit), f"{recipe.gate}_below_threshold")
+        reason = _first_reason(reason, Gate(recipe.gate, limit).below(score), f"{recipe.gate}_below_threshold")
     if recipe.answer:
         reason = _stage_outcome(reason, joined, recipe.answer, True)
     instruction = pc.utf8_trim_whitespace(joined["backtranslate.instruction"])

@@ -31,6 +31,7 @@ from bft.rebuild import RunPlan, StagePlan, load_run
 from schemas.errors import UserError
 from schemas.layout import RunLayout
 from schemas.options import option
+from schemas.recipes import Gate
 
 PAPER_SCORE5_SHARE = 0.136   # Nguyen et al. 2024: share of backtranslated pairs scored 5
 GATED = ("rewrite", "distill")
@@ -136,9 +137,10 @@ def _measured(layout: RunLayout, stage: str, threshold: float | None) -> dict | 
         for key in ("prompt_tokens", "output_tokens", "wall_s"):
             totals[key] += m.get(key) or 0
         if threshold is not None and storage.exists(layout.generation_shard(stage, k, n)):
-            scores = storage.read_parquet(layout.generation_shard(stage, k, n), columns=["score"])["score"]
-            totals["passed"] += int(pc.sum(pc.fill_null(pc.greater_equal(scores, threshold), False)
-                                           .cast("int64")).as_py() or 0)
+            t = storage.read_parquet(layout.generation_shard(stage, k, n),
+                                     columns=["score", "parse_error", "input_truncated"])
+            passing = Gate(stage, threshold).passing(t["parse_error"], t["input_truncated"], t["score"])
+            totals["passed"] += int(pc.sum(passing.cast("int64")).as_py() or 0)
     return totals if found else None
 
 

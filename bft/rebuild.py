@@ -105,9 +105,31 @@ def load_run(path: str, root: str | None = None, stages: list[str] | None = None
             raise config.ConfigError(f"{path}: recipe {asm.recipe} needs stage {stage}: add a `generate: {stage}:` "
                                      "section with at least engine and model")
         cfg, run_values = verb_config(GenerateConfig, "generate", stage)
+        _one_threshold(path, stage, cfg, asm)
         plans.append(StagePlan(stage, cfg, run_values.get("external", False), run_values.get("workers", 1),
                                run_values.get("tokens_per_s")))
     return RunPlan(path, prep.root, prep, prep_run.get("beam_args") or [], plans, asm, asm_run.get("beam_args") or [])
+
+
+def _one_threshold(path: str, stage: str, cfg, asm) -> None:
+    """One threshold per run: the recipe's (assemble.min_score, else the recipe's default) gates the
+    answering stage and keeps the pair in assemble. A stage whose gate is the recipe's gate and that
+    names no threshold takes it; one that names another is refused, naming both keys (a rewrite gate
+    at 5 with assemble at 4 published the same pairs; at 0 with assemble at 5, it paid for rewrites
+    assemble then dropped)."""
+    from schemas.recipes import RECIPES
+
+    recipe = RECIPES[asm.recipe]
+    gate = cfg.gate_rule()
+    if gate is None or recipe.gate is None or gate.stage != recipe.gate or stage != recipe.answer:
+        return
+    if cfg.min_score is None:
+        cfg.min_score = asm.threshold
+    elif cfg.min_score != asm.threshold:
+        said = "assemble.min_score" if asm.min_score is not None else f"the {asm.recipe} recipe's default"
+        raise config.ConfigError(f"{path}: generate.{stage}.min_score {cfg.min_score:g} and {said} "
+                                 f"{asm.threshold:g} differ: one threshold gates the {stage} requests and keeps "
+                                 f"the pairs; set assemble.min_score alone")
 
 
 def worker_command(path: str, stage: str, workers: int) -> str:
@@ -368,7 +390,7 @@ def night_text(result: dict) -> str:
         lines.append(f"   vs {changes['previous']}: {changes['error']}")
     else:
         parts = [f"{o}: +{v['added']} -{v['removed']} ={v['kept']}" for o, v in changes["examples"].items()]
-        lines.append(f"   vs {changes['previous']}: examples {'; '.join(parts)}; kept share "
+        lines.append(f"   vs {changes['previous']}: examples {'; '.join(parts) or 'none in either'}; kept share "
                      f"{_share(changes['kept_share']['previous'])} -> {_share(changes['kept_share']['now'])}; "
                      f"error share {_share(changes['error_share']['previous'])} -> "
                      f"{_share(changes['error_share']['now'])}")

@@ -269,7 +269,7 @@ class StageRunner:
                     summary["shards_skipped"].append(k)
                     continue
                 log.info("%s: resending its transient-failure rows", out)
-            elif provenance.reusable(why, marker, made):
+            elif provenance.reusable(why, marker, made, row_level=("gate", "min_score")):
                 log.info("%s: %s; reusing the rows whose input is unchanged", out, why)
                 previous = read_generation(out)
             elif why != provenance.MISSING:

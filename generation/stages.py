@@ -14,23 +14,11 @@ from typing import Callable
 from generation import parsing
 from generation.prompting import SCORE_PREFIX
 from schemas.outcomes import BELOW_GATE, MISSING_TEXT, MISSING_UPSTREAM_ROW, category, upstream_failed
-from schemas.recipes import GATE_STAGES
+from schemas.recipes import GATE_STAGES, Gate  # noqa: F401 (Gate: the one rule, owned by schemas/recipes.py)
 
 # Rewrite and distill answer the same instructions and are compared in the paper (Nguyen et al. 2024,
 # Table 2): one new-token cap for both.
 ANSWER_MAX_NEW_TOKENS = 2048
-
-
-@dataclass(frozen=True)
-class Gate:
-    """Send a row only when its `stage` row parsed and scored >= threshold."""
-
-    stage: str
-    threshold: float
-
-    def passes(self, gate_row: dict | None) -> bool:
-        return (gate_row is not None and gate_row.get("parse_error") is None and gate_row.get("score") is not None
-                and gate_row["score"] >= self.threshold)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from schemas.release import sha256_of
 KEY = "provenance"
 MISSING = "missing"     # `problem` of a shard whose data file does not exist (yet)
 STALE = "made from other inputs"   # `problem` of an intact shard whose recorded inputs differ
+OTHER_CONFIG = "made with another config"   # `problem` of an intact shard whose recorded config differs
 
 
 def made_from(layout: RunLayout, inputs: dict[str, str], config: dict) -> dict:
@@ -77,7 +78,7 @@ def problem(layout: RunLayout, path: str, marker: str, expected: dict | None = N
             return f"{STALE} ({', '.join(changed)} changed since; stale)"
         changed = _differences(record["config"], expected["config"])
         if changed:
-            return f"made with another config ({', '.join(changed)} differ)"
+            return f"{OTHER_CONFIG} ({', '.join(changed)} differ)"
         return None
     cache = {} if checksums is None else checksums
     for name, entry in sorted(record["inputs"].items()):
@@ -89,11 +90,13 @@ def problem(layout: RunLayout, path: str, marker: str, expected: dict | None = N
     return None
 
 
-def reusable(why: str | None, marker: str, expected: dict) -> bool:
-    """Whether the rows of a shard that `problem(..., expected)` found stale (`why`: its marker is
-    valid and its bytes are the recorded ones, only its inputs differ: documents joined or left the
-    candidates shard) may be reused row by row (by input_hash): when it was made with the same config."""
-    if why is None or not why.startswith(STALE):
+def reusable(why: str | None, marker: str, expected: dict, row_level: tuple[str, ...] = ()) -> bool:
+    """Whether the rows of a shard that `problem(..., expected)` found not current (`why`) may be
+    reused row by row (by input_hash): its marker is valid and its bytes are the recorded ones, and
+    only its inputs (documents joined or left the candidates shard) and/or the config keys in
+    `row_level` differ: keys whose effect on a row is wholly in that row's input_hash (the gate: a row
+    that now passes it has other prompt values than the `not_sent: below_gate` row it was)."""
+    if why is None or not (why.startswith(STALE) or why.startswith(OTHER_CONFIG)):
         return False
     record = read_record(marker)
-    return record is not None and record["config"] == expected["config"]
+    return record is not None and set(_differences(record["config"], expected["config"])) <= set(row_level)

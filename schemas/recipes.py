@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -39,6 +42,33 @@ DEFAULT_RECIPE = "filter+rewrite"
 CURATION_DROPS = TOO_SHORT, TOO_LONG, EMPTY, TRUNCATED = (
     "instruction_too_short", "instruction_too_long", "empty_response", "truncated_response")
 GATE_STAGES = sorted({r.gate for r in RECIPES.values() if r.gate})   # the stages that write scores
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The one rule a pair passes: its `stage` row parsed (parse_error null), was made from the whole
+    document (not input_truncated: assemble could not keep it), and scored a number >= threshold (NaN
+    never passes). The generation runner sends the answering stage only such pairs (`passes`, a row),
+    and assemble and the plan count them (`failing`, vectorized): one rule, both ways."""
+
+    stage: str
+    threshold: float
+
+    def passes(self, row: dict | None) -> bool:
+        if row is None or row.get("parse_error") is not None or row.get("input_truncated"):
+            return False
+        score = row.get("score")
+        return isinstance(score, (int, float)) and not isinstance(score, bool) and score >= self.threshold
+
+    def below(self, score) -> pa.Array:
+        """Where a present score fails the threshold (NaN included; null scores are false: no score)."""
+        return pc.invert(pc.fill_null(pc.greater_equal(score, self.threshold), True))
+
+    def passing(self, parse_error, input_truncated, score) -> pa.Array:
+        """`passes` of every row of a stage's columns (no nulls in the result)."""
+        whole = pc.invert(pc.fill_null(input_truncated, False))
+        return pc.fill_null(pc.and_(pc.and_(pc.is_null(parse_error), whole),
+                                    pc.greater_equal(score, self.threshold)), False)
 
 
 def gate_threshold(stage: str) -> float:

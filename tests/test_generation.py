@@ -346,6 +346,49 @@ def test_rewrite_and_distill_send_only_rows_past_the_gate(prepared_root, tmp_pat
     assert set(read_stage(root, stage)[1].query("finish_reason.notna()")["id"]) == ok
 
 
+def test_one_gate_lowered_sends_only_new_pairs_and_never_nan_or_cut_scores(prepared_root, tmp_path, tiny_models):
+    """Issue 19 points 3-4, issue 23 point 1: the gate (schemas.recipes.Gate) never passes a NaN score
+    nor a score made from a cut document (assemble could not keep the pair); lowering the threshold
+    sends only the pairs that pass now and did not before, the rewrites already made are kept."""
+    import math
+
+    from schemas.recipes import Gate
+
+    root = copy_root(prepared_root, tmp_path)
+    gen(root, "backtranslate", tiny_models["plain"])
+    give_instructions(root)
+    bt = read_stage(root, "backtranslate")[1]
+    ok = sorted(bt[bt["parse_error"].isna()]["id"])
+    plan = {i: [5.0, 4.0, math.nan][n % 3] for n, i in enumerate(ok)}
+    write_scores(root, "score", plan)
+    cut = ok[0]                                     # a 5 made from a cut document
+    layout = RunLayout(root)
+    for k in range(3):
+        path = layout.generation_shard("score", k, 3)
+        rows = read_generation_rows(path)
+        for r in rows:
+            r["input_truncated"] = r["id"] == cut
+        storage.write_parquet(schemas.to_table(rows, schemas.GENERATION, path), path)
+        reseal(path)
+    first = gen(root, "rewrite", tiny_models["chat"])
+    fives = {i for i, v in plan.items() if v == 5.0} - {cut}
+    assert first["sent"] == len(fives)
+    assert set(read_stage(root, "rewrite")[1].query("finish_reason.notna()")["id"]) == fives
+    before = read_stage(root, "rewrite")[1].set_index("id")
+    second = gen(root, "rewrite", tiny_models["chat"], min_score=4.0)
+    fours = {i for i, v in plan.items() if v == 4.0}
+    assert second["sent"] == len(fours) and second["reused"] == 12 - len(fours)
+    after = read_stage(root, "rewrite")[1].set_index("id")
+    assert after.loc[sorted(fives), "raw_output"].equals(before.loc[sorted(fives), "raw_output"])
+    assert set(after.query("finish_reason.notna()").index) == fives | fours   # NaN and the cut 5: never
+    g = Gate("score", 4.0)
+    assert not g.passes({"score": math.nan, "parse_error": None}) and not g.passes(
+        {"score": 5.0, "parse_error": None, "input_truncated": True}) and g.passes({"score": 4.0, "parse_error": None})
+    import pyarrow as pa
+    assert g.passing(pa.array([None, None, None, "x"]), pa.array([False, True, None, False]),
+                     pa.array([5.0, 5.0, math.nan, 5.0])).to_pylist() == [True, False, False, False]
+
+
 def test_the_rate_gate_uses_alpagasus_threshold(prepared_root, tmp_path, tiny_models):
     root = copy_root(prepared_root, tmp_path)
     gen(root, "backtranslate", tiny_models["plain"])

@@ -71,6 +71,14 @@ def test_rebuild_runs_the_flow_then_reuses_everything(tmp_path, tiny_models, bpe
     assert sorted(set(os.listdir(os.path.join(root, "sft"))) - {"_tmp"}) == [latest, "LATEST"]
 
 
+def pd_ids(root, version):
+    import pandas as pd
+
+    folder = os.path.join(root, "sft", version)
+    files = [f for f in storage.list_files(folder) if f.endswith(".parquet")]
+    return [i for f in files for i in pd.read_parquet(f, columns=["id"])["id"]]
+
+
 def shard_of(root):
     import pandas as pd
 
@@ -109,6 +117,15 @@ def test_a_new_input_file_generates_only_for_its_documents(tmp_path, tiny_models
         assert rows_after.loc[list(before)].equals(old_rows.loc[list(before)]), stage
     latest = storage.read_text(os.path.join(root, "sft", "LATEST")).strip()
     assert latest != first_release
+    # the night's summary says how the new release differs from the one LATEST named before
+    old_ids, new_ids = set(pd_ids(root, first_release)), set(pd_ids(root, latest))
+    if old_ids or new_ids:
+        diff = re.search(rf"vs {first_release}: examples web: \+(\d+) -(\d+) =(\d+); kept share ", out)
+        assert diff, out
+        assert tuple(map(int, diff.groups())) == (len(new_ids - old_ids), len(old_ids - new_ids),
+                                                  len(new_ids & old_ids))
+    else:   # tiny random models: no pair kept in either release
+        assert f"vs {first_release}: examples none in either; kept share 0.0% -> 0.0%" in out, out
     stats = json.loads(open(os.path.join(root, "sft", latest, "stats.json")).read())
     assert stats["funnel"]["candidates"] == 13               # the new release holds the old and the new pairs
     assert not os.path.exists(os.path.join(root, "candidates", "_prior"))
@@ -177,6 +194,8 @@ def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_to
     ({"root": ""}, "no `root:`"),
     ({"prepare__root": "/elsewhere"}, "key 'root' in section prepare: a run has one root"),
     ({"generate__score__root": "/elsewhere"}, "key 'root' in section generate.score: a run has one root"),
+    ({"assemble__recipe": "filter+rewrite", "generate__rewrite": {"model": "m", "min_score": 4}},
+     "generate.rewrite.min_score 4 and assemble.min_score 0 differ: one threshold gates the rewrite requests"),
 ])
 def test_run_file_errors_name_the_key_and_the_file(tmp_path, tiny_models, bpe_tokenizer_path, corpus, capsys,
                                                    changes, message):
@@ -187,6 +206,20 @@ def test_run_file_errors_name_the_key_and_the_file(tmp_path, tiny_models, bpe_to
         if "key" in message or "section" in message:
             assert cfg in err
     assert not os.path.exists(tmp_path / "run")  # nothing ran
+
+
+def test_the_recipes_threshold_gates_the_answering_stage(tmp_path, tiny_models, bpe_tokenizer_path, corpus):
+    """assemble.min_score alone sets the rewrite gate too (one threshold, owned by the recipe)."""
+    from bft.rebuild import load_run
+
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(tmp_path / "run"), [corpus],
+                   assemble__recipe="filter+rewrite", assemble__min_score=4, generate__rewrite={"model": "m"})
+    rewrite = [sp for sp in load_run(cfg).stages if sp.stage == "rewrite"][0]
+    assert rewrite.cfg.gate_rule().threshold == 4.0
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(tmp_path / "run"), [corpus],
+                   assemble__recipe="filter+rewrite", assemble__min_score=None, generate__rewrite={"model": "m"})
+    rewrite = [sp for sp in load_run(cfg).stages if sp.stage == "rewrite"][0]
+    assert rewrite.cfg.gate_rule().threshold == 5.0               # the recipe's default, in both
 
 
 def test_rebuild_on_gcs(tmp_path, tiny_models, bpe_tokenizer_path, corpus, gcs_emulator, bucket, capsys):
