@@ -12,6 +12,7 @@ steps themselves, so `bft rebuild` calling prepare, generate and assemble in-pro
 """
 from __future__ import annotations
 
+import storage
 from schemas.errors import UserError
 from schemas.layout import RunLayout, lock_name
 from storage import lock
@@ -38,6 +39,13 @@ class RootLock(lock.Lock):
         super().__init__(self.layout.lock(name), heartbeat_s=heartbeat_s, stale_s=stale_s)
 
     def acquire(self) -> "RootLock":
+        folder = storage.parent(self.path)
+        if not storage.is_gcs(folder):
+            try:  # a file where the root (or a folder above it) should be: say so, as the verbs' own checks do
+                storage.check_writable(folder)
+            except OSError as e:
+                where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+                raise UserError(f"--root: cannot write {folder}: {e.strerror or e}{where}") from e
         try:
             return super().acquire()
         except lock.LockBusy:

@@ -368,7 +368,8 @@ def test_an_unwritable_output_fails_in_one_line_before_the_read_pass(corpus, tmp
     args = ["prepare", "--input", corpus, "--tokenizer", bpe_tokenizer_path]
     assert cli.main(args + ["--root", str(a_file)]) == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"cannot write {a_file}/candidates" in err and "a file stands" in err
+    # the root's lock is the first thing written: its folder names the file in the way
+    assert len(err.splitlines()) == 1 and f"cannot write {a_file}/_lock" in err and "a file stands" in err
     # read-only: tests run as root, which writes anywhere, so the refusal a read-only folder gives is raised
     # in its place (PermissionError, errno 13, from the probe write)
     real = storage.write_bytes

@@ -243,7 +243,7 @@ def chat_server(tiny_models):
     """The vLLM-server stand-in serving the tiny chat model as "tiny-chat" (tests/vllm_standin)."""
     from tests.vllm_standin.openai_server import StandinServer
 
-    s = StandinServer(tiny_models["chat"], served_name="tiny-chat")
+    s = StandinServer(tiny_models["chat"], served_name="tiny-chat", max_model_len=8192)  # no document is cut
     yield s
     s.stop()
 
@@ -266,7 +266,8 @@ def test_a_night_with_content_filter_refusals_publishes_and_the_next_sends_nothi
     root = str(tmp_path / "run")
     served = {"engine": "openai", "model": "tiny-chat", "base_url": chat_server.url, "tokenizer": tiny_models["chat"]}
     cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], generate__backtranslate=served,
-                   generate__rewrite={**served, "min_score": 0}, assemble__recipe="filter+rewrite")
+                   generate__rewrite={**served, "min_score": 0}, assemble__recipe="filter+rewrite",
+                   generate__score__max_model_len=8192)       # no score made from a cut document: all pass
     try:
         rc, out, err = bft(capsys, "rebuild", "--config", cfg)
         assert rc == 0, err
