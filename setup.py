@@ -25,7 +25,7 @@ EXTRAS = {
     "vllm": ["vllm>=0.6"],
     "train": ["transformers>=4.50", "torch>=2.3", "accelerate>=1.0", "datasets>=2.19"],
     "report": ["matplotlib>=3.8"],
-    "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "datasets>=2.19", "pandas>=2.1",
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "gcp-storage-emulator>=2024.8.3", "datasets>=2.19", "pandas>=2.1",
              "datatrove>=0.4", "psutil>=5.9", "trl>=1.0", "mistral-common>=1.5", "sentencepiece>=0.2"],
 }
 
