@@ -5,6 +5,7 @@ below, recorded on the row so that the funnel can show why pairs were lost.
 """
 from __future__ import annotations
 
+import math
 import re
 
 _LABEL = re.compile(r"^\s*(?:\*\*)?(?:question|instruction|query|prompt|user)\s*(?:\*\*)?\s*[:：]\s*", re.I)
@@ -61,8 +62,11 @@ def parse_score(text: str, finish_reason: str | None) -> tuple[dict, str | None]
 def score_from_probs(probs: dict[str, float]) -> tuple[dict, str | None]:
     """Logprob score mode: probabilities of the next token being "1".."5" after "Score:" ->
     the expected score (renormalized over the five) and the argmax."""
-    total = sum(probs.get(str(k), 0.0) for k in range(1, 6))
-    if total <= 0:
+    values = [probs.get(str(k), 0.0) for k in range(1, 6)]
+    if not all(isinstance(p, (int, float)) and math.isfinite(p) and p >= 0 for p in values):
+        return {"score": None, "reasoning": None}, "non_finite_probability"   # a NaN weight or logprob
+    total = sum(values)
+    if not total > 0:
         return {"score": None, "reasoning": None}, "no_digit_probability"
     expected = sum(k * probs.get(str(k), 0.0) for k in range(1, 6)) / total
     argmax = max(range(1, 6), key=lambda k: (probs.get(str(k), 0.0), k))
@@ -101,7 +105,7 @@ def parse_distill(text: str, finish_reason: str | None) -> tuple[dict, str | Non
     return {"response": response}, ("truncated" if finish_reason == "length" else None)
 
 
-_RATING = re.compile(r"^\s*(?:score\s*[:：]?\s*)?\**\s*(\d+(?:\.\d+)?)\s*\**\s*(?:/\s*5)?", re.I)
+_RATING = re.compile(r"^\s*(?:score\s*[:：]?\s*)?\**\s*(\d+(?:\.\d+)?)\s*\**\s*(?:/\s*(\d+(?:\.\d+)?))?", re.I)
 
 
 def parse_rating(text: str, finish_reason: str | None) -> tuple[dict, str | None]:
@@ -114,6 +118,8 @@ def parse_rating(text: str, finish_reason: str | None) -> tuple[dict, str | None
     if not m:
         return {"score": None, "reasoning": text.strip()}, "no_match"
     value = float(m.group(1))
+    if m.group(2) is not None and float(m.group(2)) != 5:   # "5/10", "3/4": another scale, not the prompt's
+        return {"score": None, "reasoning": reasoning}, "out_of_range"
     if not 0 <= value <= 5:
         return {"score": None, "reasoning": reasoning}, "out_of_range"
     return {"score": value, "reasoning": reasoning}, None

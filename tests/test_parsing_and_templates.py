@@ -37,6 +37,14 @@ def test_a_score_missing_from_a_cut_output_is_truncated():
     assert parsing.parse_score("Fine.\nScore: 5", "stop")[0]["reasoning"] == "Fine."
 
 
+def test_a_non_finite_digit_probability_is_a_parse_failure():
+    """A NaN weight or a NaN logprob from a server gives NaN probabilities: never a score (issue 23)."""
+    nan = float("nan")
+    assert parsing.score_from_probs({"1": nan, "5": 0.5}) == ({"score": None, "reasoning": None},
+                                                              "non_finite_probability")
+    assert parsing.score_from_probs({"5": float("inf")})[1] == "non_finite_probability"
+
+
 def test_score_from_probs_gives_expectation_and_argmax():
     fields, err = parsing.score_from_probs({"4": 0.2, "5": 0.6, "1": 0.0})
     assert err is None and fields["score"] == pytest.approx((4 * 0.2 + 5 * 0.6) / 0.8, abs=1e-4)
@@ -85,6 +93,10 @@ def test_an_instruction_that_copies_the_document_is_an_echo():
     ("7\nway off", None, "out_of_range"),
     ("The response is accurate.\n5", None, "no_match"),
     ("", None, "empty"),
+    ("5/10\nout of ten", None, "out_of_range"),      # another scale than the prompt's 0-5 (issue 19 point 5)
+    ("4/10", None, "out_of_range"),
+    ("3/4", None, "out_of_range"),
+    ("4.5/5\nfine", 4.5, None),
 ])
 def test_parse_rating_reads_the_first_line(text, score, error):
     assert (parsing.parse_rating(text, "stop")[0]["score"], parsing.parse_rating(text, "stop")[1]) == (score, error)
