@@ -26,20 +26,14 @@ import sys
 import threading
 import time
 
-from schemas.progress import quiet
+from schemas.progress import LOG_EVERY_S, duration, quiet
 
-LOG_EVERY_S = 60.0
 REDRAW_S = 0.5
 # the counters of a pass shown, by (namespace, name); "dropped/..." counters are summed as "dropped"
 SHOWN = {("bft.prepare", "input_records"): "read", ("bft.prepare", "kept"): "kept",
          ("bft.assemble", "candidates"): "candidates", ("bft.assemble", "kept_by_recipe"): "kept by recipe"}
 DROPPED = ("bft.prepare", "dropped/")
 NOISY_LOGGERS = ("apache_beam", "grpc")  # what the runner logs about workers it lost to a Ctrl-C
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class PassStatus:
@@ -74,7 +68,7 @@ class PassStatus:
         dropped = [n for (ns, name), n in counters.items() if ns == DROPPED[0] and name.startswith(DROPPED[1])]
         if dropped:
             shown.append(f"{sum(dropped):,} dropped")
-        return (f"bft {self.verb}: {_duration(self.clock() - self.t0)}" + (f"; {', '.join(shown)}" if shown else "")
+        return (f"bft {self.verb}: {duration(self.clock() - self.t0)}" + (f"; {', '.join(shown)}" if shown else "")
                 + (f"; stage {stage}" if stage else ""))
 
     def tick(self) -> None:

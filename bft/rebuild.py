@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import storage
 from bft import config
 from schemas.errors import UserError
 from schemas.options import option
@@ -132,15 +133,22 @@ def _one_threshold(path: str, stage: str, cfg, asm) -> None:
                                  f"the pairs; set assemble.min_score alone")
 
 
-def worker_command(path: str, stage: str, workers: int) -> str:
+def worker_command(path: str, stage: str, workers: int, cfg=None) -> str:
+    """What an external worker runs; with the stage's config `cfg`, a gate's threshold resolved from
+    the recipe (`_one_threshold`) is passed on, so the workers gate as the rebuild checks."""
+    gate = cfg.gate_rule() if cfg is not None else None
+    extra = f" --min-score {gate.threshold:g}" if gate is not None else ""
     if workers > 1:
-        return (f"bft generate {stage} --config {shlex.quote(path)} --worker-index $I --num-workers {workers}"
+        return (f"bft generate {stage} --config {shlex.quote(path)}{extra} --worker-index $I --num-workers {workers}"
                 "   # for I in 0..%d, one per GPU or node" % (workers - 1))
-    return f"bft generate {stage} --config {shlex.quote(path)}"
+    return f"bft generate {stage} --config {shlex.quote(path)}{extra}"
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+WORK = ("requests_sent", "rows_reused", "transient_errors", "refusals", "generated_shards", "seconds")
 
 
 class Night:
@@ -152,9 +160,9 @@ class Night:
 
         self.path = RunLayout(root).night_record
         record = None
-        if storage_exists(self.path):
+        if storage.exists(self.path):
             try:
-                record = json.loads(_read(self.path))
+                record = json.loads(storage.read_text(self.path))
             except ValueError:
                 record = None
         if not isinstance(record, dict) or not isinstance(record.get("stages"), dict):
@@ -162,12 +170,15 @@ class Night:
         record["invocations"].append({"started_at": _now(), "host": socket.gethostname(), "pid": os.getpid(),
                                       "status": "running"})
         self.record = record
+        self.closed = False     # saved or finished: this invocation's status is written
 
     def add(self, stage: str, values: dict) -> dict:
-        """Adds what `stage` did in this invocation (numbers and {reason: n} are summed)."""
+        """Adds what `stage` did in this invocation: the work (WORK: requests, rows reused, failures,
+        refusals by reason, shards generated, seconds) is summed over the invocations; the rest is a
+        state (candidates, shards reused, model) and the last invocation's value stands."""
         into = self.record["stages"].setdefault(stage, {})
         for key, value in values.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
+            if key not in WORK:
                 into[key] = value
             elif isinstance(value, dict):
                 sub = into.setdefault(key, {})
@@ -178,38 +189,15 @@ class Night:
         return into
 
     def save(self, status: str) -> None:
+        self.closed = True
         self.record["invocations"][-1].update(status=status, ended_at=_now())
-        _write(self.path, json.dumps(self.record, indent=2) + "\n")
+        storage.write_text(self.path, json.dumps(self.record, indent=2) + "\n")
 
     def finish(self) -> None:
+        self.closed = True
         self.record["invocations"][-1].update(status="done", ended_at=_now())
         self.record["ended_at"] = _now()
-        _delete(self.path)
-
-
-def storage_exists(path: str) -> bool:
-    import storage
-
-    return storage.exists(path)
-
-
-def _read(path: str) -> str:
-    import storage
-
-    return storage.read_text(path)
-
-
-def _write(path: str, text: str) -> None:
-    import storage
-
-    storage.write_text(path, text)
-
-
-def _delete(path: str) -> None:
-    import storage
-
-    if storage.exists(path):
-        storage.delete(path)
+        storage.delete(self.path)
 
 
 class _Out:
@@ -239,6 +227,19 @@ def rebuild(plan: RunPlan, cfg: RebuildConfig) -> int:
 
     say = _Out(cfg.format)
     night = Night(plan.root, plan.path)
+    try:
+        return _run_night(plan, cfg, night, say)
+    except BaseException as e:  # a failure anywhere (prepare, assemble, a kill's SIGTERM...): the record stays
+        if not night.closed:
+            night.save(f"failed: {type(e).__name__}: {str(e)[:200]}")
+        raise
+
+
+def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say) -> int:
+    from beam_pipelines import assemble, prepare
+    from generation.runner import ErrorBudgetExceeded, StageRunner, stage_status
+    from schemas import release
+
     t0 = time.perf_counter()
     say(f"== prepare -> {plan.root}/candidates")
     stats = prepare.run(plan.prepare, plan.prepare_beam_args)
@@ -252,10 +253,10 @@ def rebuild(plan: RunPlan, cfg: RebuildConfig) -> int:
         if sp.external:
             status = stage_status(sp.cfg)
             if status["pending"] and cfg.wait:
-                status = _wait(sp, cfg)
+                status = _wait(sp, cfg, say)
             if status["pending"]:
                 say(f"   {len(status['complete'])} of {status['shards']} shards complete; the workers run:\n     "
-                    + worker_command(plan.path, sp.stage, sp.workers)
+                    + worker_command(plan.path, sp.stage, sp.workers, sp.cfg)
                     + "\n   then run this rebuild again (or with --wait)")
                 night.save("waiting for external workers")
                 return EX_TEMPFAIL
@@ -271,9 +272,6 @@ def rebuild(plan: RunPlan, cfg: RebuildConfig) -> int:
                 say(_stage_line(values))
                 night.save(f"failed: {sp.stage} over its error budget")
                 raise
-            except BaseException:
-                night.save(f"failed in {sp.stage}")
-                raise
         values = _stage_values(sp, summary, time.perf_counter() - t)
         night.add(sp.stage, values)
         say(_stage_line(values))
@@ -282,6 +280,7 @@ def rebuild(plan: RunPlan, cfg: RebuildConfig) -> int:
     previous = _latest(plan.root)
     night.record["stages"]["assemble"] = {}
     night.record["ended_at"] = _now()
+    night.record["invocations"][-1].update(status="done", ended_at=_now())  # as the manifest records it
     stats = assemble.run(plan.assemble, plan.assemble_beam_args, run_record=night.record)
     night.add("assemble", {"reused": bool(stats.get("reused")), "seconds": round(time.perf_counter() - t, 3)})
     folder = release.release_dir(plan.root, stats["version"])
@@ -314,14 +313,14 @@ def _latest(root: str) -> str | None:
     from schemas.layout import RunLayout
 
     path = RunLayout(root).latest
-    return _read(path).strip() if storage_exists(path) else None
+    return storage.read_text(path).strip() if storage.exists(path) else None
 
 
 def _release_view(root: str, version: str) -> dict:
     """{ids by origin, kept share, error share, sent} of a published release (its data files' id and
     origin columns, and its stats.json)."""
-    import storage
     from beam_pipelines.corpus_stats import RELEASE_STATS
+    from schemas.outcomes import ENGINE_ERROR, REFUSALS
     from schemas import release
 
     folder = release.release_dir(root, version)
@@ -336,8 +335,7 @@ def _release_view(root: str, version: str) -> dict:
     funnel, sent, failed = stats.get("funnel") or {}, 0, 0
     for stage in (stats.get("stages") or {}).values():
         sent += stage.get("sent", 0)
-        failed += sum((stage.get("sent_failures") or {}).get(k, 0)
-                      for k in ("engine_error", "content_filter", "refusal", "prompt_too_long"))
+        failed += sum((stage.get("sent_failures") or {}).get(k, 0) for k in (ENGINE_ERROR, *REFUSALS))
     return {"ids": ids, "kept_share": (funnel.get("web_examples", 0) / funnel["candidates"])
             if funnel.get("candidates") else None, "error_share": failed / sent if sent else None}
 
@@ -397,13 +395,13 @@ def night_text(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _wait(sp: StagePlan, cfg: RebuildConfig) -> dict:
+def _wait(sp: StagePlan, cfg: RebuildConfig, say) -> dict:
     from generation.runner import stage_status
 
     deadline = time.monotonic() + cfg.wait_timeout
     while True:
         status = stage_status(sp.cfg)
-        _Out("text")(f"   waiting for workers: {len(status['complete'])} of {status['shards']} shards complete")
+        say(f"   waiting for workers: {len(status['complete'])} of {status['shards']} shards complete")
         if not status["pending"]:
             return status
         if time.monotonic() > deadline:

@@ -8,15 +8,9 @@ import logging
 import sys
 import time
 
-from schemas.progress import quiet
+from schemas.progress import LOG_EVERY_S, duration, quiet
 
 log = logging.getLogger("bft.generate")
-LOG_EVERY_S = 60.0
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class StageProgress:
@@ -50,10 +44,10 @@ class StageProgress:
         elapsed = max(self.clock() - self.t0, 1e-9)
         rate = self.answered / elapsed
         left = self.total - self.done
-        eta = _duration(left / rate) if rate > 0 and left > 0 else "-"
+        eta = duration(left / rate) if rate > 0 and left > 0 else "-"
         return (f"generate {self.stage}: {self.done:,}/{self.total:,} rows ({100 * self.done / max(self.total, 1):.1f}%), "
                 f"{rate:.1f} req/s, {self.tokens / elapsed:,.0f} tok/s, {self.errors} transient errors, "
-                f"{self.refused} refused, elapsed {_duration(elapsed)}, ETA {eta}")
+                f"{self.refused} refused, elapsed {duration(elapsed)}, ETA {eta}")
 
     def _show(self, n: int) -> None:
         if self._bar is not None:

@@ -28,11 +28,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 import schemas
 import storage
@@ -40,8 +41,9 @@ from schemas.errors import UserError
 from schemas import provenance
 from schemas.keys import input_hash, row_seed
 from schemas.layout import LayoutError, RunLayout
+from schemas.release import parquet_rows
 from schemas.options import option, product_options, required
-from schemas.outcomes import REFUSALS, category, engine_error, is_engine_error, refused, shard_summary
+from schemas.outcomes import NOT_SENT, REFUSALS, category, engine_error, is_engine_error, refused, shard_summary
 from schemas.recipes import GATE_STAGES, gate_threshold
 from generation import parsing
 from generation.engines import Completion, Engine, EngineConfig, Request, load_engine
@@ -162,11 +164,6 @@ def read_generation(path: str) -> pa.Table:
     return schemas.validate(storage.read_parquet(path), schemas.GENERATION, path)
 
 
-def _num_rows(path: str) -> int:
-    with storage.open_read(path) as f:
-        return pq.read_metadata(f).num_rows
-
-
 def stage_status(cfg: GenerateConfig) -> dict:
     """StageRunner(cfg).status(): the stage's complete and pending shards."""
     return StageRunner(cfg).status()
@@ -204,8 +201,11 @@ class StageRunner:
 
     def product_config(self) -> dict:
         """What shapes a shard's rows: the options that are not run_only, the values the stage's
-        defaults resolve to and the prompt template's text (a shard made otherwise is redone)."""
-        return {**product_options(self.cfg), "max_new_tokens": self.max_new, "temperature": self.temperature,
+        defaults resolve to and the prompt template's text (a shard made otherwise is redone). The
+        gate is recorded resolved ([stage, threshold]); --min-score itself is not, so that a threshold
+        given or defaulted to the same value is the same config."""
+        options = {k: v for k, v in product_options(self.cfg).items() if k != "min_score"}
+        return {**options, "max_new_tokens": self.max_new, "temperature": self.temperature,
                 "top_p": self.top_p, "gate": [self.gate.stage, self.gate.threshold] if self.gate else None,
                 "template_text": [self.template.system, self.template.user]}
 
@@ -255,7 +255,7 @@ class StageRunner:
         except LayoutError as e:
             raise GenerationError(str(e)) from e
         summary = {"stage": cfg.stage, "shards_done": [], "shards_skipped": [], "rows": 0, "sent": 0, "reused": 0,
-                   "errors": 0, "refusals": {}, "failing_shards": [], "seconds": 0.0}
+                   "answered": 0, "errors": 0, "refusals": {}, "failing_shards": [], "seconds": 0.0}
         work = []
         for k, n, cand_path in all_shards:
             if k % cfg.num_workers != cfg.worker_index:
@@ -269,7 +269,7 @@ class StageRunner:
                     summary["shards_skipped"].append(k)
                     continue
                 log.info("%s: resending its transient-failure rows", out)
-            elif provenance.reusable(why, marker, made, row_level=("gate", "min_score")):
+            elif provenance.reusable(why, marker, made, row_level=("gate",)):
                 log.info("%s: %s; reusing the rows whose input is unchanged", out, why)
                 previous = read_generation(out)
             elif why != provenance.MISSING:
@@ -277,7 +277,7 @@ class StageRunner:
             work.append((k, n, inputs, made, out, previous))
         if work:
             self.engine  # noqa: B018 - load it now: an unreachable server fails here, before any shard
-        progress = StageProgress(cfg.stage, sum(_num_rows(w[2]["candidates"]) for w in work))
+        progress = StageProgress(cfg.stage, sum(parquet_rows(w[2]["candidates"]) for w in work))
         try:
             for k, n, inputs, made, out, previous in work:
                 metrics = self.run_shard(k, n, inputs, made, out, previous, progress)
@@ -286,6 +286,7 @@ class StageRunner:
                 summary["sent"] += metrics["sent_now"]
                 summary["reused"] += metrics["reused_rows"]
                 summary["errors"] += metrics["errors_now"]
+                summary["answered"] += metrics["rows"] - (metrics["finish_reasons"] or {}).get(NOT_SENT, 0)
                 for reason, count in metrics["refusals_now"].items():
                     summary["refusals"][reason] = summary["refusals"].get(reason, 0) + count
                 if metrics["errors_now"]:
@@ -294,14 +295,14 @@ class StageRunner:
         finally:
             progress.close()
         summary["seconds"] = round(time.perf_counter() - t0, 3)
-        if summary["sent"] and summary["errors"] / summary["sent"] > cfg.max_error_rate:
+        if summary["errors"] and summary["errors"] / summary["answered"] > cfg.max_error_rate:
             shards = ", ".join(f"{f['shard']} ({f['errors']} of {f['sent']})" for f in summary["failing_shards"][:20])
             raise ErrorBudgetExceeded(
-                f"{cfg.stage}: {summary['errors']:,} of {summary['sent']:,} requests failed for a transient reason "
-                f"({100 * summary['errors'] / summary['sent']:.1f}%), over --max-error-rate {cfg.max_error_rate:g} "
-                f"(run file: generate: max_error_rate); shards with failures: {shards}. Their answers are "
-                f"written; a rerun resends only the failed rows. First: {summary['failing_shards'][0]['first']}",
-                summary)
+                f"{cfg.stage}: {summary['errors']:,} of the {summary['answered']:,} rows sent in the shards this run "
+                f"wrote failed for a transient reason ({100 * summary['errors'] / summary['answered']:.1f}%), over "
+                f"--max-error-rate {cfg.max_error_rate:g} (run file: generate: max_error_rate); shards with failures "
+                f"(of the requests sent now): {shards}. Their answers are written; a rerun resends only the failed "
+                f"rows. First: {summary['failing_shards'][0]['first']}", summary)
         return summary
 
     def _joined_rows(self, inputs: dict[str, str]) -> tuple[list[str], list[dict]]:
@@ -330,8 +331,10 @@ class StageRunner:
                 yield (row, truncated, req), req
 
     def _config_key(self) -> str:
-        """A short name of the product config (checkpoints of another config are never reused)."""
-        return hashlib.sha256(json.dumps(self.product_config(), sort_keys=True).encode()).hexdigest()[:16]
+        """A short name of the product config but the gate (checkpoints of another config are never
+        reused; the gate's effect on a row is in its input_hash, as for a shard's rows)."""
+        config = {k: v for k, v in self.product_config().items() if k != "gate"}
+        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
     def run_shard(self, k: int, n: int, inputs: dict[str, str], made: dict, out: str,
                   previous: pa.Table | None = None, progress: StageProgress | None = None) -> dict:
@@ -382,15 +385,15 @@ class StageRunner:
             ckpt.flush()  # an interrupt or an engine that broke keeps what was answered
             raise
         results += answered
+        if len(results) != len(ids):  # an engine that answered too few or too many requests: never a short shard
+            raise GenerationError(f"{out}: {len(results)} rows for {len(ids)} candidates; the engine answered "
+                                  f"{len(answered)} of {len(todo)} requests; not written")
         failed = [r["parse_error"] for r in answered if is_engine_error(r["parse_error"])]
         order = {doc_id: i for i, doc_id in enumerate(ids)}
         results.sort(key=lambda r: order[r["id"]])
         table = schemas.to_table(results, schemas.GENERATION, out)
         storage.write_parquet(table, out)
-        refusals: dict[str, int] = {}
-        for r in answered:
-            if category(r["parse_error"]) in REFUSALS:
-                refusals[category(r["parse_error"])] = refusals.get(category(r["parse_error"]), 0) + 1
+        refusals = dict(Counter(c for c in map(category, (r["parse_error"] for r in answered)) if c in REFUSALS))
         metrics = {"stage": cfg.stage, "shard": k, "model": cfg.model, "engine": cfg.engine,
                    "wall_s": round(time.perf_counter() - t0, 3), **shard_summary(table, self.spec.scored),
                    "sent_now": len(todo), "reused_rows": reused, "errors_now": len(failed),
@@ -434,6 +437,9 @@ class StageRunner:
         return base
 
 
+PART = re.compile(r"part-\d{5}\.parquet")
+
+
 class Checkpoints:
     """The answered rows of one shard in flight, persisted as whole part files
     (RunLayout.generation_checkpoints: one folder per shard and product config)."""
@@ -449,8 +455,8 @@ class Checkpoints:
         """The rows of every part of this config; parts of other configs are removed."""
         out = []
         for path in sorted(storage.list_files(self.shard_dir)):
-            if storage.parent(path) != self.folder:
-                storage.delete(path)
+            if storage.parent(path) != self.folder or not PART.fullmatch(path.rsplit("/", 1)[-1]):
+                storage.delete(path)   # another config's parts, or the temporary file of a write killed midway
                 continue
             out += read_generation(path).to_pylist()
             self.parts += 1

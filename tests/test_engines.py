@@ -505,3 +505,31 @@ def test_fit_prompts_counts_only_what_bytes_cannot_prove(llama2_structure_tokeni
     assert out[1][2] is True and out[1][3] <= 600                         # counted, then cut to the budget
     assert all(docs[0] not in (t if isinstance(t, str) else " ".join(t)) for t in calls)
     assert out[1][3] == len(real(out[1][0], add_special_tokens=False)["input_ids"])
+
+
+def test_a_server_answering_503_to_the_preflight_fails_in_seconds():
+    """A gateway whose backend is down answers 503 to everything: one error naming the URL and the
+    status, within the preflight's few seconds, not 900 s of retries per request later."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Down(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(503)
+            self.send_header("Content-Length", "11")
+            self.end_headers()
+            self.wfile.write(b"unavailable")
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Down)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(EngineError, match=r"cannot reach the server at http://127.0.0.1:\d+/v1: it answered 503"):
+            load_engine(EngineConfig("openai", "m", base_url=f"http://127.0.0.1:{http.server_address[1]}/v1",
+                                     api="chat", max_model_len=512))
+        assert time.monotonic() - t0 < 10
+    finally:
+        http.shutdown()

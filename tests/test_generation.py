@@ -168,14 +168,17 @@ def test_transient_failures_over_the_budget_fail_the_stage_after_every_shard(pre
     ids1 = read_candidates_ids(root, 1)
     bad = {row_seed(i, "backtranslate", 0) for i in ids1[:2]}
     cfg = GenerateConfig(stage="backtranslate", root=root, engine="hf", model=tiny_models["plain"], max_new_tokens=4)
-    with pytest.raises(ErrorBudgetExceeded, match=r"backtranslate: 2 of 12 requests failed for a transient reason "
-                       r"\(16.7%\), over --max-error-rate 0.02 \(run file: generate: max_error_rate\); shards with "
-                       r"failures: 1 \(2 of 4\)\. .* First: engine_error: boom") as e:
+    with pytest.raises(ErrorBudgetExceeded, match=r"backtranslate: 2 of the 12 rows sent in the shards this run wrote "
+                       r"failed for a transient reason \(16.7%\), over --max-error-rate 0.02 \(run file: generate: "
+                       r"max_error_rate\); shards with failures \(of the requests sent now\): 1 \(2 of 4\)\. .* "
+                       r"First: engine_error: boom") as e:
         StageRunner(cfg, engine=FailsShardOne(EngineConfig("hf", tiny_models["plain"]))).run()
     assert e.value.summary["shards_done"] == [0, 1, 2]      # the shards after the failing one ran too
     rows = read_stage(root, "backtranslate")[1]
     assert rows["parse_error"].eq("engine_error: boom").sum() == 2 and len(rows) == 12
-    # the rerun resends the 2 failures alone; 2 of 2 is still over the budget, 2 of 2 under 1.0
+    # the rerun resends the 2 failures alone: 2 of the shard's 4 answered rows, not 2 of 2
+    with pytest.raises(ErrorBudgetExceeded, match=r"2 of the 4 rows sent in the shards this run wrote .* \(50.0%\)"):
+        StageRunner(cfg, engine=FailsShardOne(EngineConfig("hf", tiny_models["plain"]))).run()
     cfg.max_error_rate = 1.0
     summary = StageRunner(cfg, engine=FailsShardOne(EngineConfig("hf", tiny_models["plain"]))).run()
     assert summary["sent"] == 2 and summary["errors"] == 2 and summary["shards_skipped"] == [0, 2]
@@ -609,3 +612,55 @@ def test_the_whole_document_limit_is_what_the_runner_keeps_whole(tiny_models):
 
     assert not any(cut(stage, limit) for stage in limits)
     assert any(cut(stage, limit + 8) for stage in limits)
+
+
+def test_a_checkpoint_write_killed_midway_is_ignored(prepared_root, tmp_path, tiny_models, monkeypatch):
+    """A kill during a checkpoint part's write leaves storage's temporary file beside the parts: the
+    rerun removes it and resumes from the whole parts."""
+    root = copy_root(prepared_root, tmp_path)
+    real = storage.write_parquet
+
+    def write(table, path, *a, **kw):
+        if "/_checkpoints/" not in path:
+            raise Killed(path)
+        return real(table, path, *a, **kw)
+
+    monkeypatch.setattr(storage, "write_parquet", write)
+    with pytest.raises(Killed):
+        gen(root, "backtranslate", tiny_models["plain"], chunk_rows=1, checkpoint_rows=1)
+    monkeypatch.undo()
+    parts = [p for p in storage.list_files(os.path.join(root, "generations")) if "/_checkpoints/" in p]
+    open(os.path.join(os.path.dirname(parts[0]), ".tmp-part-00009.parquet.x1y2"), "wb").write(b"PAR1 torn")
+    summary = gen(root, "backtranslate", tiny_models["plain"], chunk_rows=1, checkpoint_rows=1)
+    assert summary["reused"] == len(parts) and summary["sent"] == 12 - len(parts)
+
+
+def test_a_user_error_raised_while_answers_arrive_is_one_line(prepared_root, tmp_path, tiny_models, monkeypatch):
+    """An error raised in the openai engine's stream (here: a checkpoint write refused) reaches the
+    caller as itself, not wrapped in an ExceptionGroup that the CLI would print as a traceback."""
+    from generation.engines.openai import OpenAIEngine
+    from schemas.errors import UserError
+
+    class Refused(UserError):
+        pass
+
+    seen = []
+
+    async def fake_one(self, r):
+        from generation.engines.base import finished
+        return finished("An instruction?", 3, 2, "stop")
+
+    monkeypatch.setattr(OpenAIEngine, "_one", fake_one)
+    eng = OpenAIEngine.__new__(OpenAIEngine)
+    import asyncio
+    eng.concurrency, eng._loop, eng._session = 4, asyncio.new_event_loop(), None
+    from generation.engines.base import Request
+
+    def emit(key, comp):
+        seen.append(key)
+        raise Refused("no room on the bucket")
+
+    with pytest.raises(Refused, match="no room"):
+        eng.stream(((i, Request("p", [], 2)) for i in range(10)), emit)
+    eng.close()
+    assert seen

@@ -295,3 +295,26 @@ def test_a_night_with_content_filter_refusals_publishes_and_the_next_sends_nothi
         assert night["changes"] == {"previous": latest, "same_release": True}
     finally:
         chat_server.refuse = chat_server.answer = None
+
+
+def test_the_nights_record_sums_work_and_keeps_the_last_state(tmp_path):
+    """Two invocations of one night (an exit 75, then the rest): requests and seconds add up, the
+    candidates and shards reused are the last invocation's, the record survives between them."""
+    from bft.rebuild import Night
+
+    night = Night(str(tmp_path), "run.yaml")
+    night.add("prepare", {"reused": False, "candidates": 120, "seconds": 3.0})
+    night.add("score", {"requests_sent": 40, "reused_shards": 0, "generated_shards": 2,
+                        "refusals": {"content_filter": 1}, "seconds": 2.0})
+    night.save("waiting for external workers")
+    again = Night(str(tmp_path), "run.yaml")
+    again.add("prepare", {"reused": True, "candidates": 120, "seconds": 0.5})
+    again.add("score", {"requests_sent": 3, "reused_shards": 2, "generated_shards": 0,
+                        "refusals": {"content_filter": 1, "refusal": 2}, "seconds": 1.0})
+    stages = again.record["stages"]
+    assert stages["prepare"] == {"reused": True, "candidates": 120, "seconds": 3.5}
+    assert stages["score"] == {"requests_sent": 43, "reused_shards": 2, "generated_shards": 2,
+                               "refusals": {"content_filter": 2, "refusal": 2}, "seconds": 3.0}
+    assert [i["status"] for i in again.record["invocations"]] == ["waiting for external workers", "running"]
+    again.finish()
+    assert not os.path.exists(tmp_path / "_night.json")

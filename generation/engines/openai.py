@@ -29,7 +29,8 @@ applies its template; needed for hosted chat-only APIs).
   (vLLM's abort), any other 4xx (a server or config problem, which the error budget then stops).
   A retry waits what the server asks: `retry-after-ms`, else `Retry-After` (seconds or an HTTP date),
   else on a 429 the `x-ratelimit-reset-requests`/`-tokens` durations (OpenAI's "1s", "6m0s", "20ms"),
-  else exponential back-off with jitter; never past `max_retry_time` seconds from the first try.
+  else exponential back-off (0.5 s doubling, capped at 60 s, times a jitter of 0.5-1.5); never past
+  `max_retry_time` seconds from the first try. Proxies come from the environment (HTTPS_PROXY, ...).
   `request_timeout` bounds each try as a whole (connect, send, every byte of the answer), so a
   server that drips its answer byte by byte cannot hold a slot longer.
 - Dispatch is a stream (`stream`): `concurrency` requests are in flight at all times; a slot that
@@ -102,23 +103,27 @@ class OpenAIEngine(Engine):
         self._loop = asyncio.new_event_loop()
         self._session: aiohttp.ClientSession | None = None
         self.tokenizer = None
-        served = self._loop.run_until_complete(self._preflight())
-        if config.api == "completions" or config.tokenizer:
-            from transformers import AutoTokenizer
+        try:  # whatever fails here closes the session and the loop first (no "Unclosed client session")
+            served = self._loop.run_until_complete(self._preflight())
+            if config.api == "completions" or config.tokenizer:
+                from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
-        self.max_model_len = config.max_model_len or served or _local_context_length(config.tokenizer or config.model)
-        if not self.max_model_len:
+                self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+            self.max_model_len = (config.max_model_len or served
+                                  or _local_context_length(config.tokenizer or config.model))
+            if not self.max_model_len:
+                raise EngineError(f"{self.shown_url}/models gives no max_model_len for {self.model!r} and it is no "
+                                  "local model folder: give --max-model-len (the served context length)")
+        except BaseException:
             self.close()
-            raise EngineError(f"{self.shown_url}/models gives no max_model_len for {self.model!r} and it is no local "
-                              "model folder: give --max-model-len (the served context length)")
+            raise
 
     # ---- the session ------------------------------------------------------------------------------
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=self.concurrency,
                                              enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers, trust_env=False,
+            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers, trust_env=True,
                                                   timeout=aiohttp.ClientTimeout(total=None))
         return self._session
 
@@ -141,13 +146,15 @@ class OpenAIEngine(Engine):
                 async with self._open().get(url, allow_redirects=False,
                                             timeout=aiohttp.ClientTimeout(total=min(self.timeout_s, PREFLIGHT_S))) as resp:
                     status, body = resp.status, await resp.read()
-                break
+                if status not in RETRY_STATUS:
+                    break
+                problem = f"it answered {status}: {body[:200].decode('utf-8', 'replace')}"
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-                if time.monotonic() >= deadline:
-                    raise EngineError(f"cannot reach the server at {self.shown_url} ({type(e).__name__}: "
-                                      f"{_redacted(str(e), self.base_url, self.shown_url) or 'no answer'}): is it "
-                                      "running, and is --base-url right?") from None
-                await asyncio.sleep(0.5)
+                problem = (f"{type(e).__name__}: {_redacted(str(e), self.base_url, self.shown_url) or 'no answer'}; "
+                           "is it running, and is --base-url right?")
+            if time.monotonic() >= deadline:  # a server down, or a gateway whose backend is
+                raise EngineError(f"cannot reach the server at {self.shown_url}: {problem}") from None
+            await asyncio.sleep(0.5)
         if status in (401, 403):
             raise EngineError(f"{self.shown_url}/models answered {status}: the server refuses the API key "
                               f"(environment variable {self.key_env})")
@@ -242,6 +249,8 @@ class OpenAIEngine(Engine):
             async with asyncio.TaskGroup() as group:
                 for _ in range(self.concurrency):
                     group.create_task(worker())
+        except BaseExceptionGroup as group_error:  # what a worker raised (in emit: a UserError), as itself
+            raise group_error.exceptions[0] from None
         finally:
             stop.set()
             await loop.run_in_executor(None, producer.join)
