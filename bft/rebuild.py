@@ -221,10 +221,6 @@ def _stage_line(r: dict) -> str:
 
 def rebuild(plan: RunPlan, cfg: RebuildConfig) -> int:
     """Runs the plan; returns the exit status (0 done, 75 waiting for external workers)."""
-    from beam_pipelines import assemble, prepare
-    from generation.runner import ErrorBudgetExceeded, StageRunner, stage_status
-    from schemas import release
-
     say = _Out(cfg.format)
     night = Night(plan.root, plan.path)
     try:

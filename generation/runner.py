@@ -103,10 +103,10 @@ class GenerateConfig:
                               "'not_sent: below_gate'", choices=GATE_STAGES + [NO_GATE])
     min_score: float | None = option(None, "the gate's threshold (default: the recipe's, 5 for score, 4.5 for rate)")
     max_error_rate: float = option(0.02, "error budget: fail the stage (exit 1, after every shard ran) when more "
-                                   "than this share of the requests it sent in this run failed for a transient "
-                                   "reason (connection, timeout, 429, 5xx, broken answer) after every retry; final "
-                                   "outcomes (content_filter, refusal, prompt_too_long, unparseable) are not "
-                                   "counted", run_only=True)
+                                   "than this share of the rows sent in the shards this run wrote failed for a "
+                                   "transient reason (connection, timeout, 429, 5xx, broken answer) after every "
+                                   "retry; final outcomes (content_filter, refusal, prompt_too_long, unparseable) "
+                                   "are not counted", run_only=True)
     concurrency: int = option(256, "openai engine: requests in flight (256: vLLM's default max_num_seqs, so "
                               "a vllm serve batch is full; raise it with the server's --max-num-seqs)", run_only=True)
     request_timeout: float = option(600.0, "openai engine: seconds one HTTP request may take, as a whole",

@@ -101,10 +101,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def gcs_emulator():
-    """The gcp-storage-emulator on loopback; yields a google-cloud-storage client using it."""
+    """The gcp-storage-emulator on loopback, with GCS's generation preconditions; yields a
+    google-cloud-storage client using it."""
     port = _free_port()
-    exe = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
-    proc = subprocess.Popen([exe, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
+    # tests/gcs_emulator.py: the emulator with GCS's generation preconditions (the stock one ignores them)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"), "start",
+                             "--host=127.0.0.1", f"--port={port}", "--in-memory"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 20
     while time.time() < deadline:

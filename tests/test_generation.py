@@ -571,8 +571,9 @@ def test_a_kill_between_checkpoints_loses_only_the_rows_after_the_last(prepared_
     assert storage.list_files(os.path.join(root, "generations", "backtranslate", "_checkpoints")) == []
 
 
-def test_checkpoints_of_another_config_are_not_used(prepared_root, tmp_path, tiny_models, monkeypatch):
-    root = copy_root(prepared_root, tmp_path)
+def killed_before_the_first_shard(root, tiny_models, monkeypatch):
+    """backtranslate with a checkpoint per row, killed at the first write that is not a checkpoint
+    (shard 0's data): shard 0's rows are all in checkpoints, nothing else is written."""
     real = storage.write_parquet
 
     def write(table, path, *a, **kw):
@@ -584,6 +585,11 @@ def test_checkpoints_of_another_config_are_not_used(prepared_root, tmp_path, tin
     with pytest.raises(Killed):
         gen(root, "backtranslate", tiny_models["plain"], chunk_rows=1, checkpoint_rows=1)
     monkeypatch.undo()
+
+
+def test_checkpoints_of_another_config_are_not_used(prepared_root, tmp_path, tiny_models, monkeypatch):
+    root = copy_root(prepared_root, tmp_path)
+    killed_before_the_first_shard(root, tiny_models, monkeypatch)
     summary = gen(root, "backtranslate", tiny_models["plain"], chunk_rows=1, checkpoint_rows=1, max_new_tokens=5)
     assert summary["sent"] == 12 and summary["reused"] == 0
 
@@ -618,17 +624,7 @@ def test_a_checkpoint_write_killed_midway_is_ignored(prepared_root, tmp_path, ti
     """A kill during a checkpoint part's write leaves storage's temporary file beside the parts: the
     rerun removes it and resumes from the whole parts."""
     root = copy_root(prepared_root, tmp_path)
-    real = storage.write_parquet
-
-    def write(table, path, *a, **kw):
-        if "/_checkpoints/" not in path:
-            raise Killed(path)
-        return real(table, path, *a, **kw)
-
-    monkeypatch.setattr(storage, "write_parquet", write)
-    with pytest.raises(Killed):
-        gen(root, "backtranslate", tiny_models["plain"], chunk_rows=1, checkpoint_rows=1)
-    monkeypatch.undo()
+    killed_before_the_first_shard(root, tiny_models, monkeypatch)
     parts = [p for p in storage.list_files(os.path.join(root, "generations")) if "/_checkpoints/" in p]
     open(os.path.join(os.path.dirname(parts[0]), ".tmp-part-00009.parquet.x1y2"), "wb").write(b"PAR1 torn")
     summary = gen(root, "backtranslate", tiny_models["plain"], chunk_rows=1, checkpoint_rows=1)

@@ -21,7 +21,7 @@ from schemas.errors import UserError
 from schemas.layout import RunLayout, lock_name
 from schemas.lock import LockHeld, LockLost, RootLock
 from storage import lock as storage_lock
-from tests.conftest import ROOT, _free_port
+from tests.conftest import ROOT
 
 _HOLD = """
 import sys, time
@@ -124,39 +124,6 @@ def test_a_lock_file_removed_while_held_is_reported_lost(tmp_path):
 
 
 # ---- gs:// roots -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def gcs_emulator():
-    """conftest's emulator, started through tests/gcs_emulator.py: the stock emulator ignores
-    generation preconditions, which the gs:// lock relies on."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"), "start",
-                             "--host=127.0.0.1", f"--port={port}", "--in-memory"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise RuntimeError("gcp-storage-emulator did not start")
-    old = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    storage.gcs_client.cache_clear()
-    try:
-        yield storage.gcs_client()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        storage.gcs_client.cache_clear()
-        if old is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = old
-
 
 def test_gcs_emulator_checks_generations(bucket):
     from google.api_core.exceptions import PreconditionFailed

@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterable
 import aiohttp
 import orjson
 
-from generation.engines.base import (CONTENT_FILTER, PROMPT_TOO_LONG, REFUSAL, Completion, Engine, EngineConfig,
+from generation.engines.base import (PROMPT_TOO_LONG, REFUSAL, Completion, Engine, EngineConfig,
                                      EngineError, Request, failed, finished, model_context_length)
 
 log = logging.getLogger("bft.engine.openai")
