@@ -14,6 +14,8 @@ import time
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each, or
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch's OpenMP threads of both spin against each other
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
