@@ -219,19 +219,20 @@ def _stage_line(r: dict) -> str:
             + f", {r['rows_reused']:,} rows reused, {r['seconds']:.1f} s")
 
 
-def rebuild(plan: RunPlan, cfg: RebuildConfig) -> int:
-    """Runs the plan; returns the exit status (0 done, 75 waiting for external workers)."""
+def rebuild(plan: RunPlan, cfg: RebuildConfig, lock=None) -> int:
+    """Runs the plan; returns the exit status (0 done, 75 waiting for external workers). `lock`: the
+    root's lock this run holds, let go while --wait waits for external workers (they take it)."""
     say = _Out(cfg.format)
     night = Night(plan.root, plan.path)
     try:
-        return _run_night(plan, cfg, night, say)
+        return _run_night(plan, cfg, night, say, lock)
     except BaseException as e:  # a failure anywhere (prepare, assemble, a kill's SIGTERM...): the record stays
         if not night.closed:
             night.save(f"failed: {type(e).__name__}: {str(e)[:200]}")
         raise
 
 
-def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say) -> int:
+def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> int:
     from beam_pipelines import assemble, prepare
     from generation.runner import ErrorBudgetExceeded, StageRunner, stage_status
     from schemas import release
@@ -249,7 +250,7 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say) -> int:
         if sp.external:
             status = stage_status(sp.cfg)
             if status["pending"] and cfg.wait:
-                status = _wait(sp, cfg, say)
+                status = _wait(sp, cfg, say, lock)
             if status["pending"]:
                 say(f"   {len(status['complete'])} of {status['shards']} shards complete; the workers run:\n     "
                     + worker_command(plan.path, sp.stage, sp.workers, sp.cfg)
@@ -391,19 +392,45 @@ def night_text(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _wait(sp: StagePlan, cfg: RebuildConfig, say) -> dict:
+def _wait(sp: StagePlan, cfg: RebuildConfig, say, lock=None) -> dict:
+    """Polls the stage's shards until the external workers wrote them all. The root's lock is let go
+    meanwhile (a single worker, `bft generate STAGE` without --num-workers, takes it to write) and
+    taken again before the next step: LockHeld (exit 1) when another writer still holds the root a minute
+    after the shards are complete."""
     from generation.runner import stage_status
 
     deadline = time.monotonic() + cfg.wait_timeout
+    if lock is not None:
+        lock.release()
+    try:
+        while True:
+            status = stage_status(sp.cfg)
+            say(f"   waiting for workers: {len(status['complete'])} of {status['shards']} shards complete")
+            if not status["pending"]:
+                return status
+            if time.monotonic() > deadline:
+                raise UserError(f"generate {sp.stage}: {len(status['pending'])} shard(s) still missing after "
+                                f"--wait-timeout {cfg.wait_timeout:g} s: {status['pending'][:10]}")
+            time.sleep(cfg.poll_s)
+    finally:
+        if lock is not None:
+            _take_back(lock, cfg.poll_s)
+
+
+def _take_back(lock, poll_s: float, grace_s: float = 60.0) -> None:
+    """Takes the root's lock again after the wait. A worker that just wrote its last shard may hold it a
+    moment longer (it ends its run first): wait up to `grace_s` before LockHeld stands."""
+    from schemas.lock import LockHeld
+
+    deadline = time.monotonic() + grace_s
     while True:
-        status = stage_status(sp.cfg)
-        say(f"   waiting for workers: {len(status['complete'])} of {status['shards']} shards complete")
-        if not status["pending"]:
-            return status
-        if time.monotonic() > deadline:
-            raise UserError(f"generate {sp.stage}: {len(status['pending'])} shard(s) still missing after "
-                            f"--wait-timeout {cfg.wait_timeout:g} s: {status['pending'][:10]}")
-        time.sleep(cfg.poll_s)
+        try:
+            lock.acquire()
+            return
+        except LockHeld:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(min(max(poll_s, 0.05), 1.0))
 
 
 def main_rebuild(cfg: RebuildConfig, run_file: str | None) -> int:
@@ -412,8 +439,8 @@ def main_rebuild(cfg: RebuildConfig, run_file: str | None) -> int:
     plan = load_run(run_file, cfg.root)
     from schemas.lock import RootLock
 
-    with RootLock(plan.root):  # the steps run in-process below and take no lock of their own
-        return rebuild(plan, cfg)
+    with RootLock(plan.root) as lock:  # the steps run in-process below and take no lock of their own
+        return rebuild(plan, cfg, lock)
 
 
 if __name__ == "__main__":  # pragma: no cover

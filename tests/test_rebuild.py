@@ -318,3 +318,35 @@ def test_the_nights_record_sums_work_and_keeps_the_last_state(tmp_path):
     assert [i["status"] for i in again.record["invocations"]] == ["waiting for external workers", "running"]
     again.finish()
     assert not os.path.exists(tmp_path / "_night.json")
+
+
+def test_rebuild_wait_lets_a_single_external_worker_take_the_root(tmp_path, tiny_models, bpe_tokenizer_path,
+                                                                   corpus, capsys):
+    """`bft rebuild --wait` holds the root's lock, but lets it go while it waits for external workers:
+    a single worker (`bft generate score --config FILE`, which locks the root) runs meanwhile, and the
+    rebuild then publishes."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    root = str(tmp_path / "run")
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], generate__score__external=True)
+    proc = subprocess.Popen([sys.executable, "-m", "bft.cli", "rebuild", "--config", cfg, "--wait", "--poll-s", "0.2",
+                             "--wait-timeout", "120"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.path.join(root, "generations", "backtranslate",
+                                              "backtranslate-00001-of-00002.metrics.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        time.sleep(1.0)                                        # the rebuild now waits for the score workers
+        rc, out, err = bft(capsys, "generate", "score", "--config", cfg)
+        assert rc == 0, err
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "waiting for workers: 0 of 2 shards complete" in out and "published release" in out, (out, err)
