@@ -33,7 +33,7 @@ from schemas.options import option, required
 from schemas.errors import UserError
 from schemas.keys import instruction_key, sample_key, seed_row_shard, validation_key, validation_mask
 from schemas.layout import RunLayout, shard_name
-from schemas.recipes import DEFAULT_RECIPE
+from schemas.recipes import DEFAULT_RECIPE, gate_threshold, recorded_score_mode
 from beam_pipelines import corpus_stats, progress, recipes
 from schemas import provenance, release
 import storage
@@ -52,8 +52,8 @@ class AssembleConfig:
 
     root: str = required("run root (local or gs://) with candidates/ and generations/")
     recipe: str = option(DEFAULT_RECIPE, "the paper's corpus variant", choices=sorted(recipes.RECIPES))
-    min_score: float | None = option(None, "gate threshold (default: 5 for the score stage, 4.5 for rate; may be "
-                                   "fractional, e.g. with --score-mode logprob)")
+    min_score: float | None = option(None, "gate threshold (default: 5 for the score stage, 4.5 for rate, 4.5 for "
+                                   "scores made in --score-mode logprob, read from their shards; may be fractional)")
     seed_data: str | None = option(None, "seed pairs to mix in: Parquet or JSON lines with instruction/response "
                                  "(e.g. the output of bft seed)")
     max_examples: int | None = option(None, "deterministic cap on web examples (the paper: 12800, 25600, 51200)")
@@ -458,6 +458,9 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
     with "reused": true. `run_record` (what bft rebuild did) goes into the manifest."""
     layout = RunLayout(cfg.root)
     prep_stats = json.loads(storage.read_text(layout.prepare_stats)) if storage.exists(layout.prepare_stats) else {}
+    gate = recipes.RECIPES[cfg.recipe].gate
+    if cfg.min_score is None and gate and recorded_score_mode(layout, gate) == "logprob":
+        cfg.min_score = gate_threshold(gate, "logprob")   # expected scores: Humpback's 4.5, not 5
     if not cfg.tokenizer:
         cfg.tokenizer = (prep_stats.get("config") or {}).get("tokenizer")
         if not cfg.tokenizer:

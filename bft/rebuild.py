@@ -80,7 +80,7 @@ def load_run(path: str, root: str | None = None, stages: list[str] | None = None
     from beam_pipelines.assemble import AssembleConfig
     from beam_pipelines.prepare import PrepareConfig
     from generation.runner import GenerateConfig
-    from schemas.recipes import RECIPES
+    from schemas.recipes import RECIPES, gate_threshold
 
     doc = config.read_run_file(path)
     unknown = sorted(set(doc) - {"root", "prepare", "generate", "assemble", "rebuild", "seed", "train", "eval"})
@@ -98,6 +98,11 @@ def load_run(path: str, root: str | None = None, stages: list[str] | None = None
 
     prep, prep_run = verb_config(PrepareConfig, "prepare")
     asm, asm_run = verb_config(AssembleConfig, "assemble")
+    gate = RECIPES[asm.recipe].gate
+    if asm.min_score is None and gate and isinstance((doc.get("generate") or {}).get(gate), dict):
+        mode = verb_config(GenerateConfig, "generate", gate)[0].score_mode
+        if mode == "logprob":    # expected scores: the gate and assemble default to Humpback's 4.5, not 5
+            asm.min_score = gate_threshold(gate, mode)
     wanted = stages or RECIPES[asm.recipe].stages
     gen = doc.get("generate") or {}
     plans = []

@@ -44,7 +44,7 @@ from schemas.layout import LayoutError, RunLayout
 from schemas.release import parquet_rows
 from schemas.options import option, product_options, required
 from schemas.outcomes import NOT_SENT, REFUSALS, category, engine_error, is_engine_error, refused, shard_summary
-from schemas.recipes import GATE_STAGES, gate_threshold
+from schemas.recipes import GATE_STAGES, gate_threshold, recorded_score_mode
 from generation import parsing
 from generation.engines import Completion, Engine, EngineConfig, Request, load_engine
 from generation.progress import StageProgress
@@ -101,7 +101,8 @@ class GenerateConfig:
                               "(default: score, as the filter recipes; rate for alpagasus) or none (send every "
                               "row: the rewrite-only recipe); rows not sent are written with parse_error "
                               "'not_sent: below_gate'", choices=GATE_STAGES + [NO_GATE])
-    min_score: float | None = option(None, "the gate's threshold (default: the recipe's, 5 for score, 4.5 for rate)")
+    min_score: float | None = option(None, "the gate's threshold (default: the recipe's: 5 for score, 4.5 for rate, "
+                                     "4.5 for score made in --score-mode logprob, whose scores are expectations)")
     max_error_rate: float = option(0.02, "error budget: fail the stage (exit 1, after every shard ran) when more "
                                    "than this share of the rows sent in the shards this run wrote failed for a "
                                    "transient reason (connection, timeout, 429, 5xx, broken answer) after every "
@@ -147,12 +148,13 @@ class GenerateConfig:
                             f"not {self.stage}")
         self.root = RunLayout(self.root).root
 
-    def gate_rule(self) -> Gate | None:
-        """The gate rows must pass to be sent (None: every row is sent)."""
+    def gate_rule(self, score_mode: str | None = None) -> Gate | None:
+        """The gate rows must pass to be sent (None: every row is sent); `score_mode`: the mode the gate
+        stage's scores were made in (logprob: expected scores, default threshold 4.5)."""
         stage = self.gate or STAGES[self.stage].gate
         if stage in (None, NO_GATE):
             return None
-        return Gate(stage, gate_threshold(stage) if self.min_score is None else self.min_score)
+        return Gate(stage, gate_threshold(stage, score_mode) if self.min_score is None else self.min_score)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(self.engine, self.model, **{k: getattr(self, k) for k in (
@@ -176,7 +178,9 @@ class StageRunner:
         self.layout = RunLayout(cfg.root)
         self.template = load_template(cfg.stage, cfg.template)
         self._engine = engine
-        self.gate = cfg.gate_rule()
+        gate_stage = cfg.gate or self.spec.gate
+        self.gate = cfg.gate_rule(recorded_score_mode(self.layout, gate_stage)
+                                  if cfg.min_score is None and gate_stage not in (None, NO_GATE) else None)
         self.logprob_prefix = self.spec.logprob_prefix if cfg.score_mode == "logprob" else None
         self.max_new = 1 if self.logprob_prefix else (cfg.max_new_tokens or self.spec.max_new_tokens)
         self.temperature = self.spec.temperature if cfg.temperature is None else cfg.temperature

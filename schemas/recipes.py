@@ -71,10 +71,38 @@ class Gate:
                                     pc.greater_equal(score, self.threshold)), False)
 
 
-def gate_threshold(stage: str) -> float:
-    """The paper's threshold for a gate stage (5 for score, 4.5 for rate): the one the recipes gated
-    by `stage` use (they agree)."""
+# Humpback's curated set A5 is "score >= 4.5" on expected scores (Li et al. 2023, section 3): a
+# logprob score is an expectation over 1..5, below 5 unless p(5) = 1, so 5 would keep nothing.
+LOGPROB_THRESHOLD = 4.5
+
+
+def gate_threshold(stage: str, score_mode: str | None = None) -> float:
+    """The default threshold of a gate stage: the paper's (5 for score, 4.5 for AlpaGasus's rate), or
+    4.5 for score in the logprob mode (`score_mode` "logprob": expected scores)."""
+    if stage == "score" and score_mode == "logprob":
+        return LOGPROB_THRESHOLD
     limits = {r.threshold for r in RECIPES.values() if r.gate == stage}
     if len(limits) != 1:
         raise ValueError(f"{stage!r} gates no recipe (gate stages: {GATE_STAGES})")
     return limits.pop()
+
+
+def recorded_score_mode(layout, stage: str) -> str | None:
+    """The score mode a gate stage's shards were made in (their markers' config), or None when no
+    shard says (none written yet, or a stage without modes)."""
+    import json
+
+    import storage
+
+    try:
+        shards = layout.candidate_shards()
+    except Exception:  # no complete prepare output: nothing recorded
+        return None
+    for k, n, _ in shards:
+        marker = layout.generation_metrics(stage, k, n)
+        if storage.exists(marker):
+            try:
+                return (json.loads(storage.read_text(marker)).get("config") or {}).get("score_mode")
+            except (ValueError, AttributeError):
+                continue
+    return None

@@ -451,3 +451,24 @@ def test_a_shard_without_its_completion_marker_is_named(root):
     os.remove(RunLayout(root).generation_metrics("rewrite", 1, 2))
     with pytest.raises(AssembleError, match=r"rewrite-00001-of-00002\.parquet: no valid completion marker"):
         run(root, version="nomarker")
+
+
+def test_scores_made_in_logprob_mode_default_to_humpbacks_4_5(root):
+    """Issue 19 point 1: logprob scores are expectations (below 5 unless p(5) = 1); when the score
+    shards say they were made in logprob mode, assemble's default threshold is Humpback's 4.5, not 5."""
+    layout, n = RunLayout(root), len(SHARDS)
+    for k in range(n):
+        path = layout.generation_shard("score", k, n)
+        rows = storage.read_parquet(path).to_pylist()
+        for r in rows:
+            if r["id"] == "a3":
+                r["score"] = 4.6
+        storage.write_parquet(schemas.to_table(rows, schemas.GENERATION, path), path)
+        write_marker(root, "score", k, n)
+        marker = layout.generation_metrics("score", k, n)
+        metrics = json.loads(storage.read_text(marker))
+        storage.write_text(marker, json.dumps({**metrics, "config": {"score_mode": "logprob"}}))
+    stats = run(root, recipe="filter")
+    _, splits = read_release(root)
+    kept = set(splits["train"]["id"]) | set(splits["validation"]["id"])
+    assert "a3" in kept and stats["config"]["min_score"] == 4.5

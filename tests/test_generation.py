@@ -302,8 +302,9 @@ def test_user_mistakes_are_one_clear_line(prepared_root, tmp_path, tiny_models, 
 
 # ---- the gate before rewrite and distill (issue 9, point 2) ----------------------------------------
 
-def write_scores(root, stage, scores):
-    """`stage` shards as a gate stage writes them: score per id from `scores` (missing: parse failure)."""
+def write_scores(root, stage, scores, config=None):
+    """`stage` shards as a gate stage writes them: score per id from `scores` (missing: parse failure);
+    `config`: the stage config its markers record (e.g. {"score_mode": "logprob"})."""
     layout = RunLayout(root)
     for k in range(3):
         bt = read_generation_rows(layout.generation_shard("backtranslate", k, 3))
@@ -313,7 +314,8 @@ def write_scores(root, stage, scores):
         storage.write_parquet(schemas.to_table(rows, schemas.GENERATION, path), path)
         made = provenance.made_from(layout, {"candidates": layout.candidates_shard(k, 3),
                                              "backtranslate": layout.generation_shard("backtranslate", k, 3)}, {})
-        storage.write_text(layout.generation_metrics(stage, k, 3), json.dumps({provenance.KEY: provenance.seal(path, made)}))
+        storage.write_text(layout.generation_metrics(stage, k, 3),
+                           json.dumps({provenance.KEY: provenance.seal(path, made), "config": config or {}}))
 
 
 def read_generation_rows(path):
@@ -390,6 +392,20 @@ def test_one_gate_lowered_sends_only_new_pairs_and_never_nan_or_cut_scores(prepa
     import pyarrow as pa
     assert g.passing(pa.array([None, None, None, "x"]), pa.array([False, True, None, False]),
                      pa.array([5.0, 5.0, math.nan, 5.0])).to_pylist() == [True, False, False, False]
+
+
+def test_a_gate_on_logprob_scores_defaults_to_4_5(prepared_root, tmp_path, tiny_models):
+    """Issue 19 point 1: score shards made in logprob mode (their markers say so) gate at 4.5 by
+    default: an expected score of 4.7 is sent, 4.2 is not (at 5, nothing would be)."""
+    root = copy_root(prepared_root, tmp_path)
+    gen(root, "backtranslate", tiny_models["plain"])
+    give_instructions(root)
+    bt = read_stage(root, "backtranslate")[1]
+    ok = sorted(bt[bt["parse_error"].isna()]["id"])
+    plan = {i: [4.7, 4.2][n % 2] for n, i in enumerate(ok)}
+    write_scores(root, "score", plan, config={"score_mode": "logprob"})
+    summary = gen(root, "rewrite", tiny_models["chat"])
+    assert summary["sent"] == sum(v == 4.7 for v in plan.values()) > 0
 
 
 def test_the_rate_gate_uses_alpagasus_threshold(prepared_root, tmp_path, tiny_models):
