@@ -165,7 +165,6 @@ def _template_tokens(sp: StagePlan, tokenizer) -> int:
 
 
 def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: int = 2000) -> dict:
-    from generation.stages import STAGES
     from schemas.recipes import RECIPES
 
     layout = RunLayout(plan.root)
@@ -178,7 +177,6 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
     rows_ok = {"backtranslate": cands["rows"]}
     instruction_tokens, instruction_source = None, None
     for sp in plan.stages:
-        spec = STAGES[sp.stage]
         measured = _measured(layout, sp.stage, threshold if sp.stage == recipe.gate else None)
         if sp.stage == "backtranslate":
             requests, req_source = cands["rows"], cands["source"]
@@ -187,8 +185,7 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
             requests, req_source = gate.get("passing_gate", 0), f"rows passing the {recipe.gate} gate"
         else:
             requests, req_source = rows_ok["backtranslate"], "rows whose instruction parsed"
-        cap = 1 if (sp.stage == "score" and sp.cfg.score_mode == "logprob") else (sp.cfg.max_new_tokens or
-                                                                                 spec.max_new_tokens)
+        cap = sp.cfg.new_token_cap()
         if measured and measured["sent"]:
             out_per_req, out_source = measured["output_tokens"] / measured["sent"], "measured"
         else:

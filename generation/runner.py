@@ -156,6 +156,16 @@ class GenerateConfig:
             return None
         return Gate(stage, gate_threshold(stage, score_mode) if self.min_score is None else self.min_score)
 
+    def new_token_cap(self) -> int:
+        """The new tokens each request asks for, which the prompt budget reserves too (one number, so a
+        prompt at the budget plus its request never passes the context): the stage's cap or
+        --max-new-tokens; in logprob mode 1, or 2 on the openai engine's chat API, where a server may
+        strip the prefill's trailing space so that the digit comes second."""
+        spec = STAGES[self.stage]
+        if self.score_mode == "logprob" and spec.logprob_prefix:
+            return 2 if self.engine == "openai" and self.api == "chat" else 1
+        return self.max_new_tokens or spec.max_new_tokens
+
     def engine_config(self) -> EngineConfig:
         return EngineConfig(self.engine, self.model, **{k: getattr(self, k) for k in (
             "tokenizer", "base_url", "api", "batch_size", "max_model_len", "concurrency", "tensor_parallel_size",
@@ -182,7 +192,7 @@ class StageRunner:
         self.gate = cfg.gate_rule(recorded_score_mode(self.layout, gate_stage)
                                   if cfg.min_score is None and gate_stage not in (None, NO_GATE) else None)
         self.logprob_prefix = self.spec.logprob_prefix if cfg.score_mode == "logprob" else None
-        self.max_new = 1 if self.logprob_prefix else (cfg.max_new_tokens or self.spec.max_new_tokens)
+        self.max_new = cfg.new_token_cap()
         self.temperature = self.spec.temperature if cfg.temperature is None else cfg.temperature
         self.top_p = self.spec.top_p if cfg.top_p is None else cfg.top_p
         self._owns_engine = engine is None

@@ -214,6 +214,17 @@ def test_the_vllm_standin_behaves_as_vllm(digit_model, vllm):
         vllm.LLM(digit_model, not_an_engine_arg=1)
     with pytest.raises(ValueError, match="dtype"):
         vllm.LLM(digit_model, dtype="bf16")
+    # SamplingParams is checked as vLLM 0.33.0 checks it (issue 19 point 13): no kinder than vLLM
+    for bad, message in [({"temperature": -0.1}, "temperature must be non-negative"),
+                         ({"temperature": 2.5}, r"temperature must be in \[0, 2\]"),
+                         ({"temperature": float("nan")}, "temperature must be a finite number"),
+                         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"), ({"top_p": 1.5}, r"top_p must be in"),
+                         ({"max_tokens": 0}, "max_tokens must be at least 1"),
+                         ({"logprobs": -2}, "logprobs must be non-negative or -1"), ({"n": 0}, "n must be at least 1")]:
+        with pytest.raises(vllm.VLLMValidationError, match=message):
+            vllm.SamplingParams(**bad)
+    with pytest.raises(vllm.VLLMValidationError, match="greater than max allowed: 20"):
+        llm.generate([{"prompt_token_ids": ids}], [vllm.SamplingParams(max_tokens=1, logprobs=21)])
 
 
 # --- BOS once (issue 9 point 1) ----------------------------------------------------------------------
@@ -533,3 +544,23 @@ def test_a_server_answering_503_to_the_preflight_fails_in_seconds():
         assert time.monotonic() - t0 < 10
     finally:
         http.shutdown()
+
+
+def test_the_budget_reserves_what_the_request_asks(tmp_path):
+    """Issue 19 point 11: the new tokens a request asks for are the ones its prompt's budget reserved
+    (chat logprob asks for 2: the digit may come after a stripped space), so prompt + max_tokens never
+    passes the context (OpenAI's API refuses that; vLLM 0.33.0 would clamp)."""
+    from generation.engines.openai import OpenAIEngine
+
+    def cfg(**kw):
+        return GenerateConfig(stage="score", root=str(tmp_path), engine="openai", model="m", base_url="http://x", **kw)
+
+    assert cfg(score_mode="logprob", api="chat").new_token_cap() == 2
+    assert cfg(score_mode="logprob").new_token_cap() == 1
+    assert cfg().new_token_cap() == 512 and cfg(max_new_tokens=7).new_token_cap() == 7
+    eng = OpenAIEngine.__new__(OpenAIEngine)
+    eng.model, eng._strip_bos = "m", None
+    for api, cap in (("chat", 2), ("completions", 1)):
+        eng.api = api
+        _, body = eng._body(Request("p", [{"role": "user", "content": "q"}], cap, digit_probs=True))
+        assert body["max_tokens"] == cap

@@ -258,7 +258,7 @@ class OpenAIEngine(Engine):
             raise problem[0]
 
     def _body(self, r: Request) -> tuple[str, dict]:
-        body: dict = {"model": self.model, "max_tokens": 1 if r.digit_probs else r.max_new_tokens,
+        body: dict = {"model": self.model, "max_tokens": r.max_new_tokens,   # what the prompt's budget reserved
                       "temperature": r.temperature, "top_p": r.top_p}
         if r.seed is not None:
             body["seed"] = r.seed
@@ -269,7 +269,7 @@ class OpenAIEngine(Engine):
             if r.messages and r.messages[-1]["role"] == "assistant":  # a prefill the model continues
                 body.update(continue_final_message=True, add_generation_prompt=False)
             if r.digit_probs:
-                body.update(logprobs=True, top_logprobs=20, temperature=0.0, max_tokens=2)
+                body.update(logprobs=True, top_logprobs=20, temperature=0.0)
             return "/chat/completions", body
         if self._strip_bos is None:
             body.update(prompt=r.prompt, add_special_tokens=False)

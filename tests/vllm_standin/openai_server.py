@@ -11,6 +11,9 @@ vllm/entrypoints/openai/ (completion/protocol.py, chat_completion/protocol.py, m
   (`add_generation_prompt` true by default, `continue_final_message` prefills the last assistant
   message; both at once is a 400), then tokenized WITHOUT special tokens (vLLM's default for chat);
   `logprobs: true, top_logprobs: N` gives `choices[0].logprobs.content[i].{token, logprob, top_logprobs}`.
+- `max_tokens` beyond what the context leaves is clamped, not refused: vLLM 0.33.0's server takes
+  min(max_tokens, max_model_len - prompt tokens) (vllm/entrypoints/serve/utils/api_utils.py,
+  `get_max_tokens`), so our budget is what keeps prompt + max_tokens within the context.
 - A prompt the engine rejects (max_model_len tokens or more, empty) is a 400 with vLLM's error body
   {"error": {"message", "type": "BadRequestError", "code": 400}}. `usage` counts prompt and output tokens.
 

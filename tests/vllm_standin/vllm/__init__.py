@@ -21,6 +21,8 @@ Test hooks (not vLLM): `calls` records constructor arguments, prompts and shutdo
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -37,6 +39,9 @@ class VLLMValidationError(ValueError):
     pass
 
 
+MAX_LOGPROBS = 20   # vllm/config/model.py: ModelConfig.max_logprobs default
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -48,6 +53,27 @@ class SamplingParams:
     max_tokens: int | None = 16
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+
+    def __post_init__(self):
+        """vLLM 0.33.0's `SamplingParams._verify_args` (sampling_params.py), for the fields above."""
+        if not isinstance(self.n, int):
+            raise VLLMValidationError(f"n must be an int, but is of type {type(self.n)}")
+        if self.n < 1:
+            raise VLLMValidationError(f"n must be at least 1, got {self.n}.")
+        if not math.isfinite(self.temperature):
+            raise VLLMValidationError(f"temperature must be a finite number, got {self.temperature}.")
+        if self.temperature < 0.0:
+            raise VLLMValidationError(f"temperature must be non-negative, got {self.temperature}.")
+        if self.temperature > 2.0:
+            raise VLLMValidationError(f"temperature must be in [0, 2], got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise VLLMValidationError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < -1:
+            raise VLLMValidationError(f"top_k must be 0 (disable), or at least 1, got {self.top_k}.")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise VLLMValidationError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if self.logprobs is not None and self.logprobs != -1 and self.logprobs < 0:
+            raise VLLMValidationError(f"logprobs must be non-negative or -1, got {self.logprobs}.")
 
 
 @dataclass
@@ -132,6 +158,10 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError("The lengths of prompts and sampling_params must be the same.")
+        for sp in sampling_params:  # SamplingParams._validate_logprobs: ModelConfig.max_logprobs defaults to 20
+            if sp.logprobs and sp.logprobs > MAX_LOGPROBS:
+                raise VLLMValidationError(f"Requested sample logprobs of {sp.logprobs}, which is greater than max "
+                                          f"allowed: {MAX_LOGPROBS}")
         encoded = [self._prompt_ids(p) for p in prompts]
         limit = self.llm_engine.model_config.max_model_len
         for _, ids in encoded:
