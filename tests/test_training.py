@@ -291,3 +291,22 @@ def test_eval_prompt_puts_the_tag_where_training_does_and_the_judge_prompt_is_mt
     assert engine.requests[-1].messages == [{"role": "user", "content": "Why?"}]
     system, user = DEFAULTS["judge"].fill(instruction="Q", answer_a="X", answer_b="Y")
     assert system == JUDGE_SYSTEM and "[The Start of Assistant A's Answer]\nX\n" in user and user.endswith("Answer]")
+
+
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['content'] }} {% endif %}{% endfor %}",
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    "{{ m['content'] }} {% endfor %}"])
+def test_a_template_that_drops_the_system_turn_is_refused(tiny_models, template):
+    """Issue 19 point 14: the tags are system prompts; a base whose chat template drops (or refuses)
+    the system turn would train without them, silently: refused, naming the fix."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["chat"])
+    tok.chat_template = template
+    rows = [{"messages": [{"role": "system", "content": "Answer with knowledge from web search."},
+                          {"role": "user", "content": "What is rain?"}, {"role": "assistant", "content": "Water."}]}]
+    with pytest.raises(data.DataError, match="chat template (drops|refuses) it.*--no-tags"):
+        data.build_dataset(tok, "sft", rows, 512)
+    untagged = [{"instruction": "What is rain?", "response": "Water."}]   # no system turn: nothing to lose
+    assert len(data.build_dataset(tok, "sft", untagged, 512)[0]) == 1

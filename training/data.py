@@ -105,14 +105,41 @@ def load_rows(path: str) -> tuple[list[dict], list[dict], str]:
     return rows, [], os.path.basename(path)
 
 
+SYSTEM_PROBE = "bft probe: the system turn"
+
+
+def check_system_turn(tokenizer) -> None:
+    """DataError when the tokenizer's chat template drops (or refuses) a system message: the seed/web
+    tags are system prompts (Humpback, section 2.3) and the backward model's instruction is one, so
+    training on such a template would silently lose them. A probe conversation is rendered once."""
+    if not getattr(tokenizer, "chat_template", None):
+        return  # the Llama-2 format writes the system prompt itself
+    probe = [{"role": "system", "content": SYSTEM_PROBE}, {"role": "user", "content": "q"},
+             {"role": "assistant", "content": "a"}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception as e:  # a template that raises on a system role (jinja's TemplateError, ...)
+        text, why = "", f"refuses it ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    else:
+        why = "drops it"
+    if SYSTEM_PROBE not in text:
+        raise DataError(f"the base model's chat template {why}: the system turn holds the seed/web tags and the "
+                        "backward model's instruction, which training would lose; fine-tune a base whose template "
+                        "renders system messages (e.g. Llama-2's: set chat_template in its tokenizer_config.json), "
+                        "or assemble the release with --no-tags")
+
+
 def build_dataset(tokenizer, role: str, rows: list[dict], max_length: int):
     """A `datasets.Dataset` of input_ids/labels/length; rows over max_length are left out (counted),
     since cutting them would cut the target and its EOS."""
     import datasets
 
+    conversations = [conversation(role, row) for row in rows]
+    if any(m["role"] == "system" for c in conversations for m in c):
+        check_system_turn(tokenizer)
     encoded, too_long = [], 0
-    for row in rows:
-        ex = encode(tokenizer, conversation(role, row))
+    for conv in conversations:
+        ex = encode(tokenizer, conv)
         if len(ex["input_ids"]) > max_length:
             too_long += 1
             continue
