@@ -229,7 +229,11 @@ def resolve(path: str) -> str:
     for base in (path, storage.join(path, SFT)):
         latest = storage.join(base, LATEST)
         if storage.exists(latest) and not storage.exists(storage.join(path, MANIFEST)):
-            return storage.join(base, storage.read_text(latest).strip())
+            name = storage.read_text(latest).strip()
+            if not _VERSION.match(name) or name in (LATEST, TMP):  # "../other/sft/v1", "/abs": never followed
+                raise ReleaseError(f"{latest} names {name[:200]!r}, not a version inside {base}: LATEST holds the "
+                                   "name of one release folder beside it")
+            return storage.join(base, name)
     return path
 
 

@@ -202,3 +202,19 @@ def test_an_empty_success_is_named_and_a_rerun_re_marks_a_release_without_rebuil
     os.remove(os.path.join(folder, "_SUCCESS"))  # as a kill between the manifest and _SUCCESS leaves it
     run(root, version="v1")
     assert os.path.getmtime(data) == stamp and release.validate(folder)["version"] == "v1"
+
+
+@pytest.mark.parametrize("name", ["../../other/sft/v1", "/abs/sft/v1", "v1/../../x", "LATEST", ".."])
+def test_latest_names_a_version_inside_its_own_sft(tmp_path, capsys, name):
+    """Issue 23 point 4: LATEST that points outside its sft/ (another root's release, an absolute
+    path) is refused in one line, never followed."""
+    from bft import cli
+
+    sft = tmp_path / "run" / "sft"
+    sft.mkdir(parents=True)
+    (sft / "LATEST").write_text(name + "\n")
+    with pytest.raises(release.ReleaseError, match="not a version inside"):
+        release.validate(str(tmp_path / "run"))
+    assert cli.main(["validate", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a version inside" in err
