@@ -60,12 +60,12 @@ def _generate(cfg, beam_args, run_file) -> int:
 
     with StageRunner(cfg) as runner:
         summary = runner.run()
-    refusals = summary["refusals"]
+    from schemas.outcomes import refused_text
+
     print(f"generate {cfg.stage}: shards written {summary['shards_done']}, skipped (complete) "
           f"{summary['shards_skipped']}; {summary['rows']:,} rows, {summary['sent']:,} requests sent, "
           f"{summary['reused']:,} rows reused, {summary['errors']} engine errors (transient), "
-          f"{sum(refusals.values())} refused" + (f" ({', '.join(f'{k} {v}' for k, v in sorted(refusals.items()))})"
-                                                 if refusals else ""))
+          f"{refused_text(summary['refusals'])}")
     return 0
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import storage
 from bft import config
+from schemas.outcomes import refused_text
 from schemas.errors import UserError
 from schemas.options import option
 
@@ -216,12 +217,9 @@ class _Out:
 
 
 def _stage_line(r: dict) -> str:
-    refusals = r.get("refusals") or {}
-    refused = sum(refusals.values())
     return (f"   shards generated {r['generated']}, reused {r['reused_shards']}; {r['requests_sent']:,} requests "
-            f"sent, {r['transient_errors']} engine errors (transient), {refused} refused"
-            + (f" ({', '.join(f'{k} {v}' for k, v in sorted(refusals.items()))})" if refused else "")
-            + f", {r['rows_reused']:,} rows reused, {r['seconds']:.1f} s")
+            f"sent, {r['transient_errors']} engine errors (transient), {refused_text(r.get('refusals'))}, "
+            f"{r['rows_reused']:,} rows reused, {r['seconds']:.1f} s")
 
 
 def rebuild(plan: RunPlan, cfg: RebuildConfig, lock=None) -> int:
@@ -375,11 +373,9 @@ def night_text(result: dict) -> str:
         elif stage == "assemble":
             lines.append(f"   assemble: {'reused' if r.get('reused') else 'built'}, {r.get('seconds', 0):.1f} s")
         else:
-            refusals = r.get("refusals") or {}
             lines.append(f"   {stage}: {r.get('requests_sent', 0):,} sent, {r.get('rows_reused', 0):,} reused, "
-                         f"{sum(refusals.values())} refused"
-                         + (f" ({', '.join(f'{k} {v}' for k, v in sorted(refusals.items()))})" if refusals else "")
-                         + f", {r.get('transient_errors', 0)} transient failures, {r.get('seconds', 0):.1f} s")
+                         f"{refused_text(r.get('refusals'))}, {r.get('transient_errors', 0)} transient failures, "
+                         f"{r.get('seconds', 0):.1f} s")
     lines.append(f"   release {rel['version']}: {'published' if rel['published'] else 'current, nothing new'} "
                  f"({rel['train']:,} train, {rel['validation']:,} validation)")
     if changes.get("previous") is None:

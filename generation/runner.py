@@ -18,10 +18,10 @@ the shard it writes is byte-identical to an uninterrupted run's (rows are reused
 input_hash, as from an older shard). The checkpoints of a shard go once its marker is written.
 
 Requests are dispatched as a stream (Engine.stream): prompts are prepared in batches (one batched
-tokenizer call per CHUNK rows) while answers come back. The error budget (`--max-error-rate`) is
-counted over every request the stage sent in this run, all shards together: a shard with transient
-failures is still written (its answers were paid for; the next run resends only the failures), the
-other shards still run, and the stage then fails listing the failing shards.
+tokenizer call per PREPARE_CHUNK rows) while answers come back. The error budget (`--max-error-rate`)
+is counted over the rows sent (in this run or before) in the shards this run wrote, all together: a
+shard with transient failures is still written (its answers were paid for; the next run resends only
+the failures), the other shards still run, and the stage then fails listing the failing shards.
 """
 from __future__ import annotations
 

@@ -57,6 +57,14 @@ def refused(kind: str, detail: str) -> str:
     return f"{kind}: {detail}"
 
 
+def refused_text(refusals: dict[str, int] | None) -> str:
+    """{"content_filter": 1} -> "1 refused (content_filter 1)"; {} -> "0 refused": how every summary
+    line (bft generate, bft rebuild's stage lines and night) says what was refused."""
+    refusals = {k: v for k, v in (refusals or {}).items() if v}
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(refusals.items()))
+    return f"{sum(refusals.values())} refused" + (f" ({detail})" if detail else "")
+
+
 def upstream_failed(upstream_category: str) -> str:
     return f"{UPSTREAM_FAILED}:{upstream_category}"
 
