@@ -129,9 +129,9 @@ def read_run_file(path: str) -> dict:
         if path.endswith(".json"):
             doc = json.loads(text)
         else:
-            import yaml
-
-            doc = yaml.safe_load(text)
+            doc = _load_yaml(text)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: both name the line
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -142,6 +142,63 @@ def read_run_file(path: str) -> dict:
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: a config file holds a mapping (root:, prepare:, generate:, assemble:, ...)")
     return doc
+
+
+# A run file is a few dozen keys; YAML's anchors and aliases share one node between places, so a few
+# hundred bytes can name 10^9 values (the "billion laughs"). Its size counted with every alias expanded
+# is bounded before any value is built, and no error message prints more than a short repr of a value.
+MAX_YAML_NODES = 100_000
+
+
+def _load_yaml(text: str):
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_document(self):
+            node = super().compose_document()
+            expanded = _expanded_size(node)
+            if expanded > MAX_YAML_NODES:
+                raise ConfigError(f"its anchors and aliases expand to more than {MAX_YAML_NODES:,} values "
+                                  "(an alias bomb?); write the values out")
+            return node
+
+    loader = Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root) -> int:
+    """The number of nodes of a composed YAML document with every alias expanded, memoized per node
+    (aliases make it a DAG): linear in the document's size, whatever the expansion."""
+    size: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in size:
+            continue
+        children = ([n for pair in node.value for n in pair] if node.id == "mapping"
+                    else list(node.value) if node.id == "sequence" else [])
+        if done or not children:
+            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+            if size[id(node)] > MAX_YAML_NODES:  # stop counting: the answer is already "too many"
+                return size[id(node)]
+            continue
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
+    return size[id(root)]
+
+
+def _brief(value, limit: int = 80) -> str:
+    """A value as an error message shows it: a repr of bounded depth, width and length (a run file's
+    value may be huge, or an alias bomb's shared lists)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 4, 4, 40, 40
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 SUB_SECTIONS = {"generate": STAGE_SECTIONS, "eval": ("generate", "judge")}
@@ -233,17 +290,17 @@ def _coerce(opt: Option, value, where: str):
         if isinstance(value, str):
             value = _comma_list(value) if opt.comma else [value]
         if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
-            raise ConfigError(f"{where} must be a list of strings, not {value!r}")
+            raise ConfigError(f"{where} must be a list of strings, not {_brief(value)}")
         return [str(v) for v in value]
     ok = (isinstance(value, bool) if kind is bool
           else isinstance(value, int) and not isinstance(value, bool) if kind is int
           else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
           else isinstance(value, str))
     if not ok:
-        raise ConfigError(f"{where} must be {kind.__name__}, not {type(value).__name__} ({value!r})")
+        raise ConfigError(f"{where} must be {kind.__name__}, not {type(value).__name__} ({_brief(value)})")
     value = float(value) if kind is float else value
     if opt.choices and value not in opt.choices:
-        raise ConfigError(f"{where} must be one of {', '.join(map(str, opt.choices))}, not {value!r}")
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, opt.choices))}, not {_brief(value)}")
     return value
 
 

@@ -156,6 +156,34 @@ def test_run_file_errors_name_the_key_and_the_file(tmp_path, capsys, text, messa
         assert str(run_file) in err
 
 
+def _alias_bomb(levels: int) -> str:
+    """`max_tokens: [&l0 [9 strings], &l1 [9 x *l0], ...]`: 9^levels values in a few hundred bytes."""
+    parts = ['&l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    parts += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "prepare:\n  max_tokens: [" + ", ".join(parts) + "]\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_and_no_error_prints_a_huge_value(tmp_path, capsys):
+    """Issue 23 point 6: 9 levels of 9 aliases name 9^9 (387M) values in ~500 bytes; `bft plan` held
+    1.4 GB after 120 s formatting one with !r. Refused before any value is built, in one line."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb(9))
+    assert len(bomb.read_bytes()) < 1000
+    for verb in ("plan", "prepare"):
+        rc, _, err = run(capsys, verb, "--config", str(bomb))
+        assert rc == 1 and "anchors and aliases expand to more than 100,000 values" in err, err
+        assert len(err.strip().splitlines()) == 1 and str(bomb) in err
+    # Under the bound the run file loads, and the wrong-type message shows a short value, not 9^4 strings
+    small = tmp_path / "small.yaml"
+    small.write_text(_alias_bomb(4))
+    rc, _, err = run(capsys, "prepare", "--config", str(small))
+    assert rc == 1 and "key 'max_tokens' must be int, not list ([['lol', 'lol'" in err and len(err) < 400, err
+    # An anchor used the ordinary way (defaults shared between stages) is fine
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("root: /tmp/r\ngenerate:\n  backtranslate: &d {batch_size: 4}\n  score: *d\n")
+    assert config.read_run_file(str(shared))["generate"]["score"] == {"batch_size": 4}
+
+
 def test_every_verb_declares_its_options_once():
     for verb in cli.VERBS.values():
         opts = config.options(verb.config_class())
