@@ -229,7 +229,10 @@ def resolve(path: str) -> str:
     for base in (path, storage.join(path, SFT)):
         latest = storage.join(base, LATEST)
         if storage.exists(latest) and not storage.exists(storage.join(path, MANIFEST)):
-            name = storage.read_text(latest).strip()
+            kind = storage.not_regular(latest)
+            if kind:
+                raise ReleaseError(f"{latest} is {kind}, not a plain file naming a release; never followed")
+            name = storage.read_bytes(latest)[:300].decode("utf-8", "replace").strip()
             if not _VERSION.match(name) or name in (LATEST, TMP):  # "../other/sft/v1", "/abs": never followed
                 raise ReleaseError(f"{latest} names {name[:200]!r}, not a version inside {base}: LATEST holds the "
                                    "name of one release folder beside it")
@@ -247,7 +250,17 @@ def validate(path: str, *, published: bool = True, tables: dict[str, list[pa.Tab
     manifest_path = storage.join(folder, MANIFEST)
     if not storage.exists(manifest_path):
         raise ReleaseError(f"{folder}: no {MANIFEST}; not a release folder (or the run did not finish)")
-    problems = []
+    # A release is plain files in a plain folder: a link (to /dev/zero, to another release) or a device
+    # is a problem, and never read, so that checking a tampered release cannot hang or vouch for
+    # bytes that live elsewhere.
+    special = dict((p[len(folder) + 1:], why) for p, why in storage.special_entries(folder))
+    folder_kind = storage.not_regular(folder.rstrip("/"))
+    if folder_kind not in (None, "a folder"):
+        raise ReleaseError(f"{folder}: the release folder is {folder_kind}; a release is never followed through a link")
+    problems = [f"{rel}: {why}; a release holds plain files only" for rel, why in sorted(special.items())]
+    for name in (MANIFEST, SUCCESS):
+        if name in special:
+            raise ReleaseError(f"{folder}: release is not valid:\n  " + "\n  ".join(problems))
     if published:
         success = storage.join(folder, SUCCESS)
         if not storage.exists(success):
@@ -273,12 +286,14 @@ def validate(path: str, *, published: bool = True, tables: dict[str, list[pa.Tab
                         f"{schemas.SCHEMA_VERSION}")
     listed = {f["path"]: f for f in manifest["files"]}
     present = {p[len(folder) + 1:] for p in storage.list_files(folder)} - {MANIFEST, SUCCESS}
-    for rel in sorted(present - set(listed)):
+    for rel in sorted(present - set(listed) - set(special)):
         problems.append(f"{rel}: present in the release but not listed in {MANIFEST}")
     rows = {"train": 0, "validation": 0}
     ids: list[pa.Array] = []
     for rel, entry in sorted(listed.items()):
         full = storage.join(folder, rel)
+        if rel in special:
+            continue  # named above, never read
         if rel not in present:
             problems.append(f"{rel}: listed in {MANIFEST} but missing")
             continue

@@ -49,6 +49,43 @@ def size(path: str) -> int:
     return os.path.getsize(path)
 
 
+def not_regular(path: str) -> str | None:
+    """Why `path` is not a plain stored file (a symbolic link, a device, a FIFO, a folder), or None.
+    Objects in a bucket are always plain; a local path is looked at without following a link, so a
+    checker never reads /dev/zero or a file outside the folder it checks."""
+    if is_gcs(path):
+        return None
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link (to {os.readlink(path)[:200]!r})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
+    return kind
+
+
+def special_entries(prefix: str) -> list[tuple[str, str]]:
+    """(path, why) for every entry below the local folder `prefix` that is not a plain file or folder
+    (links, devices, FIFOs), links to folders included (os.walk does not descend into them); [] on GCS."""
+    if is_gcs(prefix):
+        return []
+    out = []
+    for dirpath, dirnames, names in os.walk(prefix):
+        for name in dirnames + names:
+            full = os.path.join(dirpath, name)
+            why = not_regular(full)
+            if why and why != "a folder":
+                out.append((full, why))
+    return sorted(out)
+
+
 def fingerprint(path: str) -> dict:
     """{"bytes", "checksum"} of a stored file: GCS's own size and crc32c (one metadata request, no
     download), or the size and xxh3_128 of a local file's bytes (read in 8 MB blocks)."""

@@ -218,3 +218,57 @@ def test_latest_names_a_version_inside_its_own_sft(tmp_path, capsys, name):
     assert cli.main(["validate", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a version inside" in err
+
+
+def _tamper(folder, rel, target, manifest_bytes=None):
+    path = os.path.join(folder, rel)
+    os.remove(path)
+    os.symlink(target, path)
+    if manifest_bytes is not None:
+        mpath = os.path.join(folder, "manifest.json")
+        manifest = json.loads(storage.read_text(mpath))
+        for entry in manifest["files"]:
+            if entry["path"] == rel:
+                entry["bytes"] = manifest_bytes
+        storage.write_text(mpath, json.dumps(manifest))
+
+
+def test_a_tampered_release_with_links_is_refused_without_reading_them(root, tmp_path, capsys):
+    """Issue 23 point 7: README.md a link to /dev/zero with `bytes: 0` in the manifest made `bft
+    validate` hash an endless file. A link (to a device, to another release's file, to a folder) or a
+    FIFO is a problem named in the one report, and never opened: a FIFO would block an open()."""
+    run(root, version="v1")
+    folder = os.path.join(root, "sft", "v1")
+    other = tmp_path / "other.parquet"
+    shutil.copy(os.path.join(folder, "train-00000-of-00002.parquet"), other)
+    _tamper(folder, "README.md", "/dev/zero", manifest_bytes=0)
+    _tamper(folder, "train-00000-of-00002.parquet", str(other))  # the same bytes, elsewhere
+    os.symlink(str(tmp_path), os.path.join(folder, "plots-elsewhere"))
+    os.mkfifo(os.path.join(folder, "pipe"))
+    with pytest.raises(release.ReleaseError) as e:
+        release.validate(folder)
+    text = str(e.value)
+    assert "README.md: a symbolic link (to '/dev/zero')" in text
+    assert "train-00000-of-00002.parquet: a symbolic link" in text
+    assert "plots-elsewhere: a symbolic link" in text and "pipe: a FIFO" in text
+    assert "sha256 is not the one _SUCCESS records" in text  # and the rest is still checked
+    assert cli.main(["validate", root]) == 1 and "README.md: a symbolic link" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["LATEST", "manifest.json", "folder"])
+def test_latest_the_manifest_or_the_folder_as_a_link_is_never_followed(root, tmp_path, what):
+    run(root, version="v1")
+    folder = os.path.join(root, "sft", "v1")
+    if what == "LATEST":
+        _tamper(os.path.join(root, "sft"), "LATEST", "/dev/zero")
+        target, message = root, "LATEST is a symbolic link"
+    elif what == "manifest.json":
+        _tamper(folder, "manifest.json", "/dev/zero")
+        target, message = folder, "manifest.json: a symbolic link"
+    else:
+        moved = str(tmp_path / "moved")
+        os.rename(folder, moved)
+        os.symlink(moved, folder)
+        target, message = folder, "the release folder is a symbolic link"
+    with pytest.raises(release.ReleaseError, match=message):
+        release.validate(target)
