@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import io
 import os
+import re
 
 from beam_pipelines.corpus_stats import LENGTH_EDGES
 from schemas.recipes import CURATION_DROPS, RECIPES
@@ -288,9 +289,20 @@ def _pct(v) -> str:
 
 
 def _link(url: str | None) -> str:
+    """A document's URL: a link only when it is http(s); any other scheme (`javascript:`, `data:`,
+    `file:`) from a web crawl's metadata is shown as text, never made clickable."""
     if not url:
         return "-"
-    return f'<a href="{html.escape(url, quote=True)}">{html.escape(url)}</a>'
+    if not _WEB_URL.match(url):
+        return f"<span class=note>{html.escape(url[:500])}</span>"
+    return f'<a href="{html.escape(url, quote=True)}" rel="noopener noreferrer nofollow">{html.escape(url[:500])}</a>'
+
+
+_WEB_URL = re.compile(r"https?://[^\s\x00-\x1f]+\Z", re.IGNORECASE)
+
+# The report ships no script, loads nothing from elsewhere, and says so to the browser: even a text
+# that slipped past escaping could not run a script or fetch a resource.
+CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 
 def _examples_html(stats: dict) -> str:
@@ -346,7 +358,8 @@ def report_html(stats: dict) -> str:
         partial = (f"<p class=warn>Partial release (--allow-partial): candidate shards "
                    f"{stats['missing_shards']} had no complete generation output and are not in it.</p>")
     version = html.escape(stats["version"])
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>bft release {version}</title>
+    return f"""<!doctype html><html><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}"><title>bft release {version}</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;font-size:14px}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right;vertical-align:top}}
 td:first-child{{text-align:left}}td.t{{text-align:left;white-space:pre-wrap;max-width:420px}}.warn{{color:#b00}}

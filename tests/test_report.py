@@ -150,13 +150,37 @@ def test_report_html_shows_examples_stages_scores_and_provenance(published):
     page = open(os.path.join(folder, "report.html")).read()
     assert page == report.report_html(stats)
     assert "score scores" not in page and "score stage: integer scores" not in page  # titles are in the PNG
-    for text in ("Explain the topic of document a0 please.", '<a href="https://example.org/a0">',
+    for text in ("Explain the topic of document a0 please.", '<a href="https://example.org/a0" rel="noopener noreferrer nofollow">',
                  "not_sent: below_gate: 1", "requests sent", "pass rate of sent", '<a href="README.md">',
                  '<a href="manifest.json">', stats["code_revision"], "rewrite:truncated", "tiny-rewrite",
                  "unique response trigrams per 1,000", "fewer than 1,000: not comparable", "Table 6"):
         assert text in page, text
     for name in report.PLOTS:
         assert f'<img src="plots/{name}.png"' in page and os.path.getsize(os.path.join(folder, "plots", f"{name}.png"))
+
+
+@pytest.mark.parametrize("url", ["javascript:alert(document.domain)", "JavaScript:alert(1)", " javascript:x",
+                                 "data:text/html,<script>alert(1)</script>", "file:///etc/passwd",
+                                 "https://a.org/\njavascript:x", "vbscript:msgbox(1)"])
+def test_only_http_urls_become_links_and_the_page_forbids_scripts(published, url):
+    """Issue 23 point 3: a Dolma `metadata.url` of `javascript:alert(document.domain)` was a clickable
+    link. Only http(s) URLs are links; the rest is text; the page's CSP forbids any script."""
+    import copy
+    import re
+
+    _, stats = published
+    stats = copy.deepcopy(stats)
+    kept = stats["examples"]["kept"]
+    kept[0]["url"] = url
+    page = report.report_html(stats)
+    hrefs = re.findall(r'href="([^"]*)"', page)
+    assert all(h.startswith(("https://", "http://")) or h in ("README.md", "manifest.json", "stats.json")
+               for h in hrefs), hrefs
+    assert "<script" not in page.lower()
+    csp = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]+)">', page).group(1)
+    assert "default-src 'none'" in csp and "script-src" not in csp and "img-src 'self'" in csp
+    assert report._link("https://example.org/a?b=1&c=2") == \
+        '<a href="https://example.org/a?b=1&amp;c=2" rel="noopener noreferrer nofollow">https://example.org/a?b=1&amp;c=2</a>'
 
 
 # ---- the card -----------------------------------------------------------------------------------------
