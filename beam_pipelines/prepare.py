@@ -752,8 +752,8 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
     limit0 = None
     stash = tmp_dir if cfg.target_docs else None  # a sample re-reads its few documents from a stash
     if cfg.target_docs:  # round 0 of the sample, measured in the first read: its key limit from an estimate
-        stored = {i["path"]: i["bytes"] for i in fingerprint or []}
-        sizes = [stored[f] if f in stored else storage.size(f) for f in selected]
+        stored = {i["path"]: i.get("bytes", 0) for i in fingerprint or []}
+        sizes = [stored[f] if f in stored else _size_or_zero(f) for f in selected]
         limit0 = key_limit(estimate_ranked(selected, sizes, cfg), cfg.target_docs, 1.0)
     read = (p | "HeadSplitFiles" >> beam.Create(selected)  # Create spreads its elements (a reshuffle)
             | "ReadAndMeasure" >> beam.ParDo(ReadAndMeasure(cfg, selected, limit0, stash)).with_outputs(
@@ -923,9 +923,26 @@ def _read_prior(path: str):
         yield doc_id, shard
 
 
+def _size_or_zero(path: str) -> int:
+    """A file's stored bytes for the sample's estimate; 0 for one that cannot be read (reported by the
+    read pass)."""
+    try:
+        return storage.size(path)
+    except OSError:
+        return 0
+
+
 def input_fingerprint(files: list[str]) -> list[dict]:
-    """What the output was made from: every input file's path, size and content checksum."""
-    return [{"path": f, **storage.fingerprint(f)} for f in files]
+    """What the output was made from: every input file's path, size and content checksum. A file
+    that cannot be read (deleted after it was listed, access denied) is recorded with its error, and
+    the read pass reports it (or skips it under --skip-unreadable-files) as any unreadable file."""
+    out = []
+    for f in files:
+        try:
+            out.append({"path": f, **storage.fingerprint(f)})
+        except OSError as e:  # storage.StorageError on gs://
+            out.append({"path": f, "unreadable": str(e)[:300]})
+    return out
 
 
 def config_differences(recorded: dict, current: dict) -> list[str]:

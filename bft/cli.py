@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+import storage
 from bft import config
 
 
@@ -191,7 +192,7 @@ def usage() -> str:
 def _user_error_names() -> set[str]:
     from schemas.errors import UserError
 
-    names, todo = set(), [UserError]
+    names, todo = set(), [UserError, storage.StorageError]
     while todo:
         cls = todo.pop()
         names.add(cls.__name__)
@@ -206,7 +207,7 @@ def user_error_message(exc: BaseException) -> str | None:
 
     seen = exc
     while seen is not None:
-        if isinstance(seen, UserError):
+        if isinstance(seen, (UserError, storage.StorageError)):  # a bucket's error names its gs:// path
             return str(seen)
         seen = seen.__cause__ or seen.__context__
     names = "|".join(sorted(_user_error_names()))

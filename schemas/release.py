@@ -297,13 +297,17 @@ def validate(path: str, *, published: bool = True, tables: dict[str, list[pa.Tab
         if rel not in present:
             problems.append(f"{rel}: listed in {MANIFEST} but missing")
             continue
-        size = storage.size(full)
-        if size != entry["bytes"]:
-            problems.append(f"{rel}: {size} bytes, manifest says {entry['bytes']}")
+        try:
+            size = storage.size(full)
+            if size != entry["bytes"]:
+                problems.append(f"{rel}: {size} bytes, manifest says {entry['bytes']}")
+                continue
+            # a data file is read once: the same bytes are checksummed and then parsed
+            data = storage.read_bytes(full) if "split" in entry else None
+            digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_of(full)
+        except OSError as e:  # deleted after listing, access denied (storage.StorageError on gs://)
+            problems.append(f"{rel}: cannot be read ({e})")
             continue
-        # a data file is read once: the same bytes are checksummed and then parsed
-        data = storage.read_bytes(full) if "split" in entry else None
-        digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_of(full)
         if digest != entry["sha256"]:
             problems.append(f"{rel}: sha256 {digest[:12]}..., manifest says {entry['sha256'][:12]}...")
             continue

@@ -27,6 +27,109 @@ def is_gcs(path: str) -> bool:
     return path.startswith("gs://")
 
 
+class StorageError(OSError):
+    """A stored object could not be read or written: GCS's errors as the OSErrors a local file gives
+    (NotFound -> FileNotFoundError, Forbidden/Unauthorized -> PermissionError, a 429/5xx or a dropped
+    connection still failing after the client's own retries -> OSError), so that every caller treats
+    a bucket as it treats a disk (--skip-unreadable-files, a release problem, a one-line error). The
+    message names the gs:// path."""
+
+    def __init__(self, code: int, message: str, path: str):
+        super().__init__(code, message, path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class StoredFileNotFound(StorageError, FileNotFoundError):
+    pass
+
+
+class StoredFileForbidden(StorageError, PermissionError):
+    pass
+
+
+def _mapped(error: Exception, path: str) -> Exception | None:
+    """The StorageError for a GCS client's exception, or None for one that is not about storage."""
+    if isinstance(error, StorageError):
+        return None
+    from google.api_core import exceptions as gexc
+
+    detail = (getattr(error, "message", None) or str(error) or type(error).__name__).splitlines()[0][:300]
+    if isinstance(error, gexc.NotFound):
+        return StoredFileNotFound(errno.ENOENT, f"{path}: not found in the bucket (deleted after it was listed?)", path)
+    if isinstance(error, (gexc.Forbidden, gexc.Unauthorized)):
+        return StoredFileForbidden(errno.EACCES, f"{path}: access denied ({detail})", path)
+    if isinstance(error, (gexc.GoogleAPIError, gexc.RetryError)) or _is_transport_error(error):
+        return StorageError(errno.EIO, f"{path}: {type(error).__name__} after the storage client's retries "
+                                       f"({detail})", path)
+    return None
+
+
+def _is_transport_error(error: Exception) -> bool:
+    import requests
+    from google.auth import exceptions as auth_exc
+
+    return isinstance(error, (requests.exceptions.RequestException, auth_exc.TransportError, ConnectionError))
+
+
+def _gcs_errors(func):
+    """Calls on a gs:// path raise StorageError (see _mapped) instead of the client's exceptions."""
+    @functools.wraps(func)
+    def wrapper(path, *args, **kwargs):
+        if not is_gcs(path):
+            return func(path, *args, **kwargs)
+        try:
+            return func(path, *args, **kwargs)
+        except Exception as e:
+            mapped = _mapped(e, path)
+            if mapped is None:
+                raise
+            raise mapped from e
+    return wrapper
+
+
+class _GcsReader(io.RawIOBase):
+    """A GCS blob reader whose read errors (the object deleted after it was listed, a connection
+    dropped past the client's retries) are StorageErrors naming the path."""
+
+    def __init__(self, path: str, reader):
+        self.path, self.reader = path, reader
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:  # Parquet readers seek to the footer
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._call(self.reader.seek, offset, whence)
+
+    def tell(self) -> int:
+        return self.reader.tell()
+
+    def _call(self, func, *args):
+        try:
+            return func(*args)
+        except Exception as e:
+            mapped = _mapped(e, self.path)
+            if mapped is None:
+                raise
+            raise mapped from e
+
+    def readinto(self, buffer) -> int:
+        data = self._call(self.reader.read, len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        try:
+            self.reader.close()
+        except Exception:  # closing a reader of a deleted object must not hide the read's error
+            pass
+        super().close()
+
+
 def join(base: str, *parts: str) -> str:
     if is_gcs(base):
         return posixpath.join(base, *parts)
@@ -40,6 +143,7 @@ def parent(path: str) -> str:
     return os.path.dirname(path.rstrip("/"))
 
 
+@_gcs_errors
 def size(path: str) -> int:
     """Bytes of a stored file."""
     if is_gcs(path):
@@ -86,6 +190,7 @@ def special_entries(prefix: str) -> list[tuple[str, str]]:
     return sorted(out)
 
 
+@_gcs_errors
 def fingerprint(path: str) -> dict:
     """{"bytes", "checksum"} of a stored file: GCS's own size and crc32c (one metadata request, no
     download), or the size and xxh3_128 of a local file's bytes (read in 8 MB blocks)."""
@@ -121,24 +226,33 @@ def gcs_client():
     return storage.Client()
 
 
+def _retry():
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY
+
+
 def _blob(path: str):
     bucket, name = _split_gcs(path)
     return gcs_client().bucket(bucket).blob(name)
 
 
+@_gcs_errors
 def exists(path: str) -> bool:
     if is_gcs(path):
         return _blob(path).exists()
     return os.path.exists(path)
 
 
+@_gcs_errors
 def open_read(path: str) -> BinaryIO:
     """A binary stream of the file's bytes as stored (no decompression)."""
     if is_gcs(path):
-        return _blob(path).open("rb", chunk_size=8 << 20)
+        return io.BufferedReader(_GcsReader(path, _blob(path).open("rb", chunk_size=8 << 20)), 1 << 20)
     return open(path, "rb")
 
 
+@_gcs_errors
 def read_bytes(path: str) -> bytes:
     if is_gcs(path):
         return _blob(path).download_as_bytes()
@@ -150,6 +264,7 @@ def read_text(path: str) -> str:
     return read_bytes(path).decode("utf-8")
 
 
+@_gcs_errors
 def write_bytes(path: str, data: bytes) -> None:
     """Writes `data` so that `path` appears whole or not at all.
 
@@ -157,7 +272,9 @@ def write_bytes(path: str, data: bytes) -> None:
     which creates the object atomically when it completes.
     """
     if is_gcs(path):
-        _blob(path).upload_from_string(data)
+        # our writes replace a whole object with the same bytes when repeated, so a 429/5xx is retried
+        # (the client retries an upload without a precondition only when told)
+        _blob(path).upload_from_string(data, retry=_retry())
         return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -208,6 +325,7 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+@_gcs_errors
 def delete(path: str) -> None:
     if is_gcs(path):
         blob = _blob(path)
@@ -217,6 +335,7 @@ def delete(path: str) -> None:
         os.unlink(path)
 
 
+@_gcs_errors
 def delete_tree(prefix: str) -> None:
     """Removes every file under the folder `prefix`."""
     if is_gcs(prefix):
@@ -229,6 +348,7 @@ def delete_tree(prefix: str) -> None:
     shutil.rmtree(prefix, ignore_errors=True)
 
 
+@_gcs_errors
 def list_files(prefix: str) -> list[str]:
     """Every file below the folder `prefix`, sorted."""
     if is_gcs(prefix):
@@ -316,7 +436,7 @@ def open_lines(path: str) -> Iterator[bytes]:
         elif path.endswith(".zst") or path.endswith(".zstd"):
             stream = io.BufferedReader(_ChunkReader(_zstd_chunks(raw, path)), buffer_size=1 << 20)
         else:
-            stream = io.BufferedReader(raw, buffer_size=1 << 20) if not is_gcs(path) else raw
+            stream = io.BufferedReader(raw, buffer_size=1 << 20) if not is_gcs(path) else raw  # buffered
         first = True
         try:
             for line in stream:
@@ -406,13 +526,17 @@ def write_parquet(table: pa.Table, path: str, compression: str = "zstd") -> int:
             _readable(tmp)
             os.replace(tmp, path)
         else:
-            _blob(path).upload_from_filename(tmp)
+            try:
+                _blob(path).upload_from_filename(tmp, retry=_retry())
+            except Exception as e:
+                raise (_mapped(e, path) or e) from e
         return size
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+@_gcs_errors
 def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
     if is_gcs(path):
         return parquet_from_bytes(read_bytes(path), columns)

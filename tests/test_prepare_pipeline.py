@@ -535,3 +535,34 @@ def test_a_local_worker_ends_at_once_at_a_clean_exit_and_keeps_a_failure_status(
     assert done.returncode == status, done.stderr
     assert ("last words" in done.stdout) == (status == 0)
     assert ("teardown ran" in done.stderr) == (status != 0)
+
+
+def test_a_gcs_input_deleted_after_listing_is_unreadable_like_a_local_one(corpus, tmp_path, bpe_tokenizer_path,
+                                                                          gcs_emulator, bucket, monkeypatch, capsys):
+    """Issue 23 point 9: an input deleted between the listing and the read gave a NotFound traceback on
+    gs://, and --skip-unreadable-files was ignored for it. Now: one line naming the file, or skipped
+    and listed in stats.json's unreadable_files, as on local disk."""
+    import storage
+    from bft import cli
+
+    for path in sorted(p for p in (tmp_path / "dolma").rglob("*.json.gz")):
+        storage.write_bytes(f"gs://{bucket}/{path.relative_to(tmp_path)}", path.read_bytes())
+    gone = f"gs://{bucket}/dolma/documents/cc_en_head/cc_en_head-0001.json.gz"
+    real = prepare.list_inputs
+
+    def list_then_delete(patterns):
+        files = real(patterns)
+        storage.delete(gone)
+        return files
+
+    monkeypatch.setattr(prepare, "list_inputs", list_then_delete)
+    pattern = f"gs://{bucket}/dolma/documents/*/*.json.gz"
+    rc = cli.main(["prepare", "--input", pattern, "--root", str(tmp_path / "x"), "--tokenizer", bpe_tokenizer_path,
+                   "--num-shards", "2", "--quiet", *LOCAL])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and f"{gone}: unreadable after 0 lines" in err, err
+    storage.write_bytes(gone, b"")  # listed again by the next run, then deleted again
+    stats = run_prepare(pattern, tmp_path / "y", bpe_tokenizer_path, skip_unreadable_files=True)
+    assert [u["file"] for u in stats["unreadable_files"]] == [gone]
+    assert "not found in the bucket" in stats["unreadable_files"][0]["error"]
+    assert stats["input_records"] == stats["kept"] + sum(stats["dropped"].values())

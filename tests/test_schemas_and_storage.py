@@ -126,3 +126,56 @@ def test_check_writable_names_a_file_in_the_way(tmp_path):
         storage.check_writable(str(tmp_path / "f" / "candidates"))
     storage.check_writable(str(tmp_path / "d" / "candidates"))
     assert os.listdir(tmp_path / "d" / "candidates") == []
+
+
+# ---- issue 23 point 9: GCS errors are the OSErrors a local file gives --------------------------------
+
+def test_gcs_errors_map_to_oserrors_naming_the_path(bucket, monkeypatch):
+    from google.api_core import exceptions as gexc
+
+    missing = f"gs://{bucket}/gone.jsonl"
+    for call in (storage.read_bytes, storage.size, storage.fingerprint, lambda p: list(storage.open_lines(p)),
+                 lambda p: storage.open_read(p).read()):
+        with pytest.raises(FileNotFoundError, match=f"{missing}: not found in the bucket") as e:
+            call(missing)
+        assert isinstance(e.value, storage.StorageError) and e.value.errno == 2 and e.value.filename == missing
+    path = f"gs://{bucket}/here.jsonl"
+    storage.write_text(path, '{"a": 1}\n' * 3)
+    assert storage.exists(path) and list(storage.open_lines(path)) == [b'{"a": 1}'] * 3
+    # what the emulator cannot answer, the client's own exceptions stand for (403, 503 after retries)
+    blob_cls = type(storage._blob(path))
+    monkeypatch.setattr(blob_cls, "download_as_bytes", lambda self, **kw: (_ for _ in ()).throw(
+        gexc.Forbidden("caller does not have storage.objects.get access")))
+    with pytest.raises(PermissionError, match=f"{path}: access denied .*storage.objects.get"):
+        storage.read_bytes(path)
+    monkeypatch.setattr(blob_cls, "download_as_bytes", lambda self, **kw: (_ for _ in ()).throw(
+        gexc.ServiceUnavailable("backend error")))
+    with pytest.raises(storage.StorageError, match="ServiceUnavailable after the storage client's retries"):
+        storage.read_bytes(path)
+    monkeypatch.setattr(blob_cls, "download_as_bytes", lambda self, **kw: (_ for _ in ()).throw(KeyError("x")))
+    with pytest.raises(KeyError):  # not a storage error: a bug keeps its own type
+        storage.read_bytes(path)
+
+
+def test_validate_names_a_release_file_deleted_after_listing(bucket, monkeypatch, capsys, bpe_tokenizer_path):
+    """`bft validate gs://...` on a file deleted after it was listed: a problem in the one report, exit 1
+    (was a NotFound traceback)."""
+    from bft import cli
+    from schemas import release
+    from tests.test_assemble import run, write_root
+
+    root = write_root(f"gs://{bucket}/run", bpe_tokenizer_path)
+    folder = f"{root}/sft/{run(root, version='v1')['version']}"
+    real = storage.list_files
+
+    def list_then_delete(prefix):
+        names = real(prefix)
+        storage.delete(f"{folder}/README.md")
+        return names
+
+    monkeypatch.setattr(storage, "list_files", list_then_delete)
+    with pytest.raises(release.ReleaseError, match="README.md: cannot be read .*not found in the bucket"):
+        release.validate(folder)
+    assert cli.main(["validate", folder]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "README.md: " in err
