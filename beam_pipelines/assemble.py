@@ -38,6 +38,7 @@ from beam_pipelines import corpus_stats, progress, recipes
 from schemas import provenance, release
 import storage
 from beam_pipelines.options import configure_process, pipeline_options
+from beam_pipelines.length import tokenizer_fingerprint
 
 log = logging.getLogger("bft.assemble")
 
@@ -400,7 +401,6 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
     lineage = {"candidates": [], "generations": {s: [] for s in cfg.stages}, "seed_data": None}
     checksums: dict[str, str] = {}
     for k, n, path in cands:
-        lineage["candidates"].append({"path": path, "bytes": storage.size(path)})
         stage_paths, missing_here = [], []
         # the stages the rows need must be there and current; any other stage run is read for the
         # report's statistics when it is current, and left out (with a warning) when it is not
@@ -414,9 +414,10 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
                     log.warning("%s: %s; left out of the statistics", out, why)
                     continue
                 stage_paths.append((stage, out))
-                lineage["generations"].setdefault(stage, []).append({"path": out, "bytes": storage.size(out)})
+                lineage["generations"].setdefault(stage, []).append(content_of(out, checksums))
             elif stage in cfg.stages:
                 missing_here.append(out)
+        lineage["candidates"].append(content_of(path, checksums))
         if missing_here:
             missing_files += missing_here
             skipped[k] = release.parquet_rows(path)
@@ -429,8 +430,18 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
     if cfg.seed_data:
         if not storage.exists(cfg.seed_data):
             raise AssembleError(f"{cfg.seed_data}: seed data not found")
-        lineage["seed_data"] = {"path": cfg.seed_data, "bytes": storage.size(cfg.seed_data)}
+        lineage["seed_data"] = content_of(cfg.seed_data, checksums)
+    lineage["tokenizer"] = tokenizer_fingerprint(cfg.tokenizer)  # the token counts in the stats
     return shards, skipped, cands[0][1], lineage
+
+
+def content_of(path: str, checksums: dict[str, str]) -> dict:
+    """An input of the release as its lineage (and so its config hash) records it: path, bytes and
+    sha256 of the content, so that an input edited in place with the same size is a change (issue 23).
+    The sha256 is the one the shard checks computed (`checksums`), or read now: each file once."""
+    if path not in checksums:
+        checksums[path] = release.sha256_of(path)
+    return {"path": path, "bytes": storage.size(path), "sha256": checksums[path]}
 
 
 def shard_problem(layout: RunLayout, stage: str, k: int, n: int, checksums: dict[str, str]) -> str | None:

@@ -93,6 +93,22 @@ def load_tokenizer(path_or_id: str) -> Tokenizer:
     return Tokenizer.from_file(hf_hub_download(path_or_id, "tokenizer.json"))
 
 
+def tokenizer_fingerprint(path_or_id: str) -> dict:
+    """The tokenizer as a run records it: the tokenizer.json that load_tokenizer reads, by content
+    (storage.fingerprint: xxh3_128 of a local file, GCS's crc32c), so that a tokenizer replaced in
+    place is a change; a hub id by its name (its revision is the hub's)."""
+    import storage
+
+    target = path_or_id
+    if storage.is_gcs(path_or_id):
+        target = path_or_id if path_or_id.endswith(".json") else storage.join(path_or_id, "tokenizer.json")
+    elif os.path.isdir(path_or_id):
+        target = os.path.join(path_or_id, "tokenizer.json")
+    elif not os.path.isfile(path_or_id):
+        return {"hub_id": path_or_id}
+    return {"path": target, **storage.fingerprint(target)}
+
+
 @dataclass(frozen=True)
 class TokenizerShape:
     """What the tokenizer's structure allows: which way its texts are counted (`path`, one of

@@ -38,7 +38,7 @@ import schemas
 from schemas.options import option, required
 from beam_pipelines import dolma
 import storage
-from beam_pipelines.length import TokenCounter, length_verdict, load_tokenizer
+from beam_pipelines.length import TokenCounter, length_verdict, load_tokenizer, tokenizer_fingerprint
 from beam_pipelines.options import configure_process
 from beam_pipelines.shards import assign_bucket, balance, num_buckets
 from schemas.errors import UserError
@@ -741,7 +741,8 @@ class WriteRejects(beam.PTransform):
 
 
 def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files: list[str] | None = None,
-          fingerprint: list[dict] | None = None, prior: list[str] | None = None):
+          fingerprint: list[dict] | None = None, prior: list[str] | None = None,
+          tokenizer_file: dict | None = None):
     """Adds the prepare pass to pipeline `p`; returns the PCollection of the final stats dict."""
     files = list_inputs(cfg.input) if files is None else files
     selected = [f for f in files if not cfg.splits or dolma.split_of(f, cfg.splits)]
@@ -797,7 +798,8 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
     unreadable = unreadable | "AllUnreadable" >> beam.Flatten()
     return (p | "Finish" >> beam.Create([None])
             | "WriteStats" >> beam.Map(
-                lambda _, t, s, r, u: write_stats(cfg, files, selected, t, s, r, u, fingerprint),
+                lambda _, t, s, r, u: write_stats(cfg, files, selected, t, s, r, u, fingerprint,
+                                                     tokenizer_file),
                 t=beam.pvalue.AsSingleton(totals), s=beam.pvalue.AsList(shards),
                 r=beam.pvalue.AsList(reject_files), u=beam.pvalue.AsList(unreadable)))
 
@@ -811,7 +813,8 @@ def funnel(totals: dict[str, int]) -> dict:
 UNLISTED = ("other_split", "not_selected", "not_sampled")  # dropped reasons counted in stats, not listed as rejects
 
 
-def write_stats(cfg, files, selected, totals, shards, reject_files, unreadable, fingerprint=None) -> dict:
+def write_stats(cfg, files, selected, totals, shards, reject_files, unreadable, fingerprint=None,
+                tokenizer_file=None) -> dict:
     acc = funnel(totals)
     if acc["input_records"] != acc["kept"] + sum(acc["dropped"].values()):
         raise RuntimeError(f"accounting broken: {acc['input_records']} input records != {acc['kept']} kept + "
@@ -840,6 +843,7 @@ def write_stats(cfg, files, selected, totals, shards, reject_files, unreadable, 
         "root": cfg.root,
         "config": cfg.identity(),
         "inputs": fingerprint,
+        "tokenizer_file": tokenizer_file,
         "schema_version": schemas.SCHEMA_VERSION,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -865,19 +869,21 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
     layout = RunLayout(cfg.root)
     files = list_inputs(cfg.input)
     fingerprint = input_fingerprint(files)
+    check_tokenizer(cfg.tokenizer)
+    tokenizer = tokenizer_fingerprint(cfg.tokenizer)
     if storage.exists(layout.prepare_stats) and not cfg.overwrite:
         stats = json.loads(storage.read_text(layout.prepare_stats))
         differ = config_differences(stats.get("config") or {}, cfg.identity())
         if differ:
             raise UserError(f"{layout.candidates} holds a complete prepare output of another config ("
                             + "; ".join(differ) + "): pass --overwrite to redo it, or use another --root")
-        if stats.get("inputs") == fingerprint:
+        if stats.get("inputs") == fingerprint and stats.get("tokenizer_file") == tokenizer:
             log.info("%s exists with the same config and inputs: prepare is complete, skipping", layout.prepare_stats)
             storage.delete_tree(layout.prepare_tmp_root)  # document texts left by a run killed after its marker
             return {**stats, "reused": True}
-        log.warning("the input files changed since %s was written: prepare runs again", layout.prepare_stats)
+        log.warning("the input files or the tokenizer's file changed since %s was written: prepare runs again",
+                    layout.prepare_stats)
     check_output(layout.candidates)
-    check_tokenizer(cfg.tokenizer)
     options = pipeline_options(beam_args)
     prior = keep_prior(layout, cfg.num_shards)
     storage.delete(layout.prepare_stats)  # the marker first: from here the output is visibly incomplete
@@ -886,7 +892,7 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
             storage.delete(path)
     try:
         with progress.running("prepare", options) as p:
-            build(p, cfg, files=files, fingerprint=fingerprint, prior=prior)
+            build(p, cfg, files=files, fingerprint=fingerprint, prior=prior, tokenizer_file=tokenizer)
     except KeyboardInterrupt:  # the output stays visibly incomplete (no marker); its document texts go
         storage.delete_tree(layout.prepare_tmp_root)
         raise

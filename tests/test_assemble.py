@@ -472,3 +472,33 @@ def test_scores_made_in_logprob_mode_default_to_humpbacks_4_5(root):
     _, splits = read_release(root)
     kept = set(splits["train"]["id"]) | set(splits["validation"]["id"])
     assert "a3" in kept and stats["config"]["min_score"] == 4.5
+
+
+def test_an_input_edited_in_place_with_the_same_size_makes_a_new_release(root, tmp_path, bpe_tokenizer_path):
+    """Issue 23 point 2: `sed -i 's/Teh end/The end/' seed.jsonl` (same byte count) then a rebuild said
+    the release was current. The lineage (and the config hash) records every input by content: seed
+    data, candidates and generation shards by sha256 (read once per file; the shard checks read them
+    anyway), the tokenizer by storage.fingerprint."""
+    seed = write_seed(str(tmp_path / "seed.jsonl"))
+    first = run(root, seed_data=seed)
+    again = run(root, seed_data=seed)
+    assert again["reused"] and again["version"] == first["version"]
+    text = open(seed).read()
+    edited = text.replace("Seed answer 3.", "Seed answer 8.")
+    assert len(edited) == len(text) and edited != text
+    open(seed, "w").write(edited)
+    second = run(root, seed_data=seed)
+    assert "reused" not in second and second["version"] != first["version"]
+    _, splits = read_release(root)
+    responses = set(pd.concat(splits.values())["response"])
+    assert "Seed answer 8." in responses and "Seed answer 3." not in responses
+    manifest = json.loads(open(os.path.join(root, "sft", second["version"], "manifest.json")).read())
+    lineage = manifest["inputs"]
+    assert lineage["seed_data"]["sha256"] == release.sha256_of(seed)
+    assert all(len(e["sha256"]) == 64 for e in lineage["candidates"] + lineage["generations"]["rewrite"])
+    assert lineage["tokenizer"]["checksum"].startswith("xxh3_128:")
+    # the tokenizer replaced in place by another of the same size is a change too
+    tok = lineage["tokenizer"]["path"]
+    data = open(tok, "rb").read()
+    open(tok, "wb").write(data.replace(b'"unk_token"', b'"unk_tokeN"', 1) if b'"unk_token"' in data else data + b" ")
+    assert "reused" not in run(root, seed_data=seed)

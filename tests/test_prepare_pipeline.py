@@ -102,6 +102,19 @@ def test_output_is_deterministic_and_reruns_skip(corpus, tmp_path, bpe_tokenizer
     stamp = os.path.getmtime(tmp_path / "a" / "candidates" / "stats.json")
     assert run_prepare(corpus, tmp_path / "a", bpe_tokenizer_path) == {**a, "reused": True}  # complete: skipped
     assert os.path.getmtime(tmp_path / "a" / "candidates" / "stats.json") == stamp
+    # an input or the tokenizer's file edited in place (same size) is a change: prepare runs again
+    tok = tmp_path / "tok.json"
+    tok.write_bytes(open(bpe_tokenizer_path, "rb").read())
+    first = run_prepare(corpus, tmp_path / "c", str(tok))
+    assert first["tokenizer_file"]["checksum"].startswith("xxh3_128:")
+    tok.write_bytes(tok.read_bytes().rstrip() + b"\t" if tok.read_bytes().endswith(b"\n") else tok.read_bytes() + b" ")
+    assert "reused" not in run_prepare(corpus, tmp_path / "c", str(tok))
+    middle = corpus.replace("*/*.json.gz", "cc_en_middle/cc_en_middle-0000.json.gz")
+    data = bytearray(open(middle, "rb").read())
+    data[-5] ^= 1  # the gzip trailer's size field: the same byte count, other bytes
+    open(middle, "wb").write(bytes(data))
+    with pytest.raises(Exception, match="cc_en_middle-0000.json.gz: unreadable"):  # read again, not reused
+        run_prepare(corpus, tmp_path / "c", str(tok))
 
 
 def test_sample_to_target_docs_is_exact_and_stable(corpus, tmp_path, bpe_tokenizer_path):
