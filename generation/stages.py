@@ -87,5 +87,5 @@ STAGES = {
     "rate": StageSpec("rate", "backtranslate", "response",
                       lambda doc, ins: {"instruction": ins, "input": "", "response": doc},
                       lambda out, row, fin: parsing.parse_rating(out, fin), max_new_tokens=256,
-                      carries=("instruction",)),
+                      temperature=0.0, top_p=1.0, carries=("instruction",)),   # AlpaGasus's rating script
 }

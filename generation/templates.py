@@ -63,15 +63,19 @@ REWRITE = (
 # 4. Distillation baseline, Nguyen et al. 2024 Sec. 5.1: the chat model answers the instruction itself.
 DISTILL = "<instruction>"
 
-# 5. AlpaGasus rating, Chen et al. 2023 Fig. 4, dimension "accuracy"; keep >= 4.5
+# 5. AlpaGasus rating, Chen et al. 2023 Fig. 4, dimension "accuracy"; keep >= 4.5. As in the paper's
+# Figure 4, the Instruction/Input/Response block is part of the SYSTEM prompt and the user prompt is the
+# rating request. (PROMPTS.md section 5 and AlpaGasus's released rating script put the block in the user
+# turn, the script as "###Instruction:\n...\n\n### Input:..."; `--template` with a file gives that
+# variant.) Sampling, from that script: temperature 0.0, top_p 1.0, 256 new tokens (StageSpec "rate").
 RATE_SYSTEM = ("We would like to request your feedback on the performance of AI assistant in response to the "
-               "instruction and the given input displayed following.")
+               "instruction and the given input displayed following.\n\nInstruction: <instruction>\n\n"
+               "Input: <input>\n\nResponse: <response>")
 RATE = (
-    "Instruction: <instruction>\n\nInput: <input>\n\nResponse: <response>\n\nPlease rate according to the "
-    "accuracy of the response to the instruction and the input. Each assistant receives a score on a scale of 0 "
-    "to 5, where a higher score indicates higher level of the accuracy. Please first output a single line "
-    "containing the value indicating the scores. In the subsequent line, please provide a comprehensive "
-    "explanation of your evaluation, avoiding any potential bias."
+    "Please rate according to the accuracy of the response to the instruction and the input. Each assistant "
+    "receives a score on a scale of 0 to 5, where a higher score indicates higher level of the accuracy. Please "
+    "first output a single line containing the value indicating the scores. In the subsequent line, please "
+    "provide a comprehensive explanation of your evaluation, avoiding any potential bias."
 )
 
 # 6. Data-source tags for SFT, Li et al. 2023a; Nguyen et al. 2024 App. A.3

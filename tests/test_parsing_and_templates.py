@@ -116,8 +116,16 @@ def test_templates_are_the_papers_verbatim_in_llama2_form():
     rw = llama2_format(*DEFAULTS["rewrite"].fill(response="D", instruction="Q"))
     assert rw.startswith("[INST] Given the draft response") and rw.endswith("between [RES] and [/RES]. [/INST]")
     assert "Draft Response: D\n\nQuestion: Q\n\n" in rw
+    # AlpaGasus Figure 4: the Instruction/Input/Response block is in the system prompt, the request in the user's
     system, user = DEFAULTS["rate"].fill(instruction="I", input="", response="R")
-    assert system.startswith("We would like to request your feedback") and user.startswith("Instruction: I\n\nInput: \n\n")
+    assert system == ("We would like to request your feedback on the performance of AI assistant in response to the "
+                      "instruction and the given input displayed following.\n\nInstruction: I\n\nInput: \n\n"
+                      "Response: R")
+    assert user.startswith("Please rate according to the accuracy")
+    assert "Instruction:" not in user and user.endswith("avoiding any potential bias.")
+    from generation.stages import STAGES
+
+    assert (STAGES["rate"].temperature, STAGES["rate"].top_p, STAGES["rate"].max_new_tokens) == (0.0, 1.0, 256)
     assert DEFAULTS["score"].fill(instruction="I", response="R")[1].endswith('"Score: <rating>" in the last line.\n\nI\nR')
 
 
