@@ -22,16 +22,45 @@ SCORE_PREFIX = "Score:"
 CHAT_TEMPLATE_RESERVE = 128
 
 
+def bos_text(tokenizer) -> str:
+    """The BOS text a prompt without a chat template starts with: the tokenizer's BOS token when the
+    tokenizer itself puts one first (Llama-2's `add_bos_token`, a "<s> $A" post-processor), as
+    meta-llama's generation.py encodes a dialog with `bos=True`; "" for a tokenizer that adds none (or
+    no tokenizer). Prompts are tokenized without special tokens everywhere (generation and training),
+    so this text is the one BOS the model sees."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos:
+        return ""
+    cached = getattr(tokenizer, "_bft_bos_text", None)
+    if cached is None:
+        cached = bos if tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id] else ""
+        try:
+            tokenizer._bft_bos_text = cached
+        except AttributeError:
+            pass
+    return cached
+
+
+def fallback_format(tokenizer) -> str | None:
+    """What a tokenizer without a chat template falls back to, in words (None when it has one)."""
+    if tokenizer is None or getattr(tokenizer, "chat_template", None):
+        return None
+    bos = bos_text(tokenizer)
+    return ("the Llama-2 chat format ([INST] <<SYS>> ... <</SYS>> ... [/INST], meta-llama's generation.py)"
+            + (f" after the BOS token {bos!r}" if bos else ", no BOS (the tokenizer adds none)"))
+
+
 def render(tokenizer, system: str | None, user: str, assistant_prefix: str = "") -> str:
-    """The prompt text: the model's own chat template when it has one, else the Llama-2 format;
-    `assistant_prefix` is written as the start of the assistant's turn (the template's own spacing)."""
+    """The prompt text: the model's own chat template when it has one (it writes the BOS), else the
+    tokenizer's BOS text and the Llama-2 format; `assistant_prefix` is written as the start of the
+    assistant's turn (the template's own spacing)."""
     if getattr(tokenizer, "chat_template", None):
         msgs = messages(system, user)
         if assistant_prefix:
             return tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": assistant_prefix}],
                                                  tokenize=False, continue_final_message=True)
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return llama2_format(system, user) + (" " + assistant_prefix if assistant_prefix else "")
+    return bos_text(tokenizer) + llama2_format(system, user) + (" " + assistant_prefix if assistant_prefix else "")
 
 
 def score_prompt(tokenizer, system: str | None, user: str) -> tuple[str, str]:

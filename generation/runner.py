@@ -48,7 +48,7 @@ from schemas.recipes import GATE_STAGES, gate_threshold, recorded_score_mode
 from generation import parsing
 from generation.engines import Completion, Engine, EngineConfig, Request, load_engine
 from generation.progress import StageProgress
-from generation.prompting import fit_prompts, n_tokens
+from generation.prompting import fallback_format, fit_prompts, n_tokens
 from generation.stages import STAGES, Gate
 from generation.templates import load_template
 
@@ -211,6 +211,9 @@ class StageRunner:
     def engine(self) -> Engine:
         if self._engine is None:
             self._engine = load_engine(self.cfg.engine_config())
+            fallback = fallback_format(self._engine.tokenizer)
+            if fallback:
+                log.warning("%s: the tokenizer has no chat template: prompts use %s", self.cfg.stage, fallback)
         return self._engine
 
     def product_config(self) -> dict:

@@ -245,6 +245,51 @@ def test_completions_endpoint_gets_one_bos(prepared_root, tmp_path, digit_model,
     assert sorted(rows["prompt_tokens"]) == sorted(len(ids) for ids in sent)  # the server's usage
 
 
+@pytest.fixture(scope="module")
+def bos_plain_model(digit_model, tmp_path_factory):
+    """The digit model without a chat template: a Llama-2 base model as it is tokenized (the tokenizer
+    puts BOS first) and prompted (no template: the Llama-2 format)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = str(tmp_path_factory.mktemp("bos_plain"))
+    shutil.copytree(digit_model, folder, dirs_exist_ok=True)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = None
+    tok.save_pretrained(folder)
+    assert not AutoTokenizer.from_pretrained(folder).chat_template
+    return folder
+
+
+def test_a_model_without_a_chat_template_gets_one_bos_in_generation_and_training(prepared_root, tmp_path,
+                                                                                   bos_plain_model, tiny_models,
+                                                                                   vllm, caplog):
+    """Issue 19 point 2: the Llama-2 fallback format wrote no <s> and every engine tokenizes without
+    special tokens, so a base model without a template was prompted without BOS (and trained so)."""
+    from transformers import AutoTokenizer
+
+    from generation.prompting import bos_text, fallback_format
+    from training.data import conversation, encode
+
+    root = copy_root(prepared_root, tmp_path)
+    with caplog.at_level("WARNING", logger="bft.generate"):
+        gen(root, "backtranslate", bos_plain_model, engine="vllm")
+    sent = [ids for c in vllm.calls if "generate" in c for ids in c["prompt_token_ids"]]
+    assert len(sent) == 12 and all(ids[0] == 1 and ids[1] != 1 and ids.count(1) == 1 for ids in sent)
+    assert "no chat template: prompts use the Llama-2 chat format" in caplog.text and "BOS token '<s>'" in caplog.text
+    tok = AutoTokenizer.from_pretrained(bos_plain_model)
+    ids = encode(tok, conversation("forward", {"instruction": "Why?", "response": "Because."}))["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    # a tokenizer that adds no BOS gets none, and says so
+    plain = AutoTokenizer.from_pretrained(tiny_models["plain"])
+    assert bos_text(plain) == "" and "no BOS" in fallback_format(plain)
+    assert bos_text(tok) == "<s>" and fallback_format(AutoTokenizer.from_pretrained(tiny_models["chat"])) is None
+
+
 # --- the logprob score prompt (issue 9 point 3) -------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["metaspace", "llama2_structure", "byte_level", "space_digit", "tekken"])

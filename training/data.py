@@ -17,7 +17,8 @@ import os
 
 from schemas.errors import UserError
 import storage
-from generation.templates import DEFAULTS, llama2_format
+from generation.prompting import render
+from generation.templates import DEFAULTS
 
 ROLES = ("backward", "forward", "sft")
 IGNORE = -100
@@ -48,11 +49,11 @@ def segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("a training conversation needs an assistant turn")
     if not getattr(tokenizer, "chat_template", None):
-        # the Llama-2 format of models without a template: one turn, as generation renders it
+        # the BOS and Llama-2 format of models without a template: one turn, as generation renders it
         system = next((m["content"] for m in messages if m["role"] == "system"), None)
         user = next(m["content"] for m in messages if m["role"] == "user")
         answer = next(m["content"] for m in messages if m["role"] == "assistant")
-        return [(llama2_format(system, user), False), (" " + answer.strip(), True)]
+        return [(render(tokenizer, system, user), False), (" " + answer.strip(), True)]
     pieces, done = [], ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
