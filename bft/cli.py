@@ -134,9 +134,13 @@ def _eval_judge(cfg, beam_args, run_file) -> int:
     s = evaluate.run_judge(cfg)
     rate = (f"win rate {s['win_rate']:.3f} ± {s['standard_error']:.3f} over {s['judged']} judged items"
             if s["judged"] else "no item has a verdict in both orders, so no win rate")
+    if s["no_verdict"]:
+        rate += f" ({s['win_rate_all_items']:.3f} over all {s['items']} items, those without a verdict as ties)"
     print(f"eval judge: a={cfg.a} vs b={cfg.b}: {s['win']} win / {s['tie']} tie / {s['loss']} loss, {rate}; "
-          f"{s['no_verdict']} item(s) without a verdict ({s['judgments_without_verdict']} judgments, "
-          f"{s['judgments_cut_off']} cut off at {s['max_new_tokens']} new tokens)"
+          f"{s['no_verdict']} item(s) without a verdict ({s['items_failed']} failed: judge engine errors; "
+          f"{s['judgments_without_verdict']} judgments, {s['judgments_cut_off']} cut off at "
+          f"{s['max_new_tokens']} new tokens); {s['items_with_answers_cut']} item(s) with answers cut to fit "
+          "the judge's context"
           + (f" -> {cfg.output}" if cfg.output else ""))
     return 0
 

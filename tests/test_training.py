@@ -310,3 +310,45 @@ def test_a_template_that_drops_the_system_turn_is_refused(tiny_models, template)
         data.build_dataset(tok, "sft", rows, 512)
     untagged = [{"instruction": "What is rain?", "response": "Water."}]   # no system turn: nothing to lose
     assert len(data.build_dataset(tok, "sft", untagged, 512)[0]) == 1
+
+
+def test_the_judge_prompt_is_fitted_and_failures_are_counted_apart(tiny_models):
+    """Issue 19 point 8: two answers of up to 1024 tokens plus 2048 new tokens did not fit a 4096 judge:
+    engine errors, counted as `no_verdict`, and long-answer items left the win rate. Now the answers are
+    cut to fit (the longer first), engine errors are counted apart, and the win rate is given over the
+    judged items and over all items."""
+    from generation.engines import Completion
+
+    tok = train.load_tokenizer(tiny_models["chat"])
+    long_a = " ".join(f"alpha{i}" for i in range(900))
+    pairs = [({"instruction": "q0", "output": long_a}, {"instruction": "q0", "output": "Short answer."}),
+             ({"instruction": "q1", "output": "x"}, {"instruction": "q1", "output": "y"}),
+             ({"instruction": "q2", "output": "x"}, {"instruction": "q2", "output": "y"})]
+
+    class Judge(ScriptedEngine):
+        max_model_len = 1024
+
+        def generate(self, requests):
+            self.requests += requests
+            out = [Completion("[[A]]", 1, 1, "stop"), Completion("[[B]]", 1, 1, "stop"),
+                   Completion("[[C]]", 1, 1, "stop"), Completion("[[C]]", 1, 1, "stop"),
+                   Completion("", 1, None, "error", error="HTTP 400: too long"), Completion("[[A]]", 1, 1, "stop")]
+            return out[:len(requests)]
+
+    engine = Judge([])
+    engine.tokenizer = tok
+    summary, items = evaluate.judge(engine, pairs, max_new_tokens=256)
+    lengths = [len(tok(r.prompt, add_special_tokens=False)["input_ids"]) for r in engine.requests]
+    assert max(lengths) <= 1024 - 256 and lengths[0] > 600          # cut to fit, not to nothing
+    assert "Short answer." in engine.requests[0].prompt and "Short answer." in engine.requests[1].prompt
+    assert items[0]["answers_cut"] and not items[1]["answers_cut"]
+    assert [it["verdict"] for it in items] == ["win", "tie", "no_verdict"]
+    assert (summary["items_failed"], summary["no_verdict"], summary["items_with_answers_cut"]) == (1, 1, 1)
+    assert summary["win_rate"] == pytest.approx(0.75) and summary["win_rate_all_items"] == pytest.approx(2 / 3)
+    assert items[2]["judge_errors"] == ["HTTP 400: too long"]
+    # without a tokenizer (a hosted chat judge) the byte bound keeps the messages within the budget
+    engine = Judge([])
+    engine.max_model_len = 4096
+    _, items = evaluate.judge(engine, pairs[:1], max_new_tokens=256)
+    assert all(sum(len(m["content"].encode()) + 1 for m in r.messages) + 128 <= 4096 - 256 for r in engine.requests)
+    assert items[0]["answers_cut"] and "Short answer." in engine.requests[0].messages[-1]["content"]

@@ -14,8 +14,12 @@ position bias, and aggregated as MT-Bench does (FastChat llm_judge: `show_result
 display_result_pairwise): a model wins an item only when both orders name it; a tie in either order
 or two verdicts that disagree (inconsistent) is a tie. An item with a judgment that has no verdict
 (no [[A]]/[[B]]/[[C]], e.g. cut off by the new-token cap) is neither: it is counted apart as
-`no_verdict` and left out of the win rate, as FastChat leaves out its "error" judgments.
-Win rate = (wins + ties / 2) / judged items, with the standard error of that mean. The judge gets
+`no_verdict` and left out of the win rate, as FastChat leaves out its "error" judgments; a judgment
+the engine failed (an error row) is counted apart too (`items_failed`). Both answers are cut at their
+ends (the longer first) to fit the judge's context less the new-token cap (`fit_judgment`), so long
+answers are judged rather than lost to over-long prompts (`items_with_answers_cut`).
+Win rate = (wins + ties / 2) / judged items, with the standard error of that mean; `win_rate_all_items`
+counts every item, those without a verdict as ties. The judge gets
 2048 new tokens by default (FastChat's GPT-4 judge setting); judgments cut by the cap
 (finish_reason "length") are counted. The verdicts are also written in alpaca_eval's annotation
 format (output_1 = b, the reference; output_2 = a; preference 2 = a wins, 1 = b wins, 1.5 = tie,
@@ -35,7 +39,7 @@ from schemas.layout import RunLayout
 from schemas.options import option, required
 from schemas.keys import row_seed
 from generation.engines import EngineConfig, Request, load_engine
-from generation.prompting import render
+from generation.prompting import CHAT_TEMPLATE_RESERVE, render
 from generation.templates import DEFAULTS, EVAL_TAG, EVAL_TAG_WEB, messages
 
 TAGS = {"assistant": EVAL_TAG, "web": EVAL_TAG_WEB, "none": None}
@@ -191,24 +195,85 @@ def pair_up(a: list[dict], b: list[dict], a_path: str, b_path: str) -> list[tupl
     return [(i, by_b[i["instruction"]]) for i in a]
 
 
-def judge(engine, pairs: list[tuple[dict, dict]], max_new_tokens: int = JUDGE_MAX_NEW_TOKENS) -> tuple[dict, list[dict]]:
+def fit_judgment(tokenizer, budget: int | None, instruction: str, first: str, second: str) -> tuple[str, list[dict], bool]:
+    """(prompt, messages, cut) of one judgment that fits `budget` tokens (the context less the new-token
+    cap; by the byte bound without a tokenizer, as generation.prompting does): when the two answers do
+    not fit, the longer is cut first, then both, to equal shares, at their ends. Without a fit an
+    over-long judgment would be an engine error and the item would leave the win rate (long answers
+    most often: a bias)."""
     template = DEFAULTS["judge"]
-    requests = []
+
+    def build(x: str, y: str) -> tuple[str, list[dict]]:
+        system, user = template.fill(instruction=instruction, answer_a=x, answer_b=y)
+        return render(tokenizer, system, user), messages(system, user)
+
+    prompt, msgs = build(first, second)
+    if budget is None:
+        return prompt, msgs, False
+
+    def length(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None \
+            else len(text.encode("utf-8", "surrogatepass"))
+
+    def total(p: str, m: list[dict]) -> int:
+        return length(p) if tokenizer is not None else sum(length(x["content"]) + 1 for x in m) + CHAT_TEMPLATE_RESERVE
+
+    if total(prompt, msgs) <= budget:
+        return prompt, msgs, False
+    room = max(0, budget - total(*build("", "")))
+    la, lb = length(first), length(second)
+    share_a = min(la, max(room // 2, room - lb))      # the shorter keeps what it needs, up to half
+    share_b = min(lb, room - share_a)
+    for _ in range(4):  # re-tokenization at a cut can shift a token or two
+        prompt, msgs = build(_cut_to(tokenizer, first, share_a), _cut_to(tokenizer, second, share_b))
+        over = total(prompt, msgs) - budget
+        if over <= 0:
+            break
+        if share_a >= share_b:  # the longer share gives up what is still over
+            share_a = max(0, share_a - over - 2)
+        else:
+            share_b = max(0, share_b - over - 2)
+    return prompt, msgs, True
+
+
+def _cut_to(tokenizer, text: str, keep: int) -> str:
+    if tokenizer is None:
+        return text.encode("utf-8", "surrogatepass")[:keep].decode("utf-8", "ignore")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= keep else tokenizer.decode(ids[:keep], skip_special_tokens=True)
+
+
+def judge(engine, pairs: list[tuple[dict, dict]], max_new_tokens: int = JUDGE_MAX_NEW_TOKENS) -> tuple[dict, list[dict]]:
+    """Each pair judged in both orders; the summary counts the items whose judgments failed (an engine
+    error) apart from those the judge answered without a verdict, and gives the win rate over the
+    judged items and over every item (a failed or verdict-less item counted as a tie)."""
+    context = getattr(engine, "max_model_len", None)
+    budget = context - max_new_tokens if context else None
+    requests, cut = [], []
     for a, b in pairs:
         for first, second in ((a, b), (b, a)):
-            system, user = template.fill(instruction=a["instruction"], answer_a=first["output"], answer_b=second["output"])
-            requests.append(Request(render(engine.tokenizer, system, user), messages(system, user), max_new_tokens,
-                                    temperature=0.0, top_p=1.0, seed=0))
+            prompt, msgs, was_cut = fit_judgment(engine.tokenizer, budget, a["instruction"], first["output"],
+                                                 second["output"])
+            requests.append(Request(prompt, msgs, max_new_tokens, temperature=0.0, top_p=1.0, seed=0))
+            cut.append(was_cut)
     outputs = engine.generate(requests)
     items = []
     for i, (a, b) in enumerate(pairs):
         o1, o2 = outputs[2 * i], outputs[2 * i + 1]
         v1, v2 = parse_verdict(o1.text), parse_verdict(o2.text)
+        failed = [o.error or "error" for o in (o1, o2) if o.finish_reason == "error"]
         items.append({"instruction": a["instruction"], "verdict": outcome(v1, v2), "a_first": v1, "b_first": v2,
-                      "judge_outputs": [o1.text, o2.text], "finish_reasons": [o1.finish_reason, o2.finish_reason]})
+                      "judge_outputs": [o1.text, o2.text], "finish_reasons": [o1.finish_reason, o2.finish_reason],
+                      "answers_cut": cut[2 * i] or cut[2 * i + 1], "judge_errors": failed})
     summary = summarize([it["verdict"] for it in items])
     summary["judgments_without_verdict"] = sum((it["a_first"] is None) + (it["b_first"] is None) for it in items)
     summary["judgments_cut_off"] = sum(r == "length" for it in items for r in it["finish_reasons"])
+    summary["items_failed"] = sum(bool(it["judge_errors"]) for it in items)       # engine errors: not judged
+    summary["items_with_answers_cut"] = sum(it["answers_cut"] for it in items)
+    judged = summary["judged"]
+    all_items = summary["items"]
+    summary["win_rate_all_items"] = ((summary["win_rate"] * judged + 0.5 * (all_items - judged)) / all_items
+                                     if all_items and judged else (0.5 if all_items else float("nan")))
     summary["max_new_tokens"] = max_new_tokens
     return summary, items
 
