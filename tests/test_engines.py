@@ -609,3 +609,44 @@ def test_the_budget_reserves_what_the_request_asks(tmp_path):
         eng.api = api
         _, body = eng._body(Request("p", [{"role": "user", "content": "q"}], cap, digit_probs=True))
         assert body["max_tokens"] == cap
+
+
+# --- one sampler on both vLLM paths (issue 19 point 7) --------------------------------------------------
+
+def test_vllm_offline_and_served_sample_with_the_models_generation_config(prepared_root, tmp_path, digit_model,
+                                                                          vllm):
+    """`vllm serve` fills a request's omitted top_k/min_p/repetition_penalty from the model's
+    generation_config.json; the offline engine got none of them. Now both sample with the same values
+    (and so give the same rows for the same seeds), and the hf engine applies them too."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from generation.engines import load_engine
+
+    model = str(tmp_path / "model")
+    shutil.copytree(digit_model, model)
+    GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95, repetition_penalty=1.3, top_k=7, min_p=0.05,
+                     bos_token_id=1, eos_token_id=2).save_pretrained(model)  # as Llama-3's sets them
+    offline = copy_root(prepared_root, tmp_path / "offline")
+    gen(offline, "backtranslate", model, engine="vllm")
+    used = [sp for c in vllm.calls if "sampling" in c for sp in c["sampling"]]
+    assert used and all((sp["repetition_penalty"], sp["top_k"], sp["min_p"]) == (1.3, 7, 0.05) for sp in used)
+    assert all((sp["temperature"], sp["top_p"]) == (1.0, 0.9) for sp in used)  # the stage's own values win
+    served = StandinServer(model, served_name="tiny-gc")
+    try:
+        root = copy_root(prepared_root, tmp_path / "served")
+        vllm.calls.clear()
+        gen(root, "backtranslate", "tiny-gc", engine="openai", base_url=served.url, tokenizer=model, concurrency=1)
+        assert all("top_k" not in r["body"] for r in served.requests)   # omitted: the server fills them
+        used_served = [sp for c in vllm.calls if "sampling" in c for sp in c["sampling"]]
+        assert all((sp["repetition_penalty"], sp["top_k"], sp["min_p"], sp["temperature"], sp["top_p"]) ==
+                   (1.3, 7, 0.05, 1.0, 0.9) for sp in used_served)
+    finally:
+        served.stop()
+    key = ["id", "instruction", "raw_output", "finish_reason"]
+    a = read_stage(offline, "backtranslate")[1][key].sort_values("id").reset_index(drop=True)
+    b = read_stage(root, "backtranslate")[1][key].sort_values("id").reset_index(drop=True)
+    assert a.equals(b)                                                   # the same rows on both paths
+    with load_engine(EngineConfig("hf", model)) as eng:
+        assert eng.model_defaults == {"repetition_penalty": 1.3, "top_k": 7, "min_p": 0.05}

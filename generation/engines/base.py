@@ -84,6 +84,24 @@ class Completion:
     served_model: str | None = None  # the model the server says answered, where it says
 
 
+# The sampling fields a model's generation_config.json may set that our requests do not: `vllm serve`
+# fills a request's omitted fields from it (vLLM's ModelConfig.get_diff_sampling_param), so every
+# engine applies the same values, and a stage samples the same way on each path.
+MODEL_SAMPLING_FIELDS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "top_k", "min_p")
+
+
+def model_sampling_defaults(model: str) -> dict:
+    """{field: value} of MODEL_SAMPLING_FIELDS that the model folder's generation_config.json sets to a
+    non-default value ({} without one), as vLLM reads it (`GenerationConfig.to_diff_dict`)."""
+    from transformers import GenerationConfig
+
+    try:
+        diff = GenerationConfig.from_pretrained(model).to_diff_dict()
+    except (OSError, ValueError):  # no generation_config.json (or a hub id without network)
+        return {}
+    return {k: diff[k] for k in MODEL_SAMPLING_FIELDS if diff.get(k) is not None}
+
+
 def failed(error: str, prompt_tokens: int | None = None, refusal: str | None = None) -> Completion:
     """The completion of a request that produced no usable output; `error` says why. `refusal`: the
     category of a FINAL outcome (a resend would not change it); None for a transient failure."""

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from generation.engines.base import (Completion, Engine, EngineConfig, Request, digit_token_ids, failed,
-                                     model_context_length)
+                                     model_context_length, model_sampling_defaults)
 
 log = logging.getLogger("bft.engine.hf")
 
@@ -32,6 +32,13 @@ class HFEngine(Engine):
         self.lm = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch_dtype).to(self.device).eval()
         self.max_model_len = config.max_model_len or model_context_length(self.lm.config)
         self.batch_size = config.batch_size
+        # the model's generation_config values as vLLM applies them (base.MODEL_SAMPLING_FIELDS);
+        # transformers has no presence/frequency penalty
+        self.model_defaults = model_sampling_defaults(config.model)
+        unsupported = sorted({"presence_penalty", "frequency_penalty"} & set(self.model_defaults))
+        if unsupported:
+            log.warning("%s sets %s in generation_config.json: the hf engine cannot apply it (vLLM does)",
+                        config.model, ", ".join(unsupported))
 
     def close(self) -> None:
         """Drop the model and return its memory (the GPU cache too)."""
@@ -69,7 +76,10 @@ class HFEngine(Engine):
         gen = self.lm.generate(
             **enc, max_new_tokens=max(r.max_new_tokens for r in batch), do_sample=do_sample,
             temperature=first.temperature if do_sample else None, top_p=first.top_p if do_sample else None,
-            top_k=0 if do_sample else None,  # transformers samples from the top 50 unless told otherwise
+            # transformers samples from the top 50 unless told otherwise; vLLM from all (0) unless the model says
+            top_k=self.model_defaults.get("top_k", 0) if do_sample else None,
+            min_p=self.model_defaults.get("min_p") if do_sample else None,
+            repetition_penalty=self.model_defaults.get("repetition_penalty"),
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
             stop_strings=first.stop or None, tokenizer=self.tokenizer if first.stop else None,
         )

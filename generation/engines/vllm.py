@@ -6,7 +6,8 @@ seed=, gpu_memory_utilization=, **EngineArgs)` with `max_model_len` and `enable_
 the EngineArgs (an unknown keyword is a TypeError; dtype is one of auto/half/float16/bfloat16/float/
 float32, so our bf16/fp16/fp32 are mapped). `LLM.generate(prompts, sampling_params)` takes one
 `SamplingParams(n, temperature, top_p, max_tokens, seed, stop, logprobs)` per prompt (max_tokens
-defaults to 16, so it is always set) and returns `RequestOutput`s in input order with
+defaults to 16, so it is always set), with the model's generation_config values of
+MODEL_SAMPLING_FIELDS from `LLM.get_default_sampling_params()` merged in, as `vllm serve` fills them and returns `RequestOutput`s in input order with
 `.prompt_token_ids` and `.outputs[i].text / .token_ids / .finish_reason / .logprobs` (per generated
 token, {token_id: Logprob(logprob, rank, decoded_token)}); finish_reason is one of stop, length,
 abort, error, repetition.
@@ -24,8 +25,8 @@ from __future__ import annotations
 import gc
 import math
 
-from generation.engines.base import (PROMPT_TOO_LONG, Completion, Engine, EngineConfig, Request, digit_token_ids,
-                                     failed, finished)
+from generation.engines.base import (MODEL_SAMPLING_FIELDS, PROMPT_TOO_LONG, Completion, Engine, EngineConfig, Request,
+                                     digit_token_ids, failed, finished)
 
 VLLM_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -47,14 +48,18 @@ class VLLMEngine(Engine):
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._digits = digit_token_ids(self.tokenizer)
+        # the model's generation_config values that `vllm serve` would fill in (repetition_penalty, top_k,
+        # ...): explicit SamplingParams do not get them, so they are merged here
+        defaults = self.llm.get_default_sampling_params()
+        self.model_defaults = {f: getattr(defaults, f) for f in MODEL_SAMPLING_FIELDS}
 
     def _params(self, r: Request):
         from vllm import SamplingParams
 
         if r.digit_probs:
-            return SamplingParams(n=1, temperature=0.0, max_tokens=1, logprobs=20, seed=r.seed)
+            return SamplingParams(n=1, temperature=0.0, max_tokens=1, logprobs=20, seed=r.seed, **self.model_defaults)
         return SamplingParams(n=1, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
-                              seed=r.seed, stop=r.stop or None)
+                              seed=r.seed, stop=r.stop or None, **self.model_defaults)
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         ids = [self.tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in requests]

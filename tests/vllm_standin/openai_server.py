@@ -14,6 +14,9 @@ vllm/entrypoints/openai/ (completion/protocol.py, chat_completion/protocol.py, m
 - `max_tokens` beyond what the context leaves is clamped, not refused: vLLM 0.33.0's server takes
   min(max_tokens, max_model_len - prompt tokens) (vllm/entrypoints/serve/utils/api_utils.py,
   `get_max_tokens`), so our budget is what keeps prompt + max_tokens within the context.
+- A request's omitted sampling fields (repetition_penalty, presence/frequency_penalty, temperature,
+  top_p, top_k, min_p) take the model's generation_config.json values, else vLLM's neutral defaults
+  (`to_sampling_params`: "user -> server default -> OpenAI default").
 - A prompt the engine rejects (max_model_len tokens or more, empty) is a 400 with vLLM's error body
   {"error": {"message", "type": "BadRequestError", "code": 400}}. `usage` counts prompt and output tokens.
 
@@ -35,6 +38,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tests.vllm_standin.vllm import LLM, SamplingParams, VLLMValidationError
+
+
+# CompletionRequest/ChatCompletionRequest._DEFAULT_SAMPLING_PARAMS (vLLM 0.33.0)
+DEFAULT_SAMPLING_PARAMS = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                           "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 
 
 class StandinServer:
@@ -121,9 +129,13 @@ class StandinServer:
     def _run(self, ids: list[int], body: dict, record: dict):
         record["prompt_token_ids"] = ids
         top = body.get("top_logprobs") if isinstance(body.get("logprobs"), bool) else body.get("logprobs")
-        sp = SamplingParams(temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
-                            max_tokens=body.get("max_tokens", 16), seed=body.get("seed"), stop=body.get("stop"),
-                            logprobs=top or None)
+        # to_sampling_params (completion/protocol.py, chat_completion/protocol.py): "user -> server default
+        # -> OpenAI default": an omitted field takes the model's generation_config value, else vLLM's
+        defaults = self.llm.diff_sampling_param()
+        picked = {name: body[name] if body.get(name) is not None else defaults.get(name, default)
+                  for name, default in DEFAULT_SAMPLING_PARAMS.items()}
+        sp = SamplingParams(**picked, max_tokens=body.get("max_tokens", 16), seed=body.get("seed"),
+                            stop=body.get("stop"), logprobs=top or None)
         with self._lock:
             return self.llm.generate([{"prompt_token_ids": ids}], [sp], use_tqdm=False)[0]
 

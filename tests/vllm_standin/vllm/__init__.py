@@ -16,7 +16,11 @@ on CPU. Not vLLM. It mirrors, read from vLLM 0.33.0's source, what our adapter d
 - `RequestOutput.outputs[i]` (outputs.py): text, token_ids, logprobs (per generated token
   {token_id: Logprob(logprob, rank, decoded_token)}), finish_reason in FINISH_REASON_STRINGS
   (stop, length, abort, error, repetition: v1/engine/__init__.py).
-Test hooks (not vLLM): `calls` records constructor arguments, prompts and shutdowns;
+- `LLM.get_default_sampling_params()` (llm.py, config/model.py `get_diff_sampling_param`): the model's
+  generation_config.json sampling fields (repetition_penalty, presence/frequency_penalty, temperature,
+  top_k, top_p, min_p, max_new_tokens as max_tokens); `generate` with explicit SamplingParams does not
+  apply them (the caller merges them), while `vllm serve` fills a request's omitted fields from them.
+Test hooks (not vLLM): `calls` records constructor arguments, prompts, sampling params and shutdowns;
 `finish_override`, when set, is the finish_reason of every output (to produce abort/error/repetition).
 """
 from __future__ import annotations
@@ -45,14 +49,27 @@ MAX_LOGPROBS = 20   # vllm/config/model.py: ModelConfig.max_logprobs default
 @dataclass
 class SamplingParams:
     n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     seed: int | None = None
     stop: str | list[str] | None = None
     max_tokens: int | None = 16
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    @classmethod
+    def from_optional(cls, **kwargs) -> "SamplingParams":
+        """vLLM 0.33.0's `SamplingParams.from_optional`: a None penalty, temperature or top_p takes the
+        field's default (the subset of fields above; an unknown keyword is a TypeError)."""
+        defaults = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+                    "temperature": 1.0, "top_p": 1.0}
+        return cls(**{k: defaults[k] if v is None and k in defaults else v for k, v in kwargs.items()})
 
     def __post_init__(self):
         """vLLM 0.33.0's `SamplingParams._verify_args` (sampling_params.py), for the fields above."""
@@ -60,6 +77,14 @@ class SamplingParams:
             raise VLLMValidationError(f"n must be an int, but is of type {type(self.n)}")
         if self.n < 1:
             raise VLLMValidationError(f"n must be at least 1, got {self.n}.")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise VLLMValidationError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise VLLMValidationError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        if not math.isfinite(self.repetition_penalty):
+            raise VLLMValidationError(f"repetition_penalty must be a finite number, got {self.repetition_penalty}.")
+        if self.repetition_penalty <= 0.0:
+            raise VLLMValidationError(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
         if not math.isfinite(self.temperature):
             raise VLLMValidationError(f"temperature must be a finite number, got {self.temperature}.")
         if self.temperature < 0.0:
@@ -70,6 +95,10 @@ class SamplingParams:
             raise VLLMValidationError(f"top_p must be in (0, 1], got {self.top_p}.")
         if self.top_k < -1:
             raise VLLMValidationError(f"top_k must be 0 (disable), or at least 1, got {self.top_k}.")
+        if not isinstance(self.top_k, int):
+            raise VLLMValidationError(f"top_k must be an integer, got {type(self.top_k).__name__}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise VLLMValidationError(f"min_p must be in [0, 1], got {self.min_p}.")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise VLLMValidationError(f"max_tokens must be at least 1, got {self.max_tokens}.")
         if self.logprobs is not None and self.logprobs != -1 and self.logprobs < 0:
@@ -135,6 +164,7 @@ class LLM:
         calls.append({"init": dict(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
                                    gpu_memory_utilization=gpu_memory_utilization,
                                    **{f.name: getattr(engine_args, f.name) for f in fields(engine_args)})})
+        self._model = model
         self._tok = AutoTokenizer.from_pretrained(tokenizer or model)
         self._lm = AutoModelForCausalLM.from_pretrained(model).eval()
         self.llm_engine = _Engine(engine_args.max_model_len or self._lm.config.max_position_embeddings)
@@ -142,6 +172,32 @@ class LLM:
 
     def get_tokenizer(self):
         return self._tok
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM 0.33.0's `LLM.get_default_sampling_params` with generation_config="auto" (the default):
+        the model's generation_config.json, non-default values only (`GenerationConfig.to_diff_dict`),
+        limited to the sampling fields of `ModelConfig.get_diff_sampling_param`. NOT applied by
+        `generate` when sampling params are given (as in vLLM): a caller merges them itself."""
+        diff = self.diff_sampling_param()
+        return SamplingParams.from_optional(**diff) if diff else SamplingParams()
+
+    def diff_sampling_param(self) -> dict:
+        """`ModelConfig.get_diff_sampling_param` (vllm/config/model.py): what `vllm serve` fills into a
+        request's omitted fields and `get_default_sampling_params` starts from."""
+        from transformers import GenerationConfig
+
+        try:
+            config = GenerationConfig.from_pretrained(self._model).to_diff_dict()
+        except OSError:  # no generation_config.json
+            return {}
+        available = ["repetition_penalty", "presence_penalty", "frequency_penalty", "temperature", "top_k", "top_p",
+                     "min_p", "max_new_tokens", "skip_special_tokens"]
+        if not any(p in config for p in available):
+            return {}
+        diff = {p: config.get(p) for p in available if config.get(p) is not None}
+        if "max_new_tokens" in diff:
+            diff["max_tokens"] = diff.pop("max_new_tokens")
+        return diff
 
     def _prompt_ids(self, p) -> tuple[str | None, list[int]]:
         if isinstance(p, str):
@@ -172,7 +228,8 @@ class LLM:
                                           f"length of {limit}." if len(ids) > limit else
                                           f"The decoder prompt (length {len(ids)}) plus the number of requested "
                                           f"output tokens (at least 1) is longer than the maximum model length")
-        calls.append({"generate": len(prompts), "prompt_token_ids": [ids for _, ids in encoded]})
+        calls.append({"generate": len(prompts), "prompt_token_ids": [ids for _, ids in encoded],
+                      "sampling": [{f.name: getattr(sp, f.name) for f in fields(sp)} for sp in sampling_params]})
         return [self._one(str(i), text, ids, sp) for i, ((text, ids), sp) in
                 enumerate(zip(encoded, sampling_params))]
 
@@ -181,9 +238,12 @@ class LLM:
         max_new = min(sp.max_tokens if sp.max_tokens is not None else 10**9, self.llm_engine.model_config.max_model_len - len(ids))
         torch.manual_seed(sp.seed or 0)
         greedy = sp.temperature == 0
+        # presence/frequency penalties have no transformers counterpart: the stand-in samples without them
         g = self._lm.generate(x, max_new_tokens=max_new, do_sample=not greedy,
                               temperature=None if greedy else sp.temperature, top_p=None if greedy else sp.top_p,
-                              top_k=None if greedy else 0, pad_token_id=self._tok.pad_token_id,
+                              top_k=None if greedy else sp.top_k, min_p=None if greedy or not sp.min_p else sp.min_p,
+                              repetition_penalty=sp.repetition_penalty if sp.repetition_penalty != 1.0 else None,
+                              pad_token_id=self._tok.pad_token_id,
                               return_dict_in_generate=True, output_logits=bool(sp.logprobs))
         logprobs = None
         if sp.logprobs:  # per generated token: the sampled one and the top `logprobs`, from the raw logits
