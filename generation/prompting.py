@@ -9,8 +9,10 @@ except the "▁" a sentencepiece prepends to a text (one per message), so a mess
 most B + 1 tokens. The template the server wraps around the messages (role headers, BOS, a default
 system prompt) is not known here; CHAT_TEMPLATE_RESERVE tokens are kept for it. Documents are then cut
 so that bytes + one per message + the reserve fit the budget: safe for those tokenizers, and about
-4x stricter than needed on English text. A server that still finds the prompt too long answers 400,
-which becomes an error row.
+4x stricter than needed on English text. So where the server counts for us (vLLM's /tokenize: the
+engine's `count_messages`), a prompt over that bound is counted exactly by the server, and cut only
+when the count is over the budget. A server that still finds the prompt too long answers 400, which
+becomes an error row.
 """
 from __future__ import annotations
 
@@ -161,13 +163,20 @@ def fit_prompt(tokenizer, template: Template, values: dict[str, str], doc_field:
 
 
 def fit_prompts(tokenizer, template: Template, values: list[dict[str, str]], doc_field: str | None, budget: int,
-                assistant_prefix: str = "") -> list[tuple[str, list[dict], bool, int | None]]:
+                assistant_prefix: str = "", count=None) -> list[tuple[str, list[dict], bool, int | None]]:
     """`fit_prompt` of many rows, plus each prompt's length in tokens (None when it was not counted).
     A prompt whose UTF-8 bytes already prove it fits (`byte_bounded`) is not tokenized at all; the
     others are counted in one batched tokenizer call, and only those over the budget take the
-    cutting path, one by one. The prompts are the same as `fit_prompt`'s row by row."""
+    cutting path, one by one. The prompts are the same as `fit_prompt`'s row by row.
+
+    Without a tokenizer, `count` (the engine's `count_messages`: the server's own count of chat
+    messages, e.g. vLLM's /tokenize) replaces the byte bound for the prompts the bound would cut: a
+    document that fits is then never cut, and one that does not is cut to fit by the server's count.
+    `count` returning None (the server could not count) falls back to the byte bound."""
     built = [_build(tokenizer, template, v, assistant_prefix) for v in values]
     totals: list[int | None]
+    if tokenizer is None and count is not None:
+        return _fit_counted(template, values, doc_field, budget, assistant_prefix, count, built)
     if tokenizer is None:
         totals = [_bound(None, p, m) for p, m in built]
     else:
@@ -188,6 +197,51 @@ def fit_prompts(tokenizer, template: Template, values: list[dict[str, str]], doc
             prompt, msgs = _cut(tokenizer, template, v, doc_field, budget, assistant_prefix, total)
             out.append((prompt, msgs, True, n_tokens(tokenizer, prompt)))
     return out
+
+
+def _fit_counted(template: Template, values: list[dict[str, str]], doc_field: str | None, budget: int,
+                 assistant_prefix: str, count, built) -> list[tuple[str, list[dict], bool, int | None]]:
+    """fit_prompts without a tokenizer, with the server's counts (see fit_prompts)."""
+    bounds = [_bound(None, p, m) for p, m in built]
+    over = [i for i, b in enumerate(bounds) if b > budget]
+    exact = count([built[i][1] for i in over]) if over else []
+    if exact is None:  # the server could not count: the byte bound decides
+        exact = list(bounds[i] for i in over)
+        counted = False
+    else:
+        counted = True
+    out = [(p, m, False, None) for p, m in built]
+    for i, total in zip(over, exact):
+        v = values[i]
+        if total <= budget or not doc_field or not v.get(doc_field):
+            out[i] = (*built[i], False, total if counted else None)
+            continue
+        if not counted:
+            prompt, msgs = _cut(None, template, v, doc_field, budget, assistant_prefix, total)
+            out[i] = (prompt, msgs, True, None)
+            continue
+        out[i] = _cut_counted(template, v, doc_field, budget, assistant_prefix, total, count)
+    return out
+
+
+def _cut_counted(template: Template, values: dict[str, str], doc_field: str, budget: int, assistant_prefix: str,
+                 total: int, count) -> tuple[str, list[dict], bool, int | None]:
+    """The document cut (at its end, by bytes) until the server counts the prompt within `budget`."""
+    doc = values[doc_field].encode()
+    empty = _build(None, template, dict(values, **{doc_field: ""}), assistant_prefix)
+    base = (count([empty[1]]) or [0])[0]
+    doc_tokens = max(1, total - base)
+    keep = int(len(doc) * max(0, budget - base) / doc_tokens)
+    for _ in range(6):  # the bytes per token of the kept part differ a little from the whole's
+        prompt, msgs = _build(None, template, dict(values, **{doc_field: doc[:keep].decode(errors="ignore")}),
+                              assistant_prefix)
+        n = count([msgs])
+        if n is None:
+            return prompt, msgs, True, None
+        if n[0] <= budget or keep == 0:
+            return prompt, msgs, True, n[0]
+        keep = max(0, keep - int((n[0] - budget) * len(doc) / doc_tokens) - 8)
+    return prompt, msgs, True, n[0]
 
 
 def _cut(tokenizer, template: Template, values: dict[str, str], doc_field: str, budget: int, assistant_prefix: str,

@@ -340,7 +340,7 @@ class StageRunner:
         for start in range(0, len(todo), PREPARE_CHUNK):
             chunk = todo[start:start + PREPARE_CHUNK]
             fitted = fit_prompts(eng.tokenizer, self.template, [values for _, values in chunk], self.spec.doc_field,
-                                 budget, self.logprob_prefix or "")
+                                 budget, self.logprob_prefix or "", count=getattr(eng, "count_messages", None))
             for (row, _), (prompt, msgs, truncated, count) in zip(chunk, fitted):
                 req = Request(prompt, msgs, self.max_new, self.temperature, self.top_p,
                               row_seed(row["id"], self.cfg.stage, self.cfg.seed),

@@ -72,6 +72,8 @@ def fresh(server):
     server.plan.clear()
     server.requests.clear()
     server.refuse = server.answer = None
+    server.tokenize = True
+    server.tokenize_calls.clear()
     return server
 
 
@@ -372,6 +374,37 @@ def test_chat_api_needs_no_local_tokenizer(prepared_root, tmp_path, fresh, fixtu
         assert cut and sum(len(m["content"].encode()) for m in msgs) <= 1024
         out = eng.generate([Request(prompt, msgs, 8)])[0]
     assert out.finish_reason in ("stop", "length") and out.prompt_tokens <= 1024 - 8
+
+
+def test_chat_api_without_a_tokenizer_cuts_only_what_the_servers_count_finds_too_long(prepared_root, tmp_path,
+                                                                                     fresh, fixture_texts):
+    """Issue 19 point 9: without a tokenizer the byte bound (+128 reserve) cut most documents that fit
+    (16 of 32 score prompts at 4096). Where the server counts (vLLM's /tokenize), a document is cut only
+    when the server's count is over the budget; without it the byte bound stays."""
+    from generation.prompting import fit_prompts
+
+    root = copy_root(prepared_root, tmp_path / "counted")
+    bound = copy_root(prepared_root, tmp_path / "bound")
+    budget = 1024 - 524
+    gen(root, "backtranslate", "tiny-chat", engine="openai", base_url=fresh.url, api="chat", max_new_tokens=524)
+    counted = read_stage(root, "backtranslate")[1]
+    sent = [r for r in fresh.requests if r["path"].endswith("/chat/completions")]
+    assert fresh.tokenize_calls and all(len(r["prompt_token_ids"]) <= budget for r in sent)
+    assert len(sent) == 12 and not counted["input_truncated"].any()   # every document fits: none is cut
+    assert sorted(counted["prompt_tokens"]) == sorted(len(r["prompt_token_ids"]) for r in sent)
+    fresh.requests.clear()
+    fresh.tokenize = False                                             # a server that cannot count
+    gen(bound, "backtranslate", "tiny-chat", engine="openai", base_url=fresh.url, api="chat", max_new_tokens=524)
+    assert read_stage(bound, "backtranslate")[1]["input_truncated"].sum() >= 6   # the byte bound cuts most
+    # a document far over the context is cut to fit by the server's count, not to nothing
+    with load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api="chat")) as eng:
+        assert eng.count_messages is None                              # no /tokenize: the byte bound
+    fresh.tokenize = True
+    with load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api="chat")) as eng:
+        long_doc = " ".join(fixture_texts[:30])
+        prompt, msgs, cut, n = fit_prompts(None, DEFAULTS["backtranslate"], [{"response": long_doc}], "response",
+                                           budget, count=eng.count_messages)[0]
+    assert cut and budget - 40 <= n <= budget and fresh.count({"messages": msgs})["count"] == n
 
 
 def test_chat_api_without_a_context_length_is_a_user_error(fresh):

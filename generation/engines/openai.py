@@ -103,6 +103,8 @@ class OpenAIEngine(Engine):
         self._loop = asyncio.new_event_loop()
         self._session: aiohttp.ClientSession | None = None
         self.tokenizer = None
+        self.count_messages = None
+        self._counter = None
         try:  # whatever fails here closes the session and the loop first (no "Unclosed client session")
             served = self._loop.run_until_complete(self._preflight())
             if config.api == "completions" or config.tokenizer:
@@ -111,6 +113,7 @@ class OpenAIEngine(Engine):
                 self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
             self.max_model_len = (config.max_model_len or served
                                   or _local_context_length(config.tokenizer or config.model))
+            self.count_messages = self._server_counter() if self.api == "chat" and self.tokenizer is None else None
             if not self.max_model_len:
                 raise EngineError(f"{self.shown_url}/models gives no max_model_len for {self.model!r} and it is no "
                                   "local model folder: give --max-model-len (the served context length)")
@@ -129,6 +132,9 @@ class OpenAIEngine(Engine):
 
     def close(self) -> None:
         """Close the HTTP session and its event loop."""
+        if getattr(self, "_counter", None) is not None:
+            self._counter.close()
+            self._counter = None
         if self._loop.is_closed():
             return
         if self._session is not None:
@@ -168,6 +174,47 @@ class OpenAIEngine(Engine):
             if isinstance(m, dict) and m.get("id") == self.model and isinstance(m.get("max_model_len"), int):
                 return m["max_model_len"]
         return None
+
+    # ---- the server's own token counts (chat API without a tokenizer) ------------------------------
+    def _server_counter(self):
+        """`count_messages` when the server counts chat messages for us (vLLM's POST /tokenize at the
+        server's root, TokenizeChatRequest: the same template and prefill flags as the chat request),
+        else None (OpenAI's API and most gateways have no such endpoint: the byte bound stays)."""
+        import httpx
+
+        root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
+        self._tokenize_url = root + "/tokenize"
+        self._counter = httpx.Client(headers=self._headers, timeout=min(self.timeout_s, 30.0), trust_env=True)
+        probe = self._count_one([{"role": "user", "content": "hi"}])
+        if probe is None:
+            self._counter.close()
+            self._counter = None
+            return None
+        log.info("%s/tokenize counts prompts: documents are cut by the server's count, not the byte bound",
+                 self.shown_url)
+        return self._count_many
+
+    def _count_one(self, msgs: list[dict]) -> int | None:
+        body: dict = {"model": self.model, "messages": msgs}
+        if msgs and msgs[-1]["role"] == "assistant":
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        try:
+            resp = self._counter.post(self._tokenize_url, content=orjson.dumps(body),
+                                      headers={"Content-Type": "application/json"})
+            count = resp.json().get("count") if resp.status_code == 200 else None
+        except Exception:  # httpx.HTTPError, a body that is not JSON or not an object
+            return None
+        return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
+
+    def _count_many(self, messages_list: list[list[dict]]) -> list[int] | None:
+        """The server's token count of each prompt (chat messages), or None when it could not count one."""
+        out = []
+        for msgs in messages_list:
+            n = self._count_one(msgs)
+            if n is None:
+                return None
+            out.append(n)
+        return out
 
     # ---- dispatch -----------------------------------------------------------------------------------
     def generate(self, requests: list[Request]) -> list[Completion]:

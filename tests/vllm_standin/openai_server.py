@@ -14,6 +14,8 @@ vllm/entrypoints/openai/ (completion/protocol.py, chat_completion/protocol.py, m
 - `max_tokens` beyond what the context leaves is clamped, not refused: vLLM 0.33.0's server takes
   min(max_tokens, max_model_len - prompt tokens) (vllm/entrypoints/serve/utils/api_utils.py,
   `get_max_tokens`), so our budget is what keeps prompt + max_tokens within the context.
+- POST /tokenize (at the root, vllm/entrypoints/serve/tokenize/): chat messages or a prompt ->
+  {"count", "max_model_len", "tokens"}, the same template and flags as the generation endpoints.
 - A request's omitted sampling fields (repetition_penalty, presence/frequency_penalty, temperature,
   top_p, top_k, min_p) take the model's generation_config.json values, else vLLM's neutral defaults
   (`to_sampling_params`: "user -> server default -> OpenAI default").
@@ -54,6 +56,8 @@ class StandinServer:
         self.requests: list[dict] = []
         self.refuse = None
         self.answer = None
+        self.tokenize = True            # test hook: False answers /tokenize with 404, as OpenAI's API would
+        self.tokenize_calls: list[dict] = []
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -94,6 +98,13 @@ class StandinServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                if self.path == "/tokenize":  # at the server's root, not under /v1; no plan step
+                    if not server.tokenize:
+                        return self._send(404, {"detail": "Not Found"})
+                    try:
+                        return self._send(200, server.count(body))
+                    except (VLLMValidationError, ValueError, KeyError) as e:
+                        return self._send(400, {"error": {"message": str(e), "type": "BadRequestError", "code": 400}})
                 with server._lock:
                     step = server.plan.pop(0) if server.plan else {}
                     record = {"path": self.path, "body": body, "time": time.monotonic()}
@@ -125,6 +136,22 @@ class StandinServer:
                 self._send(200, answer)
 
         return Handler
+
+    def count(self, body: dict) -> dict:
+        """POST /tokenize (serve/tokenize/protocol.py): TokenizeChatRequest (messages; add_generation_prompt
+        true unless given, continue_final_message, both true is an error; add_special_tokens false) or
+        TokenizeCompletionRequest (prompt; add_special_tokens true) -> {count, max_model_len, tokens}."""
+        if "messages" in body:
+            if body.get("continue_final_message") and body.get("add_generation_prompt"):
+                raise VLLMValidationError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+            text = self.tok.apply_chat_template(body["messages"], tokenize=False,
+                                                add_generation_prompt=body.get("add_generation_prompt", True),
+                                                continue_final_message=body.get("continue_final_message", False))
+            ids = self.tok(text, add_special_tokens=body.get("add_special_tokens", False))["input_ids"]
+        else:
+            ids = self.tok(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))["input_ids"]
+        self.tokenize_calls.append(body)
+        return {"count": len(ids), "max_model_len": self.llm.llm_engine.model_config.max_model_len, "tokens": ids}
 
     def _run(self, ids: list[int], body: dict, record: dict):
         record["prompt_token_ids"] = ids
