@@ -16,6 +16,13 @@ where it comes from:
   tokenizer and scaled), plus for the stages after backtranslate the instruction's tokens (measured,
   else backtranslate's new-token cap: an upper bound).
 - output tokens: the mean measured on existing shards, else the stage's new-token cap (upper bound).
+- documents cut: per stage, the candidates over what its prompt holds whole (context - new-token cap -
+  template - instruction, with the model's tokenizer): cut, and for a gating or answering stage their
+  pairs are dropped by assemble; the smallest limit is the `prepare.max_tokens` that keeps every stage
+  whole (the paper removed such documents before generating).
+- expected examples: each stage's share applied once, of the requests it was sent: backtranslate's
+  parse rate, the gate's pass rate among the pairs scored, the answering stage's usable share (parsed,
+  whole document) among those it answered; where a stage has no shards yet, its whole-document share.
 - GPU-hours: output tokens / `tokens_per_s` of the stage's section (decode throughput of one GPU for
   that model), else the throughput measured on existing shards (output tokens / wall seconds of a
   worker); unknown when neither exists.
@@ -64,14 +71,18 @@ def _candidates(plan: RunPlan, sample_docs: int) -> dict:
 
     layout = RunLayout(plan.root)
     if storage.exists(layout.prepare_stats):
-        rows, tokens, texts = 0, 0, []
+        import numpy as np
+
+        rows, tokens, texts, lengths = 0, 0, [], []
         for _, _, path in layout.candidate_shards():
             t = storage.read_parquet(path, columns=["n_tokens", "text"] if len(texts) < sample_docs else ["n_tokens"])
             rows += t.num_rows
             tokens += int(pc.sum(t["n_tokens"]).as_py() or 0)
+            lengths.append(t["n_tokens"].to_numpy())
             if "text" in t.column_names:
                 texts += t["text"].to_pylist()[: sample_docs - len(texts)]
-        return {"rows": rows, "doc_tokens": tokens, "texts": texts, "source": "candidates"}
+        return {"rows": rows, "doc_tokens": tokens, "texts": texts, "source": "candidates",
+                "lengths": np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)}
     return _estimate_from_input(plan, sample_docs)
 
 
@@ -87,7 +98,7 @@ def _estimate_from_input(plan: RunPlan, sample_docs: int) -> dict:
     if not files:
         raise UserError("no input file is in the selected splits: nothing to plan")
     tok = load_tokenizer(cfg.tokenizer)
-    lines, kept, tokens, texts = 0, 0, 0, []
+    lines, kept, tokens, texts, lengths = 0, 0, 0, [], []
     for raw in storage.open_lines(files[0]):
         lines += 1
         doc = dolma.parse_line(raw, cfg.max_line_bytes)
@@ -97,6 +108,7 @@ def _estimate_from_input(plan: RunPlan, sample_docs: int) -> dict:
                 kept += 1
                 tokens += n
                 texts.append(doc.text)
+                lengths.append(n)
         if lines >= sample_docs:
             break
     # a sampled file that is shorter than the sample is the whole file: scale by files either way
@@ -110,7 +122,9 @@ def _estimate_from_input(plan: RunPlan, sample_docs: int) -> dict:
         rows = min(cfg.target_docs, rows)
     else:
         tokens *= scale
-    return {"rows": int(rows), "doc_tokens": int(tokens), "texts": texts,
+    import numpy as np
+
+    return {"rows": int(rows), "doc_tokens": int(tokens), "texts": texts, "lengths": np.array(lengths, dtype=np.int64),
             "source": f"estimated from {lines} lines of {files[0]} x {len(files)} files"}
 
 
@@ -133,7 +147,9 @@ def _measured(layout: RunLayout, stage: str, threshold: float | None) -> dict | 
         not_sent = (m.get("finish_reasons") or {}).get("not_sent", 0)
         totals["rows"] += m["rows"]
         totals["sent"] += m["rows"] - not_sent
-        totals["ok"] += m["rows"] - sum((m.get("parse_failures") or {}).values())
+        # rows whose output is usable: sent, parsed, and made from a whole document (assemble drops
+        # the pairs of a cut one); every row not sent carries a parse_error, so these are all sent
+        totals["ok"] += max(0, m["rows"] - sum((m.get("parse_failures") or {}).values()) - (m.get("input_truncated") or 0))
         for key in ("prompt_tokens", "output_tokens", "wall_s"):
             totals[key] += m.get(key) or 0
         if threshold is not None and storage.exists(layout.generation_shard(stage, k, n)):
@@ -154,6 +170,20 @@ def _model_tokenizer(sp: StagePlan):
         return AutoTokenizer.from_pretrained(source), source
     except Exception:  # a served model name with no local tokenizer: fall back to prepare's counts
         return None, None
+
+
+def _context(sp: StagePlan) -> int | None:
+    """The stage's context length: --max-model-len, else the local model folder's config."""
+    if sp.cfg.max_model_len:
+        return sp.cfg.max_model_len
+    try:
+        from transformers import AutoConfig
+
+        from generation.engines.base import model_context_length
+
+        return model_context_length(AutoConfig.from_pretrained(sp.cfg.tokenizer or sp.cfg.model))
+    except Exception:  # a served model name: unknown here
+        return None
 
 
 def _template_tokens(sp: StagePlan, tokenizer) -> int:
@@ -206,10 +236,21 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
             doc_per_req = 0
         instr = 0 if sp.stage == "backtranslate" else (instruction_tokens or 0)
         prompt_per_req = overhead + doc_per_req + instr
-        if measured and measured["rows"]:
-            ok_rate, ok_source = measured["ok"] / measured["rows"], "measured"
+        if measured and measured["sent"]:
+            ok_rate, ok_source = min(1.0, measured["ok"] / measured["sent"]), "measured (of the requests sent)"
         else:
             ok_rate, ok_source = 1.0, "assumed (no shards yet)"
+        # documents over what the stage's prompt holds whole are cut, and assemble drops their pairs
+        # when the stage gates or answers (`score:input_truncated`, ...): counted, with what dropping
+        # them up front would take (bft prepare --max-tokens)
+        context = _context(sp)
+        limit = cut = None
+        if tokenizer is not None and context and sp.stage != "distill":
+            limit = context - cap - overhead - int(instr) - 1
+            lengths = cands["lengths"]
+            if len(lengths):
+                ratio = doc_per_req / max(cands["doc_tokens"] / max(cands["rows"], 1), 1e-9)  # model vs prepare tokens
+                cut = int(round(float((lengths * ratio > limit).mean()) * requests))
         entry = {
             "requests": int(round(requests)),
             "requests_source": req_source,
@@ -219,13 +260,15 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
             "output_tokens_source": out_source,
             "parse_ok_rate": round(ok_rate, 4),
             "parse_ok_source": ok_source,
+            "whole_document_limit": limit,
+            "documents_cut": cut,
         }
         if sp.stage == "backtranslate":
             rows_ok["backtranslate"] = requests * ok_rate
             instruction_tokens, instruction_source = out_per_req, out_source
         if sp.stage == recipe.gate:
-            if measured and measured["rows"]:
-                share = measured["passed"] / measured["rows"]
+            if measured and measured["sent"]:
+                share = measured["passed"] / measured["sent"]   # of the pairs sent to the gate stage
                 gate_source = "measured"
             else:
                 share = PAPER_SCORE5_SHARE
@@ -241,6 +284,8 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
         entry["gpu_hours"] = round(entry["output_tokens"] / tps / 3600, 3) if tps else None
         out["stages"][sp.stage] = entry
     out["instruction_tokens"] = {"per_request": instruction_tokens, "source": instruction_source}
+    limits = [s["whole_document_limit"] for s in out["stages"].values() if s.get("whole_document_limit") is not None]
+    out["max_tokens_keeping_all_whole"] = min(limits) if limits else None
     yield_rate = _yield(out, recipe)
     out["examples_expected"] = int(cands["rows"] * yield_rate)
     out["yield_per_candidate"] = round(yield_rate, 5)
@@ -253,13 +298,20 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
 
 
 def _yield(out: dict, recipe) -> float:
-    """Examples per candidate: parse rates along the recipe's stages times the gate's pass rate."""
+    """Examples per candidate: each a share of the requests its stage was sent (applied once): the
+    backtranslate parse rate, the gate's pass rate among the pairs scored, the answering stage's usable
+    share among the pairs it was sent; where a stage is not measured yet, the share of its documents
+    that its prompt holds whole (assemble drops the pairs of a cut document)."""
     stages = out["stages"]
     rate = stages["backtranslate"]["parse_ok_rate"] if "backtranslate" in stages else 1.0
-    if recipe.gate and recipe.gate in stages:
-        rate *= stages[recipe.gate]["gate_pass_rate"]
-    if recipe.answer and recipe.answer in stages:
-        rate *= stages[recipe.answer]["parse_ok_rate"]
+    for name, key in ((recipe.gate, "gate_pass_rate"), (recipe.answer, "parse_ok_rate")):
+        s = stages.get(name) if name else None
+        if s is None:
+            continue
+        rate *= s[key]
+        measured = s.get("gate_source" if key == "gate_pass_rate" else "parse_ok_source", "").startswith("measured")
+        if not measured and s.get("documents_cut") and s["requests"]:
+            rate *= 1 - s["documents_cut"] / s["requests"]
     return rate
 
 
@@ -281,6 +333,14 @@ def render_table(result: dict) -> str:
         if s["tokens_per_s_source"]:
             src.append("tok/s: " + s["tokens_per_s_source"])
         lines.append(f"  {stage}: " + "; ".join(src))
+    for stage, s in result["stages"].items():
+        if s.get("documents_cut"):
+            dropped = " (their pairs are dropped by assemble)" if stage != "backtranslate" else ""
+            lines.append(f"  {stage}: {s['documents_cut']:,} document(s) over the {s['whole_document_limit']:,} tokens its "
+                         f"prompt holds whole: cut{dropped}")
+    if any(s.get("documents_cut") for s in result["stages"].values()):
+        lines.append(f"  `prepare: {{max_tokens: {result['max_tokens_keeping_all_whole']}}}` keeps every stage whole "
+                     "and drops those documents before any request (the paper removed such documents up front)")
     lines.append(f"\nexpected examples: {result['examples_expected']:,} ({result['yield_per_candidate']:.4f} per candidate)")
     if "target_examples" in result:
         lines.append(f"candidates needed for {result['target_examples']:,} examples: "
