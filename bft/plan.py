@@ -136,7 +136,7 @@ def _measured(layout: RunLayout, stage: str, threshold: float | None) -> dict | 
         shards = layout.candidate_shards()
     except UserError:
         return None
-    totals = {"rows": 0, "sent": 0, "ok": 0, "prompt_tokens": 0, "output_tokens": 0, "wall_s": 0.0, "passed": 0}
+    totals = {"rows": 0, "sent": 0, "ok": 0, "parsed": 0, "prompt_tokens": 0, "output_tokens": 0, "wall_s": 0.0, "passed": 0}
     found = 0
     for k, n, _ in shards:
         metrics = layout.generation_metrics(stage, k, n)
@@ -149,7 +149,9 @@ def _measured(layout: RunLayout, stage: str, threshold: float | None) -> dict | 
         totals["sent"] += m["rows"] - not_sent
         # rows whose output is usable: sent, parsed, and made from a whole document (assemble drops
         # the pairs of a cut one); every row not sent carries a parse_error, so these are all sent
-        totals["ok"] += max(0, m["rows"] - sum((m.get("parse_failures") or {}).values()) - (m.get("input_truncated") or 0))
+        parsed = m["rows"] - sum((m.get("parse_failures") or {}).values())
+        totals["parsed"] += parsed
+        totals["ok"] += max(0, parsed - (m.get("input_truncated") or 0))
         for key in ("prompt_tokens", "output_tokens", "wall_s"):
             totals[key] += m.get(key) or 0
         if threshold is not None and storage.exists(layout.generation_shard(stage, k, n)):
@@ -237,7 +239,10 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
         instr = 0 if sp.stage == "backtranslate" else (instruction_tokens or 0)
         prompt_per_req = overhead + doc_per_req + instr
         if measured and measured["sent"]:
-            ok_rate, ok_source = min(1.0, measured["ok"] / measured["sent"]), "measured (of the requests sent)"
+            # backtranslate: the share the next stages get (parsed instructions); an answering stage:
+            # the share assemble can keep (parsed, from a whole document)
+            usable = measured["parsed"] if sp.stage == "backtranslate" else measured["ok"]
+            ok_rate, ok_source = min(1.0, usable / measured["sent"]), "measured (of the requests sent)"
         else:
             ok_rate, ok_source = 1.0, "assumed (no shards yet)"
         # documents over what the stage's prompt holds whole are cut, and assemble drops their pairs
@@ -288,6 +293,8 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
     out["max_tokens_keeping_all_whole"] = min(limits) if limits else None
     yield_rate = _yield(out, recipe)
     out["examples_expected"] = int(cands["rows"] * yield_rate)
+    out["seed_examples"] = _seed_rows(plan.assemble.seed_data)
+    out["release_examples_expected"] = out["examples_expected"] + (out["seed_examples"] or 0)
     out["yield_per_candidate"] = round(yield_rate, 5)
     if target_examples:
         out["target_examples"] = target_examples
@@ -295,6 +302,18 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
     out["gpu_hours_total"] = (round(sum(s["gpu_hours"] for s in out["stages"].values()), 3)
                               if all(s["gpu_hours"] is not None for s in out["stages"].values()) else None)
     return out
+
+
+def _seed_rows(path: str | None) -> int | None:
+    """The seed pairs assemble mixes in (the rows of --seed-data; None without one or before it exists)."""
+    if not path or not storage.exists(path):
+        return None
+    from beam_pipelines.assemble import read_seed_table
+
+    try:
+        return read_seed_table(path).num_rows
+    except Exception:  # assemble names the problem; the plan only leaves the figure out
+        return None
 
 
 def _yield(out: dict, recipe) -> float:
@@ -341,7 +360,9 @@ def render_table(result: dict) -> str:
     if any(s.get("documents_cut") for s in result["stages"].values()):
         lines.append(f"  `prepare: {{max_tokens: {result['max_tokens_keeping_all_whole']}}}` keeps every stage whole "
                      "and drops those documents before any request (the paper removed such documents up front)")
-    lines.append(f"\nexpected examples: {result['examples_expected']:,} ({result['yield_per_candidate']:.4f} per candidate)")
+    seeds = result.get("seed_examples")
+    lines.append(f"\nexpected examples: {result['examples_expected']:,} ({result['yield_per_candidate']:.4f} per candidate)"
+                 + (f" + {seeds:,} seed = {result['release_examples_expected']:,} in the release" if seeds else ""))
     if "target_examples" in result:
         lines.append(f"candidates needed for {result['target_examples']:,} examples: "
                      f"{result['candidates_needed']:,}" if result["candidates_needed"] else "cannot be reached")

@@ -187,6 +187,13 @@ def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_to
     measured = after["stages"]["backtranslate"]
     assert measured["output_tokens_source"] == "measured" and measured["output_tokens"] <= 60
     assert after["stages"]["score"]["gate_source"] == "measured"
+    # after a run the plan says what the next rebuild makes: requests and examples (issue 19 point 12;
+    # the gate's share was applied twice: "16 expected" for a release of 38)
+    stats = json.load(open(os.path.join(root, "sft", open(os.path.join(root, "sft", "LATEST")).read().strip(),
+                                        "stats.json")))
+    web = stats["funnel"]["web_examples"]
+    assert abs(after["examples_expected"] - web) <= max(1, 0.1 * web), (after["examples_expected"], web)
+    assert after["stages"]["score"]["requests"] == stats["stages"]["score"]["sent"]
     rc, out, _ = bft(capsys, "plan", "--config", cfg)
     assert rc == 0 and "backtranslate" in out and "GPU-hours in all" in out
 
