@@ -352,9 +352,12 @@ def render_table(result: dict) -> str:
         if s["tokens_per_s_source"]:
             src.append("tok/s: " + s["tokens_per_s_source"])
         lines.append(f"  {stage}: " + "; ".join(src))
+    order = list(result["stages"])
     for stage, s in result["stages"].items():
         if s.get("documents_cut"):
-            dropped = " (their pairs are dropped by assemble)" if stage != "backtranslate" else ""
+            paid = order.index(stage) + 1  # one request in each stage up to this one
+            dropped = (f" (their pairs are dropped by assemble, after ~{s['documents_cut'] * paid:,} requests in "
+                       f"{', '.join(order[:paid])})") if stage != "backtranslate" else ""
             lines.append(f"  {stage}: {s['documents_cut']:,} document(s) over the {s['whole_document_limit']:,} tokens its "
                          f"prompt holds whole: cut{dropped}")
     if any(s.get("documents_cut") for s in result["stages"].values()):
