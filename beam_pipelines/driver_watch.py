@@ -19,7 +19,7 @@ import os
 import threading
 import time
 
-from beam_pipelines.options import DRIVER_PID
+DRIVER_PID = "BFT_DRIVER_PID"  # the pid of the process driving a pass, for its workers (options sets it)
 
 
 def alive(pid: int) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from beam_pipelines.driver_watch import DRIVER_PID  # the pid of the process driving a pass, for its workers
+
 _M_TRIM_THRESHOLD = -1
 _M_ARENA_MAX = -8
 _ENV = {
@@ -20,7 +22,6 @@ _ENV = {
     "MALLOC_TRIM_THRESHOLD_": str(1 << 20),
 }
 _done = False
-DRIVER_PID = "BFT_DRIVER_PID"  # the pid of the process driving a pass, for its workers (driver_watch)
 
 
 def configure_process() -> None:

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import schemas
 from schemas.recipes import EMPTY, RECIPES, TOO_LONG, TOO_SHORT, TRUNCATED, Gate, Recipe  # noqa: F401 (a contract)
 from schemas.outcomes import categories
-from generation.templates import SEED_TAG, WEB_TAG
+from schemas.examples import SEED_TAG, WEB_TAG, examples, messages_column  # noqa: F401 (used by assemble)
 
 
 # Every generation stage a recipe can use, in pipeline order.
@@ -98,40 +98,6 @@ def restrict(reason: pa.Array, other: pa.Array, other_recipe: str) -> pa.Array:
 
 def response_column(joined: pa.Table, recipe: Recipe):
     return joined[f"{recipe.answer}.response"] if recipe.answer else joined["text"]
-
-
-def messages_column(instructions: pa.Array, responses: pa.Array, tag: str | None) -> pa.Array:
-    """The chat form of each pair, as TRL's SFTTrainer and chat templates take it:
-    [system: tag]?, user: instruction, assistant: response. The tag is a system prompt, as in
-    Humpback (Li et al. 2023a, section 2.3)."""
-    n = len(instructions)
-    roles = (["system"] if tag else []) + ["user", "assistant"]
-    parts = ([pa.array([tag] * n, pa.string())] if tag else []) + [instructions, responses]
-    k = len(parts)
-    contents = pa.concat_arrays([p.combine_chunks() if isinstance(p, pa.ChunkedArray) else p for p in parts])
-    contents = contents.take(pa.array(np.arange(k * n).reshape(k, n).T.ravel()))
-    role_arr = pa.array(np.tile(np.array(roles, dtype=object), n), pa.string())
-    structs = pa.StructArray.from_arrays([role_arr, contents], fields=list(schemas.MESSAGE))
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, k * n + 1, k), pa.int32()), structs)
-
-
-def examples(instructions, responses, *, ids, origin: str, recipe: str | None, tag: str | None, scores,
-             n_tokens_instruction, n_tokens_response) -> pa.Table:
-    """SFT-schema rows from column arrays (instructions and responses already stripped)."""
-    n = len(ids)
-    table = pa.table({
-        "id": ids,
-        "origin": pa.array([origin] * n, pa.string()),
-        "recipe": pa.array([recipe] * n, pa.string()),
-        "instruction": instructions,
-        "response": responses,
-        "messages": messages_column(instructions, responses, tag),
-        "tag": pa.array([tag] * n, pa.string()),
-        "score": pa.array(scores, pa.float32()) if scores is not None else pa.nulls(n, pa.float32()),
-        "n_tokens_instruction": pa.array(n_tokens_instruction, pa.int32()),
-        "n_tokens_response": pa.array(n_tokens_response, pa.int32()),
-    })
-    return schemas.validate(table.replace_schema_metadata(schemas.SFT.metadata), schemas.SFT, "examples")
 
 
 def web_examples(joined: pa.Table, keep: pa.Array, recipe: Recipe, tag: str | None, count_tokens) -> pa.Table:

@@ -1,2 +1,4 @@
 """The `bft` command line and the storage layer shared by every stage."""
-__version__ = "0.1.0"
+from schemas.release import package_version
+
+__version__ = package_version()   # setup.py owns the version

@@ -121,7 +121,7 @@ def _train(cfg, beam_args, run_file) -> int:
 
 
 def _eval_generate(cfg, beam_args, run_file) -> int:
-    from training import evaluate
+    from generation import evaluate
 
     out = evaluate.run_generate(cfg)
     print(f"eval generate: {len(out)} answers by {cfg.generator} -> {cfg.output}")
@@ -129,7 +129,7 @@ def _eval_generate(cfg, beam_args, run_file) -> int:
 
 
 def _eval_judge(cfg, beam_args, run_file) -> int:
-    from training import evaluate
+    from generation import evaluate
 
     s = evaluate.run_judge(cfg)
     rate = (f"win rate {s['win_rate']:.3f} ± {s['standard_error']:.3f} over {s['judged']} judged items"
@@ -173,10 +173,10 @@ VERBS = {v.name: v for v in [
     Verb("seed", "the seed pairs: first turns of OpenAssistant oasst1 trees", "training.seed:SeedConfig", _seed),
     Verb("train", "fine-tune the backward, forward or SFT model (transformers' Trainer)",
          "training.train:TrainConfig", _train),
-    Verb("eval generate", "answer an AlpacaEval-format question file", "training.evaluate:EvalGenerateConfig",
+    Verb("eval generate", "answer an AlpacaEval-format question file", "generation.evaluate:EvalGenerateConfig",
          _eval_generate),
     Verb("eval judge", "judge two answer files pairwise, both orders (MT-Bench's prompt)",
-         "training.evaluate:EvalJudgeConfig", _eval_judge),
+         "generation.evaluate:EvalJudgeConfig", _eval_judge),
 ]}
 
 

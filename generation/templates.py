@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from schemas.examples import SEED_TAG, WEB_TAG  # noqa: F401 (section 6 below)
+
 # 1. Backtranslation (backward model), Nguyen et al. 2024 App. A.2 / Li et al. 2023a. T=1.0, top_p=0.9
 BACKTRANSLATE = (
     "Below is a candidate answer to a question or instruction from an user. Write the most likely question "
@@ -78,9 +80,8 @@ RATE = (
     "provide a comprehensive explanation of your evaluation, avoiding any potential bias."
 )
 
-# 6. Data-source tags for SFT, Li et al. 2023a; Nguyen et al. 2024 App. A.3
-SEED_TAG = "Answer in the style of an AI Assistant."
-WEB_TAG = "Answer with knowledge from web search."
+# 6. Data-source tags for SFT, Li et al. 2023a; Nguyen et al. 2024 App. A.3: SEED_TAG and WEB_TAG, owned
+# by the release's contract (schemas/examples.py) and imported above.
 # At evaluation the paper adds these to the question; `bft eval generate` sends them as the system turn,
 # the place where training puts the data-source tag (training/data.py), so a model sees its tag where
 # it learned it.

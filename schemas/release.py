@@ -115,9 +115,17 @@ def code_revision() -> str:
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        import bft
+        return os.environ.get("BFT_CODE_REVISION") or f"bft {package_version()}"
 
-        return os.environ.get("BFT_CODE_REVISION") or f"bft {bft.__version__}"
+
+def package_version() -> str:
+    """The installed distribution's version (setup.py owns it), without importing the CLI."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("bft")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def write_manifest(folder: str, *, version: str, chash: str, config: dict, lineage: dict, counts: dict,

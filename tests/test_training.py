@@ -16,7 +16,8 @@ from generation.engines import EngineConfig
 from generation.engines.hf import HFEngine
 from generation.prompting import render
 from generation.templates import DEFAULTS, EVAL_TAG, JUDGE_SYSTEM, llama2_format
-from training import data, evaluate, seed, train
+from generation import evaluate
+from training import data, seed, train
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "samples", "oasst", "oasst1-sample.jsonl")
 PAIRS = ["t01", "t02", "t07", "t09", "t11", "t12", "t13", "t14"]

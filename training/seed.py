@@ -22,7 +22,7 @@ from schemas.errors import UserError
 from schemas.layout import RunLayout
 from schemas.options import option, required
 from schemas.keys import seed_tree_key
-from beam_pipelines import recipes
+from schemas.examples import examples
 import storage
 
 COLUMNS = ["message_id", "parent_id", "message_tree_id", "role", "text", "lang", "rank", "deleted", "review_result"]
@@ -105,7 +105,7 @@ def to_sft(pairs: pa.Table) -> pa.Table:
     responses = pc.utf8_trim_whitespace(pairs["response"]).combine_chunks()
     n = pairs.num_rows
     ids = pa.array([f"oasst1/{t}" for t in pairs["tree"].to_pylist()], pa.string())
-    return recipes.examples(instructions, responses, ids=ids, origin="seed", recipe=None, tag=None, scores=None,
+    return examples(instructions, responses, ids=ids, origin="seed", recipe=None, tag=None, scores=None,
                             n_tokens_instruction=pa.nulls(n, pa.int32()), n_tokens_response=pa.nulls(n, pa.int32()))
 
 

@@ -113,16 +113,29 @@ def _calibrate_eos(model, eos: int, p_eos: float, d: int) -> None:
 
 
 def sample_texts(glob_pattern: str, limit: int = 2000) -> list[str]:
-    """Texts of the Dolma-layout files matching `glob_pattern` (bad lines skipped), to train on."""
-    from beam_pipelines.dolma import Document, parse_line
+    """Texts of the Dolma-layout files matching `glob_pattern`, to train on: the lines bft prepare
+    reads as documents (at most 1 MB, a JSON object with a usable id and a non-blank text; the rest
+    skipped), read here without bft prepare's parser (training sits beside the Beam passes, not on them)."""
+    import orjson
+
     import storage
 
     texts: list[str] = []
     for path in storage.glob(glob_pattern):
         for raw in storage.open_lines(path):
-            doc = parse_line(raw, max_line_bytes=1 << 20)
-            if isinstance(doc, Document) and len(doc.text) < 100_000:
-                texts.append(doc.text)
+            if not raw.strip() or len(raw) > 1 << 20:
+                continue
+            try:
+                record = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            doc_id, text = record.get("id"), record.get("text")
+            if doc_id is None or isinstance(doc_id, (dict, list)) or (isinstance(doc_id, str) and not doc_id.strip()):
+                continue
+            if isinstance(text, str) and text.strip() and len(text) < 100_000:
+                texts.append(text)
                 if len(texts) >= limit:
                     return texts
     return texts

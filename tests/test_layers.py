@@ -1,0 +1,59 @@
+"""The import graph has floors (docs/ARCHITECTURE.md, "Floors"): every import of our packages, those
+inside functions included, is checked against the rule, and no two modules import each other."""
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("storage", "schemas", "beam_pipelines", "generation", "training", "bft")
+ALLOWED = {
+    "storage": set(),
+    "schemas": {"storage"},
+    "beam_pipelines": {"storage", "schemas"},
+    "generation": {"storage", "schemas"},
+    "training": {"storage", "schemas", "generation.prompting", "generation.templates"},
+    "bft": set(PACKAGES),
+}
+
+
+def imports() -> dict[str, set[str]]:
+    """{module: the modules of our packages it imports} over every .py file of the packages."""
+    out: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(folder, name)
+                module = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+                found = set()
+                for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+                    if isinstance(node, ast.Import):
+                        found |= {a.name for a in node.names}
+                    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                        found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+                out[module] = {m for m in found if m.split(".")[0] in PACKAGES}
+    return out
+
+
+def allowed(module: str, target: str) -> bool:
+    own = module.split(".")[0]
+    if target.split(".")[0] == own:
+        return True
+    return any(target == a or target.startswith(a + ".") for a in ALLOWED[own])
+
+
+def test_every_import_respects_the_floors():
+    graph = imports()
+    assert len(graph) > 50
+    broken = sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets
+                    if not allowed(m, t) and not (t.rsplit(".", 1)[0] in graph and allowed(m, t.rsplit(".", 1)[0])))
+    assert not broken, "imports across floors:\n" + "\n".join(broken)
+
+
+def test_no_two_modules_import_each_other():
+    graph = imports()
+    modules = set(graph)
+    edges = {m: {t if t in modules else t.rsplit(".", 1)[0] for t in ts} & modules - {m} for m, ts in graph.items()}
+    pairs = sorted({tuple(sorted((a, b))) for a, ts in edges.items() for b in ts if a in edges.get(b, set())
+                    and not (a.startswith(b + ".") or b.startswith(a + "."))})   # a package and its own module
+    assert not pairs, f"modules importing each other: {pairs}"
