@@ -20,13 +20,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import schemas
-from schemas.recipes import EMPTY, RECIPES, TOO_LONG, TOO_SHORT, TRUNCATED, Gate, Recipe  # noqa: F401 (a contract)
+from schemas.recipes import (EMPTY, RECIPES, STAGES, TOO_LONG, TOO_SHORT, TRUNCATED, Gate,  # noqa: F401 (a contract)
+                             Recipe)
 from schemas.outcomes import categories
 from schemas.examples import SEED_TAG, WEB_TAG, examples, messages_column  # noqa: F401 (used by assemble)
 
 
-# Every generation stage a recipe can use, in pipeline order.
-ALL_STAGES = list(dict.fromkeys(stage for r in RECIPES.values() for stage in r.stages))
+# Every generation stage, in pipeline order (schemas.recipes.STAGES: the one list).
+ALL_STAGES = list(STAGES)
 
 # The columns each stage contributes to the join, renamed `<stage>.<column>`.
 STAGE_COLUMNS = ["instruction", "score", "response", "parse_error", "finish_reason", "input_truncated"]

@@ -28,8 +28,9 @@ from typing import Any
 
 import storage
 from schemas.errors import UserError
+from schemas.recipes import STAGES
 
-STAGE_SECTIONS = ("backtranslate", "score", "rewrite", "distill", "rate")
+STAGE_SECTIONS = STAGES  # schemas.recipes: the one list of stages
 
 
 class ConfigError(UserError):

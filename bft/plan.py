@@ -38,10 +38,9 @@ from bft.rebuild import RunPlan, StagePlan, load_run
 from schemas.errors import UserError
 from schemas.layout import RunLayout
 from schemas.options import option
-from schemas.recipes import Gate
+from schemas.recipes import ANSWER_STAGES, Gate
 
 PAPER_SCORE5_SHARE = 0.136   # Nguyen et al. 2024: share of backtranslated pairs scored 5
-GATED = ("rewrite", "distill")
 
 
 @dataclass
@@ -212,7 +211,7 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
         measured = _measured(layout, sp.stage, threshold if sp.stage == recipe.gate else None)
         if sp.stage == "backtranslate":
             requests, req_source = cands["rows"], cands["source"]
-        elif sp.stage in GATED and recipe.gate:
+        elif sp.stage in ANSWER_STAGES and recipe.gate:
             gate = out["stages"].get(recipe.gate, {})
             requests, req_source = gate.get("passing_gate", 0), f"rows passing the {recipe.gate} gate"
         else:

@@ -38,6 +38,10 @@ RECIPES = {
     "alpagasus": Recipe("alpagasus", "rate", None, 4.5),
 }
 DEFAULT_RECIPE = "filter+rewrite"
+# The generation stages, in pipeline order: the one list (run-file sections, the shards assemble reads,
+# the plan's order); generation/stages.py has one StageSpec per name (tests/test_layers.py checks it).
+STAGES = ("backtranslate", "score", "rewrite", "distill", "rate")
+ANSWER_STAGES = tuple(s for s in STAGES if any(r.answer == s for r in RECIPES.values()))  # sent past a gate
 # assemble's curation drops (beam_pipelines.recipes.verdicts), in the order they are checked
 CURATION_DROPS = TOO_SHORT, TOO_LONG, EMPTY, TRUNCATED = (
     "instruction_too_short", "instruction_too_long", "empty_response", "truncated_response")

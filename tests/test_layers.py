@@ -57,3 +57,15 @@ def test_no_two_modules_import_each_other():
     pairs = sorted({tuple(sorted((a, b))) for a, ts in edges.items() for b in ts if a in edges.get(b, set())
                     and not (a.startswith(b + ".") or b.startswith(a + "."))})   # a package and its own module
     assert not pairs, f"modules importing each other: {pairs}"
+
+
+def test_one_list_of_stages():
+    """The stage list is written once (schemas.recipes.STAGES); every other list derives from it."""
+    from beam_pipelines import recipes
+    from bft import config
+    from generation.stages import STAGES as SPECS
+    from schemas.recipes import ANSWER_STAGES, RECIPES, STAGES
+
+    assert tuple(SPECS) == STAGES and config.STAGE_SECTIONS == STAGES and recipes.ALL_STAGES == list(STAGES)
+    assert {s for r in RECIPES.values() for s in r.stages} <= set(STAGES)
+    assert ANSWER_STAGES == ("rewrite", "distill")
