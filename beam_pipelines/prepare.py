@@ -70,8 +70,9 @@ class PrepareConfig:
     input: list[str] = required("glob of Dolma JSON-lines files, local or gs:// (repeatable)")
     root: str = required("run root (local or gs://); writes ROOT/candidates/")
     tokenizer: str = required("tokenizer.json, a folder with one, a gs:// path or a hub id")
-    max_tokens: int = option(3584, "keep documents of at most this many tokens (3584 = Llama-2's 4096 context minus "
-                           "512 for the prompt templates; see docs/ARCHITECTURE.md)")
+    max_tokens: int = option(3520, "keep documents of at most this many tokens (3520 = Llama-2's 4096 context minus "
+                           "backtranslation's 512 new tokens and 64 for its prompt: every document is backtranslated "
+                           "whole; see docs/ARCHITECTURE.md)")
     min_tokens: int = option(0, "drop documents of fewer tokens")
     splits: list[str] = option(["cc_en_head"], "split folders to select; '' selects every file", comma=True)
     select_where: list[str] = option([], "also require a record field (dotted, e.g. metadata.bucket) to have one "

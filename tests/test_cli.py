@@ -35,7 +35,7 @@ def test_help_and_version_go_to_stdout(capsys):
         cli.main(["prepare", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "(default: 3584)" in out and "(default: 16)" in out and "(default: 0)" in out  # defaults shown
+    assert "(default: 3520)" in out and "(default: 16)" in out and "(default: 0)" in out  # defaults shown
 
 
 @pytest.mark.parametrize("verb", ["prepare", "generate", "generate backtranslate", "generate score",
@@ -104,7 +104,7 @@ def test_a_rerun_with_another_config_names_the_keys_that_differ(tmp_path, dolma,
     rc, out, _ = run(capsys, *args, "--num-shards", "2")
     assert rc == 0 and "complete with this config; nothing to do" in out
     rc, _, err = run(capsys, *args, "--num-shards", "3", "--max-tokens", "500")
-    assert rc == 1 and "max_tokens: 3584 -> 500" in err and "num_shards: 2 -> 3" in err and "--overwrite" in err
+    assert rc == 1 and "max_tokens: 3520 -> 500" in err and "num_shards: 2 -> 3" in err and "--overwrite" in err
     rc, out, _ = run(capsys, *args, "--num-shards", "3", "--overwrite")
     assert rc == 0 and "3 shards" in out
     names = sorted(os.listdir(tmp_path / "r" / "candidates"))
