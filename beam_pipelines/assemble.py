@@ -39,6 +39,7 @@ from schemas import provenance, release
 import storage
 from beam_pipelines.options import configure_process, pipeline_options
 from beam_pipelines.length import tokenizer_fingerprint
+from storage.lock import claim_folder, clear_dead_folders
 
 log = logging.getLogger("bft.assemble")
 
@@ -481,8 +482,10 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
 
     def build_release(folder: str, version: str) -> dict:
         """The Beam pass into `folder`, then stats.json, report and card; returns the split counts."""
-        storage.delete_tree(layout.assemble_tmp_root)  # parts left by a killed run (one assemble per root)
+        # parts left by killed runs go; a live run's folder (another assemble on this root) is never deleted
+        clear_dead_folders(layout.assemble_tmp_root)
         tmp = layout.assemble_tmp(uuid.uuid4().hex[:12])
+        claim_folder(tmp)
         t0 = time.perf_counter()
         try:
             with progress.running("assemble", pipeline_options(beam_args)) as p:

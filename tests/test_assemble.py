@@ -502,3 +502,39 @@ def test_an_input_edited_in_place_with_the_same_size_makes_a_new_release(root, t
     data = open(tok, "rb").read()
     open(tok, "wb").write(data.replace(b'"unk_token"', b'"unk_tokeN"', 1) if b'"unk_token"' in data else data + b" ")
     assert "reused" not in run(root, seed_data=seed)
+
+
+def test_a_run_never_deletes_a_live_runs_tmp_folder(root, tmp_path):
+    """Issue 23 point 11: a second assemble deleted sft/_tmp while the first was writing there (a
+    FileNotFoundError traceback in the first). Besides the root lock, each run claims its _tmp/<run>/
+    folder; cleanup removes only folders of runs that are gone (or have no owner record)."""
+    import subprocess
+    import sys
+    import time
+
+    from storage import lock
+
+    tmp_root = os.path.join(root, "sft", "_tmp")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for name, pid in (("live", live.pid), ("dead", dead.pid)):
+            os.makedirs(os.path.join(tmp_root, name))
+            holder = dict(lock.holder_info(), pid=pid)
+            storage.write_text(os.path.join(tmp_root, name, lock.OWNER), json.dumps(holder))
+            storage.write_text(os.path.join(tmp_root, name, "part-00000.parquet"), "x")
+        os.makedirs(os.path.join(tmp_root, "unowned"))
+        storage.write_text(os.path.join(tmp_root, "unowned", "part-00000.parquet"), "x")
+        foreign = dict(lock.holder_info(), host="elsewhere", host_id="other", started="2026-01-01T00:00:00Z")
+        for name, started in (("foreign-old", "2026-01-01T00:00:00Z"),
+                              ("foreign-new", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))):
+            os.makedirs(os.path.join(tmp_root, name))
+            storage.write_text(os.path.join(tmp_root, name, lock.OWNER), json.dumps(dict(foreign, started=started)))
+        run(root, version="v1")
+        assert sorted(os.listdir(tmp_root)) == ["foreign-new", "live"]   # the live runs' folders are kept
+        assert os.path.exists(os.path.join(tmp_root, "live", "part-00000.parquet"))
+    finally:
+        live.kill()
+        live.wait()
+    assert lock.clear_dead_folders(tmp_root) == [os.path.join(tmp_root, "live")]   # gone now: cleared
