@@ -55,6 +55,7 @@ import json
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer, pre_tokenizers
@@ -107,6 +108,22 @@ def tokenizer_fingerprint(path_or_id: str) -> dict:
     elif not os.path.isfile(path_or_id):
         return {"hub_id": path_or_id}
     return {"path": target, **storage.fingerprint(target)}
+
+
+_SHARED = threading.local()
+
+
+def shared_counter(path_or_id: str) -> "TokenCounter":
+    """The TokenCounter of a tokenizer, loaded and proved once per worker thread and shared by every
+    step that runs there (Beam's shared-model pattern, per thread: a counter's caches and totals are
+    not thread-safe, and a Beam worker may run bundles in several threads); its chunk cache stays warm
+    from one step to the next. Each step reads the totals around its own `count` call."""
+    counters = getattr(_SHARED, "counters", None)
+    if counters is None:
+        counters = _SHARED.counters = {}
+    if path_or_id not in counters:
+        counters[path_or_id] = TokenCounter(load_tokenizer(path_or_id))
+    return counters[path_or_id]
 
 
 @dataclass(frozen=True)

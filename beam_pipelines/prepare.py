@@ -38,7 +38,7 @@ import schemas
 from schemas.options import option, required
 from beam_pipelines import dolma
 import storage
-from beam_pipelines.length import TokenCounter, length_verdict, load_tokenizer, tokenizer_fingerprint
+from beam_pipelines.length import length_verdict, load_tokenizer, shared_counter, tokenizer_fingerprint
 from beam_pipelines.options import configure_process
 from beam_pipelines.shards import assign_bucket, balance, num_buckets
 from schemas.errors import UserError
@@ -176,7 +176,7 @@ class _Measurer(beam.DoFn):
 
     def setup(self):
         configure_process()
-        self.counter = TokenCounter(load_tokenizer(self.cfg.tokenizer))
+        self.counter = shared_counter(self.cfg.tokenizer)  # loaded and proved once per worker thread
         self._file_index = {f: i for i, f in enumerate(self.files)}
         self._stash: list[dict] = []
         self._stashed_chars = 0
@@ -208,7 +208,12 @@ class _Measurer(beam.DoFn):
                 bounds[line_no] = lb
             else:
                 todo.append((line_no, doc))
+        pieces, full = counter.counted_pieces, counter.counted_full
         counts = dict(zip((ln for ln, _ in todo), counter.count([d.text for _, d in todo])))
+        # the counter is shared by the steps of this thread (length.shared_counter): its totals are
+        # read around this one call, which no other step interleaves with
+        tallies["length/counted_pieces"] += counter.counted_pieces - pieces
+        tallies["length/counted_full"] += counter.counted_full - full
         tallies["length/measured"] += len(batch)
         tallies["length/rejected_by_bound"] += len(bounds)
         for line_no, doc in batch:
@@ -225,10 +230,10 @@ class _Measurer(beam.DoFn):
                 self._keep(path, line_no, doc)
                 yield (doc.id, text_hash(doc.text), counts[line_no], len(doc.text), file_index, line_no)
 
-    def _counted(self, path, tallies, before):
+    def _counted(self, path, tallies):
         self._write_stash(path)
-        tallies["length/counted_pieces"] = self.counter.counted_pieces - before[0]
-        tallies["length/counted_full"] = self.counter.counted_full - before[1]
+        tallies.setdefault("length/counted_pieces", 0)
+        tallies.setdefault("length/counted_full", 0)
         for name, n in sorted(tallies.items()):
             yield beam.pvalue.TaggedOutput("tallies", _tally(name, n))
 
@@ -256,7 +261,6 @@ class ReadAndMeasure(_Measurer):
         line_no = selected = 0
         limit, seed = self.key_limit, self.cfg.seed
         keys, lines = array.array("Q"), array.array("Q")  # the unmeasured documents: 16 bytes each
-        before = (self.counter.counted_pieces, self.counter.counted_full)
         try:
             for line_no, raw in enumerate(storage.open_lines(path), start=1):
                 tallies[INPUT] += 1
@@ -283,7 +287,7 @@ class ReadAndMeasure(_Measurer):
         except _READ_ERRORS as e:
             yield from _unreadable(path, line_no, e, self.cfg.skip_unreadable_files)
         yield from self._measure(path, batch, tallies)
-        yield from self._counted(path, tallies, before)
+        yield from self._counted(path, tallies)
         if limit is not None:
             yield beam.pvalue.TaggedOutput("ranks", (path, selected, _array(keys), _array(lines)))
 
@@ -321,7 +325,6 @@ class MeasureLines(_Measurer):
     def process(self, element):
         path, lines, keys = element
         tallies: collections.Counter = collections.Counter()
-        before = (self.counter.counted_pieces, self.counter.counted_full)
         batch: list[tuple[int, dolma.Document]] = []
         for line_no, doc, key in reread(path, dict(zip(lines.tolist(), keys.tolist())), self.cfg.max_line_bytes):
             if sample_key(doc.id, self.cfg.seed) != key:
@@ -332,7 +335,7 @@ class MeasureLines(_Measurer):
                 yield from self._measure(path, batch, tallies)
                 batch = []
         yield from self._measure(path, batch, tallies)
-        yield from self._counted(path, tallies, before)
+        yield from self._counted(path, tallies)
 
 
 def id_rank(doc: tuple) -> tuple:

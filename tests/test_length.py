@@ -252,3 +252,21 @@ def test_load_tokenizer_from_folder_and_missing_file(bpe_tokenizer_path, tmp_pat
         load_tokenizer(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not found"):
         load_tokenizer(str(tmp_path / "nope.json"))
+
+
+def test_the_counter_is_loaded_once_per_worker_thread(bpe_tokenizer_path):
+    """Issue 24 point 4: every prepare step loaded and proved the tokenizer again, with an empty cache.
+    One counter per (thread, tokenizer) now, shared by the steps of that thread; another thread gets its
+    own (a counter's caches and totals are not thread-safe)."""
+    import threading
+
+    from beam_pipelines.length import shared_counter
+
+    first = shared_counter(bpe_tokenizer_path)
+    assert shared_counter(bpe_tokenizer_path) is first
+    first.count(["a warm cache carries over to the next step"])
+    other = []
+    t = threading.Thread(target=lambda: other.append(shared_counter(bpe_tokenizer_path)))
+    t.start()
+    t.join()
+    assert other[0] is not first and other[0].count(["x y"]) == first.count(["x y"])
