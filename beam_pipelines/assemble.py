@@ -6,7 +6,7 @@
                                                         winners ─ CapToMaxExamples ─ cutoff ┼─(side)──┤
     SeedData ─ ReadSeed ─ seed parts (tmp) ────────────────────────────────────────────────┘          │
     winners within the cap + seed ids ─ smallest validation key ─(side)─┐                               │
-                                  CoGroupByKey(shard) ─ FinalizeShard ─ train/validation-SSSSS-of-NNNNN
+                                  CoGroupByKey(shard) ─ FinalizeShard ─ data/{train,validation}-SSSSS-of-NNNNN
     every step's partial statistics ─ MergePartials ─ summary (tmp)
     driver: stats.json, report.html + plots, README.md (card), manifest.json, _SUCCESS, validate, LATEST
 
@@ -32,7 +32,7 @@ import schemas
 from schemas.options import option, required
 from schemas.errors import UserError
 from schemas.keys import instruction_key, sample_key, seed_row_shard, validation_key, validation_mask
-from schemas.layout import RunLayout, shard_name
+from schemas.layout import DATA, RunLayout, shard_name
 from schemas.recipes import DEFAULT_RECIPE, gate_threshold, recorded_score_mode
 from beam_pipelines import corpus_stats, progress, recipes
 from schemas import provenance, release
@@ -279,7 +279,8 @@ def read_seed_table(path: str) -> pa.Table:
 
 class FinalizeShard(beam.DoFn):
     """Output shard k: web part minus duplicate-instruction losers and rows over the cap, plus seed
-    rows, split by hash into train/validation-SSSSS-of-NNNNN.parquet. Yields a partial."""
+    rows, split by hash into data/{train,validation}-<shard k>-of-<shards>.parquet (numbered per split by
+    the driver afterwards: schemas.release.number_splits). Yields a partial."""
 
     def __init__(self, cfg: AssembleConfig, folder: str, num_shards: int):
         self.cfg, self.folder, self.num_shards = cfg, folder, num_shards
@@ -315,7 +316,7 @@ class FinalizeShard(beam.DoFn):
         for split, mask in (("train", pc.invert(in_val)), ("validation", in_val)):
             rows = table.filter(mask)
             if rows.num_rows:  # no empty files: `datasets` cannot read a Parquet file without rows
-                path = storage.join(self.folder, shard_name(split, k, self.num_shards))
+                path = storage.join(self.folder, DATA, shard_name(split, k, self.num_shards))
                 storage.write_parquet(schemas.validate(rows, schemas.SFT, path), path)
             t = time.perf_counter()
             partial["final"] = corpus_stats.merge(partial["final"], corpus_stats.final_partial(rows, split))
@@ -493,6 +494,7 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
             summary = json.loads(storage.read_text(RunLayout.summary(tmp)))
         finally:
             storage.delete_tree(tmp)
+        release.number_splits(folder)  # each split numbered on its own, before the manifest lists them
         pipeline_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         stats = corpus_stats.release_stats(cfg, version, summary, prep_stats, sorted(skipped),

@@ -429,7 +429,7 @@ def write_card(folder: str, stats: dict, config: dict) -> str:
                    "complete generation output; their documents are not in this release.\n")
     tags = stats["tags"]
     # only splits with rows: a split pattern that matches no file is an error for `datasets`
-    splits_yaml = "\n".join(f"  - split: {s}\n    path: {s}-*.parquet" for s in ("train", "validation")
+    splits_yaml = "\n".join(f"  - split: {s}\n    path: data/{s}-*.parquet" for s in ("train", "validation")
                             if f["final"][s]) or "  []"
     sources = ["allenai/dolma"] + (["OpenAssistant/oasst1"] if (f.get("seed") or {}).get("kept") else [])
     sources_yaml = "\n".join(f"- {s}" for s in sources)
@@ -489,6 +489,22 @@ an optional system message carrying the data-source tag, the user instruction, t
 
 See `report.html` for the funnel, per-stage statistics, score and length histograms and example rows,
 and `manifest.json` for every file's checksum, the full config, the code revision and the input shards.
+
+## Loading it
+
+The data files are under `data/` (`train-SSSSS-of-NNNNN.parquet`, `validation-...`), beside this card,
+the manifest, stats and report, so any Parquet reader takes the folder `data/`:
+
+```python
+pd.read_parquet("<this folder>/data")                                  # pandas
+pyarrow.dataset.dataset("<this folder>/data")                          # pyarrow
+datasets.load_dataset("<this folder>")                                 # Hugging Face: the card's configs
+datasets.load_dataset("parquet", data_dir="<this folder>/data")        # or the files themselves
+duckdb.sql("select * from read_parquet('<this folder>/data/*.parquet')")
+```
+
+Point loaders at one release, never at the run's `sft/` folder (it holds every release, and `LATEST`
+names the newest: `ROOT/sft/$(cat ROOT/sft/LATEST)/data`).
 
 ## Training on it
 

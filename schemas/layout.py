@@ -43,6 +43,7 @@ NIGHT = "_night.json"
 LOCK = "_lock"
 STATS = "stats.json"
 LATEST = "LATEST"
+DATA = "data"      # a release's data files: sft/<version>/data/{train,validation}-SSSSS-of-NNNNN.parquet
 _SHARD = re.compile(r"^(?P<prefix>[a-z_]+)-(?P<shard>\d{5})-of-(?P<num>\d{5})\.(?P<ext>[a-z.]+)$")
 
 

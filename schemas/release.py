@@ -1,6 +1,8 @@
 """The handoff to training teams: a versioned release folder, its manifest, and its validation.
 
-    ROOT/sft/<version>/train-SSSSS-of-NNNNN.parquet, validation-SSSSS-of-NNNNN.parquet
+    ROOT/sft/<version>/data/train-SSSSS-of-NNNNN.parquet, data/validation-SSSSS-of-NNNNN.parquet
+                      (each split numbered on its own: `number_splits`; older releases hold them
+                      beside the card, and validate and load the same way: the manifest lists paths)
                       stats.json, report.html, plots/*.png, README.md (dataset card)
                       manifest.json   every other file: size, sha256, rows; schema version; config;
                                       code revision; input lineage
@@ -34,7 +36,7 @@ import schemas
 import storage
 from schemas.errors import UserError
 from schemas.options import option
-from schemas.layout import LATEST, SFT, TMP, RunLayout, parse_shard_name
+from schemas.layout import DATA, LATEST, SFT, TMP, RunLayout, parse_shard_name, shard_name
 
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
@@ -88,6 +90,25 @@ def sha256_of(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def number_splits(folder: str) -> dict[str, int]:
+    """The data files under `folder/data/`, written per output shard as `<split>-<shard>-of-<shards>`,
+    renamed so that each split is numbered on its own (`validation-00000-of-00001`, not the train
+    shard's index): in shard order, before the manifest lists them. Returns the files per split."""
+    data = storage.join(folder, DATA)
+    by_split: dict[str, list[tuple[int, str]]] = {}
+    for path in storage.list_files(data):
+        parsed = parse_shard_name(path)
+        if parsed and parsed[0] in SPLITS:
+            by_split.setdefault(parsed[0], []).append((parsed[1], path))
+    for split, items in by_split.items():
+        items.sort()
+        for i, (_, path) in enumerate(items):
+            target = storage.join(data, shard_name(split, i, len(items)))
+            if target != path:  # names of another count never collide with the shard names
+                storage.rename(path, target)
+    return {split: len(items) for split, items in by_split.items()}
 
 
 def parquet_rows(path: str) -> int:

@@ -326,6 +326,20 @@ def write_text(path: str, text: str) -> None:
 
 
 @_gcs_errors
+def rename(src: str, dst: str) -> None:
+    """Moves a file within one store: an atomic rename locally; on GCS a server-side copy, then the
+    delete of the source (a kill in between leaves both, never neither)."""
+    if is_gcs(src):
+        blob = _blob(src)
+        bucket, name = _split_gcs(dst)
+        blob.bucket.copy_blob(blob, gcs_client().bucket(bucket), name, retry=_retry())
+        blob.delete()
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    os.replace(src, dst)
+
+
+@_gcs_errors
 def delete(path: str) -> None:
     if is_gcs(path):
         blob = _blob(path)

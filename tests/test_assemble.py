@@ -1,6 +1,7 @@
 """bft assemble: the recipes on literal generation shards, curation, seed mixing, statistics, the
 versioned release (manifest, _SUCCESS, LATEST) and `bft validate`, locally and on GCS."""
 import json
+import shutil
 import os
 
 import datasets
@@ -128,8 +129,9 @@ def read_release(root, version=None):
     folder = release.resolve(os.path.join(root, "sft")) if version is None else os.path.join(root, "sft", version)
     splits = {}
     for split in ("train", "validation"):
-        files = sorted(f for f in os.listdir(folder) if f.startswith(split))
-        frames = [pd.read_parquet(os.path.join(folder, f)) for f in files]
+        data = os.path.join(folder, "data") if os.path.isdir(os.path.join(folder, "data")) else folder
+        files = sorted(f for f in os.listdir(data) if f.startswith(split))
+        frames = [pd.read_parquet(os.path.join(data, f)) for f in files]
         splits[split] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=schemas.SFT.names)
     return folder, splits
 
@@ -229,22 +231,25 @@ def test_assemble_publishes_a_complete_release(root, tmp_path):
 
     manifest = json.loads(open(os.path.join(folder, "manifest.json")).read())
     listed = {e["path"] for e in manifest["files"]}
-    assert {"train-00000-of-00002.parquet", "validation-00001-of-00002.parquet", "stats.json", "report.html",
+    assert {"data/train-00000-of-00002.parquet", "stats.json", "report.html",
             "README.md", "plots/funnel.png", "plots/scores.png"} <= listed
+    # each split numbered on its own (issue 21): the validation files are 0..n-1 of their own count
+    val = sorted(p for p in listed if p.startswith("data/validation-"))
+    assert val == [f"data/validation-{i:05d}-of-{len(val):05d}.parquet" for i in range(len(val))]
     assert manifest["counts"] == {"train": len(splits["train"]), "validation": len(splits["validation"])}
     assert manifest["config"]["recipe"] == "filter+rewrite" and manifest["code_revision"]
     assert len(manifest["inputs"]["generations"]["rewrite"]) == 2 and manifest["inputs"]["seed_data"]["path"] == seed
     assert os.path.exists(os.path.join(folder, "_SUCCESS"))
     card = open(os.path.join(folder, "README.md")).read()
-    assert card.startswith("---\npretty_name: ") and "\nlicense: odc-by\n" in card and "path: train-*.parquet" in card
+    assert card.startswith("---\npretty_name: ") and "\nlicense: odc-by\n" in card and "path: data/train-*.parquet" in card
     assert "<img src=\"plots/funnel.png\"" in open(os.path.join(folder, "report.html")).read()
     assert not os.path.exists(os.path.join(root, "sft", "_tmp")) or not os.listdir(os.path.join(root, "sft", "_tmp"))
 
     # the files load in pyarrow, pandas and datasets, and match the sft schema
-    ds = datasets.load_dataset("parquet", data_files={"train": os.path.join(folder, "train-*.parquet"),
-                                                      "validation": os.path.join(folder, "validation-*.parquet")})
+    ds = datasets.load_dataset("parquet", data_files={"train": os.path.join(folder, "data", "train-*.parquet"),
+                                                      "validation": os.path.join(folder, "data", "validation-*.parquet")})
     assert ds["train"].num_rows == len(splits["train"]) and ds["train"][0]["messages"][1]["role"] == "user"
-    assert pq.read_table(os.path.join(folder, "train-00000-of-00002.parquet")).schema.metadata[b"bft.kind"] == b"sft"
+    assert pq.read_table(os.path.join(folder, "data", "train-00000-of-00002.parquet")).schema.metadata[b"bft.kind"] == b"sft"
 
 
 def test_rerun_is_a_no_op_and_releases_are_never_overwritten(root):
@@ -261,10 +266,10 @@ def test_rerun_is_a_no_op_and_releases_are_never_overwritten(root):
 
 def test_debris_of_a_failed_run_is_cleared(root):
     folder = os.path.join(root, "sft", "v1")
-    os.makedirs(folder)
-    open(os.path.join(folder, "train-00000-of-00009.parquet"), "w").write("half a file")
+    os.makedirs(os.path.join(folder, "data"))
+    open(os.path.join(folder, "data", "train-00000-of-00009.parquet"), "w").write("half a file")
     run(root, version="v1")
-    assert "train-00000-of-00009.parquet" not in os.listdir(folder)
+    assert "train-00000-of-00009.parquet" not in os.listdir(os.path.join(folder, "data"))
     release.validate(folder)
 
 
@@ -299,12 +304,12 @@ def test_validate_finds_every_kind_of_damage(root, capsys):
     run(root, version="v1")
     folder = os.path.join(root, "sft", "v1")
     assert cli.main(["validate", root]) == 0 and "valid: release v1" in capsys.readouterr().out
-    data = os.path.join(folder, "train-00000-of-00002.parquet")
+    data = os.path.join(folder, "data", "train-00000-of-00002.parquet")
     blob = bytearray(open(data, "rb").read())
     blob[len(blob) // 2] ^= 0xFF
     open(data, "wb").write(bytes(blob))
     open(os.path.join(folder, "extra.txt"), "w").write("x")
-    gone = sorted(f for f in os.listdir(folder) if f.startswith("train-"))[-1]
+    gone = "data/" + sorted(f for f in os.listdir(os.path.join(folder, "data")) if f.startswith("train-"))[-1]
     os.remove(os.path.join(folder, gone))
     with pytest.raises(release.ReleaseError) as e:
         release.validate(folder)
@@ -325,7 +330,7 @@ def test_assemble_on_gcs(gcs_emulator, bucket, bpe_tokenizer_path, tmp_path):
     assert storage.exists(f"{folder}/_SUCCESS") and storage.exists(f"{folder}/plots/funnel.png")
     manifest = release.validate(f"{root}/sft")
     assert manifest["counts"]["train"] + manifest["counts"]["validation"] == 4 + 5
-    table = storage.read_parquet(f"{folder}/train-00000-of-00002.parquet")
+    table = storage.read_parquet(f"{folder}/data/train-00000-of-00002.parquet")
     assert table.schema.metadata[b"bft.kind"] == b"sft"
 
 
@@ -538,3 +543,37 @@ def test_a_run_never_deletes_a_live_runs_tmp_folder(root, tmp_path):
         live.kill()
         live.wait()
     assert lock.clear_dead_folders(tmp_root) == [os.path.join(tmp_root, "live")]   # gone now: cleared
+
+
+def test_a_release_is_read_from_data_by_every_reader_and_the_old_layout_still_validates(root, tmp_path):
+    """Issue 21 point 1: `pd.read_parquet(release_dir)` failed (README.md beside the data files). The data
+    is under data/, which pandas, pyarrow.dataset and `datasets` (its own configs from the card, or the
+    folder) read as they are. A release of the old layout (data files beside the card) still validates
+    and loads: the manifest lists every file by its path, whatever the layout."""
+    import pyarrow.dataset as pads
+
+    seed = write_seed(str(tmp_path / "seed.jsonl"))
+    stats = run(root, seed_data=seed, validation_fraction=0.3, version="v1")
+    folder = os.path.join(root, "sft", "v1")
+    total = stats["funnel"]["final"]["total"]
+    assert len(pd.read_parquet(os.path.join(folder, "data"))) == total
+    assert pads.dataset(os.path.join(folder, "data")).count_rows() == total
+    by_card = datasets.load_dataset(folder)                          # README.md's configs: data/<split>-*
+    assert by_card["train"].num_rows + by_card["validation"].num_rows == total
+    by_dir = datasets.load_dataset("parquet", data_dir=os.path.join(folder, "data"))
+    assert sum(d.num_rows for d in by_dir.values()) == total
+    # the old layout: data files beside the card, listed so in the manifest
+    old = os.path.join(root, "sft", "v0")
+    shutil.copytree(folder, old)
+    for name in os.listdir(os.path.join(old, "data")):
+        os.rename(os.path.join(old, "data", name), os.path.join(old, name))
+    os.rmdir(os.path.join(old, "data"))
+    manifest = json.load(open(os.path.join(old, "manifest.json")))
+    for entry in manifest["files"]:
+        entry["path"] = entry["path"].removeprefix("data/")
+    manifest["version"] = "v0"
+    storage.write_text(os.path.join(old, "manifest.json"), json.dumps(manifest))
+    storage.write_text(os.path.join(old, "_SUCCESS"), release.success_line(old))
+    assert release.validate(old)["counts"] == manifest["counts"]
+    _, tables = release.load(old)
+    assert sum(t.num_rows for t in tables.values()) == total

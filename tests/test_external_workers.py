@@ -147,4 +147,5 @@ def test_assemble_with_a_job_server_and_an_external_worker_pool(external_workers
         assemble.run(AssembleConfig(root=roots[name], seed_data=seed, validation_fraction=0.3, version="v1"), args)
     files = same_files(os.path.join(roots["local"], "sft", "v1"), os.path.join(roots["ext"], "sft", "v1"),
                        roots["local"], roots["ext"])
-    assert {"train-00000-of-00002.parquet", "validation-00001-of-00002.parquet", "stats.json"} <= set(files)
+    assert {"data/train-00000-of-00002.parquet", "stats.json"} <= set(files)
+    assert any(f.startswith("data/validation-00000-of-") for f in files)
