@@ -504,7 +504,7 @@ duckdb.sql("select * from read_parquet('<this folder>/data/*.parquet')")
 ```
 
 Point loaders at one release, never at the run's `sft/` folder (it holds every release, and `LATEST`
-names the newest: `ROOT/sft/$(cat ROOT/sft/LATEST)/data`).
+names the newest: `bft latest ROOT` prints its data folder).
 
 ## Training on it
 

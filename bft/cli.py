@@ -1,7 +1,7 @@
 """`bft`: the one entry point, and the roof of the code: the verb table, one config loader
 (`bft.config`), and one error path (a `UserError` is one line and exit 1; a usage error exit 2).
 
-    bft prepare | generate STAGE | assemble | validate | seed | train | eval generate|judge
+    bft prepare | generate STAGE | assemble | validate | latest | seed | train | eval generate|judge
 
 Every verb takes its options as flags or from a run file (`--config FILE`: the verb's section, see
 bft.config). Beam verbs (prepare, assemble) pass the flags that Beam's PipelineOptions knows to Beam
@@ -95,6 +95,13 @@ def _validate(cfg, beam_args, run_file) -> int:
     return 0
 
 
+def _latest(cfg, beam_args, run_file) -> int:
+    from schemas import release
+
+    print(release.latest_data(cfg.path, check=cfg.verify))
+    return 0
+
+
 def _seed(cfg, beam_args, run_file) -> int:
     from training import seed
 
@@ -170,6 +177,8 @@ VERBS = {v.name: v for v in [
          "beam_pipelines.assemble:AssembleConfig", _assemble, beam=True),
     Verb("validate", "re-check a release: manifest, checksums, schemas, row counts, unique ids (exit 1 if not)",
          "schemas.release:ValidateConfig", _validate, positional=("path",)),
+    Verb("latest", "print the data folder of the release ROOT/sft/LATEST names, for loaders",
+         "schemas.release:LatestConfig", _latest, positional=("path",)),
     Verb("seed", "the seed pairs: first turns of OpenAssistant oasst1 trees", "training.seed:SeedConfig", _seed),
     Verb("train", "fine-tune the backward, forward or SFT model (transformers' Trainer)",
          "training.train:TrainConfig", _train),

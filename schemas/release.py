@@ -64,6 +64,36 @@ class ValidateConfig:
             raise ReleaseError("give a release folder or --root")
 
 
+@dataclass
+class LatestConfig:
+    """The options of `bft latest`: the data folder of the release a run root's sft/LATEST names, for
+    loaders (`pd.read_parquet("$(bft latest ROOT)")`; in Python `schemas.release.latest_data(ROOT)`)."""
+
+    path: str | None = option(None, "a run root (or ROOT/sft, or a release folder)")
+    verify: bool = option(False, "validate the release first (sizes, checksums, schemas): exit 1 if it is not valid")
+
+    def check(self) -> None:
+        if not self.path:
+            raise ReleaseError("give a run root: bft latest ROOT")
+
+
+def latest_data(path: str, check: bool = False) -> str:
+    """The folder a loader reads: `<release>/data` of the release PATH names (through sft/LATEST), or the
+    release folder itself for a release of the older layout (data files beside the card). It must be
+    published (`_SUCCESS`); with `check` it is validated in full."""
+    folder = resolve(path)
+    if not storage.exists(storage.join(folder, MANIFEST)):
+        raise ReleaseError(f"{path}: no published release (no sft/LATEST naming one, and not a release folder)")
+    if check:
+        validate(folder)
+    elif not storage.exists(storage.join(folder, SUCCESS)):
+        raise ReleaseError(f"{folder}: {SUCCESS} missing: the release is incomplete")
+    data = storage.join(folder, DATA)
+    manifest = json.loads(storage.read_text(storage.join(folder, MANIFEST)))
+    in_data = any(str(f.get("path", "")).startswith(DATA + "/") for f in manifest.get("files") or [])
+    return data if in_data else folder
+
+
 def config_hash(config: dict, lineage: dict) -> str:
     """Short hash of what determines the release's content: the config and the input files."""
     blob = json.dumps({"config": config, "inputs": lineage}, sort_keys=True, default=str).encode()

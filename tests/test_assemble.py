@@ -577,3 +577,19 @@ def test_a_release_is_read_from_data_by_every_reader_and_the_old_layout_still_va
     assert release.validate(old)["counts"] == manifest["counts"]
     _, tables = release.load(old)
     assert sum(t.num_rows for t in tables.values()) == total
+
+
+def test_bft_latest_prints_the_data_folder_of_the_latest_release(root, tmp_path, capsys):
+    """Issue 21 point 2: one line per reader resolves sft/LATEST; `bft latest ROOT` prints the data path
+    (shell: `pd.read_parquet("$(bft latest ROOT)")`; Python: schemas.release.latest_data(ROOT))."""
+    from bft import cli
+
+    assert cli.main(["latest", root]) == 1 and "no published release" in capsys.readouterr().err
+    run(root, version="v1")
+    assert cli.main(["latest", root, "--verify"]) == 0
+    data = capsys.readouterr().out.strip()
+    assert data == os.path.join(root, "sft", "v1", "data") == release.latest_data(os.path.join(root, "sft"))
+    assert len(pd.read_parquet(data)) == sum(json.load(open(os.path.join(root, "sft", "v1", "manifest.json")))
+                                             ["counts"].values())
+    os.remove(os.path.join(root, "sft", "v1", "_SUCCESS"))
+    assert cli.main(["latest", root]) == 1 and "_SUCCESS missing" in capsys.readouterr().err

@@ -39,7 +39,7 @@ def test_help_and_version_go_to_stdout(capsys):
 
 
 @pytest.mark.parametrize("verb", ["prepare", "generate", "generate backtranslate", "generate score",
-                                  "generate rewrite", "generate distill", "generate rate", "assemble", "validate",
+                                  "generate rewrite", "generate distill", "generate rate", "assemble", "validate", "latest",
                                   "seed", "train", "eval generate", "eval judge", "rebuild", "plan"])
 def test_every_verb_and_stage_has_help(capsys, verb):
     """Each verb's --help prints its options (a help text with a literal % once crashed argparse)."""
