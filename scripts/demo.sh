@@ -52,4 +52,5 @@ LATEST=$(cat "$ROOT/sft/LATEST")
 echo
 echo "published release: $ROOT/sft/$LATEST  (manifest.json, README.md card, train/validation Parquet)"
 echo "report: $ROOT/sft/$LATEST/report.html"
+echo "data for loaders (bft latest): $($BIN/bft latest "$ROOT" --verify)"
 echo "tiny random models write nonsense: the point is that every stage runs and accounts for every row."
