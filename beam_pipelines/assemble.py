@@ -34,7 +34,7 @@ from schemas.errors import UserError
 from schemas.keys import instruction_key, sample_key, seed_row_shard, validation_key, validation_mask
 from schemas.layout import DATA, RunLayout, shard_name
 from schemas.recipes import DEFAULT_RECIPE, gate_threshold, recorded_score_mode
-from beam_pipelines import corpus_stats, progress, recipes
+from beam_pipelines import changes, corpus_stats, progress, recipes
 from schemas import provenance, release
 import storage
 from beam_pipelines.options import configure_process, pipeline_options
@@ -499,6 +499,15 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
         t1 = time.perf_counter()
         stats = corpus_stats.release_stats(cfg, version, summary, prep_stats, sorted(skipped),
                                            sum(skipped.values()), _stage_models(cfg, shards))
+        # what changed since the release LATEST names now (the parent), and the alerts (beam_pipelines/changes.py)
+        parent = storage.read_text(layout.latest).strip() if storage.exists(layout.latest) else None
+        parent = parent if parent and parent != version and release._VERSION.match(parent) else None
+        parent_folder = layout.release(parent) if parent else None
+        if parent_folder and not storage.exists(storage.join(parent_folder, release.SUCCESS)):
+            parent_folder = None
+        stats["parent"] = parent
+        stats["changes"] = changes.changes(parent_folder, parent, folder, stats)
+        stats["alerts"] = changes.alerts(stats, stats["changes"], cfg.validation_fraction)
         stats["timing"] = {"pipeline_s": round(pipeline_s, 3),
                            "stats_in_pipeline_worker_s": round(summary.get("timing", {}).get("stats_s", 0.0), 3),
                            "pipeline_worker_s": round(summary.get("timing", {}).get("work_s", 0.0), 3)}

@@ -305,6 +305,35 @@ _WEB_URL = re.compile(r"https?://[^\s\x00-\x1f]+\Z", re.IGNORECASE)
 CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 
+def _changes_html(stats: dict) -> str:
+    """The alerts and what changed since the parent release (beam_pipelines/changes.py), at the head."""
+    out = []
+    alerts = stats.get("alerts") or []
+    if alerts:
+        out.append("<h2 class=warn>Alerts</h2><ul class=warn>" + "".join(f"<li>{html.escape(a)}</li>" for a in alerts)
+                   + "</ul>")
+    diff = stats.get("changes") or {}
+    if not diff.get("parent"):
+        out.append("<p class=note>No parent release (the first release of this root).</p>")
+    elif diff.get("error"):
+        out.append(f"<p class=note>Parent {html.escape(diff['parent'])}: {html.escape(diff['error'])}</p>")
+    else:
+        rows = [[o, v["added"], v["removed"], v["kept"]] for o, v in diff["examples"].items()]
+        shares = [["kept share (web examples / candidates)", _pct_of(diff["kept_share"]["parent"]),
+                   _pct_of(diff["kept_share"]["now"])],
+                  ["transient failures and refusals / requests", _pct_of(diff["error_share"]["parent"]),
+                   _pct_of(diff["error_share"]["now"])]]
+        shares += [[f"{s} pass rate", _pct_of(r["parent"]), _pct_of(r["now"])] for s, r in diff["pass_rates"].items()]
+        out.append(f"<h2>What changed since {html.escape(diff['parent'])}</h2>"
+                   + _table(["origin", "examples added", "removed", "kept"], rows)
+                   + _table(["measure", html.escape(diff["parent"]), "now"], shares))
+    return "\n".join(out)
+
+
+def _pct_of(share) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
 def _examples_html(stats: dict) -> str:
     ex = stats.get("examples") or {"kept": [], "dropped": {}}
     kept = "".join(f"<tr><td>{_fmt(e['id'])}</td><td class=t>{_fmt(e['instruction'])}</td>"
@@ -369,6 +398,7 @@ td:first-child{{text-align:left}}td.t{{text-align:left;white-space:pre-wrap;max-
 ({f['final']['train']:,} train, {f['final']['validation']:,} validation).
 Dataset card: <a href="README.md">README.md</a>; files and checksums: <a href="manifest.json">manifest.json</a>;
 all numbers: <a href="stats.json">stats.json</a>.</p>{partial}
+{_changes_html(stats)}
 <h2>Provenance</h2>
 <p>Code revision <code>{_fmt(stats.get('code_revision'))}</code>; finished {_fmt(stats.get('finished_at'))}.</p>
 {_table(['stage', 'model'], models)}

@@ -293,7 +293,8 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
     result = {"night": night.record, "release": {"version": stats["version"], "published": not stats.get("reused"),
                                                  "folder": folder, "train": f["final"]["train"],
                                                  "validation": f["final"]["validation"]},
-              "changes": release_changes(plan.root, previous, stats["version"])}
+              "changes": release_changes(plan.root, previous, stats["version"]),
+              "alerts": stats.get("alerts") or []}
     if cfg.format == "json":
         print(json.dumps(result, indent=2))
     else:
@@ -316,47 +317,25 @@ def _latest(root: str) -> str | None:
     return storage.read_text(path).strip() if storage.exists(path) else None
 
 
-def _release_view(root: str, version: str) -> dict:
-    """{ids by origin, kept share, error share, sent} of a published release (its data files' id and
-    origin columns, and its stats.json)."""
-    from beam_pipelines.corpus_stats import RELEASE_STATS
-    from schemas.outcomes import ENGINE_ERROR, REFUSALS
-    from schemas import release
-
-    folder = release.release_dir(root, version)
-    manifest = json.loads(storage.read_text(storage.join(folder, release.MANIFEST)))
-    ids: dict[str, set] = {}
-    for entry in manifest["files"]:
-        if entry.get("split"):
-            table = storage.read_parquet(storage.join(folder, entry["path"]), ["id", "origin"])
-            for i, origin in zip(table["id"].to_pylist(), table["origin"].to_pylist()):
-                ids.setdefault(origin, set()).add(i)
-    stats = json.loads(storage.read_text(storage.join(folder, RELEASE_STATS)))
-    funnel, sent, failed = stats.get("funnel") or {}, 0, 0
-    for stage in (stats.get("stages") or {}).values():
-        sent += stage.get("sent", 0)
-        failed += sum((stage.get("sent_failures") or {}).get(k, 0) for k in (ENGINE_ERROR, *REFUSALS))
-    return {"ids": ids, "kept_share": (funnel.get("web_examples", 0) / funnel["candidates"])
-            if funnel.get("candidates") else None, "error_share": failed / sent if sent else None}
-
-
 def release_changes(root: str, previous: str | None, version: str) -> dict:
     """How release `version` differs from `previous` (LATEST before this night): examples added,
-    removed and kept by origin, the kept share (web examples / candidates) and the error share
-    (transient failures and refusals / requests, over the stages the release was made from)."""
+    removed and kept by origin, the kept share, the error share and the stages' pass rates
+    (beam_pipelines.changes, the same comparison the release's own report shows against its parent)."""
+    from beam_pipelines import changes
+    from beam_pipelines.corpus_stats import RELEASE_STATS
+    from schemas import release
+
     if previous is None or previous == version:
         return {"previous": previous, "same_release": previous == version}
+    folder = release.release_dir(root, version)
     try:
-        old, new = _release_view(root, previous), _release_view(root, version)
-    except (OSError, ValueError, KeyError) as e:
-        return {"previous": previous, "error": f"the previous release cannot be read: {e}"}
-    by_origin = {}
-    for origin in sorted(set(old["ids"]) | set(new["ids"])):
-        a, b = old["ids"].get(origin, set()), new["ids"].get(origin, set())
-        by_origin[origin] = {"added": len(b - a), "removed": len(a - b), "kept": len(a & b)}
-    return {"previous": previous, "same_release": False, "examples": by_origin,
-            "kept_share": {"previous": old["kept_share"], "now": new["kept_share"]},
-            "error_share": {"previous": old["error_share"], "now": new["error_share"]}}
+        stats = json.loads(storage.read_text(storage.join(folder, RELEASE_STATS)))
+    except (OSError, ValueError) as e:
+        return {"previous": previous, "error": f"the release's stats cannot be read: {e}"}
+    diff = changes.changes(release.release_dir(root, previous), previous, folder, stats)
+    if diff.get("error"):
+        return {"previous": previous, "error": diff["error"]}
+    return {"previous": previous, "same_release": False, **{k: v for k, v in diff.items() if k != "parent"}}
 
 
 def _share(x) -> str:
@@ -387,9 +366,10 @@ def night_text(result: dict) -> str:
     else:
         parts = [f"{o}: +{v['added']} -{v['removed']} ={v['kept']}" for o, v in changes["examples"].items()]
         lines.append(f"   vs {changes['previous']}: examples {'; '.join(parts) or 'none in either'}; kept share "
-                     f"{_share(changes['kept_share']['previous'])} -> {_share(changes['kept_share']['now'])}; "
-                     f"error share {_share(changes['error_share']['previous'])} -> "
+                     f"{_share(changes['kept_share']['parent'])} -> {_share(changes['kept_share']['now'])}; "
+                     f"error share {_share(changes['error_share']['parent'])} -> "
                      f"{_share(changes['error_share']['now'])}")
+    lines += [f"   ALERT: {a}" for a in result.get("alerts") or []]
     return "\n".join(lines)
 
 

@@ -129,6 +129,14 @@ def test_a_new_input_file_generates_only_for_its_documents(tmp_path, tiny_models
         assert f"vs {first_release}: examples none in either; kept share 0.0% -> 0.0%" in out, out
     stats = json.loads(open(os.path.join(root, "sft", latest, "stats.json")).read())
     assert stats["funnel"]["candidates"] == 13               # the new release holds the old and the new pairs
+    # the release records its parent; its report shows the diff and the alerts (issue 21 point 3)
+    assert stats["parent"] == first_release and stats["changes"]["parent"] == first_release
+    assert set(stats["changes"]["pass_rates"]) == {"backtranslate", "score"}
+    page = open(os.path.join(root, "sft", latest, "report.html")).read()
+    assert f"What changed since {first_release}" in page and "pass rate" in page
+    validation = stats["funnel"]["final"]["validation"]
+    assert (validation < 100) == any(a.startswith("validation split:") for a in stats["alerts"])
+    assert all(f"ALERT: {a}" in out for a in stats["alerts"]) and ("<h2 class=warn>Alerts" in page) == bool(stats["alerts"])
     assert not os.path.exists(os.path.join(root, "candidates", "_prior"))
 
     os.remove(str(tmp_path / "dolma" / "documents" / "cc_en_head" / "a00.json.gz"))  # a file leaves

@@ -261,3 +261,16 @@ def test_report_renders_in_headless_chromium(published, tmp_path):
     img = Image.open(out)
     assert img.width == 640 and img.height > 600            # the whole page, not a blank window
     assert len(img.getcolors(256 * 256) or []) > 20         # text, tables and plots drawn
+
+
+def test_alerts_fire_on_a_small_validation_split_errors_and_a_moved_pass_rate():
+    from beam_pipelines import changes
+
+    stats = {"funnel": {"final": {"validation": 1, "total": 47}, "candidates": 120, "web_examples": 39},
+             "stages": {"score": {"sent": 40, "pass_rate": 0.9, "sent_failures": {"engine_error": 3, "content_filter": 1}}}}
+    diff = {"parent": "v1", "pass_rates": {"score": {"parent": 0.5, "now": 0.9}}}
+    found = changes.alerts(stats, diff, 0.02)
+    assert found[0].startswith("validation split: 1 example(s), under the floor of 100")
+    assert "transient failures and refusals: 10.0% of the requests sent" in found[1]
+    assert "score pass rate moved 50.0% -> 90.0% since the parent v1" in found[2]
+    assert changes.alerts(stats, {}, 0.0)[0].startswith("transient")   # no validation split asked: no alert

@@ -1,0 +1,90 @@
+"""What changed since the parent release, and the alerts a data team wants before training on a release.
+
+The parent is the release sft/LATEST named when this one was built. A release records it in stats.json
+(`parent`), with `changes` (examples added / removed / kept by origin, by id; the kept share, the
+error share and each stage's pass rate, parent -> now) and `alerts`. The report shows both at its head,
+and `bft rebuild`'s night summary prints the alerts.
+
+Alerts (defaults; the thresholds are module constants, not part of a release's config):
+- the validation split holds fewer than VALIDATION_FLOOR examples while --validation-fraction > 0
+  (evaluation on a handful of examples is noise; the demo's 1-example split fires it);
+- transient failures and refusals over MAX_ERROR_SHARE of the requests sent;
+- a stage's pass rate moved more than MAX_PASS_RATE_MOVE points from the parent's.
+"""
+from __future__ import annotations
+
+import json
+
+import storage
+from schemas.layout import DATA
+from schemas.outcomes import ENGINE_ERROR, REFUSALS
+
+VALIDATION_FLOOR = 100
+MAX_ERROR_SHARE = 0.05
+MAX_PASS_RATE_MOVE = 10.0  # percentage points
+STATS = "stats.json"
+
+
+def release_ids(folder: str) -> dict[str, set[str]]:
+    """{origin: ids} of a release folder's data files (data/, or beside the card in older releases)."""
+    ids: dict[str, set[str]] = {}
+    data = storage.join(folder, DATA)
+    files = [p for p in storage.list_files(data) if p.endswith(".parquet")] or [
+        p for p in storage.list_files(folder) if p.rsplit("/", 1)[-1].startswith(("train-", "validation-"))
+        and p.endswith(".parquet")]
+    for path in files:
+        table = storage.read_parquet(path, ["id", "origin"])
+        for i, origin in zip(table["id"].to_pylist(), table["origin"].to_pylist()):
+            ids.setdefault(origin, set()).add(i)
+    return ids
+
+
+def shares(stats: dict) -> dict:
+    """The kept share (web examples / candidates), the error share (transient failures and refusals /
+    requests sent, over the stages) and each stage's pass rate, of a release's stats."""
+    funnel, sent, failed = stats.get("funnel") or {}, 0, 0
+    for stage in (stats.get("stages") or {}).values():
+        sent += stage.get("sent", 0)
+        failed += sum((stage.get("sent_failures") or {}).get(k, 0) for k in (ENGINE_ERROR, *REFUSALS))
+    return {"kept_share": funnel.get("web_examples", 0) / funnel["candidates"] if funnel.get("candidates") else None,
+            "error_share": failed / sent if sent else None,
+            "pass_rates": {s: v.get("pass_rate") for s, v in (stats.get("stages") or {}).items()}}
+
+
+def changes(parent_folder: str | None, parent: str | None, folder: str, stats: dict) -> dict:
+    """How the release in `folder` (its `stats`) differs from its parent's folder."""
+    if not parent or not parent_folder:
+        return {"parent": None}
+    try:
+        old_stats = json.loads(storage.read_text(storage.join(parent_folder, STATS)))
+        old_ids, new_ids = release_ids(parent_folder), release_ids(folder)
+    except (OSError, ValueError, KeyError) as e:
+        return {"parent": parent, "error": f"the parent release cannot be read: {e}"}
+    by_origin = {}
+    for origin in sorted(set(old_ids) | set(new_ids)):
+        a, b = old_ids.get(origin, set()), new_ids.get(origin, set())
+        by_origin[origin] = {"added": len(b - a), "removed": len(a - b), "kept": len(a & b)}
+    old, new = shares(old_stats), shares(stats)
+    return {"parent": parent, "examples": by_origin,
+            "kept_share": {"parent": old["kept_share"], "now": new["kept_share"]},
+            "error_share": {"parent": old["error_share"], "now": new["error_share"]},
+            "pass_rates": {s: {"parent": old["pass_rates"].get(s), "now": r} for s, r in new["pass_rates"].items()}}
+
+
+def alerts(stats: dict, diff: dict, validation_fraction: float) -> list[str]:
+    """The alerts of a release (module docstring), as one line each."""
+    out = []
+    val = (stats.get("funnel") or {}).get("final", {}).get("validation", 0)
+    if validation_fraction > 0 and val < VALIDATION_FLOOR:
+        total = (stats.get("funnel") or {}).get("final", {}).get("total", 0)
+        out.append(f"validation split: {val} example(s), under the floor of {VALIDATION_FLOOR} (--validation-fraction "
+                   f"{validation_fraction:g} of {total} examples); evaluate on a larger split")
+    error = shares(stats)["error_share"]
+    if error is not None and error > MAX_ERROR_SHARE:
+        out.append(f"transient failures and refusals: {100 * error:.1f}% of the requests sent (over "
+                   f"{100 * MAX_ERROR_SHARE:g}%)")
+    for stage, r in (diff.get("pass_rates") or {}).items():
+        if r["parent"] is not None and r["now"] is not None and abs(r["now"] - r["parent"]) * 100 > MAX_PASS_RATE_MOVE:
+            out.append(f"{stage} pass rate moved {100 * r['parent']:.1f}% -> {100 * r['now']:.1f}% since the parent "
+                       f"{diff['parent']} (over {MAX_PASS_RATE_MOVE:g} points)")
+    return out
