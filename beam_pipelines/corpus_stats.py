@@ -189,10 +189,15 @@ def _cut(values: list) -> list:
     return [v if v is None or len(v) <= TEXT_CHARS else v[:TEXT_CHARS] + " [...]" for v in values]
 
 
-def example_rows(table: pa.Table, instruction, response, reason=None, detail=None) -> list[tuple[str, dict]]:
+def example_rows(table: pa.Table, instruction, response, reason=None, detail=None, source=None,
+                 raw=None) -> list[tuple[str, dict]]:
     """(id, example) pairs for the report: id, instruction, response (cut), score, url, reason and
-    the failing stage's parse error. Columns may be arrays of `table`'s length or None."""
+    the failing stage's parse error, the source document's excerpt and (a dropped row) what the failing
+    stage's model wrote. Columns may be arrays of `table`'s length or None."""
+    n = table.num_rows
     cols = {"id": table["id"].to_pylist(),
+            "source": _cut(source.to_pylist()) if source is not None else [None] * n,
+            "raw_output": _cut(raw.to_pylist()) if raw is not None else [None] * n,
             "instruction": _cut(instruction.to_pylist()), "response": _cut(response.to_pylist()),
             "score": table["score"].to_pylist() if "score" in table.column_names else [None] * table.num_rows,
             "url": table["url"].to_pylist() if "url" in table.column_names else [None] * table.num_rows,
@@ -208,17 +213,25 @@ def example_partial(joined: pa.Table, reason: pa.Array, instruction, response, g
     table = joined.select(["id", "url"])
     if gate:
         table = table.append_column("score", joined[f"{gate}.score"])
-    # the first stage error in pipeline order: what made a `<stage>:<category>` drop
+    # the first stage error in pipeline order: what made a `<stage>:<category>` drop, and what that
+    # stage's model wrote (its raw output)
     detail = pa.nulls(joined.num_rows, pa.string())
+    raw = pa.nulls(joined.num_rows, pa.string())
     for stage in stages:
+        failed_here = pc.and_(pc.is_null(detail), pc.is_valid(joined[f"{stage}.parse_error"]))
+        if f"{stage}.raw_output" in joined.column_names:
+            raw = pc.if_else(failed_here, joined[f"{stage}.raw_output"], raw)
         detail = pc.coalesce(detail, joined[f"{stage}.parse_error"])
+    source = joined["text"] if "text" in joined.column_names else None
 
     def first(mask, k: int, with_reason: bool) -> Smallest:
         # joined is sorted by id: the first k rows of a mask are its k smallest ids
         idx = pc.indices_nonzero(pc.fill_null(mask, False)).slice(0, k)
         return Smallest(k, example_rows(table.take(idx), instruction.take(idx), response.take(idx),
                                         reason.take(idx) if with_reason else None,
-                                        detail.take(idx) if with_reason else None))
+                                        detail.take(idx) if with_reason else None,
+                                        source.take(idx) if source is not None else None,
+                                        raw.take(idx) if with_reason else None))
 
     return {"kept": first(pc.is_null(reason), KEPT_EXAMPLES, False),
             "dropped": {r: first(pc.equal(reason, r), EXAMPLES_PER_REASON, True)

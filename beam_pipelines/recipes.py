@@ -30,7 +30,8 @@ from schemas.examples import SEED_TAG, WEB_TAG, examples, messages_column  # noq
 ALL_STAGES = list(STAGES)
 
 # The columns each stage contributes to the join, renamed `<stage>.<column>`.
-STAGE_COLUMNS = ["instruction", "score", "response", "parse_error", "finish_reason", "input_truncated"]
+STAGE_COLUMNS = ["instruction", "score", "response", "parse_error", "finish_reason", "input_truncated",
+                 "raw_output"]   # raw_output: what a dropped row's model wrote, for the report
 
 
 @dataclass(frozen=True)

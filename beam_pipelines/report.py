@@ -198,9 +198,12 @@ def plots(stats: dict) -> dict[str, bytes]:
     values = [s["rows"] for s in steps][::-1]
     colors = ["#7a7" if s["step"].startswith("split") else "#48a" for s in steps][::-1]
     ax.barh(labels, values, color=colors)
-    nonzero = [v for v in values if v]
-    if nonzero and max(nonzero) > 100 * min(nonzero):  # Dolma records vs a small release: log scale
-        ax.set_xscale("log")
+    # a linear scale: bar lengths compare as the counts do (a log scale made 169 and 120 look equal);
+    # every bar carries its count and share
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="#48a", label="rows left after the step"),
+                       Patch(color="#7a7", label="rows in a released split")], fontsize=8, loc="lower right")
     for y, s in enumerate(steps[::-1]):
         pct = s["pct_input"] if s["pct_input"] is not None else s["pct_candidates"]
         ax.text(max(s["rows"], 1), y, f" {s['rows']:,}" + (f" ({pct:g}%)" if pct is not None else ""),
@@ -219,8 +222,9 @@ def plots(stats: dict) -> dict[str, bytes]:
     for ax, (stage, dist) in zip(axes[0], sorted(dists.items())):
         labels, kept, dropped = score_bars(dist)
         x = range(len(labels))
-        ax.bar(x, kept, color="#48a", label="kept")
-        ax.bar(x, dropped, bottom=kept, color="#c44", label="dropped")
+        ax.bar(x, kept, color="#48a", label="kept in the release")
+        ax.bar(x, dropped, bottom=kept, color="#c44",
+               label="dropped: below the gate, or later (curation, a failed answer)")
         if dist["non_integer"] == 0:
             ax.set_xticks(list(x), labels)
         else:  # 0.1-wide bins: bin 10*v starts at score v
@@ -337,16 +341,21 @@ def _pct_of(share) -> str:
 def _examples_html(stats: dict) -> str:
     ex = stats.get("examples") or {"kept": [], "dropped": {}}
     kept = "".join(f"<tr><td>{_fmt(e['id'])}</td><td class=t>{_fmt(e['instruction'])}</td>"
+                   f"<td class=t>{_fmt(e.get('source'))}</td>"
                    f"<td class=t>{_fmt(e['response'])}</td><td>{_fmt(e['score'])}</td><td>{_link(e['url'])}</td></tr>"
                    for e in ex["kept"])
+    # a dropped row shows what the failing stage's model wrote when it has no usable response
     dropped = "".join(f"<tr><td>{_fmt(reason)}</td><td>{_fmt(e['id'])}</td><td class=t>{_fmt(e['instruction'])}</td>"
-                      f"<td class=t>{_fmt(e['response'])}</td><td>{_fmt(e['detail'])}</td><td>{_link(e['url'])}</td></tr>"
+                      f"<td class=t>{_fmt(e['response'] if e.get('response') is not None else e.get('raw_output'))}</td>"
+                      f"<td>{_fmt(e['detail'])}</td><td>{_link(e['url'])}</td></tr>"
                       for reason, rows in sorted(ex["dropped"].items()) for e in rows)
     return (f"<h3>Kept pairs (the smallest ids kept by the recipe and curation)</h3>"
-            f"<table class=ex><tr><th>id</th><th>instruction</th><th>response</th><th>score</th><th>source</th></tr>"
-            f"{kept or '<tr><td colspan=5>none</td></tr>'}</table>"
+            f"<table class=ex><tr><th>id</th><th>instruction</th><th>source document (excerpt)</th>"
+            f"<th>response</th><th>score</th><th>source</th></tr>"
+            f"{kept or '<tr><td colspan=6>none</td></tr>'}</table>"
             f"<h3>Dropped rows, one per reason (the smallest id)</h3>"
-            f"<table class=ex><tr><th>reason</th><th>id</th><th>instruction</th><th>response / document</th>"
+            f"<table class=ex><tr><th>reason</th><th>id</th><th>instruction</th>"
+            f"<th>response, or what the failing stage's model wrote</th>"
             f"<th>stage error</th><th>source</th></tr>{dropped or '<tr><td colspan=6>none</td></tr>'}</table>")
 
 

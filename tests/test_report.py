@@ -98,7 +98,11 @@ def test_examples_funnel_and_stages_travel_through_the_partials(published):
     assert [e["id"] for e in ex["kept"]] == ["a0", "b0", "b2", "b4", "b5"]     # kept by recipe and curation
     assert ex["kept"][0] == {"id": "a0", "instruction": "Explain the topic of document a0 please.",
                              "response": "Rewrite answer for a0.", "score": 5.0, "url": "https://example.org/a0",
-                             "reason": None, "detail": None}
+                             "reason": None, "detail": None, "raw_output": None,
+                             "source": "Document a0 is about the weather in the mountains. " * 3}
+    # a dropped row carries what the failing stage's model wrote (issue 21 point 4), shown for its output
+    no_match = ex["dropped"]["score:no_match"][0]
+    assert no_match["raw_output"] is not None and no_match["raw_output"] in open(os.path.join(folder, "report.html")).read()
     dropped = {r: [e["id"] for e in rows] for r, rows in ex["dropped"].items()}
     # the gate comes before the answering stage: a rewrite that was not sent below the gate is a gate drop
     assert dropped == {"backtranslate:echo": ["a1"], "backtranslate:engine_error": ["b1"],
