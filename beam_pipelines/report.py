@@ -20,10 +20,17 @@ import storage
 
 PLOTS = ("funnel", "scores", "lengths", "trigrams")
 
-# The paper's own figures for comparison (Nguyen et al. 2024, Table 6 lengths, Figure 3 trigrams):
-# not filled in: the numbers could not be retrieved from the sources available when this was
-# written, and are not invented. The report says so and links the paper.
+# The paper's own figures for comparison (Nguyen et al. 2024, as ../shared/PAPER.md copies them): Table 6
+# average lengths in Llama-2 tokens (instruction, response) per data variant, the score validity and the
+# score-5 share of the scored pool, and the share of the Common Crawl subset removed as too long.
+# Figure 3 (trigrams) is published as a plot only: no number to put beside ours.
 PAPER = "https://arxiv.org/abs/2408.04614"
+PAPER_TABLE6 = {"filter": ("Dolma + filtering", 69, 499), "rewrite": ("Dolma + rewriting", 58, 449),
+                "filter+rewrite": ("Dolma + filtering + rewriting", 69, 468),
+                "filter+distill": ("Dolma + filtering + distilling", 69, 567)}
+PAPER_SCORE_VALID = 0.88     # the regex-extracted score is valid (1..5) 88% of the time
+PAPER_SCORE5_SHARE = 0.136   # score 5 makes up 13.6% of the pool
+PAPER_TOO_LONG_SHARE = 0.25  # about 25% of the Common Crawl subset removed as too long
 
 
 
@@ -175,6 +182,32 @@ def diversity_rows(stats: dict) -> list[dict]:
                     "trigrams_instruction": sample.get("unique_trigrams_instruction", 0),
                     "trigrams_response": sample.get("unique_trigrams_response", 0)})
     return out
+
+
+def paper_rows(stats: dict) -> list[list]:
+    """[measure, ours, the paper's, source] wherever we measure what the paper reports."""
+    rows = []
+    web = (stats.get("by_origin") or {}).get("web")
+    row6 = PAPER_TABLE6.get(stats.get("recipe"))
+    if web and row6:
+        rows.append(["web instruction length (mean tokens)", web["avg_tokens_instruction"], row6[1], f"Table 6, {row6[0]}"])
+        rows.append(["web response length (mean tokens)", web["avg_tokens_response"], row6[2], f"Table 6, {row6[0]}"])
+    score = (stats.get("stages") or {}).get("score")
+    if score and score.get("sent"):
+        failures = sum((score.get("sent_failures") or {}).values())
+        rows.append(["score valid (1..5) among pairs scored", _pct((score["sent"] - failures) / score["sent"] * 100),
+                     _pct(PAPER_SCORE_VALID * 100), "Sec. 3 (88%)"])
+        hist = score.get("score_histogram") or []
+        if sum(hist):
+            rows.append(["score 5 among valid scores", _pct(round(100 * sum(hist[10:]) / sum(hist), 1)),
+                         _pct(PAPER_SCORE5_SHARE * 100), "Sec. 3 (13.6%)"])
+    dolma = (stats.get("funnel") or {}).get("dolma") or {}
+    dropped = dolma.get("dropped") or {}
+    head = dolma.get("input_records", 0) - dropped.get("other_split", 0)
+    if head:
+        rows.append(["head-split records removed as too long", _pct(round(100 * dropped.get("too_long", 0) / head, 1)),
+                     f"~{_pct(PAPER_TOO_LONG_SHARE * 100)}", "Sec. 3 (about 25%)"])
+    return rows
 
 
 def normalized(counts: list[int]) -> list[float]:
@@ -372,6 +405,10 @@ def write_report(folder: str, stats: dict) -> list[str]:
 
 def report_html(stats: dict) -> str:
     f = stats["funnel"]
+    tokenizer = html.escape(str((stats.get("config") or {}).get("tokenizer") or "prepare's"))
+    compared = paper_rows(stats)
+    paper = (_table(["measure", "this release", "the paper", "where"], compared) if compared
+             else "<p>Nothing this recipe measures is in the paper.</p>")
     funnel = [[s["step"], s["rows"], s["dropped"] or None, _pct(s["pct_input"]), _pct(s["pct_candidates"]),
                _kv(s["reasons"]) if s["reasons"] else "-"] for s in funnel_rows(stats)]
     stages_of_run = stage_rows(stats)  # once: it may read each model's bft_train.json
@@ -429,8 +466,12 @@ failure, or the gate of a stage that only answers pairs that passed it). The pas
 <p class=note>Length histograms are shares of each origin's examples, so origins of different sizes compare.
 Unique word trigrams (the paper's Figure 3 measure) are counted on a fixed sample of {size:,} examples per
 origin (the smallest id hashes): the raw count over a whole corpus grows with its size and says nothing
-across sizes. The paper's own figures (<a href="{PAPER}">Nguyen et al. 2024</a>, Table 6 lengths and
-Figure 3 trigrams) are not reproduced here: their numbers were not available when this report was built.</p>
+across sizes.</p>
+<h3>Beside the paper</h3>
+<p class=note>The paper's figures (<a href="{PAPER}">Nguyen et al. 2024</a>) where we measure the same thing.
+Its lengths are Llama-2 tokens; ours are counted with this run's tokenizer ({tokenizer}),
+so they compare only when that is Llama-2's. Figure 3 (trigrams) is published as a plot only.</p>
+{paper}
 {_table(['origin', 'examples', 'avg instruction tokens', 'avg response tokens',
          f'unique instruction trigrams per {size:,}', f'unique response trigrams per {size:,}', 'sample'], diversity)}
 <img src="plots/lengths.png" alt="lengths"><img src="plots/trigrams.png" alt="trigrams">

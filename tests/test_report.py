@@ -278,3 +278,18 @@ def test_alerts_fire_on_a_small_validation_split_errors_and_a_moved_pass_rate():
     assert "transient failures and refusals: 10.0% of the requests sent" in found[1]
     assert "score pass rate moved 50.0% -> 90.0% since the parent v1" in found[2]
     assert changes.alerts(stats, {}, 0.0)[0].startswith("transient")   # no validation split asked: no alert
+
+
+def test_the_paper_is_beside_us_where_we_measure_the_same(published):
+    """Issue 21 point 5: Table 6 lengths for the recipe's row, score validity, the score-5 share and
+    the share removed as too long, each with our figure and where the paper says it."""
+    folder, stats = published
+    rows = {r[0]: r for r in report.paper_rows(stats)}
+    assert rows["web instruction length (mean tokens)"][2] == 69 and rows["web response length (mean tokens)"][2] == 468
+    assert "Dolma + filtering + rewriting" in rows["web response length (mean tokens)"][3]
+    assert rows["score valid (1..5) among pairs scored"][2] == "88%"
+    assert rows["head-split records removed as too long"][2] == "~25%"
+    page = open(os.path.join(folder, "report.html")).read()
+    assert "Beside the paper" in page and "Table 6, Dolma + filtering + rewriting" in page
+    other = report.paper_rows(dict(stats, recipe="alpagasus", stages={}, by_origin={}))
+    assert [r[0] for r in other] == ["head-split records removed as too long"]   # Table 6 has no alpagasus row
