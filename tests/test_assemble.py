@@ -562,6 +562,10 @@ def test_a_release_is_read_from_data_by_every_reader_and_the_old_layout_still_va
     assert by_card["train"].num_rows + by_card["validation"].num_rows == total
     by_dir = datasets.load_dataset("parquet", data_dir=os.path.join(folder, "data"))
     assert sum(d.num_rows for d in by_dir.values()) == total
+    import duckdb
+
+    pattern = os.path.join(folder, "data", "*.parquet")
+    assert duckdb.sql(f"select count(*) from read_parquet('{pattern}')").fetchall()[0][0] == total
     # the old layout: data files beside the card, listed so in the manifest
     old = os.path.join(root, "sft", "v0")
     shutil.copytree(folder, old)
