@@ -508,6 +508,7 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
         stats["parent"] = parent
         stats["changes"] = changes.changes(parent_folder, parent, folder, stats)
         stats["alerts"] = changes.alerts(stats, stats["changes"], cfg.validation_fraction)
+        stats["trend"] = changes.trend(layout.release, parent if parent_folder else None, stats)
         stats["timing"] = {"pipeline_s": round(pipeline_s, 3),
                            "stats_in_pipeline_worker_s": round(summary.get("timing", {}).get("stats_s", 0.0), 3),
                            "pipeline_worker_s": round(summary.get("timing", {}).get("work_s", 0.0), 3)}

@@ -88,3 +88,31 @@ def alerts(stats: dict, diff: dict, validation_fraction: float) -> list[str]:
             out.append(f"{stage} pass rate moved {100 * r['parent']:.1f}% -> {100 * r['now']:.1f}% since the parent "
                        f"{diff['parent']} (over {MAX_PASS_RATE_MOVE:g} points)")
     return out
+
+
+TREND_RELEASES = 10
+
+
+def _point(stats: dict) -> dict:
+    stages = stats.get("stages") or {}
+    funnel = stats.get("funnel") or {}
+    return {"version": stats.get("version"), "examples": (funnel.get("final") or {}).get("total", 0),
+            "web_examples": funnel.get("web_examples", 0),
+            "pass_rates": {s: v.get("pass_rate") for s, v in stages.items()},
+            "output_tokens": sum(v.get("output_tokens", 0) or 0 for v in stages.values())}
+
+
+def trend(release_folder, parent: str | None, stats: dict) -> list[dict]:
+    """This release and up to TREND_RELEASES - 1 ancestors along the parent chain (each release's
+    stats.json names its parent), oldest first: examples, web examples, pass rates, output tokens.
+    `release_folder(version)` is the folder of a version."""
+    points, seen = [_point(stats)], {stats.get("version")}
+    while parent and parent not in seen and len(points) < TREND_RELEASES:
+        try:
+            older = json.loads(storage.read_text(storage.join(release_folder(parent), STATS)))
+        except (OSError, ValueError):
+            break
+        points.append(_point(older))
+        seen.add(parent)
+        parent = older.get("parent")
+    return points[::-1]

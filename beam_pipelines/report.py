@@ -296,6 +296,21 @@ def plots(stats: dict) -> dict[str, bytes]:
     if rows:
         ax.legend()
     out["trigrams"] = _png(fig)
+
+    points = stats.get("trend") or []
+    if len(points) >= 2:  # this release and its ancestors (beam_pipelines.changes.trend)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+        x = [p["version"] for p in points]
+        axes[0].plot(x, [p["examples"] for p in points], marker="o", label="examples")
+        axes[0].plot(x, [p["web_examples"] for p in points], marker="o", label="web examples")
+        axes[0].set_title("examples per release")
+        for stage in sorted({s for p in points for s in p["pass_rates"]}):
+            axes[1].plot(x, [p["pass_rates"].get(stage) for p in points], marker="o", label=f"{stage} pass rate")
+        axes[1].set_title("pass rate of each stage, per release")
+        for ax in axes:
+            ax.tick_params(axis="x", rotation=30)
+            ax.legend(fontsize=8)
+        out["trend"] = _png(fig)
     return out
 
 
@@ -445,6 +460,7 @@ td:first-child{{text-align:left}}td.t{{text-align:left;white-space:pre-wrap;max-
 Dataset card: <a href="README.md">README.md</a>; files and checksums: <a href="manifest.json">manifest.json</a>;
 all numbers: <a href="stats.json">stats.json</a>.</p>{partial}
 {_changes_html(stats)}
+{'<img src="plots/trend.png" alt="trend">' if len(stats.get("trend") or []) >= 2 else ''}
 <h2>Provenance</h2>
 <p>Code revision <code>{_fmt(stats.get('code_revision'))}</code>; finished {_fmt(stats.get('finished_at'))}.</p>
 {_table(['stage', 'model'], models)}

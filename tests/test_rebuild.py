@@ -134,6 +134,8 @@ def test_a_new_input_file_generates_only_for_its_documents(tmp_path, tiny_models
     assert set(stats["changes"]["pass_rates"]) == {"backtranslate", "score"}
     page = open(os.path.join(root, "sft", latest, "report.html")).read()
     assert f"What changed since {first_release}" in page and "pass rate" in page
+    assert [p["version"] for p in stats["trend"]] == [first_release, latest] and '<img src="plots/trend.png"' in page
+    assert os.path.getsize(os.path.join(root, "sft", latest, "plots", "trend.png")) > 0
     validation = stats["funnel"]["final"]["validation"]
     assert (validation < 100) == any(a.startswith("validation split:") for a in stats["alerts"])
     assert all(f"ALERT: {a}" in out for a in stats["alerts"]) and ("<h2 class=warn>Alerts" in page) == bool(stats["alerts"])
