@@ -65,10 +65,29 @@ def changes(parent_folder: str | None, parent: str | None, folder: str, stats: d
         a, b = old_ids.get(origin, set()), new_ids.get(origin, set())
         by_origin[origin] = {"added": len(b - a), "removed": len(a - b), "kept": len(a & b)}
     old, new = shares(old_stats), shares(stats)
-    return {"parent": parent, "examples": by_origin,
+    lengths = {}
+    for origin in sorted(set(old_stats.get("by_origin") or {}) | set(stats.get("by_origin") or {})):
+        a, b = (old_stats.get("by_origin") or {}).get(origin, {}), (stats.get("by_origin") or {}).get(origin, {})
+        lengths[origin] = {f: {"parent": a.get(f"avg_tokens_{f}"), "now": b.get(f"avg_tokens_{f}")}
+                           for f in ("instruction", "response")}
+    return {"parent": parent, "examples": by_origin, "lengths": lengths,
+            "scores": {"parent": _score_summary(old_stats), "now": _score_summary(stats)},
             "kept_share": {"parent": old["kept_share"], "now": new["kept_share"]},
             "error_share": {"parent": old["error_share"], "now": new["error_share"]},
             "pass_rates": {s: {"parent": old["pass_rates"].get(s), "now": r} for s, r in new["pass_rates"].items()}}
+
+
+def _score_summary(stats: dict) -> dict | None:
+    """The gate stage's score distribution in brief: scored rows, mean score (bin starts), share >= 5."""
+    hist = stats.get("score_histogram") or {}
+    counts, edges = hist.get("counts"), hist.get("edges")
+    if not counts or not edges or not sum(counts):
+        return None
+    starts = [0.0] + list(edges)  # bin i starts at edges[i - 1] (the first bin: below the first edge)
+    n = sum(counts)
+    return {"stage": hist.get("stage"), "scored": n,
+            "mean": round(sum(c * s for c, s in zip(counts, starts)) / n, 3),
+            "share_5": round(sum(c for c, s in zip(counts, starts) if s >= 5) / n, 4)}
 
 
 def alerts(stats: dict, diff: dict, validation_fraction: float) -> list[str]:

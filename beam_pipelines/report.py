@@ -376,6 +376,13 @@ def _changes_html(stats: dict) -> str:
                   ["transient failures and refusals / requests", _pct_of(diff["error_share"]["parent"]),
                    _pct_of(diff["error_share"]["now"])]]
         shares += [[f"{s} pass rate", _pct_of(r["parent"]), _pct_of(r["now"])] for s, r in diff["pass_rates"].items()]
+        for origin, fields in (diff.get("lengths") or {}).items():
+            shares += [[f"{origin} {f} length (mean tokens)", _fmt(v["parent"]), _fmt(v["now"])] for f, v in fields.items()]
+        sc = diff.get("scores") or {}
+        if sc.get("parent") or sc.get("now"):
+            p, n = sc.get("parent") or {}, sc.get("now") or {}
+            shares += [[f"{(n or p).get('stage')} score: mean", _fmt(p.get("mean")), _fmt(n.get("mean"))],
+                       [f"{(n or p).get('stage')} score: share >= 5", _pct_of(p.get("share_5")), _pct_of(n.get("share_5"))]]
         out.append(f"<h2>What changed since {html.escape(diff['parent'])}</h2>"
                    + _table(["origin", "examples added", "removed", "kept"], rows)
                    + _table(["measure", html.escape(diff["parent"]), "now"], shares))

@@ -132,6 +132,9 @@ def test_a_new_input_file_generates_only_for_its_documents(tmp_path, tiny_models
     # the release records its parent; its report shows the diff and the alerts (issue 21 point 3)
     assert stats["parent"] == first_release and stats["changes"]["parent"] == first_release
     assert set(stats["changes"]["pass_rates"]) == {"backtranslate", "score"}
+    scores = stats["changes"]["scores"]
+    assert scores["now"] is None or (scores["now"]["stage"] == "score" and 0 <= scores["now"]["share_5"] <= 1)
+    assert all(set(v) == {"instruction", "response"} for v in stats["changes"]["lengths"].values())
     page = open(os.path.join(root, "sft", latest, "report.html")).read()
     assert f"What changed since {first_release}" in page and "pass rate" in page
     assert [p["version"] for p in stats["trend"]] == [first_release, latest] and '<img src="plots/trend.png"' in page

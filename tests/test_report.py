@@ -293,3 +293,14 @@ def test_the_paper_is_beside_us_where_we_measure_the_same(published):
     assert "Beside the paper" in page and "Table 6, Dolma + filtering + rewriting" in page
     other = report.paper_rows(dict(stats, recipe="alpagasus", stages={}, by_origin={}))
     assert [r[0] for r in other] == ["head-split records removed as too long"]   # Table 6 has no alpagasus row
+
+
+def test_the_score_summary_of_a_histogram():
+    from beam_pipelines import changes
+    from schemas.outcomes import SCORE_EDGES
+
+    counts = [0] * (len(SCORE_EDGES) + 1)
+    counts[2], counts[10] = 3, 1          # three scores in [1, 1.5), one in [5, 5.5)
+    s = changes._score_summary({"score_histogram": {"stage": "score", "edges": SCORE_EDGES, "counts": counts}})
+    assert s == {"stage": "score", "scored": 4, "mean": 2.0, "share_5": 0.25}
+    assert changes._score_summary({}) is None
