@@ -44,3 +44,26 @@ def test_trl_assistant_only_labels_equal_ours_row_by_row(tiny_models, tmp_path):
         batch = trainer.data_collator([prepared[i]])
         assert batch["input_ids"][0].tolist() == ours["input_ids"], i
         assert batch["labels"][0].tolist() == ours["labels"], i
+
+
+def test_trl_trains_on_a_release_loaded_from_its_data_folder(tiny_models, tmp_path, bpe_tokenizer_path):
+    """Issue 21 point 1: TRL reads a release as a training team loads it, `load_dataset(<release>)` (the
+    card's configs: data/), and trains on the tokens `bft train` would."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    from schemas import release
+    from tests.test_assemble import run, write_root, write_seed
+
+    root = write_root(str(tmp_path / "run"), bpe_tokenizer_path)
+    run(root, seed_data=write_seed(str(tmp_path / "seed.jsonl")), version="v1")
+    loaded = datasets.load_dataset(release.resolve(str(tmp_path / "run" / "sft")))["train"]
+    tok = train.load_tokenizer(tiny_models["chat"])
+    args = trl.SFTConfig(output_dir=str(tmp_path / "out"), assistant_only_loss=True, max_length=1024,
+                         report_to="none", use_cpu=True, per_device_train_batch_size=1, dataset_num_proc=None)
+    trainer = trl.SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_models["chat"]), args=args,
+                             train_dataset=loaded.select_columns(["messages"]), processing_class=tok)
+    assert len(trainer.train_dataset) == loaded.num_rows > 0
+    first = {"messages": loaded[0]["messages"]}
+    ours = data.encode(tok, data.conversation("sft", first))
+    assert trainer.data_collator([trainer.train_dataset[0]])["labels"][0].tolist() == ours["labels"]
