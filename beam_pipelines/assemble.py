@@ -34,7 +34,7 @@ from schemas.errors import UserError
 from schemas.keys import instruction_key, sample_key, seed_row_shard, validation_key, validation_mask
 from schemas.layout import DATA, RunLayout, shard_name
 from schemas.recipes import DEFAULT_RECIPE, gate_threshold, recorded_score_mode
-from beam_pipelines import changes, corpus_stats, progress, recipes
+from beam_pipelines import changes, corpus_stats, paper_tokens, progress, recipes
 from schemas import provenance, release
 import storage
 from beam_pipelines.options import configure_process, pipeline_options
@@ -509,6 +509,10 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
         stats["changes"] = changes.changes(parent_folder, parent, folder, stats)
         stats["alerts"] = changes.alerts(stats, stats["changes"], cfg.validation_fraction)
         stats["trend"] = changes.trend(layout.release, parent if parent_folder else None, stats)
+        # the web examples' lengths in the paper's unit (Llama-2-structure tokens), for the report
+        stats["paper_lengths"] = paper_tokens.web_lengths(
+            storage.read_parquet(p, ["origin", "instruction", "response"])
+            for p in storage.list_files(storage.join(folder, DATA)) if p.endswith(".parquet"))
         stats["timing"] = {"pipeline_s": round(pipeline_s, 3),
                            "stats_in_pipeline_worker_s": round(summary.get("timing", {}).get("stats_s", 0.0), 3),
                            "pipeline_worker_s": round(summary.get("timing", {}).get("work_s", 0.0), 3)}

@@ -192,6 +192,12 @@ def paper_rows(stats: dict) -> list[list]:
     if web and row6:
         rows.append(["web instruction length (mean tokens)", web["avg_tokens_instruction"], row6[1], f"Table 6, {row6[0]}"])
         rows.append(["web response length (mean tokens)", web["avg_tokens_response"], row6[2], f"Table 6, {row6[0]}"])
+        lengths = stats.get("paper_lengths")
+        if lengths:  # recounted in the paper's unit (beam_pipelines/paper_tokens.py)
+            rows.append([f"web instruction length (mean {lengths['tokenizer']} tokens)", lengths["instruction"],
+                         row6[1], f"Table 6, {row6[0]}"])
+            rows.append([f"web response length (mean {lengths['tokenizer']} tokens)", lengths["response"],
+                         row6[2], f"Table 6, {row6[0]}"])
     score = (stats.get("stages") or {}).get("score")
     if score and score.get("sent"):
         failures = sum((score.get("sent_failures") or {}).values())
@@ -492,8 +498,8 @@ origin (the smallest id hashes): the raw count over a whole corpus grows with it
 across sizes.</p>
 <h3>Beside the paper</h3>
 <p class=note>The paper's figures (<a href="{PAPER}">Nguyen et al. 2024</a>) where we measure the same thing.
-Its lengths are Llama-2 tokens; ours are counted with this run's tokenizer ({tokenizer}),
-so they compare only when that is Llama-2's. Figure 3 (trigrams) is published as a plot only.</p>
+Its lengths are Llama-2 tokens; ours are counted with this run's tokenizer ({tokenizer}) and, where
+mistral-common is installed, again with a Llama-2-structure tokenizer (close to Llama-2's counts, not equal). Figure 3 (trigrams) is published as a plot only.</p>
 {paper}
 {_table(['origin', 'examples', 'avg instruction tokens', 'avg response tokens',
          f'unique instruction trigrams per {size:,}', f'unique response trigrams per {size:,}', 'sample'], diversity)}

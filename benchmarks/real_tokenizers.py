@@ -16,38 +16,19 @@ from __future__ import annotations
 
 import os
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
 
 STRUCTURES = ("llama2", "tekken", "nfkc")
 
 
-def _data(name: str) -> str:
-    import mistral_common
-
-    return os.path.join(os.path.dirname(mistral_common.__file__), "data", name)
-
-
-def _spm_bpe() -> Tokenizer:
-    """The sentencepiece v1 model's pieces as a byte-fallback BPE (LlamaConverter's model part)."""
-    import sentencepiece as spm
-    from transformers.tokenization_utils_base import generate_merges
-
-    sp = spm.SentencePieceProcessor(model_file=_data("tokenizer.model.v1"))
-    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    vocab = {p: i for i, (p, _) in enumerate(pieces)}
-    merges = generate_merges(vocab, dict(pieces))  # ordered by the merged piece's score, as LlamaConverter
-    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    return tok
+# the Llama-2-structure conversion lives with the report's paper column (one copy)
+from beam_pipelines.paper_tokens import llama2_structure, mistral_data as _data, spm_bpe as _spm_bpe  # noqa: E402
 
 
 def build(structure: str) -> Tokenizer:
     """One of STRUCTURES as a `tokenizers.Tokenizer`."""
     if structure == "llama2":
-        tok = _spm_bpe()
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-        return tok
+        return llama2_structure()
     if structure == "nfkc":
         tok = _spm_bpe()
         tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" ", "▁"),

@@ -291,6 +291,10 @@ def test_the_paper_is_beside_us_where_we_measure_the_same(published):
     assert rows["head-split records removed as too long"][2] == "~25%"
     page = open(os.path.join(folder, "report.html")).read()
     assert "Beside the paper" in page and "Table 6, Dolma + filtering + rewriting" in page
+    # recounted in the paper's unit with the Llama-2-structure tokenizer (mistral-common is installed here)
+    lengths = stats["paper_lengths"]
+    assert lengths["tokenizer"].startswith("Llama-2 structure") and lengths["examples"] == stats["funnel"]["web_examples"]
+    assert f"web response length (mean {lengths['tokenizer']} tokens)" in rows and lengths["instruction"] > 0
     other = report.paper_rows(dict(stats, recipe="alpagasus", stages={}, by_origin={}))
     assert [r[0] for r in other] == ["head-split records removed as too long"]   # Table 6 has no alpagasus row
 
