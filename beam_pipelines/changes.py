@@ -17,12 +17,12 @@ import json
 
 import storage
 from schemas.layout import DATA
+from beam_pipelines.corpus_stats import RELEASE_STATS as STATS
 from schemas.outcomes import ENGINE_ERROR, REFUSALS
 
 VALIDATION_FLOOR = 100
 MAX_ERROR_SHARE = 0.05
 MAX_PASS_RATE_MOVE = 10.0  # percentage points
-STATS = "stats.json"
 
 
 def release_ids(folder: str) -> dict[str, set[str]]:

@@ -39,7 +39,7 @@ from schemas.layout import RunLayout
 from schemas.options import option, required
 from schemas.keys import row_seed
 from generation.engines import EngineConfig, Request, load_engine
-from generation.prompting import CHAT_TEMPLATE_RESERVE, render
+from generation.prompting import prompt_bound, render
 from generation.templates import DEFAULTS, EVAL_TAG, EVAL_TAG_WEB, messages
 
 TAGS = {"assistant": EVAL_TAG, "web": EVAL_TAG_WEB, "none": None}
@@ -215,18 +215,15 @@ def fit_judgment(tokenizer, budget: int | None, instruction: str, first: str, se
         return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None \
             else len(text.encode("utf-8", "surrogatepass"))
 
-    def total(p: str, m: list[dict]) -> int:
-        return length(p) if tokenizer is not None else sum(length(x["content"]) + 1 for x in m) + CHAT_TEMPLATE_RESERVE
-
-    if total(prompt, msgs) <= budget:
+    if prompt_bound(tokenizer, prompt, msgs) <= budget:
         return prompt, msgs, False
-    room = max(0, budget - total(*build("", "")))
+    room = max(0, budget - prompt_bound(tokenizer, *build("", "")))
     la, lb = length(first), length(second)
     share_a = min(la, max(room // 2, room - lb))      # the shorter keeps what it needs, up to half
     share_b = min(lb, room - share_a)
     for _ in range(4):  # re-tokenization at a cut can shift a token or two
         prompt, msgs = build(_cut_to(tokenizer, first, share_a), _cut_to(tokenizer, second, share_b))
-        over = total(prompt, msgs) - budget
+        over = prompt_bound(tokenizer, prompt, msgs) - budget
         if over <= 0:
             break
         if share_a >= share_b:  # the longer share gives up what is still over

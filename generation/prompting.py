@@ -86,11 +86,11 @@ def n_tokens(tokenizer, text: str) -> int | None:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _bound(tokenizer, prompt: str, msgs: list[dict]) -> int:
+def prompt_bound(tokenizer, prompt: str, msgs: list[dict]) -> int:
     """The prompt's length in tokens, or without a tokenizer its upper bound (module docstring)."""
     if tokenizer is not None:
         return n_tokens(tokenizer, prompt)
-    return sum(len(m["content"].encode()) + 1 for m in msgs) + CHAT_TEMPLATE_RESERVE
+    return sum(len(m["content"].encode("utf-8", "surrogatepass")) + 1 for m in msgs) + CHAT_TEMPLATE_RESERVE
 
 
 def _build(tokenizer, template: Template, values: dict[str, str], assistant_prefix: str) -> tuple[str, list[dict]]:
@@ -178,7 +178,7 @@ def fit_prompts(tokenizer, template: Template, values: list[dict[str, str]], doc
     if tokenizer is None and count is not None:
         return _fit_counted(template, values, doc_field, budget, assistant_prefix, count, built)
     if tokenizer is None:
-        totals = [_bound(None, p, m) for p, m in built]
+        totals = [prompt_bound(None, p, m) for p, m in built]
     else:
         totals = [None] * len(built)
         if byte_bounded(tokenizer):
@@ -202,7 +202,7 @@ def fit_prompts(tokenizer, template: Template, values: list[dict[str, str]], doc
 def _fit_counted(template: Template, values: list[dict[str, str]], doc_field: str | None, budget: int,
                  assistant_prefix: str, count, built) -> list[tuple[str, list[dict], bool, int | None]]:
     """fit_prompts without a tokenizer, with the server's counts (see fit_prompts)."""
-    bounds = [_bound(None, p, m) for p, m in built]
+    bounds = [prompt_bound(None, p, m) for p, m in built]
     over = [i for i, b in enumerate(bounds) if b > budget]
     exact = count([built[i][1] for i in over]) if over else []
     if exact is None:  # the server could not count: the byte bound decides

@@ -70,10 +70,7 @@ def problem(layout: RunLayout, path: str, marker: str, expected: dict | None = N
     record = read_record(marker)
     if record is None:
         return f"no valid completion marker {marker} (the run stopped before finishing this shard)"
-    if storage.size(path) != record["bytes"]:
-        return "its bytes differ from the sha256 recorded when it was written (damaged or edited)"
-    digest = sha256_of(path)
-    if digest != record["sha256"]:
+    if storage.size(path) != record["bytes"] or (digest := sha256_of(path)) != record["sha256"]:
         return "its bytes differ from the sha256 recorded when it was written (damaged or edited)"
     if checksums is not None:
         checksums[path] = digest

@@ -92,10 +92,15 @@ def describe(holder: dict) -> str:
             f"running: {holder.get('command') or '?'}")
 
 
+def _same_machine(holder: dict) -> bool:
+    """The holder ran on this machine, in this pid namespace (its pid means a process here)."""
+    mine = _host_id()
+    return bool(mine) and holder.get("host_id") == mine and holder.get("host") == socket.gethostname()
+
+
 def _process_gone(holder: dict) -> bool:
     """The holder ran on this machine, in this pid namespace, and its process no longer exists."""
-    mine = _host_id()
-    if not mine or holder.get("host_id") != mine or holder.get("host") != socket.gethostname():
+    if not _same_machine(holder):
         return False
     try:
         os.kill(int(holder["pid"]), 0)
@@ -379,7 +384,7 @@ def clear_dead_folders(parent: str, now: float | None = None) -> list[str]:
             except (OSError, ValueError):
                 holder = None
         if isinstance(holder, dict) and holder.get("pid"):
-            if holder.get("host_id") == _host_id() and holder.get("host") == socket.gethostname():
+            if _same_machine(holder):
                 if not _process_gone(holder):
                     continue
             else:
