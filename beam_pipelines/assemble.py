@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import apache_beam as beam
 import numpy as np
@@ -32,7 +32,7 @@ import schemas
 from schemas.options import option, required
 from schemas.errors import UserError
 from schemas.keys import instruction_key, sample_key, seed_row_shard, validation_key, validation_mask
-from schemas.layout import DATA, RunLayout, shard_name
+from schemas.layout import DATA, Rooted, RunLayout, shard_name
 from schemas.recipes import DEFAULT_RECIPE, gate_threshold, recorded_score_mode
 from beam_pipelines import changes, corpus_stats, paper_tokens, progress, recipes
 from schemas import provenance, release
@@ -49,7 +49,7 @@ class AssembleError(UserError):
 
 
 @dataclass
-class AssembleConfig:
+class AssembleConfig(Rooted):
     """The options of `bft assemble` (flags and the `assemble:` section of a run file)."""
 
     root: str = required("run root (local or gs://) with candidates/ and generations/")
@@ -90,7 +90,7 @@ class AssembleConfig:
             raise UserError("--max-examples must be >= 1")
         if self.min_instruction_chars > self.max_instruction_chars:
             raise UserError("--min-instruction-chars is larger than --max-instruction-chars")
-        self.root = RunLayout(self.root).root
+        self.check_root()
 
     @property
     def threshold(self) -> float | None:
@@ -397,7 +397,7 @@ def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_s
 def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], int, dict]:
     """Which shards to join, which are missing generation output ({shard: candidate rows}), the
     number of shards, and the input lineage."""
-    layout = RunLayout(cfg.root)
+    layout = cfg.layout
     cands = layout.candidate_shards()
     shards, missing_files, skipped = [], [], {}
     lineage = {"candidates": [], "generations": {s: [] for s in cfg.stages}, "seed_data": None}
@@ -455,7 +455,7 @@ def shard_problem(layout: RunLayout, stage: str, k: int, n: int, checksums: dict
 
 def _stage_models(cfg: AssembleConfig, shards: list[ShardInput]) -> dict[str, list[str]]:
     models: dict[str, set] = {}
-    layout = RunLayout(cfg.root)
+    layout = cfg.layout
     for s in shards:
         for stage, _ in s.stages:
             metrics = layout.generation_metrics(stage, s.shard, s.num_shards)
@@ -469,7 +469,7 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
     stats, report and card as its build step; returns its stats. When the same config was published
     before (that version, or LATEST when no version is named) nothing is built: its stats come back
     with "reused": true. `run_record` (what bft rebuild did) goes into the manifest."""
-    layout = RunLayout(cfg.root)
+    layout = cfg.layout
     prep_stats = json.loads(storage.read_text(layout.prepare_stats)) if storage.exists(layout.prepare_stats) else {}
     gate = recipes.RECIPES[cfg.recipe].gate
     if cfg.min_score is None and gate and recorded_score_mode(layout, gate) == "logprob":

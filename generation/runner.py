@@ -40,7 +40,7 @@ import storage
 from schemas.errors import UserError
 from schemas import provenance
 from schemas.keys import input_hash, row_seed
-from schemas.layout import LayoutError, RunLayout
+from schemas.layout import LayoutError, Rooted, RunLayout
 from schemas.release import parquet_rows
 from schemas.options import option, product_options, required
 from schemas.outcomes import NOT_SENT, REFUSALS, category, engine_error, is_engine_error, refused, shard_summary
@@ -74,7 +74,7 @@ NO_GATE = "none"        # --gate none: rewrite and distill send every row
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Rooted):
     """The options of `bft generate STAGE` (flags and the `generate:` section of a run file)."""
 
     stage: str = required("the stage to run", choices=sorted(STAGES))
@@ -146,7 +146,7 @@ class GenerateConfig:
         if self.score_mode == "logprob" and spec.logprob_prefix is None:
             raise UserError(f"--score-mode logprob is for stages {sorted(s for s, v in STAGES.items() if v.logprob_prefix)}, "
                             f"not {self.stage}")
-        self.root = RunLayout(self.root).root
+        self.check_root()
 
     def gate_rule(self, score_mode: str | None = None) -> Gate | None:
         """The gate rows must pass to be sent (None: every row is sent); `score_mode`: the mode the gate
@@ -185,7 +185,7 @@ class StageRunner:
     def __init__(self, cfg: GenerateConfig, engine: Engine | None = None):
         cfg.check()
         self.cfg, self.spec = cfg, STAGES[cfg.stage]
-        self.layout = RunLayout(cfg.root)
+        self.layout = cfg.layout
         self.template = load_template(cfg.stage, cfg.template)
         self._engine = engine
         gate_stage = cfg.gate or self.spec.gate

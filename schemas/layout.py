@@ -222,3 +222,23 @@ class RunLayout:
         """`path` relative to the root (for display); unchanged when it is outside."""
         prefix = self.root.rstrip("/") + "/"
         return path[len(prefix):] if path.startswith(prefix) else path
+
+
+
+class Rooted:
+    """A mixin for the options of a verb that works under one run root (its `root` field). `layout`
+    is the run's one RunLayout, handed to every step: no step wraps the root string itself. The root
+    is normalized by RunLayout (a local one made absolute), and `check_root` stores that form back, so
+    that every path a step records names the same file from any directory and any Beam worker."""
+
+    root: str
+
+    @property
+    def layout(self) -> "RunLayout":
+        cached = self.__dict__.get("_layout")
+        if cached is None or cached.root != self.root:
+            cached = self.__dict__["_layout"] = RunLayout(self.root)
+        return cached
+
+    def check_root(self) -> None:
+        self.root = self.layout.root

@@ -97,11 +97,14 @@ def test_the_samples_survivor_count_is_what_deduplicate_keeps():
     across merged accumulators."""
     import apache_beam as beam
 
-    from beam_pipelines.prepare import Deduplicate, SurvivorsAndMeasured, _progress
+    from beam_pipelines.prepare import Doc
+    from beam_pipelines.prepare.dedup import Deduplicate
+    from beam_pipelines.prepare.sample import SurvivorsAndMeasured, _progress
     from tests.conftest import LOCAL
 
     rng = random.Random(3)
-    docs = [(f"id{rng.randrange(60)}", f"h{rng.randrange(40)}", 10, 10, rng.randrange(3), line) for line in range(200)]
+    docs = [Doc(f"id{rng.randrange(60)}", f"h{rng.randrange(40)}", 10, 10, rng.randrange(3), line)
+            for line in range(200)]
     counted = SurvivorsAndMeasured()
     halves = [counted.create_accumulator(), counted.create_accumulator()]
     for k, d in enumerate(docs):
@@ -114,3 +117,19 @@ def test_the_samples_survivor_count_is_what_deduplicate_keeps():
         kept = (p | beam.Create(docs) | Deduplicate(0, ["a", "b", "c"]))[0]
         assert_that(kept | beam.combiners.Count.Globally(), equal_to([survivors]))
     assert 20 < survivors < 40 and measured == 7
+
+
+def test_a_document_record_crosses_a_shuffle_as_a_tuple_and_comes_back_named():
+    """Doc's coder (registered with Beam) writes the plain tuple of its fields, as compact as the bare
+    tuples records once were, and decodes to a Doc; a PCollection declared to hold Docs uses it."""
+    import apache_beam as beam
+    from apache_beam.coders import FastPrimitivesCoder
+
+    from beam_pipelines.prepare.records import Doc, DocCoder
+
+    doc = Doc("doc-1", "0" * 32, 12, 40, 3, 17, prior=2)
+    coder = beam.coders.registry.get_coder(Doc)
+    assert isinstance(coder, DocCoder)
+    assert coder.decode(coder.encode(doc)) == doc and type(coder.decode(coder.encode(doc))) is Doc
+    assert coder.encode(doc) == FastPrimitivesCoder().encode(tuple(doc))
+    assert coder.is_deterministic()

@@ -4,9 +4,11 @@ import os
 
 import pandas as pd
 import pyarrow.parquet as pq
+import apache_beam as beam
 import pytest
 from tokenizers import Tokenizer
 
+import storage
 from beam_pipelines import prepare
 from beam_pipelines.prepare import PrepareConfig, UnreadableFileError
 from schemas.errors import UserError
@@ -196,7 +198,7 @@ def test_a_file_whose_kept_text_passes_the_part_limit_is_written_in_several_part
     parts = []
     real = RunLayout.prepare_part
     monkeypatch.setattr(RunLayout, "prepare_part", lambda self, *a: parts.append(a) or real(self, *a))
-    monkeypatch.setattr(prepare, "PART_CHARS", 2000)
+    monkeypatch.setattr(prepare.records, "PART_CHARS", 2000)
     run_prepare(corpus, tmp_path / "many", bpe_tokenizer_path)
     _, one = read_dir(tmp_path / "one" / "candidates", "candidates-")
     _, many = read_dir(tmp_path / "many" / "candidates", "candidates-")
@@ -211,7 +213,7 @@ def test_the_sample_is_exact_however_far_off_the_round0_estimate_is(
     (a limit 5 or ~10^7 times too low: the later rounds widen) or far too few (every document measured
     in the first read) give the same sample as the full computation."""
     glob = mixed_corpus(tmp_path / "in", fixture_texts, 1)
-    monkeypatch.setattr(prepare, "estimate_ranked", lambda files, sizes, cfg: estimate)
+    monkeypatch.setattr(prepare.sample, "estimate_ranked", lambda files, sizes, cfg: estimate)
     sampled = run_prepare(glob, tmp_path / "s", bpe_tokenizer_path, target_docs=20, seed=1, max_tokens=400)
     bottom, _ = bottom_of_full(glob, tmp_path / "f", bpe_tokenizer_path, 1, 20)
     _, kept = read_dir(tmp_path / "s" / "candidates", "candidates-")
@@ -235,8 +237,8 @@ def test_the_sample_measures_what_it_needs_and_lists_no_not_sampled_rejects(tmp_
                          + [b"not json"])
     glob = str(tmp_path / "in" / "*" / "*.json.gz")
     opened = []
-    real_open = prepare.storage.open_lines
-    monkeypatch.setattr(prepare.storage, "open_lines", lambda path: opened.append(path) or real_open(path))
+    real_open = storage.open_lines
+    monkeypatch.setattr(storage, "open_lines", lambda path: opened.append(path) or real_open(path))
     stats = run_prepare(glob, tmp_path / "s", bpe_tokenizer_path, target_docs=25)
     assert sorted(opened) == sorted(prepare.list_inputs([glob]))
     assert stats["kept"] == 25 and stats["dropped"]["not_sampled"] == 3000 - 25
@@ -254,12 +256,12 @@ def test_the_estimate_of_ranked_documents_is_close(tmp_path):
     files = [write_dolma_file(str(tmp_path / f"p{k}.{ext}"), lines[k::2]) for k, ext in enumerate(["json.gz", "jsonl"])]
     cfg = PrepareConfig(input=["x"], root=str(tmp_path), tokenizer="t")
     for path in files:
-        assert 0.8 * 10000 < prepare.estimate_ranked([path], [os.path.getsize(path)], cfg) < 1.25 * 10000
+        assert 0.8 * 10000 < prepare.sample.estimate_ranked([path], [os.path.getsize(path)], cfg) < 1.25 * 10000
     cfg.select_where = ["metadata.bucket=1"]
     sizes = [os.path.getsize(f) for f in files]
-    assert 0.8 * 5000 < prepare.estimate_ranked(files, sizes, cfg) < 1.25 * 5000
+    assert 0.8 * 5000 < prepare.sample.estimate_ranked(files, sizes, cfg) < 1.25 * 5000
     cfg.select_where = []
-    assert prepare.estimate_ranked([], [], cfg) == 0
+    assert prepare.sample.estimate_ranked([], [], cfg) == 0
 
 
 def test_shards_are_balanced_bucket_by_bucket_as_assign_shards_says(corpus, tmp_path, bpe_tokenizer_path, monkeypatch):
@@ -375,7 +377,7 @@ def test_an_unwritable_output_fails_in_one_line_before_the_read_pass(corpus, tmp
     import storage
     from bft import cli
 
-    monkeypatch.setattr(prepare.beam, "Pipeline", lambda *a, **k: pytest.fail("the read pass started"))
+    monkeypatch.setattr(beam, "Pipeline", lambda *a, **k: pytest.fail("the read pass started"))
     a_file = tmp_path / "root-is-a-file"
     a_file.write_text("x")
     args = ["prepare", "--input", corpus, "--tokenizer", bpe_tokenizer_path]
@@ -568,7 +570,7 @@ def test_a_gcs_input_deleted_after_listing_is_unreadable_like_a_local_one(corpus
         storage.delete(gone)
         return files
 
-    monkeypatch.setattr(prepare, "list_inputs", list_then_delete)
+    monkeypatch.setattr(prepare.pipeline, "list_inputs", list_then_delete)
     pattern = f"gs://{bucket}/dolma/documents/*/*.json.gz"
     rc = cli.main(["prepare", "--input", pattern, "--root", str(tmp_path / "x"), "--tokenizer", bpe_tokenizer_path,
                    "--num-shards", "2", "--quiet", *LOCAL])

@@ -1,0 +1,137 @@
+"""The pass that wires the steps (build) and the run around it (run): reuse of a complete output of
+the same config and inputs, the cleanup before a run, and the ids of the output being replaced."""
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+import apache_beam as beam
+from apache_beam.typehints import KV
+
+import storage
+from beam_pipelines import dolma
+from beam_pipelines.length import tokenizer_fingerprint
+from beam_pipelines.prepare import sample
+from beam_pipelines.prepare.config import (PrepareConfig, check_output, check_tokenizer, config_differences,
+                                           input_fingerprint, list_inputs, size_or_zero)
+from beam_pipelines.prepare.dedup import Deduplicate
+from beam_pipelines.prepare.read import CountLines, ReadAndMeasure
+from beam_pipelines.prepare.records import KEPT, Doc, tally
+from beam_pipelines.prepare.sample import SampleByKey, key_limit
+from beam_pipelines.prepare.write import (AssignShards, MergeShard, WriteParts, WriteRejects, keep_prior, read_prior,
+                                          write_stats)
+from schemas.errors import UserError
+
+log = logging.getLogger("bft.prepare")
+
+
+def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files: list[str] | None = None,
+          fingerprint: list[dict] | None = None, prior: list[str] | None = None,
+          tokenizer_file: dict | None = None):
+    """Adds the prepare pass to pipeline `p`; returns the PCollection of the final stats dict."""
+    files = list_inputs(cfg.input) if files is None else files
+    selected = [f for f in files if not cfg.splits or dolma.split_of(f, cfg.splits)]
+    others = [f for f in files if f not in set(selected)]
+    layout = cfg.layout
+    tmp_dir = layout.prepare_tmp(run_id or uuid.uuid4().hex[:12])
+
+    limit0 = None
+    stash = tmp_dir if cfg.target_docs else None  # a sample re-reads its few documents from a stash
+    if cfg.target_docs:  # round 0 of the sample, measured in the first read: its key limit from an estimate
+        stored = {i["path"]: i.get("bytes", 0) for i in fingerprint or []}
+        sizes = [stored[f] if f in stored else size_or_zero(f) for f in selected]
+        limit0 = key_limit(sample.estimate_ranked(selected, sizes, cfg), cfg.target_docs, 1.0)
+    read = (p | "HeadSplitFiles" >> beam.Create(selected)  # Create spreads its elements (a reshuffle)
+            | "ReadAndMeasure" >> beam.ParDo(ReadAndMeasure(cfg, selected, limit0, stash)).with_output_types(
+                Doc).with_outputs(
+                "rejects", "tallies", "unreadable", "ranks", main="docs"))
+    if cfg.target_docs:
+        docs, kept_rejects, kept_tallies = ((read.docs, read.ranks)
+                                            | "SampleByKey" >> SampleByKey(cfg, selected, limit0, stash))
+    else:
+        docs, kept_rejects, kept_tallies = read.docs | "Deduplicate" >> Deduplicate(cfg.seed, selected)
+    rejects = [read.rejects, kept_rejects]
+    tallies = [read.tallies, kept_tallies]
+    unreadable = [read.unreadable]
+    if others:  # no stage for an empty list
+        other = (p | "OtherSplitFiles" >> beam.Create(others)
+                 | "CountLines" >> beam.ParDo(CountLines(cfg.skip_unreadable_files)).with_outputs(
+                     "unreadable", "tallies", main="nothing"))
+        tallies.append(other.tallies)
+        unreadable.append(other.unreadable)
+
+    if prior:  # documents already seen keep their shard: their generations are reused
+        seen = p | "PriorFiles" >> beam.Create(prior) | "ReadPrior" >> beam.FlatMap(read_prior)
+        docs = ({"doc": docs | "KeyDocById" >> beam.Map(lambda d: (d.id, d)).with_output_types(KV[str, Doc]),
+                 "prior": seen}
+                | "JoinPrior" >> beam.CoGroupByKey()
+                | "WithPrior" >> beam.FlatMap(lambda kv: [d._replace(prior=next(iter(kv[1]["prior"]), None))
+                                                          for d in kv[1]["doc"]]).with_output_types(Doc))
+    parts = (docs
+             | "AssignShards" >> AssignShards(cfg.num_shards)
+             | "GroupByFile" >> beam.GroupByKey()
+             | "WriteParts" >> beam.ParDo(WriteParts(cfg, tmp_dir, selected, stashed=stash is not None)))
+    every_shard = p | "ShardNumbers" >> beam.Create([(k, None) for k in range(cfg.num_shards)], reshuffle=False)
+    shards = ((parts, every_shard) | "AllShards" >> beam.Flatten()
+              | "GroupByShard" >> beam.GroupByKey()
+              | "MergeShard" >> beam.ParDo(MergeShard(layout, cfg.num_shards)))
+    tallies.append(shards | "KeptTally" >> beam.Map(lambda s: tally(KEPT, s["rows"])))
+
+    reject_files = (rejects | "AllRejects" >> beam.Flatten()
+                    | "WriteRejects" >> WriteRejects(layout, cfg.reject_shards))
+    totals = (tallies | "AllTallies" >> beam.Flatten()
+              | "SumTallies" >> beam.CombinePerKey(sum)
+              | "TallyDict" >> beam.combiners.ToDict())
+    unreadable = unreadable | "AllUnreadable" >> beam.Flatten()
+    return (p | "Finish" >> beam.Create([None])
+            | "WriteStats" >> beam.Map(
+                lambda _, t, s, r, u: write_stats(cfg, files, selected, t, s, r, u, fingerprint,
+                                                     tokenizer_file),
+                t=beam.pvalue.AsSingleton(totals), s=beam.pvalue.AsList(shards),
+                r=beam.pvalue.AsList(reject_files), u=beam.pvalue.AsList(unreadable)))
+
+
+def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
+    """Runs the pass unless ROOT/candidates/stats.json records a complete output of the same config;
+    returns the stats (with "reused": true when nothing was run).
+
+    A complete output of another config is an error naming the keys that differ (--overwrite redoes
+    it). Before a run, whatever is under ROOT/candidates (an output being overwritten, or the debris
+    of a killed run: shards, rejects, _tmp/ parts) is removed, the completion marker first, so that a
+    run killed at any point leaves an output that is visibly incomplete and a rerun starts clean.
+    """
+    from beam_pipelines import progress
+    from beam_pipelines.options import pipeline_options
+
+    layout = cfg.layout
+    files = list_inputs(cfg.input)
+    fingerprint = input_fingerprint(files)
+    check_tokenizer(cfg.tokenizer)
+    tokenizer = tokenizer_fingerprint(cfg.tokenizer)
+    if storage.exists(layout.prepare_stats) and not cfg.overwrite:
+        stats = json.loads(storage.read_text(layout.prepare_stats))
+        differ = config_differences(stats.get("config") or {}, cfg.identity())
+        if differ:
+            raise UserError(f"{layout.candidates} holds a complete prepare output of another config ("
+                            + "; ".join(differ) + "): pass --overwrite to redo it, or use another --root")
+        if stats.get("inputs") == fingerprint and stats.get("tokenizer_file") == tokenizer:
+            log.info("%s exists with the same config and inputs: prepare is complete, skipping", layout.prepare_stats)
+            storage.delete_tree(layout.prepare_tmp_root)  # document texts left by a run killed after its marker
+            return {**stats, "reused": True}
+        log.warning("the input files or the tokenizer's file changed since %s was written: prepare runs again",
+                    layout.prepare_stats)
+    check_output(layout.candidates)
+    options = pipeline_options(beam_args)
+    prior = keep_prior(layout, cfg.num_shards)
+    storage.delete(layout.prepare_stats)  # the marker first: from here the output is visibly incomplete
+    for path in storage.list_files(layout.candidates):
+        if not path.startswith(layout.prepare_prior + "/"):
+            storage.delete(path)
+    try:
+        with progress.running("prepare", options) as p:
+            build(p, cfg, files=files, fingerprint=fingerprint, prior=prior, tokenizer_file=tokenizer)
+    except KeyboardInterrupt:  # the output stays visibly incomplete (no marker); its document texts go
+        storage.delete_tree(layout.prepare_tmp_root)
+        raise
+    return json.loads(storage.read_text(layout.prepare_stats))
