@@ -125,10 +125,12 @@ class ShardInput:
 
 
 def _token_counter(tokenizer_path: str):
-    from beam_pipelines.length import load_tokenizer
+    """Exact token counts with prepare's loader: the worker thread's shared TokenCounter
+    (length.shared_counter: loaded and proved once per thread, its cache warm across shards)."""
+    from beam_pipelines.length import shared_counter
 
-    tok = load_tokenizer(tokenizer_path)
-    return lambda texts: [len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)] if texts else []
+    shared_counter(tokenizer_path)  # a bad tokenizer fails in setup, not on the first shard
+    return lambda texts: shared_counter(tokenizer_path).count(texts) if texts else []
 
 
 class JoinShard(beam.DoFn):
@@ -466,7 +468,7 @@ def _stage_models(cfg: AssembleConfig, shards: list[ShardInput]) -> dict[str, li
 
 def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = None) -> dict:
     """Plans the inputs, then publishes the release (schemas.release.publish) with the Beam pass,
-    stats, report and card as its build step; returns its stats. When the same config was published
+    stats, report and card as its build step; returns its stats, with "folder": the release's. When the same config was published
     before (that version, or LATEST when no version is named) nothing is built: its stats come back
     with "reused": true. `run_record` (what bft rebuild did) goes into the manifest."""
     layout = cfg.layout
@@ -527,4 +529,5 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
     folder, built = release.publish(cfg.root, version=cfg.version, config=config, lineage=lineage,
                                     build=build_release, run=run_record)
     stats = json.loads(storage.read_text(storage.join(folder, corpus_stats.RELEASE_STATS)))
+    stats["folder"] = folder  # what it wrote (or found current): the callers never work it out again
     return stats if built else {**stats, "reused": True}

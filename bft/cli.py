@@ -72,11 +72,10 @@ def _generate(cfg, beam_args, run_file) -> int:
 
 def _assemble(cfg, beam_args, run_file) -> int:
     from beam_pipelines import assemble
-    from schemas import release
 
     stats = assemble.run(cfg, beam_args)
     f = stats["funnel"]
-    folder = release.release_dir(cfg.root, stats["version"])
+    folder = stats["folder"]
     print(f"assemble ({stats['recipe']}): {f['candidates']:,} candidates -> {f['web_examples']:,} web examples "
           f"+ {f['seed']['kept']:,} seed = {f['final']['total']:,} ({f['final']['train']:,} train, "
           f"{f['final']['validation']:,} validation)")

@@ -89,27 +89,29 @@ def _estimate_from_input(plan: RunPlan, sample_docs: int) -> dict:
     """Before prepare has run: parse up to `sample_docs` lines of the first head-split file, measure
     them with prepare's tokenizer and limits, and scale by the number of files."""
     from beam_pipelines import dolma
-    from beam_pipelines.length import load_tokenizer
+    from beam_pipelines.length import shared_counter
     from beam_pipelines.prepare import list_inputs
 
     cfg = plan.prepare
     files = [f for f in list_inputs(cfg.input) if not cfg.splits or dolma.split_of(f, cfg.splits)]
     if not files:
         raise UserError("no input file is in the selected splits: nothing to plan")
-    tok = load_tokenizer(cfg.tokenizer)
-    lines, kept, tokens, texts, lengths = 0, 0, 0, [], []
+    lines, docs = 0, []
     for raw in storage.open_lines(files[0]):
         lines += 1
         doc = dolma.parse_line(raw, cfg.max_line_bytes)
         if isinstance(doc, dolma.Document):
-            n = len(tok.encode(doc.text, add_special_tokens=False).ids)
-            if cfg.min_tokens <= n <= cfg.max_tokens:
-                kept += 1
-                tokens += n
-                texts.append(doc.text)
-                lengths.append(n)
+            docs.append(doc.text)
         if lines >= sample_docs:
             break
+    kept, tokens, texts, lengths = 0, 0, [], []
+    # prepare's own counter (length.shared_counter): the same loader and exact counts as the pass
+    for text, n in zip(docs, shared_counter(cfg.tokenizer).count(docs) if docs else []):
+        if cfg.min_tokens <= n <= cfg.max_tokens:
+            kept += 1
+            tokens += n
+            texts.append(text)
+            lengths.append(n)
     # a sampled file that is shorter than the sample is the whole file: scale by files either way
     per_file_lines = lines
     if lines >= sample_docs:  # count the rest of the first file's lines cheaply (no parsing)

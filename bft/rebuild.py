@@ -283,7 +283,7 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
     night.record["invocations"][-1].update(status="done", ended_at=_now())  # as the manifest records it
     stats = assemble.run(plan.assemble, plan.assemble_beam_args, run_record=night.record)
     night.add("assemble", {"reused": bool(stats.get("reused")), "seconds": round(time.perf_counter() - t, 3)})
-    folder = release.release_dir(plan.root, stats["version"])
+    folder = stats["folder"]
     manifest = release.validate(folder)
     f = stats["funnel"]
     say(f"   {'reused: release ' + stats['version'] + ' is current, nothing new published' if stats.get('reused') else 'published release ' + stats['version']}"
@@ -293,7 +293,7 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
     result = {"night": night.record, "release": {"version": stats["version"], "published": not stats.get("reused"),
                                                  "folder": folder, "train": f["final"]["train"],
                                                  "validation": f["final"]["validation"]},
-              "changes": release_changes(plan.root, previous, stats["version"]),
+              "changes": release_changes(plan.root, previous, stats),
               "alerts": stats.get("alerts") or []}
     if cfg.format == "json":
         print(json.dumps(result, indent=2))
@@ -317,22 +317,20 @@ def _latest(root: str) -> str | None:
     return storage.read_text(path).strip() if storage.exists(path) else None
 
 
-def release_changes(root: str, previous: str | None, version: str) -> dict:
-    """How release `version` differs from `previous` (LATEST before this night): examples added,
-    removed and kept by origin, the kept share, the error share and the stages' pass rates
-    (beam_pipelines.changes, the same comparison the release's own report shows against its parent)."""
+def release_changes(root: str, previous: str | None, stats: dict) -> dict:
+    """How the release of `stats` (assemble.run's) differs from `previous` (LATEST before this night):
+    examples added, removed and kept by origin, the kept share, the error share and the stages' pass
+    rates (beam_pipelines.changes, the same comparison the release's own report shows against its
+    parent: taken from its stats when the parent is `previous`)."""
     from beam_pipelines import changes
-    from beam_pipelines.corpus_stats import RELEASE_STATS
-    from schemas import release
+    from schemas.layout import RunLayout
 
+    version = stats["version"]
     if previous is None or previous == version:
         return {"previous": previous, "same_release": previous == version}
-    folder = release.release_dir(root, version)
-    try:
-        stats = json.loads(storage.read_text(storage.join(folder, RELEASE_STATS)))
-    except (OSError, ValueError) as e:
-        return {"previous": previous, "error": f"the release's stats cannot be read: {e}"}
-    diff = changes.changes(release.release_dir(root, previous), previous, folder, stats)
+    diff = stats.get("changes") if stats.get("parent") == previous else None
+    if not diff:
+        diff = changes.changes(RunLayout(root).release(previous), previous, stats["folder"], stats)
     if diff.get("error"):
         return {"previous": previous, "error": diff["error"]}
     return {"previous": previous, "same_release": False, **{k: v for k, v in diff.items() if k != "parent"}}
