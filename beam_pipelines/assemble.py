@@ -16,6 +16,7 @@ shuffle; examples go from JoinShard to FinalizeShard through per-shard Parquet p
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -122,6 +123,10 @@ class ShardInput:
     num_shards: int
     candidates: str
     stages: tuple[tuple[str, str], ...]     # (stage, path): the recipe's stages, and any other stage run
+    # (file, sha256, error, stage): what the generation markers record of the files this shard reads
+    # (each stage file's own bytes, and the candidates it was made from), checked while they are read
+    # (provenance.problem's `deferred`): the driver reads none of them
+    checks: tuple[tuple[str, str, str, str], ...] = ()
 
 
 def _token_counter(tokenizer_path: str):
@@ -144,14 +149,35 @@ class JoinShard(beam.DoFn):
         configure_process()
         self.count_tokens = _token_counter(self.cfg.tokenizer)
 
+    def _read(self, path: str, shard: ShardInput, left_out: set) -> pa.Table | None:
+        """The Parquet file at `path`, read once and checked against every sha256 the generation markers
+        record of it: a mismatch of a stage the recipe needs is an error naming that stage's shard; of
+        a stage read for the statistics only, that stage is left out (None when it is this file's)."""
+        blob = storage.read_bytes(path)
+        actual = hashlib.sha256(blob).hexdigest()
+        for file, digest, error, stage in shard.checks:
+            if file != path or digest == actual or stage in left_out:
+                continue
+            if stage in self.cfg.stages:
+                raise AssembleError(f"{error}; rerun bft generate {stage}")
+            log.warning("%s; left out of the statistics", error)
+            left_out.add(stage)
+        return storage.parquet_from_bytes(blob)
+
     def process(self, shard: ShardInput):
         t0 = time.perf_counter()
         cfg, recipe = self.cfg, recipes.RECIPES[self.cfg.recipe]
-        cands = schemas.validate(storage.read_parquet(shard.candidates), schemas.CANDIDATE, shard.candidates)
+        left_out: set[str] = set()
+        cands = schemas.validate(self._read(shard.candidates, shard, left_out), schemas.CANDIDATE, shard.candidates)
         stages, partial = {}, {"stages": {}}
         t_stats = 0.0
         for stage, path in shard.stages:
-            table = schemas.validate(storage.read_parquet(path), schemas.GENERATION, path)
+            if stage in left_out:
+                continue
+            table = self._read(path, shard, left_out)
+            if stage in left_out:
+                continue
+            table = schemas.validate(table, schemas.GENERATION, path)
             wrong = pc.unique(pc.filter(table["stage"], pc.not_equal(table["stage"], stage))).to_pylist()
             if wrong:
                 raise AssembleError(f"{path}: holds rows of stage {wrong}, expected {stage}")
@@ -161,6 +187,8 @@ class JoinShard(beam.DoFn):
             partial["stages"][stage] = corpus_stats.stage_partial(stage, table)
             t_stats += time.perf_counter() - t
         # every stage run is in the statistics; the recipe's (and --same-ids-as's) stages decide the rows
+        for stage in left_out:
+            partial["stages"].pop(stage, None)
         joined = recipes.join_stages(cands, {st: t for st, t in stages.items() if st in cfg.stages})
         check_carried_instructions(joined, {st: p for st, p in shard.stages if st in cfg.stages})
         reason = recipes.verdicts(joined, recipe, cfg.curation(), cfg.threshold)
@@ -405,28 +433,34 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
     lineage = {"candidates": [], "generations": {s: [] for s in cfg.stages}, "seed_data": None}
     checksums: dict[str, str] = {}
     for k, n, path in cands:
-        stage_paths, missing_here = [], []
+        stage_paths, missing_here, checks = [], [], []
         # the stages the rows need must be there and current; any other stage run is read for the
-        # report's statistics when it is current, and left out (with a warning) when it is not
+        # report's statistics when it is current, and left out (with a warning) when it is not. What
+        # needs the files' bytes is checked by JoinShard as it reads them (each file read once)
         for stage in recipes.ALL_STAGES:
             out = layout.generation_shard(stage, k, n)
             if storage.exists(out):
-                why = shard_problem(layout, stage, k, n, checksums)
+                deferred: list = []
+                why = shard_problem(layout, stage, k, n, checksums, deferred)
                 if why and stage in cfg.stages:
                     raise AssembleError(f"{out}: {why}; rerun bft generate {stage}")
                 if why:
                     log.warning("%s: %s; left out of the statistics", out, why)
                     continue
                 stage_paths.append((stage, out))
+                checks += [(file, digest, f"{out}: {error}", stage) for file, digest, error in deferred]
                 lineage["generations"].setdefault(stage, []).append(content_of(out, checksums))
             elif stage in cfg.stages:
                 missing_here.append(out)
-        lineage["candidates"].append(content_of(path, checksums))
         if missing_here:
+            lineage["candidates"].append(content_of(path, checksums))
             missing_files += missing_here
             skipped[k] = release.parquet_rows(path)
         else:
-            shards.append(ShardInput(k, n, path, tuple(stage_paths)))
+            # as the markers record it (JoinShard proves it, or stops before anything is published)
+            claimed = next((digest for file, digest, _, stage in checks if file == path and stage in cfg.stages), None)
+            lineage["candidates"].append(content_of(path, checksums, claimed))
+            shards.append(ShardInput(k, n, path, tuple(stage_paths), tuple(checks)))
     if missing_files and not cfg.allow_partial:
         raise AssembleError(f"recipe {cfg.recipe} needs stages {cfg.stages}; {len(missing_files)} generation "
                             "shard(s) are missing (run bft generate for them, or pass --allow-partial):\n  "
@@ -439,20 +473,26 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
     return shards, skipped, cands[0][1], lineage
 
 
-def content_of(path: str, checksums: dict[str, str]) -> dict:
+def content_of(path: str, checksums: dict[str, str], claimed: str | None = None) -> dict:
     """An input of the release as its lineage (and so its config hash) records it: path, bytes and
     sha256 of the content, so that an input edited in place with the same size is a change (issue 23).
-    The sha256 is the one the shard checks computed (`checksums`), or read now: each file once."""
+    The sha256 is the one the generation markers record (`checksums`, `claimed`: JoinShard checks it
+    as it reads the file, before anything is published), or read now for a file no worker reads."""
+    if claimed is not None:
+        return {"path": path, "bytes": storage.size(path), "sha256": claimed}
     if path not in checksums:
         checksums[path] = release.sha256_of(path)
     return {"path": path, "bytes": storage.size(path), "sha256": checksums[path]}
 
 
-def shard_problem(layout: RunLayout, stage: str, k: int, n: int, checksums: dict[str, str]) -> str | None:
+def shard_problem(layout: RunLayout, stage: str, k: int, n: int, checksums: dict[str, str],
+                  deferred: list | None = None) -> str | None:
     """Why shard k of `stage` is not current (its marker, checksum or inputs: schemas.provenance), or
-    None; `checksums` caches the inputs' sha256 across shards."""
+    None; `checksums` caches the inputs' sha256 across shards; `deferred` receives the checks that
+    need a file's bytes, for the reader to make."""
     out = layout.generation_shard(stage, k, n)
-    return provenance.problem(layout, out, layout.generation_metrics(stage, k, n), checksums=checksums)
+    return provenance.problem(layout, out, layout.generation_metrics(stage, k, n), checksums=checksums,
+                              deferred=deferred)
 
 
 def _stage_models(cfg: AssembleConfig, shards: list[ShardInput]) -> dict[str, list[str]]:

@@ -58,20 +58,34 @@ def _differences(recorded: dict, expected: dict) -> list[str]:
     return [k for k in keys if recorded.get(k) != expected.get(k)]
 
 
+BYTES_DIFFER = "its bytes differ from the sha256 recorded when it was written (damaged or edited)"
+
+
 def problem(layout: RunLayout, path: str, marker: str, expected: dict | None = None,
-            checksums: dict[str, str] | None = None) -> str | None:
+            checksums: dict[str, str] | None = None, deferred: list | None = None) -> str | None:
     """Why the shard at `path` is not complete and current, or None when it is.
 
     expected: `made_from(...)` of what the shard should be made from now (the runner); without it the
     recorded inputs are checked against the files as they are now (assemble). checksums: a cache
-    {path: sha256} shared between calls, so that each input file is read once."""
+    {path: sha256} shared between calls, so that each input file is read once.
+
+    deferred: a list that receives (file, sha256, why) for every comparison that would read a file
+    (the shard's own bytes, and an input not in `checksums`) instead of making it: the caller reads
+    those files anyway and checks each sha256 while reading (assemble's JoinShard), so each file is
+    read once. The shard's recorded sha256 goes into `checksums` (to be verified): a later shard made
+    from it is compared with the record, which the read will prove."""
     if not storage.exists(path):
         return MISSING
     record = read_record(marker)
     if record is None:
         return f"no valid completion marker {marker} (the run stopped before finishing this shard)"
-    if storage.size(path) != record["bytes"] or (digest := sha256_of(path)) != record["sha256"]:
-        return "its bytes differ from the sha256 recorded when it was written (damaged or edited)"
+    if storage.size(path) != record["bytes"]:
+        return BYTES_DIFFER
+    if deferred is not None:
+        digest = record["sha256"]
+        deferred.append((path, digest, BYTES_DIFFER))
+    elif (digest := sha256_of(path)) != record["sha256"]:
+        return BYTES_DIFFER
     if checksums is not None:
         checksums[path] = digest
     if expected is not None:
@@ -85,10 +99,14 @@ def problem(layout: RunLayout, path: str, marker: str, expected: dict | None = N
     cache = {} if checksums is None else checksums
     for name, entry in sorted(record["inputs"].items()):
         source = storage.join(layout.root, entry["path"])
+        why = f"made from {entry['path']} ({name}), which changed since (stale)"
+        if source not in cache and deferred is not None and storage.exists(source):
+            deferred.append((source, entry["sha256"], why))
+            continue
         if source not in cache:
             cache[source] = sha256_of(source) if storage.exists(source) else MISSING
         if cache[source] != entry["sha256"]:
-            return f"made from {entry['path']} ({name}), which changed since (stale)"
+            return why
     return None
 
 

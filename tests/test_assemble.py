@@ -597,3 +597,23 @@ def test_bft_latest_prints_the_data_folder_of_the_latest_release(root, tmp_path,
                                              ["counts"].values())
     os.remove(os.path.join(root, "sft", "v1", "_SUCCESS"))
     assert cli.main(["latest", root]) == 1 and "_SUCCESS missing" in capsys.readouterr().err
+
+
+def test_assemble_reads_each_input_file_once(root, monkeypatch):
+    """Issue 24 point 5: the driver checked every generation shard's sha256 (reading it whole), then a
+    worker read it again; now the driver reads only markers, and JoinShard checks each file's sha256
+    while it reads it, once, before parsing (the flipped-byte and stale tests above prove the checks)."""
+    import collections
+    import glob as globlib
+
+    layout = RunLayout(root)
+    inputs = {p for _, _, p in layout.candidate_shards()} | set(
+        globlib.glob(os.path.join(root, "generations", "*", "*.parquet")))
+    assert len(inputs) > 4
+    reads = collections.Counter()
+    for name in ("open_read", "read_bytes", "read_parquet"):
+        real = getattr(storage, name)
+        monkeypatch.setattr(storage, name,
+                            lambda path, *a, _real=real, **k: reads.update([path]) or _real(path, *a, **k))
+    run(root, version="once")
+    assert {p: reads[p] for p in sorted(inputs)} == {p: 1 for p in sorted(inputs)}
