@@ -17,7 +17,7 @@ import shutil
 
 import numpy as np
 
-from benchmarks.prepare_bench import BFT, WORK, make_tokenizer, measure
+from benchmarks.prepare_bench import PY, WORK, make_tokenizer, measure
 
 SHARDS = 16
 
@@ -90,7 +90,7 @@ def build_root(n: int, tokenizer: str) -> str:
 def run_recipe(root: str, n: int, recipe: str) -> dict:
     version = f"bench-{recipe.replace('+', '-')}"
     shutil.rmtree(os.path.join(root, "sft", version), ignore_errors=True)
-    m = measure([BFT, "assemble", "--root", root, "--recipe", recipe, "--seed-data", os.path.join(root, "seed.jsonl"),
+    m = measure([PY, "-m", "bft.cli", "assemble", "--root", root, "--recipe", recipe, "--seed-data", os.path.join(root, "seed.jsonl"),
                  "--version", version])
     stats = json.load(open(os.path.join(root, "sft", version, "stats.json")))
     t = stats["timing"]

@@ -13,9 +13,14 @@ Three parts, each writing into benchmarks/work/ and printing markdown tables:
 3. Memory per process on short documents (default 30K, 300K, 1M): the peak RSS of the largest worker
    process and of the driver, which runs the local runner and holds its shuffles (flat is the target).
 
+Each part runs on the synthetic corpus (benchmarks/corpus.py: words drawn by frequency, kind to the chunk
+cache), on real text (benchmarks/real_corpus.py: man pages, info manuals, /usr/share/doc, Python's docs,
+package READMEs) or on both (`--corpus`, default both); every row says which.
+
     .venv/bin/python -m benchmarks.prepare_bench                               # everything, as documented
     .venv/bin/python -m benchmarks.prepare_bench --docs 2000 --files 4 --sample-docs 3000 --target 100 \\
         --memory-docs 2000 4000                                                # a smoke run
+    .venv/bin/python -m benchmarks.prepare_bench --corpus real --docs 30000 --sample-docs 0 --memory-docs
 """
 from __future__ import annotations
 
@@ -39,13 +44,26 @@ REPO = os.path.dirname(HERE)
 ENV = {"PYTHONPATH": REPO}
 
 
-def make_corpus(n_docs: int, files: int, median_chars: int = 3000) -> str:
-    from benchmarks.corpus import TextMaker, write_dolma
+CORPORA = ("synthetic", "real")
 
-    root = os.path.join(WORK, f"corpus-{n_docs}" + ("" if median_chars == 3000 else f"-m{median_chars}"))
+
+def _tag(corpus: str) -> str:
+    """The suffix of a work folder: none for the synthetic corpus (the names it always had)."""
+    return "" if corpus == "synthetic" else f"-{corpus}"
+
+
+def make_corpus(n_docs: int, files: int, median_chars: int = 3000, corpus: str = "synthetic") -> str:
+    from benchmarks.corpus import TextMaker, write_dolma
+    from benchmarks.real_corpus import make_real_corpus
+
+    name = f"corpus-{n_docs}" if corpus == "synthetic" else f"{corpus}-corpus-{n_docs}"
+    root = os.path.join(WORK, name + ("" if median_chars == 3000 else f"-m{median_chars}"))
     if not os.path.exists(os.path.join(root, "DONE")):
         shutil.rmtree(root, ignore_errors=True)
-        write_dolma(root, n_docs, files, maker=TextMaker(seed=n_docs), median_chars=median_chars)
+        if corpus == "synthetic":
+            write_dolma(root, n_docs, files, maker=TextMaker(seed=n_docs), median_chars=median_chars)
+        else:
+            make_real_corpus(root, n_docs, files, seed=n_docs, median_chars=median_chars)
         open(os.path.join(root, "DONE"), "w").close()
     return root
 
@@ -95,11 +113,12 @@ def run_ours(head: str, root: str, tokenizer: str, max_tokens: int, shards: int,
     return m, json.load(open(os.path.join(root, "candidates", "stats.json")))
 
 
-def run_speed(n_docs: int, files: int, max_tokens: int, shards: int, structure: str) -> dict:
+def run_speed(n_docs: int, files: int, max_tokens: int, shards: int, structure: str,
+              corpus: str = "synthetic") -> dict:
     tokenizer = make_tokenizer(structure)
-    head = os.path.join(make_corpus(n_docs, files), "documents", "cc_en_head")
-    ours_root = os.path.join(WORK, f"ours-{structure}-{n_docs}")
-    peer_out = os.path.join(WORK, f"datatrove-{structure}-{n_docs}")
+    head = os.path.join(make_corpus(n_docs, files, corpus=corpus), "documents", "cc_en_head")
+    ours_root = os.path.join(WORK, f"ours-{structure}-{n_docs}{_tag(corpus)}")
+    peer_out = os.path.join(WORK, f"datatrove-{structure}-{n_docs}{_tag(corpus)}")
     for d in (peer_out, peer_out + "-logs"):
         shutil.rmtree(d, ignore_errors=True)
     ours, stats = run_ours(head, ours_root, tokenizer, max_tokens, shards)
@@ -121,6 +140,7 @@ def run_speed(n_docs: int, files: int, max_tokens: int, shards: int, structure: 
     from beam_pipelines.length import load_tokenizer, tokenizer_shape
 
     return {
+        "corpus": corpus,
         "structure": structure,
         "path": tokenizer_shape(load_tokenizer(tokenizer)).path,
         "docs": n_docs,
@@ -139,24 +159,27 @@ def run_speed(n_docs: int, files: int, max_tokens: int, shards: int, structure: 
     }
 
 
-def run_sample(n_docs: int, files: int, max_tokens: int, shards: int, target: int, structure: str) -> dict:
+def run_sample(n_docs: int, files: int, max_tokens: int, shards: int, target: int, structure: str,
+               corpus: str = "synthetic") -> dict:
     tokenizer = make_tokenizer(structure)
-    head = os.path.join(make_corpus(n_docs, files), "documents", "cc_en_head")
-    full, full_stats = run_ours(head, os.path.join(WORK, f"sample-full-{n_docs}"), tokenizer, max_tokens, shards)
-    samp, samp_stats = run_ours(head, os.path.join(WORK, f"sample-{target}-{n_docs}"), tokenizer, max_tokens,
-                                shards, "--target-docs", str(target))
-    return {"docs": n_docs, "target": target, "structure": structure, "full": full, "sample": samp,
+    head = os.path.join(make_corpus(n_docs, files, corpus=corpus), "documents", "cc_en_head")
+    full, full_stats = run_ours(head, os.path.join(WORK, f"sample-full-{n_docs}{_tag(corpus)}"), tokenizer,
+                                max_tokens, shards)
+    samp, samp_stats = run_ours(head, os.path.join(WORK, f"sample-{target}-{n_docs}{_tag(corpus)}"), tokenizer,
+                                max_tokens, shards, "--target-docs", str(target))
+    return {"corpus": corpus, "docs": n_docs, "target": target, "structure": structure, "full": full, "sample": samp,
             "wall_share": samp["wall_s"] / full["wall_s"],
             "measured_full": full_stats["length_filter"]["measured"],
             "measured_sample": samp_stats["length_filter"]["measured"],
             "sample_rounds": samp_stats["length_filter"]["sample_rounds"], "kept": samp_stats["kept"]}
 
 
-def run_memory(n_docs: int, files: int, max_tokens: int, shards: int, structure: str) -> dict:
+def run_memory(n_docs: int, files: int, max_tokens: int, shards: int, structure: str,
+               corpus: str = "synthetic") -> dict:
     tokenizer = make_tokenizer(structure)
-    head = os.path.join(make_corpus(n_docs, files, median_chars=300), "documents", "cc_en_head")
-    m, stats = run_ours(head, os.path.join(WORK, f"memory-{n_docs}"), tokenizer, max_tokens, shards)
-    return {"docs": n_docs, "structure": structure, **m, "kept": stats["kept"]}
+    head = os.path.join(make_corpus(n_docs, files, median_chars=300, corpus=corpus), "documents", "cc_en_head")
+    m, stats = run_ours(head, os.path.join(WORK, f"memory-{n_docs}{_tag(corpus)}"), tokenizer, max_tokens, shards)
+    return {"corpus": corpus, "docs": n_docs, "structure": structure, **m, "kept": stats["kept"]}
 
 
 def main(argv=None) -> None:
@@ -171,51 +194,59 @@ def main(argv=None) -> None:
     ap.add_argument("--sample-docs", type=int, default=300_000, help="corpus of the --target-docs part (0: skip)")
     ap.add_argument("--target", type=int, default=1000)
     ap.add_argument("--memory-docs", type=int, nargs="*", default=[30_000, 300_000, 1_000_000])
+    ap.add_argument("--corpus", choices=(*CORPORA, "both"), default="both",
+                    help="synthetic (benchmarks/corpus.py), real text (benchmarks/real_corpus.py) or both")
     args = ap.parse_args(argv)
     os.makedirs(WORK, exist_ok=True)
     common = (args.files, args.max_tokens, args.num_shards)
-    results: dict = {"speed": [], "sample": None, "memory": []}
+    corpora = CORPORA if args.corpus == "both" else (args.corpus,)
+    results: dict = {"speed": [], "sample": [], "memory": []}
 
     def save():
         json.dump(results, open(os.path.join(WORK, "prepare_bench.json"), "w"), indent=2)
 
     for n in args.docs:
-        for structure in args.structures:
-            results["speed"].append(run_speed(n, *common, structure))
-            print(json.dumps(results["speed"][-1]), flush=True)
-            save()
-    if args.sample_docs:
-        results["sample"] = run_sample(args.sample_docs, *common, args.target, args.structures[0])
-        print(json.dumps(results["sample"]), flush=True)
+        for corpus in corpora:
+            for structure in args.structures:
+                results["speed"].append(run_speed(n, *common, structure, corpus))
+                print(json.dumps(results["speed"][-1]), flush=True)
+                save()
+    for corpus in corpora if args.sample_docs else ():
+        results["sample"].append(run_sample(args.sample_docs, *common, args.target, args.structures[0], corpus))
+        print(json.dumps(results["sample"][-1]), flush=True)
         save()
     for n in args.memory_docs:
-        results["memory"].append(run_memory(n, *common, args.structures[0]))
-        print(json.dumps(results["memory"][-1]), flush=True)
-        save()
+        for corpus in corpora:
+            results["memory"].append(run_memory(n, *common, args.structures[0], corpus))
+            print(json.dumps(results["memory"][-1]), flush=True)
+            save()
 
     mib = 2 ** 20
-    print("\n| tokenizer | path | docs | bft prepare docs/s | datatrove docs/s | ratio | bft peak RSS | "
+    print("\n| corpus | tokenizer | path | docs | bft prepare docs/s | datatrove docs/s | ratio | bft peak RSS | "
           "datatrove peak RSS | by pieces / in full / by bound | same decisions and counts |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|:---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|:---:|")
     for r in results["speed"]:
-        print(f"| {r['structure']} | {r['path']} | {r['docs']:,} | {r['ours_docs_per_s']:,.0f} | "
+        print(f"| {r['corpus']} | {r['structure']} | {r['path']} | {r['docs']:,} | {r['ours_docs_per_s']:,.0f} | "
               f"{r['datatrove_docs_per_s']:,.0f} | {r['speed_ratio']:.2f}x | {r['ours']['peak_rss_bytes'] / mib:,.0f} MiB | "
               f"{r['datatrove']['peak_rss_bytes'] / mib:,.0f} MiB | {r['share_counted_by_words']:.1%} / "
               f"{r['share_tokenized_in_full']:.1%} / {r['share_rejected_by_bound']:.1%} | "
               f"{'yes' if r['same_length_decisions'] and r['same_token_counts'] else 'NO'} |")
     if results["sample"]:
-        s = results["sample"]
-        print("\n| corpus | --target-docs | full pass | sample | share of the full pass | measured (full / sample) | rounds |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
-        print(f"| {s['docs']:,} | {s['target']:,} | {s['full']['wall_s']:.1f} s | {s['sample']['wall_s']:.1f} s | "
-              f"{s['wall_share']:.1%} | {s['measured_full']:,} / {s['measured_sample']:,} | {s['sample_rounds']} |")
+        print("\n| corpus | docs | --target-docs | full pass | sample | share of the full pass | "
+              "measured (full / sample) | rounds |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for s in results["sample"]:
+        print(f"| {s['corpus']} | {s['docs']:,} | {s['target']:,} | {s['full']['wall_s']:.1f} s | "
+              f"{s['sample']['wall_s']:.1f} s | {s['wall_share']:.1%} | {s['measured_full']:,} / "
+              f"{s['measured_sample']:,} | {s['sample_rounds']} |")
     if results["memory"]:
-        print("\n| short documents | wall | peak RSS, largest worker | peak RSS, driver (the local runner) | "
+        print("\n| corpus | short documents | wall | peak RSS, largest worker | peak RSS, driver (the local runner) | "
               "peak RSS, all processes |")
-        print("|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|")
         for r in results["memory"]:
-            print(f"| {r['docs']:,} | {r['wall_s']:.1f} s | {r['peak_worker_rss_bytes'] / mib:,.0f} MiB | "
-                  f"{r['peak_driver_rss_bytes'] / mib:,.0f} MiB | {r['peak_rss_bytes'] / mib:,.0f} MiB |")
+            print(f"| {r['corpus']} | {r['docs']:,} | {r['wall_s']:.1f} s | "
+                  f"{r['peak_worker_rss_bytes'] / mib:,.0f} MiB | {r['peak_driver_rss_bytes'] / mib:,.0f} MiB | "
+                  f"{r['peak_rss_bytes'] / mib:,.0f} MiB |")
 
 
 if __name__ == "__main__":
