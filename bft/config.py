@@ -238,7 +238,8 @@ def _no_root(body: dict, path: str, where: str) -> None:
 # Keys a section may hold beside the verb's own options, with their types: Beam's pipeline options for
 # the Beam verbs, and what `bft rebuild` / `bft plan` read from a generation stage's section.
 RUN_KEYS = {"prepare": {"beam_args": list}, "assemble": {"beam_args": list},
-            "generate": {"external": bool, "workers": int, "tokens_per_s": float}}
+            "generate": {"external": bool, "workers": int, "tokens_per_s": float,
+                         "price_in": float, "price_out": float, "batch_discount": float}}
 
 
 def section_values(cls, doc: dict, path: str, verb: str, sub: str | None = None) -> tuple[dict, dict, str]:

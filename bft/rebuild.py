@@ -237,6 +237,7 @@ def rebuild(plan: RunPlan, cfg: RebuildConfig, lock=None) -> int:
 
 def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> int:
     from beam_pipelines import assemble, prepare
+    from generation.batch import BatchesPending
     from generation.runner import ErrorBudgetExceeded, StageRunner, stage_status
     from schemas import release
 
@@ -263,9 +264,17 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
             summary = {"shards_done": [], "shards_skipped": status["complete"], "sent": 0, "reused": 0,
                        "errors": 0, "refusals": {}}
         else:
+            if cfg.wait and sp.cfg.batch != "none":  # rebuild --wait waits for a stage's batches too
+                sp.cfg.wait, sp.cfg.wait_timeout = True, min(sp.cfg.wait_timeout, cfg.wait_timeout)
             try:
                 with StageRunner(sp.cfg) as runner:  # closes the stage's engine before the next one loads
                     summary = runner.run()
+            except BatchesPending as e:  # submitted or still running: not a failure, a state to wait out
+                values = _stage_values(sp, e.summary, time.perf_counter() - t)
+                night.add(sp.stage, values)
+                say(_stage_line(values) + f"\n   {e}\n   then run this rebuild again (or with --wait)")
+                night.save(f"waiting for {sp.stage}'s batches")
+                return EX_TEMPFAIL
             except ErrorBudgetExceeded as e:
                 values = _stage_values(sp, e.summary, time.perf_counter() - t)
                 night.add(sp.stage, values)

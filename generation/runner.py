@@ -46,6 +46,7 @@ from schemas.options import option, product_options, required
 from schemas.outcomes import NOT_SENT, REFUSALS, category, engine_error, is_engine_error, refused, shard_summary
 from schemas.recipes import GATE_STAGES, gate_threshold, recorded_score_mode
 from generation import parsing
+from generation.batch import BatchDispatch, BatchesPending
 from generation.engines import Completion, Engine, EngineConfig, Request, load_engine
 from generation.progress import StageProgress
 from generation.prompting import fallback_format, fit_prompts, n_tokens
@@ -85,6 +86,11 @@ class GenerateConfig(Rooted):
     tokenizer: str | None = option(None, "tokenizer of the model, if not the --model folder")
     base_url: str | None = option(None, "openai engine: the server, e.g. http://localhost:8000/v1", run_only=True)
     api: str = option("completions", "openai engine endpoint", choices=["completions", "chat"])
+    server: str = option("auto", "openai engine: the kind of server, which decides the request fields sent: vllm "
+                         "(its extensions: add_special_tokens, continue_final_message, 20 logprobs), openai "
+                         "(OpenAI's or Azure's API: documented fields only, max_completion_tokens on chat, 5 "
+                         "completion logprobs), generic (documented fields only); auto: from --base-url and "
+                         "GET /models", choices=["auto", "vllm", "openai", "generic"], run_only=True)
     worker_index: int = option(0, "this worker's index: it takes shards k with k % num_workers == index",
                                run_only=True)
     num_workers: int = option(1, "workers sharing the stage", run_only=True)
@@ -127,6 +133,14 @@ class GenerateConfig(Rooted):
     chunk_rows: int = option(512, "hf engine: rows per engine call (the openai engine streams, vllm takes a "
                              "whole shard)",
                              run_only=True)
+    batch: str = option("none", "openai engine: send the requests as batch files instead of one HTTP request per "
+                        "row: openai (OpenAI's Batch API at --base-url: half the price, answered within 24 h) or vllm "
+                        "(input files for `vllm run-batch`, whose output files a later run reads); the stage exits 75 "
+                        "while batches run (generation/batch.py)", choices=["none", "openai", "vllm"], run_only=True)
+    wait: bool = option(False, "--batch: poll until every batch has ended instead of exiting 75", run_only=True)
+    poll_s: float = option(60.0, "--batch --wait: seconds between polls", run_only=True)
+    wait_timeout: float = option(26 * 3600.0, "--batch --wait: seconds to wait before failing (the Batch API "
+                                 "answers within 24 h)", run_only=True)
 
     def check(self) -> None:
         if self.stage not in STAGES:
@@ -137,6 +151,11 @@ class GenerateConfig(Rooted):
             raise UserError("--chunk-rows, --batch-size, --concurrency and --checkpoint-rows must be >= 1")
         if not 0 <= self.max_error_rate <= 1:
             raise UserError(f"--max-error-rate {self.max_error_rate:g}: a share, from 0 to 1")
+        if self.batch != "none" and self.engine != "openai":
+            raise UserError(f"--batch {self.batch} sends the openai engine's requests as batch files; use --engine "
+                            f"openai, not {self.engine}")
+        if self.poll_s <= 0 or self.wait_timeout < 0:
+            raise UserError("--poll-s must be > 0 and --wait-timeout >= 0")
         spec = STAGES[self.stage]
         if spec.gate is None and (self.gate or self.min_score is not None):
             raise UserError(f"--gate and --min-score are for stages with a gate "
@@ -169,7 +188,8 @@ class GenerateConfig(Rooted):
     def engine_config(self) -> EngineConfig:
         return EngineConfig(self.engine, self.model, **{k: getattr(self, k) for k in (
             "tokenizer", "base_url", "api", "batch_size", "max_model_len", "concurrency", "tensor_parallel_size",
-            "gpu_memory_utilization", "dtype", "seed", "request_timeout", "max_retries", "max_retry_time")})
+            "gpu_memory_utilization", "dtype", "seed", "request_timeout", "max_retries", "max_retry_time",
+            "server")}, offline=self.batch == "vllm")
 
 
 def read_generation(path: str) -> pa.Table:
@@ -211,6 +231,12 @@ class StageRunner:
     def engine(self) -> Engine:
         if self._engine is None:
             self._engine = load_engine(self.cfg.engine_config())
+            problem = self._engine.logprob_problem() if self.logprob_prefix else None
+            if problem:  # before any request: a logprob score read off another position is no score
+                if self._owns_engine:
+                    self._engine.close()
+                self._engine = None
+                raise GenerationError(f"{self.cfg.stage}: --score-mode logprob cannot run here: {problem}")
             fallback = fallback_format(self._engine.tokenizer)
             if fallback:
                 log.warning("%s: the tokenizer has no chat template: prompts use %s", self.cfg.stage, fallback)
@@ -294,24 +320,56 @@ class StageRunner:
             work.append((k, n, inputs, made, out, previous))
         if work:
             self.engine  # noqa: B018 - load it now: an unreachable server fails here, before any shard
+        batches = (BatchDispatch(self.engine, self.layout, cfg.stage, self._config_key(), cfg.batch, cfg.model)
+                   if work and cfg.batch != "none" else None)
         progress = StageProgress(cfg.stage, sum(parquet_rows(w[2]["candidates"]) for w in work))
+
+        def account(k: int, metrics: dict) -> None:
+            summary["shards_done"].append(k)
+            summary["rows"] += metrics["rows"]
+            summary["sent"] += metrics["sent_now"]
+            summary["reused"] += metrics["reused_rows"]
+            summary["errors"] += metrics["errors_now"]
+            summary["answered"] += metrics["rows"] - (metrics["finish_reasons"] or {}).get(NOT_SENT, 0)
+            for reason, count in metrics["refusals_now"].items():
+                summary["refusals"][reason] = summary["refusals"].get(reason, 0) + count
+            if metrics["errors_now"]:
+                summary["failing_shards"].append({"shard": k, "sent": metrics["sent_now"],
+                                                  "errors": metrics["errors_now"], "first": metrics["first_error"]})
+
+        pending = []
         try:
-            for k, n, inputs, made, out, previous in work:
-                metrics = self.run_shard(k, n, inputs, made, out, previous, progress)
-                summary["shards_done"].append(k)
-                summary["rows"] += metrics["rows"]
-                summary["sent"] += metrics["sent_now"]
-                summary["reused"] += metrics["reused_rows"]
-                summary["errors"] += metrics["errors_now"]
-                summary["answered"] += metrics["rows"] - (metrics["finish_reasons"] or {}).get(NOT_SENT, 0)
-                for reason, count in metrics["refusals_now"].items():
-                    summary["refusals"][reason] = summary["refusals"].get(reason, 0) + count
-                if metrics["errors_now"]:
-                    summary["failing_shards"].append({"shard": k, "sent": metrics["sent_now"],
-                                                      "errors": metrics["errors_now"], "first": metrics["first_error"]})
+            for w in work:
+                metrics = self.run_shard(*w, progress, batches=batches)
+                if metrics is None:   # its rows wait in batches
+                    pending.append(w)
+                else:
+                    account(w[0], metrics)
+            deadline = time.monotonic() + cfg.wait_timeout
+            while pending and cfg.wait:
+                if time.monotonic() > deadline:
+                    raise GenerationError(f"{cfg.stage}: shards {[w[0] for w in pending][:20]} still wait for their "
+                                          f"batches after --wait-timeout {cfg.wait_timeout:g} s; run again later")
+                time.sleep(cfg.poll_s)
+                waiting, pending = pending, []
+                for w in waiting:
+                    metrics = self.run_shard(*w, progress, batches=batches)
+                    if metrics is None:
+                        pending.append(w)
+                    else:
+                        account(w[0], metrics)
         finally:
             progress.close()
+            if batches is not None:
+                batches.close()
         summary["seconds"] = round(time.perf_counter() - t0, 3)
+        if pending:
+            summary["pending_shards"] = [w[0] for w in pending]
+            summary["batch_requests_submitted"] = batches.submitted
+            how = ("run each on a GPU box, then run this again:\n" + "\n".join(f"  {c}" for c in batches.commands)
+                   if batches.commands else "run this again later (or with --wait) to collect them")
+            raise BatchesPending(f"{cfg.stage}: shards {summary['pending_shards'][:20]} wait for their batches "
+                                 f"({batches.submitted:,} requests submitted now); " + how, summary)
         if summary["errors"] and summary["errors"] / summary["answered"] > cfg.max_error_rate:
             shards = ", ".join(f"{f['shard']} ({f['errors']} of {f['sent']})" for f in summary["failing_shards"][:20])
             raise ErrorBudgetExceeded(
@@ -354,13 +412,16 @@ class StageRunner:
         return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
     def run_shard(self, k: int, n: int, inputs: dict[str, str], made: dict, out: str,
-                  previous: pa.Table | None = None, progress: StageProgress | None = None) -> dict:
+                  previous: pa.Table | None = None, progress: StageProgress | None = None,
+                  batches: BatchDispatch | None = None) -> dict | None:
         """Writes shard k (data, then its marker with metrics and provenance). `previous`: an intact
         shard of the same config (of the same inputs when only its transient failures are to be
         resent, or of older inputs when documents joined or left the candidates shard); rows of this
         shard's checkpoints are taken the same way: a row is kept when its id and input_hash
         (schemas.keys.input_hash: the prompt values, or why it was not sent) are the current ones and
-        it is not a transient failure; every other row is sent again."""
+        it is not a transient failure; every other row is sent again. With `batches` (--batch), the rows
+        to send go through batch files (generation/batch.py): the answers of ended batches are taken
+        and the rest submitted; None while some rows still wait in a batch (the shard is not written)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         progress = progress or StageProgress(cfg.stage, 0)
@@ -397,7 +458,12 @@ class StageRunner:
                             category(done["parse_error"]) in REFUSALS)
 
         try:
-            self.engine.stream(self._requests(todo), emit, cfg.chunk_rows)
+            if batches is not None:
+                if batches.shard(k, n, self._requests(todo), emit, ckpt.flush):
+                    ckpt.flush()
+                    return None
+            else:
+                self.engine.stream(self._requests(todo), emit, cfg.chunk_rows)
         except BaseException:
             ckpt.flush()  # an interrupt or an engine that broke keeps what was answered
             raise
@@ -420,6 +486,8 @@ class StageRunner:
                    provenance.KEY: provenance.seal(out, made)}
         storage.write_text(self.layout.generation_metrics(cfg.stage, k, n), json.dumps(metrics, indent=2) + "\n")
         ckpt.clear()
+        if batches is not None:
+            batches.clear(k, n)
         return metrics
 
     def _row(self, row: dict, req: Request | None, comp: Completion | None, truncated: bool, reason: str | None) -> dict:

@@ -8,6 +8,7 @@ parses shard names.
     <root>/candidates/_prior/prior-SSSSS-of-NNNNN.parquet     the ids of the output being replaced, by
                                                               shard: documents already seen keep their shard
     <root>/generations/<stage>/<stage>-SSSSS-of-NNNNN.parquet bft generate (+ .metrics.json beside each)
+    <root>/generations/<stage>/_batches/                     a batch stage's shard states (--batch)
     <root>/sft/<version>/                                     a release (see schemas.release)
     <root>/sft/LATEST                                         the newest release that validated
     <root>/sft/_tmp/<run>/                                    an assemble run in flight
@@ -39,6 +40,7 @@ EVAL = "eval"
 TMP = "_tmp"
 PRIOR = "_prior"
 CHECKPOINTS = "_checkpoints"
+BATCHES = "_batches"
 NIGHT = "_night.json"
 LOCK = "_lock"
 STATS = "stats.json"
@@ -172,6 +174,10 @@ class RunLayout:
     def generation_checkpoints(self, stage: str, shard: int, num_shards: int) -> str:
         """The folder of a shard in flight's checkpoint parts (generation/runner.py: Checkpoints)."""
         return self._join(GENERATIONS, stage, CHECKPOINTS, shard_name(stage, shard, num_shards, "d"))
+
+    def generation_batches(self, stage: str) -> str:
+        """The folder of a batch stage's shard states and `vllm run-batch` files (generation/batch.py)."""
+        return self._join(GENERATIONS, stage, BATCHES)
 
     # ---- bft assemble ---------------------------------------------------------------------------
     @property

@@ -15,6 +15,9 @@ from schemas.outcomes import CONTENT_FILTER, PROMPT_TOO_LONG, REFUSAL  # noqa: F
 SCORE_DIGITS = ("1", "2", "3", "4", "5")
 ENGINES = ("vllm", "openai", "hf")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+# The kinds of OpenAI-compatible server the openai engine tells apart (engines/openai.py): each is sent
+# only the request fields it accepts. auto: detected from --base-url and GET /models.
+SERVERS = ("auto", "vllm", "openai", "generic")
 
 
 class EngineError(UserError):
@@ -41,6 +44,8 @@ class EngineConfig:
     max_retries: int = 8                 # openai: retries of a request that failed for a transient reason
     max_retry_time: float = 900.0        # openai: seconds from a request's first try after which it is not retried
     api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable holding the key
+    server: str = "auto"                 # openai: vllm | openai | generic | auto (SERVERS)
+    offline: bool = False                # openai: no server, batch files only (`vllm run-batch`; server vllm)
 
     def check(self) -> None:
         """Raise EngineError for a setting that cannot work, before anything is loaded."""
@@ -49,10 +54,12 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise EngineError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.engine == "openai":
-            if not self.base_url:
+            if not self.base_url and not self.offline:
                 raise EngineError("--engine openai needs --base-url (e.g. http://localhost:8000/v1)")
             if self.api not in ("completions", "chat"):
                 raise EngineError(f"--api {self.api!r}: expected completions or chat")
+            if self.server not in SERVERS:
+                raise EngineError(f"--server {self.server!r}: expected one of {', '.join(SERVERS)}")
         if self.request_timeout <= 0 or self.max_retries < 0 or self.max_retry_time < 0:
             raise EngineError("--request-timeout must be > 0, --max-retries and --max-retry-time >= 0")
 
@@ -159,6 +166,11 @@ class Engine(ABC):
     def _emit_all(self, batch: list[tuple[Any, Request]], emit) -> None:
         for (key, _), comp in zip(batch, self.generate([r for _, r in batch])):
             emit(key, comp)
+
+    def logprob_problem(self) -> str | None:
+        """Why the logprob score mode (the next token's probabilities after a prompt that ends at
+        "Score:") cannot run on this engine, or None when it can. In-process engines always can."""
+        return None
 
     def close(self) -> None:
         """Release what the engine holds (model weights, GPU memory, connections). Idempotent."""

@@ -18,10 +18,27 @@ applies its template; needed for hosted chat-only APIs).
   the user only when the server answered without one.
 - Chat API without --tokenizer: no local tokenizer is loaded; documents are cut by the byte bound of
   prompting.py and token counts come from the response's `usage`.
+- Server kinds (`server`, SERVERS): OpenAI's API answers 400 "Unrecognized request argument supplied"
+  to a field it does not know, so each kind is sent only what it accepts. `auto` decides from the URL
+  (api.openai.com, Azure OpenAI hosts: openai) and GET /models (vLLM's model cards say `owned_by:
+  vllm`; OpenAI's `openai`, `system`, `openai-internal`), else `generic`. vllm: the fields above
+  (`add_special_tokens`, `continue_final_message`, `add_generation_prompt`), `max_tokens`, up to 20
+  logprobs (vLLM's default --max-logprobs) and its /tokenize. openai: only the documented fields;
+  chat takes `max_completion_tokens` (`max_tokens` is deprecated there and refused by reasoning
+  models), completions `max_tokens`; completions `logprobs` <= 5, chat `top_logprobs` <= 20; the BOS
+  text is taken off a completions prompt. generic (SGLang, TGI, transformers serve, gateways): the
+  documented fields with `max_tokens` (what most servers read), 5 completion logprobs, the BOS text
+  taken off when the local tokenizer adds it; `--server vllm` sends vLLM's fields to a server that
+  takes them.
 - Logprob score mode: the prompt ends where the digit token begins (prompting.score_prompt; it needs a
   tokenizer); on the chat API the assistant turn is prefilled (`continue_final_message`, vLLM's
   parameter) and the first generated position that is not whitespace is read, as a server may strip
-  the prefill's trailing space.
+  the prefill's trailing space. Only the five digits matter, so OpenAI's 5 completion logprobs do:
+  the prompt ends where the digit begins, and a digit outside the five most likely tokens has less
+  probability than each of them (it counts as 0, as one outside vLLM's 20 does). OpenAI's chat API
+  and a generic server have no assistant prefill, so the answer cannot be made to begin at the digit:
+  the stage refuses logprob mode there in one line (`logprob_problem`) instead of scoring whatever
+  the model writes first.
 - Outcomes (schemas/outcomes.py). FINAL, never resent while the config is unchanged: finish_reason
   content_filter; a chat answer whose `refusal` is set; a 400 saying the prompt exceeds the context.
   TRANSIENT, retried here with back-off and resent by a later run: connection errors, timeouts,
@@ -63,6 +80,31 @@ import orjson
 from generation.engines.base import (PROMPT_TOO_LONG, REFUSAL, Completion, Engine, EngineConfig,
                                      EngineError, Request, failed, finished, model_context_length)
 
+# /completions `logprobs` each kind of server accepts at most (OpenAI's API reference: 5; vLLM's
+# default --max-logprobs: 20); chat `top_logprobs` is at most 20 on both.
+COMPLETION_LOGPROBS = {"vllm": 20, "openai": 5, "generic": 5}
+CHAT_TOP_LOGPROBS = 20
+# Hosts of OpenAI's own API (and Azure OpenAI's, which validates requests the same way).
+OPENAI_HOSTS = re.compile(r"(^|\.)(api\.openai\.com|openai\.azure\.com|services\.ai\.azure\.com|"
+                          r"cognitiveservices\.azure\.com)$")
+OPENAI_OWNERS = {"openai", "system", "openai-internal"}
+
+
+def server_kind(option: str, base_url: str, models: list, model: str) -> str:
+    """The kind of server (SERVERS) behind `base_url`: the option when it is not auto, else OpenAI's
+    hosts by name, else the `owned_by` of the /models listing (our model's card if listed, else any)."""
+    if option != "auto":
+        return option
+    if OPENAI_HOSTS.search(urllib.parse.urlsplit(base_url).hostname or ""):
+        return "openai"
+    cards = [m for m in models if isinstance(m, dict)]
+    owners = {m.get("owned_by") for m in ([m for m in cards if m.get("id") == model] or cards)}
+    if "vllm" in owners:
+        return "vllm"
+    if owners & OPENAI_OWNERS:
+        return "openai"
+    return "generic"
+
 log = logging.getLogger("bft.engine.openai")
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 MAX_BACKOFF_S = 60.0
@@ -88,12 +130,14 @@ def redact(url: str) -> str:
 
 class OpenAIEngine(Engine):
     name = "openai"
+    server = "generic"      # the kind of server (SERVERS), decided when the engine loads
 
     def __init__(self, config: EngineConfig):
         self.model = config.model
-        self.base_url = config.base_url.rstrip("/")
+        self.base_url = (config.base_url or "").rstrip("/")
         self.shown_url = redact(self.base_url)
         self.api = config.api
+        self.server = config.server        # auto until the preflight has read /models
         self.concurrency, self.max_retries = config.concurrency, config.max_retries
         self.timeout_s, self.max_retry_time = config.request_timeout, config.max_retry_time
         self.key_env = config.api_key_env
@@ -106,14 +150,25 @@ class OpenAIEngine(Engine):
         self.count_messages = None
         self._counter = None
         try:  # whatever fails here closes the session and the loop first (no "Unclosed client session")
-            served = self._loop.run_until_complete(self._preflight())
+            if config.offline:  # batch files for `vllm run-batch`: no server to ask
+                served, models = None, []
+                self.server = "vllm" if config.server == "auto" else config.server
+            else:
+                served, models = self._loop.run_until_complete(self._preflight())
+                self.server = server_kind(config.server, self.base_url, models, self.model)
+            log.info("%s: %s server", self.shown_url, self.server)
             if config.api == "completions" or config.tokenizer:
                 from transformers import AutoTokenizer
 
                 self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+                if self.server == "openai":    # no add_special_tokens there; its models add no BOS
+                    self._strip_bos = self.tokenizer.bos_token or ""
+                elif self.server == "generic":  # a server that tokenizes with special tokens adds it again
+                    self._strip_bos = _added_bos(self.tokenizer)
             self.max_model_len = (config.max_model_len or served
                                   or _local_context_length(config.tokenizer or config.model))
-            self.count_messages = self._server_counter() if self.api == "chat" and self.tokenizer is None else None
+            self.count_messages = (self._server_counter() if self.api == "chat" and self.tokenizer is None
+                                   and self.server == "vllm" and not config.offline else None)
             if not self.max_model_len:
                 raise EngineError(f"{self.shown_url}/models gives no max_model_len for {self.model!r} and it is no "
                                   "local model folder: give --max-model-len (the served context length)")
@@ -142,9 +197,10 @@ class OpenAIEngine(Engine):
             self._session = None
         self._loop.close()
 
-    async def _preflight(self) -> int | None:
-        """GET /models: the served `max_model_len` of our model, or None when the server lists none.
-        EngineError when the server cannot be reached within PREFLIGHT_S or refuses the key."""
+    async def _preflight(self) -> tuple[int | None, list]:
+        """GET /models: (the served `max_model_len` of our model or None when the server lists none,
+        the listing's model cards, for `server_kind`). EngineError when the server cannot be reached
+        within PREFLIGHT_S or refuses the key."""
         url = self.base_url + "/models"
         deadline = time.monotonic() + PREFLIGHT_S
         while True:
@@ -165,14 +221,22 @@ class OpenAIEngine(Engine):
             raise EngineError(f"{self.shown_url}/models answered {status}: the server refuses the API key "
                               f"(environment variable {self.key_env})")
         if status != 200:
-            return None  # a server without a model listing: the context length must come from elsewhere
+            return None, []  # a server without a model listing: the context length must come from elsewhere
         try:
             models = json.loads(body).get("data") or []
         except (ValueError, AttributeError):
-            return None
-        for m in models if isinstance(models, list) else []:
+            return None, []
+        models = models if isinstance(models, list) else []
+        for m in models:
             if isinstance(m, dict) and m.get("id") == self.model and isinstance(m.get("max_model_len"), int):
-                return m["max_model_len"]
+                return m["max_model_len"], models
+        return None, models
+
+    def logprob_problem(self) -> str | None:
+        if self.api == "chat" and self.server != "vllm":
+            return (f"the {self.server} server's chat API has no assistant prefill (vLLM's continue_final_message), "
+                    "so the answer cannot begin at the score digit after 'Score:'; use --api completions, "
+                    "--score-mode generate, or --server vllm for a server that takes vLLM's parameters")
         return None
 
     # ---- the server's own token counts (chat API without a tokenizer) ------------------------------
@@ -305,7 +369,10 @@ class OpenAIEngine(Engine):
             raise problem[0]
 
     def _body(self, r: Request) -> tuple[str, dict]:
-        body: dict = {"model": self.model, "max_tokens": r.max_new_tokens,   # what the prompt's budget reserved
+        """(path, body) of a request, with only the fields this kind of server accepts (module docstring)."""
+        vllm = self.server == "vllm"
+        cap = "max_completion_tokens" if self.api == "chat" and self.server == "openai" else "max_tokens"
+        body: dict = {"model": self.model, cap: r.max_new_tokens,   # what the prompt's budget reserved
                       "temperature": r.temperature, "top_p": r.top_p}
         if r.seed is not None:
             body["seed"] = r.seed
@@ -313,18 +380,18 @@ class OpenAIEngine(Engine):
             body["stop"] = r.stop
         if self.api == "chat":
             body["messages"] = r.messages
-            if r.messages and r.messages[-1]["role"] == "assistant":  # a prefill the model continues
+            if vllm and r.messages and r.messages[-1]["role"] == "assistant":  # a prefill the model continues
                 body.update(continue_final_message=True, add_generation_prompt=False)
             if r.digit_probs:
-                body.update(logprobs=True, top_logprobs=20, temperature=0.0)
+                body.update(logprobs=True, top_logprobs=CHAT_TOP_LOGPROBS, temperature=0.0)
             return "/chat/completions", body
-        if self._strip_bos is None:
+        if vllm and self._strip_bos is None:
             body.update(prompt=r.prompt, add_special_tokens=False)
         else:
             bos = self._strip_bos
             body["prompt"] = r.prompt[len(bos):] if bos and r.prompt.startswith(bos) else r.prompt
         if r.digit_probs:
-            body.update(logprobs=20, temperature=0.0)
+            body.update(logprobs=COMPLETION_LOGPROBS[self.server], temperature=0.0)
         return "/completions", body
 
     async def _post_once(self, path: str, body: dict) -> tuple[int, Any, bytes]:
@@ -354,13 +421,8 @@ class OpenAIEngine(Engine):
                 if status in RETRY_STATUS:
                     error = f"HTTP {status}: {text[:200]}"
                     wait = retry_wait(headers, status)
-                elif status == 400 and TOO_LONG.search(text):
-                    return failed(f"HTTP 400: {text}", refusal=PROMPT_TOO_LONG)
-                elif status >= 300:
-                    where = f" (redirect to {headers.get('location')})" if 300 <= status < 400 else ""
-                    return failed(f"HTTP {status}{where}: {text}")
                 else:
-                    return self._parse(content, r)
+                    return self.outcome(status, headers, content, r)
             except orjson.JSONEncodeError as e:  # text JSON cannot carry (a lone surrogate): no retry helps
                 return failed(f"the request cannot be encoded as JSON: {e}")
             except asyncio.TimeoutError:
@@ -376,6 +438,39 @@ class OpenAIEngine(Engine):
             log.warning("request failed (%s); retry %d/%d in %.1fs", error, attempt + 1, self.max_retries, delay)
             await asyncio.sleep(delay)
         return failed(f"gave up after {self.max_retries} retries: {error}")
+
+    def outcome(self, status: int, headers, content: bytes, r: Request) -> Completion:
+        """The Completion of an answer that is not retried (any status but RETRY_STATUS): the one
+        reading of an answer, online and from a batch's output and error files (generation/batch.py)."""
+        text = content[:500].decode("utf-8", "replace")
+        if status == 400 and TOO_LONG.search(text):
+            return failed(f"HTTP 400: {text}", refusal=PROMPT_TOO_LONG)
+        if status >= 300:
+            where = f" (redirect to {headers.get('location')})" if 300 <= status < 400 else ""
+            return failed(f"HTTP {status}{where}: {text}")
+        return self._parse(content, r)
+
+    # ---- batch files (generation/batch.py): the same bodies and the same reading as online -------------
+    def batch_line(self, custom_id: str, r: Request) -> dict:
+        """A line of a batch input file (OpenAI's Batch API, `vllm run-batch`): the request's body as it
+        would be sent online to this kind of server."""
+        path, body = self._body(r)
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1" + path, "body": body}
+
+    def batch_outcome(self, line: dict | None, r: Request) -> Completion | None:
+        """The Completion of a batch output or error-file line for `r`, read as the same answer online
+        would be; None when there is none to keep: the line is missing, it carries no response (the
+        batch expired, was cancelled or failed before the request ran) or a status online would retry
+        (429, 5xx): the row is submitted again."""
+        response = line.get("response") if isinstance(line, dict) else None
+        status = response.get("status_code") if isinstance(response, dict) else None
+        if not isinstance(status, int) or status in RETRY_STATUS:
+            return None
+        try:
+            content = orjson.dumps(response.get("body"))
+        except orjson.JSONEncodeError:
+            return failed("the batch output holds a body that is not JSON")
+        return self.outcome(status, {}, content, r)
 
     def _parse(self, content: bytes, r: Request) -> Completion:
         """A 200 answer -> Completion; anything malformed is a (transient) error row saying what was wrong."""

@@ -1,0 +1,330 @@
+"""A stage's requests as batch files instead of one HTTP request per row: OpenAI's Batch API
+(`--batch openai`: the same requests at half the price, answered within 24 h) and vLLM's offline
+batch runner (`--batch vllm`: `vllm run-batch -i IN -o OUT --model M` on a GPU box, no server).
+
+Both read and write the same JSONL: an input line is `{"custom_id": <row id>, "method": "POST", "url":
+"/v1/chat/completions" | "/v1/completions", "body": <the body the online path sends to that kind of
+server>}` (OpenAIEngine.batch_line); an output line is `{"id", "custom_id", "response": {"status_code",
+"request_id", "body": <the online answer>}, "error": null | {"code", "message"}}`, read by the same code
+that reads an online answer (OpenAIEngine.batch_outcome -> outcome), so a row made from a batch is the
+row the online path writes for the same answer: same fields, same final or transient outcome
+(schemas/outcomes.py).
+
+The runner hands a shard's rows to send (those not reused, as online) to `BatchDispatch.shard`, which
+1. collects every batch of the shard that ended (completed, failed, expired, cancelled): its output and
+   error files' answers become rows (emitted, so the runner checkpoints them as it does online ones);
+   a row missing from both files, or whose line is transient (429, 5xx, no response: the batch
+   expired or was cancelled before it ran), is submitted again, up to MAX_ROUNDS batches, after which
+   it is written as a transient failure (engine_error) that the next run resends, as online;
+2. submits the rows that are neither answered nor in a batch still running, split to the documented
+   limits (MAX_REQUESTS requests and MAX_BYTES bytes per input file);
+3. records the shard's batches in its state file (`generations/<stage>/_batches/<shard>.json`: batch
+   ids, the rows each holds with their input hashes, the config key), written after the answered
+   rows are checkpointed, when an input file is uploaded (before its batch is created: a run killed
+   in between finds the batch made from that file in GET /batches, or creates it from the same file)
+   and after each submission, so no row is submitted twice while a batch holding it runs, and an
+   answer is used only for the prompt it was made for.
+A shard is written, as online, once every row is answered; until then the stage reports pending
+shards, `bft generate` exits 75 (EX_TEMPFAIL, as for external workers) and a later invocation (or
+`--wait`, which polls every `--poll-s`) collects them. State of another stage config is dropped
+(its batches are left to finish unread).
+
+vLLM's runner: each pending shard's input is written to `_batches/<shard>.input.jsonl` with the command
+that runs it; the operator (or a GPU job) writes `<shard>.output.jsonl` beside it, which the next
+invocation reads as a completed batch's output file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import time
+import uuid
+
+import orjson
+
+import storage
+from schemas.errors import UserError
+from schemas.layout import shard_name
+
+log = logging.getLogger("bft.batch")
+MAX_REQUESTS = 50_000             # OpenAI's Batch API: requests per input file
+MAX_BYTES = 200 * 1024 * 1024     # ... and bytes per input file
+MAX_ROUNDS = 3                    # batches a row is submitted in before a transient failure is written
+RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
+ENDED = {"completed", "failed", "expired", "cancelled"}
+EX_TEMPFAIL = 75
+
+
+class BatchError(UserError):
+    """The Batch API refused or failed a call (one line naming the call and the answer)."""
+
+
+class BatchesPending(UserError):
+    """Some shards wait for their batches: the stage is not done yet (exit 75, EX_TEMPFAIL)."""
+
+    exit_status = EX_TEMPFAIL
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+def split(lines: list[bytes], max_requests: int | None = None, max_bytes: int | None = None) -> list[list[bytes]]:
+    """Lines (each ending in a newline) cut into input files of at most `max_requests` lines and
+    `max_bytes` bytes, in order."""
+    max_requests, max_bytes = max_requests or MAX_REQUESTS, max_bytes or MAX_BYTES
+    files, current, size = [], [], 0
+    for line in lines:
+        if len(line) > max_bytes:
+            raise BatchError(f"one request is {len(line):,} bytes, over the {max_bytes:,} bytes of a batch file")
+        if current and (len(current) >= max_requests or size + len(line) > max_bytes):
+            files.append(current)
+            current, size = [], 0
+        current.append(line)
+        size += len(line)
+    if current:
+        files.append(current)
+    return files
+
+
+def read_jsonl(data: bytes) -> dict[str, dict]:
+    """{custom_id: line} of an output or error file; lines that are not JSON objects with a custom_id
+    are skipped (their rows count as missing, and are submitted again)."""
+    out = {}
+    for raw in data.splitlines():
+        try:
+            line = orjson.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(line, dict) and isinstance(line.get("custom_id"), str):
+            out[line["custom_id"]] = line
+    return out
+
+
+class BatchAPI:
+    """OpenAI's Files and Batches endpoints (sync httpx; a few tries on connection errors, 429 and 5xx)."""
+
+    def __init__(self, base_url: str, shown_url: str, headers: dict, timeout: float = 120.0):
+        import httpx
+
+        self.base_url, self.shown_url = base_url.rstrip("/"), shown_url
+        self.client = httpx.Client(headers=headers, timeout=timeout, trust_env=True)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _call(self, what: str, method: str, path: str, **kw):
+        import httpx
+
+        for attempt in range(5):
+            try:
+                resp = self.client.request(method, self.base_url + path, **kw)
+            except httpx.HTTPError as e:
+                problem = f"{type(e).__name__}: {e}"
+            else:
+                if resp.status_code < 300:
+                    return resp
+                problem = f"HTTP {resp.status_code}: {resp.text[:300]}"
+                if resp.status_code not in (408, 409, 429) and resp.status_code < 500:
+                    break
+            time.sleep(min(30.0, 0.5 * 2 ** attempt))
+        raise BatchError(f"the Batch API at {self.shown_url}: {what} failed: {problem}")
+
+    def upload(self, data: bytes, name: str) -> str:
+        resp = self._call(f"uploading {name}", "POST", "/files", data={"purpose": "batch"},
+                          files={"file": (name, data, "application/jsonl")})
+        return resp.json()["id"]
+
+    def create(self, file_id: str, endpoint: str, metadata: dict) -> dict:
+        return self._call("creating a batch", "POST", "/batches",
+                          json={"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h",
+                                "metadata": metadata}).json()
+
+    def get(self, batch_id: str) -> dict:
+        return self._call(f"reading batch {batch_id}", "GET", f"/batches/{batch_id}").json()
+
+    def find(self, input_file_id: str) -> dict | None:
+        """The batch made from `input_file_id`, if one was created: GET /batches, newest first, page by
+        page (`after`, `has_more`) until one is found or the listing is older than the file."""
+        after = None
+        for _ in range(100):   # 100 pages of 100: a kill is found within the last 10,000 batches
+            params = {"limit": 100, **({"after": after} if after else {})}
+            page = self._call("listing batches", "GET", "/batches", params=params).json()
+            data = page.get("data") or []
+            for batch in data:
+                if batch.get("input_file_id") == input_file_id:
+                    return batch
+            if not page.get("has_more") or not data:
+                return None
+            after = data[-1].get("id")
+        return None
+
+    def content(self, file_id: str | None) -> bytes:
+        if not file_id:
+            return b""
+        return self._call(f"reading file {file_id}", "GET", f"/files/{file_id}/content").content
+
+
+class BatchDispatch:
+    """A stage's shards through batch files (module docstring). `mode`: "openai" (the Batch API at the
+    engine's --base-url) or "vllm" (files for `vllm run-batch`)."""
+
+    def __init__(self, engine, layout, stage: str, config_key: str, mode: str, model: str):
+        self.engine, self.layout, self.stage, self.key, self.mode, self.model = \
+            engine, layout, stage, config_key, mode, model
+        self.api = (BatchAPI(engine.base_url, engine.shown_url, engine._headers, engine.timeout_s)
+                    if mode == "openai" else None)
+        self.submitted = 0          # requests submitted by this invocation
+        self.commands: list[str] = []   # vllm: what runs each pending input file
+
+    def close(self) -> None:
+        if self.api is not None:
+            self.api.close()
+
+    # ---- the shard's state file --------------------------------------------------------------------
+    def folder(self) -> str:
+        return self.layout.generation_batches(self.stage)
+
+    def state_path(self, k: int, n: int) -> str:
+        return storage.join(self.folder(), shard_name(self.stage, k, n, "json"))
+
+    def load(self, k: int, n: int) -> dict:
+        path = self.state_path(k, n)
+        state = json.loads(storage.read_text(path)) if storage.exists(path) else None
+        if state is None or state.get("config") != self.key:
+            if state and state.get("batches"):
+                log.warning("%s: batches of another stage config are left unread: %s", path,
+                            [b["id"] for b in state["batches"]])
+            state = {"config": self.key, "batches": [], "rounds": {}}
+        return state
+
+    def save(self, k: int, n: int, state: dict) -> None:
+        storage.write_text(self.state_path(k, n), json.dumps(state, indent=1) + "\n")
+
+    def clear(self, k: int, n: int) -> None:
+        for path in (self.state_path(k, n), self._vllm_path(k, n, "input"), self._vllm_path(k, n, "output")):
+            if storage.exists(path):
+                storage.delete(path)
+
+    # ---- one shard ---------------------------------------------------------------------------------
+    def shard(self, k: int, n: int, items, emit, flush) -> int:
+        """Collects the shard's ended batches (answers -> `emit(key, completion)`, then `flush()` so
+        they are checkpointed before the state forgets the batch), submits what is left; returns the
+        number of rows still in a running batch (0: every row was emitted)."""
+        from generation.engines.base import failed
+
+        items = list(items)
+        todo = {key[0]["id"]: (key, req) for key, req in items}
+        state = self.load(k, n)
+        unsure = [b for b in state["batches"] if b.get("id") is None]
+        for batch in unsure:
+            self._created(batch, k, n)
+        if unsure:
+            self.save(k, n, state)
+        running: set[str] = set()
+        kept = []
+        for batch in state["batches"]:
+            info = self._status(batch, k, n)
+            if info["status"] not in ENDED:
+                batch["status"] = info["status"]
+                running.update(i for i, h in batch["rows"].items() if i in todo and todo[i][0][0]["input_hash"] == h)
+                kept.append(batch)
+                continue
+            lines = {**self._lines(info.get("error_file_id"), batch, k, n, "error"),
+                     **self._lines(info.get("output_file_id"), batch, k, n, "output")}
+            why = f"batch {batch['id']} {info['status']}" + _errors(info)
+            for row_id, hashed in batch["rows"].items():
+                if row_id not in todo or todo[row_id][0][0]["input_hash"] != hashed:
+                    continue   # no longer to be sent, or sent for another prompt
+                key, req = todo[row_id]
+                comp = self.engine.batch_outcome(lines.get(row_id), req)
+                if comp is None:
+                    rounds = state["rounds"].get(row_id, 0) + 1
+                    state["rounds"][row_id] = rounds
+                    if rounds < MAX_ROUNDS:
+                        continue        # submitted again below
+                    line = lines.get(row_id)
+                    comp = failed(f"no answer after {rounds} batches; last: {why}"
+                                  + (f", {json.dumps(line)[:300]}" if line else ", the row was missing from its output"))
+                emit(key, comp)
+                del todo[row_id]
+                state["rounds"].pop(row_id, None)
+            log.info("%s: collected %s (%s)", self.state_path(k, n), batch["id"], info["status"])
+        flush()
+        ended = len(state["batches"]) > len(kept)
+        state["batches"] = kept
+        self.save(k, n, state)
+        if ended and self.mode == "vllm":   # read and checkpointed: a new round writes new files
+            for kind in ("input", "output"):
+                if storage.exists(self._vllm_path(k, n, kind)):
+                    storage.delete(self._vllm_path(k, n, kind))
+        send = [(row_id, key, req) for row_id, (key, req) in todo.items() if row_id not in running]
+        if send:
+            self._submit(k, n, state, send)
+        return len(todo)
+
+    def _metadata(self, k: int, n: int) -> dict:
+        return {"bft_stage": self.stage, "bft_shard": f"{k}-of-{n}", "bft_config": self.key}
+
+    def _created(self, batch: dict, k: int, n: int) -> None:
+        """A batch recorded as submitting (the run stopped between uploading its input file and
+        creating it, or before it saved the id): the batch made from that file if the listing has one,
+        else it is created now, from the same file."""
+        info = self.api.find(batch["input_file_id"]) or self.api.create(batch["input_file_id"], batch["endpoint"],
+                                                                        self._metadata(k, n))
+        batch.update(id=info["id"], status=info.get("status"))
+
+    def _status(self, batch: dict, k: int, n: int) -> dict:
+        if self.mode == "openai":
+            return self.api.get(batch["id"])
+        done = storage.exists(self._vllm_path(k, n, "output"))
+        return {"status": "completed" if done else "in_progress"}
+
+    def _lines(self, file_id: str | None, batch: dict, k: int, n: int, kind: str) -> dict[str, dict]:
+        if self.mode == "openai":
+            return read_jsonl(self.api.content(file_id)) if file_id else {}
+        if kind == "error":
+            return {}
+        return read_jsonl(storage.read_bytes(self._vllm_path(k, n, "output")))
+
+    def _submit(self, k: int, n: int, state: dict, send: list) -> None:
+        lines = [orjson.dumps(self.engine.batch_line(row_id, req)) + b"\n" for row_id, _, req in send]
+        hashes = [key[0]["input_hash"] for _, key, _ in send]
+        endpoint = json.loads(lines[0])["url"]
+        if self.mode == "vllm":
+            path = self._vllm_path(k, n, "input")
+            storage.write_bytes(path, b"".join(lines))
+            out = self._vllm_path(k, n, "output")
+            command = (f"vllm run-batch -i {shlex.quote(path)} -o {shlex.quote(out)} --model {shlex.quote(self.model)}")
+            state["batches"] = [{"id": f"vllm-run-batch-{uuid.uuid4().hex[:12]}", "status": "in_progress",
+                                 "rows": {row_id: h for (row_id, _, _), h in zip(send, hashes)},
+                                 "command": command}]
+            self.save(k, n, state)
+            self.commands.append(command)
+            self.submitted += len(send)
+            return
+        start = 0
+        for part in split(lines):
+            ids = send[start:start + len(part)]
+            name = f"{shard_name(self.stage, k, n, 'jsonl')}"
+            file_id = self.api.upload(b"".join(part), name)
+            # recorded before the batch is created: a run killed between the two finds the batch by its
+            # input file (`_created`) instead of submitting the rows again
+            entry = {"id": None, "status": "submitting", "input_file_id": file_id, "endpoint": endpoint,
+                     "rows": {row_id: h for (row_id, _, _), h in zip(ids, hashes[start:start + len(part)])}}
+            state["batches"].append(entry)
+            self.save(k, n, state)
+            info = self.api.create(file_id, endpoint, self._metadata(k, n))
+            entry.update(id=info["id"], status=info.get("status"))
+            self.save(k, n, state)   # at once: a kill after this never submits these rows again
+            start += len(part)
+            self.submitted += len(part)
+
+    def _vllm_path(self, k: int, n: int, kind: str) -> str:
+        return storage.join(self.folder(), shard_name(self.stage, k, n, f"{kind}.jsonl"))
+
+
+def _errors(info: dict) -> str:
+    data = (info.get("errors") or {}).get("data") if isinstance(info.get("errors"), dict) else None
+    return f" ({'; '.join(str(e.get('message'))[:120] for e in data[:3])})" if data else ""

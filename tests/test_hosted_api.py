@@ -1,0 +1,135 @@
+"""The openai engine against OpenAI's hosted API as its reference documents it (issue 20 point 1):
+server kinds and the fields each is sent, logprob limits, max_completion_tokens, rate-limit waits;
+every stage against tests/openai_api_standin.py in both score modes, with no 400."""
+import pytest
+
+from generation.engines import EngineConfig, Request, load_engine
+from generation.engines.openai import (CHAT_TOP_LOGPROBS, COMPLETION_LOGPROBS, MAX_BACKOFF_S, OpenAIEngine,
+                                       server_kind)
+from generation.runner import GenerationError
+from tests.openai_api_standin import APIError, OpenAIStandin, check_body
+from tests.test_generation import NO_GATE, copy_root, gen, read_stage
+
+MODEL = "gpt-standin"
+
+
+@pytest.fixture(scope="module")
+def api_server():
+    s = OpenAIStandin([MODEL])
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def hosted(api_server):
+    api_server.plan.clear()
+    api_server.requests.clear()
+    api_server.answer = api_server.refuse = None
+    return api_server
+
+
+def test_the_server_kind_comes_from_the_url_then_the_model_cards():
+    assert server_kind("auto", "https://api.openai.com/v1", [], "m") == "openai"
+    assert server_kind("auto", "https://res.openai.azure.com/openai/deployments/x", [], "m") == "openai"
+    assert server_kind("auto", "http://gpu:8000/v1", [{"id": "m", "owned_by": "vllm"}], "m") == "vllm"
+    assert server_kind("auto", "http://proxy/v1", [{"id": "gpt-4o", "owned_by": "system"}], "gpt-4o") == "openai"
+    assert server_kind("auto", "http://tgi:80/v1", [{"id": "m", "owned_by": "huggingface"}], "m") == "generic"
+    assert server_kind("auto", "http://x/v1", [], "m") == "generic"
+    assert server_kind("vllm", "https://api.openai.com/v1", [], "m") == "vllm"       # the option wins
+
+
+def _engine(server: str, api: str, bos: str | None = None) -> OpenAIEngine:
+    eng = OpenAIEngine.__new__(OpenAIEngine)
+    eng.model, eng.api, eng.server, eng._strip_bos = "m", api, server, bos
+    return eng
+
+
+def test_each_kind_of_server_is_sent_only_the_fields_it_accepts():
+    prefill = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Score:"}]
+    score = Request("<s>[INST] q [/INST] Score:", prefill, 2, digit_probs=True, seed=3)
+    _, body = _engine("vllm", "chat")._body(score)
+    assert body["continue_final_message"] and body["add_generation_prompt"] is False and body["max_tokens"] == 2
+    _, body = _engine("vllm", "completions")._body(score)
+    assert body["add_special_tokens"] is False and body["logprobs"] == 20 == COMPLETION_LOGPROBS["vllm"]
+    for server in ("openai", "generic"):
+        path, body = _engine(server, "completions", "<s>")._body(score)
+        assert path == "/completions" and body["logprobs"] == 5 and body["prompt"] == "[INST] q [/INST] Score:"
+        check_body("/v1" + path, body)                                  # OpenAI's API takes it
+        _, body = _engine(server, "chat")._body(Request("", [{"role": "user", "content": "q"}], 9, seed=1))
+        assert not {"continue_final_message", "add_generation_prompt", "add_special_tokens"} & set(body)
+    openai_chat = _engine("openai", "chat")._body(score)[1]
+    assert openai_chat["max_completion_tokens"] == 2 and "max_tokens" not in openai_chat
+    assert _engine("generic", "chat")._body(score)[1]["max_tokens"] == 2
+    assert _engine("openai", "chat")._body(score)[1]["top_logprobs"] == CHAT_TOP_LOGPROBS <= 20
+    check_body("/v1/chat/completions", _engine("openai", "chat")._body(score)[1])
+
+
+def test_the_standin_refuses_what_the_engine_used_to_send():
+    """The fields of the old requests, as OpenAI's API answers them."""
+    for path, body, message in [
+            ("/v1/completions", {"model": "m", "prompt": "p", "max_tokens": 1, "add_special_tokens": False},
+             "Unrecognized request argument supplied: add_special_tokens"),
+            ("/v1/completions", {"model": "m", "prompt": "p", "max_tokens": 1, "logprobs": 20}, "maximum of 5"),
+            ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "q"}], "max_tokens": 4},
+             "Use 'max_completion_tokens' instead"),
+            ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "q"}],
+                                      "max_completion_tokens": 4, "continue_final_message": True},
+             "Unrecognized request argument supplied: continue_final_message"),
+            ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "q"}],
+                                      "max_completion_tokens": 4, "logprobs": True, "top_logprobs": 21},
+             "Expected a value <= 20")]:
+        with pytest.raises(APIError, match=message) as e:
+            check_body(path, body)
+        assert e.value.status == 400
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_every_stage_runs_against_the_hosted_api_in_both_score_modes(prepared_root, tmp_path, tiny_models, hosted,
+                                                                      api):
+    root = copy_root(prepared_root, tmp_path)
+    kw = dict(engine="openai", base_url=hosted.url, api=api, max_model_len=8192, max_new_tokens=64)
+    if api == "completions":
+        kw["tokenizer"] = tiny_models["chat"]
+    for stage in ("backtranslate", "score", "rewrite", "distill", "rate"):
+        gen(root, stage, MODEL, **kw, **NO_GATE.get(stage, {}))
+        rows = read_stage(root, stage)[1]
+        sent = rows.dropna(subset=["finish_reason"])
+        assert len(sent) >= 9 and sent["parse_error"].isna().all(), (stage, sent["parse_error"].tolist())
+    scores = read_stage(root, "score")[1]["score"].dropna()
+    assert len(scores) >= 9 and scores.isin([1, 2, 3, 4, 5]).all()
+    if api == "completions":
+        gen(root, "score", MODEL, score_mode="logprob", **kw)
+        scored = read_stage(root, "score")[1].dropna(subset=["finish_reason"])
+        assert len(scored) >= 9 and scored["parse_error"].isna().all()
+        assert scored["score"].between(1, 5).all() and not scored["score"].isin([1, 2, 3, 4, 5]).all()
+        logprob_bodies = [r["body"] for r in hosted.requests if "logprobs" in r["body"]]
+        assert len(logprob_bodies) >= 9 and all(b["logprobs"] == 5 for b in logprob_bodies)
+    else:
+        with pytest.raises(GenerationError, match="--score-mode logprob cannot run here: the openai server's chat API "
+                                                  "has no assistant prefill"):
+            gen(root, "score", MODEL, score_mode="logprob", **kw)
+    assert hosted.requests and set(hosted.statuses()) == {200}
+    bodies = [r["body"] for r in hosted.requests]
+    assert all("add_special_tokens" not in b and "continue_final_message" not in b for b in bodies)
+    if api == "chat":
+        assert all("max_completion_tokens" in b and "max_tokens" not in b for b in bodies)
+
+
+def test_a_rate_limit_reset_header_is_waited_on_the_hosted_api(hosted):
+    hosted.plan += [{"status": 429, "headers": {"x-ratelimit-reset-requests": "20ms",
+                                                "x-ratelimit-reset-tokens": "700ms"},
+                     "body": {"error": {"message": "Rate limit reached for requests", "type": "requests",
+                                        "code": "rate_limit_exceeded"}}}]
+    with load_engine(EngineConfig("openai", MODEL, base_url=hosted.url, api="chat", max_model_len=8192)) as eng:
+        assert eng.server == "openai"
+        out = eng.generate([Request("", [{"role": "user", "content": "hi"}], 8)])
+    first, second = hosted.requests
+    assert out[0].finish_reason == "stop" and 0.7 <= second["time"] - first["time"] < 5
+
+
+def test_the_back_off_budget_covers_a_one_minute_token_window():
+    """Without a header, the default 8 retries wait at least ~62 s (0.5 s doubling, jitter >= 0.5),
+    within the default --max-retry-time (900 s); a header asking a minute is waited as asked."""
+    cfg = EngineConfig("openai", "m", base_url="http://x/v1")
+    least = sum(min(MAX_BACKOFF_S, 0.5 * 2 ** a) * 0.5 for a in range(cfg.max_retries))
+    assert least >= 60 and cfg.max_retry_time >= 60 + cfg.request_timeout
