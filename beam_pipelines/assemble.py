@@ -1,9 +1,10 @@
 """Beam pass 2: candidates + generation shards -> the SFT corpus, its statistics, a versioned release.
 
     ShardPlan ─ JoinShard ─┬─ web parts (tmp) ─────────────────────────────┐
-     (per candidates shard │  recipe + curation, vectorized)               │
+     (per candidates shard │  recipe + curation + decontamination)         │
                            └─ (instruction key, id) ─ GroupByInstruction ─ KeepSmallestId ─┬─ losers ─┤
-                                                        winners ─ CapToMaxExamples ─ cutoff ┼─(side)──┤
+                    winner's MinHash bands ─ GroupByBand ─ NearDuplicates ─ min per id ────┼─ near ───┤
+                                  winners not near-dominated ─ CapToMaxExamples ─ cutoff ──┼─(side)──┤
     SeedData ─ ReadSeed ─ seed parts (tmp) ────────────────────────────────────────────────┘          │
     winners within the cap + seed ids ─ smallest validation key ─(side)─┐                               │
                                   CoGroupByKey(shard) ─ FinalizeShard ─ data/{train,validation}-SSSSS-of-NNNNN
@@ -35,7 +36,7 @@ from schemas.errors import UserError
 from schemas.keys import instruction_key, sample_key, seed_row_shard, validation_key, validation_mask
 from schemas.layout import DATA, Rooted, RunLayout, shard_name
 from schemas.recipes import DEFAULT_RECIPE, gate_threshold, recorded_score_mode
-from beam_pipelines import changes, corpus_stats, paper_tokens, progress, recipes
+from beam_pipelines import changes, corpus_stats, decontaminate, paper_tokens, progress, recipes
 from schemas import provenance, release
 import storage
 from beam_pipelines.options import configure_process, pipeline_options
@@ -78,6 +79,18 @@ class AssembleConfig(Rooted):
                                      "--max-examples), e.g. filter+distill beside filter+rewrite: both releases "
                                      "then hold the same ids, as the paper compares them",
                                      choices=sorted(recipes.RECIPES))
+    decontaminate: list[str] = option([], "evaluation prompts to keep out of the corpus (repeatable): a JSON list "
+                                      "or JSON lines of objects (AlpacaEval's JSON, MT-Bench's question.jsonl); a "
+                                      "pair whose instruction or response shares a word n-gram with one of them is "
+                                      "dropped as contaminated:<file stem>")
+    decontaminate_field: str | None = option(None, "the field of each object that holds its prompt (default: the "
+                                             "first of instruction, turns, text, prompt; a list is one prompt per "
+                                             "string)")
+    decontaminate_ngram: int = option(13, "the shared n-gram's length in normalized words (GPT-3's and Llama 2's "
+                                      "contamination analyses); a prompt of fewer words is one n-gram")
+    near_dup_instruction_threshold: float = option(0.8, "pairs whose instructions are near-duplicates (Jaccard of "
+                                                   "their word 3-grams >= this, found by MinHash LSH) keep one: the "
+                                                   "highest score, then the smallest id; 0 = off")
 
     def check(self) -> None:
         if self.recipe not in recipes.RECIPES:
@@ -91,6 +104,10 @@ class AssembleConfig(Rooted):
             raise UserError("--max-examples must be >= 1")
         if self.min_instruction_chars > self.max_instruction_chars:
             raise UserError("--min-instruction-chars is larger than --max-instruction-chars")
+        if self.decontaminate_ngram < 1:
+            raise UserError("--decontaminate-ngram must be >= 1")
+        if not 0 <= self.near_dup_instruction_threshold <= 1:
+            raise UserError("--near-dup-instruction-threshold must be in [0, 1] (0 = off)")
         self.check_root()
 
     @property
@@ -139,11 +156,13 @@ def _token_counter(tokenizer_path: str):
 
 
 class JoinShard(beam.DoFn):
-    """Candidates shard k joined with its generation shards; the recipe and curation decide each row.
-    Main output: (instruction key, (id, k)) of kept rows; tagged: ("parts", (k, path)), ("partials", dict)."""
+    """Candidates shard k joined with its generation shards; the recipe, curation and decontamination
+    (`eval_sets`, built by the driver: small, so they travel inside the DoFn) decide each row.
+    Main output: (instruction key, (id, k)) of kept rows, or with near-duplicate instructions on
+    (id, k, score, band keys, 3-gram hashes); tagged: ("parts", (k, path)), ("partials", dict)."""
 
-    def __init__(self, cfg: AssembleConfig, tmp: str):
-        self.cfg, self.tmp = cfg, tmp
+    def __init__(self, cfg: AssembleConfig, tmp: str, eval_sets: list[decontaminate.EvalSet] = ()):
+        self.cfg, self.tmp, self.eval_sets = cfg, tmp, list(eval_sets)
 
     def setup(self):
         configure_process()
@@ -197,6 +216,13 @@ class JoinShard(beam.DoFn):
             reason = recipes.restrict(reason, other, cfg.same_ids_as)
         keep = pc.is_null(reason)
         web = recipes.web_examples(joined, keep, recipe, cfg.tags[1], self.count_tokens)
+        if self.eval_sets:
+            matches = decontaminate.contamination(web["instruction"], web["response"], self.eval_sets)
+            ids = web["id"].to_pylist()
+            partial["decontamination"] = {"pairs": corpus_stats.Every(rows=[
+                (ids[m.row], {"id": ids[m.row], "set": m.set, "field": m.field, "ngram": m.ngram, "prompt": m.prompt})
+                for m in matches])}
+            reason, web = drop_contaminated(reason, keep, web, matches)
         path = RunLayout.assemble_part(self.tmp, "web", shard.shard)
         storage.write_parquet(web, path)
         t = time.perf_counter()
@@ -211,8 +237,26 @@ class JoinShard(beam.DoFn):
         Metrics.counter("bft.assemble", "kept_by_recipe").inc(web.num_rows)
         yield beam.pvalue.TaggedOutput("parts", (shard.shard, path))
         yield beam.pvalue.TaggedOutput("partials", partial)
-        for doc_id, instruction in zip(web["id"].to_pylist(), web["instruction"].to_pylist()):
-            yield instruction_key(instruction), (doc_id, shard.shard)
+        ids, instructions = web["id"].to_pylist(), web["instruction"].to_pylist()
+        if not cfg.near_dup_instruction_threshold:
+            for doc_id, instruction in zip(ids, instructions):
+                yield instruction_key(instruction), (doc_id, shard.shard)
+            return
+        shingles = decontaminate.ngram_sets(web["instruction"], decontaminate.SHINGLE_WORDS)
+        bands = decontaminate.band_keys(shingles)
+        for doc_id, instruction, score, s, b in zip(ids, instructions, web["score"].to_pylist(), shingles, bands):
+            yield instruction_key(instruction), (doc_id, shard.shard, score, b.tobytes(), s.tobytes())
+
+
+def drop_contaminated(reason, keep, web: pa.Table, matches: list[decontaminate.Match]) -> tuple[pa.Array, pa.Table]:
+    """`reason` with contaminated:<set> on the joined rows of the matched web rows, and the web rows
+    without them (`keep`: which joined rows the web rows are, in order)."""
+    rows = [m.row for m in matches]
+    labels = np.full(len(reason), None, object)
+    labels[pc.indices_nonzero(keep).to_numpy()[rows]] = [decontaminate.CONTAMINATED + m.set for m in matches]
+    hit = np.zeros(web.num_rows, bool)
+    hit[rows] = True
+    return pc.coalesce(reason, pa.array(labels, pa.string())), web.filter(pa.array(~hit))
 
 
 def check_shard_ids(path: str, table: pa.Table, cands: pa.Table) -> None:
@@ -239,18 +283,41 @@ def check_carried_instructions(joined: pa.Table, paths: dict[str, str]) -> None:
 
 class KeepSmallestId(beam.DoFn):
     """One example per normalized instruction: the smallest id wins (as in prepare's text dedup).
-    Main output: (sample key, id) of winners; tagged "losers": (shard, id)."""
+    Main output: (sample key, id) of winners; tagged "losers": (shard, id); with near-duplicate
+    instructions on, tagged "bands": ((band, key), decontaminate.Member) of the winner, per band."""
 
     def __init__(self, seed: int):
         self.seed = seed
 
     def process(self, element):
         _, members = element
-        members = sorted(members)
-        winner = members[0][0]
-        yield sample_key(winner, self.seed), winner
-        for doc_id, shard in members[1:]:
-            yield beam.pvalue.TaggedOutput("losers", (shard, doc_id))
+        members = sorted(members)     # ids are unique: the smallest id first
+        winner = members[0]
+        yield sample_key(winner[0], self.seed), winner[0]
+        for loser in members[1:]:
+            yield beam.pvalue.TaggedOutput("losers", (loser[1], loser[0]))
+        if len(winner) > 2:
+            doc_id, shard, score, bands, shingles = winner
+            if shingles:   # an instruction without words has no near-duplicates
+                member = decontaminate.Member(decontaminate.rank_of(doc_id, score), doc_id, shard, shingles)
+                for band, key in enumerate(np.frombuffer(bands, np.uint64).tolist()):
+                    yield beam.pvalue.TaggedOutput("bands", ((band, key), member))
+
+
+def near_duplicates(element, threshold: float):
+    """A band group's dominated instructions (decontaminate.dominated): (id, (shard, the dominating
+    instruction's rank)); several groups may name one id, CombinePerKey(min) keeps the best rank."""
+    _, members = element
+    for loser, by in decontaminate.dominated(list(members), threshold):
+        yield loser.id, (loser.shard, by.rank)
+
+
+def not_near_duplicate(element):
+    """(sample key, id) of an exact-dedup winner that no near-duplicate dominates."""
+    doc_id, grouped = element
+    if not list(grouped["near"]):
+        for key in grouped["winner"]:
+            yield key, doc_id
 
 
 class ReadSeed(beam.DoFn):
@@ -329,6 +396,12 @@ class FinalizeShard(beam.DoFn):
         n_dup = int(pc.sum(dup.cast(pa.int64())).as_py() or 0)
         examples = {"duplicate_instruction": _drop_examples(web.filter(dup), "duplicate_instruction")}
         web = web.filter(pc.invert(dup))
+        near = dict(grouped["near"])   # id -> the id of the near-duplicate that dominates it
+        is_near = pc.is_in(web["id"], value_set=pa.array(list(near), pa.string()))
+        n_near = int(pc.sum(is_near.cast(pa.int64())).as_py() or 0)
+        examples[decontaminate.NEAR_DUPLICATE] = _drop_examples(web.filter(is_near), decontaminate.NEAR_DUPLICATE,
+                                                               {i: f"near duplicate of {d}" for i, d in near.items()})
+        web = web.filter(pc.invert(is_near))
         n_over = 0
         if cutoff is not None:
             keys = [(sample_key(i, self.cfg.seed), i) for i in web["id"].to_pylist()]
@@ -340,7 +413,8 @@ class FinalizeShard(beam.DoFn):
         tables = [web] + [schemas.validate(storage.read_parquet(p), schemas.SFT, p) for p in seed_parts]
         table = pa.concat_tables(tables).sort_by("id")
         in_val = validation_mask(table["id"], self.cfg.validation_fraction, self.cfg.seed, first_validation)
-        partial = {"funnel": {"dropped": {"duplicate_instruction": n_dup, "over_cap": n_over}}, "final": {},
+        partial = {"funnel": {"dropped": {"duplicate_instruction": n_dup, decontaminate.NEAR_DUPLICATE: n_near,
+                                          "over_cap": n_over}}, "final": {},
                    "examples": {"dropped": examples}}
         t_stats = 0.0
         for split, mask in (("train", pc.invert(in_val)), ("validation", in_val)):
@@ -355,11 +429,13 @@ class FinalizeShard(beam.DoFn):
         yield partial
 
 
-def _drop_examples(web: pa.Table, reason: str) -> corpus_stats.Smallest:
-    """The smallest-id SFT rows dropped for `reason` after the recipe, as report examples."""
+def _drop_examples(web: pa.Table, reason: str, detail: dict[str, str] | None = None) -> corpus_stats.Smallest:
+    """The smallest-id SFT rows dropped for `reason` after the recipe, as report examples (`detail`:
+    by id)."""
     rows = web.sort_by("id").slice(0, corpus_stats.EXAMPLES_PER_REASON)
+    details = pa.array([(detail or {}).get(i) for i in rows["id"].to_pylist()], pa.string())
     return corpus_stats.Smallest(corpus_stats.EXAMPLES_PER_REASON, corpus_stats.example_rows(
-        rows, rows["instruction"], rows["response"], pa.array([reason] * rows.num_rows, pa.string())))
+        rows, rows["instruction"], rows["response"], pa.array([reason] * rows.num_rows, pa.string()), details))
 
 
 class MergePartials(beam.CombineFn):
@@ -384,15 +460,31 @@ def _cutoff(top: list, n: int):
     return max(top) if len(top) >= n else None
 
 
-def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_shards: int, folder: str, tmp: str):
+def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_shards: int, folder: str, tmp: str,
+          eval_sets: list[decontaminate.EvalSet] = ()):
     joined = (p | "ShardPlan" >> beam.Create(shards)
               | "Reshuffle" >> beam.Reshuffle()
-              | "JoinShard" >> beam.ParDo(JoinShard(cfg, tmp)).with_outputs("parts", "partials", main="keys"))
+              | "JoinShard" >> beam.ParDo(JoinShard(cfg, tmp, eval_sets)).with_outputs("parts", "partials",
+                                                                                      main="keys"))
     dedup = (joined.keys
              | "GroupByInstruction" >> beam.GroupByKey()
-             | "KeepSmallestId" >> beam.ParDo(KeepSmallestId(cfg.seed)).with_outputs("losers", main="winners"))
+             | "KeepSmallestId" >> beam.ParDo(KeepSmallestId(cfg.seed)).with_outputs("losers", "bands", main="winners"))
+    winners = dedup.winners
+    if cfg.near_dup_instruction_threshold:
+        # band keys grouped in Beam: each group decides alone which of its members a better-ranked
+        # near-duplicate dominates; an instruction dominated in any group is dropped
+        near = (dedup.bands
+                | "GroupByBand" >> beam.GroupByKey()
+                | "NearDuplicates" >> beam.FlatMap(near_duplicates, cfg.near_dup_instruction_threshold)
+                | "OneVerdictPerId" >> beam.CombinePerKey(min))
+        winners = ({"winner": dedup.winners | "WinnerById" >> beam.Map(lambda kv: (kv[1], kv[0])), "near": near}
+                   | "JoinNearDuplicates" >> beam.CoGroupByKey()
+                   | "NotNearDuplicates" >> beam.FlatMap(not_near_duplicate))
+        near_losers = near | "NearByShard" >> beam.Map(lambda kv: (kv[1][0], (kv[0], kv[1][1][1])))
+    else:
+        near_losers = p | "NoNearDuplicates" >> beam.Create([])
     if cfg.max_examples:
-        cutoff = (dedup.winners
+        cutoff = (winners
                   | "CapToMaxExamples" >> beam.combiners.Top.Smallest(cfg.max_examples)
                   | "Cutoff" >> beam.Map(_cutoff, cfg.max_examples))
     else:
@@ -400,7 +492,7 @@ def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_s
     seed = (p | "SeedData" >> beam.Create([cfg.seed_data] if cfg.seed_data else [])
             | "ReadSeed" >> beam.ParDo(ReadSeed(cfg, tmp, num_shards)).with_outputs("parts", "partials", main="ids"))
     # the released id with the smallest validation key: always in validation (a small release has one)
-    web_ids = (dedup.winners
+    web_ids = (winners
                | "WithinCap" >> beam.Filter(lambda kv, c: c is None or kv <= c, c=beam.pvalue.AsSingleton(cutoff))
                | "WebIds" >> beam.Map(lambda kv: kv[1]))
     first_validation = ((web_ids, seed.ids)
@@ -409,7 +501,8 @@ def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_s
                         | "SmallestKey" >> beam.combiners.Top.Smallest(1)
                         | "FirstValidation" >> beam.Map(lambda top: top[0][1] if top else None))
     every_shard = p | "OutputShards" >> beam.Create([(k, None) for k in range(num_shards)], reshuffle=False)
-    finals = ({"web": joined.parts, "losers": dedup.losers, "seed": seed.parts, "shard": every_shard}
+    finals = ({"web": joined.parts, "losers": dedup.losers, "near": near_losers, "seed": seed.parts,
+               "shard": every_shard}
               | "GroupByShard" >> beam.CoGroupByKey()
               | "FinalizeShard" >> beam.ParDo(FinalizeShard(cfg, folder, num_shards),
                                                cutoff=beam.pvalue.AsSingleton(cutoff),
@@ -520,7 +613,9 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
         cfg.tokenizer = (prep_stats.get("config") or {}).get("tokenizer")
         if not cfg.tokenizer:
             raise AssembleError("no --tokenizer given and candidates/stats.json names none")
+    eval_sets = decontaminate.read_eval_sets(cfg.decontaminate, cfg.decontaminate_field, cfg.decontaminate_ngram)
     shards, skipped, num_shards, lineage = plan_inputs(cfg)
+    lineage["decontaminate"] = [s.content for s in eval_sets]   # another file's content: another release
     config = asdict(cfg)
 
     def build_release(folder: str, version: str) -> dict:
@@ -532,7 +627,7 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
         t0 = time.perf_counter()
         try:
             with progress.running("assemble", pipeline_options(beam_args)) as p:
-                build(p, cfg, shards, num_shards, folder, tmp)
+                build(p, cfg, shards, num_shards, folder, tmp, eval_sets)
             summary = json.loads(storage.read_text(RunLayout.summary(tmp)))
         finally:
             storage.delete_tree(tmp)
@@ -540,7 +635,8 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
         pipeline_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         stats = corpus_stats.release_stats(cfg, version, summary, prep_stats, sorted(skipped),
-                                           sum(skipped.values()), _stage_models(cfg, shards))
+                                           sum(skipped.values()), _stage_models(cfg, shards),
+                                           [s.summary() for s in eval_sets])
         # what changed since the release LATEST names now (the parent), and the alerts (beam_pipelines/changes.py)
         parent = storage.read_text(layout.latest).strip() if storage.exists(layout.latest) else None
         parent = parent if parent and parent != version and release._VERSION.match(parent) else None

@@ -26,6 +26,7 @@ import schemas
 from schemas.outcomes import SCORE_EDGES, categories, histogram, shard_summary, value_counts  # noqa: F401 (re-exported)
 from schemas.recipes import GATE_STAGES, RECIPES
 from schemas.release import code_revision
+from beam_pipelines.decontaminate import BAND_ROWS, CONTAMINATED, NEAR_DUPLICATE, SHINGLE_WORDS, SIGNATURE_BANDS
 
 RELEASE_STATS = "stats.json"  # a release's statistics, beside its data files
 
@@ -88,6 +89,14 @@ class Smallest:
 
     def summary(self):
         return [payload for _, payload in self.rows]
+
+
+class Every(Smallest):
+    """Every row, ordered by key (unbounded): a list the report gives whole, such as the pairs dropped
+    as contaminated (few by nature; each must be shown)."""
+
+    def __init__(self, k=None, rows=()):
+        self.k, self.rows = None, sorted(rows, key=lambda r: r[0])
 
 
 class TrigramSample(Smallest):
@@ -326,10 +335,11 @@ class AccountingError(RuntimeError):
 
 
 def release_stats(cfg, version: str, summary: dict, prep_stats: dict, skipped: list[int],
-                  skipped_rows: int, models: dict) -> dict:
+                  skipped_rows: int, models: dict, eval_sets: list[dict] = ()) -> dict:
     """The release's stats.json from the merged partials of the assemble pass (`summarize`), the prepare
     stats and the driver's plan; checks that every candidate is accounted for. `cfg` is the
-    AssembleConfig (recipe, threshold, tags)."""
+    AssembleConfig (recipe, threshold, tags, decontamination and near-duplicate options); `eval_sets`:
+    the --decontaminate files' summaries (decontaminate.EvalSet.summary)."""
     dropped = {k: v for k, v in (summary.get("funnel", {}).get("dropped") or {}).items() if v}
     if skipped_rows:
         dropped["missing_generation_shard"] = skipped_rows
@@ -382,8 +392,21 @@ def release_stats(cfg, version: str, summary: dict, prep_stats: dict, skipped: l
         "by_origin": by_origin,
         "length_edges": LENGTH_EDGES,
         "tags": {"seed": seed_tag, "web": web_tag},
+        "decontamination": decontamination_stats(cfg, summary, dropped, eval_sets),
+        "near_duplicate_instructions": {
+            "threshold": cfg.near_dup_instruction_threshold or None, "shingle_words": SHINGLE_WORDS,
+            "bands": SIGNATURE_BANDS, "rows_per_band": BAND_ROWS, "dropped": dropped.get(NEAR_DUPLICATE, 0)},
         **report_extras(summary, asdict(cfg)),
         "missing_shards": skipped,
         "schema_version": schemas.SCHEMA_VERSION,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def decontamination_stats(cfg, summary: dict, dropped: dict, eval_sets: list[dict]) -> dict:
+    """stats.json's decontamination: the n-gram length, each evaluation set (file, sha256, prompts,
+    n-grams), the pairs dropped per set, and every dropped pair with the n-gram it shares."""
+    pairs = (summary.get("decontamination") or {}).get("pairs") or []
+    return {"ngram": cfg.decontaminate_ngram, "sets": list(eval_sets),
+            "dropped": {s["name"]: dropped.get(CONTAMINATED + s["name"], 0) for s in eval_sets},
+            "pairs": pairs}

@@ -5,7 +5,8 @@ The report, top to bottom: provenance (config, models, code revision, links to t
 and stats), the whole funnel from Dolma records to train/validation in one table and one plot,
 per-stage request statistics, score distributions per scoring stage (kept vs dropped), lengths and
 diversity comparable across origins (normalized histograms, unique trigrams on a fixed-size sample),
-and example rows: kept pairs and one dropped row per drop reason.
+decontamination (each evaluation set, and every pair dropped with the n-gram it shares), and example
+rows: kept pairs and one dropped row per drop reason.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import os
 import re
 
 from beam_pipelines.corpus_stats import LENGTH_EDGES
+from beam_pipelines.decontaminate import CONTAMINATED, NEAR_DUPLICATE
 from schemas.recipes import CURATION_DROPS, RECIPES
 import storage
 
@@ -62,8 +64,12 @@ def _step_of(reason: str, stages: list[str], gate: str | None) -> str:
             return f"{stage}: failed or missing"
     if reason in CURATION_DROPS:
         return "curation: length, empty or truncated"
+    if reason.startswith(CONTAMINATED):
+        return "decontamination (--decontaminate)"
     if reason == "duplicate_instruction":
         return "curation: duplicate instructions"
+    if reason == NEAR_DUPLICATE:
+        return "curation: near-duplicate instructions"
     if reason == "over_cap":
         return "cap (--max-examples)"
     return "other"
@@ -90,7 +96,8 @@ def funnel_rows(stats: dict) -> list[dict]:
     order = (["missing generation shards"] + [f"{s}: failed or missing" for s in judged]
              + [f"gate: {recipe.gate} below threshold"]
              + ([f"{recipe.answer}: failed or missing"] if recipe.answer else [])
-             + ["curation: length, empty or truncated", "curation: duplicate instructions",
+             + ["curation: length, empty or truncated", "decontamination (--decontaminate)",
+                "curation: duplicate instructions", "curation: near-duplicate instructions",
                 "cap (--max-examples)", "other"])
     grouped: dict[str, dict] = {}
     for reason, n in f["dropped"].items():
@@ -399,6 +406,32 @@ def _pct_of(share) -> str:
     return "-" if share is None else f"{100 * share:.1f}%"
 
 
+def decontamination_rows(stats: dict) -> tuple[list[list], list[list]]:
+    """([set, file, sha256, prompts, n-grams, prompts shorter than n, pairs dropped] per evaluation set,
+    [id, set, field, shared n-gram, evaluation prompt] per dropped pair)."""
+    d = stats.get("decontamination") or {}
+    sets = [[s["name"], s["path"], s["sha256"][:12], s["prompts"], s["ngrams"], s["short_prompts"],
+             (d.get("dropped") or {}).get(s["name"], 0)] for s in d.get("sets") or []]
+    pairs = [[p["id"], p["set"], p["field"], p["ngram"], p["prompt"]] for p in d.get("pairs") or []]
+    return sets, pairs
+
+
+def _decontamination_html(stats: dict) -> str:
+    d = stats.get("decontamination") or {}
+    sets, pairs = decontamination_rows(stats)
+    if not sets:
+        return ("<h2>Decontamination</h2><p>None: no evaluation prompts were given (<code>--decontaminate</code>), "
+                "so this release was not checked against any benchmark.</p>")
+    n = d.get("ngram")
+    return (f"<h2>Decontamination</h2><p class=note>A pair whose instruction or response shares a {n}-word "
+            f"n-gram (lower case, punctuation ignored) with an evaluation prompt is dropped as "
+            f"<code>contaminated:&lt;set&gt;</code>; a prompt shorter than {n} words counts as one n-gram, its "
+            f"whole word sequence. {len(pairs):,} pair(s) dropped.</p>"
+            + _table(["set", "file", "sha256", "prompts", f"{n}-grams", f"prompts under {n} words",
+                      "pairs dropped"], sets)
+            + (_table(["id", "set", "field", "shared n-gram", "evaluation prompt"], pairs) if pairs else ""))
+
+
 def _examples_html(stats: dict) -> str:
     ex = stats.get("examples") or {"kept": [], "dropped": {}}
     kept = "".join(f"<tr><td>{_fmt(e['id'])}</td><td class=t>{_fmt(e['instruction'])}</td>"
@@ -504,6 +537,7 @@ mistral-common is installed, again with a Llama-2-structure tokenizer (close to 
 {_table(['origin', 'examples', 'avg instruction tokens', 'avg response tokens',
          f'unique instruction trigrams per {size:,}', f'unique response trigrams per {size:,}', 'sample'], diversity)}
 <img src="plots/lengths.png" alt="lengths"><img src="plots/trigrams.png" alt="trigrams">
+{_decontamination_html(stats)}
 <h2>Examples</h2>
 {_examples_html(stats)}
 </body></html>
@@ -523,6 +557,22 @@ def size_category(n: int) -> str:
         if n < limit:
             return name
     return "n>1T"
+
+
+def _near_duplicates_text(config: dict) -> str:
+    t = config.get("near_dup_instruction_threshold")
+    return (f"and per cluster of near-duplicate instructions (word 3-gram Jaccard >= {t:g}; the highest score "
+            "kept)") if t else "(near-duplicate instructions not removed)"
+
+
+def _decontamination_text(stats: dict) -> str:
+    d = stats.get("decontamination") or {}
+    if not d.get("sets"):
+        return "Decontamination: none (not checked against any evaluation set)."
+    sets = "; ".join(f"{s['name']} ({s['prompts']:,} prompts, sha256 {s['sha256'][:12]}): "
+                     f"{d['dropped'].get(s['name'], 0):,} pairs dropped" for s in d["sets"])
+    return (f"Decontamination: pairs sharing a {d['ngram']}-word n-gram with an evaluation prompt were dropped: "
+            f"{sets}.")
 
 
 def write_card(folder: str, stats: dict, config: dict) -> str:
@@ -590,7 +640,8 @@ an optional system message carrying the data-source tag, the user instruction, t
 - Models: {models}.
 - Recipe `{stats['recipe']}`, then curation: instruction {config['min_instruction_chars']}..{config['max_instruction_chars']}
   characters, no empty or truncated response, one example per normalized instruction
-  {f"(capped to {config['max_examples']:,})" if config.get('max_examples') else ""}.
+  {_near_duplicates_text(config)}{f" (capped to {config['max_examples']:,})" if config.get('max_examples') else ""}.
+- {_decontamination_text(stats)}
 - Dropped candidates by reason: {_kv(f['dropped'])}.
 - Validation split: a deterministic {config['validation_fraction']:.1%} by hash of the id; when that
   fraction is above zero, the example with the smallest hash is always in it, so a small release still

@@ -7,7 +7,10 @@ generate: T=0.7, top_p=0.9 (PROMPTS.md section 8). The data-source tag is the sy
 where `bft train` puts it (training/data.py: the release's `messages` carry it as a system message):
 `--tag assistant` is PROMPTS.md section 6's "Answer in the style of an AI Assistant." (the seed tag),
 `--tag web` its web variant, `--tag none` no system turn. Writes [{instruction, output, generator,
-dataset}], which the `alpaca_eval` CLI takes as --model_outputs.
+dataset}], which the `alpaca_eval` CLI takes as --model_outputs. When the model was trained on a
+release (its bft_train.json names it) whose manifest does not list the questions file among the files
+`bft assemble --decontaminate` used (compared by sha256), it warns: the questions may be in the
+training data (`decontamination_warning`).
 
 judge: every item is judged twice, A/B then B/A, with MT-Bench's pairwise prompt (greedy), to cancel
 position bias, and aggregated as MT-Bench does (FastChat llm_judge: `show_result.py`
@@ -28,6 +31,7 @@ null = no verdict), so alpaca_eval's own analysis tools read them.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 
 import storage
 from schemas.errors import UserError
+from schemas.release import MANIFEST, sha256_of
 from schemas.layout import RunLayout
 from schemas.options import option, required
 from schemas.keys import row_seed
@@ -42,7 +47,11 @@ from generation.engines import EngineConfig, Request, load_engine
 from generation.prompting import prompt_bound, render
 from generation.templates import DEFAULTS, EVAL_TAG, EVAL_TAG_WEB, messages
 
+log = logging.getLogger("bft.eval")
+
 TAGS = {"assistant": EVAL_TAG, "web": EVAL_TAG_WEB, "none": None}
+TRAIN_RECORD = "bft_train.json"                      # what bft train writes into a model folder
+_RELEASE_SOURCE = re.compile(r"^release (\S+) \((.+)\)$")  # its `data` when it trained on a release
 JUDGE_MAX_NEW_TOKENS = 2048
 _VERDICT = re.compile(r"\[\[([ABC])\]\]")
 
@@ -275,8 +284,32 @@ def judge(engine, pairs: list[tuple[dict, dict]], max_new_tokens: int = JUDGE_MA
     return summary, items
 
 
+def decontamination_warning(model: str, questions: str) -> str | None:
+    """Why the release `model` was trained on may hold the questions (its manifest does not list a
+    --decontaminate file with the questions file's sha256), or None: when it does, or when the model
+    was not trained on a release (a base model, a served name, a file of pairs)."""
+    record = os.path.join(os.path.expanduser(model), TRAIN_RECORD)
+    if model.startswith("gs://") or not os.path.exists(record):
+        return None
+    with open(record) as f:
+        found = _RELEASE_SOURCE.match(str(json.load(f).get("data") or ""))
+    manifest_path = storage.join(found.group(2), MANIFEST) if found else None
+    if manifest_path is None or not storage.exists(manifest_path):
+        return None
+    used = json.loads(storage.read_text(manifest_path)).get("inputs", {}).get("decontaminate") or []
+    if sha256_of(questions) in {u.get("sha256") for u in used}:
+        return None
+    listed = ", ".join(u["path"] for u in used) or "none"
+    return (f"{questions} was not used to decontaminate release {found.group(1)}, which {model} was trained on "
+            f"(its --decontaminate files: {listed}): the questions may be in the training data; rerun bft "
+            f"assemble with --decontaminate {questions}")
+
+
 def run_generate(cfg: EvalGenerateConfig) -> list[dict]:
     questions = read_answers(cfg.questions, "questions")
+    warning = decontamination_warning(cfg.model, cfg.questions)
+    if warning:
+        log.warning(warning)
     with cfg.load_engine(cfg.model) as engine:
         out = generate(engine, questions, cfg.generator, TAGS[cfg.tag],
                        max_new_tokens=cfg.max_new_tokens or 1024, seed=cfg.seed)
