@@ -81,6 +81,10 @@ def _assemble(cfg, beam_args, run_file) -> int:
           f"{f['final']['validation']:,} validation)")
     for reason, n in f["dropped"].items():
         print(f"  dropped {reason:<32} {n:>10,}")
+    decontamination = stats.get("decontamination") or {}
+    for s in decontamination.get("sets") or []:
+        print(f"  decontaminated against {s['name']} ({s['prompts']:,} prompts, {decontamination['ngram']}-word "
+              f"n-grams): {decontamination['dropped'].get(s['name'], 0):,} pairs dropped")
     print(f"release {stats['version']}: {folder}\nreport: {folder}/report.html")
     return 0
 
@@ -304,7 +308,16 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
         if message is None:
             raise
         print(f"bft {verb.name}: {message}", file=sys.stderr)
-        return 1
+        # an error that is a state to wait out says so (generation.batch.BatchesPending: 75, EX_TEMPFAIL)
+        return next((c.exit_status for c in _chain(e) if isinstance(getattr(c, "exit_status", None), int)), 1)
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,8 @@ pass each gate, and GPU-hours; and the candidates needed for a target corpus siz
 where it comes from:
 
 - requests: backtranslate gets every candidate (ROOT/candidates when prepare has run, else an estimate
-  from a sample of the input: kept share x lines, scaled by file count); score/rate get the rows whose
+  from a sample of the input: kept share x lines, scaled by file count; with --near-dedup, less the
+  sample's near-duplicates: a lower bound on the drops, since those across files are not in it); score/rate get the rows whose
   instruction parsed; rewrite/distill only the rows that pass the gate (score >= 5, rate >= 4.5),
   when the gate is on.
 - pass rates: measured on existing shards (ROOT/generations/...), else the paper's: 13.6% of pairs
@@ -25,7 +26,11 @@ where it comes from:
   whole document) among those it answered; where a stage has no shards yet, its whole-document share.
 - GPU-hours: output tokens / `tokens_per_s` of the stage's section (decode throughput of one GPU for
   that model), else the throughput measured on existing shards (output tokens / wall seconds of a
-  worker); unknown when neither exists.
+  worker); unknown when neither exists. Only for self-hosted stages: a stage priced per token is not.
+- cost of a hosted stage: a stage's section may price its tokens (`price_in`, `price_out`: USD per 1M
+  input / output tokens, as hosted APIs list them; `batch_discount`: the share the Batch API takes
+  off, default 0.5, OpenAI's); its prompt and output tokens above at those prices, online and through
+  the Batch API (`--engine openai-batch`). These keys are the plan's; `bft rebuild` ignores them.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from schemas.options import option
 from schemas.recipes import ANSWER_STAGES, Gate
 
 PAPER_SCORE5_SHARE = 0.136   # Nguyen et al. 2024: share of backtranslated pairs scored 5
+DEFAULT_BATCH_DISCOUNT = 0.5  # OpenAI's Batch API: the same requests at half the price, within 24 h
 
 
 @dataclass
@@ -112,6 +118,18 @@ def _estimate_from_input(plan: RunPlan, sample_docs: int) -> dict:
             tokens += n
             texts.append(text)
             lengths.append(n)
+    near = 0
+    if cfg.near_dedup:  # the sample's own near-duplicates: a lower bound (those across files are not in it)
+        from beam_pipelines.minhash import sketch, survivors
+
+        params = cfg.minhash_params()
+        found = survivors({i: sketch(t, params) for i, t in enumerate(texts)}, params)
+        dropped = {i for i, s in found.items() if i != s}
+        near = len(dropped)
+        kept -= near
+        tokens -= sum(lengths[i] for i in dropped)
+        texts = [t for i, t in enumerate(texts) if i not in dropped]
+        lengths = [n for i, n in enumerate(lengths) if i not in dropped]
     # a sampled file that is shorter than the sample is the whole file: scale by files either way
     per_file_lines = lines
     if lines >= sample_docs:  # count the rest of the first file's lines cheaply (no parsing)
@@ -126,7 +144,8 @@ def _estimate_from_input(plan: RunPlan, sample_docs: int) -> dict:
     import numpy as np
 
     return {"rows": int(rows), "doc_tokens": int(tokens), "texts": texts, "lengths": np.array(lengths, dtype=np.int64),
-            "source": f"estimated from {lines} lines of {files[0]} x {len(files)} files"}
+            "source": f"estimated from {lines} lines of {files[0]} x {len(files)} files"
+                      + (f", less the {near} near-duplicates among them" if cfg.near_dedup else "")}
 
 
 def _measured(layout: RunLayout, stage: str, threshold: float | None) -> dict | None:
@@ -204,6 +223,7 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
     recipe = RECIPES[plan.assemble.recipe]
     threshold = plan.assemble.min_score if plan.assemble.min_score is not None else recipe.threshold
     cands = _candidates(plan, sample_docs)
+    prices = _prices(plan)
     out: dict = {"root": plan.root, "recipe": recipe.name, "candidates": {k: cands[k] for k in ("rows", "doc_tokens",
                                                                                                 "source")},
                  "stages": {}}
@@ -288,6 +308,12 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
         entry["tokens_per_s"] = round(tps, 2) if tps else None
         entry["tokens_per_s_source"] = tps_source
         entry["gpu_hours"] = round(entry["output_tokens"] / tps / 3600, 3) if tps else None
+        price = prices.get(sp.stage)
+        entry["hosted"] = price is not None
+        if price is not None:   # a hosted API: paid per token, no GPU of ours
+            online = (entry["prompt_tokens"] * price["price_in"] + entry["output_tokens"] * price["price_out"]) / 1e6
+            entry.update(price, gpu_hours=None, cost_online=round(online, 2),
+                         cost_batch=round(online * (1 - price["batch_discount"]), 2))
         out["stages"][sp.stage] = entry
     out["instruction_tokens"] = {"per_request": instruction_tokens, "source": instruction_source}
     limits = [s["whole_document_limit"] for s in out["stages"].values() if s.get("whole_document_limit") is not None]
@@ -300,8 +326,34 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
     if target_examples:
         out["target_examples"] = target_examples
         out["candidates_needed"] = math.ceil(target_examples / yield_rate) if yield_rate else None
-    out["gpu_hours_total"] = (round(sum(s["gpu_hours"] for s in out["stages"].values()), 3)
-                              if all(s["gpu_hours"] is not None for s in out["stages"].values()) else None)
+    own = [s for s in out["stages"].values() if not s["hosted"]]
+    out["gpu_hours_total"] = (round(sum(s["gpu_hours"] for s in own), 3)
+                              if all(s["gpu_hours"] is not None for s in own) else None)
+    hosted = [s for s in out["stages"].values() if s["hosted"]]
+    out["cost_online_total"] = round(sum(s["cost_online"] for s in hosted), 2) if hosted else None
+    out["cost_batch_total"] = round(sum(s["cost_batch"] for s in hosted), 2) if hosted else None
+    return out
+
+
+def _prices(plan: RunPlan) -> dict[str, dict]:
+    """{stage: {price_in, price_out, batch_discount}} of the stages whose run-file section prices its
+    tokens (USD per 1M; module docstring). load_run keeps only what bft rebuild reads, so the stage
+    sections are read again here (their keys and types were checked when the run was loaded)."""
+    from bft import config
+    from generation.runner import GenerateConfig
+
+    doc = config.read_run_file(plan.path)
+    out = {}
+    for sp in plan.stages:
+        run = config.section_values(GenerateConfig, doc, plan.path, "generate", sp.stage)[1]
+        if "price_in" not in run and "price_out" not in run:
+            continue
+        price = {"price_in": run.get("price_in", 0.0), "price_out": run.get("price_out", 0.0),
+                 "batch_discount": run.get("batch_discount", DEFAULT_BATCH_DISCOUNT)}
+        if min(price["price_in"], price["price_out"]) < 0 or not 0 <= price["batch_discount"] < 1:
+            raise UserError(f"{plan.path}: generate.{sp.stage}: price_in and price_out are USD per 1M tokens (>= 0) "
+                            f"and batch_discount the share the Batch API takes off (0 <= it < 1)")
+        out[sp.stage] = price
     return out
 
 
@@ -344,7 +396,8 @@ def render_table(result: dict) -> str:
         passing = s.get("gate_pass_rate", s["parse_ok_rate"])
         lines.append(f"{stage:<14}{s['requests']:>12,}{s['prompt_tokens']:>15,}{s['output_tokens']:>14,}"
                      f"{passing:>8.3f}{(s['tokens_per_s'] or 0):>10,.0f}"
-                     f"{(s['gpu_hours'] if s['gpu_hours'] is not None else float('nan')):>10.2f}")
+                     + (f"{'hosted':>10}" if s.get("hosted") else
+                        f"{(s['gpu_hours'] if s['gpu_hours'] is not None else float('nan')):>10.2f}"))
     lines.append("")
     for stage, s in result["stages"].items():
         src = [s["requests_source"], "outputs: " + s["output_tokens_source"]]
@@ -370,7 +423,15 @@ def render_table(result: dict) -> str:
     if "target_examples" in result:
         lines.append(f"candidates needed for {result['target_examples']:,} examples: "
                      f"{result['candidates_needed']:,}" if result["candidates_needed"] else "cannot be reached")
+    hosted = {stage: s for stage, s in result["stages"].items() if s.get("hosted")}
+    if hosted:
+        lines.append("\ncost of the hosted stages (USD; prices per 1M tokens from the run file):")
+        for stage, s in hosted.items():
+            lines.append(f"  {stage}: {s['requests']:,} requests, {s['prompt_tokens']:,} in x ${s['price_in']:g} + "
+                         f"{s['output_tokens']:,} out x ${s['price_out']:g}: online ${s['cost_online']:,.2f}, "
+                         f"batch ${s['cost_batch']:,.2f} ({s['batch_discount']:.0%} off)")
+        lines.append(f"  in all: online ${result['cost_online_total']:,.2f}, batch ${result['cost_batch_total']:,.2f}")
     total = result["gpu_hours_total"]
-    lines.append("GPU-hours in all: " + (f"{total:.2f}" if total is not None else
-                                          "unknown (give tokens_per_s in each stage's section)"))
+    lines.append(("GPU-hours in all (self-hosted stages): " if hosted else "GPU-hours in all: ")
+                 + (f"{total:.2f}" if total is not None else "unknown (give tokens_per_s in each stage's section)"))
     return "\n".join(lines)

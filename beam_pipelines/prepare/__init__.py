@@ -22,6 +22,7 @@ triple every step returns:
     records.py  Doc and its coder, reject rows, tallies, the funnel
     read.py     ReadAndMeasure, MeasureLines, CountLines (the exact length filter)
     dedup.py    Deduplicate (ids, then normalized texts)
+    near_dedup.py NearDeduplicate (--near-dedup: MinHash LSH, clusters by large-star/small-star)
     sample.py   --target-docs: SampleToTarget (the definition), SampleByKey (the rounds)
     write.py    AssignShards, WriteParts, MergeShard, WriteRejects, the stats marker
     pipeline.py build (wires the steps) and run (reuse, cleanup, the run)

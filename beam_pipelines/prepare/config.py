@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 
 import storage
 from beam_pipelines.length import load_tokenizer
+from beam_pipelines.minhash import MinHashParams
 from schemas.errors import UserError
 from schemas.layout import Rooted
 from schemas.options import option, required
@@ -38,6 +39,15 @@ class PrepareConfig(Rooted):
     skip_unreadable_files: bool = option(False, "count a truncated/corrupt input file and go on instead of failing")
     reject_shards: int = option(4, "files of rejects")
     batch_docs: int = option(256, "documents measured per tokenizer call")
+    near_dedup: bool = option(False, "also drop near-duplicate documents (MinHash LSH over word n-grams; off by "
+                              "default: README, 'Near-duplicate documents')")
+    near_dedup_ngram: int = option(5, "words per shingle of --near-dedup")
+    near_dedup_bands: int = option(14, "LSH bands of --near-dedup")
+    near_dedup_rows: int = option(8, "MinHash values per band of --near-dedup")
+    near_dedup_threshold: float = option(0.8, "Jaccard similarity from which two documents are near-duplicates "
+                                         "(a candidate pair's estimate may fall two standard errors below it)")
+    near_dedup_rounds: int = option(6, "large-star/small-star rounds that cluster near-duplicates (a run whose "
+                                    "clusters did not settle in them fails, saying so)", run_only=True)
     overwrite: bool = option(False, "redo a complete output (with another config too)", run_only=True)
 
     def check(self) -> None:
@@ -49,6 +59,11 @@ class PrepareConfig(Rooted):
             raise UserError("--target-docs must be >= 1")
         if not self.input:
             raise UserError("--input: give at least one glob of Dolma files")
+        if min(self.near_dedup_ngram, self.near_dedup_bands, self.near_dedup_rows, self.near_dedup_rounds) < 1:
+            raise UserError("--near-dedup-ngram, --near-dedup-bands, --near-dedup-rows and --near-dedup-rounds "
+                            "must be >= 1")
+        if not 0 < self.near_dedup_threshold <= 1:
+            raise UserError(f"--near-dedup-threshold {self.near_dedup_threshold} is not in (0, 1]")
         self.check_root()
         # recorded paths must name the same files from any directory (assemble reads them back)
         self.input = [p if storage.is_gcs(p) else os.path.abspath(os.path.expanduser(p)) for p in self.input]
@@ -57,9 +72,16 @@ class PrepareConfig(Rooted):
 
     def identity(self) -> dict:
         """What determines the output: every option but the run-only ones and the root (a run root
-        copied or moved elsewhere holds the same output)."""
+        copied or moved elsewhere holds the same output). Without --near-dedup its options are left
+        out: an output made before they existed is the same output."""
         return {k: v for k, v in asdict(self).items()
-                if k != "root" and not PrepareConfig.__dataclass_fields__[k].metadata.get("run_only")}
+                if k != "root" and not PrepareConfig.__dataclass_fields__[k].metadata.get("run_only")
+                and (self.near_dedup or not k.startswith("near_dedup"))}
+
+    def minhash_params(self) -> MinHashParams:
+        """--near-dedup's MinHash parameters (beam_pipelines/minhash.py)."""
+        return MinHashParams(self.near_dedup_ngram, self.near_dedup_bands, self.near_dedup_rows,
+                             self.near_dedup_threshold)
 
 
 def list_inputs(patterns: list[str]) -> list[str]:

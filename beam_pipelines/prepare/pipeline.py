@@ -16,9 +16,10 @@ from beam_pipelines.prepare import sample
 from beam_pipelines.prepare.config import (PrepareConfig, check_output, check_tokenizer, config_differences,
                                            input_fingerprint, list_inputs, size_or_zero)
 from beam_pipelines.prepare.dedup import Deduplicate
+from beam_pipelines.prepare.near_dedup import NearDeduplicate
 from beam_pipelines.prepare.read import CountLines, ReadAndMeasure
 from beam_pipelines.prepare.records import KEPT, Doc, tally
-from beam_pipelines.prepare.sample import SampleByKey, key_limit
+from beam_pipelines.prepare.sample import SampleByKey, SampleToTarget, key_limit
 from beam_pipelines.prepare.write import (AssignShards, MergeShard, WriteParts, WriteRejects, keep_prior, read_prior,
                                           write_stats)
 from schemas.errors import UserError
@@ -37,8 +38,11 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
     tmp_dir = layout.prepare_tmp(run_id or uuid.uuid4().hex[:12])
 
     limit0 = None
-    stash = tmp_dir if cfg.target_docs else None  # a sample re-reads its few documents from a stash
-    if cfg.target_docs:  # round 0 of the sample, measured in the first read: its key limit from an estimate
+    # near-duplicate clusters are not decomposable by sample key (a chain may pass through documents
+    # of any key): with --near-dedup a sample is taken from the survivors of every document
+    by_key = cfg.target_docs and not cfg.near_dedup
+    stash = tmp_dir if by_key else None  # a sample re-reads its few documents from a stash
+    if by_key:  # round 0 of the sample, measured in the first read: its key limit from an estimate
         stored = {i["path"]: i.get("bytes", 0) for i in fingerprint or []}
         sizes = [stored[f] if f in stored else size_or_zero(f) for f in selected]
         limit0 = key_limit(sample.estimate_ranked(selected, sizes, cfg), cfg.target_docs, 1.0)
@@ -46,13 +50,20 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
             | "ReadAndMeasure" >> beam.ParDo(ReadAndMeasure(cfg, selected, limit0, stash)).with_output_types(
                 Doc).with_outputs(
                 "rejects", "tallies", "unreadable", "ranks", main="docs"))
-    if cfg.target_docs:
+    if by_key:
         docs, kept_rejects, kept_tallies = ((read.docs, read.ranks)
                                             | "SampleByKey" >> SampleByKey(cfg, selected, limit0, stash))
     else:
         docs, kept_rejects, kept_tallies = read.docs | "Deduplicate" >> Deduplicate(cfg.seed, selected)
     rejects = [read.rejects, kept_rejects]
     tallies = [read.tallies, kept_tallies]
+    if cfg.near_dedup:
+        docs, near_rejects, near_tallies = docs | "NearDeduplicate" >> NearDeduplicate(cfg, selected)
+        rejects.append(near_rejects)
+        tallies.append(near_tallies)
+        if cfg.target_docs:
+            docs, sample_tallies = docs | "Sample" >> SampleToTarget(cfg.target_docs, cfg.seed)
+            tallies.append(sample_tallies)
     unreadable = [read.unreadable]
     if others:  # no stage for an empty list
         other = (p | "OtherSplitFiles" >> beam.Create(others)

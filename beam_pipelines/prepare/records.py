@@ -23,7 +23,9 @@ class Doc(NamedTuple):
     """A kept document between steps: its text stays in its input file (read again to be written).
     `file` is the input file's index in the sorted list of head-split files (an int shuffles in ~2
     bytes, a path in ~100); `prior` is the document's shard in the output being replaced (None when
-    it was not there, or no output is being replaced). Encoded by DocCoder (below)."""
+    it was not there, or no output is being replaced); `minhash` is its sketch for --near-dedup
+    (beam_pipelines/minhash.py: 224 bytes at the default 14 bands; None without --near-dedup, and
+    after NearDeduplicate). Encoded by DocCoder (below)."""
 
     id: str
     text_hash: str
@@ -32,6 +34,7 @@ class Doc(NamedTuple):
     file: int
     line: int
     prior: Optional[int] = None
+    minhash: Optional[bytes] = None
 
 
 def tally(name: str, n: int = 1) -> tuple[str, int]:

@@ -1,0 +1,40 @@
+"""bft plan's cost of hosted stages (issue 20 point 4): requests and tokens at the run file's prices
+per 1M tokens, online and through the Batch API; GPU-hours for the self-hosted stages only."""
+import json
+
+from tests.test_rebuild import corpus, run_file  # noqa: F401 (corpus: a fixture)
+from tests.test_cli import run as bft
+
+
+def test_plan_prices_hosted_stages_online_and_batch(tmp_path, tiny_models, bpe_tokenizer_path, corpus, capsys):
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(tmp_path / "run"), [corpus],
+                   generate__backtranslate__tokens_per_s=50.0, generate__score__price_in=2.5,
+                   generate__score__price_out=10.0)
+    rc, out, err = bft(capsys, "plan", "--config", cfg, "--format", "json")
+    assert rc == 0, err
+    plan = json.loads(out)
+    bt, score = plan["stages"]["backtranslate"], plan["stages"]["score"]
+    assert not bt["hosted"] and bt["gpu_hours"] == round(60 / 50 / 3600, 3) and "cost_online" not in bt
+    online = (score["prompt_tokens"] * 2.5 + score["output_tokens"] * 10.0) / 1e6
+    assert score["hosted"] and score["gpu_hours"] is None and score["batch_discount"] == 0.5
+    assert score["cost_online"] == round(online, 2) and score["cost_batch"] == round(online / 2, 2)
+    assert plan["gpu_hours_total"] == bt["gpu_hours"]           # the hosted stage needs no GPU of ours
+    assert plan["cost_online_total"] == score["cost_online"] and plan["cost_batch_total"] == score["cost_batch"]
+    rc, out, err = bft(capsys, "plan", "--config", cfg)
+    assert rc == 0 and "cost of the hosted stages" in out and "(50% off)" in out
+    assert "GPU-hours in all (self-hosted stages): 0.00" in out 
+    assert [line for line in out.splitlines() if line.startswith("score ")][0].endswith("hosted")
+    # a discount of its own, and a bad one named in one line
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(tmp_path / "run"), [corpus],
+                   generate__score__price_in=1.0, generate__score__price_out=1.0, generate__score__batch_discount=0.25)
+    rc, out, _ = bft(capsys, "plan", "--config", cfg, "--format", "json")
+    s = json.loads(out)["stages"]["score"]
+    assert s["cost_batch"] == round(s["cost_online"] * 0.75, 2)
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(tmp_path / "run"), [corpus],
+                   generate__score__price_in=1.0, generate__score__batch_discount=1.5)
+    rc, _, err = bft(capsys, "plan", "--config", cfg)
+    assert rc == 1 and "batch_discount the share the Batch API takes off" in err and len(err.strip().splitlines()) == 1
+    # bft rebuild reads the run file with these keys too (it ignores them)
+    from bft.rebuild import load_run
+
+    assert [sp.stage for sp in load_run(cfg).stages] == ["backtranslate", "score"]
