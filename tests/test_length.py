@@ -2,6 +2,7 @@
 structures (converted from the vocabularies mistral-common ships) and texts built to break them."""
 import json
 import random
+import re
 
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -270,3 +271,205 @@ def test_the_counter_is_loaded_once_per_worker_thread(bpe_tokenizer_path):
     t.start()
     t.join()
     assert other[0] is not first and other[0].count(["x y"]) == first.count(["x y"])
+
+
+# --- the switch between chunks and full tokenization (issue 25 point 2), driven by a fake clock ---
+
+class PricedClock:
+    """A fake clock for `TokenCounter(clock=...)`: time passes only with the work done, `full` per
+    character tokenized in full and `chunks` per character counted by chunks (the counter adds to its
+    `chars_full` / `chars_chunks` before it reads the clock at the end of each path)."""
+
+    def __init__(self, full: float, chunks: float):
+        self.full, self.chunks, self.counter, self.now, self.done = full, chunks, None, 0.0, (0, 0)
+
+    def __call__(self) -> float:
+        if self.counter is not None:
+            done = (self.counter.chars_full, self.counter.chars_chunks)
+            self.now += self.full * (done[0] - self.done[0]) + self.chunks * (done[1] - self.done[1])
+            self.done = done
+        return self.now
+
+
+def _priced_counter(tok, full, chunks):
+    clock = PricedClock(full, chunks)
+    counter = clock.counter = TokenCounter(tok, clock=clock)
+    return counter, clock
+
+
+def _batches(fixture_texts, n, size=25, seed=8):
+    """`n` batches of fixture texts mixed with texts built to break the counter."""
+    texts = adversarial_texts(fixture_texts, n=n * size, seed=seed) + fixture_texts
+    random.Random(seed).shuffle(texts)
+    return [texts[i * size:(i + 1) * size] for i in range(n)]
+
+
+@pytest.mark.parametrize("structure", ["llama2", "tekken"])
+def test_the_counter_switches_to_full_tokenization_when_that_is_cheaper(real, structure, fixture_texts):
+    """Chunks priced at three times full tokenization: the priors keep the first batch on chunks, the
+    full cost is measured on a few texts of the second, which then switches; in full mode every text
+    is tokenized whole, with a probe by chunks after 4 batches, then after 8 (the gap doubles while
+    probes find chunks dearer). Every count stays exact."""
+    tok = real[structure]
+    counter, _ = _priced_counter(tok, full=1.0, chunks=3.0)
+    batches = _batches(fixture_texts, 16)
+    batches[0] = [t for t in batches[0] if not counter._has_special(t)]  # (they would measure the full cost)
+    modes = []
+    for batch in batches:
+        assert counter.count(batch) == full_counts(tok, batch)
+        modes.append(counter.switch.mode)
+    assert counter.switch.full_cost == pytest.approx(1.0) and counter.switch.mode == FULL
+    assert modes == [CHUNKS] + [FULL] * 15 and counter.switches_to_full == 1 and counter.switches_to_chunks == 0
+    # batches 1 (the priors), 2 (the switch), 7 and 16 (the probes) by chunks; the 12 others in full
+    assert counter.probes == 2 and counter.switch.gap == 16 and counter.switch.wait == 16
+    by_chunks = [[t for t in batches[i] if not counter._has_special(t)] for i in (0, 1, 6, 15)]
+    calibration = len(by_chunks[1][::16])  # 1 text in 16 of the second batch measured the full cost
+    assert counter.full_to_calibrate == calibration > 0
+    assert counter.counted_pieces == sum(map(len, by_chunks)) - calibration
+    assert counter.full_by_switch == sum(map(len, batches)) - sum(len(batches[i]) for i in (0, 1, 6, 15))
+    assert counter.counted_pieces + counter.counted_full == sum(map(len, batches))
+    assert counter.chunk_lookups > counter.chunk_misses > 0 and 0 < counter.hit_rate < 1
+    assert counter.seconds_chunks == pytest.approx(3.0 * counter.chars_chunks)
+    assert counter.seconds_full == pytest.approx(1.0 * counter.chars_full)
+
+
+@pytest.mark.parametrize("structure", ["llama2", "tekken"])
+def test_the_counter_probes_back_to_chunks_when_they_turn_cheap(real, structure, fixture_texts):
+    """Full mode while chunks are dear; once they cost a fifth of full tokenization (repetitive text),
+    the next probe finds it and the counter stays on chunks, exact throughout."""
+    tok = real[structure]
+    counter, clock = _priced_counter(tok, full=1.0, chunks=3.0)
+    batches = _batches(fixture_texts, 14, seed=9)
+    batches[0] = [t for t in batches[0] if not counter._has_special(t)]
+    for batch in batches[:3]:
+        assert counter.count(batch) == full_counts(tok, batch)
+    assert counter.switch.mode == FULL and counter.switch.wait == 3
+    clock.chunks = 0.2
+    pieces, calibrated = counter.counted_pieces, counter.full_to_calibrate
+    modes = []
+    for batch in batches[3:]:
+        assert counter.count(batch) == full_counts(tok, batch)
+        modes.append(counter.switch.mode)
+    assert modes == [FULL, FULL, FULL] + [CHUNKS] * 8  # batch 7 is the probe, which succeeds
+    assert counter.probes == 1 and counter.switches_to_chunks == 1 and counter.switch.gap == 4
+    plain = sum(1 for b in batches[6:] for t in b if not counter._has_special(t))
+    assert counter.counted_pieces - pieces == plain - (counter.full_to_calibrate - calibrated) > 0
+    assert counter.switch.ratio == pytest.approx(0.2)
+
+
+def test_text_the_cache_knows_again_brings_the_probe_forward(real, fixture_texts, monkeypatch):
+    """Prose, then logs of unique tokens (hit rate ~0) where full tokenization is cheaper: full mode.
+    When the prose comes back, the few texts looked up in each full batch find their chunks in the
+    cache, and the next batch is a probe, 2 batches earlier than its turn; chunks now cheap, the
+    counter stays there."""
+    import beam_pipelines.length as length
+
+    monkeypatch.setattr(length, "_ADMIT_CHARS", 1)  # every chunk of the prose cached
+    rng = random.Random(14)
+    logs = [[" ".join(f"{rng.getrandbits(48):x}" for _ in range(80)) for _ in range(32)] for _ in range(2)]
+    tok = real["llama2"]
+    counter, clock = _priced_counter(tok, full=1.0, chunks=3.0)
+    prose = [t for t in fixture_texts[:64] if not counter._has_special(t)]
+    modes = []
+    for batch in [prose, logs[0], logs[1], prose, prose]:
+        assert counter.count(batch) == full_counts(tok, batch)
+        modes.append(counter.switch.mode)
+        clock.chunks = 0.2 if len(modes) == 4 else clock.chunks
+    # prose by chunks (the priors), logs by chunks (the switch), logs in full (its few texts looked
+    # up: no hit), prose in full (its few texts looked up: all hits: the probe brought forward), prose
+    # by chunks: the probe, which succeeds
+    assert modes == [CHUNKS, FULL, FULL, FULL, CHUNKS]
+    assert counter.switch.hit_rate > 0.9 and counter.early_probes == counter.probes == 1
+    assert counter.full_by_switch == len(logs[1]) + len(prose) and counter.switches_to_chunks == 1
+
+
+@pytest.mark.parametrize("price, calibrated", [(0.6, (1, 5)), (0.25, (1,))])
+def test_the_switch_holds_on_chunks_when_they_are_cheaper(real, price, calibrated, fixture_texts):
+    """Chunks cheaper than full tokenization: no switch; the full cost is measured on one text in 16
+    of the second batch, then of every 4th batch while chunks cost over half of it, 4 times less often
+    below; every other text is counted by chunks."""
+    tok = real["llama2"]
+    counter, _ = _priced_counter(tok, full=1.0, chunks=price)
+    batches = [[t for t in b if not counter._has_special(t)] for b in _batches(fixture_texts, 9, size=32, seed=10)]
+    for batch in batches:
+        assert counter.count(batch) == full_counts(tok, batch)
+    assert counter.switch.mode == CHUNKS and counter.switches_to_full == 0 and counter.full_by_switch == 0
+    calibration = sum(len(batches[i][::16]) for i in calibrated)
+    assert counter.full_to_calibrate == counter.counted_full == calibration > 0
+    assert counter.counted_pieces == sum(map(len, batches)) - calibration
+    assert counter.switch.ratio == pytest.approx(price, rel=0.01) and counter.switch.full_cost == pytest.approx(1.0)
+    totals = counter.totals()
+    assert set(totals) == set(TokenCounter.TOTALS) and totals["counted_pieces"] == counter.counted_pieces
+
+
+def test_a_change_of_text_measures_the_full_cost_again(real, fixture_texts):
+    """Prose, where chunks cost a quarter of full tokenization (the full cost is then measured every 16
+    batches only), turns into text twice as cheap to tokenize per character and twice as dear by
+    chunks: measured against the old full cost, chunks look still cheaper, but the jump in their ratio
+    has the full cost measured again in the next batches, each measurement replacing the average, and
+    the counter switches to full tokenization 3 batches after the change, exact throughout."""
+    tok = real["llama2"]
+    counter, clock = _priced_counter(tok, full=1.0, chunks=0.25)
+    batches = [[t for t in b if not counter._has_special(t)] for b in _batches(fixture_texts, 14, size=32, seed=13)]
+    for batch in batches[:6]:
+        assert counter.count(batch) == full_counts(tok, batch)
+    assert counter.switch.mode == CHUNKS and counter.full_to_calibrate == len(batches[1][::16])
+    clock.full, clock.chunks = 0.4, 0.5
+    calibrated, modes = [], []
+    for batch in batches[6:]:
+        before = counter.full_to_calibrate
+        assert counter.count(batch) == full_counts(tok, batch)
+        calibrated.append(counter.full_to_calibrate > before)
+        modes.append(counter.switch.mode)
+    assert modes == [CHUNKS] * 2 + [FULL] * 6 and calibrated[:3] == [False, True, True]
+    assert counter.switch.full_cost == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("structure", real_tokenizers.STRUCTURES)
+@pytest.mark.parametrize("admit_chars", [1, 64, 10**9])
+def test_remainders_and_cached_chunks_count_exactly(real, structure, admit_chars, fixture_texts, monkeypatch):
+    """Every missed chunk cached (1), the default, and none (every miss counted in its text's remainder,
+    first chunks included), with caches small enough to be trimmed and the admission record cleared
+    along the way: the counts equal full tokenization, batch after batch, texts with a last chunk that
+    ends otherwise than a cut character, empty, or alone included."""
+    import beam_pipelines.length as length
+
+    monkeypatch.setattr(length, "_ADMIT_CHARS", admit_chars)
+    monkeypatch.setattr(length, "_CACHE_LIMIT", 400)
+    monkeypatch.setattr(length, "_FIRST_LIMIT", 10)
+    monkeypatch.setattr(length, "_SEEN_LIMIT", 300)
+    tok = real[structure]
+    counter, _ = _priced_counter(tok, full=1.0, chunks=0.5)  # stays on chunks
+    edges = ["end\n", "end ", "a b ", "x", "é é é", "a  b", " a b", "日本 語 日本", "a b\n c d\n", "a, b. c; d",
+             "w" * 40 + " " + "w" * 40, "1 2 3 4 5 6 7 8 9 10", "<s> a", "a </s>"]
+    batches = _batches(fixture_texts, 8, size=40, seed=11) + [edges, edges[::-1]]
+    for batch in batches:
+        encoded = counter.chunks_encoded
+        assert counter.count(batch) == full_counts(tok, batch)
+        # trimmed before each batch: at most the limits and this batch's newly cached chunks
+        assert len(counter._words) + len(counter._first) <= 400 + 10 + counter.chunks_encoded - encoded
+    assert counter.switch.mode == CHUNKS and (counter.remainder_texts == 0) == (admit_chars == 1)
+    if admit_chars == 10**9:
+        assert counter.chunks_encoded == 0 and not counter._words and counter.hit_rate == 0
+    else:
+        assert counter.chunks_encoded > 0 and counter.hit_rate > 0
+
+
+def test_the_search_for_added_tokens_equals_a_test_per_token(real, fixture_texts):
+    """tekken's 1000 added tokens, searched by one regex of their trie: the same answer as a substring
+    test per token, on texts holding each token, its prefixes and its suffixes; a token that is a
+    prefix of another ends that branch."""
+    from beam_pipelines.length import _trie_regex
+
+    counter = TokenCounter(real["tekken"])
+    specials = [s for s in counter.shape.special_contents if s]
+    assert len(specials) == 1000
+    rng = random.Random(12)
+    texts = adversarial_texts(fixture_texts, n=100, seed=12)
+    texts += [t[:len(t) // 2] + rng.choice(specials) + t[len(t) // 2:] for t in texts[:100]]
+    texts += specials + [s[:-1] for s in specials] + [s[1:] for s in specials] + ["[INST", "<SPECIAL_", "x<s>y"]
+    for text in texts:
+        assert counter._has_special(text) == any(s in text for s in specials), text[:80]
+    nested = re.compile(_trie_regex(["ab", "abc", "b.d", "x"]))
+    assert [bool(nested.search(t)) for t in ["zab", "abc", "a", "b.d", "byd", "bd", "x"]] == \
+        [True, True, False, True, False, False, True]
