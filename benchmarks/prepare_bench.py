@@ -154,6 +154,8 @@ def run_speed(n_docs: int, files: int, max_tokens: int, shards: int, structure: 
         "share_counted_by_words": lf["counted_from_pieces"] / measured,
         "share_tokenized_in_full": lf["tokenized_in_full"] / measured,
         "share_rejected_by_bound": lf["rejected_by_bound"] / measured,
+        "share_in_full_by_switch": lf.get("in_full_by_switch", 0) / measured,
+        "chunk_hit_rate": 1 - lf.get("chunk_misses", 0) / lf["chunk_lookups"] if lf.get("chunk_lookups") else None,
         "balance_max_over_mean": stats["shards"]["balance_max_over_mean"],
         "kept": stats["kept"],
     }
@@ -223,13 +225,16 @@ def main(argv=None) -> None:
 
     mib = 2 ** 20
     print("\n| corpus | tokenizer | path | docs | bft prepare docs/s | datatrove docs/s | ratio | bft peak RSS | "
-          "datatrove peak RSS | by pieces / in full / by bound | same decisions and counts |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|:---:|")
+          "datatrove peak RSS | by pieces / in full (by the switch) / by bound | chunk cache hits | "
+          "same decisions and counts |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|:---:|")
     for r in results["speed"]:
         print(f"| {r['corpus']} | {r['structure']} | {r['path']} | {r['docs']:,} | {r['ours_docs_per_s']:,.0f} | "
               f"{r['datatrove_docs_per_s']:,.0f} | {r['speed_ratio']:.2f}x | {r['ours']['peak_rss_bytes'] / mib:,.0f} MiB | "
               f"{r['datatrove']['peak_rss_bytes'] / mib:,.0f} MiB | {r['share_counted_by_words']:.1%} / "
-              f"{r['share_tokenized_in_full']:.1%} / {r['share_rejected_by_bound']:.1%} | "
+              f"{r['share_tokenized_in_full']:.1%} ({r.get('share_in_full_by_switch', 0):.1%}) / "
+              f"{r['share_rejected_by_bound']:.1%} | "
+              f"{'' if r.get('chunk_hit_rate') is None else format(r['chunk_hit_rate'], '.1%')} | "
               f"{'yes' if r['same_length_decisions'] and r['same_token_counts'] else 'NO'} |")
     if results["sample"]:
         print("\n| corpus | docs | --target-docs | full pass | sample | share of the full pass | "

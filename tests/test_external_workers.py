@@ -31,7 +31,7 @@ START_TIMEOUT_S = 60
 # what differs between two runs of one config in two roots: times, what hashes the root's name, and
 # which way the length filter counted (length.CostSwitch chooses by measured time; every way is exact)
 VOLATILE = {"finished_at", "created_at", "started_at", "timing", "config_hash", "counted_from_pieces",
-            "tokenized_in_full"}
+            "tokenized_in_full", "in_full_by_switch", "chunk_lookups", "chunk_misses"}
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log: str) -> None:

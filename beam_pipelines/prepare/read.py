@@ -27,6 +27,9 @@ from beam_pipelines.prepare.records import INPUT, Doc, Tallies, dropped, reject,
 from schemas.keys import sample_key, text_hash
 
 log = logging.getLogger("bft.prepare")
+# what the counter did (length.TokenCounter.totals), tallied per step: which way texts were counted
+# (CostSwitch chooses by measured time, so these vary from run to run; the counts never do)
+COUNTING_PATHS = ("counted_pieces", "counted_full", "full_by_switch", "chunk_lookups", "chunk_misses")
 
 _STASH = pa.schema([("line", pa.int64()), ("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
                     ("url", pa.string())])  # a --target-docs sample's measured documents (_Measurer)
@@ -110,12 +113,13 @@ class _Measurer(beam.DoFn):
                 bounds[line_no] = lb
             else:
                 todo.append((line_no, doc))
-        pieces, full = counter.counted_pieces, counter.counted_full
+        before = counter.totals()
         counts = dict(zip((ln for ln, _ in todo), counter.count([d.text for _, d in todo])))
         # the counter is shared by the steps of this thread (length.shared_counter): its totals are
         # read around this one call, which no other step interleaves with
-        tallies["length/counted_pieces"] += counter.counted_pieces - pieces
-        tallies["length/counted_full"] += counter.counted_full - full
+        after = counter.totals()
+        for name in COUNTING_PATHS:
+            tallies[f"length/{name}"] += after[name] - before[name]
         tallies["length/measured"] += len(batch)
         tallies["length/rejected_by_bound"] += len(bounds)
         for line_no, doc in batch:
@@ -135,7 +139,7 @@ class _Measurer(beam.DoFn):
 
     def _counted(self, path, tallies):
         self._write_stash(path)
-        yield from tallies.emit("length/counted_pieces", "length/counted_full")
+        yield from tallies.emit(*(f"length/{name}" for name in COUNTING_PATHS))
 
 
 class ReadAndMeasure(_Measurer):
