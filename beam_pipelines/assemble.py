@@ -189,7 +189,6 @@ class JoinShard(beam.DoFn):
         left_out: set[str] = set()
         cands = schemas.validate(self._read(shard.candidates, shard, left_out), schemas.CANDIDATE, shard.candidates)
         stages, partial = {}, {"stages": {}}
-        t_stats = 0.0
         for stage, path in shard.stages:
             if stage in left_out:
                 continue
@@ -202,12 +201,7 @@ class JoinShard(beam.DoFn):
                 raise AssembleError(f"{path}: holds rows of stage {wrong}, expected {stage}")
             check_shard_ids(path, table, cands)
             stages[stage] = table
-            t = time.perf_counter()
-            partial["stages"][stage] = corpus_stats.stage_partial(stage, table)
-            t_stats += time.perf_counter() - t
         # every stage run is in the statistics; the recipe's (and --same-ids-as's) stages decide the rows
-        for stage in left_out:
-            partial["stages"].pop(stage, None)
         joined = recipes.join_stages(cands, {st: t for st, t in stages.items() if st in cfg.stages})
         check_carried_instructions(joined, {st: p for st, p in shard.stages if st in cfg.stages})
         reason = recipes.verdicts(joined, recipe, cfg.curation(), cfg.threshold)
@@ -226,13 +220,8 @@ class JoinShard(beam.DoFn):
         path = RunLayout.assemble_part(self.tmp, "web", shard.shard)
         storage.write_parquet(web, path)
         t = time.perf_counter()
-        partial["funnel"] = {"dropped": corpus_stats.value_counts(pc.drop_null(reason))}
-        partial["scores"] = corpus_stats.score_partial(joined, reason, recipe.stages)
-        partial["examples"] = corpus_stats.example_partial(
-            joined, reason, joined["backtranslate.instruction"], recipes.response_column(joined, recipe),
-            recipe.gate, recipe.stages)
-        t_stats += time.perf_counter() - t
-        partial["timing"] = {"stats_s": t_stats, "work_s": time.perf_counter() - t0}
+        partial.update(corpus_stats.shard_partial(stages, joined, reason, recipe))  # statistics: one call, last
+        partial["timing"] = {"stats_s": time.perf_counter() - t, "work_s": time.perf_counter() - t0}
         Metrics.counter("bft.assemble", "candidates").inc(cands.num_rows)
         Metrics.counter("bft.assemble", "kept_by_recipe").inc(web.num_rows)
         yield beam.pvalue.TaggedOutput("parts", (shard.shard, path))

@@ -150,6 +150,18 @@ def summarize(partial):
     return partial
 
 
+def shard_partial(stages: dict[str, pa.Table], joined: pa.Table, reason: pa.Array, recipe) -> dict:
+    """A joined shard's statistics, in one call after its rows are decided (assemble's JoinShard):
+    every stage read (the recipe's and any other run), the funnel's drops, the scores, the examples."""
+    from beam_pipelines import recipes
+
+    return {"stages": {stage: stage_partial(stage, table) for stage, table in stages.items()},
+            "funnel": {"dropped": value_counts(pc.drop_null(reason))},
+            "scores": score_partial(joined, reason, recipe.stages),
+            "examples": example_partial(joined, reason, joined["backtranslate.instruction"],
+                                        recipes.response_column(joined, recipe), recipe.gate, recipe.stages)}
+
+
 def stage_partial(stage: str, table: pa.Table) -> dict:
     """A generation stage shard's statistics (the runner's metrics compute the same), plus what the
     report needs about requests: rows sent to the model (`sent`: a finish reason is set), rows not

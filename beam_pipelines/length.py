@@ -65,6 +65,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from tokenizers import Tokenizer, pre_tokenizers
 
@@ -714,6 +715,33 @@ def _trie_regex(words: list[str]) -> str:
         return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
 
     return alternation(trie)
+
+
+class Judgment(NamedTuple):
+    """What the length filter decided of one text: its exact token count (None when the bytes bound
+    proved it too long without counting), the reason it is dropped (None: kept), and why, in words."""
+
+    n_tokens: int | None
+    verdict: str | None
+    detail: str
+
+
+def judge(counter: "TokenCounter", texts: list[str], min_tokens: int, max_tokens: int) -> list[Judgment]:
+    """The length filter on a batch, in one call: texts the bytes bound proves too long are dropped
+    uncounted (`rejected_by_bound`); the others are counted exactly in one `count` call."""
+    bounds = [counter.bound_exceeds(t, max_tokens) for t in texts]
+    todo = [t for t, b in zip(texts, bounds) if not b]
+    counts = iter(counter.count(todo) if todo else [])
+    out = []
+    for bound in bounds:
+        if bound:
+            counter.rejected_by_bound += 1
+            out.append(Judgment(None, "too_long", f">= {bound} tokens (bytes bound) > {max_tokens}"))
+        else:
+            n = next(counts)
+            out.append(Judgment(n, length_verdict(n, min_tokens, max_tokens),
+                                f"{n} tokens, allowed {min_tokens}..{max_tokens}"))
+    return out
 
 
 def length_verdict(n_tokens: int, min_tokens: int, max_tokens: int) -> str | None:

@@ -43,12 +43,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import urllib.parse
 import math
 import re
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.vllm_standin.openai_server import send_json
 
 COMMON = {"model", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n", "presence_penalty", "seed",
           "stop", "stream", "stream_options", "temperature", "top_p", "user"}
@@ -457,14 +461,7 @@ class OpenAIStandin:
                 pass
 
             def _send(self, status: int, body, headers: dict | None = None):
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, body, headers)
 
             def do_GET(self):
                 try:
@@ -480,3 +477,24 @@ class OpenAIStandin:
                     self._send(e.status, e.body)
 
         return Handler
+
+
+@pytest.fixture(scope="module")
+def api_server():
+    """One stand-in of OpenAI's API per test module."""
+    s = OpenAIStandin(["gpt-standin"])
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def hosted(api_server):
+    """The module's stand-in, as new: no scripted answers, requests, batches or files."""
+    api_server.plan.clear()
+    api_server.requests.clear()
+    api_server.answer = api_server.refuse = None
+    api_server.fates.clear()
+    api_server.batches.clear()
+    api_server.files.clear()
+    api_server.hold = False
+    return api_server

@@ -5,35 +5,17 @@ import json
 import os
 import uuid
 
+import pyarrow.parquet as pq
 import pytest
 
 from generation.batch import BatchesPending, split
-from tests.openai_api_standin import OpenAIStandin
+from tests.openai_api_standin import api_server, hosted  # noqa: F401 (fixtures)
 from tests.test_cli import run as bft
 from tests.test_generation import copy_root, gen, read_stage
 from tests.test_rebuild import corpus  # noqa: F401 (a fixture)
 from tests.vllm_standin.openai_server import StandinServer
 
 MODEL = "gpt-standin"
-
-
-@pytest.fixture(scope="module")
-def api_server():
-    s = OpenAIStandin([MODEL])
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def hosted(api_server):
-    api_server.plan.clear()
-    api_server.requests.clear()
-    api_server.answer = api_server.refuse = None
-    api_server.fates.clear()
-    api_server.batches.clear()
-    api_server.files.clear()
-    api_server.hold = False
-    return api_server
 
 
 def kw(server, **more):
@@ -193,6 +175,19 @@ def test_bft_rebuild_exits_75_while_a_stages_batches_run(tmp_path, tiny_models, 
     rc, out, err = bft(capsys, "rebuild", "--config", cfg)                  # collects, assembles, publishes
     assert rc == 0 and "published release" in out, err
     assert hosted.requests == []
+    # the same night online, in another root: the same release (version and data, row by row)
+    (tmp_path / "online").mkdir()
+    online = {k: v for k, v in stage.items() if k != "batch"}
+    cfg = run_file(tmp_path / "online", tiny_models, bpe_tokenizer_path, str(tmp_path / "run-online"), [corpus],
+                   generate={"backtranslate": online, "score": online})
+    rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+    assert rc == 0 and hosted.requests, err
+    versions = [open(tmp_path / r / "sft" / "LATEST").read().strip() for r in ("run", "run-online")]
+    assert versions[0] == versions[1]
+    data = [tmp_path / r / "sft" / versions[0] / "data" for r in ("run", "run-online")]
+    assert sorted(os.listdir(data[0])) == sorted(os.listdir(data[1]))
+    for name in os.listdir(data[0]):
+        assert pq.read_table(data[0] / name).equals(pq.read_table(data[1] / name)), name
 
 
 @pytest.mark.parametrize("killed", ["before_create", "before_saving_the_id"])

@@ -7,25 +7,10 @@ from generation.engines import EngineConfig, Request, load_engine
 from generation.engines.openai import (CHAT_TOP_LOGPROBS, COMPLETION_LOGPROBS, MAX_BACKOFF_S, OpenAIEngine,
                                        server_kind)
 from generation.runner import GenerationError
-from tests.openai_api_standin import APIError, OpenAIStandin, check_body
+from tests.openai_api_standin import APIError, api_server, check_body, hosted  # noqa: F401 (fixtures)
 from tests.test_generation import NO_GATE, copy_root, gen, read_stage
 
 MODEL = "gpt-standin"
-
-
-@pytest.fixture(scope="module")
-def api_server():
-    s = OpenAIStandin([MODEL])
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def hosted(api_server):
-    api_server.plan.clear()
-    api_server.requests.clear()
-    api_server.answer = api_server.refuse = None
-    return api_server
 
 
 def test_the_server_kind_comes_from_the_url_then_the_model_cards():

@@ -473,3 +473,20 @@ def test_the_search_for_added_tokens_equals_a_test_per_token(real, fixture_texts
     nested = re.compile(_trie_regex(["ab", "abc", "b.d", "x"]))
     assert [bool(nested.search(t)) for t in ["zab", "abc", "a", "b.d", "byd", "bd", "x"]] == \
         [True, True, False, True, False, False, True]
+
+
+def test_judge_is_the_length_filter_in_one_call(bpe_tokenizer_path, fixture_texts):
+    """length.judge: a text the bytes bound proves too long is dropped uncounted; every other text gets
+    its exact count and the verdict of length_verdict, in one count call for the batch."""
+    from beam_pipelines.length import judge
+
+    counter = TokenCounter(load_tokenizer(bpe_tokenizer_path))
+    exact = [len(counter.tokenizer.encode(t, add_special_tokens=False).ids) for t in fixture_texts]
+    low, high = sorted(exact)[20], sorted(exact)[-20]
+    huge = "x" * 200_000   # over any limit by the bound alone
+    judged = judge(counter, fixture_texts + [huge], low, high)
+    assert [j.n_tokens for j in judged[:-1]] == exact
+    assert [j.verdict for j in judged[:-1]] == [length_verdict(n, low, high) for n in exact]
+    assert {j.verdict for j in judged} == {None, "too_long", "too_short"}
+    assert judged[-1].n_tokens is None and judged[-1].verdict == "too_long" and "bytes bound" in judged[-1].detail
+    assert counter.rejected_by_bound == 1

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 import storage
 from beam_pipelines import dolma
-from beam_pipelines.length import length_verdict, shared_counter
+from beam_pipelines.length import judge, shared_counter
 from beam_pipelines.minhash import sketch
 from beam_pipelines.options import configure_process
 from beam_pipelines.prepare import records
@@ -29,7 +29,8 @@ from schemas.keys import sample_key, text_hash
 log = logging.getLogger("bft.prepare")
 # what the counter did (length.TokenCounter.totals), tallied per step: which way texts were counted
 # (CostSwitch chooses by measured time, so these vary from run to run; the counts never do)
-COUNTING_PATHS = ("counted_pieces", "counted_full", "full_by_switch", "chunk_lookups", "chunk_misses")
+COUNTING_PATHS = ("counted_pieces", "counted_full", "full_by_switch", "chunk_lookups", "chunk_misses",
+                  "rejected_by_bound")
 
 _STASH = pa.schema([("line", pa.int64()), ("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
                     ("url", pa.string())])  # a --target-docs sample's measured documents (_Measurer)
@@ -106,40 +107,26 @@ class _Measurer(beam.DoFn):
         if not batch:
             return
         cfg, counter, file_index = self.cfg, self.counter, self._file_index[path]
-        todo, bounds = [], {}
-        for line_no, doc in batch:
-            lb = counter.bound_exceeds(doc.text, cfg.max_tokens)
-            if lb:
-                bounds[line_no] = lb
-            else:
-                todo.append((line_no, doc))
-        before = counter.totals()
-        counts = dict(zip((ln for ln, _ in todo), counter.count([d.text for _, d in todo])))
         # the counter is shared by the steps of this thread (length.shared_counter): its totals are
         # read around this one call, which no other step interleaves with
+        before = counter.totals()
+        judged = judge(counter, [doc.text for _, doc in batch], cfg.min_tokens, cfg.max_tokens)
         after = counter.totals()
         for name in COUNTING_PATHS:
             tallies[f"length/{name}"] += after[name] - before[name]
         tallies["length/measured"] += len(batch)
-        tallies["length/rejected_by_bound"] += len(bounds)
-        for line_no, doc in batch:
-            if line_no in bounds:
-                verdict, detail = "too_long", f">= {bounds[line_no]} tokens (bytes bound) > {cfg.max_tokens}"
-            else:
-                n = counts[line_no]
-                verdict = length_verdict(n, cfg.min_tokens, cfg.max_tokens)
-                detail = f"{n} tokens, allowed {cfg.min_tokens}..{cfg.max_tokens}"
+        for (line_no, doc), (n, verdict, detail) in zip(batch, judged):
             if verdict:
                 tallies[dropped(verdict)] += 1
                 yield reject(path, line_no, verdict, detail, doc.id)
             else:
                 self._keep(path, line_no, doc)
-                yield Doc(doc.id, text_hash(doc.text), counts[line_no], len(doc.text), file_index, line_no,
+                yield Doc(doc.id, text_hash(doc.text), n, len(doc.text), file_index, line_no,
                           minhash=sketch(doc.text, self._minhash) if self._minhash else None)
 
     def _counted(self, path, tallies):
         self._write_stash(path)
-        yield from tallies.emit(*(f"length/{name}" for name in COUNTING_PATHS))
+        yield from tallies.emit(*(f"length/{name}" for name in COUNTING_PATHS[:2]))
 
 
 class ReadAndMeasure(_Measurer):

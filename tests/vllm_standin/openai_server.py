@@ -47,6 +47,18 @@ DEFAULT_SAMPLING_PARAMS = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "
                            "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 
 
+
+def send_json(handler: BaseHTTPRequestHandler, status: int, body, headers: dict | None = None) -> None:
+    """An HTTP answer of a stand-in: JSON (or bytes as they are), with its length and extra headers."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    for k, v in (headers or {}).items():
+        handler.send_header(k, v)
+    handler.end_headers()
+    handler.wfile.write(data)
+
 class StandinServer:
     def __init__(self, model: str, served_name: str | None = None, max_model_len: int | None = None):
         self.llm = LLM(model, max_model_len=max_model_len)
@@ -79,14 +91,7 @@ class StandinServer:
                 pass
 
             def _send(self, status: int, body, headers: dict | None = None):
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, body, headers)
 
             def do_GET(self):
                 if self.path.rstrip("/") == "/v1/models":
