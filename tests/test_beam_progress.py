@@ -147,10 +147,15 @@ def test_ctrl_c_in_prepare_is_one_line_exit_130_and_leaves_no_process(tmp_path, 
     """What a terminal's Ctrl-C does: SIGINT to the whole foreground process group (the driver and
     the local runner's worker processes), here while the workers run."""
     root = tmp_path / "run"
+    big = tmp_path / "in" / "cc_en_head" / "big.jsonl"  # long enough to be running at the Ctrl-C (the
+    big.parent.mkdir(parents=True)                      # bundled sample can finish within the second)
+    with open(big, "wb") as f:
+        for i in range(300_000):
+            f.write(b'{"id": "d%d", "text": "document number %d of many"}\n' % (i, i))
     env = {k: v for k, v in os.environ.items() if k not in (ENV, "BFT_DRIVER_PID")}
     proc = subprocess.Popen(  # the default runner: the FnApiRunner with workers in processes
-        [sys.executable, "-m", "bft.cli", "prepare", "--input", SAMPLE, "--tokenizer", bpe_tokenizer_path,
-         "--root", str(root), "--max-tokens", "1024", "--num-shards", "4"],
+        [sys.executable, "-m", "bft.cli", "prepare", "--input", SAMPLE, "--input", str(big), "--tokenizer",
+         bpe_tokenizer_path, "--root", str(root), "--max-tokens", "1024", "--num-shards", "4"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.time() + 12
