@@ -150,7 +150,7 @@ def test_ctrl_c_in_prepare_is_one_line_exit_130_and_leaves_no_process(tmp_path, 
     big = tmp_path / "in" / "cc_en_head" / "big.jsonl"  # long enough to be running at the Ctrl-C (the
     big.parent.mkdir(parents=True)                      # bundled sample can finish within the second)
     with open(big, "wb") as f:
-        for i in range(40_000):
+        for i in range(100_000):
             f.write(b'{"id": "d%d", "text": "document number %d of many"}\n' % (i, i))
     env = {k: v for k, v in os.environ.items() if k not in (ENV, "BFT_DRIVER_PID")}
     proc = subprocess.Popen(  # the default runner: the FnApiRunner with workers in processes
@@ -162,7 +162,7 @@ def test_ctrl_c_in_prepare_is_one_line_exit_130_and_leaves_no_process(tmp_path, 
         while time.time() < deadline and proc.poll() is None and not driver_watch.local_workers(proc.pid):
             time.sleep(0.1)
         assert proc.poll() is None and driver_watch.local_workers(proc.pid), "no local worker started"
-        time.sleep(1.0)  # the workers are importing, or running the first stages
+        time.sleep(0.3)  # the workers are importing, or running the first stages
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)  # a loaded machine (the suite's other worker) is slow to stop
     finally:
