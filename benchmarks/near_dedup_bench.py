@@ -1,7 +1,8 @@
 """Benchmark of `bft prepare --near-dedup` against datatrove's MinHash pipeline (issue 22).
 
-A corpus of real text (benchmarks/real_corpus.py, no exact duplicates) with planted near-duplicate
-clusters: a share of the documents get 1-3 copies, each with 1-10% of its words replaced (scattered
+A corpus of real text (benchmarks/real_corpus.py's extracted text; base documents are runs of lines
+drawn at random from all of it, so that no two are alike at any size: `line_documents`) with planted
+near-duplicate clusters: a share of the documents get 1-3 copies, each with 1-10% of its words replaced (scattered
 words, or one run of consecutive words) and, at random, a boilerplate prefix and/or suffix (a menu, a
 cookie notice, a copyright line). The true Jaccard similarity (5-word shingles, prepare's
 normalization) of every planted pair is computed when it is made. Then, on the same files:
@@ -19,7 +20,8 @@ near-duplicates of its own at 100K+ documents), and the share of documents whose
 members) is the same in both tools.
 
     .venv/bin/python -m benchmarks.near_dedup_bench --docs 5000 --files 4          # a smoke run (~2 min)
-    .venv/bin/python -m benchmarks.near_dedup_bench --docs 100000 1000000 --files 20
+    .venv/bin/python -m benchmarks.near_dedup_bench --docs 100000 --files 20
+    .venv/bin/python -m benchmarks.near_dedup_bench --docs 1000000 --files 20 --skip-plain
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ BOILERPLATE = (
     "use of cookies. Accept",
     "Skip to main content. Menu. Search this site.",
 )
+MEDIAN_CHARS = 1500  # base documents' median length (real_corpus draws 3,000): 1M documents are ~2.5 GB of text
 FOOTERS = (
     "Copyright 2023 All rights reserved. Privacy Policy | Terms of Use | Sitemap",
     "Share this: Twitter Facebook LinkedIn Email. Like this: Like Loading... Related posts",
@@ -89,6 +92,36 @@ def jaccard(a: str, b: str, ngram: int = 5) -> float:
     return len(x & y) / max(len(x | y), 1)
 
 
+def line_documents(real, n_docs: int, seed: int = 0, median_chars: float = MEDIAN_CHARS, sigma: float = 1.0,
+                   cap: int = 80000):
+    """(text, url) of `n_docs` base documents whose text is distinct at any size: each is a run of lines
+    drawn at random from every line of the real text (its words, line lengths and layout; not its
+    paragraphs in order), its length drawn as real_corpus's documents are. Windows of whole paragraphs
+    (real_corpus.RealText.documents) run out of distinct text at ~17K documents, after which unplanted
+    documents are near-duplicates of each other and the benchmark's precision measures the corpus."""
+    import numpy as np
+
+    lines, urls, owner = [], [], []
+    for _source, url, paragraphs in real.files:
+        for p in paragraphs:
+            for line in p.splitlines(keepends=True):
+                if line.strip():
+                    lines.append(line)
+                    owner.append(len(urls))
+        urls.append(url)
+    rng = np.random.default_rng([seed, 2])
+    for _ in range(n_docs):
+        target = int(min(cap, max(40, rng.lognormal(np.log(median_chars), sigma))))
+        parts, total = [], 0
+        while total < target:
+            for i in rng.integers(len(lines), size=max(4, (target - total) // 40)).tolist():
+                parts.append(i)
+                total += len(lines[i])
+                if total >= target:
+                    break
+        yield "".join(lines[i] for i in parts).rstrip(), urls[owner[parts[0]]]
+
+
 def make_corpus(folder: str, n_docs: int, files: int, planted_share: float, seed: int = 0) -> dict:
     """Writes `n_docs` documents (about `planted_share` of them copies) into `files` .json.gz files of
     folder/documents/cc_en_head; returns {"cluster": {id: planted cluster}, "pairs": [(a, b, jaccard)]}."""
@@ -112,20 +145,20 @@ def make_corpus(folder: str, n_docs: int, files: int, planted_share: float, seed
         written += 1
 
     try:
-        for n, d in enumerate(RealText().documents(n_docs, seed=seed, dup_rate=0.0)):
+        for n, (text, url) in enumerate(line_documents(RealText(), n_docs, seed=seed)):
             if written >= n_docs:
                 break
             base = f"nd-{n:08d}"
-            write(base, d.text, d.url)
+            write(base, text, url)
             if len(vocabulary) < 50_000:
-                vocabulary.extend(d.text.split()[:50])
+                vocabulary.extend(text.split()[:50])
             if rng.random() < p_plant and vocabulary:
-                group = [(base, d.text)]
+                group = [(base, text)]
                 for k in range(rng.choice((1, 2, 3))):
                     if written >= n_docs:
                         break
-                    copy = edit(d.text, rng.uniform(0.01, 0.10), rng, vocabulary)
-                    write(f"{base}-copy{k}", copy, d.url)
+                    copy = edit(text, rng.uniform(0.01, 0.10), rng, vocabulary)
+                    write(f"{base}-copy{k}", copy, url)
                     group.append((f"{base}-copy{k}", copy))
                 for i, (a, ta) in enumerate(group):
                     cluster[a] = base
@@ -246,8 +279,9 @@ def agreement(ours: dict, theirs: dict, n_docs: int) -> float:
     return 1 - differ / n_docs
 
 
-def run(n_docs: int, files: int, planted_share: float, structure: str, workers: int, skip_datatrove: bool) -> dict:
-    folder = os.path.join(WORK, f"near-dedup-corpus-{n_docs}")
+def run(n_docs: int, files: int, planted_share: float, structure: str, workers: int, skip_datatrove: bool,
+        skip_plain: bool = False) -> dict:
+    folder = os.path.join(WORK, f"near-dedup-lines-{n_docs}")
     truth_path = os.path.join(folder, "truth.json")
     if not os.path.exists(truth_path):
         shutil.rmtree(folder, ignore_errors=True)
@@ -258,7 +292,7 @@ def run(n_docs: int, files: int, planted_share: float, structure: str, workers: 
     tokenizer = make_tokenizer(structure)
     beam = [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
     result = {"docs": truth["docs"], "planted_docs": len(truth["cluster"]), "planted_pairs": len(truth["pairs"])}
-    for name, extra in (("prepare", []), ("prepare_near_dedup", ["--near-dedup"])):
+    for name, extra in (("prepare", []), ("prepare_near_dedup", ["--near-dedup"]))[skip_plain:]:
         root = os.path.join(WORK, f"near-dedup-{name}-{n_docs}")
         shutil.rmtree(root, ignore_errors=True)
         result[name] = measure([PY, "-m", "bft.cli", "prepare", "--input", os.path.join(head, "*.json.gz"), "--root",
@@ -294,18 +328,20 @@ def main(argv=None) -> None:
     ap.add_argument("--tokenizer", default="llama2", help="benchmarks/real_tokenizers.py structure")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--skip-datatrove", action="store_true")
+    ap.add_argument("--skip-plain", action="store_true", help="no run of bft prepare without --near-dedup")
     args = ap.parse_args(argv)
     results = []
     mib = 1 << 20
     for n in args.docs:
-        r = run(n, args.files, args.planted, args.tokenizer, args.workers, args.skip_datatrove)
+        r = run(n, args.files, args.planted, args.tokenizer, args.workers, args.skip_datatrove, args.skip_plain)
         results.append(r)
-        json.dump(results, open(os.path.join(WORK, "near_dedup_bench.json"), "w"), indent=2)
+        json.dump(r, open(os.path.join(WORK, f"near_dedup_bench-{n}.json"), "w"), indent=2)
     print("\n| docs | planted docs | tool | wall | peak RSS, all processes | peak RSS, largest process | "
           "recall (J >= 0.8) | precision | clustered docs |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        rows = [("bft prepare", r["prepare"], None), ("bft prepare --near-dedup", r["prepare_near_dedup"], r["ours"])]
+        rows = [("bft prepare", r["prepare"], None)] if "prepare" in r else []
+        rows.append(("bft prepare --near-dedup", r["prepare_near_dedup"], r["ours"]))
         if "datatrove" in r:
             rows.append(("datatrove MinHash (4 stages)", r["datatrove"], r["theirs"]))
         for name, m, q in rows:
