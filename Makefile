@@ -21,7 +21,7 @@ demo: setup
 	BFT_DEMO_ROOT=$${BFT_DEMO_ROOT:-runs/demo} bash scripts/demo.sh
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 3 --dist worksteal tests
 
 bench: setup
 	$(BIN)/python -m benchmarks.prepare_bench --docs $${DOCS:-30000 100000 300000}

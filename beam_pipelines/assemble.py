@@ -146,13 +146,14 @@ class ShardInput:
     checks: tuple[tuple[str, str, str, str], ...] = ()
 
 
-def _token_counter(tokenizer_path: str):
-    """Exact token counts with prepare's loader: the worker thread's shared TokenCounter
-    (length.shared_counter: loaded and proved once per thread, its cache warm across shards)."""
-    from beam_pipelines.length import shared_counter
+def _token_counter(tokenizer_path: str, proof=None):
+    """Exact token counts with prepare's loader: the process's tokenizer, loaded in setup on the
+    driver's `proof` (a changed file fails there, not on the first shard), counted by the running
+    thread's TokenCounter (length.SharedTokenizer.counter: its cache warm across shards)."""
+    from beam_pipelines.length import shared_tokenizer
 
-    shared_counter(tokenizer_path)  # a bad tokenizer fails in setup, not on the first shard
-    return lambda texts: shared_counter(tokenizer_path).count(texts) if texts else []
+    shared = shared_tokenizer(tokenizer_path, proof)
+    return lambda texts: shared.counter().count(texts) if texts else []
 
 
 class JoinShard(beam.DoFn):
@@ -161,12 +162,12 @@ class JoinShard(beam.DoFn):
     Main output: (instruction key, (id, k)) of kept rows, or with near-duplicate instructions on
     (id, k, score, band keys, 3-gram hashes); tagged: ("parts", (k, path)), ("partials", dict)."""
 
-    def __init__(self, cfg: AssembleConfig, tmp: str, eval_sets: list[decontaminate.EvalSet] = ()):
-        self.cfg, self.tmp, self.eval_sets = cfg, tmp, list(eval_sets)
+    def __init__(self, cfg: AssembleConfig, tmp: str, eval_sets: list[decontaminate.EvalSet] = (), proof=None):
+        self.cfg, self.tmp, self.eval_sets, self.proof = cfg, tmp, list(eval_sets), proof
 
     def setup(self):
         configure_process()
-        self.count_tokens = _token_counter(self.cfg.tokenizer)
+        self.count_tokens = _token_counter(self.cfg.tokenizer, self.proof)
 
     def _read(self, path: str, shard: ShardInput, left_out: set) -> pa.Table | None:
         """The Parquet file at `path`, read once and checked against every sha256 the generation markers
@@ -313,12 +314,12 @@ class ReadSeed(beam.DoFn):
     """Seed pairs (Parquet or JSON lines with instruction/response, optional id) -> seed parts by
     output shard. Main output: the ids kept; tagged: ("parts", (k, path)), ("partials", dict)."""
 
-    def __init__(self, cfg: AssembleConfig, tmp: str, num_shards: int):
-        self.cfg, self.tmp, self.num_shards = cfg, tmp, num_shards
+    def __init__(self, cfg: AssembleConfig, tmp: str, num_shards: int, proof=None):
+        self.cfg, self.tmp, self.num_shards, self.proof = cfg, tmp, num_shards, proof
 
     def setup(self):
         configure_process()
-        self.count_tokens = _token_counter(self.cfg.tokenizer)
+        self.count_tokens = _token_counter(self.cfg.tokenizer, self.proof)
 
     def process(self, path: str):
         table = read_seed_table(path)
@@ -450,10 +451,12 @@ def _cutoff(top: list, n: int):
 
 
 def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_shards: int, folder: str, tmp: str,
-          eval_sets: list[decontaminate.EvalSet] = ()):
+          eval_sets: list[decontaminate.EvalSet] = (), proof=None):
+    """`proof`: the tokenizer proved by the driver (length.prove), for the steps that count tokens."""
+    proof = prove_tokenizer(cfg.tokenizer) if proof is None else proof
     joined = (p | "ShardPlan" >> beam.Create(shards)
               | "Reshuffle" >> beam.Reshuffle()
-              | "JoinShard" >> beam.ParDo(JoinShard(cfg, tmp, eval_sets)).with_outputs("parts", "partials",
+              | "JoinShard" >> beam.ParDo(JoinShard(cfg, tmp, eval_sets, proof)).with_outputs("parts", "partials",
                                                                                       main="keys"))
     dedup = (joined.keys
              | "GroupByInstruction" >> beam.GroupByKey()
@@ -479,7 +482,7 @@ def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_s
     else:
         cutoff = p | "NoCap" >> beam.Create([None])
     seed = (p | "SeedData" >> beam.Create([cfg.seed_data] if cfg.seed_data else [])
-            | "ReadSeed" >> beam.ParDo(ReadSeed(cfg, tmp, num_shards)).with_outputs("parts", "partials", main="ids"))
+            | "ReadSeed" >> beam.ParDo(ReadSeed(cfg, tmp, num_shards, proof)).with_outputs("parts", "partials", main="ids"))
     # the released id with the smallest validation key: always in validation (a small release has one)
     web_ids = (winners
                | "WithinCap" >> beam.Filter(lambda kv, c: c is None or kv <= c, c=beam.pvalue.AsSingleton(cutoff))
@@ -555,6 +558,17 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
     return shards, skipped, cands[0][1], lineage
 
 
+def prove_tokenizer(path: str):
+    """The tokenizer loaded and proved in the driver (length.prove): a bad one is one line here."""
+    from beam_pipelines.length import prove
+
+    try:
+        return prove(path)
+    except Exception as e:  # tokenizers raises its own Exception type for a bad file
+        raise AssembleError(f"--tokenizer {path!r}: cannot load it as a Hugging Face tokenizer "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+
 def content_of(path: str, checksums: dict[str, str], claimed: str | None = None) -> dict:
     """An input of the release as its lineage (and so its config hash) records it: path, bytes and
     sha256 of the content, so that an input edited in place with the same size is a change (issue 23).
@@ -609,6 +623,7 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
 
     def build_release(folder: str, version: str) -> dict:
         """The Beam pass into `folder`, then stats.json, report and card; returns the split counts."""
+        proof = prove_tokenizer(cfg.tokenizer)  # loaded and proved once, here (only when a release is built)
         # parts left by killed runs go; a live run's folder (another assemble on this root) is never deleted
         clear_dead_folders(layout.assemble_tmp_root)
         tmp = layout.assemble_tmp(uuid.uuid4().hex[:12])
@@ -616,7 +631,7 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
         t0 = time.perf_counter()
         try:
             with progress.running("assemble", pipeline_options(beam_args)) as p:
-                build(p, cfg, shards, num_shards, folder, tmp, eval_sets)
+                build(p, cfg, shards, num_shards, folder, tmp, eval_sets, proof)
             summary = json.loads(storage.read_text(RunLayout.summary(tmp)))
         finally:
             storage.delete_tree(tmp)

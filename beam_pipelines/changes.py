@@ -25,6 +25,11 @@ MAX_ERROR_SHARE = 0.05
 MAX_PASS_RATE_MOVE = 10.0  # percentage points
 
 
+def pct(share: float | None) -> str:
+    """A share as the report and the night's summary print it: "12.3%", "-" when there is none."""
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
 def release_ids(folder: str) -> dict[str, set[str]]:
     """{origin: ids} of a release folder's data files (data/, or beside the card in older releases)."""
     ids: dict[str, set[str]] = {}

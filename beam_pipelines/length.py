@@ -70,6 +70,7 @@ from typing import NamedTuple
 from tokenizers import Tokenizer, pre_tokenizers
 
 from beam_pipelines.space_cuts import space_cuts
+from schemas.errors import UserError
 
 _CACHE_LIMIT = 300_000  # words or chunks (~50 MB); words: cleared when full, chunks: the oldest dropped
 _FIRST_LIMIT = 20_000   # first chunks of texts
@@ -134,20 +135,98 @@ def tokenizer_fingerprint(path_or_id: str) -> dict:
     return {"path": target, **storage.fingerprint(target)}
 
 
-_SHARED = threading.local()
+class TokenizerChanged(UserError):
+    """The tokenizer's file a worker loads is not the one the driver proved."""
 
 
-def shared_counter(path_or_id: str) -> "TokenCounter":
-    """The TokenCounter of a tokenizer, loaded and proved once per worker thread and shared by every
-    step that runs there (Beam's shared-model pattern, per thread: a counter's caches and totals are
-    not thread-safe, and a Beam worker may run bundles in several threads); its chunk cache stays warm
-    from one step to the next. Each step reads the totals around its own `count` call."""
-    counters = getattr(_SHARED, "counters", None)
-    if counters is None:
-        counters = _SHARED.counters = {}
-    if path_or_id not in counters:
-        counters[path_or_id] = TokenCounter(load_tokenizer(path_or_id))
-    return counters[path_or_id]
+@dataclass(frozen=True)
+class TokenizerProof:
+    """What the driver proved of a tokenizer (`prove`), handed to every worker step: the file it read
+    (tokenizer_fingerprint), the structure's shape (the scan of the vocabulary and merges that picks
+    the counting path: the costly part of building a counter, ~1 s for a 131K vocabulary) and the
+    pre-tokenizer's JSON (what a counter needs of the spec besides the shape). A worker loads the
+    tokenizer's file once per process, checks it is the proved one, and builds its counters on the
+    proof without parsing the spec again."""
+
+    source: str
+    file: dict
+    shape: "TokenizerShape"
+    pre: dict | None
+
+    @property
+    def checkable(self) -> bool:
+        """Whether a worker can check its copy against this proof: a file's content, not a hub id
+        (whose revision the hub chooses at each download)."""
+        return "checksum" in self.file
+
+
+def prove(path_or_id: str) -> TokenizerProof:
+    """Loads the tokenizer (a bad one raises here: in the driver, one clear error) and proves its
+    shape. The process's shared copy is this one, so the driver's own counters reuse it."""
+    return shared_tokenizer(path_or_id).proof
+
+
+_LOCK = threading.Lock()
+_LOADED: dict[str, "SharedTokenizer"] = {}  # per process: source -> its loaded copy and proof
+_THREAD = threading.local()                 # per thread: {id of a SharedTokenizer: (it, its TokenCounter)}
+
+
+@dataclass(frozen=True, eq=False)
+class SharedTokenizer:
+    """A process's one loaded copy of a tokenizer with its proof (Beam's shared-model pattern). Steps
+    get it in `setup` and ask for `counter()` per bundle or per call, never keeping a counter: a
+    DoFn set up in one thread may run its later bundles in another, and a counter's caches and totals
+    belong to one thread."""
+
+    tokenizer: Tokenizer
+    proof: TokenizerProof
+
+    def counter(self) -> "TokenCounter":
+        """The calling thread's TokenCounter on this tokenizer (built on the proof: no spec parsed and
+        no shape proved again), shared by every step the thread runs, its chunk cache warm across them."""
+        counters = getattr(_THREAD, "counters", None)
+        if counters is None:
+            counters = _THREAD.counters = {}
+        hit = counters.get(id(self))
+        if hit is None or hit[0] is not self:
+            hit = counters[id(self)] = (self, TokenCounter(self.tokenizer, proof=self.proof))
+        return hit[1]
+
+
+def shared_tokenizer(path_or_id: str, proof: TokenizerProof | None = None) -> SharedTokenizer:
+    """The process's copy of a tokenizer, loaded once (under a lock) and proved once: by the driver
+    when it passes its `proof` (checked against the file: a file replaced in place after the driver
+    read it is TokenizerChanged), else here. The file is fingerprinted at each call (a step's setup:
+    ~5 ms for a 17 MB tokenizer.json), so a file replaced in place is loaded again, never served
+    stale, and fingerprinted again after loading, so a file replaced while it loads is not taken for
+    the one fingerprinted before. Truncation and padding are switched off once, here: the copy is
+    shared by threads, which only encode with it. A hub id has no content to check (the hub picks
+    the revision): each process proves the copy it downloaded, once."""
+    file = tokenizer_fingerprint(path_or_id)
+    if proof is not None and proof.checkable and proof.file != file:
+        raise TokenizerChanged(f"{path_or_id}: the tokenizer's file changed after the driver loaded it "
+                               f"({proof.file['checksum']} then {file.get('checksum')}); run again")
+    with _LOCK:
+        hit = _LOADED.get(path_or_id)
+        if hit is None or hit.proof.file != file:
+            tok = load_tokenizer(path_or_id)
+            if tokenizer_fingerprint(path_or_id) != file:
+                raise TokenizerChanged(f"{path_or_id}: the tokenizer's file changed while it was loaded; run again")
+            # a tokenizer.json saved with truncation or padding on would cap or pad every count
+            tok.no_truncation()
+            tok.no_padding()
+            if proof is None or not proof.checkable:
+                spec = json.loads(tok.to_str())
+                proof = TokenizerProof(path_or_id, file, tokenizer_shape(tok, spec), spec.get("pre_tokenizer"))
+            hit = _LOADED[path_or_id] = SharedTokenizer(tok, proof)
+        return hit
+
+
+def shared_counter(path_or_id: str, proof: TokenizerProof | None = None) -> "TokenCounter":
+    """The calling thread's counter on the process's copy of a tokenizer (shared_tokenizer): for a
+    caller that counts in one thread (`bft plan`); a Beam step takes the SharedTokenizer in setup and
+    asks it for the counter in each bundle."""
+    return shared_tokenizer(path_or_id, proof).counter()
 
 
 @dataclass(frozen=True)
@@ -390,14 +469,21 @@ class TokenCounter:
               "chars_full", "chars_chunks", "seconds_full", "seconds_chunks", "probes", "early_probes",
               "switches_to_full", "switches_to_chunks")
 
-    def __init__(self, tokenizer: Tokenizer, clock=time.thread_time):
-        # a tokenizer.json saved with truncation or padding on would cap or pad every count
-        tokenizer.no_truncation()
-        tokenizer.no_padding()
+    def __init__(self, tokenizer: Tokenizer, clock=time.thread_time, proof: TokenizerProof | None = None):
+        """`proof`: the tokenizer's shape proved already (shared_counter), else proved here."""
+        # a tokenizer.json saved with truncation or padding on would cap or pad every count (changed
+        # only when set: a tokenizer shared by threads is never written to while another encodes)
+        if tokenizer.truncation is not None:
+            tokenizer.no_truncation()
+        if tokenizer.padding is not None:
+            tokenizer.no_padding()
         self.tokenizer = tokenizer
         self._clock = clock
-        spec = json.loads(tokenizer.to_str())
-        self.shape = tokenizer_shape(tokenizer, spec)
+        if proof is None:
+            spec = json.loads(tokenizer.to_str())
+            self.shape = tokenizer_shape(tokenizer, spec)
+        else:
+            spec, self.shape = {"pre_tokenizer": proof.pre}, proof.shape
         self._normalizer = tokenizer.normalizer
         self._pre, self._model = _split_and_words(tokenizer, spec)
         self._metaspace = _metaspace(spec.get("pre_tokenizer"))

@@ -22,7 +22,13 @@ def mistral_data(name: str) -> str:
 
 
 def spm_bpe() -> Tokenizer:
-    """The sentencepiece v1 model's pieces as a byte-fallback BPE (LlamaConverter's model part)."""
+    """The sentencepiece v1 model's pieces as a byte-fallback BPE (LlamaConverter's model part): a
+    fresh copy each call (callers set their own normalizer), converted once per process."""
+    return Tokenizer.from_str(_spm_bpe_json())
+
+
+@functools.lru_cache(maxsize=1)
+def _spm_bpe_json() -> str:
     import sentencepiece as spm
     from transformers.tokenization_utils_base import generate_merges
 
@@ -33,7 +39,7 @@ def spm_bpe() -> Tokenizer:
     tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    return tok
+    return tok.to_str()
 
 
 def llama2_structure() -> Tokenizer:

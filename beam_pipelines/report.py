@@ -15,6 +15,7 @@ import io
 import os
 import re
 
+from beam_pipelines.changes import pct
 from beam_pipelines.corpus_stats import LENGTH_EDGES
 from beam_pipelines.decontaminate import CONTAMINATED, NEAR_DUPLICATE
 from schemas.recipes import CURATION_DROPS, RECIPES
@@ -384,26 +385,22 @@ def _changes_html(stats: dict) -> str:
         out.append(f"<p class=note>Parent {html.escape(diff['parent'])}: {html.escape(diff['error'])}</p>")
     else:
         rows = [[o, v["added"], v["removed"], v["kept"]] for o, v in diff["examples"].items()]
-        shares = [["kept share (web examples / candidates)", _pct_of(diff["kept_share"]["parent"]),
-                   _pct_of(diff["kept_share"]["now"])],
-                  ["transient failures and refusals / requests", _pct_of(diff["error_share"]["parent"]),
-                   _pct_of(diff["error_share"]["now"])]]
-        shares += [[f"{s} pass rate", _pct_of(r["parent"]), _pct_of(r["now"])] for s, r in diff["pass_rates"].items()]
+        shares = [["kept share (web examples / candidates)", pct(diff["kept_share"]["parent"]),
+                   pct(diff["kept_share"]["now"])],
+                  ["transient failures and refusals / requests", pct(diff["error_share"]["parent"]),
+                   pct(diff["error_share"]["now"])]]
+        shares += [[f"{s} pass rate", pct(r["parent"]), pct(r["now"])] for s, r in diff["pass_rates"].items()]
         for origin, fields in (diff.get("lengths") or {}).items():
             shares += [[f"{origin} {f} length (mean tokens)", _fmt(v["parent"]), _fmt(v["now"])] for f, v in fields.items()]
         sc = diff.get("scores") or {}
         if sc.get("parent") or sc.get("now"):
             p, n = sc.get("parent") or {}, sc.get("now") or {}
             shares += [[f"{(n or p).get('stage')} score: mean", _fmt(p.get("mean")), _fmt(n.get("mean"))],
-                       [f"{(n or p).get('stage')} score: share >= 5", _pct_of(p.get("share_5")), _pct_of(n.get("share_5"))]]
+                       [f"{(n or p).get('stage')} score: share >= 5", pct(p.get("share_5")), pct(n.get("share_5"))]]
         out.append(f"<h2>What changed since {html.escape(diff['parent'])}</h2>"
                    + _table(["origin", "examples added", "removed", "kept"], rows)
                    + _table(["measure", html.escape(diff["parent"]), "now"], shares))
     return "\n".join(out)
-
-
-def _pct_of(share) -> str:
-    return "-" if share is None else f"{100 * share:.1f}%"
 
 
 def decontamination_rows(stats: dict) -> tuple[list[list], list[list]]:

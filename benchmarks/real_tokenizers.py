@@ -14,6 +14,7 @@ Needs the test extra: `mistral-common`, `sentencepiece` (read the .model file), 
 """
 from __future__ import annotations
 
+import functools
 import os
 
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
@@ -36,10 +37,17 @@ def build(structure: str) -> Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
         return tok
     if structure == "tekken":
-        from transformers.integrations.mistral.tokenizer import MistralConverter
-
-        return MistralConverter(_data("tekken_240718.json")).converted()
+        return Tokenizer.from_str(_tekken_json())  # a fresh copy each call: callers change their own
     raise ValueError(f"unknown tokenizer structure {structure!r}; one of {STRUCTURES}")
+
+
+@functools.lru_cache(maxsize=1)
+def _tekken_json() -> str:
+    """tekken converted once per process: MistralConverter derives its 131K merges in Python (seconds),
+    parsing the converted JSON takes a fraction of that."""
+    from transformers.integrations.mistral.tokenizer import MistralConverter
+
+    return MistralConverter(_data("tekken_240718.json")).converted().to_str()
 
 
 def save(structure: str, folder: str) -> str:

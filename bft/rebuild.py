@@ -345,11 +345,9 @@ def release_changes(root: str, previous: str | None, stats: dict) -> dict:
     return {"previous": previous, "same_release": False, **{k: v for k, v in diff.items() if k != "parent"}}
 
 
-def _share(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
 def night_text(result: dict) -> str:
+    from beam_pipelines.changes import pct
+
     night, rel, changes = result["night"], result["release"], result["changes"]
     lines = [f"== the night ({len(night['invocations'])} invocation(s) since {night['started_at']})"]
     for stage, r in night["stages"].items():
@@ -373,9 +371,9 @@ def night_text(result: dict) -> str:
     else:
         parts = [f"{o}: +{v['added']} -{v['removed']} ={v['kept']}" for o, v in changes["examples"].items()]
         lines.append(f"   vs {changes['previous']}: examples {'; '.join(parts) or 'none in either'}; kept share "
-                     f"{_share(changes['kept_share']['parent'])} -> {_share(changes['kept_share']['now'])}; "
-                     f"error share {_share(changes['error_share']['parent'])} -> "
-                     f"{_share(changes['error_share']['now'])}")
+                     f"{pct(changes['kept_share']['parent'])} -> {pct(changes['kept_share']['now'])}; "
+                     f"error share {pct(changes['error_share']['parent'])} -> "
+                     f"{pct(changes['error_share']['now'])}")
     lines += [f"   ALERT: {a}" for a in result.get("alerts") or []]
     return "\n".join(lines)
 

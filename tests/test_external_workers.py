@@ -151,3 +151,22 @@ def test_assemble_with_a_job_server_and_an_external_worker_pool(external_workers
                        roots["local"], roots["ext"])
     assert {"data/train-00000-of-00002.parquet", "stats.json"} <= set(files)
     assert any(f.startswith("data/validation-00000-of-") for f in files)
+
+
+def test_near_dedup_with_a_job_server_and_an_external_worker_pool(external_workers, tmp_path, fixture_texts,
+                                                                  bpe_tokenizer_path):
+    """Issue 22: the survivors of --near-dedup do not depend on the runner: on the planted corpus the
+    job server with an external worker pool writes the local runner's candidates and rejects."""
+    from tests.conftest import dolma_line, write_dolma_file
+    from tests.test_near_dedup import planted, run_prepare
+
+    docs, _ = planted(fixture_texts)
+    lines = [dolma_line(i, t) for i, t in docs]
+    write_dolma_file(str(tmp_path / "in" / "cc_en_head" / "a.json.gz"), lines[0::2])
+    write_dolma_file(str(tmp_path / "in" / "cc_en_head" / "b.json.gz"), lines[1::2])
+    glob = str(tmp_path / "in" / "*" / "*.json.gz")
+    local = run_prepare(glob, tmp_path / "local", bpe_tokenizer_path)
+    ext = run_prepare(glob, tmp_path / "ext", bpe_tokenizer_path, external_workers)
+    assert ext["dropped"] == local["dropped"] and local["dropped"]["near_duplicate"] > 0
+    same_files(str(tmp_path / "local" / "candidates"), str(tmp_path / "ext" / "candidates"),
+               str(tmp_path / "local"), str(tmp_path / "ext"))

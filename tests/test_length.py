@@ -255,24 +255,6 @@ def test_load_tokenizer_from_folder_and_missing_file(bpe_tokenizer_path, tmp_pat
         load_tokenizer(str(tmp_path / "nope.json"))
 
 
-def test_the_counter_is_loaded_once_per_worker_thread(bpe_tokenizer_path):
-    """Issue 24 point 4: every prepare step loaded and proved the tokenizer again, with an empty cache.
-    One counter per (thread, tokenizer) now, shared by the steps of that thread; another thread gets its
-    own (a counter's caches and totals are not thread-safe)."""
-    import threading
-
-    from beam_pipelines.length import shared_counter
-
-    first = shared_counter(bpe_tokenizer_path)
-    assert shared_counter(bpe_tokenizer_path) is first
-    first.count(["a warm cache carries over to the next step"])
-    other = []
-    t = threading.Thread(target=lambda: other.append(shared_counter(bpe_tokenizer_path)))
-    t.start()
-    t.join()
-    assert other[0] is not first and other[0].count(["x y"]) == first.count(["x y"])
-
-
 # --- the switch between chunks and full tokenization (issue 25 point 2), driven by a fake clock ---
 
 class PricedClock:
@@ -490,3 +472,48 @@ def test_judge_is_the_length_filter_in_one_call(bpe_tokenizer_path, fixture_text
     assert {j.verdict for j in judged} == {None, "too_long", "too_short"}
     assert judged[-1].n_tokens is None and judged[-1].verdict == "too_long" and "bytes bound" in judged[-1].detail
     assert counter.rejected_by_bound == 1
+
+
+def test_a_worker_refuses_a_tokenizer_changed_after_the_drivers_proof_and_never_serves_a_stale_one(
+        tmp_path, bpe_tokenizer_path, byte_level_tokenizer_path):
+    """length.shared_tokenizer: the process's copy is checked against the driver's proof (a file
+    replaced in place between the driver and a worker is an error naming it, one line for the CLI),
+    and a file replaced in place is loaded again, not served from the process's copy."""
+    from beam_pipelines import length
+    from schemas.errors import UserError
+
+    path = str(tmp_path / "tokenizer.json")
+    a, b = Tokenizer.from_file(bpe_tokenizer_path), Tokenizer.from_file(byte_level_tokenizer_path)
+    a.save(path)
+    proof = length.prove(path)
+    text = "Hello, wörld: a short text\nwith two lines."
+    assert length.shared_counter(path, proof).count([text]) == full_counts(a, [text])
+    b.save(path)
+    with pytest.raises(length.TokenizerChanged, match="tokenizer.json: the tokenizer's file changed after the driver"):
+        length.shared_counter(path, proof)
+    assert issubclass(length.TokenizerChanged, UserError)
+    assert length.shared_counter(path).count([text]) == full_counts(b, [text]) != full_counts(a, [text])
+    assert length.prove(path).file != proof.file
+
+
+def test_threads_share_the_processs_tokenizer_and_each_counts_with_its_own_counter(bpe_tokenizer_path):
+    """Issue 24 point 4: every prepare step loaded and proved the tokenizer again, with an empty cache.
+    A Beam step now keeps the process's SharedTokenizer and asks it for the running thread's counter,
+    shared by the steps of that thread: two threads get two counters (caches and totals are not
+    thread-safe) on one loaded tokenizer, proved once."""
+    import threading
+
+    from beam_pipelines import length
+
+    shared = length.shared_tokenizer(bpe_tokenizer_path)
+    assert length.shared_tokenizer(bpe_tokenizer_path, shared.proof) is shared
+    mine = shared.counter()
+    assert shared.counter() is mine and length.shared_counter(bpe_tokenizer_path) is mine
+    mine.count(["a warm cache carries over to the next step"])
+    other = []
+    t = threading.Thread(target=lambda: other.append(shared.counter()))
+    t.start()
+    t.join()
+    assert other[0] is not mine and other[0].tokenizer is mine.tokenizer is shared.tokenizer
+    assert other[0].shape is mine.shape is shared.proof.shape
+    assert other[0].count(["x y"]) == mine.count(["x y"])

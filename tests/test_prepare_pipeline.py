@@ -586,3 +586,43 @@ def test_a_gcs_input_deleted_after_listing_is_unreadable_like_a_local_one(corpus
     assert [u["file"] for u in stats["unreadable_files"]] == [gone]
     assert "not found in the bucket" in stats["unreadable_files"][0]["error"]
     assert stats["input_records"] == stats["kept"] + sum(stats["dropped"].values())
+
+
+def test_the_tokenizer_is_proved_once_in_the_driver_and_the_worker_threads_use_the_proof(corpus, tmp_path,
+                                                                                        bpe_tokenizer_path,
+                                                                                        monkeypatch):
+    """Issue 24.4: with --target-docs (three measuring steps) on two worker threads, the tokenizer's
+    shape is proved once, in the driver, and every worker's counter is built on that proof."""
+    import threading
+
+    from beam_pipelines import length
+
+    from beam_pipelines.prepare import pipeline
+
+    monkeypatch.setattr(length, "_LOADED", {})  # no copy loaded by an earlier test of this process
+    drivers = []
+
+    def check_tokenizer(path):  # the driver's proof; then the process's copy is forgotten, so that a
+        drivers.append(real_check(path))  # step not handed the proof would have to prove again
+        length._LOADED.clear()
+        return drivers[-1]
+
+    real_check = pipeline.check_tokenizer
+    monkeypatch.setattr(pipeline, "check_tokenizer", check_tokenizer)
+    proved = []
+    real = length.tokenizer_shape
+    monkeypatch.setattr(length, "tokenizer_shape",
+                        lambda *a, **k: proved.append(threading.current_thread().name) or real(*a, **k))
+    built = []
+    counter = length.TokenCounter.__init__
+
+    def init(self, tokenizer, clock=length.time.thread_time, proof=None):
+        built.append(proof)
+        counter(self, tokenizer, clock, proof)
+
+    monkeypatch.setattr(length.TokenCounter, "__init__", init)
+    stats = prepare.run(prepare_cfg(corpus, tmp_path / "o", bpe_tokenizer_path, target_docs=20),
+                        ["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_threading"])
+    assert stats["kept"] == 20
+    assert proved == [threading.main_thread().name]
+    assert len(drivers) == 1 and built and all(p == drivers[0] for p in built)  # a pickled copy of it

@@ -61,10 +61,14 @@ def test_a_damaged_published_release_is_not_reported_as_published_again(root):
         run(root, version="v1")
 
 
-# points at which assemble is killed: inside the Beam pass (a data shard), each file the driver writes,
-# and between the data and the marker (manifest written, _SUCCESS not)
-KILL_POINTS = [r"/sft/_tmp/.*/web-", r"/data/train-00001-of-00002\.parquet$", r"/v1/stats\.json$",
-               r"/v1/README\.md$", r"/v1/manifest\.json$", r"/v1/_SUCCESS$", r"/sft/LATEST$"]
+# points at which a whole assemble is killed: inside the Beam pass (a staged part, a data file) and the
+# driver's first write after it (the report); every later point is a write of the publish protocol,
+# driven below with a small build (issue 24.7: the same protocol code, without a Beam pass per point)
+KILL_POINTS = [r"/sft/_tmp/.*/web-", r"/data/train-00001-of-00002\.parquet$", r"/v1/report\.html$"]
+# every write of a release, in the order assemble makes them: the data, the report, the card, the
+# stats, then publish's own: the manifest, _SUCCESS, LATEST
+PUBLISH_KILL_POINTS = [r"/data/train-00001-of-00002\.parquet$", r"/v1/report\.html$", r"/v1/README\.md$",
+                       r"/v1/stats\.json$", r"/v1/manifest\.json$", r"/v1/_SUCCESS$", r"/sft/LATEST$"]
 
 
 def release_snapshot(root):
@@ -104,6 +108,49 @@ def test_assemble_killed_at_any_write_reruns_to_the_output_of_an_uninterrupted_r
         got = release_snapshot(root)
         assert got == expected, point
         release.validate(root)
+
+
+def test_publish_killed_at_any_write_reruns_to_the_release_of_an_uninterrupted_run(root, monkeypatch):
+    """schemas.release.publish with a build that writes a real release's files (assemble's v0) in
+    assemble's order: killed before each write of the release, a rerun publishes exactly what an
+    uninterrupted run does, and LATEST never names a release before it is complete."""
+    run(root, version="v0")
+    v0 = os.path.join(root, "sft", "v0")
+    manifest = json.loads(open(os.path.join(v0, "manifest.json")).read())
+    data = sorted(e["path"] for e in manifest["files"] if e["path"].startswith("data/"))
+    rest = sorted(e["path"] for e in manifest["files"] if not e["path"].startswith("data/")
+                  and e["path"] not in ("report.html", "README.md", "stats.json"))
+    order = data + rest + ["report.html", "README.md", "stats.json"]
+
+    def build(folder, version):
+        for rel in order:
+            storage.write_bytes(storage.join(folder, rel), open(os.path.join(v0, rel), "rb").read())
+        return manifest["counts"]
+
+    def publish():
+        return release.publish(root, version="v1", config=manifest["config"], lineage=manifest["inputs"], build=build)
+
+    def state():
+        return release_snapshot(root)
+
+    assert publish() == (os.path.join(root, "sft", "v1"), True)
+    expected = state()
+    assert expected["LATEST"] == b"v1\n" and "v1/data/train-00001-of-00002.parquet" in expected
+    for point in PUBLISH_KILL_POINTS:
+        shutil.rmtree(os.path.join(root, "sft", "v1"))
+        storage.write_text(os.path.join(root, "sft", "LATEST"), "v0\n")
+        with kill_at(monkeypatch, point) as fired:
+            with pytest.raises(SimulatedKill):
+                publish()
+        assert fired, point
+        assert latest(root) == "v0", point
+        v1 = os.path.join(root, "sft", "v1")
+        if os.path.isdir(os.path.join(v1, "data")) and not os.path.exists(os.path.join(v1, "_SUCCESS")):
+            # debris of an unfinished release, which the rerun must clear (a published one is never touched)
+            open(os.path.join(root, "sft", "v1", "data", "stray.parquet"), "wb").write(b"debris")
+        assert publish()[0] == os.path.join(root, "sft", "v1"), point
+        assert state() == expected, point
+        release.validate(os.path.join(root, "sft", "v1"))
 
 
 # ---- issue 14.10: malformed and edited manifests -------------------------------------------------

@@ -11,7 +11,7 @@ from apache_beam.typehints import KV
 
 import storage
 from beam_pipelines import dolma
-from beam_pipelines.length import tokenizer_fingerprint
+from beam_pipelines.length import TokenizerProof
 from beam_pipelines.prepare import sample
 from beam_pipelines.prepare.config import (PrepareConfig, check_output, check_tokenizer, config_differences,
                                            input_fingerprint, list_inputs, size_or_zero)
@@ -29,8 +29,10 @@ log = logging.getLogger("bft.prepare")
 
 def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files: list[str] | None = None,
           fingerprint: list[dict] | None = None, prior: list[str] | None = None,
-          tokenizer_file: dict | None = None):
-    """Adds the prepare pass to pipeline `p`; returns the PCollection of the final stats dict."""
+          proof: TokenizerProof | None = None):
+    """Adds the prepare pass to pipeline `p`; returns the PCollection of the final stats dict.
+    `proof`: the tokenizer proved by the driver (check_tokenizer), handed to every measuring step."""
+    proof = check_tokenizer(cfg.tokenizer) if proof is None else proof
     files = list_inputs(cfg.input) if files is None else files
     selected = [f for f in files if not cfg.splits or dolma.split_of(f, cfg.splits)]
     others = [f for f in files if f not in set(selected)]
@@ -47,12 +49,12 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
         sizes = [stored[f] if f in stored else size_or_zero(f) for f in selected]
         limit0 = key_limit(sample.estimate_ranked(selected, sizes, cfg), cfg.target_docs, 1.0)
     read = (p | "HeadSplitFiles" >> beam.Create(selected)  # Create spreads its elements (a reshuffle)
-            | "ReadAndMeasure" >> beam.ParDo(ReadAndMeasure(cfg, selected, limit0, stash)).with_output_types(
+            | "ReadAndMeasure" >> beam.ParDo(ReadAndMeasure(cfg, selected, limit0, stash, proof)).with_output_types(
                 Doc).with_outputs(
                 "rejects", "tallies", "unreadable", "ranks", main="docs"))
     if by_key:
         docs, kept_rejects, kept_tallies = ((read.docs, read.ranks)
-                                            | "SampleByKey" >> SampleByKey(cfg, selected, limit0, stash))
+                                            | "SampleByKey" >> SampleByKey(cfg, selected, limit0, stash, proof))
     else:
         docs, kept_rejects, kept_tallies = read.docs | "Deduplicate" >> Deduplicate(cfg.seed, selected)
     rejects = [read.rejects, kept_rejects]
@@ -98,7 +100,7 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
     return (p | "Finish" >> beam.Create([None])
             | "WriteStats" >> beam.Map(
                 lambda _, t, s, r, u: write_stats(cfg, files, selected, t, s, r, u, fingerprint,
-                                                     tokenizer_file),
+                                                     proof.file),
                 t=beam.pvalue.AsSingleton(totals), s=beam.pvalue.AsList(shards),
                 r=beam.pvalue.AsList(reject_files), u=beam.pvalue.AsList(unreadable)))
 
@@ -118,8 +120,8 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
     layout = cfg.layout
     files = list_inputs(cfg.input)
     fingerprint = input_fingerprint(files)
-    check_tokenizer(cfg.tokenizer)
-    tokenizer = tokenizer_fingerprint(cfg.tokenizer)
+    proof = check_tokenizer(cfg.tokenizer)  # loaded and proved once, here; the workers get the proof
+    tokenizer = proof.file
     if storage.exists(layout.prepare_stats) and not cfg.overwrite:
         stats = json.loads(storage.read_text(layout.prepare_stats))
         differ = config_differences(stats.get("config") or {}, cfg.identity())
@@ -141,7 +143,7 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
             storage.delete(path)
     try:
         with progress.running("prepare", options) as p:
-            build(p, cfg, files=files, fingerprint=fingerprint, prior=prior, tokenizer_file=tokenizer)
+            build(p, cfg, files=files, fingerprint=fingerprint, prior=prior, proof=proof)
     except KeyboardInterrupt:  # the output stays visibly incomplete (no marker); its document texts go
         storage.delete_tree(layout.prepare_tmp_root)
         raise

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 import storage
 from beam_pipelines import dolma
-from beam_pipelines.length import judge, shared_counter
+from beam_pipelines.length import TokenizerProof, judge, shared_tokenizer
 from beam_pipelines.minhash import sketch
 from beam_pipelines.options import configure_process
 from beam_pipelines.prepare import records
@@ -76,12 +76,16 @@ class _Measurer(beam.DoFn):
     With --near-dedup each kept document's MinHash sketch is computed here, where its text is, and
     travels in the Doc (224 bytes) instead of the text."""
 
-    def __init__(self, cfg: PrepareConfig, files: list[str], stash_tmp: str | None = None):
-        self.cfg, self.files, self.stash_tmp = cfg, files, stash_tmp
+    def __init__(self, cfg: PrepareConfig, files: list[str], stash_tmp: str | None = None,
+                 proof: TokenizerProof | None = None):
+        self.cfg, self.files, self.stash_tmp, self.proof = cfg, files, stash_tmp, proof
 
     def setup(self):
         configure_process()
-        self.counter = shared_counter(self.cfg.tokenizer)  # loaded and proved once per worker thread
+        # loaded once per process, proved once by the driver (`proof`, checked against the file); the
+        # counter is the running thread's, asked for at each batch (`_measure`): a DoFn set up in one
+        # thread may run its later bundles in another
+        self.tokenizer = shared_tokenizer(self.cfg.tokenizer, self.proof)
         self._file_index = {f: i for i, f in enumerate(self.files)}
         self._minhash = self.cfg.minhash_params() if self.cfg.near_dedup else None
         self._stash: list[dict] = []
@@ -106,9 +110,9 @@ class _Measurer(beam.DoFn):
     def _measure(self, path, batch, tallies):
         if not batch:
             return
-        cfg, counter, file_index = self.cfg, self.counter, self._file_index[path]
-        # the counter is shared by the steps of this thread (length.shared_counter): its totals are
-        # read around this one call, which no other step interleaves with
+        cfg, counter, file_index = self.cfg, self.tokenizer.counter(), self._file_index[path]
+        # the counter is this thread's, shared by the steps the thread runs (SharedTokenizer.counter):
+        # its totals are read around this one call, which no other step interleaves with
         before = counter.totals()
         judged = judge(counter, [doc.text for _, doc in batch], cfg.min_tokens, cfg.max_tokens)
         after = counter.totals()
@@ -141,8 +145,8 @@ class ReadAndMeasure(_Measurer):
     """
 
     def __init__(self, cfg: PrepareConfig, files: list[str], key_limit: int | None = None,
-                 stash_tmp: str | None = None):
-        super().__init__(cfg, files, stash_tmp)
+                 stash_tmp: str | None = None, proof: TokenizerProof | None = None):
+        super().__init__(cfg, files, stash_tmp, proof)
         self.key_limit = key_limit
         self.where = [dolma.parse_where(w) for w in cfg.select_where]
 

@@ -159,9 +159,10 @@ class SampleByKey(beam.PTransform):
     (SampleToTarget): memory follows N, not the corpus; a file's element holds 16 bytes per
     unmeasured document."""
 
-    def __init__(self, cfg: PrepareConfig, files: list[str], limit0: int, stash_tmp: str | None = None):
+    def __init__(self, cfg: PrepareConfig, files: list[str], limit0: int, stash_tmp: str | None = None,
+                 proof=None):
         super().__init__()
-        self.cfg, self.files, self.limit0, self.stash_tmp = cfg, files, limit0, stash_tmp
+        self.cfg, self.files, self.limit0, self.stash_tmp, self.proof = cfg, files, limit0, stash_tmp, proof
 
     def expand(self, inputs):
         measured0, ranks = inputs
@@ -188,7 +189,7 @@ class SampleByKey(beam.PTransform):
                     w=beam.pvalue.AsSingleton(window), sm=beam.pvalue.AsSingleton(so_far),
                     last=j == ROUNDS - 1).with_output_types(Any)
                 wanted = pending | f"Want{j}" >> beam.FlatMap(_wanted, window=beam.pvalue.AsSingleton(window))
-                measure = MeasureLines(cfg, self.files, self.stash_tmp)
+                measure = MeasureLines(cfg, self.files, self.stash_tmp, self.proof)
                 out = wanted | f"Measure{j}" >> beam.ParDo(measure).with_output_types(Doc).with_outputs(
                     "rejects", "tallies", main="docs")
                 progress += [wanted | f"CountWanted{j}" >> beam.Map(lambda e: ("m", len(e[1]))),
