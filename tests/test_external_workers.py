@@ -157,14 +157,9 @@ def test_near_dedup_with_a_job_server_and_an_external_worker_pool(external_worke
                                                                   bpe_tokenizer_path):
     """Issue 22: the survivors of --near-dedup do not depend on the runner: on the planted corpus the
     job server with an external worker pool writes the local runner's candidates and rejects."""
-    from tests.conftest import dolma_line, write_dolma_file
-    from tests.test_near_dedup import planted, run_prepare
+    from tests.test_near_dedup import run_prepare, write_planted
 
-    docs, _ = planted(fixture_texts)
-    lines = [dolma_line(i, t) for i, t in docs]
-    write_dolma_file(str(tmp_path / "in" / "cc_en_head" / "a.json.gz"), lines[0::2])
-    write_dolma_file(str(tmp_path / "in" / "cc_en_head" / "b.json.gz"), lines[1::2])
-    glob = str(tmp_path / "in" / "*" / "*.json.gz")
+    _, _, glob = write_planted(tmp_path, fixture_texts)
     local = run_prepare(glob, tmp_path / "local", bpe_tokenizer_path)
     ext = run_prepare(glob, tmp_path / "ext", bpe_tokenizer_path, external_workers)
     assert ext["dropped"] == local["dropped"] and local["dropped"]["near_duplicate"] > 0

@@ -115,13 +115,18 @@ def test_too_few_rounds_fail_saying_what_to_do():
 def corpus(tmp_path_factory, fixture_texts, bpe_tokenizer_path):
     """The planted corpus in two head files; the output of `prepare --near-dedup` on one worker."""
     root = tmp_path_factory.mktemp("near")
+    docs, cluster, glob = write_planted(root, fixture_texts)
+    stats = run_prepare(glob, root / "one", bpe_tokenizer_path)
+    return {"glob": glob, "root": root, "docs": docs, "cluster": cluster, "stats": stats}
+
+
+def write_planted(root, fixture_texts):
+    """The planted corpus in two head files under root/in; returns (docs, cluster, the input glob)."""
     docs, cluster = planted(fixture_texts)
     lines = [dolma_line(i, t) for i, t in docs]
     write_dolma_file(str(root / "in" / "cc_en_head" / "a.json.gz"), lines[0::2])
     write_dolma_file(str(root / "in" / "cc_en_head" / "b.json.gz"), lines[1::2])
-    glob = str(root / "in" / "*" / "*.json.gz")
-    stats = run_prepare(glob, root / "one", bpe_tokenizer_path)
-    return {"glob": glob, "root": root, "docs": docs, "cluster": cluster, "stats": stats}
+    return docs, cluster, str(root / "in" / "*" / "*.json.gz")
 
 
 def run_prepare(glob, out, tok, beam_args=LOCAL, **kw):
