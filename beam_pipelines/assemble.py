@@ -40,7 +40,7 @@ from beam_pipelines import changes, corpus_stats, decontaminate, paper_tokens, p
 from schemas import provenance, release
 import storage
 from beam_pipelines.options import configure_process, pipeline_options
-from beam_pipelines.length import tokenizer_fingerprint
+from beam_pipelines.length import prove, tokenizer_fingerprint
 from storage.lock import claim_folder, clear_dead_folders
 
 log = logging.getLogger("bft.assemble")
@@ -453,7 +453,7 @@ def _cutoff(top: list, n: int):
 def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_shards: int, folder: str, tmp: str,
           eval_sets: list[decontaminate.EvalSet] = (), proof=None):
     """`proof`: the tokenizer proved by the driver (length.prove), for the steps that count tokens."""
-    proof = prove_tokenizer(cfg.tokenizer) if proof is None else proof
+    proof = prove(cfg.tokenizer) if proof is None else proof
     joined = (p | "ShardPlan" >> beam.Create(shards)
               | "Reshuffle" >> beam.Reshuffle()
               | "JoinShard" >> beam.ParDo(JoinShard(cfg, tmp, eval_sets, proof)).with_outputs("parts", "partials",
@@ -558,17 +558,6 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
     return shards, skipped, cands[0][1], lineage
 
 
-def prove_tokenizer(path: str):
-    """The tokenizer loaded and proved in the driver (length.prove): a bad one is one line here."""
-    from beam_pipelines.length import prove
-
-    try:
-        return prove(path)
-    except Exception as e:  # tokenizers raises its own Exception type for a bad file
-        raise AssembleError(f"--tokenizer {path!r}: cannot load it as a Hugging Face tokenizer "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-
-
 def content_of(path: str, checksums: dict[str, str], claimed: str | None = None) -> dict:
     """An input of the release as its lineage (and so its config hash) records it: path, bytes and
     sha256 of the content, so that an input edited in place with the same size is a change (issue 23).
@@ -623,7 +612,7 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
 
     def build_release(folder: str, version: str) -> dict:
         """The Beam pass into `folder`, then stats.json, report and card; returns the split counts."""
-        proof = prove_tokenizer(cfg.tokenizer)  # loaded and proved once, here (only when a release is built)
+        proof = prove(cfg.tokenizer)  # loaded and proved once, here (only when a release is built)
         # parts left by killed runs go; a live run's folder (another assemble on this root) is never deleted
         clear_dead_folders(layout.assemble_tmp_root)
         tmp = layout.assemble_tmp(uuid.uuid4().hex[:12])

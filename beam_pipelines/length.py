@@ -161,9 +161,14 @@ class TokenizerProof:
 
 
 def prove(path_or_id: str) -> TokenizerProof:
-    """Loads the tokenizer (a bad one raises here: in the driver, one clear error) and proves its
-    shape. The process's shared copy is this one, so the driver's own counters reuse it."""
-    return shared_tokenizer(path_or_id).proof
+    """Loads the tokenizer and proves its shape, in the driver of prepare and assemble: a bad
+    --tokenizer is one clear error there (a UserError), not a worker traceback. The process's shared
+    copy is this one, so the driver's own counters reuse it."""
+    try:
+        return shared_tokenizer(path_or_id).proof
+    except Exception as e:  # tokenizers raises its own Exception type for a bad file
+        raise UserError(f"--tokenizer {path_or_id!r}: cannot load it as a Hugging Face tokenizer "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 _LOCK = threading.Lock()

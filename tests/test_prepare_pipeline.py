@@ -602,13 +602,13 @@ def test_the_tokenizer_is_proved_once_in_the_driver_and_the_worker_threads_use_t
     monkeypatch.setattr(length, "_LOADED", {})  # no copy loaded by an earlier test of this process
     drivers = []
 
-    def check_tokenizer(path):  # the driver's proof; then the process's copy is forgotten, so that a
+    def prove(path):  # the driver's proof; then the process's copy is forgotten, so that a
         drivers.append(real_check(path))  # step not handed the proof would have to prove again
         length._LOADED.clear()
         return drivers[-1]
 
-    real_check = pipeline.check_tokenizer
-    monkeypatch.setattr(pipeline, "check_tokenizer", check_tokenizer)
+    real_check = pipeline.prove
+    monkeypatch.setattr(pipeline, "prove", prove)
     proved = []
     real = length.tokenizer_shape
     monkeypatch.setattr(length, "tokenizer_shape",

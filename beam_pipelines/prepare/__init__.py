@@ -27,11 +27,11 @@ triple every step returns:
     write.py    AssignShards, WriteParts, MergeShard, WriteRejects, the stats marker
     pipeline.py build (wires the steps) and run (reuse, cleanup, the run)
 """
-from beam_pipelines.prepare.config import (PrepareConfig, UnreadableFileError, check_output, check_tokenizer,
+from beam_pipelines.prepare.config import (PrepareConfig, UnreadableFileError, check_output,
                                            config_differences, input_fingerprint, list_inputs)
 from beam_pipelines.prepare.pipeline import build, run
 from beam_pipelines.prepare.records import Doc, funnel
 from beam_pipelines.prepare.write import keep_prior, write_stats
 
 __all__ = ["PrepareConfig", "UnreadableFileError", "Doc", "build", "run", "funnel", "keep_prior", "write_stats",
-           "list_inputs", "input_fingerprint", "config_differences", "check_output", "check_tokenizer"]
+           "list_inputs", "input_fingerprint", "config_differences", "check_output"]

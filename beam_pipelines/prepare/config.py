@@ -7,7 +7,6 @@ import os
 from dataclasses import asdict, dataclass
 
 import storage
-from beam_pipelines.length import TokenizerProof, prove
 from beam_pipelines.minhash import MinHashParams
 from schemas.errors import UserError
 from schemas.layout import Rooted
@@ -132,13 +131,3 @@ def check_output(folder: str) -> None:
     except Exception as e:  # OSError locally; google.api_core's Forbidden and the like on gs://
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"--root: cannot write {folder} ({reason})") from e
-
-
-def check_tokenizer(path: str) -> TokenizerProof:
-    """Loads and proves the tokenizer in the driver (length.prove), so that a bad --tokenizer is one
-    clear error, not a worker traceback, and the workers build their counters on this proof."""
-    try:
-        return prove(path)
-    except Exception as e:  # tokenizers raises its own Exception type for a bad file
-        raise UserError(f"--tokenizer {path!r}: cannot load it as a Hugging Face tokenizer "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e

@@ -11,9 +11,9 @@ from apache_beam.typehints import KV
 
 import storage
 from beam_pipelines import dolma
-from beam_pipelines.length import TokenizerProof
+from beam_pipelines.length import TokenizerProof, prove
 from beam_pipelines.prepare import sample
-from beam_pipelines.prepare.config import (PrepareConfig, check_output, check_tokenizer, config_differences,
+from beam_pipelines.prepare.config import (PrepareConfig, check_output, config_differences,
                                            input_fingerprint, list_inputs, size_or_zero)
 from beam_pipelines.prepare.dedup import Deduplicate
 from beam_pipelines.prepare.near_dedup import NearDeduplicate
@@ -31,8 +31,8 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
           fingerprint: list[dict] | None = None, prior: list[str] | None = None,
           proof: TokenizerProof | None = None):
     """Adds the prepare pass to pipeline `p`; returns the PCollection of the final stats dict.
-    `proof`: the tokenizer proved by the driver (check_tokenizer), handed to every measuring step."""
-    proof = check_tokenizer(cfg.tokenizer) if proof is None else proof
+    `proof`: the tokenizer proved by the driver (length.prove), handed to every measuring step."""
+    proof = prove(cfg.tokenizer) if proof is None else proof
     files = list_inputs(cfg.input) if files is None else files
     selected = [f for f in files if not cfg.splits or dolma.split_of(f, cfg.splits)]
     others = [f for f in files if f not in set(selected)]
@@ -120,7 +120,7 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
     layout = cfg.layout
     files = list_inputs(cfg.input)
     fingerprint = input_fingerprint(files)
-    proof = check_tokenizer(cfg.tokenizer)  # loaded and proved once, here; the workers get the proof
+    proof = prove(cfg.tokenizer)  # loaded and proved once, here; the workers get the proof
     tokenizer = proof.file
     if storage.exists(layout.prepare_stats) and not cfg.overwrite:
         stats = json.loads(storage.read_text(layout.prepare_stats))
