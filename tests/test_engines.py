@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from benchmarks import real_tokenizers
 from generation.engines import Completion, Engine, EngineConfig, EngineError, Request, load_engine
 from generation.engines.base import digit_token_ids, finished
 from generation.prompting import SCORE_PREFIX, fit_prompt, render
@@ -125,15 +126,9 @@ def llama2_structure_tokenizer(tmp_path_factory, bpe_tokenizer_path):
 @pytest.fixture(scope="module")
 def tekken_tokenizer(tmp_path_factory):
     """The real tekken tokenizer that mistral-common ships (byte-level BPE with a split regex, the
-    structure of Llama-3's), converted at test time."""
-    import mistral_common
-    from transformers.integrations.mistral import convert_tekken_tokenizer
-
-    tok = convert_tekken_tokenizer(os.path.join(os.path.dirname(mistral_common.__file__), "data",
-                                                "tekken_240718.json"))
-    path = str(tmp_path_factory.mktemp("tok_tekken") / "tokenizer.json")
-    tok.backend_tokenizer.save(path)
-    return path
+    structure of Llama-3's), converted at test time by MistralConverter, as transformers'
+    convert_tekken_tokenizer does (the same tokenizer.json; converted once per process)."""
+    return real_tokenizers.save("tekken", str(tmp_path_factory.mktemp("tok_tekken")))
 
 
 # --- configuration apart from loading; close; the batching hint (issue 12) ---------------------------

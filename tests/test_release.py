@@ -16,7 +16,7 @@ import storage
 from bft import cli
 from schemas import release
 from tests.conftest import ROOT, SimulatedKill, kill_at, snapshot
-from tests.test_assemble import run, write_root
+from tests.test_assemble import _published, published, run, write_root  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
@@ -171,8 +171,8 @@ def _edit_manifest(folder, change):
     (lambda m: m.pop("counts"), r"'counts' is missing, expected an object"),
     (lambda m: m["files"][0].update(path="../../etc/passwd"), r"'path' is '\.\./\.\./etc/passwd'"),
 ])
-def test_a_malformed_manifest_is_a_list_of_problems_not_a_traceback(root, capsys, change, problem):
-    run(root, version="v1")
+def test_a_malformed_manifest_is_a_list_of_problems_not_a_traceback(published, capsys, change, problem):
+    root = published
     folder = os.path.join(root, "sft", "v1")
     _edit_manifest(folder, change)
     assert cli.main(["validate", folder]) == 1
@@ -182,8 +182,8 @@ def test_a_malformed_manifest_is_a_list_of_problems_not_a_traceback(root, capsys
 
 
 @pytest.mark.parametrize("field,value", [("config", {"recipe": "filter"}), ("version", "v2"), ("config_hash", "0")])
-def test_an_edit_of_the_manifests_config_or_version_fails_validate(root, field, value):
-    run(root, version="v1")
+def test_an_edit_of_the_manifests_config_or_version_fails_validate(published, field, value):
+    root = published
     folder = os.path.join(root, "sft", "v1")
     _edit_manifest(folder, lambda m: m.update({field: value}))
     with pytest.raises(release.ReleaseError, match="manifest.json: its sha256 is not the one _SUCCESS records"):
@@ -192,18 +192,18 @@ def test_an_edit_of_the_manifests_config_or_version_fails_validate(root, field, 
     assert subprocess.run(["sha256sum", "--status", "-c", "_SUCCESS"], cwd=folder).returncode != 0
 
 
-def test_success_holds_the_manifest_checksum_in_sha256sum_format(root):
-    run(root, version="v1")
+def test_success_holds_the_manifest_checksum_in_sha256sum_format(published):
+    root = published
     folder = os.path.join(root, "sft", "v1")
     assert subprocess.run(["sha256sum", "--status", "-c", "_SUCCESS"], cwd=folder).returncode == 0
 
 
 # ---- issue 14.8: validate never reads Parquet through Arrow's threads on a BufferReader ---------------
 
-def test_validate_and_gcs_reads_do_not_use_read_table_on_a_buffer(root, monkeypatch):
+def test_validate_and_gcs_reads_do_not_use_read_table_on_a_buffer(published, monkeypatch):
     """The pattern of apache/arrow#34314 and #33975 (SIGABRT in a few percent of processes): a
     deterministic guard; the subprocess loop below is the real symptom."""
-    run(root, version="v1")
+    root = published
     real = pq.read_table
 
     def guarded(source, *a, **kw):
@@ -216,10 +216,10 @@ def test_validate_and_gcs_reads_do_not_use_read_table_on_a_buffer(root, monkeypa
     assert storage.parquet_from_bytes(data).num_rows > 0
 
 
-def test_bft_validate_never_aborts_in_a_loop_of_processes(root):
+def test_bft_validate_never_aborts_in_a_loop_of_processes(published):
     """Bounded: 24 processes, two at a time. On the old code about one run in 20-60 died with SIGABRT
     (or SIGBUS) after printing "valid"; this loop found it about half the time, the guard above always."""
-    run(root, version="v1")
+    root = published
     env = {**os.environ, "PYTHONPATH": ROOT}
     cmd = [sys.executable, "-m", "bft.cli", "validate", root]
     codes = []
@@ -229,8 +229,8 @@ def test_bft_validate_never_aborts_in_a_loop_of_processes(root):
     assert codes == [0] * len(codes)
 
 
-def test_a_published_release_with_an_unreadable_manifest_is_refused_not_rebuilt(root):
-    run(root, version="v1")
+def test_a_published_release_with_an_unreadable_manifest_is_refused_not_rebuilt(published):
+    root = published
     folder = os.path.join(root, "sft", "v1")
     open(os.path.join(folder, "manifest.json"), "w").write("{ not json")
     with pytest.raises(release.ReleaseError, match="exists with other inputs or config.*never overwritten"):
@@ -280,11 +280,11 @@ def _tamper(folder, rel, target, manifest_bytes=None):
         storage.write_text(mpath, json.dumps(manifest))
 
 
-def test_a_tampered_release_with_links_is_refused_without_reading_them(root, tmp_path, capsys):
+def test_a_tampered_release_with_links_is_refused_without_reading_them(published, tmp_path, capsys):
     """Issue 23 point 7: README.md a link to /dev/zero with `bytes: 0` in the manifest made `bft
     validate` hash an endless file. A link (to a device, to another release's file, to a folder) or a
     FIFO is a problem named in the one report, and never opened: a FIFO would block an open()."""
-    run(root, version="v1")
+    root = published
     folder = os.path.join(root, "sft", "v1")
     other = tmp_path / "other.parquet"
     shutil.copy(os.path.join(folder, "data", "train-00000-of-00002.parquet"), other)
@@ -303,8 +303,8 @@ def test_a_tampered_release_with_links_is_refused_without_reading_them(root, tmp
 
 
 @pytest.mark.parametrize("what", ["LATEST", "manifest.json", "folder"])
-def test_latest_the_manifest_or_the_folder_as_a_link_is_never_followed(root, tmp_path, what):
-    run(root, version="v1")
+def test_latest_the_manifest_or_the_folder_as_a_link_is_never_followed(published, tmp_path, what):
+    root = published
     folder = os.path.join(root, "sft", "v1")
     if what == "LATEST":
         _tamper(os.path.join(root, "sft"), "LATEST", "/dev/zero")
