@@ -636,14 +636,19 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
         parent_folder = layout.release(parent) if parent else None
         if parent_folder and not storage.exists(storage.join(parent_folder, release.SUCCESS)):
             parent_folder = None
+        # the new release's data files, read once: their ids (the changes) and the web examples'
+        # lengths in the paper's unit (Llama-2-structure tokens, for the report)
+        new_ids, lengths = {}, paper_tokens.WebLengths()
+        for path in sorted(storage.list_files(storage.join(folder, DATA))):
+            if path.endswith(".parquet"):
+                table = storage.read_parquet(path, ["id", "origin", "instruction", "response"])
+                changes.add_ids(new_ids, table)
+                lengths.add(table)
         stats["parent"] = parent
-        stats["changes"] = changes.changes(parent_folder, parent, folder, stats)
+        stats["changes"] = changes.changes(parent_folder, parent, new_ids, stats)
         stats["alerts"] = changes.alerts(stats, stats["changes"], cfg.validation_fraction)
         stats["trend"] = changes.trend(layout.release, parent if parent_folder else None, stats)
-        # the web examples' lengths in the paper's unit (Llama-2-structure tokens), for the report
-        stats["paper_lengths"] = paper_tokens.web_lengths(
-            storage.read_parquet(p, ["origin", "instruction", "response"])
-            for p in storage.list_files(storage.join(folder, DATA)) if p.endswith(".parquet"))
+        stats["paper_lengths"] = lengths.result()
         stats["timing"] = {"pipeline_s": round(pipeline_s, 3),
                            "stats_in_pipeline_worker_s": round(summary.get("timing", {}).get("stats_s", 0.0), 3),
                            "pipeline_worker_s": round(summary.get("timing", {}).get("work_s", 0.0), 3)}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 
 import storage
-from schemas.layout import DATA
+from schemas import release
 from beam_pipelines.corpus_stats import RELEASE_STATS as STATS
 from schemas.outcomes import ENGINE_ERROR, REFUSALS
 
@@ -30,17 +30,18 @@ def pct(share: float | None) -> str:
     return "-" if share is None else f"{100 * share:.1f}%"
 
 
+def add_ids(ids: dict[str, set[str]], table) -> dict[str, set[str]]:
+    """Adds the ids of an SFT table (a release data file's "id" and "origin" columns) to {origin: ids}."""
+    for i, origin in zip(table["id"].to_pylist(), table["origin"].to_pylist()):
+        ids.setdefault(origin, set()).add(i)
+    return ids
+
+
 def release_ids(folder: str) -> dict[str, set[str]]:
-    """{origin: ids} of a release folder's data files (data/, or beside the card in older releases)."""
+    """{origin: ids} of a published release: the data files its manifest lists."""
     ids: dict[str, set[str]] = {}
-    data = storage.join(folder, DATA)
-    files = [p for p in storage.list_files(data) if p.endswith(".parquet")] or [
-        p for p in storage.list_files(folder) if p.rsplit("/", 1)[-1].startswith(("train-", "validation-"))
-        and p.endswith(".parquet")]
-    for path in files:
-        table = storage.read_parquet(path, ["id", "origin"])
-        for i, origin in zip(table["id"].to_pylist(), table["origin"].to_pylist()):
-            ids.setdefault(origin, set()).add(i)
+    for path in release.data_files(folder):
+        add_ids(ids, storage.read_parquet(path, ["id", "origin"]))
     return ids
 
 
@@ -56,14 +57,14 @@ def shares(stats: dict) -> dict:
             "pass_rates": {s: v.get("pass_rate") for s, v in (stats.get("stages") or {}).items()}}
 
 
-def changes(parent_folder: str | None, parent: str | None, folder: str, stats: dict) -> dict:
-    """How the release in `folder` (its `stats`) differs from its parent's folder."""
+def changes(parent_folder: str | None, parent: str | None, new_ids: dict[str, set[str]], stats: dict) -> dict:
+    """How a release (its ids by origin, `add_ids`, and its `stats`) differs from its parent's folder."""
     if not parent or not parent_folder:
         return {"parent": None}
     try:
         old_stats = json.loads(storage.read_text(storage.join(parent_folder, STATS)))
-        old_ids, new_ids = release_ids(parent_folder), release_ids(folder)
-    except (OSError, ValueError, KeyError) as e:
+        old_ids = release_ids(parent_folder)
+    except (OSError, ValueError, KeyError, release.ReleaseError) as e:
         return {"parent": parent, "error": f"the parent release cannot be read: {e}"}
     by_origin = {}
     for origin in sorted(set(old_ids) | set(new_ids)):

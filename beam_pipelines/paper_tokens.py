@@ -57,22 +57,29 @@ def paper_tokenizer() -> Tokenizer | None:
         return None
 
 
-def web_lengths(tables) -> dict | None:
-    """Mean instruction and response lengths of the web examples in `tables` (SFT tables), in the
-    paper's unit; None when the tokenizer cannot be built or there is no web example."""
-    import pyarrow.compute as pc
+class WebLengths:
+    """Mean instruction and response lengths of the web examples of SFT tables, in the paper's unit,
+    added a table at a time (`add`), so that a release's data files are read once for every figure
+    taken from them (assemble also collects their ids there)."""
 
-    tok = paper_tokenizer()
-    if tok is None:
-        return None
-    sums, n = {"instruction": 0, "response": 0}, 0
-    for table in tables:
+    def __init__(self):
+        self.tok = paper_tokenizer()
+        self.sums, self.n = {"instruction": 0, "response": 0}, 0
+
+    def add(self, table) -> None:
+        import pyarrow.compute as pc
+
+        if self.tok is None:
+            return
         web = table.filter(pc.equal(table["origin"], "web"))
-        n += web.num_rows
-        for field in sums:
+        self.n += web.num_rows
+        for field in self.sums:
             texts = web[field].to_pylist()
             if texts:
-                sums[field] += sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
-    if not n:
-        return None
-    return {"tokenizer": NAME, "examples": n, **{f: round(v / n, 2) for f, v in sums.items()}}
+                self.sums[field] += sum(len(e.ids) for e in self.tok.encode_batch(texts, add_special_tokens=False))
+
+    def result(self) -> dict | None:
+        """None when the tokenizer cannot be built (no mistral-common) or there is no web example."""
+        if self.tok is None or not self.n:
+            return None
+        return {"tokenizer": NAME, "examples": self.n, **{f: round(v / self.n, 2) for f, v in self.sums.items()}}

@@ -332,6 +332,7 @@ def release_changes(root: str, previous: str | None, stats: dict) -> dict:
     rates (beam_pipelines.changes, the same comparison the release's own report shows against its
     parent: taken from its stats when the parent is `previous`)."""
     from beam_pipelines import changes
+    from schemas import release
     from schemas.layout import RunLayout
 
     version = stats["version"]
@@ -339,7 +340,11 @@ def release_changes(root: str, previous: str | None, stats: dict) -> dict:
         return {"previous": previous, "same_release": previous == version}
     diff = stats.get("changes") if stats.get("parent") == previous else None
     if not diff:
-        diff = changes.changes(RunLayout(root).release(previous), previous, stats["folder"], stats)
+        try:
+            new_ids = changes.release_ids(stats["folder"])
+        except (OSError, ValueError, release.ReleaseError) as e:
+            return {"previous": previous, "error": f"the new release cannot be read: {e}"}
+        diff = changes.changes(RunLayout(root).release(previous), previous, new_ids, stats)
     if diff.get("error"):
         return {"previous": previous, "error": diff["error"]}
     return {"previous": previous, "same_release": False, **{k: v for k, v in diff.items() if k != "parent"}}

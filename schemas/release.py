@@ -141,6 +141,20 @@ def number_splits(folder: str) -> dict[str, int]:
     return {split: len(items) for split, items in by_split.items()}
 
 
+def data_files(folder: str) -> list[str]:
+    """The data files a published release's manifest lists (its entries with a split), in manifest
+    order, as paths: what a reader of the release reads, whatever its layout (data/, or beside the
+    card in older releases). A manifest that cannot be read or is malformed is a ReleaseError."""
+    try:
+        manifest = json.loads(storage.read_text(storage.join(folder, MANIFEST)))
+    except (OSError, ValueError) as e:
+        raise ReleaseError(f"{folder}: {MANIFEST} cannot be read ({e})") from e
+    problems = manifest_problems(manifest)
+    if problems:
+        raise ReleaseError(f"{folder}: {MANIFEST} is malformed: " + "; ".join(problems))
+    return [storage.join(folder, e["path"]) for e in manifest["files"] if e.get("split") in SPLITS]
+
+
 def parquet_rows(path: str) -> int:
     with storage.open_read(path) as f:
         return pq.ParquetFile(f).metadata.num_rows

@@ -634,3 +634,24 @@ def test_assemble_reads_each_input_file_once(root, monkeypatch):
                             lambda path, *a, _real=real, **k: reads.update([path]) or _real(path, *a, **k))
     run(root, version="once")
     assert {p: reads[p] for p in sorted(inputs)} == {p: 1 for p in sorted(inputs)}
+
+
+def test_the_new_releases_data_is_read_once_for_the_changes_and_the_paper_lengths(root, monkeypatch):
+    """Issue 24: after the Beam pass the driver read every new data file twice (ids for the changes
+    since the parent, then lengths in the paper's unit); one read serves both now, and the parent's
+    ids come from the data files its manifest lists (release.data_files), not a folder listing."""
+    import collections
+
+    run(root, version="v0")
+    open(os.path.join(root, "sft", "v0", "data", "stray.parquet"), "wb").write(b"not listed, never read")
+    reads = collections.Counter()
+    real = storage.read_parquet
+    monkeypatch.setattr(storage, "read_parquet", lambda path, *a, **k: reads.update([path]) or real(path, *a, **k))
+    stats = run(root, version="v1", recipe="filter")
+    new = sorted(p for p in reads if "/sft/v1/" in p)
+    old = sorted(p for p in reads if "/sft/v0/" in p)
+    assert new and {reads[p] for p in new} == {1}, reads
+    assert old == sorted(release.data_files(os.path.join(root, "sft", "v0"))) and {reads[p] for p in old} == {1}
+    web = {"added": 2, "removed": 0, "kept": 4}   # filter keeps a5 and b3 besides filter+rewrite's four
+    assert stats["changes"]["examples"]["web"] == web
+    assert stats["paper_lengths"]["examples"] == len(EXPECTED_KEPT["filter"])

@@ -27,10 +27,18 @@ from beam_pipelines.prepare.records import INPUT, Doc, Tallies, dropped, reject,
 from schemas.keys import sample_key, text_hash
 
 log = logging.getLogger("bft.prepare")
-# what the counter did (length.TokenCounter.totals), tallied per step: which way texts were counted
-# (CostSwitch chooses by measured time, so these vary from run to run; the counts never do)
-COUNTING_PATHS = ("counted_pieces", "counted_full", "full_by_switch", "chunk_lookups", "chunk_misses",
-                  "rejected_by_bound")
+# what the counter did (length.TokenCounter.totals), tallied per step as "length/<name>", and the name
+# stats.json's length_filter section gives it: which way texts were counted (CostSwitch chooses by
+# measured time, so these vary from run to run; the counts never do)
+COUNTING_PATHS = {"counted_pieces": "counted_from_pieces", "counted_full": "tokenized_in_full",
+                  "full_by_switch": "in_full_by_switch", "chunk_lookups": "chunk_lookups",
+                  "chunk_misses": "chunk_misses", "rejected_by_bound": "rejected_by_bound"}
+
+
+def length_filter_stats(totals: dict[str, int]) -> dict[str, int]:
+    """stats.json's length_filter counts from the pass's summed tallies (what _Measurer tallied)."""
+    counts = {shown: totals.get(f"length/{name}", 0) for name, shown in COUNTING_PATHS.items()}
+    return {**counts, "measured": totals.get("length/measured", 0)}
 
 _STASH = pa.schema([("line", pa.int64()), ("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
                     ("url", pa.string())])  # a --target-docs sample's measured documents (_Measurer)
@@ -130,7 +138,7 @@ class _Measurer(beam.DoFn):
 
     def _counted(self, path, tallies):
         self._write_stash(path)
-        yield from tallies.emit(*(f"length/{name}" for name in COUNTING_PATHS[:2]))
+        yield from tallies.emit()
 
 
 class ReadAndMeasure(_Measurer):

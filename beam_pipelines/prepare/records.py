@@ -54,9 +54,7 @@ def dropped(reason: str) -> str:
 class Tallies(collections.Counter):
     """A step's counts, kept in the step and emitted once (per file or group) as "tallies" elements."""
 
-    def emit(self, *always: str):
-        for name in always:
-            self.setdefault(name, 0)
+    def emit(self):
         for name, n in sorted(self.items()):
             yield tallied(name, n)
 

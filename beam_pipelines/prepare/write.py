@@ -23,7 +23,7 @@ from beam_pipelines import dolma
 from beam_pipelines.options import configure_process
 from beam_pipelines.prepare import records
 from beam_pipelines.prepare.config import PrepareConfig
-from beam_pipelines.prepare.read import reread
+from beam_pipelines.prepare.read import length_filter_stats, reread
 from beam_pipelines.prepare.records import UNLISTED, Doc, funnel
 from beam_pipelines.shards import assign_bucket, balance, num_buckets
 from schemas.errors import UserError
@@ -167,13 +167,7 @@ def write_stats(cfg, files, selected, totals, shards, reject_files, unreadable, 
         **acc,
         "tokens": {"total": sum(shard_tokens), "max_tokens": cfg.max_tokens, "min_tokens": cfg.min_tokens},
         "length_filter": {
-            "counted_from_pieces": totals.get("length/counted_pieces", 0),
-            "tokenized_in_full": totals.get("length/counted_full", 0),
-            "in_full_by_switch": totals.get("length/full_by_switch", 0),
-            "chunk_lookups": totals.get("length/chunk_lookups", 0),
-            "chunk_misses": totals.get("length/chunk_misses", 0),
-            "rejected_by_bound": totals.get("length/rejected_by_bound", 0),
-            "measured": totals.get("length/measured", 0),
+            **length_filter_stats(totals),
             "sample_rounds": totals.get("sample/rounds", 0),
         },
         **({"near_dedup": {k: totals.get(f"near_dedup/{k}", 0) for k in ("candidate_pairs", "similar_pairs",
