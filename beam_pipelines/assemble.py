@@ -638,10 +638,12 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
             parent_folder = None
         # the new release's data files, read once: their ids (the changes) and the web examples'
         # lengths in the paper's unit (Llama-2-structure tokens, for the report)
+        # (the data files listed: the manifest that will list them is written after this build)
         new_ids, lengths = {}, paper_tokens.WebLengths()
+        columns = ["id", "origin"] + (["instruction", "response"] if lengths.tok is not None else [])
         for path in sorted(storage.list_files(storage.join(folder, DATA))):
             if path.endswith(".parquet"):
-                table = storage.read_parquet(path, ["id", "origin", "instruction", "response"])
+                table = storage.read_parquet(path, columns)
                 changes.add_ids(new_ids, table)
                 lengths.add(table)
         stats["parent"] = parent

@@ -208,36 +208,32 @@ def _context(sp: StagePlan) -> int | None:
         return None
 
 
-def _template_tokens(sp: StagePlan, tokenizer) -> int:
-    from generation.prompting import n_tokens, render
-    from generation.templates import load_template
-
-    system, user = load_template(sp.stage, sp.cfg.template).fill(response="", instruction="", input="")
-    return n_tokens(tokenizer, render(tokenizer, system, user))
-
-
 def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: int = 2000) -> dict:
+    from generation import budget
+    from generation.stages import STAGES
     from schemas.recipes import RECIPES
 
     layout = RunLayout(plan.root)
     recipe = RECIPES[plan.assemble.recipe]
-    threshold = plan.assemble.min_score if plan.assemble.min_score is not None else recipe.threshold
+    threshold = plan.assemble.threshold
     cands = _candidates(plan, sample_docs)
     prices = _prices(plan)
     out: dict = {"root": plan.root, "recipe": recipe.name, "candidates": {k: cands[k] for k in ("rows", "doc_tokens",
                                                                                                 "source")},
                  "stages": {}}
-    rows_ok = {"backtranslate": cands["rows"]}
+    parsed_rows = cands["rows"]   # the pairs whose instruction parsed (the first stage's estimate, below)
     instruction_tokens, instruction_source = None, None
     for sp in plan.stages:
+        spec = STAGES[sp.stage]
+        first = spec.upstream is None   # backtranslate: writes the instructions the other stages quote
         measured = _measured(layout, sp.stage, threshold if sp.stage == recipe.gate else None)
-        if sp.stage == "backtranslate":
+        if first:
             requests, req_source = cands["rows"], cands["source"]
         elif sp.stage in ANSWER_STAGES and recipe.gate:
             gate = out["stages"].get(recipe.gate, {})
             requests, req_source = gate.get("passing_gate", 0), f"rows passing the {recipe.gate} gate"
         else:
-            requests, req_source = rows_ok["backtranslate"], "rows whose instruction parsed"
+            requests, req_source = parsed_rows, "rows whose instruction parsed"
         cap = sp.cfg.new_token_cap()
         if measured and measured["sent"]:
             out_per_req, out_source = measured["output_tokens"] / measured["sent"], "measured"
@@ -245,7 +241,7 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
             out_per_req, out_source = cap, "new-token cap (upper bound)"
         tokenizer, tok_source = _model_tokenizer(sp)
         if tokenizer is not None:
-            overhead = _template_tokens(sp, tokenizer)
+            overhead = budget.prompt_overhead(tokenizer, sp.stage, sp.cfg.template)
             if tok_source and tok_source == plan.prepare.tokenizer or not cands["texts"]:
                 doc_per_req = cands["doc_tokens"] / max(cands["rows"], 1)
             else:
@@ -255,14 +251,14 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
         else:
             overhead, doc_per_req = 0, cands["doc_tokens"] / max(cands["rows"], 1)
             prompt_source = "documents in prepare's tokens (no local tokenizer for the model)"
-        if sp.stage == "distill":
+        if not spec.doc_field:   # distill: the instruction alone
             doc_per_req = 0
-        instr = 0 if sp.stage == "backtranslate" else (instruction_tokens or 0)
+        instr = 0 if first else (instruction_tokens or 0)
         prompt_per_req = overhead + doc_per_req + instr
         if measured and measured["sent"]:
             # backtranslate: the share the next stages get (parsed instructions); an answering stage:
             # the share assemble can keep (parsed, from a whole document)
-            usable = measured["parsed"] if sp.stage == "backtranslate" else measured["ok"]
+            usable = measured["parsed"] if first else measured["ok"]
             ok_rate, ok_source = min(1.0, usable / measured["sent"]), "measured (of the requests sent)"
         else:
             ok_rate, ok_source = 1.0, "assumed (no shards yet)"
@@ -271,8 +267,8 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
         # them up front would take (bft prepare --max-tokens)
         context = _context(sp)
         limit = cut = None
-        if tokenizer is not None and context and sp.stage != "distill":
-            limit = context - cap - overhead - int(instr) - 1
+        if tokenizer is not None and context and spec.doc_field:
+            limit = budget.max_document_tokens(context, cap, overhead + int(instr))
             lengths = cands["lengths"]
             if len(lengths):
                 ratio = doc_per_req / max(cands["doc_tokens"] / max(cands["rows"], 1), 1e-9)  # model vs prepare tokens
@@ -289,8 +285,8 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
             "whole_document_limit": limit,
             "documents_cut": cut,
         }
-        if sp.stage == "backtranslate":
-            rows_ok["backtranslate"] = requests * ok_rate
+        if first:
+            parsed_rows = requests * ok_rate
             instruction_tokens, instruction_source = out_per_req, out_source
         if sp.stage == recipe.gate:
             if measured and measured["sent"]:

@@ -119,14 +119,26 @@ def load_run(path: str, root: str | None = None, stages: list[str] | None = None
 
 
 def _one_threshold(path: str, stage: str, cfg, asm) -> None:
-    """One threshold per run: the recipe's (assemble.min_score, else the recipe's default) gates the
-    answering stage and keeps the pair in assemble. A stage whose gate is the recipe's gate and that
-    names no threshold takes it; one that names another is refused, naming both keys (a rewrite gate
-    at 5 with assemble at 4 published the same pairs; at 0 with assemble at 5, it paid for rewrites
-    assemble then dropped)."""
+    """One gate and one threshold per run, the recipe's. A recipe without a gate (rewrite) answers
+    every pair whose instruction parsed: its answering stage is sent them all (`--gate none`; the
+    stage's own default gate, score, would need score shards the recipe does not make), and a gate or
+    threshold named for it is refused. Otherwise the recipe's threshold (assemble.min_score, else the
+    recipe's default) gates the answering stage and keeps the pair in assemble. A stage whose gate is
+    the recipe's gate and that names no threshold takes it; one that names another is refused, naming
+    both keys (a rewrite gate at 5 with assemble at 4 published the same pairs; at 0 with assemble at
+    5, it paid for rewrites assemble then dropped)."""
+    from generation.runner import NO_GATE
     from schemas.recipes import RECIPES
 
     recipe = RECIPES[asm.recipe]
+    if stage == recipe.answer and recipe.gate is None:
+        if cfg.gate not in (None, NO_GATE) or cfg.min_score is not None:
+            named = f"gate {cfg.gate}" if cfg.gate not in (None, NO_GATE) else f"min_score {cfg.min_score:g}"
+            raise config.ConfigError(f"{path}: generate.{stage}.{named.replace(' ', ': ', 1)}: the {asm.recipe} "
+                                     f"recipe has no gate (assemble keeps every answered pair); remove it, or "
+                                     "choose a recipe with a gate (filter+rewrite)")
+        cfg.gate = NO_GATE
+        return
     gate = cfg.gate_rule()
     if gate is None or recipe.gate is None or gate.stage != recipe.gate or stage != recipe.answer:
         return
@@ -141,9 +153,14 @@ def _one_threshold(path: str, stage: str, cfg, asm) -> None:
 
 def worker_command(path: str, stage: str, workers: int, cfg=None) -> str:
     """What an external worker runs; with the stage's config `cfg`, a gate's threshold resolved from
-    the recipe (`_one_threshold`) is passed on, so the workers gate as the rebuild checks."""
+    the recipe (`_one_threshold`) is passed on, so the workers gate as the rebuild checks (`--gate none`
+    for a recipe without a gate)."""
+    from generation.runner import NO_GATE
+
     gate = cfg.gate_rule() if cfg is not None else None
     extra = f" --min-score {gate.threshold:g}" if gate is not None else ""
+    if cfg is not None and cfg.gate == NO_GATE:   # the recipe sends the stage every pair (_one_threshold)
+        extra = f" --gate {NO_GATE}"
     if workers > 1:
         return (f"bft generate {stage} --config {shlex.quote(path)}{extra} --worker-index $I --num-workers {workers}"
                 "   # for I in 0..%d, one per GPU or node" % (workers - 1))

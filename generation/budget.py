@@ -26,6 +26,18 @@ def placeholder_instruction(tokens: int) -> str:
     return " ".join(["word"] * tokens) if tokens else "?"
 
 
+def prompt_overhead(tokenizer, stage: str, template: str | None = None, instruction: str = "") -> int:
+    """Tokens of `stage`'s rendered prompt around an empty document: the template's text (its default,
+    or the `template` file), the chat format, and `instruction` for the stages that quote it."""
+    system, user = load_template(stage, template).fill(**STAGES[stage].prompt("", instruction))
+    return n_tokens(tokenizer, render(tokenizer, system, user))
+
+
+def max_document_tokens(context: int, cap: int, overhead: int) -> int:
+    """The most document tokens a prompt of `overhead` tokens holds whole with `cap` new tokens."""
+    return context - cap - overhead - 1
+
+
 def document_limits(tokenizer, context: int, instruction_tokens: int = 200) -> dict[str, dict]:
     """{stage: {"cap", "overhead", "max_document_tokens"}} for each stage whose prompt holds the
     document, with the stages' default new-token caps and templates."""
@@ -34,10 +46,9 @@ def document_limits(tokenizer, context: int, instruction_tokens: int = 200) -> d
     for name, spec in STAGES.items():
         if not spec.doc_field:
             continue
-        system, user = load_template(name, None).fill(**spec.prompt("", instruction))
-        overhead = n_tokens(tokenizer, render(tokenizer, system, user))
+        overhead = prompt_overhead(tokenizer, name, None, instruction)
         out[name] = {"cap": spec.max_new_tokens, "overhead": overhead,
-                     "max_document_tokens": context - spec.max_new_tokens - overhead - 1}
+                     "max_document_tokens": max_document_tokens(context, spec.max_new_tokens, overhead)}
     return out
 
 

@@ -511,6 +511,16 @@ class _ChunkReader(io.RawIOBase):
         return n
 
 
+def is_records_file(path: str) -> bool:
+    """Whether `read_records` reads `path` by its name: Parquet, or JSON lines (.jsonl, plain or
+    compressed; .json when compressed: a plain .json is one JSON document, not lines)."""
+    if path.endswith(".parquet"):
+        return True
+    kind = compression(path)
+    base = path.rsplit(".", 1)[0] if kind else path
+    return base.endswith(".jsonl") or bool(kind) and base.endswith(".json")
+
+
 def read_records(path: str) -> pa.Table:
     """A Parquet file, or a JSON-lines file (plain, .gz or .zst), as a table. A line that is not JSON
     is a ValueError naming the file and line."""

@@ -637,9 +637,10 @@ def test_assemble_reads_each_input_file_once(root, monkeypatch):
 
 
 def test_the_new_releases_data_is_read_once_for_the_changes_and_the_paper_lengths(root, monkeypatch):
-    """Issue 24: after the Beam pass the driver read every new data file twice (ids for the changes
-    since the parent, then lengths in the paper's unit); one read serves both now, and the parent's
-    ids come from the data files its manifest lists (release.data_files), not a folder listing."""
+    """Issue 24: after the Beam pass the driver parsed every new data file twice for its figures (ids
+    for the changes since the parent, then lengths in the paper's unit); one read_parquet serves both
+    now (the publish protocol's checksums and validation read the bytes on their own), and the
+    parent's ids come from the data files its manifest lists (release.data_files), not a listing."""
     import collections
 
     run(root, version="v0")

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 import storage
+from bft.config import ConfigError
 from tests.conftest import dolma_line, write_dolma_file
 from tests.test_cli import run as bft
 
@@ -254,6 +255,34 @@ def test_the_recipes_threshold_gates_the_answering_stage(tmp_path, tiny_models, 
     plan = load_run(cfg)
     rewrite = [sp for sp in plan.stages if sp.stage == "rewrite"][0]
     assert rewrite.cfg.gate_rule().threshold == 5.0 and plan.assemble.threshold == 5.0   # the paper's 5, in both
+
+
+def test_the_rewrite_recipe_sends_every_parsed_pair_to_rewrite_and_publishes(tmp_path, tiny_models, bpe_tokenizer_path,
+                                                                            corpus, capsys):
+    """The rewrite recipe has no gate (schemas.recipes), but the rewrite stage's own default gate is
+    score: `bft rebuild` with `recipe: rewrite` sent nothing and failed asking for score shards the
+    recipe never makes. The recipe owns the gate: its answering stage is sent every parsed pair
+    (`--gate none`, also in an external worker's command), and a gate named for it is refused."""
+    from bft.rebuild import load_run, worker_command
+
+    root = str(tmp_path / "run")
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], assemble__recipe="rewrite",
+                   generate__rewrite={"model": tiny_models["chat"]})
+    plan = load_run(cfg)
+    assert [sp.stage for sp in plan.stages] == ["backtranslate", "rewrite"]
+    rewrite = plan.stages[1]
+    assert rewrite.cfg.gate_rule() is None and "--gate none" in worker_command(cfg, "rewrite", 1, rewrite.cfg)
+    rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+    assert rc == 0, err
+    assert "published release" in out
+    parsed = generated(root, "backtranslate")["parse_error"].isna()
+    sent = generated(root, "rewrite")["finish_reason"].notna()
+    assert parsed.sum() > 0 and sent.equals(parsed.reindex(sent.index)), (parsed, sent)
+    for gate in ({"gate": "score"}, {"min_score": 4}):
+        bad = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], assemble__recipe="rewrite",
+                       generate__rewrite={"model": tiny_models["chat"], **gate})
+        with pytest.raises(ConfigError, match=r"generate\.rewrite\.(gate|min_score): .* the rewrite recipe has no gate"):
+            load_run(bad)
 
 
 def test_rebuild_on_gcs(tmp_path, tiny_models, bpe_tokenizer_path, corpus, gcs_emulator, bucket, capsys):

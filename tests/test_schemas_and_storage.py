@@ -71,6 +71,20 @@ def test_open_lines_reads_gzip_zstd_and_plain(tmp_path):
         assert list(storage.open_lines(path)) == [b'{"a": 1}', b"\xff\xfe", b""]
 
 
+def test_one_rule_says_which_names_read_records_reads(tmp_path):
+    """storage.compression's suffixes, one owner: training's loader took .jsonl.zst but not .jsonl.zstd."""
+    from training.data import load_rows
+
+    yes = ["a.parquet", "a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "a.jsonl.zstd", "a.json.gz", "a.json.zst"]
+    assert all(storage.is_records_file(n) for n in yes)
+    assert not any(storage.is_records_file(n) for n in ["a.json", "a.txt", "a.gz", "a.zst", "a.parquet.gz"])
+    import zstandard
+
+    path = tmp_path / "sft.jsonl.zstd"
+    path.write_bytes(zstandard.ZstdCompressor().compress(b'{"instruction": "Why?", "response": "Because."}\n'))
+    assert load_rows(str(path))[0] == [{"instruction": "Why?", "response": "Because."}]
+
+
 def test_written_files_get_the_usual_mode_not_mkstemps_0600(tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)

@@ -91,7 +91,7 @@ def load_rows(path: str) -> tuple[list[dict], list[dict], str]:
         manifest, splits = release.load(path)
         return (splits["train"].to_pylist(), splits["validation"].to_pylist(),
                 f"release {manifest['version']} ({release.resolve(path)})")
-    if path.endswith((".parquet", ".jsonl", ".jsonl.gz", ".json.gz", ".jsonl.zst")):
+    if storage.is_records_file(path):
         try:
             rows = storage.read_records(path).to_pylist()
         except ValueError as e:
