@@ -662,7 +662,7 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
         storage.write_text(storage.join(folder, corpus_stats.RELEASE_STATS), json.dumps(stats, indent=2) + "\n")
         return {split: stats["funnel"]["final"][split] for split in release.SPLITS}
 
-    folder, built = release.publish(cfg.root, version=cfg.version, config=config, lineage=lineage,
+    folder, built = release.publish(layout, version=cfg.version, config=config, lineage=lineage,
                                     build=build_release, run=run_record)
     stats = json.loads(storage.read_text(storage.join(folder, corpus_stats.RELEASE_STATS)))
     stats["folder"] = folder  # what it wrote (or found current): the callers never work it out again

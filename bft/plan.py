@@ -74,7 +74,7 @@ def _candidates(plan: RunPlan, sample_docs: int) -> dict:
     """{"rows", "doc_tokens", "texts" (a sample), "source"} of the candidates, measured or estimated."""
     import pyarrow.compute as pc
 
-    layout = RunLayout(plan.root)
+    layout = plan.layout
     if storage.exists(layout.prepare_stats):
         import numpy as np
 
@@ -213,7 +213,7 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
     from generation.stages import STAGES
     from schemas.recipes import RECIPES
 
-    layout = RunLayout(plan.root)
+    layout = plan.layout
     recipe = RECIPES[plan.assemble.recipe]
     threshold = plan.assemble.threshold
     cands = _candidates(plan, sample_docs)

@@ -74,6 +74,11 @@ class RunPlan:
     assemble: object             # AssembleConfig
     assemble_beam_args: list[str]
 
+    @property
+    def layout(self):
+        """The run's one RunLayout (schemas.layout), which every step's config shares (load_run)."""
+        return self.prepare.layout
+
 
 def load_run(path: str, root: str | None = None, stages: list[str] | None = None) -> RunPlan:
     """All configs of a run file, validated (an unknown key, a wrong type or a missing required key
@@ -115,6 +120,8 @@ def load_run(path: str, root: str | None = None, stages: list[str] | None = None
         _one_threshold(path, stage, cfg, asm)
         plans.append(StagePlan(stage, cfg, run_values.get("external", False), run_values.get("workers", 1),
                                run_values.get("tokens_per_s")))
+    for step in (asm, *(sp.cfg for sp in plans)):
+        step.share_layout(prep.layout)   # one RunLayout per run, built here and handed to every step
     return RunPlan(path, prep.root, prep, prep_run.get("beam_args") or [], plans, asm, asm_run.get("beam_args") or [])
 
 
@@ -178,10 +185,8 @@ class Night:
     """The record of one night: every invocation until a release is published or found current
     (module docstring). `stages` sums what each stage did over the invocations."""
 
-    def __init__(self, root: str, config_file: str):
-        from schemas.layout import RunLayout
-
-        self.path = RunLayout(root).night_record
+    def __init__(self, layout, config_file: str):
+        self.path = layout.night_record
         record = None
         if storage.exists(self.path):
             try:
@@ -243,7 +248,7 @@ def rebuild(plan: RunPlan, cfg: RebuildConfig, lock=None) -> int:
     """Runs the plan; returns the exit status (0 done, 75 waiting for external workers). `lock`: the
     root's lock this run holds, let go while --wait waits for external workers (they take it)."""
     say = _Out(cfg.format)
-    night = Night(plan.root, plan.path)
+    night = Night(plan.layout, plan.path)
     try:
         return _run_night(plan, cfg, night, say, lock)
     except BaseException as e:  # a failure anywhere (prepare, assemble, a kill's SIGTERM...): the record stays
@@ -303,7 +308,7 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
         say(_stage_line(values))
     t = time.perf_counter()
     say(f"== assemble ({plan.assemble.recipe}) -> {plan.root}/sft")
-    previous = _latest(plan.root)
+    previous = _latest(plan.layout)
     night.record["stages"]["assemble"] = {}
     night.record["ended_at"] = _now()
     night.record["invocations"][-1].update(status="done", ended_at=_now())  # as the manifest records it
@@ -319,7 +324,7 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
     result = {"night": night.record, "release": {"version": stats["version"], "published": not stats.get("reused"),
                                                  "folder": folder, "train": f["final"]["train"],
                                                  "validation": f["final"]["validation"]},
-              "changes": release_changes(plan.root, previous, stats),
+              "changes": release_changes(plan.layout, previous, stats),
               "alerts": stats.get("alerts") or []}
     if cfg.format == "json":
         print(json.dumps(result, indent=2))
@@ -336,21 +341,18 @@ def _stage_values(sp: StagePlan, summary: dict, seconds: float) -> dict:
             "seconds": round(seconds, 3)}
 
 
-def _latest(root: str) -> str | None:
-    from schemas.layout import RunLayout
-
-    path = RunLayout(root).latest
+def _latest(layout) -> str | None:
+    path = layout.latest
     return storage.read_text(path).strip() if storage.exists(path) else None
 
 
-def release_changes(root: str, previous: str | None, stats: dict) -> dict:
+def release_changes(layout, previous: str | None, stats: dict) -> dict:
     """How the release of `stats` (assemble.run's) differs from `previous` (LATEST before this night):
     examples added, removed and kept by origin, the kept share, the error share and the stages' pass
     rates (beam_pipelines.changes, the same comparison the release's own report shows against its
     parent: taken from its stats when the parent is `previous`)."""
     from beam_pipelines import changes
     from schemas import release
-    from schemas.layout import RunLayout
 
     version = stats["version"]
     if previous is None or previous == version:
@@ -361,7 +363,7 @@ def release_changes(root: str, previous: str | None, stats: dict) -> dict:
             new_ids = changes.release_ids(stats["folder"])
         except (OSError, ValueError, release.ReleaseError) as e:
             return {"previous": previous, "error": f"the new release cannot be read: {e}"}
-        diff = changes.changes(RunLayout(root).release(previous), previous, new_ids, stats)
+        diff = changes.changes(layout.release(previous), previous, new_ids, stats)
     if diff.get("error"):
         return {"previous": previous, "error": diff["error"]}
     return {"previous": previous, "same_release": False, **{k: v for k, v in diff.items() if k != "parent"}}
@@ -447,7 +449,7 @@ def main_rebuild(cfg: RebuildConfig, run_file: str | None) -> int:
     plan = load_run(run_file, cfg.root)
     from schemas.lock import RootLock
 
-    with RootLock(plan.root) as lock:  # the steps run in-process below and take no lock of their own
+    with RootLock(plan.layout) as lock:  # the steps run in-process below and take no lock of their own
         return rebuild(plan, cfg, lock)
 
 

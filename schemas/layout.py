@@ -246,5 +246,10 @@ class Rooted:
             cached = self.__dict__["_layout"] = RunLayout(self.root)
         return cached
 
+    def share_layout(self, layout: "RunLayout") -> None:
+        """Works under `layout`, another step's of the same run (bft rebuild: one RunLayout per run)."""
+        self.root = layout.root
+        self.__dict__["_layout"] = layout
+
     def check_root(self) -> None:
         self.root = self.layout.root

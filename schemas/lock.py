@@ -34,8 +34,9 @@ class RootLock(lock.Lock):
     held_error = LockHeld
     lost_error = LockLost
 
-    def __init__(self, root: str, name: str = "root", *, heartbeat_s: float = 60.0, stale_s: float = 600.0):
-        self.layout = RunLayout(root)
+    def __init__(self, root: "str | RunLayout", name: str = "root", *, heartbeat_s: float = 60.0,
+                 stale_s: float = 600.0):
+        self.layout = root if isinstance(root, RunLayout) else RunLayout(root)
         super().__init__(self.layout.lock(name), heartbeat_s=heartbeat_s, stale_s=stale_s)
 
     def acquire(self) -> "RootLock":

@@ -110,10 +110,6 @@ def check_version_name(version: str) -> str:
     return version
 
 
-def release_dir(root: str, version: str) -> str:
-    return RunLayout(root).release(version)
-
-
 def sha256_of(path: str) -> str:
     digest = hashlib.sha256()
     with storage.open_read(path) as f:
@@ -221,10 +217,10 @@ def success_line(folder: str) -> str:
     return f"{sha256_of(storage.join(folder, MANIFEST))}  {MANIFEST}\n"
 
 
-def publish(root: str, *, version: str | None, config: dict, lineage: dict,
+def publish(layout: RunLayout, *, version: str | None, config: dict, lineage: dict,
             build: Callable[[str, str], dict], run: dict | None = None) -> tuple[str, bool]:
-    """Publishes the release of (config, lineage) under ROOT/sft/<version> (default: UTC date + config
-    hash); returns (its folder, whether it was built now).
+    """Publishes the release of (config, lineage) under ROOT/sft/<version> (`layout`: the run's; the
+    version defaults to the UTC date + config hash); returns (its folder, whether it was built now).
 
     Without a version name, a LATEST release of the same config hash is the answer: nothing is built
     and LATEST does not move (a nightly rebuild with nothing changed publishes nothing new). `run`
@@ -238,11 +234,11 @@ def publish(root: str, *, version: str | None, config: dict, lineage: dict,
     """
     chash = config_hash(config, lineage)
     if version is None:
-        current = _latest_of_hash(root, chash)
+        current = _latest_of_hash(layout, chash)
         if current is not None:
             return current, False
     version = check_version_name(version or default_version(chash))
-    folder = release_dir(root, version)
+    folder = layout.release(version)
     success = storage.join(folder, SUCCESS)
     recorded = _recorded_hash(storage.join(folder, MANIFEST))
     built = False
@@ -261,13 +257,12 @@ def publish(root: str, *, version: str | None, config: dict, lineage: dict,
         validate(folder, published=False)
         storage.write_text(success, success_line(folder))
         built = True
-    storage.write_text(RunLayout(root).latest, version + "\n")
+    storage.write_text(layout.latest, version + "\n")
     return folder, built
 
 
-def _latest_of_hash(root: str, chash: str) -> str | None:
+def _latest_of_hash(layout: RunLayout, chash: str) -> str | None:
     """The folder LATEST names when that release is published and was made from `chash`, else None."""
-    layout = RunLayout(root)
     if not storage.exists(layout.latest):
         return None
     folder = layout.release(storage.read_text(layout.latest).strip())
@@ -474,9 +469,3 @@ def load(path: str) -> tuple[dict, dict[str, pa.Table]]:
 def is_release(path: str) -> bool:
     """Whether `path` is (or names, through LATEST) a release folder."""
     return storage.exists(storage.join(resolve(path), MANIFEST))
-
-
-def publish_latest(root: str, version: str) -> None:
-    """Points ROOT/sft/LATEST at `version`, after validating it."""
-    validate(release_dir(root, version))
-    storage.write_text(RunLayout(root).latest, version + "\n")

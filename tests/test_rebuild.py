@@ -12,6 +12,7 @@ import yaml
 
 import storage
 from bft.config import ConfigError
+from schemas.layout import RunLayout
 from tests.conftest import dolma_line, write_dolma_file
 from tests.test_cli import run as bft
 
@@ -255,6 +256,8 @@ def test_the_recipes_threshold_gates_the_answering_stage(tmp_path, tiny_models, 
     plan = load_run(cfg)
     rewrite = [sp for sp in plan.stages if sp.stage == "rewrite"][0]
     assert rewrite.cfg.gate_rule().threshold == 5.0 and plan.assemble.threshold == 5.0   # the paper's 5, in both
+    # one RunLayout per run (issue 24 point 1): built by the loader, the same object in every step
+    assert all(step.layout is plan.layout for step in (plan.prepare, plan.assemble, *(sp.cfg for sp in plan.stages)))
 
 
 def test_the_rewrite_recipe_sends_every_parsed_pair_to_rewrite_and_publishes(tmp_path, tiny_models, bpe_tokenizer_path,
@@ -365,12 +368,12 @@ def test_the_nights_record_sums_work_and_keeps_the_last_state(tmp_path):
     candidates and shards reused are the last invocation's, the record survives between them."""
     from bft.rebuild import Night
 
-    night = Night(str(tmp_path), "run.yaml")
+    night = Night(RunLayout(str(tmp_path)), "run.yaml")
     night.add("prepare", {"reused": False, "candidates": 120, "seconds": 3.0})
     night.add("score", {"requests_sent": 40, "reused_shards": 0, "generated_shards": 2,
                         "refusals": {"content_filter": 1}, "seconds": 2.0})
     night.save("waiting for external workers")
-    again = Night(str(tmp_path), "run.yaml")
+    again = Night(RunLayout(str(tmp_path)), "run.yaml")
     again.add("prepare", {"reused": True, "candidates": 120, "seconds": 0.5})
     again.add("score", {"requests_sent": 3, "reused_shards": 2, "generated_shards": 0,
                         "refusals": {"content_filter": 1, "refusal": 2}, "seconds": 1.0})

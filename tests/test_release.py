@@ -15,6 +15,7 @@ import pytest
 import storage
 from bft import cli
 from schemas import release
+from schemas.layout import RunLayout
 from tests.conftest import ROOT, SimulatedKill, kill_at, snapshot
 from tests.test_assemble import _published, published, run, write_root  # noqa: F401 (fixtures)
 
@@ -128,7 +129,7 @@ def test_publish_killed_at_any_write_reruns_to_the_release_of_an_uninterrupted_r
         return manifest["counts"]
 
     def publish():
-        return release.publish(root, version="v1", config=manifest["config"], lineage=manifest["inputs"], build=build)
+        return release.publish(RunLayout(root), version="v1", config=manifest["config"], lineage=manifest["inputs"], build=build)
 
     def state():
         return release_snapshot(root)
