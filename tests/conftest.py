@@ -72,6 +72,28 @@ def prepared_root(tmp_path_factory, fixture_texts, bpe_tokenizer_path):
     return str(root)
 
 
+@pytest.fixture(scope="session")
+def _published(tmp_path_factory, bpe_tokenizer_path):
+    from tests.test_assemble import run, write_root
+
+    root = write_root(str(tmp_path_factory.mktemp("published") / "run"), bpe_tokenizer_path)
+    run(root, version="v1")
+    return root
+
+
+@pytest.fixture
+def published(_published, tmp_path):
+    """A root of tests/test_assemble.py's generation shards holding release v1, assembled once per
+    session (per xdist worker) and copied for each test that reads, edits or damages v1 without
+    assembling again (a copy moved to another root is valid; assembling in it would build again,
+    since a release's lineage names its root's files)."""
+    import shutil
+
+    root = str(tmp_path / "run")
+    shutil.copytree(_published, root, symlinks=True)
+    return root
+
+
 def dolma_line(doc_id: str, text, **extra) -> bytes:
     rec = {"id": doc_id, "text": text, "source": "common-crawl", "metadata": {"url": f"https://x.org/{doc_id}"}}
     rec.update(extra)

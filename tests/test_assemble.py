@@ -121,23 +121,6 @@ def root(tmp_path, bpe_tokenizer_path):
     return write_root(str(tmp_path / "run"), bpe_tokenizer_path)
 
 
-@pytest.fixture(scope="module")
-def _published(tmp_path_factory, bpe_tokenizer_path):
-    root = write_root(str(tmp_path_factory.mktemp("published") / "run"), bpe_tokenizer_path)
-    run(root, version="v1")
-    return root
-
-
-@pytest.fixture
-def published(_published, tmp_path):
-    """A root holding release v1, assembled once per module and copied for each test that reads, edits
-    or damages v1 without assembling again (a copy moved to another root is valid; assembling in it
-    would build again, since a release's lineage names its root's files)."""
-    root = str(tmp_path / "run")
-    shutil.copytree(_published, root, symlinks=True)
-    return root
-
-
 def run(root, **kw):
     return assemble.run(AssembleConfig(root=root, **kw), LOCAL)
 
