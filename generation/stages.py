@@ -14,7 +14,7 @@ from typing import Callable
 from generation import parsing
 from generation.prompting import SCORE_PREFIX
 from schemas.outcomes import BELOW_GATE, MISSING_TEXT, MISSING_UPSTREAM_ROW, category, upstream_failed
-from schemas.recipes import GATE_STAGES, Gate  # noqa: F401 (Gate: the one rule, owned by schemas/recipes.py)
+from schemas.recipes import GATE_STAGES, Gate, default_gate  # noqa: F401 (Gate: the one rule, owned by schemas/recipes.py)
 
 # Rewrite and distill answer the same instructions and are compared in the paper (Nguyen et al. 2024,
 # Table 2): one new-token cap for both.
@@ -86,10 +86,10 @@ STAGES = {
     "rewrite": StageSpec("rewrite", "backtranslate", "response",
                          lambda doc, ins: {"instruction": ins, "response": doc},
                          lambda out, row, fin: parsing.parse_rewrite(out, fin),
-                         max_new_tokens=ANSWER_MAX_NEW_TOKENS, gate="score", carries=("instruction",)),
+                         max_new_tokens=ANSWER_MAX_NEW_TOKENS, gate=default_gate("rewrite"), carries=("instruction",)),
     "distill": StageSpec("distill", "backtranslate", None, lambda doc, ins: {"instruction": ins},
                          lambda out, row, fin: parsing.parse_distill(out, fin),
-                         max_new_tokens=ANSWER_MAX_NEW_TOKENS, gate="score", carries=("instruction",)),
+                         max_new_tokens=ANSWER_MAX_NEW_TOKENS, gate=default_gate("distill"), carries=("instruction",)),
     "rate": StageSpec("rate", "backtranslate", "response",
                       lambda doc, ins: {"instruction": ins, "input": "", "response": doc},
                       lambda out, row, fin: parsing.parse_rating(out, fin), max_new_tokens=256,

@@ -48,6 +48,16 @@ CURATION_DROPS = TOO_SHORT, TOO_LONG, EMPTY, TRUNCATED = (
 GATE_STAGES = sorted({r.gate for r in RECIPES.values() if r.gate})   # the stages that write scores
 
 
+def default_gate(stage: str) -> str | None:
+    """The gate `bft generate STAGE` applies unless told (--gate): that of the first recipe (the
+    default one first) that answers with `stage` behind a gate; None for a stage no recipe gates.
+    `bft rebuild` sets each run's own from its recipe (a recipe without a gate: --gate none)."""
+    for recipe in sorted(RECIPES.values(), key=lambda r: r.name != DEFAULT_RECIPE):
+        if recipe.answer == stage and recipe.gate:
+            return recipe.gate
+    return None
+
+
 @dataclass(frozen=True)
 class Gate:
     """The one rule a pair passes: its `stage` row parsed (parse_error null), was made from the whole

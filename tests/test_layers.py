@@ -69,3 +69,9 @@ def test_one_list_of_stages():
     assert tuple(SPECS) == STAGES and config.STAGE_SECTIONS == STAGES and recipes.ALL_STAGES == list(STAGES)
     assert {s for r in RECIPES.values() for s in r.stages} <= set(STAGES)
     assert ANSWER_STAGES == ("rewrite", "distill")
+    # the answering stages' default gate is the recipes' (the default recipe's first), not a literal
+    from schemas.recipes import DEFAULT_RECIPE
+
+    assert SPECS[RECIPES[DEFAULT_RECIPE].answer].gate == RECIPES[DEFAULT_RECIPE].gate
+    assert {s: SPECS[s].gate for s in STAGES if SPECS[s].gate} == {
+        r.answer: r.gate for r in RECIPES.values() if r.answer and r.gate}
