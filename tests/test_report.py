@@ -29,9 +29,9 @@ def root(tmp_path, bpe_tokenizer_path):
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory, bpe_tokenizer_path):
+def seeded_release(tmp_path_factory, bpe_tokenizer_path):
     """The fixture run assembled with seed data; rewrite shards hold rows a gate did not send."""
-    tmp_path = tmp_path_factory.mktemp("published")
+    tmp_path = tmp_path_factory.mktemp("seeded_release")
     root = write_root(str(tmp_path / "run"), bpe_tokenizer_path)
     for k in range(2):
         path = RunLayout(root).generation_shard("rewrite", k, 2)
@@ -90,10 +90,10 @@ def test_trigram_sample_is_a_fixed_size_and_equals_nltk_on_it():
     assert whole["unique_trigrams_instruction"] == len(expected)
 
 
-# ---- the statistics of a published release -------------------------------------------------------------
+# ---- the statistics of a published release -----------------------------------------------------------------
 
-def test_examples_funnel_and_stages_travel_through_the_partials(published):
-    folder, stats = published
+def test_examples_funnel_and_stages_travel_through_the_partials(seeded_release):
+    folder, stats = seeded_release
     ex = stats["examples"]
     assert [e["id"] for e in ex["kept"]] == ["a0", "b0", "b2", "b4", "b5"]     # kept by recipe and curation
     assert ex["kept"][0] == {"id": "a0", "instruction": "Explain the topic of document a0 please.",
@@ -142,15 +142,15 @@ def test_score_bars_are_continuous_for_fractional_scores():
     assert len(labels) == len(k) == 56 and labels[k.index(1)] == "2.3-2.4"
 
 
-def test_lengths_are_shares_and_trigrams_use_the_fixed_sample(published):
-    _, stats = published
+def test_lengths_are_shares_and_trigrams_use_the_fixed_sample(seeded_release):
+    _, stats = seeded_release
     rows = {r["origin"]: r for r in report.diversity_rows(stats)}
     assert rows["web"]["sample"] == 4 and not rows["web"]["sample_complete"]
     assert report.normalized(stats["by_origin"]["seed"]["length_histogram_response"])[1] == 1.0
 
 
-def test_report_html_shows_examples_stages_scores_and_provenance(published):
-    folder, stats = published
+def test_report_html_shows_examples_stages_scores_and_provenance(seeded_release):
+    folder, stats = seeded_release
     page = open(os.path.join(folder, "report.html")).read()
     assert page == report.report_html(stats)
     assert "score scores" not in page and "score stage: integer scores" not in page  # titles are in the PNG
@@ -166,13 +166,13 @@ def test_report_html_shows_examples_stages_scores_and_provenance(published):
 @pytest.mark.parametrize("url", ["javascript:alert(document.domain)", "JavaScript:alert(1)", " javascript:x",
                                  "data:text/html,<script>alert(1)</script>", "file:///etc/passwd",
                                  "https://a.org/\njavascript:x", "vbscript:msgbox(1)"])
-def test_only_http_urls_become_links_and_the_page_forbids_scripts(published, url):
+def test_only_http_urls_become_links_and_the_page_forbids_scripts(seeded_release, url):
     """Issue 23 point 3: a Dolma `metadata.url` of `javascript:alert(document.domain)` was a clickable
     link. Only http(s) URLs are links; the rest is text; the page's CSP forbids any script."""
     import copy
     import re
 
-    _, stats = published
+    _, stats = seeded_release
     stats = copy.deepcopy(stats)
     kept = stats["examples"]["kept"]
     kept[0]["url"] = url
@@ -231,10 +231,10 @@ def test_card_header_and_a_small_release_always_has_a_validation_split(root, tmp
 
 # ---- bft train reads a release through the release protocol, once --------------------------------------
 
-def test_train_reads_a_release_validated_once(published, monkeypatch):
+def test_train_reads_a_release_validated_once(seeded_release, monkeypatch):
     from training import data
 
-    folder, stats = published
+    folder, stats = seeded_release
     reads = []
     real = storage.read_bytes
     monkeypatch.setattr(storage, "read_bytes", lambda p: reads.append(p) or real(p))
@@ -250,13 +250,13 @@ def test_train_reads_a_release_validated_once(published, monkeypatch):
 
 # ---- the report in a real browser ------------------------------------------------------------------------
 
-def test_report_renders_in_headless_chromium(published, tmp_path):
+def test_report_renders_in_headless_chromium(seeded_release, tmp_path):
     sys.path.insert(0, os.path.join(ROOT_DIR, "scripts"))
     import screenshot_report
 
     if screenshot_report.find_browser() is None:
         pytest.skip("no Chromium on this machine (apt-get install chromium)")
-    folder, _ = published
+    folder, _ = seeded_release
     out = str(tmp_path / "report.png")
     assert subprocess.run([sys.executable, os.path.join(ROOT_DIR, "scripts", "screenshot_report.py"), folder, out],
                           capture_output=True, timeout=300).returncode == 0
@@ -280,10 +280,10 @@ def test_alerts_fire_on_a_small_validation_split_errors_and_a_moved_pass_rate():
     assert changes.alerts(stats, {}, 0.0)[0].startswith("transient")   # no validation split asked: no alert
 
 
-def test_the_paper_is_beside_us_where_we_measure_the_same(published):
+def test_the_paper_is_beside_us_where_we_measure_the_same(seeded_release):
     """Issue 21 point 5: Table 6 lengths for the recipe's row, score validity, the score-5 share and
     the share removed as too long, each with our figure and where the paper says it."""
-    folder, stats = published
+    folder, stats = seeded_release
     rows = {r[0]: r for r in report.paper_rows(stats)}
     assert rows["web instruction length (mean tokens)"][2] == 69 and rows["web response length (mean tokens)"][2] == 468
     assert "Dolma + filtering + rewriting" in rows["web response length (mean tokens)"][3]
