@@ -166,6 +166,21 @@ def bottom_of_full(glob, root, tok, seed, n):
 SAMPLE_COLUMNS = ["id", "text", "n_tokens", "text_hash"]
 
 
+@pytest.fixture(scope="module")
+def mixed_full(tmp_path_factory, bpe_tokenizer_path, fixture_texts):
+    """mixed_corpus(seed) and the bottom 20 of its full computation, made once per seed and module
+    (the inputs are only read; each test samples into its own root)."""
+    made = {}
+
+    def get(seed):
+        if seed not in made:
+            folder = tmp_path_factory.mktemp(f"mixed{seed}")
+            glob = mixed_corpus(folder / "in", fixture_texts, seed)
+            made[seed] = (glob, *bottom_of_full(glob, folder / "f", bpe_tokenizer_path, seed, 20))
+        return made[seed]
+    return get
+
+
 def same_rows(a, b):
     return a.sort_values("id")[SAMPLE_COLUMNS].reset_index(drop=True).equals(
         b.sort_values("id")[SAMPLE_COLUMNS].reset_index(drop=True))
@@ -173,12 +188,11 @@ def same_rows(a, b):
 
 @pytest.mark.parametrize("seed", [0, 5])
 def test_the_sample_measures_few_widens_when_few_survive_and_equals_the_full_computation(
-        tmp_path, bpe_tokenizer_path, fixture_texts, seed):
+        tmp_path, bpe_tokenizer_path, mixed_full, seed):
     """400 documents, 85% too long, 5% duplicates of others: target 20 needs a wider second round;
     the kept documents and their shards' rows equal the bottom 20 of the full computation's survivors."""
-    glob = mixed_corpus(tmp_path / "in", fixture_texts, seed)
+    glob, bottom, full = mixed_full(seed)
     sampled = run_prepare(glob, tmp_path / "s", bpe_tokenizer_path, target_docs=20, seed=seed, max_tokens=400)
-    bottom, full = bottom_of_full(glob, tmp_path / "f", bpe_tokenizer_path, seed, 20)
     _, kept = read_dir(tmp_path / "s" / "candidates", "candidates-")
     assert sorted(kept["id"]) == sorted(bottom["id"]) and same_rows(kept, bottom)
     lf = sampled["length_filter"]
@@ -208,14 +222,13 @@ def test_a_file_whose_kept_text_passes_the_part_limit_is_written_in_several_part
 
 @pytest.mark.parametrize("estimate", [10**9, 2000, 1])
 def test_the_sample_is_exact_however_far_off_the_round0_estimate_is(
-        tmp_path, bpe_tokenizer_path, fixture_texts, monkeypatch, estimate):
+        tmp_path, bpe_tokenizer_path, mixed_full, monkeypatch, estimate):
     """The driver's estimate of the ranked documents only sets round 0's key limit: far too many
     (a limit 5 or ~10^7 times too low: the later rounds widen) or far too few (every document measured
     in the first read) give the same sample as the full computation."""
-    glob = mixed_corpus(tmp_path / "in", fixture_texts, 1)
+    glob, bottom, _ = mixed_full(1)
     monkeypatch.setattr(prepare.sample, "estimate_ranked", lambda files, sizes, cfg: estimate)
     sampled = run_prepare(glob, tmp_path / "s", bpe_tokenizer_path, target_docs=20, seed=1, max_tokens=400)
-    bottom, _ = bottom_of_full(glob, tmp_path / "f", bpe_tokenizer_path, 1, 20)
     _, kept = read_dir(tmp_path / "s" / "candidates", "candidates-")
     assert same_rows(kept, bottom)
     lf = sampled["length_filter"]
