@@ -479,11 +479,14 @@ def test_scores_made_in_logprob_mode_default_to_humpbacks_4_5(root):
     assert "a3" in kept and stats["config"]["min_score"] == 4.5
 
 
-def test_an_input_edited_in_place_with_the_same_size_makes_a_new_release(root, tmp_path, bpe_tokenizer_path):
+def test_an_input_edited_in_place_with_the_same_size_makes_a_new_release(tmp_path, bpe_tokenizer_path):
     """Issue 23 point 2: `sed -i 's/Teh end/The end/' seed.jsonl` (same byte count) then a rebuild said
     the release was current. The lineage (and the config hash) records every input by content: seed
     data, candidates and generation shards by sha256 (read once per file; the shard checks read them
-    anyway), the tokenizer by storage.fingerprint."""
+    anyway), the tokenizer by storage.fingerprint (a copy of it: the test edits it in place)."""
+    tokenizer = str(tmp_path / "tokenizer.json")
+    shutil.copy(bpe_tokenizer_path, tokenizer)
+    root = write_root(str(tmp_path / "run"), tokenizer)
     seed = write_seed(str(tmp_path / "seed.jsonl"))
     first = run(root, seed_data=seed)
     again = run(root, seed_data=seed)
@@ -504,6 +507,7 @@ def test_an_input_edited_in_place_with_the_same_size_makes_a_new_release(root, t
     assert lineage["tokenizer"]["checksum"].startswith("xxh3_128:")
     # the tokenizer replaced in place by another of the same size is a change too
     tok = lineage["tokenizer"]["path"]
+    assert tok == tokenizer
     data = open(tok, "rb").read()
     open(tok, "wb").write(data.replace(b'"unk_token"', b'"unk_tokeN"', 1) if b'"unk_token"' in data else data + b" ")
     assert "reused" not in run(root, seed_data=seed)
