@@ -31,11 +31,33 @@ def fixture_texts() -> list[str]:
     return [maker.text(int(maker.length(median=600, sigma=0.7, cap=5000))) for _ in range(200)]
 
 
+def made_once(tmp_path_factory, name: str, make):
+    """What `make(folder)` returns (JSON), made once per test run whatever the pytest-xdist worker
+    asks first (the others wait on a file lock, then read the record; xdist's documented pattern for
+    session fixtures): the generated tokenizer, models and roots that tests only read or copy. A
+    test that changes such a file works on its own copy."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent   # shared by the workers of this run
+    record = base / f"made-once-{name}.json"
+    with open(base / f"made-once-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            folder = base / f"made-once-{name}"
+            folder.mkdir()
+            record.write_text(json.dumps(make(folder)))
+        return json.loads(record.read_text())
+
+
 @pytest.fixture(scope="session")
 def bpe_tokenizer_path(tmp_path_factory, fixture_texts) -> str:
-    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.json")
-    train_byte_fallback_bpe(fixture_texts, 1200).save(path)
-    return path
+    def make(folder):
+        path = str(folder / "tokenizer.json")
+        train_byte_fallback_bpe(fixture_texts, 1200).save(path)
+        return path
+    return made_once(tmp_path_factory, "bpe-tokenizer", make)
 
 
 @pytest.fixture(scope="session")
@@ -52,10 +74,11 @@ def tiny_models(tmp_path_factory, bpe_tokenizer_path):
 
     from training.tiny import make_tiny_llama
 
-    root = tmp_path_factory.mktemp("models")
-    tok = Tokenizer.from_file(bpe_tokenizer_path)
-    return {"chat": make_tiny_llama(str(root / "chat"), tok, context=1024),
-            "plain": make_tiny_llama(str(root / "plain"), tok, chat_template=False, context=1024, seed=1)}
+    def make(root):
+        tok = Tokenizer.from_file(bpe_tokenizer_path)
+        return {"chat": make_tiny_llama(str(root / "chat"), tok, context=1024),
+                "plain": make_tiny_llama(str(root / "plain"), tok, chat_template=False, context=1024, seed=1)}
+    return made_once(tmp_path_factory, "tiny-models", make)
 
 
 @pytest.fixture(scope="session")
@@ -63,28 +86,31 @@ def prepared_root(tmp_path_factory, fixture_texts, bpe_tokenizer_path):
     """A run root with complete candidates: 12 short documents in 3 shards."""
     from beam_pipelines import prepare
 
-    root = tmp_path_factory.mktemp("run")
-    lines = [dolma_line(f"d{i:02d}", fixture_texts[i][:300]) for i in range(12)]
-    write_dolma_file(str(root / "in" / "cc_en_head" / "a.json.gz"), lines)
-    prepare.run(prepare.PrepareConfig(input=[str(root / "in" / "*" / "*.json.gz")],
-                                      root=str(root), tokenizer=bpe_tokenizer_path,
-                                      max_tokens=1000, num_shards=3, reject_shards=1), LOCAL)
-    return str(root)
+    def make(root):
+        lines = [dolma_line(f"d{i:02d}", fixture_texts[i][:300]) for i in range(12)]
+        write_dolma_file(str(root / "in" / "cc_en_head" / "a.json.gz"), lines)
+        prepare.run(prepare.PrepareConfig(input=[str(root / "in" / "*" / "*.json.gz")],
+                                          root=str(root), tokenizer=bpe_tokenizer_path,
+                                          max_tokens=1000, num_shards=3, reject_shards=1), LOCAL)
+        return str(root)
+    return made_once(tmp_path_factory, "prepared-root", make)
 
 
 @pytest.fixture(scope="session")
 def _published(tmp_path_factory, bpe_tokenizer_path):
     from tests.test_assemble import run, write_root
 
-    root = write_root(str(tmp_path_factory.mktemp("published") / "run"), bpe_tokenizer_path)
-    run(root, version="v1")
-    return root
+    def make(folder):
+        root = write_root(str(folder / "run"), bpe_tokenizer_path)
+        run(root, version="v1")
+        return root
+    return made_once(tmp_path_factory, "published", make)
 
 
 @pytest.fixture
 def published(_published, tmp_path):
     """A root of tests/test_assemble.py's generation shards holding release v1, assembled once per
-    session (per xdist worker) and copied for each test that reads, edits or damages v1 without
+    test run (made_once) and copied for each test that reads, edits or damages v1 without
     assembling again (a copy moved to another root is valid; assembling in it would build again,
     since a release's lineage names its root's files)."""
     import shutil
