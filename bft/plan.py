@@ -371,7 +371,8 @@ def _yield(out: dict, recipe) -> float:
     share among the pairs it was sent; where a stage is not measured yet, the share of its documents
     that its prompt holds whole (assemble drops the pairs of a cut document)."""
     stages = out["stages"]
-    rate = stages["backtranslate"]["parse_ok_rate"] if "backtranslate" in stages else 1.0
+    first = recipe.stages[0]   # the stage that writes the instructions (backtranslate)
+    rate = stages[first]["parse_ok_rate"] if first in stages else 1.0
     for name, key in ((recipe.gate, "gate_pass_rate"), (recipe.answer, "parse_ok_rate")):
         s = stages.get(name) if name else None
         if s is None:
@@ -407,7 +408,7 @@ def render_table(result: dict) -> str:
         if s.get("documents_cut"):
             paid = order.index(stage) + 1  # one request in each stage up to this one
             dropped = (f" (their pairs are dropped by assemble, after ~{s['documents_cut'] * paid:,} requests in "
-                       f"{', '.join(order[:paid])})") if stage != "backtranslate" else ""
+                       f"{', '.join(order[:paid])})") if paid > 1 else ""
             lines.append(f"  {stage}: {s['documents_cut']:,} document(s) over the {s['whole_document_limit']:,} tokens its "
                          f"prompt holds whole: cut{dropped}")
     if any(s.get("documents_cut") for s in result["stages"].values()):
