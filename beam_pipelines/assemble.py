@@ -631,7 +631,7 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
                                            sum(skipped.values()), _stage_models(cfg, shards),
                                            [s.summary() for s in eval_sets])
         # what changed since the release LATEST names now (the parent), and the alerts (beam_pipelines/changes.py)
-        parent = storage.read_text(layout.latest).strip() if storage.exists(layout.latest) else None
+        parent = release.latest_version(layout)
         parent = parent if parent and parent != version and release._VERSION.match(parent) else None
         parent_folder = layout.release(parent) if parent else None
         if parent_folder and not storage.exists(storage.join(parent_folder, release.SUCCESS)):

@@ -308,7 +308,7 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
         say(_stage_line(values))
     t = time.perf_counter()
     say(f"== assemble ({plan.assemble.recipe}) -> {plan.root}/sft")
-    previous = _latest(plan.layout)
+    previous = release.latest_version(plan.layout)
     night.record["stages"]["assemble"] = {}
     night.record["ended_at"] = _now()
     night.record["invocations"][-1].update(status="done", ended_at=_now())  # as the manifest records it
@@ -339,11 +339,6 @@ def _stage_values(sp: StagePlan, summary: dict, seconds: float) -> dict:
             "rows_reused": summary.get("reused", 0), "transient_errors": summary["errors"],
             "refusals": dict(summary.get("refusals") or {}), "external": sp.external, "model": sp.cfg.model,
             "seconds": round(seconds, 3)}
-
-
-def _latest(layout) -> str | None:
-    path = layout.latest
-    return storage.read_text(path).strip() if storage.exists(path) else None
 
 
 def release_changes(layout, previous: str | None, stats: dict) -> dict:

@@ -261,11 +261,18 @@ def publish(layout: RunLayout, *, version: str | None, config: dict, lineage: di
     return folder, built
 
 
+def latest_version(layout: RunLayout) -> str | None:
+    """The version ROOT/sft/LATEST names (as written; `resolve` checks it before following it), or
+    None when there is no LATEST."""
+    return storage.read_text(layout.latest).strip() if storage.exists(layout.latest) else None
+
+
 def _latest_of_hash(layout: RunLayout, chash: str) -> str | None:
     """The folder LATEST names when that release is published and was made from `chash`, else None."""
-    if not storage.exists(layout.latest):
+    latest = latest_version(layout)
+    if latest is None:
         return None
-    folder = layout.release(storage.read_text(layout.latest).strip())
+    folder = layout.release(latest)
     if _recorded_hash(storage.join(folder, MANIFEST)) != chash or not storage.exists(storage.join(folder, SUCCESS)):
         return None
     validate(folder)
