@@ -46,7 +46,7 @@ def made_once(tmp_path_factory, name: str, make):
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not record.exists():
             folder = base / f"made-once-{name}"
-            folder.mkdir()
+            folder.mkdir(exist_ok=True)   # left by a worker whose `make` failed: each reports its own error
             record.write_text(json.dumps(make(folder)))
         return json.loads(record.read_text())
 
