@@ -18,7 +18,13 @@ the shard it writes is byte-identical to an uninterrupted run's (rows are reused
 input_hash, as from an older shard). The checkpoints of a shard go once its marker is written.
 
 Requests are dispatched as a stream (Engine.stream): prompts are prepared in batches (one batched
-tokenizer call per PREPARE_CHUNK rows) while answers come back. The error budget (`--max-error-rate`)
+tokenizer call per PREPARE_CHUNK rows) while answers come back. On a `continuous` engine (openai,
+vllm: a freed slot takes the next request at once, and an answer depends on its request alone) the
+worker's pending shards share ONE stream, their requests in shard order, so the slots that shard k's
+tail frees take shard k+1's rows instead of draining at the boundary; each shard (a PendingShard) is
+written whole when its last request is answered, whatever the order of the answers, its rows in
+candidates order. Other engines (hf: a batch's seed shapes its rows) get one stream per shard, so that
+a shard's rows never depend on the shards pending beside it. The error budget (`--max-error-rate`)
 is counted over the rows sent (in this run or before) in the shards this run wrote, all together: a
 shard with transient failures is still written (its answers were paid for; the next run resends only
 the failures), the other shards still run, and the stage then fails listing the failing shards.
@@ -29,6 +35,7 @@ import hashlib
 import json
 import logging
 import re
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -339,29 +346,32 @@ class StageRunner:
 
         pending = []
         try:
-            for w in work:
-                metrics = self.run_shard(*w, progress, batches=batches)
-                if metrics is None:   # its rows wait in batches
-                    pending.append(w)
-                else:
-                    account(w[0], metrics)
+            if batches is None:
+                # one stream for every pending shard where the engine keeps its slots full across them
+                for group in ([work] if work and self.engine.continuous else [[w] for w in work]):
+                    self.stream_shards(group, progress, account)
             deadline = time.monotonic() + cfg.wait_timeout
-            while pending and cfg.wait:
+            waiting = work if batches is not None else []
+            while waiting:
+                for w in waiting:
+                    metrics = self.batch_shard(*w, progress, batches)
+                    if metrics is None:   # its rows wait in batches
+                        pending.append(w)
+                    else:
+                        account(w[0], metrics)
+                if not (pending and cfg.wait):
+                    break
                 if time.monotonic() > deadline:
                     raise GenerationError(f"{cfg.stage}: shards {[w[0] for w in pending][:20]} still wait for their "
                                           f"batches after --wait-timeout {cfg.wait_timeout:g} s; run again later")
                 time.sleep(cfg.poll_s)
                 waiting, pending = pending, []
-                for w in waiting:
-                    metrics = self.run_shard(*w, progress, batches=batches)
-                    if metrics is None:
-                        pending.append(w)
-                    else:
-                        account(w[0], metrics)
         finally:
             progress.close()
             if batches is not None:
                 batches.close()
+        summary["shards_done"].sort()    # in the order written: a stream finishes shards in any order
+        summary["failing_shards"].sort(key=lambda f: f["shard"])
         summary["seconds"] = round(time.perf_counter() - t0, 3)
         if pending:
             summary["pending_shards"] = [w[0] for w in pending]
@@ -411,22 +421,17 @@ class StageRunner:
         config = {k: v for k, v in self.product_config().items() if k != "gate"}
         return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
-    def run_shard(self, k: int, n: int, inputs: dict[str, str], made: dict, out: str,
-                  previous: pa.Table | None = None, progress: StageProgress | None = None,
-                  batches: BatchDispatch | None = None) -> dict | None:
-        """Writes shard k (data, then its marker with metrics and provenance). `previous`: an intact
-        shard of the same config (of the same inputs when only its transient failures are to be
-        resent, or of older inputs when documents joined or left the candidates shard); rows of this
-        shard's checkpoints are taken the same way: a row is kept when its id and input_hash
-        (schemas.keys.input_hash: the prompt values, or why it was not sent) are the current ones and
-        it is not a transient failure; every other row is sent again. With `batches` (--batch), the rows
-        to send go through batch files (generation/batch.py): the answers of ended batches are taken
-        and the rest submitted; None while some rows still wait in a batch (the shard is not written)."""
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        progress = progress or StageProgress(cfg.stage, 0)
+    def open_shard(self, k: int, n: int, inputs: dict[str, str], made: dict, out: str,
+                   previous: pa.Table | None = None) -> tuple["PendingShard", list[tuple[dict, dict]]]:
+        """Shard k as a PendingShard, and its (row, template values) still to send. `previous`: an intact
+        shard of the same config (of the same inputs when only its transient failures are to be resent,
+        or of older inputs when documents joined or left the candidates shard); rows of this shard's
+        checkpoints are taken the same way: a row is kept when its id and input_hash
+        (schemas.keys.input_hash: the prompt values, or why it was not sent) are the current ones and it
+        is not a transient failure; every other row is sent again. Reads files only: it touches nothing
+        that another shard's answers touch."""
         ids, rows = self._joined_rows(inputs)
-        ckpt = Checkpoints(self.layout, cfg.stage, k, n, self._config_key())
+        ckpt = Checkpoints(self.layout, self.cfg.stage, k, n, self._config_key())
         kept = {r["id"]: r for r in previous.to_pylist() if not is_engine_error(r["parse_error"])} if previous else {}
         kept.update((r["id"], r) for r in ckpt.rows() if not is_engine_error(r["parse_error"]))
         results: list[dict] = []
@@ -443,52 +448,81 @@ class StageRunner:
                 results.append(self._row(row, None, None, False, reason))
             else:
                 todo.append((row, values))
-        progress.skip(len(rows) - len(todo))
-        answered: list[dict] = []
-        tokens = 0
+        return PendingShard(self, k, n, out, made, ids, results, len(todo), reused, ckpt), todo
+
+    def stream_shards(self, work: list[tuple], progress: StageProgress, done) -> None:
+        """Writes the shards of `work` ((k, n, inputs, made, out, previous) each) through ONE
+        Engine.stream: their requests in shard order, a shard opened (its inputs read) only when the
+        stream draws its first request, and written (data, marker; `done(k, metrics)`) as soon as its
+        last request is answered, while the next shards' requests keep the engine busy. A shard with
+        nothing to send is written when the stream reaches it. The openai engine draws requests on a
+        thread of its own and answers on its event loop's, hence the lock around what they share."""
+        lock = threading.Lock()
+        opened: list[PendingShard] = []
+
+        def finish(shard: PendingShard) -> None:   # with the lock held
+            opened.remove(shard)   # a write that fails does not flush its buffered rows (a kill would not)
+            done(shard.k, shard.write())
+
+        def items():
+            for w in work:
+                shard, todo = self.open_shard(*w)
+                with lock:
+                    progress.skip(shard.rows - len(todo))
+                    opened.append(shard)
+                    if not todo:
+                        finish(shard)
+                for (row, truncated, req), request in self._requests(todo):
+                    yield (shard, row, truncated, req), request
 
         def emit(key, comp: Completion) -> None:
-            nonlocal tokens
-            row, truncated, req = key
-            done = self._row(row, req, comp, truncated, None)
-            answered.append(done)
-            ckpt.add(done, cfg.checkpoint_rows, cfg.checkpoint_s)
-            tokens += comp.output_tokens or 0
-            progress.answer(comp.output_tokens or 0, is_engine_error(done["parse_error"]),
-                            category(done["parse_error"]) in REFUSALS)
+            shard, row, truncated, req = key
+            with lock:
+                if self._take(shard, row, truncated, req, comp, progress):
+                    finish(shard)
 
         try:
-            if batches is not None:
-                if batches.shard(k, n, self._requests(todo), emit, ckpt.flush):
-                    ckpt.flush()
-                    return None
-            else:
-                self.engine.stream(self._requests(todo), emit, cfg.chunk_rows)
+            self.engine.stream(items(), emit, self.cfg.chunk_rows)
         except BaseException:
-            ckpt.flush()  # an interrupt or an engine that broke keeps what was answered
+            for shard in opened:
+                shard.ckpt.flush()  # an interrupt or an engine that broke keeps what was answered
             raise
-        results += answered
-        if len(results) != len(ids):  # an engine that answered too few or too many requests: never a short shard
-            raise GenerationError(f"{out}: {len(results)} rows for {len(ids)} candidates; the engine answered "
-                                  f"{len(answered)} of {len(todo)} requests; not written")
-        failed = [r["parse_error"] for r in answered if is_engine_error(r["parse_error"])]
-        order = {doc_id: i for i, doc_id in enumerate(ids)}
-        results.sort(key=lambda r: order[r["id"]])
-        table = schemas.to_table(results, schemas.GENERATION, out)
-        storage.write_parquet(table, out)
-        refusals = dict(Counter(c for c in map(category, (r["parse_error"] for r in answered)) if c in REFUSALS))
-        metrics = {"stage": cfg.stage, "shard": k, "model": cfg.model, "engine": cfg.engine,
-                   "wall_s": round(time.perf_counter() - t0, 3), **shard_summary(table, self.spec.scored),
-                   "sent_now": len(todo), "reused_rows": reused, "errors_now": len(failed),
-                   "refusals_now": refusals, "first_error": failed[0] if failed else None,
-                   "output_tokens_now": tokens, "served_models": sorted(self._served),
-                   "config": {k2: v for k2, v in asdict(cfg).items() if k2 != "base_url"},
-                   provenance.KEY: provenance.seal(out, made)}
-        storage.write_text(self.layout.generation_metrics(cfg.stage, k, n), json.dumps(metrics, indent=2) + "\n")
-        ckpt.clear()
-        if batches is not None:
-            batches.clear(k, n)
+        if opened:  # an engine that answered too few requests: never a short shard
+            raise GenerationError(f"{opened[0].out}: the engine answered {len(opened[0].answered)} of its "
+                                  f"{opened[0].sent} requests; not written")
+
+    def batch_shard(self, k: int, n: int, inputs: dict[str, str], made: dict, out: str, previous: pa.Table | None,
+                    progress: StageProgress, batches: BatchDispatch) -> dict | None:
+        """--batch: shard k's rows to send go through batch files (generation/batch.py): the answers of
+        ended batches are taken (and checkpointed) and the rest submitted; the shard is written (its
+        metrics returned) once every row is answered, None while some rows still wait in a batch."""
+        shard, todo = self.open_shard(k, n, inputs, made, out, previous)
+        progress.skip(shard.rows - len(todo))
+
+        def emit(key, comp: Completion) -> None:
+            self._take(shard, *key, comp, progress)
+
+        try:
+            if batches.shard(k, n, self._requests(todo), emit, shard.ckpt.flush):
+                shard.ckpt.flush()
+                return None
+        except BaseException:
+            shard.ckpt.flush()
+            raise
+        if len(shard.answered) != shard.sent:
+            raise GenerationError(f"{out}: the batches answered {len(shard.answered)} of {shard.sent} requests; "
+                                  "not written")
+        metrics = shard.write()
+        batches.clear(k, n)
         return metrics
+
+    def _take(self, shard: "PendingShard", row: dict, truncated: bool, req: Request, comp: Completion,
+              progress: StageProgress) -> bool:
+        """`comp` as the shard's row, counted and checkpointed; True when it was the shard's last answer."""
+        answered = self._row(row, req, comp, truncated, None)
+        progress.answer(comp.output_tokens or 0, is_engine_error(answered["parse_error"]),
+                        category(answered["parse_error"]) in REFUSALS)
+        return shard.answer(answered, comp.output_tokens or 0)
 
     def _row(self, row: dict, req: Request | None, comp: Completion | None, truncated: bool, reason: str | None) -> dict:
         base = {"id": row["id"], "stage": self.cfg.stage, "model": self.cfg.model, "prompt_tokens": None,
@@ -520,6 +554,56 @@ class StageRunner:
         base.update(fields)
         base["parse_error"] = error
         return base
+
+
+class PendingShard:
+    """A shard in flight: the rows it already has (reused, or not sent) and the requests it has out.
+    Each answered row comes through `answer` (checkpointed as it comes); once the last is in, `write`
+    writes the shard whole, its rows in candidates order (so the file never depends on the order in
+    which the answers came), then its marker, and removes its checkpoints."""
+
+    def __init__(self, runner: StageRunner, k: int, n: int, out: str, made: dict, ids: list[str],
+                 results: list[dict], sent: int, reused: int, ckpt: "Checkpoints"):
+        self.runner, self.k, self.n, self.out, self.made = runner, k, n, out, made
+        self.ids, self.results, self.sent, self.reused, self.ckpt = ids, results, sent, reused, ckpt
+        self.rows = len(ids)
+        self.answered: list[dict] = []
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+
+    def answer(self, row: dict, output_tokens: int) -> bool:
+        """Takes one answered row; True when it is the shard's last."""
+        if len(self.answered) >= self.sent:
+            raise GenerationError(f"{self.out}: the engine answered more than the {self.sent} requests sent; "
+                                  "not written")
+        cfg = self.runner.cfg
+        self.answered.append(row)
+        self.ckpt.add(row, cfg.checkpoint_rows, cfg.checkpoint_s)
+        self.tokens += output_tokens
+        return len(self.answered) == self.sent
+
+    def write(self) -> dict:
+        """Writes the shard (data, then its marker with metrics and provenance); returns the metrics."""
+        runner, cfg = self.runner, self.runner.cfg
+        results = self.results + self.answered
+        failed = [r["parse_error"] for r in self.answered if is_engine_error(r["parse_error"])]
+        order = {doc_id: i for i, doc_id in enumerate(self.ids)}
+        results.sort(key=lambda r: order[r["id"]])
+        table = schemas.to_table(results, schemas.GENERATION, self.out)
+        storage.write_parquet(table, self.out)
+        refusals = dict(Counter(c for c in map(category, (r["parse_error"] for r in self.answered)) if c in REFUSALS))
+        metrics = {"stage": cfg.stage, "shard": self.k, "model": cfg.model, "engine": cfg.engine,
+                   "wall_s": round(time.perf_counter() - self.t0, 3), **shard_summary(table, runner.spec.scored),
+                   "sent_now": self.sent, "reused_rows": self.reused, "errors_now": len(failed),
+                   "refusals_now": refusals, "first_error": failed[0] if failed else None,
+                   "output_tokens_now": self.tokens, "served_models": sorted(runner._served),
+                   "config": {k: v for k, v in asdict(cfg).items() if k != "base_url"},
+                   provenance.KEY: provenance.seal(self.out, self.made)}
+        storage.write_text(runner.layout.generation_metrics(cfg.stage, self.k, self.n),
+                           json.dumps(metrics, indent=2) + "\n")
+        self.ckpt.clear()
+        log.info("%s written: %d rows, %d sent now, %d reused", self.out, self.rows, self.sent, self.reused)
+        return metrics
 
 
 PART = re.compile(r"part-\d{5}\.parquet")

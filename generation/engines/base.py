@@ -131,9 +131,14 @@ class Engine(ABC):
 
     `tokenizer`: a Hugging Face tokenizer of the served model (chat templates, prompt cutting, token
     counts), or None where the engine needs none (openai chat API without --tokenizer).
-    `max_model_len`: the context length. `whole_shard`: the batching hint the runner reads: True when
-    the engine schedules best with every request of a shard in one `generate` call (vLLM), False when
-    the runner should send chunks (progress, bounded memory).
+    `max_model_len`: the context length. `whole_shard`: the batching hint of the default `stream`: True
+    when the engine schedules best with every request of a shard in one `generate` call, False when
+    the runner should send chunks (progress, bounded memory). `continuous`: True when the engine's own
+    `stream` keeps its slots full (a freed slot takes the next item at once, each answer is emitted as
+    soon as it is done) and an answer depends on its request alone (a per-request seed), not on the
+    requests it was sent beside: the runner then sends all of a worker's pending shards through one
+    `stream`, so that the slots do not drain at a shard boundary (openai, vllm). False: one `stream`
+    per shard (hf, whose batch seed and padding shape a row).
     """
 
     name: str
@@ -141,6 +146,7 @@ class Engine(ABC):
     tokenizer: object | None
     max_model_len: int
     whole_shard: bool = False
+    continuous: bool = False
 
     @abstractmethod
     def generate(self, requests: list[Request]) -> list[Completion]:

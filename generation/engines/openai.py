@@ -130,6 +130,7 @@ def redact(url: str) -> str:
 
 class OpenAIEngine(Engine):
     name = "openai"
+    continuous = True       # `stream` keeps `concurrency` requests in flight; each has its own seed
     server = "generic"      # the kind of server (SERVERS), decided when the engine loads
 
     def __init__(self, config: EngineConfig):
