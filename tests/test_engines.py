@@ -15,7 +15,7 @@ from generation.engines.base import digit_token_ids, finished
 from generation.prompting import SCORE_PREFIX, fit_prompt, render
 from generation.runner import GenerateConfig, GenerationError, StageRunner
 from generation.templates import DEFAULTS, LLAMA2_CHAT_TEMPLATE
-from tests.test_generation import copy_root, gen, give_instructions, read_stage
+from tests.helpers.generation import copy_root, gen, give_instructions, read_stage
 from tests.vllm_standin.openai_server import StandinServer
 
 STANDIN = os.path.join(os.path.dirname(__file__), "vllm_standin")

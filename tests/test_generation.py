@@ -16,58 +16,15 @@ from generation.prompting import fit_prompt, n_tokens, render
 from generation.runner import GenerateConfig, GenerationError, StageRunner
 from schemas import provenance
 from schemas.keys import row_seed
-from schemas.release import sha256_of
 from schemas.layout import RunLayout
 from generation.templates import DEFAULTS
 from tests.conftest import _free_port
+# (tests/test_batch_api.py, test_hosted_api.py and test_hostile_answers.py still import them from here)
+from tests.helpers.generation import copy_root, gen, give_instructions, read_stage, reseal  # noqa: F401
 
 STAGES = ["backtranslate", "score", "rewrite", "distill", "rate"]
 # Tiny random models never score 5: the tests that drive every stage send rewrite and distill every row.
 NO_GATE = {"rewrite": {"gate": "none"}, "distill": {"gate": "none"}}
-
-
-def copy_root(src, dst):
-    import shutil
-
-    shutil.copytree(os.path.join(src, "candidates"), os.path.join(dst, "candidates"))
-    return str(dst)
-
-
-def gen(root, stage, model, engine="hf", **kw):
-    cfg = GenerateConfig(stage=stage, root=root, engine=engine, model=model, max_new_tokens=kw.pop("max_new_tokens", 12),
-                         batch_size=4, seed=7, **kw)
-    with StageRunner(cfg) as runner:
-        return runner.run()
-
-
-def give_instructions(root):
-    """Random tiny models seldom end an output, so backtranslation rows are mostly `truncated`; to
-    drive the downstream stages, the backtranslate shards get a valid instruction per row (the
-    files are rewritten through the schema, as the runner writes them)."""
-    folder = os.path.join(root, "generations", "backtranslate")
-    for name in os.listdir(folder):
-        if name.endswith(".parquet"):
-            path = os.path.join(folder, name)
-            rows = schemas.validate(storage.read_parquet(path), schemas.GENERATION, path).to_pylist()
-            for r in rows:
-                r.update(instruction=f"Explain the text of {r['id']}.", parse_error=None)
-            rows[0].update(instruction=None, parse_error="echo")  # one upstream failure per shard
-            storage.write_parquet(schemas.to_table(rows, schemas.GENERATION, path), path)
-            reseal(path)
-
-
-def reseal(path):
-    """A shard rewritten by a test gets its marker's checksum renewed, as the runner writes it."""
-    marker = path.replace(".parquet", ".metrics.json")
-    metrics = json.load(open(marker))
-    metrics[provenance.KEY].update(sha256=sha256_of(path), bytes=os.path.getsize(path))
-    storage.write_text(marker, json.dumps(metrics))
-
-
-def read_stage(root, stage):
-    folder = os.path.join(root, "generations", stage)
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".parquet"))
-    return files, pd.concat([pd.read_parquet(os.path.join(folder, f)) for f in files], ignore_index=True)
 
 
 def test_fit_prompt_cuts_the_document_to_the_budget(tiny_models):
@@ -676,3 +633,4 @@ def test_a_user_error_raised_while_answers_arrive_is_one_line(prepared_root, tmp
         eng.stream(((i, Request("p", [], 2)) for i in range(10)), emit)
     eng.close()
     assert seen
+

@@ -1,0 +1,1 @@
+"""Builders that test modules share (never tests themselves: a test module is never imported by another)."""
