@@ -19,6 +19,7 @@ from schemas.keys import row_seed
 from schemas.layout import RunLayout
 from generation.templates import DEFAULTS
 from tests.conftest import _free_port
+from tests.openai_api_standin import api_server, hosted, method_answer  # noqa: F401 (fixtures)
 # (tests/test_batch_api.py, test_hosted_api.py and test_hostile_answers.py still import them from here)
 from tests.helpers.generation import copy_root, gen, give_instructions, read_stage, reseal  # noqa: F401
 
@@ -634,3 +635,121 @@ def test_a_user_error_raised_while_answers_arrive_is_one_line(prepared_root, tmp
     eng.close()
     assert seen
 
+
+# ---- one stream across a stage's shards (issue 33 part 1) -----------------------------------------
+
+HOSTED = dict(engine="openai", api="chat", max_model_len=8192, max_new_tokens=64, concurrency=4)
+
+
+def documents(root) -> dict[str, tuple[int, str]]:
+    """{document text: (shard, id)} of the root's candidates."""
+    out = {}
+    for k, n, path in RunLayout(root).candidate_shards():
+        for r in storage.read_parquet(path, ["id", "text"]).to_pylist():
+            out[r["text"]] = (k, r["id"])
+    return out
+
+
+def asked(docs: dict, whole: str) -> tuple[int, str]:
+    """(shard, id) of the document a prompt carries."""
+    return next(v for text, v in docs.items() if text in whole)
+
+
+def chat_text(body: dict) -> str:
+    return "\n".join(str(m.get("content")) for m in body["messages"])
+
+
+def slow_first_rows(server, docs: dict, shards, seconds: float) -> list:
+    """The stand-in answers the first row of each of `shards` after `seconds` (the others at once);
+    returns the list it fills with (shard, id, time answered)."""
+    first: dict[int, str] = {}
+    for k, doc_id in docs.values():   # in candidates order
+        first.setdefault(k, doc_id)
+    first = {k: first[k] for k in shards}
+    done = []
+
+    def answer(whole):
+        k, doc_id = asked(docs, whole)
+        if first.get(k) == doc_id:
+            time.sleep(seconds)
+        done.append((k, doc_id, time.monotonic()))
+        return method_answer(whole)
+    server.answer = answer
+    return done
+
+
+def test_no_slot_drains_at_a_shard_boundary(prepared_root, tmp_path, hosted):
+    """4 requests in flight, shards of 4 rows, shard 0's first row answered after 1 s: the slots that
+    shard 0's other rows free take shard 1's (and 2's) rows at once, long before shard 0's slowest
+    answer (one stream per shard sent shard 1's first request only after it); each shard is written
+    whole when its own last answer comes, so shards 1 and 2 are written before shard 0."""
+    root = copy_root(prepared_root, tmp_path)
+    docs = documents(root)
+    done = slow_first_rows(hosted, docs, [0], 1.0)
+    summary = gen(root, "backtranslate", "gpt-standin", base_url=hosted.url, **HOSTED)
+    assert summary["shards_done"] == [0, 1, 2] and summary["sent"] == 12
+    slowest = max(t for k, _, t in done if k == 0)
+    arrivals = {}
+    for r in hosted.requests:
+        arrivals.setdefault(asked(docs, chat_text(r["body"]))[0], r["time"])
+    assert arrivals[1] < slowest - 0.5 and arrivals[2] < slowest - 0.5
+    layout = RunLayout(root)
+    written = {k: os.stat(layout.generation_metrics("backtranslate", k, 3)).st_mtime_ns for k in range(3)}
+    assert written[1] < written[0] and written[2] < written[0]
+    for k in range(3):   # whole, in candidates order, whatever the order of the answers
+        out = pd.read_parquet(layout.generation_shard("backtranslate", k, 3))
+        assert list(out["id"]) == read_candidates_ids(root, k) and out["finish_reason"].eq("stop").all()
+
+
+@pytest.mark.parametrize("answers", [3, 5, 8, 10])
+def test_a_stream_across_shards_killed_after_n_answers_reruns_to_the_same_bytes(prepared_root, tmp_path, hosted,
+                                                                               monkeypatch, answers):
+    """The first row of each shard is answered after 0.6 s, the others at once, 4 in flight, a checkpoint
+    per answer; the run is killed at the checkpoint of answer `answers` + 1, while two or more shards
+    are in flight (3: shards 0 and 1; 8: all three; 10: shard 0 written, 1 and 2 in flight). The rerun
+    sends exactly the rows neither checkpointed nor written (no answered row is paid twice), and every
+    shard and marker equals an uninterrupted run's, with no checkpoint left."""
+    clean = copy_root(prepared_root, tmp_path / "clean")
+    docs = documents(clean)
+    slow_first_rows(hosted, docs, [0, 1, 2], 0.6)
+    kw = dict(base_url=hosted.url, checkpoint_rows=1, **HOSTED)
+    gen(clean, "backtranslate", "gpt-standin", **kw)
+
+    root = copy_root(prepared_root, tmp_path / "killed")
+    layout = RunLayout(root)
+    hosted.requests.clear()
+    real = storage.write_parquet
+    parts, in_flight = [], []
+
+    def write(table, path, *a, **k):
+        if "/_checkpoints/" in path:
+            if in_flight or len(parts) == answers:   # a killed process writes nothing more
+                if not in_flight:
+                    sent = {asked(docs, chat_text(r["body"]))[0] for r in hosted.requests}
+                    in_flight.append(sorted(s for s in sent if not os.path.exists(
+                        layout.generation_shard("backtranslate", s, 3))))
+                raise Killed(path)
+            parts.append(path)
+        return real(table, path, *a, **k)
+
+    monkeypatch.setattr(storage, "write_parquet", write)
+    with pytest.raises(Killed):
+        gen(root, "backtranslate", "gpt-standin", **kw)
+    monkeypatch.undo()
+    assert len(in_flight[0]) >= 2, in_flight
+    kept = {r["id"] for p in storage.list_files(os.path.join(root, "generations"))
+            if p.endswith(".parquet") for r in storage.read_parquet(p, ["id"]).to_pylist()}
+    assert len(kept) == answers                     # every answer before the kill is checkpointed or written
+
+    hosted.requests.clear()
+    summary = gen(root, "backtranslate", "gpt-standin", **kw)
+    resent = {asked(docs, chat_text(r["body"]))[1] for r in hosted.requests}
+    assert summary["sent"] == len(hosted.requests) == 12 - answers and not resent & kept
+    for k in range(3):
+        a, b = RunLayout(clean), layout
+        assert open(a.generation_shard("backtranslate", k, 3), "rb").read() == \
+            open(b.generation_shard("backtranslate", k, 3), "rb").read()
+        ma = json.loads(storage.read_text(a.generation_metrics("backtranslate", k, 3)))[provenance.KEY]
+        mb = json.loads(storage.read_text(b.generation_metrics("backtranslate", k, 3)))[provenance.KEY]
+        assert ma["sha256"] == mb["sha256"] and ma["config"] == mb["config"]
+    assert storage.list_files(os.path.join(root, "generations", "backtranslate", "_checkpoints")) == []
