@@ -15,6 +15,7 @@ from generation.engines.base import digit_token_ids, finished
 from generation.prompting import SCORE_PREFIX, fit_prompt, render
 from generation.runner import GenerateConfig, GenerationError, StageRunner
 from generation.templates import DEFAULTS, LLAMA2_CHAT_TEMPLATE
+from schemas.layout import RunLayout
 from tests.helpers.generation import copy_root, gen, give_instructions, read_stage
 from tests.vllm_standin.openai_server import StandinServer
 
@@ -224,12 +225,74 @@ def test_the_vllm_standin_behaves_as_vllm(digit_model, vllm):
         llm.generate([{"prompt_token_ids": ids}], [vllm.SamplingParams(max_tokens=1, logprobs=21)])
 
 
+def test_the_vllm_standins_engine_loop_behaves_as_vllms(tiny_models, vllm):
+    """`llm.llm_engine` as vLLM 0.33.0's LLMEngine (the stand-in's docstring): add_request checks one
+    request and takes only a str id; step admits first come, first served while fewer than
+    max_num_seqs run and returns the finished outputs under the id given (and the output so far of the
+    others, unless FINAL_ONLY); abort_request drops requests; generate runs through the same loop."""
+    from vllm.sampling_params import RequestOutputKind
+
+    llm = vllm.LLM(tiny_models["plain"], max_model_len=64, max_num_seqs=2)
+    engine = llm.llm_engine
+    prompt = {"prompt_token_ids": llm.get_tokenizer()("[INST] hi [/INST]", add_special_tokens=False)["input_ids"]}
+
+    def params(kind=RequestOutputKind.CUMULATIVE):
+        return vllm.SamplingParams(max_tokens=4, seed=3, output_kind=kind)
+
+    with pytest.raises(TypeError, match="request_id must be a string"):
+        engine.add_request(1, prompt, params())
+    with pytest.raises(ValueError, match="longer than the maximum model length"):
+        engine.add_request("long", {"prompt_token_ids": [5] * 64}, params())
+    assert not engine.has_unfinished_requests()                      # a refused request is not queued
+    internal = engine.add_request("a", prompt, params(RequestOutputKind.FINAL_ONLY))
+    assert internal.startswith("a-") and len(internal) == 10         # vLLM's own id: ours + 8 characters
+    engine.add_request("b", prompt, params())
+    engine.add_request("c", prompt, params())
+    assert engine.get_num_unfinished_requests() == 3
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs.append(engine.step())
+    assert vllm.steps[0] == {"running": ["a", "b"], "waiting": 1}   # 2 slots, first come, first served
+    assert "c" in vllm.steps[-1]["running"]
+    final = [o for step in outputs for o in step if o.finished]
+    assert sorted(o.request_id for o in final) == ["a", "b", "c"] and len({o.outputs[0].text for o in final}) == 1
+    partial = [o.request_id for step in outputs for o in step if not o.finished]
+    assert partial and "a" not in partial                           # FINAL_ONLY: nothing before the end
+    same = llm.generate([prompt], [params()], use_tqdm=False)[0]
+    assert same.outputs[0].text == final[0].outputs[0].text and same.finished
+    engine.add_request("d", prompt, params())
+    engine.abort_request(["d"])
+    assert not engine.has_unfinished_requests() and {"abort": ["d"]} in vllm.calls
+
+
+def test_the_vllm_engine_streams_across_shards(prepared_root, tmp_path, tiny_models, vllm):
+    """Issue 33 point 2: the offline engine feeds vLLM's engine loop as its slots free, across shard
+    boundaries. With 3 slots and shards of 4 requests, every engine step runs min(3, the stage's
+    requests not yet answered) requests; one generate call per shard ran shard 0's last request alone,
+    2 slots idle while shard 1 waited. The shards equal those made one request at a time (1 slot)."""
+    vllm.default_max_num_seqs = 3
+    streamed = copy_root(prepared_root, tmp_path / "streamed")
+    gen(streamed, "backtranslate", tiny_models["plain"], engine="vllm")
+    running = [step["running"] for step in vllm.steps]
+    last = {rid: i for i, ids in enumerate(running) for rid in ids}  # the step in which each request ended
+    assert len(last) == 12 and all(c.get("add_request") in last for c in vllm.calls if "add_request" in c)
+    for i, ids in enumerate(running):
+        assert len(ids) == min(3, 12 - sum(end < i for end in last.values())), (i, running)
+    vllm.default_max_num_seqs = 1
+    one = copy_root(prepared_root, tmp_path / "one")
+    gen(one, "backtranslate", tiny_models["plain"], engine="vllm")
+    for k in range(3):
+        a, b = RunLayout(streamed).generation_shard("backtranslate", k, 3), RunLayout(one).generation_shard(
+            "backtranslate", k, 3)
+        assert open(a, "rb").read() == open(b, "rb").read()
+
+
 # --- BOS once (issue 9 point 1) ----------------------------------------------------------------------
 
 def test_vllm_gets_token_ids_with_one_bos(prepared_root, tmp_path, digit_model, vllm):
     root = copy_root(prepared_root, tmp_path)
     gen(root, "backtranslate", digit_model, engine="vllm")
-    sent = [ids for c in vllm.calls if "generate" in c for ids in c["prompt_token_ids"]]
+    sent = [ids for c in vllm.calls if "add_request" in c for ids in c["prompt_token_ids"]]
     assert len(sent) == 12 and all(ids[0] == 1 and ids[1] != 1 for ids in sent)
 
 
@@ -275,7 +338,7 @@ def test_a_model_without_a_chat_template_gets_one_bos_in_generation_and_training
     root = copy_root(prepared_root, tmp_path)
     with caplog.at_level("WARNING", logger="bft.generate"):
         gen(root, "backtranslate", bos_plain_model, engine="vllm")
-    sent = [ids for c in vllm.calls if "generate" in c for ids in c["prompt_token_ids"]]
+    sent = [ids for c in vllm.calls if "add_request" in c for ids in c["prompt_token_ids"]]
     assert len(sent) == 12 and all(ids[0] == 1 and ids[1] != 1 and ids.count(1) == 1 for ids in sent)
     assert "no chat template: prompts use the Llama-2 chat format" in caplog.text and "BOS token '<s>'" in caplog.text
     tok = AutoTokenizer.from_pretrained(bos_plain_model)

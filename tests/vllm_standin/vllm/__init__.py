@@ -20,20 +20,44 @@ on CPU. Not vLLM. It mirrors, read from vLLM 0.33.0's source, what our adapter d
   generation_config.json sampling fields (repetition_penalty, presence/frequency_penalty, temperature,
   top_k, top_p, min_p, max_new_tokens as max_tokens); `generate` with explicit SamplingParams does not
   apply them (the caller merges them), while `vllm serve` fills a request's omitted fields from them.
-Test hooks (not vLLM): `calls` records constructor arguments, prompts, sampling params and shutdowns;
-`finish_override`, when set, is the finish_reason of every output (to produce abort/error/repetition).
+- `llm.llm_engine` as `LLMEngine` (v1/engine/llm_engine.py, input_processor.py, the loop of
+  `LLM._run_engine`): `add_request(request_id, prompt, params, arrival_time=None, lora_request=None,
+  tokenization_kwargs=None, trace_headers=None, priority=0, prompt_text=None)` checks the prompt as
+  `generate` does (raising for that request alone), a request_id that is not a str is a TypeError,
+  and returns vLLM's internal id (the given one plus 8 random characters); `step()` runs one engine
+  step: the scheduler admits waiting requests first come, first served while fewer than
+  `max_num_seqs` (an EngineArg) run, every running request gains one token, and the step returns
+  the finished requests' `RequestOutput`s (`finished` True, `request_id` the id given), plus, unless
+  the request's `SamplingParams.output_kind` is `RequestOutputKind.FINAL_ONLY`, the output so far of
+  each unfinished one (CUMULATIVE; DELTA is not mirrored); `has_unfinished_requests()`,
+  `get_num_unfinished_requests()`, `abort_request(request_ids)`.
+  `LLM.generate` runs through the same loop (its requests numbered by the LLM's request counter, outputs
+  returned in request order), as vLLM's does.
+Test hooks (not vLLM): `calls` records constructor arguments, prompts, sampling params, added and
+aborted requests and shutdowns; `steps` records each engine step's running request ids and waiting
+count; `default_max_num_seqs` is the scheduler's slots when max_num_seqs is not given (vLLM picks
+256 or 1024 by GPU); `finish_override`, when set, is the finish_reason of every output (to produce
+abort/error/repetition). A request's output is computed whole when it is admitted (transformers'
+generate), then released one token per step: the step at which it finishes is its output's length.
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import math
+import uuid
 
 from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .sampling_params import RequestOutputKind
+
 calls: list[dict] = []
+steps: list[dict] = []
 finish_override: str | None = None
+default_max_num_seqs = 256   # what max_num_seqs=None resolves to (vLLM: 256, or 1024 on large GPUs)
 
 MODEL_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 FINISH_REASON_STRINGS = ("stop", "length", "abort", "error", "repetition")
@@ -62,6 +86,7 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     @classmethod
     def from_optional(cls, **kwargs) -> "SamplingParams":
@@ -137,6 +162,7 @@ class _EngineArgs:  # the EngineArgs our adapter passes through LLM's **kwargs (
     max_model_len: int | None = None
     enable_prefix_caching: bool | None = None
     disable_log_stats: bool = True
+    max_num_seqs: int | None = None      # None: default_max_num_seqs
 
 
 class _ModelConfig:
@@ -150,9 +176,64 @@ class _EngineCore:
 
 
 class _Engine:
-    def __init__(self, n):
+    """LLMEngine: the engine loop (module docstring)."""
+
+    def __init__(self, llm: "LLM", n: int, max_num_seqs: int | None):
         self.model_config = _ModelConfig(n)
         self.engine_core = _EngineCore()
+        self._llm, self._slots = llm, max_num_seqs or default_max_num_seqs
+        self._waiting: collections.deque = collections.deque()   # (request_id, text, ids, params)
+        self._running: dict[str, list] = {}   # request_id -> [whole output, steps left, params]
+
+    def add_request(self, request_id, prompt, params, arrival_time=None, lora_request=None, tokenization_kwargs=None,
+                    trace_headers=None, priority=0, prompt_text=None) -> str:
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a string, got {type(request_id)}")
+        if params.output_kind == RequestOutputKind.DELTA:
+            raise NotImplementedError("the vLLM stand-in does not mirror RequestOutputKind.DELTA")
+        text, ids = self._llm._prompt_ids(prompt)
+        self._llm._validate(ids, params)
+        calls.append({"add_request": request_id, "prompt_token_ids": [ids],
+                      "sampling": [{f.name: getattr(params, f.name) for f in fields(params)}]})
+        self.enqueue(request_id, text, ids, params)
+        return f"{request_id}-{uuid.uuid4().hex[:8]}"
+
+    def enqueue(self, request_id: str, text: str | None, ids: list[int], params: SamplingParams) -> None:
+        """Not vLLM's: the queueing that add_request and LLM.generate share (checked, not recorded)."""
+        self._waiting.append((request_id, text, ids, params))
+
+    def step(self) -> list[RequestOutput]:
+        while self._waiting and len(self._running) < self._slots:   # first come, first served
+            request_id, text, ids, params = self._waiting.popleft()
+            out = self._llm._one(request_id, text, ids, params)
+            self._running[request_id] = [out, max(1, len(out.outputs[0].token_ids)), params]
+        steps.append({"running": list(self._running), "waiting": len(self._waiting)})
+        outputs = []
+        for request_id, state in list(self._running.items()):
+            out, left, params = state
+            state[1] = left - 1
+            if state[1] == 0:
+                del self._running[request_id]
+                outputs.append(out)
+            elif params.output_kind == RequestOutputKind.CUMULATIVE:   # the output so far
+                o = out.outputs[0]
+                done = o.token_ids[: len(o.token_ids) - state[1]]
+                outputs.append(RequestOutput(request_id, out.prompt, out.prompt_token_ids, [CompletionOutput(
+                    0, self._llm._tok.decode(done, skip_special_tokens=True), done, None, None)], finished=False))
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._waiting) + len(self._running)
+
+    def abort_request(self, request_ids, internal=False) -> None:
+        gone = set(request_ids)
+        self._waiting = collections.deque(w for w in self._waiting if w[0] not in gone)
+        for request_id in gone & set(self._running):
+            del self._running[request_id]
+        calls.append({"abort": sorted(gone)})
 
 
 class LLM:
@@ -167,8 +248,10 @@ class LLM:
         self._model = model
         self._tok = AutoTokenizer.from_pretrained(tokenizer or model)
         self._lm = AutoModelForCausalLM.from_pretrained(model).eval()
-        self.llm_engine = _Engine(engine_args.max_model_len or self._lm.config.max_position_embeddings)
+        self.llm_engine = _Engine(self, engine_args.max_model_len or self._lm.config.max_position_embeddings,
+                                  engine_args.max_num_seqs)
         self.model_config = self.llm_engine.model_config
+        self._request_counter = itertools.count()   # LLM.request_counter: generate's request ids
 
     def get_tokenizer(self):
         return self._tok
@@ -214,24 +297,34 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError("The lengths of prompts and sampling_params must be the same.")
-        for sp in sampling_params:  # SamplingParams._validate_logprobs: ModelConfig.max_logprobs defaults to 20
-            if sp.logprobs and sp.logprobs > MAX_LOGPROBS:
-                raise VLLMValidationError(f"Requested sample logprobs of {sp.logprobs}, which is greater than max "
-                                          f"allowed: {MAX_LOGPROBS}")
         encoded = [self._prompt_ids(p) for p in prompts]
-        limit = self.llm_engine.model_config.max_model_len
-        for _, ids in encoded:
-            if not ids:
-                raise VLLMValidationError("The decoder prompt cannot be empty")
-            if len(ids) >= limit:
-                raise VLLMValidationError(f"The decoder prompt (length {len(ids)}) is longer than the maximum model "
-                                          f"length of {limit}." if len(ids) > limit else
-                                          f"The decoder prompt (length {len(ids)}) plus the number of requested "
-                                          f"output tokens (at least 1) is longer than the maximum model length")
+        for (_, ids), sp in zip(encoded, sampling_params):   # every prompt checked before any runs
+            self._validate(ids, sp)
+        for sp in sampling_params:
+            sp.output_kind = RequestOutputKind.FINAL_ONLY   # "We only care about the final output"
         calls.append({"generate": len(prompts), "prompt_token_ids": [ids for _, ids in encoded],
                       "sampling": [{f.name: getattr(sp, f.name) for f in fields(sp)} for sp in sampling_params]})
-        return [self._one(str(i), text, ids, sp) for i, ((text, ids), sp) in
-                enumerate(zip(encoded, sampling_params))]
+        for (text, ids), sp in zip(encoded, sampling_params):
+            self.llm_engine.enqueue(str(next(self._request_counter)), text, ids, sp)
+        outputs = []   # LLM._run_engine: step until no request is unfinished, then in request order
+        while self.llm_engine.has_unfinished_requests():
+            outputs += [o for o in self.llm_engine.step() if o.finished]
+        return sorted(outputs, key=lambda o: int(o.request_id))
+
+    def _validate(self, ids: list[int], sp: SamplingParams) -> None:
+        """The checks of a request before it runs (SamplingParams._validate_logprobs: ModelConfig.max_logprobs
+        defaults to 20; v1/engine/input_processor._validate_prompt_len)."""
+        if sp.logprobs and sp.logprobs > MAX_LOGPROBS:
+            raise VLLMValidationError(f"Requested sample logprobs of {sp.logprobs}, which is greater than max "
+                                      f"allowed: {MAX_LOGPROBS}")
+        limit = self.llm_engine.model_config.max_model_len
+        if not ids:
+            raise VLLMValidationError("The decoder prompt cannot be empty")
+        if len(ids) >= limit:
+            raise VLLMValidationError(f"The decoder prompt (length {len(ids)}) is longer than the maximum model "
+                                      f"length of {limit}." if len(ids) > limit else
+                                      f"The decoder prompt (length {len(ids)}) plus the number of requested "
+                                      f"output tokens (at least 1) is longer than the maximum model length")
 
     def _one(self, request_id, text, ids, sp) -> RequestOutput:
         x = torch.tensor([ids])
