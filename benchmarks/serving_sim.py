@@ -24,6 +24,9 @@ given) and its end. /stats reports, over the requests recorded:
     ideal_utilization   the utilization the same services would give with a client that sent every
                         request at once (all queued at the first arrival, served FIFO in arrival order):
                         the ceiling of `utilization` for this request set, below 1 because of the drain
+    span_ratio          the span of that schedule (`ideal_span_s`, the best possible: every request
+                        queued at the first arrival) / the span served (`span_s`, first arrival to last
+                        finish); 1.0 when no slot ever waited for the client (= utilization / ideal)
 and the raw figures (busy_slot_s, first_arrival, last_arrival, last_finish, max_queue, mean_wait_s).
 
     .venv/bin/python -m benchmarks.serving_sim --capacity 256 --ms-per-token 10 --model NAME [--port 8000]
@@ -177,7 +180,8 @@ def summarize(records: list[tuple[float, float, float]], capacity: int, max_queu
     span = last_finish - first_arrival
     return {"capacity": capacity, "requests": len(records), "busy_slot_s": busy,
             "first_arrival": first_arrival, "last_arrival": last_arrival, "last_finish": last_finish,
-            "span_s": span, "utilization": busy / (capacity * span) if span > 0 else None,
+            "span_s": span, "ideal_span_s": max(free), "span_ratio": max(free) / span if span > 0 else None,
+            "utilization": busy / (capacity * span) if span > 0 else None,
             "window_s": window, "window_utilization": in_window / (capacity * window) if window > 0 else None,
             "ideal_utilization": busy / (capacity * max(free)) if max(free) > 0 else None,
             "max_queue": max_queue, "mean_wait_s": sum(s - a for a, s, _ in records) / len(records)}

@@ -20,9 +20,18 @@ the server. Then the client's own ceiling: the same stage against a server that 
 prepared and dispatched per second. transformers is imported (and the tokenizer loaded once) before
 the first run, so that no run pays the ~8 s import and every run starts alike.
 
+Across shards (issue 33): with `--shards S ...` the same documents are also split into S candidates
+shards (one root per count, `bft prepare --num-shards S`), and each configuration runs once per count;
+one worker takes every shard, as a worker of `bft generate` does. Reported beside the utilization:
+`span_ratio` = the best possible span (every request queued at the first arrival, served FIFO: the
+`ideal` schedule) / the span served (first arrival to last finish); a client that lets the slots drain
+at each shard boundary falls below 1 as the shards multiply.
+
 The client is pinned to CPU 0 and the server to CPU 1 (one core each) when the machine has two.
 
     .venv/bin/python -m benchmarks.utilization_bench [--profile] [--work DIR]
+    .venv/bin/python -m benchmarks.utilization_bench --capacities 128 256 --shards 1 8 64 --factors 1 \
+        --no-default --no-ceiling --out benchmarks/work/utilization_shards.json     # issue 33
 
 Writes benchmarks/work/utilization.json; --profile also runs the client-ceiling configuration under
 cProfile (every thread of the client, added together) and prints its top entries by cumulative time.
@@ -111,27 +120,29 @@ def write_dolma(folder: str, texts: list[str]) -> str:
     return os.path.join(split, "*.json.gz")
 
 
-def build(work: str, sizes: list[int]) -> tuple[dict[int, str], str]:
-    """({requests: run root with one candidates shard of that many documents}, tiny model folder)."""
+def build(work: str, sets: list[tuple[int, int]]) -> tuple[dict[tuple[int, int], str], str]:
+    """({(requests, shards): run root whose candidates are the first `requests` documents in `shards`
+    shards}, tiny model folder)."""
     from beam_pipelines import prepare
     from training.tiny import make_tiny_llama, train_byte_fallback_bpe
 
     model = os.path.join(work, "model")
     texts: list[str] = []
-    roots = {n: os.path.join(work, f"root-{n}") for n in sizes}
-    missing = [n for n, root in roots.items() if not os.path.exists(os.path.join(root, "candidates", "stats.json"))]
+    roots = {(n, k): os.path.join(work, f"root-{n}" if k == 1 else f"root-{n}-shards-{k}") for n, k in sets}
+    missing = [s for s, root in roots.items() if not os.path.exists(os.path.join(root, "candidates", "stats.json"))]
     if missing or not os.path.exists(os.path.join(model, "config.json")):
         t0 = time.perf_counter()
-        texts = documents(max(sizes))
+        texts = documents(max(n for n, _ in sets))
         print(f"{len(texts)} documents of docstrings in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     if not os.path.exists(os.path.join(model, "config.json")):
         tok = train_byte_fallback_bpe(texts[:1000], 8000)
         make_tiny_llama(model, tok, hidden_size=64, layers=2, context=CONTEXT)
-    for n in missing:
-        shutil.rmtree(roots[n], ignore_errors=True)
-        glob = write_dolma(os.path.join(roots[n], "dolma"), texts[:n])
-        prepare.run(prepare.PrepareConfig(input=[glob], root=roots[n], tokenizer=model, max_tokens=100_000,
-                                          num_shards=1, reject_shards=1), ["--runner=FnApiRunner"])
+    for n, k in missing:
+        root = roots[(n, k)]
+        shutil.rmtree(root, ignore_errors=True)
+        glob = write_dolma(os.path.join(root, "dolma"), texts[:n])
+        prepare.run(prepare.PrepareConfig(input=[glob], root=root, tokenizer=model, max_tokens=100_000,
+                                          num_shards=k, reject_shards=1), ["--runner=FnApiRunner"])
     return roots, model
 
 
@@ -211,7 +222,7 @@ def profiled(path: str):
 
 
 def measure(root: str, n: int, model: str, capacity: int, concurrency: int | None, ms_per_token: float,
-            server_cpu: int | None, profile: str | None = None) -> dict:
+            server_cpu: int | None, profile: str | None = None, shards: int = 1) -> dict:
     server = Server(capacity, ms_per_token, model, server_cpu)
     try:
         run = run_stage(root, model, server.url + "/v1", concurrency, profile)
@@ -222,20 +233,22 @@ def measure(root: str, n: int, model: str, capacity: int, concurrency: int | Non
     if summary["sent"] != n or summary["errors"]:
         raise RuntimeError(f"C={capacity} concurrency={concurrency}: {summary}")
     return {"capacity": capacity, "concurrency": concurrency or "default", "ms_per_token": ms_per_token,
-            "requests": summary["sent"], "wall_s": run["wall_s"], "client_requests_per_s": summary["sent"] / run["wall_s"],
+            "shards": shards, "requests": summary["sent"], "wall_s": run["wall_s"],
+            "client_requests_per_s": summary["sent"] / run["wall_s"],
             "first_request_after_s": stats["first_arrival"] - run["t0"],
             **{k: stats[k] for k in ("utilization", "ideal_utilization", "window_utilization", "busy_slot_s",
-                                     "span_s", "max_queue", "mean_wait_s")}}
+                                     "span_s", "ideal_span_s", "span_ratio", "max_queue", "mean_wait_s")}}
 
 
 def table(rows: list[dict], ceiling: dict | None) -> str:
-    lines = ["| C | concurrency | requests | wall s | utilization | ideal (all sent at once) | while sending "
-             "| client req/s | first request after |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| C | concurrency | shards | requests | wall s | utilization | ideal (all sent at once) | while sending "
+             "| best span / span | client req/s | first request after |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['capacity']} | {r['concurrency']} | {r['requests']:,} | {r['wall_s']:.1f} | "
-                     f"**{r['utilization']:.3f}** | {r['ideal_utilization']:.3f} | {r['window_utilization']:.3f} | "
-                     f"{r['client_requests_per_s']:.0f} | {r['first_request_after_s']:.1f} s |")
+        lines.append(f"| {r['capacity']} | {r['concurrency']} | {r['shards']} | {r['requests']:,} | "
+                     f"{r['wall_s']:.1f} | **{r['utilization']:.3f}** | {r['ideal_utilization']:.3f} | {r['window_utilization']:.3f} | "
+                     f"**{r['span_ratio']:.3f}** | {r['client_requests_per_s']:.0f} | "
+                     f"{r['first_request_after_s']:.1f} s |")
     if ceiling:
         lines += ["", "| client ceiling (server answers at once) | concurrency | requests | wall s | requests/s |",
                   "|---|---:|---:|---:|---:|",
@@ -250,6 +263,9 @@ def main() -> None:
     ap.add_argument("--ms-per-token", type=float, default=10.0)
     ap.add_argument("--min-requests", type=int, default=1200)
     ap.add_argument("--requests-per-slot", type=int, default=12)
+    ap.add_argument("--shards", type=int, nargs="*", default=[1],
+                    help="candidates shards the requests are split into; every configuration runs once per count")
+    ap.add_argument("--factors", type=int, nargs="*", default=[1, 2], help="--concurrency = factor x C")
     ap.add_argument("--no-default", action="store_true", help="skip the default-concurrency run")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the client-ceiling run")
     ap.add_argument("--profile", action="store_true", help="also profile the client-ceiling run (cProfile)")
@@ -263,7 +279,7 @@ def main() -> None:
     print(f"generation.runner: {generation.runner.__file__}", file=sys.stderr)
     size = {c: max(args.min_requests, args.requests_per_slot * c) for c in args.capacities}
     ceiling_n = min(size.values(), default=args.min_requests)
-    roots, model = build(args.work, sorted(set(size.values()) | {ceiling_n}))
+    roots, model = build(args.work, sorted({(n, k) for n in size.values() for k in args.shards} | {(ceiling_n, 1)}))
     # the engine's imports (transformers, ~8 s) once before the first run, so that every run starts alike
     from transformers import AutoTokenizer
 
@@ -272,28 +288,31 @@ def main() -> None:
     if not args.no_pin and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
         client_cpu, server_cpu = sorted(os.sched_getaffinity(0))[:2]
         os.sched_setaffinity(0, {client_cpu})
-    plan = [(c, conc) for c in args.capacities for conc in (c, 2 * c)]
+    plan = [(c, f * c) for c in args.capacities for f in args.factors]
     if args.capacities and not args.no_default:
         plan.append((max(args.capacities), None))
     rows = []
     for c, conc in plan:
-        rows.append(measure(roots[size[c]], size[c], model, c, conc, args.ms_per_token, server_cpu))
-        r = rows[-1]
-        print(f"C={c} concurrency={r['concurrency']}: {r['requests']} requests, {r['wall_s']:.1f} s, utilization "
-              f"{r['utilization']:.3f} (ideal {r['ideal_utilization']:.3f}, while sending "
-              f"{r['window_utilization']:.3f}), {r['client_requests_per_s']:.0f} req/s", file=sys.stderr)
+        for k in args.shards:
+            rows.append(measure(roots[(size[c], k)], size[c], model, c, conc, args.ms_per_token, server_cpu, shards=k))
+            r = rows[-1]
+            print(f"C={c} concurrency={r['concurrency']} shards={k}: {r['requests']} requests, {r['wall_s']:.1f} s, "
+                  f"utilization {r['utilization']:.3f} (ideal {r['ideal_utilization']:.3f}, while sending "
+                  f"{r['window_utilization']:.3f}), best span / span {r['span_ratio']:.3f}, "
+                  f"{r['client_requests_per_s']:.0f} req/s", file=sys.stderr)
     ceiling = None
     if not args.no_ceiling or args.profile:
-        ceiling = measure(roots[ceiling_n], ceiling_n, model, 100_000, CEILING_CONCURRENCY, 0.0, server_cpu)
+        ceiling = measure(roots[(ceiling_n, 1)], ceiling_n, model, 100_000, CEILING_CONCURRENCY, 0.0, server_cpu)
         print(f"client ceiling: {ceiling['client_requests_per_s']:.0f} req/s", file=sys.stderr)
     profile = None
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     if args.profile:
         profile = os.path.join(os.path.dirname(args.out), "utilization.prof")
-        measure(roots[ceiling_n], ceiling_n, model, 100_000, CEILING_CONCURRENCY, 0.0, server_cpu, profile)
+        measure(roots[(ceiling_n, 1)], ceiling_n, model, 100_000, CEILING_CONCURRENCY, 0.0, server_cpu, profile)
         pstats.Stats(profile).sort_stats("cumulative").print_stats(30).sort_stats("tottime").print_stats(15)
     result = {"generation_runner": generation.runner.__file__, "client_cpu": client_cpu, "server_cpu": server_cpu,
-              "docs": {str(n): root for n, root in roots.items()}, "runs": rows, "client_ceiling": ceiling,
+              "docs": {f"{n} in {k} shards": root for (n, k), root in roots.items()}, "runs": rows,
+              "client_ceiling": ceiling,
               "profile": profile, "table": table(rows, ceiling)}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
