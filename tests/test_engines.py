@@ -287,6 +287,27 @@ def test_the_vllm_engine_streams_across_shards(prepared_root, tmp_path, tiny_mod
         assert open(a, "rb").read() == open(b, "rb").read()
 
 
+def test_a_vllm_stream_that_fails_leaves_no_request_in_the_engine(tiny_models, vllm):
+    """An emit that raises (a kill, a write that failed) mid-stream aborts what vLLM still holds, so the
+    engine is left empty and can serve the next call."""
+    class Killed(Exception):
+        pass
+
+    seen = []
+
+    def emit(key, comp):
+        seen.append(key)
+        if len(seen) == 2:
+            raise Killed
+
+    with load_engine(EngineConfig("vllm", tiny_models["plain"])) as eng:
+        with pytest.raises(Killed):
+            eng.stream(((i, Request(f"[INST] hi {i} [/INST]", [], 4, seed=i)) for i in range(6)), emit)
+        assert not eng.llm.llm_engine.has_unfinished_requests()
+        assert [len(c["abort"]) for c in vllm.calls if "abort" in c] == [4]
+        assert eng.generate([Request("[INST] again [/INST]", [], 4, seed=1)])[0].finish_reason in ("stop", "length")
+
+
 # --- BOS once (issue 9 point 1) ----------------------------------------------------------------------
 
 def test_vllm_gets_token_ids_with_one_bos(prepared_root, tmp_path, digit_model, vllm):
