@@ -236,3 +236,74 @@ def snapshot(folder: str, clean=lambda rel, data: data) -> dict:
             rel = os.path.relpath(full, folder)
             out[rel] = clean(rel, open(full, "rb").read())
     return out
+
+
+# ---- a real Flink session cluster, once per test run ---------------------------------------------
+# scripts/flink_local.py starts it (a JobManager, two TaskManagers, Beam's Flink job server, a worker
+# pool) in the background when the run starts, in pytest's controller process (with xdist, before
+# the workers exist, so they inherit BFT_FLINK_DIR); the `flink` fixture waits for it; the run's end
+# stops it. BFT_FLINK_DIR naming a cluster already started (`scripts/flink_local.sh start --dir D`)
+# reuses that one and leaves it running; BFT_FLINK=0 skips the Flink tests.
+FLINK_DIR = "BFT_FLINK_DIR"
+FLINK_WAIT_S = 300
+
+
+def _selects_runner_tests(config) -> bool:
+    if config.getoption("markexpr", "") == "unit":
+        return False
+    paths = [os.path.abspath(str(a).split("::")[0]) for a in config.args] or [os.getcwd()]
+    tests = os.path.join(ROOT, "tests")
+    return any(p in (ROOT, tests) or p.endswith("test_runners.py") for p in paths)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "engines: the whole engine matrix (make test-engines), beside make test's "
+                                       "one Flink end-to-end test")
+    if (hasattr(config, "workerinput") or os.environ.get("BFT_FLINK") == "0" or os.environ.get(FLINK_DIR)
+            or not _selects_runner_tests(config)):
+        return
+    import tempfile
+
+    state = tempfile.mkdtemp(prefix="bft-flink-")
+    os.environ[FLINK_DIR] = os.path.join(state, "cluster")
+    script = os.path.join(ROOT, "scripts", "flink_local.py")
+    with open(os.path.join(state, "start.log"), "wb") as log:
+        config._bft_flink = subprocess.Popen(
+            ["sh", "-c", f'"$0" "{script}" start --dir "$1"; echo $? > "$2"', sys.executable,
+             os.environ[FLINK_DIR], os.path.join(state, "start.rc")],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def pytest_unconfigure(config):
+    proc = getattr(config, "_bft_flink", None)
+    if proc is None:
+        return
+    try:
+        proc.wait(timeout=FLINK_WAIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "flink_local.py"), "stop", "--dir",
+                    os.environ[FLINK_DIR]], capture_output=True, timeout=120)
+
+
+def flink_cluster() -> dict:
+    """The record of this run's Flink cluster (scripts/flink_local.py), once it is up: its REST address
+    and the Beam flags that run a pass on it. Fails with the start's own error when it could not start."""
+    if os.environ.get("BFT_FLINK") == "0":
+        pytest.skip("BFT_FLINK=0: the Flink cluster is not started")
+    state = os.environ.get(FLINK_DIR)
+    if not state:
+        pytest.fail("no Flink cluster for this run: run pytest on tests/ or tests/test_runners.py, or start one "
+                    "(scripts/flink_local.sh start --dir D) and set BFT_FLINK_DIR=D")
+    record, rc = os.path.join(state, "cluster.json"), os.path.join(os.path.dirname(state), "start.rc")
+    deadline = time.time() + FLINK_WAIT_S
+    while time.time() < deadline:
+        if os.path.exists(rc) and open(rc).read().strip() not in ("", "0"):
+            log = open(os.path.join(os.path.dirname(state), "start.log"), errors="replace").read()
+            pytest.fail(f"the Flink cluster did not start: {log.strip()[-2000:]}")
+        if os.path.exists(record):
+            data = json.loads(open(record).read())
+            if "flags" in data:
+                return data
+        time.sleep(0.5)
+    pytest.fail(f"the Flink cluster was not up after {FLINK_WAIT_S}s (see {state}/log)")
