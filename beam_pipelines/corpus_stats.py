@@ -231,6 +231,8 @@ def example_partial(joined: pa.Table, reason: pa.Array, instruction, response, g
                     stages) -> dict:
     """The smallest-id kept pairs and, per drop reason, the smallest-id dropped rows, as `Smallest`
     partials. `joined` is recipes.join_stages' table (sorted by id; with `url` from the candidates)."""
+    if joined.num_rows == 0:   # an empty shard (pyarrow's indices_nonzero crashes on its empty mask)
+        return {"kept": Smallest(KEPT_EXAMPLES), "dropped": {}}
     table = joined.select(["id", "url"])
     if gate:
         table = table.append_column("score", joined[f"{gate}.score"])

@@ -643,3 +643,18 @@ def test_the_new_releases_data_is_read_once_for_the_changes_and_the_paper_length
     web = {"added": 2, "removed": 0, "kept": 4}   # filter keeps a5 and b3 besides filter+rewrite's four
     assert stats["changes"]["examples"]["web"] == web
     assert stats["paper_lengths"]["examples"] == len(EXPECTED_KEPT["filter"])
+
+
+def test_an_empty_candidates_shard_flows_through_assemble(tmp_path, bpe_tokenizer_path, monkeypatch):
+    """Issue 34: a candidates shard with no row (prepare keeps fewer documents than shards) and its empty
+    generation shards are a state, not a crash: the release is the one without that shard."""
+    import sys
+
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "SHARDS", [SHARDS[0], [], SHARDS[1]])
+    root = write_root(str(tmp_path / "run"), bpe_tokenizer_path)
+    stats = run(root, version="v1")
+    _, splits = read_release(root, "v1")
+    kept = sorted(splits["train"]["id"].tolist() + splits["validation"]["id"].tolist())
+    assert kept == EXPECTED_KEPT["filter+rewrite"]
+    assert stats["funnel"]["candidates"] == 12
