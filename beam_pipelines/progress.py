@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 
+from schemas.errors import UserError
 from schemas.progress import LOG_EVERY_S, duration, quiet
 
 REDRAW_S = 0.5
@@ -194,6 +195,24 @@ def interrupts():
             handler.removeFilter(runner_record)
 
 
+class RunnerJobFailed(UserError):
+    """A job that a remote runner (Flink, Spark, Dataflow through the portable job service) ran and
+    reported FAILED: its first error line, not the SDK's traceback of waiting for it."""
+
+
+_JOB_FAILED = re.compile(r"Pipeline \S+ failed in state (\w+): (.*)")
+
+
+def job_failure(message: str) -> str | None:
+    """The runner's own error of Beam's PortableRunner "Pipeline X failed in state FAILED: ..." message,
+    cut to its first sentence-long line; None for another error."""
+    match = _JOB_FAILED.search(message)
+    if match is None:
+        return None
+    first = match.group(2).strip().splitlines()[0] if match.group(2).strip() else match.group(1)
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
 @contextlib.contextmanager
 def running(verb: str, options, stream=None):
     """The pipeline of pass `verb` with `options` (PipelineOptions), run when the block ends, with
@@ -214,6 +233,12 @@ def running(verb: str, options, stream=None):
         try:
             with beam.Pipeline(runner=local_runner(options, status), options=options) as p:
                 yield p
+        except RuntimeError as e:
+            failed = job_failure(str(e))
+            if failed is None:
+                raise
+            raise RunnerJobFailed(f"the {verb} job failed on the runner: {failed}; the runner's logs have its "
+                                  "whole trace (Flink: the TaskManagers' logs)") from e
         finally:
             done.set()
             if ticker is not None:

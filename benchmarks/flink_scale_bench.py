@@ -166,7 +166,7 @@ def main(argv=None) -> None:
     ap.add_argument("--docs", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--files", type=int, default=20)
     ap.add_argument("--runners", nargs="+", default=["local", "flink"], choices=["local", "flink"])
-    ap.add_argument("--tm-memory", default="2048m", help="each TaskManager's process size")
+    ap.add_argument("--tm-memory", default="3072m", help="each TaskManager's process size")
     args = ap.parse_args(argv)
     os.makedirs(WORK, exist_ok=True)
     results = []

@@ -145,6 +145,15 @@ def write_conf(conf: str, ports: dict, args) -> None:
         "taskmanager.host": "127.0.0.1", "taskmanager.bind-host": "127.0.0.1",
         "taskmanager.numberOfTaskSlots": args.slots, "taskmanager.memory.process.size": args.tm_memory,
         "taskmanager.memory.network.min": args.network_memory, "taskmanager.memory.network.max": args.network_memory,
+        # Beam's gRPC data plane to the Python workers allocates direct buffers, which Flink counts as task
+        # off-heap memory (default 0): at 1M documents a TaskManager died of "Direct buffer memory" without it
+        "taskmanager.memory.task.off-heap.size": args.task_off_heap,
+        # the rest to the heap, where Beam's runner decodes the workers' gRPC messages (a 225 MiB heap ran
+        # out at 1M documents); Flink's own sorts then spill to disk sooner
+        "taskmanager.memory.managed.fraction": 0.1,
+        # an error in a thread of no task (Beam's gRPC executor out of memory) fails the TaskManager and so
+        # the job, instead of leaving the job waiting forever on the dead thread's data
+        "cluster.uncaught-exception-handling": "FAIL",
         "cluster.evenly-spread-out-slots": "true",
         "parallelism.default": args.parallelism,
         "rest.address": "127.0.0.1", "rest.bind-address": "127.0.0.1", "rest.port": ports["rest"],
@@ -312,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=2, help="task slots per TaskManager")
     parser.add_argument("--parallelism", type=int, default=2, help="the passes' parallelism (--parallelism)")
     parser.add_argument("--jm-memory", default="1024m", help="the JobManager's process size")
-    parser.add_argument("--tm-memory", default="2048m", help="each TaskManager's process size")
+    parser.add_argument("--tm-memory", default="3072m", help="each TaskManager's process size")
+    parser.add_argument("--task-off-heap", default="768m", help="each TaskManager's task off-heap (direct) memory")
     parser.add_argument("--network-memory", default="384m", help="each TaskManager's network buffers")
     args = parser.parse_args(argv)
     try:

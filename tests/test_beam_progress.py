@@ -182,3 +182,18 @@ def test_ctrl_c_in_prepare_is_one_line_exit_130_and_leaves_no_process(tmp_path, 
     candidates = root / "candidates"
     assert not (candidates / "stats.json").exists()  # visibly incomplete: the next run redoes it
     assert not (candidates / "_tmp").exists()  # the run's document texts are gone with it
+
+
+def test_a_job_the_runner_failed_is_its_first_error_line():
+    """A Flink job that failed (here: a TaskManager out of direct memory, as at 1M documents with too
+    little task off-heap memory) is one line with the runner's error, not the SDK's traceback."""
+    from beam_pipelines.progress import job_failure
+
+    message = ("Pipeline BeamApp-root-1205114700-ae98556e_f8107588-df68 failed in state FAILED: "
+               "java.lang.OutOfMemoryError: Direct buffer memory. The direct out-of-memory error has occurred.\n"
+               "\tat java.base/java.nio.Bits.reserveMemory(Bits.java:175)\n")
+    assert job_failure(message) == ("java.lang.OutOfMemoryError: Direct buffer memory. The direct out-of-memory "
+                                    "error has occurred.")
+    assert job_failure("Pipeline P failed in state CANCELLED: ") == "CANCELLED"
+    assert job_failure("division by zero") is None
+    assert len(job_failure("Pipeline P failed in state FAILED: " + "x" * 1000)) == 300

@@ -639,3 +639,16 @@ def test_the_tokenizer_is_proved_once_in_the_driver_and_the_worker_threads_use_t
     assert stats["kept"] == 20
     assert proved == [threading.main_thread().name]
     assert len(drivers) == 1 and built and all(p == drivers[0] for p in built)  # a pickled copy of it
+
+
+def test_a_pass_that_keeps_no_document_names_why_unless_allowed(corpus, tmp_path, bpe_tokenizer_path):
+    """Issue 34: a --splits typo kept 0 documents at exit 0 and the night went on with nothing. Now one
+    error names what took every record and the split folders the input has; --allow-empty accepts it
+    (the empty output is complete: the next run reuses it)."""
+    root = tmp_path / "run"
+    with pytest.raises(UserError, match=r"prepare kept 0 of 116 input records \(116 other_split\); --splits "
+                                        r"cc_en_heda matches none of the input's split folders \(cc_en_head: 2 "
+                                        r"files, cc_en_middle: 1 files\); pass --allow-empty"):
+        run_prepare(corpus, root, bpe_tokenizer_path, splits=["cc_en_heda"])
+    stats = run_prepare(corpus, root, bpe_tokenizer_path, splits=["cc_en_heda"], allow_empty=True)
+    assert stats["kept"] == 0 and stats["reused"]

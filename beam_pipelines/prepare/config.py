@@ -48,6 +48,8 @@ class PrepareConfig(Rooted):
     near_dedup_rounds: int = option(6, "large-star/small-star rounds that cluster near-duplicates (a run whose "
                                     "clusters did not settle in them fails, saying so)", run_only=True)
     overwrite: bool = option(False, "redo a complete output (with another config too)", run_only=True)
+    allow_empty: bool = option(False, "a pass that keeps no document is complete, not an error (empty shards)",
+                               run_only=True)
 
     def check(self) -> None:
         if self.num_shards < 1 or self.reject_shards < 1 or self.batch_docs < 1:

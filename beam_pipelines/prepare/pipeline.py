@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections import Counter
 
 import apache_beam as beam
 from apache_beam.typehints import KV
@@ -131,6 +132,7 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
         if stats.get("inputs") == fingerprint and stats.get("tokenizer_file") == tokenizer:
             log.info("%s exists with the same config and inputs: prepare is complete, skipping", layout.prepare_stats)
             storage.delete_tree(layout.prepare_tmp_root)  # document texts left by a run killed after its marker
+            check_kept(stats, cfg, files)
             return {**stats, "reused": True}
         log.warning("the input files or the tokenizer's file changed since %s was written: prepare runs again",
                     layout.prepare_stats)
@@ -147,4 +149,21 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
     except KeyboardInterrupt:  # the output stays visibly incomplete (no marker); its document texts go
         storage.delete_tree(layout.prepare_tmp_root)
         raise
-    return json.loads(storage.read_text(layout.prepare_stats))
+    stats = json.loads(storage.read_text(layout.prepare_stats))
+    check_kept(stats, cfg, files)
+    return stats
+
+
+def check_kept(stats: dict, cfg: PrepareConfig, files: list[str]) -> None:
+    """A pass that kept no document is an error naming what took every record (and, when the split
+    filter did, the split folders the input has), unless --allow-empty: an empty night is then chosen,
+    not a typo in --splits that every later stage would carry on with."""
+    if stats["kept"] or cfg.allow_empty:
+        return
+    why = ", ".join(f"{n:,} {reason}" for reason, n in sorted(stats["dropped"].items(), key=lambda kv: -kv[1]))
+    message = f"prepare kept 0 of {stats['input_records']:,} input records ({why or 'the input has no record'})"
+    if stats["dropped"].get("other_split"):
+        found = Counter(path.rstrip("/").rsplit("/", 2)[-2] for path in files)
+        message += (f"; --splits {','.join(cfg.splits)} matches none of the input's split folders ("
+                    + ", ".join(f"{name}: {n} files" for name, n in sorted(found.items())) + ")")
+    raise UserError(message + "; pass --allow-empty to accept an empty candidates set")
