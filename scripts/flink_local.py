@@ -125,10 +125,20 @@ def _run(cmd: list[str], what: str, cwd: str | None = None, env: dict | None = N
         raise ClusterError(f"{what} failed (exit {proc.returncode}): {' | '.join(tail)}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """A distinct free port per name: every socket is held until all are bound (ports taken one at a
+    time can repeat: Flink's REST API once got the job server's port, which then never started, while
+    the port answered)."""
+    sockets = []
+    try:
+        for _ in names:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return {name: s.getsockname()[1] for name, s in zip(names, sockets)}
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def write_conf(conf: str, ports: dict, args) -> None:
@@ -229,7 +239,7 @@ def start(args) -> dict:
         raise ClusterError(f"a cluster is recorded in {state} already: `{sys.argv[0]} stop --dir {state}` first")
     log_dir = os.path.join(state, "log")
     os.makedirs(log_dir, exist_ok=True)
-    ports = {name: free_port() for name in ("rpc", "rest", "blob", "job", "artifact", "expansion")}
+    ports = free_ports(("rpc", "rest", "blob", "job", "artifact", "expansion"))
     record = {"dir": state, "ports": ports, "parallelism": args.parallelism, "taskmanagers": args.taskmanagers,
               "flink": FLINK_VERSION, "job_server_beam": JOB_SERVER_BEAM, "pids": {}}
     write_conf(os.path.join(state, "conf"), ports, args)
@@ -250,6 +260,9 @@ def start(args) -> dict:
         record["pids"]["job_server"] = proc.pid
         _save(state, record)
         _wait(_listening(ports["job"]), "Beam's Flink job server", java_log, proc)
+        time.sleep(1)
+        if proc.poll() is not None:   # the port answered, but not for it
+            raise ClusterError(f"Beam's Flink job server exited with {proc.returncode}; see {java_log}")
         record["worker_boot"] = write_worker_boot(state)
     except BaseException:
         stop(state)
