@@ -153,6 +153,16 @@ class Engine(ABC):
         """Completions for `requests`, in order. A request that fails becomes a Completion with
         finish_reason "error" and the error text; only a failure of the whole engine raises."""
 
+    def generate_through_stream(self, requests: list[Request]) -> list[Completion]:
+        """`generate` of an engine whose `stream` is its real dispatch (openai, vllm): the answers of
+        one stream, in request order."""
+        out: list[Completion | None] = [None] * len(requests)
+
+        def emit(i, comp):
+            out[i] = comp
+        self.stream(enumerate(requests), emit)
+        return out  # type: ignore[return-value]
+
     def stream(self, items: Iterable[tuple[Any, Request]], emit: Callable[[Any, Completion], None],
                chunk: int = 512) -> None:
         """Every (key, request) of `items` answered, `emit(key, completion)` called as each is done

@@ -80,12 +80,7 @@ class VLLMEngine(Engine):
                               seed=r.seed, stop=r.stop or None, output_kind=final, **self.model_defaults)
 
     def generate(self, requests: list[Request]) -> list[Completion]:
-        out: list[Completion | None] = [None] * len(requests)
-
-        def emit(i, comp):
-            out[i] = comp
-        self.stream(enumerate(requests), emit)
-        return out  # type: ignore[return-value]
+        return self.generate_through_stream(requests)
 
     def stream(self, items: Iterable[tuple[Any, Request]], emit: Callable[[Any, Completion], None],
                chunk: int = 512) -> None:
