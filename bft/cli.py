@@ -333,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     if name == "eval" and len(argv) > 1 and not argv[1].startswith("-"):
         name, argv = f"eval {argv[1]}", argv[1:]
+    elif name == "eval":   # `bft eval` alone or `bft eval --help`: its sub-verbs
+        helping = argv[1:2] in (["-h"], ["--help"])
+        print("usage: bft eval {generate,judge} [options]\n\n"
+              + "\n".join(f"  {v.name:<15} {v.summary}" for v in VERBS.values() if v.name.startswith("eval "))
+              + "\n\nRun `bft eval generate --help` or `bft eval judge --help` for their options.",
+              file=sys.stdout if helping else sys.stderr)
+        return 0 if helping else 2
     verb = VERBS.get(name)
     if verb is None:
         print(usage() + f"\n\nbft: unknown verb {' '.join(argv[:1])!r}", file=sys.stderr)

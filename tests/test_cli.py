@@ -49,6 +49,14 @@ def test_every_verb_and_stage_has_help(capsys, verb):
     assert e.value.code == 0 and out.startswith("usage: bft ") and "--config FILE" in out
 
 
+def test_bft_eval_alone_lists_its_sub_verbs(capsys):
+    """Issue 34: `bft eval --help` said "unknown verb 'eval'"."""
+    rc, out, err = run(capsys, "eval", "--help")
+    assert rc == 0 and out.startswith("usage: bft eval {generate,judge}") and "eval judge" in out and not err
+    rc, out, err = run(capsys, "eval")
+    assert rc == 2 and "eval generate" in err and not out
+
+
 def test_an_unknown_verb_is_a_usage_error(capsys):
     rc, _, err = run(capsys, "prepair")
     assert rc == 2 and "unknown verb 'prepair'" in err
