@@ -300,9 +300,9 @@ def stop(state: str) -> None:
         for daemon in ("taskmanager.sh", "jobmanager.sh"):
             subprocess.run(["bash", os.path.join(flink_home(), "bin", daemon), "stop-all"], env=env,
                            capture_output=True, timeout=60)
-    with_suffix = os.path.join(state, "cluster.json")
-    if os.path.exists(with_suffix):
-        os.replace(with_suffix, os.path.join(state, "cluster.stopped.json"))
+    current = os.path.join(state, "cluster.json")
+    if os.path.exists(current):   # kept for its logs' sake, no longer a running cluster
+        os.replace(current, os.path.join(state, "cluster.stopped.json"))
 
 
 def _end_group(pid: int) -> None:
