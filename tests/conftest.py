@@ -239,8 +239,8 @@ def snapshot(folder: str, clean=lambda rel, data: data) -> dict:
 
 
 # ---- a real Flink session cluster, once per test run ---------------------------------------------
-# scripts/flink_local.py starts it (a JobManager, two TaskManagers, Beam's Flink job server, a worker
-# pool) in the background when the run starts, in pytest's controller process (with xdist, before
+# scripts/flink_local.py starts it (a JobManager, two TaskManagers, Beam's Flink job server; Python
+# workers in the PROCESS environment) in the background when the run starts, in pytest's controller process (with xdist, before
 # the workers exist, so they inherit BFT_FLINK_DIR); the `flink` fixture waits for it; the run's end
 # stops it. BFT_FLINK_DIR naming a cluster already started (`scripts/flink_local.sh start --dir D`)
 # reuses that one and leaves it running; BFT_FLINK=0 skips the Flink tests.
@@ -283,6 +283,9 @@ def pytest_unconfigure(config):
         os.killpg(proc.pid, 9)
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "flink_local.py"), "stop", "--dir",
                     os.environ[FLINK_DIR]], capture_output=True, timeout=120)
+    import shutil
+
+    shutil.rmtree(os.path.dirname(os.environ[FLINK_DIR]), ignore_errors=True)   # its logs and spilled shuffles
 
 
 def flink_cluster() -> dict:
