@@ -6,7 +6,7 @@
                     winner's MinHash bands ─ GroupByBand ─ NearDuplicates ─ min per id ────┼─ near ───┤
                                   winners not near-dominated ─ CapToMaxExamples ─ cutoff ──┼─(side)──┤
     SeedData ─ ReadSeed ─ seed parts (tmp) ────────────────────────────────────────────────┘          │
-    winners within the cap + seed ids ─ smallest validation key ─(side)─┐                               │
+    winners within the cap (+ seed ids) ─ validation keys ─(side)─┐                                     │
                                   CoGroupByKey(shard) ─ FinalizeShard ─ data/{train,validation}-SSSSS-of-NNNNN
     every step's partial statistics ─ MergePartials ─ summary (tmp)
     driver: stats.json, report.html + plots, README.md (card), manifest.json, _SUCCESS, validate, LATEST
@@ -18,6 +18,7 @@ shuffle; examples go from JoinShard to FinalizeShard through per-shard Parquet p
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import time
@@ -33,7 +34,8 @@ from apache_beam.metrics import Metrics
 import schemas
 from schemas.options import option, required
 from schemas.errors import UserError
-from schemas.keys import instruction_key, sample_key, seed_row_shard, validation_key, validation_mask
+from schemas.keys import (instruction_key, sample_key, seed_row_shard, validation_key, validation_mask,
+                          validation_size)
 from schemas.layout import DATA, Rooted, RunLayout, shard_name
 from schemas.recipes import DEFAULT_RECIPE, gate_threshold, recorded_score_mode
 from beam_pipelines import changes, corpus_stats, decontaminate, paper_tokens, progress, recipes
@@ -60,12 +62,17 @@ class AssembleConfig(Rooted):
                                    "scores made in --score-mode logprob, read from their shards; may be fractional)")
     seed_data: str | None = option(None, "seed pairs to mix in: Parquet or JSON lines with instruction/response "
                                  "(e.g. the output of bft seed)")
-    max_examples: int | None = option(None, "deterministic cap on web examples (the paper: 12800, 25600, 51200)")
-    validation_fraction: float = option(0.02, "share of examples in the validation split (when > 0, at least one "
-                                        "example: the one with the smallest validation hash)")
+    max_examples: int | None = option(None, "deterministic cap on the train split's web examples (the paper: "
+                                      "12800, 25600, 51200); the validation split is taken beside it")
+    validation_fraction: float = option(0.02, "share of the web examples in the validation split (when > 0, at "
+                                        "least one example); with --max-examples, taken beside the cap, so the "
+                                        "train split keeps the cap's count")
+    seed_in_validation: bool = option(False, "let seed pairs go to the validation split too (default: every seed "
+                                      "pair trains, as in the paper)")
     version: str | None = option(None, "release name (default: UTC date + config hash)")
     min_instruction_chars: int = option(10, "shorter instructions are dropped")
-    max_instruction_chars: int = option(800, "longer instructions are dropped")
+    max_instruction_chars: int = option(4000, "longer instructions are dropped (the paper's longest "
+                                        "instructions, ~514 tokens, are ~2,100 characters)")
     seed_tag: str | None = option(None, "tag (system prompt) of seed examples (default: PROMPTS.md section 6); "
                                 "'' for none")
     web_tag: str | None = option(None, "tag (system prompt) of web examples (default: PROMPTS.md section 6); "
@@ -375,7 +382,7 @@ class FinalizeShard(beam.DoFn):
     def setup(self):
         configure_process()
 
-    def process(self, element, cutoff, first_validation):
+    def process(self, element, cutoff, validation):
         k, grouped = element
         t0 = time.perf_counter()
         web_parts = list(grouped["web"])
@@ -400,9 +407,9 @@ class FinalizeShard(beam.DoFn):
             examples["over_cap"] = _drop_examples(web.filter(pc.invert(within)), "over_cap")
             web = web.filter(within)
         seed_parts = list(grouped["seed"])
-        tables = [web] + [schemas.validate(storage.read_parquet(p), schemas.SFT, p) for p in seed_parts]
-        table = pa.concat_tables(tables).sort_by("id")
-        in_val = validation_mask(table["id"], self.cfg.validation_fraction, self.cfg.seed, first_validation)
+        seeds = [schemas.validate(storage.read_parquet(p), schemas.SFT, p) for p in seed_parts]
+        table = pa.concat_tables([web] + seeds).sort_by("id")
+        in_val = _in_validation(table["id"], pc.is_in(table["id"], value_set=web["id"]), validation, self.cfg)
         partial = {"funnel": {"dropped": {"duplicate_instruction": n_dup, decontaminate.NEAR_DUPLICATE: n_near,
                                           "over_cap": n_over}}, "final": {},
                    "examples": {"dropped": examples}}
@@ -450,6 +457,52 @@ def _cutoff(top: list, n: int):
     return max(top) if len(top) >= n else None
 
 
+# ---- the validation split ------------------------------------------------------------------------
+# Without --max-examples, an example is in validation by its hash (a share of the release, at least the
+# example with the smallest key). With it, the cap selects max_examples + validation_size web examples
+# and the validation_size of them with the smallest validation keys are the validation split, so the
+# train split keeps the paper's counts (12.8K/25.6K/51.2K). Seed pairs train unless asked otherwise.
+
+class SmallestKeys(beam.CombineFn):
+    """(count of inputs, the n smallest inputs, sorted)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def create_accumulator(self):
+        return 0, []
+
+    def add_input(self, acc, key):
+        return self.merge_accumulators([acc, (1, [key])])
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        return sum(c for c, _ in accs), heapq.nsmallest(self.n, (k for _, keys in accs for k in keys))
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _capped_validation(acc, max_examples: int, fraction: float):
+    """The largest (validation key, id) in validation among the web examples within the cap (None: none
+    is): validation_size of them when the cap is full, else the fraction's share (at least one)."""
+    count, keys = acc
+    size = validation_size(max_examples, fraction)
+    n = size if count >= max_examples + size else max(1, round(count * fraction))
+    return ("capped", keys[min(n, len(keys)) - 1]) if size and keys else ("capped", None)
+
+
+def _in_validation(ids: pa.ChunkedArray, is_web: pa.Array, rule: tuple, cfg) -> pa.Array:
+    """Which of a shard's ids are in validation under `rule` (("hash", first id) or ("capped", cutoff))."""
+    kind, arg = rule
+    by_hash = validation_mask(ids, cfg.validation_fraction, cfg.seed, arg if kind == "hash" else None)
+    if kind == "capped":
+        web = pa.array([arg is not None and (validation_key(i, cfg.seed), i) <= arg for i in ids.to_pylist()],
+                       pa.bool_())
+        return pc.if_else(is_web, web, pc.and_(by_hash, pa.scalar(cfg.seed_in_validation)))
+    return pc.and_(by_hash, pc.or_(is_web, pa.scalar(cfg.seed_in_validation)))
+
+
 def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_shards: int, folder: str, tmp: str,
           eval_sets: list[decontaminate.EvalSet] = (), proof=None):
     """`proof`: the tokenizer proved by the driver (length.prove), for the steps that count tokens."""
@@ -476,29 +529,36 @@ def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_s
     else:
         near_losers = p | "NoNearDuplicates" >> beam.Create([])
     if cfg.max_examples:
+        selected = cfg.max_examples + validation_size(cfg.max_examples, cfg.validation_fraction)
         cutoff = (winners
-                  | "CapToMaxExamples" >> beam.combiners.Top.Smallest(cfg.max_examples)
-                  | "Cutoff" >> beam.Map(_cutoff, cfg.max_examples))
+                  | "CapToMaxExamples" >> beam.combiners.Top.Smallest(selected)
+                  | "Cutoff" >> beam.Map(_cutoff, selected))
     else:
         cutoff = p | "NoCap" >> beam.Create([None])
     seed = (p | "SeedData" >> beam.Create([cfg.seed_data] if cfg.seed_data else [])
             | "ReadSeed" >> beam.ParDo(ReadSeed(cfg, tmp, num_shards, proof)).with_outputs("parts", "partials", main="ids"))
-    # the released id with the smallest validation key: always in validation (a small release has one)
     web_ids = (winners
                | "WithinCap" >> beam.Filter(lambda kv, c: c is None or kv <= c, c=beam.pvalue.AsSingleton(cutoff))
                | "WebIds" >> beam.Map(lambda kv: kv[1]))
-    first_validation = ((web_ids, seed.ids)
-                        | "ReleasedIds" >> beam.Flatten()
-                        | "ValidationKey" >> beam.Map(lambda i, s: (validation_key(i, s), i), cfg.seed)
-                        | "SmallestKey" >> beam.combiners.Top.Smallest(1)
-                        | "FirstValidation" >> beam.Map(lambda top: top[0][1] if top else None))
+    if cfg.max_examples:
+        validation = (web_ids
+                      | "ValidationKey" >> beam.Map(lambda i, s: (validation_key(i, s), i), cfg.seed)
+                      | "SmallestKeys" >> beam.CombineGlobally(
+                          SmallestKeys(max(1, validation_size(cfg.max_examples, cfg.validation_fraction))))
+                      | "CappedValidation" >> beam.Map(_capped_validation, cfg.max_examples, cfg.validation_fraction))
+    else:   # the released id with the smallest validation key: always in validation (a small release has one)
+        released = (web_ids, seed.ids) | "ReleasedIds" >> beam.Flatten() if cfg.seed_in_validation else web_ids
+        validation = (released
+                      | "ValidationKey" >> beam.Map(lambda i, s: (validation_key(i, s), i), cfg.seed)
+                      | "SmallestKey" >> beam.combiners.Top.Smallest(1)
+                      | "FirstValidation" >> beam.Map(lambda top: ("hash", top[0][1] if top else None)))
     every_shard = p | "OutputShards" >> beam.Create([(k, None) for k in range(num_shards)], reshuffle=False)
     finals = ({"web": joined.parts, "losers": dedup.losers, "near": near_losers, "seed": seed.parts,
                "shard": every_shard}
               | "GroupByShard" >> beam.CoGroupByKey()
               | "FinalizeShard" >> beam.ParDo(FinalizeShard(cfg, folder, num_shards),
                                                cutoff=beam.pvalue.AsSingleton(cutoff),
-                                               first_validation=beam.pvalue.AsSingleton(first_validation)))
+                                               validation=beam.pvalue.AsSingleton(validation)))
     summary_path = RunLayout.summary(tmp)
     return ((joined.partials, seed.partials, finals)
             | "AllPartials" >> beam.Flatten()
@@ -600,7 +660,7 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
     prep_stats = json.loads(storage.read_text(layout.prepare_stats)) if storage.exists(layout.prepare_stats) else {}
     gate = recipes.RECIPES[cfg.recipe].gate
     if cfg.min_score is None and gate and recorded_score_mode(layout, gate) == "logprob":
-        cfg.min_score = gate_threshold(gate, "logprob")   # expected scores: Humpback's 4.5, not 5
+        cfg.min_score = gate_threshold(gate, "logprob")   # expected scores: 4.5 (AlpaGasus's threshold), not 5
     if not cfg.tokenizer:
         cfg.tokenizer = (prep_stats.get("config") or {}).get("tokenizer")
         if not cfg.tokenizer:

@@ -18,6 +18,7 @@ import re
 from beam_pipelines.changes import pct
 from beam_pipelines.corpus_stats import LENGTH_EDGES
 from beam_pipelines.decontaminate import CONTAMINATED, NEAR_DUPLICATE
+from schemas.keys import validation_size
 from schemas.recipes import CURATION_DROPS, RECIPES
 import storage
 
@@ -556,6 +557,21 @@ def size_category(n: int) -> str:
     return "n>1T"
 
 
+def _validation_text(config: dict) -> str:
+    share, cap = config.get("validation_fraction", 0), config.get("max_examples")
+    if not share:
+        return "none."
+    seed = ("seed pairs may be in it too" if config.get("seed_in_validation")
+            else "seed pairs are all in train")
+    if cap:
+        return (f"{share:.1%} of the web examples, taken beside the cap: {cap:,} + "
+                f"{validation_size(cap, share):,} web examples are selected and the "
+                f"{validation_size(cap, share):,} with the smallest validation hash are held out, so train keeps "
+                f"the cap's count; {seed}.")
+    return (f"a deterministic {share:.1%} of the web examples by hash of the id (the example with the "
+            f"smallest hash always, so a small release still has one); {seed}.")
+
+
 def _near_duplicates_text(config: dict) -> str:
     t = config.get("near_dup_instruction_threshold")
     return (f"and per cluster of near-duplicate instructions (word 3-gram Jaccard >= {t:g}; the highest score "
@@ -640,9 +656,7 @@ an optional system message carrying the data-source tag, the user instruction, t
   {_near_duplicates_text(config)}{f" (capped to {config['max_examples']:,})" if config.get('max_examples') else ""}.
 - {_decontamination_text(stats)}
 - Dropped candidates by reason: {_kv(f['dropped'])}.
-- Validation split: a deterministic {config['validation_fraction']:.1%} by hash of the id; when that
-  fraction is above zero, the example with the smallest hash is always in it, so a small release still
-  has a validation split of at least one example.
+- Validation split: {_validation_text(config)}
 
 See `report.html` for the funnel, per-stage statistics, score and length histograms and example rows,
 and `manifest.json` for every file's checksum, the full config, the code revision and the input shards.

@@ -107,7 +107,7 @@ def load_run(path: str, root: str | None = None, stages: list[str] | None = None
     gate = RECIPES[asm.recipe].gate
     if asm.min_score is None and gate and isinstance((doc.get("generate") or {}).get(gate), dict):
         mode = verb_config(GenerateConfig, "generate", gate)[0].score_mode
-        if mode == "logprob":    # expected scores: the gate and assemble default to Humpback's 4.5, not 5
+        if mode == "logprob":    # expected scores: the gate and assemble default to 4.5 (AlpaGasus's threshold), not 5
             asm.min_score = gate_threshold(gate, mode)
     wanted = stages or RECIPES[asm.recipe].stages
     gen = doc.get("generate") or {}

@@ -6,7 +6,8 @@ outputs are reproducible and stable as the input grows.
     text_hash          prepare's exact text dedup: xxh3_128 of NFC + collapsed whitespace (case kept)
     sample_key         prepare's --target-docs sample and assemble's --max-examples cap: xxh3_64(id, seed)
     instruction_key    assemble's instruction dedup: xxh3_128 of NFC + collapsed whitespace + casefold
-    in_validation      assemble's train/validation split: xxh3_64(id, seed + 1) < fraction * 2^64
+    in_validation      assemble's train/validation split: xxh3_64(id, seed + 1) < fraction * 2^64; with a
+                       cap, the validation_size smallest of these keys among the capped web examples
     seed_row_shard     the output shard of a seed example: xxh3_64(id) % shards
     balance_bucket     prepare's shard-balancing bucket of a kept document: xxh3_64(id, seed 7) % buckets
     row_seed           a generation request's sampling seed: xxh3_64(stage \\0 id, seed) % 2^31
@@ -16,6 +17,7 @@ outputs are reproducible and stable as the input grows.
 """
 from __future__ import annotations
 
+import math
 import unicodedata
 
 import pyarrow as pa
@@ -57,6 +59,12 @@ def validation_mask(ids: pa.Array | pa.ChunkedArray, fraction: float, seed: int,
     limit = int(fraction * 2**64)
     return pa.array([validation_key(i, seed) < limit or (fraction > 0 and i == always) for i in ids.to_pylist()],
                     pa.bool_())
+
+
+def validation_size(max_examples: int, fraction: float) -> int:
+    """The validation examples assemble takes beside a cap of `max_examples` train examples, so that
+    they are `fraction` of the total."""
+    return math.ceil(max_examples * fraction / (1 - fraction)) if fraction > 0 else 0
 
 
 def seed_row_shard(row_id: str, num_shards: int) -> int:

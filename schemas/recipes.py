@@ -85,8 +85,10 @@ class Gate:
                                     pc.greater_equal(score, self.threshold)), False)
 
 
-# Humpback's curated set A5 is "score >= 4.5" on expected scores (Li et al. 2023, section 3): a
-# logprob score is an expectation over 1..5, below 5 unless p(5) = 1, so 5 would keep nothing.
+# The logprob score mode is this project's option, not the paper's: Humpback keeps pairs whose
+# generated (integer) score is >= k (its A5: score 5; Li et al. 2023, section 2.3). A logprob score is
+# an expectation over 1..5, below 5 unless p(5) = 1, so 5 would keep nothing; its default 4.5 is
+# AlpaGasus's threshold on its (fractional) ratings (Chen et al. 2023, section 4), borrowed here.
 LOGPROB_THRESHOLD = 4.5
 
 

@@ -179,6 +179,13 @@ def test_verdicts_name_the_first_reason_in_pipeline_order(root):
     assert dict(zip(joined["id"].to_pylist(), strict.to_pylist()))["a0"] == "instruction_too_long"
 
 
+def test_the_default_instruction_cap_keeps_the_papers_longest_instructions():
+    """The paper's instructions reach 514 tokens (~2,100 characters of English); the default cap must
+    not drop them (it was 800 characters)."""
+    longest = "Explain " + "the trade-offs of this design " * 72
+    assert 2100 < len(longest) < AssembleConfig(root="/r").curation().max_instruction_chars
+
+
 def test_instruction_key_ignores_case_and_layout():
     assert instruction_key("Explain  this\nplease") == instruction_key(" explain this please ")
     assert instruction_key("Explain this") != instruction_key("Explain that")
@@ -217,6 +224,7 @@ def test_assemble_publishes_a_complete_release(root, tmp_path):
     assert set(splits["train"].id).isdisjoint(splits["validation"].id)
     seed_rows = both[both.origin == "seed"]
     assert len(seed_rows) == 5 and set(seed_rows.tag) == {SEED_TAG} and set(web.tag) == {WEB_TAG}
+    assert set(splits["validation"].origin) == {"web"}    # seed pairs train unless --seed-in-validation
     assert list(seed_rows.iloc[0].messages[0].values()) == ["system", SEED_TAG]
 
     f = stats["funnel"]
@@ -273,14 +281,32 @@ def test_debris_of_a_failed_run_is_cleared(root):
     release.validate(folder)
 
 
-def test_cap_keeps_a_deterministic_bottom_k(root):
+def test_cap_keeps_a_deterministic_bottom_k_and_the_validation_split_beside_it(root):
+    """--max-examples is the train split's count (as the paper's 12.8K/25.6K/51.2K); the validation
+    split is taken beside it: cap + validation_size examples by sample key, the validation_size of them
+    with the smallest validation keys held out."""
+    from schemas.keys import sample_key, validation_key, validation_size
+
     stats = run(root, max_examples=2, version="capped")
     _, splits = read_release(root, "capped")
-    ids = sorted(pd.concat(splits.values()).id)
-    from schemas.keys import sample_key
+    assert validation_size(2, 0.02) == 1 and validation_size(12800, 0.02) == 262
+    selected = sorted(EXPECTED_KEPT["filter+rewrite"], key=lambda i: (sample_key(i, 0), i))[:3]
+    held_out = min(selected, key=lambda i: (validation_key(i, 0), i))
+    assert sorted(splits["validation"].id) == [held_out]
+    assert sorted(splits["train"].id) == sorted(set(selected) - {held_out})
+    assert stats["funnel"]["dropped"]["over_cap"] == 1
 
-    assert ids == sorted(sorted(EXPECTED_KEPT["filter+rewrite"], key=lambda i: (sample_key(i, 0), i))[:2])
-    assert stats["funnel"]["dropped"]["over_cap"] == 2
+
+def test_seed_pairs_are_in_validation_only_when_asked():
+    from beam_pipelines.assemble import _in_validation
+
+    ids = pa.chunked_array([[f"s{i}" for i in range(50)] + [f"w{i}" for i in range(50)]])
+    is_web = pa.array([False] * 50 + [True] * 50)
+    for rule in (("hash", None), ("capped", (2**63, "w"))):
+        mask = _in_validation(ids, is_web, rule, AssembleConfig(root="/r", validation_fraction=0.5)).to_pylist()
+        assert not any(mask[:50]) and 10 < sum(mask[50:]) < 40, rule
+        asked = AssembleConfig(root="/r", validation_fraction=0.5, seed_in_validation=True)
+        assert 10 < sum(_in_validation(ids, is_web, rule, asked).to_pylist()[:50]) < 40, rule
 
 
 def test_missing_generation_shards_are_listed_or_reported(root):
@@ -406,7 +432,7 @@ def test_same_ids_as_restricts_two_recipes_to_the_same_pairs(root):
     ids = [sorted(read_release(root, v)[1]["train"].pipe(lambda t: t[t.origin == "web"]).id.tolist()
                   + read_release(root, v)[1]["validation"].pipe(lambda t: t[t.origin == "web"]).id.tolist())
            for v in ("rw", "di")]
-    assert ids[0] == ids[1] and "b4" not in ids[0] and len(ids[0]) == 2
+    assert ids[0] == ids[1] and "b4" not in ids[0] and len(ids[0]) == 3   # 2 train + 1 validation beside the cap
     assert a["funnel"]["dropped"]["not_kept_by:filter+distill"] == 1
     assert "b4" not in b["funnel"]["dropped"] and b["funnel"]["dropped"]["distill:empty"] == 1
     with pytest.raises(UserError):
@@ -460,7 +486,7 @@ def test_a_shard_without_its_completion_marker_is_named(root):
 
 def test_scores_made_in_logprob_mode_default_to_humpbacks_4_5(root):
     """Issue 19 point 1: logprob scores are expectations (below 5 unless p(5) = 1); when the score
-    shards say they were made in logprob mode, assemble's default threshold is Humpback's 4.5, not 5."""
+    shards say they were made in logprob mode, assemble's default threshold is 4.5 (AlpaGasus's), not 5."""
     layout, n = RunLayout(root), len(SHARDS)
     for k in range(n):
         path = layout.generation_shard("score", k, n)
@@ -658,3 +684,18 @@ def test_an_empty_candidates_shard_flows_through_assemble(tmp_path, bpe_tokenize
     kept = sorted(splits["train"]["id"].tolist() + splits["validation"]["id"].tolist())
     assert kept == EXPECTED_KEPT["filter+rewrite"]
     assert stats["funnel"]["candidates"] == 12
+
+
+def test_the_logprob_threshold_is_credited_to_alpagasus_and_the_differences_are_listed():
+    """4.5 on expected scores is this project's option with AlpaGasus's threshold; Humpback gates integer
+    scores (its A5 is score 5). README lists every default loss the paper does not have."""
+    from tests.conftest import ROOT
+
+    for name in ("README.md", "schemas/recipes.py", "beam_pipelines/assemble.py", "bft/rebuild.py"):
+        text = open(os.path.join(ROOT, name), encoding="utf-8").read()
+        assert "Humpback's 4.5" not in text and "A5) is" not in text and "set A5 is" not in text, name
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    differ = readme.split("## Where we differ from the paper")[1].split("\n## ")[0]
+    for loss in ("--max-instruction-chars", "--near-dup-instruction-threshold", "--validation-fraction",
+                 "--score-mode logprob", "AlpaGasus"):
+        assert loss in differ, loss

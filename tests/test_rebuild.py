@@ -247,7 +247,7 @@ def test_the_recipes_threshold_gates_the_answering_stage(tmp_path, tiny_models, 
     assert rewrite.cfg.gate_rule().threshold == 4.0
     cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(tmp_path / "run"), [corpus],
                    assemble__recipe="filter+rewrite", assemble__min_score=None, generate__rewrite={"model": "m"})
-    plan = load_run(cfg)       # run_file's score stage is in logprob mode: expected scores, Humpback's 4.5
+    plan = load_run(cfg)       # run_file's score stage is in logprob mode: expected scores, AlpaGasus's 4.5
     rewrite = [sp for sp in plan.stages if sp.stage == "rewrite"][0]
     assert rewrite.cfg.gate_rule().threshold == 4.5 and plan.assemble.threshold == 4.5   # (issue 19 point 1)
     cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(tmp_path / "run"), [corpus],

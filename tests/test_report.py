@@ -216,14 +216,14 @@ def test_card_header_and_a_small_release_always_has_a_validation_split(root, tmp
     header = card.split("---")[1]
     assert "pretty_name: Back-and-forth translation SFT corpus (filter+rewrite, s)" in header
     assert "source_datasets:\n- allenai/dolma\n- OpenAssistant/oasst1" in header and "- n<1K" in header
-    assert "at least one example" in card
+    assert "so a small release still has one" in card and "seed pairs are all in train" in card
     # 9 examples at 2%: no id hashes below the fraction, yet one example (the smallest hash) validates
     assert stats["funnel"]["final"] == {"train": 8, "validation": 1, "total": 9}
     ds = datasets.load_dataset(folder)
     assert ds["validation"].num_rows == 1 and ds["train"].num_rows == 8
     from schemas.keys import validation_key
 
-    ids = list(ds["train"]["id"]) + list(ds["validation"]["id"])
+    ids = [r["id"] for split in ds.values() for r in split if r["origin"] == "web"]
     assert list(ds["validation"]["id"]) == [min(ids, key=lambda i: validation_key(i, 0))]
     none = run(root, validation_fraction=0.0, version="n")
     assert none["funnel"]["final"]["validation"] == 0
