@@ -382,8 +382,10 @@ def test_the_nights_record_sums_work_and_keeps_the_last_state(tmp_path):
     assert stages["score"] == {"requests_sent": 43, "reused_shards": 2, "generated_shards": 2,
                                "refusals": {"content_filter": 2, "refusal": 2}, "seconds": 3.0}
     assert [i["status"] for i in again.record["invocations"]] == ["waiting for external workers", "running"]
-    again.finish()
+    again.finish("published")
     assert not os.path.exists(tmp_path / "_night.json")
+    last = json.loads((tmp_path / "_last_night.json").read_text())     # what bft status shows
+    assert last["outcome"] == "published" and last["stages"]["score"]["requests_sent"] == 43
 
 
 def test_rebuild_wait_lets_a_single_external_worker_take_the_root(tmp_path, tiny_models, bpe_tokenizer_path,
