@@ -1,12 +1,14 @@
 """`bft`: the one entry point, and the roof of the code: the verb table, one config loader
 (`bft.config`), and one error path (a `UserError` is one line and exit 1; a usage error exit 2).
 
-    bft prepare | generate STAGE | assemble | validate | latest | seed | train | eval generate|judge
+    bft rebuild | plan | status | prepare | generate STAGE | assemble | validate | latest | seed | train
+        | eval generate|judge
 
 Every verb takes its options as flags or from a run file (`--config FILE`: the verb's section, see
 bft.config). Beam verbs (prepare, assemble) pass the flags that Beam's PipelineOptions knows to Beam
 (`--runner`, `--project`, ...); any other unknown flag is a usage error. Beam's own logs show only
-with --verbose.
+with --verbose. A verb run with `--format json` prints exactly one JSON document on stdout, also when
+it fails (the error's one line and the exit status in it). The exit statuses: EXIT_STATUS.
 """
 from __future__ import annotations
 

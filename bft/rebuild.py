@@ -50,7 +50,8 @@ EX_TEMPFAIL = 75
 
 @dataclass
 class RebuildConfig:
-    """The options of `bft rebuild` (the run file holds the verbs' sections; these only steer the run)."""
+    """The options of `bft rebuild` (the run file holds the verbs' sections; these only steer the run).
+    Exit 0 also when nothing is new tonight (no input file; see --empty-exit-code)."""
 
     root: str | None = option(None, "run root (default: the run file's `root:`)")
     wait: bool = option(False, "wait for external generation workers instead of stopping")
