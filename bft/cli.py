@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import logging
 import os
-import json
 import sys
 from dataclasses import dataclass
 from typing import Callable
