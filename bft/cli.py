@@ -1,27 +1,29 @@
 """`bft`: the one entry point, and the roof of the code: the verb table, one config loader
 (`bft.config`), and one error path (a `UserError` is one line and exit 1; a usage error exit 2).
 
-    bft prepare | generate STAGE | assemble | validate | latest | seed | train | eval generate|judge
+    bft rebuild | plan | status | prepare | generate STAGE | assemble | validate | latest | seed | train
+        | eval generate|judge
 
 Every verb takes its options as flags or from a run file (`--config FILE`: the verb's section, see
 bft.config). Beam verbs (prepare, assemble) pass the flags that Beam's PipelineOptions knows to Beam
 (`--runner`, `--project`, ...); any other unknown flag is a usage error. Beam's own logs show only
-with --verbose.
+with --verbose. A verb run with `--format json` prints exactly one JSON document on stdout, also when
+it fails (the error's one line and the exit status in it). The exit statuses: EXIT_STATUS.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import importlib
+import json
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
-import storage
 from bft import config
+from schemas.errors import JSON_ANSWERED, exit_status, one_line, user_error_message
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,28 @@ class Verb:
     run: Callable                     # (cfg, beam_args, run_file) -> exit status; prints what the user needs
     beam: bool = False                # takes Beam's pipeline options
     positional: tuple[str, ...] = ()
+    exits: tuple[int, ...] = ()       # the exit statuses --help lists (EXIT_STATUS), for verbs a scheduler runs
 
     def config_class(self):
         module, cls = self.config.split(":")
         return getattr(importlib.import_module(module), cls)
+
+
+# What each exit status means; `bft VERB --help` lists those of the verbs a scheduler runs (Verb.exits).
+EXIT_STATUS = {
+    0: "done",
+    1: "failed: one line on stderr says why (a user's mistake), or a traceback (a bug)",
+    2: "usage error: an unknown flag or verb, a missing value",
+    75: "EX_TEMPFAIL: waiting for external workers or batches; run again later (or --wait)",
+    130: "interrupted (Ctrl-C, SIGINT); what was answered is kept, a rerun resumes",
+    143: "terminated (SIGTERM, 128 + 15); a rerun resumes",
+}
+
+
+def exit_epilog(verb: "Verb") -> str | None:
+    if not verb.exits:
+        return None
+    return "exit status: " + "; ".join(f"{code} {EXIT_STATUS[code]}" for code in verb.exits) + "."
 
 
 # ---- what each verb prints ---------------------------------------------------------------------
@@ -161,6 +181,12 @@ def _rebuild(cfg, beam_args, run_file) -> int:
     return rebuild.main_rebuild(cfg, run_file)
 
 
+def _status(cfg, beam_args, run_file) -> int:
+    from bft import status
+
+    return status.main_status(cfg, run_file)
+
+
 def _plan(cfg, beam_args, run_file) -> int:
     from bft import plan
 
@@ -169,15 +195,17 @@ def _plan(cfg, beam_args, run_file) -> int:
 
 VERBS = {v.name: v for v in [
     Verb("rebuild", "the whole run from one run file, reusing what is current: prepare -> generate -> assemble "
-         "-> validate -> publish", "bft.rebuild:RebuildConfig", _rebuild),
+         "-> validate -> publish", "bft.rebuild:RebuildConfig", _rebuild, exits=(0, 1, 2, 75, 130, 143)),
+    Verb("status", "for the on-call engineer: the last night, the work pending, who holds the lock, LATEST and "
+         "its alerts", "bft.status:StatusConfig", _status, positional=("root",)),
     Verb("plan", "before any GPU is spent: requests, tokens, gate pass rates and GPU-hours per stage",
          "bft.plan:PlanConfig", _plan),
     Verb("prepare", "Beam pass 1: Dolma head split -> exact length filter -> dedup -> balanced candidate shards",
-         "beam_pipelines.prepare:PrepareConfig", _prepare, beam=True),
+         "beam_pipelines.prepare:PrepareConfig", _prepare, beam=True, exits=(0, 1, 2, 130, 143)),
     Verb("generate", "run one LLM stage (backtranslate, score, rewrite, distill, rate) over the candidate shards",
-         "generation.runner:GenerateConfig", _generate, positional=("stage",)),
+         "generation.runner:GenerateConfig", _generate, positional=("stage",), exits=(0, 1, 2, 75, 130, 143)),
     Verb("assemble", "Beam pass 2: candidates + generations -> the SFT corpus, its statistics, a versioned release",
-         "beam_pipelines.assemble:AssembleConfig", _assemble, beam=True),
+         "beam_pipelines.assemble:AssembleConfig", _assemble, beam=True, exits=(0, 1, 2, 130, 143)),
     Verb("validate", "re-check a release: manifest, checksums, schemas, row counts, unique ids (exit 1 if not)",
          "schemas.release:ValidateConfig", _validate, positional=("path",)),
     Verb("latest", "print the data folder of the release ROOT/sft/LATEST names, for loaders",
@@ -204,34 +232,6 @@ def usage() -> str:
 
 
 # ---- one error path ----------------------------------------------------------------------------
-
-def _user_error_names() -> set[str]:
-    from schemas.errors import UserError
-
-    names, todo = set(), [UserError, storage.StorageError]
-    while todo:
-        cls = todo.pop()
-        names.add(cls.__name__)
-        todo += cls.__subclasses__()
-    return names
-
-
-def user_error_message(exc: BaseException) -> str | None:
-    """The message of a UserError, also when a Beam runner re-raised it from a worker (as the text
-    of another exception, whose last line is `<ErrorClass>: <message>`)."""
-    from schemas.errors import UserError
-
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, (UserError, storage.StorageError)):  # a bucket's error names its gs:// path
-            return str(seen)
-        seen = seen.__cause__ or seen.__context__
-    names = "|".join(sorted(_user_error_names()))
-    found = re.findall(rf"\b(?:{names}): (.+)", str(exc))
-    if not found:
-        return None
-    return re.sub(r"\s*\[while running '[^']*'\]\s*$", "", found[-1]).strip()
-
 
 def _configure_logging(verbose: bool) -> None:
     level = os.environ.get("BFT_LOG_LEVEL", "INFO" if verbose else "WARNING")
@@ -261,10 +261,10 @@ def root_lock(verb: Verb, cfg):
 
 def run_verb(verb: Verb, argv: list[str]) -> int:
     cls = verb.config_class()
+    epilog = " ".join(filter(None, ["Beam's pipeline options (--runner, --project, --temp_location, ...) pass "
+                                    "through to Beam." if verb.beam else None, exit_epilog(verb)]))
     ap = argparse.ArgumentParser(prog=f"bft {verb.name}", description=(cls.__doc__ or verb.summary).strip(),
-                                 allow_abbrev=False,
-                                 epilog="Beam's pipeline options (--runner, --project, --temp_location, ...) "
-                                        "pass through to Beam." if verb.beam else None)
+                                 allow_abbrev=False, epilog=epilog or None)
     ap.add_argument("--config", metavar="FILE", help=f"run file (YAML or JSON): its `{verb.name.split()[0]}:` "
                     "section (and `root:`) supplies options; flags win")
     ap.add_argument("--verbose", action="store_true", help="show Beam's and the libraries' logs")
@@ -289,8 +289,8 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
 
     configure_process()
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "verbose", "quiet")}
+    cfg, file_values = None, {}
     try:
-        file_values = {}
         if args.config:
             head, _, sub = verb.name.partition(" ")
             doc = config.read_run_file(args.config)
@@ -300,24 +300,18 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
         cfg = config.build(cls, file_values, flags, args.config or "")
         with root_lock(verb, cfg):
             return verb.run(cfg, beam_args, args.config)
-    except KeyboardInterrupt:
-        print(f"bft {verb.name}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a user's mistake is one line; anything else is a bug and keeps its traceback
+    except (KeyboardInterrupt, Exception) as e:  # a user's mistake is one line; a bug keeps its traceback
         message = user_error_message(e)
+        fmt = getattr(cfg, "format", None) or flags.get("format") or file_values.get("format")
+        if fmt == "json" and not getattr(e, JSON_ANSWERED, False):  # stdout is one JSON document, always
+            print(json.dumps({"verb": verb.name, "error": one_line(e), "exit_code": exit_status(e)}, indent=2))
+        if isinstance(e, KeyboardInterrupt):
+            message = "interrupted"
         if message is None:
             raise
         print(f"bft {verb.name}: {message}", file=sys.stderr)
         # an error that is a state to wait out says so (generation.batch.BatchesPending: 75, EX_TEMPFAIL)
-        return next((c.exit_status for c in _chain(e) if isinstance(getattr(c, "exit_status", None), int)), 1)
-
-
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
+        return exit_status(e)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,13 @@ where it comes from:
 - GPU-hours: output tokens / `tokens_per_s` of the stage's section (decode throughput of one GPU for
   that model), else the throughput measured on existing shards (output tokens / wall seconds of a
   worker); unknown when neither exists. Only for self-hosted stages: a stage priced per token is not.
+- tonight's work, beside the whole corpus's: the input files new, changed and removed since the last
+  prepare (its stats.json records every file's checksum), the documents of the new and changed files
+  (their lines x the share prepare kept last time: documents already seen are reused row by row, so
+  only these are sent), the shards each stage has pending (not written, or older than their upstream:
+  bft.status), whose candidates not yet answered (checkpoints count as answered) are sent too, and so
+  the requests each stage will send tonight: those documents and rows x the stage's requests per
+  candidate in the plan of the whole corpus. Before any prepare, tonight is the whole corpus.
 - cost of a hosted stage: a stage's section may price its tokens (`price_in`, `price_out`: USD per 1M
   input / output tokens, as hosted APIs list them; `batch_discount`: the share the Batch API takes
   off, default 0.5, OpenAI's); its prompt and output tokens above at those prices, online and through
@@ -39,7 +46,7 @@ import math
 from dataclasses import dataclass
 
 import storage
-from bft.rebuild import RunPlan, StagePlan, load_run
+from bft.rebuild import RunPlan, StagePlan, load_run, no_input
 from schemas.errors import UserError
 from schemas.layout import RunLayout
 from schemas.options import option
@@ -328,7 +335,50 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
     hosted = [s for s in out["stages"].values() if s["hosted"]]
     out["cost_online_total"] = round(sum(s["cost_online"] for s in hosted), 2) if hosted else None
     out["cost_batch_total"] = round(sum(s["cost_batch"] for s in hosted), 2) if hosted else None
+    out["tonight"] = tonight(plan, out)
     return out
+
+
+def tonight(plan: RunPlan, out: dict) -> dict:
+    """What tonight's rebuild will send, beside the whole corpus's plan `out` (module docstring)."""
+    from beam_pipelines.prepare import input_fingerprint, list_inputs
+    from bft.status import stage_pending
+
+    layout, cands = plan.layout, out["candidates"]
+    per_candidate = {stage: s["requests"] / cands["rows"] if cands["rows"] else 0.0 for stage, s in out["stages"].items()}
+    if not storage.exists(layout.prepare_stats):
+        return {"first_night": True, "documents": cands["rows"], "documents_source": cands["source"],
+                "stages": {stage: {"requests": s["requests"], "pending_shards": None} for stage, s in out["stages"].items()}}
+    empty = no_input(plan.prepare)
+    if empty:   # the rebuild stops at once: nothing new tonight
+        return {"first_night": False, "nothing_new": f"nothing new tonight: {empty}",
+                "stages": {stage: {"requests": 0, "pending_shards": None} for stage in out["stages"]}}
+    stats = json.loads(storage.read_text(layout.prepare_stats))
+    seen = {f["path"]: f for f in stats.get("inputs") or []}
+    now = {f["path"]: f for f in input_fingerprint(list_inputs(plan.prepare.input))}
+    new = sorted(p for p in now if p not in seen)
+    changed = sorted(p for p in now if p in seen and now[p] != seen[p])
+    lines = sum(sum(1 for _ in storage.open_lines(p)) for p in new + changed)
+    kept_share = stats["kept"] / stats["input_records"] if stats.get("input_records") else 1.0
+    documents = int(round(lines * kept_share))
+    result = {"first_night": False, "files": {"new": len(new), "changed": len(changed),
+                                              "removed": len(set(seen) - set(now)), "unchanged": len(now) - len(new) - len(changed)},
+              "documents": documents,
+              "documents_source": f"{lines:,} lines of the new and changed input files x the {kept_share:.1%} prepare "
+                                  "kept last time (an upper bound for a changed file: its unchanged documents are reused)",
+              "stages": {}}
+    shards = layout.candidate_shards()
+    rows = {k: storage.read_parquet(path, columns=["id"]).num_rows for k, _, path in shards}
+    for stage in out["stages"]:
+        state = stage_pending(layout, stage, shards)
+        answered = sum(len(storage.read_parquet(p, columns=["id"]))
+                       for k in state["in_flight"]
+                       for p in storage.list_files(layout.generation_checkpoints(stage, k, shards[0][1]))
+                       if p.endswith(".parquet"))
+        todo = max(0, sum(rows[k] for k in state["pending"]) - answered)
+        result["stages"][stage] = {"pending_shards": state["pending"], "pending_rows": todo,
+                                   "requests": int(round((documents + todo) * per_candidate[stage]))}
+    return result
 
 
 def _prices(plan: RunPlan) -> dict[str, dict]:
@@ -431,4 +481,21 @@ def render_table(result: dict) -> str:
     total = result["gpu_hours_total"]
     lines.append(("GPU-hours in all (self-hosted stages): " if hosted else "GPU-hours in all: ")
                  + (f"{total:.2f}" if total is not None else "unknown (give tokens_per_s in each stage's section)"))
-    return "\n".join(lines)
+    return "\n".join(lines + tonight_lines(result))
+
+
+def tonight_lines(result: dict) -> list[str]:
+    t = result["tonight"]
+    if t["first_night"]:
+        return ["", "tonight: the first night (no prepare output yet): the whole corpus above"]
+    if t.get("nothing_new"):
+        return ["", f"tonight: {t['nothing_new']}; no request is sent"]
+    f = t["files"]
+    lines = ["", f"tonight (since the last prepare): input files {f['new']} new, {f['changed']} changed, {f['removed']} "
+                 f"removed, {f['unchanged']} unchanged; ~{t['documents']:,} new or changed documents "
+                 f"({t['documents_source']})",
+             f"{'stage':<14}{'pending shards':>16}{'requests tonight':>18}{'whole corpus':>14}"]
+    for stage, s in t["stages"].items():
+        pending = f"{len(s['pending_shards'])} ({s['pending_rows']:,} rows)" if s["pending_shards"] else "0"
+        lines.append(f"{stage:<14}{pending:>16}{s['requests']:>18,}{result['stages'][stage]['requests']:>14,}")
+    return lines

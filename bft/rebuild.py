@@ -17,10 +17,17 @@ A stage marked `external: true` in the run file runs elsewhere (a GPU cluster): 
 shards, prints the command the workers run when some are missing, and stops (exit 75, EX_TEMPFAIL);
 rerun later, or pass --wait to poll until the workers are done.
 
+An input folder with no input file (no `prepare.input` glob matches a file at the night's start) is
+"nothing new tonight": one line, nothing published, LATEST untouched, exit 0 (or --empty-exit-code).
+
 The night: what every invocation did until a release is published (or found current) is one record,
-kept in ROOT/_night.json between invocations (an exit 75, a stage over its error budget, a kill),
-written into the release's manifest (`run`) and printed at the end with the difference from the
-release LATEST named before (text, or --format json).
+kept in ROOT/_night.json between invocations (an exit 75, a stage over its error budget, a failure or
+an interrupt: each invocation's status is its one-line error), written into the release's manifest
+(`run`), kept in ROOT/_last_night.json once the night ended (`bft status`), and printed at the end
+however the night ends, with the difference from the release LATEST named before when one was
+published (text, or --format json: one JSON document on stdout, the error and exit status in it).
+Every request the generation stages were answered is counted, also those of an invocation that failed,
+was interrupted or was killed (Night.live).
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ from dataclasses import dataclass
 import storage
 from bft import config
 from schemas.outcomes import refused_text
-from schemas.errors import UserError
+from schemas.errors import JSON_ANSWERED, UserError, exit_status, one_line
 from schemas.options import option
 
 EX_TEMPFAIL = 75
@@ -43,14 +50,21 @@ EX_TEMPFAIL = 75
 
 @dataclass
 class RebuildConfig:
-    """The options of `bft rebuild` (the run file holds the verbs' sections; these only steer the run)."""
+    """The options of `bft rebuild` (the run file holds the verbs' sections; these only steer the run).
+    Exit 0 also when nothing is new tonight (no input file; see --empty-exit-code)."""
 
     root: str | None = option(None, "run root (default: the run file's `root:`)")
     wait: bool = option(False, "wait for external generation workers instead of stopping")
     wait_timeout: float = option(6 * 3600.0, "seconds --wait waits before failing")
     poll_s: float = option(30.0, "seconds between checks of external workers' shards")
-    format: str = option("text", "the night's summary at the end: text, or one JSON object on stdout",
-                         choices=["text", "json"])
+    format: str = option("text", "the night's summary at the end, however the night ends: text, or one JSON "
+                         "document on stdout (the error and exit status in it when it failed)", choices=["text", "json"])
+    empty_exit_code: int = option(0, "exit status when no input glob matches a file at the night's start (nothing "
+                                  "new tonight: nothing is published): 0, or a code your scheduler tells apart")
+
+    def check(self) -> None:
+        if not 0 <= self.empty_exit_code <= 255:
+            raise UserError(f"--empty-exit-code {self.empty_exit_code}: an exit status, from 0 to 255")
 
 
 @dataclass
@@ -179,6 +193,8 @@ def _now() -> str:
 
 
 WORK = ("requests_sent", "rows_reused", "transient_errors", "refusals", "generated_shards", "seconds")
+LIVE_SAVE_S = 5.0   # a stage's running count of paid requests is saved at most this often (Night.live)
+UNCLOSED = "ended without closing its record (killed?)"
 
 
 class Night:
@@ -186,25 +202,34 @@ class Night:
     (module docstring). `stages` sums what each stage did over the invocations."""
 
     def __init__(self, layout, config_file: str):
-        self.path = layout.night_record
-        record = None
-        if storage.exists(self.path):
-            try:
-                record = json.loads(storage.read_text(self.path))
-            except ValueError:
-                record = None
-        if not isinstance(record, dict) or not isinstance(record.get("stages"), dict):
+        self.path, self.last_path = layout.night_record, layout.last_night_record
+        record = read_record(self.path)
+        if record is None or record.get("ended_at"):   # none, unreadable, or one that ended (killed as it closed)
             record = {"config_file": config_file, "started_at": _now(), "invocations": [], "stages": {}}
+        for invocation in record["invocations"]:
+            # one that never closed its record (kill -9, a lost machine; this run holds the root's lock, so
+            # it is not running): what its stages had paid, saved as it went (live), is the night's too
+            if invocation.get("status") == "running":
+                invocation["status"] = UNCLOSED
+            for stage, values in invocation.pop("live", {}).items():
+                self._sum(record, stage, values)
         record["invocations"].append({"started_at": _now(), "host": socket.gethostname(), "pid": os.getpid(),
                                       "status": "running"})
         self.record = record
         self.closed = False     # saved or finished: this invocation's status is written
+        self._saved_at = 0.0
 
     def add(self, stage: str, values: dict) -> dict:
         """Adds what `stage` did in this invocation: the work (WORK: requests, rows reused, failures,
         refusals by reason, shards generated, seconds) is summed over the invocations; the rest is a
-        state (candidates, shards reused, model) and the last invocation's value stands."""
-        into = self.record["stages"].setdefault(stage, {})
+        state (candidates, shards reused, model) and the last invocation's value stands. The stage's
+        running count (`live`) is replaced by these values."""
+        self.record["invocations"][-1].get("live", {}).pop(stage, None)
+        return self._sum(self.record, stage, values)
+
+    @staticmethod
+    def _sum(record: dict, stage: str, values: dict) -> dict:
+        into = record["stages"].setdefault(stage, {})
         for key, value in values.items():
             if key not in WORK:
                 into[key] = value
@@ -216,16 +241,44 @@ class Night:
                 into[key] = round(into.get(key, 0) + value, 3)
         return into
 
+    def live(self, stage: str, paid: dict) -> None:
+        """What `stage` has paid for so far in this invocation (StageRunner.paid: requests answered,
+        transient failures, refusals), saved in the record at most every LIVE_SAVE_S: a run killed
+        without a word (kill -9) leaves it, and the next invocation counts it (__init__). A stage that
+        ends, fails or is interrupted replaces it with its values (add)."""
+        self.record["invocations"][-1].setdefault("live", {})[stage] = json.loads(json.dumps(paid))
+        if time.monotonic() - self._saved_at >= LIVE_SAVE_S:
+            self._write(self.path)
+
+    def _write(self, path: str) -> None:
+        self._saved_at = time.monotonic()
+        storage.write_text(path, json.dumps(self.record, indent=2) + "\n")
+
     def save(self, status: str) -> None:
         self.closed = True
         self.record["invocations"][-1].update(status=status, ended_at=_now())
-        storage.write_text(self.path, json.dumps(self.record, indent=2) + "\n")
+        self._write(self.path)
 
-    def finish(self) -> None:
+    def finish(self, outcome: str) -> None:
+        """The night ended (`outcome`: published, current, nothing new): its record becomes the last
+        night's (ROOT/_last_night.json, `bft status`), and the next invocation starts a new night."""
         self.closed = True
         self.record["invocations"][-1].update(status="done", ended_at=_now())
-        self.record["ended_at"] = _now()
+        self.record.update(ended_at=_now(), outcome=outcome)
+        self._write(self.last_path)
         storage.delete(self.path)
+
+
+def read_record(path: str) -> dict | None:
+    """A night's record (Night), or None when there is none or it cannot be read."""
+    if not storage.exists(path):
+        return None
+    try:
+        record = json.loads(storage.read_text(path))
+    except ValueError:
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("stages"), dict) and isinstance(record.get("invocations"), list)
+    return record if ok else None
 
 
 class _Out:
@@ -245,30 +298,71 @@ def _stage_line(r: dict) -> str:
 
 
 def rebuild(plan: RunPlan, cfg: RebuildConfig, lock=None) -> int:
-    """Runs the plan; returns the exit status (0 done, 75 waiting for external workers). `lock`: the
-    root's lock this run holds, let go while --wait waits for external workers (they take it)."""
+    """Runs the plan and prints the night's summary however the night ends (text, or one JSON
+    document); returns the exit status: 0 done (published, current), --empty-exit-code when nothing
+    is new tonight, 75 waiting for external workers or batches. A failure (an error, an interrupt)
+    is recorded and summed up with its one line and exit status, then raised: bft.cli prints the line
+    on stderr and exits. `lock`: the root's lock this run holds, let go while --wait waits for
+    external workers (they take it)."""
     say = _Out(cfg.format)
     night = Night(plan.layout, plan.path)
     try:
-        return _run_night(plan, cfg, night, say, lock)
-    except BaseException as e:  # a failure anywhere (prepare, assemble, a kill's SIGTERM...): the record stays
+        result = _run_night(plan, cfg, night, say, lock)
+    except BaseException as e:  # a failure anywhere (prepare, a stage, assemble, an interrupt): the record stays
+        error = one_line(e)
         if not night.closed:
-            night.save(f"failed: {type(e).__name__}: {str(e)[:200]}")
+            night.save(f"failed: {error}")
+        _answer(cfg, {"outcome": "failed", "exit_code": exit_status(e), "error": error, "night": night.record})
+        if cfg.format == "json":
+            setattr(e, JSON_ANSWERED, True)
         raise
+    _answer(cfg, result)
+    return result["exit_code"]
 
 
-def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> int:
+def _answer(cfg: RebuildConfig, result: dict) -> None:
+    """The night's summary on stdout: one JSON document, or text."""
+    print(json.dumps(result, indent=2) if cfg.format == "json" else night_text(result), flush=True)
+
+
+def no_input(prepare_cfg) -> str | None:
+    """"<folder> has no input files" when none of prepare's input globs matches a file (the folder: a
+    glob's part before its first wildcard), else None."""
+    from beam_pipelines.prepare.config import matching
+
+    patterns = []
+    for pattern in prepare_cfg.input:
+        pattern, files = matching(pattern)
+        if files:
+            return None
+        patterns.append(pattern)
+    folders = sorted({p[:min((p.find(c) for c in "*?[" if c in p), default=len(p))].rsplit("/", 1)[0] or "/"
+                      for p in patterns})
+    return f"{', '.join(folders)} has no input files (input {', '.join(map(repr, patterns))})"
+
+
+def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> dict:
     from beam_pipelines import assemble, prepare
     from generation.batch import BatchesPending
-    from generation.runner import ErrorBudgetExceeded, StageRunner, stage_status
+    from generation.runner import StageRunner, stage_status
     from schemas import release
 
+    empty = no_input(plan.prepare)
+    if empty:   # an input folder not filled yet: a state, not a failure
+        message = f"nothing new tonight: {empty}; nothing published, LATEST unchanged"
+        night.finish("nothing new")
+        return {"outcome": "nothing new", "exit_code": cfg.empty_exit_code, "error": None, "message": message,
+                "night": night.record}
     t0 = time.perf_counter()
     say(f"== prepare -> {plan.root}/candidates")
     stats = prepare.run(plan.prepare, plan.prepare_beam_args)
-    night.add("prepare", {"reused": bool(stats.get("reused")), "seconds": round(time.perf_counter() - t0, 3),
+    reused = bool(stats.get("reused"))
+    earlier = bool(night.record["stages"].get("prepare", {}).get("ran_tonight"))   # by an earlier invocation
+    night.add("prepare", {"reused": reused, "ran_tonight": earlier or not reused,
+                          "seconds": round(time.perf_counter() - t0, 3),
                           "inputs": len(stats.get("inputs") or []), "candidates": stats["kept"]})
-    say(f"   {'reused (config and input files unchanged)' if stats.get('reused') else 'done'}: "
+    state = "done" if not reused else "done earlier tonight" if earlier else "reused"
+    say(f"   {state}{' (config and input files unchanged)' if reused else ''}: "
         f"{stats['input_records']:,} input records -> {stats['kept']:,} candidates")
     for sp in plan.stages:
         t = time.perf_counter()
@@ -278,32 +372,37 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
             if status["pending"] and cfg.wait:
                 status = _wait(sp, cfg, say, lock)
             if status["pending"]:
+                command = worker_command(plan.path, sp.stage, sp.workers, sp.cfg)
                 say(f"   {len(status['complete'])} of {status['shards']} shards complete; the workers run:\n     "
-                    + worker_command(plan.path, sp.stage, sp.workers, sp.cfg)
-                    + "\n   then run this rebuild again (or with --wait)")
+                    f"{command}\n   then run this rebuild again (or with --wait)")
                 night.save("waiting for external workers")
-                return EX_TEMPFAIL
-            summary = {"shards_done": [], "shards_skipped": status["complete"], "sent": 0, "reused": 0,
-                       "errors": 0, "refusals": {}}
+                return {"outcome": "waiting", "exit_code": EX_TEMPFAIL, "error": None, "night": night.record,
+                        "message": f"{len(status['complete'])} of {status['shards']} shards of {sp.stage} complete; "
+                                   f"the workers run: {command}"}
+            summary = {"shards_done": [], "shards_skipped": status["complete"], "reused": 0}
+            paid = None
         else:
             if cfg.wait and sp.cfg.batch != "none":  # rebuild --wait waits for a stage's batches too
                 sp.cfg.wait, sp.cfg.wait_timeout = True, min(sp.cfg.wait_timeout, cfg.wait_timeout)
+            runner = StageRunner(sp.cfg)
+            runner.on_paid = lambda paid, stage=sp.stage: night.live(stage, paid)
             try:
-                with StageRunner(sp.cfg) as runner:  # closes the stage's engine before the next one loads
+                with runner:  # closes the stage's engine before the next one loads
                     summary = runner.run()
             except BatchesPending as e:  # submitted or still running: not a failure, a state to wait out
-                values = _stage_values(sp, e.summary, time.perf_counter() - t)
+                values = _stage_values(sp, e.summary, time.perf_counter() - t, runner.paid)
                 night.add(sp.stage, values)
                 say(_stage_line(values) + f"\n   {e}\n   then run this rebuild again (or with --wait)")
                 night.save(f"waiting for {sp.stage}'s batches")
-                return EX_TEMPFAIL
-            except ErrorBudgetExceeded as e:
-                values = _stage_values(sp, e.summary, time.perf_counter() - t)
+                return {"outcome": "waiting", "exit_code": EX_TEMPFAIL, "error": None, "message": str(e),
+                        "night": night.record}
+            except BaseException:  # over its error budget, failed or interrupted: what it paid for counts
+                values = _stage_values(sp, runner.summary, time.perf_counter() - t, runner.paid)
                 night.add(sp.stage, values)
                 say(_stage_line(values))
-                night.save(f"failed: {sp.stage} over its error budget")
                 raise
-        values = _stage_values(sp, summary, time.perf_counter() - t)
+            paid = runner.paid
+        values = _stage_values(sp, summary, time.perf_counter() - t, paid)
         night.add(sp.stage, values)
         say(_stage_line(values))
     t = time.perf_counter()
@@ -320,24 +419,25 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
     say(f"   {'reused: release ' + stats['version'] + ' is current, nothing new published' if stats.get('reused') else 'published release ' + stats['version']}"
         f" ({f['final']['train']:,} train, {f['final']['validation']:,} validation)")
     say(f"== validate: {len(manifest['files'])} files checked\nrelease: {folder}\nreport: {folder}/report.html")
-    night.finish()
-    result = {"night": night.record, "release": {"version": stats["version"], "published": not stats.get("reused"),
-                                                 "folder": folder, "train": f["final"]["train"],
-                                                 "validation": f["final"]["validation"]},
-              "changes": release_changes(plan.layout, previous, stats),
-              "alerts": stats.get("alerts") or []}
-    if cfg.format == "json":
-        print(json.dumps(result, indent=2))
-    else:
-        print(night_text(result))
-    return 0
+    outcome = "current" if stats.get("reused") else "published"
+    night.finish(outcome)
+    return {"outcome": outcome, "exit_code": 0, "error": None, "night": night.record,
+            "release": {"version": stats["version"], "published": not stats.get("reused"), "folder": folder,
+                        "train": f["final"]["train"], "validation": f["final"]["validation"]},
+            "changes": release_changes(plan.layout, previous, stats),
+            "alerts": stats.get("alerts") or []}
 
 
-def _stage_values(sp: StagePlan, summary: dict, seconds: float) -> dict:
-    return {"generated": summary["shards_done"] or "none", "reused_shards": len(summary["shards_skipped"]),
-            "generated_shards": len(summary["shards_done"]), "requests_sent": summary["sent"],
-            "rows_reused": summary.get("reused", 0), "transient_errors": summary["errors"],
-            "refusals": dict(summary.get("refusals") or {}), "external": sp.external, "model": sp.cfg.model,
+def _stage_values(sp: StagePlan, summary: dict, seconds: float, paid: dict | None) -> dict:
+    """A stage's values for the night: its shards from `summary` (StageRunner.summary, also a partial
+    one), its requests, failures and refusals from `paid` (StageRunner.paid: every answer, those of
+    shards not written yet included; None for an external stage, whose workers count their own)."""
+    paid = paid or {"requests_sent": 0, "transient_errors": 0, "refusals": {}}
+    done = summary.get("shards_done") or []
+    return {"generated": done or "none", "reused_shards": len(summary.get("shards_skipped") or []),
+            "generated_shards": len(done), "requests_sent": paid["requests_sent"],
+            "rows_reused": summary.get("reused", 0), "transient_errors": paid["transient_errors"],
+            "refusals": dict(paid["refusals"]), "external": sp.external, "model": sp.cfg.model,
             "seconds": round(seconds, 3)}
 
 
@@ -365,20 +465,33 @@ def release_changes(layout, previous: str | None, stats: dict) -> dict:
 
 
 def night_text(result: dict) -> str:
+    """The night's summary as text (`result`: rebuild's answer, however the night ended)."""
     from beam_pipelines.changes import pct
 
-    night, rel, changes = result["night"], result["release"], result["changes"]
+    night, rel, changes = result["night"], result.get("release"), result.get("changes") or {}
+    if result["outcome"] == "nothing new":
+        return result["message"]
     lines = [f"== the night ({len(night['invocations'])} invocation(s) since {night['started_at']})"]
     for stage, r in night["stages"].items():
         if stage == "prepare":
-            lines.append(f"   prepare: {'reused' if r.get('reused') else 'ran'}, {r.get('candidates', 0):,} candidates, "
-                         f"{r.get('seconds', 0):.1f} s")
+            state = ("done earlier tonight" if r.get("reused") and r.get("ran_tonight") else
+                     "reused" if r.get("reused") else "ran")
+            lines.append(f"   prepare: {state}, {r.get('candidates', 0):,} candidates, {r.get('seconds', 0):.1f} s")
         elif stage == "assemble":
             lines.append(f"   assemble: {'reused' if r.get('reused') else 'built'}, {r.get('seconds', 0):.1f} s")
         else:
             lines.append(f"   {stage}: {r.get('requests_sent', 0):,} sent, {r.get('rows_reused', 0):,} reused, "
                          f"{refused_text(r.get('refusals'))}, {r.get('transient_errors', 0)} transient failures, "
                          f"{r.get('seconds', 0):.1f} s")
+    if len(night["invocations"]) > 1 or result["outcome"] not in ("published", "current"):
+        lines.append("   invocations: " + "; ".join(f"{i + 1}. {inv.get('started_at', '?')} {inv.get('status', '?')}"
+                                                    for i, inv in enumerate(night["invocations"])))
+    if result["outcome"] == "failed":
+        lines.append(f"   FAILED (exit {result['exit_code']}): {result['error']}")
+    elif result["outcome"] == "waiting":
+        lines.append(f"   waiting (exit {result['exit_code']}): {result['message']}")
+    if rel is None:
+        return "\n".join(lines)
     lines.append(f"   release {rel['version']}: {'published' if rel['published'] else 'current, nothing new'} "
                  f"({rel['train']:,} train, {rel['validation']:,} validation)")
     if changes.get("previous") is None:

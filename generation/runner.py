@@ -224,6 +224,12 @@ class StageRunner:
         self.top_p = self.spec.top_p if cfg.top_p is None else cfg.top_p
         self._owns_engine = engine is None
         self._served: set[str] = set()   # the model names the server said answered
+        self.summary: dict = {}          # what run() did so far: read after a failure too
+        # Every answer this runner got, counted as it comes (so also when run() ends in a failure or an
+        # interrupt, or the shard is not written yet): each is a request paid for. `on_paid(paid)` is
+        # called after each (bft rebuild keeps the night's count with it).
+        self.paid: dict = {"requests_sent": 0, "transient_errors": 0, "refusals": {}}
+        self.on_paid = None
 
     def __enter__(self) -> "StageRunner":
         return self
@@ -304,8 +310,9 @@ class StageRunner:
             all_shards = self.layout.candidate_shards()
         except LayoutError as e:
             raise GenerationError(str(e)) from e
-        summary = {"stage": cfg.stage, "shards_done": [], "shards_skipped": [], "rows": 0, "sent": 0, "reused": 0,
-                   "answered": 0, "errors": 0, "refusals": {}, "failing_shards": [], "seconds": 0.0}
+        summary = self.summary = {"stage": cfg.stage, "shards_done": [], "shards_skipped": [], "rows": 0, "sent": 0,
+                                  "reused": 0, "answered": 0, "errors": 0, "refusals": {}, "failing_shards": [],
+                                  "seconds": 0.0}
         work = []
         for k, n, cand_path in all_shards:
             if k % cfg.num_workers != cfg.worker_index:
@@ -520,8 +527,14 @@ class StageRunner:
               progress: StageProgress) -> bool:
         """`comp` as the shard's row, counted and checkpointed; True when it was the shard's last answer."""
         answered = self._row(row, req, comp, truncated, None)
-        progress.answer(comp.output_tokens or 0, is_engine_error(answered["parse_error"]),
-                        category(answered["parse_error"]) in REFUSALS)
+        error, kind = is_engine_error(answered["parse_error"]), category(answered["parse_error"])
+        progress.answer(comp.output_tokens or 0, error, kind in REFUSALS)
+        self.paid["requests_sent"] += 1
+        self.paid["transient_errors"] += error
+        if kind in REFUSALS:
+            self.paid["refusals"][kind] = self.paid["refusals"].get(kind, 0) + 1
+        if self.on_paid is not None:
+            self.on_paid(self.paid)
         return shard.answer(answered, comp.output_tokens or 0)
 
     def _row(self, row: dict, req: Request | None, comp: Completion | None, truncated: bool, reason: str | None) -> dict:

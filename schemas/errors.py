@@ -1,4 +1,4 @@
-"""The one error type for a user's mistake.
+"""The one error type for a user's mistake, and how any failure is told: one line and an exit status.
 
 A `UserError` (or a subclass: a missing input, an inconsistent run root, a bad config value) is what
 the user can fix; `bft` prints its message as one line and exits 1. Anything else is a bug and keeps
@@ -6,6 +6,72 @@ its traceback. Messages name the file, record or option at fault and say what to
 """
 from __future__ import annotations
 
+import re
+
+import storage
+
 
 class UserError(Exception):
     """A mistake the user can fix; `bft` prints the message alone and exits 1."""
+
+
+def _user_error_names() -> set[str]:
+    names, todo = set(), [UserError, storage.StorageError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The message of a UserError, also when a Beam runner re-raised it from a worker (as the text
+    of another exception, whose last line is `<ErrorClass>: <message>`)."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, (UserError, storage.StorageError)):  # a bucket's error names its gs:// path
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    names = "|".join(sorted(_user_error_names()))
+    found = re.findall(rf"\b(?:{names}): (.+)", str(exc))
+    if not found:
+        return None
+    return re.sub(r"\s*\[while running '[^']*'\]\s*$", "", found[-1]).strip()
+
+
+def chain(exc: BaseException):
+    """`exc` and the exceptions it was raised from or while handling, once each."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def exit_status(exc: BaseException) -> int:
+    """The exit status of a command that ended with `exc`: its `exit_status` where an exception of
+    its chain has one (generation.batch.BatchesPending: 75, EX_TEMPFAIL, a state to wait out), 130 for
+    an interrupt, else 1 (a user's mistake, or a bug)."""
+    found = next((c.exit_status for c in chain(exc) if isinstance(getattr(c, "exit_status", None), int)), None)
+    if found is not None:
+        return found
+    return 130 if isinstance(exc, KeyboardInterrupt) else 1
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """What a record of a failure keeps (the night's record, `bft status`, a JSON answer): the user
+    error's message, `interrupted`, or for a bug `<Type>: <its last line>` (a Beam runner's
+    exception holds the worker's whole traceback; its last line names the error)."""
+    message = user_error_message(exc)
+    if message is None and isinstance(exc, KeyboardInterrupt):
+        message = "interrupted"
+    if message is None:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        message = f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[:limit - 3] + "..."
+
+
+# A verb with `--format json` that printed its own JSON answer for a failure (the error in it) marks
+# the exception with this attribute, so that `bft` does not print a second document (bft.cli).
+JSON_ANSWERED = "json_answered"

@@ -15,6 +15,8 @@ parses shard names.
     <root>/seed/seed.parquet                                  bft seed (the OpenAssistant seed pairs)
     <root>/models/<name>/                                     bft train (backward, forward, sft)
     <root>/eval/<name>.json                                   bft eval (answers, judgments)
+    <root>/_night.json, _last_night.json                      bft rebuild's record of the night in progress
+                                                              and of the last night that ended
     <root>/_lock/<name>                                       who writes the root now (schemas.lock): "root",
                                                               or generate-<stage>-<I>-of-<W> for one worker
 
@@ -42,6 +44,7 @@ PRIOR = "_prior"
 CHECKPOINTS = "_checkpoints"
 BATCHES = "_batches"
 NIGHT = "_night.json"
+LAST_NIGHT = "_last_night.json"
 LOCK = "_lock"
 STATS = "stats.json"
 LATEST = "LATEST"
@@ -157,6 +160,11 @@ class RunLayout:
         return sorted(shards)
 
     # ---- bft generate ---------------------------------------------------------------------------
+    @property
+    def all_generations(self) -> str:
+        """The folder of every stage's folder."""
+        return self._join(GENERATIONS)
+
     def generations(self, stage: str) -> str:
         return self._join(GENERATIONS, stage)
 
@@ -170,6 +178,11 @@ class RunLayout:
     def night_record(self) -> str:
         """bft rebuild's record of a night still in progress (bft/rebuild.py: Night)."""
         return self._join(NIGHT)
+
+    @property
+    def last_night_record(self) -> str:
+        """The record of the last night that ended (published, found current, or nothing new): `bft status`."""
+        return self._join(LAST_NIGHT)
 
     def generation_checkpoints(self, stage: str, shard: int, num_shards: int) -> str:
         """The folder of a shard in flight's checkpoint parts (generation/runner.py: Checkpoints)."""

@@ -399,3 +399,36 @@ def clear_dead_folders(parent: str, now: float | None = None) -> list[str]:
         storage.delete_tree(folder)
         deleted.append(folder)
     return deleted
+
+
+def peek(path: str, stale_s: float = 600.0) -> dict | None:
+    """Who holds the lock at `path`, read without taking it (a test-lock would refuse a writer that
+    starts meanwhile): None when it is free, else {"holder": its record, "stale": bool, "why": str}.
+    Stale: its holder ran on this machine and its process is gone, or (gs://) it has not beaten for
+    `stale_s`; the next writer takes such a lock. A local holder on another machine cannot be checked
+    from here (`checked` False): its record says it holds the lock."""
+    if storage.is_gcs(path):
+        seen = Lock(path, stale_s=stale_s)._read()
+        if seen is None:
+            return None
+        _, holder, age = seen
+        if age is not None and age > stale_s:
+            return {"holder": holder, "stale": True, "checked": True, "why": f"no heartbeat for {age:.0f} s"}
+        gone = _process_gone(holder)
+        return {"holder": holder, "stale": gone, "checked": True,
+                "why": "its process is gone" if gone else f"last heartbeat {age:.0f} s ago" if age is not None else ""}
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 16)
+    except FileNotFoundError:
+        return None
+    if not data.strip():   # a released lock file names no holder
+        return None
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        holder = {}
+    holder = holder if isinstance(holder, dict) else {}
+    gone = _process_gone(holder)
+    return {"holder": holder, "stale": gone, "checked": _same_machine(holder),
+            "why": "its process is gone" if gone else ""}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -40,13 +41,26 @@ def test_help_and_version_go_to_stdout(capsys):
 
 @pytest.mark.parametrize("verb", ["prepare", "generate", "generate backtranslate", "generate score",
                                   "generate rewrite", "generate distill", "generate rate", "assemble", "validate", "latest",
-                                  "seed", "train", "eval generate", "eval judge", "rebuild", "plan"])
+                                  "seed", "train", "eval generate", "eval judge", "rebuild", "plan", "status"])
 def test_every_verb_and_stage_has_help(capsys, verb):
     """Each verb's --help prints its options (a help text with a literal % once crashed argparse)."""
     with pytest.raises(SystemExit) as e:
         cli.main(verb.split() + ["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and out.startswith("usage: bft ") and "--config FILE" in out
+
+
+@pytest.mark.parametrize("verb, codes", [("rebuild", (0, 1, 2, 75, 130, 143)), ("generate", (0, 1, 2, 75, 130, 143)),
+                                         ("prepare", (0, 1, 2, 130, 143)), ("assemble", (0, 1, 2, 130, 143))])
+def test_the_verbs_a_scheduler_runs_list_their_exit_statuses_in_help(capsys, verb, codes):
+    """Issue 34: no exit codes in `bft rebuild --help`; a scheduler's author needs 75 (wait) and 130 apart."""
+    with pytest.raises(SystemExit):
+        cli.main([verb, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    listed = help_text[help_text.index("exit status: "):]
+    assert [int(c) for c in re.findall(r"(?:: |; )(\d+) ", listed)] == list(codes), listed
+    assert "75 EX_TEMPFAIL: waiting for external workers or batches" in listed or 75 not in codes
+    assert "130 interrupted (Ctrl-C, SIGINT)" in listed and "1 failed: one line on stderr says why" in listed
 
 
 def test_bft_eval_alone_lists_its_sub_verbs(capsys):

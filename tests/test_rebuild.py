@@ -382,8 +382,10 @@ def test_the_nights_record_sums_work_and_keeps_the_last_state(tmp_path):
     assert stages["score"] == {"requests_sent": 43, "reused_shards": 2, "generated_shards": 2,
                                "refusals": {"content_filter": 2, "refusal": 2}, "seconds": 3.0}
     assert [i["status"] for i in again.record["invocations"]] == ["waiting for external workers", "running"]
-    again.finish()
+    again.finish("published")
     assert not os.path.exists(tmp_path / "_night.json")
+    last = json.loads((tmp_path / "_last_night.json").read_text())     # what bft status shows
+    assert last["outcome"] == "published" and last["stages"]["score"]["requests_sent"] == 43
 
 
 def test_rebuild_wait_lets_a_single_external_worker_take_the_root(tmp_path, tiny_models, bpe_tokenizer_path,
@@ -416,3 +418,206 @@ def test_rebuild_wait_lets_a_single_external_worker_take_the_root(tmp_path, tiny
         proc.kill()
     assert proc.returncode == 0, err
     assert "waiting for workers: 0 of 2 shards complete" in out and "published release" in out, (out, err)
+
+
+# ---- issue 34 points 3 and 5: empty input, and what the on-call engineer sees ------------------------
+
+@pytest.fixture
+def nightly(tmp_path, prepared_root, tiny_models, bpe_tokenizer_path):
+    """A copy of the prepared root (12 candidates in 3 shards) whose run file's prepare is reused (no Beam
+    pass), score external (the night stops before assemble): (root, run file, input glob)."""
+    import shutil
+
+    root = str(tmp_path / "run")
+    shutil.copytree(prepared_root, root)
+    stats_path = os.path.join(root, "candidates", "stats.json")
+    stats = json.loads(open(stats_path).read())
+    inputs = os.path.join(root, "in", "*", "*.json.gz")
+    for entry in stats["inputs"]:   # the copy's input files are the ones recorded
+        entry["path"] = entry["path"].replace(prepared_root, root)
+    stats["config"]["input"] = [inputs]
+    open(stats_path, "w").write(json.dumps(stats))
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [inputs], prepare__max_tokens=1000,
+                   prepare__num_shards=3, prepare__reject_shards=1, generate__score__external=True)
+    return root, cfg, inputs
+
+
+def test_an_empty_input_folder_is_nothing_new_tonight(tmp_path, tiny_models, bpe_tokenizer_path, capsys):
+    """An input folder still empty failed the whole night (prepare: matches no file, exit 1): it is
+    one line, nothing is published, LATEST is untouched, exit 0 or --empty-exit-code."""
+    root = tmp_path / "run"
+    (root / "sft").mkdir(parents=True)
+    (root / "sft" / "LATEST").write_text("v0\n")
+    (tmp_path / "dolma").mkdir()
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(root), [str(tmp_path / "dolma" / "*" / "*.json.gz")])
+    rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+    assert rc == 0, err
+    assert out.strip().splitlines() == [f"nothing new tonight: {tmp_path / 'dolma'} has no input files (input "
+                                        f"'{tmp_path / 'dolma' / '*' / '*.json.gz'}'); nothing published, LATEST "
+                                        "unchanged"], out
+    assert (root / "sft" / "LATEST").read_text() == "v0\n" and os.listdir(root / "sft") == ["LATEST"]
+    assert json.loads((root / "_last_night.json").read_text())["outcome"] == "nothing new"
+    rc, out, _ = bft(capsys, "rebuild", "--config", cfg, "--empty-exit-code", "3", "--format", "json")
+    assert rc == 3 and json.loads(out)["outcome"] == "nothing new" and json.loads(out)["exit_code"] == 3
+    assert not os.path.exists(root / "candidates")
+
+
+def test_a_failed_night_is_summed_up_in_one_line_and_one_json_document(nightly, monkeypatch, capsys):
+    """A failing night printed nothing on stdout with --format json, no summary, and recorded a cut
+    Beam traceback: now the summary (text or one JSON document, the error's one line and exit status
+    in it), and the one line in the night's record. Also for a verb that fails before it runs."""
+    from beam_pipelines import prepare
+
+    root, cfg, _ = nightly
+    beam_error = ("Pipeline failed: Traceback (most recent call last):\n  File x\n  File y\n"
+                  "beam_pipelines.prepare.UnreadableFileError: /d/a.json.gz: unreadable after 3 lines "
+                  "(EOFError: eof) [while running 'ReadAndMeasure']\n")
+
+    def failing(*args):
+        raise RuntimeError(beam_error)
+
+    monkeypatch.setattr(prepare, "run", failing)
+    line = "/d/a.json.gz: unreadable after 3 lines (EOFError: eof)"
+    rc, out, err = bft(capsys, "rebuild", "--config", cfg, "--format", "json")
+    assert rc == 1 and err.strip().splitlines()[-1] == f"bft rebuild: {line}"   # after the progress lines
+    answer = json.loads(out)   # exactly one document
+    assert (answer["outcome"], answer["error"], answer["exit_code"]) == ("failed", line, 1)
+    assert answer["night"]["invocations"][-1]["status"] == f"failed: {line}"
+    rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+    assert rc == 1 and "== the night (2 invocation(s) since" in out and f"FAILED (exit 1): {line}" in out
+    record = json.loads(open(os.path.join(root, "_night.json")).read())
+    assert [i["status"] for i in record["invocations"]] == [f"failed: {line}"] * 2
+    bad = os.path.join(root, "bad.yaml")
+    open(bad, "w").write("prepare: {}\n")
+    rc, out, err = bft(capsys, "plan", "--config", bad, "--format", "json")
+    assert rc == 1 and json.loads(out) == {"verb": "plan", "error": f"{bad}: no `root:` (the run root, local or gs://)",
+                                           "exit_code": 1}
+
+
+def test_every_paid_request_counts_also_those_of_an_interrupted_invocation(nightly, chat_server, tiny_models,
+                                                                          monkeypatch, capsys):
+    """The summary said 1,215 backtranslate requests when 2,124 were paid: an interrupted invocation's
+    answers were not counted. Interrupted after 4 answers, then resumed: the night counts what the
+    server was sent. And "prepare: reused" was shown when prepare ran earlier that night."""
+    from beam_pipelines import prepare
+    from generation.runner import StageRunner
+
+    root, cfg, _ = nightly
+    doc = yaml.safe_load(open(cfg))   # one request at a time: an interrupt leaves none unanswered
+    doc["generate"]["backtranslate"] = {"engine": "openai", "model": "tiny-chat", "base_url": chat_server.url,
+                                        "tokenizer": tiny_models["chat"], "concurrency": 1, "checkpoint_rows": 1}
+    open(cfg, "w").write(yaml.safe_dump(doc))
+    chat_server.answer = lambda body: "Describe the topic of this page in a few sentences."
+    chat_server.requests.clear()
+    take, run_prepare, answers = StageRunner._take, prepare.run, []
+
+    def interrupted(self, *args):
+        done = take(self, *args)
+        answers.append(1)
+        if len(answers) == 4:
+            raise KeyboardInterrupt
+        return done
+
+    monkeypatch.setattr(StageRunner, "_take", interrupted)
+    monkeypatch.setattr(prepare, "run", lambda *a: {**run_prepare(*a), "reused": False})  # as if it ran now
+    try:
+        rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+        assert rc == 130 and err.strip() == "bft rebuild: interrupted", (out, err)
+        assert "backtranslate: 4 sent" in out and "FAILED (exit 130): interrupted" in out
+        monkeypatch.setattr(StageRunner, "_take", take)
+        monkeypatch.setattr(prepare, "run", run_prepare)
+        rc, out, err = bft(capsys, "rebuild", "--config", cfg, "--format", "json")
+    finally:
+        chat_server.answer = None
+    assert rc == 75, err
+    answer = json.loads(out)
+    assert answer["outcome"] == "waiting" and answer["exit_code"] == 75
+    paid = [r for r in chat_server.requests if r["path"].endswith("/completions")]
+    assert len(paid) == 12 and answer["night"]["stages"]["backtranslate"]["requests_sent"] == len(paid)
+    assert [i["status"] for i in answer["night"]["invocations"]] == ["failed: interrupted", "waiting for external workers"]
+    from bft.rebuild import night_text
+
+    assert "prepare: done earlier tonight, 12 candidates" in night_text(answer)
+    assert "   done earlier tonight (config and input files unchanged): 12 input records" in err
+
+
+def test_a_killed_invocations_running_count_is_the_nights(tmp_path):
+    """kill -9 leaves no word: what its stage had paid, saved as it went (Night.live), is counted by the
+    next invocation, which marks it as ended without closing its record."""
+    from bft.rebuild import UNCLOSED, Night
+
+    night = Night(RunLayout(str(tmp_path)), "run.yaml")
+    night.add("backtranslate", {"requests_sent": 5, "seconds": 1.0})
+    night.live("score", {"requests_sent": 7, "transient_errors": 1, "refusals": {"content_filter": 1}})
+    # (killed here: no save, no finish)
+    again = Night(RunLayout(str(tmp_path)), "run.yaml")
+    assert again.record["stages"]["score"] == {"requests_sent": 7, "transient_errors": 1,
+                                               "refusals": {"content_filter": 1}}
+    assert [i["status"] for i in again.record["invocations"]] == [UNCLOSED, "running"]
+    assert again.record["stages"]["backtranslate"]["requests_sent"] == 5   # saved with the running count
+
+
+def test_bft_status_shows_the_nights_the_pending_work_the_lock_and_latest(nightly, capsys):
+    """`bft status ROOT` (or --config FILE): the last night and the one unfinished with each invocation's
+    one-line result, the shards pending (in flight with checkpoints), the lock's holder and whether
+    it is stale, LATEST and its alerts; read without taking the lock."""
+    import subprocess
+
+    from bft.rebuild import Night
+    from storage.lock import holder_info
+
+    root, cfg, _ = nightly
+    layout = RunLayout(root)
+    night = Night(layout, cfg)
+    night.add("backtranslate", {"requests_sent": 12})
+    night.finish("published")
+    night = Night(layout, cfg)
+    night.add("backtranslate", {"requests_sent": 3})
+    night.save("failed: score: the server at http://gpu-3:8000/v1 does not answer")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    storage.write_text(layout.lock(), json.dumps({**holder_info(), "pid": gone.pid, "command": "bft rebuild"}))
+    storage.write_bytes(os.path.join(layout.generation_checkpoints("backtranslate", 1, 3), "c", "part-00001.parquet"), b"x")
+    storage.write_text(layout.latest, "v1\n")
+    storage.write_text(os.path.join(layout.release("v1"), "manifest.json"),
+                       json.dumps({"created_at": "2026-11-30T03:09:00Z", "counts": {"train": 49, "validation": 1}}))
+    storage.write_text(os.path.join(layout.release("v1"), "stats.json"), json.dumps({"alerts": ["validation split: 1"]}))
+
+    rc, out, err = bft(capsys, "status", root)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[1].startswith("last night: published, ended ") and "requests paid: backtranslate 12)" in lines[1]
+    assert any(line.startswith("night unfinished (started ") and "requests paid so far: backtranslate 3)" in line
+               for line in lines)
+    assert any(line.endswith("failed: score: the server at http://gpu-3:8000/v1 does not answer") for line in lines)
+    assert "pending: prepare complete (12 candidates, " in out
+    assert f"lock root: STALE (its process is gone): the next writer takes it over: host " in out
+    assert f"pid {gone.pid}, since " in out
+    assert ("LATEST: v1 (NOT published: no _SUCCESS, 2026-11-30T03:09:00Z, 49 train, 1 validation)" in out
+            and "   ALERT: validation split: 1" in out)
+    rc, out, err = bft(capsys, "status", "--config", cfg, "--format", "json")
+    assert rc == 0, err
+    answer = json.loads(out)
+    assert answer["pending"]["stages"] == {
+        stage: {"shards": 3, "written": 0, "pending": [0, 1, 2], "in_flight": [1] if stage == "backtranslate" else [],
+                "in_batches": []} for stage in ("backtranslate", "score")}
+    assert [lock["stale"] for lock in answer["locks"]] == [True] and answer["latest"]["alerts"] == ["validation split: 1"]
+    assert answer["night"]["invocations"][-1]["status"].startswith("failed: score:")
+
+
+def test_plan_shows_tonights_work_beside_the_whole_corpus(nightly, fixture_texts, capsys):
+    """`bft plan` showed the whole corpus's cost, not what tonight sends: the input files new since the
+    last prepare, their documents, the shards pending, and each stage's requests tonight."""
+    root, cfg, _ = nightly
+    write_dolma_file(os.path.join(root, "in", "cc_en_head", "b.json.gz"),
+                     [dolma_line(f"n{i}", fixture_texts[50 + i][:300]) for i in range(3)])
+    rc, out, err = bft(capsys, "plan", "--config", cfg, "--format", "json")
+    assert rc == 0, err
+    t = json.loads(out)["tonight"]
+    assert t["files"] == {"new": 1, "changed": 0, "removed": 0, "unchanged": 1} and t["documents"] == 3
+    bt = t["stages"]["backtranslate"]
+    assert bt["pending_shards"] == [0, 1, 2] and bt["pending_rows"] == 12 and bt["requests"] == 15
+    rc, out, err = bft(capsys, "plan", "--config", cfg)
+    assert rc == 0, err
+    assert "tonight (since the last prepare): input files 1 new, 0 changed, 0 removed, 1 unchanged; ~3 new" in out
+    assert re.search(r"\nbacktranslate\s+3 \(12 rows\)\s+15\s+12\n", out), out

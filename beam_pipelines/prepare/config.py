@@ -85,12 +85,17 @@ class PrepareConfig(Rooted):
                              self.near_dedup_threshold)
 
 
+def matching(pattern: str) -> tuple[str, list[str]]:
+    """(the pattern, a local one made absolute; the files it matches now)."""
+    if not storage.is_gcs(pattern):
+        pattern = os.path.abspath(os.path.expanduser(pattern))
+    return pattern, storage.glob(pattern)
+
+
 def list_inputs(patterns: list[str]) -> list[str]:
     files: list[str] = []
     for pattern in patterns:
-        if not storage.is_gcs(pattern):
-            pattern = os.path.abspath(os.path.expanduser(pattern))
-        matched = storage.glob(pattern)
+        pattern, matched = matching(pattern)
         if not matched:
             raise UserError(f"--input {pattern!r} matches no file")
         files.extend(matched)
