@@ -173,12 +173,36 @@ def test_sft_trains_on_a_published_release(tmp_path, tiny_models, bpe_tokenizer_
     assemble(root, seed_data=seed_file, version="r1")
     out = str(tmp_path / "sft")
     rc = cli.main(["train", "--role", "sft", "--base-model", tiny_models["plain"], "--data", root, "--output", out,
-                   "--max-steps", "2", "--batch-size", "4", "--per-device-batch-size", "2"])
+                   "--select-steps", "1,2,3", "--lr", "0.05", "--batch-size", "4", "--per-device-batch-size", "2"])
     assert rc == 0
     summary = json.load(open(os.path.join(out, "bft_train.json")))
     assert summary["data"].startswith("release r1") and summary["examples"] + summary["validation_examples"] == 4 + 8
+    # the paper's way: train to the largest step, keep the one with the lowest validation loss
+    selection = summary["metrics"]["selection"]
+    losses = {int(k): v for k, v in selection["eval_loss_at_step"].items()}
+    assert sorted(losses) == [1, 2, 3] and selection["kept_step"] == min(losses, key=losses.get)
+    assert summary["metrics"]["steps"] == 3 and not os.path.exists(out + ".partial")
+    tok = train.load_tokenizer(out)
+    val = data.load_rows(root)[1]
+    ds, _ = data.build_dataset(tok, "sft", val, 1024)
+    kept = _fixed_batch_loss(out, data.PadCollator(tok.pad_token_id)([ds[i] for i in range(len(ds))]))
+    assert abs(kept - losses[selection["kept_step"]]) < 1e-3, (kept, losses)
     # a base model without a chat template gets Llama-2's, the one its training prompts were rendered with
     assert "[INST]" in open(os.path.join(out, "chat_template.jinja")).read()
+
+
+def test_sft_defaults_to_the_papers_steps_chosen_by_validation_loss():
+    cfg = dict(base_model="b", data="d", output="o")
+    assert train.TrainConfig(role="sft", **cfg).selected_steps() == (600, 900, 1200)
+    assert train.TrainConfig(role="sft", max_steps=50, **cfg).selected_steps() == ()
+    assert train.TrainConfig(role="sft", select_steps="none", **cfg).selected_steps() == ()
+    assert train.TrainConfig(role="backward", **cfg).selected_steps() == ()
+    assert train.TrainConfig(role="forward", select_steps="300, 100", **cfg).selected_steps() == (100, 300)
+    for bad in ("0,5", "x", ""):
+        with pytest.raises(UserError, match="--select-steps"):
+            train.TrainConfig(role="sft", select_steps=bad, **cfg).selected_steps()
+    with pytest.raises(UserError, match="not both"):
+        train.TrainConfig(role="sft", select_steps="5", max_steps=5, **cfg).selected_steps()
 
 
 def test_a_bad_batch_split_and_bad_data_are_named(tmp_path, tiny_models):
@@ -353,3 +377,20 @@ def test_the_judge_prompt_is_fitted_and_failures_are_counted_apart(tiny_models):
     _, items = evaluate.judge(engine, pairs[:1], max_new_tokens=256)
     assert all(sum(len(m["content"].encode()) + 1 for m in r.messages) + 128 <= 4096 - 256 for r in engine.requests)
     assert items[0]["answers_cut"] and "Short answer." in engine.requests[0].messages[-1]["content"]
+
+
+def test_every_sample_run_file_loads_and_the_paper_one_curates_with_70b_models():
+    import glob
+
+    from bft.rebuild import load_run
+    from tests.conftest import ROOT
+
+    files = sorted(glob.glob(os.path.join(ROOT, "samples", "runs", "*.yaml")))
+    assert len(files) >= 4
+    for f in files:
+        load_run(f)
+    paper = load_run(os.path.join(ROOT, "samples", "runs", "paper-70b.yaml"))
+    models = {s.stage: (s.cfg.model, s.cfg.tensor_parallel_size) for s in paper.stages}
+    assert set(models) == {"backtranslate", "score", "rewrite"}
+    assert all("70b" in model and tp == 8 for model, tp in models.values()), models
+    assert "cheaper deviation" in open(os.path.join(ROOT, "samples", "runs", "one-gpu.yaml")).read()

@@ -35,6 +35,8 @@ log = logging.getLogger("bft.train")
 DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
                   "hidden_dropout_prob", "attention_probs_dropout_prob")
 MARKER = "bft_train.json"
+# Nguyen et al. 2024 train the 7B SFT models for 600, 900 or 1,200 steps and report the best.
+PAPER_SFT_STEPS = (600, 900, 1200)
 
 
 @dataclass
@@ -48,8 +50,12 @@ class TrainConfig:
     data: str | None = option(None, "backward/forward: seed pairs (bft seed output, Parquet or JSON lines); sft: "
                               "a release (folder, ROOT/sft or run root: its LATEST), or a file")
     output: str | None = option(None, "model folder to write (local path)")
-    max_steps: int = option(-1, "optimizer steps (-1: --epochs)")
-    epochs: float = option(1.0, "passes over the data")
+    max_steps: int = option(-1, "optimizer steps (-1: --select-steps, else --epochs)")
+    epochs: float = option(1.0, "passes over the data (when neither --max-steps nor --select-steps is given)")
+    select_steps: str | None = option(None, "steps at which to evaluate the validation split, e.g. 600,900,1200: "
+                                      "train to the largest and keep the step with the lowest validation loss "
+                                      "(default for --role sft: 600,900,1200, the paper's 7B runs; 'none': "
+                                      "train --epochs)")
     lr: float = option(1e-5, "learning rate: 1e-5 (7B) in the paper; 5.5e-6 for 70B")
     batch_size: int = option(32, "effective batch (sequences per step)")
     per_device_batch_size: int = option(4, "sequences per device and micro-step")
@@ -78,6 +84,23 @@ class TrainConfig:
                 self.data = layout.root if self.role == "sft" else layout.seed_pairs
             if self.output is None:
                 self.output = layout.model(self.role)
+
+    def selected_steps(self) -> tuple[int, ...]:
+        """The steps compared on the validation split (empty: train --max-steps or --epochs)."""
+        given = self.select_steps
+        if given is None:
+            return PAPER_SFT_STEPS if self.role == "sft" and self.max_steps == -1 else ()
+        if given.strip().lower() == "none":
+            return ()
+        try:
+            steps = tuple(sorted({int(x) for x in given.split(",") if x.strip()}))
+        except ValueError:
+            steps = ()
+        if not steps or steps[0] < 1:
+            raise UserError(f"--select-steps {given!r}: give positive step numbers separated by commas, or 'none'")
+        if self.max_steps != -1:
+            raise UserError("give --select-steps or --max-steps, not both")
+        return steps
 
     def accumulation(self, world_size: int) -> int:
         if self.grad_accum:
@@ -122,12 +145,13 @@ def run(cfg: TrainConfig) -> dict:
         return {**json.load(open(marker)), "skipped": True}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accum = cfg.accumulation(world)
+    selected = cfg.selected_steps()
     tokenizer = load_tokenizer(cfg.base_model)
     model_config = AutoConfig.from_pretrained(cfg.base_model)
     original_dropout = set_dropout(model_config, cfg.dropout)
     max_length = cfg.max_length or getattr(model_config, "max_position_embeddings", 4096)
     if int(os.environ.get("RANK", "0")) == 0:
-        shutil.rmtree(cfg.output.rstrip("/") + ".partial", ignore_errors=True)  # debris of a failed save
+        shutil.rmtree(staging_folder(cfg.output), ignore_errors=True)  # debris of a failed save
     train_rows, val_rows, source = data.load_rows(cfg.data)
     train_ds, too_long = data.build_dataset(tokenizer, cfg.role, train_rows, max_length)
     val_ds = data.build_dataset(tokenizer, cfg.role, val_rows, max_length)[0] if val_rows else None
@@ -136,7 +160,8 @@ def run(cfg: TrainConfig) -> dict:
     collator = data.PadCollator(tokenizer.pad_token_id)
     work = cfg.output.rstrip("/") + ".checkpoints"
     args = TrainingArguments(
-        output_dir=work, max_steps=cfg.max_steps, num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
+        output_dir=work, max_steps=max(selected) if selected else cfg.max_steps, num_train_epochs=cfg.epochs,
+        learning_rate=cfg.lr,
         per_device_train_batch_size=cfg.per_device_batch_size, per_device_eval_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=accum, weight_decay=cfg.weight_decay, lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_ratio, bf16=cfg.bf16,
@@ -146,6 +171,12 @@ def run(cfg: TrainConfig) -> dict:
         fsdp=cfg.fsdp or "", fsdp_config=cfg.fsdp_config, use_cpu=not torch.cuda.is_available(),
         **({"activation_checkpointing": True} if cfg.gradient_checkpointing else {}))
     trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=val_ds)
+    selector = None
+    if selected and val_ds is not None:
+        selector = step_selector(trainer, selected, original_dropout, staging_folder(cfg.output))
+        trainer.add_callback(selector)
+    elif selected:
+        log.warning("--select-steps: %s has no validation split; the model of the last step is kept", source)
     resume = trainer_utils.get_last_checkpoint(work) if cfg.resume and os.path.isdir(work) else None
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
@@ -153,26 +184,72 @@ def run(cfg: TrainConfig) -> dict:
     metrics = {"train_loss": result.training_loss, "steps": result.global_step, "wall_s": round(wall, 3),
                "tokens": collator.tokens, "tokens_per_s": round(collator.tokens / wall, 1) if wall else None,
                "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
-    if val_ds is not None:
+    if selector is not None and selector.best_step is not None:
+        metrics["selection"] = {"eval_loss_at_step": selector.losses, "kept_step": selector.best_step}
+        metrics["eval_loss"] = selector.losses[selector.best_step]
+    elif val_ds is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     summary = {"config": asdict(cfg), "data": source, "examples": len(train_ds), "left_out_too_long": too_long,
                "validation_examples": len(val_ds) if val_ds else 0,
                "batch": {"per_device": cfg.per_device_batch_size, "grad_accum": accum, "processes": world,
                          "effective": cfg.per_device_batch_size * accum * world},
                "metrics": metrics}
-    save(trainer, tokenizer, original_dropout, cfg.output, summary)
+    save(trainer, tokenizer, original_dropout, cfg.output, summary,
+         saved=selector is not None and selector.best_step is not None)
     if trainer.is_world_process_zero():
         shutil.rmtree(work, ignore_errors=True)
     return summary
 
 
-def save(trainer, tokenizer, original_dropout: dict, output: str, summary: dict) -> None:
-    """Writes the model folder beside `output`, then renames it into place (whole or not at all).
-    Every process calls it: under FSDP, saving gathers the full state dict from all ranks."""
-    staging = output.rstrip("/") + ".partial"
-    for name, value in original_dropout.items():  # inference configs keep the base model's values
+def staging_folder(output: str) -> str:
+    return output.rstrip("/") + ".partial"
+
+
+def save_weights(trainer, original_dropout: dict, folder: str) -> None:
+    """The model's weights and config into folder, with the base model's dropout values (inference
+    configs keep them; the modules built for training keep theirs)."""
+    training = {name: getattr(trainer.model.config, name) for name in original_dropout}
+    for name, value in original_dropout.items():
         setattr(trainer.model.config, name, value)
-    trainer.save_model(staging)
+    trainer.save_model(folder)
+    for name, value in training.items():
+        setattr(trainer.model.config, name, value)
+
+
+def step_selector(trainer, steps: tuple[int, ...], original_dropout: dict, folder: str):
+    """A callback that evaluates the validation split at each of `steps` and saves the model into
+    `folder` whenever its loss is the lowest so far, so the published model is the best step's
+    (`losses`, `best_step`)."""
+    from transformers import TrainerCallback
+
+    class StepSelector(TrainerCallback):
+        def __init__(self):
+            self.losses: dict[int, float] = {}
+            self.best_step: int | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in steps:
+                control.should_evaluate = True
+            return control
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if state.global_step in steps and metrics and "eval_loss" in metrics:
+                self.losses[state.global_step] = loss = float(metrics["eval_loss"])
+                if self.best_step is None or loss < self.losses[self.best_step]:
+                    self.best_step = state.global_step
+                    save_weights(trainer, original_dropout, folder)
+            return control
+
+    return StepSelector()
+
+
+def save(trainer, tokenizer, original_dropout: dict, output: str, summary: dict, saved: bool = False) -> None:
+    """Writes the model folder beside `output`, then renames it into place (whole or not at all).
+    Every process calls it: under FSDP, saving gathers the full state dict from all ranks. `saved`:
+    the staging folder already holds the weights to publish (the selected step's)."""
+    staging = staging_folder(output)
+    if not saved:
+        save_weights(trainer, original_dropout, staging)
     if not trainer.is_world_process_zero():
         return
     tokenizer.save_pretrained(staging)
