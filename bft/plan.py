@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass
 
 import storage
-from bft.rebuild import RunPlan, StagePlan, load_run
+from bft.rebuild import RunPlan, StagePlan, check_servers, load_run
 from schemas.errors import UserError
 from schemas.layout import RunLayout
 from schemas.options import option
@@ -62,8 +62,10 @@ class PlanConfig:
 
 def main_plan(cfg: PlanConfig, run_file: str | None) -> int:
     if not run_file:
-        raise UserError("bft plan needs --config FILE (the run file)")
-    result = make_plan(load_run(run_file, cfg.root), cfg.target_examples, cfg.sample_docs)
+        raise UserError("needs --config FILE (the run file)")
+    plan = load_run(run_file, cfg.root)
+    check_servers(plan)   # the plan of a run that cannot send its requests is no plan
+    result = make_plan(plan, cfg.target_examples, cfg.sample_docs)
     print(json.dumps(result, indent=2) if cfg.format == "json" else render_table(result))
     return 0
 
