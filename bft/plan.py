@@ -1,4 +1,6 @@
-"""`bft plan --config FILE`: what a run will cost before any GPU is spent.
+"""`bft plan --config FILE`: what a run will cost before any GPU is spent. It first runs `bft
+rebuild`'s preflight of the run's servers (rebuild.check_servers): a plan of requests that cannot
+be sent (the server is down, or does not serve the model) is an error, not a plan.
 
 Per generation stage the recipe needs: requests, prompt tokens, output tokens, the rows expected to
 pass each gate, and GPU-hours; and the candidates needed for a target corpus size. Each figure says

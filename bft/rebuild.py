@@ -13,6 +13,9 @@ Reuse rule (docs/OPERATIONS.md):
 - assemble is reused when a release with the same config hash (config + every input shard) is
   published: then LATEST does not move and nothing new is published.
 
+Before prepare, every server the run sends to from here answers the openai engine's preflight
+(`check_servers`): a wrong model or URL is one line now, not after the stages before it.
+
 A stage marked `external: true` in the run file runs elsewhere (a GPU cluster): rebuild checks its
 shards, prints the command the workers run when some are missing, and stops (exit 75, EX_TEMPFAIL);
 rerun later, or pass --wait to poll until the workers are done.

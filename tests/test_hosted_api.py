@@ -130,7 +130,8 @@ def test_the_served_names_shown_are_the_closest_first_and_azure_deployments_are_
         check_served(models, "gpt-4o-mni", url, url)
     assert str(e.value) == (f"model 'gpt-4o-mni' is not served at {url}; it serves: gpt-4o-mini, "
                             + ", ".join(f"ft:gpt-{i}" for i in range(9)) + " and 3 more (did you mean 'gpt-4o-mini'?)")
-    check_served(models, "my-deployment", "https://res.openai.azure.com/openai/v1", "https://res.openai.azure.com/openai/v1")
+    azure = "https://res.openai.azure.com/openai/v1"
+    check_served(models, "my-deployment", azure, azure)
 
 
 def test_the_back_off_budget_covers_a_one_minute_token_window():

@@ -222,7 +222,8 @@ def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_to
     ({"assemble__recipe": "filter+rewrite"}, "recipe filter+rewrite needs stage rewrite"),
     ({"extra": {"a": 1}}, "unknown section 'extra' (known: root, prepare, generate, assemble,"),
     ({"asemble": {"recipe": "filter"}}, "unknown section 'asemble' (known: root, prepare, generate, assemble, "
-                                        "validate, latest, seed, train, eval, rebuild, plan; did you mean 'assemble'?)"),
+                                        "validate, latest, seed, train, eval, rebuild, plan; did you mean "
+                                        "'assemble'?)"),
     # issue 34: a stage's typo was "section generate.score: unknown key 'rewrtie'"
     ({"generate__rewrtie": {"model": "m"}}, ": generate: unknown stage 'rewrtie' (known: backtranslate, score, "
                                             "rewrite, distill, rate; did you mean 'rewrite'?)"),
