@@ -121,7 +121,7 @@ def _validate(cfg, beam_args, run_file) -> int:
 def _latest(cfg, beam_args, run_file) -> int:
     from schemas import release
 
-    print(release.latest_data(cfg.path, check=cfg.verify))
+    print(release.latest_data(cfg.target, check=cfg.verify))
     return 0
 
 
@@ -245,6 +245,7 @@ def _configure_logging(verbose: bool) -> None:
 
 
 WRITERS = ("prepare", "generate", "assemble")  # verbs that write under --root: one writer per root at a time
+RUNS_BEAM = ("prepare", "assemble", "rebuild")  # verbs that run a Beam pipeline (rebuild: prepare's, assemble's)
 
 
 def root_lock(verb: Verb, cfg):
@@ -267,8 +268,11 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
                                  allow_abbrev=False, epilog=epilog or None)
     ap.add_argument("--config", metavar="FILE", help=f"run file (YAML or JSON): its `{verb.name.split()[0]}:` "
                     "section (and `root:`) supplies options; flags win")
-    ap.add_argument("--verbose", action="store_true", help="show Beam's and the libraries' logs")
-    ap.add_argument("--quiet", action="store_true", help="no progress line (schemas.progress)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show INFO logs, " + ("Beam's and the libraries' too" if verb.name in RUNS_BEAM else
+                                               "the libraries' too (transformers, HTTP clients)"))
+    ap.add_argument("--quiet", action="store_true", help="show no progress line or bar on stderr (as BFT_QUIET=1 "
+                    "does); results and errors still print")
     config.add_arguments(ap, cls, verb.positional)
     if verb.beam:
         args, beam_args = ap.parse_known_args(argv)

@@ -15,12 +15,14 @@ for `max_tokens`, defaults shown in --help) and the keys of the verb's section i
 
 Precedence: flags > the verb's section (for generate: the stage's keys over the shared ones) > the
 top-level `root` > the field's default. A key the verb does not know, or a value of the wrong type,
-is an error naming the key and the file.
+is an error naming the file, the section the key was written in and the key; an unknown name (a
+section, a stage, a key) is shown with the known ones and the closest of them.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -202,29 +204,51 @@ def _brief(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+# A run file's top-level keys: `root` and a section per verb (bft.cli's VERBS; `eval` holds its two).
+SECTIONS = ("root", "prepare", "generate", "assemble", "validate", "latest", "seed", "train", "eval", "rebuild",
+            "plan", "status")
 SUB_SECTIONS = {"generate": STAGE_SECTIONS, "eval": ("generate", "judge")}
+SUB_KIND = {"generate": "stage", "eval": "verb"}
 
 
-def section(doc: dict, path: str, verb: str, sub: str | None = None) -> dict:
-    """The keys a verb reads from a run file: `root`, then the verb's section; for a verb with
-    sub-sections (generate: one per stage; eval: generate, judge), the shared keys and then the
-    sub-section's own."""
-    out = {}
-    if "root" in doc:
-        out["root"] = doc["root"]
+def unknown(kind: str, name, known) -> str:
+    """The words for a name a run file or a flag may not hold: the known names, and the closest one."""
+    known = [str(k) for k in known]
+    close = difflib.get_close_matches(str(name), known, n=1)
+    return (f"unknown {kind} {_brief(name, 40)} (known: {', '.join(known)}"
+            + (f"; did you mean {close[0]!r}?)" if close else ")"))
+
+
+def check_sections(doc: dict, path: str) -> None:
+    """A top-level key that is neither `root` nor a verb's section is an error naming it."""
+    for key in doc:
+        if key not in SECTIONS:
+            raise ConfigError(f"{path}: {unknown('section', key, SECTIONS)}")
+
+
+def section_parts(doc: dict, path: str, verb: str, sub: str | None = None) -> list[tuple[str, dict]]:
+    """The parts of a run file a verb reads, each with the name of the section it was written in:
+    `root`, then the verb's section; for a verb with sub-sections (generate: one per stage; eval:
+    generate, judge), the shared keys and then the sub-section's own (later parts win)."""
+    parts = [("root", {"root": doc["root"]})] if "root" in doc else []
     body = doc.get(verb) or {}
     if not isinstance(body, dict):
         raise ConfigError(f"{path}: section {verb!r} must be a mapping of option names to values")
     subs = SUB_SECTIONS.get(verb, ())
     _no_root(body, path, verb)
-    out.update({k: v for k, v in body.items() if k not in subs})
+    parts.append((verb, {k: v for k, v in body.items() if k not in subs}))
     if sub is not None:
         own = body.get(sub) or {}
         if not isinstance(own, dict):
             raise ConfigError(f"{path}: section {verb}.{sub} must be a mapping of option names to values")
         _no_root(own, path, f"{verb}.{sub}")
-        out.update(own)
-    return out
+        parts.append((f"{verb}.{sub}", own))
+    return parts
+
+
+def section(doc: dict, path: str, verb: str, sub: str | None = None) -> dict:
+    """The keys a verb reads from a run file (section_parts), merged."""
+    return {k: v for _, part in section_parts(doc, path, verb, sub) for k, v in part.items()}
 
 
 def _no_root(body: dict, path: str, where: str) -> None:
@@ -244,24 +268,39 @@ RUN_KEYS = {"prepare": {"beam_args": list}, "assemble": {"beam_args": list},
 
 def section_values(cls, doc: dict, path: str, verb: str, sub: str | None = None) -> tuple[dict, dict, str]:
     """(the verb's option values, its RUN_KEYS values, where) from a parsed run file, every key and
-    type checked; `beam_args` must be flags that Beam's PipelineOptions knows."""
-    raw = section(doc, path, verb, sub)
-    if "root" in raw and "root" not in {o.name for o in options(cls)}:
-        raw.pop("root")  # `root:` applies to the verbs that take one
-    where = f"{path} (section {verb}{'.' + sub if sub else ''})"
+    type checked and an unknown one named with the section it was written in: a top-level key, a key
+    of the verb's section (a mapping there: a sub-section of an unknown name), a sub-section's key
+    (for generate, every stage's, since they share the options); `beam_args` must be flags that Beam's
+    PipelineOptions knows."""
+    check_sections(doc, path)
     run_types = RUN_KEYS.get(verb, {})
-    values = check_values(cls, raw, where, allowed_extra=tuple(run_types))
-    run = {}
-    for key, kind in run_types.items():
-        if key in values:
-            option = Option(key, key, kind, False, dataclasses.MISSING, "", None, False)
-            run[key] = _coerce(option, values.pop(key), f"{where}: key {key!r}")
+    names = {o.name for o in options(cls)} | set(run_types)
+    subs = SUB_SECTIONS.get(verb, ())
+    body = doc.get(verb) if isinstance(doc.get(verb), dict) else {}
+    for key, value in body.items() if subs else ():
+        if key not in subs and str(key).replace("-", "_") not in names and (value is None or isinstance(value, dict)):
+            raise ConfigError(f"{path}: {verb}: {unknown(SUB_KIND[verb], key, subs)}")
+    if verb == "generate":  # every stage takes GenerateConfig's options: a typo in another stage is found too
+        for other in subs:
+            if other != sub and isinstance(body.get(other), dict):
+                check_values(cls, body[other], f"{path}: {verb}.{other}", allowed_extra=tuple(run_types))
+    values, run = {}, {}
+    for label, part in section_parts(doc, path, verb, sub):
+        if label == "root" and "root" not in names:
+            continue  # `root:` applies to the verbs that take one
+        checked = check_values(cls, part, f"{path}: {label}", allowed_extra=tuple(run_types))
+        for key, kind in run_types.items():
+            if key in checked:
+                option = Option(key, key, kind, False, dataclasses.MISSING, "", None, False)
+                run[key] = _coerce(option, checked.pop(key), f"{path}: {label}: key {key!r}")
+        values.update(checked)
+    where = f"{path} (section {verb}{'.' + sub if sub else ''})"
     if run.get("beam_args"):
         from beam_pipelines.options import unknown_beam_flags
 
-        unknown = unknown_beam_flags(run["beam_args"])
-        if unknown:
-            raise ConfigError(f"{where}: beam_args {', '.join(unknown)} are not Beam pipeline options")
+        flags = unknown_beam_flags(run["beam_args"])
+        if flags:
+            raise ConfigError(f"{where}: beam_args {', '.join(flags)} are not Beam pipeline options")
     return values, run, where
 
 
@@ -277,7 +316,7 @@ def check_values(cls, values: dict, where: str, allowed_extra: tuple[str, ...] =
             continue
         opt = by_name.get(name)
         if opt is None:
-            raise ConfigError(f"{where}: unknown key {key!r}; this verb takes {', '.join(sorted(by_name))}")
+            raise ConfigError(f"{where}: {unknown('key', key, sorted({*by_name, *allowed_extra}))}")
         out[name] = _coerce(opt, value, f"{where}: key {key!r}")
     return out
 

@@ -1,4 +1,6 @@
-"""`bft plan --config FILE`: what a run will cost before any GPU is spent.
+"""`bft plan --config FILE`: what a run will cost before any GPU is spent. It first runs `bft
+rebuild`'s preflight of the run's servers (rebuild.check_servers): a plan of requests that cannot
+be sent (the server is down, or does not serve the model) is an error, not a plan.
 
 Per generation stage the recipe needs: requests, prompt tokens, output tokens, the rows expected to
 pass each gate, and GPU-hours; and the candidates needed for a target corpus size. Each figure says
@@ -46,7 +48,7 @@ import math
 from dataclasses import dataclass
 
 import storage
-from bft.rebuild import RunPlan, StagePlan, load_run, no_input
+from bft.rebuild import RunPlan, StagePlan, check_servers, load_run, no_input
 from schemas.errors import UserError
 from schemas.layout import RunLayout
 from schemas.options import option
@@ -69,8 +71,10 @@ class PlanConfig:
 
 def main_plan(cfg: PlanConfig, run_file: str | None) -> int:
     if not run_file:
-        raise UserError("bft plan needs --config FILE (the run file)")
-    result = make_plan(load_run(run_file, cfg.root), cfg.target_examples, cfg.sample_docs)
+        raise UserError("needs --config FILE (the run file)")
+    plan = load_run(run_file, cfg.root)
+    check_servers(plan)   # the plan of a run that cannot send its requests is no plan
+    result = make_plan(plan, cfg.target_examples, cfg.sample_docs)
     print(json.dumps(result, indent=2) if cfg.format == "json" else render_table(result))
     return 0
 

@@ -13,6 +13,9 @@ Reuse rule (docs/OPERATIONS.md):
 - assemble is reused when a release with the same config hash (config + every input shard) is
   published: then LATEST does not move and nothing new is published.
 
+Before prepare, every server the run sends to from here answers the openai engine's preflight
+(`check_servers`): a wrong model or URL is one line now, not after the stages before it.
+
 A stage marked `external: true` in the run file runs elsewhere (a GPU cluster): rebuild checks its
 shards, prints the command the workers run when some are missing, and stops (exit 75, EX_TEMPFAIL);
 rerun later, or pass --wait to poll until the workers are done.
@@ -103,9 +106,7 @@ def load_run(path: str, root: str | None = None, stages: list[str] | None = None
     from schemas.recipes import RECIPES, gate_threshold
 
     doc = config.read_run_file(path)
-    unknown = sorted(set(doc) - {"root", "prepare", "generate", "assemble", "rebuild", "seed", "train", "eval"})
-    if unknown:
-        raise config.ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}")
+    config.check_sections(doc, path)
     if root:
         doc = {**doc, "root": root}
     if not doc.get("root"):
@@ -137,6 +138,24 @@ def load_run(path: str, root: str | None = None, stages: list[str] | None = None
     for step in (asm, *(sp.cfg for sp in plans)):
         step.share_layout(prep.layout)   # one RunLayout per run, built here and handed to every step
     return RunPlan(path, prep.root, prep, prep_run.get("beam_args") or [], plans, asm, asm_run.get("beam_args") or [])
+
+
+def check_servers(plan: RunPlan) -> None:
+    """The openai engine's preflight (generation.engines.openai.preflight) of every stage this run
+    sends from this machine (not an external stage, whose workers may reach another network; not
+    `batch: vllm`, which writes files): each server answers as an OpenAI-compatible one and serves
+    the stage's model. Each server is asked once. EngineError naming the run file and the stage."""
+    from generation.engines import EngineError
+    from generation.engines.openai import preflight
+
+    listings: dict = {}
+    for sp in plan.stages:
+        if sp.cfg.engine != "openai" or sp.external or sp.cfg.batch == "vllm":
+            continue
+        try:
+            preflight(sp.cfg.engine_config(), listings)
+        except EngineError as e:
+            raise EngineError(f"{plan.path}: generate.{sp.stage}: {e}") from None
 
 
 def _one_threshold(path: str, stage: str, cfg, asm) -> None:
@@ -553,8 +572,9 @@ def _take_back(lock, poll_s: float, grace_s: float = 60.0) -> None:
 
 def main_rebuild(cfg: RebuildConfig, run_file: str | None) -> int:
     if not run_file:
-        raise UserError("bft rebuild needs --config FILE (the run file)")
+        raise UserError("needs --config FILE (the run file)")
     plan = load_run(run_file, cfg.root)
+    check_servers(plan)   # a wrong model or URL is found now, not after prepare and the stages before it
     from schemas.lock import RootLock
 
     with RootLock(plan.layout) as lock:  # the steps run in-process below and take no lock of their own

@@ -70,11 +70,17 @@ class LatestConfig:
     loaders (`pd.read_parquet("$(bft latest ROOT)")`; in Python `schemas.release.latest_data(ROOT)`)."""
 
     path: str | None = option(None, "a run root (or ROOT/sft, or a release folder)")
+    root: str | None = option(None, "run root whose sft/LATEST names the release (instead of PATH; a run file's "
+                              "`root:` with --config)")
     verify: bool = option(False, "validate the release first (sizes, checksums, schemas): exit 1 if it is not valid")
 
+    @property
+    def target(self) -> str:
+        return self.path or self.root
+
     def check(self) -> None:
-        if not self.path:
-            raise ReleaseError("give a run root: bft latest ROOT")
+        if not self.target:
+            raise ReleaseError("give a run root: bft latest ROOT, --root ROOT or --config FILE (its `root:`)")
 
 
 def latest_data(path: str, check: bool = False) -> str:

@@ -37,7 +37,7 @@ Test hooks (not OpenAI): `answer(body) -> str`, the text the "model" writes for 
 "Score:" on a logprob request gets " N" and top logprobs over the digits (`digit_logprobs`); `plan`, a
 list of answers the next POSTs to the generation endpoints get instead ({"status", "headers",
 "body"}); `refuse(body)`: a 200 with finish_reason content_filter; `requests`: each POST's path,
-body, status and arrival time.
+body, status and arrival time; `listings`: how many GET /v1/models it answered.
 """
 from __future__ import annotations
 
@@ -155,6 +155,7 @@ class OpenAIStandin:
         self.refuse = None
         self.plan: list[dict] = []
         self.requests: list[dict] = []
+        self.listings = 0           # GET /v1/models answered
         self.files: dict[str, dict] = {}
         self.batches: dict[str, dict] = {}
         self.fates: list[str] = []
@@ -179,6 +180,8 @@ class OpenAIStandin:
             with self._lock:
                 return 200, self.list_batches(query or {}), {}
         if path == "/v1/models":
+            with self._lock:
+                self.listings += 1
             return 200, {"object": "list", "data": [{"id": m, "object": "model", "created": 1700000000,
                                                      "owned_by": self.owned_by} for m in self.models]}
         m = re.fullmatch(r"/v1/files/([\w-]+)/content", path)
@@ -492,6 +495,7 @@ def hosted(api_server):
     """The module's stand-in, as new: no scripted answers, requests, batches or files."""
     api_server.plan.clear()
     api_server.requests.clear()
+    api_server.listings = 0
     api_server.answer = api_server.refuse = None
     api_server.fates.clear()
     api_server.batches.clear()

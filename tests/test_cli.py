@@ -63,6 +63,41 @@ def test_the_verbs_a_scheduler_runs_list_their_exit_statuses_in_help(capsys, ver
     assert "130 interrupted (Ctrl-C, SIGINT)" in listed and "1 failed: one line on stderr says why" in listed
 
 
+@pytest.mark.parametrize("verb", ["prepare", "assemble", "rebuild", "plan", "generate", "latest", "train"])
+def test_verbose_and_quiet_say_what_they_do_on_each_verb(capsys, verb):
+    """Issue 34: --quiet's help named an internal module; --verbose's said "Beam's logs" on verbs
+    that run no Beam pipeline."""
+    with pytest.raises(SystemExit):
+        cli.main([verb, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    verbose = out[out.index("--verbose "):out.index("--quiet ")]
+    assert ("Beam" in verbose) == (verb in ("prepare", "assemble", "rebuild")), verbose
+    quiet = out[out.index("--quiet "):].split(" --")[0]
+    assert "progress" in quiet and "schemas." not in quiet, quiet
+
+
+@pytest.mark.parametrize("verb", ["rebuild", "plan"])
+def test_an_error_names_its_verb_once(capsys, verb):
+    """Issue 34: "bft rebuild: bft rebuild needs --config"."""
+    rc, _, err = run(capsys, verb)
+    assert rc == 1 and err == f"bft {verb}: needs --config FILE (the run file)\n"
+
+
+def test_bft_latest_takes_the_root_of_a_run_file(published, tmp_path, capsys):
+    """Issue 34: `bft latest --config FILE` said "give a run root" though --help lists --config."""
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(f"root: {published}\n")
+    rc, out, err = run(capsys, "latest", "--config", str(run_file))
+    assert rc == 0 and out == os.path.join(published, "sft", "v1", "data") + "\n", err
+    rc, out, _ = run(capsys, "latest", "--root", published)
+    assert rc == 0 and out == os.path.join(published, "sft", "v1", "data") + "\n"
+
+
+def test_a_run_files_sections_are_the_verbs():
+    """bft.config's SECTIONS (the top-level keys a run file may hold) are `root` and the verbs' heads."""
+    assert set(config.SECTIONS) == {"root"} | {v.name.split()[0] for v in cli.VERBS.values()}
+
+
 def test_bft_eval_alone_lists_its_sub_verbs(capsys):
     """Issue 34: `bft eval --help` said "unknown verb 'eval'"."""
     rc, out, err = run(capsys, "eval", "--help")
@@ -159,7 +194,9 @@ def test_a_run_file_section_supplies_options_and_flags_win(tmp_path, dolma, bpe_
 
 
 @pytest.mark.parametrize("text, message", [
-    ("prepare:\n  max_tokenz: 5\n", "unknown key 'max_tokenz'"),
+    ("prepare:\n  max_tokenz: 5\n", "prepare: unknown key 'max_tokenz' (known: "),
+    ("prepare:\n  max_tokenz: 5\n", "did you mean 'max_tokens'?)"),
+    ("prepare: {}\nasemble: {}\n", "unknown section 'asemble' (known: root, prepare, "),
     ("prepare:\n  max_tokens: lots\n", "key 'max_tokens' must be int, not str"),
     ("prepare:\n  splits: 5\n", "key 'splits' must be a list of strings"),
     ("prepare:\n  beam_args: ['--maxtokens=5']\n", "beam_args --maxtokens are not Beam pipeline options"),

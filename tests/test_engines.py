@@ -17,6 +17,7 @@ from generation.runner import GenerateConfig, GenerationError, StageRunner
 from generation.templates import DEFAULTS, LLAMA2_CHAT_TEMPLATE
 from schemas.layout import RunLayout
 from tests.helpers.generation import copy_root, gen, give_instructions, read_stage
+from tests.helpers.servers import answering
 from tests.vllm_standin.openai_server import StandinServer
 
 STANDIN = os.path.join(os.path.dirname(__file__), "vllm_standin")
@@ -486,15 +487,30 @@ def test_chat_api_without_a_tokenizer_cuts_only_what_the_servers_count_finds_too
     assert cut and budget - 40 <= n <= budget and fresh.count({"messages": msgs})["count"] == n
 
 
-def test_chat_api_without_a_context_length_is_a_user_error(fresh):
-    fresh.name, old = "other", fresh.name
-    try:
-        with pytest.raises(EngineError, match="give --max-model-len"):
-            load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api="chat"))
-        with load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api="chat", max_model_len=512)) as e:
-            assert e.max_model_len == 512
-    finally:
-        fresh.name = old
+def test_a_model_the_server_does_not_serve_is_one_line_naming_what_it_serves(fresh):
+    """Issue 34: a model name the server does not serve said "give --max-model-len", and with that
+    given the stage ran against the server's own model. The model must be among GET /models' ids."""
+    with pytest.raises(EngineError) as e:
+        load_engine(EngineConfig("openai", "tiny-chaat", base_url=fresh.url, api="chat", max_model_len=512))
+    assert str(e.value) == (f"model 'tiny-chaat' is not served at {fresh.url}; it serves: tiny-chat "
+                            "(did you mean 'tiny-chat'?)")
+    assert fresh.requests == []                                  # nothing was sent
+
+
+@pytest.mark.parametrize("status, body, said", [
+    (404, b"<html><body>Not Found</body></html>", "GET {url}/models answered 404: <html>"),
+    (200, b"<!doctype html><title>Router login</title>", "answered 200 with a body that is not JSON"),
+    (200, b'{"status": "ok"}', "answered 200 with JSON without a `data` list"),
+])
+def test_a_url_that_is_no_openai_server_is_named_as_such(status, body, said):
+    """Issue 34: a port that answered 404 (no LLM server) gave "give --max-model-len"; with it given,
+    the stage ran into errors row by row. The preflight names it, with a hint on /v1."""
+    with answering(status, body) as url:
+        with pytest.raises(EngineError) as e:
+            load_engine(EngineConfig("openai", "m", base_url=url, api="chat", max_model_len=512))
+    message = str(e.value)
+    assert message.startswith(f"{url} is not an OpenAI-compatible server (") and said.format(url=url) in message
+    assert "/v1" in message and len(message.splitlines()) == 1
 
 
 # --- dtype names, over-long prompts (issue 9 points 6, 7) ---------------------------------------------
@@ -675,32 +691,17 @@ def test_fit_prompts_counts_only_what_bytes_cannot_prove(llama2_structure_tokeni
     assert out[1][3] == len(real(out[1][0], add_special_tokens=False)["input_ids"])
 
 
-def test_a_server_answering_503_to_the_preflight_fails_in_seconds():
+def test_a_server_answering_503_to_the_preflight_fails_in_seconds(monkeypatch):
     """A gateway whose backend is down answers 503 to everything: one error naming the URL and the
-    status, within the preflight's few seconds, not 900 s of retries per request later."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    status, within the preflight's few seconds (PREFLIGHT_S), not 900 s of retries per request later."""
+    from generation.engines import openai
 
-    class Down(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            self.send_response(503)
-            self.send_header("Content-Length", "11")
-            self.end_headers()
-            self.wfile.write(b"unavailable")
-
-    http = ThreadingHTTPServer(("127.0.0.1", 0), Down)
-    threading.Thread(target=http.serve_forever, daemon=True).start()
-    try:
+    monkeypatch.setattr(openai, "PREFLIGHT_S", 1.0)
+    with answering(503, b"unavailable") as url:
         t0 = time.monotonic()
         with pytest.raises(EngineError, match=r"cannot reach the server at http://127.0.0.1:\d+/v1: it answered 503"):
-            load_engine(EngineConfig("openai", "m", base_url=f"http://127.0.0.1:{http.server_address[1]}/v1",
-                                     api="chat", max_model_len=512))
-        assert time.monotonic() - t0 < 10
-    finally:
-        http.shutdown()
+            load_engine(EngineConfig("openai", "m", base_url=url, api="chat", max_model_len=512))
+        assert 1.0 <= time.monotonic() - t0 < 5
 
 
 def test_the_budget_reserves_what_the_request_asks(tmp_path):

@@ -3,9 +3,9 @@ server kinds and the fields each is sent, logprob limits, max_completion_tokens,
 every stage against tests/openai_api_standin.py in both score modes, with no 400."""
 import pytest
 
-from generation.engines import EngineConfig, Request, load_engine
+from generation.engines import EngineConfig, EngineError, Request, load_engine
 from generation.engines.openai import (CHAT_TOP_LOGPROBS, COMPLETION_LOGPROBS, MAX_BACKOFF_S, OpenAIEngine,
-                                       server_kind)
+                                       check_served, server_kind)
 from generation.runner import GenerationError
 from tests.openai_api_standin import APIError, api_server, check_body, hosted  # noqa: F401 (fixtures)
 from tests.test_generation import NO_GATE, copy_root, gen, read_stage
@@ -110,6 +110,28 @@ def test_a_rate_limit_reset_header_is_waited_on_the_hosted_api(hosted):
         out = eng.generate([Request("", [{"role": "user", "content": "hi"}], 8)])
     first, second = hosted.requests
     assert out[0].finish_reason == "stop" and 0.7 <= second["time"] - first["time"] < 5
+
+
+def test_a_served_model_without_a_context_length_asks_for_max_model_len(hosted):
+    """OpenAI's /models lists no context length: --max-model-len is asked for in one line, then used."""
+    with pytest.raises(EngineError, match=f"{hosted.url}/models lists 'gpt-standin' without a max_model_len and it "
+                                          "is no local model folder: give --max-model-len"):
+        load_engine(EngineConfig("openai", MODEL, base_url=hosted.url, api="chat"))
+    with load_engine(EngineConfig("openai", MODEL, base_url=hosted.url, api="chat", max_model_len=512)) as eng:
+        assert eng.max_model_len == 512
+
+
+def test_the_served_names_shown_are_the_closest_first_and_azure_deployments_are_not_checked():
+    """A hosted API lists many models: ten are named, the closest first, then how many more; Azure
+    OpenAI's requests name a deployment, which its /models does not list."""
+    models = [{"id": f"ft:gpt-{i}"} for i in range(12)] + [{"id": "gpt-4o-mini"}, {"object": "model"}]
+    url = "https://api.openai.com/v1"
+    with pytest.raises(EngineError) as e:
+        check_served(models, "gpt-4o-mni", url, url)
+    assert str(e.value) == (f"model 'gpt-4o-mni' is not served at {url}; it serves: gpt-4o-mini, "
+                            + ", ".join(f"ft:gpt-{i}" for i in range(9)) + " and 3 more (did you mean 'gpt-4o-mini'?)")
+    azure = "https://res.openai.azure.com/openai/v1"
+    check_served(models, "my-deployment", azure, azure)
 
 
 def test_the_back_off_budget_covers_a_one_minute_token_window():

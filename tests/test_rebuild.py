@@ -13,7 +13,8 @@ import yaml
 import storage
 from bft.config import ConfigError
 from schemas.layout import RunLayout
-from tests.conftest import dolma_line, write_dolma_file
+from tests.conftest import _free_port, dolma_line, write_dolma_file
+from tests.openai_api_standin import api_server, hosted  # noqa: F401 (fixtures)
 from tests.test_cli import run as bft
 
 
@@ -214,12 +215,21 @@ def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_to
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"generate__score__temprature": 1.0}, "unknown key 'temprature'"),
+    ({"generate__score__temprature": 1.0}, "did you mean 'temperature'?)"),
     ({"prepare__num_shards": "four"}, "key 'num_shards' must be int"),
     ({"generate__score__workers": "two"}, "key 'workers' must be int"),
     ({"assemble__beam_args": ["--runnr=FnApiRunner"]}, "beam_args --runnr are not Beam pipeline options"),
     ({"assemble__recipe": "filter+rewrite"}, "recipe filter+rewrite needs stage rewrite"),
-    ({"extra": {"a": 1}}, "unknown section(s) extra"),
+    ({"extra": {"a": 1}}, "unknown section 'extra' (known: root, prepare, generate, assemble,"),
+    ({"asemble": {"recipe": "filter"}}, "unknown section 'asemble' (known: root, prepare, generate, assemble, "
+                                        "validate, latest, seed, train, eval, rebuild, plan, status; did you mean "
+                                        "'assemble'?)"),
+    # issue 34: a stage's typo was "section generate.score: unknown key 'rewrtie'"
+    ({"generate__rewrtie": {"model": "m"}}, ": generate: unknown stage 'rewrtie' (known: backtranslate, score, "
+                                            "rewrite, distill, rate; did you mean 'rewrite'?)"),
+    ({"generate__batch_siz": 4}, ": generate: unknown key 'batch_siz' (known: api, "),
+    ({"generate__score__temprature": 1.0}, ": generate.score: unknown key 'temprature' (known: "),
+    ({"generate__distill": {"temprature": 1.0}}, ": generate.distill: unknown key 'temprature'"),  # a stage not run
     ({"root": ""}, "no `root:`"),
     ({"prepare__root": "/elsewhere"}, "key 'root' in section prepare: a run has one root"),
     ({"generate__score__root": "/elsewhere"}, "key 'root' in section generate.score: a run has one root"),
@@ -232,9 +242,42 @@ def test_run_file_errors_name_the_key_and_the_file(tmp_path, tiny_models, bpe_to
     for verb in ("rebuild", "plan"):
         rc, _, err = bft(capsys, verb, "--config", cfg)
         assert rc == 1 and message in err and len(err.strip().splitlines()) == 1, err
-        if "key" in message or "section" in message:
+        if "key" in message or "section" in message or "stage" in message:
             assert cfg in err
     assert not os.path.exists(tmp_path / "run")  # nothing ran
+
+
+def test_plan_and_rebuild_preflight_the_servers_the_run_sends_to(tmp_path, tiny_models, bpe_tokenizer_path, corpus,
+                                                                hosted, monkeypatch, capsys):
+    """Issue 34: with a model the server does not serve, or the server down, `bft plan` exited 0 and
+    `bft rebuild` found it only at that stage, after prepare and the stages before. Both now stop
+    first, in one line naming the run file, the stage and what is wrong; each server is asked once;
+    an external stage's server (reached by its workers, elsewhere) is not asked from here."""
+    from bft.rebuild import check_servers, load_run
+    from generation.engines import openai
+
+    monkeypatch.setattr(openai, "PREFLIGHT_S", 0.2)   # the server that is down is given up on at once
+    served = {"engine": "openai", "model": "gpt-standin", "base_url": hosted.url, "api": "chat", "max_model_len": 8192}
+    down = f"http://127.0.0.1:{_free_port()}/v1"
+    for score, said in [({"model": "gpt-standim"}, f"model 'gpt-standim' is not served at {hosted.url}; it serves: "
+                                                   "gpt-standin (did you mean 'gpt-standin'?)"),
+                        ({"base_url": down}, f"cannot reach the server at {down}: ")]:
+        cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(tmp_path / "run"), [corpus],
+                       generate={"backtranslate": served, "score": {**served, **score}})
+        for verb in ("plan", "rebuild"):
+            rc, out, err = bft(capsys, verb, "--config", cfg)
+            assert rc == 1 and err.startswith(f"bft {verb}: {cfg}: generate.score: {said}"), err
+            assert len(err.strip().splitlines()) == 1 and not out
+    assert not os.path.exists(tmp_path / "run")          # the night stopped before prepare
+    hosted.listings = 0
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(tmp_path / "run"), [corpus],
+                   generate={"backtranslate": served, "score": {**served, "base_url": down, "external": True},
+                             "rewrite": served}, assemble__recipe="filter+rewrite")
+    plan = load_run(cfg)
+    assert [(sp.stage, sp.external) for sp in plan.stages] == [("backtranslate", False), ("score", True),
+                                                               ("rewrite", False)]
+    check_servers(plan)
+    assert hosted.listings == 1
 
 
 def test_the_recipes_threshold_gates_the_answering_stage(tmp_path, tiny_models, bpe_tokenizer_path, corpus):

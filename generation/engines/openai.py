@@ -11,11 +11,16 @@ applies its template; needed for hosted chat-only APIs).
   tokenizes the start differently. A server that refuses the parameter (transformers serve answers 422
   "Unexpected fields") gets, from then on, the prompt without its leading BOS text when the tokenizer
   adds BOS itself: one BOS again, the first token possibly tokenized differently.
-- Preflight: loading the engine asks GET /models (a few tries within PREFLIGHT_S seconds). A server
-  that cannot be reached is one error naming the URL, in seconds, before any shard; a 401/403 names
-  the key's environment variable. The context length is --max-model-len, else the server's listing
-  (`max_model_len`, as vLLM returns it), else the local model folder's config.json; it is asked of
-  the user only when the server answered without one.
+- Preflight (`preflight`; loading the engine runs the same checks): GET /models (a few tries within
+  PREFLIGHT_S seconds), before any shard. A server that cannot be reached is one error naming the
+  URL, in seconds; a 401/403 names the key's environment variable; an answer that is no OpenAI model
+  listing (404, HTML, not JSON, no `data` list) says the URL is not an OpenAI-compatible server; and
+  the model must be among the served ids (vLLM, SGLang, `transformers serve MODEL` and OpenAI list
+  them; a server that ignores the name would answer with another model), else one line with the
+  served names. Azure OpenAI's requests name a deployment that its /models does not list: not
+  checked there. The context length is --max-model-len, else the server's listing (`max_model_len`,
+  as vLLM returns it), else the local model folder's config.json; it is asked of the user only when
+  the server lists the model without one.
 - Chat API without --tokenizer: no local tokenizer is loaded; documents are cut by the byte bound of
   prompting.py and token counts come from the response's `usage`.
 - Server kinds (`server`, SERVERS): OpenAI's API answers 400 "Unrecognized request argument supplied"
@@ -62,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import difflib
 import email.utils
 import json
 import logging
@@ -128,6 +134,116 @@ def redact(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}" + (f":{parts.port}" if parts.port else "")))
 
 
+def _auth(key_env: str) -> dict:
+    """The request headers carrying the API key of environment variable `key_env` (none without one)."""
+    key = os.environ.get(key_env)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+# ---- the preflight: GET /models, before any request is prepared -------------------------------------
+
+async def list_models(session: aiohttp.ClientSession, base_url: str, shown_url: str, key_env: str,
+                      timeout_s: float) -> list[dict]:
+    """The model cards of the server's GET /models (read_listing), asked a few times within PREFLIGHT_S
+    while the server cannot be reached or answers a status worth retrying; EngineError naming the URL
+    when it never answers."""
+    url = base_url + "/models"
+    deadline = time.monotonic() + PREFLIGHT_S
+    while True:
+        try:
+            async with session.get(url, allow_redirects=False,
+                                   timeout=aiohttp.ClientTimeout(total=min(timeout_s, PREFLIGHT_S))) as resp:
+                status, headers, body = resp.status, resp.headers, await resp.read()
+            if status not in RETRY_STATUS:
+                return read_listing(status, headers, body, shown_url, key_env)
+            problem = f"it answered {status}: {_snippet(body, 200)}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            problem = (f"{type(e).__name__}: {_redacted(str(e), base_url, shown_url) or 'no answer'}; "
+                       "is it running, and is --base-url right?")
+        if time.monotonic() >= deadline:  # a server down, or a gateway whose backend is
+            raise EngineError(f"cannot reach the server at {shown_url}: {problem}") from None
+        await asyncio.sleep(0.5)
+
+
+def read_listing(status: int, headers, body: bytes, shown_url: str, key_env: str) -> list[dict]:
+    """The model cards (`data`) of a GET /models answer. EngineError for a key the server refuses
+    (401/403), and for an answer that is no OpenAI model listing (another status, a body that is not
+    JSON, no `data` list): what answers there is not an OpenAI-compatible server, or --base-url lacks
+    its /v1."""
+    if status in (401, 403):
+        raise EngineError(f"{shown_url}/models answered {status}: the server refuses the API key "
+                          f"(environment variable {key_env})")
+    listing: Any = None
+    if status != 200:
+        location = headers.get("location") if 300 <= status < 400 else None
+        problem = f"answered {status}" + (f" (redirect to {location})" if location else "")
+    else:
+        try:
+            listing = json.loads(body)
+            problem = (None if isinstance(listing, dict) and isinstance(listing.get("data"), list)
+                       else "answered 200 with JSON without a `data` list")
+        except (ValueError, RecursionError):
+            problem = "answered 200 with a body that is not JSON"
+    if problem:
+        text = _snippet(body, 120)
+        raise EngineError(f"{shown_url} is not an OpenAI-compatible server (GET {shown_url}/models {problem}"
+                          f"{': ' + text if text else ''}); is --base-url the API's root (most servers serve it "
+                          "under /v1)?")
+    return [m for m in listing["data"] if isinstance(m, dict)]
+
+
+AZURE_HOSTS = re.compile(r"\.azure\.com$")
+SHOWN_MODELS = 10    # served names listed in the error for a model that is not among them
+
+
+def check_served(models: list[dict], model: str, base_url: str, shown_url: str) -> None:
+    """EngineError unless `model` is the id of one of the served model cards: a server answers (or
+    ignores the name and answers with another model) only for what it serves. Azure OpenAI is not
+    checked: its requests name a deployment, which its /models (base models) does not list."""
+    if AZURE_HOSTS.search(urllib.parse.urlsplit(base_url).hostname or ""):
+        return
+    ids = [m["id"] for m in models if isinstance(m.get("id"), str)]
+    if model in ids:
+        return
+    close = difflib.get_close_matches(model, ids, n=1)
+    ids = sorted(ids, key=lambda i: i not in close)   # the closest first, then the listing's order
+    shown = ", ".join(ids[:SHOWN_MODELS]) + (f" and {len(ids) - SHOWN_MODELS} more" if len(ids) > SHOWN_MODELS else "")
+    raise EngineError(f"model {model!r} is not served at {shown_url}; it serves: {shown or 'no model'}"
+                      + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+
+def served_context(models: list[dict], model: str) -> int | None:
+    """The served `max_model_len` of `model` (vLLM lists it), or None."""
+    for m in models:
+        if m.get("id") == model and isinstance(m.get("max_model_len"), int):
+            return m["max_model_len"]
+    return None
+
+
+def preflight(config: EngineConfig, listings: dict | None = None) -> list[dict]:
+    """What loading the openai engine checks first, alone (`bft plan`, and `bft rebuild` before its
+    first step): the server answers GET /models as an OpenAI-compatible server and serves
+    `config.model`; returns the model cards. `listings` keeps each server's listing for the run, so
+    that stages sharing a server ask it once. EngineError (one line) when not."""
+    config.check()
+    base_url = (config.base_url or "").rstrip("/")
+    shown_url = redact(base_url)
+    key = (base_url, config.api_key_env)
+
+    async def ask() -> list[dict]:
+        async with aiohttp.ClientSession(headers=_auth(config.api_key_env), trust_env=True) as session:
+            return await list_models(session, base_url, shown_url, config.api_key_env, config.request_timeout)
+
+    if listings is not None and key in listings:
+        models = listings[key]
+    else:
+        models = asyncio.run(ask())
+        if listings is not None:
+            listings[key] = models
+    check_served(models, config.model, base_url, shown_url)
+    return models
+
+
 class OpenAIEngine(Engine):
     name = "openai"
     continuous = True       # `stream` keeps `concurrency` requests in flight; each has its own seed
@@ -142,8 +258,7 @@ class OpenAIEngine(Engine):
         self.concurrency, self.max_retries = config.concurrency, config.max_retries
         self.timeout_s, self.max_retry_time = config.request_timeout, config.max_retry_time
         self.key_env = config.api_key_env
-        key = os.environ.get(config.api_key_env)
-        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._headers = _auth(config.api_key_env)
         self._strip_bos = None  # set once a server refuses add_special_tokens: the BOS text to take off
         self._loop = asyncio.new_event_loop()
         self._session: aiohttp.ClientSession | None = None
@@ -155,7 +270,13 @@ class OpenAIEngine(Engine):
                 served, models = None, []
                 self.server = "vllm" if config.server == "auto" else config.server
             else:
-                served, models = self._loop.run_until_complete(self._preflight())
+                async def ask() -> list[dict]:  # the session is made on the loop that keeps it
+                    return await list_models(self._open(), self.base_url, self.shown_url, self.key_env,
+                                             self.timeout_s)
+
+                models = self._loop.run_until_complete(ask())
+                check_served(models, self.model, self.base_url, self.shown_url)
+                served = served_context(models, self.model)
                 self.server = server_kind(config.server, self.base_url, models, self.model)
             log.info("%s: %s server", self.shown_url, self.server)
             if config.api == "completions" or config.tokenizer:
@@ -171,7 +292,7 @@ class OpenAIEngine(Engine):
             self.count_messages = (self._server_counter() if self.api == "chat" and self.tokenizer is None
                                    and self.server == "vllm" and not config.offline else None)
             if not self.max_model_len:
-                raise EngineError(f"{self.shown_url}/models gives no max_model_len for {self.model!r} and it is no "
+                raise EngineError(f"{self.shown_url}/models lists {self.model!r} without a max_model_len and it is no "
                                   "local model folder: give --max-model-len (the served context length)")
         except BaseException:
             self.close()
@@ -197,41 +318,6 @@ class OpenAIEngine(Engine):
             self._loop.run_until_complete(self._session.close())
             self._session = None
         self._loop.close()
-
-    async def _preflight(self) -> tuple[int | None, list]:
-        """GET /models: (the served `max_model_len` of our model or None when the server lists none,
-        the listing's model cards, for `server_kind`). EngineError when the server cannot be reached
-        within PREFLIGHT_S or refuses the key."""
-        url = self.base_url + "/models"
-        deadline = time.monotonic() + PREFLIGHT_S
-        while True:
-            try:
-                async with self._open().get(url, allow_redirects=False,
-                                            timeout=aiohttp.ClientTimeout(total=min(self.timeout_s, PREFLIGHT_S))) as resp:
-                    status, body = resp.status, await resp.read()
-                if status not in RETRY_STATUS:
-                    break
-                problem = f"it answered {status}: {body[:200].decode('utf-8', 'replace')}"
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-                problem = (f"{type(e).__name__}: {_redacted(str(e), self.base_url, self.shown_url) or 'no answer'}; "
-                           "is it running, and is --base-url right?")
-            if time.monotonic() >= deadline:  # a server down, or a gateway whose backend is
-                raise EngineError(f"cannot reach the server at {self.shown_url}: {problem}") from None
-            await asyncio.sleep(0.5)
-        if status in (401, 403):
-            raise EngineError(f"{self.shown_url}/models answered {status}: the server refuses the API key "
-                              f"(environment variable {self.key_env})")
-        if status != 200:
-            return None, []  # a server without a model listing: the context length must come from elsewhere
-        try:
-            models = json.loads(body).get("data") or []
-        except (ValueError, AttributeError):
-            return None, []
-        models = models if isinstance(models, list) else []
-        for m in models:
-            if isinstance(m, dict) and m.get("id") == self.model and isinstance(m.get("max_model_len"), int):
-                return m["max_model_len"], models
-        return None, models
 
     def logprob_problem(self) -> str | None:
         if self.api == "chat" and self.server != "vllm":
@@ -511,6 +597,11 @@ class OpenAIEngine(Engine):
 def _count(value) -> int | None:
     """A token count from `usage`, or None when it is not a plausible one."""
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 31 else None
+
+
+def _snippet(body: bytes, limit: int) -> str:
+    """The start of an answer's body on one line (an error message is one line)."""
+    return " ".join(body[:limit].decode("utf-8", "replace").split())
 
 
 def _redacted(text: str, url: str, shown: str) -> str:
