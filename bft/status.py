@@ -35,7 +35,7 @@ class StatusConfig:
 
     def check(self) -> None:
         if not self.root:
-            raise UserError("bft status needs a run root: bft status ROOT, or --config FILE with a `root:`")
+            raise UserError("needs a run root: bft status ROOT, or --config FILE with a `root:`")
 
 
 def main_status(cfg: StatusConfig, run_file: str | None) -> int:
@@ -44,6 +44,8 @@ def main_status(cfg: StatusConfig, run_file: str | None) -> int:
         from bft.rebuild import load_run
 
         stages = [sp.stage for sp in load_run(run_file, cfg.root).stages]
+    if not storage.has_files(cfg.root):   # a mistyped root would otherwise read as "nothing done yet"
+        raise UserError(f"{cfg.root}: no run root there (no file under it)")
     result = status(RunLayout(cfg.root), stages)
     print(json.dumps(result, indent=2) if cfg.format == "json" else status_text(result))
     return 0

@@ -374,6 +374,15 @@ def list_files(prefix: str) -> list[str]:
     return sorted(out)
 
 
+@_gcs_errors
+def has_files(prefix: str) -> bool:
+    """Whether any file lies below the folder `prefix` (one listing request on GCS)."""
+    if is_gcs(prefix):
+        bucket, name = _split_gcs(prefix.rstrip("/") + "/")
+        return any(True for _ in gcs_client().list_blobs(bucket, prefix=name, max_results=1))
+    return any(names for _, _, names in os.walk(prefix))
+
+
 def glob(pattern: str) -> list[str]:
     """Files matching `pattern` (`*`, `?`, `[..]`, and `**` for any depth), local or gs://, sorted."""
     if not is_gcs(pattern):

@@ -646,6 +646,10 @@ def test_bft_status_shows_the_nights_the_pending_work_the_lock_and_latest(nightl
                 "in_batches": []} for stage in ("backtranslate", "score")}
     assert [lock["stale"] for lock in answer["locks"]] == [True] and answer["latest"]["alerts"] == ["validation split: 1"]
     assert answer["night"]["invocations"][-1]["status"].startswith("failed: score:")
+    rc, out, err = bft(capsys, "status", root + "-typo")
+    assert rc == 1 and err == f"bft status: {root}-typo: no run root there (no file under it)\n" and not out
+    rc, _, err = bft(capsys, "status")
+    assert rc == 1 and err.startswith("bft status: needs a run root")
 
 
 def test_plan_shows_tonights_work_beside_the_whole_corpus(nightly, fixture_texts, capsys):
