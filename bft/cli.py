@@ -16,12 +16,14 @@ import importlib
 import logging
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import storage
 from bft import config
+from schemas import signals
 
 
 @dataclass(frozen=True)
@@ -300,9 +302,9 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
         cfg = config.build(cls, file_values, flags, args.config or "")
         with root_lock(verb, cfg):
             return verb.run(cfg, beam_args, args.config)
-    except KeyboardInterrupt:
-        print(f"bft {verb.name}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (schemas.signals): one line, 130 or 143
+        print(f"bft {verb.name}: {signals.interrupted_text(interrupt)}", file=sys.stderr)
+        return signals.exit_status(interrupt)
     except Exception as e:  # a user's mistake is one line; anything else is a bug and keeps its traceback
         message = user_error_message(e)
         if message is None:
@@ -344,11 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     if verb is None:
         print(usage() + f"\n\nbft: unknown verb {' '.join(argv[:1])!r}", file=sys.stderr)
         return 2
+    previous = signals.take_sigterm()  # SIGTERM as Ctrl-C, in every verb
     try:
         return run_verb(verb, argv[1:])
-    except KeyboardInterrupt:  # before the verb's own handler (imports, parsing) or after it
-        print(f"bft {name}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:  # before the verb's own handler (imports, parsing) or after it
+        print(f"bft {name}: {signals.interrupted_text(interrupt)}", file=sys.stderr)
+        return signals.exit_status(interrupt)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

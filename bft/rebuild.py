@@ -37,6 +37,7 @@ from bft import config
 from schemas.outcomes import refused_text
 from schemas.errors import UserError
 from schemas.options import option
+from schemas.signals import interrupted_text
 
 EX_TEMPFAIL = 75
 
@@ -251,9 +252,10 @@ def rebuild(plan: RunPlan, cfg: RebuildConfig, lock=None) -> int:
     night = Night(plan.layout, plan.path)
     try:
         return _run_night(plan, cfg, night, say, lock)
-    except BaseException as e:  # a failure anywhere (prepare, assemble, a kill's SIGTERM...): the record stays
+    except BaseException as e:  # a failure anywhere (prepare, assemble...) or an interrupt: the record stays
         if not night.closed:
-            night.save(f"failed: {type(e).__name__}: {str(e)[:200]}")
+            night.save(interrupted_text(e) if isinstance(e, KeyboardInterrupt)   # Ctrl-C, SIGTERM: the CLI's line
+                       else f"failed: {type(e).__name__}: {str(e)[:200]}")
         raise
 
 

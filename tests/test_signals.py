@@ -1,0 +1,71 @@
+"""SIGTERM as Ctrl-C (schemas/signals.py), as schedulers send it: a real process, a real signal."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import time
+from collections import Counter
+
+from tests.helpers.generation import copy_root
+from tests.helpers.processes import CliForks
+from tests.openai_api_standin import api_server, hosted, method_answer  # noqa: F401 (fixtures)
+
+
+
+def grow_candidates(root: str, times: int) -> int:
+    """Each candidates shard of `root` with every document `times` times (new ids, so new seeds and
+    requests); returns the number of candidates."""
+    import schemas
+    import storage
+    from schemas.layout import RunLayout
+
+    total = 0
+    for _, _, path in RunLayout(root).candidate_shards():
+        rows = schemas.validate(storage.read_parquet(path), schemas.CANDIDATE, path).to_pylist()
+        rows = [{**r, "id": f"{r['id']}-{i}"} for i in range(times) for r in rows]
+        storage.write_parquet(schemas.to_table(rows, schemas.CANDIDATE, path), path)
+        total += len(rows)
+    return total
+
+
+def test_a_stage_signalled_at_random_moments_keeps_every_answer_and_a_rerun_pays_none_twice(
+        prepared_root, tmp_path, hosted):
+    """Ten SIGTERMs, then a Ctrl-C, each at a seeded random moment after the command's first request
+    (at default checkpoint settings, so only the interrupt saves what was answered), against a server
+    that takes 0.1 s per answer: each ends in one line naming the rows kept, which are every request
+    the server received meanwhile (those in flight come back and are kept), exit 143 (130); the
+    rerun then sends each of the others once."""
+    root = copy_root(prepared_root, tmp_path / "run")
+    rows = grow_candidates(root, 6)   # more than 11 tries answer, so that each try is inside the stage
+    hosted.answer = lambda text: (time.sleep(0.1), method_answer(text))[1]
+    command = ["generate", "backtranslate", "--root", root, "--engine", "openai", "--model", "gpt-standin",
+               "--base-url", hosted.url, "--api", "chat", "--max-model-len", "8192", "--quiet"]
+    moments = random.Random(34)
+    tries = []
+    with CliForks() as bft:
+        for sig in [signal.SIGTERM] * 10 + [signal.SIGINT]:
+            err = tmp_path / f"err-{len(tries)}"
+            before = len(hosted.requests)
+            pid = bft.start(command + ["--concurrency", "2"], err)
+            deadline = time.monotonic() + 30
+            while len(hosted.requests) == before and time.monotonic() < deadline:
+                time.sleep(0.002)
+            time.sleep(moments.uniform(0, 0.15))
+            os.kill(pid, sig)
+            status = bft.wait(pid)
+            tries.append((sig, status, err.read_text(), len(hosted.requests) - before))
+        err = tmp_path / "err-rerun"
+        status = bft.wait(bft.start(command + ["--concurrency", "32"], err))   # nothing signalled
+        assert status == 0 and err.read_text() == "", err.read_text()
+    for sig, status, err, received in tries:
+        kept = re.fullmatch(r"bft generate: interrupted( by SIGTERM)?: (\d+) answered rows kept; rerun to resume\n",
+                            err)
+        assert kept and status == {signal.SIGTERM: 143, signal.SIGINT: 130}[sig], (sig, status, err)
+        assert bool(kept.group(1)) == (sig == signal.SIGTERM) and int(kept.group(2)) == received, (err, received)
+    bodies = Counter(json.dumps(r["body"], sort_keys=True) for r in hosted.requests)
+    assert [n for n in bodies.values() if n > 1] == [] and len(bodies) == rows and set(hosted.statuses()) == {200}
+    checkpoints = os.path.join(root, "generations", "backtranslate", "_checkpoints")
+    assert [name for _, _, names in os.walk(checkpoints) for name in names] == []
