@@ -69,3 +69,36 @@ def test_a_stage_signalled_at_random_moments_keeps_every_answer_and_a_rerun_pays
     assert [n for n in bodies.values() if n > 1] == [] and len(bodies) == rows and set(hosted.statuses()) == {200}
     checkpoints = os.path.join(root, "generations", "backtranslate", "_checkpoints")
     assert [name for _, _, names in os.walk(checkpoints) for name in names] == []
+
+
+def test_a_nightly_rebuild_sigterm_is_one_line_exit_143_and_in_the_nights_record(tmp_path, monkeypatch, capsys):
+    """`bft rebuild` killed by a scheduler's SIGTERM (here while prepare runs): the invocation is in
+    ROOT/_night.json with the line the command ended with."""
+    import yaml
+
+    from beam_pipelines import prepare
+    from bft import cli
+
+    root = tmp_path / "run"
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump({
+        "root": str(root), "prepare": {"input": [str(tmp_path / "in" / "*.json.gz")], "tokenizer": "tok",
+                                       "max_tokens": 100},
+        "generate": {"engine": "hf", "backtranslate": {"model": "m"}, "score": {"model": "m"}},
+        "assemble": {"recipe": "filter"}}))
+
+    def killed(cfg, beam_args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+    def not_taken(signum, frame):   # instead of the default, which would end the test run
+        raise AssertionError("bft's CLI did not take SIGTERM")
+    monkeypatch.setattr(prepare, "run", killed)
+    previous = signal.signal(signal.SIGTERM, not_taken)
+    try:
+        assert cli.main(["rebuild", "--config", str(run_file)]) == 143
+        assert signal.getsignal(signal.SIGTERM) is not_taken   # the CLI's handler is gone with the command
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err == "bft rebuild: interrupted by SIGTERM\n"
+    night = json.loads((root / "_night.json").read_text())
+    assert [i["status"] for i in night["invocations"]] == ["interrupted by SIGTERM"]
