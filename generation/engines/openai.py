@@ -52,7 +52,9 @@ applies its template; needed for hosted chat-only APIs).
   server that drips its answer byte by byte cannot hold a slot longer.
 - Dispatch is a stream (`stream`): `concurrency` requests are in flight at all times; a slot that
   frees takes the next request at once, there is no barrier per chunk, and the requests are prepared
-  by the caller's generator in a thread beside the event loop. One aiohttp session and one event loop
+  by the caller's generator in a thread beside the event loop. An interrupt (Ctrl-C, SIGTERM) stops
+  the sending and lets the requests in flight come back (up to DRAIN_S) before it is raised, so that
+  what was paid for is kept (`stream`). One aiohttp session and one event loop
   are kept for the engine's life and closed by `close()`. aiohttp rather than httpx: at hundreds of
   requests in flight its per-request cost is several times lower (docs/BENCHMARKS.md), and the client
   must not be what leaves the GPU idle. The API key comes from the environment variable named by
