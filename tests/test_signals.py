@@ -9,19 +9,17 @@ import signal
 import time
 from collections import Counter
 
-from tests.helpers.generation import copy_root
+import schemas
+import storage
+from schemas.layout import RunLayout
+from tests.helpers.generation import copy_root, read_stage
 from tests.helpers.processes import CliForks
 from tests.openai_api_standin import api_server, hosted, method_answer  # noqa: F401 (fixtures)
-
 
 
 def grow_candidates(root: str, times: int) -> int:
     """Each candidates shard of `root` with every document `times` times (new ids, so new seeds and
     requests); returns the number of candidates."""
-    import schemas
-    import storage
-    from schemas.layout import RunLayout
-
     total = 0
     for _, _, path in RunLayout(root).candidate_shards():
         rows = schemas.validate(storage.read_parquet(path), schemas.CANDIDATE, path).to_pylist()
@@ -35,12 +33,12 @@ def test_a_stage_signalled_at_random_moments_keeps_every_answer_and_a_rerun_pays
         prepared_root, tmp_path, hosted):
     """Ten SIGTERMs, then a Ctrl-C, each at a seeded random moment after the command's first request
     (at default checkpoint settings, so only the interrupt saves what was answered), against a server
-    that takes 0.1 s per answer: each ends in one line naming the rows kept, which are every request
+    that takes 0.06 s per answer: each ends in one line naming the rows kept, which are every request
     the server received meanwhile (those in flight come back and are kept), exit 143 (130); the
     rerun then sends each of the others once."""
     root = copy_root(prepared_root, tmp_path / "run")
     rows = grow_candidates(root, 6)   # more than 11 tries answer, so that each try is inside the stage
-    hosted.answer = lambda text: (time.sleep(0.1), method_answer(text))[1]
+    hosted.answer = lambda text: (time.sleep(0.06), method_answer(text))[1]
     command = ["generate", "backtranslate", "--root", root, "--engine", "openai", "--model", "gpt-standin",
                "--base-url", hosted.url, "--api", "chat", "--max-model-len", "8192", "--quiet"]
     moments = random.Random(34)
@@ -53,7 +51,7 @@ def test_a_stage_signalled_at_random_moments_keeps_every_answer_and_a_rerun_pays
             deadline = time.monotonic() + 30
             while len(hosted.requests) == before and time.monotonic() < deadline:
                 time.sleep(0.002)
-            time.sleep(moments.uniform(0, 0.15))
+            time.sleep(moments.uniform(0, 0.12))
             os.kill(pid, sig)
             status = bft.wait(pid)
             tries.append((sig, status, err.read_text(), len(hosted.requests) - before))
@@ -67,6 +65,8 @@ def test_a_stage_signalled_at_random_moments_keeps_every_answer_and_a_rerun_pays
         assert bool(kept.group(1)) == (sig == signal.SIGTERM) and int(kept.group(2)) == received, (err, received)
     bodies = Counter(json.dumps(r["body"], sort_keys=True) for r in hosted.requests)
     assert [n for n in bodies.values() if n > 1] == [] and len(bodies) == rows and set(hosted.statuses()) == {200}
+    written = read_stage(root, "backtranslate")[1]
+    assert len(written) == rows and written["finish_reason"].eq("stop").all()
     checkpoints = os.path.join(root, "generations", "backtranslate", "_checkpoints")
     assert [name for _, _, names in os.walk(checkpoints) for name in names] == []
 
