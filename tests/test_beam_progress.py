@@ -204,7 +204,7 @@ def test_an_interrupt_ends_the_local_workers_that_ignore_it(sig, raised):
             time.sleep(0.01)
         os.kill(worker.pid, sig)
         time.sleep(0.1)
-        assert worker.poll() is None and driver_watch.local_workers() == [worker.pid]
+        assert worker.poll() is None and worker.pid in driver_watch.local_workers()
         signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal's foreground job
         take_sigterm()
         with pytest.raises(raised):
