@@ -1,21 +1,28 @@
-"""A worker process of the local runner ends itself when the driver process that started it is gone.
+"""A worker process of the local runner ends with the driver process that started it.
 
 The FnApiRunner starts its workers through `sh -c`; when the driver is killed (SIGKILL, the OOM
 killer) they are reparented and stay: busy ones finish their bundle (writing files into an output
-the next run is cleaning), then all wait for a driver that never answers. Measured with `bft prepare`
-killed 3 s after its workers started: both workers were still there 20 s later. The driver exports
-its pid (BFT_DRIVER_PID, see options.pipeline_options); `watch`, started by options.configure_process
-in the setup of every bft DoFn, polls it from a daemon thread every 0.5 s. A worker that never ran a
-bft DoFn is not watched: the FnApiRunner gives its workers no pipeline options (so no --beam_plugin)
-and nothing of ours runs in them before a bundle.
+the next run is cleaning), then all wait for a driver that never answers, and print gRPC tracebacks
+when it is gone. Measured with `bft prepare` killed 3 s after its workers started: both workers were
+still there 20 s later. Two guards:
+- `boot` (`python -m beam_pipelines.driver_watch MODULE`, the local worker's command:
+  options.local_worker_command) asks the kernel to SIGKILL the worker when its driver ends
+  (PR_SET_PDEATHSIG, Linux), before Beam's worker starts: every worker, busy or idle, ends with the
+  driver however the driver ends.
+- elsewhere, and for the workers of other runners, the driver exports its pid (BFT_DRIVER_PID, see
+  options.pipeline_options) and `watch`, started by options.configure_process in the setup of every
+  bft DoFn, polls it from a daemon thread every 0.5 s.
 
-The other way round, on Ctrl-C: the workers ignore SIGINT (options.local_worker_command) and the
-interrupted driver ends them itself (`end_workers`, called by progress.interrupts), at once, instead of
-waiting for each busy worker's bundle.
+The other way round, on Ctrl-C or SIGTERM: the workers ignore both (options.local_worker_command) and
+the interrupted driver ends them itself (`end_workers`, called by progress.interrupts), at once,
+instead of waiting for each busy worker's bundle.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 import threading
 import time
 
@@ -117,15 +124,53 @@ def local_workers(driver: int | None = None) -> list[int]:
 
 
 def end_workers(driver: int | None = None) -> list[int]:
-    """Ends the local workers of an interrupted driver at once (SIGTERM: Python has no handler for it,
-    so no traceback): a busy worker would otherwise finish its bundle before the runner's shutdown,
-    which waits for every worker, lets the driver go. What a worker was writing is whole-or-nothing."""
-    import signal
-
+    """Ends the local workers of an interrupted driver at once (SIGKILL: they ignore SIGINT and SIGTERM,
+    and a kill prints nothing): a busy worker would otherwise finish its bundle before the runner's
+    shutdown, which waits for every worker, lets the driver go. What a worker was writing is
+    whole-or-nothing."""
     pids = local_workers(driver)
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
     return pids
+
+
+PR_SET_PDEATHSIG = 1
+BOOT = "beam_pipelines.driver_watch"
+
+
+def boot_command(command: str) -> str:
+    """The local runner's worker command (`PYTHON -m apache_beam.runners.worker.sdk_worker_main`) with
+    `boot` in front of Beam's worker main (which stays on the command line, for `local_workers`)."""
+    main = WORKER_MAIN.decode()
+    return command.replace(f"-m {main}", f"-m {BOOT} {main}", 1)
+
+
+def die_with_driver() -> None:
+    """SIGKILL for this process when its parent, the driver, ends (Linux; elsewhere `watch` alone),
+    and an exit now when the driver has ended already (before the request could be made)."""
+    driver = int(os.environ.get(DRIVER_PID, "0") or 0) or os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != driver:
+        os._exit(1)
+
+
+def boot(argv: list[str]) -> None:
+    """`python -m beam_pipelines.driver_watch MODULE [ARG...]`: MODULE run as __main__ (with ARG...),
+    in a process that ends with its driver."""
+    import runpy
+
+    die_with_driver()
+    sys.argv = [argv[0], *argv[2:]]
+    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    boot(sys.argv)

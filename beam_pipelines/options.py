@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 
+from beam_pipelines import driver_watch
 from beam_pipelines.driver_watch import DRIVER_PID  # the pid of the process driving a pass, for its workers
 
 _M_TRIM_THRESHOLD = -1
@@ -42,8 +43,6 @@ def configure_process() -> None:
 
     if os.environ["ARROW_DEFAULT_MEMORY_POOL"] == "system":
         pa.set_memory_pool(pa.system_memory_pool())
-    from beam_pipelines import driver_watch
-
     driver_watch.watch()
 
 
@@ -74,13 +73,15 @@ def unknown_beam_flags(beam_args: list[str]) -> list[str]:
 
 
 def local_worker_command(command: str) -> str:
-    """The shell command that starts a local worker (the FnApiRunner runs it with `sh -c`): the
-    terminal's Ctrl-C reaches every process of the foreground group, and a worker that took it raised
-    KeyboardInterrupt wherever it was (often in its imports) and printed its traceback, while the
-    driver's thread printed another for the worker's exit status. An ignored SIGINT survives `exec`,
-    and Python leaves an ignored SIGINT ignored, so the worker never sees Ctrl-C; the driver ends its
-    workers (driver_watch.end_workers) when it is interrupted."""
-    return f"trap '' INT; exec {command}"
+    """The shell command that starts a local worker (the FnApiRunner runs it with `sh -c`). Its
+    signals are its driver's to give: the terminal's Ctrl-C reaches every process of the foreground
+    group, and a worker that took it raised KeyboardInterrupt wherever it was (often in its imports)
+    and printed its traceback, while the driver's thread printed another for the worker's exit status;
+    a scheduler's SIGTERM to the group (systemd, `timeout`) killed the workers under a driver still
+    unwinding. Ignored signals survive `exec`, and Python leaves them ignored, so the worker sees
+    neither; the driver ends its workers when it is interrupted (driver_watch.end_workers), and the
+    kernel when the driver dies (driver_watch.boot, through which the worker starts)."""
+    return f"trap '' INT TERM; exec {driver_watch.boot_command(command)}"
 
 
 def pipeline_options(beam_args: list[str]):

@@ -11,9 +11,9 @@ While the pass runs:
 * nothing with --quiet (schemas.progress.quiet()).
 
 The stage and the counters come from the local runner (FnApiRunner, the default): other runners get the
-elapsed time only. Ctrl-C: the local workers ignore SIGINT (options.local_worker_command); the driver,
-on SIGINT, ends them (driver_watch.end_workers) and raises KeyboardInterrupt, which bft's CLI turns
-into one line and exit status 130.
+elapsed time only. Ctrl-C and SIGTERM: the local workers ignore both (options.local_worker_command);
+the driver, on either, ends them (driver_watch.end_workers) and raises KeyboardInterrupt (on SIGTERM
+schemas.signals.Terminated), which bft's CLI turns into one line and exit status 130 (143).
 """
 from __future__ import annotations
 
@@ -154,15 +154,16 @@ def local_runner(options, status: PassStatus):
 
 @contextlib.contextmanager
 def interrupts():
-    """While the pass runs: SIGINT ends the local workers at once and raises KeyboardInterrupt in the
-    driver. From then on, until the pass has unwound, what the runner's threads and Beam's loggers
-    say about the workers it lost (gRPC stream errors, "Worker subprocess exited", "Error closing
-    worker_handler") is dropped: it is the Ctrl-C, said some ninety times. Not in effect where SIGINT
-    is ignored (a background job) or outside the main thread."""
+    """While the pass runs: SIGINT, and SIGTERM where bft's CLI takes it (schemas.signals), end the
+    local workers at once and raise their interrupt in the driver (KeyboardInterrupt, Terminated).
+    From then on, until the pass has unwound, what the runner's threads and Beam's loggers say about
+    the workers it lost (gRPC stream errors, "Worker subprocess exited", "Error closing
+    worker_handler") is dropped: it is the interrupt, said some ninety times. Not in effect where
+    SIGINT is ignored (a background job) or outside the main thread."""
     from beam_pipelines import driver_watch
 
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if threading.current_thread() is not threading.main_thread() or previous[signal.SIGINT] in (signal.SIG_IGN, None):
         yield
         return
     hook = threading.excepthook
@@ -175,21 +176,29 @@ def interrupts():
     def runner_record(record: logging.LogRecord) -> bool:
         return not (interrupted.is_set() and record.name.startswith(NOISY_LOGGERS))
 
-    def on_sigint(signum, frame):
-        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C is an ordinary KeyboardInterrupt
+    def on_signal(signum, frame):
+        for sig, handler in taken.items():  # a second Ctrl-C is an ordinary KeyboardInterrupt
+            signal.signal(sig, handler)
         interrupted.set()
         driver_watch.end_workers()
+        if callable(previous[signum]):
+            previous[signum](signum, frame)
         raise KeyboardInterrupt
 
+    # SIGTERM at its default (a library call, not the CLI) still ends the process at once; its
+    # workers die with it (driver_watch.boot)
+    taken = {sig: handler for sig, handler in previous.items() if sig == signal.SIGINT or callable(handler)}
     handlers = list(logging.getLogger().handlers)
     for handler in handlers:
         handler.addFilter(runner_record)
     threading.excepthook = thread_exception
-    signal.signal(signal.SIGINT, on_sigint)
+    for sig in taken:
+        signal.signal(sig, on_signal)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in taken.items():
+            signal.signal(sig, handler)
         threading.excepthook = hook
         for handler in handlers:
             handler.removeFilter(runner_record)

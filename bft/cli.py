@@ -18,11 +18,13 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
 from bft import config
+from schemas import signals
 from schemas.errors import JSON_ANSWERED, exit_status, one_line, user_error_message
 
 
@@ -304,13 +306,13 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
         cfg = config.build(cls, file_values, flags, args.config or "")
         with root_lock(verb, cfg):
             return verb.run(cfg, beam_args, args.config)
-    except (KeyboardInterrupt, Exception) as e:  # a user's mistake is one line; a bug keeps its traceback
+    except (KeyboardInterrupt, Exception) as e:  # a user's mistake, Ctrl-C or SIGTERM: one line; a bug keeps its traceback
         message = user_error_message(e)
         fmt = getattr(cfg, "format", None) or flags.get("format") or file_values.get("format")
         if fmt == "json" and not getattr(e, JSON_ANSWERED, False):  # stdout is one JSON document, always
             print(json.dumps({"verb": verb.name, "error": one_line(e), "exit_code": exit_status(e)}, indent=2))
-        if isinstance(e, KeyboardInterrupt):
-            message = "interrupted"
+        if isinstance(e, KeyboardInterrupt):   # Ctrl-C or SIGTERM (schemas.signals): 130 or 143
+            message = signals.interrupted_text(e)
         if message is None:
             raise
         print(f"bft {verb.name}: {message}", file=sys.stderr)
@@ -342,11 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     if verb is None:
         print(usage() + f"\n\nbft: unknown verb {' '.join(argv[:1])!r}", file=sys.stderr)
         return 2
+    previous = signals.take_sigterm()  # SIGTERM as Ctrl-C, in every verb
     try:
         return run_verb(verb, argv[1:])
-    except KeyboardInterrupt:  # before the verb's own handler (imports, parsing) or after it
-        print(f"bft {name}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:  # before the verb's own handler (imports, parsing) or after it
+        print(f"bft {name}: {signals.interrupted_text(interrupt)}", file=sys.stderr)
+        return signals.exit_status(interrupt)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -327,11 +327,13 @@ def rebuild(plan: RunPlan, cfg: RebuildConfig, lock=None) -> int:
     night = Night(plan.layout, plan.path)
     try:
         result = _run_night(plan, cfg, night, say, lock)
-    except BaseException as e:  # a failure anywhere (prepare, a stage, assemble, an interrupt): the record stays
-        error = one_line(e)
+    except BaseException as e:  # a failure anywhere (prepare, a stage, assemble) or an interrupt: the record stays
+        error = one_line(e)   # an interrupt's is the CLI's line: "interrupted" or "interrupted by SIGTERM"
+        interrupted = isinstance(e, KeyboardInterrupt)
         if not night.closed:
-            night.save(f"failed: {error}")
-        _answer(cfg, {"outcome": "failed", "exit_code": exit_status(e), "error": error, "night": night.record})
+            night.save(error if interrupted else f"failed: {error}")
+        _answer(cfg, {"outcome": "interrupted" if interrupted else "failed", "exit_code": exit_status(e),
+                      "error": error, "night": night.record})
         if cfg.format == "json":
             setattr(e, JSON_ANSWERED, True)
         raise
@@ -505,8 +507,8 @@ def night_text(result: dict) -> str:
     if len(night["invocations"]) > 1 or result["outcome"] not in ("published", "current"):
         lines.append("   invocations: " + "; ".join(f"{i + 1}. {inv.get('started_at', '?')} {inv.get('status', '?')}"
                                                     for i, inv in enumerate(night["invocations"])))
-    if result["outcome"] == "failed":
-        lines.append(f"   FAILED (exit {result['exit_code']}): {result['error']}")
+    if result["outcome"] in ("failed", "interrupted"):
+        lines.append(f"   {result['outcome'].upper()} (exit {result['exit_code']}): {result['error']}")
     elif result["outcome"] == "waiting":
         lines.append(f"   waiting (exit {result['exit_code']}): {result['message']}")
     if rel is None:

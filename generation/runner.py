@@ -373,6 +373,9 @@ class StageRunner:
                                           f"batches after --wait-timeout {cfg.wait_timeout:g} s; run again later")
                 time.sleep(cfg.poll_s)
                 waiting, pending = pending, []
+        except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: every row answered is in a shard or a checkpoint
+            interrupt.kept_rows = progress.answered
+            raise
         finally:
             progress.close()
             if batches is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import storage
+from schemas import signals
 
 
 class UserError(Exception):
@@ -51,11 +52,11 @@ def chain(exc: BaseException):
 def exit_status(exc: BaseException) -> int:
     """The exit status of a command that ended with `exc`: its `exit_status` where an exception of
     its chain has one (generation.batch.BatchesPending: 75, EX_TEMPFAIL, a state to wait out), 130 for
-    an interrupt, else 1 (a user's mistake, or a bug)."""
+    Ctrl-C and 143 for SIGTERM, else 1 (a user's mistake, or a bug)."""
     found = next((c.exit_status for c in chain(exc) if isinstance(getattr(c, "exit_status", None), int)), None)
     if found is not None:
         return found
-    return 130 if isinstance(exc, KeyboardInterrupt) else 1
+    return signals.exit_status(exc) if isinstance(exc, KeyboardInterrupt) else 1
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
@@ -64,7 +65,7 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     exception holds the worker's whole traceback; its last line names the error)."""
     message = user_error_message(exc)
     if message is None and isinstance(exc, KeyboardInterrupt):
-        message = "interrupted"
+        message = signals.interrupted_text(exc)
     if message is None:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         message = f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__

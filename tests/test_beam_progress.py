@@ -12,7 +12,9 @@ from types import SimpleNamespace
 import pytest
 
 from beam_pipelines import driver_watch, progress
+from beam_pipelines.options import local_worker_command
 from bft import cli
+from schemas.signals import Terminated, take_sigterm
 from schemas.progress import ENV, quiet
 from tests.conftest import ROOT
 
@@ -143,9 +145,10 @@ def _group(pgid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_ctrl_c_in_prepare_is_one_line_exit_130_and_leaves_no_process(tmp_path, bpe_tokenizer_path):
-    """What a terminal's Ctrl-C does: SIGINT to the whole foreground process group (the driver and
-    the local runner's worker processes), here while the workers run."""
+def test_sigterm_in_prepare_is_one_line_exit_143_and_leaves_no_process(tmp_path, bpe_tokenizer_path):
+    """What systemd, `timeout` and Airflow do: SIGTERM to the whole process group (the driver and the
+    local runner's worker processes), here while the workers run. A terminal's Ctrl-C (SIGINT to the
+    foreground group) takes the same path, 130 (test_an_interrupt_ends_the_local_workers_that_ignore_it)."""
     root = tmp_path / "run"
     big = tmp_path / "in" / "cc_en_head" / "big.jsonl"  # long enough to be running at the Ctrl-C (the
     big.parent.mkdir(parents=True)                      # bundled sample can finish within the second)
@@ -168,13 +171,13 @@ def test_ctrl_c_in_prepare_is_one_line_exit_130_and_leaves_no_process(tmp_path, 
         assert proc.poll() is None and driver_watch.local_workers(proc.pid), "no local worker started"
         time.sleep(1.0)  # past the workers' start-up, well inside the pass (300K lines: over 10 s of work)
         assert proc.poll() is None, "the pass ended before the interrupt"
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=90)  # a loaded machine (the suite's other workers) is slow to stop
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err.decode()
-    assert err.decode().splitlines() == ["bft prepare: interrupted"]
+    assert proc.returncode == 143, err.decode()
+    assert err.decode().splitlines() == ["bft prepare: interrupted by SIGTERM"]
     deadline = time.time() + 10
     while _group(proc.pid) and time.time() < deadline:
         time.sleep(0.2)
@@ -182,6 +185,38 @@ def test_ctrl_c_in_prepare_is_one_line_exit_130_and_leaves_no_process(tmp_path, 
     candidates = root / "candidates"
     assert not (candidates / "stats.json").exists()  # visibly incomplete: the next run redoes it
     assert not (candidates / "_tmp").exists()  # the run's document texts are gone with it
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
+def test_an_interrupt_ends_the_local_workers_that_ignore_it(sig, raised):
+    """A local worker (started as options.local_worker_command starts Beam's) ignores Ctrl-C and
+    SIGTERM; its driver, interrupted while a pass runs (progress.interrupts), kills it and raises the
+    interrupt, KeyboardInterrupt or (with bft's CLI handler) Terminated."""
+    command = local_worker_command(f"{sys.executable} -c 'import time; time.sleep(60)' -m "
+                                   f"{driver_watch.WORKER_MAIN.decode()}")
+    worker = subprocess.Popen(command, shell=True)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        deadline = time.time() + 10   # until `sh` has trapped and exec'd the worker
+        while not open(f"/proc/{worker.pid}/cmdline", "rb").read().startswith(sys.executable.encode()):
+            assert time.time() < deadline and worker.poll() is None
+            time.sleep(0.01)
+        os.kill(worker.pid, sig)
+        time.sleep(0.1)
+        assert worker.poll() is None and worker.pid in driver_watch.local_workers()
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal's foreground job
+        take_sigterm()
+        with pytest.raises(raised):
+            with progress.interrupts():
+                os.kill(os.getpid(), sig)
+                time.sleep(10)
+        assert worker.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if worker.poll() is None:
+            worker.kill()
 
 
 def test_a_job_the_runner_failed_is_its_first_error_line():

@@ -493,7 +493,8 @@ def test_prepare_killed_at_any_write_reruns_to_the_output_of_an_uninterrupted_ru
 
 def test_local_runner_workers_end_when_the_driver_is_killed(tmp_path, bpe_tokenizer_path):
     """With the local runner's worker processes, a SIGKILLed driver's busy workers went on with their
-    bundle (reading, then writing into the output the next run cleans); they now end within a second."""
+    bundle (reading, then writing into the output the next run cleans), and idle ones stayed; they now
+    all end at once."""
     import signal
     import subprocess
     import sys
@@ -542,12 +543,13 @@ def test_local_runner_workers_end_when_the_driver_is_killed(tmp_path, bpe_tokeni
             time.sleep(0.2)
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
-        deadline = time.time() + 3  # the watch polls every 0.5 s; the old code's worker read on for ~10 s
-        while busy & set(group()) and time.time() < deadline:
+        deadline = time.time() + 3  # the kernel kills them at once (driver_watch.boot); the old code's read on
+        while group() and time.time() < deadline:  # for ~10 s, and an idle one stayed
             time.sleep(0.1)
         assert not busy & set(group()), "a worker went on after the driver was killed"
+        assert group() == [], "an idle worker stayed after the driver was killed"
     finally:
-        for pid in group():  # only this test's processes (its driver's session); idle workers are not watched
+        for pid in group():  # only this test's processes (its driver's session)
             os.kill(pid, signal.SIGKILL)
 
 
@@ -568,6 +570,42 @@ def test_a_local_worker_ends_at_once_at_a_clean_exit_and_keeps_a_failure_status(
     assert done.returncode == status, done.stderr
     assert ("last words" in done.stdout) == (status == 0)
     assert ("teardown ran" in done.stderr) == (status != 0)
+
+
+@pytest.mark.skipif(not os.uname().sysname == "Linux", reason="PR_SET_PDEATHSIG")
+def test_a_worker_started_through_the_boot_dies_with_its_driver_even_idle(tmp_path):
+    """driver_watch.boot, through which the local runner starts its workers: a worker that runs no bft
+    DoFn (idle, or still in its imports; the watch thread never starts there) is killed by the kernel
+    when its driver is SIGKILLed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from beam_pipelines import driver_watch
+
+    (tmp_path / "idle_worker.py").write_text("import sys, time\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n")
+    ready = tmp_path / "ready"
+    start = (f"import subprocess, sys, time\nw = subprocess.Popen([sys.executable, '-m', '{driver_watch.BOOT}', "
+             f"'idle_worker', {str(ready)!r}])\nprint(w.pid, flush=True)\ntime.sleep(60)\n")
+    env = {k: v for k, v in os.environ.items() if k != driver_watch.DRIVER_PID}
+    driver = subprocess.Popen([sys.executable, "-c", start], stdout=subprocess.PIPE, text=True,
+                              env={**env, "PYTHONPATH": f"{os.getcwd()}:{tmp_path}"})
+    worker = int(driver.stdout.readline())
+    try:
+        deadline = time.time() + 20
+        while not ready.exists():   # the worker runs its module
+            assert time.time() < deadline and driver_watch.alive(worker), "the worker did not start"
+            time.sleep(0.01)
+        driver.kill()
+        driver.wait()
+        deadline = time.time() + 5
+        while driver_watch.alive(worker) and time.time() < deadline:
+            time.sleep(0.01)
+        assert not driver_watch.alive(worker), "the worker outlived its driver"
+    finally:
+        if driver_watch.alive(worker):
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_a_gcs_input_deleted_after_listing_is_unreadable_like_a_local_one(corpus, tmp_path, bpe_tokenizer_path,

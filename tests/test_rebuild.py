@@ -565,8 +565,8 @@ def test_every_paid_request_counts_also_those_of_an_interrupted_invocation(night
     monkeypatch.setattr(prepare, "run", lambda *a: {**run_prepare(*a), "reused": False})  # as if it ran now
     try:
         rc, out, err = bft(capsys, "rebuild", "--config", cfg)
-        assert rc == 130 and err.strip() == "bft rebuild: interrupted", (out, err)
-        assert "backtranslate: 4 sent" in out and "FAILED (exit 130): interrupted" in out
+        assert rc == 130 and err.strip() == "bft rebuild: interrupted: 4 answered rows kept; rerun to resume", (out, err)
+        assert "backtranslate: 4 sent" in out and "INTERRUPTED (exit 130): interrupted: 4 answered rows kept" in out
         monkeypatch.setattr(StageRunner, "_take", take)
         monkeypatch.setattr(prepare, "run", run_prepare)
         rc, out, err = bft(capsys, "rebuild", "--config", cfg, "--format", "json")
@@ -577,7 +577,8 @@ def test_every_paid_request_counts_also_those_of_an_interrupted_invocation(night
     assert answer["outcome"] == "waiting" and answer["exit_code"] == 75
     paid = [r for r in chat_server.requests if r["path"].endswith("/completions")]
     assert len(paid) == 12 and answer["night"]["stages"]["backtranslate"]["requests_sent"] == len(paid)
-    assert [i["status"] for i in answer["night"]["invocations"]] == ["failed: interrupted", "waiting for external workers"]
+    assert [i["status"] for i in answer["night"]["invocations"]] == ["interrupted: 4 answered rows kept; rerun to resume",
+                                                                  "waiting for external workers"]
     from bft.rebuild import night_text
 
     assert "prepare: done earlier tonight, 12 candidates" in night_text(answer)

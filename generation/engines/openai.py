@@ -57,7 +57,9 @@ applies its template; needed for hosted chat-only APIs).
   server that drips its answer byte by byte cannot hold a slot longer.
 - Dispatch is a stream (`stream`): `concurrency` requests are in flight at all times; a slot that
   frees takes the next request at once, there is no barrier per chunk, and the requests are prepared
-  by the caller's generator in a thread beside the event loop. One aiohttp session and one event loop
+  by the caller's generator in a thread beside the event loop. An interrupt (Ctrl-C, SIGTERM) stops
+  the sending and lets the requests in flight come back (up to DRAIN_S) before it is raised, so that
+  what was paid for is kept (`stream`). One aiohttp session and one event loop
   are kept for the engine's life and closed by `close()`. aiohttp rather than httpx: at hundreds of
   requests in flight its per-request cost is several times lower (docs/BENCHMARKS.md), and the client
   must not be what leaves the GPU idle. The API key comes from the environment variable named by
@@ -75,6 +77,7 @@ import math
 import os
 import random
 import re
+import signal
 import threading
 import time
 import urllib.parse
@@ -85,6 +88,7 @@ import orjson
 
 from generation.engines.base import (PROMPT_TOO_LONG, REFUSAL, Completion, Engine, EngineConfig,
                                      EngineError, Request, failed, finished, model_context_length)
+from schemas import signals
 
 # /completions `logprobs` each kind of server accepts at most (OpenAI's API reference: 5; vLLM's
 # default --max-logprobs: 20); chat `top_logprobs` is at most 20 on both.
@@ -116,6 +120,8 @@ RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 MAX_BACKOFF_S = 60.0
 PREFLIGHT_S = 5.0
 HAND_OFF = 16           # prepared requests handed from the preparing thread to the event loop at once
+DRAIN_S = 10.0          # on an interrupt, what the requests in flight (paid for) get to come back: within the
+                        # grace before SIGKILL of Kubernetes (30 s), Airflow (60 s) and systemd (90 s)
 # How servers say a prompt does not fit: vLLM ("This model's maximum context length is N tokens",
 # V1 "The decoder prompt (length N) is longer than the maximum model length of M", "... is too long"),
 # OpenAI (code context_length_exceeded), SGLang / TGI ("exceeds the model's context length",
@@ -375,12 +381,24 @@ class OpenAIEngine(Engine):
                chunk: int = 512) -> None:
         """`concurrency` requests in flight, each freed slot taking the next item at once (`chunk` is
         not used: no barrier). `items` is advanced in a thread of its own, so that preparing requests
-        overlaps waiting for answers; `emit` runs on the event loop's thread."""
+        overlaps waiting for answers; `emit` runs on the event loop's thread. Ctrl-C and SIGTERM are
+        held meanwhile (schemas.signals.deferred), so an interrupt never lands between an answer and
+        its `emit`: no request is sent after it, those in flight get DRAIN_S seconds to come back (they
+        are paid for: their answers are emitted, and the runner keeps them), the rest are cancelled and
+        the interrupt is raised. A second Ctrl-C cancels at once."""
         if self._loop.is_closed():
             raise RuntimeError("the engine is closed")
+        halt, now = asyncio.Event(), asyncio.Event()
+
+        def interrupted(signum: int) -> None:   # on the loop's thread
+            if halt.is_set() and signum == signal.SIGINT:
+                now.set()
+            halt.set()
+
         try:
-            self._loop.run_until_complete(self._stream(iter(items), emit))
-        except BaseException:  # Ctrl-C (or a failed emit): end every request in flight before leaving
+            with signals.deferred(lambda signum: self._loop.call_soon_threadsafe(interrupted, signum)):
+                self._loop.run_until_complete(self._stream(iter(items), emit, halt, now))
+        except BaseException:  # a failed emit (or a signal no handler held): end every request in flight
             self._cancel_all()
             raise
 
@@ -393,15 +411,18 @@ class OpenAIEngine(Engine):
         if tasks:
             self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
-    async def _stream(self, items, emit) -> None:
+    async def _stream(self, items, emit, halt: asyncio.Event, now: asyncio.Event) -> None:
         """Workers take requests from a local deque that the preparing thread fills a batch at a time
-        (one hand-off per batch, not per request), kept at most 2 x concurrency ahead of dispatch."""
+        (one hand-off per batch, not per request), kept at most 2 x concurrency ahead of dispatch.
+        `halt` (an interrupt): the workers take no more requests, and those still waiting for an answer
+        are cancelled after DRAIN_S seconds or when `now` is set."""
         loop = asyncio.get_running_loop()
         ready: collections.deque = collections.deque()
         arrived = asyncio.Event()
         state = {"finished": False}
         stop, problem = threading.Event(), []
         ahead = 2 * self.concurrency
+        workers: list[asyncio.Task] = []
 
         def arrive(batch: list, last: bool) -> None:   # on the loop's thread
             ready.extend(batch)
@@ -428,23 +449,36 @@ class OpenAIEngine(Engine):
 
         async def worker() -> None:
             while True:
-                while not ready:
-                    if state["finished"]:
-                        return
+                while not ready and not state["finished"] and not halt.is_set():
                     arrived.clear()
                     await arrived.wait()
+                if halt.is_set() or not ready:
+                    return
                 key, request = ready.popleft()
-                emit(key, await self._one(request))
+                emit(key, await self._one(request))  # no await between the answer and its emit
+
+        async def drain() -> None:
+            await halt.wait()
+            stop.set()
+            arrived.set()   # the idle workers end
+            try:
+                await asyncio.wait_for(now.wait(), DRAIN_S)
+            except TimeoutError:
+                pass
+            for task in workers:
+                task.cancel()
 
         producer = threading.Thread(target=produce, name="bft-prepare", daemon=True)
         producer.start()
+        drainer = loop.create_task(drain())
         try:
             async with asyncio.TaskGroup() as group:
-                for _ in range(self.concurrency):
-                    group.create_task(worker())
+                workers += [group.create_task(worker()) for _ in range(self.concurrency)]
         except BaseExceptionGroup as group_error:  # what a worker raised (in emit: a UserError), as itself
             raise group_error.exceptions[0] from None
         finally:
+            drainer.cancel()
+            await asyncio.gather(drainer, return_exceptions=True)
             stop.set()
             await loop.run_in_executor(None, producer.join)
         if problem:

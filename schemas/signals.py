@@ -1,0 +1,85 @@
+"""How a bft process takes the signals that stop it: SIGTERM as Ctrl-C.
+
+Ctrl-C (SIGINT) raises KeyboardInterrupt, as Python does. SIGTERM (what Kubernetes, systemd, Airflow
+and `timeout` send) raises `Terminated`, a KeyboardInterrupt, once `take_sigterm` installed its handler
+(bft's CLI does, for every verb): every path that keeps work on Ctrl-C keeps it on SIGTERM too (a
+generation stage's answered rows checkpointed, a Beam pass's workers ended and its temporary files
+removed, the night's record written), and the CLI prints one line (`interrupted_text`) and exits
+128 + the signal's number (`exit_status`): 130 for SIGINT, 143 for SIGTERM.
+
+Code that must not be cut anywhere (an event loop whose answers are paid for) holds the signals for a
+while (`deferred`): it is told of them, finishes what it must, and the interrupt is raised after.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Callable
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by the handler `take_sigterm` installs."""
+
+
+def _on_sigterm(signum, frame):
+    # `timeout` sends SIGTERM to the command and then to its process group, so it comes twice: the
+    # second must not cut the unwinding of the first (a scheduler escalates with SIGKILL, not SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
+def take_sigterm():
+    """Makes SIGTERM raise Terminated in this process (main thread only; an ignored SIGTERM stays
+    ignored, as Python leaves an ignored SIGINT); returns the handler it replaced, None when it did
+    not replace one."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_IGN:
+        return None
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return signal.SIG_DFL if previous is None else previous  # None: a handler not set from Python
+
+
+def exit_status(interrupt: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process the signal ended."""
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
+def interrupted_text(interrupt: KeyboardInterrupt) -> str:
+    """The one line an interrupt ends with: which signal, and the answered rows kept (`kept_rows`,
+    which a generation stage sets on the interrupt it lets through)."""
+    text = "interrupted by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"
+    kept = getattr(interrupt, "kept_rows", None)
+    return text if kept is None else f"{text}: {kept:,} answered rows kept; rerun to resume"
+
+
+@contextlib.contextmanager
+def deferred(notify: Callable[[int], None]):
+    """While the block runs, SIGINT and SIGTERM call `notify(signum)` instead of raising wherever the
+    main thread is (`notify` runs in the main thread between two bytecodes: it may only schedule); when
+    the block has ended, the first signal caught is raised as its own handler raises it
+    (KeyboardInterrupt, Terminated). A signal that no Python handler takes (ignored, or SIGTERM at its
+    default) is left alone, and so is every signal off the main thread."""
+    previous: dict[int, Callable] = {}
+    caught: list[int] = []
+
+    def held(signum, frame):
+        caught.append(signum)
+        notify(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                previous[sig] = handler
+                signal.signal(sig, held)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        previous[caught[0]](caught[0], None)
+        raise KeyboardInterrupt  # a handler that did not raise: the block still ended early
