@@ -7,7 +7,8 @@ Reuse rule (docs/OPERATIONS.md):
 - a generation shard is reused when its recorded inputs (checksums of its candidates shard and
   upstream shards) and stage config are the current ones (schemas/provenance.py). When only its
   inputs changed (documents joined or left the candidates shard), its rows are reused one by one:
-  a row whose prompt values are unchanged (schemas.keys.input_hash) is kept, the others are sent.
+  a row whose prompt values (schemas.keys.input_hash) and carried upstream fields are unchanged is
+  kept, the others are sent (or remade without a request when below the gate).
   Prepare keeps every document already seen in its shard (candidates/_prior/), so a night with a
   few new Dolma files sends requests for their documents only.
 - assemble is reused when a release with the same config hash (config + every input shard) is

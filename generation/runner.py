@@ -8,8 +8,9 @@ its marker (`.metrics.json`: metrics and the provenance record of schemas/proven
 a shard only when its marker, checksum, inputs' checksums and config all match; it resends just the
 transient-failure rows of an otherwise complete shard (schemas/outcomes.py: final outcomes such as
 content_filter are answers and are never resent while the config is unchanged), and redoes any other
-shard, so nothing stale survives an upstream rerun. Outcomes are reproducible given the seed: each
-row's seed is derived from its id, the stage and --seed.
+shard, so nothing stale survives an upstream rerun (nor a complete shard's row that carries other
+upstream fields than its upstream row holds now: it is remade). Outcomes are reproducible given the
+seed: each row's seed is derived from its id, the stage and --seed.
 
 Inside a shard, answered rows are checkpointed (`--checkpoint-rows` rows or `--checkpoint-s` seconds,
 whichever comes first) as whole part files under `generations/<stage>/_checkpoints/<shard>/<config>/`;
@@ -321,11 +322,16 @@ class StageRunner:
             previous = None
             if why is None:
                 previous = read_generation(out)
-                if not any(is_engine_error(e) for e in previous["parse_error"].to_pylist()):
+                stale = self._stale_row(inputs, previous)
+                if stale is None and not any(is_engine_error(e) for e in previous["parse_error"].to_pylist()):
                     log.info("%s is complete; skipped", out)
                     summary["shards_skipped"].append(k)
                     continue
-                log.info("%s: resending its transient-failure rows", out)
+                if stale is None:
+                    log.info("%s: resending its transient-failure rows", out)
+                else:
+                    log.warning("%s: row %s carries other %s than its %s row; remaking the rows that do", out,
+                                stale, "/".join(self.spec.carries), self.spec.upstream)
             elif provenance.reusable(why, marker, made, row_level=("gate",)):
                 log.info("%s: %s; reusing the rows whose input is unchanged", out, why)
                 previous = read_generation(out)
@@ -400,6 +406,20 @@ class StageRunner:
                 f"rows. First: {summary['failing_shards'][0]['first']}", summary)
         return summary
 
+    def _stale_row(self, inputs: dict[str, str], shard: pa.Table) -> str | None:
+        """The id of the first row of a complete shard that carries other fields than its upstream row
+        holds now, or None. A shard made before rows below the gate were keyed by them may hold such
+        rows while its inputs are current: assemble refuses it and tells to rerun this stage, which
+        then remakes those rows (open_shard) instead of skipping the shard."""
+        if not self.spec.carries:
+            return None
+        up, columns = self.spec.upstream, ["id", "parse_error", *self.spec.carries]
+        upstream = {r["id"]: r for r in storage.read_parquet(inputs[up], columns).to_pylist()}
+        for old in shard.select(columns).to_pylist():
+            if self.spec.stale_carried(old, {"inputs": {up: upstream.get(old["id"])}}):
+                return old["id"]
+        return None
+
     def _joined_rows(self, inputs: dict[str, str]) -> tuple[list[str], list[dict]]:
         """(candidate ids in shard order, joined rows: see generation.stages)."""
         cands = schemas.validate(storage.read_parquet(inputs["candidates"]), schemas.CANDIDATE, inputs["candidates"])
@@ -436,10 +456,11 @@ class StageRunner:
         """Shard k as a PendingShard, and its (row, template values) still to send. `previous`: an intact
         shard of the same config (of the same inputs when only its transient failures are to be resent,
         or of older inputs when documents joined or left the candidates shard); rows of this shard's
-        checkpoints are taken the same way: a row is kept when its id and input_hash
-        (schemas.keys.input_hash: the prompt values, or why it was not sent) are the current ones and it
-        is not a transient failure; every other row is sent again. Reads files only: it touches nothing
-        that another shard's answers touch."""
+        checkpoints are taken the same way: a row is kept when its id, input_hash
+        (schemas.keys.input_hash: the prompt values, or why it was not sent) and carried fields
+        (StageSpec.stale_carried: a row below the gate holds its upstream's instruction) are the current
+        ones and it is not a transient failure; every other row is sent again, or remade unsent. Reads
+        files only: it touches nothing that another shard's answers touch."""
         ids, rows = self._joined_rows(inputs)
         ckpt = Checkpoints(self.layout, self.cfg.stage, k, n, self._config_key())
         kept = {r["id"]: r for r in previous.to_pylist() if not is_engine_error(r["parse_error"])} if previous else {}
@@ -451,7 +472,8 @@ class StageRunner:
             values, reason = self.spec.format_input(row, self.gate)
             row["input_hash"] = input_hash(values, reason)
             old = kept.get(row["id"])
-            if old is not None and old.get("input_hash") == row["input_hash"]:
+            if (old is not None and old.get("input_hash") == row["input_hash"]
+                    and not self.spec.stale_carried(old, row)):
                 results.append(old)
                 reused += 1
             elif values is None:

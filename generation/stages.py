@@ -71,6 +71,12 @@ class StageSpec:
         up = row["inputs"].get(self.upstream) if self.upstream else None
         return {f: up.get(f) if up and not up.get("parse_error") else None for f in self.carries}
 
+    def stale_carried(self, old: dict, row: dict) -> bool:
+        """Whether the output row `old` carries other fields than the joined `row`'s upstream row holds
+        now: the part of a row's input that its input_hash does not cover when it was not sent (a row
+        below the gate holds its upstream's instruction, which no prompt value holds)."""
+        return {f: old.get(f) for f in self.carries} != self.carried(row)
+
     def format_output(self, text: str, row: dict, finish_reason: str | None) -> tuple[dict, str | None]:
         fields, error = self.parse(text, row, finish_reason)
         return {**self.carried(row), **fields}, error

@@ -13,7 +13,8 @@ outputs are reproducible and stable as the input grows.
     row_seed           a generation request's sampling seed: xxh3_64(stage \\0 id, seed) % 2^31
     seed_tree_key      bft seed's sample of oasst1 trees: xxh3_64(tree id, seed)
     input_hash         what a generation row was made from: xxh3_128 of its prompt values (or of the
-                       reason it was not sent); a rerun reuses a row whose input_hash is unchanged
+                       reason it was not sent); a rerun reuses a row whose input_hash and carried
+                       fields (generation/stages.py: StageSpec.stale_carried) are unchanged
 """
 from __future__ import annotations
 

@@ -379,6 +379,92 @@ def test_the_rate_gate_uses_alpagasus_threshold(prepared_root, tmp_path, tiny_mo
     assert sorted(rows.index[rows["finish_reason"].notna()]) == expected
 
 
+# ---- a row is reused only when what it was made from is unchanged (issue 34 point 1) --------------
+
+def hosted_stages(root, hosted, **backtranslate) -> dict:
+    """backtranslate, score and rewrite (gated at score 4) on the hosted stand-in: {stage: requests sent}."""
+    kw = dict(base_url=hosted.url, **HOSTED)
+    return {"backtranslate": gen(root, "backtranslate", "gpt-standin", **kw, **backtranslate)["sent"],
+            "score": gen(root, "score", "gpt-standin", **kw)["sent"],
+            "rewrite": gen(root, "rewrite", "gpt-standin", min_score=4.0, **kw)["sent"]}
+
+
+def assemble_check(root):
+    """What assemble checks of the rows the stages carry: each carries its backtranslate row's instruction."""
+    from beam_pipelines import recipes
+    from beam_pipelines.assemble import check_carried_instructions
+
+    layout = RunLayout(root)
+    for k, n, path in layout.candidate_shards():
+        paths = {s: layout.generation_shard(s, k, n) for s in ("backtranslate", "score", "rewrite")}
+        stages = {s: storage.read_parquet(p) for s, p in paths.items()}
+        check_carried_instructions(recipes.join_stages(storage.read_parquet(path), stages), paths)
+
+
+def test_edited_documents_and_a_changed_template_resend_only_the_rows_they_change(prepared_root, tmp_path, hosted):
+    """Issue 34 point 1: 3 documents keep their ids with edited text, then the backtranslate template
+    changes. Each stage sends exactly the rows whose input changed; a rewrite row kept below the gate
+    is remade (never sent) with its backtranslate row's new instruction: it was reused with the old one,
+    as its input_hash (why it was not sent) does not hold it, and assemble refused every night after."""
+    root = copy_root(prepared_root, tmp_path)
+    first = hosted_stages(root, hosted)
+    assert first["backtranslate"] == first["score"] == 12 and 0 < first["rewrite"] < 12
+    before = {s: read_stage(root, s)[1].set_index("id") for s in ("backtranslate", "score", "rewrite")}
+
+    edited = ["d03", "d05", "d07"]   # past the gate before and after the edit, below both times, past it after
+    for k, n, path in RunLayout(root).candidate_shards():
+        rows = storage.read_parquet(path).to_pylist()
+        for r in rows:
+            if r["id"] in edited:
+                r["text"] += " Edited."
+        storage.write_parquet(schemas.to_table(rows, schemas.CANDIDATE, path), path)
+    sent = hosted_stages(root, hosted)
+    after = {s: read_stage(root, s)[1].set_index("id") for s in ("backtranslate", "score", "rewrite")}
+    rewrite = after["rewrite"]
+    passing = set(rewrite.index[rewrite["finish_reason"].notna()])
+    assert sent == {"backtranslate": 3, "score": 3, "rewrite": 2} and passing & set(edited) == {"d03", "d07"}
+    assert rewrite.loc["d05", "parse_error"] == "not_sent: below_gate"
+    assert rewrite.loc["d05", "instruction"] == after["backtranslate"].loc["d05", "instruction"] != \
+        before["rewrite"].loc["d05", "instruction"]
+    kept = [i for i in rewrite.index if i not in edited]
+    for stage, rows in after.items():                 # the rows of the other documents: reused as they were
+        assert rows.loc[kept].equals(before[stage].loc[kept]), stage
+    assemble_check(root)
+
+    template = tmp_path / "backtranslate.txt"
+    template.write_text("Write the most likely question that the text below answers.\n\n<response>\n")
+    sent = hosted_stages(root, hosted, template=str(template))
+    rewrite = read_stage(root, "rewrite")[1]
+    assert sent == {"backtranslate": 12, "score": 12, "rewrite": rewrite["finish_reason"].notna().sum()}
+    assert (rewrite["parse_error"] == "not_sent: below_gate").any()
+    assemble_check(root)
+
+
+def test_rerunning_a_stage_as_assemble_advises_remakes_its_stale_rows_only(prepared_root, tmp_path, hosted):
+    """Issue 34 point 1: a rewrite shard whose row below the gate carries an older instruction while its
+    inputs are current (as written before such rows were keyed by it) is refused by assemble, which
+    tells to rerun bft generate rewrite: that rerun remakes that row, sends nothing, and writes the
+    shard as a run from scratch would (it skipped the shard as complete)."""
+    from beam_pipelines.assemble import AssembleError
+
+    root = copy_root(prepared_root, tmp_path)
+    hosted_stages(root, hosted)
+    path = RunLayout(root).generation_shard("rewrite", 1, 3)
+    good = open(path, "rb").read()
+    rows = read_generation_rows(path)
+    stale = next(r for r in rows if r["parse_error"] == "not_sent: below_gate")
+    stale["instruction"] = "An older instruction?"
+    storage.write_parquet(schemas.to_table(rows, schemas.GENERATION, path), path)
+    reseal(path)
+    with pytest.raises(AssembleError, match=rf"row {stale['id']} carries another instruction .*rerun bft generate "
+                                            "rewrite"):
+        assemble_check(root)
+    summary = gen(root, "rewrite", "gpt-standin", min_score=4.0, base_url=hosted.url, **HOSTED)
+    assert summary["shards_done"] == [1] and summary["sent"] == 0
+    assert open(path, "rb").read() == good
+    assemble_check(root)
+
+
 # ---- provenance, integrity, retries (issue 14, points 2, 7, 9) -------------------------------------
 
 def test_a_shard_made_from_an_older_upstream_or_config_is_redone(prepared_root, tmp_path, tiny_models):
