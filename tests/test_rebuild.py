@@ -669,3 +669,74 @@ def test_plan_shows_tonights_work_beside_the_whole_corpus(nightly, fixture_texts
     assert rc == 0, err
     assert "tonight (since the last prepare): input files 1 new, 0 changed, 0 removed, 1 unchanged; ~3 new" in out
     assert re.search(r"\nbacktranslate\s+3 \(12 rows\)\s+15\s+12\n", out), out
+
+
+def test_edited_documents_and_a_changed_template_resend_only_the_affected_rows_and_publish(
+        tmp_path, tiny_models, bpe_tokenizer_path, corpus, fixture_texts, chat_server, capsys):
+    """Issue 34 point 1: a night in which 3 documents keep their ids with edited text, then a night with
+    another backtranslate template, both publish; each stage sends exactly the rows whose input changed,
+    and a rewrite row kept below the gate carries its backtranslate row's new instruction (it was reused
+    with the old one, and assemble failed every night after)."""
+    import xxhash
+
+    ids = [f"a{i:02d}" for i in range(10)]
+    marks = {i: fixture_texts[n][:40] for n, i in enumerate(ids)}
+    reviewed = "Reviewed by an editor."       # a document made to pass the gate by its edit
+
+    def body_text(body):
+        return body.get("prompt") or "\n".join(m["content"] for m in body["messages"])
+
+    def scripted(body):
+        text = body_text(body)
+        if "[RES]" in text:
+            return "[RES] A rewritten answer. [/RES]"
+        if "5-point scale" in text:
+            passes = reviewed in text or any(marks[i] in text for i in ("a00", "a01", "a04"))
+            return "Brief reasoning.\nScore: " + ("5" if passes else "2")
+        return f"What does page {xxhash.xxh3_64_hexdigest(text.encode())[:8]} explain?"   # new prompt, new instruction
+
+    def asked(start):
+        out = {}
+        for r in chat_server.requests[start:]:
+            text = body_text(r["body"])
+            stage = "rewrite" if "[RES]" in text else "score" if "5-point scale" in text else "backtranslate"
+            out.setdefault(stage, set()).update(i for i in ids if marks[i] in text)
+        return out
+
+    chat_server.answer = scripted
+    root = str(tmp_path / "run")
+    served = {"engine": "openai", "model": "tiny-chat", "base_url": chat_server.url, "tokenizer": tiny_models["chat"]}
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], generate__backtranslate=served,
+                   generate__score=served, generate__rewrite=served, assemble__recipe="filter+rewrite",
+                   assemble__min_score=5)
+    try:
+        rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+        assert rc == 0 and "published release" in out, err
+        rewrite = generated(root, "rewrite")
+        assert sorted(rewrite.index[rewrite["finish_reason"].notna()]) == ["a00", "a01", "a04"]
+
+        edited = {"a01": 1, "a02": 2, "a03": 3}   # a01 passes before and after, a02 never, a03 after its edit
+        texts = [(reviewed + " " if i == "a03" else "") + t + (" Edited." if i in edited else "")
+                 for i, t in zip(ids, fixture_texts[:10])]
+        write_corpus(tmp_path / "dolma", texts, ids)
+        start = len(chat_server.requests)
+        rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+        assert rc == 0 and "published release" in out, err
+        assert asked(start) == {"backtranslate": set(edited), "score": set(edited), "rewrite": {"a01", "a03"}}
+        bt, rewrite = generated(root, "backtranslate"), generated(root, "rewrite")
+        assert rewrite.loc["a02", "parse_error"] == "not_sent: below_gate"
+        assert rewrite["instruction"].equals(bt.loc[rewrite.index, "instruction"])
+
+        template = tmp_path / "backtranslate.txt"
+        template.write_text("Write the question that the text below answers.\n\n<response>\n")
+        cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus],
+                       generate__backtranslate={**served, "template": str(template)}, generate__score=served,
+                       generate__rewrite=served, assemble__recipe="filter+rewrite", assemble__min_score=5)
+        start = len(chat_server.requests)
+        rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+        assert rc == 0 and "published release" in out, err
+        assert asked(start) == {"backtranslate": set(ids), "score": set(ids), "rewrite": {"a00", "a01", "a03", "a04"}}
+        bt, rewrite = generated(root, "backtranslate"), generated(root, "rewrite")
+        assert rewrite["instruction"].equals(bt.loc[rewrite.index, "instruction"])
+    finally:
+        chat_server.answer = None
