@@ -94,7 +94,7 @@ def _candidates(plan: RunPlan, sample_docs: int) -> dict:
                 texts += t["text"].to_pylist()[: max(sample_docs - len(texts), 0)]
                 unseen += t.filter(pc.is_null(t["n_tokens"]))["text"].to_pylist()[: max(want - len(unseen), 0)]
         weights = [np.ones(sum(map(len, lengths)))]
-        source = "candidates"
+        counts = "exact counts"
         if uncounted:
             # documents prepare kept by their upper bound, uncounted: a sample of them counted with
             # prepare's tokenizer stands for them all (their lengths, and their tokens by the mean)
@@ -104,8 +104,8 @@ def _candidates(plan: RunPlan, sample_docs: int) -> dict:
             tokens += int(round(float(sample.mean()) * uncounted))
             lengths.append(sample)
             weights.append(np.full(len(sample), uncounted / len(sample)))
-            source += f" ({uncounted:,} uncounted documents estimated from {len(sample):,} of them counted)"
-        return {"rows": rows, "doc_tokens": tokens, "texts": texts, "source": source,
+            counts += f"; {uncounted:,} documents kept uncounted, estimated from {len(sample):,} of them counted"
+        return {"rows": rows, "doc_tokens": tokens, "doc_tokens_source": counts, "texts": texts, "source": "candidates",
                 "lengths": np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64),
                 "weights": np.concatenate(weights) if lengths else np.zeros(0)}
     return _estimate_from_input(plan, sample_docs)
@@ -238,8 +238,8 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
     threshold = plan.assemble.threshold
     cands = _candidates(plan, sample_docs)
     prices = _prices(plan)
-    out: dict = {"root": plan.root, "recipe": recipe.name, "candidates": {k: cands[k] for k in ("rows", "doc_tokens",
-                                                                                                "source")},
+    out: dict = {"root": plan.root, "recipe": recipe.name, "candidates": {k: cands[k] for k in (
+                     "rows", "doc_tokens", "doc_tokens_source", "source") if k in cands},
                  "stages": {}}
     parsed_rows = cands["rows"]   # the pairs whose instruction parsed (the first stage's estimate, below)
     instruction_tokens, instruction_source = None, None
