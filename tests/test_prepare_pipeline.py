@@ -292,6 +292,23 @@ def test_the_estimate_of_ranked_documents_is_close(tmp_path):
     assert prepare.sample.estimate_ranked([], [], cfg) == 0
 
 
+def test_an_output_made_before_exact_counts_existed_is_the_one_exact_counts_makes(tmp_path):
+    """Every count of an output made before the option was exact and its shards balanced by tokens:
+    the config of --exact-counts is the one recorded then, the default's another config."""
+    from beam_pipelines.length import TokenizerShape, UpperBound
+    from beam_pipelines.prepare.config import config_differences
+
+    recorded = {k: v for k, v in PrepareConfig(input=["x"], root=str(tmp_path), tokenizer="t").identity().items()
+                if k != "exact_counts"}
+    exact = PrepareConfig(input=["x"], root=str(tmp_path), tokenizer="t", exact_counts=True)
+    bounded = PrepareConfig(input=["x"], root=str(tmp_path), tokenizer="t")
+    assert exact.identity() == recorded
+    assert config_differences(recorded, bounded.identity()) == ["exact_counts: None -> False"]
+    shape = TokenizerShape("chunks", "", 16, (), upper=UpperBound("raw", 1, 0, True))
+    assert (exact.balanced_by(shape), bounded.balanced_by(shape)) == ("tokens", "utf8_bytes")
+    assert bounded.balanced_by(TokenizerShape("full", "", 0, ())) == "tokens"  # no bound: every count exact
+
+
 def test_exact_counts_counts_every_document_and_shards_are_balanced_by_tokens_bucket_by_bucket(
         corpus, tmp_path, bpe_tokenizer_path, monkeypatch):
     """--exact-counts: every kept document's exact count, and shards balanced by tokens; with buckets of
