@@ -89,6 +89,15 @@ shortcuts are all exact:
    whatever the tokenizer's merges; tests/test_length.py checks it against full tokenization with
    the real vocabularies on emoji, CJK, combining marks, runs of spaces, control characters and "▁".
 
+4. A long text is counted a prefix first (`cut_past`, CHUNKS only): at a proved cut i (a space after
+   a character of `cut_after`), n(text) = n(text[:i]) + the counts of the following chunks after a cut
+   (0.), each the number of tokens of that chunk in context, never negative; so n(text[:i]) > limit
+   proves the text too long without counting the rest. When it does not (a text sparser in tokens
+   than the prefix was sized for), the rest is counted from the cut, n(ctx + text[i:]) - n(ctx) (as a
+   remainder is: `_finish`), and the two add up to n(text): no work is lost. `judge` cuts a text of
+   more than 4.5 characters a token of the limit; one that holds an added token's content is counted
+   whole, as on the chunk path.
+
 Any other tokenizer (BPE with dropout, or one word per text that no cut rule splits) is counted in full
 with `encode_batch_fast`, exact by definition. tests/test_length.py proves each path against full
 tokenization on texts built to break it, with converted real vocabularies (benchmarks/real_tokenizers.py).
@@ -127,6 +136,8 @@ _CALIBRATE_EVERY = 4    # chunk batches between two measurements of the full-tok
 _CALIBRATE_SHARE = 16   # ...for which one text in this many of the batch is tokenized in full
 _SNIFF_SHARE = 64       # in full mode, one text in this many is looked up (no more) for its hit rate...
 _SNIFF_MARGIN = 0.25    # ...and a probe is brought forward when it beats the last chunk batch's by this
+_PREFIX_CHARS = 4.5      # characters a token that judge's prefix of a long text is sized by: English web text
+                        # has ~4, technical text ~3.3 (Llama-2); a sparser text's rest is counted after it
 MARK = "▁"
 # Llama-2-structure words: a run of "▁" and the characters up to the next "▁" (or a trailing run).
 _CUT_WORDS = re.compile(f"{MARK}*[^{MARK}]+|{MARK}+")
@@ -589,7 +600,7 @@ class TokenCounter:
     the pipelines set it); a test passes a fake one. The attributes of `TOTALS` count what was done, for
     a step's tallies and the benchmarks."""
 
-    TOTALS = ("counted_full", "counted_pieces", "rejected_by_bound", "kept_by_bound", "full_by_switch", "full_to_calibrate",
+    TOTALS = ("counted_full", "counted_pieces", "rejected_by_bound", "kept_by_bound", "rejected_by_prefix", "full_by_switch", "full_to_calibrate",
               "chunk_lookups", "chunk_misses", "chunks_encoded", "remainder_texts", "remainder_chars",
               "chars_full", "chars_chunks", "seconds_full", "seconds_chunks", "probes", "early_probes",
               "switches_to_full", "switches_to_chunks")
@@ -623,6 +634,7 @@ class TokenCounter:
         self.counted_pieces = 0     # texts counted from cached words or chunks
         self.rejected_by_bound = 0  # texts proved too long without tokenizing
         self.kept_by_bound = 0      # texts proved to fit without tokenizing (`judge`, exact=False)
+        self.rejected_by_prefix = 0  # texts proved too long by the count of a prefix (`judge`)
         self.full_by_switch = 0     # CHUNKS texts tokenized in full because that was cheaper (CostSwitch)
         self.full_to_calibrate = 0  # CHUNKS texts tokenized in full to measure that cost
         self.chunk_lookups = 0      # chunks looked up in the caches
@@ -704,6 +716,21 @@ class TokenCounter:
         if bound is None or bound > max_tokens or (min_tokens > 0 and self.lower_bound(text) < min_tokens):
             return 0
         return bound  # 0 for an empty text: counted, as "not proved"
+
+    def cut_past(self, text: str, limit: int) -> int:
+        """The index of the first proved cut (CHUNKS: a space after a character of `cut_after`) at or
+        after _PREFIX_CHARS x (limit + 1) characters of `text`, or 0 (none, another path, or a text
+        that holds an added token's content): judge counts text[:cut] first (the module docstring, 4.)."""
+        start = int(_PREFIX_CHARS * (limit + 1))
+        if self.shape.path != CHUNKS or len(text) <= start or self._has_special(text):
+            return 0
+        cut = self._cut.search(text, start)
+        return cut.start() if cut else 0
+
+    def count_from_cuts(self, tails: list[str]) -> list[int]:
+        """n(text) - n(text[:i]) for texts cut at a proved cut i (`cut_past`), given their text[i:]:
+        n(ctx + text[i:]) - n(ctx), as the chunk path counts a remainder (`_finish`)."""
+        return [n - self._ctx_tokens for n in self.count([self._ctx + t for t in tails])]
 
     def bound_exceeds(self, text: str, limit: int) -> int:
         """The lower bound when it exceeds `limit`, else 0. The bound is computed only for texts long
@@ -969,10 +996,13 @@ def judge(counter: "TokenCounter", texts: list[str], min_tokens: int, max_tokens
           exact: bool = False) -> list[Judgment]:
     """The length filter on a batch, in one call: texts the upper bound proves kept are kept uncounted
     (`kept_by_bound`; never with `exact`, which counts every kept text), texts the bytes bound proves
-    too long are dropped uncounted (`rejected_by_bound`); the others are counted exactly in one `count`
-    call. The decisions are those of counting every text."""
+    too long are dropped uncounted (`rejected_by_bound`); a long text's prefix at a proved cut is
+    counted first, and the text dropped when that is over the limit (`rejected_by_prefix`), else its
+    rest counted from the cut; the others are counted exactly. Three `count` calls at most; the
+    decisions are those of counting every text."""
     out: list[Judgment | None] = [None] * len(texts)
     todo: list[int] = []
+    heads: list[tuple[int, int]] = []
     for i, text in enumerate(texts):
         fits = 0 if exact else counter.bound_fits(text, min_tokens, max_tokens)
         too_long = 0 if fits else counter.bound_exceeds(text, max_tokens)
@@ -983,8 +1013,23 @@ def judge(counter: "TokenCounter", texts: list[str], min_tokens: int, max_tokens
             counter.rejected_by_bound += 1
             out[i] = Judgment(None, "too_long", f">= {too_long} tokens (bytes bound) > {max_tokens}")
         else:
-            todo.append(i)
-    for i, n in zip(todo, counter.count([texts[i] for i in todo]) if todo else []):
+            cut = counter.cut_past(text, max_tokens)
+            if cut:
+                heads.append((i, cut))
+            else:
+                todo.append(i)
+    counted: list[tuple[int, int]] = []   # (text, its count) of the cut texts whose prefix did not decide
+    rests: list[tuple[int, int, int]] = []  # (text, cut, the prefix's count)
+    for (i, cut), n in zip(heads, counter.count([texts[i][:cut] for i, cut in heads]) if heads else []):
+        if n > max_tokens:
+            counter.rejected_by_prefix += 1
+            out[i] = Judgment(None, "too_long", f">= {n} tokens (its first {cut} characters) > {max_tokens}")
+        else:  # sparser in tokens than the prefix was sized for: its rest, counted from the cut, adds up
+            rests.append((i, cut, n))
+    if rests:
+        for (i, _, n), rest in zip(rests, counter.count_from_cuts([texts[i][cut:] for i, cut, _ in rests])):
+            counted.append((i, n + rest))
+    for i, n in counted + list(zip(todo, counter.count([texts[i] for i in todo]) if todo else [])):
         out[i] = Judgment(n, length_verdict(n, min_tokens, max_tokens), f"{n} tokens, allowed {min_tokens}..{max_tokens}")
     return out
 

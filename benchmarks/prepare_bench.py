@@ -190,6 +190,7 @@ def run_speed(n_docs: int, files: int, max_tokens: int, shards: int, structure: 
         "share_counted_by_words": lf["counted_from_pieces"] / measured,
         "share_tokenized_in_full": lf["tokenized_in_full"] / measured,
         "share_rejected_by_bound": lf["rejected_by_bound"] / measured,
+        "share_rejected_by_prefix": lf.get("rejected_by_prefix", 0) / measured,
         "share_in_full_by_switch": lf.get("in_full_by_switch", 0) / measured,
         "chunk_hit_rate": 1 - lf.get("chunk_misses", 0) / lf["chunk_lookups"] if lf.get("chunk_lookups") else None,
         "balance_max_over_mean": stats["shards"]["balance_max_over_mean"],
@@ -263,7 +264,8 @@ def main(argv=None) -> None:
     mib = 2 ** 20
     print("\n| corpus | tokenizer | path | counts | docs | bft prepare docs/s | datatrove docs/s | ratio | "
           "floor docs/s | prepare / floor | bft peak RSS | datatrove peak RSS | kept uncounted | "
-          "by pieces / in full (by the switch) / by bound | chunk cache hits | balance in tokens (balanced by) | "
+          "by pieces / in full (by the switch) / too long by bound / by prefix | chunk cache hits | "
+          "balance in tokens (balanced by) | "
           "same decisions and counts |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|:---:|")
     for r in results["speed"]:
@@ -274,7 +276,7 @@ def main(argv=None) -> None:
               f"{r['ours']['peak_rss_bytes'] / mib:,.0f} MiB | {r['datatrove']['peak_rss_bytes'] / mib:,.0f} MiB | "
               f"{r['share_kept_uncounted']:.1%} | {r['share_counted_by_words']:.1%} / "
               f"{r['share_tokenized_in_full']:.1%} ({r.get('share_in_full_by_switch', 0):.1%}) / "
-              f"{r['share_rejected_by_bound']:.1%} | "
+              f"{r['share_rejected_by_bound']:.1%} / {r['share_rejected_by_prefix']:.1%} | "
               f"{'' if r.get('chunk_hit_rate') is None else format(r['chunk_hit_rate'], '.1%')} | "
               f"{r['balance_in_tokens']:.4f} ({r['balanced_by']}) | {'yes' if same else 'NO'} |")
     if results["sample"]:

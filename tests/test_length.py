@@ -552,16 +552,50 @@ def test_judge_is_the_length_filter_in_one_call(bpe_tokenizer_path, fixture_text
         assert [j.verdict for j in judged[:-1]] == [length_verdict(n, low, high) for n in exact]
         assert {j.verdict for j in judged} == ({None, "too_long", "too_short"} if low else {None, "too_long"})
         assert all(j.n_tokens in (n, None) for j, n in zip(judged, exact))
-        uncounted = [j for j in judged[:-1] if j.n_tokens is None]
-        assert all(j.verdict is None and "upper bound" in j.detail for j in uncounted)
+        uncounted = [j for j in judged[:-1] if j.n_tokens is None and j.verdict is None]
+        assert all("upper bound" in j.detail for j in uncounted)
+        assert all(j.verdict == "too_long" and "first" in j.detail  # proved by the count of a prefix
+                   for j in judged[:-1] if j.n_tokens is None and j.verdict is not None)
         assert judged[-2].n_tokens == exact[-1] and judged[-1].n_tokens is None
         assert judged[-1].verdict == "too_long" and "bytes bound" in judged[-1].detail
         kept_uncounted.append(len(uncounted))
     # with no minimum many texts fit by their bound; with one, the lower bound must prove it too (rarely)
     assert kept_uncounted[0] > len(texts) // 3 and kept_uncounted[1] < kept_uncounted[0] // 4
     assert counter.rejected_by_bound == 2 and counter.kept_by_bound == sum(kept_uncounted)
-    judged = judge(counter, texts, 0, high, exact=True)
-    assert [j.n_tokens for j in judged] == exact and counter.kept_by_bound == sum(kept_uncounted)
+    judged = judge(counter, texts, 0, high, exact=True)  # every kept text counted (a rejected one may not be)
+    assert [j.n_tokens for j in judged if j.verdict is None] == [n for n in exact if n <= high]
+    assert all(j.n_tokens in (n, None) for j, n in zip(judged, exact))
+    assert counter.kept_by_bound == sum(kept_uncounted)
+    # a long text is dropped by the count of its prefix at a cut; a sparse one (a long word a token:
+    # more characters a token than the prefix is sized for) gets its rest counted from the cut
+    vocab = json.loads(counter.tokenizer.to_str())["model"]["vocab"]
+    word = min((p[1:] for p in vocab if p.startswith("▁") and p[1:].isalpha() and len(p) >= 8), key=len)
+    long = next(t for t, n in zip(texts, exact) if n > 1.5 * high and not counter.bound_exceeds(t, high))
+    sparse = (word + " ") * (high + 20)  # a token a word
+    assert counter.cut_past(long, high) and counter.cut_past(sparse, high) and not counter.bound_exceeds(sparse, high)
+    before = counter.rejected_by_prefix
+    judged = judge(counter, [long, sparse], 0, high)
+    assert [j.verdict for j in judged] == ["too_long", "too_long"] and counter.rejected_by_prefix == before + 1
+    assert judged[0].n_tokens is None and "first" in judged[0].detail
+    assert judged[1].n_tokens == full_counts(counter.tokenizer, [sparse])[0] > high
+
+
+@pytest.mark.parametrize("structure", real_tokenizers.STRUCTURES)
+def test_a_text_cut_at_a_proved_cut_counts_its_prefix_and_its_rest(real, structure, fixture_texts):
+    """judge's prefix of a long text ends at a proved cut: the prefix's count plus the rest's counted
+    from the cut is the text's (so the prefix's is at most the text's: the module docstring, 4.), on
+    texts built to break the cuts."""
+    tok = real[structure]
+    counter = TokenCounter(tok)
+    texts = [t for t in adversarial_texts(fixture_texts, n=150, seed=16) + fixture_texts[:60] if len(t) > 95]
+    cuts = [counter.cut_past(t, 20) for t in texts]
+    assert sum(map(bool, cuts)) > len(texts) // 2
+    cut_texts = [(t, c) for t, c in zip(texts, cuts) if c]
+    heads = full_counts(tok, [t[:c] for t, c in cut_texts])
+    rests = counter.count_from_cuts([t[c:] for t, c in cut_texts])
+    assert [h + r for h, r in zip(heads, rests)] == full_counts(tok, [t for t, _ in cut_texts])
+    assert all(c >= int(4.5 * 21) and t[c] == " " for t, c in cut_texts)
+    assert counter.cut_past("a " * 500 + "<s>", 20) == 0  # an added token's content: counted whole
 
 
 def test_a_worker_refuses_a_tokenizer_changed_after_the_drivers_proof_and_never_serves_a_stale_one(
