@@ -1,8 +1,11 @@
-"""Exact token counts for the length filter, with the work cut where it provably is not needed.
+"""Exact length decisions, with token counts, and the work cut where it provably is not needed.
 
-`n_tokens` is the number of tokens of the text alone (no special tokens), exactly what
-`tokenizer.encode(text, add_special_tokens=False)` gives. Every kept document needs its exact count
-(the candidate schema carries it and the shard balancer uses it), so the savings are all exact:
+`n_tokens` is the number of tokens of the text alone (no special tokens: no BOS, no EOS), exactly what
+`tokenizer.encode(text, add_special_tokens=False)` gives. The length filter's decisions are always
+those of counting every text. A count is exact wherever one is given; a text that an upper bound (3.)
+proves kept is not counted at all unless prepare runs with --exact-counts (its `n_tokens` is then
+null in the candidates, and balancing and statistics say what they use instead). The counting
+shortcuts are all exact:
 
 0. Counting by chunks of the raw text ("chunks", the first choice). `space_cuts.py` proves from the
    tokenizer's structure that cutting the raw text before a space that follows a printable ASCII
@@ -50,6 +53,51 @@
    the pre-tokenizers allowed (Metaspace, ByteLevel, Split without removal) never shorten it, so
    n >= ceil(bytes(normalize(text)) / B).
 
+3. An upper bound keeps texts that cannot exceed the limit without tokenizing them (`upper_bound`,
+   `UpperBound`; `judge` uses it unless told to count every kept text). For a BPE model without a
+   subword prefix or suffix, each character of a pre-tokenized word is one initial symbol when the
+   vocabulary holds it, else, with byte fallback, one token per UTF-8 byte of it (all bytes in the
+   vocabulary), else one unknown token (or none); merges only join symbols. So a word's count is at
+   most the sum of w(c) over its characters, w(c) <= bytes(c), and w("▁") = 1 when "▁" is in the
+   vocabulary. A byte-level pre-tokenizer maps each byte of its input to one character, so there
+   w = 1 per byte of the normalized text (with byte fallback only when all 256 byte characters are in
+   the vocabulary: else a missing one would fall back to its 2 UTF-8 bytes). Splits (Split, Digits,
+   Punctuation, the split of Metaspace and ByteLevel) add no character, and whatever they remove only
+   lowers the count. What adds: Metaspace's " " -> "▁" (1 byte for a token: free), its prepended "▁"
+   (+1, once per text: "always" only as the first step, else it would prepend to every piece), and
+   ByteLevel's prefix space (+1, likewise only as the first step). An added token's content in the text
+   is one token, but it cuts the text into pieces that are normalized and pre-tokenized apart (each
+   with its own prepend), so a text holding one (`_has_special`, raw) gets no bound and is counted;
+   tokens matched after normalization do not restart normalization, and are allowed unless a
+   pre-tokenizer prepends to every piece. Hence, per structure:
+
+   - byte-level BPE (Llama-3, Qwen, tekken, GPT-2): n <= bytes(normalize(text)) (+1 with a prefix space);
+   - sentencepiece BPE with byte fallback in Llama-2's structure (Prepend("▁") + Replace(" ", "▁"), no
+     pre-tokenizer): n <= bytes(text) + 1: the prepended "▁" is one token, each space becomes a "▁" of
+     one token, every other character is at most its bytes; the normalized text's own bytes are no
+     bound here (a space becomes 3 bytes);
+   - Metaspace conversions: the same, + 1 for a prepending scheme.
+
+   The normalized text is never computed when the normalizer leaves the text's bytes as they are or
+   the bound covers its change: none; Prepend("▁") (+1) and Replace(" ", "▁") (free: the "▁" is one
+   token); NFC, NFD, NFKC, NFKD and Lowercase on an ASCII text (each maps it to itself, Lowercase to
+   as many ASCII characters). Otherwise (such a normalizer and a non-ASCII text) the bound is taken of
+   the normalized text, whose bytes may exceed the original's (NFC of U+0958 is 6 bytes for 3, NFKC
+   of U+FDFA 33 for 3), each "▁" of it counted once. Any other normalizer, pre-tokenizer or model
+   (Unigram, WordPiece, a Precompiled sentencepiece normalizer, a Replace of anything else) has no
+   upper bound (`TokenizerShape.upper_why` says why): its texts are counted. The bound is sound
+   whatever the tokenizer's merges; tests/test_length.py checks it against full tokenization with
+   the real vocabularies on emoji, CJK, combining marks, runs of spaces, control characters and "▁".
+
+4. A long text is counted a prefix first (`cut_past`, CHUNKS only): at a proved cut i (a space after
+   a character of `cut_after`), n(text) = n(text[:i]) + the counts of the following chunks after a cut
+   (0.), each the number of tokens of that chunk in context, never negative; so n(text[:i]) > limit
+   proves the text too long without counting the rest. When it does not (a text sparser in tokens
+   than the prefix was sized for), the rest is counted from the cut, n(ctx + text[i:]) - n(ctx) (as a
+   remainder is: `_finish`), and the two add up to n(text): no work is lost. `judge` cuts a text of
+   more than 4.5 characters a token of the limit; one that holds an added token's content is counted
+   whole, as on the chunk path.
+
 Any other tokenizer (BPE with dropout, or one word per text that no cut rule splits) is counted in full
 with `encode_batch_fast`, exact by definition. tests/test_length.py proves each path against full
 tokenization on texts built to break it, with converted real vocabularies (benchmarks/real_tokenizers.py).
@@ -88,6 +136,8 @@ _CALIBRATE_EVERY = 4    # chunk batches between two measurements of the full-tok
 _CALIBRATE_SHARE = 16   # ...for which one text in this many of the batch is tokenized in full
 _SNIFF_SHARE = 64       # in full mode, one text in this many is looked up (no more) for its hit rate...
 _SNIFF_MARGIN = 0.25    # ...and a probe is brought forward when it beats the last chunk batch's by this
+_PREFIX_CHARS = 4.5      # characters a token that judge's prefix of a long text is sized by: English web text
+                        # has ~4, technical text ~3.3 (Llama-2); a sparser text's rest is counted after it
 MARK = "▁"
 # Llama-2-structure words: a run of "▁" and the characters up to the next "▁" (or a trailing run).
 _CUT_WORDS = re.compile(f"{MARK}*[^{MARK}]+|{MARK}+")
@@ -133,6 +183,11 @@ def tokenizer_fingerprint(path_or_id: str) -> dict:
     elif not os.path.isfile(path_or_id):
         return {"hub_id": path_or_id}
     return {"path": target, **storage.fingerprint(target)}
+
+
+def utf8_bytes(text: str) -> int:
+    """The UTF-8 length of `text` (an ASCII text's is its length: no encoding)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 class TokenizerChanged(UserError):
@@ -237,13 +292,16 @@ def shared_counter(path_or_id: str, proof: TokenizerProof | None = None) -> "Tok
 @dataclass(frozen=True)
 class TokenizerShape:
     """What the tokenizer's structure allows: which way its texts are counted (`path`, one of
-    PRETOKENS, CUTS, FULL, with `why` for FULL), and the bytes-per-token bound."""
+    PRETOKENS, CUTS, FULL, with `why` for FULL), the bytes-per-token lower bound and the upper bound
+    (`upper`, with `upper_why` when there is none)."""
 
     path: str
     why: str
     max_token_bytes: int  # 0 when no lower bound is sound for this tokenizer
     special_contents: tuple[str, ...]
     cut_after: str = ""   # CHUNKS: the characters after which a raw text is cut before a space
+    upper: "UpperBound | None" = None
+    upper_why: str = ""
 
 
 def tokenizer_shape(tok: Tokenizer, spec: dict | None = None) -> TokenizerShape:
@@ -253,8 +311,9 @@ def tokenizer_shape(tok: Tokenizer, spec: dict | None = None) -> TokenizerShape:
     specials = tuple(a["content"] for a in spec.get("added_tokens", []))
     cuts = space_cuts(spec)
     path, why = (CHUNKS, "") if cuts.left else _counting_path(model, pre)
+    upper, upper_why = _upper_bound(spec)
     return TokenizerShape(path=path, why=why, max_token_bytes=_max_token_bytes(spec), special_contents=specials,
-                          cut_after=cuts.left)
+                          cut_after=cuts.left, upper=upper, upper_why=upper_why)
 
 
 def _counting_path(model: dict, pre) -> tuple[str, str]:
@@ -316,6 +375,78 @@ def _max_token_bytes(spec: dict) -> int:
             n = len(piece.encode("utf-8"))
         best = max(best, n)
     return best
+
+
+RAW, NON_ASCII, NORMALIZED = "raw", "non_ascii", "normalized"  # UpperBound.text: which text its bytes are taken of
+_ASCII_STABLE = ("NFC", "NFD", "NFKC", "NFKD", "Lowercase")  # normalizers that map an ASCII text to itself or
+                                                             # (Lowercase) to as many ASCII characters
+
+
+@dataclass(frozen=True)
+class UpperBound:
+    """The upper bound of a tokenizer's counts (see the module docstring, 3.):
+    n(text) <= bytes(T) + extra, where T is the raw text (`text` RAW, or NON_ASCII and the text is
+    ASCII) with `raw_extra`, else the normalized text with `norm_extra`, each "▁" of it counted 1 byte,
+    not 3, when `mark_one`."""
+
+    text: str
+    raw_extra: int
+    norm_extra: int
+    mark_one: bool
+
+
+def _upper_bound(spec: dict) -> tuple[UpperBound | None, str]:
+    """The upper bound's terms for a tokenizer (the module docstring, 3., argues each), or (None, why
+    not) when its structure is not one the argument covers."""
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer")
+    if model.get("type") != "BPE":
+        return None, f"a {model.get('type')} model"
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return None, "BPE with a word-position prefix or suffix"
+    vocab = model.get("vocab") or {}
+    steps = _flatten(pre)
+    byte_level = any(s.get("type") == "ByteLevel" for s in steps)
+    if byte_level and model.get("byte_fallback") and not all(c in vocab for c in pre_tokenizers.ByteLevel.alphabet()):
+        return None, "byte-level BPE with byte fallback and a byte missing from the vocabulary"
+    marks = False       # some step turns a character into "▁" or adds one
+    pre_extra, first_only = 0, True
+    for i, s in enumerate(steps):
+        kind = s.get("type")
+        if kind == "ByteLevel":
+            if s.get("add_prefix_space"):
+                if i:  # after a split, every piece gets its space
+                    return None, "a ByteLevel pre-tokenizer that adds a prefix space after another step"
+                pre_extra, first_only = pre_extra + 1, False
+        elif kind == "Metaspace":
+            if s.get("replacement") != MARK:
+                return None, f"a Metaspace pre-tokenizer with replacement {s.get('replacement')!r}"
+            scheme = s.get("prepend_scheme") or ("always" if s.get("add_prefix_space", True) else "never")
+            marks = True
+            if scheme == "always":
+                if i:
+                    return None, "a Metaspace pre-tokenizer that prepends to every piece after another step"
+                pre_extra, first_only = pre_extra + 1, False
+            elif scheme == "first":
+                pre_extra += 1
+        elif kind not in ("Split", "Digits", "Punctuation"):
+            return None, f"a {kind} pre-tokenizer"
+    if not first_only and any(a.get("normalized") for a in spec.get("added_tokens", [])):
+        return None, "a pre-tokenizer that prepends to each piece and added tokens matched after normalization"
+    text, norm_extra = RAW, 0
+    for s in _flatten(spec.get("normalizer")):
+        kind = s.get("type")
+        if kind in _ASCII_STABLE:
+            text = NON_ASCII
+        elif kind == "Prepend" and s.get("prepend") == MARK:
+            norm_extra, marks = norm_extra + 1, True
+        elif kind == "Replace" and s.get("pattern") == {"String": " "} and s.get("content") == MARK:
+            marks = True
+        else:
+            return None, f"a {kind} normalizer"
+    mark_one = not byte_level and MARK in vocab
+    if marks and not mark_one:
+        return None, f"{MARK!r} is not one token (byte-level, or not in the vocabulary)"
+    return UpperBound(text, norm_extra + pre_extra, pre_extra, mark_one), ""
 
 
 def _flatten(node) -> list[dict]:
@@ -469,7 +600,7 @@ class TokenCounter:
     the pipelines set it); a test passes a fake one. The attributes of `TOTALS` count what was done, for
     a step's tallies and the benchmarks."""
 
-    TOTALS = ("counted_full", "counted_pieces", "rejected_by_bound", "full_by_switch", "full_to_calibrate",
+    TOTALS = ("counted_full", "counted_pieces", "rejected_by_bound", "kept_by_bound", "rejected_by_prefix", "full_by_switch", "full_to_calibrate",
               "chunk_lookups", "chunk_misses", "chunks_encoded", "remainder_texts", "remainder_chars",
               "chars_full", "chars_chunks", "seconds_full", "seconds_chunks", "probes", "early_probes",
               "switches_to_full", "switches_to_chunks")
@@ -502,6 +633,8 @@ class TokenCounter:
         self.counted_full = 0       # texts tokenized in full
         self.counted_pieces = 0     # texts counted from cached words or chunks
         self.rejected_by_bound = 0  # texts proved too long without tokenizing
+        self.kept_by_bound = 0      # texts proved to fit without tokenizing (`judge`, exact=False)
+        self.rejected_by_prefix = 0  # texts proved too long by the count of a prefix (`judge`)
         self.full_by_switch = 0     # CHUNKS texts tokenized in full because that was cheaper (CostSwitch)
         self.full_to_calibrate = 0  # CHUNKS texts tokenized in full to measure that cost
         self.chunk_lookups = 0      # chunks looked up in the caches
@@ -557,6 +690,47 @@ class TokenCounter:
         """A number of tokens the text is sure to reach (0 when no bound is sound)."""
         b = self.shape.max_token_bytes
         return math.ceil(len(self.normalize(text).encode("utf-8")) / b) if b else 0
+
+    def upper_bound(self, text: str) -> int | None:
+        """A number of tokens the text cannot exceed (the module docstring, 3.), or None when none is
+        proved: the tokenizer's structure has no upper bound, or the text holds an added token's
+        content."""
+        ub = self.shape.upper
+        if ub is None or self._has_special(text):
+            return None
+        if ub.text == RAW or (ub.text == NON_ASCII and text.isascii()):
+            return utf8_bytes(text) + ub.raw_extra
+        norm = self.normalize(text)
+        marks = 2 * norm.count(MARK) if ub.mark_one else 0  # "▁" is 3 bytes and one token
+        return utf8_bytes(norm) - marks + ub.norm_extra
+
+    def bound_fits(self, text: str, min_tokens: int, max_tokens: int) -> int:
+        """The upper bound when it proves the text kept (<= max_tokens, and the lower bound >=
+        min_tokens), else 0. Texts of more than max_tokens characters are not tried: their raw bound
+        cannot fit (a character is a byte or more), and a normalized one would have to shrink below its
+        character count, which is rare, while normalizing costs."""
+        ub = self.shape.upper
+        if ub is None or len(text) > max_tokens:
+            return 0
+        bound = self.upper_bound(text)
+        if bound is None or bound > max_tokens or (min_tokens > 0 and self.lower_bound(text) < min_tokens):
+            return 0
+        return bound  # 0 for an empty text: counted, as "not proved"
+
+    def cut_past(self, text: str, limit: int) -> int:
+        """The index of the first proved cut (CHUNKS: a space after a character of `cut_after`) at or
+        after _PREFIX_CHARS x (limit + 1) characters of `text`, or 0 (none, another path, or a text
+        that holds an added token's content): judge counts text[:cut] first (the module docstring, 4.)."""
+        start = int(_PREFIX_CHARS * (limit + 1))
+        if self.shape.path != CHUNKS or len(text) <= start or self._has_special(text):
+            return 0
+        cut = self._cut.search(text, start)
+        return cut.start() if cut else 0
+
+    def count_from_cuts(self, tails: list[str]) -> list[int]:
+        """n(text) - n(text[:i]) for texts cut at a proved cut i (`cut_past`), given their text[i:]:
+        n(ctx + text[i:]) - n(ctx), as the chunk path counts a remainder (`_finish`)."""
+        return [n - self._ctx_tokens for n in self.count([self._ctx + t for t in tails])]
 
     def bound_exceeds(self, text: str, limit: int) -> int:
         """The lower bound when it exceeds `limit`, else 0. The bound is computed only for texts long
@@ -809,29 +983,54 @@ def _trie_regex(words: list[str]) -> str:
 
 
 class Judgment(NamedTuple):
-    """What the length filter decided of one text: its exact token count (None when the bytes bound
-    proved it too long without counting), the reason it is dropped (None: kept), and why, in words."""
+    """What the length filter decided of one text: its exact token count (None when a bound decided
+    without counting: the bytes bound proved it too long, or the upper bound proved it kept), the
+    reason it is dropped (None: kept), and why, in words."""
 
     n_tokens: int | None
     verdict: str | None
     detail: str
 
 
-def judge(counter: "TokenCounter", texts: list[str], min_tokens: int, max_tokens: int) -> list[Judgment]:
-    """The length filter on a batch, in one call: texts the bytes bound proves too long are dropped
-    uncounted (`rejected_by_bound`); the others are counted exactly in one `count` call."""
-    bounds = [counter.bound_exceeds(t, max_tokens) for t in texts]
-    todo = [t for t, b in zip(texts, bounds) if not b]
-    counts = iter(counter.count(todo) if todo else [])
-    out = []
-    for bound in bounds:
-        if bound:
+def judge(counter: "TokenCounter", texts: list[str], min_tokens: int, max_tokens: int,
+          exact: bool = False) -> list[Judgment]:
+    """The length filter on a batch, in one call: texts the upper bound proves kept are kept uncounted
+    (`kept_by_bound`; never with `exact`, which counts every kept text), texts the bytes bound proves
+    too long are dropped uncounted (`rejected_by_bound`); a long text's prefix at a proved cut is
+    counted first, and the text dropped when that is over the limit (`rejected_by_prefix`), else its
+    rest counted from the cut; the others are counted exactly. Three `count` calls at most; the
+    decisions are those of counting every text."""
+    out: list[Judgment | None] = [None] * len(texts)
+    todo: list[int] = []
+    heads: list[tuple[int, int]] = []
+    for i, text in enumerate(texts):
+        fits = 0 if exact else counter.bound_fits(text, min_tokens, max_tokens)
+        too_long = 0 if fits else counter.bound_exceeds(text, max_tokens)
+        if fits:
+            counter.kept_by_bound += 1
+            out[i] = Judgment(None, None, f"<= {fits} tokens (upper bound), allowed {min_tokens}..{max_tokens}")
+        elif too_long:
             counter.rejected_by_bound += 1
-            out.append(Judgment(None, "too_long", f">= {bound} tokens (bytes bound) > {max_tokens}"))
+            out[i] = Judgment(None, "too_long", f">= {too_long} tokens (bytes bound) > {max_tokens}")
         else:
-            n = next(counts)
-            out.append(Judgment(n, length_verdict(n, min_tokens, max_tokens),
-                                f"{n} tokens, allowed {min_tokens}..{max_tokens}"))
+            cut = counter.cut_past(text, max_tokens)
+            if cut:
+                heads.append((i, cut))
+            else:
+                todo.append(i)
+    counted: list[tuple[int, int]] = []   # (text, its count) of the cut texts whose prefix did not decide
+    rests: list[tuple[int, int, int]] = []  # (text, cut, the prefix's count)
+    for (i, cut), n in zip(heads, counter.count([texts[i][:cut] for i, cut in heads]) if heads else []):
+        if n > max_tokens:
+            counter.rejected_by_prefix += 1
+            out[i] = Judgment(None, "too_long", f">= {n} tokens (its first {cut} characters) > {max_tokens}")
+        else:  # sparser in tokens than the prefix was sized for: its rest, counted from the cut, adds up
+            rests.append((i, cut, n))
+    if rests:
+        for (i, _, n), rest in zip(rests, counter.count_from_cuts([texts[i][cut:] for i, cut, _ in rests])):
+            counted.append((i, n + rest))
+    for i, n in counted + list(zip(todo, counter.count([texts[i] for i in todo]) if todo else [])):
+        out[i] = Judgment(n, length_verdict(n, min_tokens, max_tokens), f"{n} tokens, allowed {min_tokens}..{max_tokens}")
     return out
 
 

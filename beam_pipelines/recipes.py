@@ -107,7 +107,14 @@ def web_examples(joined: pa.Table, keep: pa.Array, recipe: Recipe, tag: str | No
     rows = joined.filter(keep)
     instructions = pc.utf8_trim_whitespace(rows["backtranslate.instruction"]).combine_chunks()
     responses = pc.utf8_trim_whitespace(response_column(rows, recipe)).combine_chunks()
-    n_resp = rows["n_tokens"] if not recipe.answer else count_tokens(responses.to_pylist())
+    if recipe.answer:
+        n_resp = count_tokens(responses.to_pylist())
+    else:  # the document is the response: prepare's count, counted here where prepare kept it uncounted
+        n_resp = rows["n_tokens"].combine_chunks()
+        if n_resp.null_count:
+            missing = pc.is_null(n_resp)
+            counts = iter(count_tokens(responses.filter(missing).to_pylist()))
+            n_resp = pa.array([next(counts) if n is None else n for n in n_resp.to_pylist()], pa.int32())
     scores = rows[f"{recipe.gate}.score"] if recipe.gate else None
     return examples(instructions, responses, ids=rows["id"], origin="web", recipe=recipe.name, tag=tag,
                     scores=scores, n_tokens_instruction=count_tokens(instructions.to_pylist()),

@@ -6,8 +6,12 @@ Three parts, each writing into benchmarks/work/ and printing markdown tables:
    model in Llama-2's structure, `tekken` = byte-level BPE with a split regex as Llama-3's, `nfkc` = an
    NFKC-normalized sentencepiece BPE) and corpus size: both tools run as subprocesses on the same files
    with the same tokenizer and limit; wall time, docs/s, the ratio, the peak RSS of the whole process
-   tree, the share of documents counted each way, and whether both tools' length decisions and token
-   counts agree document by document.
+   tree, the share of documents counted each way (and kept uncounted by their upper bound), and whether
+   both tools' length decisions agree document by document, and their counts wherever bft prepare gives
+   one. Beside them the floor (benchmarks/prepare_floor.py): the same pass with the same decisions and
+   no token counting at all (read, decompress, parse, hash, dedup, balance, write), and prepare's time
+   as a multiple of it; and the shards' balance in exact tokens (datatrove's counts), whatever they were
+   balanced by. `--exact-counts` runs prepare with that flag.
 2. `--target-docs` on a corpus (default 300K documents): wall time of the sample against the full pass,
    and how many documents each measured.
 3. Memory per process on short documents (default 30K, 300K, 1M): the peak RSS of the largest worker
@@ -113,21 +117,35 @@ def run_ours(head: str, root: str, tokenizer: str, max_tokens: int, shards: int,
     return m, json.load(open(os.path.join(root, "candidates", "stats.json")))
 
 
+def run_floor(head: str, root: str, tokenizer: str, max_tokens: int, shards: int, keep: set[str]) -> tuple[dict, dict]:
+    """The same prepare command with no token counting (benchmarks/prepare_floor.py), keeping `keep`."""
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(WORK, exist_ok=True)
+    ids = root + "-keep.txt"
+    with open(ids, "w") as f:
+        f.write("\n".join(sorted(keep)) + "\n")
+    m = measure([PY, "-m", "benchmarks.prepare_floor", "prepare", "--input", os.path.join(head, "*.json.gz"),
+                 "--root", root, "--tokenizer", tokenizer, "--max-tokens", str(max_tokens), "--num-shards",
+                 str(shards)], env={**ENV, "FLOOR_KEEP": ids})
+    return m, json.load(open(os.path.join(root, "candidates", "stats.json")))
+
+
 def run_speed(n_docs: int, files: int, max_tokens: int, shards: int, structure: str,
-              corpus: str = "synthetic") -> dict:
+              corpus: str = "synthetic", exact_counts: bool = False) -> dict:
     tokenizer = make_tokenizer(structure)
     head = os.path.join(make_corpus(n_docs, files, corpus=corpus), "documents", "cc_en_head")
     ours_root = os.path.join(WORK, f"ours-{structure}-{n_docs}{_tag(corpus)}")
     peer_out = os.path.join(WORK, f"datatrove-{structure}-{n_docs}{_tag(corpus)}")
     for d in (peer_out, peer_out + "-logs"):
         shutil.rmtree(d, ignore_errors=True)
-    ours, stats = run_ours(head, ours_root, tokenizer, max_tokens, shards)
+    ours, stats = run_ours(head, ours_root, tokenizer, max_tokens, shards, *(["--exact-counts"] if exact_counts else []))
     peer = measure([PY, "-m", "benchmarks.datatrove_peer", "--input-dir", head, "--output", peer_out,
                     "--tokenizer", tokenizer, "--max-tokens", str(max_tokens), "--tasks", str(files)], env=ENV)
     ours_out = os.path.join(ours_root, "candidates")
     # Length decisions, document by document: datatrove keeps exactly what we keep or drop as a duplicate
-    # (it does not dedup), with the same token count; what we drop as too long it drops.
-    mine = pd.concat([pd.read_parquet(f, columns=["id", "n_tokens"])
+    # (it does not dedup); what we drop as too long it drops; every count we give (the documents kept by
+    # their upper bound have none) is its count.
+    mine = pd.concat([pd.read_parquet(f, columns=["id", "n_tokens", "shard"])
                       for f in glob.glob(os.path.join(ours_out, "candidates-*.parquet"))])
     rejects = pd.concat([pd.read_parquet(f, columns=["id", "reason"])
                          for f in glob.glob(os.path.join(ours_out, "rejects", "*.parquet"))])
@@ -135,6 +153,16 @@ def run_speed(n_docs: int, files: int, max_tokens: int, shards: int, structure: 
                         for f in glob.glob(os.path.join(peer_out, "*.parquet"))])
     theirs_tokens = dict(zip(theirs["id"], (m["token_count"] for m in theirs["metadata"])))
     length_ok_ours = set(mine["id"]) | set(rejects.loc[rejects.reason == "duplicate", "id"])
+    counted = mine[mine["n_tokens"].notna()]
+    # the floor: the same pass with the same decisions and no counting
+    floor, floor_stats = run_floor(head, os.path.join(WORK, f"floor-{structure}-{n_docs}{_tag(corpus)}"), tokenizer,
+                                   max_tokens, shards, length_ok_ours)
+    # the shards' balance in exact tokens (datatrove counted every kept document), whatever they were balanced by
+    from beam_pipelines.shards import balance
+
+    shard_tokens = [0] * shards
+    for i, k in zip(mine["id"], mine["shard"]):
+        shard_tokens[k] += theirs_tokens.get(i, 0)
     lf = stats["length_filter"]
     measured = lf["measured"] or 1
     from beam_pipelines.length import load_tokenizer, tokenizer_shape
@@ -144,16 +172,25 @@ def run_speed(n_docs: int, files: int, max_tokens: int, shards: int, structure: 
         "structure": structure,
         "path": tokenizer_shape(load_tokenizer(tokenizer)).path,
         "docs": n_docs,
+        "exact_counts": exact_counts,
         "ours": ours,
         "datatrove": peer,
+        "floor": floor,
         "ours_docs_per_s": n_docs / ours["wall_s"],
         "datatrove_docs_per_s": n_docs / peer["wall_s"],
+        "floor_docs_per_s": n_docs / floor["wall_s"],
         "speed_ratio": peer["wall_s"] / ours["wall_s"],
+        "over_floor": ours["wall_s"] / floor["wall_s"],
+        "floor_kept_the_same": floor_stats["kept"] == stats["kept"],
         "same_length_decisions": length_ok_ours == set(theirs_tokens),
-        "same_token_counts": all(theirs_tokens.get(i) == n for i, n in zip(mine["id"], mine["n_tokens"])),
+        "same_token_counts": all(theirs_tokens.get(i) == n for i, n in zip(counted["id"], counted["n_tokens"])),
+        "share_kept_uncounted": lf.get("kept_by_bound", 0) / measured,
+        "balanced_by": stats["shards"].get("balanced_by", "tokens"),
+        "balance_in_tokens": balance(shard_tokens),
         "share_counted_by_words": lf["counted_from_pieces"] / measured,
         "share_tokenized_in_full": lf["tokenized_in_full"] / measured,
         "share_rejected_by_bound": lf["rejected_by_bound"] / measured,
+        "share_rejected_by_prefix": lf.get("rejected_by_prefix", 0) / measured,
         "share_in_full_by_switch": lf.get("in_full_by_switch", 0) / measured,
         "chunk_hit_rate": 1 - lf.get("chunk_misses", 0) / lf["chunk_lookups"] if lf.get("chunk_lookups") else None,
         "balance_max_over_mean": stats["shards"]["balance_max_over_mean"],
@@ -198,6 +235,7 @@ def main(argv=None) -> None:
     ap.add_argument("--memory-docs", type=int, nargs="*", default=[30_000, 300_000, 1_000_000])
     ap.add_argument("--corpus", choices=(*CORPORA, "both"), default="both",
                     help="synthetic (benchmarks/corpus.py), real text (benchmarks/real_corpus.py) or both")
+    ap.add_argument("--exact-counts", action="store_true", help="run bft prepare with --exact-counts (the speed part)")
     args = ap.parse_args(argv)
     os.makedirs(WORK, exist_ok=True)
     common = (args.files, args.max_tokens, args.num_shards)
@@ -210,7 +248,7 @@ def main(argv=None) -> None:
     for n in args.docs:
         for corpus in corpora:
             for structure in args.structures:
-                results["speed"].append(run_speed(n, *common, structure, corpus))
+                results["speed"].append(run_speed(n, *common, structure, corpus, args.exact_counts))
                 print(json.dumps(results["speed"][-1]), flush=True)
                 save()
     for corpus in corpora if args.sample_docs else ():
@@ -224,18 +262,23 @@ def main(argv=None) -> None:
             save()
 
     mib = 2 ** 20
-    print("\n| corpus | tokenizer | path | docs | bft prepare docs/s | datatrove docs/s | ratio | bft peak RSS | "
-          "datatrove peak RSS | by pieces / in full (by the switch) / by bound | chunk cache hits | "
+    print("\n| corpus | tokenizer | path | counts | docs | bft prepare docs/s | datatrove docs/s | ratio | "
+          "floor docs/s | prepare / floor | bft peak RSS | datatrove peak RSS | kept uncounted | "
+          "by pieces / in full (by the switch) / too long by bound / by prefix | chunk cache hits | "
+          "balance in tokens (balanced by) | "
           "same decisions and counts |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|:---:|")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|:---:|")
     for r in results["speed"]:
-        print(f"| {r['corpus']} | {r['structure']} | {r['path']} | {r['docs']:,} | {r['ours_docs_per_s']:,.0f} | "
-              f"{r['datatrove_docs_per_s']:,.0f} | {r['speed_ratio']:.2f}x | {r['ours']['peak_rss_bytes'] / mib:,.0f} MiB | "
-              f"{r['datatrove']['peak_rss_bytes'] / mib:,.0f} MiB | {r['share_counted_by_words']:.1%} / "
+        same = r["same_length_decisions"] and r["same_token_counts"] and r["floor_kept_the_same"]
+        print(f"| {r['corpus']} | {r['structure']} | {r['path']} | {'exact' if r['exact_counts'] else 'bounded'} | "
+              f"{r['docs']:,} | {r['ours_docs_per_s']:,.0f} | {r['datatrove_docs_per_s']:,.0f} | "
+              f"{r['speed_ratio']:.2f}x | {r['floor_docs_per_s']:,.0f} | {r['over_floor']:.2f}x | "
+              f"{r['ours']['peak_rss_bytes'] / mib:,.0f} MiB | {r['datatrove']['peak_rss_bytes'] / mib:,.0f} MiB | "
+              f"{r['share_kept_uncounted']:.1%} | {r['share_counted_by_words']:.1%} / "
               f"{r['share_tokenized_in_full']:.1%} ({r.get('share_in_full_by_switch', 0):.1%}) / "
-              f"{r['share_rejected_by_bound']:.1%} | "
+              f"{r['share_rejected_by_bound']:.1%} / {r['share_rejected_by_prefix']:.1%} | "
               f"{'' if r.get('chunk_hit_rate') is None else format(r['chunk_hit_rate'], '.1%')} | "
-              f"{'yes' if r['same_length_decisions'] and r['same_token_counts'] else 'NO'} |")
+              f"{r['balance_in_tokens']:.4f} ({r['balanced_by']}) | {'yes' if same else 'NO'} |")
     if results["sample"]:
         print("\n| corpus | docs | --target-docs | full pass | sample | share of the full pass | "
               "measured (full / sample) | rounds |")

@@ -73,8 +73,12 @@ def _prepare(cfg, beam_args, run_file) -> int:
     for reason, n in sorted(stats["dropped"].items(), key=lambda kv: -kv[1]):
         print(f"  dropped {reason:<14} {n:>10,}")
     sh = stats["shards"]
-    print(f"  {sh['num_shards']} shards, {stats['tokens']['total']:,} tokens, balance max/mean "
-          f"{sh['balance_max_over_mean']:.4f}; rejects: {stats['rejects']['rows']:,} rows")
+    tokens = stats["tokens"]
+    uncounted = tokens.get("uncounted_documents") or 0
+    counted = f" in {tokens['counted_documents']:,} counted documents ({uncounted:,} kept uncounted)" if uncounted else ""
+    print(f"  {sh['num_shards']} shards, {tokens['total']:,} tokens{counted}, balance max/mean "
+          f"{sh['balance_max_over_mean']:.4f} (by {sh.get('balanced_by', 'tokens')}); "
+          f"rejects: {stats['rejects']['rows']:,} rows")
     return 0
 
 

@@ -15,8 +15,9 @@ where it comes from:
   scored 5 (Nguyen et al. 2024), 100% for parsing.
 - prompt tokens: the stage's template rendered with the model's own tokenizer (its chat template or
   the Llama-2 format) with empty values, plus the document's tokens (the candidates' exact counts
-  when the model's tokenizer is prepare's; else counted on a sample of candidates with the model's
-  tokenizer and scaled), plus for the stages after backtranslate the instruction's tokens (measured,
+  when the model's tokenizer is prepare's, the documents prepare kept uncounted by their upper bound
+  estimated from a sample of them counted with prepare's tokenizer; else counted on a sample of
+  candidates with the model's tokenizer and scaled), plus for the stages after backtranslate the instruction's tokens (measured,
   else backtranslate's new-token cap: an upper bound).
 - output tokens: the mean measured on existing shards, else the stage's new-token cap (upper bound).
 - documents cut: per stage, the candidates over what its prompt holds whole (context - new-token cap -
@@ -89,16 +90,35 @@ def _candidates(plan: RunPlan, sample_docs: int) -> dict:
     if storage.exists(layout.prepare_stats):
         import numpy as np
 
-        rows, tokens, texts, lengths = 0, 0, [], []
+        rows, tokens, texts, lengths, uncounted, unseen = 0, 0, [], [], 0, []
+        want = max(sample_docs, 1)
         for _, _, path in layout.candidate_shards():
-            t = storage.read_parquet(path, columns=["n_tokens", "text"] if len(texts) < sample_docs else ["n_tokens"])
+            t = storage.read_parquet(path, columns=["n_tokens"])
+            if len(texts) < sample_docs or (len(unseen) < want and t["n_tokens"].null_count):
+                t = storage.read_parquet(path, columns=["n_tokens", "text"])
             rows += t.num_rows
             tokens += int(pc.sum(t["n_tokens"]).as_py() or 0)
-            lengths.append(t["n_tokens"].to_numpy())
+            counted = t.filter(pc.is_valid(t["n_tokens"]))
+            lengths.append(counted["n_tokens"].to_numpy())
+            uncounted += t.num_rows - counted.num_rows
             if "text" in t.column_names:
-                texts += t["text"].to_pylist()[: sample_docs - len(texts)]
-        return {"rows": rows, "doc_tokens": tokens, "texts": texts, "source": "candidates",
-                "lengths": np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)}
+                texts += t["text"].to_pylist()[: max(sample_docs - len(texts), 0)]
+                unseen += t.filter(pc.is_null(t["n_tokens"]))["text"].to_pylist()[: max(want - len(unseen), 0)]
+        weights = [np.ones(sum(map(len, lengths)))]
+        counts = "exact counts"
+        if uncounted:
+            # documents prepare kept by their upper bound, uncounted: a sample of them counted with
+            # prepare's tokenizer stands for them all (their lengths, and their tokens by the mean)
+            from beam_pipelines.length import shared_counter
+
+            sample = np.array(shared_counter(plan.prepare.tokenizer).count(unseen), dtype=np.int64)
+            tokens += int(round(float(sample.mean()) * uncounted))
+            lengths.append(sample)
+            weights.append(np.full(len(sample), uncounted / len(sample)))
+            counts += f"; {uncounted:,} documents kept uncounted, estimated from {len(sample):,} of them counted"
+        return {"rows": rows, "doc_tokens": tokens, "doc_tokens_source": counts, "texts": texts, "source": "candidates",
+                "lengths": np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64),
+                "weights": np.concatenate(weights) if lengths else np.zeros(0)}
     return _estimate_from_input(plan, sample_docs)
 
 
@@ -229,8 +249,8 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
     threshold = plan.assemble.threshold
     cands = _candidates(plan, sample_docs)
     prices = _prices(plan)
-    out: dict = {"root": plan.root, "recipe": recipe.name, "candidates": {k: cands[k] for k in ("rows", "doc_tokens",
-                                                                                                "source")},
+    out: dict = {"root": plan.root, "recipe": recipe.name, "candidates": {k: cands[k] for k in (
+                     "rows", "doc_tokens", "doc_tokens_source", "source") if k in cands},
                  "stages": {}}
     parsed_rows = cands["rows"]   # the pairs whose instruction parsed (the first stage's estimate, below)
     instruction_tokens, instruction_source = None, None
@@ -283,7 +303,10 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
             lengths = cands["lengths"]
             if len(lengths):
                 ratio = doc_per_req / max(cands["doc_tokens"] / max(cands["rows"], 1), 1e-9)  # model vs prepare tokens
-                cut = int(round(float((lengths * ratio > limit).mean()) * requests))
+                import numpy as np
+
+                weights = cands.get("weights")
+                cut = int(round(float(np.average(lengths * ratio > limit, weights=weights)) * requests))
         entry = {
             "requests": int(round(requests)),
             "requests_source": req_source,

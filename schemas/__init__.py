@@ -27,7 +27,7 @@ CANDIDATE = _schema("candidate", [
     pa.field("source", pa.string()),
     pa.field("url", pa.string()),
     pa.field("n_chars", pa.int32(), nullable=False),
-    pa.field("n_tokens", pa.int32(), nullable=False),
+    pa.field("n_tokens", pa.int32()),  # null: kept by its upper bound, uncounted (length.judge)
     pa.field("shard", pa.int32(), nullable=False),
     pa.field("text_hash", pa.string(), nullable=False),
 ])

@@ -162,6 +162,24 @@ def test_recipe_keeps_exactly_the_expected_rows(root, recipe):
         assert e["origin"] == "web" and e["recipe"] == recipe
 
 
+def test_a_document_prepare_kept_uncounted_gets_its_response_tokens_counted(root):
+    """Without an answering stage the document is the response: its n_tokens_response is prepare's
+    count, or, where prepare kept the document uncounted by its upper bound (n_tokens null), counted
+    here; no null and no bound goes into the SFT rows."""
+    r = next(x for x in recipes.RECIPES.values() if not x.answer)
+    cands = storage.read_parquet(RunLayout(root).candidates_shard(0, 2))
+    uncounted = set(cands["id"].to_pylist()[::2])
+    cands = cands.set_column(cands.schema.get_field_index("n_tokens"), "n_tokens", pa.array(
+        [None if i in uncounted else 30 for i in cands["id"].to_pylist()], pa.int32()))
+    stages = {s: storage.read_parquet(RunLayout(root).generation_shard(s, 0, 2)) for s in r.stages}
+    joined = recipes.join_stages(cands, stages)
+    keep = pa.compute.is_null(recipes.verdicts(joined, r, recipes.Curation(10, 800)))
+    web = recipes.web_examples(joined, keep, r, WEB_TAG, lambda texts: [len(t.split()) for t in texts]).to_pylist()
+    assert {e["id"] for e in web} & uncounted and {e["id"] for e in web} - uncounted
+    for e in web:
+        assert e["n_tokens_response"] == (len(e["response"].split()) if e["id"] in uncounted else 30)
+
+
 def test_verdicts_name_the_first_reason_in_pipeline_order(root):
     cands = pa.concat_tables(storage.read_parquet(RunLayout(root).candidates_shard(k, 2))
                              for k in range(2))

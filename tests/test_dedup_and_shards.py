@@ -103,7 +103,7 @@ def test_the_samples_survivor_count_is_what_deduplicate_keeps():
     from tests.conftest import LOCAL
 
     rng = random.Random(3)
-    docs = [Doc(f"id{rng.randrange(60)}", f"h{rng.randrange(40)}", 10, 10, rng.randrange(3), line)
+    docs = [Doc(f"id{rng.randrange(60)}", f"h{rng.randrange(40)}", 10, 10, rng.randrange(3), line, 10)
             for line in range(200)]
     counted = SurvivorsAndMeasured()
     halves = [counted.create_accumulator(), counted.create_accumulator()]
@@ -127,7 +127,7 @@ def test_a_document_record_crosses_a_shuffle_as_a_tuple_and_comes_back_named():
 
     from beam_pipelines.prepare.records import Doc, DocCoder
 
-    doc = Doc("doc-1", "0" * 32, 12, 40, 3, 17, prior=2)
+    doc = Doc("doc-1", "0" * 32, None, 40, 3, 17, 41, prior=2)
     coder = beam.coders.registry.get_coder(Doc)
     assert isinstance(coder, DocCoder)
     assert coder.decode(coder.encode(doc)) == doc and type(coder.decode(coder.encode(doc))) is Doc

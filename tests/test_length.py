@@ -223,6 +223,82 @@ def test_lower_bound_never_exceeds_the_true_count(which, request, fixture_texts)
         assert counter.lower_bound(text) <= n, text[:80]
 
 
+# texts that make a byte count small or the tokens many: byte fallback (emoji, CJK, rare letters: 1 token
+# per byte), normalizations that grow the bytes (U+0958: NFC 6 bytes for 3; U+FDFA: NFKC 33 for 3),
+# compositions, runs of spaces (each a "▁" of 3 bytes and one token), "▁" itself, controls
+UPPER_TEXTS = ["\u0958" * 50, "\ufdfa" * 30, "ﬁ" * 40, " " * 100, "▁" * 40, "\x00\x01\x7f\x1b" * 20,
+               "🙂👩‍👩‍👧" * 20, "日本語の文章" * 30, "e\u0301" * 40, "\u00a0" * 50, "\u3000" * 30, " \u0301" * 30,
+               "각" * 10, "Ａ" * 30, "\r\n" * 30, "\t " * 30, "🙂", "鱻", "𝔘", "\x00", " 🙂 ", "  鱻  "]
+
+
+def _assert_upper_bound_holds(tok, texts, name=""):
+    """n <= upper_bound for every text but those holding an added token's content (which get none),
+    and n == bound for some text (each term of the bound is needed)."""
+    counter = TokenCounter(tok)
+    assert counter.shape.upper is not None, (name, counter.shape.upper_why)
+    pairs = [(text, counter.upper_bound(text), n) for text, n in zip(texts, full_counts(tok, texts))]
+    assert [t for t, b, n in pairs if b is None] == [t for t in texts if counter._has_special(t)], name
+    assert not [(t[:40], b, n) for t, b, n in pairs if b is not None and n > b], name
+    assert any(n == b for _, b, n in pairs), name
+
+
+@pytest.mark.parametrize("structure", real_tokenizers.STRUCTURES)
+def test_the_upper_bound_is_never_below_the_true_count(real, structure, fixture_texts):
+    """n(text) <= upper_bound(text) with the real vocabularies, on texts built to break it."""
+    texts = adversarial_texts(fixture_texts, n=200, seed=14) + UPPER_TEXTS + [" ".join(UPPER_TEXTS)]
+    _assert_upper_bound_holds(real[structure], texts, structure)
+
+
+def test_the_upper_bound_holds_for_the_structures_it_covers(bpe_tokenizer_path, byte_level_tokenizer_path,
+                                                             fixture_texts):
+    """The variants the argument covers, on the test tokenizers: Metaspace's prepend schemes (a Llama
+    BPE with byte fallback), a prefix space and NFKC + Lowercase (byte-level)."""
+    texts = adversarial_texts(fixture_texts, n=100, seed=15) + UPPER_TEXTS
+    for scheme, split in (("first", True), ("always", False), ("never", True)):
+        tok = Tokenizer.from_file(bpe_tokenizer_path)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=split)
+        _assert_upper_bound_holds(tok, texts, scheme)
+    tok = Tokenizer.from_file(byte_level_tokenizer_path)
+    _assert_upper_bound_holds(tok, texts, "byte-level")
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    _assert_upper_bound_holds(tok, texts, "byte-level, prefix space, NFKC")
+
+
+def test_no_upper_bound_where_the_structure_is_not_covered(bpe_tokenizer_path, byte_level_tokenizer_path):
+    """A structure the argument does not cover gets no upper bound (its texts are counted): what could
+    add tokens beyond the bytes (a prefix space for every piece, "▁" that is not one token, a
+    normalizer that may replace anything), or another model."""
+    from beam_pipelines.length import _upper_bound
+
+    metaspace, byte_level = (json.loads(open(p).read()) for p in (bpe_tokenizer_path, byte_level_tokenizer_path))
+    assert _upper_bound(metaspace)[0] is not None and _upper_bound(byte_level)[0] is not None
+
+    def why(spec, **parts):
+        upper, why = _upper_bound({**spec, **parts})
+        assert upper is None
+        return why
+
+    split = {"type": "Split", "pattern": {"Regex": "\\s+"}, "behavior": "Isolated", "invert": False}
+    prefix_space = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    assert "after another step" in why(byte_level, pre_tokenizer={"type": "Sequence",
+                                                                  "pretokenizers": [split, prefix_space]})
+    always = {**metaspace["pre_tokenizer"], "prepend_scheme": "always"}
+    assert "every piece" in why(metaspace, pre_tokenizer={"type": "Sequence", "pretokenizers": [split, always]})
+    prepend = {"type": "Prepend", "prepend": "▁"}
+    assert "not one token" in why(byte_level, normalizer=prepend)
+    no_mark = {k: v for k, v in metaspace["model"]["vocab"].items() if k != "▁"}
+    assert "not one token" in why(metaspace, model={**metaspace["model"], "vocab": no_mark})
+    for normalizer in ({"type": "Replace", "pattern": {"String": " "}, "content": "▁▁"},
+                       {"type": "Replace", "pattern": {"String": "a"}, "content": "▁"},
+                       {"type": "Strip", "strip_left": True, "strip_right": True}, {"type": "Precompiled"}):
+        assert "normalizer" in why(metaspace, normalizer=normalizer)
+    normalized = [{**a, "normalized": True} for a in metaspace["added_tokens"]]
+    assert "after normalization" in why(metaspace, pre_tokenizer=always, added_tokens=normalized)
+    assert "prefix" in why(metaspace, model={**metaspace["model"], "continuing_subword_prefix": "##"})
+    assert "WordPiece" in why(metaspace, model={"type": "WordPiece", "vocab": {}})
+
+
 def test_lower_bound_is_off_for_a_tokenizer_it_cannot_prove(fixture_texts):
     from tokenizers import trainers
 
@@ -231,7 +307,8 @@ def test_lower_bound_is_off_for_a_tokenizer_it_cannot_prove(fixture_texts):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(fixture_texts[:50], trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]"]))
     shape = tokenizer_shape(tok)
-    assert shape == shape.__class__(path=PRETOKENS, why="", max_token_bytes=0, special_contents=("[UNK]",))
+    assert shape == shape.__class__(path=PRETOKENS, why="", max_token_bytes=0, special_contents=("[UNK]",),
+                                    upper_why="a WordPiece model")
     counter = TokenCounter(tok)
     assert counter.lower_bound("x" * 100000) == 0
     texts = adversarial_texts(fixture_texts, n=50, seed=3)
@@ -458,20 +535,67 @@ def test_the_search_for_added_tokens_equals_a_test_per_token(real, fixture_texts
 
 
 def test_judge_is_the_length_filter_in_one_call(bpe_tokenizer_path, fixture_texts):
-    """length.judge: a text the bytes bound proves too long is dropped uncounted; every other text gets
-    its exact count and the verdict of length_verdict, in one count call for the batch."""
+    """length.judge: a text the bytes bound proves too long is dropped uncounted, one the upper bound
+    proves within the limits is kept uncounted (never with exact=True); every other text gets its exact
+    count and the verdict of length_verdict, in one count call for the batch. The verdicts are those
+    of counting every text."""
     from beam_pipelines.length import judge
 
     counter = TokenCounter(load_tokenizer(bpe_tokenizer_path))
-    exact = [len(counter.tokenizer.encode(t, add_special_tokens=False).ids) for t in fixture_texts]
-    low, high = sorted(exact)[20], sorted(exact)[-20]
+    texts = fixture_texts + UPPER_TEXTS + ["a <s> b"]  # an added token's content: no upper bound
+    exact = full_counts(counter.tokenizer, texts)
+    high = sorted(exact)[-20]
     huge = "x" * 200_000   # over any limit by the bound alone
-    judged = judge(counter, fixture_texts + [huge], low, high)
-    assert [j.n_tokens for j in judged[:-1]] == exact
-    assert [j.verdict for j in judged[:-1]] == [length_verdict(n, low, high) for n in exact]
-    assert {j.verdict for j in judged} == {None, "too_long", "too_short"}
-    assert judged[-1].n_tokens is None and judged[-1].verdict == "too_long" and "bytes bound" in judged[-1].detail
-    assert counter.rejected_by_bound == 1
+    kept_uncounted = []
+    for low in (0, sorted(exact)[20]):
+        judged = judge(counter, texts + [huge], low, high)
+        assert [j.verdict for j in judged[:-1]] == [length_verdict(n, low, high) for n in exact]
+        assert {j.verdict for j in judged} == ({None, "too_long", "too_short"} if low else {None, "too_long"})
+        assert all(j.n_tokens in (n, None) for j, n in zip(judged, exact))
+        uncounted = [j for j in judged[:-1] if j.n_tokens is None and j.verdict is None]
+        assert all("upper bound" in j.detail for j in uncounted)
+        assert all(j.verdict == "too_long" and "first" in j.detail  # proved by the count of a prefix
+                   for j in judged[:-1] if j.n_tokens is None and j.verdict is not None)
+        assert judged[-2].n_tokens == exact[-1] and judged[-1].n_tokens is None
+        assert judged[-1].verdict == "too_long" and "bytes bound" in judged[-1].detail
+        kept_uncounted.append(len(uncounted))
+    # with no minimum many texts fit by their bound; with one, the lower bound must prove it too (rarely)
+    assert kept_uncounted[0] > len(texts) // 3 and kept_uncounted[1] < kept_uncounted[0] // 4
+    assert counter.rejected_by_bound == 2 and counter.kept_by_bound == sum(kept_uncounted)
+    judged = judge(counter, texts, 0, high, exact=True)  # every kept text counted (a rejected one may not be)
+    assert [j.n_tokens for j in judged if j.verdict is None] == [n for n in exact if n <= high]
+    assert all(j.n_tokens in (n, None) for j, n in zip(judged, exact))
+    assert counter.kept_by_bound == sum(kept_uncounted)
+    # a long text is dropped by the count of its prefix at a cut; a sparse one (a long word a token:
+    # more characters a token than the prefix is sized for) gets its rest counted from the cut
+    vocab = json.loads(counter.tokenizer.to_str())["model"]["vocab"]
+    word = min((p[1:] for p in vocab if p.startswith("▁") and p[1:].isalpha() and len(p) >= 8), key=len)
+    long = next(t for t, n in zip(texts, exact) if n > 1.5 * high and not counter.bound_exceeds(t, high))
+    sparse = (word + " ") * (high + 20)  # a token a word
+    assert counter.cut_past(long, high) and counter.cut_past(sparse, high) and not counter.bound_exceeds(sparse, high)
+    before = counter.rejected_by_prefix
+    judged = judge(counter, [long, sparse], 0, high)
+    assert [j.verdict for j in judged] == ["too_long", "too_long"] and counter.rejected_by_prefix == before + 1
+    assert judged[0].n_tokens is None and "first" in judged[0].detail
+    assert judged[1].n_tokens == full_counts(counter.tokenizer, [sparse])[0] > high
+
+
+@pytest.mark.parametrize("structure", real_tokenizers.STRUCTURES)
+def test_a_text_cut_at_a_proved_cut_counts_its_prefix_and_its_rest(real, structure, fixture_texts):
+    """judge's prefix of a long text ends at a proved cut: the prefix's count plus the rest's counted
+    from the cut is the text's (so the prefix's is at most the text's: the module docstring, 4.), on
+    texts built to break the cuts."""
+    tok = real[structure]
+    counter = TokenCounter(tok)
+    texts = [t for t in adversarial_texts(fixture_texts, n=150, seed=16) + fixture_texts[:60] if len(t) > 95]
+    cuts = [counter.cut_past(t, 20) for t in texts]
+    assert sum(map(bool, cuts)) > len(texts) // 2
+    cut_texts = [(t, c) for t, c in zip(texts, cuts) if c]
+    heads = full_counts(tok, [t[:c] for t, c in cut_texts])
+    rests = counter.count_from_cuts([t[c:] for t, c in cut_texts])
+    assert [h + r for h, r in zip(heads, rests)] == full_counts(tok, [t for t, _ in cut_texts])
+    assert all(c >= int(4.5 * 21) and t[c] == " " for t, c in cut_texts)
+    assert counter.cut_past("a " * 500 + "<s>", 20) == 0  # an added token's content: counted whole
 
 
 def test_a_worker_refuses_a_tokenizer_changed_after_the_drivers_proof_and_never_serves_a_stale_one(

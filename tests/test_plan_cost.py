@@ -1,5 +1,6 @@
 """bft plan's cost of hosted stages (issue 20 point 4): requests and tokens at the run file's prices
-per 1M tokens, online and through the Batch API; GPU-hours for the self-hosted stages only."""
+per 1M tokens, online and through the Batch API; GPU-hours for the self-hosted stages only. And the
+document tokens it prices where prepare kept documents uncounted (issue 33 point 5)."""
 import json
 
 from tests.test_rebuild import corpus, run_file  # noqa: F401 (corpus: a fixture)
@@ -38,3 +39,36 @@ def test_plan_prices_hosted_stages_online_and_batch(tmp_path, tiny_models, bpe_t
     from bft.rebuild import load_run
 
     assert [sp.stage for sp in load_run(cfg).stages] == ["backtranslate", "score"]
+
+
+def test_plan_estimates_the_documents_prepare_kept_uncounted_from_a_counted_sample(tmp_path, bpe_tokenizer_path,
+                                                                                  fixture_texts):
+    """Candidates whose n_tokens is null (kept by their upper bound) are not summed as 0: a sample of
+    them is counted with prepare's tokenizer; a sample of all of them gives the exact total."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    import schemas
+    import storage
+    from bft.plan import _candidates
+    from schemas.layout import RunLayout
+
+    layout = RunLayout(str(tmp_path / "run"))
+    texts = fixture_texts[:30]
+    exact = [len(e.ids) for e in Tokenizer.from_file(bpe_tokenizer_path).encode_batch(texts, add_special_tokens=False)]
+    for k in range(2):
+        rows = [{"id": f"d{i:02d}", "text": t, "source": None, "url": None, "n_chars": len(t),
+                 "n_tokens": None if i % 3 else n, "shard": k, "text_hash": str(i)}
+                for i, (t, n) in enumerate(zip(texts, exact)) if i % 2 == k]
+        path = layout.candidates_shard(k, 2)
+        storage.write_parquet(schemas.to_table(rows, schemas.CANDIDATE, path), path)
+    storage.write_text(layout.prepare_stats, "{}")
+    plan = SimpleNamespace(layout=layout, prepare=SimpleNamespace(tokenizer=bpe_tokenizer_path))
+    whole = _candidates(plan, sample_docs=100)
+    assert whole["rows"] == 30 and whole["doc_tokens"] == sum(exact)
+    assert sorted(np.repeat(whole["lengths"], whole["weights"].astype(int))) == sorted(exact)
+    assert "20 documents kept uncounted, estimated from 20" in whole["doc_tokens_source"]
+    one = _candidates(plan, sample_docs=1)
+    assert one["doc_tokens"] == sum(exact[::3]) + 20 * one["lengths"][-1] and one["weights"][-1] == 20

@@ -66,10 +66,24 @@ def test_every_record_is_accounted_for(corpus, tmp_path, bpe_tokenizer_path, fix
     files, cands = read_dir(out, "candidates-")
     assert files == [f"candidates-0000{k}-of-00004.parquet" for k in range(4)]
     assert len(cands) == stats["kept"] and cands["id"].is_unique
-    # exact token counts, within the limit
+    # exact token counts where counted; the others kept uncounted by their upper bound, which fits
     tok = Tokenizer.from_file(bpe_tokenizer_path)
+    uncounted = cands["n_tokens"].isna()
+    assert 0 < uncounted.sum() < len(cands)  # both kinds (the longer texts' bound exceeds the limit)
     for text, n in zip(cands["text"], cands["n_tokens"]):
-        assert len(tok.encode(text, add_special_tokens=False).ids) == n <= 4000
+        full = len(tok.encode(text, add_special_tokens=False).ids)
+        assert full == n <= 4000 if not pd.isna(n) else full <= len(text.encode()) + 1 <= 4000
+    assert stats["tokens"]["uncounted_documents"] == uncounted.sum() <= stats["length_filter"]["kept_by_bound"]
+    assert stats["tokens"]["counted_documents"] == (~uncounted).sum()
+    assert stats["tokens"]["total"] == cands["n_tokens"].sum()
+    # balanced by UTF-8 bytes, every document alike (a count of some and a bound of others would not mix)
+    from beam_pipelines import shards
+
+    assert stats["shards"]["balanced_by"] == "utf8_bytes"
+    weights = [len(t.encode()) for t in cands["text"]]
+    assert dict(zip(cands["id"], cands["shard"])) == shards.assign_shards(zip(cands["id"], weights), 4)
+    assert stats["shards"]["balance_max_over_mean"] == round(shards.balance(
+        [sum(w for w, k in zip(weights, cands["shard"]) if k == s) for s in range(4)]), 6)
     # dedup keeps the document that ranks first in the sample; the id collision keeps one document
     from schemas.keys import sample_key
 
@@ -77,10 +91,11 @@ def test_every_record_is_accounted_for(corpus, tmp_path, bpe_tokenizer_path, fix
         winner, loser = sorted(pair, key=lambda i: (sample_key(i, 0), i))
         assert winner in set(cands["id"]) and loser not in set(cands["id"])
     assert (cands["id"] == "h001").sum() == 1
-    # rows sorted by n_tokens inside each shard; shard column matches the file
+    # rows sorted by (n_tokens, id) inside each shard, the uncounted first; shard column matches the file
     for k, f in enumerate(files):
         t = pd.read_parquet(out / f)
-        assert list(t["n_tokens"]) == sorted(t["n_tokens"]) and set(t["shard"]) <= {k}
+        key = list(zip(t["n_tokens"].fillna(-1), t["id"]))
+        assert key == sorted(key) and set(t["shard"]) <= {k}
 
     _, rejects = read_dir(out / "rejects", "rejects-")
     assert len(rejects) == stats["rejects"]["rows"]
@@ -277,16 +292,40 @@ def test_the_estimate_of_ranked_documents_is_close(tmp_path):
     assert prepare.sample.estimate_ranked([], [], cfg) == 0
 
 
-def test_shards_are_balanced_bucket_by_bucket_as_assign_shards_says(corpus, tmp_path, bpe_tokenizer_path, monkeypatch):
-    """With buckets of 10 documents the pipeline's assignment is the in-process one, shard by shard."""
+def test_an_output_made_before_exact_counts_existed_is_the_one_exact_counts_makes(tmp_path):
+    """Every count of an output made before the option was exact and its shards balanced by tokens:
+    the config of --exact-counts is the one recorded then, the default's another config."""
+    from beam_pipelines.length import TokenizerShape, UpperBound
+    from beam_pipelines.prepare.config import config_differences
+
+    recorded = {k: v for k, v in PrepareConfig(input=["x"], root=str(tmp_path), tokenizer="t").identity().items()
+                if k != "exact_counts"}
+    exact = PrepareConfig(input=["x"], root=str(tmp_path), tokenizer="t", exact_counts=True)
+    bounded = PrepareConfig(input=["x"], root=str(tmp_path), tokenizer="t")
+    assert exact.identity() == recorded
+    assert config_differences(recorded, bounded.identity()) == ["exact_counts: None -> False"]
+    shape = TokenizerShape("chunks", "", 16, (), upper=UpperBound("raw", 1, 0, True))
+    assert (exact.balanced_by(shape), bounded.balanced_by(shape)) == ("tokens", "utf8_bytes")
+    assert bounded.balanced_by(TokenizerShape("full", "", 0, ())) == "tokens"  # no bound: every count exact
+
+
+def test_exact_counts_counts_every_document_and_shards_are_balanced_by_tokens_bucket_by_bucket(
+        corpus, tmp_path, bpe_tokenizer_path, monkeypatch):
+    """--exact-counts: every kept document's exact count, and shards balanced by tokens; with buckets of
+    10 documents the pipeline's assignment is the in-process one, shard by shard."""
     from beam_pipelines import shards
 
     monkeypatch.setattr(shards, "BUCKET_DOCS", 10)
-    stats = run_prepare(corpus, tmp_path / "b", bpe_tokenizer_path)
+    stats = run_prepare(corpus, tmp_path / "b", bpe_tokenizer_path, exact_counts=True)
     _, cands = read_dir(tmp_path / "b" / "candidates", "candidates-")
+    tok = Tokenizer.from_file(bpe_tokenizer_path)
+    assert list(cands["n_tokens"]) == [len(e.ids) for e in tok.encode_batch(list(cands["text"]),
+                                                                             add_special_tokens=False)]
+    assert stats["tokens"]["uncounted_documents"] == stats["length_filter"]["kept_by_bound"] == 0
     assert shards.num_buckets(len(cands)) == 8
     expected = shards.assign_shards(zip(cands["id"], cands["n_tokens"]), 4, 8)
     assert dict(zip(cands["id"], cands["shard"])) == expected
+    assert stats["shards"]["balanced_by"] == "tokens"
     assert stats["shards"]["balance_max_over_mean"] < 1.2  # 72 documents, 4 shards
 
 

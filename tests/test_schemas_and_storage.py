@@ -24,6 +24,16 @@ def test_a_null_in_a_required_column_names_the_file_and_column():
         schemas.to_table([candidate_row(text=None)], schemas.CANDIDATE, "x.parquet")
 
 
+def test_n_tokens_may_be_null_and_a_candidate_file_made_when_it_could_not_still_reads():
+    """A document prepare kept by its upper bound has no count (null); files written when the column
+    was declared non-null are the same records."""
+    table = schemas.to_table([candidate_row(n_tokens=None), candidate_row(id="b")], schemas.CANDIDATE, "x.parquet")
+    assert table["n_tokens"].to_pylist() == [None, 1]
+    before = table.slice(1).cast(table.schema.set(table.schema.get_field_index("n_tokens"),
+                                         pa.field("n_tokens", pa.int32(), nullable=False)))
+    assert schemas.validate(before, schemas.CANDIDATE, "old.parquet").schema.field("n_tokens").nullable
+
+
 def test_wrong_columns_wrong_kind_and_wrong_version_are_named():
     t = schemas.to_table([candidate_row()], schemas.CANDIDATE)
     with pytest.raises(schemas.SchemaError, match="missing"):

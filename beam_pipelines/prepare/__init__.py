@@ -1,4 +1,4 @@
-"""Beam pass 1: Dolma head split -> exact length filter -> dedup -> token-balanced candidate shards.
+"""Beam pass 1: Dolma head split -> exact length filter -> dedup -> balanced candidate shards.
 
     ListInputs ─┬─ other splits ─ CountLines ─────────────────────────────────────────────┐ tallies
                 └─ head split ── ReadAndMeasure ─ Deduplicate ─────────────────────────┐  │
@@ -13,7 +13,7 @@ measure and hash it, once to write it into its shard) and never grouped, so the 
 ~100 bytes per document whatever its length. With --target-docs, only the documents measured for the
 sample travel one by one; the others are 16 bytes each in one element per input file, and the
 measured documents' fields are stashed in _tmp/ when measured, so that the input is read once. Each shard is
-assembled from per-file parts by one worker, sorted by (n_tokens, id) and written whole-or-nothing;
+assembled from per-file parts by one worker, sorted by (n_tokens, id) (uncounted first) and written whole-or-nothing;
 stats.json is written last and marks the output complete.
 
 The package, one step per module around one record (records.Doc) and the (docs, rejects, tallies)

@@ -7,10 +7,14 @@ import os
 from dataclasses import asdict, dataclass
 
 import storage
+from beam_pipelines.length import TokenizerShape
 from beam_pipelines.minhash import MinHashParams
 from schemas.errors import UserError
 from schemas.layout import Rooted
 from schemas.options import option, required
+
+
+TOKENS, BYTES = "tokens", "utf8_bytes"  # what the shards are balanced by (PrepareConfig.balanced_by)
 
 
 class UnreadableFileError(UserError):
@@ -31,7 +35,11 @@ class PrepareConfig(Rooted):
     splits: list[str] = option(["cc_en_head"], "split folders to select; '' selects every file", comma=True)
     select_where: list[str] = option([], "also require a record field (dotted, e.g. metadata.bucket) to have one "
                                      "of the values, as FIELD=V1,V2 (repeatable)")
-    num_shards: int = option(16, "candidate shards (balanced by tokens)")
+    exact_counts: bool = option(False, "count every kept document's tokens; without it a document whose upper "
+                                "bound (its UTF-8 bytes, +1 for a prepended \"▁\") fits --max-tokens is kept "
+                                "uncounted (n_tokens null) and shards are balanced by UTF-8 bytes: the same "
+                                "decisions, faster (README, 'Token counts')")
+    num_shards: int = option(16, "candidate shards (balanced by tokens with --exact-counts, else by UTF-8 bytes)")
     target_docs: int | None = option(None, "deterministic bottom-k sample of this many documents")
     seed: int = option(0, "seed of the sample")
     max_line_bytes: int = option(1 << 20, "longer lines are rejected as too_large")
@@ -74,10 +82,18 @@ class PrepareConfig(Rooted):
     def identity(self) -> dict:
         """What determines the output: every option but the run-only ones and the root (a run root
         copied or moved elsewhere holds the same output). Without --near-dedup its options are left
-        out: an output made before they existed is the same output."""
+        out, and with --exact-counts that flag: an output made before they existed is the same output
+        (every count exact, shards balanced by tokens)."""
         return {k: v for k, v in asdict(self).items()
                 if k != "root" and not PrepareConfig.__dataclass_fields__[k].metadata.get("run_only")
-                and (self.near_dedup or not k.startswith("near_dedup"))}
+                and (self.near_dedup or not k.startswith("near_dedup"))
+                and (k != "exact_counts" or not self.exact_counts)}
+
+    def balanced_by(self, shape: TokenizerShape) -> str:
+        """What the shards are balanced by: TOKENS when every kept document is counted (--exact-counts,
+        or a tokenizer without an upper bound), else BYTES (UTF-8 bytes of the text, the one measure
+        every document has; see write.py)."""
+        return TOKENS if self.exact_counts or shape.upper is None else BYTES
 
     def minhash_params(self) -> MinHashParams:
         """--near-dedup's MinHash parameters (beam_pipelines/minhash.py)."""

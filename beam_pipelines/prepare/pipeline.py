@@ -101,7 +101,7 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
     return (p | "Finish" >> beam.Create([None])
             | "WriteStats" >> beam.Map(
                 lambda _, t, s, r, u: write_stats(cfg, files, selected, t, s, r, u, fingerprint,
-                                                     proof.file),
+                                                     proof.file, cfg.balanced_by(proof.shape)),
                 t=beam.pvalue.AsSingleton(totals), s=beam.pvalue.AsList(shards),
                 r=beam.pvalue.AsList(reject_files), u=beam.pvalue.AsList(unreadable)))
 

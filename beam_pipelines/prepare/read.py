@@ -18,11 +18,11 @@ import pyarrow as pa
 
 import storage
 from beam_pipelines import dolma
-from beam_pipelines.length import TokenizerProof, judge, shared_tokenizer
+from beam_pipelines.length import TokenizerProof, judge, shared_tokenizer, utf8_bytes
 from beam_pipelines.minhash import sketch
 from beam_pipelines.options import configure_process
 from beam_pipelines.prepare import records
-from beam_pipelines.prepare.config import PrepareConfig, UnreadableFileError
+from beam_pipelines.prepare.config import TOKENS, PrepareConfig, UnreadableFileError
 from beam_pipelines.prepare.records import INPUT, Doc, Tallies, dropped, reject, tallied
 from schemas.keys import sample_key, text_hash
 
@@ -32,7 +32,8 @@ log = logging.getLogger("bft.prepare")
 # measured time, so these vary from run to run; the counts never do)
 COUNTING_PATHS = {"counted_pieces": "counted_from_pieces", "counted_full": "tokenized_in_full",
                   "full_by_switch": "in_full_by_switch", "chunk_lookups": "chunk_lookups",
-                  "chunk_misses": "chunk_misses", "rejected_by_bound": "rejected_by_bound"}
+                  "chunk_misses": "chunk_misses", "rejected_by_bound": "rejected_by_bound",
+                  "kept_by_bound": "kept_by_bound", "rejected_by_prefix": "rejected_by_prefix"}
 
 
 def length_filter_stats(totals: dict[str, int]) -> dict[str, int]:
@@ -95,6 +96,7 @@ class _Measurer(beam.DoFn):
         # thread may run its later bundles in another
         self.tokenizer = shared_tokenizer(self.cfg.tokenizer, self.proof)
         self._file_index = {f: i for i, f in enumerate(self.files)}
+        self._by_tokens = self.cfg.balanced_by(self.tokenizer.proof.shape) == TOKENS
         self._minhash = self.cfg.minhash_params() if self.cfg.near_dedup else None
         self._stash: list[dict] = []
         self._stashed_chars = 0
@@ -122,7 +124,7 @@ class _Measurer(beam.DoFn):
         # the counter is this thread's, shared by the steps the thread runs (SharedTokenizer.counter):
         # its totals are read around this one call, which no other step interleaves with
         before = counter.totals()
-        judged = judge(counter, [doc.text for _, doc in batch], cfg.min_tokens, cfg.max_tokens)
+        judged = judge(counter, [doc.text for _, doc in batch], cfg.min_tokens, cfg.max_tokens, cfg.exact_counts)
         after = counter.totals()
         for name in COUNTING_PATHS:
             tallies[f"length/{name}"] += after[name] - before[name]
@@ -134,6 +136,7 @@ class _Measurer(beam.DoFn):
             else:
                 self._keep(path, line_no, doc)
                 yield Doc(doc.id, text_hash(doc.text), n, len(doc.text), file_index, line_no,
+                          n if self._by_tokens else utf8_bytes(doc.text),
                           minhash=sketch(doc.text, self._minhash) if self._minhash else None)
 
     def _counted(self, path, tallies):

@@ -25,14 +25,18 @@ class Doc(NamedTuple):
     bytes, a path in ~100); `prior` is the document's shard in the output being replaced (None when
     it was not there, or no output is being replaced); `minhash` is its sketch for --near-dedup
     (beam_pipelines/minhash.py: 224 bytes at the default 14 bands; None without --near-dedup, and
-    after NearDeduplicate). Encoded by DocCoder (below)."""
+    after NearDeduplicate). `n_tokens` is None when the upper bound kept the document uncounted
+    (length.judge); `weight` is what shard balancing adds up for it: its n_tokens or its UTF-8 bytes,
+    the same measure for every document of a run (PrepareConfig.balanced_by). Encoded by DocCoder
+    (below)."""
 
     id: str
     text_hash: str
-    n_tokens: int
+    n_tokens: Optional[int]
     n_chars: int
     file: int
     line: int
+    weight: int
     prior: Optional[int] = None
     minhash: Optional[bytes] = None
 

@@ -3,7 +3,19 @@ the stats (the funnel, checked to add up) written last as the completion marker.
 
 Only keys are shuffled: each document is routed to a shard (bucket by bucket, beam_pipelines/shards.py),
 its text read again from its input file (or the sample's stash) into per-file parts, and each shard
-merged from its parts by one worker, sorted by (n_tokens, id), written whole or not at all.
+merged from its parts by one worker, sorted by (n_tokens, id) (uncounted documents first, by id),
+written whole or not at all.
+
+Balancing adds up each document's `weight` (records.Doc): its exact count when every kept document is
+counted (--exact-counts, or a tokenizer without an upper bound), else its UTF-8 bytes, for every
+document alike. Bytes are not the upper bound of the uncounted documents mixed with the counts of the
+others (a bound is ~4x a count on English text: mixing them would load the shards of the counted,
+longer documents 4x too lightly). Bytes follow tokens in sum: a shard's documents are drawn at random
+(by the hash of their id), so its bytes-per-token ratio nears the corpus's as it holds more of them,
+and a bytes balance is a token balance to that ratio's spread across shards: on the real-text corpus
+of benchmarks/real_corpus.py (technical text, 3.3 bytes a token, from man pages to code) shards
+balanced to 1.0002 in bytes measured 1.062 in tokens at 112 documents a shard, 1.010-1.017 at 225-450
+and 1.005 at 900 (tokens: 1.0001 at any size); prepare_bench reports it for each run.
 """
 from __future__ import annotations
 
@@ -22,7 +34,7 @@ import storage
 from beam_pipelines import dolma
 from beam_pipelines.options import configure_process
 from beam_pipelines.prepare import records
-from beam_pipelines.prepare.config import PrepareConfig
+from beam_pipelines.prepare.config import BYTES, TOKENS, PrepareConfig
 from beam_pipelines.prepare.read import length_filter_stats, reread
 from beam_pipelines.prepare.records import UNLISTED, Doc, funnel
 from beam_pipelines.shards import assign_bucket, balance, num_buckets
@@ -33,7 +45,7 @@ from schemas.layout import RunLayout, parse_shard_name
 
 class AssignShards(beam.PTransform):
     """Kept documents -> (file, (line, id, shard, n_tokens, text_hash)), balanced bucket by bucket
-    (beam_pipelines/shards.py): what is global is the count of kept documents."""
+    (beam_pipelines/shards.py) by their `weight`: what is global is the count of kept documents."""
 
     def __init__(self, num_shards: int):
         super().__init__()
@@ -52,7 +64,7 @@ def _route_bucket(element, num_shards: int):
     bucket, docs = element
     docs = list(docs)
     prior = {d.id: d.prior for d in docs if d.prior is not None}
-    shard_of = assign_bucket(((d.id, d.n_tokens) for d in docs), num_shards, bucket, prior)
+    shard_of = assign_bucket(((d.id, d.weight) for d in docs), num_shards, bucket, prior)
     for d in docs:
         yield d.file, (d.line, d.id, shard_of[d.id], d.n_tokens, d.text_hash)
 
@@ -105,7 +117,8 @@ class WriteParts(beam.DoFn):
 
 
 class MergeShard(beam.DoFn):
-    """A shard's parts -> candidates-SSSSS-of-NNNNN.parquet, rows sorted by (n_tokens, id)."""
+    """A shard's parts -> candidates-SSSSS-of-NNNNN.parquet, rows sorted by (n_tokens, id), the
+    uncounted documents (n_tokens null) first; its exact tokens, uncounted documents and UTF-8 bytes."""
 
     def __init__(self, layout: RunLayout, num_shards: int):
         self.layout, self.num_shards = layout, num_shards
@@ -119,12 +132,16 @@ class MergeShard(beam.DoFn):
         tables = [schemas.validate(storage.read_parquet(p), schemas.CANDIDATE, p) for p in parts]
         table = pa.concat_tables(tables) if tables else schemas.CANDIDATE.empty_table()
         del tables
-        table = table.sort_by([("n_tokens", "ascending"), ("id", "ascending")])
+        # uncounted (null) first, by a key of -1: per-key null placement needs pyarrow >= 25
+        order = pa.table({"k": pa.compute.fill_null(table["n_tokens"], -1), "id": table["id"]})
+        table = table.take(pa.compute.sort_indices(order, sort_keys=[("k", "ascending"), ("id", "ascending")]))
         path = self.layout.candidates_shard(shard, self.num_shards)
         table = schemas.validate(table.replace_schema_metadata(schemas.CANDIDATE.metadata), schemas.CANDIDATE, path)
         size = storage.write_parquet(table, path)
         tokens = int(pa.compute.sum(table["n_tokens"]).as_py() or 0)
-        yield {"shard": shard, "path": path, "rows": table.num_rows, "tokens": tokens, "bytes": size}
+        text_bytes = int(pa.compute.sum(pa.compute.binary_length(table["text"])).as_py() or 0)
+        yield {"shard": shard, "path": path, "rows": table.num_rows, "tokens": tokens,
+               "uncounted": table["n_tokens"].null_count, BYTES: text_bytes, "bytes": size}
 
 
 class WriteRejects(beam.PTransform):
@@ -152,7 +169,7 @@ class WriteRejects(beam.PTransform):
 
 
 def write_stats(cfg, files, selected, totals, shards, reject_files, unreadable, fingerprint=None,
-                tokenizer_file=None) -> dict:
+                tokenizer_file=None, balanced_by: str = TOKENS) -> dict:
     acc = funnel(totals)
     if acc["input_records"] != acc["kept"] + sum(acc["dropped"].values()):
         raise RuntimeError(f"accounting broken: {acc['input_records']} input records != {acc['kept']} kept + "
@@ -163,17 +180,22 @@ def write_stats(cfg, files, selected, totals, shards, reject_files, unreadable, 
         raise RuntimeError(f"rejects written ({n_rejects}) != dropped documents to list ({listed})")
     shards = sorted(shards, key=lambda s: s["shard"])
     shard_tokens = [s["tokens"] for s in shards]
+    uncounted = sum(s["uncounted"] for s in shards)
     stats = {
         **acc,
-        "tokens": {"total": sum(shard_tokens), "max_tokens": cfg.max_tokens, "min_tokens": cfg.min_tokens},
+        # total: the exact tokens of the counted documents, all of them when `uncounted` is 0
+        "tokens": {"total": sum(shard_tokens), "counted_documents": acc["kept"] - uncounted,
+                   "uncounted_documents": uncounted, "max_tokens": cfg.max_tokens, "min_tokens": cfg.min_tokens},
         "length_filter": {
             **length_filter_stats(totals),
             "sample_rounds": totals.get("sample/rounds", 0),
         },
         **({"near_dedup": {k: totals.get(f"near_dedup/{k}", 0) for k in ("candidate_pairs", "similar_pairs",
                                                                          "clusters")}} if cfg.near_dedup else {}),
-        "shards": {"num_shards": cfg.num_shards, "balance_max_over_mean": round(balance(shard_tokens), 6),
-                   "files": [{k: s[k] for k in ("path", "rows", "tokens", "bytes")} for s in shards]},
+        "shards": {"num_shards": cfg.num_shards, "balanced_by": balanced_by,
+                   "balance_max_over_mean": round(balance([s[balanced_by] for s in shards]), 6),
+                   "files": [{k: s[k] for k in ("path", "rows", "tokens", "uncounted", BYTES, "bytes")}
+                             for s in shards]},
         "rejects": {"rows": n_rejects, "files": [r["path"] for r in sorted(reject_files, key=lambda r: r["path"])]},
         "input_files": {"total": len(files), "head_split": len(selected), "other_splits": len(files) - len(selected)},
         "unreadable_files": sorted(unreadable, key=lambda u: u["file"]),
