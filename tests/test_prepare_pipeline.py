@@ -294,7 +294,8 @@ def test_the_estimate_of_ranked_documents_is_close(tmp_path):
 
 def test_an_output_made_before_exact_counts_existed_is_the_one_exact_counts_makes(tmp_path):
     """Every count of an output made before the option was exact and its shards balanced by tokens:
-    the config of --exact-counts is the one recorded then, the default's another config."""
+    the config of --exact-counts is the one recorded then, and the default reuses it too (a root
+    prepared before the upgrade is not refused)."""
     from beam_pipelines.length import TokenizerShape, UpperBound
     from beam_pipelines.prepare.config import config_differences
 
@@ -304,6 +305,7 @@ def test_an_output_made_before_exact_counts_existed_is_the_one_exact_counts_make
     bounded = PrepareConfig(input=["x"], root=str(tmp_path), tokenizer="t")
     assert exact.identity() == recorded
     assert config_differences(recorded, bounded.identity()) == ["exact_counts: None -> False"]
+    assert bounded.differences_from(recorded) == [] and exact.differences_from(recorded) == []
     shape = TokenizerShape("chunks", "", 16, (), upper=UpperBound("raw", 1, 0, True))
     assert (exact.balanced_by(shape), bounded.balanced_by(shape)) == ("tokens", "utf8_bytes")
     assert bounded.balanced_by(TokenizerShape("full", "", 0, ())) == "tokens"  # no bound: every count exact

@@ -89,6 +89,16 @@ class PrepareConfig(Rooted):
                 and (self.near_dedup or not k.startswith("near_dedup"))
                 and (k != "exact_counts" or not self.exact_counts)}
 
+    def differences_from(self, recorded: dict) -> list[str]:
+        """How the config of a complete output (`recorded`) differs from this one's, for reuse. An output
+        made before --exact-counts existed counted every document and balanced by tokens: it serves a
+        run without the flag too (the same decisions, every count exact), so a root prepared before an
+        upgrade is reused rather than refused."""
+        identity = self.identity()
+        if "exact_counts" not in recorded:
+            identity.pop("exact_counts", None)
+        return config_differences(recorded, identity)
+
     def balanced_by(self, shape: TokenizerShape) -> str:
         """What the shards are balanced by: TOKENS when every kept document is counted (--exact-counts,
         or a tokenizer without an upper bound), else BYTES (UTF-8 bytes of the text, the one measure

@@ -14,7 +14,7 @@ import storage
 from beam_pipelines import dolma
 from beam_pipelines.length import TokenizerProof, prove
 from beam_pipelines.prepare import sample
-from beam_pipelines.prepare.config import (PrepareConfig, check_output, config_differences,
+from beam_pipelines.prepare.config import (PrepareConfig, check_output,
                                            input_fingerprint, list_inputs, size_or_zero)
 from beam_pipelines.prepare.dedup import Deduplicate
 from beam_pipelines.prepare.near_dedup import NearDeduplicate
@@ -125,7 +125,7 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
     tokenizer = proof.file
     if storage.exists(layout.prepare_stats) and not cfg.overwrite:
         stats = json.loads(storage.read_text(layout.prepare_stats))
-        differ = config_differences(stats.get("config") or {}, cfg.identity())
+        differ = cfg.differences_from(stats.get("config") or {})
         if differ:
             raise UserError(f"{layout.candidates} holds a complete prepare output of another config ("
                             + "; ".join(differ) + "): pass --overwrite to redo it, or use another --root")
