@@ -7,7 +7,7 @@
                                   winners not near-dominated ─ CapToMaxExamples ─ cutoff ──┼─(side)──┤
     SeedData ─ ReadSeed ─ seed parts (tmp) ────────────────────────────────────────────────┘          │
     winners within the cap (+ seed ids) ─ validation keys ─(side)─┐                                     │
-                                  CoGroupByKey(shard) ─ FinalizeShard ─ data/{train,validation}-SSSSS-of-NNNNN
+                                  CoGroupByKey(shard) ─ FinalizeShard ─ data/split={train,validation}/part-SSSSS-of-NNNNN
     every step's partial statistics ─ MergePartials ─ summary (tmp)
     driver: stats.json, report.html + plots, README.md (card), manifest.json, _SUCCESS, validate, LATEST
 
@@ -36,7 +36,7 @@ from schemas.options import option, required
 from schemas.errors import UserError
 from schemas.keys import (instruction_key, sample_key, seed_row_shard, validation_key, validation_mask,
                           validation_size)
-from schemas.layout import DATA, Rooted, RunLayout, shard_name
+from schemas.layout import DATA, Rooted, RunLayout, release_data_file
 from schemas.recipes import DEFAULT_RECIPE, gate_threshold, recorded_score_mode
 from beam_pipelines import changes, corpus_stats, decontaminate, paper_tokens, progress, recipes
 from schemas import provenance, release
@@ -373,7 +373,7 @@ def read_seed_table(path: str) -> pa.Table:
 
 class FinalizeShard(beam.DoFn):
     """Output shard k: web part minus duplicate-instruction losers and rows over the cap, plus seed
-    rows, split by hash into data/{train,validation}-<shard k>-of-<shards>.parquet (numbered per split by
+    rows, split by hash into data/split={train,validation}/part-<shard k>-of-<shards>.parquet (numbered per split by
     the driver afterwards: schemas.release.number_splits). Yields a partial."""
 
     def __init__(self, cfg: AssembleConfig, folder: str, num_shards: int):
@@ -417,7 +417,7 @@ class FinalizeShard(beam.DoFn):
         for split, mask in (("train", pc.invert(in_val)), ("validation", in_val)):
             rows = table.filter(mask)
             if rows.num_rows:  # no empty files: `datasets` cannot read a Parquet file without rows
-                path = storage.join(self.folder, DATA, shard_name(split, k, self.num_shards))
+                path = storage.join(self.folder, release_data_file(split, k, self.num_shards))
                 storage.write_parquet(schemas.validate(rows, schemas.SFT, path), path)
             t = time.perf_counter()
             partial["final"] = corpus_stats.merge(partial["final"], corpus_stats.final_partial(rows, split))
