@@ -390,16 +390,22 @@ def _changes_html(stats: dict) -> str:
                    pct(diff["kept_share"]["now"])],
                   ["transient failures and refusals / requests", pct(diff["error_share"]["parent"]),
                    pct(diff["error_share"]["now"])]]
-        shares += [[f"{s} pass rate", pct(r["parent"]), pct(r["now"])] for s, r in diff["pass_rates"].items()]
+        shares += [[f"{s}: rows parsed / all its rows", pct(r["parent"]), pct(r["now"])]
+                   for s, r in diff["pass_rates"].items()]
         for origin, fields in (diff.get("lengths") or {}).items():
             shares += [[f"{origin} {f} length (mean tokens)", _fmt(v["parent"]), _fmt(v["now"])] for f, v in fields.items()]
         sc = diff.get("scores") or {}
         if sc.get("parent") or sc.get("now"):
             p, n = sc.get("parent") or {}, sc.get("now") or {}
-            shares += [[f"{(n or p).get('stage')} score: mean", _fmt(p.get("mean")), _fmt(n.get("mean"))],
-                       [f"{(n or p).get('stage')} score: share >= 5", pct(p.get("share_5")), pct(n.get("share_5"))]]
+            shares += [[f"{(n or p).get('stage')} stage: mean score", _fmt(p.get("mean")), _fmt(n.get("mean"))],
+                       [f"{(n or p).get('stage')} stage: share of scores >= 5", pct(p.get("share_5")),
+                        pct(n.get("share_5"))]]
+        domains = [[d, v["added"], v["removed"]] for d, v in (diff.get("by_domain") or {}).items()]
         out.append(f"<h2>What changed since {html.escape(diff['parent'])}</h2>"
                    + _table(["origin", "examples added", "removed", "kept"], rows)
+                   + ("<p class=note>Which ones, and why removed: <code>changes/added.parquet</code>, "
+                      "<code>changes/removed.parquet</code>; web examples by domain (the most changed):</p>"
+                      + _table(["web domain", "added", "removed"], domains) if domains else "")
                    + _table(["measure", html.escape(diff["parent"]), "now"], shares))
     return "\n".join(out)
 

@@ -50,6 +50,14 @@ class ReleaseError(UserError):
     """A release is missing, incomplete or does not match its manifest."""
 
 
+class HeldRelease(ReleaseError):
+    """A release published (valid, _SUCCESS) that LATEST was not moved to: its alerts say why."""
+
+    def __init__(self, folder: str, alerts: list[str], how: str):
+        self.folder, self.alerts = folder, list(alerts)
+        super().__init__(f"{folder}: published, but LATEST not moved to it: ALERT {'; ALERT '.join(alerts)}; {how}")
+
+
 @dataclass
 class ValidateConfig:
     """The options of `bft validate`: what a training team runs before it trains."""
@@ -227,7 +235,8 @@ def success_line(folder: str) -> str:
 
 
 def publish(layout: RunLayout, *, version: str | None, config: dict, lineage: dict,
-            build: Callable[[str, str], dict], run: dict | None = None) -> tuple[str, bool]:
+            build: Callable[[str, str], dict], run: dict | None = None,
+            hold: Callable[[str], list[str]] | None = None, hold_how: str = "") -> tuple[str, bool]:
     """Publishes the release of (config, lineage) under ROOT/sft/<version> (`layout`: the run's; the
     version defaults to the UTC date + config hash); returns (its folder, whether it was built now).
 
@@ -239,7 +248,9 @@ def publish(layout: RunLayout, *, version: str | None, config: dict, lineage: di
     and returns the split counts ({"train": n, "validation": n}) the manifest records. A published
     version (one with _SUCCESS) of another or an unreadable config is a ReleaseError, and so is a
     published version that no longer validates; a release that does not validate is left without
-    _SUCCESS (debris that the next run clears) and raises ReleaseError.
+    _SUCCESS (debris that the next run clears) and raises ReleaseError. `hold(folder)` lists why a
+    published release must not become LATEST (critical alerts): then LATEST stays where it was and
+    HeldRelease is raised (`hold_how`: what to do about it), on this run and on any rerun.
     """
     chash = config_hash(config, lineage)
     if version is None:
@@ -266,6 +277,9 @@ def publish(layout: RunLayout, *, version: str | None, config: dict, lineage: di
         validate(folder, published=False)
         storage.write_text(success, success_line(folder))
         built = True
+    held = hold(folder) if hold else []
+    if held:
+        raise HeldRelease(folder, held, hold_how)
     storage.write_text(layout.latest, version + "\n")
     return folder, built
 
