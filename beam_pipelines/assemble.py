@@ -7,7 +7,7 @@
                                   winners not near-dominated ─ CapToMaxExamples ─ cutoff ──┼─(side)──┤
     SeedData ─ ReadSeed ─ seed parts (tmp) ────────────────────────────────────────────────┘          │
     winners within the cap (+ seed ids) ─ validation keys ─(side)─┐                                     │
-                                  CoGroupByKey(shard) ─ FinalizeShard ─ data/{train,validation}-SSSSS-of-NNNNN
+                                  CoGroupByKey(shard) ─ FinalizeShard ─ data/split={train,validation}/part-SSSSS-of-NNNNN
     every step's partial statistics ─ MergePartials ─ summary (tmp)
     driver: stats.json, report.html + plots, README.md (card), manifest.json, _SUCCESS, validate, LATEST
 
@@ -36,7 +36,7 @@ from schemas.options import option, required
 from schemas.errors import UserError
 from schemas.keys import (instruction_key, sample_key, seed_row_shard, validation_key, validation_mask,
                           validation_size)
-from schemas.layout import DATA, Rooted, RunLayout, shard_name
+from schemas.layout import DATA, Rooted, RunLayout, release_data_file
 from schemas.recipes import DEFAULT_RECIPE, gate_threshold, recorded_score_mode
 from beam_pipelines import changes, corpus_stats, decontaminate, paper_tokens, progress, recipes
 from schemas import provenance, release
@@ -95,6 +95,11 @@ class AssembleConfig(Rooted):
                                              "string)")
     decontaminate_ngram: int = option(13, "the shared n-gram's length in normalized words (GPT-3's and Llama 2's "
                                       "contamination analyses); a prompt of fewer words is one n-gram")
+    allow_empty: bool = option(False, "point LATEST at the release even when a critical alert fires (no web "
+                               "example, the gate passed nothing); without it such a release is published "
+                               "without moving LATEST and assemble exits 1")
+    fail_on_alert: bool = option(False, "any alert (not only the critical ones) leaves LATEST where it was and "
+                                 "exits 1: for schedulers that fail the night on every alert")
     near_dup_instruction_threshold: float = option(0.8, "pairs whose instructions are near-duplicates (Jaccard of "
                                                    "their word 3-grams >= this, found by MinHash LSH) keep one: the "
                                                    "highest score, then the smallest id; 0 = off")
@@ -227,8 +232,11 @@ class JoinShard(beam.DoFn):
             reason, web = drop_contaminated(reason, keep, web, matches)
         path = RunLayout.assemble_part(self.tmp, "web", shard.shard)
         storage.write_parquet(web, path)
+        # every candidate's url and first reason (null: kept so far), for the release's changes/ files
+        storage.write_parquet(pa.table({"id": joined["id"], "url": joined["url"], "reason": reason}),
+                              RunLayout.assemble_part(self.tmp, changes.VERDICTS, shard.shard))
         t = time.perf_counter()
-        partial.update(corpus_stats.shard_partial(stages, joined, reason, recipe))  # statistics: one call, last
+        partial.update(corpus_stats.shard_partial(stages, joined, reason, recipe, cfg.threshold))  # statistics: one call, last
         partial["timing"] = {"stats_s": time.perf_counter() - t, "work_s": time.perf_counter() - t0}
         Metrics.counter("bft.assemble", "candidates").inc(cands.num_rows)
         Metrics.counter("bft.assemble", "kept_by_recipe").inc(web.num_rows)
@@ -373,11 +381,11 @@ def read_seed_table(path: str) -> pa.Table:
 
 class FinalizeShard(beam.DoFn):
     """Output shard k: web part minus duplicate-instruction losers and rows over the cap, plus seed
-    rows, split by hash into data/{train,validation}-<shard k>-of-<shards>.parquet (numbered per split by
+    rows, split by hash into data/split={train,validation}/part-<shard k>-of-<shards>.parquet (numbered per split by
     the driver afterwards: schemas.release.number_splits). Yields a partial."""
 
-    def __init__(self, cfg: AssembleConfig, folder: str, num_shards: int):
-        self.cfg, self.folder, self.num_shards = cfg, folder, num_shards
+    def __init__(self, cfg: AssembleConfig, folder: str, num_shards: int, tmp: str):
+        self.cfg, self.folder, self.num_shards, self.tmp = cfg, folder, num_shards, tmp
 
     def setup(self):
         configure_process()
@@ -399,12 +407,13 @@ class FinalizeShard(beam.DoFn):
         examples[decontaminate.NEAR_DUPLICATE] = _drop_examples(web.filter(is_near), decontaminate.NEAR_DUPLICATE,
                                                                {i: f"near duplicate of {d}" for i, d in near.items()})
         web = web.filter(pc.invert(is_near))
-        n_over = 0
+        n_over, over_ids = 0, []
         if cutoff is not None:
             keys = [(sample_key(i, self.cfg.seed), i) for i in web["id"].to_pylist()]
             within = pa.array([key <= cutoff for key in keys], pa.bool_())
             n_over = web.num_rows - int(pc.sum(within.cast(pa.int64())).as_py() or 0)
             examples["over_cap"] = _drop_examples(web.filter(pc.invert(within)), "over_cap")
+            over_ids = web["id"].filter(pc.invert(within)).to_pylist()
             web = web.filter(within)
         seed_parts = list(grouped["seed"])
         seeds = [schemas.validate(storage.read_parquet(p), schemas.SFT, p) for p in seed_parts]
@@ -413,11 +422,17 @@ class FinalizeShard(beam.DoFn):
         partial = {"funnel": {"dropped": {"duplicate_instruction": n_dup, decontaminate.NEAR_DUPLICATE: n_near,
                                           "over_cap": n_over}}, "final": {},
                    "examples": {"dropped": examples}}
+        late = [(i, "duplicate_instruction") for i in losers.to_pylist()] + [(i, decontaminate.NEAR_DUPLICATE)
+                                                                            for i in near]
+        late += [(i, "over_cap") for i in over_ids]
+        storage.write_parquet(pa.table({"id": pa.array([i for i, _ in late], pa.string()),
+                                        "reason": pa.array([r for _, r in late], pa.string())}),
+                              RunLayout.assemble_part(self.tmp, changes.LATE_DROPS, k))
         t_stats = 0.0
         for split, mask in (("train", pc.invert(in_val)), ("validation", in_val)):
             rows = table.filter(mask)
             if rows.num_rows:  # no empty files: `datasets` cannot read a Parquet file without rows
-                path = storage.join(self.folder, DATA, shard_name(split, k, self.num_shards))
+                path = storage.join(self.folder, release_data_file(split, k, self.num_shards))
                 storage.write_parquet(schemas.validate(rows, schemas.SFT, path), path)
             t = time.perf_counter()
             partial["final"] = corpus_stats.merge(partial["final"], corpus_stats.final_partial(rows, split))
@@ -556,7 +571,7 @@ def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_s
     finals = ({"web": joined.parts, "losers": dedup.losers, "near": near_losers, "seed": seed.parts,
                "shard": every_shard}
               | "GroupByShard" >> beam.CoGroupByKey()
-              | "FinalizeShard" >> beam.ParDo(FinalizeShard(cfg, folder, num_shards),
+              | "FinalizeShard" >> beam.ParDo(FinalizeShard(cfg, folder, num_shards, tmp),
                                                cutoff=beam.pvalue.AsSingleton(cutoff),
                                                validation=beam.pvalue.AsSingleton(validation)))
     summary_path = RunLayout.summary(tmp)
@@ -568,6 +583,15 @@ def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_s
 
 
 # ---- the driver: plan, run, then publish -------------------------------------------------------
+
+def held_by(cfg: AssembleConfig, folder: str) -> list[str]:
+    """The alerts (in the release's stats.json) that keep LATEST from moving to it: the critical ones
+    unless --allow-empty; every one with --fail-on-alert."""
+    stats = json.loads(storage.read_text(storage.join(folder, corpus_stats.RELEASE_STATS)))
+    if cfg.fail_on_alert:
+        return stats.get("alerts") or []
+    return [] if cfg.allow_empty else changes.critical(stats)
+
 
 def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], int, dict]:
     """Which shards to join, which are missing generation output ({shard: candidate rows}), the
@@ -668,7 +692,8 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
     eval_sets = decontaminate.read_eval_sets(cfg.decontaminate, cfg.decontaminate_field, cfg.decontaminate_ngram)
     shards, skipped, num_shards, lineage = plan_inputs(cfg)
     lineage["decontaminate"] = [s.content for s in eval_sets]   # another file's content: another release
-    config = asdict(cfg)
+    # what to do with the alerts is not what the release holds: outside the config hash
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("allow_empty", "fail_on_alert")}
 
     def build_release(folder: str, version: str) -> dict:
         """The Beam pass into `folder`, then stats.json, report and card; returns the split counts."""
@@ -682,10 +707,13 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
             with progress.running("assemble", pipeline_options(beam_args)) as p:
                 build(p, cfg, shards, num_shards, folder, tmp, eval_sets, proof)
             summary = json.loads(storage.read_text(RunLayout.summary(tmp)))
+            release.number_splits(folder)  # each split numbered on its own, before the manifest lists them
+            return write_stats(folder, version, summary, tmp, time.perf_counter() - t0)
         finally:
             storage.delete_tree(tmp)
-        release.number_splits(folder)  # each split numbered on its own, before the manifest lists them
-        pipeline_s = time.perf_counter() - t0
+
+    def write_stats(folder: str, version: str, summary: dict, tmp: str, pipeline_s: float) -> dict:
+        """stats.json, changes/, report and card of the release the pass wrote (`tmp`: its parts)."""
         t1 = time.perf_counter()
         stats = corpus_stats.release_stats(cfg, version, summary, prep_stats, sorted(skipped),
                                            sum(skipped.values()), _stage_models(cfg, shards),
@@ -707,7 +735,7 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
                 changes.add_ids(new_ids, table)
                 lengths.add(table)
         stats["parent"] = parent
-        stats["changes"] = changes.changes(parent_folder, parent, new_ids, stats)
+        stats["changes"] = changes.changes(parent_folder, parent, new_ids, stats, write_to=(folder, tmp))
         stats["alerts"] = changes.alerts(stats, stats["changes"], cfg.validation_fraction)
         stats["trend"] = changes.trend(layout.release, parent if parent_folder else None, stats)
         stats["paper_lengths"] = lengths.result()
@@ -723,7 +751,9 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
         return {split: stats["funnel"]["final"][split] for split in release.SPLITS}
 
     folder, built = release.publish(layout, version=cfg.version, config=config, lineage=lineage,
-                                    build=build_release, run=run_record)
+                                    build=build_release, run=run_record, hold=lambda f: held_by(cfg, f),
+                                    hold_how="look at its report.html; --allow-empty publishes it as LATEST"
+                                    if not cfg.fail_on_alert else "--fail-on-alert holds it on any alert")
     stats = json.loads(storage.read_text(storage.join(folder, corpus_stats.RELEASE_STATS)))
     stats["folder"] = folder  # what it wrote (or found current): the callers never work it out again
     return stats if built else {**stats, "reused": True}

@@ -150,14 +150,16 @@ def summarize(partial):
     return partial
 
 
-def shard_partial(stages: dict[str, pa.Table], joined: pa.Table, reason: pa.Array, recipe) -> dict:
+def shard_partial(stages: dict[str, pa.Table], joined: pa.Table, reason: pa.Array, recipe,
+                  threshold: float | None = None) -> dict:
     """A joined shard's statistics, in one call after its rows are decided (assemble's JoinShard):
-    every stage read (the recipe's and any other run), the funnel's drops, the scores, the examples."""
+    every stage read (the recipe's and any other run), the funnel's drops, the scores (with the rows
+    scored at or over the gate's `threshold`), the examples."""
     from beam_pipelines import recipes
 
     return {"stages": {stage: stage_partial(stage, table) for stage, table in stages.items()},
             "funnel": {"dropped": value_counts(pc.drop_null(reason))},
-            "scores": score_partial(joined, reason, recipe.stages),
+            "scores": score_partial(joined, reason, recipe.stages, recipe.gate, threshold),
             "examples": example_partial(joined, reason, joined["backtranslate.instruction"],
                                         recipes.response_column(joined, recipe), recipe.gate, recipe.stages)}
 
@@ -173,12 +175,20 @@ def stage_partial(stage: str, table: pa.Table) -> dict:
     out["sent"] = int(pc.sum(sent.cast(pa.int64())).as_py() or 0)
     out["not_sent"] = value_counts(pc.filter(errors, pc.invert(sent)), null="unknown")
     out["sent_failures"] = value_counts(pc.drop_null(categories(pc.filter(errors, sent))))
+    if stage in GATE_STAGES and "reasoning" in table.column_names:
+        from generation.parsing import digit_mass
+
+        mass = [m for m in map(digit_mass, table["reasoning"].to_pylist()) if m is not None]
+        if mass:   # logprob scores: how much probability the digits had (a mean over rows, when merged)
+            out["digit_mass"] = {"rows": len(mass), "sum": float(sum(mass))}
     return out
 
 
-def score_partial(joined: pa.Table, reason: pa.Array, stages) -> dict:
+def score_partial(joined: pa.Table, reason: pa.Array, stages, gate: str | None = None,
+                  threshold: float | None = None) -> dict:
     """Per scoring stage among `stages`: 0.1-wide score histograms of the rows the release keeps
-    and of those it drops (for any reason), and how many scores are not integers."""
+    and of those it drops (for any reason), how many scores are not integers, and for the `gate`
+    stage the rows with a score (`scored`) and those at or over `threshold` (`passed`)."""
     out = {}
     kept = pc.is_null(reason)
     for stage in stages:
@@ -189,6 +199,9 @@ def score_partial(joined: pa.Table, reason: pa.Array, stages) -> dict:
         out[stage] = {"kept": histogram(pc.filter(score, kept), FINE_SCORE_EDGES),
                       "dropped": histogram(pc.filter(score, pc.invert(kept)), FINE_SCORE_EDGES),
                       "non_integer": int(pc.sum(pc.not_equal(valid, pc.floor(valid)).cast(pa.int64())).as_py() or 0)}
+        if stage == gate and threshold is not None:
+            out[stage]["scored"] = len(valid)
+            out[stage]["passed"] = int(pc.sum(pc.greater_equal(valid, threshold).cast(pa.int64())).as_py() or 0)
     return out
 
 
@@ -386,9 +399,17 @@ def release_stats(cfg, version: str, summary: dict, prep_stats: dict, skipped: l
                          "model": ", ".join(models.get(stage, []))}
     recipe = RECIPES[cfg.recipe]
     score_hist = None
+    gate = None
     if recipe.gate and recipe.gate in stages:
         score_hist = {"stage": recipe.gate, "threshold": cfg.threshold, "edges": SCORE_EDGES,
                       "counts": stages[recipe.gate].get("score_histogram")}
+        scores = (summary.get("scores") or {}).get(recipe.gate) or {}
+        mass = stages[recipe.gate].get("digit_mass")
+        # the gate's own pass rate: rows scored at or over the threshold, of the rows with a score
+        gate = {"stage": recipe.gate, "threshold": cfg.threshold, "scored": scores.get("scored", 0),
+                "passed": scores.get("passed", 0),
+                "pass_rate": round(scores["passed"] / scores["scored"], 4) if scores.get("scored") else None,
+                "digit_mass_mean": round(mass["sum"] / mass["rows"], 4) if mass else None}
     seed_tag, web_tag = cfg.tags
     return {
         "version": version,
@@ -403,6 +424,7 @@ def release_stats(cfg, version: str, summary: dict, prep_stats: dict, skipped: l
         },
         "stages": stages,
         "score_histogram": score_hist,
+        "gate": gate,
         "by_origin": by_origin,
         "length_edges": LENGTH_EDGES,
         "tags": {"seed": seed_tag, "web": web_tag},

@@ -390,16 +390,22 @@ def _changes_html(stats: dict) -> str:
                    pct(diff["kept_share"]["now"])],
                   ["transient failures and refusals / requests", pct(diff["error_share"]["parent"]),
                    pct(diff["error_share"]["now"])]]
-        shares += [[f"{s} pass rate", pct(r["parent"]), pct(r["now"])] for s, r in diff["pass_rates"].items()]
+        shares += [[f"{s}: rows parsed / all its rows", pct(r["parent"]), pct(r["now"])]
+                   for s, r in diff["pass_rates"].items()]
         for origin, fields in (diff.get("lengths") or {}).items():
             shares += [[f"{origin} {f} length (mean tokens)", _fmt(v["parent"]), _fmt(v["now"])] for f, v in fields.items()]
         sc = diff.get("scores") or {}
         if sc.get("parent") or sc.get("now"):
             p, n = sc.get("parent") or {}, sc.get("now") or {}
-            shares += [[f"{(n or p).get('stage')} score: mean", _fmt(p.get("mean")), _fmt(n.get("mean"))],
-                       [f"{(n or p).get('stage')} score: share >= 5", pct(p.get("share_5")), pct(n.get("share_5"))]]
+            shares += [[f"{(n or p).get('stage')} stage: mean score", _fmt(p.get("mean")), _fmt(n.get("mean"))],
+                       [f"{(n or p).get('stage')} stage: share of scores >= 5", pct(p.get("share_5")),
+                        pct(n.get("share_5"))]]
+        domains = [[d, v["added"], v["removed"]] for d, v in (diff.get("by_domain") or {}).items()]
         out.append(f"<h2>What changed since {html.escape(diff['parent'])}</h2>"
                    + _table(["origin", "examples added", "removed", "kept"], rows)
+                   + ("<p class=note>Which ones, and why removed: <code>changes/added.parquet</code>, "
+                      "<code>changes/removed.parquet</code>; web examples by domain (the most changed):</p>"
+                      + _table(["web domain", "added", "removed"], domains) if domains else "")
                    + _table(["measure", html.escape(diff["parent"]), "now"], shares))
     return "\n".join(out)
 
@@ -601,7 +607,7 @@ def write_card(folder: str, stats: dict, config: dict) -> str:
                    "complete generation output; their documents are not in this release.\n")
     tags = stats["tags"]
     # only splits with rows: a split pattern that matches no file is an error for `datasets`
-    splits_yaml = "\n".join(f"  - split: {s}\n    path: data/{s}-*.parquet" for s in ("train", "validation")
+    splits_yaml = "\n".join(f"  - split: {s}\n    path: data/split={s}/*.parquet" for s in ("train", "validation")
                             if f["final"][s]) or "  []"
     sources = ["allenai/dolma"] + (["OpenAssistant/oasst1"] if (f.get("seed") or {}).get("kept") else [])
     sources_yaml = "\n".join(f"- {s}" for s in sources)
@@ -663,15 +669,17 @@ and `manifest.json` for every file's checksum, the full config, the code revisio
 
 ## Loading it
 
-The data files are under `data/` (`train-SSSSS-of-NNNNN.parquet`, `validation-...`), beside this card,
-the manifest, stats and report, so any Parquet reader takes the folder `data/`:
+The data files are under `data/`, one folder per split in the Hive style (`data/split=train/part-SSSSS-of-NNNNN.parquet`,
+`data/split=validation/...`), beside this card, the manifest, stats and report: a reader of `data/` gets a
+`split` column from the folder names, and `datasets` gets one split each from the card's configs:
 
 ```python
-pd.read_parquet("<this folder>/data")                                  # pandas
-pyarrow.dataset.dataset("<this folder>/data")                          # pyarrow
-datasets.load_dataset("<this folder>")                                 # Hugging Face: the card's configs
-datasets.load_dataset("parquet", data_dir="<this folder>/data")        # or the files themselves
-duckdb.sql("select * from read_parquet('<this folder>/data/*.parquet')")
+df = pd.read_parquet("<this folder>/data")                             # pandas: a split column
+train = df[df.split == "train"]
+pyarrow.dataset.dataset("<this folder>/data", partitioning="hive")     # pyarrow: a split column
+polars.read_parquet("<this folder>/data/**/*.parquet", hive_partitioning=True)   # polars: a split column
+duckdb.sql("select * from read_parquet('<this folder>/data/*/*.parquet', hive_partitioning = true) where split = 'train'")
+datasets.load_dataset("<this folder>")                                 # Hugging Face: train and validation
 ```
 
 Point loaders at one release, never at the run's `sft/` folder (it holds every release, and `LATEST`

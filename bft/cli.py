@@ -1,7 +1,7 @@
 """`bft`: the one entry point, and the roof of the code: the verb table, one config loader
 (`bft.config`), and one error path (a `UserError` is one line and exit 1; a usage error exit 2).
 
-    bft rebuild | plan | status | prepare | generate STAGE | assemble | validate | latest | seed | train
+    bft rebuild | plan | status | prepare | generate STAGE | assemble | validate | latest | diff | seed | train
         | eval generate|judge
 
 Every verb takes its options as flags or from a run file (`--config FILE`: the verb's section, see
@@ -131,6 +131,21 @@ def _latest(cfg, beam_args, run_file) -> int:
     return 0
 
 
+def _diff(cfg, beam_args, run_file) -> int:
+    from beam_pipelines import changes
+
+    old, new = cfg.folder(cfg.old), cfg.folder(cfg.new)
+    d = changes.diff_releases(old, new)
+    parts = [f"{o}: +{v['added']:,} -{v['removed']:,} ={v['kept']:,}" for o, v in d["examples"].items()]
+    print(f"{old} -> {new}: {'; '.join(parts) or 'no examples in either'}")
+    if cfg.ids:
+        for i, origin in d["added"]:
+            print(f"+ {i} {origin}")
+        for i, origin, reason in d["removed"]:
+            print(f"- {i} {origin} {reason or '(reason: not recorded; NEW was not built on OLD)'}")
+    return 0
+
+
 def _seed(cfg, beam_args, run_file) -> int:
     from training import seed
 
@@ -216,6 +231,8 @@ VERBS = {v.name: v for v in [
          "schemas.release:ValidateConfig", _validate, positional=("path",)),
     Verb("latest", "print the data folder of the release ROOT/sft/LATEST names, for loaders",
          "schemas.release:LatestConfig", _latest, positional=("path",)),
+    Verb("diff", "which examples one release has that another has not (by origin; --ids: each, and why removed)",
+         "beam_pipelines.changes:DiffConfig", _diff, positional=("old", "new")),
     Verb("seed", "the seed pairs: first turns of OpenAssistant oasst1 trees", "training.seed:SeedConfig", _seed),
     Verb("train", "fine-tune the backward, forward or SFT model (transformers' Trainer)",
          "training.train:TrainConfig", _train),

@@ -65,6 +65,10 @@ class RebuildConfig:
                          "document on stdout (the error and exit status in it when it failed)", choices=["text", "json"])
     empty_exit_code: int = option(0, "exit status when no input glob matches a file at the night's start (nothing "
                                   "new tonight: nothing is published): 0, or a code your scheduler tells apart")
+    allow_empty: bool = option(False, "move LATEST to tonight's release even when a critical alert fires (no web "
+                               "example, the gate passed nothing); without it the night fails (exit 1) and LATEST "
+                               "stays (the run file's assemble.allow_empty, too)")
+    fail_on_alert: bool = option(False, "any alert fails the night (exit 1) and leaves LATEST where it was")
 
     def check(self) -> None:
         if not 0 <= self.empty_exit_code <= 255:
@@ -334,7 +338,8 @@ def rebuild(plan: RunPlan, cfg: RebuildConfig, lock=None) -> int:
         if not night.closed:
             night.save(error if interrupted else f"failed: {error}")
         _answer(cfg, {"outcome": "interrupted" if interrupted else "failed", "exit_code": exit_status(e),
-                      "error": error, "night": night.record})
+                      "error": error, "night": night.record,
+                      "alerts": getattr(e, "alerts", [])})   # a release held by its alerts (HeldRelease)
         if cfg.format == "json":
             setattr(e, JSON_ANSWERED, True)
         raise
@@ -433,6 +438,8 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
     night.record["stages"]["assemble"] = {}
     night.record["ended_at"] = _now()
     night.record["invocations"][-1].update(status="done", ended_at=_now())  # as the manifest records it
+    plan.assemble.allow_empty = plan.assemble.allow_empty or cfg.allow_empty
+    plan.assemble.fail_on_alert = plan.assemble.fail_on_alert or cfg.fail_on_alert
     stats = assemble.run(plan.assemble, plan.assemble_beam_args, run_record=night.record)
     night.add("assemble", {"reused": bool(stats.get("reused")), "seconds": round(time.perf_counter() - t, 3)})
     folder = stats["folder"]
@@ -513,7 +520,7 @@ def night_text(result: dict) -> str:
     elif result["outcome"] == "waiting":
         lines.append(f"   waiting (exit {result['exit_code']}): {result['message']}")
     if rel is None:
-        return "\n".join(lines)
+        return "\n".join(lines + [f"   ALERT: {a}" for a in result.get("alerts") or []])
     lines.append(f"   release {rel['version']}: {'published' if rel['published'] else 'current, nothing new'} "
                  f"({rel['train']:,} train, {rel['validation']:,} validation)")
     if changes.get("previous") is None:

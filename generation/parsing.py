@@ -73,6 +73,17 @@ def score_from_probs(probs: dict[str, float]) -> tuple[dict, str | None]:
     return {"score": round(expected, 4), "reasoning": f"argmax={argmax} p({argmax})={probs.get(str(argmax), 0.0) / total:.4f} mass={total:.4f}"}, None
 
 
+_MASS = re.compile(r"^argmax=[1-5] p\([1-5]\)=[0-9.]+ mass=([0-9.]+)$")
+
+
+def digit_mass(reasoning: str | None) -> float | None:
+    """The digits' probability mass that `score_from_probs` recorded in a logprob score's reasoning (how
+    much of the next token's probability went to "1".."5": near 1 when the model answers the rubric),
+    or None for a score of the generate mode."""
+    m = _MASS.match(reasoning or "")
+    return float(m.group(1)) if m else None
+
+
 _RES = re.compile(r"\[RES\]((?:(?!\[RES\]).)*?)\[/RES\]", re.S)
 
 

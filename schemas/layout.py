@@ -48,7 +48,8 @@ LAST_NIGHT = "_last_night.json"
 LOCK = "_lock"
 STATS = "stats.json"
 LATEST = "LATEST"
-DATA = "data"      # a release's data files: sft/<version>/data/{train,validation}-SSSSS-of-NNNNN.parquet
+DATA = "data"      # a release's data files: sft/<version>/data/split=<split>/part-SSSSS-of-NNNNN.parquet
+PART = "part"
 _SHARD = re.compile(r"^(?P<prefix>[a-z_]+)-(?P<shard>\d{5})-of-(?P<num>\d{5})\.(?P<ext>[a-z.]+)$")
 
 
@@ -69,6 +70,27 @@ def parse_shard_name(path: str) -> tuple[str, int, int] | None:
     if not m:
         return None
     return m.group("prefix"), int(m.group("shard")), int(m.group("num"))
+
+
+def release_data_file(split: str, shard: int, num_shards: int) -> str:
+    """A release's data file, relative to its folder: `data/split=<split>/part-SSSSS-of-NNNNN.parquet`.
+    Hive-style, so that pyarrow.dataset (partitioning="hive"), pandas, polars and DuckDB add a `split`
+    column of their own when they read `data/`; the files themselves hold no split column."""
+    return f"{DATA}/split={split}/{shard_name(PART, shard, num_shards)}"
+
+
+_HIVE_SPLIT = re.compile(r"(?:^|/)split=(?P<split>[a-z_]+)/" + PART + r"-\d{5}-of-\d{5}\.parquet$")
+
+
+def release_split_of(rel: str) -> str | None:
+    """The split of a release's data file from its path (relative to the release folder), in either
+    layout: `data/split=<split>/part-...` (this one) or `[data/]<split>-SSSSS-of-NNNNN.parquet` (releases
+    made before it), or None: the caller checks it is a split it knows."""
+    m = _HIVE_SPLIT.search(rel)
+    if m:
+        return m.group("split")
+    parsed = parse_shard_name(rel)
+    return parsed[0] if parsed and rel.endswith(".parquet") else None
 
 
 def lock_name(stage: str | None = None, worker_index: int = 0, num_workers: int = 1) -> str:

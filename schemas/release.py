@@ -1,8 +1,9 @@
 """The handoff to training teams: a versioned release folder, its manifest, and its validation.
 
-    ROOT/sft/<version>/data/train-SSSSS-of-NNNNN.parquet, data/validation-SSSSS-of-NNNNN.parquet
-                      (each split numbered on its own: `number_splits`; older releases hold them
-                      beside the card, and validate and load the same way: the manifest lists paths)
+    ROOT/sft/<version>/data/split=train/part-SSSSS-of-NNNNN.parquet, data/split=validation/part-...
+                      (Hive-style: readers of data/ add a `split` column; each split numbered on its
+                      own: `number_splits`; older releases hold `[data/]<split>-SSSSS-of-NNNNN.parquet`
+                      and validate and load the same way: the manifest lists paths and splits)
                       stats.json, report.html, plots/*.png, README.md (dataset card)
                       manifest.json   every other file: size, sha256, rows; schema version; config;
                                       code revision; input lineage
@@ -36,7 +37,8 @@ import schemas
 import storage
 from schemas.errors import UserError
 from schemas.options import option
-from schemas.layout import DATA, LATEST, SFT, TMP, RunLayout, parse_shard_name, shard_name
+from schemas.layout import (DATA, LATEST, SFT, TMP, RunLayout, parse_shard_name, release_data_file,
+                            release_split_of)
 
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
@@ -46,6 +48,14 @@ _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 class ReleaseError(UserError):
     """A release is missing, incomplete or does not match its manifest."""
+
+
+class HeldRelease(ReleaseError):
+    """A release published (valid, _SUCCESS) that LATEST was not moved to: its alerts say why."""
+
+    def __init__(self, folder: str, alerts: list[str], how: str):
+        self.folder, self.alerts = folder, list(alerts)
+        super().__init__(f"{folder}: published, but LATEST not moved to it: ALERT {'; ALERT '.join(alerts)}; {how}")
 
 
 @dataclass
@@ -125,19 +135,20 @@ def sha256_of(path: str) -> str:
 
 
 def number_splits(folder: str) -> dict[str, int]:
-    """The data files under `folder/data/`, written per output shard as `<split>-<shard>-of-<shards>`,
-    renamed so that each split is numbered on its own (`validation-00000-of-00001`, not the train
-    shard's index): in shard order, before the manifest lists them. Returns the files per split."""
-    data = storage.join(folder, DATA)
+    """The data files under `folder/data/split=<split>/`, written per output shard as
+    `part-<shard>-of-<shards>`, renamed so that each split is numbered on its own
+    (`split=validation/part-00000-of-00001`, not the train shard's index): in shard order, before the
+    manifest lists them. Returns the files per split."""
     by_split: dict[str, list[tuple[int, str]]] = {}
-    for path in storage.list_files(data):
+    for path in storage.list_files(storage.join(folder, DATA)):
+        split = release_split_of(path[len(folder.rstrip("/")) + 1:])
         parsed = parse_shard_name(path)
-        if parsed and parsed[0] in SPLITS:
-            by_split.setdefault(parsed[0], []).append((parsed[1], path))
+        if split in SPLITS and parsed:
+            by_split.setdefault(split, []).append((parsed[1], path))
     for split, items in by_split.items():
         items.sort()
         for i, (_, path) in enumerate(items):
-            target = storage.join(data, shard_name(split, i, len(items)))
+            target = storage.join(folder, release_data_file(split, i, len(items)))
             if target != path:  # names of another count never collide with the shard names
                 storage.rename(path, target)
     return {split: len(items) for split, items in by_split.items()}
@@ -165,9 +176,9 @@ def parquet_rows(path: str) -> int:
 def describe_file(folder: str, path: str) -> dict:
     rel = path[len(folder.rstrip("/")) + 1:]
     entry = {"path": rel, "bytes": storage.size(path), "sha256": sha256_of(path)}
-    parsed = parse_shard_name(rel)
-    if parsed and parsed[0] in SPLITS:
-        entry.update(split=parsed[0], rows=parquet_rows(path))
+    split = release_split_of(rel)
+    if split in SPLITS:
+        entry.update(split=split, rows=parquet_rows(path))
     return entry
 
 
@@ -224,7 +235,8 @@ def success_line(folder: str) -> str:
 
 
 def publish(layout: RunLayout, *, version: str | None, config: dict, lineage: dict,
-            build: Callable[[str, str], dict], run: dict | None = None) -> tuple[str, bool]:
+            build: Callable[[str, str], dict], run: dict | None = None,
+            hold: Callable[[str], list[str]] | None = None, hold_how: str = "") -> tuple[str, bool]:
     """Publishes the release of (config, lineage) under ROOT/sft/<version> (`layout`: the run's; the
     version defaults to the UTC date + config hash); returns (its folder, whether it was built now).
 
@@ -236,7 +248,9 @@ def publish(layout: RunLayout, *, version: str | None, config: dict, lineage: di
     and returns the split counts ({"train": n, "validation": n}) the manifest records. A published
     version (one with _SUCCESS) of another or an unreadable config is a ReleaseError, and so is a
     published version that no longer validates; a release that does not validate is left without
-    _SUCCESS (debris that the next run clears) and raises ReleaseError.
+    _SUCCESS (debris that the next run clears) and raises ReleaseError. `hold(folder)` lists why a
+    published release must not become LATEST (critical alerts): then LATEST stays where it was and
+    HeldRelease is raised (`hold_how`: what to do about it), on this run and on any rerun.
     """
     chash = config_hash(config, lineage)
     if version is None:
@@ -263,6 +277,9 @@ def publish(layout: RunLayout, *, version: str | None, config: dict, lineage: di
         validate(folder, published=False)
         storage.write_text(success, success_line(folder))
         built = True
+    held = hold(folder) if hold else []
+    if held:
+        raise HeldRelease(folder, held, hold_how)
     storage.write_text(layout.latest, version + "\n")
     return folder, built
 

@@ -20,7 +20,7 @@ import storage
 from bft import cli
 from schemas.errors import UserError
 from schemas.keys import instruction_key
-from schemas.layout import RunLayout
+from schemas.layout import RunLayout, release_split_of
 from generation.templates import SEED_TAG, WEB_TAG
 from tests.conftest import LOCAL
 
@@ -129,9 +129,8 @@ def read_release(root, version=None):
     folder = release.resolve(os.path.join(root, "sft")) if version is None else os.path.join(root, "sft", version)
     splits = {}
     for split in ("train", "validation"):
-        data = os.path.join(folder, "data") if os.path.isdir(os.path.join(folder, "data")) else folder
-        files = sorted(f for f in os.listdir(data) if f.startswith(split))
-        frames = [pd.read_parquet(os.path.join(data, f)) for f in files]
+        files = [p for p in release.data_files(folder) if release_split_of(p[len(folder) + 1:]) == split]
+        frames = [pd.read_parquet(p) for p in files]
         splits[split] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=schemas.SFT.names)
     return folder, splits
 
@@ -257,25 +256,25 @@ def test_assemble_publishes_a_complete_release(root, tmp_path):
 
     manifest = json.loads(open(os.path.join(folder, "manifest.json")).read())
     listed = {e["path"] for e in manifest["files"]}
-    assert {"data/train-00000-of-00002.parquet", "stats.json", "report.html",
+    assert {"data/split=train/part-00000-of-00002.parquet", "stats.json", "report.html",
             "README.md", "plots/funnel.png", "plots/scores.png"} <= listed
     # each split numbered on its own (issue 21): the validation files are 0..n-1 of their own count
-    val = sorted(p for p in listed if p.startswith("data/validation-"))
-    assert val == [f"data/validation-{i:05d}-of-{len(val):05d}.parquet" for i in range(len(val))]
+    val = sorted(p for p in listed if p.startswith("data/split=validation/"))
+    assert val == [f"data/split=validation/part-{i:05d}-of-{len(val):05d}.parquet" for i in range(len(val))]
     assert manifest["counts"] == {"train": len(splits["train"]), "validation": len(splits["validation"])}
     assert manifest["config"]["recipe"] == "filter+rewrite" and manifest["code_revision"]
     assert len(manifest["inputs"]["generations"]["rewrite"]) == 2 and manifest["inputs"]["seed_data"]["path"] == seed
     assert os.path.exists(os.path.join(folder, "_SUCCESS"))
     card = open(os.path.join(folder, "README.md")).read()
-    assert card.startswith("---\npretty_name: ") and "\nlicense: odc-by\n" in card and "path: data/train-*.parquet" in card
+    assert card.startswith("---\npretty_name: ") and "\nlicense: odc-by\n" in card and "path: data/split=train/*.parquet" in card
     assert "<img src=\"plots/funnel.png\"" in open(os.path.join(folder, "report.html")).read()
     assert not os.path.exists(os.path.join(root, "sft", "_tmp")) or not os.listdir(os.path.join(root, "sft", "_tmp"))
 
     # the files load in pyarrow, pandas and datasets, and match the sft schema
-    ds = datasets.load_dataset("parquet", data_files={"train": os.path.join(folder, "data", "train-*.parquet"),
-                                                      "validation": os.path.join(folder, "data", "validation-*.parquet")})
+    ds = datasets.load_dataset("parquet", data_files={s: os.path.join(folder, "data", f"split={s}", "*.parquet")
+                                                      for s in ("train", "validation")})
     assert ds["train"].num_rows == len(splits["train"]) and ds["train"][0]["messages"][1]["role"] == "user"
-    assert pq.read_table(os.path.join(folder, "data", "train-00000-of-00002.parquet")).schema.metadata[b"bft.kind"] == b"sft"
+    assert pq.read_table(os.path.join(folder, "data", "split=train", "part-00000-of-00002.parquet")).schema.metadata[b"bft.kind"] == b"sft"
 
 
 def test_rerun_is_a_no_op_and_releases_are_never_overwritten(root):
@@ -292,10 +291,10 @@ def test_rerun_is_a_no_op_and_releases_are_never_overwritten(root):
 
 def test_debris_of_a_failed_run_is_cleared(root):
     folder = os.path.join(root, "sft", "v1")
-    os.makedirs(os.path.join(folder, "data"))
-    open(os.path.join(folder, "data", "train-00000-of-00009.parquet"), "w").write("half a file")
+    os.makedirs(os.path.join(folder, "data", "split=train"))
+    open(os.path.join(folder, "data", "split=train", "part-00000-of-00009.parquet"), "w").write("half a file")
     run(root, version="v1")
-    assert "train-00000-of-00009.parquet" not in os.listdir(os.path.join(folder, "data"))
+    assert "part-00000-of-00009.parquet" not in os.listdir(os.path.join(folder, "data", "split=train"))
     release.validate(folder)
 
 
@@ -348,17 +347,17 @@ def test_validate_finds_every_kind_of_damage(published, capsys):
     root = published
     folder = os.path.join(root, "sft", "v1")
     assert cli.main(["validate", root]) == 0 and "valid: release v1" in capsys.readouterr().out
-    data = os.path.join(folder, "data", "train-00000-of-00002.parquet")
+    data = os.path.join(folder, "data", "split=train", "part-00000-of-00002.parquet")
     blob = bytearray(open(data, "rb").read())
     blob[len(blob) // 2] ^= 0xFF
     open(data, "wb").write(bytes(blob))
     open(os.path.join(folder, "extra.txt"), "w").write("x")
-    gone = "data/" + sorted(f for f in os.listdir(os.path.join(folder, "data")) if f.startswith("train-"))[-1]
+    gone = "data/split=train/" + sorted(os.listdir(os.path.join(folder, "data", "split=train")))[-1]
     os.remove(os.path.join(folder, gone))
     with pytest.raises(release.ReleaseError) as e:
         release.validate(folder)
     msg = str(e.value)
-    assert "train-00000-of-00002.parquet: sha256" in msg and "extra.txt: present in the release but not listed" in msg
+    assert "split=train/part-00000-of-00002.parquet: sha256" in msg and "extra.txt: present in the release but not listed" in msg
     assert f"{gone}: listed in manifest.json but missing" in msg
     os.remove(os.path.join(folder, "_SUCCESS"))
     assert cli.main(["validate", folder]) == 1
@@ -374,7 +373,7 @@ def test_assemble_on_gcs(gcs_emulator, bucket, bpe_tokenizer_path, tmp_path):
     assert storage.exists(f"{folder}/_SUCCESS") and storage.exists(f"{folder}/plots/funnel.png")
     manifest = release.validate(f"{root}/sft")
     assert manifest["counts"]["train"] + manifest["counts"]["validation"] == 4 + 5
-    table = storage.read_parquet(f"{folder}/data/train-00000-of-00002.parquet")
+    table = storage.read_parquet(f"{folder}/data/split=train/part-00000-of-00002.parquet")
     assert table.schema.metadata[b"bft.kind"] == b"sft"
 
 
@@ -593,42 +592,29 @@ def test_a_run_never_deletes_a_live_runs_tmp_folder(root, tmp_path):
     assert lock.clear_dead_folders(tmp_root) == [os.path.join(tmp_root, "live")]   # gone now: cleared
 
 
-def test_a_release_is_read_from_data_by_every_reader_and_the_old_layout_still_validates(root, tmp_path):
-    """Issue 21 point 1: `pd.read_parquet(release_dir)` failed (README.md beside the data files). The data
-    is under data/, which pandas, pyarrow.dataset and `datasets` (its own configs from the card, or the
-    folder) read as they are. A release of the old layout (data files beside the card) still validates
-    and loads: the manifest lists every file by its path, whatever the layout."""
-    import pyarrow.dataset as pads
-
-    seed = write_seed(str(tmp_path / "seed.jsonl"))
-    stats = run(root, seed_data=seed, validation_fraction=0.3, version="v1")
-    folder = os.path.join(root, "sft", "v1")
-    total = stats["funnel"]["final"]["total"]
-    assert len(pd.read_parquet(os.path.join(folder, "data"))) == total
-    assert pads.dataset(os.path.join(folder, "data")).count_rows() == total
-    by_card = datasets.load_dataset(folder)                          # README.md's configs: data/<split>-*
-    assert by_card["train"].num_rows + by_card["validation"].num_rows == total
-    by_dir = datasets.load_dataset("parquet", data_dir=os.path.join(folder, "data"))
-    assert sum(d.num_rows for d in by_dir.values()) == total
-    import duckdb
-
-    pattern = os.path.join(folder, "data", "*.parquet")
-    assert duckdb.sql(f"select count(*) from read_parquet('{pattern}')").fetchall()[0][0] == total
-    # the old layout: data files beside the card, listed so in the manifest
-    old = os.path.join(root, "sft", "v0")
-    shutil.copytree(folder, old)
-    for name in os.listdir(os.path.join(old, "data")):
-        os.rename(os.path.join(old, "data", name), os.path.join(old, name))
-    os.rmdir(os.path.join(old, "data"))
+@pytest.mark.parametrize("old_name", [lambda split, name: f"data/{split}-{name[5:]}",   # data/train-00000-of-00002
+                                      lambda split, name: f"{split}-{name[5:]}"],       # beside the card
+                         ids=["data-prefix", "beside-the-card"])
+def test_a_release_of_an_older_layout_still_validates_and_loads(published, old_name):
+    """Issue 36 point 1: releases are written as data/split=<split>/part-*.parquet (tests/test_readers.py
+    reads them with every reader). A release of an older layout (issue 21's data/<split>-*.parquet, or
+    the data files beside the card) still validates and loads: the manifest lists each file by path,
+    and its split is read from either form of path."""
+    old = os.path.join(published, "sft", "v0")
+    shutil.move(os.path.join(published, "sft", "v1"), old)
     manifest = json.load(open(os.path.join(old, "manifest.json")))
     for entry in manifest["files"]:
-        entry["path"] = entry["path"].removeprefix("data/")
+        split = release_split_of(entry["path"])
+        if split:
+            entry["path"] = old_name(split, entry["path"].rsplit("/", 1)[1])
+            os.renames(os.path.join(old, "data", f"split={split}", entry["path"].rsplit("/", 1)[-1].replace(
+                f"{split}-", "part-")), os.path.join(old, entry["path"]))
     manifest["version"] = "v0"
     storage.write_text(os.path.join(old, "manifest.json"), json.dumps(manifest))
     storage.write_text(os.path.join(old, "_SUCCESS"), release.success_line(old))
     assert release.validate(old)["counts"] == manifest["counts"]
     _, tables = release.load(old)
-    assert sum(t.num_rows for t in tables.values()) == total
+    assert {s: t.num_rows for s, t in tables.items()} == manifest["counts"] == {"train": 3, "validation": 1}
 
 
 def test_bft_latest_prints_the_data_folder_of_the_latest_release(root, tmp_path, capsys):

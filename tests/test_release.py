@@ -65,10 +65,10 @@ def test_a_damaged_published_release_is_not_reported_as_published_again(root):
 # points at which a whole assemble is killed: inside the Beam pass (a staged part, a data file) and the
 # driver's first write after it (the report); every later point is a write of the publish protocol,
 # driven below with a small build (issue 24.7: the same protocol code, without a Beam pass per point)
-KILL_POINTS = [r"/sft/_tmp/.*/web-", r"/data/train-00001-of-00002\.parquet$", r"/v1/report\.html$"]
+KILL_POINTS = [r"/sft/_tmp/.*/web-", r"/data/split=train/part-00001-of-00002\.parquet$", r"/v1/report\.html$"]
 # every write of a release, in the order assemble makes them: the data, the report, the card, the
 # stats, then publish's own: the manifest, _SUCCESS, LATEST
-PUBLISH_KILL_POINTS = [r"/data/train-00001-of-00002\.parquet$", r"/v1/report\.html$", r"/v1/README\.md$",
+PUBLISH_KILL_POINTS = [r"/data/split=train/part-00001-of-00002\.parquet$", r"/v1/report\.html$", r"/v1/README\.md$",
                        r"/v1/stats\.json$", r"/v1/manifest\.json$", r"/v1/_SUCCESS$", r"/sft/LATEST$"]
 
 
@@ -97,7 +97,7 @@ def release_snapshot(root):
 def test_assemble_killed_at_any_write_reruns_to_the_output_of_an_uninterrupted_run(root, monkeypatch):
     run(root, version="v1")
     expected = release_snapshot(root)
-    assert "v1/data/train-00001-of-00002.parquet" in expected and expected["LATEST"] == b"v1\n"
+    assert "v1/data/split=train/part-00001-of-00002.parquet" in expected and expected["LATEST"] == b"v1\n"
     for point in KILL_POINTS:
         shutil.rmtree(os.path.join(root, "sft"))
         with kill_at(monkeypatch, point):
@@ -136,7 +136,7 @@ def test_publish_killed_at_any_write_reruns_to_the_release_of_an_uninterrupted_r
 
     assert publish() == (os.path.join(root, "sft", "v1"), True)
     expected = state()
-    assert expected["LATEST"] == b"v1\n" and "v1/data/train-00001-of-00002.parquet" in expected
+    assert expected["LATEST"] == b"v1\n" and "v1/data/split=train/part-00001-of-00002.parquet" in expected
     for point in PUBLISH_KILL_POINTS:
         shutil.rmtree(os.path.join(root, "sft", "v1"))
         storage.write_text(os.path.join(root, "sft", "LATEST"), "v0\n")
@@ -213,7 +213,7 @@ def test_validate_and_gcs_reads_do_not_use_read_table_on_a_buffer(published, mon
 
     monkeypatch.setattr(pq, "read_table", guarded)
     release.validate(root)
-    data = open(os.path.join(root, "sft", "v1", "data", "train-00000-of-00002.parquet"), "rb").read()
+    data = open(os.path.join(root, "sft", "v1", "data", "split=train", "part-00000-of-00002.parquet"), "rb").read()
     assert storage.parquet_from_bytes(data).num_rows > 0
 
 
@@ -236,13 +236,13 @@ def test_a_published_release_with_an_unreadable_manifest_is_refused_not_rebuilt(
     open(os.path.join(folder, "manifest.json"), "w").write("{ not json")
     with pytest.raises(release.ReleaseError, match="exists with other inputs or config.*never overwritten"):
         run(root, version="v1")
-    assert os.path.exists(os.path.join(folder, "data", "train-00000-of-00002.parquet"))
+    assert os.path.exists(os.path.join(folder, "data", "split=train", "part-00000-of-00002.parquet"))
 
 
 def test_an_empty_success_is_named_and_a_rerun_re_marks_a_release_without_rebuilding_it(root):
     run(root, version="v1")
     folder = os.path.join(root, "sft", "v1")
-    data = os.path.join(folder, "data", "train-00000-of-00002.parquet")
+    data = os.path.join(folder, "data", "split=train", "part-00000-of-00002.parquet")
     stamp = os.path.getmtime(data)
     open(os.path.join(folder, "_SUCCESS"), "w").close()  # as the code before the checksum wrote it
     with pytest.raises(release.ReleaseError, match="_SUCCESS holds no checksum of manifest.json.*delete _SUCCESS"):
@@ -288,16 +288,16 @@ def test_a_tampered_release_with_links_is_refused_without_reading_them(published
     root = published
     folder = os.path.join(root, "sft", "v1")
     other = tmp_path / "other.parquet"
-    shutil.copy(os.path.join(folder, "data", "train-00000-of-00002.parquet"), other)
+    shutil.copy(os.path.join(folder, "data", "split=train", "part-00000-of-00002.parquet"), other)
     _tamper(folder, "README.md", "/dev/zero", manifest_bytes=0)
-    _tamper(folder, "data/train-00000-of-00002.parquet", str(other))  # the same bytes, elsewhere
+    _tamper(folder, "data/split=train/part-00000-of-00002.parquet", str(other))  # the same bytes, elsewhere
     os.symlink(str(tmp_path), os.path.join(folder, "plots-elsewhere"))
     os.mkfifo(os.path.join(folder, "pipe"))
     with pytest.raises(release.ReleaseError) as e:
         release.validate(folder)
     text = str(e.value)
     assert "README.md: a symbolic link (to '/dev/zero')" in text
-    assert "data/train-00000-of-00002.parquet: a symbolic link" in text
+    assert "data/split=train/part-00000-of-00002.parquet: a symbolic link" in text
     assert "plots-elsewhere: a symbolic link" in text and "pipe: a FIFO" in text
     assert "sha256 is not the one _SUCCESS records" in text  # and the rest is still checked
     assert cli.main(["validate", root]) == 1 and "README.md: a symbolic link" in capsys.readouterr().err

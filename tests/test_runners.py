@@ -246,8 +246,8 @@ def test_assemble_on_other_engines(request, runner, tmp_path, bpe_tokenizer_path
         assemble.run(AssembleConfig(root=roots[name], seed_data=seed, validation_fraction=0.3, version="v1"), args)
     files = same_files(os.path.join(roots["local"], "sft", "v1"), os.path.join(roots["other"], "sft", "v1"),
                        roots["local"], roots["other"])
-    assert {"data/train-00000-of-00002.parquet", "stats.json"} <= set(files)
-    assert any(f.startswith("data/validation-00000-of-") for f in files)
+    assert {"data/split=train/part-00000-of-00002.parquet", "stats.json"} <= set(files)
+    assert any(f.startswith("data/split=validation/part-00000-of-") for f in files)
 
 
 @pytest.mark.engines
