@@ -27,7 +27,7 @@ EXTRAS = {
     "report": ["matplotlib>=3.8", "mistral-common>=1.5", "sentencepiece>=0.2"],  # the paper column's Llama-2-structure counts
     "test": ["pytest>=8", "pytest-xdist>=3.5", "gcp-storage-emulator>=2024.8.3", "datasets>=2.19", "pandas>=2.1",
              "datatrove>=0.4", "psutil>=5.9", "trl>=1.0", "mistral-common>=1.5", "sentencepiece>=0.2",
-             "hypothesis>=6.100", "duckdb>=1.0"],
+             "hypothesis>=6.100", "duckdb>=1.0", "polars>=1.0"],
 }
 
 setup(
