@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import storage
-from bft.config import ConfigError
+from bft.config import SECTIONS, ConfigError
 from schemas.layout import RunLayout
 from tests.conftest import _free_port, dolma_line, write_dolma_file
 from tests.openai_api_standin import api_server, hosted  # noqa: F401 (fixtures)
@@ -222,8 +222,7 @@ def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_to
     ({"assemble__beam_args": ["--runnr=FnApiRunner"]}, "beam_args --runnr are not Beam pipeline options"),
     ({"assemble__recipe": "filter+rewrite"}, "recipe filter+rewrite needs stage rewrite"),
     ({"extra": {"a": 1}}, "unknown section 'extra' (known: root, prepare, generate, assemble,"),
-    ({"asemble": {"recipe": "filter"}}, "unknown section 'asemble' (known: root, prepare, generate, assemble, "
-                                        "validate, latest, seed, train, eval, rebuild, plan, status; did you mean "
+    ({"asemble": {"recipe": "filter"}}, f"unknown section 'asemble' (known: {', '.join(SECTIONS)}; did you mean "
                                         "'assemble'?)"),
     # issue 34: a stage's typo was "section generate.score: unknown key 'rewrtie'"
     ({"generate__rewrtie": {"model": "m"}}, ": generate: unknown stage 'rewrtie' (known: backtranslate, score, "
