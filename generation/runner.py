@@ -222,6 +222,7 @@ class StageRunner:
         self.max_new = cfg.new_token_cap()
         self.temperature = self.spec.temperature if cfg.temperature is None else cfg.temperature
         self.top_p = self.spec.top_p if cfg.top_p is None else cfg.top_p
+        self.stop = () if self.logprob_prefix else self.spec.stop   # a logprob request is one token
         self._owns_engine = engine is None
         self._served: set[str] = set()   # the model names the server said answered
 
@@ -251,13 +252,16 @@ class StageRunner:
 
     def product_config(self) -> dict:
         """What shapes a shard's rows: the options that are not run_only, the values the stage's
-        defaults resolve to and the prompt template's text (a shard made otherwise is redone). The
-        gate is recorded resolved ([stage, threshold]); --min-score itself is not, so that a threshold
-        given or defaulted to the same value is the same config."""
+        defaults resolve to, the prompt template's text and the stage's stop strings, where it has any
+        (a shard made otherwise is redone; the key is absent for a stage without, so that its config is
+        the one recorded before stop strings existed). The gate is recorded resolved ([stage,
+        threshold]); --min-score itself is not, so that a threshold given or defaulted to the same
+        value is the same config."""
         options = {k: v for k, v in product_options(self.cfg).items() if k != "min_score"}
         return {**options, "max_new_tokens": self.max_new, "temperature": self.temperature,
                 "top_p": self.top_p, "gate": [self.gate.stage, self.gate.threshold] if self.gate else None,
-                "template_text": [self.template.system, self.template.user]}
+                "template_text": [self.template.system, self.template.user],
+                **({"stop": list(self.stop)} if self.stop else {})}
 
     def inputs(self, k: int, n: int, cand_path: str) -> dict[str, str]:
         """{name: path} of the files shard k is made from; GenerationError when a stage it reads has
@@ -411,7 +415,7 @@ class StageRunner:
                                  budget, self.logprob_prefix or "", count=getattr(eng, "count_messages", None))
             for (row, _), (prompt, msgs, truncated, count) in zip(chunk, fitted):
                 req = Request(prompt, msgs, self.max_new, self.temperature, self.top_p,
-                              row_seed(row["id"], self.cfg.stage, self.cfg.seed),
+                              row_seed(row["id"], self.cfg.stage, self.cfg.seed), stop=list(self.stop),
                               digit_probs=self.logprob_prefix is not None, prompt_tokens=count)
                 yield (row, truncated, req), req
 
@@ -550,7 +554,7 @@ class StageRunner:
         if self.logprob_prefix:
             fields, error = parsing.score_from_probs(comp.digit_probs or {})
         else:
-            fields, error = self.spec.format_output(comp.text, row, comp.finish_reason)
+            fields, error = self.spec.format_output(comp.text, row, comp.finish_reason, comp.stopped)
         base.update(fields)
         base["parse_error"] = error
         return base

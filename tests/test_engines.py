@@ -3,6 +3,7 @@ hint; BOS, the logprob score prompt, finish reasons, over-long prompts, dtype na
 without a tokenizer, malformed answers, timeouts and Retry-After. vLLM's offline API through
 tests/vllm_standin/vllm, vLLM's HTTP server through tests/vllm_standin/openai_server.py (both
 stand-ins of vLLM 0.33.0)."""
+import json
 import os
 import sys
 import time
@@ -404,6 +405,56 @@ def test_logprob_scores_through_vllm_and_both_http_endpoints(prepared_root, tmp_
         assert sent["score"].between(1, 5).all() and sent["reasoning"].str.contains("argmax=").all()
     chat = [r["body"] for r in fresh.requests if r["path"].endswith("/chat/completions")]
     assert chat and all(b["continue_final_message"] and b["messages"][-1]["role"] == "assistant" for b in chat)
+
+
+# --- stop strings (issue 33 point 3, issue 37 point 4) -----------------------------------------------
+
+def test_a_rewrite_stops_at_its_close_and_parses_whole(prepared_root, tmp_path, tiny_models):
+    """The runner sends rewrite's requests with the stop string [/RES] (recorded in the shard's config)
+    and hands what ended each output to the parser: a block the stop string closed is a whole answer."""
+    from transformers import AutoTokenizer
+
+    class Stopping(Engine):   # answers as vLLM does: the text up to the stop string, which it names
+        name, model, max_model_len = "stopping", "m", 4096
+
+        def __init__(self):
+            self.tokenizer, self.stops = AutoTokenizer.from_pretrained(tiny_models["plain"]), []
+
+        def generate(self, requests):
+            self.stops += [r.stop for r in requests]
+            return [Completion("[RES] The rewritten answer. ", 3, 5, "stop", stopped=True) if r.stop else
+                    Completion("What does the text explain?", 3, 5, "stop") for r in requests]
+
+    root, engine = copy_root(prepared_root, tmp_path), Stopping()
+    for stage, gate in (("backtranslate", None), ("rewrite", "none")):
+        StageRunner(GenerateConfig(stage=stage, root=root, engine="hf", model="m", gate=gate), engine=engine).run()
+    rows = read_stage(root, "rewrite")[1].dropna(subset=["finish_reason"])
+    assert len(rows) == 12 and rows["parse_error"].isna().all() and rows["response"].eq("The rewritten answer.").all()
+    assert engine.stops == [[]] * 12 + [["[/RES]"]] * 12   # backtranslate has no stop string
+    marker = json.load(open(RunLayout(root).generation_metrics("rewrite", 0, 3)))
+    assert marker["provenance"]["config"]["stop"] == ["[/RES]"]
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_vllms_server_leaves_the_stop_string_out_and_names_it(fresh, digit_model, api):
+    fresh.answer = lambda body: "Sure. [RES] The rewritten answer. [/RES] And then it went on."
+    with load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api=api, tokenizer=digit_model)) as eng:
+        out = eng.generate([Request("[INST] hi [/INST]", [{"role": "user", "content": "hi"}], 4, seed=1,
+                                    stop=["[/RES]"])])[0]
+    assert (out.text, out.finish_reason, out.stopped) == ("Sure. [RES] The rewritten answer. ", "stop", True)
+    assert fresh.requests[-1]["body"]["stop"] == ["[/RES]"]
+
+
+@pytest.mark.parametrize("engine", ["vllm", "hf"])
+def test_in_process_engines_end_at_a_stop_string_and_say_so(digit_model, vllm, engine):
+    with load_engine(EngineConfig(engine, digit_model, max_model_len=256)) as eng:
+        r = Request("[INST] hi [/INST]", [], 12, seed=1)
+        free = eng.generate([r])[0]
+        words = free.text.split()
+        stop = words[1] if len(words) > 1 else free.text[:2]
+        cut = eng.generate([Request(r.prompt, [], 12, seed=1, stop=[stop])])[0]
+    assert not free.stopped and free.text.startswith(cut.text) and stop not in cut.text
+    assert cut.stopped is True and cut.finish_reason == "stop"
 
 
 # --- finish reasons (issue 9 point 4) -----------------------------------------------------------------
