@@ -18,7 +18,8 @@ the shard it writes is byte-identical to an uninterrupted run's (rows are reused
 input_hash, as from an older shard). The checkpoints of a shard go once its marker is written.
 
 Requests are dispatched as a stream (Engine.stream): prompts are prepared in batches (one batched
-tokenizer call per PREPARE_CHUNK rows) while answers come back. On a `continuous` engine (openai,
+tokenizer call per PREPARE_CHUNK rows) while answers come back, in worker processes where the machine
+has cores to spare and the stage is not small (generation/preparing.py; the same prompts, in order). On a `continuous` engine (openai,
 vllm: a freed slot takes the next request at once, and an answer depends on its request alone) the
 worker's pending shards share ONE stream, their requests in shard order, so the slots that shard k's
 tail frees take shard k+1's rows instead of draining at the boundary; each shard (a PendingShard) is
@@ -55,6 +56,7 @@ from schemas.recipes import GATE_STAGES, gate_threshold, recorded_score_mode
 from generation import parsing
 from generation.batch import BatchDispatch, BatchesPending
 from generation.engines import Completion, Engine, EngineConfig, Request, load_engine
+from generation.preparing import PreparePool
 from generation.progress import StageProgress
 from generation.prompting import fallback_format, fit_prompts, n_tokens
 from generation.stages import STAGES, Gate
@@ -225,6 +227,7 @@ class StageRunner:
         self.stop = () if self.logprob_prefix else self.spec.stop   # a logprob request is one token
         self._owns_engine = engine is None
         self._served: set[str] = set()   # the model names the server said answered
+        self._pool: PreparePool | None = None   # prompt preparation in worker processes, for one run()
 
     def __enter__(self) -> "StageRunner":
         return self
@@ -334,6 +337,7 @@ class StageRunner:
         batches = (BatchDispatch(self.engine, self.layout, cfg.stage, self._config_key(), cfg.batch, cfg.model)
                    if work and cfg.batch != "none" else None)
         progress = StageProgress(cfg.stage, sum(parquet_rows(w[2]["candidates"]) for w in work))
+        self._pool = PreparePool.start(self.engine.tokenizer, progress.total) if work else None
 
         def account(k: int, metrics: dict) -> None:
             summary["shards_done"].append(k)
@@ -374,6 +378,9 @@ class StageRunner:
             progress.close()
             if batches is not None:
                 batches.close()
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
         summary["shards_done"].sort()    # in the order written: a stream finishes shards in any order
         summary["failing_shards"].sort(key=lambda f: f["shard"])
         summary["seconds"] = round(time.perf_counter() - t0, 3)
@@ -406,13 +413,19 @@ class StageRunner:
 
     def _requests(self, todo: list[tuple[dict, dict]]):
         """((row, truncated, request), request) for each (row, template values), prepared PREPARE_CHUNK
-        at a time (prompting.fit_prompts: one batched tokenizer call), lazily: the engine draws from it."""
+        at a time (prompting.fit_prompts: one batched tokenizer call), lazily: the engine draws from it;
+        in the run's PreparePool when it has one (generation/preparing.py: the same prompts, in order)."""
         eng = self.engine
         budget = eng.max_model_len - self.max_new
-        for start in range(0, len(todo), PREPARE_CHUNK):
-            chunk = todo[start:start + PREPARE_CHUNK]
-            fitted = fit_prompts(eng.tokenizer, self.template, [values for _, values in chunk], self.spec.doc_field,
-                                 budget, self.logprob_prefix or "", count=getattr(eng, "count_messages", None))
+        chunks = [todo[start:start + PREPARE_CHUNK] for start in range(0, len(todo), PREPARE_CHUNK)]
+        values = ([v for _, v in chunk] for chunk in chunks)
+        if self._pool is not None:
+            fitted_chunks = self._pool.fit(self.template, values, self.spec.doc_field, budget, self.logprob_prefix or "")
+        else:
+            fitted_chunks = (fit_prompts(eng.tokenizer, self.template, v, self.spec.doc_field, budget,
+                                         self.logprob_prefix or "", count=getattr(eng, "count_messages", None))
+                             for v in values)
+        for chunk, fitted in zip(chunks, fitted_chunks):
             for (row, _), (prompt, msgs, truncated, count) in zip(chunk, fitted):
                 req = Request(prompt, msgs, self.max_new, self.temperature, self.top_p,
                               row_seed(row["id"], self.cfg.stage, self.cfg.seed), stop=list(self.stop),

@@ -726,6 +726,47 @@ def test_fit_prompts_counts_only_what_bytes_cannot_prove(llama2_structure_tokeni
     assert out[1][3] == len(real(out[1][0], add_special_tokens=False)["input_ids"])
 
 
+def test_prompts_prepared_in_worker_processes_are_the_same_in_the_same_order(prepared_root, tmp_path, tiny_models,
+                                                                            monkeypatch):
+    """Issue 33 point 2: with cores to spare, a stage's prompts are prepared in worker processes
+    (generation/preparing.py); the requests, their order and the shards written are the same bytes as
+    on one thread. Kept off on one core and for small stages."""
+    from transformers import AutoTokenizer
+
+    from generation import preparing
+
+    monkeypatch.setattr(preparing, "usable_cores", lambda: 1)
+    assert preparing.pool_workers(10 ** 6) == 0
+    monkeypatch.setattr(preparing, "usable_cores", lambda: 4)
+    assert preparing.pool_workers(preparing.POOL_MIN_ROWS - 1) == 0 and preparing.pool_workers(10 ** 6) == 3
+
+    class Instant(Engine):   # answers at once; records what it was sent
+        name, model, max_model_len = "instant", "m", 160   # a context that cuts the longer documents
+
+        def __init__(self):
+            self.tokenizer, self.sent = AutoTokenizer.from_pretrained(tiny_models["chat"]), []
+
+        def generate(self, requests):
+            self.sent += [(r.prompt, r.messages, r.prompt_tokens, r.seed) for r in requests]
+            return [Completion(f"What is {len(r.prompt)}?", r.prompt_tokens, 4, "stop") for r in requests]
+
+    runs = {}
+    for min_rows in (10 ** 9, 0):   # on the runner's thread, then in the pool
+        monkeypatch.setattr(preparing, "POOL_MIN_ROWS", min_rows)
+        started = []
+        monkeypatch.setattr(preparing.PreparePool, "start", classmethod(
+            lambda cls, tok, rows, real=preparing.PreparePool.start.__func__: started.append(real(cls, tok, rows))
+            or started[-1]))
+        root, engine = copy_root(prepared_root, tmp_path / str(min_rows)), Instant()
+        StageRunner(GenerateConfig(stage="backtranslate", root=root, engine="hf", model="m", max_new_tokens=16),
+                    engine=engine).run()
+        assert (started[0] is not None) == (min_rows == 0)
+        runs[min_rows] = engine.sent, {f: open(os.path.join(root, "generations", "backtranslate", f), "rb").read()
+                                       for f in read_stage(root, "backtranslate")[0]}
+    assert runs[0] == runs[10 ** 9] and len(runs[0][0]) == 12
+    assert any(p[2] is not None for p in runs[0][0])   # some prompts were counted (and cut) in the workers
+
+
 def test_a_server_answering_503_to_the_preflight_fails_in_seconds():
     """A gateway whose backend is down answers 503 to everything: one error naming the URL and the
     status, within the preflight's few seconds, not 900 s of retries per request later."""
