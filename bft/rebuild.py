@@ -334,7 +334,10 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
 
 
 def _stage_values(sp: StagePlan, summary: dict, seconds: float) -> dict:
-    return {"generated": summary["shards_done"] or "none", "reused_shards": len(summary["shards_skipped"]),
+    from generation.budget import token_figures
+
+    return {**token_figures(sp.cfg.layout, sp.stage),   # over the stage's shards: what its rows paid
+            "generated": summary["shards_done"] or "none", "reused_shards": len(summary["shards_skipped"]),
             "generated_shards": len(summary["shards_done"]), "requests_sent": summary["sent"],
             "rows_reused": summary.get("reused", 0), "transient_errors": summary["errors"],
             "refusals": dict(summary.get("refusals") or {}), "external": sp.external, "model": sp.cfg.model,
@@ -378,7 +381,7 @@ def night_text(result: dict) -> str:
         else:
             lines.append(f"   {stage}: {r.get('requests_sent', 0):,} sent, {r.get('rows_reused', 0):,} reused, "
                          f"{refused_text(r.get('refusals'))}, {r.get('transient_errors', 0)} transient failures, "
-                         f"{r.get('seconds', 0):.1f} s")
+                         f"{r.get('seconds', 0):.1f} s" + _tokens_text(r))
     lines.append(f"   release {rel['version']}: {'published' if rel['published'] else 'current, nothing new'} "
                  f"({rel['train']:,} train, {rel['validation']:,} validation)")
     if changes.get("previous") is None:
@@ -395,6 +398,13 @@ def night_text(result: dict) -> str:
                      f"{pct(changes['error_share']['now'])}")
     lines += [f"   ALERT: {a}" for a in result.get("alerts") or []]
     return "\n".join(lines)
+
+
+def _tokens_text(r: dict) -> str:
+    """The stage's output tokens per row and the share of its prompt tokens a prefix cache reuses."""
+    out, share = r.get("output_tokens_per_row"), r.get("prefix_share")
+    return ((f"; {out:,.1f} output tokens per row" if out is not None else "")
+            + (f", {share:.1%} of prompt tokens in the shared prefix (prefix cache)" if share is not None else ""))
 
 
 def _wait(sp: StagePlan, cfg: RebuildConfig, say, lock=None) -> dict:

@@ -55,6 +55,7 @@ from schemas.outcomes import NOT_SENT, REFUSALS, category, engine_error, is_engi
 from schemas.recipes import GATE_STAGES, gate_threshold, recorded_score_mode
 from generation import parsing
 from generation.batch import BatchDispatch, BatchesPending
+from generation.budget import shared_prefix_tokens
 from generation.engines import Completion, Engine, EngineConfig, Request, load_engine
 from generation.preparing import PreparePool
 from generation.progress import StageProgress
@@ -228,6 +229,7 @@ class StageRunner:
         self._owns_engine = engine is None
         self._served: set[str] = set()   # the model names the server said answered
         self._pool: PreparePool | None = None   # prompt preparation in worker processes, for one run()
+        self._prefix: list[int | None] = []     # [shared_prefix_tokens], once known
 
     def __enter__(self) -> "StageRunner":
         return self
@@ -252,6 +254,13 @@ class StageRunner:
             if fallback:
                 log.warning("%s: the tokenizer has no chat template: prompts use %s", self.cfg.stage, fallback)
         return self._engine
+
+    def prefix_tokens(self) -> int | None:
+        """Tokens every prompt of the stage begins with (budget.shared_prefix_tokens: what a prefix cache
+        reuses), recorded in each shard's metrics; None without a tokenizer."""
+        if not self._prefix:
+            self._prefix.append(shared_prefix_tokens(self.engine.tokenizer, self.cfg.stage, self.cfg.template))
+        return self._prefix[0]
 
     def product_config(self) -> dict:
         """What shapes a shard's rows: the options that are not run_only, the values the stage's
@@ -613,7 +622,8 @@ class PendingShard:
                    "wall_s": round(time.perf_counter() - self.t0, 3), **shard_summary(table, runner.spec.scored),
                    "sent_now": self.sent, "reused_rows": self.reused, "errors_now": len(failed),
                    "refusals_now": refusals, "first_error": failed[0] if failed else None,
-                   "output_tokens_now": self.tokens, "served_models": sorted(runner._served),
+                   "output_tokens_now": self.tokens, "prefix_tokens": runner.prefix_tokens(),
+                   "served_models": sorted(runner._served),
                    "config": {k: v for k, v in asdict(cfg).items() if k != "base_url"},
                    provenance.KEY: provenance.seal(self.out, self.made)}
         storage.write_text(runner.layout.generation_metrics(cfg.stage, self.k, self.n),
