@@ -740,11 +740,13 @@ def test_prompts_prepared_in_worker_processes_are_the_same_in_the_same_order(pre
     monkeypatch.setattr(preparing, "usable_cores", lambda: 4)
     assert preparing.pool_workers(preparing.POOL_MIN_ROWS - 1) == 0 and preparing.pool_workers(10 ** 6) == 3
 
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["chat"])
+
     class Instant(Engine):   # answers at once; records what it was sent
         name, model, max_model_len = "instant", "m", 160   # a context that cuts the longer documents
 
         def __init__(self):
-            self.tokenizer, self.sent = AutoTokenizer.from_pretrained(tiny_models["chat"]), []
+            self.tokenizer, self.sent = tokenizer, []
 
         def generate(self, requests):
             self.sent += [(r.prompt, r.messages, r.prompt_tokens, r.seed) for r in requests]
