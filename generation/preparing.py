@@ -15,8 +15,10 @@ not multiprocessing's: a spawned multiprocessing child first re-imports the pare
 which would rerun a script without an `if __name__ == "__main__"` guard (its engine, its stage) in
 every worker, and a child that dies while starting hangs ProcessPoolExecutor. Each worker has one
 thread of the parent that sends it a chunk and reads the answer (length-prefixed pickles on its stdin
-and stdout), so neither side can block the other; a worker that exits is an error naming its exit
-code (its traceback is on stderr).
+and stdout), so neither side can block the other. A worker that cannot load the tokenizer (the pool's
+start waits for each to answer an empty chunk) leaves preparation on the caller's thread, with a
+warning; one that exits later is an error naming its exit code (its traceback is on stderr). Workers
+ignore Ctrl-C: the parent ends them by closing their input, after the chunks in flight.
 
 When: `pool_workers` decides, per stage run. A worker costs a start of ~1-2 s (an interpreter, the
 transformers import, the tokenizer) and each chunk a pickled round trip, so the pool is used only with
@@ -30,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -91,18 +94,19 @@ def _receive(stream: BinaryIO):
 class _Worker:
     """One worker process and the lock of its pipes (one call at a time)."""
 
-    def __init__(self, payload: bytes):
+    def __init__(self):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
                    TOKENIZERS_PARALLELISM="false")   # one thread per worker: the workers are the parallelism
         self.proc = subprocess.Popen([sys.executable, "-m", "generation.preparing"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env)
         self.lock = threading.Lock()
-        self.proc.stdin.write(_HEADER.pack(len(payload)) + payload)
-        self.proc.stdin.flush()
 
-    def call(self, job: tuple) -> list[tuple]:
+    def call(self, job: tuple, payload: bytes | None = None) -> list[tuple]:
+        """`job`'s result; `payload` (the pickled tokenizer) goes first on the worker's first call."""
         with self.lock:
             try:
+                if payload is not None:
+                    self.proc.stdin.write(_HEADER.pack(len(payload)) + payload)
                 _send(self.proc.stdin, job)
                 return _receive(self.proc.stdout)
             except (EOFError, BrokenPipeError, OSError, pickle.UnpicklingError) as e:
@@ -128,7 +132,14 @@ class PreparePool:
     def __init__(self, tokenizer, workers: int):
         payload = pickle.dumps(tokenizer, protocol=pickle.HIGHEST_PROTOCOL)   # raises where it cannot travel
         self.workers = workers
-        self._procs = [_Worker(payload) for _ in range(workers)]
+        self._procs = [_Worker() for _ in range(workers)]   # all started before any is waited for
+        try:   # each loads the tokenizer and answers an empty chunk
+            for worker in self._procs:
+                worker.call((Template(""), [], None, 0, ""), payload)
+        except PreparationError:
+            for worker in self._procs:
+                worker.close()
+            raise
         self._free = list(self._procs)
         self._free_lock = threading.Lock()
         self._threads = ThreadPoolExecutor(workers, thread_name_prefix="bft-prepare-io")
@@ -143,8 +154,9 @@ class PreparePool:
             return None
         try:
             return cls(tokenizer, workers)
-        except (pickle.PicklingError, TypeError, AttributeError) as e:
-            log.info("prompts are prepared on one thread: the tokenizer cannot be sent to worker processes (%s)", e)
+        except (pickle.PicklingError, TypeError, AttributeError, PreparationError) as e:
+            log.warning("prompts are prepared on one thread: the tokenizer cannot be loaded in worker processes "
+                        "(%s)", e)
             return None
 
     def _call(self, job: tuple) -> list[tuple]:
@@ -183,15 +195,16 @@ class PreparePool:
 def _serve() -> None:
     """A worker: the tokenizer, then (template, values, doc_field, budget, prefix) -> fit_prompts' result,
     until its input ends."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's: it ends the worker by closing its input
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr   # whatever a library prints must not corrupt the answers
-    tokenizer = _receive(stdin)
-    while True:
-        try:
+    try:
+        tokenizer = _receive(stdin)
+        while True:
             template, values, doc_field, budget, prefix = _receive(stdin)
-        except EOFError:
-            return
-        _send(stdout, fit_prompts(tokenizer, template, values, doc_field, budget, prefix))
+            _send(stdout, fit_prompts(tokenizer, template, values, doc_field, budget, prefix))
+    except EOFError:   # the parent closed our input: done
+        return
 
 
 if __name__ == "__main__":

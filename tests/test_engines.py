@@ -8,12 +8,13 @@ import os
 import sys
 import time
 
+import pandas as pd
 import pytest
 
 from benchmarks import real_tokenizers
 from generation.engines import Completion, Engine, EngineConfig, EngineError, Request, load_engine
 from generation.engines.base import digit_token_ids, finished
-from generation.prompting import SCORE_PREFIX, fit_prompt, render
+from generation.prompting import SCORE_PREFIX, fit_prompt, fit_prompts, render
 from generation.runner import GenerateConfig, GenerationError, StageRunner
 from generation.templates import DEFAULTS, LLAMA2_CHAT_TEMPLATE
 from schemas.layout import RunLayout
@@ -729,8 +730,8 @@ def test_fit_prompts_counts_only_what_bytes_cannot_prove(llama2_structure_tokeni
 def test_prompts_prepared_in_worker_processes_are_the_same_in_the_same_order(prepared_root, tmp_path, tiny_models,
                                                                             monkeypatch):
     """Issue 33 point 2: with cores to spare, a stage's prompts are prepared in worker processes
-    (generation/preparing.py); the requests, their order and the shards written are the same bytes as
-    on one thread. Kept off on one core and for small stages."""
+    (generation/preparing.py): the same bytes, in the same order, as on one thread. Kept off on one
+    core and for small stages."""
     from transformers import AutoTokenizer
 
     from generation import preparing
@@ -752,21 +753,21 @@ def test_prompts_prepared_in_worker_processes_are_the_same_in_the_same_order(pre
             self.sent += [(r.prompt, r.messages, r.prompt_tokens, r.seed) for r in requests]
             return [Completion(f"What is {len(r.prompt)}?", r.prompt_tokens, 4, "stop") for r in requests]
 
-    runs = {}
-    for min_rows in (10 ** 9, 0):   # on the runner's thread, then in the pool
-        monkeypatch.setattr(preparing, "POOL_MIN_ROWS", min_rows)
-        started = []
-        monkeypatch.setattr(preparing.PreparePool, "start", classmethod(
-            lambda cls, tok, rows, real=preparing.PreparePool.start.__func__: started.append(real(cls, tok, rows))
-            or started[-1]))
-        root, engine = copy_root(prepared_root, tmp_path / str(min_rows)), Instant()
-        StageRunner(GenerateConfig(stage="backtranslate", root=root, engine="hf", model="m", max_new_tokens=16),
-                    engine=engine).run()
-        assert (started[0] is not None) == (min_rows == 0)
-        runs[min_rows] = engine.sent, {f: open(os.path.join(root, "generations", "backtranslate", f), "rb").read()
-                                       for f in read_stage(root, "backtranslate")[0]}
-    assert runs[0] == runs[10 ** 9] and len(runs[0][0]) == 12
-    assert any(p[2] is not None for p in runs[0][0])   # some prompts were counted (and cut) in the workers
+    monkeypatch.setattr(preparing, "POOL_MIN_ROWS", 0)
+    monkeypatch.setattr(preparing, "usable_cores", lambda: 2)   # one worker: each costs a Python start
+    started = []
+    monkeypatch.setattr(preparing.PreparePool, "start", classmethod(
+        lambda cls, tok, rows, real=preparing.PreparePool.start.__func__: started.append(real(cls, tok, rows))
+        or started[-1]))
+    root, engine = copy_root(prepared_root, tmp_path), Instant()
+    StageRunner(GenerateConfig(stage="backtranslate", root=root, engine="hf", model="m", max_new_tokens=16),
+                engine=engine).run()
+    assert started[0] is not None and started[0].workers == 1
+    # what one thread prepares from the same documents, in shard order
+    texts = [t for _, _, path in RunLayout(root).candidate_shards() for t in pd.read_parquet(path)["text"]]
+    expected = fit_prompts(tokenizer, DEFAULTS["backtranslate"], [{"response": t} for t in texts], "response", 160 - 16)
+    assert [(p, m, n) for p, m, n, _ in engine.sent] == [(p, m, n) for p, m, _, n in expected] and len(expected) == 12
+    assert any(cut for _, _, cut, _ in expected)   # some documents were counted and cut in the workers
 
 
 def test_a_server_answering_503_to_the_preflight_fails_in_seconds():
