@@ -43,8 +43,9 @@ def shared_prefix_tokens(tokenizer, stage: str, template: str | None = None) -> 
     if tokenizer is None:
         return None
     spec, tpl = STAGES[stage], load_template(stage, template)
-    ids = [tokenizer(render(tokenizer, *tpl.fill(**spec.prompt(doc, instruction))), add_special_tokens=False)["input_ids"]
-           for doc, instruction in (("A document.", "An instruction?"), ("Zebra text.", "Zebra question?"))]
+    records = (("A document.", "An instruction?"), ("Zebra text.", "Zebra question?"))
+    ids = [tokenizer(render(tokenizer, *tpl.fill(**spec.prompt(doc, instruction))), add_special_tokens=False)
+           ["input_ids"] for doc, instruction in records]
     return next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), min(map(len, ids)))
 
 

@@ -19,12 +19,12 @@ input_hash, as from an older shard). The checkpoints of a shard go once its mark
 
 Requests are dispatched as a stream (Engine.stream): prompts are prepared in batches (one batched
 tokenizer call per PREPARE_CHUNK rows) while answers come back, in worker processes where the machine
-has cores to spare and the stage is not small (generation/preparing.py; the same prompts, in order). On a `continuous` engine (openai,
-vllm: a freed slot takes the next request at once, and an answer depends on its request alone) the
-worker's pending shards share ONE stream, their requests in shard order, so the slots that shard k's
-tail frees take shard k+1's rows instead of draining at the boundary; each shard (a PendingShard) is
-written whole when its last request is answered, whatever the order of the answers, its rows in
-candidates order. Other engines (hf: a batch's seed shapes its rows) get one stream per shard, so that
+has cores to spare and the stage is not small (generation/preparing.py; the same prompts, in order).
+On a `continuous` engine (openai, vllm: a freed slot takes the next request at once, and an answer
+depends on its request alone) the worker's pending shards share ONE stream, their requests in shard
+order, so the slots that shard k's tail frees take shard k+1's rows instead of draining at the
+boundary; each shard (a PendingShard) is written whole when its last request is answered, whatever the
+order of the answers, its rows in candidates order. Other engines (hf: a batch's seed shapes its rows) get one stream per shard, so that
 a shard's rows never depend on the shards pending beside it. The error budget (`--max-error-rate`)
 is counted over the rows sent (in this run or before) in the shards this run wrote, all together: a
 shard with transient failures is still written (its answers were paid for; the next run resends only
@@ -429,7 +429,8 @@ class StageRunner:
         chunks = [todo[start:start + PREPARE_CHUNK] for start in range(0, len(todo), PREPARE_CHUNK)]
         values = ([v for _, v in chunk] for chunk in chunks)
         if self._pool is not None:
-            fitted_chunks = self._pool.fit(self.template, values, self.spec.doc_field, budget, self.logprob_prefix or "")
+            fitted_chunks = self._pool.fit(self.template, values, self.spec.doc_field, budget,
+                                           self.logprob_prefix or "")
         else:
             fitted_chunks = (fit_prompts(eng.tokenizer, self.template, v, self.spec.doc_field, budget,
                                          self.logprob_prefix or "", count=getattr(eng, "count_messages", None))
