@@ -18,17 +18,18 @@ the shard it writes is byte-identical to an uninterrupted run's (rows are reused
 input_hash, as from an older shard). The checkpoints of a shard go once its marker is written.
 
 Requests are dispatched as a stream (Engine.stream): prompts are prepared in batches (one batched
-tokenizer call per PREPARE_CHUNK rows) while answers come back, in worker processes where the machine
-has cores to spare and the stage is not small (generation/preparing.py; the same prompts, in order).
-On a `continuous` engine (openai, vllm: a freed slot takes the next request at once, and an answer
-depends on its request alone) the worker's pending shards share ONE stream, their requests in shard
-order, so the slots that shard k's tail frees take shard k+1's rows instead of draining at the
-boundary; each shard (a PendingShard) is written whole when its last request is answered, whatever the
-order of the answers, its rows in candidates order. Other engines (hf: a batch's seed shapes its
-rows) get one stream per shard, so that a shard's rows never depend on the shards pending beside it.
-The error budget (`--max-error-rate`) is counted over the rows sent (in this run or before) in the shards this run wrote, all together: a
+tokenizer call per PREPARE_CHUNK rows) while answers come back. On a `continuous` engine (openai,
+vllm: a freed slot takes the next request at once, and an answer depends on its request alone) the
+worker's pending shards share ONE stream, their requests in shard order, so the slots that shard k's
+tail frees take shard k+1's rows instead of draining at the boundary; each shard (a PendingShard) is
+written whole when its last request is answered, whatever the order of the answers, its rows in
+candidates order. Other engines (hf: a batch's seed shapes its rows) get one stream per shard, so that
+a shard's rows never depend on the shards pending beside it. The error budget (`--max-error-rate`)
+is counted over the rows sent (in this run or before) in the shards this run wrote, all together: a
 shard with transient failures is still written (its answers were paid for; the next run resends only
 the failures), the other shards still run, and the stage then fails listing the failing shards.
+Where the machine has cores to spare and the stage is not small, the prompts are prepared in worker
+processes (generation/preparing.py): the same prompts, in the same order.
 """
 from __future__ import annotations
 
