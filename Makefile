@@ -43,6 +43,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.prepare_bench --docs $${DOCS:-30000 100000 300000}
 	$(BIN)/python -m benchmarks.generate_bench
 	$(BIN)/python -m benchmarks.utilization_bench
+	$(BIN)/python -m benchmarks.client_bench
 	$(BIN)/python -m benchmarks.assemble_bench
 	$(BIN)/python -m benchmarks.train_bench
 

@@ -176,7 +176,7 @@ def stage_partial(stage: str, table: pa.Table) -> dict:
     out["not_sent"] = value_counts(pc.filter(errors, pc.invert(sent)), null="unknown")
     out["sent_failures"] = value_counts(pc.drop_null(categories(pc.filter(errors, sent))))
     if stage in GATE_STAGES and "reasoning" in table.column_names:
-        from generation.parsing import digit_mass
+        from schemas.outcomes import digit_mass
 
         mass = [m for m in map(digit_mass, table["reasoning"].to_pylist()) if m is not None]
         if mass:   # logprob scores: how much probability the digits had (a mean over rows, when merged)

@@ -5,8 +5,10 @@ pure functions on Arrow tables.
 dropped, in pipeline order: the backtranslate row missing or failed (`<stage>:<parse_error category>`),
 the gate stage's row missing, failed or made from a cut document (`<stage>:input_truncated`), the gate
 itself (`<stage>_below_threshold`), then the answering stage's row the same way, then curation
-(instruction length bounds in characters, empty or truncated response). A stage row counts as good
-only when its parse_error is null, as in the generation runner itself. The gate comes before the
+(instruction length bounds in characters, empty response). A stage row counts as good only when its
+parse_error is null, as in the generation runner itself: whether an answer is whole is its parser's
+rule alone (generation/parsing.py: a rewrite whose [RES] block closed is whole even when the output
+then ran to the cap; a distilled answer cut by the cap is `truncated`), never the finish_reason. The gate comes before the
 answer, so a rewrite the runner did not send because the pair failed the gate (`not_sent: below_gate`)
 counts as dropped by the gate, not as a failed rewrite. `restrict` drops rows another recipe drops
 (assemble's --same-ids-as).
@@ -20,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import schemas
-from schemas.recipes import (EMPTY, RECIPES, STAGES, TOO_LONG, TOO_SHORT, TRUNCATED, Gate,  # noqa: F401 (a contract)
+from schemas.recipes import (EMPTY, RECIPES, STAGES, TOO_LONG, TOO_SHORT, Gate,  # noqa: F401 (a contract)
                              Recipe)
 from schemas.outcomes import categories
 from schemas.examples import SEED_TAG, WEB_TAG, examples, messages_column  # noqa: F401 (used by assemble)
@@ -87,9 +89,6 @@ def verdicts(joined: pa.Table, recipe: Recipe, curation: Curation, threshold: fl
     reason = _first_reason(reason, pc.greater(chars, curation.max_instruction_chars), TOO_LONG)
     response = response_column(joined, recipe)
     reason = _first_reason(reason, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(response)), 0), EMPTY)
-    if recipe.answer:
-        reason = _first_reason(reason, pc.equal(joined[f"{recipe.answer}.finish_reason"], "length"),
-                               TRUNCATED)
     return reason
 
 

@@ -65,7 +65,7 @@ def _step_of(reason: str, stages: list[str], gate: str | None) -> str:
         if reason.startswith(f"{stage}:"):
             return f"{stage}: failed or missing"
     if reason in CURATION_DROPS:
-        return "curation: length, empty or truncated"
+        return "curation: length or empty"
     if reason.startswith(CONTAMINATED):
         return "decontamination (--decontaminate)"
     if reason == "duplicate_instruction":
@@ -98,7 +98,7 @@ def funnel_rows(stats: dict) -> list[dict]:
     order = (["missing generation shards"] + [f"{s}: failed or missing" for s in judged]
              + [f"gate: {recipe.gate} below threshold"]
              + ([f"{recipe.answer}: failed or missing"] if recipe.answer else [])
-             + ["curation: length, empty or truncated", "decontamination (--decontaminate)",
+             + ["curation: length or empty", "decontamination (--decontaminate)",
                 "curation: duplicate instructions", "curation: near-duplicate instructions",
                 "cap (--max-examples)", "other"])
     grouped: dict[str, dict] = {}

@@ -19,7 +19,12 @@ where it comes from:
   estimated from a sample of them counted with prepare's tokenizer; else counted on a sample of
   candidates with the model's tokenizer and scaled), plus for the stages after backtranslate the instruction's tokens (measured,
   else backtranslate's new-token cap: an upper bound).
-- output tokens: the mean measured on existing shards, else the stage's new-token cap (upper bound).
+- output tokens: the mean measured on existing shards, else the stage's new-token cap (upper bound);
+  shown per row too.
+- prefix share: the share of a stage's prompt tokens in the prefix all its prompts share (the template
+  text before the first record field, with the chat format: generation/budget.py), which a server's
+  prefix cache computes once: measured on the shards (their markers record it), else from the template
+  and the prompt tokens above; unknown without the model's tokenizer.
 - documents cut: per stage, the candidates over what its prompt holds whole (context - new-token cap -
   template - instruction, with the model's tokenizer): cut, and for a gating or answering stage their
   pairs are dropped by assemble; the smallest limit is the `prepare.max_tokens` that keeps every stage
@@ -314,6 +319,8 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
             "prompt_tokens_source": prompt_source,
             "output_tokens": int(round(requests * out_per_req)),
             "output_tokens_source": out_source,
+            "output_tokens_per_row": round(out_per_req, 1),
+            "prefix_share": _prefix_share(layout, sp, tokenizer, prompt_per_req, measured),
             "parse_ok_rate": round(ok_rate, 4),
             "parse_ok_source": ok_source,
             "whole_document_limit": limit,
@@ -408,6 +415,18 @@ def tonight(plan: RunPlan, out: dict) -> dict:
     return result
 
 
+def _prefix_share(layout: RunLayout, sp: StagePlan, tokenizer, prompt_per_req: float, measured: dict | None):
+    """The share of the stage's prompt tokens in the prefix all its prompts share (what a server's prefix
+    cache reuses): measured on its shards where they record it, else from its template and the prompt
+    tokens estimated above; None without a tokenizer."""
+    from generation import budget
+
+    share = budget.token_figures(layout, sp.stage)["prefix_share"] if measured else None
+    if share is None:
+        share = budget.prefix_share(budget.shared_prefix_tokens(tokenizer, sp.stage, sp.cfg.template), 1, prompt_per_req)
+    return share
+
+
 def _prices(plan: RunPlan) -> dict[str, dict]:
     """{stage: {price_in, price_out, batch_discount}} of the stages whose run-file section prices its
     tokens (USD per 1M; module docstring). load_run keeps only what bft rebuild reads, so the stage
@@ -480,6 +499,11 @@ def render_table(result: dict) -> str:
         if s["tokens_per_s_source"]:
             src.append("tok/s: " + s["tokens_per_s_source"])
         lines.append(f"  {stage}: " + "; ".join(src))
+    for stage, s in result["stages"].items():   # what each row pays, and what a prefix cache saves of it
+        share = s.get("prefix_share")
+        lines.append(f"  {stage}: {s['output_tokens_per_row']:,.1f} output tokens per row"
+                     + (f"; {share:.1%} of its prompt tokens are the prefix every prompt shares (a server's "
+                        "prefix cache computes it once)" if share is not None else ""))
     order = list(result["stages"])
     for stage, s in result["stages"].items():
         if s.get("documents_cut"):

@@ -460,10 +460,14 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
 def _stage_values(sp: StagePlan, summary: dict, seconds: float, paid: dict | None) -> dict:
     """A stage's values for the night: its shards from `summary` (StageRunner.summary, also a partial
     one), its requests, failures and refusals from `paid` (StageRunner.paid: every answer, those of
-    shards not written yet included; None for an external stage, whose workers count their own)."""
+    shards not written yet included; None for an external stage, whose workers count their own), and
+    the output tokens per row and shared-prefix share over the stage's shards (budget.token_figures)."""
+    from generation.budget import token_figures
+
     paid = paid or {"requests_sent": 0, "transient_errors": 0, "refusals": {}}
     done = summary.get("shards_done") or []
-    return {"generated": done or "none", "reused_shards": len(summary.get("shards_skipped") or []),
+    return {**token_figures(sp.cfg.layout, sp.stage),
+            "generated": done or "none", "reused_shards": len(summary.get("shards_skipped") or []),
             "generated_shards": len(done), "requests_sent": paid["requests_sent"],
             "rows_reused": summary.get("reused", 0), "transient_errors": paid["transient_errors"],
             "refusals": dict(paid["refusals"]), "external": sp.external, "model": sp.cfg.model,
@@ -511,7 +515,7 @@ def night_text(result: dict) -> str:
         else:
             lines.append(f"   {stage}: {r.get('requests_sent', 0):,} sent, {r.get('rows_reused', 0):,} reused, "
                          f"{refused_text(r.get('refusals'))}, {r.get('transient_errors', 0)} transient failures, "
-                         f"{r.get('seconds', 0):.1f} s")
+                         f"{r.get('seconds', 0):.1f} s" + _tokens_text(r))
     if len(night["invocations"]) > 1 or result["outcome"] not in ("published", "current"):
         lines.append("   invocations: " + "; ".join(f"{i + 1}. {inv.get('started_at', '?')} {inv.get('status', '?')}"
                                                     for i, inv in enumerate(night["invocations"])))
@@ -537,6 +541,13 @@ def night_text(result: dict) -> str:
                      f"{pct(changes['error_share']['now'])}")
     lines += [f"   ALERT: {a}" for a in result.get("alerts") or []]
     return "\n".join(lines)
+
+
+def _tokens_text(r: dict) -> str:
+    """The stage's output tokens per row and the share of its prompt tokens a prefix cache reuses."""
+    out, share = r.get("output_tokens_per_row"), r.get("prefix_share")
+    return ((f"; {out:,.1f} output tokens per row" if out is not None else "")
+            + (f", {share:.1%} of prompt tokens in the shared prefix (prefix cache)" if share is not None else ""))
 
 
 def _wait(sp: StagePlan, cfg: RebuildConfig, say, lock=None) -> dict:

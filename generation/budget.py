@@ -33,6 +33,54 @@ def prompt_overhead(tokenizer, stage: str, template: str | None = None, instruct
     return n_tokens(tokenizer, render(tokenizer, system, user))
 
 
+def shared_prefix_tokens(tokenizer, stage: str, template: str | None = None) -> int | None:
+    """Tokens every prompt of `stage` begins with, which a server's prefix cache (vLLM's automatic
+    prefix caching, on in our vllm engine) computes once for all the stage's requests: the common
+    prefix of the token ids of the stage's prompt rendered with two sets of values that differ from
+    their first character (so a token the fixed text shares with the value's start is not counted).
+    None without a tokenizer. A server caches in blocks (vLLM: 16 tokens), so it reuses up to a block
+    less."""
+    if tokenizer is None:
+        return None
+    spec, tpl = STAGES[stage], load_template(stage, template)
+    records = (("A document.", "An instruction?"), ("Zebra text.", "Zebra question?"))
+    ids = [tokenizer(render(tokenizer, *tpl.fill(**spec.prompt(doc, instruction))), add_special_tokens=False)
+           ["input_ids"] for doc, instruction in records]
+    return next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), min(map(len, ids)))
+
+
+def prefix_share(prefix_tokens: int | None, requests: float, prompt_tokens: float) -> float | None:
+    """The share of `prompt_tokens` (of `requests` prompts) that their shared prefix accounts for."""
+    if prefix_tokens is None or not prompt_tokens:
+        return None
+    return round(min(1.0, prefix_tokens * requests / prompt_tokens), 4)
+
+
+def token_figures(layout, stage: str) -> dict:
+    """What the stage's written shards (their markers) paid per row: {"output_tokens_per_row": output
+    tokens per row sent (rows not sent are not counted), "prefix_share": the share of their prompt
+    tokens in the prefix every prompt shares (`prefix_tokens`, which the runner records), or None
+    where no shard says}. What `bft plan` and the night's summary show."""
+    import json
+
+    import storage
+
+    rows = out = prefix_rows = prompt = 0
+    prefix = None
+    for k, n, _ in layout.candidate_shards():
+        marker = layout.generation_metrics(stage, k, n)
+        if not storage.exists(marker):
+            continue
+        m = json.loads(storage.read_text(marker))
+        sent = m["rows"] - (m.get("finish_reasons") or {}).get("not_sent", 0)
+        rows, out = rows + sent, out + (m.get("output_tokens") or 0)
+        if m.get("prefix_tokens") is not None:
+            prefix = (prefix or 0) + m["prefix_tokens"] * sent
+            prefix_rows, prompt = prefix_rows + sent, prompt + (m.get("prompt_tokens") or 0)
+    return {"output_tokens_per_row": round(out / rows, 1) if rows else None,
+            "prefix_share": prefix_share(prefix, 1, prompt) if prefix_rows else None}
+
+
 def max_document_tokens(context: int, cap: int, overhead: int) -> int:
     """The most document tokens a prompt of `overhead` tokens holds whole with `cap` new tokens."""
     return context - cap - overhead - 1

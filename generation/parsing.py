@@ -73,39 +73,37 @@ def score_from_probs(probs: dict[str, float]) -> tuple[dict, str | None]:
     return {"score": round(expected, 4), "reasoning": f"argmax={argmax} p({argmax})={probs.get(str(argmax), 0.0) / total:.4f} mass={total:.4f}"}, None
 
 
-_MASS = re.compile(r"^argmax=[1-5] p\([1-5]\)=[0-9.]+ mass=([0-9.]+)$")
-
-
-def digit_mass(reasoning: str | None) -> float | None:
-    """The digits' probability mass that `score_from_probs` recorded in a logprob score's reasoning (how
-    much of the next token's probability went to "1".."5": near 1 when the model answers the rubric),
-    or None for a score of the generate mode."""
-    m = _MASS.match(reasoning or "")
-    return float(m.group(1)) if m else None
-
-
 _RES = re.compile(r"\[RES\]((?:(?!\[RES\]).)*?)\[/RES\]", re.S)
+RES_CLOSE = "[/RES]"    # the rewrite's end: the stop string of its requests (generation/stages.py)
 
 
-def parse_rewrite(text: str, finish_reason: str | None) -> tuple[dict, str | None]:
-    """Rewrite output -> the text between [RES] and [/RES].
+def parse_rewrite(text: str, finish_reason: str | None, stopped: bool | None = False) -> tuple[dict, str | None]:
+    """Rewrite output -> the text between [RES] and [/RES]: the one rule of a rewrite, which assemble
+    follows (a row this parses with no parse_error is whole: assemble keeps it).
 
-    A block is the text after the LAST [RES] before a [/RES] (`[RES] a [RES] b [/RES]` gives "b": the
-    model restarted its answer). A closed block is complete even when the model ran out of tokens
-    after it. Several complete blocks: the first is taken (later ones are repeats or continuations
-    the chat model adds), and parse_error says `multiple_blocks` while the response is kept. An open
-    [RES] without its close is `truncated` when the output hit the token limit, else `unclosed`. No
-    tag at all is `unparsed`; an empty block is `empty`.
+    The answer is the first complete block: the text after the last [RES] before the first [/RES]
+    (`[RES] a [RES] b [/RES]` gives "b": the model restarted its answer). Whatever follows that
+    [/RES] is not part of the answer: later blocks (repeats the chat model adds) are ignored, and a
+    token cap hit after it is no truncation. The requests stop at [/RES] (RES_CLOSE), which servers
+    leave out of the text, so an output that ends inside an open block is complete when it ended at
+    that stop string: `stopped` True (the engine says so: vLLM's stop_reason, the hf engine's own
+    cut), or None (the server does not say which, as a generic OpenAI-compatible server's
+    finish_reason "stop" does not) with finish_reason "stop": the model ended its answer there
+    either way, at the stop string or at its own end of sequence; only the cap cuts an answer. An
+    open block is otherwise `truncated` when the output hit the cap, else `unclosed` (the model ended
+    without closing it). No [RES] at all is `unparsed`; an empty answer is `empty`.
     """
-    blocks = _RES.findall(text)
-    if blocks:
-        response = blocks[0].strip()
-        if not response:
-            return {"response": None}, "empty"
-        return {"response": response}, ("multiple_blocks" if len(blocks) > 1 else None)
-    if "[RES]" in text:
+    match = _RES.search(text)
+    if match:
+        response = match.group(1)
+    elif "[RES]" in text and (stopped or stopped is None and finish_reason == "stop"):
+        response = text.rsplit("[RES]", 1)[1]
+    elif "[RES]" in text:
         return {"response": None}, "truncated" if finish_reason == "length" else "unclosed"
-    return {"response": None}, "unparsed"
+    else:
+        return {"response": None}, "unparsed"
+    response = response.strip()
+    return ({"response": response}, None) if response else ({"response": None}, "empty")
 
 
 def parse_distill(text: str, finish_reason: str | None) -> tuple[dict, str | None]:

@@ -29,6 +29,8 @@ a shard's rows never depend on the shards pending beside it. The error budget (`
 is counted over the rows sent (in this run or before) in the shards this run wrote, all together: a
 shard with transient failures is still written (its answers were paid for; the next run resends only
 the failures), the other shards still run, and the stage then fails listing the failing shards.
+Where the machine has cores to spare and the stage is not small, the prompts are prepared in worker
+processes (generation/preparing.py): the same prompts, in the same order.
 """
 from __future__ import annotations
 
@@ -55,7 +57,9 @@ from schemas.outcomes import NOT_SENT, REFUSALS, category, engine_error, is_engi
 from schemas.recipes import GATE_STAGES, gate_threshold, recorded_score_mode
 from generation import parsing
 from generation.batch import BatchDispatch, BatchesPending
+from generation.budget import shared_prefix_tokens
 from generation.engines import Completion, Engine, EngineConfig, Request, load_engine
+from generation.preparing import PreparePool
 from generation.progress import StageProgress
 from generation.prompting import fallback_format, fit_prompts, n_tokens
 from generation.stages import STAGES, Gate
@@ -223,6 +227,7 @@ class StageRunner:
         self.max_new = cfg.new_token_cap()
         self.temperature = self.spec.temperature if cfg.temperature is None else cfg.temperature
         self.top_p = self.spec.top_p if cfg.top_p is None else cfg.top_p
+        self.stop = () if self.logprob_prefix else self.spec.stop   # a logprob request is one token
         self._owns_engine = engine is None
         self._served: set[str] = set()   # the model names the server said answered
         self.summary: dict = {}          # what run() did so far: read after a failure too
@@ -231,6 +236,8 @@ class StageRunner:
         # called after each (bft rebuild keeps the night's count with it).
         self.paid: dict = {"requests_sent": 0, "transient_errors": 0, "refusals": {}}
         self.on_paid = None
+        self._pool: PreparePool | None = None   # prompt preparation in worker processes, for one run()
+        self._prefix: list[int | None] = []     # [shared_prefix_tokens], once known
 
     def __enter__(self) -> "StageRunner":
         return self
@@ -256,15 +263,25 @@ class StageRunner:
                 log.warning("%s: the tokenizer has no chat template: prompts use %s", self.cfg.stage, fallback)
         return self._engine
 
+    def prefix_tokens(self) -> int | None:
+        """Tokens every prompt of the stage begins with (budget.shared_prefix_tokens: what a prefix cache
+        reuses), recorded in each shard's metrics; None without a tokenizer."""
+        if not self._prefix:
+            self._prefix.append(shared_prefix_tokens(self.engine.tokenizer, self.cfg.stage, self.cfg.template))
+        return self._prefix[0]
+
     def product_config(self) -> dict:
         """What shapes a shard's rows: the options that are not run_only, the values the stage's
-        defaults resolve to and the prompt template's text (a shard made otherwise is redone). The
-        gate is recorded resolved ([stage, threshold]); --min-score itself is not, so that a threshold
-        given or defaulted to the same value is the same config."""
+        defaults resolve to, the prompt template's text and the stage's stop strings, where it has any
+        (a shard made otherwise is redone; the key is absent for a stage without, so that its config is
+        the one recorded before stop strings existed). The gate is recorded resolved ([stage,
+        threshold]); --min-score itself is not, so that a threshold given or defaulted to the same
+        value is the same config."""
         options = {k: v for k, v in product_options(self.cfg).items() if k != "min_score"}
         return {**options, "max_new_tokens": self.max_new, "temperature": self.temperature,
                 "top_p": self.top_p, "gate": [self.gate.stage, self.gate.threshold] if self.gate else None,
-                "template_text": [self.template.system, self.template.user]}
+                "template_text": [self.template.system, self.template.user],
+                **({"stop": list(self.stop)} if self.stop else {})}
 
     def inputs(self, k: int, n: int, cand_path: str) -> dict[str, str]:
         """{name: path} of the files shard k is made from; GenerationError when a stage it reads has
@@ -343,6 +360,7 @@ class StageRunner:
         batches = (BatchDispatch(self.engine, self.layout, cfg.stage, self._config_key(), cfg.batch, cfg.model)
                    if work and cfg.batch != "none" else None)
         progress = StageProgress(cfg.stage, sum(parquet_rows(w[2]["candidates"]) for w in work))
+        self._pool = PreparePool.start(self.engine.tokenizer, progress.total) if work else None
 
         def account(k: int, metrics: dict) -> None:
             summary["shards_done"].append(k)
@@ -386,6 +404,9 @@ class StageRunner:
             progress.close()
             if batches is not None:
                 batches.close()
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
         summary["shards_done"].sort()    # in the order written: a stream finishes shards in any order
         summary["failing_shards"].sort(key=lambda f: f["shard"])
         summary["seconds"] = round(time.perf_counter() - t0, 3)
@@ -432,16 +453,23 @@ class StageRunner:
 
     def _requests(self, todo: list[tuple[dict, dict]]):
         """((row, truncated, request), request) for each (row, template values), prepared PREPARE_CHUNK
-        at a time (prompting.fit_prompts: one batched tokenizer call), lazily: the engine draws from it."""
+        at a time (prompting.fit_prompts: one batched tokenizer call), lazily: the engine draws from it;
+        in the run's PreparePool when it has one (generation/preparing.py: the same prompts, in order)."""
         eng = self.engine
         budget = eng.max_model_len - self.max_new
-        for start in range(0, len(todo), PREPARE_CHUNK):
-            chunk = todo[start:start + PREPARE_CHUNK]
-            fitted = fit_prompts(eng.tokenizer, self.template, [values for _, values in chunk], self.spec.doc_field,
-                                 budget, self.logprob_prefix or "", count=getattr(eng, "count_messages", None))
+        chunks = [todo[start:start + PREPARE_CHUNK] for start in range(0, len(todo), PREPARE_CHUNK)]
+        values = ([v for _, v in chunk] for chunk in chunks)
+        if self._pool is not None:
+            fitted_chunks = self._pool.fit(self.template, values, self.spec.doc_field, budget,
+                                           self.logprob_prefix or "")
+        else:
+            fitted_chunks = (fit_prompts(eng.tokenizer, self.template, v, self.spec.doc_field, budget,
+                                         self.logprob_prefix or "", count=getattr(eng, "count_messages", None))
+                             for v in values)
+        for chunk, fitted in zip(chunks, fitted_chunks):
             for (row, _), (prompt, msgs, truncated, count) in zip(chunk, fitted):
                 req = Request(prompt, msgs, self.max_new, self.temperature, self.top_p,
-                              row_seed(row["id"], self.cfg.stage, self.cfg.seed),
+                              row_seed(row["id"], self.cfg.stage, self.cfg.seed), stop=list(self.stop),
                               digit_probs=self.logprob_prefix is not None, prompt_tokens=count)
                 yield (row, truncated, req), req
 
@@ -588,7 +616,7 @@ class StageRunner:
         if self.logprob_prefix:
             fields, error = parsing.score_from_probs(comp.digit_probs or {})
         else:
-            fields, error = self.spec.format_output(comp.text, row, comp.finish_reason)
+            fields, error = self.spec.format_output(comp.text, row, comp.finish_reason, comp.stopped)
         base.update(fields)
         base["parse_error"] = error
         return base
@@ -634,7 +662,8 @@ class PendingShard:
                    "wall_s": round(time.perf_counter() - self.t0, 3), **shard_summary(table, runner.spec.scored),
                    "sent_now": self.sent, "reused_rows": self.reused, "errors_now": len(failed),
                    "refusals_now": refusals, "first_error": failed[0] if failed else None,
-                   "output_tokens_now": self.tokens, "served_models": sorted(runner._served),
+                   "output_tokens_now": self.tokens, "prefix_tokens": runner.prefix_tokens(),
+                   "served_models": sorted(runner._served),
                    "config": {k: v for k, v in asdict(cfg).items() if k != "base_url"},
                    provenance.KEY: provenance.seal(self.out, self.made)}
         storage.write_text(runner.layout.generation_metrics(cfg.stage, self.k, self.n),

@@ -33,13 +33,15 @@ class StageSpec:
     upstream: str | None            # the generation stage whose shard k it reads beside candidates shard k
     doc_field: str | None           # the template value that is cut when a prompt is too long
     prompt: Callable[[str, str | None], dict[str, str]]     # (document, instruction) -> template values
-    parse: Callable[[str, dict, str | None], tuple[dict, str | None]]   # (output, row, finish) -> fields, error
+    # (output, row, finish_reason, stopped: see Completion.stopped) -> fields, error
+    parse: Callable[[str, dict, str | None, bool | None], tuple[dict, str | None]]
     temperature: float = 1.0
     top_p: float = 0.9
     max_new_tokens: int = 512
     gate: str | None = None         # the gate stage used by default (--gate); None: the stage has no gate
     carries: tuple[str, ...] = ()   # fields copied from the upstream row into every output row
     logprob_prefix: str | None = None   # --score-mode logprob: the digit's probability after this text
+    stop: tuple[str, ...] = ()      # where the output format ends: requests stop there (nothing is paid after)
 
     @property
     def scored(self) -> bool:
@@ -77,27 +79,32 @@ class StageSpec:
         below the gate holds its upstream's instruction, which no prompt value holds)."""
         return {f: old.get(f) for f in self.carries} != self.carried(row)
 
-    def format_output(self, text: str, row: dict, finish_reason: str | None) -> tuple[dict, str | None]:
-        fields, error = self.parse(text, row, finish_reason)
+    def format_output(self, text: str, row: dict, finish_reason: str | None,
+                      stopped: bool | None = False) -> tuple[dict, str | None]:
+        fields, error = self.parse(text, row, finish_reason, stopped)
         return {**self.carried(row), **fields}, error
 
 
 STAGES = {
     "backtranslate": StageSpec("backtranslate", None, "response", lambda doc, _: {"response": doc},
-                               lambda out, row, fin: parsing.parse_instruction(out, row["text"], fin),
+                               lambda out, row, fin, _: parsing.parse_instruction(out, row["text"], fin),
                                max_new_tokens=BACKTRANSLATE_MAX_NEW_TOKENS),
+    # score: no stop string. Its format ends at a line "Score: N" whose N varies (a literal stop string
+    # would need one per digit and spelling, and OpenAI's API takes 4 at most), and the parser takes the
+    # LAST `Score: N` (PROMPTS.md: a model may revise its score), which a stop at the first would change.
     "score": StageSpec("score", "backtranslate", "response", lambda doc, ins: {"instruction": ins, "response": doc},
-                       lambda out, row, fin: parsing.parse_score(out, fin), max_new_tokens=512,
+                       lambda out, row, fin, _: parsing.parse_score(out, fin), max_new_tokens=512,
                        carries=("instruction",), logprob_prefix=SCORE_PREFIX),
     "rewrite": StageSpec("rewrite", "backtranslate", "response",
                          lambda doc, ins: {"instruction": ins, "response": doc},
-                         lambda out, row, fin: parsing.parse_rewrite(out, fin),
-                         max_new_tokens=ANSWER_MAX_NEW_TOKENS, gate=default_gate("rewrite"), carries=("instruction",)),
+                         lambda out, row, fin, stopped: parsing.parse_rewrite(out, fin, stopped),
+                         max_new_tokens=ANSWER_MAX_NEW_TOKENS, gate=default_gate("rewrite"), carries=("instruction",),
+                         stop=(parsing.RES_CLOSE,)),
     "distill": StageSpec("distill", "backtranslate", None, lambda doc, ins: {"instruction": ins},
-                         lambda out, row, fin: parsing.parse_distill(out, fin),
+                         lambda out, row, fin, _: parsing.parse_distill(out, fin),
                          max_new_tokens=ANSWER_MAX_NEW_TOKENS, gate=default_gate("distill"), carries=("instruction",)),
     "rate": StageSpec("rate", "backtranslate", "response",
                       lambda doc, ins: {"instruction": ins, "input": "", "response": doc},
-                      lambda out, row, fin: parsing.parse_rating(out, fin), max_new_tokens=256,
+                      lambda out, row, fin, _: parsing.parse_rating(out, fin), max_new_tokens=256,
                       temperature=0.0, top_p=1.0, carries=("instruction",)),   # AlpaGasus's rating script
 }

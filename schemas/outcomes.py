@@ -27,6 +27,8 @@ below is the one computation of a shard's statistics that both the runner's metr
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -112,3 +114,16 @@ def shard_summary(table: pa.Table, scored: bool) -> dict:
     if scored:
         out["score_histogram"] = histogram(table["score"], SCORE_EDGES)
     return out
+
+
+# A logprob score's reasoning (generation/parsing.py `score_from_probs` writes it): its argmax, that
+# digit's probability and the digits' mass, which assemble's statistics read back for the gate's alert.
+_MASS = re.compile(r"^argmax=[1-5] p\([1-5]\)=[0-9.]+ mass=([0-9.]+)$")
+
+
+def digit_mass(reasoning: str | None) -> float | None:
+    """The digits' probability mass recorded in a logprob score's reasoning (how much of the next
+    token's probability went to "1".."5": near 1 when the model answers the rubric), or None for a
+    score of the generate mode."""
+    m = _MASS.match(reasoning or "")
+    return float(m.group(1)) if m else None

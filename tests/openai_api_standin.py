@@ -10,14 +10,16 @@ Files, Batch) and the error bodies the API returns:
   "invalid_request_error", "param": null, "code": null}}` (the first unknown field, as the API names
   it). Chat: `top_logprobs` 0..20 and only with `logprobs: true`; `max_tokens` is refused in favour of
   `max_completion_tokens` (`reasoning=True`, the default: reasoning models refuse it, and it is
-  deprecated for all) and both at once are a 400. Completions: `logprobs` 0..5. `stop` at most 4,
+  deprecated for all) and both at once are a 400; `stop` is refused the same way with `reasoning` (as
+  OpenAI's reasoning models refuse it). Completions: `logprobs` 0..5. `stop` at most 4,
   `temperature` 0..2, `top_p` 0..1, `seed` an integer; `messages` a non-empty list of
   {role, content}; a prompt + cap over `context` tokens is a 400 with code context_length_exceeded.
 - Answers have the real shapes: chat `choices[0].{index, message: {role, content, refusal,
   annotations}, logprobs: null | {content: [{token, logprob, bytes, top_logprobs: [{token, logprob,
   bytes}]}], refusal: null}, finish_reason}`; completions `choices[0].{text, index, logprobs: null |
   {tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}, finish_reason}`; `usage`
-  {prompt_tokens, completion_tokens, total_tokens, *_tokens_details}; `system_fingerprint`.
+  {prompt_tokens, completion_tokens, total_tokens, *_tokens_details}; `system_fingerprint`. A stop
+  string ends the text before it (it is left out) with finish_reason "stop", and no field names it.
   Tokens are counted as words and punctuation (not tiktoken): the tests read counts, not their values.
 - Files and Batches (the Batch API): POST /v1/files (multipart: `purpose`, `file`; purpose `batch`
   needs a .jsonl of at most 50,000 lines and 200 MB, each `{custom_id (unique), method: POST, url, body}`),
@@ -69,6 +71,12 @@ class APIError(Exception):
                  kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def stops(body: dict) -> list[str]:
+    """The request's stop strings (`stop`: a string or a list of up to 4)."""
+    stop = body.get("stop")
+    return [stop] if isinstance(stop, str) else list(stop or [])
 
 
 def count_tokens(text: str) -> int:
@@ -130,6 +138,9 @@ def check_body(path: str, body: dict, reasoning: bool = True) -> None:
         if "max_tokens" in body and reasoning:
             raise APIError(400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
                                 "'max_completion_tokens' instead.", "max_tokens", "unsupported_parameter")
+        if "stop" in body and reasoning:
+            raise APIError(400, "Unsupported parameter: 'stop' is not supported with this model.", "stop",
+                           "unsupported_parameter")
         top = body.get("top_logprobs")
         if top is not None:
             if not body.get("logprobs"):
@@ -420,6 +431,9 @@ class OpenAIStandin:
             tops = None
             out = (self.answer or method_answer)(whole)
             finish = "stop"
+        hits = [out.index(s) for s in stops(body) if s in out]
+        if hits:                      # a stop string ends the answer and is left out of it; no stop reason
+            out = out[: min(hits)]
         words = TOKEN.findall(out)
         if len(words) > cap:          # the cap cuts the answer, as a model is cut
             out, finish = " ".join(words[:cap]), "length"

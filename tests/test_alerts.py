@@ -8,6 +8,7 @@ import os
 from beam_pipelines import changes
 from bft.rebuild import night_text
 from generation import parsing
+from schemas import outcomes
 from tests.test_cli import run as bft
 
 
@@ -69,8 +70,8 @@ def test_each_alert_fires_on_its_figure_and_only_then():
 
 def test_the_digit_mass_is_read_back_from_a_logprob_scores_reasoning():
     fields, _ = parsing.score_from_probs({"3": 0.009, "5": 0.001})
-    assert parsing.digit_mass(fields["reasoning"]) == 0.01
-    assert parsing.digit_mass("Score: 5 because it answers") is None and parsing.digit_mass(None) is None
+    assert outcomes.digit_mass(fields["reasoning"]) == 0.01
+    assert outcomes.digit_mass("Score: 5 because it answers") is None and outcomes.digit_mass(None) is None
 
 
 def test_a_held_nights_summary_carries_its_alert_lines():

@@ -203,6 +203,33 @@ def test_the_default_instruction_cap_keeps_the_papers_longest_instructions():
     assert 2100 < len(longest) < AssembleConfig(root="/r").curation().max_instruction_chars
 
 
+def test_assemble_keeps_the_rewrites_the_parser_keeps():
+    """One rule for a rewrite (issue 37 point 4): assemble keeps exactly what parse_rewrite parses whole,
+    whatever the output did after its [/RES] (later blocks, running on to the cap), and drops only
+    what it does not, with the parser's reason."""
+    from generation.parsing import parse_rewrite
+
+    outputs = {"c0": ("[RES] Whole answer c0. [/RES] and then the model ran on", "length", False),
+               "c1": ("[RES]First answer c1.[/RES] [RES]A second block.[/RES]", "stop", False),
+               "c2": ("[RES] Stopped at the stop string c2. ", "stop", True),
+               "c3": ("[RES] An answer the cap cut", "length", False),
+               "c4": ("[RES] An answer the model never closed", "stop", False)}
+    ids = sorted(outputs)
+    cands = pa.table({"id": ids, "text": [doc(i) for i in ids], "n_tokens": [30] * 5, "url": [""] * 5})
+    backtranslate = [gen_row(i, "backtranslate", instruction=INSTRUCTION.format(i)) for i in ids]
+    rewrite = []
+    for i, (text, finish, stopped) in outputs.items():
+        fields, error = parse_rewrite(text, finish, stopped)
+        rewrite.append(gen_row(i, "rewrite", raw_output=text, finish_reason=finish, parse_error=error, **fields))
+    joined = recipes.join_stages(cands, {"backtranslate": schemas.to_table(backtranslate, schemas.GENERATION),
+                                         "rewrite": schemas.to_table(rewrite, schemas.GENERATION)})
+    reasons = recipes.verdicts(joined, recipes.RECIPES["rewrite"], recipes.Curation(10, 800)).to_pylist()
+    assert dict(zip(ids, reasons)) == {"c0": None, "c1": None, "c2": None, "c3": "rewrite:truncated",
+                                       "c4": "rewrite:unclosed"}
+    assert joined["rewrite.response"].to_pylist()[:3] == ["Whole answer c0.", "First answer c1.",
+                                                          "Stopped at the stop string c2."]
+
+
 def test_instruction_key_ignores_case_and_layout():
     assert instruction_key("Explain  this\nplease") == instruction_key(" explain this please ")
     assert instruction_key("Explain this") != instruction_key("Explain that")

@@ -3,16 +3,18 @@ hint; BOS, the logprob score prompt, finish reasons, over-long prompts, dtype na
 without a tokenizer, malformed answers, timeouts and Retry-After. vLLM's offline API through
 tests/vllm_standin/vllm, vLLM's HTTP server through tests/vllm_standin/openai_server.py (both
 stand-ins of vLLM 0.33.0)."""
+import json
 import os
 import sys
 import time
 
+import pandas as pd
 import pytest
 
 from benchmarks import real_tokenizers
 from generation.engines import Completion, Engine, EngineConfig, EngineError, Request, load_engine
 from generation.engines.base import digit_token_ids, finished
-from generation.prompting import SCORE_PREFIX, fit_prompt, render
+from generation.prompting import SCORE_PREFIX, fit_prompt, fit_prompts, render
 from generation.runner import GenerateConfig, GenerationError, StageRunner
 from generation.templates import DEFAULTS, LLAMA2_CHAT_TEMPLATE
 from schemas.layout import RunLayout
@@ -407,6 +409,56 @@ def test_logprob_scores_through_vllm_and_both_http_endpoints(prepared_root, tmp_
     assert chat and all(b["continue_final_message"] and b["messages"][-1]["role"] == "assistant" for b in chat)
 
 
+# --- stop strings (issue 33 point 3, issue 37 point 4) -----------------------------------------------
+
+def test_a_rewrite_stops_at_its_close_and_parses_whole(prepared_root, tmp_path, tiny_models):
+    """The runner sends rewrite's requests with the stop string [/RES] (recorded in the shard's config)
+    and hands what ended each output to the parser: a block the stop string closed is a whole answer."""
+    from transformers import AutoTokenizer
+
+    class Stopping(Engine):   # answers as vLLM does: the text up to the stop string, which it names
+        name, model, max_model_len = "stopping", "m", 4096
+
+        def __init__(self):
+            self.tokenizer, self.stops = AutoTokenizer.from_pretrained(tiny_models["plain"]), []
+
+        def generate(self, requests):
+            self.stops += [r.stop for r in requests]
+            return [Completion("[RES] The rewritten answer. ", 3, 5, "stop", stopped=True) if r.stop else
+                    Completion("What does the text explain?", 3, 5, "stop") for r in requests]
+
+    root, engine = copy_root(prepared_root, tmp_path), Stopping()
+    for stage, gate in (("backtranslate", None), ("rewrite", "none")):
+        StageRunner(GenerateConfig(stage=stage, root=root, engine="hf", model="m", gate=gate), engine=engine).run()
+    rows = read_stage(root, "rewrite")[1].dropna(subset=["finish_reason"])
+    assert len(rows) == 12 and rows["parse_error"].isna().all() and rows["response"].eq("The rewritten answer.").all()
+    assert engine.stops == [[]] * 12 + [["[/RES]"]] * 12   # backtranslate has no stop string
+    marker = json.load(open(RunLayout(root).generation_metrics("rewrite", 0, 3)))
+    assert marker["provenance"]["config"]["stop"] == ["[/RES]"]
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_vllms_server_leaves_the_stop_string_out_and_names_it(fresh, digit_model, api):
+    fresh.answer = lambda body: "Sure. [RES] The rewritten answer. [/RES] And then it went on."
+    with load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api=api, tokenizer=digit_model)) as eng:
+        out = eng.generate([Request("[INST] hi [/INST]", [{"role": "user", "content": "hi"}], 4, seed=1,
+                                    stop=["[/RES]"])])[0]
+    assert (out.text, out.finish_reason, out.stopped) == ("Sure. [RES] The rewritten answer. ", "stop", True)
+    assert fresh.requests[-1]["body"]["stop"] == ["[/RES]"]
+
+
+@pytest.mark.parametrize("engine", ["vllm", "hf"])
+def test_in_process_engines_end_at_a_stop_string_and_say_so(digit_model, vllm, engine):
+    with load_engine(EngineConfig(engine, digit_model, max_model_len=256)) as eng:
+        r = Request("[INST] hi [/INST]", [], 12, seed=1)
+        free = eng.generate([r])[0]
+        words = free.text.split()
+        stop = words[1] if len(words) > 1 else free.text[:2]
+        cut = eng.generate([Request(r.prompt, [], 12, seed=1, stop=[stop])])[0]
+    assert not free.stopped and free.text.startswith(cut.text) and stop not in cut.text
+    assert cut.stopped is True and cut.finish_reason == "stop"
+
+
 # --- finish reasons (issue 9 point 4) -----------------------------------------------------------------
 
 def test_only_stop_and_length_are_outputs():
@@ -689,6 +741,49 @@ def test_fit_prompts_counts_only_what_bytes_cannot_prove(llama2_structure_tokeni
     assert out[1][2] is True and out[1][3] <= 600                         # counted, then cut to the budget
     assert all(docs[0] not in (t if isinstance(t, str) else " ".join(t)) for t in calls)
     assert out[1][3] == len(real(out[1][0], add_special_tokens=False)["input_ids"])
+
+
+def test_prompts_prepared_in_worker_processes_are_the_same_in_the_same_order(prepared_root, tmp_path, tiny_models,
+                                                                            monkeypatch):
+    """Issue 33 point 2: with cores to spare, a stage's prompts are prepared in worker processes
+    (generation/preparing.py): the same bytes, in the same order, as on one thread. Kept off on one
+    core and for small stages."""
+    from transformers import AutoTokenizer
+
+    from generation import preparing
+
+    monkeypatch.setattr(preparing, "usable_cores", lambda: 1)
+    assert preparing.pool_workers(10 ** 6) == 0
+    monkeypatch.setattr(preparing, "usable_cores", lambda: 4)
+    assert preparing.pool_workers(preparing.POOL_MIN_ROWS - 1) == 0 and preparing.pool_workers(10 ** 6) == 3
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["chat"])
+
+    class Instant(Engine):   # answers at once; records what it was sent
+        name, model, max_model_len = "instant", "m", 160   # a context that cuts the longer documents
+
+        def __init__(self):
+            self.tokenizer, self.sent = tokenizer, []
+
+        def generate(self, requests):
+            self.sent += [(r.prompt, r.messages, r.prompt_tokens, r.seed) for r in requests]
+            return [Completion(f"What is {len(r.prompt)}?", r.prompt_tokens, 4, "stop") for r in requests]
+
+    monkeypatch.setattr(preparing, "POOL_MIN_ROWS", 0)
+    monkeypatch.setattr(preparing, "usable_cores", lambda: 2)   # one worker: each costs a Python start
+    started = []
+    monkeypatch.setattr(preparing.PreparePool, "start", classmethod(
+        lambda cls, tok, rows, real=preparing.PreparePool.start.__func__: started.append(real(cls, tok, rows))
+        or started[-1]))
+    root, engine = copy_root(prepared_root, tmp_path), Instant()
+    StageRunner(GenerateConfig(stage="backtranslate", root=root, engine="hf", model="m", max_new_tokens=16),
+                engine=engine).run()
+    assert started[0] is not None and started[0].workers == 1
+    # what one thread prepares from the same documents, in shard order
+    texts = [t for _, _, path in RunLayout(root).candidate_shards() for t in pd.read_parquet(path)["text"]]
+    expected = fit_prompts(tokenizer, DEFAULTS["backtranslate"], [{"response": t} for t in texts], "response", 160 - 16)
+    assert [(p, m, n) for p, m, n, _ in engine.sent] == [(p, m, n) for p, m, _, n in expected] and len(expected) == 12
+    assert any(cut for _, _, cut, _ in expected)   # some documents were counted and cut in the workers
 
 
 def test_a_server_answering_503_to_the_preflight_fails_in_seconds(monkeypatch):

@@ -49,6 +49,36 @@ def test_each_kind_of_server_is_sent_only_the_fields_it_accepts():
     check_body("/v1/chat/completions", _engine("openai", "chat")._body(score)[1])
 
 
+def test_stop_strings_go_where_servers_take_them_and_their_reason_is_read():
+    """Issue 33 point 3: rewrite's requests stop at [/RES] on vllm and generic servers; OpenAI's API,
+    whose reasoning models refuse `stop`, gets none. What ended a "stop" answer is read from the
+    choice: vLLM's stop_reason, SGLang's matched_stop, else unknown (None)."""
+    import orjson
+
+    rewrite = Request("p", [{"role": "user", "content": "q"}], 9, seed=1, stop=["[/RES]"])
+    for server in ("vllm", "generic"):
+        for api in ("completions", "chat"):
+            assert _engine(server, api)._body(rewrite)[1]["stop"] == ["[/RES]"]
+    hosted_body = _engine("openai", "chat")._body(rewrite)[1]
+    assert "stop" not in hosted_body
+    check_body("/v1/chat/completions", hosted_body)
+    with pytest.raises(APIError, match="Unsupported parameter: 'stop'"):
+        check_body("/v1/chat/completions", {**hosted_body, "stop": ["[/RES]"]})
+
+    def stopped(choice: dict, r: Request = rewrite):
+        content = orjson.dumps({"choices": [{"text": "[RES] An answer. ", **choice}],
+                                "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
+        return _engine("vllm", "completions")._parse(content, r).stopped
+
+    assert stopped({"finish_reason": "stop", "stop_reason": "[/RES]"}) is True
+    assert stopped({"finish_reason": "stop", "matched_stop": "[/RES]"}) is True
+    assert stopped({"finish_reason": "stop", "stop_reason": None}) is False    # the model's end of sequence
+    assert stopped({"finish_reason": "stop", "stop_reason": 2}) is False       # a stop token id
+    assert stopped({"finish_reason": "stop"}) is None                          # the server names no reason
+    assert stopped({"finish_reason": "length"}) is False
+    assert stopped({"finish_reason": "stop"}, Request("p", [], 9)) is False   # a request without stop strings
+
+
 def test_the_standin_refuses_what_the_engine_used_to_send():
     """The fields of the old requests, as OpenAI's API answers them."""
     for path, body, message in [
@@ -98,6 +128,7 @@ def test_every_stage_runs_against_the_hosted_api_in_both_score_modes(prepared_ro
     assert all("add_special_tokens" not in b and "continue_final_message" not in b for b in bodies)
     if api == "chat":
         assert all("max_completion_tokens" in b and "max_tokens" not in b for b in bodies)
+    assert not any("stop" in b for b in bodies)   # OpenAI's reasoning models refuse it
 
 
 def test_a_rate_limit_reset_header_is_waited_on_the_hosted_api(hosted):

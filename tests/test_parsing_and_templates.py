@@ -52,18 +52,27 @@ def test_score_from_probs_gives_expectation_and_argmax():
     assert parsing.score_from_probs({}) == ({"score": None, "reasoning": None}, "no_digit_probability")
 
 
-@pytest.mark.parametrize("text, finish, response, error", [
-    ("Sure! [RES] The improved answer. [/RES]", "stop", "The improved answer.", None),
-    ("[RES]first[/RES] and [RES]second[/RES]", "stop", "first", "multiple_blocks"),
-    ("[RES] an answer that was cut", "length", None, "truncated"),
-    ("[RES] an answer without its close", "stop", None, "unclosed"),
-    ("Here is the rewrite: no tags at all", "stop", None, "unparsed"),
-    ("[RES]   [/RES]", "stop", None, "empty"),
-    ("[RES] a [RES] b [/RES]", "stop", "b", None),  # the text after the last [RES] before [/RES]
-    ("[RES] done [/RES]\nAnd then the model went on until it ran out", "length", "done", None),  # closed: complete
+@pytest.mark.parametrize("text, finish, stopped, response, error", [
+    ("Sure! [RES] The improved answer. [/RES]", "stop", False, "The improved answer.", None),
+    # one rule (issue 37 point 4): the first complete block is the answer, kept without a parse_error
+    ("[RES]first[/RES] and [RES]second[/RES]", "stop", False, "first", None),
+    ("[RES] an answer that was cut", "length", False, None, "truncated"),
+    ("[RES] an answer without its close", "stop", False, None, "unclosed"),
+    ("Here is the rewrite: no tags at all", "stop", False, None, "unparsed"),
+    ("[RES]   [/RES]", "stop", False, None, "empty"),
+    ("[RES] a [RES] b [/RES]", "stop", False, "b", None),  # the text after the last [RES] before [/RES]
+    ("[RES] done [/RES]\nAnd then the model went on until it ran out", "length", False, "done", None),  # whole
+    # ended at the stop string [/RES], which the server left out of the text
+    ("Sure! [RES] The improved answer. ", "stop", True, "The improved answer.", None),
+    ("[RES] a [RES] b", "stop", True, "b", None),
+    ("[RES]  ", "stop", True, None, "empty"),
+    ("no tags, then the stop string", "stop", True, None, "unparsed"),
+    # a server that names no stop reason: its "stop" ended the answer (stop string or end of sequence)
+    ("[RES] The improved answer.", "stop", None, "The improved answer.", None),
+    ("[RES] The improved answer, cut", "length", None, None, "truncated"),
 ])
-def test_parse_rewrite(text, finish, response, error):
-    assert parsing.parse_rewrite(text, finish) == ({"response": response}, error)
+def test_parse_rewrite(text, finish, stopped, response, error):
+    assert parsing.parse_rewrite(text, finish, stopped) == ({"response": response}, error)
 
 
 @pytest.mark.parametrize("text, instruction, error", [

@@ -2,6 +2,7 @@
 per 1M tokens, online and through the Batch API; GPU-hours for the self-hosted stages only. And the
 document tokens it prices where prepare kept documents uncounted (issue 33 point 5)."""
 import json
+import os
 
 from tests.test_rebuild import corpus, run_file  # noqa: F401 (corpus: a fixture)
 from tests.test_cli import run as bft
@@ -72,3 +73,45 @@ def test_plan_estimates_the_documents_prepare_kept_uncounted_from_a_counted_samp
     assert "20 documents kept uncounted, estimated from 20" in whole["doc_tokens_source"]
     one = _candidates(plan, sample_docs=1)
     assert one["doc_tokens"] == sum(exact[::3]) + 20 * one["lengths"][-1] and one["weights"][-1] == 20
+
+
+def test_the_shared_prefix_is_the_template_text_before_the_first_field(tiny_models, tmp_path):
+    """Issue 33 point 3: what a prefix cache can reuse of each stage's prompts. The method's prompts are
+    kept as the papers write them (PROMPTS.md): backtranslate and score put their fixed text first;
+    rewrite puts the draft (the document) before its long instruction, so only its first sentence is
+    shared."""
+    from transformers import AutoTokenizer
+
+    from generation import budget
+    from generation.prompting import render
+    from generation.templates import DEFAULTS
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["chat"])
+    shared = {stage: budget.shared_prefix_tokens(tok, stage) for stage in ("backtranslate", "score", "rewrite")}
+    for stage, n in shared.items():
+        head = DEFAULTS[stage].user.split("<")[0]        # the template's text before its first field
+        prompt = render(tok, None, DEFAULTS[stage].user)
+        text = tok.decode(tok(prompt, add_special_tokens=False)["input_ids"][:n])
+        assert text.strip() and head.startswith(text.split("[INST]")[-1].strip()[:len(head)]), (stage, text)
+        assert len(head) - len(text.split("[INST]")[-1].strip()) < 20, (stage, text)  # all but the field's edge
+    assert shared["score"] > 10 * max(shared["backtranslate"], shared["rewrite"]) and min(shared.values()) > 5
+    assert budget.shared_prefix_tokens(None, "score") is None
+    assert budget.prefix_share(100, 10, 4000) == 0.25 and budget.prefix_share(None, 10, 4000) is None
+
+    # what the shards record: output tokens per row sent, and the shared prefix's share of their prompts
+    from schemas.layout import RunLayout
+
+    root = tmp_path / "run"
+    layout = RunLayout(str(root))
+    os.makedirs(root / "candidates")
+    for k in range(2):
+        open(layout.candidates_shard(k, 2), "wb").close()
+    (root / "candidates" / "stats.json").write_text("{}")
+    markers = [{"rows": 10, "finish_reasons": {"stop": 8, "not_sent": 2}, "output_tokens": 40, "prompt_tokens": 800,
+                "prefix_tokens": 25},
+               {"rows": 5, "finish_reasons": {"length": 5}, "output_tokens": 80, "prompt_tokens": 500}]  # an older shard
+    for k, m in enumerate(markers):
+        os.makedirs(os.path.dirname(layout.generation_metrics("score", k, 2)), exist_ok=True)
+        open(layout.generation_metrics("score", k, 2), "w").write(json.dumps(m))
+    assert budget.token_figures(layout, "score") == {"output_tokens_per_row": round(120 / 13, 1),
+                                                     "prefix_share": 0.25}

@@ -196,13 +196,21 @@ def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_to
     assert before["max_tokens_keeping_all_whole"] == score["whole_document_limit"]
     assert {"requests", "prompt_tokens", "output_tokens", "gpu_hours"} <= set(bt)
     assert bt["prompt_tokens"] > before["candidates"]["doc_tokens"]  # the template's tokens are counted too
+    # what a row pays and what a prefix cache saves of it (issue 33 point 3): the score rubric comes first
+    assert bt["output_tokens_per_row"] == 6.0 and score["output_tokens_per_row"] == 1.0
+    assert 0 < bt["prefix_share"] < score["prefix_share"] < 1
 
-    assert bft(capsys, "rebuild", "--config", cfg)[0] == 0
+    rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+    assert rc == 0, err
+    night = [line for line in out.splitlines() if line.startswith("   score: ")][-1]   # the night's summary
+    assert "1.0 output tokens per row" in night and "of prompt tokens in the shared prefix" in night
     rc, out, err = bft(capsys, "plan", "--config", cfg, "--format", "json")
     after = json.loads(out)
     assert after["candidates"]["source"] == "candidates" and after["candidates"]["rows"] == 10
     measured = after["stages"]["backtranslate"]
     assert measured["output_tokens_source"] == "measured" and measured["output_tokens"] <= 60
+    assert measured["output_tokens_per_row"] == round(measured["output_tokens"] / measured["requests"], 1)
+    assert 0 < measured["prefix_share"] < after["stages"]["score"]["prefix_share"] < 1   # from the shards
     assert after["stages"]["score"]["gate_source"] == "measured"
     # after a run the plan says what the next rebuild makes: requests and examples (issue 19 point 12;
     # the gate's share was applied twice: "16 expected" for a release of 38)
@@ -213,6 +221,7 @@ def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_to
     assert after["stages"]["score"]["requests"] == stats["stages"]["score"]["sent"]
     rc, out, _ = bft(capsys, "plan", "--config", cfg)
     assert rc == 0 and "backtranslate" in out and "GPU-hours in all" in out
+    assert "score: 1.0 output tokens per row; " in out and "of its prompt tokens are the prefix every prompt" in out
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -116,7 +116,7 @@ def test_examples_funnel_and_stages_travel_through_the_partials(seeded_release):
         ("Dolma records read", 20, 0), ("candidates (prepare: length filter, dedup)", 12, 8),
         ("backtranslate: failed or missing", 10, 2), ("score: failed or missing", 9, 1),
         ("gate: score below threshold", 8, 1), ("rewrite: failed or missing", 7, 1),
-        ("curation: length, empty or truncated", 5, 2),
+        ("curation: length or empty", 5, 2),
         ("curation: duplicate instructions", 4, 1), ("web examples", 4, 0), ("+ seed examples", 9, 0),
         ("split: train", stats["funnel"]["final"]["train"], 0),
         ("split: validation", stats["funnel"]["final"]["validation"], 0)]

@@ -89,6 +89,10 @@ class Completion:
     refusal: str | None = None       # with finish_reason "error": the final outcome's category
                                      # (schemas.outcomes.REFUSALS); None: a transient failure
     served_model: str | None = None  # the model the server says answered, where it says
+    stopped: bool | None = False     # whether the output ended at one of the request's stop strings,
+                                     # which servers leave out of the text: None where the engine cannot
+                                     # tell (a finish_reason "stop" from a server that names no stop
+                                     # reason: a stop string or the model's own end of sequence)
 
 
 # The sampling fields a model's generation_config.json may set that our requests do not: `vllm serve`

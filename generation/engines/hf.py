@@ -99,12 +99,12 @@ class HFEngine(Engine):
                 ids.pop()
                 finish = "stop"
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            for s in r.stop:
-                if s in text:
-                    text, finish = text[: text.index(s)], "stop"
+            hits = [(text.index(s), s) for s in r.stop if s in text]
+            if hits:  # as vLLM: the output ends before the first stop string, which is left out of the text
+                text, finish = text[: min(hits)[0]], "stop"
             if finish == "length" and len(ids) < r.max_new_tokens:
                 finish = "stop"
-            results.append(Completion(text, n_prompt, len(ids), finish))
+            results.append(Completion(text, n_prompt, len(ids), finish, stopped=bool(hits)))
         return results
 
     @torch.inference_mode()

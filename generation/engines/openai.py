@@ -44,6 +44,13 @@ applies its template; needed for hosted chat-only APIs).
   and a generic server have no assistant prefill, so the answer cannot be made to begin at the digit:
   the stage refuses logprob mode there in one line (`logprob_problem`) instead of scoring whatever
   the model writes first.
+- Stop strings (a stage's `stop`: rewrite's `[/RES]`) go to vllm and generic servers, online and in
+  batch files; the text comes back without them (vLLM's include_stop_str_in_output is false by
+  default, OpenAI's API never includes them). A finish_reason "stop" is read with the choice's
+  `stop_reason` (vLLM) or `matched_stop` (SGLang) into Completion.stopped; a server that names
+  neither leaves it unknown (None), and the parser decides (parsing.parse_rewrite). OpenAI's own API
+  gets no stop strings: its reasoning models answer 400 "Unsupported parameter: 'stop'", which would
+  fail every request and batch line; an answer there is paid up to the model's end of turn, as before.
 - Outcomes (schemas/outcomes.py). FINAL, never resent while the config is unchanged: finish_reason
   content_filter; a chat answer whose `refusal` is set; a 400 saying the prompt exceeds the context.
   TRANSIENT, retried here with back-off and resent by a later run: connection errors, timeouts,
@@ -98,6 +105,9 @@ CHAT_TOP_LOGPROBS = 20
 OPENAI_HOSTS = re.compile(r"(^|\.)(api\.openai\.com|openai\.azure\.com|services\.ai\.azure\.com|"
                           r"cognitiveservices\.azure\.com)$")
 OPENAI_OWNERS = {"openai", "system", "openai-internal"}
+# Where a choice names the stop string that ended it: vLLM's `stop_reason`, SGLang's `matched_stop`
+# (a string, a stop token id, or null at the model's end of sequence).
+STOP_REASON_FIELDS = ("stop_reason", "matched_stop")
 
 
 def server_kind(option: str, base_url: str, models: list, model: str) -> str:
@@ -492,7 +502,7 @@ class OpenAIEngine(Engine):
                       "temperature": r.temperature, "top_p": r.top_p}
         if r.seed is not None:
             body["seed"] = r.seed
-        if r.stop:
+        if r.stop and self.server != "openai":   # OpenAI's reasoning models refuse `stop` (module docstring)
             body["stop"] = r.stop
         if self.api == "chat":
             body["messages"] = r.messages
@@ -614,6 +624,9 @@ class OpenAIEngine(Engine):
         comp = finished(text, _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")),
                         choice.get("finish_reason"))
         comp.served_model = data.get("model") if isinstance(data.get("model"), str) else None
+        if comp.finish_reason == "stop" and r.stop:
+            said = [choice[k] for k in STOP_REASON_FIELDS if k in choice]
+            comp.stopped = (said[0] in r.stop) if said else None   # None: a server that names no stop reason
         if r.digit_probs and comp.finish_reason != "error":
             top = _top_logprobs(choice, self.api)
             if top is None:

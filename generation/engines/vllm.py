@@ -9,8 +9,10 @@ top_p, max_tokens, seed, stop, logprobs, output_kind)` (max_tokens defaults to 1
 set), with the model's generation_config values of MODEL_SAMPLING_FIELDS from
 `LLM.get_default_sampling_params()` merged in, as `vllm serve` fills them. A `RequestOutput` has
 `.request_id`, `.finished`, `.prompt_token_ids` and `.outputs[i].text / .token_ids / .finish_reason /
-.logprobs` (per generated token, {token_id: Logprob(logprob, rank, decoded_token)}); finish_reason is
-one of stop, length, abort, error, repetition.
+.logprobs / .stop_reason` (logprobs per generated token, {token_id: Logprob(logprob, rank,
+decoded_token)}; stop_reason the stop string that ended the output, which include_stop_str_in_output
+False, the default, leaves out of the text, or a stop token id, or None); finish_reason is one of
+stop, length, abort, error, repetition.
 
 Requests are fed to vLLM's engine as they come (`stream`; `continuous`), not in one `generate` call
 per shard: the loop of `LLM._run_engine` with requests of our own, through `llm.llm_engine`
@@ -128,6 +130,8 @@ class VLLMEngine(Engine):
         """The Completion of a finished RequestOutput."""
         o = out.outputs[0]
         comp = finished(o.text, len(out.prompt_token_ids), len(o.token_ids), o.finish_reason)
+        # stop_reason: the stop string that ended the output (left out of the text), a stop token id, or None
+        comp.stopped = comp.finish_reason == "stop" and isinstance(o.stop_reason, str) and o.stop_reason in r.stop
         if r.digit_probs and comp.finish_reason != "error":
             first = (o.logprobs or [{}])[0]
             comp.digit_probs = {d: sum(math.exp(first[t].logprob) for t in tids if t in first)

@@ -30,7 +30,9 @@ Test hooks (not vLLM): `plan`, a list of answers that the next POSTs get instead
 text and finish_reason "content_filter", as hosted OpenAI-compatible endpoints (Azure OpenAI, gateways
 in front of vLLM) answer a prompt their content filter blocks: the same prompt is refused every time.
 `answer`: a function of a POST's body giving the text the model "writes" (finish_reason stop) or None
-for the model's own output: scripted answers a random tiny model cannot give.
+for the model's own output: scripted answers a random tiny model cannot give. Either way a request's
+`stop` strings end the text before the first of them, which is left out (include_stop_str_in_output
+false, vLLM's default), and the choice's `stop_reason` names it (null when none ended it).
 """
 from __future__ import annotations
 
@@ -122,9 +124,13 @@ class StandinServer:
                 if "raw" in step:
                     return self._send(200, step["raw"])
                 scripted = server.answer(body) if server.answer is not None else None
-                if scripted is not None:
+                if scripted is not None:   # the request's stop strings end it as they end the model's output
+                    stop = body.get("stop")
+                    hits = sorted((scripted.index(x), x) for x in ([stop] if isinstance(stop, str) else stop or [])
+                                  if x in scripted)
+                    scripted = scripted[: hits[0][0]] if hits else scripted
                     step = {"choice": {"text": scripted, "message": {"role": "assistant", "content": scripted},
-                                       "finish_reason": "stop"}}
+                                       "finish_reason": "stop", "stop_reason": hits[0][1] if hits else None}}
                 if server.refuse is not None and server.refuse(body):
                     step = {"choice": {"text": "", "message": {"role": "assistant", "content": ""},
                                        "finish_reason": "content_filter"}}
