@@ -23,7 +23,12 @@ The runner hands a shard's rows to send (those not reused, as online) to `BatchD
    rows are checkpointed, when an input file is uploaded (before its batch is created: a run killed
    in between finds the batch made from that file in GET /batches, or creates it from the same file)
    and after each submission, so no row is submitted twice while a batch holding it runs, and an
-   answer is used only for the prompt it was made for.
+   answer is used only for the prompt it was made for. A create is never retried blind: after a try
+   whose fate is unknown (a timeout, a dropped connection, a 5xx: the server may have made the batch,
+   or may still be making it) the run only looks for a batch made from that input file in the listing
+   and adopts it; one not found stays recorded as submitting (its rows wait, as in a running batch)
+   and is looked for by the next invocations, which create it from the same file only CREATE_SETTLE_S
+   after the last try. At most one batch per input file.
 A shard is written, as online, once every row is answered; until then the stage reports pending
 shards, `bft generate` exits 75 (EX_TEMPFAIL, as for external workers) and a later invocation (or
 `--wait`, which polls every `--poll-s`) collects them. State of another stage config is dropped
@@ -51,6 +56,10 @@ log = logging.getLogger("bft.batch")
 MAX_REQUESTS = 50_000             # OpenAI's Batch API: requests per input file
 MAX_BYTES = 200 * 1024 * 1024     # ... and bytes per input file
 MAX_ROUNDS = 3                    # batches a row is submitted in before a transient failure is written
+TRIES = 5                         # tries of one Batch API call (0.5 s back-off, doubling)
+# A create whose fate stayed unknown (timeouts, 5xx) is looked for in the listing on later invocations;
+# one still not listed this long after its last try is taken as never made, and created again.
+CREATE_SETTLE_S = 600.0
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 ENDED = {"completed", "failed", "expired", "cancelled"}
 EX_TEMPFAIL = 75
@@ -114,20 +123,37 @@ class BatchAPI:
     def close(self) -> None:
         self.client.close()
 
-    def _call(self, what: str, method: str, path: str, **kw):
+    def _call(self, what: str, method: str, path: str, made=None, **kw):
+        """The answer of a call, tried up to TRIES times on connection errors, 408/409/429 and 5xx.
+        `made`, for a call that creates something (POST /batches): what finds it if it was created.
+        After a try whose fate is unknown (a timeout, a dropped connection, a 408 or 5xx: the server
+        may have created it, or may still be creating it) the call is never sent again: the remaining
+        tries only ask `made`, and its answer is returned (None: not found yet)."""
         import httpx
 
-        for attempt in range(5):
+        for attempt in range(TRIES):
             try:
                 resp = self.client.request(method, self.base_url + path, **kw)
             except httpx.HTTPError as e:
                 problem = f"{type(e).__name__}: {e}"
+                # a connection never made sent nothing; any other error may follow a request the server got
+                unknown = not isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout))
             else:
                 if resp.status_code < 300:
                     return resp
                 problem = f"HTTP {resp.status_code}: {resp.text[:300]}"
                 if resp.status_code not in (408, 409, 429) and resp.status_code < 500:
                     break
+                unknown = resp.status_code >= 500 or resp.status_code == 408
+            if unknown and made is not None:
+                log.warning("the Batch API at %s: %s: %s; looking for what it may have made instead of trying "
+                            "again", self.shown_url, what, problem)
+                for look in range(attempt, TRIES):
+                    time.sleep(min(30.0, 0.5 * 2 ** look))
+                    found = made()
+                    if found is not None:
+                        return found
+                return None
             time.sleep(min(30.0, 0.5 * 2 ** attempt))
         raise BatchError(f"the Batch API at {self.shown_url}: {what} failed: {problem}")
 
@@ -136,10 +162,14 @@ class BatchAPI:
                           files={"file": (name, data, "application/jsonl")})
         return resp.json()["id"]
 
-    def create(self, file_id: str, endpoint: str, metadata: dict) -> dict:
-        return self._call("creating a batch", "POST", "/batches",
-                          json={"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h",
-                                "metadata": metadata}).json()
+    def create(self, file_id: str, endpoint: str, metadata: dict) -> dict | None:
+        """The batch made from the input file `file_id`: created, or (after a try whose fate is unknown)
+        the one the listing shows; None when a try's fate is still unknown after every retry (the
+        server may yet create it: the caller looks for it again later instead of creating another)."""
+        found = self._call("creating a batch", "POST", "/batches", made=lambda: self.find(file_id),
+                           json={"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h",
+                                 "metadata": metadata})
+        return found if found is None or isinstance(found, dict) else found.json()
 
     def get(self, batch_id: str) -> dict:
         return self._call(f"reading batch {batch_id}", "GET", f"/batches/{batch_id}").json()
@@ -225,8 +255,8 @@ class BatchDispatch:
         running: set[str] = set()
         kept = []
         for batch in state["batches"]:
-            info = self._status(batch, k, n)
-            if info["status"] not in ENDED:
+            info = self._status(batch, k, n) if batch.get("id") is not None else {"status": "submitting"}
+            if info["status"] not in ENDED:   # running, or a create whose fate is still unknown
                 batch["status"] = info["status"]
                 running.update(i for i, h in batch["rows"].items() if i in todo and todo[i][0][0]["input_hash"] == h)
                 kept.append(batch)
@@ -269,10 +299,26 @@ class BatchDispatch:
 
     def _created(self, batch: dict, k: int, n: int) -> None:
         """A batch recorded as submitting (the run stopped between uploading its input file and
-        creating it, or before it saved the id): the batch made from that file if the listing has one,
-        else it is created now, from the same file."""
-        info = self.api.find(batch["input_file_id"]) or self.api.create(batch["input_file_id"], batch["endpoint"],
-                                                                        self._metadata(k, n))
+        creating it, or before it saved the id, or its create's fate stayed unknown): the batch made
+        from that file if the listing has one; else it is created now, from the same file, unless a
+        create of it was tried less than CREATE_SETTLE_S ago (the server may still be making it)."""
+        info = self.api.find(batch["input_file_id"])
+        if info is None and time.time() - batch.get("create_tried", 0) < CREATE_SETTLE_S:
+            return
+        self._create(batch, k, n, info)
+
+    def _create(self, batch: dict, k: int, n: int, info: dict | None = None) -> None:
+        """Creates the batch of a recorded input file (unless `info` is it already); one whose create's
+        fate stays unknown keeps no id and the time of the try (`_created` looks for it later)."""
+        if info is None:
+            batch["create_tried"] = time.time()
+            info = self.api.create(batch["input_file_id"], batch["endpoint"], self._metadata(k, n))
+        if info is None:
+            log.warning("%s: the create of a batch from %s may or may not have been made; it is looked for "
+                        "again on the next invocation, never made twice", self.state_path(k, n),
+                        batch["input_file_id"])
+            return
+        batch.pop("create_tried", None)
         batch.update(id=info["id"], status=info.get("status"))
 
     def _status(self, batch: dict, k: int, n: int) -> dict:
@@ -315,8 +361,7 @@ class BatchDispatch:
                      "rows": {row_id: h for (row_id, _, _), h in zip(ids, hashes[start:start + len(part)])}}
             state["batches"].append(entry)
             self.save(k, n, state)
-            info = self.api.create(file_id, endpoint, self._metadata(k, n))
-            entry.update(id=info["id"], status=info.get("status"))
+            self._create(entry, k, n)
             self.save(k, n, state)   # at once: a kill after this never submits these rows again
             start += len(part)
             self.submitted += len(part)
