@@ -111,6 +111,30 @@ def read_jsonl(data: bytes) -> dict[str, dict]:
     return out
 
 
+def state_path(layout, stage: str, k: int, n: int) -> str:
+    """The state file of shard k's batches (module docstring)."""
+    return storage.join(layout.generation_batches(stage), shard_name(stage, k, n, "json"))
+
+
+def submitted(layout, stage: str, shards: list[tuple[int, int]], config_key: str) -> dict[int, list[dict]]:
+    """{k: the batches shard k's state file records for `config_key`} for the shards that have any:
+    requests sent and perhaps paid for, whose answers only `--batch` collects. An unreadable state
+    file counts as none here (the batch path names it)."""
+    out = {}
+    for k, n in shards:
+        path = state_path(layout, stage, k, n)
+        if not storage.exists(path):
+            continue
+        try:
+            state = json.loads(storage.read_text(path))
+        except ValueError:
+            continue
+        batches = state.get("batches") if isinstance(state, dict) and state.get("config") == config_key else None
+        if isinstance(batches, list) and batches:
+            out[k] = [b for b in batches if isinstance(b, dict)]
+    return out
+
+
 class BatchAPI:
     """OpenAI's Files and Batches endpoints (sync httpx; a few tries on connection errors, 429 and 5xx)."""
 
@@ -217,7 +241,7 @@ class BatchDispatch:
         return self.layout.generation_batches(self.stage)
 
     def state_path(self, k: int, n: int) -> str:
-        return storage.join(self.folder(), shard_name(self.stage, k, n, "json"))
+        return state_path(self.layout, self.stage, k, n)
 
     def load(self, k: int, n: int) -> dict:
         path = self.state_path(k, n)

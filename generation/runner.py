@@ -53,7 +53,7 @@ from schemas.options import option, product_options, required
 from schemas.outcomes import NOT_SENT, REFUSALS, category, engine_error, is_engine_error, refused, shard_summary
 from schemas.recipes import GATE_STAGES, gate_threshold, recorded_score_mode
 from generation import parsing
-from generation.batch import BatchDispatch, BatchesPending
+from generation.batch import BatchDispatch, BatchesPending, submitted
 from generation.engines import Completion, Engine, EngineConfig, Request, load_engine
 from generation.progress import StageProgress
 from generation.prompting import fallback_format, fit_prompts, n_tokens
@@ -332,6 +332,8 @@ class StageRunner:
             elif why != provenance.MISSING:
                 log.warning("%s: %s; regenerating it", out, why)
             work.append((k, n, inputs, made, out, previous))
+        if work and cfg.batch == "none":
+            self._refuse_over_batches(work)
         if work:
             self.engine  # noqa: B018 - load it now: an unreachable server fails here, before any shard
         batches = (BatchDispatch(self.engine, self.layout, cfg.stage, self._config_key(), cfg.batch, cfg.model)
@@ -396,6 +398,21 @@ class StageRunner:
                 f"(of the requests sent now): {shards}. Their answers are written; a rerun resends only the failed "
                 f"rows. First: {summary['failing_shards'][0]['first']}", summary)
         return summary
+
+    def _refuse_over_batches(self, work: list[tuple]) -> None:
+        """GenerationError (one line) when a shard to write online has batches submitted (--batch) for
+        this config: sending their rows online would pay for them twice; `--batch` collects them."""
+        batches = submitted(self.layout, self.cfg.stage, [(w[0], w[1]) for w in work], self._config_key())
+        if not batches:
+            return
+        ids = [str(b.get("id") or b.get("input_file_id")) for k in sorted(batches) for b in batches[k]]
+        mode = "vllm" if any("command" in b for bs in batches.values() for b in bs) else "openai"
+        raise GenerationError(
+            f"{self.cfg.stage}: shards {sorted(batches)[:20]} have batches submitted ({', '.join(ids[:5])}"
+            f"{f' and {len(ids) - 5} more' if len(ids) > 5 else ''}; {self.layout.generation_batches(self.cfg.stage)}): "
+            f"sending their rows online would pay for them twice; collect them first with `bft generate "
+            f"{self.cfg.stage} --batch {mode}` and this run's other options (--wait to wait for them), then run "
+            "online for what is left")
 
     def _joined_rows(self, inputs: dict[str, str]) -> tuple[list[str], list[dict]]:
         """(candidate ids in shard order, joined rows: see generation.stages)."""

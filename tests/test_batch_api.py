@@ -275,3 +275,26 @@ def test_a_create_whose_fate_stays_unknown_is_looked_for_not_retried(prepared_ro
     assert gen(root, "backtranslate", MODEL, **kw(hosted, batch="openai"))["shards_done"] == [0, 1, 2]
     ids = submitted_ids(hosted)
     assert len(ids) == len(set(ids)) == 12
+
+
+def test_online_generation_refuses_a_stage_whose_batches_run(prepared_root, tmp_path, hosted, capsys):
+    """`bft generate STAGE` without --batch while the stage's batches run would pay for their rows
+    twice: it refuses in one line naming the batches and the command that collects them (issue 35
+    point 2); collected, the stage needs nothing online."""
+    root = copy_root(prepared_root, tmp_path / "batch")
+    hosted.hold = True
+    with pytest.raises(BatchesPending):
+        gen(root, "backtranslate", MODEL, **kw(hosted, batch="openai"))
+    rc, out, err = bft(capsys, "generate", "backtranslate", "--root", root, "--engine", "openai", "--model", MODEL,
+                       "--base-url", hosted.url, "--api", "chat", "--max-model-len", "8192", "--max-new-tokens", "64",
+                       "--seed", "7")                                  # the options gen() gives
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    for part in ("shards [0, 1, 2] have batches submitted", "batch_000000", "pay for them twice",
+                 "bft generate backtranslate --batch openai"):
+        assert part in err, (part, err)
+    assert hosted.requests == []                                               # nothing sent online
+    hosted.hold = False
+    hosted.finish()
+    assert gen(root, "backtranslate", MODEL, **kw(hosted, batch="openai"))["shards_done"] == [0, 1, 2]
+    assert gen(root, "backtranslate", MODEL, **kw(hosted))["shards_skipped"] == [0, 1, 2]
+    assert hosted.requests == []
