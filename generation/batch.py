@@ -42,15 +42,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shlex
 import time
 import uuid
+from typing import Iterable, Iterator
 
 import orjson
 
 import storage
 from schemas.errors import UserError
 from schemas.layout import shard_name
+from generation.engines.openai import OVER_CAP, answer_cap
 
 log = logging.getLogger("bft.batch")
 MAX_REQUESTS = 50_000             # OpenAI's Batch API: requests per input file
@@ -97,17 +100,49 @@ def split(lines: list[bytes], max_requests: int | None = None, max_bytes: int | 
     return files
 
 
-def read_jsonl(data: bytes) -> dict[str, dict]:
-    """{custom_id: line} of an output or error file; lines that are not JSON objects with a custom_id
-    are skipped (their rows count as missing, and are submitted again)."""
-    out = {}
-    for raw in data.splitlines():
+CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
+LINE_MARGIN = 4096   # a line's own fields (id, custom_id, status, request_id) beside the answer's body
+
+
+def read_jsonl(chunks: Iterable[bytes], cap: int) -> dict[str, dict]:
+    """{custom_id: line} of an output or error file given as chunks of bytes, read line by line and
+    never holding more than `cap` bytes of one line: a longer line is `{custom_id, OVER_CAP: its
+    size}` (its custom_id read from its start; the row is answer_too_long). Lines that are not JSON
+    objects with a custom_id are skipped (their rows count as missing, and are submitted again)."""
+    out: dict[str, dict] = {}
+
+    def take(head: bytes, size: int) -> None:
+        if size > cap:
+            found = CUSTOM_ID.search(head[:LINE_MARGIN])
+            try:
+                custom_id = orjson.loads(b'"' + found.group(1) + b'"') if found else None
+            except ValueError:
+                custom_id = None
+            if isinstance(custom_id, str):
+                out[custom_id] = {"custom_id": custom_id, OVER_CAP: size}
+            return
         try:
-            line = orjson.loads(raw)
+            line = orjson.loads(head)
         except ValueError:
-            continue
+            return
         if isinstance(line, dict) and isinstance(line.get("custom_id"), str):
             out[line["custom_id"]] = line
+
+    head, size = bytearray(), 0
+    for chunk in chunks:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:end if end >= 0 else len(chunk)]
+            if len(head) <= cap:
+                head += piece[:cap + 1 - len(head)]
+            size += len(piece)
+            if end < 0:
+                break
+            take(bytes(head), size)
+            head, size, start = bytearray(), 0, end + 1
+    if size:
+        take(bytes(head), size)
     return out
 
 
@@ -214,10 +249,23 @@ class BatchAPI:
             after = data[-1].get("id")
         return None
 
-    def content(self, file_id: str | None) -> bytes:
-        if not file_id:
-            return b""
-        return self._call(f"reading file {file_id}", "GET", f"/files/{file_id}/content").content
+    def content(self, file_id: str) -> Iterator[bytes]:
+        """The bytes of a file, streamed in chunks (an output file may be gigabytes: never held whole)."""
+        import httpx
+
+        for attempt in range(TRIES):
+            try:
+                with self.client.stream("GET", f"{self.base_url}/files/{file_id}/content") as resp:
+                    if resp.status_code < 300:
+                        yield from resp.iter_bytes(1 << 20)
+                        return
+                    problem = f"HTTP {resp.status_code}: {resp.read()[:300]!r}"
+                    if resp.status_code not in (408, 409, 429) and resp.status_code < 500:
+                        break
+            except httpx.HTTPError as e:
+                problem = f"{type(e).__name__}: {e}"
+            time.sleep(min(30.0, 0.5 * 2 ** attempt))
+        raise BatchError(f"the Batch API at {self.shown_url}: reading file {file_id} failed: {problem}")
 
 
 class BatchDispatch:
@@ -285,8 +333,9 @@ class BatchDispatch:
                 running.update(i for i, h in batch["rows"].items() if i in todo and todo[i][0][0]["input_hash"] == h)
                 kept.append(batch)
                 continue
-            lines = {**self._lines(info.get("error_file_id"), batch, k, n, "error"),
-                     **self._lines(info.get("output_file_id"), batch, k, n, "output")}
+            cap = max((answer_cap(req) for _, req in todo.values()), default=0) + LINE_MARGIN
+            lines = {**self._lines(info.get("error_file_id"), batch, k, n, "error", cap),
+                     **self._lines(info.get("output_file_id"), batch, k, n, "output", cap)}
             why = f"batch {batch['id']} {info['status']}" + _errors(info)
             for row_id, hashed in batch["rows"].items():
                 if row_id not in todo or todo[row_id][0][0]["input_hash"] != hashed:
@@ -351,12 +400,13 @@ class BatchDispatch:
         done = storage.exists(self._vllm_path(k, n, "output"))
         return {"status": "completed" if done else "in_progress"}
 
-    def _lines(self, file_id: str | None, batch: dict, k: int, n: int, kind: str) -> dict[str, dict]:
+    def _lines(self, file_id: str | None, batch: dict, k: int, n: int, kind: str, cap: int) -> dict[str, dict]:
         if self.mode == "openai":
-            return read_jsonl(self.api.content(file_id)) if file_id else {}
+            return read_jsonl(self.api.content(file_id), cap) if file_id else {}
         if kind == "error":
             return {}
-        return read_jsonl(storage.read_bytes(self._vllm_path(k, n, "output")))
+        with storage.open_read(self._vllm_path(k, n, "output")) as f:
+            return read_jsonl(iter(lambda: f.read(1 << 20), b""), cap)
 
     def _submit(self, k: int, n: int, state: dict, send: list) -> None:
         lines = [orjson.dumps(self.engine.batch_line(row_id, req)) + b"\n" for row_id, _, req in send]
