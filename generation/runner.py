@@ -76,6 +76,9 @@ class ErrorBudgetExceeded(GenerationError):
 
 
 PREPARE_CHUNK = 64      # rows whose prompts are built and counted in one batched tokenizer call
+# A gs:// root's lock is asked (one metadata read) at most this often between requests; each write asks it
+# anyway (storage's fencing), and a lock known lost stops the next request and the next answer's take.
+FENCE_CHECK_S = 1.0
 
 
 NO_GATE = "none"        # --gate none: rewrite and distill send every row
@@ -332,6 +335,7 @@ class StageRunner:
             elif why != provenance.MISSING:
                 log.warning("%s: %s; regenerating it", out, why)
             work.append((k, n, inputs, made, out, previous))
+        storage.check_fences(self.layout.root)   # a holder woken after its lock was taken over sends nothing
         if work and cfg.batch == "none":
             self._refuse_over_batches(work)
         if work:
@@ -434,6 +438,7 @@ class StageRunner:
             fitted = fit_prompts(eng.tokenizer, self.template, [values for _, values in chunk], self.spec.doc_field,
                                  budget, self.logprob_prefix or "", count=getattr(eng, "count_messages", None))
             for (row, _), (prompt, msgs, truncated, count) in zip(chunk, fitted):
+                storage.check_fences(self.layout.root, FENCE_CHECK_S)   # a holder that lost the root's lock stops
                 req = Request(prompt, msgs, self.max_new, self.temperature, self.top_p,
                               row_seed(row["id"], self.cfg.stage, self.cfg.seed),
                               digit_probs=self.logprob_prefix is not None, prompt_tokens=count)
@@ -552,6 +557,9 @@ class StageRunner:
             self.paid["refusals"][kind] = self.paid["refusals"].get(kind, 0) + 1
         if self.on_paid is not None:
             self.on_paid(self.paid)
+        # on the event loop's thread: no read of a gs:// lock here (FENCE_CHECK_S paces those), only
+        # whether it is known lost, which stops the stream (every request in flight is cancelled)
+        storage.check_fences(self.layout.root, float("inf"))
         return shard.answer(answered, comp.output_tokens or 0)
 
     def _row(self, row: dict, req: Request | None, comp: Completion | None, truncated: bool, reason: str | None) -> dict:
