@@ -45,7 +45,8 @@ applies its template; needed for hosted chat-only APIs).
   the stage refuses logprob mode there in one line (`logprob_problem`) instead of scoring whatever
   the model writes first.
 - Outcomes (schemas/outcomes.py). FINAL, never resent while the config is unchanged: finish_reason
-  content_filter; a chat answer whose `refusal` is set; a 400 saying the prompt exceeds the context.
+  content_filter; a chat answer whose `refusal` is set; a 400 saying the prompt exceeds the context;
+  a 200 whose body is over its byte cap (below).
   TRANSIENT, retried here with back-off and resent by a later run: connection errors, timeouts,
   408/409/429/5xx, a 200 whose body is broken or has no usable choice, any other finish reason
   (vLLM's abort), any other 4xx (a server or config problem, which the error budget then stops).
