@@ -162,7 +162,13 @@ def check_fences(path: str, max_age_s: float = 0.0) -> None:
     where = path if is_gcs(path) else os.path.abspath(path)
     for folder, lock in list(_FENCES):
         if where == folder or where.startswith(folder.rstrip("/") + "/"):
-            lock.verify(max_age_s)
+            try:
+                lock.verify(max_age_s)
+            except Exception as e:   # the lock object could not be read: an OSError naming it
+                mapped = _mapped(e, lock.path)
+                if mapped is None:
+                    raise
+                raise mapped from e
 
 
 def _fenced(path: str) -> bool:
