@@ -250,20 +250,27 @@ class BatchAPI:
         return None
 
     def content(self, file_id: str) -> Iterator[bytes]:
-        """The bytes of a file, streamed in chunks (an output file may be gigabytes: never held whole)."""
+        """The bytes of a file, streamed in chunks (an output file may be gigabytes: never held whole);
+        tried again as `_call` does until its first byte came (a stream cut later is a BatchError: the
+        next invocation reads the file again)."""
         import httpx
 
+        started = False
         for attempt in range(TRIES):
             try:
                 with self.client.stream("GET", f"{self.base_url}/files/{file_id}/content") as resp:
                     if resp.status_code < 300:
-                        yield from resp.iter_bytes(1 << 20)
+                        for chunk in resp.iter_bytes(1 << 20):
+                            started = True
+                            yield chunk
                         return
                     problem = f"HTTP {resp.status_code}: {resp.read()[:300]!r}"
                     if resp.status_code not in (408, 409, 429) and resp.status_code < 500:
                         break
             except httpx.HTTPError as e:
                 problem = f"{type(e).__name__}: {e}"
+                if started:
+                    break
             time.sleep(min(30.0, 0.5 * 2 ** attempt))
         raise BatchError(f"the Batch API at {self.shown_url}: reading file {file_id} failed: {problem}")
 

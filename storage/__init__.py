@@ -21,6 +21,7 @@ import functools
 import gzip
 import io
 import os
+import pathlib
 import posixpath
 import re
 import tempfile
@@ -645,7 +646,7 @@ def write_parquet(table: pa.Table, path: str, compression: str = "zstd") -> int:
         else:
             try:
                 _fenced_upload(path, lambda **pre: _blob(path).upload_from_filename(tmp, retry=_retry(), **pre),
-                               lambda: _md5(open(tmp, "rb").read()))
+                               lambda: _md5(pathlib.Path(tmp).read_bytes()))
             except Exception as e:
                 raise (_mapped(e, path) or e) from e
         return size
