@@ -23,7 +23,12 @@ The runner hands a shard's rows to send (those not reused, as online) to `BatchD
    rows are checkpointed, when an input file is uploaded (before its batch is created: a run killed
    in between finds the batch made from that file in GET /batches, or creates it from the same file)
    and after each submission, so no row is submitted twice while a batch holding it runs, and an
-   answer is used only for the prompt it was made for.
+   answer is used only for the prompt it was made for. A create is never retried blind: after a try
+   whose fate is unknown (a timeout, a dropped connection, a 5xx: the server may have made the batch,
+   or may still be making it) the run only looks for a batch made from that input file in the listing
+   and adopts it; one not found stays recorded as submitting (its rows wait, as in a running batch)
+   and is looked for by the next invocations, which create it from the same file only CREATE_SETTLE_S
+   after the last try. At most one batch per input file.
 A shard is written, as online, once every row is answered; until then the stage reports pending
 shards, `bft generate` exits 75 (EX_TEMPFAIL, as for external workers) and a later invocation (or
 `--wait`, which polls every `--poll-s`) collects them. State of another stage config is dropped
@@ -37,20 +42,27 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shlex
 import time
 import uuid
+from typing import Iterable, Iterator
 
 import orjson
 
 import storage
 from schemas.errors import UserError
 from schemas.layout import shard_name
+from generation.engines.openai import OVER_CAP, answer_cap
 
 log = logging.getLogger("bft.batch")
 MAX_REQUESTS = 50_000             # OpenAI's Batch API: requests per input file
 MAX_BYTES = 200 * 1024 * 1024     # ... and bytes per input file
 MAX_ROUNDS = 3                    # batches a row is submitted in before a transient failure is written
+TRIES = 5                         # tries of one Batch API call (0.5 s back-off, doubling)
+# A create whose fate stayed unknown (timeouts, 5xx) is looked for in the listing on later invocations;
+# one still not listed this long after its last try is taken as never made, and created again.
+CREATE_SETTLE_S = 600.0
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 ENDED = {"completed", "failed", "expired", "cancelled"}
 EX_TEMPFAIL = 75
@@ -88,17 +100,73 @@ def split(lines: list[bytes], max_requests: int | None = None, max_bytes: int | 
     return files
 
 
-def read_jsonl(data: bytes) -> dict[str, dict]:
-    """{custom_id: line} of an output or error file; lines that are not JSON objects with a custom_id
-    are skipped (their rows count as missing, and are submitted again)."""
-    out = {}
-    for raw in data.splitlines():
+CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
+LINE_MARGIN = 4096   # a line's own fields (id, custom_id, status, request_id) beside the answer's body
+
+
+def read_jsonl(chunks: Iterable[bytes], cap: int) -> dict[str, dict]:
+    """{custom_id: line} of an output or error file given as chunks of bytes, read line by line and
+    never holding more than `cap` bytes of one line: a longer line is `{custom_id, OVER_CAP: its
+    size}` (its custom_id read from its start; the row is answer_too_long). Lines that are not JSON
+    objects with a custom_id are skipped (their rows count as missing, and are submitted again)."""
+    out: dict[str, dict] = {}
+
+    def take(head: bytes, size: int) -> None:
+        if size > cap:
+            found = CUSTOM_ID.search(head[:LINE_MARGIN])
+            try:
+                custom_id = orjson.loads(b'"' + found.group(1) + b'"') if found else None
+            except ValueError:
+                custom_id = None
+            if isinstance(custom_id, str):
+                out[custom_id] = {"custom_id": custom_id, OVER_CAP: size}
+            return
         try:
-            line = orjson.loads(raw)
+            line = orjson.loads(head)
         except ValueError:
-            continue
+            return
         if isinstance(line, dict) and isinstance(line.get("custom_id"), str):
             out[line["custom_id"]] = line
+
+    head, size = bytearray(), 0
+    for chunk in chunks:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:end if end >= 0 else len(chunk)]
+            if len(head) <= cap:
+                head += piece[:cap + 1 - len(head)]
+            size += len(piece)
+            if end < 0:
+                break
+            take(bytes(head), size)
+            head, size, start = bytearray(), 0, end + 1
+    if size:
+        take(bytes(head), size)
+    return out
+
+
+def state_path(layout, stage: str, k: int, n: int) -> str:
+    """The state file of shard k's batches (module docstring)."""
+    return storage.join(layout.generation_batches(stage), shard_name(stage, k, n, "json"))
+
+
+def submitted(layout, stage: str, shards: list[tuple[int, int]], config_key: str) -> dict[int, list[dict]]:
+    """{k: the batches shard k's state file records for `config_key`} for the shards that have any:
+    requests sent and perhaps paid for, whose answers only `--batch` collects. An unreadable state
+    file counts as none here (the batch path names it)."""
+    out = {}
+    for k, n in shards:
+        path = state_path(layout, stage, k, n)
+        if not storage.exists(path):
+            continue
+        try:
+            state = json.loads(storage.read_text(path))
+        except ValueError:
+            continue
+        batches = state.get("batches") if isinstance(state, dict) and state.get("config") == config_key else None
+        if isinstance(batches, list) and batches:
+            out[k] = [b for b in batches if isinstance(b, dict)]
     return out
 
 
@@ -114,20 +182,37 @@ class BatchAPI:
     def close(self) -> None:
         self.client.close()
 
-    def _call(self, what: str, method: str, path: str, **kw):
+    def _call(self, what: str, method: str, path: str, made=None, **kw):
+        """The answer of a call, tried up to TRIES times on connection errors, 408/409/429 and 5xx.
+        `made`, for a call that creates something (POST /batches): what finds it if it was created.
+        After a try whose fate is unknown (a timeout, a dropped connection, a 408 or 5xx: the server
+        may have created it, or may still be creating it) the call is never sent again: the remaining
+        tries only ask `made`, and its answer is returned (None: not found yet)."""
         import httpx
 
-        for attempt in range(5):
+        for attempt in range(TRIES):
             try:
                 resp = self.client.request(method, self.base_url + path, **kw)
             except httpx.HTTPError as e:
                 problem = f"{type(e).__name__}: {e}"
+                # a connection never made sent nothing; any other error may follow a request the server got
+                unknown = not isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout))
             else:
                 if resp.status_code < 300:
                     return resp
                 problem = f"HTTP {resp.status_code}: {resp.text[:300]}"
                 if resp.status_code not in (408, 409, 429) and resp.status_code < 500:
                     break
+                unknown = resp.status_code >= 500 or resp.status_code == 408
+            if unknown and made is not None:
+                log.warning("the Batch API at %s: %s: %s; looking for what it may have made instead of trying "
+                            "again", self.shown_url, what, problem)
+                for look in range(attempt, TRIES):
+                    time.sleep(min(30.0, 0.5 * 2 ** look))
+                    found = made()
+                    if found is not None:
+                        return found
+                return None
             time.sleep(min(30.0, 0.5 * 2 ** attempt))
         raise BatchError(f"the Batch API at {self.shown_url}: {what} failed: {problem}")
 
@@ -136,10 +221,14 @@ class BatchAPI:
                           files={"file": (name, data, "application/jsonl")})
         return resp.json()["id"]
 
-    def create(self, file_id: str, endpoint: str, metadata: dict) -> dict:
-        return self._call("creating a batch", "POST", "/batches",
-                          json={"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h",
-                                "metadata": metadata}).json()
+    def create(self, file_id: str, endpoint: str, metadata: dict) -> dict | None:
+        """The batch made from the input file `file_id`: created, or (after a try whose fate is unknown)
+        the one the listing shows; None when a try's fate is still unknown after every retry (the
+        server may yet create it: the caller looks for it again later instead of creating another)."""
+        found = self._call("creating a batch", "POST", "/batches", made=lambda: self.find(file_id),
+                           json={"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h",
+                                 "metadata": metadata})
+        return found if found is None or isinstance(found, dict) else found.json()
 
     def get(self, batch_id: str) -> dict:
         return self._call(f"reading batch {batch_id}", "GET", f"/batches/{batch_id}").json()
@@ -160,10 +249,30 @@ class BatchAPI:
             after = data[-1].get("id")
         return None
 
-    def content(self, file_id: str | None) -> bytes:
-        if not file_id:
-            return b""
-        return self._call(f"reading file {file_id}", "GET", f"/files/{file_id}/content").content
+    def content(self, file_id: str) -> Iterator[bytes]:
+        """The bytes of a file, streamed in chunks (an output file may be gigabytes: never held whole);
+        tried again as `_call` does until its first byte came (a stream cut later is a BatchError: the
+        next invocation reads the file again)."""
+        import httpx
+
+        started = False
+        for attempt in range(TRIES):
+            try:
+                with self.client.stream("GET", f"{self.base_url}/files/{file_id}/content") as resp:
+                    if resp.status_code < 300:
+                        for chunk in resp.iter_bytes(1 << 20):
+                            started = True
+                            yield chunk
+                        return
+                    problem = f"HTTP {resp.status_code}: {resp.read()[:300]!r}"
+                    if resp.status_code not in (408, 409, 429) and resp.status_code < 500:
+                        break
+            except httpx.HTTPError as e:
+                problem = f"{type(e).__name__}: {e}"
+                if started:
+                    break
+            time.sleep(min(30.0, 0.5 * 2 ** attempt))
+        raise BatchError(f"the Batch API at {self.shown_url}: reading file {file_id} failed: {problem}")
 
 
 class BatchDispatch:
@@ -187,7 +296,7 @@ class BatchDispatch:
         return self.layout.generation_batches(self.stage)
 
     def state_path(self, k: int, n: int) -> str:
-        return storage.join(self.folder(), shard_name(self.stage, k, n, "json"))
+        return state_path(self.layout, self.stage, k, n)
 
     def load(self, k: int, n: int) -> dict:
         path = self.state_path(k, n)
@@ -225,14 +334,15 @@ class BatchDispatch:
         running: set[str] = set()
         kept = []
         for batch in state["batches"]:
-            info = self._status(batch, k, n)
-            if info["status"] not in ENDED:
+            info = self._status(batch, k, n) if batch.get("id") is not None else {"status": "submitting"}
+            if info["status"] not in ENDED:   # running, or a create whose fate is still unknown
                 batch["status"] = info["status"]
                 running.update(i for i, h in batch["rows"].items() if i in todo and todo[i][0][0]["input_hash"] == h)
                 kept.append(batch)
                 continue
-            lines = {**self._lines(info.get("error_file_id"), batch, k, n, "error"),
-                     **self._lines(info.get("output_file_id"), batch, k, n, "output")}
+            cap = max((answer_cap(req) for _, req in todo.values()), default=0) + LINE_MARGIN
+            lines = {**self._lines(info.get("error_file_id"), batch, k, n, "error", cap),
+                     **self._lines(info.get("output_file_id"), batch, k, n, "output", cap)}
             why = f"batch {batch['id']} {info['status']}" + _errors(info)
             for row_id, hashed in batch["rows"].items():
                 if row_id not in todo or todo[row_id][0][0]["input_hash"] != hashed:
@@ -269,10 +379,26 @@ class BatchDispatch:
 
     def _created(self, batch: dict, k: int, n: int) -> None:
         """A batch recorded as submitting (the run stopped between uploading its input file and
-        creating it, or before it saved the id): the batch made from that file if the listing has one,
-        else it is created now, from the same file."""
-        info = self.api.find(batch["input_file_id"]) or self.api.create(batch["input_file_id"], batch["endpoint"],
-                                                                        self._metadata(k, n))
+        creating it, or before it saved the id, or its create's fate stayed unknown): the batch made
+        from that file if the listing has one; else it is created now, from the same file, unless a
+        create of it was tried less than CREATE_SETTLE_S ago (the server may still be making it)."""
+        info = self.api.find(batch["input_file_id"])
+        if info is None and time.time() - batch.get("create_tried", 0) < CREATE_SETTLE_S:
+            return
+        self._create(batch, k, n, info)
+
+    def _create(self, batch: dict, k: int, n: int, info: dict | None = None) -> None:
+        """Creates the batch of a recorded input file (unless `info` is it already); one whose create's
+        fate stays unknown keeps no id and the time of the try (`_created` looks for it later)."""
+        if info is None:
+            batch["create_tried"] = time.time()
+            info = self.api.create(batch["input_file_id"], batch["endpoint"], self._metadata(k, n))
+        if info is None:
+            log.warning("%s: the create of a batch from %s may or may not have been made; it is looked for "
+                        "again on the next invocation, never made twice", self.state_path(k, n),
+                        batch["input_file_id"])
+            return
+        batch.pop("create_tried", None)
         batch.update(id=info["id"], status=info.get("status"))
 
     def _status(self, batch: dict, k: int, n: int) -> dict:
@@ -281,12 +407,13 @@ class BatchDispatch:
         done = storage.exists(self._vllm_path(k, n, "output"))
         return {"status": "completed" if done else "in_progress"}
 
-    def _lines(self, file_id: str | None, batch: dict, k: int, n: int, kind: str) -> dict[str, dict]:
+    def _lines(self, file_id: str | None, batch: dict, k: int, n: int, kind: str, cap: int) -> dict[str, dict]:
         if self.mode == "openai":
-            return read_jsonl(self.api.content(file_id)) if file_id else {}
+            return read_jsonl(self.api.content(file_id), cap) if file_id else {}
         if kind == "error":
             return {}
-        return read_jsonl(storage.read_bytes(self._vllm_path(k, n, "output")))
+        with storage.open_read(self._vllm_path(k, n, "output")) as f:
+            return read_jsonl(iter(lambda: f.read(1 << 20), b""), cap)
 
     def _submit(self, k: int, n: int, state: dict, send: list) -> None:
         lines = [orjson.dumps(self.engine.batch_line(row_id, req)) + b"\n" for row_id, _, req in send]
@@ -315,8 +442,7 @@ class BatchDispatch:
                      "rows": {row_id: h for (row_id, _, _), h in zip(ids, hashes[start:start + len(part)])}}
             state["batches"].append(entry)
             self.save(k, n, state)
-            info = self.api.create(file_id, endpoint, self._metadata(k, n))
-            entry.update(id=info["id"], status=info.get("status"))
+            self._create(entry, k, n)
             self.save(k, n, state)   # at once: a kill after this never submits these rows again
             start += len(part)
             self.submitted += len(part)

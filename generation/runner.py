@@ -56,7 +56,7 @@ from schemas.options import option, product_options, required
 from schemas.outcomes import NOT_SENT, REFUSALS, category, engine_error, is_engine_error, refused, shard_summary
 from schemas.recipes import GATE_STAGES, gate_threshold, recorded_score_mode
 from generation import parsing
-from generation.batch import BatchDispatch, BatchesPending
+from generation.batch import BatchDispatch, BatchesPending, submitted
 from generation.budget import shared_prefix_tokens
 from generation.engines import Completion, Engine, EngineConfig, Request, load_engine
 from generation.preparing import PreparePool
@@ -81,6 +81,9 @@ class ErrorBudgetExceeded(GenerationError):
 
 
 PREPARE_CHUNK = 64      # rows whose prompts are built and counted in one batched tokenizer call
+# A gs:// root's lock is asked (one metadata read) at most this often between requests; each write asks it
+# anyway (storage's fencing), and a lock known lost stops the next request and the next answer's take.
+FENCE_CHECK_S = 1.0
 
 
 NO_GATE = "none"        # --gate none: rewrite and distill send every row
@@ -355,6 +358,9 @@ class StageRunner:
             elif why != provenance.MISSING:
                 log.warning("%s: %s; regenerating it", out, why)
             work.append((k, n, inputs, made, out, previous))
+        storage.check_fences(self.layout.root)   # a holder woken after its lock was taken over sends nothing
+        if work and cfg.batch == "none":
+            self._refuse_over_batches(work)
         if work:
             self.engine  # noqa: B018 - load it now: an unreachable server fails here, before any shard
         batches = (BatchDispatch(self.engine, self.layout, cfg.stage, self._config_key(), cfg.batch, cfg.model)
@@ -441,6 +447,21 @@ class StageRunner:
                 return old["id"]
         return None
 
+    def _refuse_over_batches(self, work: list[tuple]) -> None:
+        """GenerationError (one line) when a shard to write online has batches submitted (--batch) for
+        this config: sending their rows online would pay for them twice; `--batch` collects them."""
+        batches = submitted(self.layout, self.cfg.stage, [(w[0], w[1]) for w in work], self._config_key())
+        if not batches:
+            return
+        ids = [str(b.get("id") or b.get("input_file_id")) for k in sorted(batches) for b in batches[k]]
+        mode = "vllm" if any("command" in b for bs in batches.values() for b in bs) else "openai"
+        raise GenerationError(
+            f"{self.cfg.stage}: shards {sorted(batches)[:20]} have batches submitted ({', '.join(ids[:5])}"
+            f"{f' and {len(ids) - 5} more' if len(ids) > 5 else ''}; {self.layout.generation_batches(self.cfg.stage)}): "
+            f"sending their rows online would pay for them twice; collect them first with `bft generate "
+            f"{self.cfg.stage} --batch {mode}` and this run's other options (--wait to wait for them), then run "
+            "online for what is left")
+
     def _joined_rows(self, inputs: dict[str, str]) -> tuple[list[str], list[dict]]:
         """(candidate ids in shard order, joined rows: see generation.stages)."""
         cands = schemas.validate(storage.read_parquet(inputs["candidates"]), schemas.CANDIDATE, inputs["candidates"])
@@ -468,6 +489,7 @@ class StageRunner:
                              for v in values)
         for chunk, fitted in zip(chunks, fitted_chunks):
             for (row, _), (prompt, msgs, truncated, count) in zip(chunk, fitted):
+                storage.check_fences(self.layout.root, FENCE_CHECK_S)   # a holder that lost the root's lock stops
                 req = Request(prompt, msgs, self.max_new, self.temperature, self.top_p,
                               row_seed(row["id"], self.cfg.stage, self.cfg.seed), stop=list(self.stop),
                               digit_probs=self.logprob_prefix is not None, prompt_tokens=count)
@@ -588,6 +610,9 @@ class StageRunner:
             self.paid["refusals"][kind] = self.paid["refusals"].get(kind, 0) + 1
         if self.on_paid is not None:
             self.on_paid(self.paid)
+        # on the event loop's thread: no read of a gs:// lock here (FENCE_CHECK_S paces those), only
+        # whether it is known lost, which stops the stream (every request in flight is cancelled)
+        storage.check_fences(self.layout.root, float("inf"))
         return shard.answer(answered, comp.output_tokens or 0)
 
     def _row(self, row: dict, req: Request | None, comp: Completion | None, truncated: bool, reason: str | None) -> dict:

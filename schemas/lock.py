@@ -6,7 +6,8 @@
 
 The lock itself (flock locally, generation preconditions and a heartbeat on gs://) is storage.lock's;
 this module names its path (schemas.layout.RunLayout.lock) and makes its failures UserErrors, so a
-second writer is one line naming the holder and exit 1. The lock is taken by the command line only
+second writer is one line naming the holder and exit 1. It fences the holder's writes below the root
+(storage.lock's fencing): a holder that lost its lock writes nothing more there. The lock is taken by the command line only
 (bft.cli for prepare, generate and assemble; bft.rebuild around the whole rebuild), never by the
 steps themselves, so `bft rebuild` calling prepare, generate and assemble in-process does not lock twice.
 """
@@ -37,7 +38,7 @@ class RootLock(lock.Lock):
     def __init__(self, root: "str | RunLayout", name: str = "root", *, heartbeat_s: float = 60.0,
                  stale_s: float = 600.0):
         self.layout = root if isinstance(root, RunLayout) else RunLayout(root)
-        super().__init__(self.layout.lock(name), heartbeat_s=heartbeat_s, stale_s=stale_s)
+        super().__init__(self.layout.lock(name), heartbeat_s=heartbeat_s, stale_s=stale_s, fences=self.layout.root)
 
     def acquire(self) -> "RootLock":
         folder = storage.parent(self.path)

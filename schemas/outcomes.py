@@ -10,7 +10,9 @@ is its category, and what follows, the detail:
     content_filter: <detail>                   FINAL refusals: the server answered, and a resend of the
     refusal: <detail>                          same prompt with the same config would not change it
     prompt_too_long: <detail>                  (finish_reason content_filter; a chat `refusal`; a prompt
-                                               the server or engine rejects as longer than its context).
+    answer_too_long: <detail>                  the server or engine rejects as longer than its context;
+                                               an answer whose body is over the request's byte cap,
+                                               generation.engines.openai.answer_cap, never read whole).
                                                Never resent while the stage's config is unchanged, not
                                                budgeted, dropped by assemble as `<stage>:<category>`
     upstream_failed:<upstream category>        the upstream stage's row failed: nothing was sent
@@ -41,7 +43,8 @@ NOT_SENT = "not_sent"               # the finish_reason of a row that was never 
 BELOW_GATE = f"{NOT_SENT}: below_gate"  # the parse_error of a row its stage's gate kept from the model
 # Final refusals: the server's answer, not a failure to get one (module docstring)
 CONTENT_FILTER, REFUSAL, PROMPT_TOO_LONG = "content_filter", "refusal", "prompt_too_long"
-REFUSALS = (CONTENT_FILTER, REFUSAL, PROMPT_TOO_LONG)
+ANSWER_TOO_LONG = "answer_too_long"
+REFUSALS = (CONTENT_FILTER, REFUSAL, PROMPT_TOO_LONG, ANSWER_TOO_LONG)
 
 # Score histogram bins: [0, 0.5), [0.5, 1), ... [5, 5.5): generated scores are integers, logprob
 # scores and AlpaGasus ratings may be fractional.

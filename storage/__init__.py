@@ -4,6 +4,15 @@ One small layer used by every stage (Beam DoFns, generators, training), so that 
 local folder or a bucket prefix. gs:// goes through google-cloud-storage; when STORAGE_EMULATOR_HOST is
 set (the gcp-storage-emulator in tests) the client uses anonymous credentials, so no credential lookup
 and its retries happen.
+
+Fencing: a lock this process holds over a folder (storage.lock, a run root's RootLock) is registered
+with `fence`; every write, rename and delete below that folder first asks it (`verify`), so a holder
+that lost its lock (taken over, its file removed) writes nothing more there. On gs:// a write is also
+conditioned on the object's generation as read BEFORE the lock was verified (`if_generation_match`):
+a new holder takes the lock before it writes, so an object it wrote after our check fails our write
+(412) instead of being overwritten, and one it writes later overwrites ours: the old holder never
+replaces what the new one wrote. Locally the lock file's inode is checked just before the rename that
+publishes a file.
 """
 from __future__ import annotations
 
@@ -12,6 +21,7 @@ import functools
 import gzip
 import io
 import os
+import pathlib
 import posixpath
 import re
 import tempfile
@@ -128,6 +138,77 @@ class _GcsReader(io.RawIOBase):
         except Exception:  # closing a reader of a deleted object must not hide the read's error
             pass
         super().close()
+
+
+# ---- fencing (module docstring) -------------------------------------------------------------------
+
+_FENCES: list[tuple[str, object]] = []   # (folder, lock) of the locks this process holds
+
+
+def fence(folder: str, lock) -> None:
+    """Fences the writes below `folder` with `lock` (its `verify(max_age_s)` raises once it is lost)."""
+    _FENCES.append((folder if is_gcs(folder) else os.path.abspath(folder), lock))
+
+
+def unfence(lock) -> None:
+    _FENCES[:] = [(folder, held) for folder, held in _FENCES if held is not lock]
+
+
+def check_fences(path: str, max_age_s: float = 0.0) -> None:
+    """Raises the lost-lock error of a lock this process holds over `path` once it is not ours.
+    `max_age_s`: a lock verified (on gs://, one metadata read) that recently is taken as still ours
+    unless it is known lost (for checks between requests, too frequent for a read each)."""
+    if not _FENCES:
+        return
+    where = path if is_gcs(path) else os.path.abspath(path)
+    for folder, lock in list(_FENCES):
+        if where == folder or where.startswith(folder.rstrip("/") + "/"):
+            try:
+                lock.verify(max_age_s)
+            except Exception as e:   # the lock object could not be read: an OSError naming it
+                mapped = _mapped(e, lock.path)
+                if mapped is None:
+                    raise
+                raise mapped from e
+
+
+def _fenced(path: str) -> bool:
+    where = path if is_gcs(path) else os.path.abspath(path)
+    return any(where == f or where.startswith(f.rstrip("/") + "/") for f, _ in _FENCES)
+
+
+def _fenced_upload(path: str, upload, md5_of) -> None:
+    """`upload(**precondition)` of a gs:// object: below a fence, conditioned on the generation read
+    before the fence is verified (module docstring); a 412 is our own upload retried after it landed
+    (the same md5) or another writer's object, which stays."""
+    if not _fenced(path):
+        upload()
+        return
+    from google.api_core import exceptions as gexc
+
+    blob = _blob(path)
+    try:
+        blob.reload()
+        generation = int(blob.generation)
+    except gexc.NotFound:
+        generation = 0
+    check_fences(path)
+    try:
+        upload(if_generation_match=generation)
+    except gexc.PreconditionFailed:
+        check_fences(path)
+        blob = _blob(path)
+        blob.reload()
+        if blob.md5_hash != md5_of():
+            raise StorageError(errno.EBUSY, f"{path}: another writer replaced it while this run wrote it; "
+                                            "not overwritten", path) from None
+
+
+def _md5(data: bytes) -> str:
+    import base64
+    import hashlib
+
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
 def join(base: str, *parts: str) -> str:
@@ -274,7 +355,8 @@ def write_bytes(path: str, data: bytes) -> None:
     if is_gcs(path):
         # our writes replace a whole object with the same bytes when repeated, so a 429/5xx is retried
         # (the client retries an upload without a precondition only when told)
-        _blob(path).upload_from_string(data, retry=_retry())
+        _fenced_upload(path, lambda **pre: _blob(path).upload_from_string(data, retry=_retry(), **pre),
+                       lambda: _md5(data))
         return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -285,6 +367,7 @@ def write_bytes(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         _readable(tmp)
+        check_fences(path)   # just before the rename that publishes it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -329,6 +412,8 @@ def write_text(path: str, text: str) -> None:
 def rename(src: str, dst: str) -> None:
     """Moves a file within one store: an atomic rename locally; on GCS a server-side copy, then the
     delete of the source (a kill in between leaves both, never neither)."""
+    check_fences(dst)
+    check_fences(src)
     if is_gcs(src):
         blob = _blob(src)
         bucket, name = _split_gcs(dst)
@@ -341,6 +426,7 @@ def rename(src: str, dst: str) -> None:
 
 @_gcs_errors
 def delete(path: str) -> None:
+    check_fences(path)
     if is_gcs(path):
         blob = _blob(path)
         if blob.exists():
@@ -352,6 +438,7 @@ def delete(path: str) -> None:
 @_gcs_errors
 def delete_tree(prefix: str) -> None:
     """Removes every file under the folder `prefix`."""
+    check_fences(prefix)
     if is_gcs(prefix):
         bucket, name = _split_gcs(prefix.rstrip("/") + "/")
         for blob in gcs_client().list_blobs(bucket, prefix=name):
@@ -563,10 +650,12 @@ def write_parquet(table: pa.Table, path: str, compression: str = "zstd") -> int:
         size = os.path.getsize(tmp)
         if local_dir:
             _readable(tmp)
+            check_fences(path)   # just before the rename that publishes it
             os.replace(tmp, path)
         else:
             try:
-                _blob(path).upload_from_filename(tmp, retry=_retry())
+                _fenced_upload(path, lambda **pre: _blob(path).upload_from_filename(tmp, retry=_retry(), **pre),
+                               lambda: _md5(pathlib.Path(tmp).read_bytes()))
             except Exception as e:
                 raise (_mapped(e, path) or e) from e
         return size

@@ -24,6 +24,13 @@ gs://: there is no kernel to free a dead holder's lock, so the object carries a 
   created again with `if_generation_match=0`: of several contenders only one wins both;
 - release: delete with `if_generation_match=<our generation>`.
 Staleness compares GCS's clock with this machine's: clocks must agree to well within `stale_s`.
+
+Fencing: a lock made with `fences=FOLDER` (a run root's) fences this process's writes below FOLDER
+while it is held (storage.fence): each write first calls `verify()`, which on gs:// reads the lock
+object's generation (one metadata request) and records the lock lost when it is no longer ours, and
+locally checks that the path still names the inode we locked. A holder paused past `stale_s` (a
+laptop's sleep, SIGSTOP, a stalled VM) and taken over therefore writes nothing when it wakes, and a
+caller that checks between its own steps (`storage.check_fences`) stops at once.
 """
 from __future__ import annotations
 
@@ -121,8 +128,9 @@ class Lock:
     held_error: type = LockBusy
     lost_error: type = LockBroken
 
-    def __init__(self, path: str, *, heartbeat_s: float = 60.0, stale_s: float = 600.0):
-        self.path, self.heartbeat_s, self.stale_s = path, heartbeat_s, stale_s
+    def __init__(self, path: str, *, heartbeat_s: float = 60.0, stale_s: float = 600.0, fences: str | None = None):
+        self.path, self.heartbeat_s, self.stale_s, self.fences = path, heartbeat_s, stale_s, fences
+        self._verified = 0.0                  # monotonic time of the last verify() that read the lock
         self.holder: dict | None = None
         self.lost: str | None = None          # why the lock was lost, once it is
         self.generation: int | None = None    # gs://: the generation of our object
@@ -149,6 +157,9 @@ class Lock:
             self._acquire_gcs(holder)
         else:
             self._acquire_local(holder)
+        self._verified = time.monotonic()
+        if self.fences is not None:
+            storage.fence(self.fences, self)
         return self
 
     def check(self) -> None:
@@ -158,9 +169,30 @@ class Lock:
         if self.lost is not None:
             raise self.lost_error(self._lost_message())
 
+    def verify(self, max_age_s: float = 0.0) -> None:
+        """Raises `lost_error` when the lock is no longer ours, asking the store (gs://: the lock
+        object's generation, one metadata read) unless it did so less than `max_age_s` seconds ago."""
+        if storage.is_gcs(self.path) and self.lost is None and self.holder is not None \
+                and time.monotonic() - self._verified >= max_age_s:
+            from google.api_core import exceptions as gexc
+
+            with self._state:   # not while the heartbeat rewrites it
+                blob = self._blob()
+                try:
+                    blob.reload()
+                    if int(blob.generation) != self.generation:
+                        self.lost = "another run took it over"
+                except gexc.NotFound:
+                    self.lost = "it was deleted"
+                self._verified = time.monotonic()
+            if self.lost is not None:
+                log.error("%s", self._lost_message())
+        self.check()
+
     def release(self, raise_lost: bool = True) -> None:
         if self.holder is None:
             return
+        storage.unfence(self)
         try:
             if storage.is_gcs(self.path):
                 self._release_gcs()
@@ -184,8 +216,10 @@ class Lock:
         return f"{self.path} is held by another run: {describe(holder)}{heard}; one writer per root: {todo}"
 
     def _lost_message(self) -> str:
-        return (f"{self.path}: this run lost its lock ({self.lost}): another run may have written the same "
-                "files; check what it did before trusting this run's output")
+        fenced = (f"; it stopped, writing nothing more under {self.fences} (fenced)" if self.fences is not None
+                  else ": another run may have written the same files")
+        return (f"{self.path}: this run lost its lock ({self.lost}){fenced}; check what the run that holds it now "
+                "did before trusting this run's output")
 
     # ---- local: flock -----------------------------------------------------------------------------
     def _acquire_local(self, holder: dict) -> None:

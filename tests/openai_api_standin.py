@@ -39,7 +39,9 @@ Test hooks (not OpenAI): `answer(body) -> str`, the text the "model" writes for 
 "Score:" on a logprob request gets " N" and top logprobs over the digits (`digit_logprobs`); `plan`, a
 list of answers the next POSTs to the generation endpoints get instead ({"status", "headers",
 "body"}); `refuse(body)`: a 200 with finish_reason content_filter; `requests`: each POST's path,
-body, status and arrival time; `listings`: how many GET /v1/models it answered.
+body, status and arrival time; `listings`: how many GET /v1/models it answered; `creates`: what the
+next POSTs to /v1/batches do instead of answering at once: {"delay": s} (a slow server: the batch is
+made after s seconds, whether the client still waits or not) or {"status": 500} (an error, no batch).
 """
 from __future__ import annotations
 
@@ -171,6 +173,7 @@ class OpenAIStandin:
         self.batches: dict[str, dict] = {}
         self.fates: list[str] = []
         self.hold = False
+        self.creates: list[dict] = []
         self._lock = threading.Lock()
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._http.daemon_threads = True
@@ -215,6 +218,12 @@ class OpenAIStandin:
             return 200, self.upload(handler.headers.get("Content-Type", ""), raw), {}
         body = json.loads(raw or b"{}")
         if path == "/v1/batches":
+            with self._lock:
+                step = self.creates.pop(0) if self.creates else {}
+            if "status" in step:
+                return step["status"], {"error": {"message": "The server had an error while processing your "
+                                                  "request.", "type": "server_error", "param": None, "code": None}}, {}
+            time.sleep(step.get("delay", 0))   # made even when the client stopped waiting
             with self._lock:
                 return 200, self.create_batch(body), {}
         m = re.fullmatch(r"/v1/batches/([\w-]+)/cancel", path)
@@ -478,7 +487,10 @@ class OpenAIStandin:
                 pass
 
             def _send(self, status: int, body, headers: dict | None = None):
-                send_json(self, status, body, headers)
+                try:
+                    send_json(self, status, body, headers)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass   # the client stopped waiting (a timeout, or an answer it would not read whole)
 
             def do_GET(self):
                 try:
@@ -515,4 +527,5 @@ def hosted(api_server):
     api_server.batches.clear()
     api_server.files.clear()
     api_server.hold = False
+    api_server.creates.clear()
     return api_server

@@ -224,3 +224,77 @@ def test_a_run_killed_while_submitting_never_submits_the_rows_twice(prepared_roo
     summary = gen(batched, "backtranslate", MODEL, **kw(hosted, batch="openai"))
     assert summary["shards_done"] == [0, 1, 2] and len(hosted.batches) == 3
     assert rows(batched, "backtranslate").equals(rows(online, "backtranslate"))
+
+
+def submitted_ids(server) -> list[str]:
+    """Every row id in every batch the server made (a row twice: a request paid twice)."""
+    return sorted(i for b in server.batches for i in batch_ids(server, b))
+
+
+def test_a_batch_create_that_times_out_is_adopted_never_made_twice(prepared_root, tmp_path, hosted):
+    """POST /batches slower than --request-timeout: the batch is made anyway; the run finds it in the
+    listing instead of creating another from the same input file (issue 35 point 1)."""
+    root = copy_root(prepared_root, tmp_path / "batch")
+    hosted.hold = True
+    hosted.creates.append({"delay": 0.6})              # shard 0's create: answered after the client gave up
+    with pytest.raises(BatchesPending):
+        gen(root, "backtranslate", MODEL, **kw(hosted, batch="openai", request_timeout=0.3))
+    assert len(hosted.batches) == 3 and len({b["input_file_id"] for b in hosted.batches.values()}) == 3
+    ids = submitted_ids(hosted)
+    assert len(ids) == len(set(ids)) == 12                                    # no row in two batches
+    hosted.hold = False
+    hosted.finish()
+    assert gen(root, "backtranslate", MODEL, **kw(hosted, batch="openai"))["shards_done"] == [0, 1, 2]
+    assert len(hosted.batches) == 3 and hosted.requests == []
+
+
+def test_a_create_whose_fate_stays_unknown_is_looked_for_not_retried(prepared_root, tmp_path, hosted, monkeypatch):
+    """A 5xx on POST /batches (made or not: the client cannot tell): no second create in that run;
+    later invocations look for it in the listing, and create it only CREATE_SETTLE_S after the try."""
+    from generation import batch as batch_mod
+
+    monkeypatch.setattr(batch_mod, "TRIES", 1)          # one look after the failed try, not five
+    root = copy_root(prepared_root, tmp_path / "batch")
+    hosted.hold = True
+    hosted.creates.append({"status": 500})             # this one made nothing
+    with pytest.raises(BatchesPending) as e:
+        gen(root, "backtranslate", MODEL, **kw(hosted, batch="openai"))
+    assert e.value.summary["pending_shards"] == [0, 1, 2] and len(hosted.batches) == 2
+    state = json.load(open(os.path.join(root, "generations", "backtranslate", "_batches",
+                                        "backtranslate-00000-of-00003.json")))
+    assert state["batches"][0]["id"] is None and state["batches"][0]["create_tried"] > 0
+    with pytest.raises(BatchesPending):                 # soon after: still only looked for
+        gen(root, "backtranslate", MODEL, **kw(hosted, batch="openai"))
+    assert len(hosted.batches) == 2 and len(hosted.files) == 3
+    monkeypatch.setattr(batch_mod, "CREATE_SETTLE_S", 0.0)
+    with pytest.raises(BatchesPending):                 # settled and not listed: made now, from the same file
+        gen(root, "backtranslate", MODEL, **kw(hosted, batch="openai"))
+    assert len(hosted.batches) == 3 and len(hosted.files) == 3
+    hosted.hold = False
+    hosted.finish()
+    assert gen(root, "backtranslate", MODEL, **kw(hosted, batch="openai"))["shards_done"] == [0, 1, 2]
+    ids = submitted_ids(hosted)
+    assert len(ids) == len(set(ids)) == 12
+
+
+def test_online_generation_refuses_a_stage_whose_batches_run(prepared_root, tmp_path, hosted, capsys):
+    """`bft generate STAGE` without --batch while the stage's batches run would pay for their rows
+    twice: it refuses in one line naming the batches and the command that collects them (issue 35
+    point 2); collected, the stage needs nothing online."""
+    root = copy_root(prepared_root, tmp_path / "batch")
+    hosted.hold = True
+    with pytest.raises(BatchesPending):
+        gen(root, "backtranslate", MODEL, **kw(hosted, batch="openai"))
+    rc, out, err = bft(capsys, "generate", "backtranslate", "--root", root, "--engine", "openai", "--model", MODEL,
+                       "--base-url", hosted.url, "--api", "chat", "--max-model-len", "8192", "--max-new-tokens", "64",
+                       "--seed", "7")                                  # the options gen() gives
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    for part in ("shards [0, 1, 2] have batches submitted", "batch_000000", "pay for them twice",
+                 "bft generate backtranslate --batch openai"):
+        assert part in err, (part, err)
+    assert hosted.requests == []                                               # nothing sent online
+    hosted.hold = False
+    hosted.finish()
+    assert gen(root, "backtranslate", MODEL, **kw(hosted, batch="openai"))["shards_done"] == [0, 1, 2]
+    assert gen(root, "backtranslate", MODEL, **kw(hosted))["shards_skipped"] == [0, 1, 2]
+    assert hosted.requests == []

@@ -171,3 +171,45 @@ def test_the_back_off_budget_covers_a_one_minute_token_window():
     cfg = EngineConfig("openai", "m", base_url="http://x/v1")
     least = sum(min(MAX_BACKOFF_S, 0.5 * 2 ** a) * 0.5 for a in range(cfg.max_retries))
     assert least >= 60 and cfg.max_retry_time >= 60 + cfg.request_timeout
+
+
+def test_an_answer_over_its_byte_cap_is_a_final_outcome_never_read_whole(prepared_root, tmp_path, hosted):
+    """A server answering 10 MB bodies (issue 35 point 4): the body is read in chunks up to the
+    request's cap (answer_cap: its new tokens at 64 bytes, plus 64 KiB), the rest never; the row is a
+    final answer_too_long with its reason, online and from a batch's output file alike."""
+    import tracemalloc
+
+    from generation.engines.openai import answer_cap
+    from schemas.outcomes import REFUSALS
+
+    big = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "' + b"x" * (10 << 20) + b'"}}]}'
+    hosted.plan += [{"status": 200, "body": big}] * 3       # bytes, sent as they are: the server copies nothing
+    request = Request("", [{"role": "user", "content": "hi"}], 8)
+    with load_engine(EngineConfig("openai", MODEL, base_url=hosted.url, api="chat", max_model_len=8192)) as eng:
+        tracemalloc.start()
+        try:
+            out = eng.generate([request] * 3)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 2 << 20, peak                                     # three 10 MB answers, under 2 MB read
+    assert all(c.finish_reason == "error" and c.refusal == "answer_too_long" and c.text == "" for c in out)
+    assert f"answer over {answer_cap(request):,} bytes" in out[0].error and "answer_too_long" in REFUSALS
+    sizes = iter([10 << 20])                                        # the first prompt's answer: 10 MB of text
+
+    def answer(text):
+        return "y" * next(sizes, 0) or f"What does {len(text)} explain?"
+
+    for batch in ("none", "openai"):
+        hosted.answer = answer
+        sizes = iter([10 << 20])
+        root = copy_root(prepared_root, tmp_path / batch)
+        opts = dict(engine="openai", base_url=hosted.url, api="chat", max_model_len=8192, max_new_tokens=64,
+                    batch=batch, wait=True, poll_s=0.01)
+        summary = gen(root, "backtranslate", MODEL, **opts)
+        _, rows = read_stage(root, "backtranslate")
+        long = rows[rows["finish_reason"] == "answer_too_long"]
+        assert len(long) == 1 and summary["refusals"] == {"answer_too_long": 1} and summary["errors"] == 0, batch
+        assert long.iloc[0]["parse_error"].startswith("answer_too_long: answer over 69,632 bytes (10,"), batch
+        assert long.iloc[0]["raw_output"] == "" and rows["parse_error"].isna().sum() == len(rows) - 1, batch
+        assert gen(root, "backtranslate", MODEL, **opts)["shards_skipped"] == [0, 1, 2]    # final: never resent

@@ -22,6 +22,8 @@ from schemas.layout import RunLayout, lock_name
 from schemas.lock import LockHeld, LockLost, RootLock
 from storage import lock as storage_lock
 from tests.conftest import ROOT
+from tests.helpers.generation import copy_root, gen
+from tests.openai_api_standin import api_server, hosted  # noqa: F401 (fixtures)
 
 _HOLD = """
 import sys, time
@@ -304,3 +306,123 @@ def test_a_generate_worker_is_refused_only_by_its_own_name(tmp_path, capsys):
         assert rc == 1 and "generate-score-0-of-2 is held by another run" in err and f"pid {holder.pid}" in err
         rc, _, err = bft(capsys, *args, "--worker-index", "1")
         assert rc == 1 and "run bft prepare first" in err, err
+
+
+# ---- fencing: a holder that lost its lock writes and sends nothing more (issue 35 point 3) -------
+
+def raw_write(path: str, data: bytes) -> None:
+    """A write by another process's holder (this process's fences do not see it)."""
+    if storage.is_gcs(path):
+        storage._blob(path).upload_from_string(data)
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+
+
+def raw_read(path: str) -> bytes:
+    return storage._blob(path).download_as_bytes() if storage.is_gcs(path) else open(path, "rb").read()
+
+
+def woken_holder(root: str, takeover) -> tuple[RootLock, dict[str, bytes]]:
+    """A holder of `root`'s lock that pauses while `takeover()` gives the lock to another holder, which
+    writes shard 0 of backtranslate and its marker; returns the old lock and the new holder's files."""
+    old = RootLock(root, heartbeat_s=3600).acquire()   # its heartbeat never beats: a process paused
+    takeover(old)
+    layout = RunLayout(root)
+    new_files = {layout.generation_shard("backtranslate", 0, 3): b"the new holder's shard",
+                 layout.generation_metrics("backtranslate", 0, 3): b'{"the new holder": "marker"}'}
+    for path, data in new_files.items():
+        raw_write(path, data)
+    return old, new_files
+
+
+def woken_holder_stops(root, takeover, hosted) -> RootLock:
+    old, new_files = woken_holder(root, takeover)
+    opts = dict(engine="openai", base_url=hosted.url, api="chat", max_model_len=8192, max_new_tokens=16)
+    with pytest.raises(LockLost, match="stopped, writing nothing more"):
+        gen(root, "backtranslate", "gpt-standin", **opts)                        # it wakes and runs on
+    assert hosted.requests == []                                                  # nothing sent
+    for path, data in new_files.items():
+        with pytest.raises(LockLost):
+            storage.write_bytes(path, b"the old holder's")
+        with pytest.raises(LockLost):
+            storage.delete(path)
+        assert raw_read(path) == data                                            # nothing overwritten
+    with pytest.raises(LockLost):
+        old.release()
+    storage.write_bytes(RunLayout(root).generation_shard("x", 0, 1), b"")       # released: no fence left
+    return old
+
+
+def test_a_woken_local_holder_writes_and_sends_nothing(prepared_root, tmp_path, hosted):
+    root = copy_root(prepared_root, tmp_path / "run")
+    taken = []
+
+    def takeover(old):   # locally a live holder's flock is never stale: its file removed, the next locks anew
+        os.unlink(old.path)
+        taken.append(storage_lock.Lock(old.path).acquire())
+
+    woken_holder_stops(root, takeover, hosted)
+    taken[0].release()
+
+
+def test_a_local_holder_stops_sending_as_soon_as_it_learns_it_lost_the_lock(prepared_root, tmp_path, hosted):
+    root = copy_root(prepared_root, tmp_path / "run")
+    lock = RootLock(root).acquire()
+    taken = []
+
+    def answer(text):   # the lock changes hands while the third request is answered
+        if len(hosted.requests) == 3:
+            os.unlink(lock.path)
+            taken.append(storage_lock.Lock(lock.path).acquire())
+        return "What does the text explain?"
+
+    hosted.answer = answer
+    with pytest.raises(LockLost):
+        gen(root, "backtranslate", "gpt-standin", engine="openai", base_url=hosted.url, api="chat",
+            max_model_len=8192, max_new_tokens=16, concurrency=1, checkpoint_rows=1)
+    assert len(hosted.requests) == 3                                 # not one more once it knew
+    folder = RunLayout(root).generations("backtranslate")
+    assert not [f for f in storage.list_files(folder) if f.endswith((".parquet", ".json"))
+                and "_checkpoints" not in f], storage.list_files(folder)
+    parts = [f for f in storage.list_files(folder) if "_checkpoints" in f]
+    assert len(parts) == 2, parts                                    # the answers before the takeover only
+    with pytest.raises(LockLost):
+        lock.release()
+    taken[0].release()
+
+
+def test_a_woken_gcs_holder_writes_and_sends_nothing(prepared_root, bucket, hosted):
+    root = f"gs://{bucket}/run"
+    for name in os.listdir(os.path.join(prepared_root, "candidates")):
+        path = os.path.join(prepared_root, "candidates", name)
+        if os.path.isfile(path):
+            storage.write_bytes(f"{root}/candidates/{name}", open(path, "rb").read())
+    taken = []
+
+    def takeover(old):   # paused past the stale time: the next writer takes the lock over
+        taken.append(storage_lock.Lock(old.path, stale_s=0.0).acquire())
+
+    woken_holder_stops(root, takeover, hosted)
+    taken[0].release()
+
+
+def test_gcs_writes_are_conditioned_on_the_generation_read_before_the_fence(bucket, monkeypatch):
+    """The fence's last window: the lock checked as ours, then taken over and the object written by the
+    new holder before our upload lands. The upload's generation precondition fails it: the new
+    holder's object stays."""
+    root = f"gs://{bucket}/run"
+    path = f"{root}/sft/LATEST"
+    with RootLock(root):
+        storage.write_bytes(path, b"v1")
+        real = storage.check_fences
+
+        def then_another_writer(where, max_age_s=0.0):
+            real(where, max_age_s)
+            raw_write(path, b"v2 (the new holder's)")
+
+        monkeypatch.setattr(storage, "check_fences", then_another_writer)
+        with pytest.raises(storage.StorageError, match="another writer replaced it"):
+            storage.write_bytes(path, b"v1 again")
+    assert raw_read(path) == b"v2 (the new holder's)"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from schemas.errors import UserError
-from schemas.outcomes import CONTENT_FILTER, PROMPT_TOO_LONG, REFUSAL  # noqa: F401 (engines name them from here)
+from schemas.outcomes import ANSWER_TOO_LONG, CONTENT_FILTER, PROMPT_TOO_LONG, REFUSAL  # noqa: F401 (engines name them from here)
 
 SCORE_DIGITS = ("1", "2", "3", "4", "5")
 ENGINES = ("vllm", "openai", "hf")

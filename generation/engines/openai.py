@@ -52,7 +52,8 @@ applies its template; needed for hosted chat-only APIs).
   gets no stop strings: its reasoning models answer 400 "Unsupported parameter: 'stop'", which would
   fail every request and batch line; an answer there is paid up to the model's end of turn, as before.
 - Outcomes (schemas/outcomes.py). FINAL, never resent while the config is unchanged: finish_reason
-  content_filter; a chat answer whose `refusal` is set; a 400 saying the prompt exceeds the context.
+  content_filter; a chat answer whose `refusal` is set; a 400 saying the prompt exceeds the context;
+  a 200 whose body is over its byte cap (below).
   TRANSIENT, retried here with back-off and resent by a later run: connection errors, timeouts,
   408/409/429/5xx, a 200 whose body is broken or has no usable choice, any other finish reason
   (vLLM's abort), any other 4xx (a server or config problem, which the error budget then stops).
@@ -62,6 +63,11 @@ applies its template; needed for hosted chat-only APIs).
   `max_retry_time` seconds from the first try. Proxies come from the environment (HTTPS_PROXY, ...).
   `request_timeout` bounds each try as a whole (connect, send, every byte of the answer), so a
   server that drips its answer byte by byte cannot hold a slot longer.
+- Bounded answers: an answer's body is read in chunks and never past `answer_cap` bytes (the
+  request's new-token cap at BYTES_PER_TOKEN each, plus BODY_MARGIN); a 200 over it (by its
+  Content-Length or by what came) is a FINAL outcome, answer_too_long, the rest never read: a server
+  answering 10 MB bodies costs a few KB per request, not an instruction of 10 MB. A batch output line
+  is held to the same cap (generation/batch.py reads its files line by line).
 - Dispatch is a stream (`stream`): `concurrency` requests are in flight at all times; a slot that
   frees takes the next request at once, there is no barrier per chunk, and the requests are prepared
   by the caller's generator in a thread beside the event loop. An interrupt (Ctrl-C, SIGTERM) stops
@@ -93,7 +99,7 @@ from typing import Any, Callable, Iterable
 import aiohttp
 import orjson
 
-from generation.engines.base import (PROMPT_TOO_LONG, REFUSAL, Completion, Engine, EngineConfig,
+from generation.engines.base import (ANSWER_TOO_LONG, PROMPT_TOO_LONG, REFUSAL, Completion, Engine, EngineConfig,
                                      EngineError, Request, failed, finished, model_context_length)
 from schemas import signals
 
@@ -108,6 +114,7 @@ OPENAI_OWNERS = {"openai", "system", "openai-internal"}
 # Where a choice names the stop string that ended it: vLLM's `stop_reason`, SGLang's `matched_stop`
 # (a string, a stop token id, or null at the model's end of sequence).
 STOP_REASON_FIELDS = ("stop_reason", "matched_stop")
+OVER_CAP = "bft_over_cap"   # a batch output line read no further than its cap: its size (generation/batch.py)
 
 
 def server_kind(option: str, base_url: str, models: list, model: str) -> str:
@@ -132,6 +139,12 @@ PREFLIGHT_S = 5.0
 HAND_OFF = 16           # prepared requests handed from the preparing thread to the event loop at once
 DRAIN_S = 10.0          # on an interrupt, what the requests in flight (paid for) get to come back: within the
                         # grace before SIGKILL of Kubernetes (30 s), Airflow (60 s) and systemd (90 s)
+# An answer's body may hold at most this much (`answer_cap`): its new tokens at BYTES_PER_TOKEN each (a
+# token is a few bytes of text; JSON's \uXXXX escapes, logprobs and the fields around it fit in the
+# rest) plus BODY_MARGIN for the envelope (id, usage, the prompt's logprobs of a score prefill).
+BYTES_PER_TOKEN = 64
+BODY_MARGIN = 64 * 1024
+READ_CHUNK = 64 * 1024
 # How servers say a prompt does not fit: vLLM ("This model's maximum context length is N tokens",
 # V1 "The decoder prompt (length N) is longer than the maximum model length of M", "... is too long"),
 # OpenAI (code context_length_exceeded), SGLang / TGI ("exceeds the model's context length",
@@ -139,6 +152,17 @@ DRAIN_S = 10.0          # on an interrupt, what the requests in flight (paid for
 TOO_LONG = re.compile(r"maximum context length|context_length_exceeded|longer than the maximum model length|"
                       r"prompt is too long|exceeds? (?:the )?(?:model'?s? )?(?:maximum )?context|"
                       r"must have less than \d+ (?:input )?tokens|max_model_len", re.I)
+
+
+def answer_cap(r: Request) -> int:
+    """The most bytes an answer's body to `r` may hold (BYTES_PER_TOKEN, BODY_MARGIN)."""
+    return r.max_new_tokens * BYTES_PER_TOKEN + BODY_MARGIN
+
+
+def too_long(size: int, r: Request) -> Completion:
+    """The final outcome of an answer over `answer_cap(r)` bytes (`size`: what was seen of it)."""
+    return failed(f"answer over {answer_cap(r):,} bytes ({size:,} or more; the cap for {r.max_new_tokens} new tokens): "
+                  "not read further", refusal=ANSWER_TOO_LONG)
 
 
 def redact(url: str) -> str:
@@ -520,21 +544,29 @@ class OpenAIEngine(Engine):
             body.update(logprobs=COMPLETION_LOGPROBS[self.server], temperature=0.0)
         return "/completions", body
 
-    async def _post_once(self, path: str, body: dict) -> tuple[int, Any, bytes]:
+    async def _post_once(self, path: str, body: dict, cap: int) -> tuple[int, Any, bytes, int | None]:
+        """(status, headers, body, None), or for a body over `cap` bytes: its first `cap` bytes and the
+        size seen (the Content-Length said, or what came), the rest unread."""
         async with self._session.post(self.base_url + path, data=orjson.dumps(body), allow_redirects=False,
                                       headers={"Content-Type": "application/json"}) as resp:
-            return resp.status, resp.headers, await resp.read()
+            data = bytearray()
+            async for chunk in resp.content.iter_chunked(READ_CHUNK):
+                data += chunk
+                if len(data) > cap:   # leaving the block closes the connection with the rest unread
+                    return resp.status, resp.headers, bytes(data[:cap]), max(len(data), resp.content_length or 0)
+            return resp.status, resp.headers, bytes(data), None
 
-    async def _post(self, r: Request) -> tuple[int, Any, bytes]:
-        """POST the request (one try, bounded as a whole by request_timeout); a server that refuses
-        `add_special_tokens` gets it again without."""
+    async def _post(self, r: Request) -> tuple[int, Any, bytes, int | None]:
+        """POST the request (one try, bounded as a whole by request_timeout, its answer by answer_cap);
+        a server that refuses `add_special_tokens` gets it again without."""
         path, body = self._body(r)
-        status, headers, content = await asyncio.wait_for(self._post_once(path, body), self.timeout_s)
+        cap = answer_cap(r)
+        status, headers, content, over = await asyncio.wait_for(self._post_once(path, body, cap), self.timeout_s)
         if status in (400, 422) and "add_special_tokens" in body and b"add_special_tokens" in content:
             self._strip_bos = _added_bos(self.tokenizer)
             path, body = self._body(r)
-            status, headers, content = await asyncio.wait_for(self._post_once(path, body), self.timeout_s)
-        return status, headers, content
+            status, headers, content, over = await asyncio.wait_for(self._post_once(path, body, cap), self.timeout_s)
+        return status, headers, content, over
 
     async def _one(self, r: Request) -> Completion:
         self._open()
@@ -542,8 +574,10 @@ class OpenAIEngine(Engine):
         for attempt in range(self.max_retries + 1):
             wait = None
             try:
-                status, headers, content = await self._post(r)
+                status, headers, content, over = await self._post(r)
                 text = content[:500].decode("utf-8", "replace")
+                if over is not None and status == 200:   # a final answer, too long to be one
+                    return too_long(over, r)
                 if status in RETRY_STATUS:
                     error = f"HTTP {status}: {text[:200]}"
                     wait = retry_wait(headers, status)
@@ -588,6 +622,8 @@ class OpenAIEngine(Engine):
         would be; None when there is none to keep: the line is missing, it carries no response (the
         batch expired, was cancelled or failed before the request ran) or a status online would retry
         (429, 5xx): the row is submitted again."""
+        if isinstance(line, dict) and isinstance(line.get(OVER_CAP), int):   # batch.read_jsonl cut it
+            return too_long(line[OVER_CAP], r)
         response = line.get("response") if isinstance(line, dict) else None
         status = response.get("status_code") if isinstance(response, dict) else None
         if not isinstance(status, int) or status in RETRY_STATUS:
@@ -596,6 +632,8 @@ class OpenAIEngine(Engine):
             content = orjson.dumps(response.get("body"))
         except orjson.JSONEncodeError:
             return failed("the batch output holds a body that is not JSON")
+        if status == 200 and len(content) > answer_cap(r):
+            return too_long(len(content), r)
         return self.outcome(status, {}, content, r)
 
     def _parse(self, content: bytes, r: Request) -> Completion:
