@@ -44,6 +44,7 @@ import uuid
 import orjson
 
 import storage
+from schemas import state as stored
 from schemas.errors import UserError
 from schemas.layout import shard_name
 
@@ -54,10 +55,19 @@ MAX_ROUNDS = 3                    # batches a row is submitted in before a trans
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 ENDED = {"completed", "failed", "expired", "cancelled"}
 EX_TEMPFAIL = 75
+# a shard's state file, as read back (schemas.state: a damaged one is set aside and the shard starts anew)
+STATE = {"config": str, "rounds": stored.MapOf(int),
+         "batches": [{"id": stored.Maybe(str), "status": stored.Maybe(str), "input_file_id": stored.Maybe(str),
+                      "endpoint": stored.Maybe(str), "rows": stored.MapOf(str)}]}
 
 
 class BatchError(UserError):
-    """The Batch API refused or failed a call (one line naming the call and the answer)."""
+    """The Batch API refused or failed a call (one line naming the call and the answer); `status`: the
+    HTTP status of the last answer (None: no answer)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class BatchesPending(UserError):
@@ -117,19 +127,21 @@ class BatchAPI:
     def _call(self, what: str, method: str, path: str, **kw):
         import httpx
 
+        status = None
         for attempt in range(5):
             try:
                 resp = self.client.request(method, self.base_url + path, **kw)
             except httpx.HTTPError as e:
-                problem = f"{type(e).__name__}: {e}"
+                problem, status = f"{type(e).__name__}: {e}", None
             else:
+                status = resp.status_code
                 if resp.status_code < 300:
                     return resp
                 problem = f"HTTP {resp.status_code}: {resp.text[:300]}"
                 if resp.status_code not in (408, 409, 429) and resp.status_code < 500:
                     break
             time.sleep(min(30.0, 0.5 * 2 ** attempt))
-        raise BatchError(f"the Batch API at {self.shown_url}: {what} failed: {problem}")
+        raise BatchError(f"the Batch API at {self.shown_url}: {what} failed: {problem}", status)
 
     def upload(self, data: bytes, name: str) -> str:
         resp = self._call(f"uploading {name}", "POST", "/files", data={"purpose": "batch"},
@@ -191,7 +203,7 @@ class BatchDispatch:
 
     def load(self, k: int, n: int) -> dict:
         path = self.state_path(k, n)
-        state = json.loads(storage.read_text(path)) if storage.exists(path) else None
+        state = stored.read_json(self.layout, path, STATE)
         if state is None or state.get("config") != self.key:
             if state and state.get("batches"):
                 log.warning("%s: batches of another stage config are left unread: %s", path,
@@ -283,7 +295,18 @@ class BatchDispatch:
 
     def _lines(self, file_id: str | None, batch: dict, k: int, n: int, kind: str) -> dict[str, dict]:
         if self.mode == "openai":
-            return read_jsonl(self.api.content(file_id)) if file_id else {}
+            if not file_id:
+                return {}
+            try:
+                return read_jsonl(self.api.content(file_id))
+            except BatchError as e:
+                if e.status != 404:
+                    raise
+                # deleted (by hand, or past the provider's retention): its rows count as missing and are
+                # submitted again, and the other shards go on
+                log.warning("%s: the %s file %s of batch %s is gone (HTTP 404); its rows are submitted again",
+                            self.state_path(k, n), kind, file_id, batch["id"])
+                return {}
         if kind == "error":
             return {}
         return read_jsonl(storage.read_bytes(self._vllm_path(k, n, "output")))

@@ -46,6 +46,7 @@ import schemas
 import storage
 from schemas.errors import UserError
 from schemas import provenance
+from schemas import state as stored
 from schemas.keys import input_hash, row_seed
 from schemas.layout import LayoutError, Rooted, RunLayout
 from schemas.release import parquet_rows
@@ -619,7 +620,7 @@ class PendingShard:
         return metrics
 
 
-PART = re.compile(r"part-\d{5}\.parquet")
+PART = re.compile(r"part-(\d{5})\.parquet")
 
 
 class Checkpoints:
@@ -627,6 +628,7 @@ class Checkpoints:
     (RunLayout.generation_checkpoints: one folder per shard and product config)."""
 
     def __init__(self, layout: RunLayout, stage: str, k: int, n: int, config_key: str):
+        self.layout = layout
         self.shard_dir = layout.generation_checkpoints(stage, k, n)
         self.folder = storage.join(self.shard_dir, config_key)
         self.buffer: list[dict] = []
@@ -634,14 +636,18 @@ class Checkpoints:
         self.parts = 0
 
     def rows(self) -> list[dict]:
-        """The rows of every part of this config; parts of other configs are removed."""
+        """The rows of every part of this config; parts of other configs are removed, and a damaged
+        part is set aside (schemas.state): its rows are sent again."""
         out = []
         for path in sorted(storage.list_files(self.shard_dir)):
-            if storage.parent(path) != self.folder or not PART.fullmatch(path.rsplit("/", 1)[-1]):
+            part = PART.fullmatch(path.rsplit("/", 1)[-1])
+            if storage.parent(path) != self.folder or not part:
                 storage.delete(path)   # another config's parts, or the temporary file of a write killed midway
                 continue
-            out += read_generation(path).to_pylist()
-            self.parts += 1
+            self.parts = max(self.parts, int(part.group(1)))   # new parts are numbered after every old one
+            table = stored.read_table(self.layout, path, schemas.GENERATION)
+            if table is not None:
+                out += table.to_pylist()
         return out
 
     def add(self, row: dict, every_rows: int, every_s: float) -> None:

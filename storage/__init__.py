@@ -49,6 +49,21 @@ class StoredFileForbidden(StorageError, PermissionError):
     pass
 
 
+class DiskFull(StorageError):
+    """A local write found no space left (ENOSPC) or the user's quota spent (EDQUOT): one line naming
+    the folder and the bytes the write needed. Writes are whole or not at all, so nothing written
+    before is touched, and a rerun after space is freed resumes."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(code: int, folder: str, name: str, needed: str) -> DiskFull:
+    why = "no space left on the device" if code == errno.ENOSPC else "the disk quota is spent"
+    return DiskFull(code, f"{folder}: {why} while writing {name} ({needed} needed); free space there "
+                                 "and run again (what was written before is kept)", folder)
+
+
 def _mapped(error: Exception, path: str) -> Exception | None:
     """The StorageError for a GCS client's exception, or None for one that is not about storage."""
     if isinstance(error, StorageError):
@@ -286,9 +301,11 @@ def write_bytes(path: str, data: bytes) -> None:
             os.fsync(f.fileno())
         _readable(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in _FULL:
+            raise _disk_full(e.errno, folder, os.path.basename(path), f"{len(data):,} bytes") from e
         raise
 
 
@@ -550,7 +567,13 @@ def write_parquet(table: pa.Table, path: str, compression: str = "zstd") -> int:
     fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=".tmp-" + posixpath.basename(path) + ".")
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression=compression, row_group_size=8192)
+        try:
+            pq.write_table(table, tmp, compression=compression, row_group_size=8192)
+        except OSError as e:   # Arrow's IOError carries the errno
+            if e.errno in _FULL:
+                raise _disk_full(e.errno, os.path.dirname(tmp), posixpath.basename(path),
+                                 f"up to {table.nbytes:,} bytes, its size in memory") from e
+            raise
         size = os.path.getsize(tmp)
         if local_dir:
             _readable(tmp)

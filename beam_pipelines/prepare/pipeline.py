@@ -24,6 +24,7 @@ from beam_pipelines.prepare.sample import SampleByKey, SampleToTarget, key_limit
 from beam_pipelines.prepare.write import (AssignShards, MergeShard, WriteParts, WriteRejects, keep_prior, read_prior,
                                           write_stats)
 from schemas.errors import UserError
+from schemas.state import prepare_stats
 
 log = logging.getLogger("bft.prepare")
 
@@ -123,8 +124,8 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
     fingerprint = input_fingerprint(files)
     proof = prove(cfg.tokenizer)  # loaded and proved once, here; the workers get the proof
     tokenizer = proof.file
-    if storage.exists(layout.prepare_stats) and not cfg.overwrite:
-        stats = json.loads(storage.read_text(layout.prepare_stats))
+    stats = None if cfg.overwrite else prepare_stats(layout)   # a damaged marker is set aside: prepare runs again
+    if stats is not None:
         differ = config_differences(stats.get("config") or {}, cfg.identity())
         if differ:
             raise UserError(f"{layout.candidates} holds a complete prepare output of another config ("
