@@ -14,6 +14,7 @@ import io
 import os
 import posixpath
 import re
+import stat
 import tempfile
 import zlib
 from typing import BinaryIO, Iterator
@@ -174,20 +175,65 @@ def not_regular(path: str) -> str | None:
     checker never reads /dev/zero or a file outside the folder it checks."""
     if is_gcs(path):
         return None
-    import stat
-
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return "missing"
     if stat.S_ISLNK(mode):
         return f"a symbolic link (to {os.readlink(path)[:200]!r})"
+    return _not_a_file(mode)
+
+
+def _not_a_file(mode: int) -> str | None:
     if stat.S_ISREG(mode):
         return None
-    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+    return ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
             else "not a regular file")
-    return kind
+
+
+MiB = 1 << 20
+
+
+class NotAnInput(StorageError):
+    """A file the user named that is no regular file, or over the size limit of its kind."""
+
+
+def check_input(path: str, limit: int, what: str) -> int:
+    """The size of the file the user named at `path` (`what`: its option, for the message), opened only
+    when it is a regular file (a link is followed to one; a FIFO, a device or a folder is refused before
+    it is opened, so it can neither hang nor be read forever); NotAnInput when it is not one or holds
+    more than `limit` bytes (the caller reads it whole). FileNotFoundError when it is missing."""
+    if is_gcs(path):
+        found = size(path)
+    else:
+        info = os.stat(path)
+        kind = _not_a_file(info.st_mode)
+        if kind:
+            raise NotAnInput(errno.EINVAL, f"{path}: {kind}, not a regular file ({what}); never read", path)
+        found = info.st_size
+    if found > limit:
+        raise NotAnInput(errno.EFBIG, f"{path}: {found:,} bytes, over the {limit:,}-byte limit of {what} "
+                                      "(it is read whole into memory)", path)
+    return found
+
+
+def read_input(path: str, limit: int, what: str) -> bytes:
+    """The bytes of the file the user named at `path`, checked as `check_input` says, and read no
+    further than `limit` (a file that grows while it is read is refused as over the limit)."""
+    check_input(path, limit, what)
+    if is_gcs(path):
+        return read_bytes(path)
+    # O_NONBLOCK: a FIFO swapped in after the check opens at once instead of waiting for a writer
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        kind = _not_a_file(os.fstat(f.fileno()).st_mode)
+        if kind:
+            raise NotAnInput(errno.EINVAL, f"{path}: {kind}, not a regular file ({what}); never read", path)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise NotAnInput(errno.EFBIG, f"{path}: over the {limit:,}-byte limit of {what} (it grew while read)", path)
+    return data
 
 
 def special_entries(prefix: str) -> list[tuple[str, str]]:
