@@ -350,9 +350,14 @@ class ReadSeed(beam.DoFn):
         yield from rows["id"].to_pylist()
 
 
+SEED_DATA_LIMIT = 1 << 30   # bytes of a --seed-data file as stored (the paper's 3,200 pairs: a few MB)
+
+
 def read_seed_table(path: str) -> pa.Table:
-    """(id, instruction, response) from a Parquet or JSON-lines seed file; ids made unique per file."""
+    """(id, instruction, response) from a Parquet or JSON-lines seed file (a regular file of at most
+    SEED_DATA_LIMIT bytes as stored); ids made unique per file."""
     try:
+        storage.check_input(path, SEED_DATA_LIMIT, "--seed-data")
         table = storage.read_records(path)
     except ValueError as e:
         raise AssembleError(str(e)) from e
