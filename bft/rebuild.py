@@ -223,6 +223,8 @@ class Night:
 
     def __init__(self, layout, config_file: str):
         self.path, self.last_path = layout.night_record, layout.last_night_record
+        names = {layout.relative(self.path), layout.relative(self.last_path)}
+        storage.clear_debris(layout.root, time.time(), names.__contains__)   # of a write killed midway
         record = read_record(layout, self.path)
         if record is None or record.get("ended_at"):   # none, unreadable, or one that ended (killed as it closed)
             record = {"config_file": config_file, "started_at": _now(), "invocations": [], "stages": {}}

@@ -48,7 +48,7 @@ from schemas.errors import UserError
 from schemas import provenance
 from schemas import state as stored
 from schemas.keys import input_hash, row_seed
-from schemas.layout import LayoutError, Rooted, RunLayout
+from schemas.layout import LayoutError, Rooted, RunLayout, parse_shard_name
 from schemas.release import parquet_rows
 from schemas.options import option, product_options, required
 from schemas.outcomes import NOT_SENT, REFUSALS, category, engine_error, is_engine_error, refused, shard_summary
@@ -204,6 +204,19 @@ def read_generation(path: str) -> pa.Table:
     return schemas.validate(storage.read_parquet(path), schemas.GENERATION, path)
 
 
+def clear_debris(cfg: GenerateConfig, started: float) -> None:
+    """Removes the temporary files that writes of this worker's shards (data, marker, batch state)
+    killed midway left, older than `started` (this run's start): other workers' are theirs."""
+    def mine(name: str) -> bool:
+        parsed = parse_shard_name(name)
+        return parsed is not None and parsed[0] == cfg.stage and parsed[1] % cfg.num_workers == cfg.worker_index
+
+    for folder in (cfg.layout.generations(cfg.stage), cfg.layout.generation_batches(cfg.stage)):
+        removed = storage.clear_debris(folder, started, mine)
+        if removed:
+            log.info("%s: removed %d temporary file(s) of writes killed midway", folder, len(removed))
+
+
 def stage_status(cfg: GenerateConfig) -> dict:
     """StageRunner(cfg).status(): the stage's complete and pending shards."""
     return StageRunner(cfg).status()
@@ -311,6 +324,7 @@ class StageRunner:
             all_shards = self.layout.candidate_shards()
         except LayoutError as e:
             raise GenerationError(str(e)) from e
+        clear_debris(cfg, time.time())
         summary = self.summary = {"stage": cfg.stage, "shards_done": [], "shards_skipped": [], "rows": 0, "sent": 0,
                                   "reused": 0, "answered": 0, "errors": 0, "refusals": {}, "failing_shards": [],
                                   "seconds": 0.0}
@@ -378,6 +392,8 @@ class StageRunner:
             progress.close()
             if batches is not None:
                 batches.close()
+            if cfg.num_workers == 1:   # the root's one writer: no other worker is about to fill it
+                storage.remove_empty_folder(self.layout.all_generation_checkpoints(cfg.stage))
         summary["shards_done"].sort()    # in the order written: a stream finishes shards in any order
         summary["failing_shards"].sort(key=lambda f: f["shard"])
         summary["seconds"] = round(time.perf_counter() - t0, 3)

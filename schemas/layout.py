@@ -191,6 +191,10 @@ class RunLayout:
         """The folder of a shard in flight's checkpoint parts (generation/runner.py: Checkpoints)."""
         return self._join(GENERATIONS, stage, CHECKPOINTS, shard_name(stage, shard, num_shards, "d"))
 
+    def all_generation_checkpoints(self, stage: str) -> str:
+        """The folder of every shard's checkpoint folder of a stage."""
+        return self._join(GENERATIONS, stage, CHECKPOINTS)
+
     def generation_batches(self, stage: str) -> str:
         """The folder of a batch stage's shard states and `vllm run-batch` files (generation/batch.py)."""
         return self._join(GENERATIONS, stage, BATCHES)

@@ -251,6 +251,7 @@ def publish(layout: RunLayout, *, version: str | None, config: dict, lineage: di
     published version that no longer validates; a release that does not validate is left without
     _SUCCESS (debris that the next run clears) and raises ReleaseError.
     """
+    storage.clear_debris(layout.sft, time.time())   # LATEST's temporary file of a write killed midway
     chash = config_hash(config, lineage)
     if version is None:
         current = _latest_of_hash(layout, chash)

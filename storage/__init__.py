@@ -339,7 +339,7 @@ def write_bytes(path: str, data: bytes) -> None:
         return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX + os.path.basename(path) + ".")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -353,6 +353,36 @@ def write_bytes(path: str, data: bytes) -> None:
         if isinstance(e, OSError) and e.errno in _FULL:
             raise _disk_full(e.errno, folder, os.path.basename(path), f"{len(data):,} bytes") from e
         raise
+
+
+TMP_PREFIX = ".tmp-"   # write_bytes' and write_parquet's temporary files: .tmp-<target name>.<random>
+
+
+def clear_debris(folder: str, before: float, owned=lambda name: True) -> list[str]:
+    """Removes the temporary files that writes killed midway left directly in the local `folder`:
+    those last modified before `before` (the run's start, so no write of this run is one) whose target
+    name `owned(name)` says is the caller's (a generate worker's own shards). Returns their paths. On
+    GCS there are none (an upload that does not complete leaves no object)."""
+    if is_gcs(folder) or not os.path.isdir(folder):
+        return []
+    removed = []
+    for entry in os.scandir(folder):
+        if not entry.name.startswith(TMP_PREFIX) or not entry.is_file(follow_symlinks=False):
+            continue
+        target = entry.name[len(TMP_PREFIX):].rsplit(".", 1)[0]
+        if entry.stat(follow_symlinks=False).st_mtime < before and owned(target):
+            os.unlink(entry.path)
+            removed.append(entry.path)
+    return sorted(removed)
+
+
+def remove_empty_folder(folder: str) -> None:
+    """Removes the local `folder` when it is empty (a folder in use is never removed: rmdir refuses)."""
+    if not is_gcs(folder):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
 
 
 def _read_umask() -> int:
@@ -610,7 +640,7 @@ def write_parquet(table: pa.Table, path: str, compression: str = "zstd") -> int:
     local_dir = None if is_gcs(path) else os.path.dirname(os.path.abspath(path))
     if local_dir:
         os.makedirs(local_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=".tmp-" + posixpath.basename(path) + ".")
+    fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=TMP_PREFIX + posixpath.basename(path) + ".")
     os.close(fd)
     try:
         try:

@@ -149,3 +149,53 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_bytes(tmp_path, monke
                                                r"part-00001.parquet \(up to [\d,]+ bytes, its size in memory"):
         storage.write_parquet(pa.table({"id": ["a"] * 100}), str(part))
     assert os.listdir(part.parent) == []
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_never_written_through(tmp_path):
+    """`_lock/root -> ../sft/LATEST` overwrote and truncated LATEST."""
+    from schemas.errors import UserError
+    from schemas.lock import RootLock
+
+    layout = RunLayout(str(tmp_path))
+    storage.write_text(layout.latest, "v1\n")
+    os.makedirs(os.path.dirname(layout.lock()))
+    os.symlink("../sft/LATEST", layout.lock())
+    with pytest.raises(UserError, match=r"_lock/root is a symbolic link \(to '../sft/LATEST'\), never followed: "
+                                        "remove it"):
+        RootLock(layout.root).acquire()
+    assert open(layout.latest).read() == "v1\n"
+    # LATEST itself as a link: a new LATEST replaces the link, never the file it names
+    other = tmp_path / "elsewhere"
+    other.write_text("keep\n")
+    os.unlink(layout.latest)
+    os.symlink(other, layout.latest)
+    storage.write_text(layout.latest, "v2\n")
+    assert other.read_text() == "keep\n" and not os.path.islink(layout.latest) and open(layout.latest).read() == "v2\n"
+
+
+def test_the_next_run_of_a_step_removes_its_own_debris_only(tmp_path):
+    """A kill mid-write left generations/<stage>/.tmp-* and sft/.tmp-LATEST.* that reruns never removed,
+    and empty _checkpoints/ folders stayed."""
+    import time
+
+    from generation.runner import GenerateConfig, clear_debris
+
+    layout = RunLayout(str(tmp_path))
+    stage = layout.generations("score")
+    debris = [os.path.join(stage, n) for n in (".tmp-score-00000-of-00002.parquet.k2x9a0b1",
+                                               ".tmp-score-00000-of-00002.metrics.json.a1b2c3d4",
+                                               ".tmp-score-00001-of-00002.parquet.q0w9e8r7",     # worker 1's
+                                               "_batches/.tmp-score-00000-of-00002.json.z9y8x7w6")]
+    for path in debris:
+        storage.write_bytes(path, b"half")
+    worker = GenerateConfig(stage="score", root=str(tmp_path), engine="hf", model="m", num_workers=2)
+    clear_debris(worker, 0)                                # written after the run started: never touched
+    assert all(os.path.exists(p) for p in debris)
+    clear_debris(worker, time.time() + 1)
+    assert [os.path.exists(p) for p in debris] == [False, False, True, False]
+    storage.write_bytes(os.path.join(layout.sft, ".tmp-LATEST.ab12cd34"), b"v")   # bft assemble's publish
+    storage.write_bytes(os.path.join(layout.sft, "v1", "manifest.json"), b"{}")
+    assert storage.clear_debris(layout.sft, time.time() + 1) == [os.path.join(layout.sft, ".tmp-LATEST.ab12cd34")]
+    os.makedirs(layout.all_generation_checkpoints("score"))
+    storage.remove_empty_folder(layout.all_generation_checkpoints("score"))
+    assert not os.path.exists(layout.all_generation_checkpoints("score"))

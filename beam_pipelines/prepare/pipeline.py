@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections import Counter
 
@@ -120,6 +121,7 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
     from beam_pipelines.options import pipeline_options
 
     layout = cfg.layout
+    storage.clear_debris(layout.candidates, time.time())   # stats.json's temporary file of a write killed midway
     files = list_inputs(cfg.input)
     fingerprint = input_fingerprint(files)
     proof = prove(cfg.tokenizer)  # loaded and proved once, here; the workers get the proof
