@@ -11,7 +11,6 @@ import os
 import pyarrow as pa
 import pytest
 
-import schemas
 import storage
 from bft.rebuild import Night
 from generation.batch import BatchDispatch
