@@ -40,6 +40,7 @@ from schemas.layout import DATA, Rooted, RunLayout, release_data_file
 from schemas.recipes import DEFAULT_RECIPE, gate_threshold, recorded_score_mode
 from beam_pipelines import changes, corpus_stats, decontaminate, paper_tokens, progress, recipes
 from schemas import provenance, release
+from schemas.state import prepare_stats
 import storage
 from beam_pipelines.options import configure_process, pipeline_options
 from beam_pipelines.length import prove, tokenizer_fingerprint
@@ -357,9 +358,14 @@ class ReadSeed(beam.DoFn):
         yield from rows["id"].to_pylist()
 
 
+SEED_DATA_LIMIT = 1 << 30   # bytes of a --seed-data file as stored (the paper's 3,200 pairs: a few MB)
+
+
 def read_seed_table(path: str) -> pa.Table:
-    """(id, instruction, response) from a Parquet or JSON-lines seed file; ids made unique per file."""
+    """(id, instruction, response) from a Parquet or JSON-lines seed file (a regular file of at most
+    SEED_DATA_LIMIT bytes as stored); ids made unique per file."""
     try:
+        storage.check_input(path, SEED_DATA_LIMIT, "--seed-data")
         table = storage.read_records(path)
     except ValueError as e:
         raise AssembleError(str(e)) from e
@@ -681,7 +687,7 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
     before (that version, or LATEST when no version is named) nothing is built: its stats come back
     with "reused": true. `run_record` (what bft rebuild did) goes into the manifest."""
     layout = cfg.layout
-    prep_stats = json.loads(storage.read_text(layout.prepare_stats)) if storage.exists(layout.prepare_stats) else {}
+    prep_stats = prepare_stats(layout) or {}   # a damaged one is set aside: "run bft prepare first" follows
     gate = recipes.RECIPES[cfg.recipe].gate
     if cfg.min_score is None and gate and recorded_score_mode(layout, gate) == "logprob":
         cfg.min_score = gate_threshold(gate, "logprob")   # expected scores: 4.5 (AlpaGasus's threshold), not 5

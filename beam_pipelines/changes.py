@@ -18,7 +18,9 @@ The others are warnings (with --fail-on-alert, any of them holds LATEST and fail
 - the validation split holds fewer than VALIDATION_FLOOR examples while --validation-fraction > 0
   (evaluation on a handful of examples is noise; the demo's 1-example split fires it);
 - transient failures and refusals over MAX_ERROR_SHARE of the requests sent;
-- a stage's pass rate moved more than MAX_PASS_RATE_MOVE points from the parent's.
+- a stage's pass rate moved more than MAX_PASS_RATE_MOVE points from the parent's;
+- decontamination (--decontaminate) dropped more than MAX_DECONTAMINATED_SHARE of the pairs that reached
+  it (those the recipe kept): an evaluation prompt of common words drops the corpus, not a benchmark.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from schemas import release
 from schemas.layout import RunLayout
 from schemas.options import option
 from beam_pipelines.corpus_stats import RELEASE_STATS as STATS
+from beam_pipelines.decontaminate import CONTAMINATED, NEAR_DUPLICATE
 from schemas.outcomes import ENGINE_ERROR, REFUSALS
 
 CHANGES = "changes"          # <release>/changes/{added,removed}.parquet
@@ -45,6 +48,7 @@ MAX_ERROR_SHARE = 0.05
 MAX_PASS_RATE_MOVE = 10.0  # percentage points
 DIGIT_MASS_FLOOR = 0.5
 MAX_KEPT_SHARE_RATIO = 2.0   # now / parent, either way
+MAX_DECONTAMINATED_SHARE = 0.20
 
 
 def pct(share: float | None) -> str:
@@ -218,11 +222,26 @@ def alerts(stats: dict, diff: dict, validation_fraction: float) -> list[str]:
     if error is not None and error > MAX_ERROR_SHARE:
         out.append(f"transient failures and refusals: {100 * error:.1f}% of the requests sent (over "
                    f"{100 * MAX_ERROR_SHARE:g}%)")
+    lost, reached = decontaminated(stats)
+    if reached and lost / reached > MAX_DECONTAMINATED_SHARE:
+        out.append(f"decontamination dropped {lost:,} of the {reached:,} pairs the recipe kept ({100 * lost / reached:.1f}%, "
+                   f"over {100 * MAX_DECONTAMINATED_SHARE:g}%): check the --decontaminate files' prompts (the report's "
+                   "decontamination section names the pairs and the n-grams they share)")
     for stage, r in (diff.get("pass_rates") or {}).items():
         if r["parent"] is not None and r["now"] is not None and abs(r["now"] - r["parent"]) * 100 > MAX_PASS_RATE_MOVE:
             out.append(f"{stage} pass rate moved {100 * r['parent']:.1f}% -> {100 * r['now']:.1f}% since the parent "
                        f"{diff['parent']} (over {MAX_PASS_RATE_MOVE:g} points)")
     return out
+
+
+def decontaminated(stats: dict) -> tuple[int, int]:
+    """(pairs decontamination dropped, pairs that reached it): the recipe's pairs, which then went
+    through decontamination, exact and near-duplicate instructions and the cap, or into the release."""
+    funnel = stats.get("funnel") or {}
+    dropped = funnel.get("dropped") or {}
+    lost = sum(n for reason, n in dropped.items() if reason.startswith(CONTAMINATED))
+    later = sum(dropped.get(reason, 0) for reason in ("duplicate_instruction", NEAR_DUPLICATE, "over_cap"))
+    return lost, lost + later + (funnel.get("web_examples") or 0)
 
 
 TREND_RELEASES = 10

@@ -13,7 +13,10 @@ pair is contaminated by an evaluation set when its instruction or response holds
 one of the set's prompts. The sets are small (AlpacaEval 805 prompts, MT-Bench 80 x 2 turns), so the
 driver hashes every n-gram of them once (`read_eval_sets`) and the sets travel inside the DoFn. A
 prompt shorter than n words is one n-gram: its whole word sequence (so a pair holding those words in a
-row is contaminated by it); a prompt without any word is ignored.
+row is contaminated by it); a prompt without any word is ignored, and so is one of fewer than
+MIN_PROMPT_WORDS words (with a warning; counted and quoted in stats.json and the report), which would
+drop nearly every pair. An evaluation file is read only when it is a regular file of at most
+EVAL_SET_LIMIT bytes (storage.read_input).
 
 Near-duplicate instructions: MinHash over the word 3-grams of the normalized instruction (an
 instruction of fewer than 3 words: its whole word sequence), SIGNATURE_BANDS bands of BAND_ROWS hashes
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -49,8 +53,14 @@ SIGNATURE_BANDS, BAND_ROWS = 16, 4
 # group of templated instructions costs O(members), not O(members^2) (see `dominated`).
 COMPARE_WITH = 100
 PROMPT_CHARS = 300           # an evaluation prompt as stats.json and the report quote it
+EVAL_SET_LIMIT = 256 * storage.MiB   # an evaluation file is read whole (AlpacaEval's is under 1 MiB)
+# A prompt of fewer words is ignored, with a warning, and counted and quoted in stats.json and the report:
+# "the" (or "What is it?") would contaminate, and so drop, nearly every pair.
+MIN_PROMPT_WORDS = 4
+IGNORED_EXAMPLES = 5         # ignored prompts quoted in stats.json and the report, per set
 
 _NOT_WORD = r"[^\p{L}\p{N}_]+"
+log = logging.getLogger("bft.decontaminate")
 
 
 class DecontaminationError(UserError):
@@ -143,6 +153,7 @@ class EvalSet:
     prompt_of: np.ndarray = field(repr=False)     # index into prompts, per hash
     lengths: tuple[int, ...] = ()                 # the n-gram lengths present: n, and shorter prompts' lengths
     short_prompts: int = 0
+    ignored: list[str] = field(default_factory=list)   # prompts of fewer than MIN_PROMPT_WORDS words (cut)
 
     @property
     def content(self) -> dict:
@@ -151,7 +162,8 @@ class EvalSet:
 
     def summary(self) -> dict:
         return {"name": self.name, **self.content, "prompts": len(self.prompts), "ngrams": len(self.hashes),
-                "short_prompts": self.short_prompts}
+                "short_prompts": self.short_prompts, "ignored_prompts": len(self.ignored),
+                "ignored_examples": self.ignored[:IGNORED_EXAMPLES]}
 
 
 def set_name(path: str) -> str:
@@ -170,6 +182,8 @@ def read_prompts(path: str, blob: bytes, text_field: str | None) -> list[str]:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise DecontaminationError(f"{path}: not JSON ({e})") from e
+        except RecursionError as e:
+            raise DecontaminationError(f"{path}: nested too deeply; expected a JSON list of objects") from e
         where = [f"{path}: item {i}" for i in range(len(records))]
     else:
         records, where = [], []
@@ -180,6 +194,8 @@ def read_prompts(path: str, blob: bytes, text_field: str | None) -> list[str]:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise DecontaminationError(f"{path}:{i}: not JSON ({e.msg}); expected a JSON list or JSON lines") from e
+            except RecursionError as e:
+                raise DecontaminationError(f"{path}:{i}: nested too deeply; expected one object per line") from e
             where.append(f"{path}:{i}")
     prompts = []
     for record, at in zip(records, where):
@@ -204,16 +220,24 @@ def eval_set(path: str, text_field: str | None, n: int) -> EvalSet:
     """One evaluation file, read once: its prompts and the hashes of their word n-grams."""
     if not storage.exists(path):
         raise DecontaminationError(f"{path}: evaluation prompts not found (--decontaminate)")
-    blob = storage.read_bytes(path)
-    prompts = read_prompts(path, blob, text_field)
+    blob = storage.read_input(path, EVAL_SET_LIMIT, "--decontaminate")
+    every = read_prompts(path, blob, text_field)
+    n_words = words(pa.array(every, pa.string()))[1]
+    few = (n_words > 0) & (n_words < MIN_PROMPT_WORDS)
+    ignored = [p for p, f in zip(every, few) if f]
+    if ignored:
+        log.warning("%s: %d evaluation prompt(s) of fewer than %d words ignored (e.g. %r): a question of a few "
+                    "common words would drop every pair that holds them", path, len(ignored), MIN_PROMPT_WORDS,
+                    _cut(ignored[0])[:80])
+    prompts, n_words = [p for p, f in zip(every, few) if not f], n_words[~few]
     sets = ngram_sets(pa.array(prompts, pa.string()), n)
     prompt_of = np.repeat(np.arange(len(prompts)), [len(s) for s in sets])
     hashes = np.concatenate(sets) if sets else np.empty(0, np.uint64)
     hashes, first = np.unique(hashes, return_index=True)
-    n_words = words(pa.array(prompts, pa.string()))[1]
     short = n_words[(n_words > 0) & (n_words < n)]
     return EvalSet(set_name(path), path, hashlib.sha256(blob).hexdigest(), len(blob), prompts, hashes,
-                   prompt_of[first], tuple(sorted({n, *map(int, short)})), len(short))
+                   prompt_of[first], tuple(sorted({n, *map(int, short)})), len(short),
+                   [_cut(p) for p in ignored])
 
 
 def read_eval_sets(paths: list[str], text_field: str | None, n: int) -> list[EvalSet]:

@@ -17,7 +17,7 @@ import re
 
 from beam_pipelines.changes import pct
 from beam_pipelines.corpus_stats import LENGTH_EDGES
-from beam_pipelines.decontaminate import CONTAMINATED, NEAR_DUPLICATE
+from beam_pipelines.decontaminate import CONTAMINATED, MIN_PROMPT_WORDS, NEAR_DUPLICATE
 from schemas.keys import validation_size
 from schemas.recipes import CURATION_DROPS, RECIPES
 import storage
@@ -411,13 +411,20 @@ def _changes_html(stats: dict) -> str:
 
 
 def decontamination_rows(stats: dict) -> tuple[list[list], list[list]]:
-    """([set, file, sha256, prompts, n-grams, prompts shorter than n, pairs dropped] per evaluation set,
-    [id, set, field, shared n-gram, evaluation prompt] per dropped pair)."""
+    """([set, file, sha256, prompts, n-grams, prompts shorter than n, prompts ignored (too few words, with
+    examples), pairs dropped] per evaluation set, [id, set, field, shared n-gram, evaluation prompt] per
+    dropped pair)."""
     d = stats.get("decontamination") or {}
     sets = [[s["name"], s["path"], s["sha256"][:12], s["prompts"], s["ngrams"], s["short_prompts"],
-             (d.get("dropped") or {}).get(s["name"], 0)] for s in d.get("sets") or []]
+             _ignored(s), (d.get("dropped") or {}).get(s["name"], 0)] for s in d.get("sets") or []]
     pairs = [[p["id"], p["set"], p["field"], p["ngram"], p["prompt"]] for p in d.get("pairs") or []]
     return sets, pairs
+
+
+def _ignored(s: dict) -> str:
+    """An evaluation set's prompts ignored for their few words: their count and the first few, quoted."""
+    n = s.get("ignored_prompts") or 0
+    return f"{n:,}" + (": " + "; ".join(repr(p) for p in s.get("ignored_examples") or []) if n else "")
 
 
 def _decontamination_html(stats: dict) -> str:
@@ -430,9 +437,10 @@ def _decontamination_html(stats: dict) -> str:
     return (f"<h2>Decontamination</h2><p class=note>A pair whose instruction or response shares a {n}-word "
             f"n-gram (lower case, punctuation ignored) with an evaluation prompt is dropped as "
             f"<code>contaminated:&lt;set&gt;</code>; a prompt shorter than {n} words counts as one n-gram, its "
-            f"whole word sequence. {len(pairs):,} pair(s) dropped.</p>"
+            f"whole word sequence; a prompt of fewer than {MIN_PROMPT_WORDS} words is ignored (it would drop "
+            f"nearly every pair). {len(pairs):,} pair(s) dropped.</p>"
             + _table(["set", "file", "sha256", "prompts", f"{n}-grams", f"prompts under {n} words",
-                      "pairs dropped"], sets)
+                      f"prompts ignored (under {MIN_PROMPT_WORDS} words)", "pairs dropped"], sets)
             + (_table(["id", "set", "field", "shared n-gram", "evaluation prompt"], pairs) if pairs else ""))
 
 
@@ -588,8 +596,10 @@ def _decontamination_text(stats: dict) -> str:
     d = stats.get("decontamination") or {}
     if not d.get("sets"):
         return "Decontamination: none (not checked against any evaluation set)."
-    sets = "; ".join(f"{s['name']} ({s['prompts']:,} prompts, sha256 {s['sha256'][:12]}): "
-                     f"{d['dropped'].get(s['name'], 0):,} pairs dropped" for s in d["sets"])
+    sets = "; ".join(f"{s['name']} ({s['prompts']:,} prompts, sha256 {s['sha256'][:12]}"
+                     + (f"; {s['ignored_prompts']:,} of fewer than {MIN_PROMPT_WORDS} words ignored"
+                        if s.get("ignored_prompts") else "")
+                     + f"): {d['dropped'].get(s['name'], 0):,} pairs dropped" for s in d["sets"])
     return (f"Decontamination: pairs sharing a {d['ngram']}-word n-gram with an evaluation prompt were dropped: "
             f"{sets}.")
 

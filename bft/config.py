@@ -122,10 +122,15 @@ def _comma_list(text: str) -> list[str]:
     return [s for s in text.split(",") if s]
 
 
+RUN_FILE_LIMIT = 16 * storage.MiB   # a run file is a few dozen keys; one past this is no run file
+
+
 def read_run_file(path: str) -> dict:
     """A run file (YAML or JSON) as a mapping; errors name the file."""
     try:
-        text = storage.read_text(path)
+        text = storage.read_input(path, RUN_FILE_LIMIT, "a run file").decode("utf-8")
+    except storage.NotAnInput as e:
+        raise ConfigError(str(e)) from e
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read the config file ({e})") from e
     try:

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import storage
 from bft.rebuild import RunPlan, StagePlan, check_servers, load_run, no_input
 from schemas.errors import UserError
+from schemas.state import prepare_stats, read_json
 from schemas.layout import RunLayout
 from schemas.options import option
 from schemas.recipes import ANSWER_STAGES, Gate
@@ -196,10 +197,10 @@ def _measured(layout: RunLayout, stage: str, threshold: float | None) -> dict | 
     found = 0
     for k, n, _ in shards:
         metrics = layout.generation_metrics(stage, k, n)
-        if not storage.exists(metrics):
+        m = read_json(layout, metrics, {"rows": int}, set_aside=False)   # plan writes nothing
+        if m is None:
             continue
         found += 1
-        m = json.loads(storage.read_text(metrics))
         not_sent = (m.get("finish_reasons") or {}).get("not_sent", 0)
         totals["rows"] += m["rows"]
         totals["sent"] += m["rows"] - not_sent
@@ -380,14 +381,14 @@ def tonight(plan: RunPlan, out: dict) -> dict:
 
     layout, cands = plan.layout, out["candidates"]
     per_candidate = {stage: s["requests"] / cands["rows"] if cands["rows"] else 0.0 for stage, s in out["stages"].items()}
-    if not storage.exists(layout.prepare_stats):
+    stats = prepare_stats(layout, set_aside=False)
+    if stats is None:
         return {"first_night": True, "documents": cands["rows"], "documents_source": cands["source"],
                 "stages": {stage: {"requests": s["requests"], "pending_shards": None} for stage, s in out["stages"].items()}}
     empty = no_input(plan.prepare)
     if empty:   # the rebuild stops at once: nothing new tonight
         return {"first_night": False, "nothing_new": f"nothing new tonight: {empty}",
                 "stages": {stage: {"requests": 0, "pending_shards": None} for stage in out["stages"]}}
-    stats = json.loads(storage.read_text(layout.prepare_stats))
     seen = {f["path"]: f for f in stats.get("inputs") or []}
     now = {f["path"]: f for f in input_fingerprint(list_inputs(plan.prepare.input))}
     new = sorted(p for p in now if p not in seen)

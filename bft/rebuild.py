@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import storage
 from bft import config
+from schemas import state as stored
 from schemas.outcomes import refused_text
 from schemas.errors import JSON_ANSWERED, UserError, exit_status, one_line
 from schemas.options import option
@@ -227,7 +228,9 @@ class Night:
 
     def __init__(self, layout, config_file: str):
         self.path, self.last_path = layout.night_record, layout.last_night_record
-        record = read_record(self.path)
+        names = {layout.relative(self.path), layout.relative(self.last_path)}
+        storage.clear_debris(layout.root, time.time(), names.__contains__)   # of a write killed midway
+        record = read_record(layout, self.path)
         if record is None or record.get("ended_at"):   # none, unreadable, or one that ended (killed as it closed)
             record = {"config_file": config_file, "started_at": _now(), "invocations": [], "stages": {}}
         for invocation in record["invocations"]:
@@ -293,16 +296,17 @@ class Night:
         storage.delete(self.path)
 
 
-def read_record(path: str) -> dict | None:
-    """A night's record (Night), or None when there is none or it cannot be read."""
-    if not storage.exists(path):
-        return None
-    try:
-        record = json.loads(storage.read_text(path))
-    except ValueError:
-        return None
-    ok = isinstance(record, dict) and isinstance(record.get("stages"), dict) and isinstance(record.get("invocations"), list)
-    return record if ok else None
+# what Night sums and reads of a record: a stage's work, per stage and in an invocation's live counts
+_WORK = {key: stored.Maybe(stored.MapOf(stored.NUMBER) if key == "refusals" else stored.NUMBER) for key in WORK}
+RECORD = {"stages": stored.MapOf(_WORK), "ended_at": stored.Maybe(str),
+          "invocations": [{"status": stored.Maybe(str), "live": stored.Maybe(stored.MapOf(_WORK))}]}
+
+
+def read_record(layout, path: str, set_aside: bool = True) -> dict | None:
+    """A night's record (Night), or None when there is none or it is damaged (schemas.state: set
+    aside, unless `set_aside` is False, so that the night starts a new record and never writes the
+    damaged one back)."""
+    return stored.read_json(layout, path, RECORD, set_aside)
 
 
 class _Out:

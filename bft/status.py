@@ -23,6 +23,7 @@ from schemas import provenance
 from schemas.errors import UserError
 from schemas.layout import LayoutError, RunLayout, parse_shard_name
 from schemas.options import option
+from schemas.state import prepare_stats
 
 
 @dataclass
@@ -57,11 +58,11 @@ def status(layout: RunLayout, stages: list[str] | None = None) -> dict:
     from bft.rebuild import read_record
 
     rel = latest(layout)
-    last = read_record(layout.last_night_record)
+    last = read_record(layout, layout.last_night_record, set_aside=False)
     run = (rel or {}).pop("run", None)
     if last is None and isinstance(run, dict) and run.get("invocations"):  # a root of a rebuild before _last_night.json
         last = {**run, "outcome": "published (the night LATEST's manifest records)"}
-    return {"root": layout.root, "night": read_record(layout.night_record), "last_night": last,
+    return {"root": layout.root, "night": read_record(layout, layout.night_record, set_aside=False), "last_night": last,
             "pending": pending(layout, stages), "locks": locks(layout), "latest": rel}
 
 
@@ -69,8 +70,8 @@ def pending(layout: RunLayout, stages: list[str] | None) -> dict:
     from schemas.recipes import STAGES
 
     out: dict = {"prepare": {"complete": False}, "stages": {}}
-    if storage.exists(layout.prepare_stats):
-        stats = json.loads(storage.read_text(layout.prepare_stats))
+    stats = prepare_stats(layout, set_aside=False)
+    if stats is not None:
         out["prepare"] = {"complete": True, "candidates": stats.get("kept"), "finished_at": stats.get("finished_at")}
     if stages is None:
         found = {layout.relative(path).split("/")[1] for path in storage.list_files(layout.all_generations)}

@@ -51,6 +51,7 @@ from typing import Iterable, Iterator
 import orjson
 
 import storage
+from schemas import state as stored
 from schemas.errors import UserError
 from schemas.layout import shard_name
 from generation.engines.openai import OVER_CAP, answer_cap
@@ -66,10 +67,19 @@ CREATE_SETTLE_S = 600.0
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 ENDED = {"completed", "failed", "expired", "cancelled"}
 EX_TEMPFAIL = 75
+# a shard's state file, as read back (schemas.state: a damaged one is set aside and the shard starts anew)
+STATE = {"config": str, "rounds": stored.MapOf(int),
+         "batches": [{"id": stored.Maybe(str), "status": stored.Maybe(str), "input_file_id": stored.Maybe(str),
+                      "endpoint": stored.Maybe(str), "rows": stored.MapOf(str)}]}
 
 
 class BatchError(UserError):
-    """The Batch API refused or failed a call (one line naming the call and the answer)."""
+    """The Batch API refused or failed a call (one line naming the call and the answer); `status`: the
+    HTTP status of the last answer (None: no answer)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class BatchesPending(UserError):
@@ -190,14 +200,16 @@ class BatchAPI:
         tries only ask `made`, and its answer is returned (None: not found yet)."""
         import httpx
 
+        status = None
         for attempt in range(TRIES):
             try:
                 resp = self.client.request(method, self.base_url + path, **kw)
             except httpx.HTTPError as e:
-                problem = f"{type(e).__name__}: {e}"
+                problem, status = f"{type(e).__name__}: {e}", None
                 # a connection never made sent nothing; any other error may follow a request the server got
                 unknown = not isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout))
             else:
+                status = resp.status_code
                 if resp.status_code < 300:
                     return resp
                 problem = f"HTTP {resp.status_code}: {resp.text[:300]}"
@@ -214,7 +226,7 @@ class BatchAPI:
                         return found
                 return None
             time.sleep(min(30.0, 0.5 * 2 ** attempt))
-        raise BatchError(f"the Batch API at {self.shown_url}: {what} failed: {problem}")
+        raise BatchError(f"the Batch API at {self.shown_url}: {what} failed: {problem}", status)
 
     def upload(self, data: bytes, name: str) -> str:
         resp = self._call(f"uploading {name}", "POST", "/files", data={"purpose": "batch"},
@@ -255,7 +267,7 @@ class BatchAPI:
         next invocation reads the file again)."""
         import httpx
 
-        started = False
+        started, status = False, None
         for attempt in range(TRIES):
             try:
                 with self.client.stream("GET", f"{self.base_url}/files/{file_id}/content") as resp:
@@ -264,15 +276,16 @@ class BatchAPI:
                             started = True
                             yield chunk
                         return
+                    status = resp.status_code
                     problem = f"HTTP {resp.status_code}: {resp.read()[:300]!r}"
                     if resp.status_code not in (408, 409, 429) and resp.status_code < 500:
                         break
             except httpx.HTTPError as e:
-                problem = f"{type(e).__name__}: {e}"
+                problem, status = f"{type(e).__name__}: {e}", None
                 if started:
                     break
             time.sleep(min(30.0, 0.5 * 2 ** attempt))
-        raise BatchError(f"the Batch API at {self.shown_url}: reading file {file_id} failed: {problem}")
+        raise BatchError(f"the Batch API at {self.shown_url}: reading file {file_id} failed: {problem}", status)
 
 
 class BatchDispatch:
@@ -300,7 +313,7 @@ class BatchDispatch:
 
     def load(self, k: int, n: int) -> dict:
         path = self.state_path(k, n)
-        state = json.loads(storage.read_text(path)) if storage.exists(path) else None
+        state = stored.read_json(self.layout, path, STATE)
         if state is None or state.get("config") != self.key:
             if state and state.get("batches"):
                 log.warning("%s: batches of another stage config are left unread: %s", path,
@@ -409,7 +422,18 @@ class BatchDispatch:
 
     def _lines(self, file_id: str | None, batch: dict, k: int, n: int, kind: str, cap: int) -> dict[str, dict]:
         if self.mode == "openai":
-            return read_jsonl(self.api.content(file_id), cap) if file_id else {}
+            if not file_id:
+                return {}
+            try:
+                return read_jsonl(self.api.content(file_id), cap)
+            except BatchError as e:
+                if e.status != 404:
+                    raise
+                # deleted (by hand, or past the provider's retention): its rows count as missing and are
+                # submitted again, and the other shards go on
+                log.warning("%s: the %s file %s of batch %s is gone (HTTP 404); its rows are submitted again",
+                            self.state_path(k, n), kind, file_id, batch["id"])
+                return {}
         if kind == "error":
             return {}
         with storage.open_read(self._vllm_path(k, n, "output")) as f:

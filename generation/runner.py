@@ -49,8 +49,9 @@ import schemas
 import storage
 from schemas.errors import UserError
 from schemas import provenance
+from schemas import state as stored
 from schemas.keys import input_hash, row_seed
-from schemas.layout import LayoutError, Rooted, RunLayout
+from schemas.layout import LayoutError, Rooted, RunLayout, parse_shard_name
 from schemas.release import parquet_rows
 from schemas.options import option, product_options, required
 from schemas.outcomes import NOT_SENT, REFUSALS, category, engine_error, is_engine_error, refused, shard_summary
@@ -211,6 +212,19 @@ def read_generation(path: str) -> pa.Table:
     return schemas.validate(storage.read_parquet(path), schemas.GENERATION, path)
 
 
+def clear_debris(cfg: GenerateConfig, started: float) -> None:
+    """Removes the temporary files that writes of this worker's shards (data, marker, batch state)
+    killed midway left, older than `started` (this run's start): other workers' are theirs."""
+    def mine(name: str) -> bool:
+        parsed = parse_shard_name(name)
+        return parsed is not None and parsed[0] == cfg.stage and parsed[1] % cfg.num_workers == cfg.worker_index
+
+    for folder in (cfg.layout.generations(cfg.stage), cfg.layout.generation_batches(cfg.stage)):
+        removed = storage.clear_debris(folder, started, mine)
+        if removed:
+            log.info("%s: removed %d temporary file(s) of writes killed midway", folder, len(removed))
+
+
 def stage_status(cfg: GenerateConfig) -> dict:
     """StageRunner(cfg).status(): the stage's complete and pending shards."""
     return StageRunner(cfg).status()
@@ -331,6 +345,7 @@ class StageRunner:
             all_shards = self.layout.candidate_shards()
         except LayoutError as e:
             raise GenerationError(str(e)) from e
+        clear_debris(cfg, time.time())
         summary = self.summary = {"stage": cfg.stage, "shards_done": [], "shards_skipped": [], "rows": 0, "sent": 0,
                                   "reused": 0, "answered": 0, "errors": 0, "refusals": {}, "failing_shards": [],
                                   "seconds": 0.0}
@@ -413,6 +428,8 @@ class StageRunner:
             if self._pool is not None:
                 self._pool.close()
                 self._pool = None
+            if cfg.num_workers == 1:   # the root's one writer: no other worker is about to fill it
+                storage.remove_empty_folder(self.layout.all_generation_checkpoints(cfg.stage))
         summary["shards_done"].sort()    # in the order written: a stream finishes shards in any order
         summary["failing_shards"].sort(key=lambda f: f["shard"])
         summary["seconds"] = round(time.perf_counter() - t0, 3)
@@ -698,7 +715,7 @@ class PendingShard:
         return metrics
 
 
-PART = re.compile(r"part-\d{5}\.parquet")
+PART = re.compile(r"part-(\d{5})\.parquet")
 
 
 class Checkpoints:
@@ -706,6 +723,7 @@ class Checkpoints:
     (RunLayout.generation_checkpoints: one folder per shard and product config)."""
 
     def __init__(self, layout: RunLayout, stage: str, k: int, n: int, config_key: str):
+        self.layout = layout
         self.shard_dir = layout.generation_checkpoints(stage, k, n)
         self.folder = storage.join(self.shard_dir, config_key)
         self.buffer: list[dict] = []
@@ -713,14 +731,18 @@ class Checkpoints:
         self.parts = 0
 
     def rows(self) -> list[dict]:
-        """The rows of every part of this config; parts of other configs are removed."""
+        """The rows of every part of this config; parts of other configs are removed, and a damaged
+        part is set aside (schemas.state): its rows are sent again."""
         out = []
         for path in sorted(storage.list_files(self.shard_dir)):
-            if storage.parent(path) != self.folder or not PART.fullmatch(path.rsplit("/", 1)[-1]):
+            part = PART.fullmatch(path.rsplit("/", 1)[-1])
+            if storage.parent(path) != self.folder or not part:
                 storage.delete(path)   # another config's parts, or the temporary file of a write killed midway
                 continue
-            out += read_generation(path).to_pylist()
-            self.parts += 1
+            self.parts = max(self.parts, int(part.group(1)))   # new parts are numbered after every old one
+            table = stored.read_table(self.layout, path, schemas.GENERATION)
+            if table is not None:
+                out += table.to_pylist()
         return out
 
     def add(self, row: dict, every_rows: int, every_s: float) -> None:

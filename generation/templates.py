@@ -147,13 +147,21 @@ DEFAULTS = {
 }
 
 
+TEMPLATE_LIMIT = 16 << 20   # bytes of a --template file (a prompt template is a few KiB)
+
+
 def load_template(stage: str, path: str | None = None) -> Template:
-    """The stage's default template, or the one in file `path` (first line `SYSTEM: ...` optional)."""
+    """The stage's default template, or the one in file `path` (first line `SYSTEM: ...` optional): a
+    regular file of at most TEMPLATE_LIMIT bytes of UTF-8 (else a UserError of one line)."""
     if not path:
         return DEFAULTS[stage]
     import storage
+    from schemas.errors import UserError
 
-    text = storage.read_text(path)
+    try:
+        text = storage.read_input(path, TEMPLATE_LIMIT, "--template").decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(str(e) if isinstance(e, storage.NotAnInput) else f"{path}: cannot read the template ({e})") from e
     if text.startswith("SYSTEM:"):
         first, _, rest = text.partition("\n")
         return Template(rest, first[len("SYSTEM:"):].strip())

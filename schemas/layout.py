@@ -19,6 +19,8 @@ parses shard names.
                                                               and of the last night that ended
     <root>/_lock/<name>                                       who writes the root now (schemas.lock): "root",
                                                               or generate-<stage>-<I>-of-<W> for one worker
+    <root>/_damaged/<path>.<time> (+ .reason)                 state files found damaged on read, set aside
+                                                              (schemas.state)
 
 A local root is made absolute, so that every path recorded in stats and manifests names the same
 file from any working directory (and from a Beam worker).
@@ -46,6 +48,7 @@ BATCHES = "_batches"
 NIGHT = "_night.json"
 LAST_NIGHT = "_last_night.json"
 LOCK = "_lock"
+DAMAGED = "_damaged"
 STATS = "stats.json"
 LATEST = "LATEST"
 DATA = "data"      # a release's data files: sft/<version>/data/split=<split>/part-SSSSS-of-NNNNN.parquet
@@ -210,6 +213,10 @@ class RunLayout:
         """The folder of a shard in flight's checkpoint parts (generation/runner.py: Checkpoints)."""
         return self._join(GENERATIONS, stage, CHECKPOINTS, shard_name(stage, shard, num_shards, "d"))
 
+    def all_generation_checkpoints(self, stage: str) -> str:
+        """The folder of every shard's checkpoint folder of a stage."""
+        return self._join(GENERATIONS, stage, CHECKPOINTS)
+
     def generation_batches(self, stage: str) -> str:
         """The folder of a batch stage's shard states and `vllm run-batch` files (generation/batch.py)."""
         return self._join(GENERATIONS, stage, BATCHES)
@@ -258,6 +265,11 @@ class RunLayout:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"lock name {name!r}: letters, digits, '_', '.', '-' only")
         return self._join(LOCK, name)
+
+    @property
+    def damaged(self) -> str:
+        """Where damaged state files are set aside (schemas.state.set_aside)."""
+        return self._join(DAMAGED)
 
     def relative(self, path: str) -> str:
         """`path` relative to the root (for display); unchanged when it is outside."""

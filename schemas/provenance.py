@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 
 import storage
+from schemas import state as stored
 from schemas.layout import RunLayout
 from schemas.release import sha256_of
 
@@ -42,15 +43,19 @@ def seal(path: str, made: dict) -> dict:
     return {"sha256": sha256_of(path), "bytes": storage.size(path), **made}
 
 
+# a marker as read back: a damaged one (cut, emptied, fields of another type) is no marker, and its
+# shard is redone (the rewrite replaces the marker)
+MARKER = {KEY: {"sha256": str, "bytes": int, "inputs": stored.MapOf({"path": str, "sha256": str}), "config": dict}}
+
+
 def read_record(marker: str) -> dict | None:
-    """The provenance record in a marker; None when the marker is missing, unreadable or has none."""
+    """The provenance record in a marker; None when the marker is missing, damaged or has none."""
     if not storage.exists(marker):
         return None
     try:
-        record = json.loads(storage.read_text(marker)).get(KEY)
-    except (ValueError, AttributeError):     # a damaged marker (bad JSON, bad UTF-8, not an object)
+        return stored.parse_json(storage.read_bytes(marker), MARKER)[KEY]
+    except stored.Damaged:
         return None
-    return record if isinstance(record, dict) and {"sha256", "bytes", "inputs", "config"} <= record.keys() else None
 
 
 def _differences(recorded: dict, expected: dict) -> list[str]:

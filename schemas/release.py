@@ -39,6 +39,7 @@ from schemas.errors import UserError
 from schemas.options import option
 from schemas.layout import (DATA, LATEST, SFT, TMP, RunLayout, parse_shard_name, release_data_file,
                             release_split_of)
+from schemas.state import Damaged, parse_json
 
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
@@ -105,9 +106,27 @@ def latest_data(path: str, check: bool = False) -> str:
     elif not storage.exists(storage.join(folder, SUCCESS)):
         raise ReleaseError(f"{folder}: {SUCCESS} missing: the release is incomplete")
     data = storage.join(folder, DATA)
-    manifest = json.loads(storage.read_text(storage.join(folder, MANIFEST)))
-    in_data = any(str(f.get("path", "")).startswith(DATA + "/") for f in manifest.get("files") or [])
+    manifest = read_manifest(folder)
+    in_data = any(f["path"].startswith(DATA + "/") for f in manifest["files"])
     return data if in_data else folder
+
+
+def read_manifest(folder: str) -> dict:
+    """The release's manifest, of the form `manifest_problems` checks; a ReleaseError of one line when
+    it cannot be read, is cut short, is no JSON or has another form (fields of the wrong type)."""
+    path = storage.join(folder, MANIFEST)
+    try:
+        manifest = parse_json(storage.read_bytes(path))
+    except OSError as e:
+        raise ReleaseError(f"{path} cannot be read ({e}); bft validate {folder} lists what is wrong") from e
+    except Damaged as e:
+        raise ReleaseError(f"{path} is damaged ({e}); bft validate {folder} lists what is wrong") from e
+    problems = manifest_problems(manifest)
+    if problems:
+        raise ReleaseError(f"{path} is malformed: {'; '.join(problems[:3])}"
+                           + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+                           + f"; bft validate {folder} lists what is wrong")
+    return manifest
 
 
 def config_hash(config: dict, lineage: dict) -> str:
@@ -158,13 +177,7 @@ def data_files(folder: str) -> list[str]:
     """The data files a published release's manifest lists (its entries with a split), in manifest
     order, as paths: what a reader of the release reads, whatever its layout (data/, or beside the
     card in older releases). A manifest that cannot be read or is malformed is a ReleaseError."""
-    try:
-        manifest = json.loads(storage.read_text(storage.join(folder, MANIFEST)))
-    except (OSError, ValueError) as e:
-        raise ReleaseError(f"{folder}: {MANIFEST} cannot be read ({e})") from e
-    problems = manifest_problems(manifest)
-    if problems:
-        raise ReleaseError(f"{folder}: {MANIFEST} is malformed: " + "; ".join(problems))
+    manifest = read_manifest(folder)
     return [storage.join(folder, e["path"]) for e in manifest["files"] if e.get("split") in SPLITS]
 
 
@@ -252,6 +265,7 @@ def publish(layout: RunLayout, *, version: str | None, config: dict, lineage: di
     published release must not become LATEST (critical alerts): then LATEST stays where it was and
     HeldRelease is raised (`hold_how`: what to do about it), on this run and on any rerun.
     """
+    storage.clear_debris(layout.sft, time.time())   # LATEST's temporary file of a write killed midway
     chash = config_hash(config, lineage)
     if version is None:
         current = _latest_of_hash(layout, chash)
@@ -307,8 +321,8 @@ def _recorded_hash(manifest_path: str) -> str | None:
     if not storage.exists(manifest_path):
         return None
     try:
-        manifest = json.loads(storage.read_text(manifest_path))
-    except (ValueError, UnicodeDecodeError):
+        manifest = parse_json(storage.read_bytes(manifest_path))
+    except Damaged:
         return None
     return manifest.get("config_hash") if isinstance(manifest, dict) else None
 
@@ -373,9 +387,9 @@ def validate(path: str, *, published: bool = True, tables: dict[str, list[pa.Tab
                 problems.append(f"{MANIFEST}: its sha256 is not the one {SUCCESS} records: the manifest was "
                                 "changed after the release was published")
     try:
-        manifest = json.loads(storage.read_text(manifest_path))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ReleaseError(f"{folder}/{MANIFEST}: not valid JSON ({e})") from e
+        manifest = parse_json(storage.read_bytes(manifest_path))
+    except Damaged as e:
+        raise ReleaseError(f"{folder}/{MANIFEST}: damaged ({e})") from e
     form = manifest_problems(manifest)
     if form:
         raise ReleaseError(f"{folder}: release is not valid:\n  " + "\n  ".join(problems + form))

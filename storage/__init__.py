@@ -24,6 +24,7 @@ import os
 import pathlib
 import posixpath
 import re
+import stat
 import tempfile
 import zlib
 from typing import BinaryIO, Iterator
@@ -57,6 +58,21 @@ class StoredFileNotFound(StorageError, FileNotFoundError):
 
 class StoredFileForbidden(StorageError, PermissionError):
     pass
+
+
+class DiskFull(StorageError):
+    """A local write found no space left (ENOSPC) or the user's quota spent (EDQUOT): one line naming
+    the folder and the bytes the write needed. Writes are whole or not at all, so nothing written
+    before is touched, and a rerun after space is freed resumes."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(code: int, folder: str, name: str, needed: str) -> DiskFull:
+    why = "no space left on the device" if code == errno.ENOSPC else "the disk quota is spent"
+    return DiskFull(code, f"{folder}: {why} while writing {name} ({needed} needed); free space there "
+                                 "and run again (what was written before is kept)", folder)
 
 
 def _mapped(error: Exception, path: str) -> Exception | None:
@@ -240,20 +256,65 @@ def not_regular(path: str) -> str | None:
     checker never reads /dev/zero or a file outside the folder it checks."""
     if is_gcs(path):
         return None
-    import stat
-
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return "missing"
     if stat.S_ISLNK(mode):
         return f"a symbolic link (to {os.readlink(path)[:200]!r})"
+    return _not_a_file(mode)
+
+
+def _not_a_file(mode: int) -> str | None:
     if stat.S_ISREG(mode):
         return None
-    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+    return ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
             else "not a regular file")
-    return kind
+
+
+MiB = 1 << 20
+
+
+class NotAnInput(StorageError):
+    """A file the user named that is no regular file, or over the size limit of its kind."""
+
+
+def check_input(path: str, limit: int, what: str) -> int:
+    """The size of the file the user named at `path` (`what`: its option, for the message), opened only
+    when it is a regular file (a link is followed to one; a FIFO, a device or a folder is refused before
+    it is opened, so it can neither hang nor be read forever); NotAnInput when it is not one or holds
+    more than `limit` bytes (the caller reads it whole). FileNotFoundError when it is missing."""
+    if is_gcs(path):
+        found = size(path)
+    else:
+        info = os.stat(path)
+        kind = _not_a_file(info.st_mode)
+        if kind:
+            raise NotAnInput(errno.EINVAL, f"{path}: {kind}, not a regular file ({what}); never read", path)
+        found = info.st_size
+    if found > limit:
+        raise NotAnInput(errno.EFBIG, f"{path}: {found:,} bytes, over the {limit:,}-byte limit of {what} "
+                                      "(it is read whole into memory)", path)
+    return found
+
+
+def read_input(path: str, limit: int, what: str) -> bytes:
+    """The bytes of the file the user named at `path`, checked as `check_input` says, and read no
+    further than `limit` (a file that grows while it is read is refused as over the limit)."""
+    check_input(path, limit, what)
+    if is_gcs(path):
+        return read_bytes(path)
+    # O_NONBLOCK: a FIFO swapped in after the check opens at once instead of waiting for a writer
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        kind = _not_a_file(os.fstat(f.fileno()).st_mode)
+        if kind:
+            raise NotAnInput(errno.EINVAL, f"{path}: {kind}, not a regular file ({what}); never read", path)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise NotAnInput(errno.EFBIG, f"{path}: over the {limit:,}-byte limit of {what} (it grew while read)", path)
+    return data
 
 
 def special_entries(prefix: str) -> list[tuple[str, str]]:
@@ -360,7 +421,7 @@ def write_bytes(path: str, data: bytes) -> None:
         return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX + os.path.basename(path) + ".")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -369,10 +430,42 @@ def write_bytes(path: str, data: bytes) -> None:
         _readable(tmp)
         check_fences(path)   # just before the rename that publishes it
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in _FULL:
+            raise _disk_full(e.errno, folder, os.path.basename(path), f"{len(data):,} bytes") from e
         raise
+
+
+TMP_PREFIX = ".tmp-"   # write_bytes' and write_parquet's temporary files: .tmp-<target name>.<random>
+
+
+def clear_debris(folder: str, before: float, owned=lambda name: True) -> list[str]:
+    """Removes the temporary files that writes killed midway left directly in the local `folder`:
+    those last modified before `before` (the run's start, so no write of this run is one) whose target
+    name `owned(name)` says is the caller's (a generate worker's own shards). Returns their paths. On
+    GCS there are none (an upload that does not complete leaves no object)."""
+    if is_gcs(folder) or not os.path.isdir(folder):
+        return []
+    removed = []
+    for entry in os.scandir(folder):
+        if not entry.name.startswith(TMP_PREFIX) or not entry.is_file(follow_symlinks=False):
+            continue
+        target = entry.name[len(TMP_PREFIX):].rsplit(".", 1)[0]
+        if entry.stat(follow_symlinks=False).st_mtime < before and owned(target):
+            os.unlink(entry.path)
+            removed.append(entry.path)
+    return sorted(removed)
+
+
+def remove_empty_folder(folder: str) -> None:
+    """Removes the local `folder` when it is empty (a folder in use is never removed: rmdir refuses)."""
+    if not is_gcs(folder):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
 
 
 def _read_umask() -> int:
@@ -643,10 +736,16 @@ def write_parquet(table: pa.Table, path: str, compression: str = "zstd") -> int:
     local_dir = None if is_gcs(path) else os.path.dirname(os.path.abspath(path))
     if local_dir:
         os.makedirs(local_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=".tmp-" + posixpath.basename(path) + ".")
+    fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=TMP_PREFIX + posixpath.basename(path) + ".")
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression=compression, row_group_size=8192)
+        try:
+            pq.write_table(table, tmp, compression=compression, row_group_size=8192)
+        except OSError as e:   # Arrow's IOError carries the errno
+            if e.errno in _FULL:
+                raise _disk_full(e.errno, os.path.dirname(tmp), posixpath.basename(path),
+                                 f"up to {table.nbytes:,} bytes, its size in memory") from e
+            raise
         size = os.path.getsize(tmp)
         if local_dir:
             _readable(tmp)

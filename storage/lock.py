@@ -225,7 +225,13 @@ class Lock:
     def _acquire_local(self, holder: dict) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:   # O_NOFOLLOW: a lock file that is a link (to sft/LATEST, say) is never written through
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                raise OSError(f"{self.path} is a symbolic link (to {os.readlink(self.path)[:200]!r}), never followed: "
+                              "remove it, and the next run makes a plain lock file") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:

@@ -298,3 +298,26 @@ def test_online_generation_refuses_a_stage_whose_batches_run(prepared_root, tmp_
     assert gen(root, "backtranslate", MODEL, **kw(hosted, batch="openai"))["shards_done"] == [0, 1, 2]
     assert gen(root, "backtranslate", MODEL, **kw(hosted))["shards_skipped"] == [0, 1, 2]
     assert hosted.requests == []
+
+
+def test_a_batch_whose_output_file_is_gone_resubmits_its_rows_and_the_other_shards_proceed(prepared_root, tmp_path,
+                                                                                          hosted, caplog):
+    """Issue 35 point 5: an output file deleted (by hand, or past its retention) made every rerun exit 1,
+    also for the healthy shards."""
+    root = copy_root(prepared_root, tmp_path / "batch")
+    hosted.hold = True
+    with pytest.raises(BatchesPending):
+        gen(root, "backtranslate", MODEL, **kw(hosted, batch="openai"))
+    hosted.hold = False
+    hosted.finish()
+    first = sorted(hosted.batches)
+    gone = hosted.batches[first[1]]["output_file_id"]
+    del hosted.files[gone]
+    with pytest.raises(BatchesPending) as e:
+        gen(root, "backtranslate", MODEL, **kw(hosted, batch="openai"))
+    assert e.value.summary["shards_done"] == [0, 2] and e.value.summary["pending_shards"] == [1]
+    [again] = sorted(set(hosted.batches) - set(first))
+    assert batch_ids(hosted, again) == batch_ids(hosted, first[1])       # that batch's rows, submitted again
+    assert any(f"file {gone} of batch {first[1]} is gone" in r.getMessage() for r in caplog.records)
+    hosted.finish()
+    assert gen(root, "backtranslate", MODEL, **kw(hosted, batch="openai"))["shards_done"] == [1]

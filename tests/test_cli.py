@@ -260,3 +260,37 @@ def test_a_user_error_raised_in_a_beam_worker_is_one_line():
             "(EOFError: eof) [while running 'ReadAndMeasure']\n")
     assert cli.user_error_message(RuntimeError(text)) == "/d/a.json.gz: unreadable after 3 lines (EOFError: eof)"
     assert cli.user_error_message(RuntimeError("ZeroDivisionError: bug")) is None
+
+
+@pytest.mark.parametrize("reader", ["run file", "template", "seed data", "oasst"])
+@pytest.mark.parametrize("kind", ["link-to-dev-zero", "fifo", "folder"])
+def test_a_file_the_user_names_is_read_only_when_it_is_a_regular_file(tmp_path, reader, kind):
+    """Issue 35 point 6: every file the user names (run files, templates, seed data) is opened only when
+    it is a regular file: a link to /dev/zero is never read, a FIFO never waited on, a folder is one line."""
+    from beam_pipelines.assemble import read_seed_table
+    from generation.templates import load_template
+    from schemas.errors import user_error_message
+    from training.seed import read_messages
+
+    path = tmp_path / "named.jsonl"
+    if kind == "link-to-dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    read = {"run file": config.read_run_file, "template": lambda p: load_template("score", p),
+            "seed data": read_seed_table, "oasst": read_messages}[reader]
+    with pytest.raises(Exception) as e:
+        read(str(path))
+    why = {"link-to-dev-zero": "a device", "fifo": "a FIFO", "folder": "a folder"}[kind]
+    assert user_error_message(e.value).startswith(f"{path}: {why}, not a regular file")
+
+
+def test_a_run_file_over_its_size_limit_is_one_line(tmp_path, monkeypatch, capsys):
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text("root: /r\n" + "# padding\n" * 10)
+    monkeypatch.setattr(config, "RUN_FILE_LIMIT", 64)
+    rc, _, err = run(capsys, "plan", "--config", str(run_file))
+    assert rc == 1 and f"{run_file}: 109 bytes, over the 64-byte limit of a run file" in err
+    assert len(err.strip().splitlines()) == 1

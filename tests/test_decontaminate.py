@@ -11,6 +11,7 @@ import pytest
 from beam_pipelines import decontaminate
 from beam_pipelines.decontaminate import DecontaminationError, Member
 from bft import cli
+from schemas.errors import user_error_message
 from generation import evaluate
 from tests.test_assemble import read_release, rewrite_shard, run, write_marker, write_root
 
@@ -73,10 +74,11 @@ def web_ids(root, version):
 
 def test_alpacaeval_and_mtbench_question_files_read_as_they_are(eval_files, tmp_path):
     alpaca, mt = (decontaminate.eval_set(p, None, 13) for p in eval_files)
-    assert alpaca.name == "alpaca_eval" and alpaca.prompts == [q["instruction"] for q in ALPACA]
+    assert alpaca.name == "alpaca_eval" and alpaca.prompts == [ALPACA[0]["instruction"]]
+    assert alpaca.ignored == ["hi"] and alpaca.summary()["ignored_prompts"] == 1   # under 4 words (issue 35)
     assert mt.name == "question" and mt.prompts == MT_BENCH[0]["turns"]      # one prompt per turn
-    # 19 words: 7 n-grams; "hi" and the 11-word turn: one n-gram each, their whole word sequence
-    assert len(alpaca.hashes) == 7 + 1 and alpaca.short_prompts == 1 and alpaca.lengths == (1, 13)
+    # 19 words: 7 n-grams; the 11-word turn: one n-gram, its whole word sequence
+    assert len(alpaca.hashes) == 7 and alpaca.short_prompts == 0 and alpaca.lengths == (13,)
     assert len(mt.hashes) == 7 + 1 and mt.lengths == (11, 13)
     assert len(alpaca.sha256) == 64 and alpaca.content["bytes"] == os.path.getsize(eval_files[0])
     # a named field; a missing one names the file and line
@@ -102,7 +104,7 @@ def test_thirteen_shared_words_match_after_normalization_and_twelve_do_not(eval_
     assert found[2] == ("question", "response", "rewrite your previous response start every sentence with the "
                                                 "letter a")
     assert 3 not in found                    # 12 words of a 20-word prompt: not contaminated
-    assert found[4] == ("alpaca_eval", "instruction", "hi")   # a one-word prompt is one n-gram: stated in the docs
+    assert 4 not in found                    # "hi", a prompt of under 4 words, is ignored
 
 
 # ---- near-duplicate instructions: the rule ---------------------------------------------------------
@@ -139,13 +141,14 @@ def test_contaminated_pairs_are_dropped_listed_and_recorded(root, eval_files):
     assert "duplicate_instruction" not in f["dropped"]
     d = stats["decontamination"]
     assert d["ngram"] == 13 and d["dropped"] == {"alpaca_eval": 1, "question": 2}
-    assert [s["prompts"] for s in d["sets"]] == [2, 2]
+    assert [(s["prompts"], s["ignored_prompts"]) for s in d["sets"]] == [(1, 1), (2, 0)]
     assert [(p["id"], p["set"], p["field"]) for p in d["pairs"]] == [
         ("a0", "question", "response"), ("b2", "question", "response"), ("b4", "alpaca_eval", "instruction")]
     assert d["pairs"][2]["ngram"] == "write a detailed essay about the economic consequences of the industrial revolution in"
     folder = os.path.join(root, "sft", "clean")
     report = open(os.path.join(folder, "report.html")).read()
     assert "<h2>Decontamination</h2>" in report and "decontamination (--decontaminate)" in report
+    assert "prompts ignored (under 4 words)" in report and "1: &#x27;hi&#x27;" in report
     assert "compose an engaging travel blog post about a recent trip to hawaii highlighting" in report
     assert "Decontamination: pairs sharing a 13-word n-gram" in open(os.path.join(folder, "README.md")).read()
     manifest = json.loads(open(os.path.join(folder, "manifest.json")).read())
@@ -222,3 +225,58 @@ def test_assemble_help_lists_the_new_options(capsys):
                  "--near-dup-instruction-threshold"):
         assert flag in out
     assert "(default: 13)" in out and "(default: 0.8)" in out
+
+
+# ---- hostile evaluation files (issue 35 point 6) ----------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["link-to-dev-zero", "fifo", "folder", "nested", "nested-line", "over-limit"])
+def test_an_evaluation_file_that_is_no_regular_file_or_too_deep_is_one_line(tmp_path, kind, monkeypatch):
+    """A link to /dev/zero was read until the process was killed for memory, a FIFO hung, a folder
+    and 100K nested `[` gave tracebacks."""
+    path = tmp_path / "held_out.json"
+    if kind == "link-to-dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "nested":
+        path.write_text("[" * 100_000)
+    elif kind == "nested-line":
+        path = tmp_path / "held_out.jsonl"
+        path.write_text('{"instruction": ' + "[" * 100_000 + "\n")
+    else:
+        path.write_text(json.dumps(ALPACA))
+        monkeypatch.setattr(decontaminate, "EVAL_SET_LIMIT", 64)
+    with pytest.raises((DecontaminationError, OSError)) as e:
+        decontaminate.eval_set(str(path), None, 13)
+    message = user_error_message(e.value)
+    assert message and message.startswith(str(path)) and "\n" not in message, (kind, e.value)
+    expected = {"link-to-dev-zero": "a device, not a regular file (--decontaminate); never read",
+                "fifo": "a FIFO, not a regular file", "folder": "a folder, not a regular file",
+                "nested": "nested too deeply", "nested-line": "nested too deeply",
+                "over-limit": "over the 64-byte limit of --decontaminate"}[kind]
+    assert expected in message
+
+
+def test_a_question_of_one_word_is_ignored_with_a_warning_not_matched(tmp_path, caplog):
+    """"the" as an evaluation prompt dropped every pair and published an empty release at exit 0."""
+    path = tmp_path / "held_out.jsonl"
+    path.write_text(json.dumps({"instruction": "the"}) + "\n" + json.dumps({"instruction": ALPACA[0]["instruction"]}))
+    [held_out] = decontaminate.read_eval_sets([str(path)], None, 13)
+    assert held_out.ignored == ["the"] and held_out.summary()["ignored_examples"] == ["the"]
+    texts = pa.array(["Explain the weather to the class.", IN_INSTRUCTION])
+    assert [m.row for m in decontaminate.contamination(texts, pa.array(["", ""]), [held_out])] == [1]
+    assert any("1 evaluation prompt(s) of fewer than 4 words ignored (e.g. 'the')" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_release_that_loses_over_a_fifth_of_its_pairs_to_decontamination_raises_an_alert():
+    from beam_pipelines import changes
+
+    def stats(contaminated, web):
+        return {"funnel": {"web_examples": web, "dropped": {"contaminated:held_out": contaminated,
+                                                            "duplicate_instruction": 2, "score_below": 50}}}
+    assert changes.alerts(stats(20, 78), {}, 0) == []                         # 20 of 100: at the line
+    [alert] = changes.alerts(stats(21, 77), {}, 0)
+    assert alert.startswith("decontamination dropped 21 of the 100 pairs the recipe kept (21.0%, over 20%)")

@@ -51,8 +51,12 @@ class SeedConfig:
             self.output = RunLayout(self.root).seed_pairs
 
 
+OASST_LIMIT = 1 << 30   # bytes of the --oasst file as stored (it is read whole into memory)
+
+
 def read_messages(path: str) -> pa.Table:
     try:
+        storage.check_input(path, OASST_LIMIT, "--oasst")
         table = storage.read_records(path)
     except ValueError as e:
         raise SeedError(str(e)) from e

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections import Counter
 
@@ -24,6 +25,7 @@ from beam_pipelines.prepare.sample import SampleByKey, SampleToTarget, key_limit
 from beam_pipelines.prepare.write import (AssignShards, MergeShard, WriteParts, WriteRejects, keep_prior, read_prior,
                                           write_stats)
 from schemas.errors import UserError
+from schemas.state import prepare_stats
 
 log = logging.getLogger("bft.prepare")
 
@@ -119,12 +121,13 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
     from beam_pipelines.options import pipeline_options
 
     layout = cfg.layout
+    storage.clear_debris(layout.candidates, time.time())   # stats.json's temporary file of a write killed midway
     files = list_inputs(cfg.input)
     fingerprint = input_fingerprint(files)
     proof = prove(cfg.tokenizer)  # loaded and proved once, here; the workers get the proof
     tokenizer = proof.file
-    if storage.exists(layout.prepare_stats) and not cfg.overwrite:
-        stats = json.loads(storage.read_text(layout.prepare_stats))
+    stats = None if cfg.overwrite else prepare_stats(layout)   # a damaged marker is set aside: prepare runs again
+    if stats is not None:
         differ = cfg.differences_from(stats.get("config") or {})
         if differ:
             raise UserError(f"{layout.candidates} holds a complete prepare output of another config ("
