@@ -10,9 +10,12 @@ where it comes from:
   from a sample of the input: kept share x lines, scaled by file count; with --near-dedup, less the
   sample's near-duplicates: a lower bound on the drops, since those across files are not in it); score/rate get the rows whose
   instruction parsed; rewrite/distill only the rows that pass the gate (score >= 5, rate >= 4.5),
-  when the gate is on.
-- pass rates: measured on existing shards (ROOT/generations/...), else the paper's: 13.6% of pairs
-  scored 5 (Nguyen et al. 2024), 100% for parsing.
+  when the gate is on. Past a rate that is unknown, the requests are an upper bound (every row passes).
+- pass rates: measured by a pilot (`--pilot N`: bft/pilot.py; with 95% intervals), else on existing
+  shards (ROOT/generations/...). Nothing measured, there is no prior for a model's parse rate nor for
+  a gate, with one exception: the paper's 13.6% of pairs scored 5 (Nguyen et al. 2024: generated
+  scores at threshold 5, its 70B forward model on Dolma's head split); elsewhere "unknown: run
+  --pilot N". With the gate's share known and a parse rate not, the examples are an upper bound.
 - prompt tokens: the stage's template rendered with the model's own tokenizer (its chat template or
   the Llama-2 format) with empty values, plus the document's tokens (the candidates' exact counts
   when the model's tokenizer is prepare's, the documents prepare kept uncounted by their upper bound
@@ -22,9 +25,12 @@ where it comes from:
 - output tokens: the mean measured on existing shards, else the stage's new-token cap (upper bound).
 - documents cut: per stage, the candidates over what its prompt holds whole (context - new-token cap -
   template - instruction, with the model's tokenizer): cut, and for a gating or answering stage their
-  pairs are dropped by assemble; the smallest limit is the `prepare.max_tokens` that keeps every stage
-  whole (the paper removed such documents before generating).
-- expected examples: each stage's share applied once, of the requests it was sent: backtranslate's
+  pairs are dropped by assemble; the smallest limit is the working length limit, printed beside
+  prepare's, and the `prepare.max_tokens` that keeps every stage whole (the paper removed such
+  documents before generating).
+- expected examples: with a pilot, candidates x the share of its candidates that every stage and
+  assemble's rules (beam_pipelines.recipes.verdicts) keep, with its Wilson interval scaled. Else each
+  stage's share applied once, of the requests it was sent: backtranslate's
   parse rate, the gate's pass rate among the pairs scored, the answering stage's usable share (parsed,
   whole document) among those it answered; where a stage has no shards yet, its whole-document share.
 - GPU-hours: output tokens / `tokens_per_s` of the stage's section (decode throughput of one GPU for

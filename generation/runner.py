@@ -17,6 +17,8 @@ whichever comes first) as whole part files under `generations/<stage>/_checkpoin
 a killed run loses at most what came after the last checkpoint, the rerun sends only the rest, and
 the shard it writes is byte-identical to an uninterrupted run's (rows are reused by id and
 input_hash, as from an older shard). The checkpoints of a shard go once its marker is written.
+`bft plan --pilot N` sends a few rows of shards through the same path (StageRunner.pilot) and leaves
+their answers as such checkpoints, which the night reuses.
 
 Requests are dispatched as a stream (Engine.stream): prompts are prepared in batches (one batched
 tokenizer call per PREPARE_CHUNK rows) while answers come back. On a `continuous` engine (openai,
