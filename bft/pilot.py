@@ -93,6 +93,8 @@ def run_pilot(plan, n: int) -> dict:
                             "answers (a server, vllm in-process) for the pilot, or plan without --pilot")
     seed = plan.prepare.seed
     sample = draw(plan.layout, n, seed)
+    if not sample:
+        raise UserError(f"{plan.layout.candidates}: prepare kept no candidate: nothing to pilot")
     out = {"n": sum(map(len, sample.values())), "seed": seed, "sample": sample, "rows": {}, "sent_now": {},
            "output_tokens_now": {}, "seconds": {}}
     for sp in plan.stages:

@@ -510,9 +510,12 @@ def tonight(plan: RunPlan, out: dict) -> dict:
                        for k in state["in_flight"]
                        for p in storage.list_files(layout.generation_checkpoints(stage, k, shards[0][1]))
                        if p.endswith(".parquet"))
-        todo = max(0, sum(rows[k] for k in state["pending"]) - answered)
-        result["stages"][stage] = {"pending_shards": state["pending"], "pending_rows": todo,
-                                   "requests": int(round((documents + todo) * per_candidate[stage]))}
+        pending = sum(rows[k] for k in state["pending"])
+        # the answered rows (a pilot's, a killed run's) are requests, not candidates: taken off the
+        # requests the pending candidates make (a stage past a rate is sent only some of them)
+        todo = max(0, pending * per_candidate[stage] - answered)
+        result["stages"][stage] = {"pending_shards": state["pending"], "pending_rows": max(0, pending - answered),
+                                   "requests": int(round(documents * per_candidate[stage] + todo))}
     return result
 
 

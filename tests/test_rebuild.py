@@ -813,6 +813,9 @@ def test_a_pilot_measures_with_intervals_and_the_night_pays_for_none_of_its_rows
         assert plan["examples_expected"] == int(12 * p["kept"] / 6) and not plan["examples_expected_upper_bound"]
         assert set(p["pilot_size_for"]) == {"0.2", "0.1"} and p["pilot_size_for"]["0.1"] > p["pilot_size_for"]["0.2"]
         assert plan["stages"]["score"]["parse_ok_source"].startswith("measured (pilot of 6)")
+        tonight = plan["tonight"]["stages"]                            # what is left for the night: the rest
+        assert tonight["backtranslate"]["requests"] == 12 - 6
+        assert tonight["score"]["requests"] == plan["stages"]["score"]["requests"] - score["sent"]
         assert not any(f.endswith(".parquet") for f in storage.list_files(os.path.join(root, "generations"))
                        if "_checkpoints" not in f)                     # no shard written: checkpoints only
 
