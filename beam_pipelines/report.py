@@ -219,8 +219,10 @@ def paper_rows(stats: dict) -> list[list]:
     dolma = (stats.get("funnel") or {}).get("dolma") or {}
     dropped = dolma.get("dropped") or {}
     head = dolma.get("input_records", 0) - dropped.get("other_split", 0)
-    if head:
-        rows.append(["head-split records removed as too long", _pct(round(100 * dropped.get("too_long", 0) / head, 1)),
+    if head:   # every length drop: prepare's limit, and the pairs of a document cut in a stage's prompt
+        cut = sum(n for reason, n in ((stats.get("funnel") or {}).get("dropped") or {}).items()
+                  if reason.endswith(":input_truncated"))
+        rows.append(["head-split records removed as too long", _pct(round(100 * (dropped.get("too_long", 0) + cut) / head, 1)),
                      f"~{_pct(PAPER_TOO_LONG_SHARE * 100)}", "Sec. 3 (about 25%)"])
     return rows
 

@@ -219,7 +219,8 @@ VERBS = {v.name: v for v in [
          "-> validate -> publish", "bft.rebuild:RebuildConfig", _rebuild, exits=(0, 1, 2, 75, 130, 143)),
     Verb("status", "for the on-call engineer: the last night, the work pending, who holds the lock, LATEST and "
          "its alerts", "bft.status:StatusConfig", _status, positional=("root",)),
-    Verb("plan", "before any GPU is spent: requests, tokens, gate pass rates and GPU-hours per stage",
+    Verb("plan", "before any GPU is spent: requests, tokens, gate pass rates and GPU-hours per stage (--pilot N: "
+         "measured on N candidates, with 95% intervals)",
          "bft.plan:PlanConfig", _plan),
     Verb("prepare", "Beam pass 1: Dolma head split -> exact length filter -> dedup -> balanced candidate shards",
          "beam_pipelines.prepare:PrepareConfig", _prepare, beam=True, exits=(0, 1, 2, 130, 143)),

@@ -10,9 +10,12 @@ where it comes from:
   from a sample of the input: kept share x lines, scaled by file count; with --near-dedup, less the
   sample's near-duplicates: a lower bound on the drops, since those across files are not in it); score/rate get the rows whose
   instruction parsed; rewrite/distill only the rows that pass the gate (score >= 5, rate >= 4.5),
-  when the gate is on.
-- pass rates: measured on existing shards (ROOT/generations/...), else the paper's: 13.6% of pairs
-  scored 5 (Nguyen et al. 2024), 100% for parsing.
+  when the gate is on. Past a rate that is unknown, the requests are an upper bound (every row passes).
+- pass rates: measured by a pilot (`--pilot N`: bft/pilot.py; with 95% intervals), else on existing
+  shards (ROOT/generations/...). Nothing measured, there is no prior for a model's parse rate nor for
+  a gate, with one exception: the paper's 13.6% of pairs scored 5 (Nguyen et al. 2024: generated
+  scores at threshold 5, its 70B forward model on Dolma's head split); elsewhere "unknown: run
+  --pilot N". With the gate's share known and a parse rate not, the examples are an upper bound.
 - prompt tokens: the stage's template rendered with the model's own tokenizer (its chat template or
   the Llama-2 format) with empty values, plus the document's tokens (the candidates' exact counts
   when the model's tokenizer is prepare's, the documents prepare kept uncounted by their upper bound
@@ -27,9 +30,12 @@ where it comes from:
   and the prompt tokens above; unknown without the model's tokenizer.
 - documents cut: per stage, the candidates over what its prompt holds whole (context - new-token cap -
   template - instruction, with the model's tokenizer): cut, and for a gating or answering stage their
-  pairs are dropped by assemble; the smallest limit is the `prepare.max_tokens` that keeps every stage
-  whole (the paper removed such documents before generating).
-- expected examples: each stage's share applied once, of the requests it was sent: backtranslate's
+  pairs are dropped by assemble; the smallest limit is the working length limit, printed beside
+  prepare's, and the `prepare.max_tokens` that keeps every stage whole (the paper removed such
+  documents before generating).
+- expected examples: with a pilot, candidates x the share of its candidates that every stage and
+  assemble's rules (beam_pipelines.recipes.verdicts) keep, with its Wilson interval scaled. Else each
+  stage's share applied once, of the requests it was sent: backtranslate's
   parse rate, the gate's pass rate among the pairs scored, the answering stage's usable share (parsed,
   whole document) among those it answered; where a stage has no shards yet, its whole-document share.
 - GPU-hours: output tokens / `tokens_per_s` of the stage's section (decode throughput of one GPU for
@@ -62,6 +68,8 @@ from schemas.options import option
 from schemas.recipes import ANSWER_STAGES, Gate
 
 PAPER_SCORE5_SHARE = 0.136   # Nguyen et al. 2024: share of backtranslated pairs scored 5
+PAPER_SOURCE = "the paper's figure: 13.6% scored 5 (70B forward model, Dolma's head split)"
+UNKNOWN = "unknown: run --pilot N"   # a rate nothing measured and no prior holds for
 DEFAULT_BATCH_DISCOUNT = 0.5  # OpenAI's Batch API: the same requests at half the price, within 24 h
 
 
@@ -74,6 +82,14 @@ class PlanConfig:
     target_examples: int | None = option(None, "corpus size wanted: how many candidates it needs (the paper: "
                                          "12800, 51200)")
     sample_docs: int = option(2000, "documents sampled to count tokens with a model's tokenizer")
+    pilot: int | None = option(None, "measure first: send N candidates drawn at random through the recipe's "
+                               "stages as the night would (running prepare first, reused when current); the "
+                               "plan then gives each rate, the examples, GPU-hours and prices with a 95% "
+                               "interval. The night reuses the pilot's answers: nothing is paid twice")
+
+    def check(self) -> None:
+        if self.pilot is not None and self.pilot < 1:
+            raise UserError(f"--pilot {self.pilot}: the candidates to send, at least 1")
 
 
 def main_plan(cfg: PlanConfig, run_file: str | None) -> int:
@@ -81,9 +97,22 @@ def main_plan(cfg: PlanConfig, run_file: str | None) -> int:
         raise UserError("needs --config FILE (the run file)")
     plan = load_run(run_file, cfg.root)
     check_servers(plan)   # the plan of a run that cannot send its requests is no plan
-    result = make_plan(plan, cfg.target_examples, cfg.sample_docs)
+    measured = pilot(plan, cfg.pilot) if cfg.pilot else None
+    result = make_plan(plan, cfg.target_examples, cfg.sample_docs, measured)
     print(json.dumps(result, indent=2) if cfg.format == "json" else render_table(result))
     return 0
+
+
+def pilot(plan: RunPlan, n: int) -> dict:
+    """bft.pilot's figures of `n` candidates sent through the recipe's stages, with the root's lock
+    held (it writes checkpoints) after prepare (the night's own step: reused when current)."""
+    from beam_pipelines import prepare
+    from bft.pilot import measure, run_pilot
+    from schemas.lock import RootLock
+
+    with RootLock(plan.layout):
+        prepare.run(plan.prepare, plan.prepare_beam_args)
+        return measure(plan, run_pilot(plan, n))
 
 
 # ---- inputs: candidates, measured shards -------------------------------------------------------
@@ -245,7 +274,16 @@ def _context(sp: StagePlan) -> int | None:
         return None
 
 
-def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: int = 2000) -> dict:
+def paper_point(sp: StagePlan, threshold: float | None) -> bool:
+    """Whether the paper's 13.6% can stand for a gate: generated scores of the score stage at 5."""
+    return sp.stage == "score" and sp.cfg.score_mode == "generate" and threshold == 5
+
+
+def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: int = 2000,
+              pilot: dict | None = None) -> dict:
+    """The plan (module docstring); `pilot`: bft.pilot.measure's figures, which stand for every
+    stage's measured ones and give the intervals."""
+    from bft.pilot import stage_measured
     from generation import budget
     from generation.stages import STAGES
     from schemas.recipes import RECIPES
@@ -257,23 +295,38 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
     prices = _prices(plan)
     out: dict = {"root": plan.root, "recipe": recipe.name, "candidates": {k: cands[k] for k in (
                      "rows", "doc_tokens", "doc_tokens_source", "source") if k in cands},
-                 "stages": {}}
+                 "prepare_max_tokens": plan.prepare.max_tokens, "stages": {}}
     parsed_rows = cands["rows"]   # the pairs whose instruction parsed (the first stage's estimate, below)
+    parsed_upper = False          # ... an upper bound: every instruction parsed (the parse rate unknown)
     instruction_tokens, instruction_source = None, None
     for sp in plan.stages:
         spec = STAGES[sp.stage]
         first = spec.upstream is None   # backtranslate: writes the instructions the other stages quote
-        measured = _measured(layout, sp.stage, threshold if sp.stage == recipe.gate else None)
+        if pilot is not None:
+            measured = stage_measured(pilot, sp.stage)
+        else:
+            measured = _measured(layout, sp.stage, threshold if sp.stage == recipe.gate else None)
+        measured_source = (measured or {}).get("source", "measured")
+        upper = False
         if first:
             requests, req_source = cands["rows"], cands["source"]
         elif sp.stage in ANSWER_STAGES and recipe.gate:
             gate = out["stages"].get(recipe.gate, {})
-            requests, req_source = gate.get("passing_gate", 0), f"rows passing the {recipe.gate} gate"
+            if gate.get("passing_gate") is not None:
+                requests, req_source = gate["passing_gate"], f"rows passing the {recipe.gate} gate"
+                upper = gate["requests_upper_bound"]
+            else:
+                requests, upper = gate.get("requests", parsed_rows), True
+                req_source = f"at most the pairs the {recipe.gate} gate is sent (its pass rate is {UNKNOWN})"
         else:
-            requests, req_source = parsed_rows, "rows whose instruction parsed"
+            requests, req_source, upper = parsed_rows, "rows whose instruction parsed", parsed_upper
+            if parsed_upper:
+                req_source = f"at most every candidate (the parse rate is {UNKNOWN})"
+        if upper and "at most" not in req_source:
+            req_source = f"at most: {req_source} (a rate before it is {UNKNOWN})"
         cap = sp.cfg.new_token_cap()
         if measured and measured["sent"]:
-            out_per_req, out_source = measured["output_tokens"] / measured["sent"], "measured"
+            out_per_req, out_source = measured["output_tokens"] / measured["sent"], measured_source
         else:
             out_per_req, out_source = cap, "new-token cap (upper bound)"
         tokenizer, tok_source = _model_tokenizer(sp)
@@ -296,9 +349,9 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
             # backtranslate: the share the next stages get (parsed instructions); an answering stage:
             # the share assemble can keep (parsed, from a whole document)
             usable = measured["parsed"] if first else measured["ok"]
-            ok_rate, ok_source = min(1.0, usable / measured["sent"]), "measured (of the requests sent)"
+            ok_rate, ok_source = min(1.0, usable / measured["sent"]), f"{measured_source} (of the requests sent)"
         else:
-            ok_rate, ok_source = 1.0, "assumed (no shards yet)"
+            ok_rate, ok_source = None, UNKNOWN   # no prior: a model's parse rate is its own
         # documents over what the stage's prompt holds whole are cut, and assemble drops their pairs
         # when the stage gates or answers (`score:input_truncated`, ...): counted, with what dropping
         # them up front would take (bft prepare --max-tokens)
@@ -316,32 +369,39 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
         entry = {
             "requests": int(round(requests)),
             "requests_source": req_source,
+            "requests_upper_bound": upper,
             "prompt_tokens": int(round(requests * prompt_per_req)),
             "prompt_tokens_source": prompt_source,
             "output_tokens": int(round(requests * out_per_req)),
             "output_tokens_source": out_source,
             "output_tokens_per_row": round(out_per_req, 1),
             "prefix_share": _prefix_share(layout, sp, tokenizer, prompt_per_req, measured),
-            "parse_ok_rate": round(ok_rate, 4),
+            "parse_ok_rate": round(ok_rate, 4) if ok_rate is not None else None,
             "parse_ok_source": ok_source,
             "whole_document_limit": limit,
             "documents_cut": cut,
+            "documents_cut_share": round(cut / requests, 4) if cut is not None and requests else None,
         }
         if first:
-            parsed_rows = requests * ok_rate
+            parsed_rows = requests * (ok_rate if ok_rate is not None else 1.0)
+            parsed_upper = ok_rate is None
             instruction_tokens, instruction_source = out_per_req, out_source
         if sp.stage == recipe.gate:
             if measured and measured["sent"]:
                 share = measured["passed"] / measured["sent"]   # of the pairs sent to the gate stage
-                gate_source = "measured"
-            else:
-                share = PAPER_SCORE5_SHARE
-                gate_source = "the paper's 13.6% scored 5"
-            entry.update(gate_threshold=threshold, gate_pass_rate=round(share, 4), gate_source=gate_source,
-                         passing_gate=int(round(requests * share)))
+                gate_source = measured_source
+            elif paper_point(sp, threshold):
+                share, gate_source = PAPER_SCORE5_SHARE, PAPER_SOURCE
+            else:   # another mode, threshold, gate or model: the paper says nothing of it
+                share, gate_source = None, UNKNOWN
+            entry.update(gate_threshold=threshold, gate_pass_rate=round(share, 4) if share is not None else None,
+                         gate_source=gate_source,
+                         passing_gate=int(round(requests * share)) if share is not None else None)
         tps = sp.tokens_per_s
         tps_source = "run file" if tps else None
-        if not tps and measured and measured["wall_s"]:
+        if not tps and measured and measured.get("tokens_per_s"):
+            tps, tps_source = measured["tokens_per_s"], f"{measured_source}, one worker"
+        elif not tps and measured and measured["wall_s"] and pilot is None:
             tps, tps_source = measured["output_tokens"] / measured["wall_s"], "measured (one worker)"
         entry["tokens_per_s"] = round(tps, 2) if tps else None
         entry["tokens_per_s_source"] = tps_source
@@ -356,11 +416,18 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
     out["instruction_tokens"] = {"per_request": instruction_tokens, "source": instruction_source}
     limits = [s["whole_document_limit"] for s in out["stages"].values() if s.get("whole_document_limit") is not None]
     out["max_tokens_keeping_all_whole"] = min(limits) if limits else None
-    yield_rate = _yield(out, recipe)
-    out["examples_expected"] = int(cands["rows"] * yield_rate)
+    yield_rate, yield_upper, yield_source = _yield(out, recipe)
+    if pilot is not None:   # every stage and assemble's rules, measured together on the same pairs
+        yield_rate, yield_upper = pilot["yield"], False
+        yield_source = (f"pilot: {pilot['kept']:,} of {pilot['n']:,} candidates kept by every stage and assemble's "
+                        "rules (before its instruction dedup, decontamination and cap)")
+    out["examples_expected"] = int(cands["rows"] * yield_rate) if yield_rate is not None else None
+    out["examples_expected_upper_bound"] = yield_upper
+    out["yield_source"] = yield_source
     out["seed_examples"] = _seed_rows(plan.assemble.seed_data)
-    out["release_examples_expected"] = out["examples_expected"] + (out["seed_examples"] or 0)
-    out["yield_per_candidate"] = round(yield_rate, 5)
+    out["release_examples_expected"] = (out["examples_expected"] + (out["seed_examples"] or 0)
+                                        if out["examples_expected"] is not None else None)
+    out["yield_per_candidate"] = round(yield_rate, 5) if yield_rate is not None else None
     if target_examples:
         out["target_examples"] = target_examples
         out["candidates_needed"] = math.ceil(target_examples / yield_rate) if yield_rate else None
@@ -370,8 +437,49 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
     hosted = [s for s in out["stages"].values() if s["hosted"]]
     out["cost_online_total"] = round(sum(s["cost_online"] for s in hosted), 2) if hosted else None
     out["cost_batch_total"] = round(sum(s["cost_batch"] for s in hosted), 2) if hosted else None
+    out["upper_bounds"] = any(s["requests_upper_bound"] for s in out["stages"].values())
+    if pilot is not None:
+        out["pilot"] = _pilot_intervals(pilot, out, cands["rows"])
     out["tonight"] = tonight(plan, out)
     return out
+
+
+def _pilot_intervals(m: dict, out: dict, candidates: int) -> dict:
+    """The pilot's figures (bft.pilot.measure) and what they give for the whole corpus, each with its
+    95% interval: per stage the requests (candidates x the share that reaches the stage), output
+    tokens (requests x the tokens per row), GPU-hours or price; the expected examples. An interval
+    of a product takes its factors' ends (low x low, high x high): wider than 95%, never narrower."""
+    stages = {}
+    for stage, s in m["stages"].items():
+        e = out["stages"][stage]
+        req = [candidates * x for x in s["entered_share_ci"]]
+        tokens = [r * t for r, t in zip(req, s["output_tokens_per_row"][1:])]
+        prompt = [r * t for r, t in zip(req, s["prompt_tokens_per_row"][1:])]
+        figures = {**{k: s[k] for k in ("sent", "parsed", "passed", "sent_now")},
+                   "parse_rate": s["parse_rate"], "parse_ci": s["parse_ci"], "pass_rate": s["pass_rate"],
+                   "pass_ci": s["pass_ci"], "output_tokens_per_row": s["output_tokens_per_row"],
+                   "requests_ci": [round(x) for x in req], "output_tokens_ci": [round(x) for x in tokens]}
+        if e["tokens_per_s"] and not e["hosted"]:
+            figures["gpu_hours_ci"] = [round(x / e["tokens_per_s"] / 3600, 3) for x in tokens]
+        if e["hosted"]:
+            online = [(p * e["price_in"] + t * e["price_out"]) / 1e6 for p, t in zip(prompt, tokens)]
+            figures["cost_online_ci"] = [round(x, 2) for x in online]
+            figures["cost_batch_ci"] = [round(x * (1 - e["batch_discount"]), 2) for x in online]
+        stages[stage] = figures
+    lo, hi = m["yield_ci"]
+    result = {"n": m["n"], "seed": m["seed"], "transient_errors_left_out": m["transient_errors"], "stages": stages,
+              "curation": m["curation"], "kept": m["kept"], "yield": round(m["yield"], 5),
+              "yield_ci": [round(lo, 5), round(hi, 5)], "drops": m["drops"],
+              "examples_expected_ci": [int(candidates * lo), math.ceil(candidates * hi)],
+              "pilot_size_for": m["pilot_size_for"]}
+    if out["seed_examples"]:
+        result["release_examples_expected_ci"] = [x + out["seed_examples"] for x in result["examples_expected_ci"]]
+    for key, total in (("gpu_hours_ci", "gpu_hours_total_ci"), ("cost_online_ci", "cost_online_total_ci"),
+                       ("cost_batch_ci", "cost_batch_total_ci")):
+        parts = [s[key] for s in stages.values() if key in s]
+        if parts and (key != "gpu_hours_ci" or out["gpu_hours_total"] is not None):
+            result[total] = [round(sum(p[0] for p in parts), 3), round(sum(p[1] for p in parts), 3)]
+    return result
 
 
 def tonight(plan: RunPlan, out: dict) -> dict:
@@ -410,9 +518,12 @@ def tonight(plan: RunPlan, out: dict) -> dict:
                        for k in state["in_flight"]
                        for p in storage.list_files(layout.generation_checkpoints(stage, k, shards[0][1]))
                        if p.endswith(".parquet"))
-        todo = max(0, sum(rows[k] for k in state["pending"]) - answered)
-        result["stages"][stage] = {"pending_shards": state["pending"], "pending_rows": todo,
-                                   "requests": int(round((documents + todo) * per_candidate[stage]))}
+        pending = sum(rows[k] for k in state["pending"])
+        # the answered rows (a pilot's, a killed run's) are requests, not candidates: taken off the
+        # requests the pending candidates make (a stage past a rate is sent only some of them)
+        todo = max(0, pending * per_candidate[stage] - answered)
+        result["stages"][stage] = {"pending_shards": state["pending"], "pending_rows": max(0, pending - answered),
+                                   "requests": int(round(documents * per_candidate[stage] + todo))}
     return result
 
 
@@ -462,23 +573,43 @@ def _seed_rows(path: str | None) -> int | None:
         return None
 
 
-def _yield(out: dict, recipe) -> float:
-    """Examples per candidate: each a share of the requests its stage was sent (applied once): the
-    backtranslate parse rate, the gate's pass rate among the pairs scored, the answering stage's usable
-    share among the pairs it was sent; where a stage is not measured yet, the share of its documents
-    that its prompt holds whole (assemble drops the pairs of a cut document)."""
+def _yield(out: dict, recipe) -> tuple[float | None, bool, str]:
+    """(examples per candidate, whether it is an upper bound, where it comes from): each a share of
+    the requests its stage was sent (applied once): the backtranslate parse rate, the gate's pass rate
+    among the pairs scored, the answering stage's usable share among the pairs it was sent; where a
+    stage is not measured yet, the share of its documents that its prompt holds whole (assemble drops
+    the pairs of a cut document). A parse rate not measured is at most 1: with the gate's share known
+    (measured, or the paper's at its point) the yield is an upper bound; without it, unknown."""
     stages = out["stages"]
     first = recipe.stages[0]   # the stage that writes the instructions (backtranslate)
-    rate = stages[first]["parse_ok_rate"] if first in stages else 1.0
-    for name, key in ((recipe.gate, "gate_pass_rate"), (recipe.answer, "parse_ok_rate")):
+    rate, upper, sources = 1.0, False, []
+    for name, key in ((first, "parse_ok_rate"), (recipe.gate, "gate_pass_rate"), (recipe.answer, "parse_ok_rate")):
         s = stages.get(name) if name else None
         if s is None:
             continue
-        rate *= s[key]
-        measured = s.get("gate_source" if key == "gate_pass_rate" else "parse_ok_source", "").startswith("measured")
-        if not measured and s.get("documents_cut") and s["requests"]:
+        source = s["gate_source" if key == "gate_pass_rate" else "parse_ok_source"]
+        if s[key] is None:
+            if key == "gate_pass_rate":
+                return None, False, f"unknown: the {name} gate's pass rate is {UNKNOWN}"
+            upper = True
+        else:
+            rate *= s[key]
+            sources.append(f"{name}: {source}")
+        if not source.startswith("measured") and s.get("documents_cut") and s["requests"]:
             rate *= 1 - s["documents_cut"] / s["requests"]
-    return rate
+    if upper and not sources:
+        return None, False, f"unknown: no stage's rate is measured ({UNKNOWN})"
+    if upper:
+        return rate, True, f"at most ({'; '.join(sources)}; the parse rates are {UNKNOWN})"
+    return rate, False, "; ".join(sources)
+
+
+def _rate(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "?"
+
+
+def _ci(ci: list, fmt: str = ",.0f") -> str:
+    return f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
 
 
 def render_table(result: dict) -> str:
@@ -487,16 +618,17 @@ def render_table(result: dict) -> str:
              f"candidates: {c['rows']:,} documents, {c['doc_tokens']:,} tokens ({c['source']})", "",
              f"{'stage':<14}{'requests':>12}{'prompt tok':>15}{'output tok':>14}{'pass':>8}{'tok/s':>10}{'GPU-h':>10}"]
     for stage, s in result["stages"].items():
-        passing = s.get("gate_pass_rate", s["parse_ok_rate"])
-        lines.append(f"{stage:<14}{s['requests']:>12,}{s['prompt_tokens']:>15,}{s['output_tokens']:>14,}"
-                     f"{passing:>8.3f}{(s['tokens_per_s'] or 0):>10,.0f}"
+        passing = s["gate_pass_rate"] if "gate_pass_rate" in s else s["parse_ok_rate"]
+        at_most = "<=" if s["requests_upper_bound"] else ""
+        lines.append(f"{stage:<14}{at_most + format(s['requests'], ','):>12}{s['prompt_tokens']:>15,}"
+                     f"{s['output_tokens']:>14,}{_rate(passing):>8}{(s['tokens_per_s'] or 0):>10,.0f}"
                      + (f"{'hosted':>10}" if s.get("hosted") else
                         f"{(s['gpu_hours'] if s['gpu_hours'] is not None else float('nan')):>10.2f}"))
     lines.append("")
     for stage, s in result["stages"].items():
-        src = [s["requests_source"], "outputs: " + s["output_tokens_source"]]
+        src = [s["requests_source"], "outputs: " + s["output_tokens_source"], "parsed: " + s["parse_ok_source"]]
         if "gate_source" in s:
-            src.append(f"gate >= {s['gate_threshold']}: {s['gate_source']}")
+            src.append(f"gate >= {s['gate_threshold']:g}: {s['gate_source']}")
         if s["tokens_per_s_source"]:
             src.append("tok/s: " + s["tokens_per_s_source"])
         lines.append(f"  {stage}: " + "; ".join(src))
@@ -505,35 +637,99 @@ def render_table(result: dict) -> str:
         lines.append(f"  {stage}: {s['output_tokens_per_row']:,.1f} output tokens per row"
                      + (f"; {share:.1%} of its prompt tokens are the prefix every prompt shares (a server's "
                         "prefix cache computes it once)" if share is not None else ""))
-    order = list(result["stages"])
+    lines += _length_lines(result)
+    lines += _pilot_lines(result)
+    seeds = result.get("seed_examples")
+    expected = result["examples_expected"]
+    if expected is None:
+        lines.append(f"\nexpected examples: {result['yield_source']}")
+    else:
+        at_most = "at most " if result["examples_expected_upper_bound"] else ""
+        ci = result.get("pilot", {}).get("examples_expected_ci")
+        lines.append(f"\nexpected examples: {at_most}{expected:,}" + (f" {_ci(ci)}" if ci else "")
+                     + f" ({result['yield_per_candidate']:.4f} per candidate)"
+                     + (f" + {seeds:,} seed = {result['release_examples_expected']:,}" if seeds else "")
+                     + (f" {_ci(result['pilot']['release_examples_expected_ci'])}"
+                        if seeds and ci and "release_examples_expected_ci" in result["pilot"] else "")
+                     + (" in the release" if seeds else "") + f"; {result['yield_source']}")
+    if "target_examples" in result:
+        needed = result["candidates_needed"]
+        lines.append(f"candidates needed for {result['target_examples']:,} examples: "
+                     + (("at least " if result["examples_expected_upper_bound"] else "") + f"{needed:,}" if needed else
+                        "unknown (run --pilot N)" if result["yield_per_candidate"] is None else "cannot be reached"))
+    hosted = {stage: s for stage, s in result["stages"].items() if s.get("hosted")}
+    pilot = result.get("pilot") or {}
+    if hosted:
+        lines.append("\ncost of the hosted stages (USD; prices per 1M tokens from the run file):")
+        for stage, s in hosted.items():
+            ci = pilot.get("stages", {}).get(stage, {})
+            lines.append(f"  {stage}: {s['requests']:,} requests, {s['prompt_tokens']:,} in x ${s['price_in']:g} + "
+                         f"{s['output_tokens']:,} out x ${s['price_out']:g}: online ${s['cost_online']:,.2f}"
+                         + (f" {_ci(ci['cost_online_ci'], ',.2f')}" if "cost_online_ci" in ci else "")
+                         + f", batch ${s['cost_batch']:,.2f} ({s['batch_discount']:.0%} off)")
+        at_most = "at most " if any(s["requests_upper_bound"] for s in hosted.values()) else ""
+        lines.append(f"  in all: {at_most}online ${result['cost_online_total']:,.2f}"
+                     + (f" {_ci(pilot['cost_online_total_ci'], ',.2f')}" if "cost_online_total_ci" in pilot else "")
+                     + f", batch ${result['cost_batch_total']:,.2f}")
+    total = result["gpu_hours_total"]
+    lines.append(("GPU-hours in all (self-hosted stages): " if hosted else "GPU-hours in all: ")
+                 + (("at most " if any(s["requests_upper_bound"] for s in result["stages"].values()
+                                         if not s.get("hosted")) else "") + f"{total:.2f}"
+                    + (f" {_ci(pilot['gpu_hours_total_ci'], ',.2f')}" if "gpu_hours_total_ci" in pilot else "")
+                    if total is not None else "unknown (give tokens_per_s in each stage's section)"))
+    if result["upper_bounds"]:
+        lines.append("(<=, at most: a rate before the stage is unknown; `bft plan --pilot N` measures it)")
+    return "\n".join(lines + tonight_lines(result))
+
+
+def _length_lines(result: dict) -> list[str]:
+    """Per stage the documents over what its prompt holds whole (cut: assemble drops the pairs of a
+    gating or answering stage), and the working limit beside prepare's."""
+    lines, order = [], list(result["stages"])
     for stage, s in result["stages"].items():
         if s.get("documents_cut"):
             paid = order.index(stage) + 1  # one request in each stage up to this one
             dropped = (f" (their pairs are dropped by assemble, after ~{s['documents_cut'] * paid:,} requests in "
                        f"{', '.join(order[:paid])})") if paid > 1 else ""
-            lines.append(f"  {stage}: {s['documents_cut']:,} document(s) over the {s['whole_document_limit']:,} tokens its "
-                         f"prompt holds whole: cut{dropped}")
+            lines.append(f"  {stage}: {s['documents_cut']:,} document(s) ({s['documents_cut_share']:.1%} of its requests) "
+                         f"over the {s['whole_document_limit']:,} tokens its prompt holds whole: cut{dropped}")
+    limit = result["max_tokens_keeping_all_whole"]
+    if limit is not None:
+        lines.append(f"  working length limit: {limit:,} document tokens (the smallest stage's; prepare keeps up to "
+                     f"{result['prepare_max_tokens']:,})")
     if any(s.get("documents_cut") for s in result["stages"].values()):
-        lines.append(f"  `prepare: {{max_tokens: {result['max_tokens_keeping_all_whole']}}}` keeps every stage whole "
+        lines.append(f"  `prepare: {{max_tokens: {limit}}}` keeps every stage whole "
                      "and drops those documents before any request (the paper removed such documents up front)")
-    seeds = result.get("seed_examples")
-    lines.append(f"\nexpected examples: {result['examples_expected']:,} ({result['yield_per_candidate']:.4f} per candidate)"
-                 + (f" + {seeds:,} seed = {result['release_examples_expected']:,} in the release" if seeds else ""))
-    if "target_examples" in result:
-        lines.append(f"candidates needed for {result['target_examples']:,} examples: "
-                     f"{result['candidates_needed']:,}" if result["candidates_needed"] else "cannot be reached")
-    hosted = {stage: s for stage, s in result["stages"].items() if s.get("hosted")}
-    if hosted:
-        lines.append("\ncost of the hosted stages (USD; prices per 1M tokens from the run file):")
-        for stage, s in hosted.items():
-            lines.append(f"  {stage}: {s['requests']:,} requests, {s['prompt_tokens']:,} in x ${s['price_in']:g} + "
-                         f"{s['output_tokens']:,} out x ${s['price_out']:g}: online ${s['cost_online']:,.2f}, "
-                         f"batch ${s['cost_batch']:,.2f} ({s['batch_discount']:.0%} off)")
-        lines.append(f"  in all: online ${result['cost_online_total']:,.2f}, batch ${result['cost_batch_total']:,.2f}")
-    total = result["gpu_hours_total"]
-    lines.append(("GPU-hours in all (self-hosted stages): " if hosted else "GPU-hours in all: ")
-                 + (f"{total:.2f}" if total is not None else "unknown (give tokens_per_s in each stage's section)"))
-    return "\n".join(lines + tonight_lines(result))
+    return lines
+
+
+def _pilot_lines(result: dict) -> list[str]:
+    p = result.get("pilot")
+    if not p:
+        return []
+    lines = ["", f"pilot: {p['n']:,} candidates drawn by sample key (seed {p['seed']}); rates of the pairs that reached "
+                 "each stage, 95% Wilson intervals"
+             + (f"; {p['transient_errors_left_out']} left out (a transient failure: the night resends them)"
+                if p["transient_errors_left_out"] else ""),
+             f"{'stage':<14}{'sent':>6}{'parsed':>8}{'parse rate':>22}{'passed':>8}{'pass rate':>22}{'requests (95%)':>26}"]
+
+    def rate(r, ci):
+        return f"{_rate(r)} {_ci(ci, '.3f')}" if r is not None else "?"
+
+    for stage, s in p["stages"].items():
+        lines.append(f"{stage:<14}{s['sent']:>6}{s['parsed']:>8}{rate(s['parse_rate'], s['parse_ci']):>22}"
+                     f"{s['passed']:>8}{rate(s['pass_rate'], s['pass_ci']):>22}{_ci(s['requests_ci']):>26}")
+    cur = p["curation"]
+    lines.append(f"{'curation':<14}{cur['entered']:>6}{'':>8}{'':>22}{cur['passed']:>8}"
+                 f"{rate(cur['passed'] / cur['entered'] if cur['entered'] else None, cur['pass_ci']):>22}")
+    lines.append(f"end to end: {p['kept']} of {p['n']} kept, yield {p['yield']:.4f} {_ci(p['yield_ci'], '.4f')}")
+    if p["drops"]:
+        lines.append("  dropped: " + ", ".join(f"{r} {n}" for r, n in sorted(p["drops"].items(), key=lambda kv: -kv[1])))
+    sizes = p["pilot_size_for"]
+    lines.append("pilot size for a relative precision of the yield at 95%: "
+                 + ", ".join(f"+-{float(r):.0%}: " + (f"{n:,} candidates" if n else "unreachable (no pair kept)")
+                             for r, n in sizes.items()))
+    return lines
 
 
 def tonight_lines(result: dict) -> list[str]:

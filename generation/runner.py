@@ -17,6 +17,8 @@ whichever comes first) as whole part files under `generations/<stage>/_checkpoin
 a killed run loses at most what came after the last checkpoint, the rerun sends only the rest, and
 the shard it writes is byte-identical to an uninterrupted run's (rows are reused by id and
 input_hash, as from an older shard). The checkpoints of a shard go once its marker is written.
+`bft plan --pilot N` sends a few rows of shards through the same path (StageRunner.pilot) and leaves
+their answers as such checkpoints, which the night reuses.
 
 Requests are dispatched as a stream (Engine.stream): prompts are prepared in batches (one batched
 tokenizer call per PREPARE_CHUNK rows) while answers come back. On a `continuous` engine (openai,
@@ -479,11 +481,16 @@ class StageRunner:
             f"{self.cfg.stage} --batch {mode}` and this run's other options (--wait to wait for them), then run "
             "online for what is left")
 
-    def _joined_rows(self, inputs: dict[str, str]) -> tuple[list[str], list[dict]]:
-        """(candidate ids in shard order, joined rows: see generation.stages)."""
+    def _joined_rows(self, inputs: dict[str, str], only: set[str] | None = None,
+                     upstream: dict[str, dict[str, dict]] | None = None) -> tuple[list[str], list[dict]]:
+        """(candidate ids in shard order, joined rows: see generation.stages); a pilot's: only the ids
+        `only`, joined with the rows `upstream` ({stage: {id: row}}) instead of the stages' shards."""
         cands = schemas.validate(storage.read_parquet(inputs["candidates"]), schemas.CANDIDATE, inputs["candidates"])
         rows = cands.select(["id", "text"]).to_pylist()
-        read = {stage: {r["id"]: r for r in read_generation(inputs[stage]).to_pylist()}
+        if only is not None:
+            rows = [r for r in rows if r["id"] in only]
+        read = {stage: upstream[stage] if upstream is not None else
+                {r["id"]: r for r in read_generation(inputs[stage]).to_pylist()}
                 for stage in self.spec.reads(self.gate)}
         for row in rows:
             row["inputs"] = {stage: by_id.get(row["id"]) for stage, by_id in read.items()}
@@ -519,8 +526,10 @@ class StageRunner:
         return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
     def open_shard(self, k: int, n: int, inputs: dict[str, str], made: dict, out: str,
-                   previous: pa.Table | None = None) -> tuple["PendingShard", list[tuple[dict, dict]]]:
-        """Shard k as a PendingShard, and its (row, template values) still to send. `previous`: an intact
+                   previous: pa.Table | None = None, only: set[str] | None = None,
+                   upstream: dict[str, dict[str, dict]] | None = None) -> tuple["PendingShard", list[tuple[dict, dict]]]:
+        """Shard k as a PendingShard, and its (row, template values) still to send; with `only` (a
+        pilot: see `pilot`) a PilotShard of those ids, joined with the `upstream` rows. `previous`: an intact
         shard of the same config (of the same inputs when only its transient failures are to be resent,
         or of older inputs when documents joined or left the candidates shard); rows of this shard's
         checkpoints are taken the same way: a row is kept when its id, input_hash
@@ -528,7 +537,7 @@ class StageRunner:
         (StageSpec.stale_carried: a row below the gate holds its upstream's instruction) are the current
         ones and it is not a transient failure; every other row is sent again, or remade unsent. Reads
         files only: it touches nothing that another shard's answers touch."""
-        ids, rows = self._joined_rows(inputs)
+        ids, rows = self._joined_rows(inputs, only, upstream)
         ckpt = Checkpoints(self.layout, self.cfg.stage, k, n, self._config_key())
         kept = {r["id"]: r for r in previous.to_pylist() if not is_engine_error(r["parse_error"])} if previous else {}
         kept.update((r["id"], r) for r in ckpt.rows() if not is_engine_error(r["parse_error"]))
@@ -547,13 +556,52 @@ class StageRunner:
                 results.append(self._row(row, None, None, False, reason))
             else:
                 todo.append((row, values))
-        return PendingShard(self, k, n, out, made, ids, results, len(todo), reused, ckpt), todo
+        return (PilotShard if only is not None else PendingShard)(self, k, n, out, made, ids, results, len(todo),
+                                                                  reused, ckpt), todo
+
+    def pilot(self, sample: dict[int, set[str]], upstream: dict[str, dict[str, dict]]) -> dict:
+        """`bft plan --pilot` (bft/plan.py): the rows `sample` ({shard k: ids}) sent as run() sends them
+        (same prompts, config and row seeds), their answers left as checkpoint parts of their shards
+        (no shard file, no marker), so that the night's run() reuses them (open_shard) and no request
+        is paid twice. `upstream`: {stage: {id: row}}, the rows of the stages this one reads (the
+        pilot's of them). A row already answered (an earlier pilot's checkpoint, or a complete and
+        current shard) is reused, not sent. Returns {"rows": {id: row} (sent, reused, or not sent),
+        "sent_now", "output_tokens_now", "seconds"}."""
+        t0 = time.perf_counter()
+        work = []
+        for k, n, cand_path in self.layout.candidate_shards():
+            if not sample.get(k):
+                continue
+            out, previous = self.layout.generation_shard(self.cfg.stage, k, n), None
+            try:
+                _, marker, _, made, why = self.check(k, n, cand_path)
+            except GenerationError:   # an upstream shard not written yet: the pilot's rows stand for it
+                pass
+            else:
+                if why is None or provenance.reusable(why, marker, made, row_level=("gate",)):
+                    previous = read_generation(out)
+            work.append((k, n, {"candidates": cand_path}, {}, out, previous, set(sample[k]), upstream))
+        result = {"rows": {}, "sent_now": 0, "output_tokens_now": 0}
+
+        def keep(k: int, shard: dict) -> None:
+            result["rows"].update((r["id"], r) for r in shard["rows"])
+            result["sent_now"] += shard["sent_now"]
+            result["output_tokens_now"] += shard["output_tokens_now"]
+
+        progress = StageProgress(self.cfg.stage, sum(len(w[6]) for w in work))
+        try:
+            for group in ([work] if work and self.engine.continuous else [[w] for w in work]):
+                self.stream_shards(group, progress, keep)
+        finally:
+            progress.close()
+        result["seconds"] = round(time.perf_counter() - t0, 3)
+        return result
 
     def stream_shards(self, work: list[tuple], progress: StageProgress, done) -> None:
-        """Writes the shards of `work` ((k, n, inputs, made, out, previous) each) through ONE
-        Engine.stream: their requests in shard order, a shard opened (its inputs read) only when the
-        stream draws its first request, and written (data, marker; `done(k, metrics)`) as soon as its
-        last request is answered, while the next shards' requests keep the engine busy. A shard with
+        """Writes the shards of `work` (open_shard's arguments each) through ONE Engine.stream: their
+        requests in shard order, a shard opened (its inputs read) only when the stream draws its first
+        request, and written (data, marker; `done(k, metrics)`; a pilot's: `done(k, rows)`, PilotShard)
+        as soon as its last request is answered, while the next shards' requests keep the engine busy. A shard with
         nothing to send is written when the stream reaches it. The openai engine draws requests on a
         thread of its own and answers on its event loop's, hence the lock around what they share."""
         lock = threading.Lock()
@@ -713,6 +761,16 @@ class PendingShard:
         self.ckpt.clear()
         log.info("%s written: %d rows, %d sent now, %d reused", self.out, self.rows, self.sent, self.reused)
         return metrics
+
+
+class PilotShard(PendingShard):
+    """The rows of a shard that a pilot sends (StageRunner.pilot): once the last is answered, `write`
+    leaves every answer in the shard's checkpoints, which the night's run reuses, and writes no
+    shard file and no marker (the shard is not whole); it returns the rows."""
+
+    def write(self) -> dict:
+        self.ckpt.flush()
+        return {"rows": self.results + self.answered, "sent_now": self.sent, "output_tokens_now": self.tokens}
 
 
 PART = re.compile(r"part-(\d{5})\.parquet")

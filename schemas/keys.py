@@ -4,7 +4,8 @@ Each key depends on its inputs and the seed only, never on order, runner or work
 outputs are reproducible and stable as the input grows.
 
     text_hash          prepare's exact text dedup: xxh3_128 of NFC + collapsed whitespace (case kept)
-    sample_key         prepare's --target-docs sample and assemble's --max-examples cap: xxh3_64(id, seed)
+    sample_key         prepare's --target-docs sample, assemble's --max-examples cap and bft plan --pilot's
+                       sample (the N smallest keys over the candidates, with prepare's seed): xxh3_64(id, seed)
     instruction_key    assemble's instruction dedup: xxh3_128 of NFC + collapsed whitespace + casefold
     in_validation      assemble's train/validation split: xxh3_64(id, seed + 1) < fraction * 2^64; with a
                        cap, the validation_size smallest of these keys among the capped web examples

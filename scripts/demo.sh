@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: the whole method end to end on the bundled sample, with tiny local models built here:
-# seed -> train backward/forward -> plan -> rebuild (prepare -> generate -> assemble -> validate -> publish),
+# seed -> train backward/forward -> plan --pilot -> rebuild (prepare -> generate -> assemble -> validate -> publish),
 # twice (the second run reuses everything) -> train sft -> eval.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,8 +28,9 @@ if [ "$ROOT" != runs/demo ]; then  # the run file names runs/demo; point it at t
   RUN_FILE="$ROOT/demo.yaml"
   sed "s|runs/demo|$ROOT|g" samples/runs/demo.yaml > "$RUN_FILE"
 fi
-echo "== bft plan: what the run will cost before any GPU is spent"
-$BIN/bft plan --config "$RUN_FILE" --target-examples 51200
+echo "== bft plan --pilot 40: prepare, then 40 random candidates through the stages (the night reuses their"
+echo "   answers): rates, expected examples and cost with 95% intervals, measured before the night promises them"
+$BIN/bft plan --config "$RUN_FILE" --target-examples 51200 --pilot 40
 echo "== bft rebuild: prepare -> generate backtranslate, score -> assemble -> validate -> publish"
 $BIN/bft rebuild --config "$RUN_FILE"
 echo "== bft rebuild again: nothing changed, so every stage is reused and nothing new is published"

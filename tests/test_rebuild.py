@@ -186,14 +186,31 @@ def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_to
     bt, score = before["stages"]["backtranslate"], before["stages"]["score"]
     assert bt["requests"] == 10 and bt["output_tokens"] == 60 and bt["output_tokens_source"].startswith("new-token cap")
     assert score["output_tokens"] == 10  # logprob mode: one token per request
-    assert score["gate_pass_rate"] == 0.136 and score["passing_gate"] == 1
+    # issue 37 point 1: no prior for a logprob gate (the paper's 13.6% is of generated scores at 5) nor for
+    # a parse rate: unknown, not 13.6% and 100%; the requests past an unknown rate are upper bounds
+    assert score["gate_pass_rate"] is None and score["passing_gate"] is None
+    assert score["gate_source"] == bt["parse_ok_source"] == "unknown: run --pilot N" and bt["parse_ok_rate"] is None
+    assert score["requests"] == 10 and score["requests_upper_bound"] and not bt["requests_upper_bound"]
+    assert before["examples_expected"] is None and before["candidates_needed"] is None
     assert bt["gpu_hours"] == round(60 / 50 / 3600, 3)
     # the tiny models' 1024-token context: the score prompt (its rubric alone ~900 tiny-vocabulary tokens)
     # holds few documents whole, and assemble drops the pairs of the cut ones (issue 19 point 10)
     assert score["whole_document_limit"] < bt["whole_document_limit"] and score["documents_cut"] > 0
-    kept = 1 - score["documents_cut"] / score["requests"]
-    assert before["candidates_needed"] == math.ceil(68 / (0.136 * kept)), (score, before["candidates_needed"])
     assert before["max_tokens_keeping_all_whole"] == score["whole_document_limit"]
+    rc, out, _ = bft(capsys, "plan", "--config", cfg, "--target-examples", "68")
+    assert rc == 0 and "expected examples: unknown: the score gate's pass rate is unknown: run --pilot N" in out
+    assert "candidates needed for 68 examples: unknown (run --pilot N)" in out
+    assert f"working length limit: {score['whole_document_limit']:,} document tokens" in out
+    # at the paper's one point (generated scores, threshold 5): its figure, an upper bound (parse rates unknown)
+    paper = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], generate__score__score_mode="generate",
+                     assemble__min_score=5)
+    rc, out, err = bft(capsys, "plan", "--config", paper, "--format", "json", "--target-examples", "68")
+    assert rc == 0, err
+    at_paper = json.loads(out)
+    score = at_paper["stages"]["score"]
+    assert score["gate_pass_rate"] == 0.136 and "70B forward model, Dolma's head split" in score["gate_source"]
+    assert at_paper["examples_expected_upper_bound"] and at_paper["yield_source"].startswith("at most")
+    assert at_paper["yield_per_candidate"] == round(0.136 * (1 - score["documents_cut"] / score["requests"]), 5)
     assert {"requests", "prompt_tokens", "output_tokens", "gpu_hours"} <= set(bt)
     assert bt["prompt_tokens"] > before["candidates"]["doc_tokens"]  # the template's tokens are counted too
     # what a row pays and what a prefix cache saves of it (issue 33 point 3): the score rubric comes first
@@ -749,3 +766,93 @@ def test_edited_documents_and_a_changed_template_resend_only_the_affected_rows_a
         assert rewrite["instruction"].equals(bt.loc[rewrite.index, "instruction"])
     finally:
         chat_server.answer = None
+
+
+# ---- issue 37 point 1: a plan that measures before it promises --------------------------------------
+
+def test_a_pilot_measures_with_intervals_and_the_night_pays_for_none_of_its_rows_again(
+        nightly, tmp_path, tiny_models, bpe_tokenizer_path, fixture_texts, chat_server, capsys):
+    """`bft plan --pilot 6` sends 6 of the 12 candidates (the smallest sample keys, not a shard's first
+    rows) through backtranslate and score as the night would; its answers stay as checkpoints, so the
+    night sends each of those requests no second time; the plan's interval holds the release's web
+    examples, and it gives the pilot size for +-20% and +-10%."""
+    from schemas.keys import sample_key
+
+    root, _, inputs = nightly
+    ids = [f"d{i:02d}" for i in range(12)]
+    marks = {i: fixture_texts[n][:40] for n, i in enumerate(ids)}
+    unparsed, passing = {"d01", "d07"}, {"d00", "d02", "d03", "d05", "d08", "d10"}
+
+    def scripted(body):
+        text = body.get("prompt") or "\n".join(m["content"] for m in body["messages"])
+        doc = next(i for i in ids if marks[i] in text)
+        if "5-point scale" in text:
+            return "Brief reasoning.\nScore: " + ("5" if doc in passing else "3")
+        return "" if doc in unparsed else f"What does page {doc} explain?"
+
+    def asked(start):
+        out = []
+        for r in chat_server.requests[start:]:
+            text = r["body"].get("prompt") or "\n".join(m["content"] for m in r["body"]["messages"])
+            out.append(("score" if "5-point scale" in text else "backtranslate",
+                        next(i for i in ids if marks[i] in text)))
+        return out
+
+    chat_server.answer = scripted
+    served = {"engine": "openai", "model": "tiny-chat", "base_url": chat_server.url, "tokenizer": tiny_models["chat"]}
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [inputs], prepare__max_tokens=1000,
+                   prepare__num_shards=3, prepare__reject_shards=1, generate__backtranslate=served,
+                   generate__score=served, assemble__min_score=5)
+    try:
+        start = len(chat_server.requests)
+        rc, out, err = bft(capsys, "plan", "--config", cfg, "--pilot", "6", "--format", "json")
+        assert rc == 0, err
+        plan = json.loads(out)
+        pilot_requests = asked(start)
+        drawn = set(sorted(ids, key=lambda i: sample_key(i, 0))[:6])
+        assert {doc for _, doc in pilot_requests} == drawn
+        p = plan["pilot"]
+        bt, score = p["stages"]["backtranslate"], p["stages"]["score"]
+        assert p["n"] == 6 and bt["sent"] == 6 and bt["parsed"] == 6 - len(drawn & unparsed)
+        assert score["sent"] == bt["parsed"] and score["passed"] == len(drawn & passing - unparsed)
+        assert p["kept"] == len(drawn & passing - unparsed) and p["yield"] == round(p["kept"] / 6, 5)
+        lo, hi = p["yield_ci"]
+        assert 0 <= lo < p["kept"] / 6 < hi <= 1
+        assert p["examples_expected_ci"] == [int(12 * lo), math.ceil(12 * hi)]
+        assert plan["examples_expected"] == int(12 * p["kept"] / 6) and not plan["examples_expected_upper_bound"]
+        assert set(p["pilot_size_for"]) == {"0.2", "0.1"} and p["pilot_size_for"]["0.1"] > p["pilot_size_for"]["0.2"]
+        assert plan["stages"]["score"]["parse_ok_source"].startswith("measured (pilot of 6)")
+        tonight = plan["tonight"]["stages"]                            # what is left for the night: the rest
+        assert tonight["backtranslate"]["requests"] == 12 - 6
+        assert tonight["score"]["requests"] == plan["stages"]["score"]["requests"] - score["sent"]
+        assert not any(f.endswith(".parquet") for f in storage.list_files(os.path.join(root, "generations"))
+                       if "_checkpoints" not in f)                     # no shard written: checkpoints only
+
+        start = len(chat_server.requests)
+        rc, out, err = bft(capsys, "rebuild", "--config", cfg)
+        assert rc == 0 and "published release" in out, err
+        night = asked(start)
+        assert not set(night) & set(pilot_requests)                   # no pilot row sent again
+        assert sorted(night + pilot_requests) == sorted(
+            [("backtranslate", i) for i in ids] + [("score", i) for i in ids if i not in unparsed])
+        stats = json.loads(storage.read_text(os.path.join(root, "sft", storage.read_text(
+            os.path.join(root, "sft", "LATEST")).strip(), "stats.json")))
+        web = stats["funnel"]["web_examples"]
+        assert web == len(passing - unparsed)
+        assert p["examples_expected_ci"][0] <= web <= p["examples_expected_ci"][1], (p, web)
+    finally:
+        chat_server.answer = None
+
+
+def test_pilot_statistics():
+    """Wilson's interval and the pilot size for a relative precision (issue 37: ~600 pairs for +-20%,
+    ~2,400 for +-10% at p = 0.14)."""
+    from bft.pilot import pairs_for_precision, wilson
+
+    assert pairs_for_precision(0.14, 0.2) == 590 and pairs_for_precision(0.14, 0.1) == 2360
+    assert pairs_for_precision(0.0, 0.2) is None
+    lo, hi = wilson(0, 10)
+    assert lo == 0 and 0.27 < hi < 0.28            # not empty at k = 0, where the normal interval is
+    lo, hi = wilson(14, 100)
+    assert abs(lo - 0.0852) < 1e-3 and abs(hi - 0.2215) < 1e-3
+    assert wilson(5, 0) == (0.0, 1.0)

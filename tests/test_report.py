@@ -299,6 +299,14 @@ def test_the_paper_is_beside_us_where_we_measure_the_same(seeded_release):
     assert [r[0] for r in other] == ["head-split records removed as too long"]   # Table 6 has no alpagasus row
 
 
+def test_the_too_long_row_counts_every_length_drop():
+    """Issue 37 point 3: a pair whose document was cut in a stage's prompt is dropped by assemble for its
+    length as surely as a document over prepare's limit: the row counted only prepare's."""
+    stats = {"funnel": {"dolma": {"input_records": 110, "dropped": {"other_split": 10, "too_long": 10}},
+                        "dropped": {"score:input_truncated": 5, "rewrite:input_truncated": 3, "score_below_threshold": 40}}}
+    assert {r[0]: r for r in report.paper_rows(stats)}["head-split records removed as too long"][1] == "18%"
+
+
 def test_the_score_summary_of_a_histogram():
     from beam_pipelines import changes
     from schemas.outcomes import SCORE_EDGES
