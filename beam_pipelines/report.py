@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import io
+import math
 import os
 import re
 
@@ -177,6 +178,16 @@ def score_bars(dist: dict) -> tuple[list[str], list[int], list[int]]:
     return _bin_labels(dist["edges"]), kept, dropped
 
 
+def threshold_x(threshold: float, integer_bars: bool) -> float:
+    """Where the score plot draws the gate's threshold: bar i is centred on x = i. Integer bars (one
+    per score 0..5): between the last score below the threshold and the first at or over it (4.5 and
+    5 both fall between bars 4 and 5, 3.2 between 3 and 4). 0.1-wide bins (bin i holds [i/10, (i+1)/10)):
+    the threshold's own place, 10 * t - 0.5 (4.5 at the start of bin 45)."""
+    if integer_bars:
+        return math.ceil(threshold) - 0.5
+    return 10 * threshold - 0.5
+
+
 def diversity_rows(stats: dict) -> list[dict]:
     """Per origin: examples, mean token lengths, and unique trigrams on the fixed-size sample."""
     out = []
@@ -282,8 +293,8 @@ def plots(stats: dict) -> dict[str, bytes]:
         ax.set_xlabel("score")
         ax.set_ylabel("rows")
         if gate.get("stage") == stage and gate.get("threshold") is not None:
-            pos = gate["threshold"] if dist["non_integer"] == 0 else gate["threshold"] * 10
-            ax.axvline(pos - 0.5, color="#333", linestyle="--", label=f"threshold {gate['threshold']:g}")
+            ax.axvline(threshold_x(gate["threshold"], dist["non_integer"] == 0), color="#333", linestyle="--",
+                       label=f"threshold {gate['threshold']:g}")
         ax.legend(fontsize=8)
     out["scores"] = _png(fig)
 

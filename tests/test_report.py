@@ -308,3 +308,11 @@ def test_the_score_summary_of_a_histogram():
     s = changes._score_summary({"score_histogram": {"stage": "score", "edges": SCORE_EDGES, "counts": counts}})
     assert s == {"stage": "score", "scored": 4, "mean": 2.0, "share_5": 0.25}
     assert changes._score_summary({}) is None
+
+
+@pytest.mark.parametrize("threshold,integer_bars,x", [(5.0, True, 4.5), (4.5, True, 4.5), (3.2, True, 3.5),
+                                                      (4.5, False, 44.5), (5.0, False, 49.5)])
+def test_the_threshold_line_is_drawn_where_the_threshold_is(threshold, integer_bars, x):
+    """Issue 36: the logprob mode's 4.5 over integer bars was drawn at 4 (the middle of bar 4). On
+    integer bars the line separates the scores below the threshold from those at or over it."""
+    assert report.threshold_x(threshold, integer_bars) == x
