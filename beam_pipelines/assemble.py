@@ -437,6 +437,8 @@ class FinalizeShard(beam.DoFn):
                 storage.write_parquet(schemas.validate(rows, schemas.SFT, path), path)
             t = time.perf_counter()
             partial["final"] = corpus_stats.merge(partial["final"], corpus_stats.final_partial(rows, split))
+            partial["browse"] = corpus_stats.merge(partial.get("browse"),
+                                                   corpus_stats.browse_partial(rows, split, self.cfg.seed))
             t_stats += time.perf_counter() - t
         partial["timing"] = {"stats_s": t_stats, "work_s": time.perf_counter() - t0}
         yield partial
