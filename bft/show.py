@@ -25,6 +25,7 @@ import schemas
 import storage
 from beam_pipelines import recipes
 from beam_pipelines.changes import CHANGES
+from beam_pipelines.corpus_stats import RELEASE_STATS
 from beam_pipelines.decontaminate import NEAR_DUPLICATE
 from schemas import release
 from schemas.errors import UserError
@@ -71,7 +72,7 @@ def history(folder: str, doc_id: str) -> dict:
     if not storage.exists(storage.join(folder, release.SUCCESS)):
         raise release.ReleaseError(f"{folder}: not a published release (no {release.SUCCESS})")
     manifest = json.loads(storage.read_text(storage.join(folder, release.MANIFEST)))
-    stats = json.loads(storage.read_text(storage.join(folder, "stats.json")))
+    stats = json.loads(storage.read_text(storage.join(folder, RELEASE_STATS)))
     lineage, config = manifest.get("inputs") or {}, manifest.get("config") or {}
     out = {"id": doc_id, "release": manifest["version"], "folder": folder, "recipe": config.get("recipe"),
            "document": None, "stages": {}, "example": None, "verdict": None, "notes": []}
@@ -247,7 +248,7 @@ def history_text(h: dict) -> str:
             parts.append(f"response: {row['response']}")
         if row["input_truncated"]:
             parts.append("its document was cut in the prompt")
-        lines.append(": ".join(parts[:1]) + ": " + "; ".join(parts[1:]) if len(parts) > 1 else parts[0])
+        lines.append(parts[0] + (": " + "; ".join(parts[1:]) if len(parts) > 1 else ""))
     e = h.get("example")
     if e:
         lines.append(f"example ({e['origin']}, {e['split']}): instruction: {e['instruction']}")

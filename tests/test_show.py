@@ -76,3 +76,40 @@ def test_show_names_a_changed_shard_and_an_unknown_id(published, capsys):
     code, out, err = show(capsys, "nope", "--root", published)
     assert code == 1 and out == "" and err.count("\n") == 1
     assert "nope: not in release v1" in err and "check the id" in err
+    # an id prepare dropped: its reject
+    import schemas
+    import storage
+
+    reject = RunLayout(published).rejects_shard(0, 1)
+    storage.write_parquet(schemas.to_table([{"file": "in/a.json.gz", "line": 7, "id": "long1", "reason": "too_long",
+                                             "detail": "5000 tokens > 4000", "raw": None}], schemas.REJECT), reject)
+    code, out, _ = show(capsys, "long1", "--root", published)
+    assert code == 0 and out == (f"long1 in release v1 ({published}/sft/v1): dropped by prepare: too_long "
+                                 "(5000 tokens > 4000; in/a.json.gz:7)\n")
+
+
+def test_a_release_written_before_the_lineage_columns_still_validates_loads_and_shows(published, capsys):
+    """The lineage columns are `schemas.added`: a release (or shard) written before them reads them as
+    nulls, so no version bump makes every older file unreadable."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    folder = os.path.join(published, "sft", "v1")
+    manifest = json.load(open(os.path.join(folder, "manifest.json")))
+    for entry in manifest["files"]:
+        if entry.get("split"):
+            path = os.path.join(folder, entry["path"])
+            pq.write_table(pq.read_table(path).drop(["url", "crawl_date", "made_by"]), path)
+            entry.update(bytes=os.path.getsize(path), sha256=hashlib.sha256(open(path, "rb").read()).digest().hex())
+    del manifest["inputs"]["made_by"]
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    with open(os.path.join(folder, "_SUCCESS"), "w") as f:
+        f.write(release.success_line(folder))
+    _, tables = release.load(folder)
+    assert tables["train"]["url"].null_count == tables["train"].num_rows > 0
+    code, out, _ = show(capsys, "a0", "--root", published, "--format", "json")
+    h = json.loads(out)
+    assert code == 0 and h["verdict"].startswith("kept in ") and h["example"]["made_by"] == {}
+    assert h["document"]["url"] == "https://example.org/a0"   # from the candidates, as before
