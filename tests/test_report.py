@@ -397,6 +397,5 @@ def test_typing_a_filter_narrows_the_rows_in_headless_chromium(seeded_release):
         found = re.findall(r'<tr class="row"( hidden="")?>', dom)
         return len(found), sum(1 for h in found if not h), re.search(r'<span id="shown">([^<]*)<', dom).group(1)
 
-    assert rows("") == (9, 9, "9 of 9 shown")
-    assert rows("#q=seed%20question") == (9, 5, "5 of 9 shown")
-    assert rows("#q=a0") == (9, 1, "1 of 9 shown")
+    assert rows("#q=a0%20Explain") == (9, 1, "1 of 9 shown")   # one browser start: a CSP that blocked the
+    # script would leave all 9 shown (its hash mismatched, this fails)
