@@ -157,6 +157,7 @@ class ShardInput:
     # (each stage file's own bytes, and the candidates it was made from), checked while they are read
     # (provenance.problem's `deferred`): the driver reads none of them
     checks: tuple[tuple[str, str, str, str], ...] = ()
+    made_by: tuple[str, ...] = ()   # the maker keys of the recipe's stages' shards k (the rows' made_by)
 
 
 def _token_counter(tokenizer_path: str, proof=None):
@@ -223,7 +224,7 @@ class JoinShard(beam.DoFn):
             other = recipes.verdicts(joined, recipes.RECIPES[cfg.same_ids_as], cfg.curation(), cfg.other_threshold())
             reason = recipes.restrict(reason, other, cfg.same_ids_as)
         keep = pc.is_null(reason)
-        web = recipes.web_examples(joined, keep, recipe, cfg.tags[1], self.count_tokens)
+        web = recipes.web_examples(joined, keep, recipe, cfg.tags[1], self.count_tokens, list(shard.made_by))
         if self.eval_sets:
             matches = decontaminate.contamination(web["instruction"], web["response"], self.eval_sets)
             ids = web["id"].to_pylist()
@@ -442,6 +443,8 @@ class FinalizeShard(beam.DoFn):
                 storage.write_parquet(schemas.validate(rows, schemas.SFT, path), path)
             t = time.perf_counter()
             partial["final"] = corpus_stats.merge(partial["final"], corpus_stats.final_partial(rows, split))
+            partial["browse"] = corpus_stats.merge(partial.get("browse"),
+                                                   corpus_stats.browse_partial(rows, split, self.cfg.seed))
             t_stats += time.perf_counter() - t
         partial["timing"] = {"stats_s": t_stats, "work_s": time.perf_counter() - t0}
         yield partial
@@ -605,10 +608,11 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
     layout = cfg.layout
     cands = layout.candidate_shards()
     shards, missing_files, skipped = [], [], {}
-    lineage = {"candidates": [], "generations": {s: [] for s in cfg.stages}, "seed_data": None}
+    lineage = {"candidates": [], "generations": {s: [] for s in cfg.stages}, "seed_data": None, "made_by": {}}
     checksums: dict[str, str] = {}
+    makers = recipes.RECIPES[cfg.recipe].stages
     for k, n, path in cands:
-        stage_paths, missing_here, checks = [], [], []
+        stage_paths, missing_here, checks, made_by = [], [], [], []
         # the stages the rows need must be there and current; any other stage run is read for the
         # report's statistics when it is current, and left out (with a warning) when it is not. What
         # needs the files' bytes is checked by JoinShard as it reads them (each file read once)
@@ -624,6 +628,11 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
                     continue
                 stage_paths.append((stage, out))
                 checks += [(file, digest, f"{out}: {error}", stage) for file, digest, error in deferred]
+                if stage in makers:   # the stage config that made its rows, by key (the rows' made_by)
+                    made = provenance.read_record(layout.generation_metrics(stage, k, n))["config"]
+                    key = provenance.maker_key(stage, made)
+                    lineage["made_by"][key] = {"stage": stage, "model": made.get("model"), "config": made}
+                    made_by.append(key)
                 lineage["generations"].setdefault(stage, []).append(content_of(out, checksums))
             elif stage in cfg.stages:
                 missing_here.append(out)
@@ -635,7 +644,7 @@ def plan_inputs(cfg: AssembleConfig) -> tuple[list[ShardInput], dict[int, int], 
             # as the markers record it (JoinShard proves it, or stops before anything is published)
             claimed = next((digest for file, digest, _, stage in checks if file == path and stage in cfg.stages), None)
             lineage["candidates"].append(content_of(path, checksums, claimed))
-            shards.append(ShardInput(k, n, path, tuple(stage_paths), tuple(checks)))
+            shards.append(ShardInput(k, n, path, tuple(stage_paths), tuple(checks), tuple(made_by)))
     if missing_files and not cfg.allow_partial:
         raise AssembleError(f"recipe {cfg.recipe} needs stages {cfg.stages}; {len(missing_files)} generation "
                             "shard(s) are missing (run bft generate for them, or pass --allow-partial):\n  "

@@ -42,6 +42,10 @@ TEXT_CHARS = 600
 # Unique trigrams are counted on a fixed-size sample (the examples with the smallest id hashes) so
 # that corpora and origins of different sizes compare: the number grows sublinearly with size.
 TRIGRAM_SAMPLE = 1000
+# The report's browsable sample: BROWSE_SAMPLE examples, an equal share from each stratum (origin and
+# score bucket) as far as it has examples, each stratum's drawn by sample key (deterministic: the same
+# rows whatever the sharding or the runner).
+BROWSE_SAMPLE = 200
 
 
 class Uniques:
@@ -212,6 +216,7 @@ def report_extras(summary: dict, config: dict) -> dict:
     examples = summary.get("examples") or {}
     return {"examples": {"kept": examples.get("kept") or [],
                          "dropped": {r: e for r, e in sorted((examples.get("dropped") or {}).items()) if e}},
+            "browse": browse_sample(summary.get("browse")),
             "score_distributions": {stage: {**d, "edges": FINE_SCORE_EDGES}
                                     for stage, d in (summary.get("scores") or {}).items()},
             "trigram_sample_size": TRIGRAM_SAMPLE,
@@ -294,6 +299,44 @@ def final_partial(table: pa.Table, split: str) -> dict:
         if rows.num_rows and rows["score"].null_count < rows.num_rows:
             out[origin]["score_histogram"] = histogram(rows["score"], SCORE_EDGES)
     return out
+
+
+def stratum(origin: str, score) -> str:
+    """The browse sample's stratum of an example: its origin, and for a web example its score bucket
+    (the score's integer part)."""
+    if origin != "web":
+        return origin
+    return "web, no score" if score is None else f"web, score {int(score)}"
+
+
+def browse_partial(table: pa.Table, split: str, seed: int) -> dict:
+    """Per stratum, the examples of one split file that rank first by (sample key, id): at most
+    BROWSE_SAMPLE each (`browse_sample` picks from them), and every stratum's size."""
+    from schemas.keys import sample_key
+
+    strata: dict[str, list] = {}
+    cols = {c: table[c].to_pylist() for c in ("id", "origin", "score", "instruction", "response", "url")}
+    for i, doc_id in enumerate(cols["id"]):
+        row = {c: cols[c][i] for c in cols}
+        row.update(split=split, stratum=stratum(row["origin"], row["score"]),
+                   instruction=_cut([row["instruction"]])[0], response=_cut([row["response"]])[0])
+        strata.setdefault(row["stratum"], []).append(((sample_key(doc_id, seed), doc_id), row))
+    return {"rows": {s: Smallest(BROWSE_SAMPLE, rows) for s, rows in strata.items()},
+            "counts": {s: len(rows) for s, rows in strata.items()}}
+
+
+def browse_sample(browse: dict | None, n: int = BROWSE_SAMPLE) -> dict:
+    """`n` examples from the summarized browse partials: round robin over the strata (sorted), each
+    stratum's in sample-key order, so that a small stratum (a rare score) is seen as well as a large
+    one; with every stratum's size."""
+    strata = (browse or {}).get("rows") or {}
+    queues = [list(strata[s]) for s in sorted(strata)]
+    rows: list[dict] = []
+    while len(rows) < n and any(queues):
+        for q in queues:
+            if q and len(rows) < n:
+                rows.append(q.pop(0))
+    return {"rows": rows, "strata": dict(sorted(((browse or {}).get("counts") or {}).items()))}
 
 
 # NLTK's WordPunctTokenizer pattern is r"\w+|[^\w\s]+"; RE2 spells Python's Unicode \w this way.

@@ -25,6 +25,7 @@ class Document:
     source: str | None
     url: str | None
     record: dict
+    crawl_date: str | None = None   # Dolma's `created` (Common Crawl: when the page was crawled)
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,11 @@ def parse_line(raw: bytes, max_line_bytes: int) -> Document | Reject:
         return Reject("blank_text", "'text' is blank", id=doc_id)
     source = record.get("source")
     url = field(record, "metadata.url") or record.get("url")
+    # `created`, not `added` (when Dolma took the document in): the crawl date, kept as the input writes it
+    created = record.get("created")
     return Document(id=doc_id, text=text, source=None if source is None else str(source),
-                    url=None if url is None else str(url), record=record)
+                    url=None if url is None else str(url), record=record,
+                    crawl_date=None if created is None else str(created))
 
 
 def _peek_id(raw: bytes) -> str | None:

@@ -43,11 +43,11 @@ class Curation:
 
 
 def join_stages(candidates: pa.Table, stages: dict[str, pa.Table]) -> pa.Table:
-    """candidates (id, text, n_tokens, url) left-joined with each stage's rows by id, sorted by id.
+    """candidates (id, text, n_tokens, url, crawl_date) left-joined with each stage's rows by id, sorted by id.
 
     A stage's columns come as `<stage>.<column>` plus `<stage>.present` (null when the stage has no
     row for the id)."""
-    joined = candidates.select(["id", "text", "n_tokens", "url"])
+    joined = candidates.select(["id", "text", "n_tokens", "url", "crawl_date"])
     for stage, table in stages.items():
         cols = table.select(["id"] + STAGE_COLUMNS)
         cols = cols.rename_columns(["id"] + [f"{stage}.{c}" for c in STAGE_COLUMNS])
@@ -101,8 +101,10 @@ def response_column(joined: pa.Table, recipe: Recipe):
     return joined[f"{recipe.answer}.response"] if recipe.answer else joined["text"]
 
 
-def web_examples(joined: pa.Table, keep: pa.Array, recipe: Recipe, tag: str | None, count_tokens) -> pa.Table:
-    """The kept joined rows as SFT examples. `count_tokens(list[str]) -> list[int]`."""
+def web_examples(joined: pa.Table, keep: pa.Array, recipe: Recipe, tag: str | None, count_tokens,
+                 made_by: list[str] | None = None) -> pa.Table:
+    """The kept joined rows as SFT examples, with their lineage (`made_by`: the maker keys of the
+    recipe's stages, schemas.provenance.maker_key). `count_tokens(list[str]) -> list[int]`."""
     rows = joined.filter(keep)
     instructions = pc.utf8_trim_whitespace(rows["backtranslate.instruction"]).combine_chunks()
     responses = pc.utf8_trim_whitespace(response_column(rows, recipe)).combine_chunks()
@@ -117,7 +119,8 @@ def web_examples(joined: pa.Table, keep: pa.Array, recipe: Recipe, tag: str | No
     scores = rows[f"{recipe.gate}.score"] if recipe.gate else None
     return examples(instructions, responses, ids=rows["id"], origin="web", recipe=recipe.name, tag=tag,
                     scores=scores, n_tokens_instruction=count_tokens(instructions.to_pylist()),
-                    n_tokens_response=n_resp)
+                    n_tokens_response=n_resp, urls=rows["url"].combine_chunks(),
+                    crawl_dates=rows["crawl_date"].combine_chunks(), made_by=made_by)
 
 
 def default_tags(no_tags: bool, seed_tag: str | None, web_tag: str | None) -> tuple[str | None, str | None]:

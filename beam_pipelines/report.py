@@ -5,13 +5,17 @@ The report, top to bottom: provenance (config, models, code revision, links to t
 and stats), the whole funnel from Dolma records to train/validation in one table and one plot,
 per-stage request statistics, score distributions per scoring stage (kept vs dropped), lengths and
 diversity comparable across origins (normalized histograms, unique trigrams on a fixed-size sample),
-decontamination (each evaluation set, and every pair dropped with the n-gram it shares), and example
-rows: kept pairs and one dropped row per drop reason.
+decontamination (each evaluation set, and every pair dropped with the n-gram it shares), example
+rows (kept pairs and one dropped row per drop reason), and a sample to browse (stratified by origin and
+score bucket) with a filter box, the page's one script (allowed by its hash in the CSP).
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import io
+import math
 import os
 import re
 
@@ -177,6 +181,16 @@ def score_bars(dist: dict) -> tuple[list[str], list[int], list[int]]:
     return _bin_labels(dist["edges"]), kept, dropped
 
 
+def threshold_x(threshold: float, integer_bars: bool) -> float:
+    """Where the score plot draws the gate's threshold: bar i is centred on x = i. Integer bars (one
+    per score 0..5): between the last score below the threshold and the first at or over it (4.5 and
+    5 both fall between bars 4 and 5, 3.2 between 3 and 4). 0.1-wide bins (bin i holds [i/10, (i+1)/10)):
+    the threshold's own place, 10 * t - 0.5 (4.5 at the start of bin 45)."""
+    if integer_bars:
+        return math.ceil(threshold) - 0.5
+    return 10 * threshold - 0.5
+
+
 def diversity_rows(stats: dict) -> list[dict]:
     """Per origin: examples, mean token lengths, and unique trigrams on the fixed-size sample."""
     out = []
@@ -284,8 +298,8 @@ def plots(stats: dict) -> dict[str, bytes]:
         ax.set_xlabel("score")
         ax.set_ylabel("rows")
         if gate.get("stage") == stage and gate.get("threshold") is not None:
-            pos = gate["threshold"] if dist["non_integer"] == 0 else gate["threshold"] * 10
-            ax.axvline(pos - 0.5, color="#333", linestyle="--", label=f"threshold {gate['threshold']:g}")
+            ax.axvline(threshold_x(gate["threshold"], dist["non_integer"] == 0), color="#333", linestyle="--",
+                       label=f"threshold {gate['threshold']:g}")
         ax.legend(fontsize=8)
     out["scores"] = _png(fig)
 
@@ -369,9 +383,37 @@ def _link(url: str | None) -> str:
 
 _WEB_URL = re.compile(r"https?://[^\s\x00-\x1f]+\Z", re.IGNORECASE)
 
-# The report ships no script, loads nothing from elsewhere, and says so to the browser: even a text
-# that slipped past escaping could not run a script or fetch a resource.
-CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+# The browse section's filter: the report's one script, static (the rows it filters are in the table,
+# escaped), allowed by its sha256 in the page's CSP and nothing else. `bftMatches` is pure (every word
+# of the query, in any case, is in the row's text), so it runs under node too (tests/test_report.py).
+# A link can carry a filter: report.html#q=words.
+BROWSE_SCRIPT = """
+function bftMatches(text, query) {
+  var words = query.toLowerCase().split(/\\s+/).filter(function (w) { return w.length > 0; });
+  var lower = text.toLowerCase();
+  return words.every(function (w) { return lower.indexOf(w) >= 0; });
+}
+if (typeof document !== "undefined") {
+  var box = document.getElementById("q");
+  var rows = document.querySelectorAll("#sample tr.row");
+  var shown = document.getElementById("shown");
+  var bftFilter = function () {
+    var n = 0;
+    rows.forEach(function (r) { r.hidden = !bftMatches(r.textContent, box.value); if (!r.hidden) { n++; } });
+    shown.textContent = n + " of " + rows.length + " shown";
+  };
+  var asked = /^#q=(.*)$/.exec(location.hash);
+  if (asked) { box.value = decodeURIComponent(asked[1]); }
+  box.addEventListener("input", bftFilter);
+  bftFilter();
+}
+"""
+SCRIPT_HASH = "sha256-" + base64.b64encode(hashlib.sha256(BROWSE_SCRIPT.encode()).digest()).decode()
+
+# The report loads nothing from elsewhere and runs no script but the one above, and says so to the
+# browser: even a text that slipped past escaping could not run a script or fetch a resource.
+CSP = (f"default-src 'none'; script-src '{SCRIPT_HASH}'; img-src 'self'; style-src 'unsafe-inline'; "
+       "base-uri 'none'; form-action 'none'")
 
 
 def _changes_html(stats: dict) -> str:
@@ -444,6 +486,25 @@ def _decontamination_html(stats: dict) -> str:
             + _table(["set", "file", "sha256", "prompts", f"{n}-grams", f"prompts under {n} words",
                       f"prompts ignored (under {MIN_PROMPT_WORDS} words)", "pairs dropped"], sets)
             + (_table(["id", "set", "field", "shared n-gram", "evaluation prompt"], pairs) if pairs else ""))
+
+
+def _browse_html(stats: dict) -> str:
+    """The browsable sample (corpus_stats.browse_sample) with its filter box; BROWSE_SCRIPT filters it."""
+    browse = stats.get("browse") or {"rows": [], "strata": {}}
+    rows = "".join(f"<tr class=row><td>{_fmt(e['id'])}</td><td>{_fmt(e['stratum'])}</td><td>{_fmt(e['split'])}</td>"
+                   f"<td>{_fmt(e['score'])}</td><td class=t>{_fmt(e['instruction'])}</td>"
+                   f"<td class=t>{_fmt(e['response'])}</td><td>{_link(e['url'])}</td></tr>"
+                   for e in browse["rows"])
+    strata = ", ".join(f"{html.escape(s)}: {n:,}" for s, n in browse["strata"].items()) or "none"
+    return (f"<h2>Browse a sample</h2><p class=note>{len(browse['rows']):,} examples drawn by sample key, an equal "
+            f"share from each stratum (origin and score bucket, the score's integer part) as far as it has "
+            f"examples; examples per stratum in the release: {strata}. Every word typed must appear in a row "
+            f"(its id, stratum, instruction, response or url); a link can carry a filter: "
+            f"<code>report.html#q=words</code>.</p>"
+            f'<p><input id=q type=search placeholder="filter the sample" aria-label="filter the sample"> '
+            f"<span id=shown>{len(browse['rows']):,} of {len(browse['rows']):,} shown</span></p>"
+            f"<table class=ex id=sample><tr><th>id</th><th>stratum</th><th>split</th><th>score</th>"
+            f"<th>instruction</th><th>response</th><th>source</th></tr>{rows}</table>")
 
 
 def _examples_html(stats: dict) -> str:
@@ -554,6 +615,8 @@ mistral-common is installed, again with a Llama-2-structure tokenizer (close to 
 {_decontamination_html(stats)}
 <h2>Examples</h2>
 {_examples_html(stats)}
+{_browse_html(stats)}
+<script>{BROWSE_SCRIPT}</script>
 </body></html>
 """
 
@@ -660,9 +723,12 @@ of Humpback, Li et al. 2023) from Dolma's Common Crawl head split, with recipe *
 |---|---|---|---|
 {origin_lines}
 
-Each row: `id`, `origin` (web or seed), `recipe`, `instruction`, `response`, `messages` (chat list:
-an optional system message carrying the data-source tag, the user instruction, the assistant response),
-`tag`, `score`, `n_tokens_instruction`, `n_tokens_response`. Tags: seed = {tags['seed']!r}, web = {tags['web']!r}.
+Each row: `id` (a web example's: its Dolma document id), `origin` (web or seed), `recipe`, `instruction`,
+`response`, `messages` (chat list: an optional system message carrying the data-source tag, the user
+instruction, the assistant response), `tag`, `score`, `n_tokens_instruction`, `n_tokens_response`, and
+its lineage: `url` and `crawl_date` of the source document, `made_by` (per stage that made it, a key that
+`manifest.json`'s `inputs.made_by` maps to the stage's model and config; null for seed pairs). Tags:
+seed = {tags['seed']!r}, web = {tags['web']!r}.
 
 ## How it was made
 

@@ -1,8 +1,8 @@
 """`bft`: the one entry point, and the roof of the code: the verb table, one config loader
 (`bft.config`), and one error path (a `UserError` is one line and exit 1; a usage error exit 2).
 
-    bft rebuild | plan | status | prepare | generate STAGE | assemble | validate | latest | diff | seed | train
-        | eval generate|judge
+    bft rebuild | plan | status | prepare | generate STAGE | assemble | validate | latest | diff | show | seed
+        | train | eval generate|judge
 
 Every verb takes its options as flags or from a run file (`--config FILE`: the verb's section, see
 bft.config). Beam verbs (prepare, assemble) pass the flags that Beam's PipelineOptions knows to Beam
@@ -146,6 +146,12 @@ def _diff(cfg, beam_args, run_file) -> int:
     return 0
 
 
+def _show(cfg, beam_args, run_file) -> int:
+    from bft import show
+
+    return show.main_show(cfg)
+
+
 def _seed(cfg, beam_args, run_file) -> int:
     from training import seed
 
@@ -234,6 +240,8 @@ VERBS = {v.name: v for v in [
          "schemas.release:LatestConfig", _latest, positional=("path",)),
     Verb("diff", "which examples one release has that another has not (by origin; --ids: each, and why removed)",
          "beam_pipelines.changes:DiffConfig", _diff, positional=("old", "new")),
+    Verb("show", "one example's history: its document, instruction, scores, rewrite, and why kept or dropped",
+         "bft.show:ShowConfig", _show, positional=("id",)),
     Verb("seed", "the seed pairs: first turns of OpenAssistant oasst1 trees", "training.seed:SeedConfig", _seed),
     Verb("train", "fine-tune the backward, forward or SFT model (transformers' Trainer)",
          "training.train:TrainConfig", _train),

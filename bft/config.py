@@ -210,7 +210,7 @@ def _brief(value, limit: int = 80) -> str:
 
 
 # A run file's top-level keys: `root` and a section per verb (bft.cli's VERBS; `eval` holds its two).
-SECTIONS = ("root", "prepare", "generate", "assemble", "validate", "latest", "diff", "seed", "train", "eval", "rebuild",
+SECTIONS = ("root", "prepare", "generate", "assemble", "validate", "latest", "diff", "show", "seed", "train", "eval", "rebuild",
             "plan", "status")
 SUB_SECTIONS = {"generate": STAGE_SECTIONS, "eval": ("generate", "judge")}
 SUB_KIND = {"generate": "stage", "eval": "verb"}

@@ -3,6 +3,11 @@
 Every Parquet file the product writes carries its kind and version in the file's schema metadata
 (`bft.kind`, `bft.schema_version`), and is checked by `validate` on write and on read. A reader
 gets a `SchemaError` that names the file and the column at fault.
+
+A column added to a kind after files of it exist (`added`: nullable, marked in its field metadata)
+does not bump SCHEMA_VERSION, which is one number for every kind: a bump would make every candidate
+and generation shard and every release written before unreadable. A file without such a column reads
+it as nulls (`validate` adds it), so older shards and releases stay valid.
 """
 from __future__ import annotations
 
@@ -15,6 +20,18 @@ SCHEMA_VERSION = "1"
 
 class SchemaError(UserError, ValueError):
     """A table or file does not follow its record contract."""
+
+
+ADDED = b"bft.added"   # field metadata of a column added after the kind's first files (see above)
+
+
+def added(name: str, type_: pa.DataType) -> pa.Field:
+    """A nullable column added to a kind later: files written before it read it as nulls."""
+    return pa.field(name, type_, nullable=True, metadata={ADDED: b"1"})
+
+
+def is_added(f: pa.Field) -> bool:
+    return bool(f.metadata and f.metadata.get(ADDED))
 
 
 def _schema(kind: str, fields: list[pa.Field]) -> pa.Schema:
@@ -30,6 +47,7 @@ CANDIDATE = _schema("candidate", [
     pa.field("n_tokens", pa.int32()),  # null: kept by its upper bound, uncounted (length.judge)
     pa.field("shard", pa.int32(), nullable=False),
     pa.field("text_hash", pa.string(), nullable=False),
+    added("crawl_date", pa.string()),   # Dolma's `created` as the input gives it (Common Crawl: the crawl's date)
 ])
 
 REJECT = _schema("reject", [
@@ -72,6 +90,12 @@ SFT = _schema("sft", [
     pa.field("score", pa.float32()),
     pa.field("n_tokens_instruction", pa.int32()),
     pa.field("n_tokens_response", pa.int32()),
+    # lineage (null for seed pairs): the source document's url and crawl date (the id is its Dolma id),
+    # and per generation stage that made the pair a key the manifest's inputs.made_by maps to the
+    # stage's model and config (schemas.provenance.maker_key)
+    added("url", pa.string()),
+    added("crawl_date", pa.string()),
+    added("made_by", pa.list_(pa.string())),
 ])
 
 def to_table(rows: list[dict], schema: pa.Schema, where: str = "") -> pa.Table:
@@ -100,6 +124,10 @@ def validate(table: pa.Table, schema: pa.Schema, where: str = "") -> pa.Table:
     if b"bft.schema_version" in meta and meta[b"bft.schema_version"].decode() != SCHEMA_VERSION:
         raise SchemaError(f"{where}: schema version {meta[b'bft.schema_version'].decode()}, "
                           f"this code reads version {SCHEMA_VERSION}")
+    names = table.schema.names
+    for f in schema:
+        if is_added(f) and f.name not in names:   # a file written before the column existed
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
     names = table.schema.names
     missing = [f.name for f in schema if f.name not in names]
     extra = [n for n in names if n not in schema.names]

@@ -29,8 +29,11 @@ def messages_column(instructions: pa.Array, responses: pa.Array, tag: str | None
 
 
 def examples(instructions, responses, *, ids, origin: str, recipe: str | None, tag: str | None, scores,
-             n_tokens_instruction, n_tokens_response) -> pa.Table:
-    """SFT-schema rows from column arrays (instructions and responses already stripped)."""
+             n_tokens_instruction, n_tokens_response, urls=None, crawl_dates=None,
+             made_by: list[str] | None = None) -> pa.Table:
+    """SFT-schema rows from column arrays (instructions and responses already stripped). The lineage:
+    `urls` and `crawl_dates` of the source documents (arrays, or None: nulls) and `made_by`, the maker
+    keys of the stages that made every one of these rows (None: null, as for seed pairs)."""
     n = len(ids)
     table = pa.table({
         "id": ids,
@@ -43,5 +46,8 @@ def examples(instructions, responses, *, ids, origin: str, recipe: str | None, t
         "score": pa.array(scores, pa.float32()) if scores is not None else pa.nulls(n, pa.float32()),
         "n_tokens_instruction": pa.array(n_tokens_instruction, pa.int32()),
         "n_tokens_response": pa.array(n_tokens_response, pa.int32()),
+        "url": pa.nulls(n, pa.string()) if urls is None else urls,
+        "crawl_date": pa.nulls(n, pa.string()) if crawl_dates is None else crawl_dates,
+        "made_by": pa.array([made_by] * n, pa.list_(pa.string())),
     })
     return schemas.validate(table.replace_schema_metadata(schemas.SFT.metadata), schemas.SFT, "examples")

@@ -18,6 +18,7 @@ redone), and, when the caller knows what the shard should be made from now, inpu
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import storage
@@ -36,6 +37,13 @@ def made_from(layout: RunLayout, inputs: dict[str, str], config: dict) -> dict:
     return {"inputs": {name: {"path": layout.relative(path), "sha256": sha256_of(path)}
                        for name, path in sorted(inputs.items())},
             "config": json.loads(json.dumps(config, sort_keys=True))}
+
+
+def maker_key(stage: str, config: dict) -> str:
+    """A short key of the stage config (model included) a shard was made with, as a release's rows
+    carry it (`made_by`) and its manifest maps it (inputs.made_by: stage, model, config)."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return f"{stage}-{hashlib.sha256(blob).hexdigest()[:8]}"
 
 
 def seal(path: str, made: dict) -> dict:

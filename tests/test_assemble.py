@@ -72,13 +72,17 @@ EXPECTED_KEPT = {
 }
 
 
+def crawl_date(i):
+    return f"2019-09-{10 + int(i[1:]):02d}T00:00:00.000Z"
+
+
 def write_root(root, tokenizer, stages=("backtranslate", "score", "rewrite", "distill", "rate")):
     """Candidates (2 shards) and generation shards written through the schemas, as the pipeline does."""
     n = len(SHARDS)
     files = []
     for k, ids in enumerate(SHARDS):
         rows = [{"id": i, "text": doc(i), "source": "common-crawl", "url": f"https://example.org/{i}", "n_chars": len(doc(i)),
-                 "n_tokens": 30, "shard": k, "text_hash": i} for i in ids]
+                 "n_tokens": 30, "shard": k, "text_hash": i, "crawl_date": crawl_date(i)} for i in ids]
         path = RunLayout(root).candidates_shard(k, n)
         storage.write_parquet(schemas.to_table(rows, schemas.CANDIDATE, path), path)
         files.append({"path": path, "rows": len(rows), "tokens": 180, "bytes": 0})

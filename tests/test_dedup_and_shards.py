@@ -133,3 +133,25 @@ def test_a_document_record_crosses_a_shuffle_as_a_tuple_and_comes_back_named():
     assert coder.decode(coder.encode(doc)) == doc and type(coder.decode(coder.encode(doc))) is Doc
     assert coder.encode(doc) == FastPrimitivesCoder().encode(tuple(doc))
     assert coder.is_deterministic()
+
+
+def test_an_id_seen_with_another_text_is_its_own_reject_reason_and_the_smallest_text_hash_wins():
+    """Issue 36: two documents sharing an id with different texts. The copy of smallest text hash
+    survives whatever order the runner hands them in; an exact copy is `duplicate_id`, a copy with
+    another text `conflicting_id`, naming where the kept copy is."""
+    from beam_pipelines.prepare import Doc
+    from beam_pipelines.prepare.dedup import unique_ids
+
+    files = ["in/a.json.gz", "in/b.json.gz"]
+    docs = [Doc("x", "h2", 5, 10, 0, 3, 10), Doc("x", "h1", 5, 10, 1, 7, 10), Doc("x", "h1", 5, 10, 0, 9, 10)]
+    for order in (docs, docs[::-1], docs[1:] + docs[:1]):
+        out = list(unique_ids(order, files))
+        assert out[0] == docs[2]   # h1 (smallest hash), first file, then the first line
+        rejects = sorted((o.value["file"], o.value["line"], o.value["reason"], o.value["detail"])
+                         for o in out[1:] if o.tag == "rejects")
+        assert rejects == [
+            ("in/a.json.gz", 3, "conflicting_id",
+             "id also at in/a.json.gz:9 with another text, kept as the text of smallest hash"),
+            ("in/b.json.gz", 7, "duplicate_id", "id also at in/a.json.gz:9")]
+        assert sorted(o.value for o in out[1:] if o.tag == "tallies") == [("dropped/conflicting_id", 1),
+                                                                        ("dropped/duplicate_id", 1)]

@@ -13,10 +13,13 @@ def test_split_of_uses_the_nearest_split_folder():
 
 
 def test_a_good_line_becomes_a_document():
-    raw = json.dumps({"id": 7, "text": "Hello", "source": "cc", "metadata": {"url": "https://a"}}).encode()
+    raw = json.dumps({"id": 7, "text": "Hello", "source": "cc", "metadata": {"url": "https://a"},
+                      "added": "2023-03-01T00:00:00.000Z", "created": "2019-09-15T00:00:00.000Z"}).encode()
     doc = parse_line(raw, 1000)
     assert isinstance(doc, Document)
     assert (doc.id, doc.text, doc.source, doc.url) == ("7", "Hello", "cc", "https://a")
+    assert doc.crawl_date == "2019-09-15T00:00:00.000Z"   # `created` (the crawl), not `added` (to Dolma)
+    assert parse_line(b'{"id": "8", "text": "Hi"}', 1000).crawl_date is None
 
 
 @pytest.mark.parametrize("raw, reason", [

@@ -19,7 +19,8 @@ from tests.conftest import LOCAL, dolma_line, write_dolma_file
 def corpus(tmp_path, fixture_texts):
     """Two head files (with every kind of bad line), one middle file; returns the glob."""
     docs = tmp_path / "dolma" / "documents"
-    head0 = [dolma_line(f"h{i:03d}", fixture_texts[i]) for i in range(0, 40)]
+    head0 = [dolma_line(f"h{i:03d}", fixture_texts[i], **({"created": "2019-09-15T00:00:00.000Z"} if i == 10 else {}))
+             for i in range(0, 40)]
     head1 = [dolma_line(f"h{i:03d}", fixture_texts[i]) for i in range(40, 80)]
     head0 += [
         b'{"id": "bad-json", "text": "x',
@@ -60,12 +61,14 @@ def test_every_record_is_accounted_for(corpus, tmp_path, bpe_tokenizer_path, fix
     d = stats["dropped"]
     assert d["other_split"] == 25
     for reason in ("malformed_json", "not_an_object", "missing_text", "blank_text", "invalid_utf8",
-                   "empty_line", "too_large", "duplicate_id", "duplicate"):
+                   "empty_line", "too_large", "conflicting_id", "duplicate"):   # h001 twice, another text
         assert d[reason] >= 1, reason
 
     files, cands = read_dir(out, "candidates-")
     assert files == [f"candidates-0000{k}-of-00004.parquet" for k in range(4)]
     assert len(cands) == stats["kept"] and cands["id"].is_unique
+    # lineage: Dolma's `created` (the crawl date) where the line has one
+    assert cands.set_index("id")["crawl_date"].dropna().to_dict() == {"h010": "2019-09-15T00:00:00.000Z"}
     # exact token counts where counted; the others kept uncounted by their upper bound, which fits
     tok = Tokenizer.from_file(bpe_tokenizer_path)
     uncounted = cands["n_tokens"].isna()

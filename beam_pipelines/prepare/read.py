@@ -42,7 +42,7 @@ def length_filter_stats(totals: dict[str, int]) -> dict[str, int]:
     return {**counts, "measured": totals.get("length/measured", 0)}
 
 _STASH = pa.schema([("line", pa.int64()), ("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
-                    ("url", pa.string())])  # a --target-docs sample's measured documents (_Measurer)
+                    ("url", pa.string()), ("crawl_date", pa.string())])  # a --target-docs sample's measured documents (_Measurer)
 
 
 READ_ERRORS = (OSError, EOFError, zlib.error, ValueError)
@@ -104,7 +104,8 @@ class _Measurer(beam.DoFn):
     def _keep(self, path: str, line_no: int, doc) -> None:
         if self.stash_tmp is None:
             return
-        self._stash.append({"line": line_no, "id": doc.id, "text": doc.text, "source": doc.source, "url": doc.url})
+        self._stash.append({"line": line_no, "id": doc.id, "text": doc.text, "source": doc.source, "url": doc.url,
+                            "crawl_date": doc.crawl_date})
         self._stashed_chars += len(doc.text)
         if self._stashed_chars > records.PART_CHARS:
             self._write_stash(path)

@@ -86,7 +86,7 @@ class WriteParts(beam.DoFn):
         for stash in sorted(storage.list_files(self.layout.prepare_stash(self.tmp_dir, path))):
             for row in storage.read_parquet(stash).to_pylist():
                 yield row["line"], dolma.Document(id=row["id"], text=row["text"], source=row["source"],
-                                                  url=row["url"], record={})
+                                                  url=row["url"], record={}, crawl_date=row["crawl_date"])
 
     def process(self, element):
         index, wanted = element
@@ -101,7 +101,8 @@ class WriteParts(beam.DoFn):
             if doc.id != doc_id:
                 raise RuntimeError(f"{path}:{line_no}: changed while the job ran (expected document {doc_id})")
             rows[shard].append({"id": doc.id, "text": doc.text, "source": doc.source, "url": doc.url,
-                                "n_chars": len(doc.text), "n_tokens": n_tokens, "shard": shard, "text_hash": h})
+                                "n_chars": len(doc.text), "n_tokens": n_tokens, "shard": shard, "text_hash": h,
+                                "crawl_date": doc.crawl_date})
             held += len(doc.text)
             if held > records.PART_CHARS:
                 yield from self._write(rows, f"{tag}-{line_no}")
