@@ -108,13 +108,16 @@ def run_pilot(plan, n: int) -> dict:
 
 
 def _sample_candidates(layout, sample: dict[int, set[str]]) -> pa.Table:
-    """The pilot's candidates rows (id, text, n_tokens, url)."""
+    """The pilot's candidates rows (id, text, n_tokens, url, crawl_date)."""
     import pyarrow.compute as pc
+
+    import schemas
 
     parts = []
     for k, _, path in layout.candidate_shards():
-        if sample.get(k):
-            t = storage.read_parquet(path, columns=["id", "text", "n_tokens", "url"])
+        if sample.get(k):   # validated: a shard written before a column was added gets it as nulls
+            t = schemas.validate(storage.read_parquet(path), schemas.CANDIDATE, path).select(
+                ["id", "text", "n_tokens", "url", "crawl_date"])
             parts.append(t.filter(pc.is_in(t["id"], pa.array(sorted(sample[k]), pa.string()))))
     return pa.concat_tables(parts)
 

@@ -214,9 +214,12 @@ def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_to
     assert {"requests", "prompt_tokens", "output_tokens", "gpu_hours"} <= set(bt)
     assert bt["prompt_tokens"] > before["candidates"]["doc_tokens"]  # the template's tokens are counted too
     # what a row pays and what a prefix cache saves of it (issue 33 point 3): the score rubric comes first
-    assert bt["output_tokens_per_row"] == 6.0 and score["output_tokens_per_row"] == 1.0
-    assert 0 < bt["prefix_share"] < score["prefix_share"] < 1
+    logprob_score = before["stages"]["score"]
+    assert bt["output_tokens_per_row"] == 6.0 and logprob_score["output_tokens_per_row"] == 1.0
+    assert 0 < bt["prefix_share"] < logprob_score["prefix_share"] < 1
 
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], generate__score__tokens_per_s=100.0,
+                   generate__backtranslate__tokens_per_s=50.0)   # the run file again (the paper's replaced it)
     rc, out, err = bft(capsys, "rebuild", "--config", cfg)
     assert rc == 0, err
     night = [line for line in out.splitlines() if line.startswith("   score: ")][-1]   # the night's summary
