@@ -22,7 +22,8 @@ ignore Ctrl-C: the parent ends them by closing their input, after the chunks in 
 
 When: `pool_workers` decides, per stage run. A worker costs a start of ~1-2 s (an interpreter, the
 transformers import, the tokenizer) and each chunk a pickled round trip, so the pool is used only with
-at least 2 usable cores (os.sched_getaffinity: what taskset or a container grants) and at least
+at least MIN_POOL_CORES usable cores (os.sched_getaffinity: what taskset or a container grants; on 2 it
+measured slower than the thread) and at least
 POOL_MIN_ROWS rows to send; otherwise, and where there is no local tokenizer (the openai chat API
 without --tokenizer: no counting to move) or it cannot be pickled, preparation stays on the caller's
 thread as before. Workers: the usable cores less one, kept for the dispatch (at least one).
@@ -48,6 +49,10 @@ log = logging.getLogger("bft.prepare")
 # Rows to send below which the pool's start costs more than it saves (measured with
 # benchmarks/client_bench.py: docs/BENCHMARKS.md, "The client's own ceiling").
 POOL_MIN_ROWS = 2000
+# Usable cores below which the pool is not used: on 2 cores its one worker, the dispatch and a local
+# server share them, and the client measured slower with it (sim server, 2 cores: 666 requests/s with
+# the pool against 737 without at 12,800 requests, 708 against 893 at 3,200; docs/BENCHMARKS.md).
+MIN_POOL_CORES = 3
 AHEAD = 4               # chunks sent per worker ahead of the one being read
 _HEADER = struct.Struct("<Q")
 
@@ -60,10 +65,11 @@ def usable_cores() -> int:
 
 
 def pool_workers(rows: int) -> int:
-    """Worker processes for preparing `rows` prompts: 0 (on the caller's thread) on one core or for
-    fewer than POOL_MIN_ROWS rows; else the usable cores less one, kept for the dispatch."""
+    """Worker processes for preparing `rows` prompts: 0 (on the caller's thread) on fewer than
+    MIN_POOL_CORES cores or for fewer than POOL_MIN_ROWS rows; else the usable cores less one, kept for
+    the dispatch."""
     cores = usable_cores()
-    if cores < 2 or rows < POOL_MIN_ROWS:
+    if cores < MIN_POOL_CORES or rows < POOL_MIN_ROWS:
         return 0
     return max(1, cores - 1)
 
