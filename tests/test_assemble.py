@@ -220,7 +220,7 @@ def test_assemble_keeps_the_rewrites_the_parser_keeps():
                "c4": ("[RES] An answer the model never closed", "stop", False)}
     ids = sorted(outputs)
     cands = pa.table({"id": ids, "text": [doc(i) for i in ids], "n_tokens": [30] * 5, "url": [""] * 5,
-                      "crawl_date": [None] * 5})
+                      "crawl_date": pa.array([None] * 5, pa.string())})
     backtranslate = [gen_row(i, "backtranslate", instruction=INSTRUCTION.format(i)) for i in ids]
     rewrite = []
     for i, (text, finish, stopped) in outputs.items():

@@ -219,7 +219,7 @@ def test_prepare_and_assemble_on_a_flink_cluster_equal_the_local_runner(flink, t
         assert stats["decontamination"]["dropped"] == {"alpaca_eval": 1, "question": 1}
     files = same_files(os.path.join(roots["local"], "sft", "v1"), os.path.join(roots["flink"], "sft", "v1"),
                        roots["local"], roots["flink"])
-    assert "stats.json" in files and any(f.startswith("data/train-") for f in files)
+    assert "stats.json" in files and any(f.startswith("data/split=train/part-") for f in files)
 
 
 @pytest.mark.engines
