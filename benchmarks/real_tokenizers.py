@@ -43,11 +43,25 @@ def build(structure: str) -> Tokenizer:
 
 @functools.lru_cache(maxsize=1)
 def _tekken_json() -> str:
-    """tekken converted once per process: MistralConverter derives its 131K merges in Python (seconds),
-    parsing the converted JSON takes a fraction of that."""
+    """tekken converted once per machine: MistralConverter derives its 131K merges in Python (seconds,
+    in every test process otherwise); the converted JSON is kept in the temporary folder under the
+    versions of the two packages that make it, written whole (renamed into place)."""
+    import tempfile
+    from importlib.metadata import version
+
+    cached = os.path.join(tempfile.gettempdir(), f"bft-tekken-{version('mistral-common')}-"
+                                                 f"{version('transformers')}.json")
+    if os.path.exists(cached):
+        with open(cached, encoding="utf-8") as f:
+            return f.read()
     from transformers.integrations.mistral.tokenizer import MistralConverter
 
-    return MistralConverter(_data("tekken_240718.json")).converted().to_str()
+    text = MistralConverter(_data("tekken_240718.json")).converted().to_str()
+    partial = f"{cached}.{os.getpid()}"
+    with open(partial, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(partial, cached)
+    return text
 
 
 def save(structure: str, folder: str) -> str:

@@ -288,6 +288,12 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.path.dirname(os.environ[FLINK_DIR]), ignore_errors=True)   # its logs and spilled shuffles
 
 
+def pytest_collection_modifyitems(config, items):
+    """The Flink end-to-end test first: it waits for the cluster (started above, in the background) while
+    the other workers run, instead of running last and alone at the end of the run."""
+    items.sort(key=lambda item: "flink_cluster_equal_the_local_runner" not in item.nodeid)
+
+
 def flink_cluster() -> dict:
     """The record of this run's Flink cluster (scripts/flink_local.py), once it is up: its REST address
     and the Beam flags that run a pass on it. Fails with the start's own error when it could not start."""
