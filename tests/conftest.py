@@ -268,9 +268,16 @@ def pytest_configure(config):
     script = os.path.join(ROOT, "scripts", "flink_local.py")
     with open(os.path.join(state, "start.log"), "wb") as log:
         config._bft_flink = subprocess.Popen(
-            ["sh", "-c", f'"$0" "{script}" start --dir "$1"; echo $? > "$2"', sys.executable,
-             os.environ[FLINK_DIR], os.path.join(state, "start.rc")],
+            ["sh", "-c", f'"$0" "{script}" start --dir "$1" --taskmanagers "$3" --slots "$4"; echo $? > "$2"',
+             sys.executable, os.environ[FLINK_DIR], os.path.join(state, "start.rc"), *_cluster_shape(config)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _cluster_shape(config) -> tuple[str, str]:
+    """(TaskManagers, slots each): the engine matrix (make test-engines) on two TaskManagers, so its
+    shuffles cross JVMs; make test's one end-to-end test on one TaskManager of two slots (a JVM and its
+    Python workers less to start in a run that is short of cores)."""
+    return ("2", "2") if "engines" in (config.getoption("markexpr") or "").replace("not engines", "") else ("1", "2")
 
 
 def pytest_unconfigure(config):
