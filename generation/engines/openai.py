@@ -140,8 +140,8 @@ HAND_OFF = 16           # prepared requests handed from the preparing thread to 
 DRAIN_S = 10.0          # on an interrupt, what the requests in flight (paid for) get to come back: within the
                         # grace before SIGKILL of Kubernetes (30 s), Airflow (60 s) and systemd (90 s)
 # An answer's body may hold at most this much (`answer_cap`): its new tokens at BYTES_PER_TOKEN each (a
-# token is a few bytes of text; JSON's \uXXXX escapes, logprobs and the fields around it fit in the
-# rest) plus BODY_MARGIN for the envelope (id, usage, the prompt's logprobs of a score prefill).
+# token is a few bytes of text; JSON's \u escapes, six bytes a character, logprobs and the fields around
+# it fit in the rest) plus BODY_MARGIN for the envelope (id, usage, the prompt's logprobs of a score prefill).
 BYTES_PER_TOKEN = 64
 BODY_MARGIN = 64 * 1024
 READ_CHUNK = 64 * 1024
