@@ -162,12 +162,58 @@ def die_with_driver() -> None:
         os._exit(1)
 
 
+def _not_a_user_error(record) -> bool:
+    """False for a worker's log record of a UserError it raised (its whole traceback, ~65 lines on the
+    command's stderr): the driver gets the error with the bundle's failure and the command says it in
+    one line. Every other record passes."""
+    import logging
+
+    if record.levelno < logging.ERROR:
+        return True
+    from schemas.errors import user_error_in_text
+
+    return user_error_in_text(record.getMessage()) is None
+
+
+class WorkerStderr:
+    """The worker's stderr without the traceback Beam's worker prints of a bundle that failed with one of
+    our UserErrors (sdk_worker._execute prints it whole before logging it): the driver gets the error
+    with the bundle's failure and the command says it in one line. Everything else is written through."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if text.startswith("Traceback (most recent call last)") and not _not_a_user_error(_ErrorText(text)):
+            return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class _ErrorText:
+    """A printed text as the log record `_not_a_user_error` reads."""
+
+    levelno = 40   # logging.ERROR
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def getMessage(self) -> str:
+        return self.text
+
+
 def boot(argv: list[str]) -> None:
     """`python -m beam_pipelines.driver_watch MODULE [ARG...]`: MODULE run as __main__ (with ARG...),
-    in a process that ends with its driver."""
+    in a process that ends with its driver; Beam's worker without its log of our UserErrors."""
+    import logging
     import runpy
 
     die_with_driver()
+    if argv[1].encode() == WORKER_MAIN:
+        logging.getLogger("apache_beam.runners.worker.sdk_worker").addFilter(_not_a_user_error)
+        sys.stderr = WorkerStderr(sys.stderr)
     sys.argv = [argv[0], *argv[2:]]
     runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
 

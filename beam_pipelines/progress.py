@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 
-from schemas.errors import UserError
+from schemas.errors import UserError, user_error_in_text
 from schemas.progress import LOG_EVERY_S, duration, quiet
 
 REDRAW_S = 0.5
@@ -158,8 +158,9 @@ def interrupts():
     local workers at once and raise their interrupt in the driver (KeyboardInterrupt, Terminated).
     From then on, until the pass has unwound, what the runner's threads and Beam's loggers say about
     the workers it lost (gRPC stream errors, "Worker subprocess exited", "Error closing
-    worker_handler") is dropped: it is the interrupt, said some ninety times. Not in effect where
-    SIGINT is ignored (a background job) or outside the main thread."""
+    worker_handler") is dropped: it is the interrupt, said some ninety times; and so is the runner's
+    log record of a worker's UserError (its traceback, ~65 lines), which the command says in one line.
+    Not in effect where SIGINT is ignored (a background job) or outside the main thread."""
     from beam_pipelines import driver_watch
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -174,7 +175,13 @@ def interrupts():
             hook(args)
 
     def runner_record(record: logging.LogRecord) -> bool:
-        return not (interrupted.is_set() and record.name.startswith(NOISY_LOGGERS))
+        if not record.name.startswith(NOISY_LOGGERS):
+            return True
+        if interrupted.is_set():
+            return False
+        # a worker's UserError (a stale shard, a damaged file), logged by the runner with the worker's
+        # whole traceback: the command says it in one line when the pass fails with it
+        return record.levelno < logging.ERROR or user_error_in_text(record.getMessage()) is None
 
     def on_signal(signum, frame):
         for sig, handler in taken.items():  # a second Ctrl-C is an ordinary KeyboardInterrupt

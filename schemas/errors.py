@@ -33,8 +33,14 @@ def user_error_message(exc: BaseException) -> str | None:
         if isinstance(seen, (UserError, storage.StorageError)):  # a bucket's error names its gs:// path
             return str(seen)
         seen = seen.__cause__ or seen.__context__
+    return user_error_in_text(str(exc))
+
+
+def user_error_in_text(text: str) -> str | None:
+    """The message of the last UserError a text names as `<ErrorClass>: <message>` (a Beam runner's
+    traceback of a worker's error, or its log line of it), or None."""
     names = "|".join(sorted(_user_error_names()))
-    found = re.findall(rf"\b(?:{names}): (.+)", str(exc))
+    found = re.findall(rf"\b(?:{names}): (.+)", text)
     if not found:
         return None
     return re.sub(r"\s*\[while running '[^']*'\]\s*$", "", found[-1]).strip()

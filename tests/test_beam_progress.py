@@ -232,3 +232,29 @@ def test_a_job_the_runner_failed_is_its_first_error_line():
     assert job_failure("Pipeline P failed in state CANCELLED: ") == "CANCELLED"
     assert job_failure("division by zero") is None
     assert len(job_failure("Pipeline P failed in state FAILED: " + "x" * 1000)) == 300
+
+
+def test_a_workers_user_error_is_not_printed_whole_but_a_bug_is():
+    """Issue 35: a stale shard found inside a Beam worker printed ~65 lines (the worker's traceback,
+    printed and logged) before the command's one line. The worker's stderr and its sdk_worker logger
+    drop a traceback of one of our UserErrors; any other error (a bug) still prints whole."""
+    import io
+    import logging
+
+    import beam_pipelines.assemble  # noqa: F401  (AssembleError is known as a UserError once imported, as in a worker)
+    from beam_pipelines.driver_watch import WorkerStderr, _not_a_user_error
+
+    ours = ("Traceback (most recent call last):\n  File \"assemble.py\", line 287\n"
+            "beam_pipelines.assemble.AssembleError: score-00000-of-00002.parquet: row a0 carries another "
+            "instruction than its backtranslate row; rerun bft generate score [while running 'JoinShard']\n")
+    bug = "Traceback (most recent call last):\n  File \"x.py\", line 1\nZeroDivisionError: division by zero\n"
+    out = io.StringIO()
+    err = WorkerStderr(out)
+    for text in (ours, "\n", bug, "a warning line\n"):
+        err.write(text)
+    assert out.getvalue() == "\n" + bug + "a warning line\n"
+    record = logging.LogRecord("apache_beam.runners.worker.sdk_worker", logging.ERROR, "", 0,
+                               "Error processing instruction %s. Original traceback is\n%s\n", ("1", ours), None)
+    assert not _not_a_user_error(record)
+    record.args = ("1", bug)
+    assert _not_a_user_error(record)
