@@ -365,8 +365,3 @@ def build(cls, file_values: dict, flag_values: dict, where: str):
     if check:
         check()
     return cfg
-
-
-def as_section(cfg) -> dict:
-    """The config as a run file's section (field names and values): what stats and manifests record."""
-    return {o.name: getattr(cfg, o.name) for o in options(type(cfg))}

@@ -64,7 +64,6 @@ TRIES = 5                         # tries of one Batch API call (0.5 s back-off,
 # A create whose fate stayed unknown (timeouts, 5xx) is looked for in the listing on later invocations;
 # one still not listed this long after its last try is taken as never made, and created again.
 CREATE_SETTLE_S = 600.0
-RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 ENDED = {"completed", "failed", "expired", "cancelled"}
 EX_TEMPFAIL = 75
 # a shard's state file, as read back (schemas.state: a damaged one is set aside and the shard starts anew)

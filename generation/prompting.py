@@ -107,7 +107,6 @@ def _build(tokenizer, template: Template, values: dict[str, str], assistant_pref
 
 # A prompt of B UTF-8 bytes has at most B + BYTE_SLACK tokens under a `byte_bounded` tokenizer.
 BYTE_SLACK = 2
-_PREPENDS = ("Prepend", "Replace")
 _SPLITS = ("ByteLevel", "Metaspace", "Split", "Digits", "Whitespace", "WhitespaceSplit", "Punctuation")
 
 
