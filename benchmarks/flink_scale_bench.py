@@ -50,7 +50,7 @@ def role(proc: psutil.Process, driver: int) -> str | None:
             return "JobManager"
         if "TaskManagerRunner" in cmd:
             return "TaskManagers"
-        if "sdk_worker_main" in cmd or "beam_pipelines.process_worker" in cmd:
+        if "sdk_worker_main" in cmd or "beam_pipelines.runtime.process_worker" in cmd:
             return "Python workers"
     except psutil.Error:
         return None

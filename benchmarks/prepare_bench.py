@@ -158,14 +158,14 @@ def run_speed(n_docs: int, files: int, max_tokens: int, shards: int, structure: 
     floor, floor_stats = run_floor(head, os.path.join(WORK, f"floor-{structure}-{n_docs}{_tag(corpus)}"), tokenizer,
                                    max_tokens, shards, length_ok_ours)
     # the shards' balance in exact tokens (datatrove counted every kept document), whatever they were balanced by
-    from beam_pipelines.shards import balance
+    from beam_pipelines.prepare.shards import balance
 
     shard_tokens = [0] * shards
     for i, k in zip(mine["id"], mine["shard"]):
         shard_tokens[k] += theirs_tokens.get(i, 0)
     lf = stats["length_filter"]
     measured = lf["measured"] or 1
-    from beam_pipelines.length import load_tokenizer, tokenizer_shape
+    from beam_pipelines.tokens.length import load_tokenizer, tokenizer_shape
 
     return {
         "corpus": corpus,

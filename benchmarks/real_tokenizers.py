@@ -23,7 +23,7 @@ STRUCTURES = ("llama2", "tekken", "nfkc")
 
 
 # the Llama-2-structure conversion lives with the report's paper column (one copy)
-from beam_pipelines.paper_tokens import llama2_structure, mistral_data as _data, spm_bpe as _spm_bpe  # noqa: E402
+from beam_pipelines.tokens.paper_tokens import llama2_structure, mistral_data as _data, spm_bpe as _spm_bpe  # noqa: E402
 
 
 def build(structure: str) -> Tokenizer:

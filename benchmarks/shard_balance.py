@@ -12,7 +12,7 @@ import argparse
 import json
 
 import numpy as np
-from beam_pipelines.shards import assign_bucket, balance, num_buckets
+from beam_pipelines.prepare.shards import assign_bucket, balance, num_buckets
 from schemas.keys import balance_bucket
 
 

@@ -97,7 +97,7 @@ def _generate(cfg, beam_args, run_file) -> int:
 
 
 def _assemble(cfg, beam_args, run_file) -> int:
-    from beam_pipelines import assemble
+    from beam_pipelines.assemble import pipeline as assemble
 
     stats = assemble.run(cfg, beam_args)
     f = stats["funnel"]
@@ -132,7 +132,7 @@ def _latest(cfg, beam_args, run_file) -> int:
 
 
 def _diff(cfg, beam_args, run_file) -> int:
-    from beam_pipelines import changes
+    from beam_pipelines.report import changes
 
     old, new = cfg.folder(cfg.old), cfg.folder(cfg.new)
     d = changes.diff_releases(old, new)
@@ -233,13 +233,13 @@ VERBS = {v.name: v for v in [
     Verb("generate", "run one LLM stage (backtranslate, score, rewrite, distill, rate) over the candidate shards",
          "generation.runner:GenerateConfig", _generate, positional=("stage",), exits=(0, 1, 2, 75, 130, 143)),
     Verb("assemble", "Beam pass 2: candidates + generations -> the SFT corpus, its statistics, a versioned release",
-         "beam_pipelines.assemble:AssembleConfig", _assemble, beam=True, exits=(0, 1, 2, 130, 143)),
+         "beam_pipelines.assemble.pipeline:AssembleConfig", _assemble, beam=True, exits=(0, 1, 2, 130, 143)),
     Verb("validate", "re-check a release: manifest, checksums, schemas, row counts, unique ids (exit 1 if not)",
          "schemas.release:ValidateConfig", _validate, positional=("path",)),
     Verb("latest", "print the data folder of the release ROOT/sft/LATEST names, for loaders",
          "schemas.release:LatestConfig", _latest, positional=("path",)),
     Verb("diff", "which examples one release has that another has not (by origin; --ids: each, and why removed)",
-         "beam_pipelines.changes:DiffConfig", _diff, positional=("old", "new")),
+         "beam_pipelines.report.changes:DiffConfig", _diff, positional=("old", "new")),
     Verb("show", "one example's history: its document, instruction, scores, rewrite, and why kept or dropped",
          "bft.show:ShowConfig", _show, positional=("id",)),
     Verb("seed", "the seed pairs: first turns of OpenAssistant oasst1 trees", "training.seed:SeedConfig", _seed),
@@ -308,7 +308,7 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
     config.add_arguments(ap, cls, verb.positional)
     if verb.beam:
         args, beam_args = ap.parse_known_args(argv)
-        from beam_pipelines.options import unknown_beam_flags
+        from beam_pipelines.runtime.options import unknown_beam_flags
 
         unknown = unknown_beam_flags(beam_args)
         if unknown:
@@ -321,7 +321,7 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
         from schemas.progress import set_quiet
 
         set_quiet(True)
-    from beam_pipelines.options import configure_process
+    from beam_pipelines.runtime.options import configure_process
 
     configure_process()
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "verbose", "quiet")}

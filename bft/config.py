@@ -301,7 +301,7 @@ def section_values(cls, doc: dict, path: str, verb: str, sub: str | None = None)
         values.update(checked)
     where = f"{path} (section {verb}{'.' + sub if sub else ''})"
     if run.get("beam_args"):
-        from beam_pipelines.options import unknown_beam_flags
+        from beam_pipelines.runtime.options import unknown_beam_flags
 
         flags = unknown_beam_flags(run["beam_args"])
         if flags:

@@ -2,7 +2,7 @@
 smallest `schemas.keys.sample_key(id, prepare.seed)` over every candidates shard, not a shard's first
 rows, which are sorted by length) go through the stages the recipe needs, exactly as the night sends
 them (StageRunner.pilot: the run file's engines and servers, the same prompts, config and row seeds),
-and assemble's own rules (beam_pipelines.recipes.verdicts) say which of them the release would keep.
+and assemble's own rules (beam_pipelines.assemble.recipes.verdicts) say which of them the release would keep.
 
 The answers stay as checkpoint parts of their shards (no shard file, no marker): the night's runner
 reuses them, so no request is paid twice; a second pilot reuses them too (and a larger one sends
@@ -129,7 +129,7 @@ def measure(plan, pilot: dict) -> dict:
     "kept", "yield", "yield_ci", "drops", "pilot_size_for"}."""
     import pyarrow.compute as pc
 
-    from beam_pipelines import recipes
+    from beam_pipelines.assemble import recipes
     from schemas.outcomes import NOT_SENT, is_engine_error
     from schemas.recipes import CURATION_DROPS, RECIPES
 

@@ -34,7 +34,7 @@ where it comes from:
   prepare's, and the `prepare.max_tokens` that keeps every stage whole (the paper removed such
   documents before generating).
 - expected examples: with a pilot, candidates x the share of its candidates that every stage and
-  assemble's rules (beam_pipelines.recipes.verdicts) keep, with its Wilson interval scaled. Else each
+  assemble's rules (beam_pipelines.assemble.recipes.verdicts) keep, with its Wilson interval scaled. Else each
   stage's share applied once, of the requests it was sent: backtranslate's
   parse rate, the gate's pass rate among the pairs scored, the answering stage's usable share (parsed,
   whole document) among those it answered; where a stage has no shards yet, its whole-document share.
@@ -144,7 +144,7 @@ def _candidates(plan: RunPlan, sample_docs: int) -> dict:
         if uncounted:
             # documents prepare kept by their upper bound, uncounted: a sample of them counted with
             # prepare's tokenizer stands for them all (their lengths, and their tokens by the mean)
-            from beam_pipelines.length import shared_counter
+            from beam_pipelines.tokens.length import shared_counter
 
             sample = np.array(shared_counter(plan.prepare.tokenizer).count(unseen), dtype=np.int64)
             tokens += int(round(float(sample.mean()) * uncounted))
@@ -160,8 +160,8 @@ def _candidates(plan: RunPlan, sample_docs: int) -> dict:
 def _estimate_from_input(plan: RunPlan, sample_docs: int) -> dict:
     """Before prepare has run: parse up to `sample_docs` lines of the first head-split file, measure
     them with prepare's tokenizer and limits, and scale by the number of files."""
-    from beam_pipelines import dolma
-    from beam_pipelines.length import shared_counter
+    from beam_pipelines.prepare import dolma
+    from beam_pipelines.tokens.length import shared_counter
     from beam_pipelines.prepare import list_inputs
 
     cfg = plan.prepare
@@ -565,7 +565,7 @@ def _seed_rows(path: str | None) -> int | None:
     """The seed pairs assemble mixes in (the rows of --seed-data; None without one or before it exists)."""
     if not path or not storage.exists(path):
         return None
-    from beam_pipelines.assemble import read_seed_table
+    from beam_pipelines.assemble.pipeline import read_seed_table
 
     try:
         return read_seed_table(path).num_rows

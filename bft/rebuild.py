@@ -106,7 +106,7 @@ class RunPlan:
 def load_run(path: str, root: str | None = None, stages: list[str] | None = None) -> RunPlan:
     """All configs of a run file, validated (an unknown key, a wrong type or a missing required key
     is an error naming the key and the file)."""
-    from beam_pipelines.assemble import AssembleConfig
+    from beam_pipelines.assemble.pipeline import AssembleConfig
     from beam_pipelines.prepare import PrepareConfig
     from generation.runner import GenerateConfig
     from schemas.recipes import RECIPES, gate_threshold
@@ -373,7 +373,8 @@ def no_input(prepare_cfg) -> str | None:
 
 
 def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> dict:
-    from beam_pipelines import assemble, prepare
+    from beam_pipelines import prepare
+    from beam_pipelines.assemble import pipeline as assemble
     from generation.batch import BatchesPending
     from generation.runner import StageRunner, stage_status
     from schemas import release
@@ -481,9 +482,9 @@ def _stage_values(sp: StagePlan, summary: dict, seconds: float, paid: dict | Non
 def release_changes(layout, previous: str | None, stats: dict) -> dict:
     """How the release of `stats` (assemble.run's) differs from `previous` (LATEST before this night):
     examples added, removed and kept by origin, the kept share, the error share and the stages' pass
-    rates (beam_pipelines.changes, the same comparison the release's own report shows against its
+    rates (beam_pipelines.report.changes, the same comparison the release's own report shows against its
     parent: taken from its stats when the parent is `previous`)."""
-    from beam_pipelines import changes
+    from beam_pipelines.report import changes
     from schemas import release
 
     version = stats["version"]
@@ -503,7 +504,7 @@ def release_changes(layout, previous: str | None, stats: dict) -> dict:
 
 def night_text(result: dict) -> str:
     """The night's summary as text (`result`: rebuild's answer, however the night ended)."""
-    from beam_pipelines.changes import pct
+    from beam_pipelines.report.changes import pct
 
     night, rel, changes = result["night"], result.get("release"), result.get("changes") or {}
     if result["outcome"] == "nothing new":

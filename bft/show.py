@@ -8,7 +8,7 @@ release's): the source document (url, crawl date, the head of its text), each st
 row (model, instruction, score and reasoning, rewrite, parse error), and the verdict. An id in the
 release: its split, and the models and stage configs that made it (its `made_by` keys, mapped by the
 manifest). An id not in it: the first reason assemble dropped it for, by assemble's own rule
-(beam_pipelines.recipes.verdicts on its row, with the release's recipe, threshold and curation), or,
+(beam_pipelines.assemble.recipes.verdicts on its row, with the release's recipe, threshold and curation), or,
 for a pair that passed them, what the release records of the later drops (decontamination, duplicate
 instructions, the report's examples, changes/removed.parquet); an id that was no candidate, prepare's
 reject (its reason, file and line).
@@ -23,10 +23,10 @@ import pyarrow.compute as pc
 
 import schemas
 import storage
-from beam_pipelines import recipes
-from beam_pipelines.changes import CHANGES
-from beam_pipelines.corpus_stats import RELEASE_STATS
-from beam_pipelines.decontaminate import NEAR_DUPLICATE
+from beam_pipelines.assemble import recipes
+from beam_pipelines.report.changes import CHANGES
+from beam_pipelines.assemble.corpus_stats import RELEASE_STATS
+from beam_pipelines.assemble.decontaminate import NEAR_DUPLICATE
 from schemas import release
 from schemas.errors import UserError
 from schemas.keys import instruction_key

@@ -57,7 +57,7 @@ from schemas.layout import LayoutError, Rooted, RunLayout, parse_shard_name
 from schemas.release import parquet_rows
 from schemas.options import option, product_options, required
 from schemas.outcomes import NOT_SENT, REFUSALS, category, engine_error, is_engine_error, refused, shard_summary
-from schemas.recipes import GATE_STAGES, gate_threshold, recorded_score_mode
+from schemas.recipes import GATE_STAGES, NO_GATE, gate_threshold, recorded_score_mode  # noqa: F401 (NO_GATE: re-exported)
 from generation import parsing
 from generation.batch import BatchDispatch, BatchesPending, submitted
 from generation.budget import shared_prefix_tokens
@@ -87,9 +87,6 @@ PREPARE_CHUNK = 64      # rows whose prompts are built and counted in one batche
 # A gs:// root's lock is asked (one metadata read) at most this often between requests; each write asks it
 # anyway (storage's fencing), and a lock known lost stops the next request and the next answer's take.
 FENCE_CHECK_S = 1.0
-
-
-NO_GATE = "none"        # --gate none: rewrite and distill send every row
 
 
 @dataclass

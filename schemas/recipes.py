@@ -42,7 +42,7 @@ DEFAULT_RECIPE = "filter+rewrite"
 # the plan's order); generation/stages.py has one StageSpec per name (tests/test_layers.py checks it).
 STAGES = ("backtranslate", "score", "rewrite", "distill", "rate")
 ANSWER_STAGES = tuple(s for s in STAGES if any(r.answer == s for r in RECIPES.values()))  # sent past a gate
-# assemble's curation drops (beam_pipelines.recipes.verdicts), in the order they are checked. An answer
+# assemble's curation drops (beam_pipelines.assemble.recipes.verdicts), in the order they are checked. An answer
 # cut by the token cap is its stage's parse failure (`rewrite:truncated`), not a curation drop.
 CURATION_DROPS = TOO_SHORT, TOO_LONG, EMPTY = ("instruction_too_short", "instruction_too_long", "empty_response")
 GATE_STAGES = sorted({r.gate for r in RECIPES.values() if r.gate})   # the stages that write scores
@@ -90,6 +90,18 @@ class Gate:
 # an expectation over 1..5, below 5 unless p(5) = 1, so 5 would keep nothing; its default 4.5 is
 # AlpaGasus's threshold on its (fractional) ratings (Chen et al. 2023, section 4), borrowed here.
 LOGPROB_THRESHOLD = 4.5
+
+
+NO_GATE = "none"        # --gate none: the answering stages send every row
+
+
+def resolve_gate(stage: str | None, score_mode: str | None = None, given: float | None = None) -> Gate | None:
+    """The one place a gate is decided, for `bft generate`, `bft assemble`, `bft rebuild` and the plan:
+    the `stage` whose score gates (None or "none": no gate) at the threshold `given` by the user, else
+    the default for the stage and the mode its shards were scored in (`gate_threshold`)."""
+    if stage in (None, NO_GATE):
+        return None
+    return Gate(stage, float(gate_threshold(stage, score_mode) if given is None else given))
 
 
 def gate_threshold(stage: str, score_mode: str | None = None) -> float:

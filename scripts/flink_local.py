@@ -18,7 +18,7 @@ Where the parts come from (all cached under .cache/flink, or $BFT_FLINK_CACHE; f
   that the pair gives the local runner's output file by file. `--runner FlinkRunner` on a machine that can
   fetch Beam's published jar gets the job server of the SDK's own version instead.
 - Python workers: Beam's PROCESS environment, each TaskManager starting its own workers with a boot command
-  written here (beam_pipelines/process_worker.py in this venv, in place of Beam's Go boot binary, which
+  written here (beam_pipelines/runtime/process_worker.py in this venv, in place of Beam's Go boot binary, which
   the wheel lacks), so every SDK worker imports the same Beam and bft as the driver. Not an EXTERNAL worker
   pool: several TaskManagers sharing one pool end each other's workers (process_worker.py says why);
   DOCKER needs a Docker engine.
@@ -212,13 +212,13 @@ def _spawn(cmd: list[str], log: str, env: dict) -> subprocess.Popen:
 
 def write_worker_boot(state: str) -> str:
     """The command each TaskManager runs to start a Python SDK worker (Beam's PROCESS environment):
-    beam_pipelines/process_worker.py with this venv's Python, which has Beam and bft."""
+    beam_pipelines/runtime/process_worker.py with this venv's Python, which has Beam and bft."""
     path = os.path.join(state, "beam_worker_boot")
     venv_bin = os.path.dirname(sys.executable)
     with open(path, "w") as f:
         f.write(f"#!/bin/sh\n# Beam's PROCESS environment: a Python SDK worker from {venv_bin}\n"
                 f"export PATH=\"{venv_bin}:$PATH\" PYTHONPATH=\"{REPO}${{PYTHONPATH:+:$PYTHONPATH}}\"\n"
-                f"exec \"{sys.executable}\" -m beam_pipelines.process_worker \"$@\"\n")
+                f"exec \"{sys.executable}\" -m beam_pipelines.runtime.process_worker \"$@\"\n")
     os.chmod(path, 0o755)
     return path
 

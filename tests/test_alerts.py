@@ -5,7 +5,7 @@ mode, a kept share far from the parent's) are lines in the report and the night'
 import json
 import os
 
-from beam_pipelines import changes
+from beam_pipelines.report import changes
 from bft.rebuild import night_text
 from generation import parsing
 from schemas import outcomes

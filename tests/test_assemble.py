@@ -13,9 +13,11 @@ from nltk import ngrams
 from nltk.tokenize import wordpunct_tokenize
 
 import schemas
-from beam_pipelines import assemble, corpus_stats, recipes
+from beam_pipelines.assemble import pipeline as assemble
+from beam_pipelines.assemble import corpus_stats
+from beam_pipelines.assemble import recipes
 from schemas import provenance, release
-from beam_pipelines.assemble import AssembleConfig, AssembleError
+from beam_pipelines.assemble.pipeline import AssembleConfig, AssembleError
 import storage
 from bft import cli
 from schemas.errors import UserError
@@ -347,7 +349,7 @@ def test_cap_keeps_a_deterministic_bottom_k_and_the_validation_split_beside_it(r
 
 
 def test_seed_pairs_are_in_validation_only_when_asked():
-    from beam_pipelines.assemble import _in_validation
+    from beam_pipelines.assemble.pipeline import _in_validation
 
     ids = pa.chunked_array([[f"s{i}" for i in range(50)] + [f"w{i}" for i in range(50)]])
     is_web = pa.array([False] * 50 + [True] * 50)
@@ -727,7 +729,7 @@ def test_the_logprob_threshold_is_credited_to_alpagasus_and_the_differences_are_
     scores (its A5 is score 5). README lists every default loss the paper does not have."""
     from tests.conftest import ROOT
 
-    for name in ("README.md", "schemas/recipes.py", "beam_pipelines/assemble.py", "bft/rebuild.py"):
+    for name in ("README.md", "schemas/recipes.py", "beam_pipelines/assemble/pipeline.py", "bft/rebuild.py"):
         text = open(os.path.join(ROOT, name), encoding="utf-8").read()
         assert "Humpback's 4.5" not in text and "A5) is" not in text and "set A5 is" not in text, name
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()

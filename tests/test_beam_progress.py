@@ -1,4 +1,4 @@
-"""A Beam pass's progress (beam_pipelines/progress.py), --quiet, and Ctrl-C in a real `bft prepare`."""
+"""A Beam pass's progress (beam_pipelines/runtime/progress.py), --quiet, and Ctrl-C in a real `bft prepare`."""
 from __future__ import annotations
 
 import io
@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from beam_pipelines import driver_watch, progress
-from beam_pipelines.options import local_worker_command
+from beam_pipelines.runtime import driver_watch, progress
+from beam_pipelines.runtime.options import local_worker_command
 from bft import cli
 from schemas.signals import Terminated, take_sigterm
 from schemas.progress import ENV, quiet
@@ -222,7 +222,7 @@ def test_an_interrupt_ends_the_local_workers_that_ignore_it(sig, raised):
 def test_a_job_the_runner_failed_is_its_first_error_line():
     """A Flink job that failed (here: a TaskManager out of direct memory, as at 1M documents with too
     little task off-heap memory) is one line with the runner's error, not the SDK's traceback."""
-    from beam_pipelines.progress import job_failure
+    from beam_pipelines.runtime.progress import job_failure
 
     message = ("Pipeline BeamApp-root-1205114700-ae98556e_f8107588-df68 failed in state FAILED: "
                "java.lang.OutOfMemoryError: Direct buffer memory. The direct out-of-memory error has occurred.\n"
@@ -241,11 +241,11 @@ def test_a_workers_user_error_is_not_printed_whole_but_a_bug_is():
     import io
     import logging
 
-    import beam_pipelines.assemble  # noqa: F401  (AssembleError is known as a UserError once imported, as in a worker)
-    from beam_pipelines.driver_watch import WorkerStderr, _not_a_user_error
+    import beam_pipelines.assemble.pipeline  # noqa: F401  (AssembleError is known as a UserError once imported, as in a worker)
+    from beam_pipelines.runtime.driver_watch import WorkerStderr, _not_a_user_error
 
     ours = ("Traceback (most recent call last):\n  File \"assemble.py\", line 287\n"
-            "beam_pipelines.assemble.AssembleError: score-00000-of-00002.parquet: row a0 carries another "
+            "beam_pipelines.assemble.pipeline.AssembleError: score-00000-of-00002.parquet: row a0 carries another "
             "instruction than its backtranslate row; rerun bft generate score [while running 'JoinShard']\n")
     bug = "Traceback (most recent call last):\n  File \"x.py\", line 1\nZeroDivisionError: division by zero\n"
     out = io.StringIO()

@@ -8,8 +8,8 @@ import random
 import pyarrow as pa
 import pytest
 
-from beam_pipelines import decontaminate
-from beam_pipelines.decontaminate import DecontaminationError, Member
+from beam_pipelines.assemble import decontaminate
+from beam_pipelines.assemble.decontaminate import DecontaminationError, Member
 from bft import cli
 from schemas.errors import user_error_message
 from generation import evaluate
@@ -193,7 +193,7 @@ def test_near_duplicate_instructions_keep_the_highest_score_with_one_or_two_work
 
 
 def assemble_with(root, beam_args, **kw):
-    from beam_pipelines import assemble
+    from beam_pipelines.assemble import pipeline as assemble
 
     return assemble.run(assemble.AssembleConfig(root=root, **kw), beam_args)
 
@@ -272,7 +272,7 @@ def test_a_question_of_one_word_is_ignored_with_a_warning_not_matched(tmp_path, 
 
 
 def test_a_release_that_loses_over_a_fifth_of_its_pairs_to_decontamination_raises_an_alert():
-    from beam_pipelines import changes
+    from beam_pipelines.report import changes
 
     def stats(contaminated, web):
         return {"funnel": {"web_examples": web, "dropped": {"contaminated:held_out": contaminated,

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from beam_pipelines.shards import BUCKET_DOCS, assign_shards, balance, num_buckets
+from beam_pipelines.prepare.shards import BUCKET_DOCS, assign_shards, balance, num_buckets
 from schemas.keys import balance_bucket, normalize_for_dedup, sample_key, text_hash
 from schemas.layout import LayoutError, RunLayout, parse_shard_name, shard_name
 
@@ -82,7 +82,7 @@ def test_the_layout_owns_every_path_under_a_root(tmp_path, monkeypatch):
 
 
 def test_documents_already_seen_keep_their_shard_and_new_ones_level_the_loads():
-    from beam_pipelines.shards import assign_bucket
+    from beam_pipelines.prepare.shards import assign_bucket
 
     old = {"a": 0, "b": 0, "c": 1}
     out = assign_bucket([("a", 10), ("b", 10), ("c", 5), ("n1", 9), ("n2", 1)], 3, prior=old)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from beam_pipelines.dolma import Document, Reject, field, parse_line, parse_where, split_of
+from beam_pipelines.prepare.dolma import Document, Reject, field, parse_line, parse_where, split_of
 
 
 def test_split_of_uses_the_nearest_split_folder():

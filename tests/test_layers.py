@@ -61,7 +61,7 @@ def test_no_two_modules_import_each_other():
 
 def test_one_list_of_stages():
     """The stage list is written once (schemas.recipes.STAGES); every other list derives from it."""
-    from beam_pipelines import recipes
+    from beam_pipelines.assemble import recipes
     from bft import config
     from generation.stages import STAGES as SPECS
     from schemas.recipes import ANSWER_STAGES, RECIPES, STAGES

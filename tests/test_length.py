@@ -9,9 +9,9 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from tokenizers import AddedToken, Regex
 
-from beam_pipelines.length import (CHUNKS, CUTS, FULL, PRETOKENS, TokenCounter, length_verdict, load_tokenizer,
+from beam_pipelines.tokens.length import (CHUNKS, CUTS, FULL, PRETOKENS, TokenCounter, length_verdict, load_tokenizer,
                                    tokenizer_shape)
-from beam_pipelines.space_cuts import CANDIDATES, space_cuts
+from beam_pipelines.tokens.space_cuts import CANDIDATES, space_cuts
 from benchmarks import real_tokenizers
 
 WEIRD = ["", " ", "  ", "   ", "\n", "\n\n", " \n", "\n ", "\t", "\t\t", " \t ", "\r\n", "café", "cafe\u0301",
@@ -269,7 +269,7 @@ def test_no_upper_bound_where_the_structure_is_not_covered(bpe_tokenizer_path, b
     """A structure the argument does not cover gets no upper bound (its texts are counted): what could
     add tokens beyond the bytes (a prefix space for every piece, "▁" that is not one token, a
     normalizer that may replace anything), or another model."""
-    from beam_pipelines.length import _upper_bound
+    from beam_pipelines.tokens.length import _upper_bound
 
     metaspace, byte_level = (json.loads(open(p).read()) for p in (bpe_tokenizer_path, byte_level_tokenizer_path))
     assert _upper_bound(metaspace)[0] is not None and _upper_bound(byte_level)[0] is not None
@@ -421,7 +421,7 @@ def test_text_the_cache_knows_again_brings_the_probe_forward(real, fixture_texts
     When the prose comes back, the few texts looked up in each full batch find their chunks in the
     cache, and the next batch is a probe, 2 batches earlier than its turn; chunks now cheap, the
     counter stays there."""
-    import beam_pipelines.length as length
+    import beam_pipelines.tokens.length as length
 
     monkeypatch.setattr(length, "_ADMIT_CHARS", 1)  # every chunk of the prose cached
     rng = random.Random(14)
@@ -491,7 +491,7 @@ def test_remainders_and_cached_chunks_count_exactly(real, structure, admit_chars
     first chunks included), with caches small enough to be trimmed and the admission record cleared
     along the way: the counts equal full tokenization, batch after batch, texts with a last chunk that
     ends otherwise than a cut character, empty, or alone included."""
-    import beam_pipelines.length as length
+    import beam_pipelines.tokens.length as length
 
     monkeypatch.setattr(length, "_ADMIT_CHARS", admit_chars)
     monkeypatch.setattr(length, "_CACHE_LIMIT", 400)
@@ -518,7 +518,7 @@ def test_the_search_for_added_tokens_equals_a_test_per_token(real, fixture_texts
     """tekken's 1000 added tokens, searched by one regex of their trie: the same answer as a substring
     test per token, on texts holding each token, its prefixes and its suffixes; a token that is a
     prefix of another ends that branch."""
-    from beam_pipelines.length import _trie_regex
+    from beam_pipelines.tokens.length import _trie_regex
 
     counter = TokenCounter(real["tekken"])
     specials = [s for s in counter.shape.special_contents if s]
@@ -539,7 +539,7 @@ def test_judge_is_the_length_filter_in_one_call(bpe_tokenizer_path, fixture_text
     proves within the limits is kept uncounted (never with exact=True); every other text gets its exact
     count and the verdict of length_verdict, in one count call for the batch. The verdicts are those
     of counting every text."""
-    from beam_pipelines.length import judge
+    from beam_pipelines.tokens.length import judge
 
     counter = TokenCounter(load_tokenizer(bpe_tokenizer_path))
     texts = fixture_texts + UPPER_TEXTS + ["a <s> b"]  # an added token's content: no upper bound
@@ -603,7 +603,7 @@ def test_a_worker_refuses_a_tokenizer_changed_after_the_drivers_proof_and_never_
     """length.shared_tokenizer: the process's copy is checked against the driver's proof (a file
     replaced in place between the driver and a worker is an error naming it, one line for the CLI),
     and a file replaced in place is loaded again, not served from the process's copy."""
-    from beam_pipelines import length
+    from beam_pipelines.tokens import length
     from schemas.errors import UserError
 
     path = str(tmp_path / "tokenizer.json")
@@ -627,7 +627,7 @@ def test_threads_share_the_processs_tokenizer_and_each_counts_with_its_own_count
     thread-safe) on one loaded tokenizer, proved once."""
     import threading
 
-    from beam_pipelines import length
+    from beam_pipelines.tokens import length
 
     shared = length.shared_tokenizer(bpe_tokenizer_path)
     assert length.shared_tokenizer(bpe_tokenizer_path, shared.proof) is shared

@@ -80,7 +80,7 @@ def test_every_record_is_accounted_for(corpus, tmp_path, bpe_tokenizer_path, fix
     assert stats["tokens"]["counted_documents"] == (~uncounted).sum()
     assert stats["tokens"]["total"] == cands["n_tokens"].sum()
     # balanced by UTF-8 bytes, every document alike (a count of some and a bound of others would not mix)
-    from beam_pipelines import shards
+    from beam_pipelines.prepare import shards
 
     assert stats["shards"]["balanced_by"] == "utf8_bytes"
     weights = [len(t.encode()) for t in cands["text"]]
@@ -299,7 +299,7 @@ def test_an_output_made_before_exact_counts_existed_is_the_one_exact_counts_make
     """Every count of an output made before the option was exact and its shards balanced by tokens:
     the config of --exact-counts is the one recorded then, and the default reuses it too (a root
     prepared before the upgrade is not refused)."""
-    from beam_pipelines.length import TokenizerShape, UpperBound
+    from beam_pipelines.tokens.length import TokenizerShape, UpperBound
     from beam_pipelines.prepare.config import config_differences
 
     recorded = {k: v for k, v in PrepareConfig(input=["x"], root=str(tmp_path), tokenizer="t").identity().items()
@@ -318,7 +318,7 @@ def test_exact_counts_counts_every_document_and_shards_are_balanced_by_tokens_bu
         corpus, tmp_path, bpe_tokenizer_path, monkeypatch):
     """--exact-counts: every kept document's exact count, and shards balanced by tokens; with buckets of
     10 documents the pipeline's assignment is the in-process one, shard by shard."""
-    from beam_pipelines import shards
+    from beam_pipelines.prepare import shards
 
     monkeypatch.setattr(shards, "BUCKET_DOCS", 10)
     stats = run_prepare(corpus, tmp_path / "b", bpe_tokenizer_path, exact_counts=True)
@@ -605,10 +605,10 @@ def test_a_local_worker_ends_at_once_at_a_clean_exit_and_keeps_a_failure_status(
     import subprocess
     import sys
 
-    from beam_pipelines.options import DRIVER_PID
+    from beam_pipelines.runtime.options import DRIVER_PID
 
     script = ("import atexit, os, sys\natexit.register(lambda: sys.stderr.write('teardown ran'))\n"
-              f"from beam_pipelines import driver_watch\ndriver_watch.watch()\n{code}\n")
+              f"from beam_pipelines.runtime import driver_watch\ndriver_watch.watch()\n{code}\n")
     env = {**os.environ, DRIVER_PID: str(os.getpid()), "PYTHONPATH": os.getcwd()}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == status, done.stderr
@@ -626,7 +626,7 @@ def test_a_worker_started_through_the_boot_dies_with_its_driver_even_idle(tmp_pa
     import sys
     import time
 
-    from beam_pipelines import driver_watch
+    from beam_pipelines.runtime import driver_watch
 
     (tmp_path / "idle_worker.py").write_text("import sys, time\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n")
     ready = tmp_path / "ready"
@@ -690,7 +690,7 @@ def test_the_tokenizer_is_proved_once_in_the_driver_and_the_worker_threads_use_t
     shape is proved once, in the driver, and every worker's counter is built on that proof."""
     import threading
 
-    from beam_pipelines import length
+    from beam_pipelines.tokens import length
 
     from beam_pipelines.prepare import pipeline
 

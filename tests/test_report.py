@@ -15,7 +15,9 @@ from nltk.tokenize import wordpunct_tokenize
 
 import schemas
 import storage
-from beam_pipelines import assemble, corpus_stats, report
+from beam_pipelines import report
+from beam_pipelines.assemble import pipeline as assemble
+from beam_pipelines.assemble import corpus_stats
 from schemas import release
 from schemas.layout import RunLayout
 from tests.test_assemble import gen_row, run, write_marker, write_root, write_seed
@@ -269,7 +271,7 @@ def test_report_renders_in_headless_chromium(seeded_release, tmp_path):
 
 
 def test_alerts_fire_on_a_small_validation_split_errors_and_a_moved_pass_rate():
-    from beam_pipelines import changes
+    from beam_pipelines.report import changes
 
     stats = {"funnel": {"final": {"validation": 1, "total": 47}, "candidates": 120, "web_examples": 39},
              "stages": {"score": {"sent": 40, "pass_rate": 0.9, "sent_failures": {"engine_error": 3, "content_filter": 1}}}}
@@ -309,7 +311,7 @@ def test_the_too_long_row_counts_every_length_drop():
 
 
 def test_the_score_summary_of_a_histogram():
-    from beam_pipelines import changes
+    from beam_pipelines.report import changes
     from schemas.outcomes import SCORE_EDGES
 
     counts = [0] * (len(SCORE_EDGES) + 1)

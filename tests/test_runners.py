@@ -30,8 +30,10 @@ import urllib.request
 import pyarrow.parquet as pq
 import pytest
 
-from beam_pipelines import assemble, prepare
-from beam_pipelines.assemble import AssembleConfig
+from beam_pipelines import prepare
+
+from beam_pipelines.assemble import pipeline as assemble
+from beam_pipelines.assemble.pipeline import AssembleConfig
 from beam_pipelines.prepare import PrepareConfig
 from tests.conftest import LOCAL, ROOT, _free_port, flink_cluster
 from tests.test_assemble import write_root, write_seed

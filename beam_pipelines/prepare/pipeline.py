@@ -12,8 +12,8 @@ import apache_beam as beam
 from apache_beam.typehints import KV
 
 import storage
-from beam_pipelines import dolma
-from beam_pipelines.length import TokenizerProof, prove
+from beam_pipelines.prepare import dolma
+from beam_pipelines.tokens.length import TokenizerProof, prove
 from beam_pipelines.prepare import sample
 from beam_pipelines.prepare.config import (PrepareConfig, check_output,
                                            input_fingerprint, list_inputs, size_or_zero)
@@ -117,8 +117,8 @@ def run(cfg: PrepareConfig, beam_args: list[str]) -> dict:
     of a killed run: shards, rejects, _tmp/ parts) is removed, the completion marker first, so that a
     run killed at any point leaves an output that is visibly incomplete and a rerun starts clean.
     """
-    from beam_pipelines import progress
-    from beam_pipelines.options import pipeline_options
+    from beam_pipelines.runtime import progress
+    from beam_pipelines.runtime.options import pipeline_options
 
     layout = cfg.layout
     storage.clear_debris(layout.candidates, time.time())   # stats.json's temporary file of a write killed midway

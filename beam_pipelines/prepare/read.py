@@ -17,10 +17,10 @@ import apache_beam as beam
 import pyarrow as pa
 
 import storage
-from beam_pipelines import dolma
-from beam_pipelines.length import TokenizerProof, judge, shared_tokenizer, utf8_bytes
+from beam_pipelines.prepare import dolma
+from beam_pipelines.tokens.length import TokenizerProof, judge, shared_tokenizer, utf8_bytes
 from beam_pipelines.minhash import sketch
-from beam_pipelines.options import configure_process
+from beam_pipelines.runtime.options import configure_process
 from beam_pipelines.prepare import records
 from beam_pipelines.prepare.config import TOKENS, PrepareConfig, UnreadableFileError
 from beam_pipelines.prepare.records import INPUT, Doc, Tallies, dropped, reject, tallied

@@ -13,7 +13,7 @@ import apache_beam as beam
 import numpy as np
 
 import storage
-from beam_pipelines import dolma
+from beam_pipelines.prepare import dolma
 from beam_pipelines.prepare.config import PrepareConfig
 from beam_pipelines.prepare.dedup import Deduplicate, id_rank
 from beam_pipelines.prepare.read import READ_ERRORS, MeasureLines

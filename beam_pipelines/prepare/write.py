@@ -1,7 +1,7 @@
 """The write step: kept documents -> token-balanced candidate shards, rejects -> reject shards, and
 the stats (the funnel, checked to add up) written last as the completion marker.
 
-Only keys are shuffled: each document is routed to a shard (bucket by bucket, beam_pipelines/shards.py),
+Only keys are shuffled: each document is routed to a shard (bucket by bucket, beam_pipelines/prepare/shards.py),
 its text read again from its input file (or the sample's stash) into per-file parts, and each shard
 merged from its parts by one worker, sorted by (n_tokens, id) (uncounted documents first, by id),
 written whole or not at all.
@@ -31,13 +31,13 @@ from apache_beam.typehints import KV
 
 import schemas
 import storage
-from beam_pipelines import dolma
-from beam_pipelines.options import configure_process
+from beam_pipelines.prepare import dolma
+from beam_pipelines.runtime.options import configure_process
 from beam_pipelines.prepare import records
 from beam_pipelines.prepare.config import BYTES, TOKENS, PrepareConfig
 from beam_pipelines.prepare.read import length_filter_stats, reread
 from beam_pipelines.prepare.records import UNLISTED, Doc, funnel
-from beam_pipelines.shards import assign_bucket, balance, num_buckets
+from beam_pipelines.prepare.shards import assign_bucket, balance, num_buckets
 from schemas.errors import UserError
 from schemas.keys import balance_bucket
 from schemas.layout import RunLayout, parse_shard_name
@@ -45,7 +45,7 @@ from schemas.layout import RunLayout, parse_shard_name
 
 class AssignShards(beam.PTransform):
     """Kept documents -> (file, (line, id, shard, n_tokens, text_hash)), balanced bucket by bucket
-    (beam_pipelines/shards.py) by their `weight`: what is global is the count of kept documents."""
+    (beam_pipelines/prepare/shards.py) by their `weight`: what is global is the count of kept documents."""
 
     def __init__(self, num_shards: int):
         super().__init__()

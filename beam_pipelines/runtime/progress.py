@@ -128,7 +128,7 @@ def local_runner(options, status: PassStatus):
     from apache_beam.portability import python_urns
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    from beam_pipelines.options import local_worker_command
+    from beam_pipelines.runtime.options import local_worker_command
 
     if (options.view_as(StandardOptions).runner or "").rsplit(".", 1)[-1] != "FnApiRunner":
         return None
@@ -161,7 +161,7 @@ def interrupts():
     worker_handler") is dropped: it is the interrupt, said some ninety times; and so is the runner's
     log record of a worker's UserError (its traceback, ~65 lines), which the command says in one line.
     Not in effect where SIGINT is ignored (a background job) or outside the main thread."""
-    from beam_pipelines import driver_watch
+    from beam_pipelines.runtime import driver_watch
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     if threading.current_thread() is not threading.main_thread() or previous[signal.SIGINT] in (signal.SIG_IGN, None):

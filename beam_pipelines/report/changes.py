@@ -35,8 +35,8 @@ import storage
 from schemas import release
 from schemas.layout import RunLayout
 from schemas.options import option
-from beam_pipelines.corpus_stats import RELEASE_STATS as STATS
-from beam_pipelines.decontaminate import CONTAMINATED, NEAR_DUPLICATE
+from beam_pipelines.assemble.corpus_stats import RELEASE_STATS as STATS
+from beam_pipelines.assemble.decontaminate import CONTAMINATED, NEAR_DUPLICATE
 from schemas.outcomes import ENGINE_ERROR, REFUSALS
 
 CHANGES = "changes"          # <release>/changes/{added,removed}.parquet

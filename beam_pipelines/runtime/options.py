@@ -11,8 +11,8 @@ from __future__ import annotations
 import ctypes
 import os
 
-from beam_pipelines import driver_watch
-from beam_pipelines.driver_watch import DRIVER_PID  # the pid of the process driving a pass, for its workers
+from beam_pipelines.runtime import driver_watch
+from beam_pipelines.runtime.driver_watch import DRIVER_PID  # the pid of the process driving a pass, for its workers
 
 _M_TRIM_THRESHOLD = -1
 _M_ARENA_MAX = -8

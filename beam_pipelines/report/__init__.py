@@ -19,9 +19,9 @@ import math
 import os
 import re
 
-from beam_pipelines.changes import pct
-from beam_pipelines.corpus_stats import LENGTH_EDGES
-from beam_pipelines.decontaminate import CONTAMINATED, MIN_PROMPT_WORDS, NEAR_DUPLICATE
+from beam_pipelines.report.changes import pct
+from beam_pipelines.assemble.corpus_stats import LENGTH_EDGES
+from beam_pipelines.assemble.decontaminate import CONTAMINATED, MIN_PROMPT_WORDS, NEAR_DUPLICATE
 from schemas.keys import validation_size
 from schemas.recipes import CURATION_DROPS, RECIPES
 import storage
@@ -216,7 +216,7 @@ def paper_rows(stats: dict) -> list[list]:
         rows.append(["web instruction length (mean tokens)", web["avg_tokens_instruction"], row6[1], f"Table 6, {row6[0]}"])
         rows.append(["web response length (mean tokens)", web["avg_tokens_response"], row6[2], f"Table 6, {row6[0]}"])
         lengths = stats.get("paper_lengths")
-        if lengths:  # recounted in the paper's unit (beam_pipelines/paper_tokens.py)
+        if lengths:  # recounted in the paper's unit (beam_pipelines/tokens/paper_tokens.py)
             rows.append([f"web instruction length (mean {lengths['tokenizer']} tokens)", lengths["instruction"],
                          row6[1], f"Table 6, {row6[0]}"])
             rows.append([f"web response length (mean {lengths['tokenizer']} tokens)", lengths["response"],
@@ -329,7 +329,7 @@ def plots(stats: dict) -> dict[str, bytes]:
     out["trigrams"] = _png(fig)
 
     points = stats.get("trend") or []
-    if len(points) >= 2:  # this release and its ancestors (beam_pipelines.changes.trend)
+    if len(points) >= 2:  # this release and its ancestors (beam_pipelines.report.changes.trend)
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
         x = [p["version"] for p in points]
         axes[0].plot(x, [p["examples"] for p in points], marker="o", label="examples")
@@ -417,7 +417,7 @@ CSP = (f"default-src 'none'; script-src '{SCRIPT_HASH}'; img-src 'self'; style-s
 
 
 def _changes_html(stats: dict) -> str:
-    """The alerts and what changed since the parent release (beam_pipelines/changes.py), at the head."""
+    """The alerts and what changed since the parent release (beam_pipelines/report/changes.py), at the head."""
     out = []
     alerts = stats.get("alerts") or []
     if alerts:

@@ -26,7 +26,7 @@ import schemas
 from schemas.outcomes import SCORE_EDGES, categories, histogram, shard_summary, value_counts  # noqa: F401 (re-exported)
 from schemas.recipes import GATE_STAGES, RECIPES
 from schemas.release import code_revision
-from beam_pipelines.decontaminate import BAND_ROWS, CONTAMINATED, NEAR_DUPLICATE, SHINGLE_WORDS, SIGNATURE_BANDS
+from beam_pipelines.assemble.decontaminate import BAND_ROWS, CONTAMINATED, NEAR_DUPLICATE, SHINGLE_WORDS, SIGNATURE_BANDS
 
 RELEASE_STATS = "stats.json"  # a release's statistics, beside its data files
 
@@ -159,7 +159,7 @@ def shard_partial(stages: dict[str, pa.Table], joined: pa.Table, reason: pa.Arra
     """A joined shard's statistics, in one call after its rows are decided (assemble's JoinShard):
     every stage read (the recipe's and any other run), the funnel's drops, the scores (with the rows
     scored at or over the gate's `threshold`), the examples."""
-    from beam_pipelines import recipes
+    from beam_pipelines.assemble import recipes
 
     return {"stages": {stage: stage_partial(stage, table) for stage, table in stages.items()},
             "funnel": {"dropped": value_counts(pc.drop_null(reason))},

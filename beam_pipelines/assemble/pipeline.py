@@ -38,12 +38,16 @@ from schemas.keys import (instruction_key, sample_key, seed_row_shard, validatio
                           validation_size)
 from schemas.layout import DATA, Rooted, RunLayout, release_data_file
 from schemas.recipes import DEFAULT_RECIPE, gate_threshold, recorded_score_mode
-from beam_pipelines import changes, corpus_stats, decontaminate, paper_tokens, progress, recipes
+from beam_pipelines.report import changes
+from beam_pipelines.assemble import corpus_stats
+from beam_pipelines.assemble import decontaminate, recipes
+from beam_pipelines.tokens import paper_tokens
+from beam_pipelines.runtime import progress
 from schemas import provenance, release
 from schemas.state import prepare_stats
 import storage
-from beam_pipelines.options import configure_process, pipeline_options
-from beam_pipelines.length import prove, tokenizer_fingerprint
+from beam_pipelines.runtime.options import configure_process, pipeline_options
+from beam_pipelines.tokens.length import prove, tokenizer_fingerprint
 from storage.lock import claim_folder, clear_dead_folders
 
 log = logging.getLogger("bft.assemble")
@@ -164,7 +168,7 @@ def _token_counter(tokenizer_path: str, proof=None):
     """Exact token counts with prepare's loader: the process's tokenizer, loaded in setup on the
     driver's `proof` (a changed file fails there, not on the first shard), counted by the running
     thread's TokenCounter (length.SharedTokenizer.counter: its cache warm across shards)."""
-    from beam_pipelines.length import shared_tokenizer
+    from beam_pipelines.tokens.length import shared_tokenizer
 
     shared = shared_tokenizer(tokenizer_path, proof)
     return lambda texts: shared.counter().count(texts) if texts else []
@@ -733,7 +737,7 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
         stats = corpus_stats.release_stats(cfg, version, summary, prep_stats, sorted(skipped),
                                            sum(skipped.values()), _stage_models(cfg, shards),
                                            [s.summary() for s in eval_sets])
-        # what changed since the release LATEST names now (the parent), and the alerts (beam_pipelines/changes.py)
+        # what changed since the release LATEST names now (the parent), and the alerts (beam_pipelines/report/changes.py)
         parent = release.latest_version(layout)
         parent = parent if parent and parent != version and release._VERSION.match(parent) else None
         parent_folder = layout.release(parent) if parent else None

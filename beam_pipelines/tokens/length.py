@@ -117,7 +117,7 @@ from typing import NamedTuple
 
 from tokenizers import Tokenizer, pre_tokenizers
 
-from beam_pipelines.space_cuts import space_cuts
+from beam_pipelines.tokens.space_cuts import space_cuts
 from schemas.errors import UserError
 
 _CACHE_LIMIT = 300_000  # words or chunks (~50 MB); words: cleared when full, chunks: the oldest dropped

@@ -5,7 +5,7 @@ killer) they are reparented and stay: busy ones finish their bundle (writing fil
 the next run is cleaning), then all wait for a driver that never answers, and print gRPC tracebacks
 when it is gone. Measured with `bft prepare` killed 3 s after its workers started: both workers were
 still there 20 s later. Two guards:
-- `boot` (`python -m beam_pipelines.driver_watch MODULE`, the local worker's command:
+- `boot` (`python -m beam_pipelines.runtime.driver_watch MODULE`, the local worker's command:
   options.local_worker_command) asks the kernel to SIGKILL the worker when its driver ends
   (PR_SET_PDEATHSIG, Linux), before Beam's worker starts: every worker, busy or idle, ends with the
   driver however the driver ends.
@@ -138,7 +138,7 @@ def end_workers(driver: int | None = None) -> list[int]:
 
 
 PR_SET_PDEATHSIG = 1
-BOOT = "beam_pipelines.driver_watch"
+BOOT = "beam_pipelines.runtime.driver_watch"
 
 
 def boot_command(command: str) -> str:
@@ -205,7 +205,7 @@ class _ErrorText:
 
 
 def boot(argv: list[str]) -> None:
-    """`python -m beam_pipelines.driver_watch MODULE [ARG...]`: MODULE run as __main__ (with ARG...),
+    """`python -m beam_pipelines.runtime.driver_watch MODULE [ARG...]`: MODULE run as __main__ (with ARG...),
     in a process that ends with its driver; Beam's worker without its log of our UserErrors."""
     import logging
     import runpy

@@ -1,0 +1,1 @@
+"""The Beam runtime: pipeline options and local workers, progress lines, the driver watch."""
