@@ -196,13 +196,29 @@ def test_sft_defaults_to_the_papers_steps_chosen_by_validation_loss():
     assert train.TrainConfig(role="sft", **cfg).selected_steps() == (600, 900, 1200)
     assert train.TrainConfig(role="sft", max_steps=50, **cfg).selected_steps() == ()
     assert train.TrainConfig(role="sft", select_steps="none", **cfg).selected_steps() == ()
-    assert train.TrainConfig(role="backward", **cfg).selected_steps() == ()
+    # a seed model: the end of each of epochs 1-5, on pairs held out by id (below)
+    assert train.TrainConfig(role="backward", **cfg).selected_steps(7) == (7, 14, 21, 28, 35)
+    assert train.TrainConfig(role="backward", max_steps=9, **cfg).selected_steps(7) == ()
+    assert not train.TrainConfig(role="forward", seed_validation_fraction=0, **cfg).holds_out_seed()
     assert train.TrainConfig(role="forward", select_steps="300, 100", **cfg).selected_steps() == (100, 300)
     for bad in ("0,5", "x", ""):
         with pytest.raises(UserError, match="--select-steps"):
             train.TrainConfig(role="sft", select_steps=bad, **cfg).selected_steps()
     with pytest.raises(UserError, match="not both"):
         train.TrainConfig(role="sft", select_steps="5", max_steps=5, **cfg).selected_steps()
+
+
+def test_a_seed_model_keeps_the_epoch_of_lowest_loss_on_held_out_pairs(tmp_path, tiny_models, seed_file):
+    rows = pq.read_table(seed_file).to_pylist()
+    train_rows, held = data.hold_out(rows, 0.05, 0)
+    assert len(held) == 1 and len(train_rows) + len(held) == len(rows)        # a small seed still holds one out
+    assert data.hold_out(rows, 0.05, 0) == (train_rows, held)                  # by key: the same pairs each time
+    out = str(tmp_path / "backward")
+    summary = train.run(train.TrainConfig(role="backward", base_model=tiny_models["chat"], data=seed_file, output=out,
+                                          lr=3e-3, batch_size=4, per_device_batch_size=4, warmup_ratio=0.0))
+    losses = summary["metrics"]["selection"]["eval_loss_at_step"]
+    assert sorted(losses) == [2, 4, 6, 8, 10] and summary["validation_examples"] == 1   # 7 pairs: 2 steps an epoch
+    assert summary["metrics"]["selection"]["kept_step"] == min(losses, key=losses.get)
 
 
 def test_a_bad_batch_split_and_bad_data_are_named(tmp_path, tiny_models):

@@ -106,6 +106,19 @@ def load_rows(path: str) -> tuple[list[dict], list[dict], str]:
     return rows, [], os.path.basename(path)
 
 
+def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation) of seed pairs: a pair is held out when its key (its id, else its
+    instruction) is below `fraction` of the key space, as a release's validation split is drawn; the
+    pair of smallest key always is, so that a small seed still has one."""
+    from schemas.keys import validation_key
+
+    keys = [validation_key(str(r.get("id") or r.get("instruction") or r.get("messages")), seed) for r in rows]
+    limit = int(fraction * 2**64)
+    first = min(range(len(rows)), key=keys.__getitem__) if len(rows) > 1 else None
+    held = [k < limit or i == first for i, k in enumerate(keys)]
+    return [r for r, h in zip(rows, held) if not h], [r for r, h in zip(rows, held) if h]
+
+
 SYSTEM_PROBE = "bft probe: the system turn"
 
 

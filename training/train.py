@@ -37,6 +37,9 @@ DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop
 MARKER = "bft_train.json"
 # Nguyen et al. 2024 train the 7B SFT models for 600, 900 or 1,200 steps and report the best.
 PAPER_SFT_STEPS = (600, 900, 1200)
+# Neither paper states how long its seed (backward, forward) models train: by default each is evaluated
+# after each of these epochs on seed pairs held out by key, and the epoch of lowest validation loss is kept.
+SEED_EPOCHS = (1, 2, 3, 4, 5)
 
 
 @dataclass
@@ -51,11 +54,14 @@ class TrainConfig:
                               "a release (folder, ROOT/sft or run root: its LATEST), or a file")
     output: str | None = option(None, "model folder to write (local path)")
     max_steps: int = option(-1, "optimizer steps (-1: --select-steps, else --epochs)")
-    epochs: float = option(1.0, "passes over the data (when neither --max-steps nor --select-steps is given)")
+    epochs: float = option(1.0, "passes over the data (with --select-steps none, or for a seed model with "
+                           "--seed-validation-fraction 0)")
     select_steps: str | None = option(None, "steps at which to evaluate the validation split, e.g. 600,900,1200: "
                                       "train to the largest and keep the step with the lowest validation loss "
-                                      "(default for --role sft: 600,900,1200, the paper's 7B runs; 'none': "
-                                      "train --epochs)")
+                                      "(default for --role sft: 600,900,1200, the paper's 7B runs; for backward "
+                                      "and forward: the end of epochs 1-5; 'none': train --epochs)")
+    seed_validation_fraction: float = option(0.05, "backward/forward: share of the seed pairs held out (by id) to "
+                                             "choose the epoch by validation loss (at least one pair)")
     lr: float = option(1e-5, "learning rate: 1e-5 (7B) in the paper; 5.5e-6 for 70B")
     batch_size: int = option(32, "effective batch (sequences per step)")
     per_device_batch_size: int = option(4, "sequences per device and micro-step")
@@ -85,11 +91,16 @@ class TrainConfig:
             if self.output is None:
                 self.output = layout.model(self.role)
 
-    def selected_steps(self) -> tuple[int, ...]:
-        """The steps compared on the validation split (empty: train --max-steps or --epochs)."""
+    def selected_steps(self, steps_per_epoch: int | None = None) -> tuple[int, ...]:
+        """The steps compared on the validation split (empty: train --max-steps or --epochs); a seed
+        model's default is the end of each of SEED_EPOCHS, given the optimizer steps of one epoch."""
         given = self.select_steps
         if given is None:
-            return PAPER_SFT_STEPS if self.role == "sft" and self.max_steps == -1 else ()
+            if self.max_steps != -1:
+                return ()
+            if self.role == "sft":
+                return PAPER_SFT_STEPS
+            return tuple(e * steps_per_epoch for e in SEED_EPOCHS) if steps_per_epoch else ()
         if given.strip().lower() == "none":
             return ()
         try:
@@ -101,6 +112,11 @@ class TrainConfig:
         if self.max_steps != -1:
             raise UserError("give --select-steps or --max-steps, not both")
         return steps
+
+    def holds_out_seed(self) -> bool:
+        """Whether seed pairs are held out to choose a seed model's epoch (the default selection)."""
+        return (self.role != "sft" and self.select_steps is None and self.max_steps == -1
+                and self.seed_validation_fraction > 0)
 
     def accumulation(self, world_size: int) -> int:
         if self.grad_accum:
@@ -145,7 +161,7 @@ def run(cfg: TrainConfig) -> dict:
         return {**json.load(open(marker)), "skipped": True}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accum = cfg.accumulation(world)
-    selected = cfg.selected_steps()
+    cfg.selected_steps()  # a bad --select-steps is named before the model loads
     tokenizer = load_tokenizer(cfg.base_model)
     model_config = AutoConfig.from_pretrained(cfg.base_model)
     original_dropout = set_dropout(model_config, cfg.dropout)
@@ -153,8 +169,11 @@ def run(cfg: TrainConfig) -> dict:
     if int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(staging_folder(cfg.output), ignore_errors=True)  # debris of a failed save
     train_rows, val_rows, source = data.load_rows(cfg.data)
+    if not val_rows and cfg.holds_out_seed():
+        train_rows, val_rows = data.hold_out(train_rows, cfg.seed_validation_fraction, cfg.seed)
     train_ds, too_long = data.build_dataset(tokenizer, cfg.role, train_rows, max_length)
     val_ds = data.build_dataset(tokenizer, cfg.role, val_rows, max_length)[0] if val_rows else None
+    selected = cfg.selected_steps(-(-len(train_ds) // (cfg.per_device_batch_size * accum * world)))
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, config=model_config, dtype=dtype)
     collator = data.PadCollator(tokenizer.pad_token_id)
