@@ -18,10 +18,17 @@ shortcuts are all exact:
    BPE with a split regex (Llama-3, Qwen, tekken, GPT-2) and NFKC sentencepiece conversions.
    The chunks a text misses in the cache are counted in one input per text, its "remainder" (its
    missed chunks joined at cuts: never more characters than the text), except those missed often
-   enough to be worth caching, counted alone (`TokenCounter._finish`). On text whose chunks rarely
-   repeat (tables, code, identifiers) the look-ups are then mostly wasted: the counter measures both
-   paths as it goes and tokenizes whole batches in full while that is cheaper, probing back from
-   time to time (`CostSwitch`). Every path is exact; the choice moves only time.
+   enough to be worth caching, counted alone (`TokenCounter._finish`, `chunk_cache.worth_caching`). A
+   remainder is R = x + " " + k1 + " " + k2 ... + " " + km, the ki the text's missed chunks left
+   uncached (numbers, names, URLs: most never come back) in text order, x its first chunk when that one
+   is among them, else the fixed context ctx. Every ki but the last is followed by a cut in the text,
+   so it ends with a character of `cut_after`, and so does x (ctx is one; a first chunk followed by
+   others is): R's spaces after x..k(m-1) are cuts, and n(R) = n(x) + the sum of the ki's counts after
+   a cut, exactly as the text's own chunks add up (the text's last chunk, the only one that may end
+   otherwise or be empty, stays last). On text whose chunks rarely repeat (tables, code, identifiers)
+   the look-ups are then mostly wasted: the counter measures both paths as it goes and tokenizes whole
+   batches in full while that is cheaper, probing back from time to time (`CostSwitch`). Every path is
+   exact; the choice moves only time.
 1. Counting by words, memoized, when no chunk cut is proved. A Hugging Face tokenizer encodes a
    text (without added tokens) as normalizer -> pre-tokenizer -> model, and the model encodes each
    pre-token on its own. So n(text) = sum of n_model(w) over the words w of normalize(text), where

@@ -19,34 +19,15 @@ PROBE = "probe"  # a CostSwitch plan: one batch by chunks while full tokenizatio
 
 
 class CostSwitch:
-    """Chooses, batch by batch, between counting by chunks and tokenizing in full, from measured costs.
+    """Chooses, batch by batch, between counting by chunks and tokenizing in full, from measured costs:
+    chunks pay where they repeat (prose), full tokenization where they rarely do (tables, code, ids).
     Every path is exact: the choice moves time only, never a count.
 
-    Two costs are smoothed (exponential moving averages, weight `_ALPHA` for a new measurement):
-    `full_cost`, seconds per character of `encode_batch_fast` on whole texts (measured on every text
-    tokenized in full: texts with an added token's content, batches in full mode, and, in chunk mode,
-    one text in `CALIBRATE_SHARE` of some batches), and `ratio`, the seconds the
-    chunk path took for a batch (split, look-ups, the misses' encoding) over what tokenizing the same
-    characters in full would have cost at `full_cost`. Before any measurement the chunk path is assumed
-    twice as cheap (`_PRIOR_RATIO`), so that a counter starts by chunks and fills its cache.
-
-    Chunk mode: when `ratio` rises above `_SWITCH_AT` (0.9: ties go to full tokenization) the counter
-    switches to full mode, where it skips the look-up pass altogether. Full mode: after `gap` batches
-    one batch is a probe, counted by chunks again (its misses fill the cache as usual); the counter
-    returns to chunks when the probe's own ratio is below `_SWITCH_AT`, else `gap` doubles (from
-    `_PROBE_FIRST` to `_PROBE_MAX` batches), so that probes cost little where the text stays hard and
-    the cheap path comes back where it turns repetitive. A probe costs at most its look-ups more than
-    full tokenization (see `TokenCounter._finish`), ~10-20% of one batch in `gap`.
-
-    In full mode a few texts of each batch are looked up, no more (`SNIFF_SHARE`): when their hit
-    rate beats that of the last batch counted by chunks by `_SNIFF_MARGIN`, the text has turned back
-    to a shape the cache knows, and the next batch is a probe (`sniffed`).
-
-    The full cost of a few texts is measured every `_CALIBRATE_EVERY` chunk batches, 4 times less
-    often while chunks cost under half (see `calibrating`), and in the next batch when a batch's ratio
-    exceeds its average by half or more: the text changed, and its full cost per character (for
-    llama2 1.7 times as high on prose as on logs) may have changed too, hiding the change; that
-    measurement then replaces the average."""
+    Two moving averages (weight `_ALPHA` for a new measurement): `full_cost`, seconds per character of
+    `encode_batch_fast` on whole texts (every text tokenized in full is measured), and `ratio`, a chunk
+    batch's seconds (split, look-ups, the misses' encoding) over what its characters cost in full. It
+    starts at `_PRIOR_RATIO`, so a counter starts by chunks and fills its cache; above `_SWITCH_AT` the
+    counter tokenizes in full, and probes the chunk path back (`plan`, `sniffed`, `chunks_measured`)."""
 
     def __init__(self):
         self.full_cost: float | None = None  # seconds per character of full tokenization
@@ -63,7 +44,8 @@ class CostSwitch:
         self.switches_to_chunks = 0
 
     def plan(self) -> str:
-        """CHUNKS, FULL, or PROBE (one batch by chunks in full mode)."""
+        """CHUNKS, FULL, or PROBE: in full mode (no look-up pass at all), one batch by chunks after `gap`
+        full batches, its misses filling the cache as usual."""
         if self.mode == CHUNKS:
             return CHUNKS
         return PROBE if self.wait <= 0 else FULL
@@ -71,11 +53,13 @@ class CostSwitch:
     def calibrating(self) -> bool:
         """Whether this chunk batch should tokenize a few texts in full to measure that cost: every
         `_CALIBRATE_EVERY` batches, 4 times less often while chunks cost under half of it (the full cost
-        would have to be misjudged twice over to change the choice)."""
+        would have to be misjudged twice over to change the choice), and in the next batch after a jump
+        of the ratio (`chunks_measured`). The counter tokenizes one text in `CALIBRATE_SHARE` in full."""
         every = _CALIBRATE_EVERY if self.full_cost is None or self.ratio > 0.5 else 4 * _CALIBRATE_EVERY
         return self.mode == CHUNKS and self.since_full >= every
 
     def full_measured(self, chars: int, seconds: float) -> None:
+        """A full tokenization's cost, averaged in, or replacing the average after the text changed."""
         if chars:
             c = seconds / chars
             fresh = self.full_cost is None or self.remeasure
@@ -86,12 +70,20 @@ class CostSwitch:
         self.wait -= 1
 
     def sniffed(self, hit_rate: float) -> None:
-        """The hit rate of a few texts of a batch tokenized in full: a probe next when it is high."""
+        """The hit rate of the few texts of a full batch looked up (one in `SNIFF_SHARE`, no more): when
+        it beats the last chunk batch's by `_SNIFF_MARGIN`, the text has turned back to a shape the cache
+        knows, and the next batch is a probe."""
         if self.wait > 0 and hit_rate > self.hit_rate + _SNIFF_MARGIN:
             self.wait = 0
             self.early_probes += 1
 
     def chunks_measured(self, chars: int, seconds: float, probe: bool, hit_rate: float) -> None:
+        """A chunk batch's cost. A probe under `_SWITCH_AT` (ties go to full tokenization) returns to
+        chunks, else the gap to the next doubles (`_PROBE_FIRST` to `_PROBE_MAX`): probes cost little
+        where the text stays hard (at most their look-ups more than full tokenization, ~10-20% of one
+        batch in `gap`). A ratio half again over its average means the text changed, and its full cost
+        per character may have too (llama2's is 1.7 times as high on prose as on logs), hiding the
+        change: the next batch measures it afresh."""
         self.since_full += 1
         self.hit_rate = hit_rate
         if probe:

@@ -284,21 +284,10 @@ class TokenCounter:
     def _finish(self, missed: list[tuple[int, int, int, bool]], counts: list[int]) -> None:
         """Counts the missed chunks of `missed` ((text index, its slice of the missed following chunks,
         whether its first chunk was missed)) in one batch of the real tokenizer, and adds them to
-        `counts`.
-
-        A missed chunk that `worth_caching` finds worth caching (missed often enough for its length) is encoded
-        alone and cached: a first chunk as it is, a following chunk k as n(ctx + " " + k) - n(ctx), its
-        count after any cut. The others (numbers, names, URLs: most never come back) are not, and each
-        text's such chunks are counted together in one input, its "remainder"
-        R = x + " " + k1 + " " + k2 ... + " " + km, the ki in text order, x the text's first chunk when
-        that one is among them, else ctx. Every ki but the last is followed by a cut in the text, so it
-        ends with a character of `cut_after`, and so does x (ctx is one; a first chunk followed by
-        others is); R's spaces after x..k(m-1) are then cuts, and n(R) = n(x) + the sum of the ki's
-        counts after a cut, exactly as the text's own chunks add up (the text's last chunk, the only one
-        that may end otherwise or be empty, stays last). So, after its look-ups, a text with misses
-        costs the encoding of fewer characters than it has, in one input: never more than tokenizing
-        it whole, whatever its miss rate; that is why no text is sent to full tokenization after its
-        look-ups (the per-text choice is this one: cache a chunk or leave it in the remainder)."""
+        `counts`: a chunk `worth_caching` alone, into the cache (a first chunk as it is, a following
+        chunk k as n(ctx + " " + k) - n(ctx), its count after any cut), each text's other missed chunks
+        in one input, its remainder (the package docstring, 0., argues that the counts add up). A text
+        never costs more than tokenizing it whole, so none is sent there after its look-ups."""
         inner, first = self._words, self._first
         inner_missed, first_missed = inner.missed, first.missed
         admit, admit_first = worth_caching(inner_missed, self._seen), worth_caching(first_missed, self._seen_first)
