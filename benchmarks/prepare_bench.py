@@ -165,7 +165,8 @@ def run_speed(n_docs: int, files: int, max_tokens: int, shards: int, structure: 
         shard_tokens[k] += theirs_tokens.get(i, 0)
     lf = stats["length_filter"]
     measured = lf["measured"] or 1
-    from beam_pipelines.tokens.length import load_tokenizer, tokenizer_shape
+    from beam_pipelines.tokens.load import load_tokenizer
+    from beam_pipelines.tokens.shape import tokenizer_shape
 
     return {
         "corpus": corpus,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from beam_pipelines.tokens.length import utf8_bytes
+from beam_pipelines.tokens.shape import utf8_bytes
 from beam_pipelines.runtime.options import configure_process
 from beam_pipelines.prepare import pipeline
 from beam_pipelines.prepare.read import ReadAndMeasure

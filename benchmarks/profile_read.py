@@ -19,7 +19,9 @@ from benchmarks.prepare_bench import make_corpus, make_tokenizer
 
 def main(argv=None) -> None:
     from beam_pipelines.prepare import dolma
-    from beam_pipelines.tokens.length import TokenCounter, judge, load_tokenizer
+    from beam_pipelines.tokens.counter import TokenCounter
+    from beam_pipelines.tokens.judge import judge
+    from beam_pipelines.tokens.load import load_tokenizer
     from schemas.keys import text_hash
     import storage
 

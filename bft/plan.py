@@ -144,7 +144,7 @@ def _candidates(plan: RunPlan, sample_docs: int) -> dict:
         if uncounted:
             # documents prepare kept by their upper bound, uncounted: a sample of them counted with
             # prepare's tokenizer stands for them all (their lengths, and their tokens by the mean)
-            from beam_pipelines.tokens.length import shared_counter
+            from beam_pipelines.tokens.load import shared_counter
 
             sample = np.array(shared_counter(plan.prepare.tokenizer).count(unseen), dtype=np.int64)
             tokens += int(round(float(sample.mean()) * uncounted))
@@ -161,7 +161,7 @@ def _estimate_from_input(plan: RunPlan, sample_docs: int) -> dict:
     """Before prepare has run: parse up to `sample_docs` lines of the first head-split file, measure
     them with prepare's tokenizer and limits, and scale by the number of files."""
     from beam_pipelines.prepare import dolma
-    from beam_pipelines.tokens.length import shared_counter
+    from beam_pipelines.tokens.load import shared_counter
     from beam_pipelines.prepare import list_inputs
 
     cfg = plan.prepare

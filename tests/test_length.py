@@ -9,8 +9,10 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from tokenizers import AddedToken, Regex
 
-from beam_pipelines.tokens.length import (CHUNKS, CUTS, FULL, PRETOKENS, TokenCounter, length_verdict, load_tokenizer,
-                                   tokenizer_shape)
+from beam_pipelines.tokens.counter import TokenCounter
+from beam_pipelines.tokens.judge import length_verdict
+from beam_pipelines.tokens.load import load_tokenizer
+from beam_pipelines.tokens.shape import CHUNKS, CUTS, FULL, PRETOKENS, tokenizer_shape
 from beam_pipelines.tokens.space_cuts import CANDIDATES, space_cuts
 from benchmarks import real_tokenizers
 
@@ -269,7 +271,7 @@ def test_no_upper_bound_where_the_structure_is_not_covered(bpe_tokenizer_path, b
     """A structure the argument does not cover gets no upper bound (its texts are counted): what could
     add tokens beyond the bytes (a prefix space for every piece, "▁" that is not one token, a
     normalizer that may replace anything), or another model."""
-    from beam_pipelines.tokens.length import _upper_bound
+    from beam_pipelines.tokens.shape import _upper_bound
 
     metaspace, byte_level = (json.loads(open(p).read()) for p in (bpe_tokenizer_path, byte_level_tokenizer_path))
     assert _upper_bound(metaspace)[0] is not None and _upper_bound(byte_level)[0] is not None
@@ -421,9 +423,9 @@ def test_text_the_cache_knows_again_brings_the_probe_forward(real, fixture_texts
     When the prose comes back, the few texts looked up in each full batch find their chunks in the
     cache, and the next batch is a probe, 2 batches earlier than its turn; chunks now cheap, the
     counter stays there."""
-    import beam_pipelines.tokens.length as length
+    from beam_pipelines.tokens import chunk_cache
 
-    monkeypatch.setattr(length, "_ADMIT_CHARS", 1)  # every chunk of the prose cached
+    monkeypatch.setattr(chunk_cache, "_ADMIT_CHARS", 1)  # every chunk of the prose cached
     rng = random.Random(14)
     logs = [[" ".join(f"{rng.getrandbits(48):x}" for _ in range(80)) for _ in range(32)] for _ in range(2)]
     tok = real["llama2"]
@@ -491,12 +493,12 @@ def test_remainders_and_cached_chunks_count_exactly(real, structure, admit_chars
     first chunks included), with caches small enough to be trimmed and the admission record cleared
     along the way: the counts equal full tokenization, batch after batch, texts with a last chunk that
     ends otherwise than a cut character, empty, or alone included."""
-    import beam_pipelines.tokens.length as length
+    from beam_pipelines.tokens import chunk_cache, counter as counting
 
-    monkeypatch.setattr(length, "_ADMIT_CHARS", admit_chars)
-    monkeypatch.setattr(length, "_CACHE_LIMIT", 400)
-    monkeypatch.setattr(length, "_FIRST_LIMIT", 10)
-    monkeypatch.setattr(length, "_SEEN_LIMIT", 300)
+    monkeypatch.setattr(chunk_cache, "_ADMIT_CHARS", admit_chars)
+    monkeypatch.setattr(counting, "_CACHE_LIMIT", 400)
+    monkeypatch.setattr(counting, "_FIRST_LIMIT", 10)
+    monkeypatch.setattr(chunk_cache, "_SEEN_LIMIT", 300)
     tok = real[structure]
     counter, _ = _priced_counter(tok, full=1.0, chunks=0.5)  # stays on chunks
     edges = ["end\n", "end ", "a b ", "x", "é é é", "a  b", " a b", "日本 語 日本", "a b\n c d\n", "a, b. c; d",
@@ -518,7 +520,7 @@ def test_the_search_for_added_tokens_equals_a_test_per_token(real, fixture_texts
     """tekken's 1000 added tokens, searched by one regex of their trie: the same answer as a substring
     test per token, on texts holding each token, its prefixes and its suffixes; a token that is a
     prefix of another ends that branch."""
-    from beam_pipelines.tokens.length import _trie_regex
+    from beam_pipelines.tokens.counter import _trie_regex
 
     counter = TokenCounter(real["tekken"])
     specials = [s for s in counter.shape.special_contents if s]
@@ -535,11 +537,11 @@ def test_the_search_for_added_tokens_equals_a_test_per_token(real, fixture_texts
 
 
 def test_judge_is_the_length_filter_in_one_call(bpe_tokenizer_path, fixture_texts):
-    """length.judge: a text the bytes bound proves too long is dropped uncounted, one the upper bound
+    """judge: a text the bytes bound proves too long is dropped uncounted, one the upper bound
     proves within the limits is kept uncounted (never with exact=True); every other text gets its exact
     count and the verdict of length_verdict, in one count call for the batch. The verdicts are those
     of counting every text."""
-    from beam_pipelines.tokens.length import judge
+    from beam_pipelines.tokens.judge import judge
 
     counter = TokenCounter(load_tokenizer(bpe_tokenizer_path))
     texts = fixture_texts + UPPER_TEXTS + ["a <s> b"]  # an added token's content: no upper bound
@@ -583,7 +585,7 @@ def test_judge_is_the_length_filter_in_one_call(bpe_tokenizer_path, fixture_text
 @pytest.mark.parametrize("structure", real_tokenizers.STRUCTURES)
 def test_a_text_cut_at_a_proved_cut_counts_its_prefix_and_its_rest(real, structure, fixture_texts):
     """judge's prefix of a long text ends at a proved cut: the prefix's count plus the rest's counted
-    from the cut is the text's (so the prefix's is at most the text's: the module docstring, 4.), on
+    from the cut is the text's (so the prefix's is at most the text's: the package docstring, 4.), on
     texts built to break the cuts."""
     tok = real[structure]
     counter = TokenCounter(tok)
@@ -600,24 +602,24 @@ def test_a_text_cut_at_a_proved_cut_counts_its_prefix_and_its_rest(real, structu
 
 def test_a_worker_refuses_a_tokenizer_changed_after_the_drivers_proof_and_never_serves_a_stale_one(
         tmp_path, bpe_tokenizer_path, byte_level_tokenizer_path):
-    """length.shared_tokenizer: the process's copy is checked against the driver's proof (a file
+    """load.shared_tokenizer: the process's copy is checked against the driver's proof (a file
     replaced in place between the driver and a worker is an error naming it, one line for the CLI),
     and a file replaced in place is loaded again, not served from the process's copy."""
-    from beam_pipelines.tokens import length
+    from beam_pipelines.tokens import load
     from schemas.errors import UserError
 
     path = str(tmp_path / "tokenizer.json")
     a, b = Tokenizer.from_file(bpe_tokenizer_path), Tokenizer.from_file(byte_level_tokenizer_path)
     a.save(path)
-    proof = length.prove(path)
+    proof = load.prove(path)
     text = "Hello, wörld: a short text\nwith two lines."
-    assert length.shared_counter(path, proof).count([text]) == full_counts(a, [text])
+    assert load.shared_counter(path, proof).count([text]) == full_counts(a, [text])
     b.save(path)
-    with pytest.raises(length.TokenizerChanged, match="tokenizer.json: the tokenizer's file changed after the driver"):
-        length.shared_counter(path, proof)
-    assert issubclass(length.TokenizerChanged, UserError)
-    assert length.shared_counter(path).count([text]) == full_counts(b, [text]) != full_counts(a, [text])
-    assert length.prove(path).file != proof.file
+    with pytest.raises(load.TokenizerChanged, match="tokenizer.json: the tokenizer's file changed after the driver"):
+        load.shared_counter(path, proof)
+    assert issubclass(load.TokenizerChanged, UserError)
+    assert load.shared_counter(path).count([text]) == full_counts(b, [text]) != full_counts(a, [text])
+    assert load.prove(path).file != proof.file
 
 
 def test_threads_share_the_processs_tokenizer_and_each_counts_with_its_own_counter(bpe_tokenizer_path):
@@ -627,12 +629,12 @@ def test_threads_share_the_processs_tokenizer_and_each_counts_with_its_own_count
     thread-safe) on one loaded tokenizer, proved once."""
     import threading
 
-    from beam_pipelines.tokens import length
+    from beam_pipelines.tokens import load
 
-    shared = length.shared_tokenizer(bpe_tokenizer_path)
-    assert length.shared_tokenizer(bpe_tokenizer_path, shared.proof) is shared
+    shared = load.shared_tokenizer(bpe_tokenizer_path)
+    assert load.shared_tokenizer(bpe_tokenizer_path, shared.proof) is shared
     mine = shared.counter()
-    assert shared.counter() is mine and length.shared_counter(bpe_tokenizer_path) is mine
+    assert shared.counter() is mine and load.shared_counter(bpe_tokenizer_path) is mine
     mine.count(["a warm cache carries over to the next step"])
     other = []
     t = threading.Thread(target=lambda: other.append(shared.counter()))

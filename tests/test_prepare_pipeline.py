@@ -299,7 +299,7 @@ def test_an_output_made_before_exact_counts_existed_is_the_one_exact_counts_make
     """Every count of an output made before the option was exact and its shards balanced by tokens:
     the config of --exact-counts is the one recorded then, and the default reuses it too (a root
     prepared before the upgrade is not refused)."""
-    from beam_pipelines.tokens.length import TokenizerShape, UpperBound
+    from beam_pipelines.tokens.shape import TokenizerShape, UpperBound
     from beam_pipelines.prepare.config import config_differences
 
     recorded = {k: v for k, v in PrepareConfig(input=["x"], root=str(tmp_path), tokenizer="t").identity().items()
@@ -690,32 +690,34 @@ def test_the_tokenizer_is_proved_once_in_the_driver_and_the_worker_threads_use_t
     shape is proved once, in the driver, and every worker's counter is built on that proof."""
     import threading
 
-    from beam_pipelines.tokens import length
+    from beam_pipelines.tokens import counter as counting
+    from beam_pipelines.tokens import load
 
     from beam_pipelines.prepare import pipeline
 
-    monkeypatch.setattr(length, "_LOADED", {})  # no copy loaded by an earlier test of this process
+    monkeypatch.setattr(load, "_LOADED", {})  # no copy loaded by an earlier test of this process
     drivers = []
 
     def prove(path):  # the driver's proof; then the process's copy is forgotten, so that a
         drivers.append(real_check(path))  # step not handed the proof would have to prove again
-        length._LOADED.clear()
+        load._LOADED.clear()
         return drivers[-1]
 
     real_check = pipeline.prove
     monkeypatch.setattr(pipeline, "prove", prove)
     proved = []
-    real = length.tokenizer_shape
-    monkeypatch.setattr(length, "tokenizer_shape",
-                        lambda *a, **k: proved.append(threading.current_thread().name) or real(*a, **k))
+    real = load.tokenizer_shape
+    for module in (load, counting):  # the two places a shape is proved: a shared copy, a counter
+        monkeypatch.setattr(module, "tokenizer_shape",
+                            lambda *a, **k: proved.append(threading.current_thread().name) or real(*a, **k))
     built = []
-    counter = length.TokenCounter.__init__
+    counter = counting.TokenCounter.__init__
 
-    def init(self, tokenizer, clock=length.time.thread_time, proof=None):
+    def init(self, tokenizer, clock=counting.time.thread_time, proof=None):
         built.append(proof)
         counter(self, tokenizer, clock, proof)
 
-    monkeypatch.setattr(length.TokenCounter, "__init__", init)
+    monkeypatch.setattr(counting.TokenCounter, "__init__", init)
     stats = prepare.run(prepare_cfg(corpus, tmp_path / "o", bpe_tokenizer_path, target_docs=20),
                         ["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_threading"])
     assert stats["kept"] == 20

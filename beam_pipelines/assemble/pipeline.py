@@ -47,7 +47,7 @@ from schemas import provenance, release
 from schemas.state import prepare_stats
 import storage
 from beam_pipelines.runtime.options import configure_process, pipeline_options
-from beam_pipelines.tokens.length import prove, tokenizer_fingerprint
+from beam_pipelines.tokens.load import prove, tokenizer_fingerprint
 from storage.lock import claim_folder, clear_dead_folders
 
 log = logging.getLogger("bft.assemble")
@@ -168,7 +168,7 @@ def _token_counter(tokenizer_path: str, proof=None):
     """Exact token counts with prepare's loader: the process's tokenizer, loaded in setup on the
     driver's `proof` (a changed file fails there, not on the first shard), counted by the running
     thread's TokenCounter (length.SharedTokenizer.counter: its cache warm across shards)."""
-    from beam_pipelines.tokens.length import shared_tokenizer
+    from beam_pipelines.tokens.load import shared_tokenizer
 
     shared = shared_tokenizer(tokenizer_path, proof)
     return lambda texts: shared.counter().count(texts) if texts else []

@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 
 import storage
-from beam_pipelines.tokens.length import TokenizerShape
+from beam_pipelines.tokens.shape import TokenizerShape
 from beam_pipelines.minhash import MinHashParams
 from schemas.errors import UserError
 from schemas.layout import Rooted

@@ -13,7 +13,8 @@ from apache_beam.typehints import KV
 
 import storage
 from beam_pipelines.prepare import dolma
-from beam_pipelines.tokens.length import TokenizerProof, prove
+from beam_pipelines.tokens.load import prove
+from beam_pipelines.tokens.shape import TokenizerProof
 from beam_pipelines.prepare import sample
 from beam_pipelines.prepare.config import (PrepareConfig, check_output,
                                            input_fingerprint, list_inputs, size_or_zero)

@@ -18,7 +18,9 @@ import pyarrow as pa
 
 import storage
 from beam_pipelines.prepare import dolma
-from beam_pipelines.tokens.length import TokenizerProof, judge, shared_tokenizer, utf8_bytes
+from beam_pipelines.tokens.judge import judge
+from beam_pipelines.tokens.load import shared_tokenizer
+from beam_pipelines.tokens.shape import TokenizerProof, utf8_bytes
 from beam_pipelines.minhash import sketch
 from beam_pipelines.runtime.options import configure_process
 from beam_pipelines.prepare import records
