@@ -37,7 +37,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["bft", "bft.*", "beam_pipelines", "beam_pipelines.*", "generation",
                                     "generation.*", "training", "training.*", "schemas", "schemas.*", "storage", "storage.*"]),
-    package_data={"generation": ["templates/*.txt"]},
+    package_data={"generation": ["templates/*.txt"], "beam_pipelines.report": ["page_template.html", "card_template.md"]},
     install_requires=BEAM,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["bft=bft.cli:main"]},

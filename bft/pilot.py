@@ -131,7 +131,8 @@ def measure(plan, pilot: dict) -> dict:
 
     from beam_pipelines.assemble import recipes
     from schemas.outcomes import NOT_SENT, is_engine_error
-    from schemas.recipes import CURATION_DROPS, RECIPES
+    from schemas.drops import CURATION_DROPS
+    from schemas.recipes import RECIPES
 
     recipe = RECIPES[plan.assemble.recipe]
     rows = pilot["rows"]

@@ -61,13 +61,13 @@ from dataclasses import dataclass
 
 import storage
 from bft.rebuild import RunPlan, StagePlan, check_servers, load_run, no_input
+from beam_pipelines.report.paper import PAPER_SCORE5_SHARE
 from schemas.errors import UserError
 from schemas.state import prepare_stats, read_json
 from schemas.layout import RunLayout
 from schemas.options import option
 from schemas.recipes import ANSWER_STAGES, Gate
 
-PAPER_SCORE5_SHARE = 0.136   # Nguyen et al. 2024: share of backtranslated pairs scored 5
 PAPER_SOURCE = "the paper's figure: 13.6% scored 5 (70B forward model, Dolma's head split)"
 UNKNOWN = "unknown: run --pilot N"   # a rate nothing measured and no prior holds for
 DEFAULT_BATCH_DISCOUNT = 0.5  # OpenAI's Batch API: the same requests at half the price, within 24 h

@@ -47,10 +47,8 @@ import storage
 from bft import config
 from schemas import state as stored
 from schemas.outcomes import refused_text
-from schemas.errors import JSON_ANSWERED, UserError, exit_status, one_line
+from schemas.errors import EX_TEMPFAIL, JSON_ANSWERED, UserError, exit_status, one_line
 from schemas.options import option
-
-EX_TEMPFAIL = 75
 
 
 @dataclass

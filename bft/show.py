@@ -24,13 +24,12 @@ import pyarrow.compute as pc
 import schemas
 import storage
 from beam_pipelines.assemble import recipes
-from beam_pipelines.report.changes import CHANGES
-from beam_pipelines.assemble.corpus_stats import RELEASE_STATS
-from beam_pipelines.assemble.decontaminate import NEAR_DUPLICATE
-from schemas import release
+from beam_pipelines.report.changes import read_stats
+from schemas import drops, release
 from schemas.errors import UserError
 from schemas.keys import instruction_key
-from schemas.layout import RunLayout, parse_shard_name, release_split_of
+from schemas.layout import SUCCESS, ReleaseLayout, RunLayout, parse_shard_name, release_split_of
+from schemas.release_stats import ReleaseStats
 from schemas.options import option, required
 
 TEXT_HEAD = 500        # characters of the source document shown
@@ -56,7 +55,7 @@ class ShowConfig:
                             "FILE with a `root:`")
 
     def folder(self) -> str:
-        if self.release and self.root and not storage.exists(storage.join(self.release, release.MANIFEST)):
+        if self.release and self.root and not storage.exists(ReleaseLayout(self.release).manifest):
             return RunLayout(self.root).release(self.release)
         return release.resolve(self.release or self.root)
 
@@ -69,10 +68,11 @@ def main_show(cfg: ShowConfig) -> int:
 
 def history(folder: str, doc_id: str) -> dict:
     """The history of `doc_id` in the release at `folder` (module docstring), as plain JSON."""
-    if not storage.exists(storage.join(folder, release.SUCCESS)):
-        raise release.ReleaseError(f"{folder}: not a published release (no {release.SUCCESS})")
-    manifest = json.loads(storage.read_text(storage.join(folder, release.MANIFEST)))
-    stats = json.loads(storage.read_text(storage.join(folder, RELEASE_STATS)))
+    files = ReleaseLayout(folder)
+    if not storage.exists(files.success):
+        raise release.ReleaseError(f"{folder}: not a published release (no {SUCCESS})")
+    manifest = json.loads(storage.read_text(files.manifest))
+    stats = read_stats(folder)
     lineage, config = manifest.get("inputs") or {}, manifest.get("config") or {}
     out = {"id": doc_id, "release": manifest["version"], "folder": folder, "recipe": config.get("recipe"),
            "document": None, "stages": {}, "example": None, "verdict": None, "notes": []}
@@ -94,9 +94,9 @@ def history(folder: str, doc_id: str) -> dict:
         if example is None:
             out["verdict"] = _dropped_why(doc_id, cand, tables, config, stats, instructions, folder)
     if example is not None:
-        gate = (stats.get("gate") or {})
-        passed = (f", {gate['stage']} {example['score']:g} >= {gate['threshold']:g}"
-                  if gate.get("stage") and example.get("score") is not None else "")
+        gate = stats.gate
+        passed = (f", {gate.stage} {example['score']:g} >= {gate.threshold:g}"
+                  if gate and example.get("score") is not None else "")
         out["verdict"] = (f"kept in {example['split']}" + (f" (recipe {config.get('recipe')}{passed}, curation, "
                           "dedup and the cap passed)" if example["origin"] == "web" else " (a seed pair)"))
     elif found is None:
@@ -170,13 +170,13 @@ def _stage_rows(layout: RunLayout, lineage: dict, k: int, doc_id: str, notes: li
     return out
 
 
-def _dropped_why(doc_id: str, cand: dict, tables: dict[str, pa.Table], config: dict, stats: dict,
+def _dropped_why(doc_id: str, cand: dict, tables: dict[str, pa.Table], config: dict, stats: ReleaseStats,
                  instructions: pa.Table, folder: str) -> str:
     """Why a candidate is not in the release: assemble's verdict on its row, else the later drops."""
     recipe = recipes.RECIPES[config["recipe"]]
     missing = [s for s in recipe.stages if s not in tables]
     if missing:
-        return f"dropped: no row of {', '.join(missing)} for it (missing_generation_shard, or a shard left out)"
+        return f"dropped: no row of {', '.join(missing)} for it ({drops.MISSING_SHARD}, or a shard left out)"
     cands = pa.Table.from_pylist([cand], schema=schemas.CANDIDATE)
     joined = recipes.join_stages(cands, {s: t for s, t in tables.items() if s in recipe.stages})
     curation = recipes.Curation(config["min_instruction_chars"], config["max_instruction_chars"])
@@ -193,25 +193,25 @@ def _dropped_why(doc_id: str, cand: dict, tables: dict[str, pa.Table], config: d
     if first is not None:
         return f"dropped: {first}"
     # passed the recipe and curation: the drops after them, as the release records them
-    for pair in (stats.get("decontamination") or {}).get("pairs") or []:
+    for pair in stats.decontamination.get("pairs") or []:
         if pair.get("id") == doc_id:
-            return f"dropped: contaminated:{pair['set']} (shares {pair['ngram']!r} with an evaluation prompt)"
+            return f"dropped: {drops.contaminated(pair['set'])} (shares {pair['ngram']!r} with an evaluation prompt)"
     key = instruction_key(joined["backtranslate.instruction"][0].as_py().strip())
     for other_id, text in zip(instructions["id"].to_pylist(), instructions["instruction"].to_pylist()):
         if instruction_key(text) == key:
-            return f"dropped: duplicate_instruction (the same instruction as {other_id}, the smallest id, kept)"
-    for reason_, rows in ((stats.get("examples") or {}).get("dropped") or {}).items():
+            return f"dropped: {drops.DUPLICATE_INSTRUCTION} (the same instruction as {other_id}, the smallest id, kept)"
+    for reason_, rows in (stats.examples.get("dropped") or {}).items():
         for row in rows:
             if row.get("id") == doc_id:
                 return f"dropped: {reason_}" + (f" ({row['detail']})" if row.get("detail") else "")
-    removed = storage.join(folder, CHANGES, "removed.parquet")
+    removed = ReleaseLayout(folder).changes("removed")
     if storage.exists(removed):
         table = storage.read_parquet(removed, ["id", "reason"])
         hit = table.filter(pc.equal(table["id"], doc_id))
         if hit.num_rows:
             return f"dropped: {hit['reason'][0].as_py()}"
-    later = ([NEAR_DUPLICATE] if config.get("near_dup_instruction_threshold") else []) + \
-        (["over_cap"] if config.get("max_examples") else [])
+    later = ([drops.NEAR_DUPLICATE] if config.get("near_dup_instruction_threshold") else []) + \
+        ([drops.OVER_CAP] if config.get("max_examples") else [])
     return ("dropped: " + " or ".join(later) + " (after the recipe and curation; the release records which "
             "for the smallest ids only)") if later else "dropped after the recipe and curation (reason not recorded)"
 

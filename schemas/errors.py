@@ -55,6 +55,10 @@ def chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
+# sysexits.h's "temporary failure: try again later": a state to wait out (external workers, Batch API batches)
+EX_TEMPFAIL = 75
+
+
 def exit_status(exc: BaseException) -> int:
     """The exit status of a command that ended with `exc`: its `exit_status` where an exception of
     its chain has one (generation.batch.BatchesPending: 75, EX_TEMPFAIL, a state to wait out), 130 for

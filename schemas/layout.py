@@ -9,7 +9,8 @@ parses shard names.
                                                               shard: documents already seen keep their shard
     <root>/generations/<stage>/<stage>-SSSSS-of-NNNNN.parquet bft generate (+ .metrics.json beside each)
     <root>/generations/<stage>/_batches/                     a batch stage's shard states (--batch)
-    <root>/sft/<version>/                                     a release (see schemas.release)
+    <root>/sft/<version>/                                     a release (see schemas.release; its files:
+                                                              ReleaseLayout)
     <root>/sft/LATEST                                         the newest release that validated
     <root>/sft/_tmp/<run>/                                    an assemble run in flight
     <root>/seed/seed.parquet                                  bft seed (the OpenAssistant seed pairs)
@@ -53,6 +54,13 @@ STATS = "stats.json"
 LATEST = "LATEST"
 DATA = "data"      # a release's data files: sft/<version>/data/split=<split>/part-SSSSS-of-NNNNN.parquet
 PART = "part"
+# a release's other files, beside data/ (ReleaseLayout)
+MANIFEST = "manifest.json"
+SUCCESS = "_SUCCESS"
+REPORT = "report.html"
+PLOTS = "plots"
+CARD = "README.md"
+CHANGES = "changes"
 _SHARD = re.compile(r"^(?P<prefix>[a-z_]+)-(?P<shard>\d{5})-of-(?P<num>\d{5})\.(?P<ext>[a-z.]+)$")
 
 
@@ -276,6 +284,54 @@ class RunLayout:
         prefix = self.root.rstrip("/") + "/"
         return path[len(prefix):] if path.startswith(prefix) else path
 
+
+@dataclass(frozen=True)
+class ReleaseLayout:
+    """The files of one release folder (ROOT/sft/<version>, or a copy anywhere), beside its data/:
+
+        stats.json        every number of the release (schemas.release_stats.ReleaseStats)
+        report.html       the report, with plots/<name>.png (beam_pipelines.report)
+        README.md         the dataset card
+        changes/{added,removed}.parquet    the examples added and removed since the parent release
+        manifest.json     every file's checksum, the config and lineage (schemas.release)
+        _SUCCESS          written last: the manifest's sha256
+    """
+
+    folder: str
+
+    def _join(self, *parts: str) -> str:
+        return storage.join(self.folder, *parts)
+
+    @property
+    def stats(self) -> str:
+        return self._join(STATS)
+
+    @property
+    def report(self) -> str:
+        return self._join(REPORT)
+
+    def plot(self, name: str) -> str:
+        return self._join(PLOTS, f"{name}.png")
+
+    @property
+    def card(self) -> str:
+        return self._join(CARD)
+
+    def changes(self, kind: str) -> str:
+        """changes/<kind>.parquet: kind "added" or "removed"."""
+        return self._join(CHANGES, f"{kind}.parquet")
+
+    @property
+    def manifest(self) -> str:
+        return self._join(MANIFEST)
+
+    @property
+    def success(self) -> str:
+        return self._join(SUCCESS)
+
+    @property
+    def data(self) -> str:
+        return self._join(DATA)
 
 
 class Rooted:

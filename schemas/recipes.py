@@ -42,9 +42,6 @@ DEFAULT_RECIPE = "filter+rewrite"
 # the plan's order); generation/stages.py has one StageSpec per name (tests/test_layers.py checks it).
 STAGES = ("backtranslate", "score", "rewrite", "distill", "rate")
 ANSWER_STAGES = tuple(s for s in STAGES if any(r.answer == s for r in RECIPES.values()))  # sent past a gate
-# assemble's curation drops (beam_pipelines.assemble.recipes.verdicts), in the order they are checked. An answer
-# cut by the token cap is its stage's parse failure (`rewrite:truncated`), not a curation drop.
-CURATION_DROPS = TOO_SHORT, TOO_LONG, EMPTY = ("instruction_too_short", "instruction_too_long", "empty_response")
 GATE_STAGES = sorted({r.gate for r in RECIPES.values() if r.gate})   # the stages that write scores
 
 

@@ -37,12 +37,10 @@ import schemas
 import storage
 from schemas.errors import UserError
 from schemas.options import option
-from schemas.layout import (DATA, LATEST, SFT, TMP, RunLayout, parse_shard_name, release_data_file,
-                            release_split_of)
+from schemas.layout import (DATA, LATEST, MANIFEST, SFT, SUCCESS, TMP, RunLayout, parse_shard_name,
+                            release_data_file, release_split_of)
 from schemas.state import Damaged, parse_json
 
-MANIFEST = "manifest.json"
-SUCCESS = "_SUCCESS"
 SPLITS = ("train", "validation")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 

@@ -15,7 +15,8 @@ from nltk.tokenize import wordpunct_tokenize
 
 import schemas
 import storage
-from beam_pipelines import report
+from beam_pipelines.report import card, numbers, plots
+from beam_pipelines.report import page as report_page
 from beam_pipelines.assemble import pipeline as assemble
 from beam_pipelines.assemble import corpus_stats
 from schemas import release
@@ -113,7 +114,7 @@ def test_examples_funnel_and_stages_travel_through_the_partials(seeded_release):
     assert ex["dropped"]["score:no_match"][0]["detail"] == "no_match"
     assert ex["dropped"]["backtranslate:echo"][0]["url"] == "https://example.org/a1"
 
-    steps = report.funnel_rows(stats)
+    steps = numbers.funnel_rows(stats)
     assert [(s["step"], s["rows"], s["dropped"]) for s in steps] == [
         ("Dolma records read", 20, 0), ("candidates (prepare: length filter, dedup)", 12, 8),
         ("backtranslate: failed or missing", 10, 2), ("score: failed or missing", 9, 1),
@@ -124,44 +125,44 @@ def test_examples_funnel_and_stages_travel_through_the_partials(seeded_release):
         ("split: validation", stats["funnel"]["final"]["validation"], 0)]
     assert steps[1]["pct_input"] == 60.0 and steps[8]["pct_candidates"] == 33.33 and steps[0]["pct_candidates"] is None
 
-    rewrite = {r["stage"]: r for r in report.stage_rows(stats)}["rewrite"]
+    rewrite = {r["stage"]: r for r in numbers.stage_rows(stats)}["rewrite"]
     assert (rewrite["rows"], rewrite["sent"]) == (12, 10)
     assert rewrite["not_sent"] == {"not_sent: below_gate": 1, "upstream_failed:missing": 1}
     assert rewrite["pass_rate_of_sent"] == 0.9 and rewrite["sent_failures"] == {"truncated": 1}
     # every stage run is reported, the recipe's and the others (here distill and rate), in pipeline order
-    assert [r["stage"] for r in report.stage_rows(stats)] == ["backtranslate", "score", "rewrite", "distill", "rate"]
+    assert [r["stage"] for r in numbers.stage_rows(stats)] == ["backtranslate", "score", "rewrite", "distill", "rate"]
     assert stats["config"]["recipe"] == "filter+rewrite" and stats["code_revision"]
 
     d = stats["score_distributions"]["score"]
     assert d["non_integer"] == 0 and sum(d["kept"]) == 5 and sum(d["dropped"]) == 6
-    assert report.score_bars(d) == (["0", "1", "2", "3", "4", "5"], [0, 0, 0, 0, 0, 5], [0, 0, 0, 0, 1, 5])
+    assert numbers.score_bars(d) == (["0", "1", "2", "3", "4", "5"], [0, 0, 0, 0, 0, 5], [0, 0, 0, 0, 1, 5])
 
 
 def test_score_bars_are_continuous_for_fractional_scores():
     kept = corpus_stats.histogram(pa.array([2.35, 4.71]), corpus_stats.FINE_SCORE_EDGES)
     dist = {"kept": kept, "dropped": [0] * len(kept), "non_integer": 2, "edges": corpus_stats.FINE_SCORE_EDGES}
-    labels, k, _ = report.score_bars(dist)
+    labels, k, _ = numbers.score_bars(dist)
     assert len(labels) == len(k) == 56 and labels[k.index(1)] == "2.3-2.4"
 
 
 def test_lengths_are_shares_and_trigrams_use_the_fixed_sample(seeded_release):
     _, stats = seeded_release
-    rows = {r["origin"]: r for r in report.diversity_rows(stats)}
+    rows = {r["origin"]: r for r in numbers.diversity_rows(stats)}
     assert rows["web"]["sample"] == 4 and not rows["web"]["sample_complete"]
-    assert report.normalized(stats["by_origin"]["seed"]["length_histogram_response"])[1] == 1.0
+    assert numbers.normalized(stats["by_origin"]["seed"]["length_histogram_response"])[1] == 1.0
 
 
 def test_report_html_shows_examples_stages_scores_and_provenance(seeded_release):
     folder, stats = seeded_release
     page = open(os.path.join(folder, "report.html")).read()
-    assert page == report.report_html(stats)
+    assert page == report_page.report_html(stats)
     assert "score scores" not in page and "score stage: integer scores" not in page  # titles are in the PNG
     for text in ("Explain the topic of document a0 please.", '<a href="https://example.org/a0" rel="noopener noreferrer nofollow">',
                  "not_sent: below_gate: 1", "requests sent", "pass rate of sent", '<a href="README.md">',
                  '<a href="manifest.json">', stats["code_revision"], "rewrite:truncated", "tiny-rewrite",
                  "unique response trigrams per 1,000", "fewer than 1,000: not comparable", "Table 6"):
         assert text in page, text
-    for name in report.PLOTS:
+    for name in plots.PLOTS:
         assert f'<img src="plots/{name}.png"' in page and os.path.getsize(os.path.join(folder, "plots", f"{name}.png"))
 
 
@@ -178,15 +179,15 @@ def test_only_http_urls_become_links_and_the_page_forbids_scripts(seeded_release
     stats = copy.deepcopy(stats)
     kept = stats["examples"]["kept"]
     kept[0]["url"] = url
-    page = report.report_html(stats)
+    page = report_page.report_html(stats)
     hrefs = re.findall(r'href="([^"]*)"', page)
     assert all(h.startswith(("https://", "http://")) or h in ("README.md", "manifest.json", "stats.json")
                for h in hrefs), hrefs
     assert page.lower().count("<script") == 1   # the browse filter's, and no other
     csp = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]+)">', page).group(1)
     assert "default-src 'none'" in csp and "img-src 'self'" in csp
-    assert f"script-src '{report.SCRIPT_HASH}';" in csp and "unsafe" not in csp.split("script-src")[1].split(";")[0]
-    assert report._link("https://example.org/a?b=1&c=2") == \
+    assert f"script-src '{report_page.SCRIPT_HASH}';" in csp and "unsafe" not in csp.split("script-src")[1].split(";")[0]
+    assert report_page._link("https://example.org/a?b=1&c=2") == \
         '<a href="https://example.org/a?b=1&amp;c=2" rel="noopener noreferrer nofollow">https://example.org/a?b=1&amp;c=2</a>'
 
 
@@ -196,18 +197,18 @@ def test_only_http_urls_become_links_and_the_page_forbids_scripts(seeded_release
                                       (1_500_000, "1M<n<10M"), (25_000_000, "10M<n<100M"),
                                       (2_000_000_000, "1B<n<10B")])
 def test_size_categories_follow_the_hub_buckets(n, bucket):
-    assert report.size_category(n) == bucket
+    assert card.size_category(n) == bucket
 
 
 def test_models_are_named_as_users_know_them(tmp_path):
-    assert report.model_name("meta-llama/Llama-2-70b-chat-hf") == "meta-llama/Llama-2-70b-chat-hf"
-    assert report.model_name("gpt-4o") == "gpt-4o"
-    assert report.model_name("gs://bucket/models/forward") == "forward"
+    assert numbers.model_name("meta-llama/Llama-2-70b-chat-hf") == "meta-llama/Llama-2-70b-chat-hf"
+    assert numbers.model_name("gpt-4o") == "gpt-4o"
+    assert numbers.model_name("gs://bucket/models/forward") == "forward"
     folder = tmp_path / "models" / "backward"
     folder.mkdir(parents=True)
     (folder / "bft_train.json").write_text(json.dumps({"config": {"base_model": "meta-llama/Llama-2-7b-hf"}}))
-    assert report.model_name(str(folder)) == "backward (fine-tuned from meta-llama/Llama-2-7b-hf)"
-    assert report.model_names(f"{folder}, x/y") == "backward (fine-tuned from meta-llama/Llama-2-7b-hf), x/y"
+    assert numbers.model_name(str(folder)) == "backward (fine-tuned from meta-llama/Llama-2-7b-hf)"
+    assert numbers.model_names(f"{folder}, x/y") == "backward (fine-tuned from meta-llama/Llama-2-7b-hf), x/y"
 
 
 def test_card_header_and_a_small_release_always_has_a_validation_split(root, tmp_path):
@@ -287,7 +288,7 @@ def test_the_paper_is_beside_us_where_we_measure_the_same(seeded_release):
     """Issue 21 point 5: Table 6 lengths for the recipe's row, score validity, the score-5 share and
     the share removed as too long, each with our figure and where the paper says it."""
     folder, stats = seeded_release
-    rows = {r[0]: r for r in report.paper_rows(stats)}
+    rows = {r[0]: r for r in numbers.paper_rows(stats)}
     assert rows["web instruction length (mean tokens)"][2] == 69 and rows["web response length (mean tokens)"][2] == 468
     assert "Dolma + filtering + rewriting" in rows["web response length (mean tokens)"][3]
     assert rows["score valid (1..5) among pairs scored"][2] == "88%"
@@ -298,7 +299,7 @@ def test_the_paper_is_beside_us_where_we_measure_the_same(seeded_release):
     lengths = stats["paper_lengths"]
     assert lengths["tokenizer"].startswith("Llama-2 structure") and lengths["examples"] == stats["funnel"]["web_examples"]
     assert f"web response length (mean {lengths['tokenizer']} tokens)" in rows and lengths["instruction"] > 0
-    other = report.paper_rows(dict(stats, recipe="alpagasus", stages={}, by_origin={}))
+    other = numbers.paper_rows(dict(stats, recipe="alpagasus", stages={}, by_origin={}))
     assert [r[0] for r in other] == ["head-split records removed as too long"]   # Table 6 has no alpagasus row
 
 
@@ -307,7 +308,7 @@ def test_the_too_long_row_counts_every_length_drop():
     length as surely as a document over prepare's limit: the row counted only prepare's."""
     stats = {"funnel": {"dolma": {"input_records": 110, "dropped": {"other_split": 10, "too_long": 10}},
                         "dropped": {"score:input_truncated": 5, "rewrite:input_truncated": 3, "score_below_threshold": 40}}}
-    assert {r[0]: r for r in report.paper_rows(stats)}["head-split records removed as too long"][1] == "18%"
+    assert {r[0]: r for r in numbers.paper_rows(stats)}["head-split records removed as too long"][1] == "18%"
 
 
 def test_the_score_summary_of_a_histogram():
@@ -326,7 +327,7 @@ def test_the_score_summary_of_a_histogram():
 def test_the_threshold_line_is_drawn_where_the_threshold_is(threshold, integer_bars, x):
     """Issue 36: the logprob mode's 4.5 over integer bars was drawn at 4 (the middle of bar 4). On
     integer bars the line separates the scores below the threshold from those at or over it."""
-    assert report.threshold_x(threshold, integer_bars) == x
+    assert numbers.threshold_x(threshold, integer_bars) == x
 
 
 # ---- browsing a sample (issue 36 point 5) ------------------------------------------------------------------
@@ -381,7 +382,7 @@ def test_the_filter_keeps_rows_holding_every_word_typed():
     if node is None:
         pytest.skip("no node on this machine")
     cases = {"": True, "a0": True, "EXPLAIN   weather": True, "explain snow": False, "zzz": False}
-    code = report.BROWSE_SCRIPT + "\nprocess.stdout.write(JSON.stringify(" + json.dumps(list(cases)) + \
+    code = report_page.BROWSE_SCRIPT + "\nprocess.stdout.write(JSON.stringify(" + json.dumps(list(cases)) + \
         ".map(function (q) { return bftMatches('a0 Explain the weather', q); })));"
     out = subprocess.run([node, "-e", code], capture_output=True, text=True, timeout=60).stdout
     assert json.loads(out) == list(cases.values())
@@ -409,3 +410,38 @@ def test_typing_a_filter_narrows_the_rows_in_headless_chromium(seeded_release):
 
     assert rows("#q=a0%20Explain") == (9, 1, "1 of 9 shown")   # one browser start: a CSP that blocked the
     # script would leave all 9 shown (its hash mismatched, this fails)
+
+
+# ---- drop reasons and the stats as types (issue 38) -----------------------------------------------------
+
+@pytest.mark.parametrize("reason,step,stage", [
+    ("score:no_score", "GATE", "score"), ("rate_below_threshold", "GATE", "rate"),
+    ("score:no_match", "STAGE", "score"), ("rewrite:input_truncated", "STAGE", "rewrite"),
+    ("contaminated:alpaca_eval", "DECONTAMINATION", None), ("instruction_too_short", "CURATION", None),
+    ("missing_generation_shard", "MISSING_SHARDS", None), ("over_cap", "CAP", None),
+    ("not_kept_by:filter", "OTHER", None), ("malformed_json", "PREPARE", None), ("something_new", "OTHER", None)])
+def test_a_drop_reason_read_back_has_its_declared_step(reason, step, stage):
+    import pickle
+
+    from schemas import drops
+
+    d = drops.parse(reason)
+    assert (d, d.step.name, d.stage) == (reason, step, stage)
+    assert pickle.loads(pickle.dumps(d)).step is d.step and json.dumps({d: 1}) == json.dumps({reason: 1})
+
+
+def test_release_stats_read_and_written_back_are_the_same_bytes_and_merge_by_counts(seeded_release):
+    from schemas.drops import Step
+    from schemas.release_stats import ReleaseStats
+
+    folder, _ = seeded_release
+    raw = open(os.path.join(folder, "stats.json")).read()
+    stats = ReleaseStats.from_dict(json.loads(raw))
+    assert json.dumps(stats.to_dict(), indent=2) + "\n" == raw
+    assert stats.funnel.dropped_at(Step.GATE) == {"score_below_threshold": 1}
+    both = stats + stats
+    assert both.funnel.candidates == 2 * stats.funnel.candidates and both.funnel.total == 2 * stats.funnel.total
+    assert both.stages["score"].rows == 2 * stats.stages["score"].rows
+    assert both.stages["score"].pass_rate == stats.stages["score"].pass_rate   # derived again from the sums
+    assert both.by_origin["web"].avg_tokens("response") == stats.by_origin["web"].avg_tokens("response")
+    assert both.gate.pass_rate == stats.gate.pass_rate and both.version == stats.version

@@ -1,15 +1,13 @@
 """Corpus statistics as mergeable partials: each shard computes its partial with Arrow/numpy, a Beam
-combiner merges them (`merge`), and `summarize` turns the result into plain JSON; `release_stats`
-makes a release's stats.json from it (the schema of that file).
+combiner merges them (`merge`: the one rule of schemas.release_stats), and `summarize` turns the
+result into plain JSON; `release_stats` makes a release's stats.json from it (a
+schemas.release_stats.ReleaseStats).
 
 A partial is a nested dict whose leaves are numbers (summed), lists of numbers (histogram counts,
 summed element-wise), `Uniques` (sets of 64-bit trigram hashes, united) or `Smallest` (the k rows
 with the smallest keys: example rows for the report, and the fixed-size trigram sample; bounded, so
 partials stay small whatever the corpus size, and deterministic: the same rows whatever the
-sharding). Unique trigrams follow
-the paper's Figure 3: NLTK's `wordpunct_tokenize` on lower-cased text (regex tokens, no downloaded
-NLTK data), then `nltk.ngrams(tokens, 3)` within each text; `trigram_hashes` computes the same set
-vectorized (a test checks it against NLTK itself), hashed to 64 bits.
+sharding). Unique trigrams follow the paper's Figure 3 (beam_pipelines.assemble.trigrams).
 """
 from __future__ import annotations
 
@@ -23,12 +21,14 @@ import pyarrow.compute as pc
 import xxhash
 
 import schemas
+from schemas import drops
 from schemas.outcomes import SCORE_EDGES, categories, histogram, shard_summary, value_counts  # noqa: F401 (re-exported)
 from schemas.recipes import GATE_STAGES, RECIPES
 from schemas.release import code_revision
-from beam_pipelines.assemble.decontaminate import BAND_ROWS, CONTAMINATED, NEAR_DUPLICATE, SHINGLE_WORDS, SIGNATURE_BANDS
-
-RELEASE_STATS = "stats.json"  # a release's statistics, beside its data files
+# the partials merge by the one rule of the statistics (`merge`, used by assemble's combiners)
+from schemas.release_stats import Funnel, GateStats, OriginStats, ReleaseStats, StageStats, merge  # noqa: F401
+from beam_pipelines.assemble.decontaminate import BAND_ROWS, SHINGLE_WORDS, SIGNATURE_BANDS
+from beam_pipelines.assemble.trigrams import sorted_unique, trigram_hashes, trigrams_per_text
 
 # Token-length histogram bins (upper edges, tokens); the last bin is open.
 LENGTH_EDGES = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -113,34 +113,6 @@ class TrigramSample(Smallest):
             parts = [p[i] for _, p in self.rows]
             out[f"unique_trigrams_{field}"] = len(sorted_unique(np.concatenate(parts))) if parts else 0
         return out
-
-
-def sorted_unique(values: np.ndarray) -> np.ndarray:
-    """np.unique by sort + compare: several times faster than np.unique's hash path on uint64."""
-    a = np.sort(values)
-    if len(a) < 2:
-        return a
-    keep = np.empty(len(a), bool)
-    keep[0] = True
-    np.not_equal(a[1:], a[:-1], out=keep[1:])
-    return a[keep]
-
-
-def merge(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    if isinstance(a, dict):
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = merge(out.get(k), v)
-        return out
-    if isinstance(a, (Uniques, Smallest)):
-        return a.merge(b)
-    if isinstance(a, list):
-        return [x + y for x, y in zip(a, b)]
-    return a + b
 
 
 def summarize(partial):
@@ -339,51 +311,6 @@ def browse_sample(browse: dict | None, n: int = BROWSE_SAMPLE) -> dict:
     return {"rows": rows, "strata": dict(sorted(((browse or {}).get("counts") or {}).items()))}
 
 
-# NLTK's WordPunctTokenizer pattern is r"\w+|[^\w\s]+"; RE2 spells Python's Unicode \w this way.
-_WORD = r"([\p{L}\p{N}_]+)"
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def trigram_hashes(texts) -> np.ndarray:
-    """64-bit hashes of the word trigrams of each text (lower-cased wordpunct tokens; a trigram
-    never spans two texts), unique. Vectorized: Arrow splits, one Python hash per distinct token."""
-    return sorted_unique(_trigrams(texts)[0])
-
-
-def trigrams_per_text(texts) -> list[np.ndarray]:
-    """The unique trigram hashes of each text apart."""
-    tri, row = _trigrams(texts)
-    order = np.argsort(row, kind="stable")
-    bounds = np.searchsorted(row[order], np.arange(len(texts) + 1))
-    return [sorted_unique(tri[order[a:b]]) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def _trigrams(texts) -> tuple[np.ndarray, np.ndarray]:
-    """(trigram hashes, index of the text each comes from), with repeats."""
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks()
-    if len(texts) == 0:
-        return np.empty(0, np.uint64), np.empty(0, np.int64)
-    texts = pc.fill_null(texts.cast(pa.string()), "")
-    spaced = pc.utf8_trim_whitespace(pc.replace_substring_regex(pc.utf8_lower(texts), _WORD, r" \1 "))
-    tokens = pc.split_pattern_regex(spaced, r"\s+")
-    # a blank text splits into one empty token; it has none
-    tokens = pc.if_else(pc.equal(pc.utf8_length(spaced), 0), pa.scalar([], tokens.type), tokens)
-    lengths = pc.list_value_length(tokens).to_numpy(zero_copy_only=False)
-    flat = pc.list_flatten(tokens)
-    if len(flat) < 3:
-        return np.empty(0, np.uint64), np.empty(0, np.int64)
-    encoded = pc.dictionary_encode(flat)
-    vocab = encoded.dictionary.to_pylist()
-    token_hash = np.fromiter((xxhash.xxh3_64_intdigest(t.encode("utf-8")) for t in vocab), np.uint64, len(vocab))
-    h = token_hash[encoded.indices.to_numpy(zero_copy_only=False)]
-    row = np.repeat(np.arange(len(lengths)), lengths)
-    same_text = row[:-2] == row[2:]
-    with np.errstate(over="ignore"):
-        tri = (h[:-2] * np.uint64(0x9E3779B97F4A7C15)) ^ _rotl(h[1:-1], 21) * np.uint64(0xC2B2AE3D27D4EB4F) ^ _rotl(h[2:], 42)
-    return tri[same_text] & _MASK, row[:-2][same_text]
-
-
 def trigram_sample(table: pa.Table) -> TrigramSample:
     """The TRIGRAM_SAMPLE examples of `table` with the smallest id hashes, with their trigrams."""
     keys = np.fromiter((xxhash.xxh3_64_intdigest(i.encode("utf-8")) for i in table["id"].to_pylist()), np.uint64,
@@ -394,10 +321,6 @@ def trigram_sample(table: pa.Table) -> TrigramSample:
     return TrigramSample(TRIGRAM_SAMPLE, [(int(keys[i]), (a, b)) for i, a, b in zip(idx, instr, resp)])
 
 
-def _rotl(x: np.ndarray, r: int) -> np.ndarray:
-    return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
-
-
 # ---- a release's stats.json ------------------------------------------------------------------------
 
 class AccountingError(RuntimeError):
@@ -406,80 +329,50 @@ class AccountingError(RuntimeError):
 
 def release_stats(cfg, version: str, summary: dict, prep_stats: dict, skipped: list[int],
                   skipped_rows: int, models: dict, eval_sets: list[dict] = ()) -> dict:
-    """The release's stats.json from the merged partials of the assemble pass (`summarize`), the prepare
-    stats and the driver's plan; checks that every candidate is accounted for. `cfg` is the
-    AssembleConfig (recipe, threshold, tags, decontamination and near-duplicate options); `eval_sets`:
-    the --decontaminate files' summaries (decontaminate.EvalSet.summary)."""
-    dropped = {k: v for k, v in (summary.get("funnel", {}).get("dropped") or {}).items() if v}
+    """The release's stats.json (ReleaseStats.to_dict) from the merged partials of the assemble pass
+    (`summarize`), the prepare stats and the driver's plan; checks that every candidate is accounted
+    for. `cfg` is the AssembleConfig (recipe, threshold, tags, decontamination and near-duplicate
+    options); `eval_sets`: the --decontaminate files' summaries (decontaminate.EvalSet.summary)."""
+    dropped = {drops.parse(k): v for k, v in (summary.get("funnel", {}).get("dropped") or {}).items() if v}
     if skipped_rows:
-        dropped["missing_generation_shard"] = skipped_rows
-    final = summary.get("final") or {}
-    by_origin = {}
-    for origin, o in final.items():
-        rows = o["rows"]
-        total = rows.get("train", 0) + rows.get("validation", 0)
-        by_origin[origin] = {
-            **{k: v for k, v in o.items() if k != "rows"},
-            "rows": {"train": rows.get("train", 0), "validation": rows.get("validation", 0), "total": total},
-            "avg_tokens_instruction": round(o["tokens_instruction"] / total, 2) if total else 0.0,
-            "avg_tokens_response": round(o["tokens_response"] / total, 2) if total else 0.0,
-        }
-    web = by_origin.get("web", {}).get("rows", {}).get("total", 0)
+        dropped[drops.MISSING_SHARD] = skipped_rows
+    by_origin = {origin: OriginStats({k: v for k, v in o.items() if k != "rows"}, o["rows"].get("train", 0),
+                                     o["rows"].get("validation", 0))
+                 for origin, o in (summary.get("final") or {}).items()}
+    web = by_origin["web"].total if "web" in by_origin else 0
     seed = summary.get("seed") or {"input": 0, "kept": 0, "dropped": {}}
     candidates = sum(s["rows"] for s in (prep_stats.get("shards") or {}).get("files", [])) \
         or prep_stats.get("kept", 0)
     if candidates != web + sum(dropped.values()):
         raise AccountingError(f"accounting broken: {candidates} candidates != {web} web examples + "
                               f"{sum(dropped.values())} dropped ({dropped})")
-    seed_final = by_origin.get("seed", {}).get("rows", {}).get("total", 0)
+    seed_final = by_origin["seed"].total if "seed" in by_origin else 0
     if seed_final != seed["kept"]:
         raise AccountingError(f"accounting broken: {seed['kept']} seed examples read, {seed_final} written")
-    train = sum(o["rows"]["train"] for o in by_origin.values())
-    validation = sum(o["rows"]["validation"] for o in by_origin.values())
-    stages = {}
-    for stage, s in (summary.get("stages") or {}).items():
-        stages[stage] = {**s, "pass_rate": round(s["ok"] / s["rows"], 4) if s["rows"] else 0.0,
-                         "model": ", ".join(models.get(stage, []))}
+    stages = {stage: StageStats(s, ", ".join(models.get(stage, [])))
+              for stage, s in (summary.get("stages") or {}).items()}
+    funnel = Funnel(candidates, dict(sorted(dropped.items(), key=lambda kv: -kv[1])), web,
+                    {k: prep_stats.get(k) for k in ("input_records", "kept", "dropped")} if prep_stats else None,
+                    seed, sum(o.train for o in by_origin.values()), sum(o.validation for o in by_origin.values()))
     recipe = RECIPES[cfg.recipe]
-    score_hist = None
-    gate = None
+    score_hist = gate = None
     if recipe.gate and recipe.gate in stages:
         score_hist = {"stage": recipe.gate, "threshold": cfg.threshold, "edges": SCORE_EDGES,
-                      "counts": stages[recipe.gate].get("score_histogram")}
+                      "counts": stages[recipe.gate].counts.get("score_histogram")}
         scores = (summary.get("scores") or {}).get(recipe.gate) or {}
-        mass = stages[recipe.gate].get("digit_mass")
-        # the gate's own pass rate: rows scored at or over the threshold, of the rows with a score
-        gate = {"stage": recipe.gate, "threshold": cfg.threshold, "scored": scores.get("scored", 0),
-                "passed": scores.get("passed", 0),
-                "pass_rate": round(scores["passed"] / scores["scored"], 4) if scores.get("scored") else None,
-                "digit_mass_mean": round(mass["sum"] / mass["rows"], 4) if mass else None}
+        gate = GateStats(recipe.gate, cfg.threshold, scores.get("scored", 0), scores.get("passed", 0),
+                         stages[recipe.gate].digit_mass_mean)
     seed_tag, web_tag = cfg.tags
-    return {
-        "version": version,
-        "recipe": cfg.recipe,
-        "funnel": {
-            "dolma": {k: prep_stats.get(k) for k in ("input_records", "kept", "dropped")} if prep_stats else None,
-            "candidates": candidates,
-            "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1])),
-            "web_examples": web,
-            "seed": seed,
-            "final": {"train": train, "validation": validation, "total": train + validation},
-        },
-        "stages": stages,
-        "score_histogram": score_hist,
-        "gate": gate,
-        "by_origin": by_origin,
-        "length_edges": LENGTH_EDGES,
-        "tags": {"seed": seed_tag, "web": web_tag},
-        "decontamination": decontamination_stats(cfg, summary, dropped, eval_sets),
-        "near_duplicate_instructions": {
+    return ReleaseStats(
+        version=version, recipe=cfg.recipe, funnel=funnel, stages=stages, score_histogram=score_hist, gate=gate,
+        by_origin=by_origin, length_edges=LENGTH_EDGES, tags={"seed": seed_tag, "web": web_tag},
+        decontamination=decontamination_stats(cfg, summary, dropped, eval_sets),
+        near_duplicate_instructions={
             "threshold": cfg.near_dup_instruction_threshold or None, "shingle_words": SHINGLE_WORDS,
-            "bands": SIGNATURE_BANDS, "rows_per_band": BAND_ROWS, "dropped": dropped.get(NEAR_DUPLICATE, 0)},
+            "bands": SIGNATURE_BANDS, "rows_per_band": BAND_ROWS, "dropped": dropped.get(drops.NEAR_DUPLICATE, 0)},
         **report_extras(summary, asdict(cfg)),
-        "missing_shards": skipped,
-        "schema_version": schemas.SCHEMA_VERSION,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+        missing_shards=skipped, schema_version=schemas.SCHEMA_VERSION,
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())).to_dict()
 
 
 def decontamination_stats(cfg, summary: dict, dropped: dict, eval_sets: list[dict]) -> dict:
@@ -487,5 +380,5 @@ def decontamination_stats(cfg, summary: dict, dropped: dict, eval_sets: list[dic
     n-grams), the pairs dropped per set, and every dropped pair with the n-gram it shares."""
     pairs = (summary.get("decontamination") or {}).get("pairs") or []
     return {"ngram": cfg.decontaminate_ngram, "sets": list(eval_sets),
-            "dropped": {s["name"]: dropped.get(CONTAMINATED + s["name"], 0) for s in eval_sets},
+            "dropped": {s["name"]: dropped.get(drops.contaminated(s["name"]), 0) for s in eval_sets},
             "pairs": pairs}

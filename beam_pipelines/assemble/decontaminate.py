@@ -45,8 +45,6 @@ from beam_pipelines.minhash import POLY, mix
 from schemas.errors import UserError
 
 PROMPT_FIELDS = ("instruction", "turns", "text", "prompt")   # tried in this order without --decontaminate-field
-CONTAMINATED = "contaminated:"                            # drop reason prefix: contaminated:<set name>
-NEAR_DUPLICATE = "near_duplicate_instruction"            # drop reason
 SHINGLE_WORDS = 3
 SIGNATURE_BANDS, BAND_ROWS = 16, 4
 # A band group of many members compares each with its COMPARE_WITH best-ranked members only, so a

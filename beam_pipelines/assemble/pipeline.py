@@ -36,14 +36,14 @@ from schemas.options import option, required
 from schemas.errors import UserError
 from schemas.keys import (instruction_key, sample_key, seed_row_shard, validation_key, validation_mask,
                           validation_size)
-from schemas.layout import DATA, Rooted, RunLayout, release_data_file
+from schemas.layout import DATA, STATS, Rooted, RunLayout, release_data_file
 from schemas.recipes import DEFAULT_RECIPE, gate_threshold, recorded_score_mode
 from beam_pipelines.report import changes
 from beam_pipelines.assemble import corpus_stats
 from beam_pipelines.assemble import decontaminate, recipes
 from beam_pipelines.tokens import paper_tokens
 from beam_pipelines.runtime import progress
-from schemas import provenance, release
+from schemas import drops, provenance, release
 from schemas.state import prepare_stats
 import storage
 from beam_pipelines.runtime.options import configure_process, pipeline_options
@@ -264,7 +264,7 @@ def drop_contaminated(reason, keep, web: pa.Table, matches: list[decontaminate.M
     without them (`keep`: which joined rows the web rows are, in order)."""
     rows = [m.row for m in matches]
     labels = np.full(len(reason), None, object)
-    labels[pc.indices_nonzero(keep).to_numpy()[rows]] = [decontaminate.CONTAMINATED + m.set for m in matches]
+    labels[pc.indices_nonzero(keep).to_numpy()[rows]] = [drops.contaminated(m.set) for m in matches]
     hit = np.zeros(web.num_rows, bool)
     hit[rows] = True
     return pc.coalesce(reason, pa.array(labels, pa.string())), web.filter(pa.array(~hit))
@@ -410,12 +410,12 @@ class FinalizeShard(beam.DoFn):
         losers = pa.array(list(grouped["losers"]), pa.string())
         dup = pc.is_in(web["id"], value_set=losers)
         n_dup = int(pc.sum(dup.cast(pa.int64())).as_py() or 0)
-        examples = {"duplicate_instruction": _drop_examples(web.filter(dup), "duplicate_instruction")}
+        examples = {drops.DUPLICATE_INSTRUCTION: _drop_examples(web.filter(dup), drops.DUPLICATE_INSTRUCTION)}
         web = web.filter(pc.invert(dup))
         near = dict(grouped["near"])   # id -> the id of the near-duplicate that dominates it
         is_near = pc.is_in(web["id"], value_set=pa.array(list(near), pa.string()))
         n_near = int(pc.sum(is_near.cast(pa.int64())).as_py() or 0)
-        examples[decontaminate.NEAR_DUPLICATE] = _drop_examples(web.filter(is_near), decontaminate.NEAR_DUPLICATE,
+        examples[drops.NEAR_DUPLICATE] = _drop_examples(web.filter(is_near), drops.NEAR_DUPLICATE,
                                                                {i: f"near duplicate of {d}" for i, d in near.items()})
         web = web.filter(pc.invert(is_near))
         n_over, over_ids = 0, []
@@ -423,19 +423,19 @@ class FinalizeShard(beam.DoFn):
             keys = [(sample_key(i, self.cfg.seed), i) for i in web["id"].to_pylist()]
             within = pa.array([key <= cutoff for key in keys], pa.bool_())
             n_over = web.num_rows - int(pc.sum(within.cast(pa.int64())).as_py() or 0)
-            examples["over_cap"] = _drop_examples(web.filter(pc.invert(within)), "over_cap")
+            examples[drops.OVER_CAP] = _drop_examples(web.filter(pc.invert(within)), drops.OVER_CAP)
             over_ids = web["id"].filter(pc.invert(within)).to_pylist()
             web = web.filter(within)
         seed_parts = list(grouped["seed"])
         seeds = [schemas.validate(storage.read_parquet(p), schemas.SFT, p) for p in seed_parts]
         table = pa.concat_tables([web] + seeds).sort_by("id")
         in_val = _in_validation(table["id"], pc.is_in(table["id"], value_set=web["id"]), validation, self.cfg)
-        partial = {"funnel": {"dropped": {"duplicate_instruction": n_dup, decontaminate.NEAR_DUPLICATE: n_near,
-                                          "over_cap": n_over}}, "final": {},
+        partial = {"funnel": {"dropped": {drops.DUPLICATE_INSTRUCTION: n_dup, drops.NEAR_DUPLICATE: n_near,
+                                          drops.OVER_CAP: n_over}}, "final": {},
                    "examples": {"dropped": examples}}
-        late = [(i, "duplicate_instruction") for i in losers.to_pylist()] + [(i, decontaminate.NEAR_DUPLICATE)
+        late = [(i, drops.DUPLICATE_INSTRUCTION) for i in losers.to_pylist()] + [(i, drops.NEAR_DUPLICATE)
                                                                             for i in near]
-        late += [(i, "over_cap") for i in over_ids]
+        late += [(i, drops.OVER_CAP) for i in over_ids]
         storage.write_parquet(pa.table({"id": pa.array([i for i, _ in late], pa.string()),
                                         "reason": pa.array([r for _, r in late], pa.string())}),
                               RunLayout.assemble_part(self.tmp, changes.LATE_DROPS, k))
@@ -600,7 +600,7 @@ def build(p: beam.Pipeline, cfg: AssembleConfig, shards: list[ShardInput], num_s
 def held_by(cfg: AssembleConfig, folder: str) -> list[str]:
     """The alerts (in the release's stats.json) that keep LATEST from moving to it: the critical ones
     unless --allow-empty; every one with --fail-on-alert."""
-    stats = json.loads(storage.read_text(storage.join(folder, corpus_stats.RELEASE_STATS)))
+    stats = json.loads(storage.read_text(storage.join(folder, STATS)))
     if cfg.fail_on_alert:
         return stats.get("alerts") or []
     return [] if cfg.allow_empty else changes.critical(stats)
@@ -766,13 +766,13 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
         report.write_report(folder, stats)
         report.write_card(folder, stats, config)
         stats["timing"]["report_s"] = round(time.perf_counter() - t1, 3)
-        storage.write_text(storage.join(folder, corpus_stats.RELEASE_STATS), json.dumps(stats, indent=2) + "\n")
+        storage.write_text(storage.join(folder, STATS), json.dumps(stats, indent=2) + "\n")
         return {split: stats["funnel"]["final"][split] for split in release.SPLITS}
 
     folder, built = release.publish(layout, version=cfg.version, config=config, lineage=lineage,
                                     build=build_release, run=run_record, hold=lambda f: held_by(cfg, f),
                                     hold_how="look at its report.html; --allow-empty publishes it as LATEST"
                                     if not cfg.fail_on_alert else "--fail-on-alert holds it on any alert")
-    stats = json.loads(storage.read_text(storage.join(folder, corpus_stats.RELEASE_STATS)))
+    stats = json.loads(storage.read_text(storage.join(folder, STATS)))
     stats["folder"] = folder  # what it wrote (or found current): the callers never work it out again
     return stats if built else {**stats, "reused": True}

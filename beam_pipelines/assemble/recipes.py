@@ -22,8 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import schemas
-from schemas.recipes import (EMPTY, RECIPES, STAGES, TOO_LONG, TOO_SHORT, Gate,  # noqa: F401 (a contract)
-                             Recipe)
+from schemas import drops
+from schemas.drops import EMPTY, TOO_LONG, TOO_SHORT
+from schemas.recipes import RECIPES, STAGES, Gate, Recipe  # noqa: F401 (a contract)
 from schemas.outcomes import categories
 from schemas.examples import SEED_TAG, WEB_TAG, examples, messages_column  # noqa: F401 (used by assemble)
 
@@ -64,11 +65,11 @@ def _first_reason(reason: pa.Array, cond, label) -> pa.Array:
 
 def _stage_outcome(reason: pa.Array, joined: pa.Table, stage: str, whole_input: bool) -> pa.Array:
     """A stage's row missing or failed; with `whole_input`, also made from a cut document."""
-    reason = _first_reason(reason, pc.is_null(joined[f"{stage}.present"]), f"{stage}:missing_row")
+    reason = _first_reason(reason, pc.is_null(joined[f"{stage}.present"]), drops.stage_failed(stage, "missing_row"))
     err = joined[f"{stage}.parse_error"]
-    reason = _first_reason(reason, pc.is_valid(err), pc.binary_join_element_wise(f"{stage}:", categories(err), ""))
+    reason = _first_reason(reason, pc.is_valid(err), pc.binary_join_element_wise(drops.stage_prefix(stage), categories(err), ""))
     if whole_input:
-        reason = _first_reason(reason, joined[f"{stage}.input_truncated"], f"{stage}:input_truncated")
+        reason = _first_reason(reason, joined[f"{stage}.input_truncated"], drops.stage_failed(stage, drops.INPUT_TRUNCATED))
     return reason
 
 
@@ -79,8 +80,8 @@ def verdicts(joined: pa.Table, recipe: Recipe, curation: Curation, threshold: fl
         reason = _stage_outcome(reason, joined, recipe.gate, True)
         limit = recipe.threshold if threshold is None else threshold
         score = joined[f"{recipe.gate}.score"]
-        reason = _first_reason(reason, pc.is_null(score), f"{recipe.gate}:no_score")
-        reason = _first_reason(reason, Gate(recipe.gate, limit).below(score), f"{recipe.gate}_below_threshold")
+        reason = _first_reason(reason, pc.is_null(score), drops.no_score(recipe.gate))
+        reason = _first_reason(reason, Gate(recipe.gate, limit).below(score), drops.below_threshold(recipe.gate))
     if recipe.answer:
         reason = _stage_outcome(reason, joined, recipe.answer, True)
     instruction = pc.utf8_trim_whitespace(joined["backtranslate.instruction"])
@@ -94,7 +95,7 @@ def verdicts(joined: pa.Table, recipe: Recipe, curation: Curation, threshold: fl
 
 def restrict(reason: pa.Array, other: pa.Array, other_recipe: str) -> pa.Array:
     """`reason`, plus `not_kept_by:<other_recipe>` where it keeps a row that the other verdicts drop."""
-    return _first_reason(reason, pc.is_valid(other), f"not_kept_by:{other_recipe}")
+    return _first_reason(reason, pc.is_valid(other), drops.not_kept_by(other_recipe))
 
 
 def response_column(joined: pa.Table, recipe: Recipe):

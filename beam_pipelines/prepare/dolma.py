@@ -12,11 +12,6 @@ from typing import Any
 
 RAW_KEEP_BYTES = 4096  # how much of an unparseable line a reject keeps
 
-REASONS = (
-    "empty_line", "too_large", "invalid_utf8", "malformed_json", "not_an_object", "missing_id",
-    "missing_text", "blank_text",
-)
-
 
 @dataclass(frozen=True)
 class Document:

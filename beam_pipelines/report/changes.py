@@ -33,13 +33,10 @@ import pyarrow.compute as pc
 
 import storage
 from schemas import release
-from schemas.layout import RunLayout
+from schemas.layout import SUCCESS, ReleaseLayout, RunLayout
 from schemas.options import option
-from beam_pipelines.assemble.corpus_stats import RELEASE_STATS as STATS
-from beam_pipelines.assemble.decontaminate import CONTAMINATED, NEAR_DUPLICATE
-from schemas.outcomes import ENGINE_ERROR, REFUSALS
+from schemas.release_stats import ReleaseStats
 
-CHANGES = "changes"          # <release>/changes/{added,removed}.parquet
 VERDICTS = "verdicts"        # assemble's parts: every candidate's (id, url, first reason), per shard
 LATE_DROPS = "late-drops"    # and the (id, reason) dropped after the recipe (duplicates, the cap)
 TOP_DOMAINS = 20
@@ -69,18 +66,6 @@ def release_ids(folder: str) -> dict[str, set[str]]:
     for path in release.data_files(folder):
         add_ids(ids, storage.read_parquet(path, ["id", "origin"]))
     return ids
-
-
-def shares(stats: dict) -> dict:
-    """The kept share (web examples / candidates), the error share (transient failures and refusals /
-    requests sent, over the stages) and each stage's pass rate, of a release's stats."""
-    funnel, sent, failed = stats.get("funnel") or {}, 0, 0
-    for stage in (stats.get("stages") or {}).values():
-        sent += stage.get("sent", 0)
-        failed += sum((stage.get("sent_failures") or {}).get(k, 0) for k in (ENGINE_ERROR, *REFUSALS))
-    return {"kept_share": funnel.get("web_examples", 0) / funnel["candidates"] if funnel.get("candidates") else None,
-            "error_share": failed / sent if sent else None,
-            "pass_rates": {s: v.get("pass_rate") for s, v in (stats.get("stages") or {}).items()}}
 
 
 def web_domain(url: str | None) -> str | None:
@@ -128,7 +113,7 @@ def write_changes(folder: str, tmp: str, old_ids: dict[str, set[str]], new_ids: 
         fields = names if kind == "removed" else names[:4]
         storage.write_parquet(pa.table({n: pa.array([item[j] for item in items], pa.string())
                                         for j, n in enumerate(fields)}),
-                              storage.join(folder, CHANGES, f"{kind}.parquet"))
+                              ReleaseLayout(folder).changes(kind))
         for item in items:
             if item[1] == "web":
                 counts = by_domain.setdefault(item[3] or "-", {"added": 0, "removed": 0})
@@ -137,27 +122,33 @@ def write_changes(folder: str, tmp: str, old_ids: dict[str, set[str]], new_ids: 
     return dict(top)
 
 
-def changes(parent_folder: str | None, parent: str | None, new_ids: dict[str, set[str]], stats: dict,
+def read_stats(folder: str) -> ReleaseStats:
+    """The stats.json of the release at `folder`."""
+    return ReleaseStats.from_dict(json.loads(storage.read_text(ReleaseLayout(folder).stats)))
+
+
+def changes(parent_folder: str | None, parent: str | None, new_ids: dict[str, set[str]], stats,
             write_to: tuple[str, str] | None = None) -> dict:
     """How a release (its ids by origin, `add_ids`, and its `stats`) differs from its parent's folder;
     with `write_to` ((the release folder, assemble's tmp)), its changes/ files too (`write_changes`)."""
     if not parent or not parent_folder:
         return {"parent": None}
+    stats = ReleaseStats.of(stats)
     try:
-        old_stats = json.loads(storage.read_text(storage.join(parent_folder, STATS)))
+        old_stats = read_stats(parent_folder)
         old_ids = release_ids(parent_folder)
-    except (OSError, ValueError, KeyError, release.ReleaseError) as e:
+    except (OSError, ValueError, KeyError, TypeError, release.ReleaseError) as e:
         return {"parent": parent, "error": f"the parent release cannot be read: {e}"}
     by_domain = write_changes(*write_to, old_ids, new_ids) if write_to else None
     by_origin = {}
     for origin in sorted(set(old_ids) | set(new_ids)):
         a, b = old_ids.get(origin, set()), new_ids.get(origin, set())
         by_origin[origin] = {"added": len(b - a), "removed": len(a - b), "kept": len(a & b)}
-    old, new = shares(old_stats), shares(stats)
+    old, new = old_stats.shares, stats.shares
     lengths = {}
-    for origin in sorted(set(old_stats.get("by_origin") or {}) | set(stats.get("by_origin") or {})):
-        a, b = (old_stats.get("by_origin") or {}).get(origin, {}), (stats.get("by_origin") or {}).get(origin, {})
-        lengths[origin] = {f: {"parent": a.get(f"avg_tokens_{f}"), "now": b.get(f"avg_tokens_{f}")}
+    for origin in sorted(set(old_stats.by_origin) | set(stats.by_origin)):
+        a, b = old_stats.by_origin.get(origin), stats.by_origin.get(origin)
+        lengths[origin] = {f: {"parent": a.avg_tokens(f) if a else None, "now": b.avg_tokens(f) if b else None}
                            for f in ("instruction", "response")}
     return {"parent": parent, "examples": by_origin, "by_domain": by_domain, "lengths": lengths,
             "scores": {"parent": _score_summary(old_stats), "now": _score_summary(stats)},
@@ -166,9 +157,9 @@ def changes(parent_folder: str | None, parent: str | None, new_ids: dict[str, se
             "pass_rates": {s: {"parent": old["pass_rates"].get(s), "now": r} for s, r in new["pass_rates"].items()}}
 
 
-def _score_summary(stats: dict) -> dict | None:
+def _score_summary(stats) -> dict | None:
     """The gate stage's score distribution in brief: scored rows, mean score (bin starts), share >= 5."""
-    hist = stats.get("score_histogram") or {}
+    hist = ReleaseStats.of(stats).score_histogram or {}
     counts, edges = hist.get("counts"), hist.get("edges")
     if not counts or not edges or not sum(counts):
         return None
@@ -179,33 +170,35 @@ def _score_summary(stats: dict) -> dict | None:
             "share_5": round(sum(c for c, s in zip(counts, starts) if s >= 5) / n, 4)}
 
 
-def critical(stats: dict) -> list[str]:
+def critical(stats) -> list[str]:
     """The critical alerts of a release's stats (module docstring), as one line each."""
+    stats = ReleaseStats.of(stats)
     out = []
-    funnel = stats.get("funnel") or {}
-    if not funnel.get("web_examples") and funnel.get("candidates"):
-        out.append(f"no web example: {funnel['candidates']:,} candidates gave none (the release holds "
-                   f"{(funnel.get('final') or {}).get('total', 0):,} seed example(s) only)")
-    gate = stats.get("gate") or {}
-    if gate.get("scored") and not gate.get("passed"):
-        out.append(f"{gate['stage']} gate passed nothing: 0 of {gate['scored']:,} scored pairs at or over "
-                   f"{gate['threshold']:g}")
+    funnel = stats.funnel
+    if not funnel.web_examples and funnel.candidates:
+        out.append(f"no web example: {funnel.candidates:,} candidates gave none (the release holds "
+                   f"{funnel.total:,} seed example(s) only)")
+    gate = stats.gate
+    if gate and gate.scored and not gate.passed:
+        out.append(f"{gate.stage} gate passed nothing: 0 of {gate.scored:,} scored pairs at or over "
+                   f"{gate.threshold:g}")
     return out
 
 
-def alerts(stats: dict, diff: dict, validation_fraction: float) -> list[str]:
+def alerts(stats, diff: dict, validation_fraction: float) -> list[str]:
     """The alerts of a release (module docstring), as one line each: the critical ones first."""
+    stats = ReleaseStats.of(stats)
     out = critical(stats)
-    gate = stats.get("gate") or {}
-    dist = (stats.get("score_distributions") or {}).get(gate.get("stage")) or {}
+    gate = stats.gate
+    dist = stats.score_distributions.get(gate.stage) or {} if gate else {}
     counts = [k + d for k, d in zip(dist.get("kept") or [], dist.get("dropped") or [])]
     filled = [i for i, c in enumerate(counts) if c]
     if len(filled) == 1 and counts[filled[0]] > 1:
         edges = [0.0] + list(dist["edges"])   # bin i starts at edges[i - 1]
-        out.append(f"{gate['stage']} scores: all {counts[filled[0]]:,} in one bin [{edges[filled[0]]:g}, "
+        out.append(f"{gate.stage} scores: all {counts[filled[0]]:,} in one bin [{edges[filled[0]]:g}, "
                    f"{edges[filled[0]] + 0.1:.1f}) (a scorer that answers one value)")
-    if gate.get("digit_mass_mean") is not None and gate["digit_mass_mean"] < DIGIT_MASS_FLOOR:
-        out.append(f"{gate['stage']} (logprob mode): the digits 1-5 had {100 * gate['digit_mass_mean']:.1f}% of the "
+    if gate and gate.digit_mass_mean is not None and gate.digit_mass_mean < DIGIT_MASS_FLOOR:
+        out.append(f"{gate.stage} (logprob mode): the digits 1-5 had {100 * gate.digit_mass_mean:.1f}% of the "
                    f"next token's probability on average (under {100 * DIGIT_MASS_FLOOR:g}%): the model does not "
                    "answer the rubric with a digit, its scores are noise")
     kept = diff.get("kept_share") or {}
@@ -213,16 +206,15 @@ def alerts(stats: dict, diff: dict, validation_fraction: float) -> list[str]:
             not kept["now"] or max(kept["now"] / kept["parent"], kept["parent"] / kept["now"]) > MAX_KEPT_SHARE_RATIO):
         out.append(f"kept share {pct(kept['parent'])} -> {pct(kept['now'])} of the candidates since the parent "
                    f"{diff['parent']} (over {MAX_KEPT_SHARE_RATIO:g} times either way)")
-    val = (stats.get("funnel") or {}).get("final", {}).get("validation", 0)
+    val = stats.funnel.validation
     if validation_fraction > 0 and val < VALIDATION_FLOOR:
-        total = (stats.get("funnel") or {}).get("final", {}).get("total", 0)
         out.append(f"validation split: {val} example(s), under the floor of {VALIDATION_FLOOR} (--validation-fraction "
-                   f"{validation_fraction:g} of {total} examples); evaluate on a larger split")
-    error = shares(stats)["error_share"]
+                   f"{validation_fraction:g} of {stats.funnel.total} examples); evaluate on a larger split")
+    error = stats.shares["error_share"]
     if error is not None and error > MAX_ERROR_SHARE:
         out.append(f"transient failures and refusals: {100 * error:.1f}% of the requests sent (over "
                    f"{100 * MAX_ERROR_SHARE:g}%)")
-    lost, reached = decontaminated(stats)
+    lost, reached = stats.decontaminated()
     if reached and lost / reached > MAX_DECONTAMINATED_SHARE:
         out.append(f"decontamination dropped {lost:,} of the {reached:,} pairs the recipe kept ({100 * lost / reached:.1f}%, "
                    f"over {100 * MAX_DECONTAMINATED_SHARE:g}%): check the --decontaminate files' prompts (the report's "
@@ -234,41 +226,29 @@ def alerts(stats: dict, diff: dict, validation_fraction: float) -> list[str]:
     return out
 
 
-def decontaminated(stats: dict) -> tuple[int, int]:
-    """(pairs decontamination dropped, pairs that reached it): the recipe's pairs, which then went
-    through decontamination, exact and near-duplicate instructions and the cap, or into the release."""
-    funnel = stats.get("funnel") or {}
-    dropped = funnel.get("dropped") or {}
-    lost = sum(n for reason, n in dropped.items() if reason.startswith(CONTAMINATED))
-    later = sum(dropped.get(reason, 0) for reason in ("duplicate_instruction", NEAR_DUPLICATE, "over_cap"))
-    return lost, lost + later + (funnel.get("web_examples") or 0)
-
-
 TREND_RELEASES = 10
 
 
-def _point(stats: dict) -> dict:
-    stages = stats.get("stages") or {}
-    funnel = stats.get("funnel") or {}
-    return {"version": stats.get("version"), "examples": (funnel.get("final") or {}).get("total", 0),
-            "web_examples": funnel.get("web_examples", 0),
-            "pass_rates": {s: v.get("pass_rate") for s, v in stages.items()},
-            "output_tokens": sum(v.get("output_tokens", 0) or 0 for v in stages.values())}
+def _point(stats: ReleaseStats) -> dict:
+    return {"version": stats.version, "examples": stats.funnel.total, "web_examples": stats.funnel.web_examples,
+            "pass_rates": {s: v.pass_rate for s, v in stats.stages.items()},
+            "output_tokens": sum(v.count("output_tokens") or 0 for v in stats.stages.values())}
 
 
-def trend(release_folder, parent: str | None, stats: dict) -> list[dict]:
+def trend(release_folder, parent: str | None, stats) -> list[dict]:
     """This release and up to TREND_RELEASES - 1 ancestors along the parent chain (each release's
     stats.json names its parent), oldest first: examples, web examples, pass rates, output tokens.
     `release_folder(version)` is the folder of a version."""
-    points, seen = [_point(stats)], {stats.get("version")}
+    stats = ReleaseStats.of(stats)
+    points, seen = [_point(stats)], {stats.version}
     while parent and parent not in seen and len(points) < TREND_RELEASES:
         try:
-            older = json.loads(storage.read_text(storage.join(release_folder(parent), STATS)))
-        except (OSError, ValueError):
+            older = read_stats(release_folder(parent))
+        except (OSError, ValueError, TypeError):
             break
         points.append(_point(older))
         seen.add(parent)
-        parent = older.get("parent")
+        parent = older.parent
     return points[::-1]
 
 
@@ -289,7 +269,7 @@ class DiffConfig:
         """A release folder from a folder path or a version under --root (LATEST when None)."""
         if name is None:
             return release.resolve(self.root)
-        if self.root and release._VERSION.match(name) and not storage.exists(storage.join(name, release.MANIFEST)):
+        if self.root and release._VERSION.match(name) and not storage.exists(ReleaseLayout(name).manifest):
             return RunLayout(self.root).release(name)
         return release.resolve(name)
 
@@ -299,14 +279,14 @@ def diff_releases(old_folder: str, new_folder: str) -> dict:
     between two published releases (their manifests' data files). A reason is known when NEW was built
     on OLD (its changes/removed.parquet, written against its parent); else None."""
     for folder in (old_folder, new_folder):
-        if not storage.exists(storage.join(folder, release.SUCCESS)):
-            raise release.ReleaseError(f"{folder}: not a published release (no {release.SUCCESS})")
+        if not storage.exists(ReleaseLayout(folder).success):
+            raise release.ReleaseError(f"{folder}: not a published release (no {SUCCESS})")
     old_ids, new_ids = release_ids(old_folder), release_ids(new_folder)
     reasons = {}
-    removed_file = storage.join(new_folder, CHANGES, "removed.parquet")
+    removed_file = ReleaseLayout(new_folder).changes("removed")
     try:
-        parent = json.loads(storage.read_text(storage.join(new_folder, STATS))).get("parent")
-    except (OSError, ValueError):
+        parent = read_stats(new_folder).parent
+    except (OSError, ValueError, TypeError):
         parent = None
     if parent and release.resolve(old_folder).rstrip("/").endswith("/" + parent) and storage.exists(removed_file):
         table = storage.read_parquet(removed_file, ["id", "reason"])
