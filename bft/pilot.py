@@ -145,7 +145,8 @@ def measure(plan, pilot: dict) -> dict:
     tables = {stage: schemas.to_table([r for i, r in by_id.items() if i in ids], schemas.GENERATION, stage)
               for stage, by_id in rows.items()}
     joined = recipes.join_stages(cands, {s: t for s, t in tables.items() if s in recipe.stages})
-    reasons = recipes.verdicts(joined, recipe, plan.assemble.curation(), plan.assemble.threshold).to_pylist()
+    threshold = plan.gate.threshold if plan.gate else None   # the run's one gate (bft.run_file.run_gate)
+    reasons = recipes.verdicts(joined, recipe, plan.assemble.curation(), threshold).to_pylist()
     by_id = dict(zip(joined["id"].to_pylist(), reasons))
     drops: dict[str, int] = {}
     for reason in reasons:
@@ -183,7 +184,7 @@ def measure(plan, pilot: dict) -> dict:
 
 
 def stage_measured(m: dict, stage: str) -> dict | None:
-    """A stage's pilot figures in the shape of plan._measured (totals over the rows sent to it)."""
+    """A stage's pilot figures in the shape of plan_inputs.measured (totals over the rows sent to it)."""
     s = m["stages"].get(stage)
     if s is None:
         return None

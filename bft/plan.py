@@ -1,6 +1,7 @@
 """`bft plan --config FILE`: what a run will cost before any GPU is spent. It first runs `bft
-rebuild`'s preflight of the run's servers (rebuild.check_servers): a plan of requests that cannot
-be sent (the server is down, or does not serve the model) is an error, not a plan.
+rebuild`'s preflight of the run's servers (run_file.check_servers): a plan of requests that cannot
+be sent (the server is down, or does not serve the model) is an error, not a plan. What it reads:
+bft/plan_inputs.py; its table: bft/plan_table.py.
 
 Per generation stage the recipe needs: requests, prompt tokens, output tokens, the rows expected to
 pass each gate, and GPU-hours; and the candidates needed for a target corpus size. Each figure says
@@ -59,18 +60,16 @@ import json
 import math
 from dataclasses import dataclass
 
-import storage
-from bft.rebuild import RunPlan, StagePlan, check_servers, load_run, no_input
+from bft import plan_inputs
+from bft.plan_table import render_table
+from bft.run_file import RunPlan, StagePlan, check_servers, load_run
 from beam_pipelines.report.paper import PAPER_SCORE5_SHARE
 from schemas.errors import UserError
-from schemas.state import prepare_stats, read_json
-from schemas.layout import RunLayout
 from schemas.options import option
-from schemas.recipes import ANSWER_STAGES, Gate
+from schemas.recipes import ANSWER_STAGES
 
 PAPER_SOURCE = "the paper's figure: 13.6% scored 5 (70B forward model, Dolma's head split)"
 UNKNOWN = "unknown: run --pilot N"   # a rate nothing measured and no prior holds for
-DEFAULT_BATCH_DISCOUNT = 0.5  # OpenAI's Batch API: the same requests at half the price, within 24 h
 
 
 @dataclass
@@ -115,165 +114,6 @@ def pilot(plan: RunPlan, n: int) -> dict:
         return measure(plan, run_pilot(plan, n))
 
 
-# ---- inputs: candidates, measured shards -------------------------------------------------------
-
-def _candidates(plan: RunPlan, sample_docs: int) -> dict:
-    """{"rows", "doc_tokens", "texts" (a sample), "source"} of the candidates, measured or estimated."""
-    import pyarrow.compute as pc
-
-    layout = plan.layout
-    if storage.exists(layout.prepare_stats):
-        import numpy as np
-
-        rows, tokens, texts, lengths, uncounted, unseen = 0, 0, [], [], 0, []
-        want = max(sample_docs, 1)
-        for _, _, path in layout.candidate_shards():
-            t = storage.read_parquet(path, columns=["n_tokens"])
-            if len(texts) < sample_docs or (len(unseen) < want and t["n_tokens"].null_count):
-                t = storage.read_parquet(path, columns=["n_tokens", "text"])
-            rows += t.num_rows
-            tokens += int(pc.sum(t["n_tokens"]).as_py() or 0)
-            counted = t.filter(pc.is_valid(t["n_tokens"]))
-            lengths.append(counted["n_tokens"].to_numpy())
-            uncounted += t.num_rows - counted.num_rows
-            if "text" in t.column_names:
-                texts += t["text"].to_pylist()[: max(sample_docs - len(texts), 0)]
-                unseen += t.filter(pc.is_null(t["n_tokens"]))["text"].to_pylist()[: max(want - len(unseen), 0)]
-        weights = [np.ones(sum(map(len, lengths)))]
-        counts = "exact counts"
-        if uncounted:
-            # documents prepare kept by their upper bound, uncounted: a sample of them counted with
-            # prepare's tokenizer stands for them all (their lengths, and their tokens by the mean)
-            from beam_pipelines.tokens.load import shared_counter
-
-            sample = np.array(shared_counter(plan.prepare.tokenizer).count(unseen), dtype=np.int64)
-            tokens += int(round(float(sample.mean()) * uncounted))
-            lengths.append(sample)
-            weights.append(np.full(len(sample), uncounted / len(sample)))
-            counts += f"; {uncounted:,} documents kept uncounted, estimated from {len(sample):,} of them counted"
-        return {"rows": rows, "doc_tokens": tokens, "doc_tokens_source": counts, "texts": texts, "source": "candidates",
-                "lengths": np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64),
-                "weights": np.concatenate(weights) if lengths else np.zeros(0)}
-    return _estimate_from_input(plan, sample_docs)
-
-
-def _estimate_from_input(plan: RunPlan, sample_docs: int) -> dict:
-    """Before prepare has run: parse up to `sample_docs` lines of the first head-split file, measure
-    them with prepare's tokenizer and limits, and scale by the number of files."""
-    from beam_pipelines.prepare import dolma
-    from beam_pipelines.tokens.load import shared_counter
-    from beam_pipelines.prepare import list_inputs
-
-    cfg = plan.prepare
-    files = [f for f in list_inputs(cfg.input) if not cfg.splits or dolma.split_of(f, cfg.splits)]
-    if not files:
-        raise UserError("no input file is in the selected splits: nothing to plan")
-    lines, docs = 0, []
-    for raw in storage.open_lines(files[0]):
-        lines += 1
-        doc = dolma.parse_line(raw, cfg.max_line_bytes)
-        if isinstance(doc, dolma.Document):
-            docs.append(doc.text)
-        if lines >= sample_docs:
-            break
-    kept, tokens, texts, lengths = 0, 0, [], []
-    # prepare's own counter (length.shared_counter): the same loader and exact counts as the pass
-    for text, n in zip(docs, shared_counter(cfg.tokenizer).count(docs) if docs else []):
-        if cfg.min_tokens <= n <= cfg.max_tokens:
-            kept += 1
-            tokens += n
-            texts.append(text)
-            lengths.append(n)
-    near = 0
-    if cfg.near_dedup:  # the sample's own near-duplicates: a lower bound (those across files are not in it)
-        from beam_pipelines.minhash import sketch, survivors
-
-        params = cfg.minhash_params()
-        found = survivors({i: sketch(t, params) for i, t in enumerate(texts)}, params)
-        dropped = {i for i, s in found.items() if i != s}
-        near = len(dropped)
-        kept -= near
-        tokens -= sum(lengths[i] for i in dropped)
-        texts = [t for i, t in enumerate(texts) if i not in dropped]
-        lengths = [n for i, n in enumerate(lengths) if i not in dropped]
-    # a sampled file that is shorter than the sample is the whole file: scale by files either way
-    per_file_lines = lines
-    if lines >= sample_docs:  # count the rest of the first file's lines cheaply (no parsing)
-        per_file_lines = sum(1 for _ in storage.open_lines(files[0]))
-    scale = per_file_lines * len(files) / max(lines, 1)
-    rows = kept * scale
-    if cfg.target_docs:
-        tokens = tokens * min(cfg.target_docs, rows) / max(kept, 1) if kept else 0
-        rows = min(cfg.target_docs, rows)
-    else:
-        tokens *= scale
-    import numpy as np
-
-    return {"rows": int(rows), "doc_tokens": int(tokens), "texts": texts, "lengths": np.array(lengths, dtype=np.int64),
-            "source": f"estimated from {lines} lines of {files[0]} x {len(files)} files"
-                      + (f", less the {near} near-duplicates among them" if cfg.near_dedup else "")}
-
-
-def _measured(layout: RunLayout, stage: str, threshold: float | None) -> dict | None:
-    """Totals over the stage's existing shards' metrics (and the gate's pass count for scores)."""
-    import pyarrow.compute as pc
-
-    try:
-        shards = layout.candidate_shards()
-    except UserError:
-        return None
-    totals = {"rows": 0, "sent": 0, "ok": 0, "parsed": 0, "prompt_tokens": 0, "output_tokens": 0, "wall_s": 0.0, "passed": 0}
-    found = 0
-    for k, n, _ in shards:
-        metrics = layout.generation_metrics(stage, k, n)
-        m = read_json(layout, metrics, {"rows": int}, set_aside=False)   # plan writes nothing
-        if m is None:
-            continue
-        found += 1
-        not_sent = (m.get("finish_reasons") or {}).get("not_sent", 0)
-        totals["rows"] += m["rows"]
-        totals["sent"] += m["rows"] - not_sent
-        # rows whose output is usable: sent, parsed, and made from a whole document (assemble drops
-        # the pairs of a cut one); every row not sent carries a parse_error, so these are all sent
-        parsed = m["rows"] - sum((m.get("parse_failures") or {}).values())
-        totals["parsed"] += parsed
-        totals["ok"] += max(0, parsed - (m.get("input_truncated") or 0))
-        for key in ("prompt_tokens", "output_tokens", "wall_s"):
-            totals[key] += m.get(key) or 0
-        if threshold is not None and storage.exists(layout.generation_shard(stage, k, n)):
-            t = storage.read_parquet(layout.generation_shard(stage, k, n),
-                                     columns=["score", "parse_error", "input_truncated"])
-            passing = Gate(stage, threshold).passing(t["parse_error"], t["input_truncated"], t["score"])
-            totals["passed"] += int(pc.sum(passing.cast("int64")).as_py() or 0)
-    return totals if found else None
-
-
-# ---- per stage ---------------------------------------------------------------------------------
-
-def _model_tokenizer(sp: StagePlan):
-    from transformers import AutoTokenizer
-
-    source = sp.cfg.tokenizer or sp.cfg.model
-    try:
-        return AutoTokenizer.from_pretrained(source), source
-    except Exception:  # a served model name with no local tokenizer: fall back to prepare's counts
-        return None, None
-
-
-def _context(sp: StagePlan) -> int | None:
-    """The stage's context length: --max-model-len, else the local model folder's config."""
-    if sp.cfg.max_model_len:
-        return sp.cfg.max_model_len
-    try:
-        from transformers import AutoConfig
-
-        from generation.engines.base import model_context_length
-
-        return model_context_length(AutoConfig.from_pretrained(sp.cfg.tokenizer or sp.cfg.model))
-    except Exception:  # a served model name: unknown here
-        return None
-
-
 def paper_point(sp: StagePlan, threshold: float | None) -> bool:
     """Whether the paper's 13.6% can stand for a gate: generated scores of the score stage at 5."""
     return sp.stage == "score" and sp.cfg.score_mode == "generate" and threshold == 5
@@ -290,9 +130,8 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
 
     layout = plan.layout
     recipe = RECIPES[plan.assemble.recipe]
-    threshold = plan.assemble.threshold
-    cands = _candidates(plan, sample_docs)
-    prices = _prices(plan)
+    cands = plan_inputs.candidates(plan, sample_docs)
+    prices = plan_inputs.prices(plan)
     out: dict = {"root": plan.root, "recipe": recipe.name, "candidates": {k: cands[k] for k in (
                      "rows", "doc_tokens", "doc_tokens_source", "source") if k in cands},
                  "prepare_max_tokens": plan.prepare.max_tokens, "stages": {}}
@@ -305,7 +144,7 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
         if pilot is not None:
             measured = stage_measured(pilot, sp.stage)
         else:
-            measured = _measured(layout, sp.stage, threshold if sp.stage == recipe.gate else None)
+            measured = plan_inputs.measured(layout, sp.stage, plan.gate if sp.stage == recipe.gate else None)
         measured_source = (measured or {}).get("source", "measured")
         upper = False
         if first:
@@ -329,7 +168,7 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
             out_per_req, out_source = measured["output_tokens"] / measured["sent"], measured_source
         else:
             out_per_req, out_source = cap, "new-token cap (upper bound)"
-        tokenizer, tok_source = _model_tokenizer(sp)
+        tokenizer, tok_source = plan_inputs.model_tokenizer(sp)
         if tokenizer is not None:
             overhead = budget.prompt_overhead(tokenizer, sp.stage, sp.cfg.template)
             if tok_source and tok_source == plan.prepare.tokenizer or not cands["texts"]:
@@ -355,7 +194,7 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
         # documents over what the stage's prompt holds whole are cut, and assemble drops their pairs
         # when the stage gates or answers (`score:input_truncated`, ...): counted, with what dropping
         # them up front would take (bft prepare --max-tokens)
-        context = _context(sp)
+        context = plan_inputs.context_length(sp)
         limit = cut = None
         if tokenizer is not None and context and spec.doc_field:
             limit = budget.max_document_tokens(context, cap, overhead + int(instr))
@@ -375,7 +214,7 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
             "output_tokens": int(round(requests * out_per_req)),
             "output_tokens_source": out_source,
             "output_tokens_per_row": round(out_per_req, 1),
-            "prefix_share": _prefix_share(layout, sp, tokenizer, prompt_per_req, measured),
+            "prefix_share": plan_inputs.prefix_share(layout, sp, tokenizer, prompt_per_req, measured),
             "parse_ok_rate": round(ok_rate, 4) if ok_rate is not None else None,
             "parse_ok_source": ok_source,
             "whole_document_limit": limit,
@@ -390,12 +229,12 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
             if measured and measured["sent"]:
                 share = measured["passed"] / measured["sent"]   # of the pairs sent to the gate stage
                 gate_source = measured_source
-            elif paper_point(sp, threshold):
+            elif paper_point(sp, plan.gate.threshold):
                 share, gate_source = PAPER_SCORE5_SHARE, PAPER_SOURCE
             else:   # another mode, threshold, gate or model: the paper says nothing of it
                 share, gate_source = None, UNKNOWN
-            entry.update(gate_threshold=threshold, gate_pass_rate=round(share, 4) if share is not None else None,
-                         gate_source=gate_source,
+            entry.update(gate_threshold=plan.gate.threshold,
+                         gate_pass_rate=round(share, 4) if share is not None else None, gate_source=gate_source,
                          passing_gate=int(round(requests * share)) if share is not None else None)
         tps = sp.tokens_per_s
         tps_source = "run file" if tps else None
@@ -424,7 +263,7 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
     out["examples_expected"] = int(cands["rows"] * yield_rate) if yield_rate is not None else None
     out["examples_expected_upper_bound"] = yield_upper
     out["yield_source"] = yield_source
-    out["seed_examples"] = _seed_rows(plan.assemble.seed_data)
+    out["seed_examples"] = plan_inputs.seed_rows(plan.assemble.seed_data)
     out["release_examples_expected"] = (out["examples_expected"] + (out["seed_examples"] or 0)
                                         if out["examples_expected"] is not None else None)
     out["yield_per_candidate"] = round(yield_rate, 5) if yield_rate is not None else None
@@ -440,7 +279,7 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
     out["upper_bounds"] = any(s["requests_upper_bound"] for s in out["stages"].values())
     if pilot is not None:
         out["pilot"] = _pilot_intervals(pilot, out, cands["rows"])
-    out["tonight"] = tonight(plan, out)
+    out["tonight"] = plan_inputs.tonight(plan, out)
     return out
 
 
@@ -482,97 +321,6 @@ def _pilot_intervals(m: dict, out: dict, candidates: int) -> dict:
     return result
 
 
-def tonight(plan: RunPlan, out: dict) -> dict:
-    """What tonight's rebuild will send, beside the whole corpus's plan `out` (module docstring)."""
-    from beam_pipelines.prepare import input_fingerprint, list_inputs
-    from bft.status import stage_pending
-
-    layout, cands = plan.layout, out["candidates"]
-    per_candidate = {stage: s["requests"] / cands["rows"] if cands["rows"] else 0.0 for stage, s in out["stages"].items()}
-    stats = prepare_stats(layout, set_aside=False)
-    if stats is None:
-        return {"first_night": True, "documents": cands["rows"], "documents_source": cands["source"],
-                "stages": {stage: {"requests": s["requests"], "pending_shards": None} for stage, s in out["stages"].items()}}
-    empty = no_input(plan.prepare)
-    if empty:   # the rebuild stops at once: nothing new tonight
-        return {"first_night": False, "nothing_new": f"nothing new tonight: {empty}",
-                "stages": {stage: {"requests": 0, "pending_shards": None} for stage in out["stages"]}}
-    seen = {f["path"]: f for f in stats.get("inputs") or []}
-    now = {f["path"]: f for f in input_fingerprint(list_inputs(plan.prepare.input))}
-    new = sorted(p for p in now if p not in seen)
-    changed = sorted(p for p in now if p in seen and now[p] != seen[p])
-    lines = sum(sum(1 for _ in storage.open_lines(p)) for p in new + changed)
-    kept_share = stats["kept"] / stats["input_records"] if stats.get("input_records") else 1.0
-    documents = int(round(lines * kept_share))
-    result = {"first_night": False, "files": {"new": len(new), "changed": len(changed),
-                                              "removed": len(set(seen) - set(now)), "unchanged": len(now) - len(new) - len(changed)},
-              "documents": documents,
-              "documents_source": f"{lines:,} lines of the new and changed input files x the {kept_share:.1%} prepare "
-                                  "kept last time (an upper bound for a changed file: its unchanged documents are reused)",
-              "stages": {}}
-    shards = layout.candidate_shards()
-    rows = {k: storage.read_parquet(path, columns=["id"]).num_rows for k, _, path in shards}
-    for stage in out["stages"]:
-        state = stage_pending(layout, stage, shards)
-        answered = sum(len(storage.read_parquet(p, columns=["id"]))
-                       for k in state["in_flight"]
-                       for p in storage.list_files(layout.generation_checkpoints(stage, k, shards[0][1]))
-                       if p.endswith(".parquet"))
-        pending = sum(rows[k] for k in state["pending"])
-        # the answered rows (a pilot's, a killed run's) are requests, not candidates: taken off the
-        # requests the pending candidates make (a stage past a rate is sent only some of them)
-        todo = max(0, pending * per_candidate[stage] - answered)
-        result["stages"][stage] = {"pending_shards": state["pending"], "pending_rows": max(0, pending - answered),
-                                   "requests": int(round(documents * per_candidate[stage] + todo))}
-    return result
-
-
-def _prefix_share(layout: RunLayout, sp: StagePlan, tokenizer, prompt_per_req: float, measured: dict | None):
-    """The share of the stage's prompt tokens in the prefix all its prompts share (what a server's prefix
-    cache reuses): measured on its shards where they record it, else from its template and the prompt
-    tokens estimated above; None without a tokenizer."""
-    from generation import budget
-
-    share = budget.token_figures(layout, sp.stage)["prefix_share"] if measured else None
-    if share is None:
-        share = budget.prefix_share(budget.shared_prefix_tokens(tokenizer, sp.stage, sp.cfg.template), 1, prompt_per_req)
-    return share
-
-
-def _prices(plan: RunPlan) -> dict[str, dict]:
-    """{stage: {price_in, price_out, batch_discount}} of the stages whose run-file section prices its
-    tokens (USD per 1M; module docstring). load_run keeps only what bft rebuild reads, so the stage
-    sections are read again here (their keys and types were checked when the run was loaded)."""
-    from bft import config
-    from generation.runner import GenerateConfig
-
-    doc = config.read_run_file(plan.path)
-    out = {}
-    for sp in plan.stages:
-        run = config.section_values(GenerateConfig, doc, plan.path, "generate", sp.stage)[1]
-        if "price_in" not in run and "price_out" not in run:
-            continue
-        price = {"price_in": run.get("price_in", 0.0), "price_out": run.get("price_out", 0.0),
-                 "batch_discount": run.get("batch_discount", DEFAULT_BATCH_DISCOUNT)}
-        if min(price["price_in"], price["price_out"]) < 0 or not 0 <= price["batch_discount"] < 1:
-            raise UserError(f"{plan.path}: generate.{sp.stage}: price_in and price_out are USD per 1M tokens (>= 0) "
-                            f"and batch_discount the share the Batch API takes off (0 <= it < 1)")
-        out[sp.stage] = price
-    return out
-
-
-def _seed_rows(path: str | None) -> int | None:
-    """The seed pairs assemble mixes in (the rows of --seed-data; None without one or before it exists)."""
-    if not path or not storage.exists(path):
-        return None
-    from beam_pipelines.assemble.pipeline import read_seed_table
-
-    try:
-        return read_seed_table(path).num_rows
-    except Exception:  # assemble names the problem; the plan only leaves the figure out
-        return None
-
-
 def _yield(out: dict, recipe) -> tuple[float | None, bool, str]:
     """(examples per candidate, whether it is an upper bound, where it comes from): each a share of
     the requests its stage was sent (applied once): the backtranslate parse rate, the gate's pass rate
@@ -602,148 +350,3 @@ def _yield(out: dict, recipe) -> tuple[float | None, bool, str]:
     if upper:
         return rate, True, f"at most ({'; '.join(sources)}; the parse rates are {UNKNOWN})"
     return rate, False, "; ".join(sources)
-
-
-def _rate(value: float | None) -> str:
-    return f"{value:.3f}" if value is not None else "?"
-
-
-def _ci(ci: list, fmt: str = ",.0f") -> str:
-    return f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
-
-
-def render_table(result: dict) -> str:
-    c = result["candidates"]
-    lines = [f"plan for {result['root']} (recipe {result['recipe']})",
-             f"candidates: {c['rows']:,} documents, {c['doc_tokens']:,} tokens ({c['source']})", "",
-             f"{'stage':<14}{'requests':>12}{'prompt tok':>15}{'output tok':>14}{'pass':>8}{'tok/s':>10}{'GPU-h':>10}"]
-    for stage, s in result["stages"].items():
-        passing = s["gate_pass_rate"] if "gate_pass_rate" in s else s["parse_ok_rate"]
-        at_most = "<=" if s["requests_upper_bound"] else ""
-        lines.append(f"{stage:<14}{at_most + format(s['requests'], ','):>12}{s['prompt_tokens']:>15,}"
-                     f"{s['output_tokens']:>14,}{_rate(passing):>8}{(s['tokens_per_s'] or 0):>10,.0f}"
-                     + (f"{'hosted':>10}" if s.get("hosted") else
-                        f"{(s['gpu_hours'] if s['gpu_hours'] is not None else float('nan')):>10.2f}"))
-    lines.append("")
-    for stage, s in result["stages"].items():
-        src = [s["requests_source"], "outputs: " + s["output_tokens_source"], "parsed: " + s["parse_ok_source"]]
-        if "gate_source" in s:
-            src.append(f"gate >= {s['gate_threshold']:g}: {s['gate_source']}")
-        if s["tokens_per_s_source"]:
-            src.append("tok/s: " + s["tokens_per_s_source"])
-        lines.append(f"  {stage}: " + "; ".join(src))
-    for stage, s in result["stages"].items():   # what each row pays, and what a prefix cache saves of it
-        share = s.get("prefix_share")
-        lines.append(f"  {stage}: {s['output_tokens_per_row']:,.1f} output tokens per row"
-                     + (f"; {share:.1%} of its prompt tokens are the prefix every prompt shares (a server's "
-                        "prefix cache computes it once)" if share is not None else ""))
-    lines += _length_lines(result)
-    lines += _pilot_lines(result)
-    seeds = result.get("seed_examples")
-    expected = result["examples_expected"]
-    if expected is None:
-        lines.append(f"\nexpected examples: {result['yield_source']}")
-    else:
-        at_most = "at most " if result["examples_expected_upper_bound"] else ""
-        ci = result.get("pilot", {}).get("examples_expected_ci")
-        lines.append(f"\nexpected examples: {at_most}{expected:,}" + (f" {_ci(ci)}" if ci else "")
-                     + f" ({result['yield_per_candidate']:.4f} per candidate)"
-                     + (f" + {seeds:,} seed = {result['release_examples_expected']:,}" if seeds else "")
-                     + (f" {_ci(result['pilot']['release_examples_expected_ci'])}"
-                        if seeds and ci and "release_examples_expected_ci" in result["pilot"] else "")
-                     + (" in the release" if seeds else "") + f"; {result['yield_source']}")
-    if "target_examples" in result:
-        needed = result["candidates_needed"]
-        lines.append(f"candidates needed for {result['target_examples']:,} examples: "
-                     + (("at least " if result["examples_expected_upper_bound"] else "") + f"{needed:,}" if needed else
-                        "unknown (run --pilot N)" if result["yield_per_candidate"] is None else "cannot be reached"))
-    hosted = {stage: s for stage, s in result["stages"].items() if s.get("hosted")}
-    pilot = result.get("pilot") or {}
-    if hosted:
-        lines.append("\ncost of the hosted stages (USD; prices per 1M tokens from the run file):")
-        for stage, s in hosted.items():
-            ci = pilot.get("stages", {}).get(stage, {})
-            lines.append(f"  {stage}: {s['requests']:,} requests, {s['prompt_tokens']:,} in x ${s['price_in']:g} + "
-                         f"{s['output_tokens']:,} out x ${s['price_out']:g}: online ${s['cost_online']:,.2f}"
-                         + (f" {_ci(ci['cost_online_ci'], ',.2f')}" if "cost_online_ci" in ci else "")
-                         + f", batch ${s['cost_batch']:,.2f} ({s['batch_discount']:.0%} off)")
-        at_most = "at most " if any(s["requests_upper_bound"] for s in hosted.values()) else ""
-        lines.append(f"  in all: {at_most}online ${result['cost_online_total']:,.2f}"
-                     + (f" {_ci(pilot['cost_online_total_ci'], ',.2f')}" if "cost_online_total_ci" in pilot else "")
-                     + f", batch ${result['cost_batch_total']:,.2f}")
-    total = result["gpu_hours_total"]
-    lines.append(("GPU-hours in all (self-hosted stages): " if hosted else "GPU-hours in all: ")
-                 + (("at most " if any(s["requests_upper_bound"] for s in result["stages"].values()
-                                         if not s.get("hosted")) else "") + f"{total:.2f}"
-                    + (f" {_ci(pilot['gpu_hours_total_ci'], ',.2f')}" if "gpu_hours_total_ci" in pilot else "")
-                    if total is not None else "unknown (give tokens_per_s in each stage's section)"))
-    if result["upper_bounds"]:
-        lines.append("(<=, at most: a rate before the stage is unknown; `bft plan --pilot N` measures it)")
-    return "\n".join(lines + tonight_lines(result))
-
-
-def _length_lines(result: dict) -> list[str]:
-    """Per stage the documents over what its prompt holds whole (cut: assemble drops the pairs of a
-    gating or answering stage), and the working limit beside prepare's."""
-    lines, order = [], list(result["stages"])
-    for stage, s in result["stages"].items():
-        if s.get("documents_cut"):
-            paid = order.index(stage) + 1  # one request in each stage up to this one
-            dropped = (f" (their pairs are dropped by assemble, after ~{s['documents_cut'] * paid:,} requests in "
-                       f"{', '.join(order[:paid])})") if paid > 1 else ""
-            lines.append(f"  {stage}: {s['documents_cut']:,} document(s) ({s['documents_cut_share']:.1%} of its requests) "
-                         f"over the {s['whole_document_limit']:,} tokens its prompt holds whole: cut{dropped}")
-    limit = result["max_tokens_keeping_all_whole"]
-    if limit is not None:
-        lines.append(f"  working length limit: {limit:,} document tokens (the smallest stage's; prepare keeps up to "
-                     f"{result['prepare_max_tokens']:,})")
-    if any(s.get("documents_cut") for s in result["stages"].values()):
-        lines.append(f"  `prepare: {{max_tokens: {limit}}}` keeps every stage whole "
-                     "and drops those documents before any request (the paper removed such documents up front)")
-    return lines
-
-
-def _pilot_lines(result: dict) -> list[str]:
-    p = result.get("pilot")
-    if not p:
-        return []
-    lines = ["", f"pilot: {p['n']:,} candidates drawn by sample key (seed {p['seed']}); rates of the pairs that reached "
-                 "each stage, 95% Wilson intervals"
-             + (f"; {p['transient_errors_left_out']} left out (a transient failure: the night resends them)"
-                if p["transient_errors_left_out"] else ""),
-             f"{'stage':<14}{'sent':>6}{'parsed':>8}{'parse rate':>22}{'passed':>8}{'pass rate':>22}{'requests (95%)':>26}"]
-
-    def rate(r, ci):
-        return f"{_rate(r)} {_ci(ci, '.3f')}" if r is not None else "?"
-
-    for stage, s in p["stages"].items():
-        lines.append(f"{stage:<14}{s['sent']:>6}{s['parsed']:>8}{rate(s['parse_rate'], s['parse_ci']):>22}"
-                     f"{s['passed']:>8}{rate(s['pass_rate'], s['pass_ci']):>22}{_ci(s['requests_ci']):>26}")
-    cur = p["curation"]
-    lines.append(f"{'curation':<14}{cur['entered']:>6}{'':>8}{'':>22}{cur['passed']:>8}"
-                 f"{rate(cur['passed'] / cur['entered'] if cur['entered'] else None, cur['pass_ci']):>22}")
-    lines.append(f"end to end: {p['kept']} of {p['n']} kept, yield {p['yield']:.4f} {_ci(p['yield_ci'], '.4f')}")
-    if p["drops"]:
-        lines.append("  dropped: " + ", ".join(f"{r} {n}" for r, n in sorted(p["drops"].items(), key=lambda kv: -kv[1])))
-    sizes = p["pilot_size_for"]
-    lines.append("pilot size for a relative precision of the yield at 95%: "
-                 + ", ".join(f"+-{float(r):.0%}: " + (f"{n:,} candidates" if n else "unreachable (no pair kept)")
-                             for r, n in sizes.items()))
-    return lines
-
-
-def tonight_lines(result: dict) -> list[str]:
-    t = result["tonight"]
-    if t["first_night"]:
-        return ["", "tonight: the first night (no prepare output yet): the whole corpus above"]
-    if t.get("nothing_new"):
-        return ["", f"tonight: {t['nothing_new']}; no request is sent"]
-    f = t["files"]
-    lines = ["", f"tonight (since the last prepare): input files {f['new']} new, {f['changed']} changed, {f['removed']} "
-                 f"removed, {f['unchanged']} unchanged; ~{t['documents']:,} new or changed documents "
-                 f"({t['documents_source']})",
-             f"{'stage':<14}{'pending shards':>16}{'requests tonight':>18}{'whole corpus':>14}"]
-    for stage, s in t["stages"].items():
-        pending = f"{len(s['pending_shards'])} ({s['pending_rows']:,} rows)" if s["pending_shards"] else "0"
-        lines.append(f"{stage:<14}{pending:>16}{s['requests']:>18,}{result['stages'][stage]['requests']:>14,}")
-    return lines

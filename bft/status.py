@@ -42,7 +42,7 @@ class StatusConfig:
 def main_status(cfg: StatusConfig, run_file: str | None) -> int:
     stages = None
     if run_file:   # the recipe's stages, in order (and a run file that does not load is said at once)
-        from bft.rebuild import load_run
+        from bft.run_file import load_run
 
         stages = [sp.stage for sp in load_run(run_file, cfg.root).stages]
     if not storage.has_files(cfg.root):   # a mistyped root would otherwise read as "nothing done yet"
@@ -55,7 +55,7 @@ def main_status(cfg: StatusConfig, run_file: str | None) -> int:
 def status(layout: RunLayout, stages: list[str] | None = None) -> dict:
     """The root's status (module docstring); `stages`: the generation stages to show (None: those with
     a folder under ROOT/generations)."""
-    from bft.rebuild import read_record
+    from bft.night import read_record
 
     rel = latest(layout)
     last = read_record(layout, layout.last_night_record, set_aside=False)

@@ -6,7 +6,7 @@ import json
 import os
 
 from beam_pipelines.report import changes
-from bft.rebuild import night_text
+from bft.night import night_text
 from generation import parsing
 from schemas import outcomes
 from tests.test_cli import run as bft

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 import storage
-from bft.rebuild import Night
+from bft.night import Night
 from generation.batch import BatchDispatch
 from generation.runner import Checkpoints
 from schemas import provenance, state

@@ -199,7 +199,7 @@ def test_prepare_help_lists_the_near_dedup_flags(capsys):
 def test_plan_estimates_the_near_duplicates_of_its_sample(corpus, bpe_tokenizer_path, tmp_path):
     from types import SimpleNamespace
 
-    from bft.plan import _estimate_from_input
+    from bft.plan_inputs import _estimate_from_input
 
     def estimate(near_dedup):
         cfg = PrepareConfig(input=[corpus["glob"]], root=str(tmp_path), tokenizer=bpe_tokenizer_path,

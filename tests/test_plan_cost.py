@@ -37,7 +37,7 @@ def test_plan_prices_hosted_stages_online_and_batch(tmp_path, tiny_models, bpe_t
     rc, _, err = bft(capsys, "plan", "--config", cfg)
     assert rc == 1 and "batch_discount the share the Batch API takes off" in err and len(err.strip().splitlines()) == 1
     # bft rebuild reads the run file with these keys too (it ignores them)
-    from bft.rebuild import load_run
+    from bft.run_file import load_run
 
     assert [sp.stage for sp in load_run(cfg).stages] == ["backtranslate", "score"]
 
@@ -53,7 +53,7 @@ def test_plan_estimates_the_documents_prepare_kept_uncounted_from_a_counted_samp
 
     import schemas
     import storage
-    from bft.plan import _candidates
+    from bft.plan_inputs import candidates
     from schemas.layout import RunLayout
 
     layout = RunLayout(str(tmp_path / "run"))
@@ -67,11 +67,11 @@ def test_plan_estimates_the_documents_prepare_kept_uncounted_from_a_counted_samp
         storage.write_parquet(schemas.to_table(rows, schemas.CANDIDATE, path), path)
     storage.write_text(layout.prepare_stats, "{}")
     plan = SimpleNamespace(layout=layout, prepare=SimpleNamespace(tokenizer=bpe_tokenizer_path))
-    whole = _candidates(plan, sample_docs=100)
+    whole = candidates(plan, sample_docs=100)
     assert whole["rows"] == 30 and whole["doc_tokens"] == sum(exact)
     assert sorted(np.repeat(whole["lengths"], whole["weights"].astype(int))) == sorted(exact)
     assert "20 documents kept uncounted, estimated from 20" in whole["doc_tokens_source"]
-    one = _candidates(plan, sample_docs=1)
+    one = candidates(plan, sample_docs=1)
     assert one["doc_tokens"] == sum(exact[::3]) + 20 * one["lengths"][-1] and one["weights"][-1] == 20
 
 

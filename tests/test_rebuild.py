@@ -1,9 +1,8 @@
-"""bft rebuild and bft plan: one run file, the whole flow, reuse of what is current, the hand-off to
-external generation workers, and the cost plan."""
+"""bft rebuild: one run file, the whole flow, reuse of what is current, the hand-off to external
+generation workers, one gate per run, and the night's record (the cost plan: tests/test_plan.py)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 
@@ -175,75 +174,6 @@ def test_external_stages_hand_off_to_workers(tmp_path, tiny_models, bpe_tokenize
     assert "published release" in out
 
 
-def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_tokenizer_path, corpus, capsys):
-    root = str(tmp_path / "run")
-    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], generate__score__tokens_per_s=100.0,
-                   generate__backtranslate__tokens_per_s=50.0)
-    rc, out, err = bft(capsys, "plan", "--config", cfg, "--format", "json", "--target-examples", "68")
-    assert rc == 0, err
-    before = json.loads(out)
-    assert before["candidates"]["rows"] == 10 and before["candidates"]["source"].startswith("estimated from 10 lines")
-    bt, score = before["stages"]["backtranslate"], before["stages"]["score"]
-    assert bt["requests"] == 10 and bt["output_tokens"] == 60 and bt["output_tokens_source"].startswith("new-token cap")
-    assert score["output_tokens"] == 10  # logprob mode: one token per request
-    # issue 37 point 1: no prior for a logprob gate (the paper's 13.6% is of generated scores at 5) nor for
-    # a parse rate: unknown, not 13.6% and 100%; the requests past an unknown rate are upper bounds
-    assert score["gate_pass_rate"] is None and score["passing_gate"] is None
-    assert score["gate_source"] == bt["parse_ok_source"] == "unknown: run --pilot N" and bt["parse_ok_rate"] is None
-    assert score["requests"] == 10 and score["requests_upper_bound"] and not bt["requests_upper_bound"]
-    assert before["examples_expected"] is None and before["candidates_needed"] is None
-    assert bt["gpu_hours"] == round(60 / 50 / 3600, 3)
-    # the tiny models' 1024-token context: the score prompt (its rubric alone ~900 tiny-vocabulary tokens)
-    # holds few documents whole, and assemble drops the pairs of the cut ones (issue 19 point 10)
-    assert score["whole_document_limit"] < bt["whole_document_limit"] and score["documents_cut"] > 0
-    assert before["max_tokens_keeping_all_whole"] == score["whole_document_limit"]
-    rc, out, _ = bft(capsys, "plan", "--config", cfg, "--target-examples", "68")
-    assert rc == 0 and "expected examples: unknown: the score gate's pass rate is unknown: run --pilot N" in out
-    assert "candidates needed for 68 examples: unknown (run --pilot N)" in out
-    assert f"working length limit: {score['whole_document_limit']:,} document tokens" in out
-    # at the paper's one point (generated scores, threshold 5): its figure, an upper bound (parse rates unknown)
-    paper = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], generate__score__score_mode="generate",
-                     assemble__min_score=5)
-    rc, out, err = bft(capsys, "plan", "--config", paper, "--format", "json", "--target-examples", "68")
-    assert rc == 0, err
-    at_paper = json.loads(out)
-    score = at_paper["stages"]["score"]
-    assert score["gate_pass_rate"] == 0.136 and "70B forward model, Dolma's head split" in score["gate_source"]
-    assert at_paper["examples_expected_upper_bound"] and at_paper["yield_source"].startswith("at most")
-    assert at_paper["yield_per_candidate"] == round(0.136 * (1 - score["documents_cut"] / score["requests"]), 5)
-    assert {"requests", "prompt_tokens", "output_tokens", "gpu_hours"} <= set(bt)
-    assert bt["prompt_tokens"] > before["candidates"]["doc_tokens"]  # the template's tokens are counted too
-    # what a row pays and what a prefix cache saves of it (issue 33 point 3): the score rubric comes first
-    logprob_score = before["stages"]["score"]
-    assert bt["output_tokens_per_row"] == 6.0 and logprob_score["output_tokens_per_row"] == 1.0
-    assert 0 < bt["prefix_share"] < logprob_score["prefix_share"] < 1
-
-    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], generate__score__tokens_per_s=100.0,
-                   generate__backtranslate__tokens_per_s=50.0)   # the run file again (the paper's replaced it)
-    rc, out, err = bft(capsys, "rebuild", "--config", cfg)
-    assert rc == 0, err
-    night = [line for line in out.splitlines() if line.startswith("   score: ")][-1]   # the night's summary
-    assert "1.0 output tokens per row" in night and "of prompt tokens in the shared prefix" in night
-    rc, out, err = bft(capsys, "plan", "--config", cfg, "--format", "json")
-    after = json.loads(out)
-    assert after["candidates"]["source"] == "candidates" and after["candidates"]["rows"] == 10
-    measured = after["stages"]["backtranslate"]
-    assert measured["output_tokens_source"] == "measured" and measured["output_tokens"] <= 60
-    assert measured["output_tokens_per_row"] == round(measured["output_tokens"] / measured["requests"], 1)
-    assert 0 < measured["prefix_share"] < after["stages"]["score"]["prefix_share"] < 1   # from the shards
-    assert after["stages"]["score"]["gate_source"] == "measured"
-    # after a run the plan says what the next rebuild makes: requests and examples (issue 19 point 12;
-    # the gate's share was applied twice: "16 expected" for a release of 38)
-    stats = json.load(open(os.path.join(root, "sft", open(os.path.join(root, "sft", "LATEST")).read().strip(),
-                                        "stats.json")))
-    web = stats["funnel"]["web_examples"]
-    assert abs(after["examples_expected"] - web) <= max(1, 0.1 * web), (after["examples_expected"], web)
-    assert after["stages"]["score"]["requests"] == stats["stages"]["score"]["sent"]
-    rc, out, _ = bft(capsys, "plan", "--config", cfg)
-    assert rc == 0 and "backtranslate" in out and "GPU-hours in all" in out
-    assert "score: 1.0 output tokens per row; " in out and "of its prompt tokens are the prefix every prompt" in out
-
-
 @pytest.mark.parametrize("changes, message", [
     ({"generate__score__temprature": 1.0}, "did you mean 'temperature'?)"),
     ({"prepare__num_shards": "four"}, "key 'num_shards' must be int"),
@@ -282,7 +212,7 @@ def test_plan_and_rebuild_preflight_the_servers_the_run_sends_to(tmp_path, tiny_
     `bft rebuild` found it only at that stage, after prepare and the stages before. Both now stop
     first, in one line naming the run file, the stage and what is wrong; each server is asked once;
     an external stage's server (reached by its workers, elsewhere) is not asked from here."""
-    from bft.rebuild import check_servers, load_run
+    from bft.run_file import check_servers, load_run
     from generation.engines import openai
 
     monkeypatch.setattr(openai, "PREFLIGHT_S", 0.2)   # the server that is down is given up on at once
@@ -311,7 +241,7 @@ def test_plan_and_rebuild_preflight_the_servers_the_run_sends_to(tmp_path, tiny_
 
 def test_the_recipes_threshold_gates_the_answering_stage(tmp_path, tiny_models, bpe_tokenizer_path, corpus):
     """assemble.min_score alone sets the rewrite gate too (one threshold, owned by the recipe)."""
-    from bft.rebuild import load_run
+    from bft.run_file import load_run
 
     cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(tmp_path / "run"), [corpus],
                    assemble__recipe="filter+rewrite", assemble__min_score=4, generate__rewrite={"model": "m"})
@@ -321,15 +251,49 @@ def test_the_recipes_threshold_gates_the_answering_stage(tmp_path, tiny_models, 
                    assemble__recipe="filter+rewrite", assemble__min_score=None, generate__rewrite={"model": "m"})
     plan = load_run(cfg)       # run_file's score stage is in logprob mode: expected scores, AlpaGasus's 4.5
     rewrite = [sp for sp in plan.stages if sp.stage == "rewrite"][0]
-    assert rewrite.cfg.gate_rule().threshold == 4.5 and plan.assemble.threshold == 4.5   # (issue 19 point 1)
+    assert rewrite.cfg.gate_rule().threshold == 4.5 and plan.gate.threshold == 4.5   # (issue 19 point 1)
     cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(tmp_path / "run"), [corpus],
                    assemble__recipe="filter+rewrite", assemble__min_score=None, generate__rewrite={"model": "m"},
                    generate__score={"model": "m", "score_mode": "generate"})
     plan = load_run(cfg)
     rewrite = [sp for sp in plan.stages if sp.stage == "rewrite"][0]
-    assert rewrite.cfg.gate_rule().threshold == 5.0 and plan.assemble.threshold == 5.0   # the paper's 5, in both
+    assert rewrite.cfg.gate_rule().threshold == 5.0 and plan.gate.threshold == 5.0   # the paper's 5, in both
     # one RunLayout per run (issue 24 point 1): built by the loader, the same object in every step
     assert all(step.layout is plan.layout for step in (plan.prepare, plan.assemble, *(sp.cfg for sp in plan.stages)))
+
+
+@pytest.mark.parametrize("changes, threshold", [
+    ({}, 4.5),                                                  # run_file's score stage scores in logprob mode
+    ({"assemble__min_score": 4}, 4.0),
+    ({"generate__score__score_mode": "generate"}, 5.0),        # the paper's
+])
+def test_one_gate_decision_filters_the_rewrite_requests_and_keeps_the_pairs(tmp_path, tiny_models, bpe_tokenizer_path,
+                                                                            corpus, monkeypatch, changes, threshold):
+    """The threshold followed from the run file to where it acts: the gate the rewrite stage's requests
+    are filtered by (in this process and in an external worker's command) and the gate assemble keeps
+    pairs at are the one Gate that one resolve_gate call decided when the run was loaded."""
+    from bft import run_file as loader
+    from bft.rebuild import worker_command
+    from generation.runner import StageRunner
+    from schemas.recipes import RECIPES, resolve_gate
+
+    decided = []
+
+    def counted(*args, **kw):
+        decided.append(resolve_gate(*args, **kw))
+        return decided[-1]
+
+    monkeypatch.setattr(loader, "resolve_gate", counted)
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(tmp_path / "run"), [corpus],
+                   **{"assemble__recipe": "filter+rewrite", "assemble__min_score": None,
+                      "generate__rewrite": {"model": "m"}, **changes})
+    plan = loader.load_run(cfg)
+    assert len(decided) == 1 and decided[0].threshold == threshold and plan.gate is decided[0]
+    rewrite = [sp for sp in plan.stages if sp.stage == "rewrite"][0]
+    assert rewrite.gate is plan.gate and StageRunner(rewrite.cfg).gate == plan.gate             # (a) the requests
+    assert f"--min-score {threshold:g}" in worker_command(cfg, rewrite)
+    # (b) assemble: its config's threshold wins over a default when given; no score shard records a mode here
+    assert resolve_gate(RECIPES[plan.assemble.recipe].gate, None, plan.assemble.min_score) == plan.gate
 
 
 def test_the_rewrite_recipe_sends_every_parsed_pair_to_rewrite_and_publishes(tmp_path, tiny_models, bpe_tokenizer_path,
@@ -338,7 +302,8 @@ def test_the_rewrite_recipe_sends_every_parsed_pair_to_rewrite_and_publishes(tmp
     score: `bft rebuild` with `recipe: rewrite` sent nothing and failed asking for score shards the
     recipe never makes. The recipe owns the gate: its answering stage is sent every parsed pair
     (`--gate none`, also in an external worker's command), and a gate named for it is refused."""
-    from bft.rebuild import load_run, worker_command
+    from bft.rebuild import worker_command
+    from bft.run_file import load_run
 
     root = str(tmp_path / "run")
     cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], assemble__recipe="rewrite",
@@ -346,7 +311,7 @@ def test_the_rewrite_recipe_sends_every_parsed_pair_to_rewrite_and_publishes(tmp
     plan = load_run(cfg)
     assert [sp.stage for sp in plan.stages] == ["backtranslate", "rewrite"]
     rewrite = plan.stages[1]
-    assert rewrite.cfg.gate_rule() is None and "--gate none" in worker_command(cfg, "rewrite", 1, rewrite.cfg)
+    assert rewrite.cfg.gate_rule() is None and "--gate none" in worker_command(cfg, rewrite)
     rc, out, err = bft(capsys, "rebuild", "--config", cfg)
     assert rc == 0, err
     assert "published release" in out
@@ -438,7 +403,7 @@ def test_a_night_with_content_filter_refusals_publishes_and_the_next_sends_nothi
 def test_the_nights_record_sums_work_and_keeps_the_last_state(tmp_path):
     """Two invocations of one night (an exit 75, then the rest): requests and seconds add up, the
     candidates and shards reused are the last invocation's, the record survives between them."""
-    from bft.rebuild import Night
+    from bft.night import Night
 
     night = Night(RunLayout(str(tmp_path)), "run.yaml")
     night.add("prepare", {"reused": False, "candidates": 120, "seconds": 3.0})
@@ -608,7 +573,7 @@ def test_every_paid_request_counts_also_those_of_an_interrupted_invocation(night
     assert len(paid) == 12 and answer["night"]["stages"]["backtranslate"]["requests_sent"] == len(paid)
     assert [i["status"] for i in answer["night"]["invocations"]] == ["interrupted: 4 answered rows kept; rerun to resume",
                                                                   "waiting for external workers"]
-    from bft.rebuild import night_text
+    from bft.night import night_text
 
     assert "prepare: done earlier tonight, 12 candidates" in night_text(answer)
     assert "   done earlier tonight (config and input files unchanged): 12 input records" in err
@@ -617,7 +582,7 @@ def test_every_paid_request_counts_also_those_of_an_interrupted_invocation(night
 def test_a_killed_invocations_running_count_is_the_nights(tmp_path):
     """kill -9 leaves no word: what its stage had paid, saved as it went (Night.live), is counted by the
     next invocation, which marks it as ended without closing its record."""
-    from bft.rebuild import UNCLOSED, Night
+    from bft.night import UNCLOSED, Night
 
     night = Night(RunLayout(str(tmp_path)), "run.yaml")
     night.add("backtranslate", {"requests_sent": 5, "seconds": 1.0})
@@ -636,7 +601,7 @@ def test_bft_status_shows_the_nights_the_pending_work_the_lock_and_latest(nightl
     it is stale, LATEST and its alerts; read without taking the lock."""
     import subprocess
 
-    from bft.rebuild import Night
+    from bft.night import Night
     from storage.lock import holder_info
 
     root, cfg, _ = nightly
@@ -680,24 +645,6 @@ def test_bft_status_shows_the_nights_the_pending_work_the_lock_and_latest(nightl
     assert rc == 1 and err == f"bft status: {root}-typo: no run root there (no file under it)\n" and not out
     rc, _, err = bft(capsys, "status")
     assert rc == 1 and err.startswith("bft status: needs a run root")
-
-
-def test_plan_shows_tonights_work_beside_the_whole_corpus(nightly, fixture_texts, capsys):
-    """`bft plan` showed the whole corpus's cost, not what tonight sends: the input files new since the
-    last prepare, their documents, the shards pending, and each stage's requests tonight."""
-    root, cfg, _ = nightly
-    write_dolma_file(os.path.join(root, "in", "cc_en_head", "b.json.gz"),
-                     [dolma_line(f"n{i}", fixture_texts[50 + i][:300]) for i in range(3)])
-    rc, out, err = bft(capsys, "plan", "--config", cfg, "--format", "json")
-    assert rc == 0, err
-    t = json.loads(out)["tonight"]
-    assert t["files"] == {"new": 1, "changed": 0, "removed": 0, "unchanged": 1} and t["documents"] == 3
-    bt = t["stages"]["backtranslate"]
-    assert bt["pending_shards"] == [0, 1, 2] and bt["pending_rows"] == 12 and bt["requests"] == 15
-    rc, out, err = bft(capsys, "plan", "--config", cfg)
-    assert rc == 0, err
-    assert "tonight (since the last prepare): input files 1 new, 0 changed, 0 removed, 1 unchanged; ~3 new" in out
-    assert re.search(r"\nbacktranslate\s+3 \(12 rows\)\s+15\s+12\n", out), out
 
 
 def test_edited_documents_and_a_changed_template_resend_only_the_affected_rows_and_publish(
@@ -772,90 +719,3 @@ def test_edited_documents_and_a_changed_template_resend_only_the_affected_rows_a
 
 
 # ---- issue 37 point 1: a plan that measures before it promises --------------------------------------
-
-def test_a_pilot_measures_with_intervals_and_the_night_pays_for_none_of_its_rows_again(
-        nightly, tmp_path, tiny_models, bpe_tokenizer_path, fixture_texts, chat_server, capsys):
-    """`bft plan --pilot 6` sends 6 of the 12 candidates (the smallest sample keys, not a shard's first
-    rows) through backtranslate and score as the night would; its answers stay as checkpoints, so the
-    night sends each of those requests no second time; the plan's interval holds the release's web
-    examples, and it gives the pilot size for +-20% and +-10%."""
-    from schemas.keys import sample_key
-
-    root, _, inputs = nightly
-    ids = [f"d{i:02d}" for i in range(12)]
-    marks = {i: fixture_texts[n][:40] for n, i in enumerate(ids)}
-    unparsed, passing = {"d01", "d07"}, {"d00", "d02", "d03", "d05", "d08", "d10"}
-
-    def scripted(body):
-        text = body.get("prompt") or "\n".join(m["content"] for m in body["messages"])
-        doc = next(i for i in ids if marks[i] in text)
-        if "5-point scale" in text:
-            return "Brief reasoning.\nScore: " + ("5" if doc in passing else "3")
-        return "" if doc in unparsed else f"What does page {doc} explain?"
-
-    def asked(start):
-        out = []
-        for r in chat_server.requests[start:]:
-            text = r["body"].get("prompt") or "\n".join(m["content"] for m in r["body"]["messages"])
-            out.append(("score" if "5-point scale" in text else "backtranslate",
-                        next(i for i in ids if marks[i] in text)))
-        return out
-
-    chat_server.answer = scripted
-    served = {"engine": "openai", "model": "tiny-chat", "base_url": chat_server.url, "tokenizer": tiny_models["chat"]}
-    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [inputs], prepare__max_tokens=1000,
-                   prepare__num_shards=3, prepare__reject_shards=1, generate__backtranslate=served,
-                   generate__score=served, assemble__min_score=5)
-    try:
-        start = len(chat_server.requests)
-        rc, out, err = bft(capsys, "plan", "--config", cfg, "--pilot", "6", "--format", "json")
-        assert rc == 0, err
-        plan = json.loads(out)
-        pilot_requests = asked(start)
-        drawn = set(sorted(ids, key=lambda i: sample_key(i, 0))[:6])
-        assert {doc for _, doc in pilot_requests} == drawn
-        p = plan["pilot"]
-        bt, score = p["stages"]["backtranslate"], p["stages"]["score"]
-        assert p["n"] == 6 and bt["sent"] == 6 and bt["parsed"] == 6 - len(drawn & unparsed)
-        assert score["sent"] == bt["parsed"] and score["passed"] == len(drawn & passing - unparsed)
-        assert p["kept"] == len(drawn & passing - unparsed) and p["yield"] == round(p["kept"] / 6, 5)
-        lo, hi = p["yield_ci"]
-        assert 0 <= lo < p["kept"] / 6 < hi <= 1
-        assert p["examples_expected_ci"] == [int(12 * lo), math.ceil(12 * hi)]
-        assert plan["examples_expected"] == int(12 * p["kept"] / 6) and not plan["examples_expected_upper_bound"]
-        assert set(p["pilot_size_for"]) == {"0.2", "0.1"} and p["pilot_size_for"]["0.1"] > p["pilot_size_for"]["0.2"]
-        assert plan["stages"]["score"]["parse_ok_source"].startswith("measured (pilot of 6)")
-        tonight = plan["tonight"]["stages"]                            # what is left for the night: the rest
-        assert tonight["backtranslate"]["requests"] == 12 - 6
-        assert tonight["score"]["requests"] == plan["stages"]["score"]["requests"] - score["sent"]
-        assert not any(f.endswith(".parquet") for f in storage.list_files(os.path.join(root, "generations"))
-                       if "_checkpoints" not in f)                     # no shard written: checkpoints only
-
-        start = len(chat_server.requests)
-        rc, out, err = bft(capsys, "rebuild", "--config", cfg)
-        assert rc == 0 and "published release" in out, err
-        night = asked(start)
-        assert not set(night) & set(pilot_requests)                   # no pilot row sent again
-        assert sorted(night + pilot_requests) == sorted(
-            [("backtranslate", i) for i in ids] + [("score", i) for i in ids if i not in unparsed])
-        stats = json.loads(storage.read_text(os.path.join(root, "sft", storage.read_text(
-            os.path.join(root, "sft", "LATEST")).strip(), "stats.json")))
-        web = stats["funnel"]["web_examples"]
-        assert web == len(passing - unparsed)
-        assert p["examples_expected_ci"][0] <= web <= p["examples_expected_ci"][1], (p, web)
-    finally:
-        chat_server.answer = None
-
-
-def test_pilot_statistics():
-    """Wilson's interval and the pilot size for a relative precision (issue 37: ~600 pairs for +-20%,
-    ~2,400 for +-10% at p = 0.14)."""
-    from bft.pilot import pairs_for_precision, wilson
-
-    assert pairs_for_precision(0.14, 0.2) == 590 and pairs_for_precision(0.14, 0.1) == 2360
-    assert pairs_for_precision(0.0, 0.2) is None
-    lo, hi = wilson(0, 10)
-    assert lo == 0 and 0.27 < hi < 0.28            # not empty at k = 0, where the normal interval is
-    lo, hi = wilson(14, 100)
-    assert abs(lo - 0.0852) < 1e-3 and abs(hi - 0.2215) < 1e-3
-    assert wilson(5, 0) == (0.0, 1.0)

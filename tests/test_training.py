@@ -398,7 +398,7 @@ def test_the_judge_prompt_is_fitted_and_failures_are_counted_apart(tiny_models):
 def test_every_sample_run_file_loads_and_the_paper_one_curates_with_70b_models():
     import glob
 
-    from bft.rebuild import load_run
+    from bft.run_file import load_run
     from tests.conftest import ROOT
 
     files = sorted(glob.glob(os.path.join(ROOT, "samples", "runs", "*.yaml")))

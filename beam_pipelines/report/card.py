@@ -14,7 +14,7 @@ from beam_pipelines.assemble.decontaminate import MIN_PROMPT_WORDS
 from beam_pipelines.report.numbers import diversity_rows, stage_rows
 from beam_pipelines.report.page import by_count
 from schemas.keys import validation_size
-from schemas.layout import CARD, DATA, MANIFEST, REPORT, ReleaseLayout
+from schemas.layout import DATA, MANIFEST, REPORT, ReleaseLayout
 from schemas.release_stats import ReleaseStats
 
 TEMPLATE = "card_template.md"
