@@ -131,7 +131,7 @@ def measure(plan, pilot: dict) -> dict:
 
     from beam_pipelines.assemble import recipes
     from schemas.outcomes import NOT_SENT, is_engine_error
-    from schemas.recipes import CURATION_DROPS, RECIPES
+    from schemas.recipes import CURATION_DROPS, RECIPES, resolve_gate
 
     recipe = RECIPES[plan.assemble.recipe]
     rows = pilot["rows"]
@@ -144,7 +144,8 @@ def measure(plan, pilot: dict) -> dict:
     tables = {stage: schemas.to_table([r for i, r in by_id.items() if i in ids], schemas.GENERATION, stage)
               for stage, by_id in rows.items()}
     joined = recipes.join_stages(cands, {s: t for s, t in tables.items() if s in recipe.stages})
-    reasons = recipes.verdicts(joined, recipe, plan.assemble.curation(), plan.assemble.threshold).to_pylist()
+    reasons = recipes.verdicts(joined, recipe, plan.assemble.curation(),
+                               resolve_gate(recipe.gate, given=plan.assemble.min_score)).to_pylist()
     by_id = dict(zip(joined["id"].to_pylist(), reasons))
     drops: dict[str, int] = {}
     for reason in reasons:

@@ -286,11 +286,12 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
     from bft.pilot import stage_measured
     from generation import budget
     from generation.stages import STAGES
-    from schemas.recipes import RECIPES
+    from schemas.recipes import RECIPES, resolve_gate
 
     layout = plan.layout
     recipe = RECIPES[plan.assemble.recipe]
-    threshold = plan.assemble.threshold
+    gate = resolve_gate(recipe.gate, given=plan.assemble.min_score)   # min_score: as the run file resolved it
+    threshold = gate.threshold if gate else None
     cands = _candidates(plan, sample_docs)
     prices = _prices(plan)
     out: dict = {"root": plan.root, "recipe": recipe.name, "candidates": {k: cands[k] for k in (
@@ -565,7 +566,7 @@ def _seed_rows(path: str | None) -> int | None:
     """The seed pairs assemble mixes in (the rows of --seed-data; None without one or before it exists)."""
     if not path or not storage.exists(path):
         return None
-    from beam_pipelines.assemble.pipeline import read_seed_table
+    from beam_pipelines.assemble.seed import read_seed_table
 
     try:
         return read_seed_table(path).num_rows

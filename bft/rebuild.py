@@ -106,7 +106,7 @@ class RunPlan:
 def load_run(path: str, root: str | None = None, stages: list[str] | None = None) -> RunPlan:
     """All configs of a run file, validated (an unknown key, a wrong type or a missing required key
     is an error naming the key and the file)."""
-    from beam_pipelines.assemble.pipeline import AssembleConfig
+    from beam_pipelines.assemble.config import AssembleConfig
     from beam_pipelines.prepare import PrepareConfig
     from generation.runner import GenerateConfig
     from schemas.recipes import RECIPES, gate_threshold
@@ -174,7 +174,7 @@ def _one_threshold(path: str, stage: str, cfg, asm) -> None:
     both keys (a rewrite gate at 5 with assemble at 4 published the same pairs; at 0 with assemble at
     5, it paid for rewrites assemble then dropped)."""
     from generation.runner import NO_GATE
-    from schemas.recipes import RECIPES
+    from schemas.recipes import RECIPES, resolve_gate
 
     recipe = RECIPES[asm.recipe]
     if stage == recipe.answer and recipe.gate is None:
@@ -188,12 +188,13 @@ def _one_threshold(path: str, stage: str, cfg, asm) -> None:
     gate = cfg.gate_rule()
     if gate is None or recipe.gate is None or gate.stage != recipe.gate or stage != recipe.answer:
         return
+    threshold = resolve_gate(recipe.gate, given=asm.min_score).threshold
     if cfg.min_score is None:
-        cfg.min_score = asm.threshold
-    elif cfg.min_score != asm.threshold:
+        cfg.min_score = threshold
+    elif cfg.min_score != threshold:
         said = "assemble.min_score" if asm.min_score is not None else f"the {asm.recipe} recipe's default"
         raise config.ConfigError(f"{path}: generate.{stage}.min_score {cfg.min_score:g} and {said} "
-                                 f"{asm.threshold:g} differ: one threshold gates the {stage} requests and keeps "
+                                 f"{threshold:g} differ: one threshold gates the {stage} requests and keeps "
                                  f"the pairs; set assemble.min_score alone")
 
 
@@ -374,7 +375,7 @@ def no_input(prepare_cfg) -> str | None:
 
 def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> dict:
     from beam_pipelines import prepare
-    from beam_pipelines.assemble import pipeline as assemble
+    from beam_pipelines.assemble import driver as assemble
     from generation.batch import BatchesPending
     from generation.runner import StageRunner, stage_status
     from schemas import release

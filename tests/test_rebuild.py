@@ -312,6 +312,7 @@ def test_plan_and_rebuild_preflight_the_servers_the_run_sends_to(tmp_path, tiny_
 def test_the_recipes_threshold_gates_the_answering_stage(tmp_path, tiny_models, bpe_tokenizer_path, corpus):
     """assemble.min_score alone sets the rewrite gate too (one threshold, owned by the recipe)."""
     from bft.rebuild import load_run
+    from beam_pipelines.assemble.config import recipe_gates
 
     cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(tmp_path / "run"), [corpus],
                    assemble__recipe="filter+rewrite", assemble__min_score=4, generate__rewrite={"model": "m"})
@@ -321,13 +322,15 @@ def test_the_recipes_threshold_gates_the_answering_stage(tmp_path, tiny_models, 
                    assemble__recipe="filter+rewrite", assemble__min_score=None, generate__rewrite={"model": "m"})
     plan = load_run(cfg)       # run_file's score stage is in logprob mode: expected scores, AlpaGasus's 4.5
     rewrite = [sp for sp in plan.stages if sp.stage == "rewrite"][0]
-    assert rewrite.cfg.gate_rule().threshold == 4.5 and plan.assemble.threshold == 4.5   # (issue 19 point 1)
+    assert rewrite.cfg.gate_rule().threshold == 4.5 == recipe_gates(
+        "filter+rewrite", min_score=plan.assemble.min_score)[0].threshold   # (issue 19 point 1)
     cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(tmp_path / "run"), [corpus],
                    assemble__recipe="filter+rewrite", assemble__min_score=None, generate__rewrite={"model": "m"},
                    generate__score={"model": "m", "score_mode": "generate"})
     plan = load_run(cfg)
     rewrite = [sp for sp in plan.stages if sp.stage == "rewrite"][0]
-    assert rewrite.cfg.gate_rule().threshold == 5.0 and plan.assemble.threshold == 5.0   # the paper's 5, in both
+    assert rewrite.cfg.gate_rule().threshold == 5.0 == recipe_gates(
+        "filter+rewrite", min_score=plan.assemble.min_score)[0].threshold   # the paper's 5, in both
     # one RunLayout per run (issue 24 point 1): built by the loader, the same object in every step
     assert all(step.layout is plan.layout for step in (plan.prepare, plan.assemble, *(sp.cfg for sp in plan.stages)))
 

@@ -16,7 +16,7 @@ from nltk.tokenize import wordpunct_tokenize
 import schemas
 import storage
 from beam_pipelines import report
-from beam_pipelines.assemble import pipeline as assemble
+from beam_pipelines.assemble import driver as assemble
 from beam_pipelines.assemble import corpus_stats
 from schemas import release
 from schemas.layout import RunLayout

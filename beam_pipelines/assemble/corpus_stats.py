@@ -405,10 +405,10 @@ class AccountingError(RuntimeError):
 
 
 def release_stats(cfg, version: str, summary: dict, prep_stats: dict, skipped: list[int],
-                  skipped_rows: int, models: dict, eval_sets: list[dict] = ()) -> dict:
+                  skipped_rows: int, models: dict, eval_sets: list[dict] = (), threshold: float | None = None) -> dict:
     """The release's stats.json from the merged partials of the assemble pass (`summarize`), the prepare
     stats and the driver's plan; checks that every candidate is accounted for. `cfg` is the
-    AssembleConfig (recipe, threshold, tags, decontamination and near-duplicate options); `eval_sets`:
+    AssembleConfig (recipe, tags, decontamination and near-duplicate options); `eval_sets`:
     the --decontaminate files' summaries (decontaminate.EvalSet.summary)."""
     dropped = {k: v for k, v in (summary.get("funnel", {}).get("dropped") or {}).items() if v}
     if skipped_rows:
@@ -444,12 +444,12 @@ def release_stats(cfg, version: str, summary: dict, prep_stats: dict, skipped: l
     score_hist = None
     gate = None
     if recipe.gate and recipe.gate in stages:
-        score_hist = {"stage": recipe.gate, "threshold": cfg.threshold, "edges": SCORE_EDGES,
+        score_hist = {"stage": recipe.gate, "threshold": threshold, "edges": SCORE_EDGES,
                       "counts": stages[recipe.gate].get("score_histogram")}
         scores = (summary.get("scores") or {}).get(recipe.gate) or {}
         mass = stages[recipe.gate].get("digit_mass")
         # the gate's own pass rate: rows scored at or over the threshold, of the rows with a score
-        gate = {"stage": recipe.gate, "threshold": cfg.threshold, "scored": scores.get("scored", 0),
+        gate = {"stage": recipe.gate, "threshold": threshold, "scored": scores.get("scored", 0),
                 "passed": scores.get("passed", 0),
                 "pass_rate": round(scores["passed"] / scores["scored"], 4) if scores.get("scored") else None,
                 "digit_mass_mean": round(mass["sum"] / mass["rows"], 4) if mass else None}
