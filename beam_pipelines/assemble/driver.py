@@ -126,10 +126,11 @@ def _stage_models(layout: RunLayout, shards: list[ShardInput]) -> dict[str, list
 
 
 def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = None) -> dict:
-    """Resolves `cfg` (config.resolve), plans the inputs, then publishes the release (schemas.release.publish) with the Beam pass,
-    stats, report and card as its build step; returns its stats, with "folder": the release's. When the same config was published
-    before (that version, or LATEST when no version is named) nothing is built: its stats come back
-    with "reused": true. `run_record` (what bft rebuild did) goes into the manifest."""
+    """Resolves `cfg` once (config.resolve), plans the inputs, then publishes the release
+    (schemas.release.publish) with the Beam pass, stats, report and card as its build step; returns
+    its stats, with "folder": the release's. When the same config was published before (that
+    version, or LATEST when no version is named) nothing is built: its stats come back with
+    "reused": true. `run_record` (what bft rebuild did) goes into the manifest."""
     layout = cfg.layout
     prep_stats = prepare_stats(layout) or {}   # a damaged one is set aside: "run bft prepare first" follows
     job = resolve(cfg, layout, prep_stats)

@@ -1,12 +1,12 @@
 """The assemble pass's wiring (`build`): one named composite per step, as the diagram reads.
 
-    JoinShards ─┬─ web parts (tmp) ──────────────────────────────────────────────────────┐
-    (per candidates shard: the recipe, curation, decontamination)                        │
-                └─ instruction keys ─ DeduplicateInstructions ─┬─ losers, near losers ──────┤
-                                         winners ─ CapToMaxExamples ─ cutoff ─(side)────────┤
-    SeedData ─ seed parts (tmp) ────────────────────────────────────────────────────────────┤
-    winners within the cap (+ seed ids) ─ ValidationRule ─(side)────────────────────────────┤
-                                     FinalizeShards ─ data/split={train,validation}/part-SSSSS-of-NNNNN
+    JoinShards ─┬─ web parts (tmp) ───────────────────────────────────────────────────────────┐
+    (per shard: │  the recipe, curation, decontamination)                                     │
+                └─ instruction keys ─ DeduplicateInstructions ─┬─ losers, near losers ────────┤
+                                                      winners ─┴─ CapToMaxExamples ─ cutoff ──┤
+    SeedData ─ seed parts (tmp) ──────────────────────────────────────────────────────────────┤
+    winners within the cap (+ seed ids) ─ ValidationRule ─ rule ──────────────────────────────┤
+                                  FinalizeShards ─ data/split={train,validation}/part-SSSSS-of-NNNNN
     every step's partial statistics ─ WriteSummary ─ summary (tmp)
 
 Output shard k holds the web examples of candidates shard k (plus the seed examples hashed to k), so
