@@ -97,7 +97,7 @@ def _generate(cfg, beam_args, run_file) -> int:
 
 
 def _assemble(cfg, beam_args, run_file) -> int:
-    from beam_pipelines.assemble import pipeline as assemble
+    from beam_pipelines.assemble import driver as assemble
 
     stats = assemble.run(cfg, beam_args)
     f = stats["funnel"]
@@ -233,7 +233,7 @@ VERBS = {v.name: v for v in [
     Verb("generate", "run one LLM stage (backtranslate, score, rewrite, distill, rate) over the candidate shards",
          "generation.runner:GenerateConfig", _generate, positional=("stage",), exits=(0, 1, 2, 75, 130, 143)),
     Verb("assemble", "Beam pass 2: candidates + generations -> the SFT corpus, its statistics, a versioned release",
-         "beam_pipelines.assemble.pipeline:AssembleConfig", _assemble, beam=True, exits=(0, 1, 2, 130, 143)),
+         "beam_pipelines.assemble.config:AssembleConfig", _assemble, beam=True, exits=(0, 1, 2, 130, 143)),
     Verb("validate", "re-check a release: manifest, checksums, schemas, row counts, unique ids (exit 1 if not)",
          "schemas.release:ValidateConfig", _validate, positional=("path",)),
     Verb("latest", "print the data folder of the release ROOT/sft/LATEST names, for loaders",

@@ -145,8 +145,7 @@ def measure(plan, pilot: dict) -> dict:
     tables = {stage: schemas.to_table([r for i, r in by_id.items() if i in ids], schemas.GENERATION, stage)
               for stage, by_id in rows.items()}
     joined = recipes.join_stages(cands, {s: t for s, t in tables.items() if s in recipe.stages})
-    threshold = plan.gate.threshold if plan.gate else None   # the run's one gate (bft.run_file.run_gate)
-    reasons = recipes.verdicts(joined, recipe, plan.assemble.curation(), threshold).to_pylist()
+    reasons = recipes.verdicts(joined, recipe, plan.assemble.curation(), plan.gate).to_pylist()   # the run's one gate
     by_id = dict(zip(joined["id"].to_pylist(), reasons))
     drops: dict[str, int] = {}
     for reason in reasons:

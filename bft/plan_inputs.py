@@ -256,7 +256,7 @@ def seed_rows(path: str | None) -> int | None:
     """The seed pairs assemble mixes in (the rows of --seed-data; None without one or before it exists)."""
     if not path or not storage.exists(path):
         return None
-    from beam_pipelines.assemble.pipeline import read_seed_table
+    from beam_pipelines.assemble.seed import read_seed_table
 
     try:
         return read_seed_table(path).num_rows

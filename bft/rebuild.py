@@ -138,7 +138,7 @@ def no_input(prepare_cfg) -> str | None:
 
 def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> dict:
     from beam_pipelines import prepare
-    from beam_pipelines.assemble import pipeline as assemble
+    from beam_pipelines.assemble import driver as assemble
     from generation.batch import BatchesPending
     from generation.runner import StageRunner, stage_status
     from schemas import release

@@ -54,7 +54,7 @@ def derived(cfg, layout, **changes):
 
 def load_run(path: str, root: str | None = None, stages: list[str] | None = None) -> RunPlan:
     """All configs of a run file, validated, with the run's gate resolved once (module docstring)."""
-    from beam_pipelines.assemble.pipeline import AssembleConfig
+    from beam_pipelines.assemble.config import AssembleConfig
     from beam_pipelines.prepare import PrepareConfig
     from generation.runner import GenerateConfig
 

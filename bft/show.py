@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import schemas
 import storage
 from beam_pipelines.assemble import recipes
+from beam_pipelines.assemble.config import recipe_gates
 from beam_pipelines.report.changes import read_stats
 from schemas import drops, release
 from schemas.errors import UserError
@@ -180,15 +181,14 @@ def _dropped_why(doc_id: str, cand: dict, tables: dict[str, pa.Table], config: d
     cands = pa.Table.from_pylist([cand], schema=schemas.CANDIDATE)
     joined = recipes.join_stages(cands, {s: t for s, t in tables.items() if s in recipe.stages})
     curation = recipes.Curation(config["min_instruction_chars"], config["max_instruction_chars"])
-    threshold = config.get("min_score")
-    reason = recipes.verdicts(joined, recipe, curation, threshold)
+    gate, other_gate = recipe_gates(config["recipe"], config.get("same_ids_as"), config.get("min_score"))
+    reason = recipes.verdicts(joined, recipe, curation, gate)
     other = config.get("same_ids_as")
     if other and all(s in tables for s in recipes.RECIPES[other].stages):
         joined_other = recipes.join_stages(cands, {s: t for s, t in tables.items()
                                                    if s in set(recipe.stages) | set(recipes.RECIPES[other].stages)})
-        other_threshold = threshold if recipes.RECIPES[other].gate == recipe.gate else recipes.RECIPES[other].threshold
         reason = recipes.restrict(reason, recipes.verdicts(joined_other, recipes.RECIPES[other], curation,
-                                                           other_threshold), other)
+                                                           other_gate), other)
     first = reason[0].as_py()
     if first is not None:
         return f"dropped: {first}"

@@ -13,16 +13,18 @@ from nltk import ngrams
 from nltk.tokenize import wordpunct_tokenize
 
 import schemas
-from beam_pipelines.assemble import pipeline as assemble
+from beam_pipelines.assemble import driver as assemble
 from beam_pipelines.assemble import corpus_stats
 from beam_pipelines.assemble import recipes
 from schemas import provenance, release
-from beam_pipelines.assemble.pipeline import AssembleConfig, AssembleError
+from beam_pipelines.assemble.config import AssembleConfig, AssembleError, Split, resolve
+from beam_pipelines.assemble.seed import read_seed_table
 import storage
 from bft import cli
 from schemas.errors import UserError
 from schemas.keys import instruction_key
 from schemas.layout import RunLayout, release_split_of
+from schemas.recipes import Gate, resolve_gate
 from generation.templates import SEED_TAG, WEB_TAG
 from tests.conftest import LOCAL
 
@@ -151,7 +153,7 @@ def test_recipe_keeps_exactly_the_expected_rows(root, recipe):
         cands = storage.read_parquet(RunLayout(root).candidates_shard(k, 2))
         stages = {s: storage.read_parquet(RunLayout(root).generation_shard(s, k, 2)) for s in r.stages}
         joined = recipes.join_stages(cands, stages)
-        keep = pa.compute.is_null(recipes.verdicts(joined, r, recipes.Curation(10, 800)))
+        keep = pa.compute.is_null(recipes.verdicts(joined, r, recipes.Curation(10, 800), resolve_gate(r.gate)))
         web = recipes.web_examples(joined, keep, r, WEB_TAG, lambda texts: [len(t.split()) for t in texts])
         kept += web.to_pylist()
     # b0 survives the recipe; it is dropped later as a duplicate instruction of a0
@@ -178,7 +180,7 @@ def test_a_document_prepare_kept_uncounted_gets_its_response_tokens_counted(root
         [None if i in uncounted else 30 for i in cands["id"].to_pylist()], pa.int32()))
     stages = {s: storage.read_parquet(RunLayout(root).generation_shard(s, 0, 2)) for s in r.stages}
     joined = recipes.join_stages(cands, stages)
-    keep = pa.compute.is_null(recipes.verdicts(joined, r, recipes.Curation(10, 800)))
+    keep = pa.compute.is_null(recipes.verdicts(joined, r, recipes.Curation(10, 800), resolve_gate(r.gate)))
     web = recipes.web_examples(joined, keep, r, WEB_TAG, lambda texts: [len(t.split()) for t in texts]).to_pylist()
     assert {e["id"] for e in web} & uncounted and {e["id"] for e in web} - uncounted
     for e in web:
@@ -192,13 +194,14 @@ def test_verdicts_name_the_first_reason_in_pipeline_order(root):
               for s in ("backtranslate", "score", "rewrite")}
     joined = recipes.join_stages(cands, stages)
     reasons = dict(zip(joined["id"].to_pylist(),
-                       recipes.verdicts(joined, recipes.RECIPES["filter+rewrite"], recipes.Curation(10, 800)).to_pylist()))
+                       recipes.verdicts(joined, recipes.RECIPES["filter+rewrite"], recipes.Curation(10, 800),
+                                        Gate("score", 5.0)).to_pylist()))
     assert reasons == {"a0": None, "a1": "backtranslate:echo", "a2": "instruction_too_short",
                        "a3": "score_below_threshold", "a4": "score:no_match", "a5": "rewrite:truncated",
                        "b0": None, "b1": "backtranslate:engine_error", "b2": None, "b3": "empty_response",
                        "b4": None, "b5": None}
     # a fractional threshold (logprob scores) and the instruction bounds are parameters
-    strict = recipes.verdicts(joined, recipes.RECIPES["filter+rewrite"], recipes.Curation(10, 30), 4.5)
+    strict = recipes.verdicts(joined, recipes.RECIPES["filter+rewrite"], recipes.Curation(10, 30), Gate("score", 4.5))
     assert dict(zip(joined["id"].to_pylist(), strict.to_pylist()))["a0"] == "instruction_too_long"
 
 
@@ -230,7 +233,7 @@ def test_assemble_keeps_the_rewrites_the_parser_keeps():
         rewrite.append(gen_row(i, "rewrite", raw_output=text, finish_reason=finish, parse_error=error, **fields))
     joined = recipes.join_stages(cands, {"backtranslate": schemas.to_table(backtranslate, schemas.GENERATION),
                                          "rewrite": schemas.to_table(rewrite, schemas.GENERATION)})
-    reasons = recipes.verdicts(joined, recipes.RECIPES["rewrite"], recipes.Curation(10, 800)).to_pylist()
+    reasons = recipes.verdicts(joined, recipes.RECIPES["rewrite"], recipes.Curation(10, 800), None).to_pylist()
     assert dict(zip(ids, reasons)) == {"c0": None, "c1": None, "c2": None, "c3": "rewrite:truncated",
                                        "c4": "rewrite:unclosed"}
     assert joined["rewrite.response"].to_pylist()[:3] == ["Whole answer c0.", "First answer c1.",
@@ -349,14 +352,14 @@ def test_cap_keeps_a_deterministic_bottom_k_and_the_validation_split_beside_it(r
 
 
 def test_seed_pairs_are_in_validation_only_when_asked():
-    from beam_pipelines.assemble.pipeline import _in_validation
+    from beam_pipelines.assemble.finalize import _in_validation
 
     ids = pa.chunked_array([[f"s{i}" for i in range(50)] + [f"w{i}" for i in range(50)]])
     is_web = pa.array([False] * 50 + [True] * 50)
     for rule in (("hash", None), ("capped", (2**63, "w"))):
-        mask = _in_validation(ids, is_web, rule, AssembleConfig(root="/r", validation_fraction=0.5)).to_pylist()
+        mask = _in_validation(ids, is_web, rule, Split(0, 0.5, False, None)).to_pylist()
         assert not any(mask[:50]) and 10 < sum(mask[50:]) < 40, rule
-        asked = AssembleConfig(root="/r", validation_fraction=0.5, seed_in_validation=True)
+        asked = Split(0, 0.5, True, None)
         assert 10 < sum(_in_validation(ids, is_web, rule, asked).to_pylist()[:50]) < 40, rule
 
 
@@ -415,10 +418,10 @@ def test_bad_seed_data_is_named(root, tmp_path):
     bad = tmp_path / "seed.jsonl"
     bad.write_text('{"instruction": "Q?", "response": "A."}\n{"instruction": \n')
     with pytest.raises(AssembleError, match=r"seed\.jsonl:2: not JSON"):
-        assemble.read_seed_table(str(bad))
+        read_seed_table(str(bad))
     bad.write_text('{"question": "Q?", "answer": "A."}\n')
     with pytest.raises(AssembleError, match=r"seed\.jsonl: seed data needs columns instruction and response"):
-        assemble.read_seed_table(str(bad))
+        read_seed_table(str(bad))
 
 
 # ---- generation shards as generate writes them now: the gate, cut documents, provenance --------------
@@ -433,14 +436,14 @@ def rewrite_shard(root, stage, k, change, n=2):
 
 
 def reasons_of(root, recipe, **kw):
-    cfg = AssembleConfig(root=root, recipe=recipe, **kw)
+    layout = RunLayout(root)
+    rules = resolve(AssembleConfig(root=root, recipe=recipe, **kw), layout, {"config": {"tokenizer": "t"}}).rules
     out = {}
     for k in range(2):
-        layout = RunLayout(root)
         cands = storage.read_parquet(layout.candidates_shard(k, 2))
-        stages = {s: storage.read_parquet(layout.generation_shard(s, k, 2)) for s in cfg.stages}
+        stages = {s: storage.read_parquet(layout.generation_shard(s, k, 2)) for s in rules.stages}
         joined = recipes.join_stages(cands, stages)
-        reason = recipes.verdicts(joined, recipes.RECIPES[recipe], cfg.curation(), cfg.threshold)
+        reason = recipes.verdicts(joined, rules.recipe, rules.curation, rules.gate)
         out.update(zip(joined["id"].to_pylist(), reason.to_pylist()))
     return out
 
@@ -554,6 +557,38 @@ def test_scores_made_in_logprob_mode_default_to_humpbacks_4_5(root):
     _, splits = read_release(root)
     kept = set(splits["train"]["id"]) | set(splits["validation"]["id"])
     assert "a3" in kept and stats["config"]["min_score"] == 4.5
+
+
+def test_the_job_is_resolved_once_and_frozen_with_its_gate_from_resolve_gate(tmp_path, monkeypatch):
+    """The options resolve once into a frozen AssembleJob whose gate is schemas.recipes.resolve_gate's:
+    4.5 where the score shards were made in logprob mode (recorded as the release's min_score, the
+    caller's options left as they were), --min-score when given; --same-ids-as on the same stage shares it."""
+    import dataclasses
+
+    from beam_pipelines.assemble import config
+
+    root = write_root(str(tmp_path / "run"), "prepares.json", stages=("backtranslate", "score"))
+    layout = RunLayout(root)
+    for k in range(2):
+        marker = layout.generation_metrics("score", k, 2)
+        storage.write_text(marker, json.dumps({**json.loads(storage.read_text(marker)),
+                                               "config": {"score_mode": "logprob"}}))
+    calls = []
+    real = config.resolve_gate
+    monkeypatch.setattr(config, "resolve_gate", lambda *a, **k: calls.append(a) or real(*a, **k))
+    prep = {"config": {"tokenizer": "prepares.json"}}
+    cfg = AssembleConfig(root=root, recipe="filter", same_ids_as="filter+rewrite")
+    job = resolve(cfg, layout, prep)
+    assert calls == [("score", "logprob", None)]
+    assert job.rules.gate == Gate("score", 4.5) and job.rules.other_gate is job.rules.gate
+    assert job.options.min_score == 4.5 and job.tokenizer == job.options.tokenizer == "prepares.json"
+    assert cfg.min_score is None and cfg.tokenizer is None
+    for part, field in ((job, "rules"), (job.rules, "gate"), (job.split, "seed")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(part, field, None)
+    given = resolve(AssembleConfig(root=root, recipe="filter", min_score=4.0), layout, prep)
+    assert calls[-1] == ("score", "logprob", 4.0) and given.rules.gate == Gate("score", 4.0)
+    assert given.options.min_score == 4.0
 
 
 def test_an_input_edited_in_place_with_the_same_size_makes_a_new_release(tmp_path, bpe_tokenizer_path):

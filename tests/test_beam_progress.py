@@ -241,11 +241,11 @@ def test_a_workers_user_error_is_not_printed_whole_but_a_bug_is():
     import io
     import logging
 
-    import beam_pipelines.assemble.pipeline  # noqa: F401  (AssembleError is known as a UserError once imported, as in a worker)
+    import beam_pipelines.assemble.config  # noqa: F401  (AssembleError is known as a UserError once imported, as in a worker)
     from beam_pipelines.runtime.driver_watch import WorkerStderr, _not_a_user_error
 
     ours = ("Traceback (most recent call last):\n  File \"assemble.py\", line 287\n"
-            "beam_pipelines.assemble.pipeline.AssembleError: score-00000-of-00002.parquet: row a0 carries another "
+            "beam_pipelines.assemble.config.AssembleError: score-00000-of-00002.parquet: row a0 carries another "
             "instruction than its backtranslate row; rerun bft generate score [while running 'JoinShard']\n")
     bug = "Traceback (most recent call last):\n  File \"x.py\", line 1\nZeroDivisionError: division by zero\n"
     out = io.StringIO()

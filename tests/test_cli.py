@@ -267,7 +267,7 @@ def test_a_user_error_raised_in_a_beam_worker_is_one_line():
 def test_a_file_the_user_names_is_read_only_when_it_is_a_regular_file(tmp_path, reader, kind):
     """Issue 35 point 6: every file the user names (run files, templates, seed data) is opened only when
     it is a regular file: a link to /dev/zero is never read, a FIFO never waited on, a folder is one line."""
-    from beam_pipelines.assemble.pipeline import read_seed_table
+    from beam_pipelines.assemble.seed import read_seed_table
     from generation.templates import load_template
     from schemas.errors import user_error_message
     from training.seed import read_messages

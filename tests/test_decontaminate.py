@@ -193,9 +193,10 @@ def test_near_duplicate_instructions_keep_the_highest_score_with_one_or_two_work
 
 
 def assemble_with(root, beam_args, **kw):
-    from beam_pipelines.assemble import pipeline as assemble
+    from beam_pipelines.assemble import driver as assemble
+    from beam_pipelines.assemble.config import AssembleConfig
 
-    return assemble.run(assemble.AssembleConfig(root=root, **kw), beam_args)
+    return assemble.run(AssembleConfig(root=root, **kw), beam_args)
 
 
 # ---- bft eval and the command line -----------------------------------------------------------------

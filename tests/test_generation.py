@@ -392,7 +392,7 @@ def hosted_stages(root, hosted, **backtranslate) -> dict:
 def assemble_check(root):
     """What assemble checks of the rows the stages carry: each carries its backtranslate row's instruction."""
     from beam_pipelines.assemble import recipes
-    from beam_pipelines.assemble.pipeline import check_carried_instructions
+    from beam_pipelines.assemble.join import check_carried_instructions
 
     layout = RunLayout(root)
     for k, n, path in layout.candidate_shards():
@@ -445,7 +445,7 @@ def test_rerunning_a_stage_as_assemble_advises_remakes_its_stale_rows_only(prepa
     inputs are current (as written before such rows were keyed by it) is refused by assemble, which
     tells to rerun bft generate rewrite: that rerun remakes that row, sends nothing, and writes the
     shard as a run from scratch would (it skipped the shard as complete)."""
-    from beam_pipelines.assemble.pipeline import AssembleError
+    from beam_pipelines.assemble.config import AssembleError
 
     root = copy_root(prepared_root, tmp_path)
     hosted_stages(root, hosted)

@@ -17,7 +17,6 @@ import schemas
 import storage
 from beam_pipelines.report import card, numbers, plots
 from beam_pipelines.report import page as report_page
-from beam_pipelines.assemble import pipeline as assemble
 from beam_pipelines.assemble import corpus_stats
 from schemas import release
 from schemas.layout import RunLayout

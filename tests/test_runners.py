@@ -32,8 +32,8 @@ import pytest
 
 from beam_pipelines import prepare
 
-from beam_pipelines.assemble import pipeline as assemble
-from beam_pipelines.assemble.pipeline import AssembleConfig
+from beam_pipelines.assemble import driver as assemble
+from beam_pipelines.assemble.config import AssembleConfig
 from beam_pipelines.prepare import PrepareConfig
 from tests.conftest import LOCAL, ROOT, _free_port, flink_cluster
 from tests.test_assemble import write_root, write_seed

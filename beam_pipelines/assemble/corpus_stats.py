@@ -328,10 +328,10 @@ class AccountingError(RuntimeError):
 
 
 def release_stats(cfg, version: str, summary: dict, prep_stats: dict, skipped: list[int],
-                  skipped_rows: int, models: dict, eval_sets: list[dict] = ()) -> dict:
+                  skipped_rows: int, models: dict, eval_sets: list[dict] = (), threshold: float | None = None) -> dict:
     """The release's stats.json (ReleaseStats.to_dict) from the merged partials of the assemble pass
     (`summarize`), the prepare stats and the driver's plan; checks that every candidate is accounted
-    for. `cfg` is the AssembleConfig (recipe, threshold, tags, decontamination and near-duplicate
+    for. `cfg` is the AssembleConfig (recipe, tags, decontamination and near-duplicate
     options); `eval_sets`: the --decontaminate files' summaries (decontaminate.EvalSet.summary)."""
     dropped = {drops.parse(k): v for k, v in (summary.get("funnel", {}).get("dropped") or {}).items() if v}
     if skipped_rows:
@@ -357,10 +357,10 @@ def release_stats(cfg, version: str, summary: dict, prep_stats: dict, skipped: l
     recipe = RECIPES[cfg.recipe]
     score_hist = gate = None
     if recipe.gate and recipe.gate in stages:
-        score_hist = {"stage": recipe.gate, "threshold": cfg.threshold, "edges": SCORE_EDGES,
+        score_hist = {"stage": recipe.gate, "threshold": threshold, "edges": SCORE_EDGES,
                       "counts": stages[recipe.gate].counts.get("score_histogram")}
         scores = (summary.get("scores") or {}).get(recipe.gate) or {}
-        gate = GateStats(recipe.gate, cfg.threshold, scores.get("scored", 0), scores.get("passed", 0),
+        gate = GateStats(recipe.gate, threshold, scores.get("scored", 0), scores.get("passed", 0),
                          stages[recipe.gate].digit_mass_mean)
     seed_tag, web_tag = cfg.tags
     return ReleaseStats(

@@ -73,15 +73,17 @@ def _stage_outcome(reason: pa.Array, joined: pa.Table, stage: str, whole_input: 
     return reason
 
 
-def verdicts(joined: pa.Table, recipe: Recipe, curation: Curation, threshold: float | None = None) -> pa.Array:
-    """One reason per joined row (null = kept); see the module docstring for the order."""
+def verdicts(joined: pa.Table, recipe: Recipe, curation: Curation, gate: Gate | None) -> pa.Array:
+    """One reason per joined row (null = kept); see the module docstring for the order. `gate`: the
+    recipe's, as schemas.recipes.resolve_gate decided it (None for a recipe without one)."""
+    if (gate.stage if gate else None) != recipe.gate:
+        raise ValueError(f"recipe {recipe.name} gates on {recipe.gate}, not by {gate}")
     reason = _stage_outcome(pa.nulls(joined.num_rows, pa.string()), joined, "backtranslate", False)
-    if recipe.gate:
-        reason = _stage_outcome(reason, joined, recipe.gate, True)
-        limit = recipe.threshold if threshold is None else threshold
-        score = joined[f"{recipe.gate}.score"]
-        reason = _first_reason(reason, pc.is_null(score), drops.no_score(recipe.gate))
-        reason = _first_reason(reason, Gate(recipe.gate, limit).below(score), drops.below_threshold(recipe.gate))
+    if gate:
+        reason = _stage_outcome(reason, joined, gate.stage, True)
+        score = joined[f"{gate.stage}.score"]
+        reason = _first_reason(reason, pc.is_null(score), drops.no_score(gate.stage))
+        reason = _first_reason(reason, gate.below(score), drops.below_threshold(gate.stage))
     if recipe.answer:
         reason = _stage_outcome(reason, joined, recipe.answer, True)
     instruction = pc.utf8_trim_whitespace(joined["backtranslate.instruction"])
