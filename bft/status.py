@@ -152,7 +152,7 @@ def _requests(night: dict) -> str:
 
 
 def status_text(result: dict) -> str:
-    from storage.lock import describe
+    from storage.holder import describe
 
     lines = [f"bft status {result['root']}"]
     last, night = result["last_night"], result["night"]

@@ -9,6 +9,7 @@ import logging
 import os
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import storage
@@ -129,7 +130,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_bytes(tmp_path, monke
     def full(*_):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(storage.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     target = tmp_path / "sft" / "LATEST"
     with pytest.raises(storage.DiskFull) as e:
         storage.write_text(str(target), "20240101-abcd\n")
@@ -142,7 +143,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_bytes(tmp_path, monke
     def full_parquet(table, where, **_):
         raise OSError(errno.ENOSPC, "[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left")
 
-    monkeypatch.setattr(storage.pq, "write_table", full_parquet)
+    monkeypatch.setattr(pq, "write_table", full_parquet)
     part = tmp_path / "generations" / "score" / "_checkpoints" / "part-00001.parquet"
     with pytest.raises(storage.DiskFull, match=r"_checkpoints: no space left on the device while writing "
                                                r"part-00001.parquet \(up to [\d,]+ bytes, its size in memory"):

@@ -48,7 +48,7 @@ from schemas.state import prepare_stats
 import storage
 from beam_pipelines.runtime.options import configure_process, pipeline_options
 from beam_pipelines.tokens.length import prove, tokenizer_fingerprint
-from storage.lock import claim_folder, clear_dead_folders
+from storage.claims import claim_folder, clear_dead_folders
 
 log = logging.getLogger("bft.assemble")
 
