@@ -17,9 +17,9 @@ import pytest
 
 import storage
 from bft import cli
+from runs.lock import LockHeld, LockLost, RootLock
 from schemas.errors import UserError
 from schemas.layout import RunLayout, lock_name
-from schemas.lock import LockHeld, LockLost, RootLock
 from storage import fencing, gcs
 from storage import lock as storage_lock
 from storage.holder import holder_info
@@ -31,7 +31,7 @@ _HOLD = """
 import sys, time
 root, name = sys.argv[1], sys.argv[2]
 sys.argv = ["holder-of", root]
-from schemas.lock import RootLock
+from runs.lock import RootLock
 RootLock(root, name).acquire()
 print("locked", flush=True)
 time.sleep(600)
