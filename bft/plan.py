@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import storage
 from bft.rebuild import RunPlan, StagePlan, check_servers, load_run, no_input
 from schemas.errors import UserError
-from runs.state import prepare_stats, read_json
+from lifecycle.state import prepare_stats, read_json
 from schemas.layout import RunLayout
 from schemas.options import option
 from schemas.recipes import ANSWER_STAGES, Gate
@@ -108,7 +108,7 @@ def pilot(plan: RunPlan, n: int) -> dict:
     held (it writes checkpoints) after prepare (the night's own step: reused when current)."""
     from beam_pipelines import prepare
     from bft.pilot import measure, run_pilot
-    from runs.lock import RootLock
+    from lifecycle.lock import RootLock
 
     with RootLock(plan.layout):
         prepare.run(plan.prepare, plan.prepare_beam_args)

@@ -5,7 +5,7 @@ Reuse rule (docs/OPERATIONS.md):
 - prepare is reused when its config and the content of its input files (path, size and checksum of
   every file the globs match) are what ROOT/candidates/stats.json records; otherwise it is redone.
 - a generation shard is reused when its recorded inputs (checksums of its candidates shard and
-  upstream shards) and stage config are the current ones (runs/provenance.py). When only its
+  upstream shards) and stage config are the current ones (lifecycle/provenance.py). When only its
   inputs changed (documents joined or left the candidates shard), its rows are reused one by one:
   a row whose prompt values (schemas.keys.input_hash) and carried upstream fields are unchanged is
   kept, the others are sent (or remade without a request when below the gate).
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import storage
 from bft import config
-from runs import state as stored
+from lifecycle import state as stored
 from schemas.outcomes import refused_text
 from schemas.errors import JSON_ANSWERED, UserError, exit_status, one_line
 from schemas.options import option
@@ -303,7 +303,7 @@ RECORD = {"stages": stored.MapOf(_WORK), "ended_at": stored.Maybe(str),
 
 
 def read_record(layout, path: str, set_aside: bool = True) -> dict | None:
-    """A night's record (Night), or None when there is none or it is damaged (runs.state: set
+    """A night's record (Night), or None when there is none or it is damaged (lifecycle.state: set
     aside, unless `set_aside` is False, so that the night starts a new record and never writes the
     damaged one back)."""
     return stored.read_json(layout, path, RECORD, set_aside)
@@ -377,7 +377,7 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
     from beam_pipelines.assemble import pipeline as assemble
     from generation.batch import BatchesPending
     from generation.runner import StageRunner, stage_status
-    from runs import release
+    from lifecycle import release
 
     empty = no_input(plan.prepare)
     if empty:   # an input folder not filled yet: a state, not a failure
@@ -485,7 +485,7 @@ def release_changes(layout, previous: str | None, stats: dict) -> dict:
     rates (beam_pipelines.report.changes, the same comparison the release's own report shows against its
     parent: taken from its stats when the parent is `previous`)."""
     from beam_pipelines.report import changes
-    from runs import release
+    from lifecycle import release
 
     version = stats["version"]
     if previous is None or previous == version:
@@ -583,7 +583,7 @@ def _wait(sp: StagePlan, cfg: RebuildConfig, say, lock=None) -> dict:
 def _take_back(lock, poll_s: float, grace_s: float = 60.0) -> None:
     """Takes the root's lock again after the wait. A worker that just wrote its last shard may hold it a
     moment longer (it ends its run first): wait up to `grace_s` before LockHeld stands."""
-    from runs.lock import LockHeld
+    from lifecycle.lock import LockHeld
 
     deadline = time.monotonic() + grace_s
     while True:
@@ -601,7 +601,7 @@ def main_rebuild(cfg: RebuildConfig, run_file: str | None) -> int:
         raise UserError("needs --config FILE (the run file)")
     plan = load_run(run_file, cfg.root)
     check_servers(plan)   # a wrong model or URL is found now, not after prepare and the stages before it
-    from runs.lock import RootLock
+    from lifecycle.lock import RootLock
 
     with RootLock(plan.layout) as lock:  # the steps run in-process below and take no lock of their own
         return rebuild(plan, cfg, lock)

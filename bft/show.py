@@ -27,7 +27,7 @@ from beam_pipelines.assemble import recipes
 from beam_pipelines.report.changes import CHANGES
 from beam_pipelines.assemble.corpus_stats import RELEASE_STATS
 from beam_pipelines.assemble.decontaminate import NEAR_DUPLICATE
-from runs import release
+from lifecycle import release
 from schemas.errors import UserError
 from schemas.keys import instruction_key
 from schemas.layout import RunLayout, parse_shard_name, release_split_of

@@ -19,11 +19,11 @@ import json
 from dataclasses import dataclass
 
 import storage
-from runs import provenance
+from lifecycle import provenance
 from schemas.errors import UserError
 from schemas.layout import LayoutError, RunLayout, parse_shard_name
 from schemas.options import option
-from runs.state import prepare_stats
+from lifecycle.state import prepare_stats
 
 
 @dataclass
@@ -120,7 +120,7 @@ def locks(layout: RunLayout) -> list[dict]:
 
 def latest(layout: RunLayout) -> dict | None:
     """The release LATEST names: version, folder, published (_SUCCESS), created_at, counts, alerts."""
-    from runs import release
+    from lifecycle import release
 
     version = release.latest_version(layout)
     if version is None:

@@ -3,7 +3,7 @@
 A `UserError` (or a subclass: a missing input, an inconsistent run root, a bad config value) is what
 the user can fix; `bft` prints its message as one line and exits 1. Anything else is a bug and keeps
 its traceback. Messages name the file, record or option at fault and say what to do. An interrupt
-(Ctrl-C, or SIGTERM as `Terminated`: runs.signals) is told as `interrupted...` and exits 128 + the
+(Ctrl-C, or SIGTERM as `Terminated`: lifecycle.signals) is told as `interrupted...` and exits 128 + the
 signal's number, as a shell reports a process the signal ended: 130 for SIGINT, 143 for SIGTERM.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ class UserError(Exception):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread by the handler runs.signals.take_sigterm installs."""
+    """SIGTERM, raised in the main thread by the handler lifecycle.signals.take_sigterm installs."""
 
 
 def interrupt_status(interrupt: KeyboardInterrupt) -> int:

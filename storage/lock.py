@@ -1,7 +1,7 @@
 """An exclusive lock on one file or gs:// object, held by one process at a time.
 
 The mechanism only: the caller names the lock's path (schemas.layout.RunLayout.lock) and the errors
-to raise (runs.lock.RootLock makes them UserErrors); this module imports nothing above storage/.
+to raise (lifecycle.lock.RootLock makes them UserErrors); this module imports nothing above storage/.
 The holder's record, and whether its process still lives, are storage.holder's.
 
 Local path: `fcntl.flock(LOCK_EX | LOCK_NB)` on the lock file. The kernel releases the lock when the

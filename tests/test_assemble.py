@@ -16,7 +16,7 @@ import schemas
 from beam_pipelines.assemble import pipeline as assemble
 from beam_pipelines.assemble import corpus_stats
 from beam_pipelines.assemble import recipes
-from runs import provenance, release
+from lifecycle import provenance, release
 from beam_pipelines.assemble.pipeline import AssembleConfig, AssembleError
 import storage
 from bft import cli
@@ -654,7 +654,7 @@ def test_a_release_of_an_older_layout_still_validates_and_loads(published, old_n
 
 def test_bft_latest_prints_the_data_folder_of_the_latest_release(root, tmp_path, capsys):
     """Issue 21 point 2: one line per reader resolves sft/LATEST; `bft latest ROOT` prints the data path
-    (shell: `pd.read_parquet("$(bft latest ROOT)")`; Python: runs.release.latest_data(ROOT))."""
+    (shell: `pd.read_parquet("$(bft latest ROOT)")`; Python: lifecycle.release.latest_data(ROOT))."""
     from bft import cli
 
     assert cli.main(["latest", root]) == 1 and "no published release" in capsys.readouterr().err

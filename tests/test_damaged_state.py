@@ -16,7 +16,7 @@ import storage
 from bft.rebuild import Night
 from generation.batch import BatchDispatch
 from generation.runner import Checkpoints
-from runs import provenance, state
+from lifecycle import provenance, state
 from schemas.errors import user_error_message
 from schemas.layout import RunLayout
 from tests.test_cli import run as bft
@@ -154,7 +154,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_bytes(tmp_path, monke
 def test_a_lock_file_that_is_a_link_is_refused_and_never_written_through(tmp_path):
     """`_lock/root -> ../sft/LATEST` overwrote and truncated LATEST."""
     from schemas.errors import UserError
-    from runs.lock import RootLock
+    from lifecycle.lock import RootLock
 
     layout = RunLayout(str(tmp_path))
     storage.write_text(layout.latest, "v1\n")

@@ -17,7 +17,7 @@ import pytest
 
 import storage
 from bft import cli
-from runs.lock import LockHeld, LockLost, RootLock
+from lifecycle.lock import LockHeld, LockLost, RootLock
 from schemas.errors import UserError
 from schemas.layout import RunLayout, lock_name
 from storage import fencing, gcs
@@ -31,7 +31,7 @@ _HOLD = """
 import sys, time
 root, name = sys.argv[1], sys.argv[2]
 sys.argv = ["holder-of", root]
-from runs.lock import RootLock
+from lifecycle.lock import RootLock
 RootLock(root, name).acquire()
 print("locked", flush=True)
 time.sleep(600)

@@ -18,7 +18,7 @@ import storage
 from beam_pipelines import report
 from beam_pipelines.assemble import pipeline as assemble
 from beam_pipelines.assemble import corpus_stats
-from runs import release
+from lifecycle import release
 from schemas.layout import RunLayout
 from tests.test_assemble import gen_row, run, write_marker, write_root, write_seed
 

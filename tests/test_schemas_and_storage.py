@@ -186,7 +186,7 @@ def test_validate_names_a_release_file_deleted_after_listing(bucket, monkeypatch
     """`bft validate gs://...` on a file deleted after it was listed: a problem in the one report, exit 1
     (was a NotFound traceback)."""
     from bft import cli
-    from runs import release
+    from lifecycle import release
     from tests.test_assemble import run, write_root
 
     root = write_root(f"gs://{bucket}/run", bpe_tokenizer_path)

@@ -25,7 +25,7 @@ import xxhash
 import schemas
 from schemas.outcomes import SCORE_EDGES, categories, histogram, shard_summary, value_counts  # noqa: F401 (re-exported)
 from schemas.recipes import GATE_STAGES, RECIPES
-from runs.release import code_revision
+from lifecycle.release import code_revision
 from beam_pipelines.assemble.decontaminate import BAND_ROWS, CONTAMINATED, NEAR_DUPLICATE, SHINGLE_WORDS, SIGNATURE_BANDS
 
 RELEASE_STATS = "stats.json"  # a release's statistics, beside its data files

@@ -43,8 +43,8 @@ from beam_pipelines.assemble import corpus_stats
 from beam_pipelines.assemble import decontaminate, recipes
 from beam_pipelines.tokens import paper_tokens
 from beam_pipelines.runtime import progress
-from runs import provenance, release
-from runs.state import prepare_stats
+from lifecycle import provenance, release
+from lifecycle.state import prepare_stats
 import storage
 from beam_pipelines.runtime.options import configure_process, pipeline_options
 from beam_pipelines.tokens.length import prove, tokenizer_fingerprint
@@ -393,7 +393,7 @@ def read_seed_table(path: str) -> pa.Table:
 class FinalizeShard(beam.DoFn):
     """Output shard k: web part minus duplicate-instruction losers and rows over the cap, plus seed
     rows, split by hash into data/split={train,validation}/part-<shard k>-of-<shards>.parquet (numbered per split by
-    the driver afterwards: runs.release.number_splits). Yields a partial."""
+    the driver afterwards: lifecycle.release.number_splits). Yields a partial."""
 
     def __init__(self, cfg: AssembleConfig, folder: str, num_shards: int, tmp: str):
         self.cfg, self.folder, self.num_shards, self.tmp = cfg, folder, num_shards, tmp
@@ -675,7 +675,7 @@ def content_of(path: str, checksums: dict[str, str], claimed: str | None = None)
 
 def shard_problem(layout: RunLayout, stage: str, k: int, n: int, checksums: dict[str, str],
                   deferred: list | None = None) -> str | None:
-    """Why shard k of `stage` is not current (its marker, checksum or inputs: runs.provenance), or
+    """Why shard k of `stage` is not current (its marker, checksum or inputs: lifecycle.provenance), or
     None; `checksums` caches the inputs' sha256 across shards; `deferred` receives the checks that
     need a file's bytes, for the reader to make."""
     out = layout.generation_shard(stage, k, n)
@@ -695,7 +695,7 @@ def _stage_models(cfg: AssembleConfig, shards: list[ShardInput]) -> dict[str, li
 
 
 def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = None) -> dict:
-    """Plans the inputs, then publishes the release (runs.release.publish) with the Beam pass,
+    """Plans the inputs, then publishes the release (lifecycle.release.publish) with the Beam pass,
     stats, report and card as its build step; returns its stats, with "folder": the release's. When the same config was published
     before (that version, or LATEST when no version is named) nothing is built: its stats come back
     with "reused": true. `run_record` (what bft rebuild did) goes into the manifest."""

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import storage
-from runs import release
+from lifecycle import release
 from schemas.layout import RunLayout
 from schemas.options import option
 from beam_pipelines.assemble.corpus_stats import RELEASE_STATS as STATS

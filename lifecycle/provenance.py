@@ -22,8 +22,8 @@ import hashlib
 import json
 
 import storage
-from runs import state as stored
-from runs.release.manifest import sha256_of
+from lifecycle import state as stored
+from lifecycle.release.manifest import sha256_of
 from schemas.layout import RunLayout
 
 KEY = "provenance"
