@@ -112,7 +112,7 @@ def open_lines(path: str) -> Iterator[bytes]:
     stream never reads as a short file). A plain file has no framing: a cut inside a line leaves a
     last line that is not JSON (a reject downstream); a cut between lines cannot be told from an end.
     """
-    yield from codecs.lines(open_read(path), path, buffer=not is_gcs(path))  # GCS's stream is buffered
+    return codecs.lines(lambda: open_read(path), path, buffer=not is_gcs(path))  # GCS's stream is buffered
 
 
 def read_parquet(path: str, columns: list[str] | None = None) -> "pa.Table":

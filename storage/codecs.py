@@ -8,7 +8,7 @@ from __future__ import annotations
 import gzip
 import io
 import zlib
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from isal import igzip, isal_zlib
 
@@ -25,10 +25,12 @@ def compression(path: str) -> str:
     return ".gz" if path.endswith(".gz") else ".zst" if path.endswith((".zst", ".zstd")) else ""
 
 
-def lines(raw: BinaryIO, path: str, buffer: bool) -> Iterator[bytes]:
-    """The lines of `raw`, the stored bytes of the JSON-lines file `path` (storage.open_lines says
-    how), decompressed by the file's name; `buffer`: read a plain file through a 1 MiB buffer (a
-    stream that has none of its own). Closes `raw` at the end."""
+def lines(open_raw: Callable[[], BinaryIO], path: str, buffer: bool) -> Iterator[bytes]:
+    """The lines of the JSON-lines file `path` (storage.open_lines says how), decompressed by its name,
+    from the stream of its stored bytes that `open_raw()` opens when the first line is asked for, and
+    closed at the end; `buffer`: read a plain file through a 1 MiB buffer (a stream that has none of
+    its own)."""
+    raw = open_raw()
     kind = compression(path)
     try:
         if kind == ".gz":
