@@ -16,19 +16,17 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 from storage import codecs, fencing, gcs, local, tables
 from storage.codecs import CorruptFileError, compression, is_records_file
-from storage.errors import DiskFull, NotAnInput, StorageError, StoredFileForbidden, StoredFileNotFound
+from storage.errors import DiskFull, NotAnInput, StorageError
 from storage.gcs import gcs_client
-from storage.local import TMP_PREFIX
 from storage.tables import parquet_from_bytes
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["CorruptFileError", "DiskFull", "MiB", "NotAnInput", "StorageError", "StoredFileForbidden",
-           "StoredFileNotFound", "TMP_PREFIX", "check_fences", "check_input", "check_writable", "clear_debris",
-           "compression", "delete", "delete_tree", "exists", "fence", "fingerprint", "gcs_client", "glob",
-           "has_files", "is_gcs", "is_records_file", "join", "list_files", "not_regular", "open_lines",
-           "open_read", "parent", "parquet_from_bytes", "read_bytes", "read_input", "read_parquet",
+__all__ = ["CorruptFileError", "DiskFull", "MiB", "NotAnInput", "StorageError", "check_fences", "check_input",
+           "check_writable", "clear_debris", "compression", "delete", "delete_tree", "exists", "fence", "fingerprint",
+           "gcs_client", "glob", "has_files", "is_gcs", "is_records_file", "join", "list_files", "not_regular",
+           "open_lines", "open_read", "parent", "parquet_from_bytes", "read_bytes", "read_input", "read_parquet",
            "read_records", "read_text", "remove_empty_folder", "rename", "size", "special_entries", "unfence",
            "write_bytes", "write_parquet", "write_text"]
 
