@@ -26,7 +26,7 @@ def build_root(n: int, tokenizer: str) -> str:
     import schemas
     from benchmarks.corpus import TextMaker
     import storage
-    from schemas import provenance
+    from lifecycle import provenance
     from schemas.layout import RunLayout
     from schemas.outcomes import BELOW_GATE
 

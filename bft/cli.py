@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from bft import config
-from schemas import signals
-from schemas.errors import JSON_ANSWERED, exit_status, one_line, user_error_message
+from lifecycle import signals
+from schemas.errors import JSON_ANSWERED, exit_status, interrupt_status, interrupted_text, one_line, user_error_message
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _assemble(cfg, beam_args, run_file) -> int:
 
 
 def _validate(cfg, beam_args, run_file) -> int:
-    from schemas import release
+    from lifecycle import release
 
     manifest = release.validate(cfg.target)
     print(f"valid: release {manifest['version']} ({manifest['counts']['train']:,} train, "
@@ -125,7 +125,7 @@ def _validate(cfg, beam_args, run_file) -> int:
 
 
 def _latest(cfg, beam_args, run_file) -> int:
-    from schemas import release
+    from lifecycle import release
 
     print(release.latest_data(cfg.target, check=cfg.verify))
     return 0
@@ -235,9 +235,9 @@ VERBS = {v.name: v for v in [
     Verb("assemble", "Beam pass 2: candidates + generations -> the SFT corpus, its statistics, a versioned release",
          "beam_pipelines.assemble.config:AssembleConfig", _assemble, beam=True, exits=(0, 1, 2, 130, 143)),
     Verb("validate", "re-check a release: manifest, checksums, schemas, row counts, unique ids (exit 1 if not)",
-         "schemas.release:ValidateConfig", _validate, positional=("path",)),
+         "lifecycle.release:ValidateConfig", _validate, positional=("path",)),
     Verb("latest", "print the data folder of the release ROOT/sft/LATEST names, for loaders",
-         "schemas.release:LatestConfig", _latest, positional=("path",)),
+         "lifecycle.release:LatestConfig", _latest, positional=("path",)),
     Verb("diff", "which examples one release has that another has not (by origin; --ids: each, and why removed)",
          "beam_pipelines.report.changes:DiffConfig", _diff, positional=("old", "new")),
     Verb("show", "one example's history: its document, instruction, scores, rewrite, and why kept or dropped",
@@ -281,11 +281,11 @@ RUNS_BEAM = ("prepare", "assemble", "rebuild")  # verbs that run a Beam pipeline
 
 
 def root_lock(verb: Verb, cfg):
-    """The root's lock for a verb that writes it (schemas.lock; bft rebuild takes it in main_rebuild);
+    """The root's lock for a verb that writes it (lifecycle.lock; bft rebuild takes it in main_rebuild);
     one of several generate workers locks only its own name, so the workers run side by side."""
     if verb.name not in WRITERS:
         return contextlib.nullcontext()
-    from schemas.lock import RootLock, lock_name
+    from lifecycle.lock import RootLock, lock_name
 
     if verb.name == "generate":
         return RootLock(cfg.root, lock_name(cfg.stage, cfg.worker_index, cfg.num_workers))
@@ -318,7 +318,7 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
         args, beam_args = ap.parse_args(argv), []
     _configure_logging(args.verbose)
     if args.quiet:  # for this process and those it starts (BFT_QUIET=1 in the environment does the same)
-        from schemas.progress import set_quiet
+        from lifecycle.progress import set_quiet
 
         set_quiet(True)
     from beam_pipelines.runtime.options import configure_process
@@ -341,8 +341,8 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
         fmt = getattr(cfg, "format", None) or flags.get("format") or file_values.get("format")
         if fmt == "json" and not getattr(e, JSON_ANSWERED, False):  # stdout is one JSON document, always
             print(json.dumps({"verb": verb.name, "error": one_line(e), "exit_code": exit_status(e)}, indent=2))
-        if isinstance(e, KeyboardInterrupt):   # Ctrl-C or SIGTERM (schemas.signals): 130 or 143
-            message = signals.interrupted_text(e)
+        if isinstance(e, KeyboardInterrupt):   # Ctrl-C or SIGTERM (lifecycle.signals): 130 or 143
+            message = interrupted_text(e)
         if message is None:
             raise
         print(f"bft {verb.name}: {message}", file=sys.stderr)
@@ -378,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_verb(verb, argv[1:])
     except KeyboardInterrupt as interrupt:  # before the verb's own handler (imports, parsing) or after it
-        print(f"bft {name}: {signals.interrupted_text(interrupt)}", file=sys.stderr)
-        return signals.exit_status(interrupt)
+        print(f"bft {name}: {interrupted_text(interrupt)}", file=sys.stderr)
+        return interrupt_status(interrupt)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

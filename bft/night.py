@@ -18,7 +18,7 @@ import time
 
 import storage
 from bft.run_file import StagePlan
-from schemas import state as stored
+from lifecycle import state as stored
 from schemas.outcomes import refused_text
 
 
@@ -120,7 +120,7 @@ RECORD = {"stages": stored.MapOf(_WORK), "ended_at": stored.Maybe(str),
 
 
 def read_record(layout, path: str, set_aside: bool = True) -> dict | None:
-    """A night's record (Night), or None when there is none or it is damaged (schemas.state: set
+    """A night's record (Night), or None when there is none or it is damaged (lifecycle.state: set
     aside, unless `set_aside` is False, so that the night starts a new record and never writes the
     damaged one back)."""
     return stored.read_json(layout, path, RECORD, set_aside)
@@ -149,7 +149,7 @@ def release_changes(layout, previous: str | None, stats: dict) -> dict:
     rates (beam_pipelines.report.changes, the same comparison the release's own report shows against its
     parent: taken from its stats when the parent is `previous`)."""
     from beam_pipelines.report import changes
-    from schemas import release
+    from lifecycle import release
 
     version = stats["version"]
     if previous is None or previous == version:

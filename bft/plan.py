@@ -107,7 +107,7 @@ def pilot(plan: RunPlan, n: int) -> dict:
     held (it writes checkpoints) after prepare (the night's own step: reused when current)."""
     from beam_pipelines import prepare
     from bft.pilot import measure, run_pilot
-    from schemas.lock import RootLock
+    from lifecycle.lock import RootLock
 
     with RootLock(plan.layout):
         prepare.run(plan.prepare, plan.prepare_beam_args)

@@ -12,7 +12,7 @@ from bft.run_file import RunPlan, StagePlan
 from schemas.errors import UserError
 from schemas.layout import RunLayout
 from schemas.recipes import Gate
-from schemas.state import prepare_stats, read_json
+from lifecycle.state import prepare_stats, read_json
 
 DEFAULT_BATCH_DISCOUNT = 0.5  # OpenAI's Batch API: the same requests at half the price, within 24 h
 

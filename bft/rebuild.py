@@ -5,7 +5,7 @@ Reuse rule (docs/OPERATIONS.md):
 - prepare is reused when its config and the content of its input files (path, size and checksum of
   every file the globs match) are what ROOT/candidates/stats.json records; otherwise it is redone.
 - a generation shard is reused when its recorded inputs (checksums of its candidates shard and
-  upstream shards) and stage config are the current ones (schemas/provenance.py). When only its
+  upstream shards) and stage config are the current ones (lifecycle/provenance.py). When only its
   inputs changed (documents joined or left the candidates shard), its rows are reused one by one:
   a row whose prompt values (schemas.keys.input_hash) and carried upstream fields are unchanged is
   kept, the others are sent (or remade without a request when below the gate).
@@ -141,7 +141,7 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
     from beam_pipelines.assemble import driver as assemble
     from generation.batch import BatchesPending
     from generation.runner import StageRunner, stage_status
-    from schemas import release
+    from lifecycle import release
 
     empty = no_input(plan.prepare)
     if empty:   # an input folder not filled yet: a state, not a failure
@@ -253,7 +253,7 @@ def _wait(sp: StagePlan, cfg: RebuildConfig, say, lock=None) -> dict:
 def _take_back(lock, poll_s: float, grace_s: float = 60.0) -> None:
     """Takes the root's lock again after the wait. A worker that just wrote its last shard may hold it a
     moment longer (it ends its run first): wait up to `grace_s` before LockHeld stands."""
-    from schemas.lock import LockHeld
+    from lifecycle.lock import LockHeld
 
     deadline = time.monotonic() + grace_s
     while True:
@@ -271,7 +271,7 @@ def main_rebuild(cfg: RebuildConfig, run_file: str | None) -> int:
         raise UserError("needs --config FILE (the run file)")
     plan = load_run(run_file, cfg.root)
     check_servers(plan)   # a wrong model or URL is found now, not after prepare and the stages before it
-    from schemas.lock import RootLock
+    from lifecycle.lock import RootLock
 
     with RootLock(plan.layout) as lock:  # the steps run in-process below and take no lock of their own
         return rebuild(plan, cfg, lock)

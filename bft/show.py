@@ -26,7 +26,8 @@ import storage
 from beam_pipelines.assemble import recipes
 from beam_pipelines.assemble.config import recipe_gates
 from beam_pipelines.report.changes import read_stats
-from schemas import drops, release
+from lifecycle import release
+from schemas import drops
 from schemas.errors import UserError
 from schemas.keys import instruction_key
 from schemas.layout import SUCCESS, ReleaseLayout, RunLayout, parse_shard_name, release_split_of

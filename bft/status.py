@@ -19,11 +19,11 @@ import json
 from dataclasses import dataclass
 
 import storage
-from schemas import provenance
+from lifecycle import provenance
 from schemas.errors import UserError
 from schemas.layout import LayoutError, RunLayout, parse_shard_name
 from schemas.options import option
-from schemas.state import prepare_stats
+from lifecycle.state import prepare_stats
 
 
 @dataclass
@@ -120,7 +120,7 @@ def locks(layout: RunLayout) -> list[dict]:
 
 def latest(layout: RunLayout) -> dict | None:
     """The release LATEST names: version, folder, published (_SUCCESS), created_at, counts, alerts."""
-    from schemas import release
+    from lifecycle import release
 
     version = release.latest_version(layout)
     if version is None:
@@ -152,7 +152,7 @@ def _requests(night: dict) -> str:
 
 
 def status_text(result: dict) -> str:
-    from storage.lock import describe
+    from storage.holder import describe
 
     lines = [f"bft status {result['root']}"]
     last, night = result["last_night"], result["night"]

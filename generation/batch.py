@@ -51,7 +51,7 @@ from typing import Iterable, Iterator
 import orjson
 
 import storage
-from schemas import state as stored
+from lifecycle import state as stored
 from schemas.errors import EX_TEMPFAIL, UserError
 from schemas.layout import shard_name
 from generation.engines.openai import OVER_CAP, answer_cap
@@ -65,7 +65,7 @@ TRIES = 5                         # tries of one Batch API call (0.5 s back-off,
 # one still not listed this long after its last try is taken as never made, and created again.
 CREATE_SETTLE_S = 600.0
 ENDED = {"completed", "failed", "expired", "cancelled"}
-# a shard's state file, as read back (schemas.state: a damaged one is set aside and the shard starts anew)
+# a shard's state file, as read back (lifecycle.state: a damaged one is set aside and the shard starts anew)
 STATE = {"config": str, "rounds": stored.MapOf(int),
          "batches": [{"id": stored.Maybe(str), "status": stored.Maybe(str), "input_file_id": stored.Maybe(str),
                       "endpoint": stored.Maybe(str), "rows": stored.MapOf(str)}]}

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import storage
 from schemas.errors import UserError
-from schemas.release import MANIFEST, sha256_of
+from lifecycle.release import MANIFEST, sha256_of
 from schemas.layout import RunLayout
 from schemas.options import option, required
 from schemas.keys import row_seed

@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from schemas.progress import LOG_EVERY_S, duration, quiet
+from lifecycle.progress import LOG_EVERY_S, duration, quiet
 
 log = logging.getLogger("bft.generate")
 

@@ -4,7 +4,7 @@ parser, carried fields, gate) is its StageSpec in generation/stages.py, and the 
 Work unit = a shard: worker I of W takes shards k with k % W == I (Slurm arrays, Kubernetes indexed
 jobs). Shard k of every stage holds exactly the ids of candidates shard k, read beside the shards k of
 the stages it reads (upstream, gate), so no shuffle is needed. A shard's data is written whole, then
-its marker (`.metrics.json`: metrics and the provenance record of schemas/provenance.py). A rerun skips
+its marker (`.metrics.json`: metrics and the provenance record of lifecycle/provenance.py). A rerun skips
 a shard only when its marker, checksum, inputs' checksums and config all match; it resends just the
 transient-failure rows of an otherwise complete shard (schemas/outcomes.py: final outcomes such as
 content_filter are answers and are never resent while the config is unchanged), and redoes any other
@@ -50,11 +50,11 @@ import pyarrow as pa
 import schemas
 import storage
 from schemas.errors import UserError
-from schemas import provenance
-from schemas import state as stored
+from lifecycle import provenance
+from lifecycle import state as stored
 from schemas.keys import input_hash, row_seed
 from schemas.layout import LayoutError, Rooted, RunLayout, parse_shard_name
-from schemas.release import parquet_rows
+from lifecycle.release import parquet_rows
 from schemas.options import option, product_options, required
 from schemas.outcomes import NOT_SENT, REFUSALS, category, engine_error, is_engine_error, refused, shard_summary
 from schemas.recipes import GATE_STAGES, NO_GATE, gate_threshold, recorded_score_mode  # noqa: F401 (NO_GATE: re-exported)
@@ -787,7 +787,7 @@ class Checkpoints:
 
     def rows(self) -> list[dict]:
         """The rows of every part of this config; parts of other configs are removed, and a damaged
-        part is set aside (schemas.state): its rows are sent again."""
+        part is set aside (lifecycle.state): its rows are sent again."""
         out = []
         for path in sorted(storage.list_files(self.shard_dir)):
             part = PART.fullmatch(path.rsplit("/", 1)[-1])

@@ -92,7 +92,7 @@ SFT = _schema("sft", [
     pa.field("n_tokens_response", pa.int32()),
     # lineage (null for seed pairs): the source document's url and crawl date (the id is its Dolma id),
     # and per generation stage that made the pair a key the manifest's inputs.made_by maps to the
-    # stage's model and config (schemas.provenance.maker_key)
+    # stage's model and config (lifecycle.provenance.maker_key)
     added("url", pa.string()),
     added("crawl_date", pa.string()),
     added("made_by", pa.list_(pa.string())),

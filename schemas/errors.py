@@ -2,18 +2,37 @@
 
 A `UserError` (or a subclass: a missing input, an inconsistent run root, a bad config value) is what
 the user can fix; `bft` prints its message as one line and exits 1. Anything else is a bug and keeps
-its traceback. Messages name the file, record or option at fault and say what to do.
+its traceback. Messages name the file, record or option at fault and say what to do. An interrupt
+(Ctrl-C, or SIGTERM as `Terminated`: lifecycle.signals) is told as `interrupted...` and exits 128 + the
+signal's number, as a shell reports a process the signal ended: 130 for SIGINT, 143 for SIGTERM.
 """
 from __future__ import annotations
 
 import re
+import signal
 
 import storage
-from schemas import signals
 
 
 class UserError(Exception):
     """A mistake the user can fix; `bft` prints the message alone and exits 1."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by the handler lifecycle.signals.take_sigterm installs."""
+
+
+def interrupt_status(interrupt: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process the signal ended."""
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
+def interrupted_text(interrupt: KeyboardInterrupt) -> str:
+    """The one line an interrupt ends with: which signal, and the answered rows kept (`kept_rows`,
+    which a generation stage sets on the interrupt it lets through)."""
+    text = "interrupted by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"
+    kept = getattr(interrupt, "kept_rows", None)
+    return text if kept is None else f"{text}: {kept:,} answered rows kept; rerun to resume"
 
 
 def _user_error_names() -> set[str]:
@@ -66,7 +85,7 @@ def exit_status(exc: BaseException) -> int:
     found = next((c.exit_status for c in chain(exc) if isinstance(getattr(c, "exit_status", None), int)), None)
     if found is not None:
         return found
-    return signals.exit_status(exc) if isinstance(exc, KeyboardInterrupt) else 1
+    return interrupt_status(exc) if isinstance(exc, KeyboardInterrupt) else 1
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
@@ -75,7 +94,7 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     exception holds the worker's whole traceback; its last line names the error)."""
     message = user_error_message(exc)
     if message is None and isinstance(exc, KeyboardInterrupt):
-        message = signals.interrupted_text(exc)
+        message = interrupted_text(exc)
     if message is None:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         message = f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__

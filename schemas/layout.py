@@ -9,7 +9,7 @@ parses shard names.
                                                               shard: documents already seen keep their shard
     <root>/generations/<stage>/<stage>-SSSSS-of-NNNNN.parquet bft generate (+ .metrics.json beside each)
     <root>/generations/<stage>/_batches/                     a batch stage's shard states (--batch)
-    <root>/sft/<version>/                                     a release (see schemas.release; its files:
+    <root>/sft/<version>/                                     a release (see lifecycle.release; its files:
                                                               ReleaseLayout)
     <root>/sft/LATEST                                         the newest release that validated
     <root>/sft/_tmp/<run>/                                    an assemble run in flight
@@ -18,10 +18,10 @@ parses shard names.
     <root>/eval/<name>.json                                   bft eval (answers, judgments)
     <root>/_night.json, _last_night.json                      bft rebuild's record of the night in progress
                                                               and of the last night that ended
-    <root>/_lock/<name>                                       who writes the root now (schemas.lock): "root",
+    <root>/_lock/<name>                                       who writes the root now (lifecycle.lock): "root",
                                                               or generate-<stage>-<I>-of-<W> for one worker
     <root>/_damaged/<path>.<time> (+ .reason)                 state files found damaged on read, set aside
-                                                              (schemas.state)
+                                                              (lifecycle.state)
 
 A local root is made absolute, so that every path recorded in stats and manifests names the same
 file from any working directory (and from a Beam worker).
@@ -269,14 +269,14 @@ class RunLayout:
 
     # ---- one writer per root --------------------------------------------------------------------
     def lock(self, name: str = "root") -> str:
-        """The lock file (or object) of a writer of this root (schemas.lock.RootLock; `lock_name`)."""
+        """The lock file (or object) of a writer of this root (lifecycle.lock.RootLock; `lock_name`)."""
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"lock name {name!r}: letters, digits, '_', '.', '-' only")
         return self._join(LOCK, name)
 
     @property
     def damaged(self) -> str:
-        """Where damaged state files are set aside (schemas.state.set_aside)."""
+        """Where damaged state files are set aside (lifecycle.state.set_aside)."""
         return self._join(DAMAGED)
 
     def relative(self, path: str) -> str:
@@ -293,7 +293,7 @@ class ReleaseLayout:
         report.html       the report, with plots/<name>.png (beam_pipelines.report)
         README.md         the dataset card
         changes/{added,removed}.parquet    the examples added and removed since the parent release
-        manifest.json     every file's checksum, the config and lineage (schemas.release)
+        manifest.json     every file's checksum, the config and lineage (lifecycle.release)
         _SUCCESS          written last: the manifest's sha256
     """
 

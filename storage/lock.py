@@ -1,7 +1,8 @@
 """An exclusive lock on one file or gs:// object, held by one process at a time.
 
 The mechanism only: the caller names the lock's path (schemas.layout.RunLayout.lock) and the errors
-to raise (schemas.lock.RootLock makes them UserErrors); this module imports nothing above storage/.
+to raise (lifecycle.lock.RootLock makes them UserErrors); this module imports nothing above storage/.
+The holder's record, and whether its process still lives, are storage.holder's.
 
 Local path: `fcntl.flock(LOCK_EX | LOCK_NB)` on the lock file. The kernel releases the lock when the
 holder's process ends however it ends (kill -9 included), so a dead holder's lock is simply taken by
@@ -40,14 +41,12 @@ import fcntl
 import json
 import logging
 import os
-import secrets
-import shlex
-import socket
-import sys
 import threading
 import time
 
 import storage
+from storage import gcs
+from storage.holder import describe, holder_info, iso, now, process_gone, same_machine
 
 log = logging.getLogger(__name__)
 
@@ -62,60 +61,6 @@ class LockBusy(Exception):
 
 class LockBroken(Exception):
     """The lock was taken over (or its file removed) while we held it."""
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
-
-
-def _iso(t: datetime.datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _host_id() -> str:
-    """This machine and pid namespace: two processes with the same host_id see each other's pids."""
-    parts = []
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            parts.append(f.read().strip())
-        parts.append(os.readlink("/proc/self/ns/pid"))
-    except OSError:
-        return ""
-    return " ".join(parts)
-
-
-def holder_info() -> dict:
-    """Who holds a lock: host, pid, start time (UTC), command line, and a random token."""
-    command = shlex.join(sys.argv) if sys.argv else ""
-    return {"host": socket.gethostname(), "host_id": _host_id(), "pid": os.getpid(), "started": _iso(_now()),
-            "command": command.replace("\n", "\\n"), "token": secrets.token_hex(16)}
-
-
-def describe(holder: dict) -> str:
-    """`host H, pid P, since T, running: CMD` (or `an unknown holder`)."""
-    if not holder.get("pid"):
-        return "an unknown holder (its lock file holds no record yet)"
-    return (f"host {holder.get('host', '?')}, pid {holder['pid']}, since {holder.get('started', '?')}, "
-            f"running: {holder.get('command') or '?'}")
-
-
-def _same_machine(holder: dict) -> bool:
-    """The holder ran on this machine, in this pid namespace (its pid means a process here)."""
-    mine = _host_id()
-    return bool(mine) and holder.get("host_id") == mine and holder.get("host") == socket.gethostname()
-
-
-def _process_gone(holder: dict) -> bool:
-    """The holder ran on this machine, in this pid namespace, and its process no longer exists."""
-    if not _same_machine(holder):
-        return False
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError, KeyError, TypeError):
-        return False
-    return False
 
 
 class Lock:
@@ -282,7 +227,7 @@ class Lock:
 
     # ---- gs://: generation preconditions and a heartbeat -------------------------------------------
     def _blob(self):
-        return storage._blob(self.path)
+        return gcs.blob(self.path)
 
     def _read(self):
         """(generation, holder, seconds since the object was last written) of the lock object, or None
@@ -302,11 +247,11 @@ class Lock:
             holder = {}
         if written is None and holder.get("heartbeat"):
             written = datetime.datetime.fromisoformat(holder["heartbeat"].replace("Z", "+00:00"))
-        age = (_now() - written).total_seconds() if written is not None else None
+        age = (now() - written).total_seconds() if written is not None else None
         return generation, holder, age
 
     def _payload(self, holder: dict) -> bytes:
-        return json.dumps({**holder, "heartbeat": _iso(_now())}).encode()
+        return json.dumps({**holder, "heartbeat": iso(now())}).encode()
 
     def _acquire_gcs(self, holder: dict) -> None:
         from google.api_core import exceptions as gexc
@@ -329,7 +274,7 @@ class Lock:
                 continue  # released meanwhile: try to create it again
             generation, other, age = seen
             stale = age is not None and age > self.stale_s
-            if not (stale or _process_gone(other)):
+            if not (stale or process_gone(other)):
                 raise self.held_error(self._held_message(other, age), self.path, other)
             log.warning("%s: taking over the lock of %s (%s)", self.path, describe(other),
                         f"no heartbeat for {age:.0f} s" if stale else "its process is gone")
@@ -390,57 +335,6 @@ def _read_holder_fd(fd: int) -> dict:
     return {}
 
 
-# ---- a run's own temporary folder ------------------------------------------------------------------
-
-OWNER = "_owner.json"
-FOREIGN_STALE_S = 24 * 3600.0
-
-
-def claim_folder(folder: str) -> None:
-    """Marks `folder` (a run's temporary folder, before anything is written to it) as this process's,
-    so that another run cleaning up debris never deletes it while this process is alive."""
-    storage.write_text(storage.join(folder, OWNER), json.dumps(holder_info()))
-
-
-def clear_dead_folders(parent: str, now: float | None = None) -> list[str]:
-    """Deletes the run folders under `parent` left by runs that are gone: no owner record (killed before
-    it was written, or made by older code), or an owner on this machine whose process no longer exists,
-    or one on another machine whose record is older than FOREIGN_STALE_S. A folder of a live run (of
-    this machine, or recent on another) is kept. Returns the folders deleted."""
-    prefix = parent.rstrip("/") + "/"
-    folders: dict[str, list[str]] = {}
-    for path in storage.list_files(parent):
-        name = path[len(prefix):].split("/", 1)[0]
-        folders.setdefault(name, []).append(path)
-    deleted = []
-    now = time.time() if now is None else now
-    for name, files in sorted(folders.items()):
-        folder = storage.join(parent, name)
-        owner_path = storage.join(folder, OWNER)
-        holder = None
-        if owner_path in files:
-            try:
-                holder = json.loads(storage.read_text(owner_path))
-            except (OSError, ValueError):
-                holder = None
-        if isinstance(holder, dict) and holder.get("pid"):
-            if _same_machine(holder):
-                if not _process_gone(holder):
-                    continue
-            else:
-                started = holder.get("started")
-                try:
-                    age = now - datetime.datetime.strptime(started, "%Y-%m-%dT%H:%M:%SZ").replace(
-                        tzinfo=datetime.timezone.utc).timestamp()
-                except (TypeError, ValueError):
-                    age = FOREIGN_STALE_S + 1
-                if age <= FOREIGN_STALE_S:
-                    continue
-        storage.delete_tree(folder)
-        deleted.append(folder)
-    return deleted
-
-
 def peek(path: str, stale_s: float = 600.0) -> dict | None:
     """Who holds the lock at `path`, read without taking it (a test-lock would refuse a writer that
     starts meanwhile): None when it is free, else {"holder": its record, "stale": bool, "why": str}.
@@ -454,7 +348,7 @@ def peek(path: str, stale_s: float = 600.0) -> dict | None:
         _, holder, age = seen
         if age is not None and age > stale_s:
             return {"holder": holder, "stale": True, "checked": True, "why": f"no heartbeat for {age:.0f} s"}
-        gone = _process_gone(holder)
+        gone = process_gone(holder)
         return {"holder": holder, "stale": gone, "checked": True,
                 "why": "its process is gone" if gone else f"last heartbeat {age:.0f} s ago" if age is not None else ""}
     try:
@@ -469,6 +363,6 @@ def peek(path: str, stale_s: float = 600.0) -> dict | None:
     except ValueError:
         holder = {}
     holder = holder if isinstance(holder, dict) else {}
-    gone = _process_gone(holder)
-    return {"holder": holder, "stale": gone, "checked": _same_machine(holder),
+    gone = process_gone(holder)
+    return {"holder": holder, "stale": gone, "checked": same_machine(holder),
             "why": "its process is gone" if gone else ""}

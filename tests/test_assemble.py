@@ -16,7 +16,7 @@ import schemas
 from beam_pipelines.assemble import driver as assemble
 from beam_pipelines.assemble import corpus_stats
 from beam_pipelines.assemble import recipes
-from schemas import provenance, release
+from lifecycle import provenance, release
 from beam_pipelines.assemble.config import AssembleConfig, AssembleError, Split, resolve
 from beam_pipelines.assemble.seed import read_seed_table
 import storage
@@ -633,7 +633,8 @@ def test_a_run_never_deletes_a_live_runs_tmp_folder(root, tmp_path):
     import sys
     import time
 
-    from storage import lock
+    from storage import claims
+    from storage.holder import holder_info
 
     tmp_root = os.path.join(root, "sft", "_tmp")
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -642,23 +643,23 @@ def test_a_run_never_deletes_a_live_runs_tmp_folder(root, tmp_path):
     try:
         for name, pid in (("live", live.pid), ("dead", dead.pid)):
             os.makedirs(os.path.join(tmp_root, name))
-            holder = dict(lock.holder_info(), pid=pid)
-            storage.write_text(os.path.join(tmp_root, name, lock.OWNER), json.dumps(holder))
+            holder = dict(holder_info(), pid=pid)
+            storage.write_text(os.path.join(tmp_root, name, claims.OWNER), json.dumps(holder))
             storage.write_text(os.path.join(tmp_root, name, "part-00000.parquet"), "x")
         os.makedirs(os.path.join(tmp_root, "unowned"))
         storage.write_text(os.path.join(tmp_root, "unowned", "part-00000.parquet"), "x")
-        foreign = dict(lock.holder_info(), host="elsewhere", host_id="other", started="2026-01-01T00:00:00Z")
+        foreign = dict(holder_info(), host="elsewhere", host_id="other", started="2026-01-01T00:00:00Z")
         for name, started in (("foreign-old", "2026-01-01T00:00:00Z"),
                               ("foreign-new", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))):
             os.makedirs(os.path.join(tmp_root, name))
-            storage.write_text(os.path.join(tmp_root, name, lock.OWNER), json.dumps(dict(foreign, started=started)))
+            storage.write_text(os.path.join(tmp_root, name, claims.OWNER), json.dumps(dict(foreign, started=started)))
         run(root, version="v1")
         assert sorted(os.listdir(tmp_root)) == ["foreign-new", "live"]   # the live runs' folders are kept
         assert os.path.exists(os.path.join(tmp_root, "live", "part-00000.parquet"))
     finally:
         live.kill()
         live.wait()
-    assert lock.clear_dead_folders(tmp_root) == [os.path.join(tmp_root, "live")]   # gone now: cleared
+    assert claims.clear_dead_folders(tmp_root) == [os.path.join(tmp_root, "live")]   # gone now: cleared
 
 
 @pytest.mark.parametrize("old_name", [lambda split, name: f"data/{split}-{name[5:]}",   # data/train-00000-of-00002
@@ -688,7 +689,7 @@ def test_a_release_of_an_older_layout_still_validates_and_loads(published, old_n
 
 def test_bft_latest_prints_the_data_folder_of_the_latest_release(root, tmp_path, capsys):
     """Issue 21 point 2: one line per reader resolves sft/LATEST; `bft latest ROOT` prints the data path
-    (shell: `pd.read_parquet("$(bft latest ROOT)")`; Python: schemas.release.latest_data(ROOT))."""
+    (shell: `pd.read_parquet("$(bft latest ROOT)")`; Python: lifecycle.release.latest_data(ROOT))."""
     from bft import cli
 
     assert cli.main(["latest", root]) == 1 and "no published release" in capsys.readouterr().err

@@ -14,8 +14,9 @@ import pytest
 from beam_pipelines.runtime import driver_watch, progress
 from beam_pipelines.runtime.options import local_worker_command
 from bft import cli
-from schemas.signals import Terminated, take_sigterm
-from schemas.progress import ENV, quiet
+from lifecycle.signals import take_sigterm
+from schemas.errors import Terminated
+from lifecycle.progress import ENV, quiet
 from tests.conftest import ROOT
 
 SAMPLE = os.path.join(ROOT, "samples", "dolma", "documents", "*", "*.json.gz")

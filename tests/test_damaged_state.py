@@ -9,13 +9,14 @@ import logging
 import os
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import storage
 from bft.night import Night
 from generation.batch import BatchDispatch
 from generation.runner import Checkpoints
-from schemas import provenance, state
+from lifecycle import provenance, state
 from schemas.errors import user_error_message
 from schemas.layout import RunLayout
 from tests.test_cli import run as bft
@@ -129,7 +130,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_bytes(tmp_path, monke
     def full(*_):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(storage.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     target = tmp_path / "sft" / "LATEST"
     with pytest.raises(storage.DiskFull) as e:
         storage.write_text(str(target), "20240101-abcd\n")
@@ -142,7 +143,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_bytes(tmp_path, monke
     def full_parquet(table, where, **_):
         raise OSError(errno.ENOSPC, "[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left")
 
-    monkeypatch.setattr(storage.pq, "write_table", full_parquet)
+    monkeypatch.setattr(pq, "write_table", full_parquet)
     part = tmp_path / "generations" / "score" / "_checkpoints" / "part-00001.parquet"
     with pytest.raises(storage.DiskFull, match=r"_checkpoints: no space left on the device while writing "
                                                r"part-00001.parquet \(up to [\d,]+ bytes, its size in memory"):
@@ -153,7 +154,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_bytes(tmp_path, monke
 def test_a_lock_file_that_is_a_link_is_refused_and_never_written_through(tmp_path):
     """`_lock/root -> ../sft/LATEST` overwrote and truncated LATEST."""
     from schemas.errors import UserError
-    from schemas.lock import RootLock
+    from lifecycle.lock import RootLock
 
     layout = RunLayout(str(tmp_path))
     storage.write_text(layout.latest, "v1\n")

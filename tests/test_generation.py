@@ -14,7 +14,7 @@ import storage
 from generation.engines import EngineConfig
 from generation.prompting import fit_prompt, n_tokens, render
 from generation.runner import GenerateConfig, GenerationError, StageRunner
-from schemas import provenance
+from lifecycle import provenance
 from schemas.keys import row_seed
 from schemas.layout import RunLayout
 from generation.templates import DEFAULTS

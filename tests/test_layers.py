@@ -4,13 +4,14 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("storage", "schemas", "beam_pipelines", "generation", "training", "bft")
+PACKAGES = ("storage", "schemas", "lifecycle", "beam_pipelines", "generation", "training", "bft")
 ALLOWED = {
     "storage": set(),
     "schemas": {"storage"},
-    "beam_pipelines": {"storage", "schemas"},
-    "generation": {"storage", "schemas"},
-    "training": {"storage", "schemas", "generation.prompting", "generation.templates"},
+    "lifecycle": {"storage", "schemas"},
+    "beam_pipelines": {"storage", "schemas", "lifecycle"},
+    "generation": {"storage", "schemas", "lifecycle"},
+    "training": {"storage", "schemas", "lifecycle", "generation.prompting", "generation.templates"},
     "bft": set(PACKAGES),
 }
 

@@ -17,10 +17,12 @@ import pytest
 
 import storage
 from bft import cli
+from lifecycle.lock import LockHeld, LockLost, RootLock
 from schemas.errors import UserError
 from schemas.layout import RunLayout, lock_name
-from schemas.lock import LockHeld, LockLost, RootLock
+from storage import fencing, gcs
 from storage import lock as storage_lock
+from storage.holder import holder_info
 from tests.conftest import ROOT
 from tests.helpers.generation import copy_root, gen
 from tests.openai_api_standin import api_server, hosted  # noqa: F401 (fixtures)
@@ -29,7 +31,7 @@ _HOLD = """
 import sys, time
 root, name = sys.argv[1], sys.argv[2]
 sys.argv = ["holder-of", root]
-from schemas.lock import RootLock
+from lifecycle.lock import RootLock
 RootLock(root, name).acquire()
 print("locked", flush=True)
 time.sleep(600)
@@ -130,12 +132,12 @@ def test_a_lock_file_removed_while_held_is_reported_lost(tmp_path):
 def test_gcs_emulator_checks_generations(bucket):
     from google.api_core.exceptions import PreconditionFailed
 
-    blob = storage._blob(f"gs://{bucket}/x")
+    blob = gcs.blob(f"gs://{bucket}/x")
     blob.upload_from_string(b"1", if_generation_match=0)
     with pytest.raises(PreconditionFailed):
-        storage._blob(f"gs://{bucket}/x").upload_from_string(b"2", if_generation_match=0)
+        gcs.blob(f"gs://{bucket}/x").upload_from_string(b"2", if_generation_match=0)
     with pytest.raises(PreconditionFailed):
-        storage._blob(f"gs://{bucket}/x").delete(if_generation_match=blob.generation + 1)
+        gcs.blob(f"gs://{bucket}/x").delete(if_generation_match=blob.generation + 1)
     assert storage.read_bytes(f"gs://{bucket}/x") == b"1"
 
 
@@ -210,11 +212,11 @@ def race_takeover(bucket, monkeypatch, why, order):
     path = RunLayout(root).lock()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    record = {**storage_lock.holder_info(), "pid": dead.pid}  # this machine, a process that has ended
+    record = {**holder_info(), "pid": dead.pid}  # this machine, a process that has ended
     stale_s = 600.0
     if why == "stale":  # a holder elsewhere that stopped beating
         record, stale_s = {**record, "host": "elsewhere", "host_id": "elsewhere"}, 2.0
-    storage._blob(path).upload_from_string(json.dumps(record).encode(), if_generation_match=0)
+    gcs.blob(path).upload_from_string(json.dumps(record).encode(), if_generation_match=0)
     if why == "stale":
         assert "pid" in refused(root)  # not stale by the default 10 minutes
         time.sleep(stale_s + 0.2)
@@ -313,7 +315,7 @@ def test_a_generate_worker_is_refused_only_by_its_own_name(tmp_path, capsys):
 def raw_write(path: str, data: bytes) -> None:
     """A write by another process's holder (this process's fences do not see it)."""
     if storage.is_gcs(path):
-        storage._blob(path).upload_from_string(data)
+        gcs.blob(path).upload_from_string(data)
     else:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
@@ -321,7 +323,7 @@ def raw_write(path: str, data: bytes) -> None:
 
 
 def raw_read(path: str) -> bytes:
-    return storage._blob(path).download_as_bytes() if storage.is_gcs(path) else open(path, "rb").read()
+    return gcs.blob(path).download_as_bytes() if storage.is_gcs(path) else open(path, "rb").read()
 
 
 def woken_holder(root: str, takeover) -> tuple[RootLock, dict[str, bytes]]:
@@ -416,13 +418,13 @@ def test_gcs_writes_are_conditioned_on_the_generation_read_before_the_fence(buck
     path = f"{root}/sft/LATEST"
     with RootLock(root):
         storage.write_bytes(path, b"v1")
-        real = storage.check_fences
+        real = fencing.check
 
         def then_another_writer(where, max_age_s=0.0):
             real(where, max_age_s)
             raw_write(path, b"v2 (the new holder's)")
 
-        monkeypatch.setattr(storage, "check_fences", then_another_writer)
+        monkeypatch.setattr(fencing, "check", then_another_writer)
         with pytest.raises(storage.StorageError, match="another writer replaced it"):
             storage.write_bytes(path, b"v1 again")
     assert raw_read(path) == b"v2 (the new holder's)"

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from schemas import release
+from lifecycle import release
 from tests.conftest import ROOT
 
 

@@ -602,7 +602,7 @@ def test_bft_status_shows_the_nights_the_pending_work_the_lock_and_latest(nightl
     import subprocess
 
     from bft.night import Night
-    from storage.lock import holder_info
+    from storage.holder import holder_info
 
     root, cfg, _ = nightly
     layout = RunLayout(root)

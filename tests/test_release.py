@@ -1,4 +1,4 @@
-"""The release protocol (schemas.release.publish) under faults: validate before _SUCCESS, reruns that
+"""The release protocol (lifecycle.release.publish) under faults: validate before _SUCCESS, reruns that
 finish an interrupted publish, kills at every write of assemble, malformed and edited manifests, and
 `bft validate` in many processes (the Arrow thread abort)."""
 import json
@@ -14,7 +14,7 @@ import pytest
 
 import storage
 from bft import cli
-from schemas import release
+from lifecycle import release
 from schemas.layout import RunLayout
 from tests.conftest import ROOT, SimulatedKill, kill_at, snapshot
 from tests.test_assemble import run, write_root
@@ -34,7 +34,7 @@ def latest(root):
 
 def test_a_release_that_does_not_validate_is_never_marked_complete(root, monkeypatch):
     real = release.parquet_rows
-    monkeypatch.setattr(release, "parquet_rows", lambda path: real(path) + 1)  # a manifest that lies
+    monkeypatch.setattr(release.manifest, "parquet_rows", lambda path: real(path) + 1)  # a manifest that lies
     with pytest.raises(release.ReleaseError, match="rows, manifest says"):
         run(root, version="v1")
     folder = os.path.join(root, "sft", "v1")
@@ -112,7 +112,7 @@ def test_assemble_killed_at_any_write_reruns_to_the_output_of_an_uninterrupted_r
 
 
 def test_publish_killed_at_any_write_reruns_to_the_release_of_an_uninterrupted_run(root, monkeypatch):
-    """schemas.release.publish with a build that writes a real release's files (assemble's v0) in
+    """lifecycle.release.publish with a build that writes a real release's files (assemble's v0) in
     assemble's order: killed before each write of the release, a rerun publishes exactly what an
     uninterrupted run does, and LATEST never names a release before it is complete."""
     run(root, version="v0")

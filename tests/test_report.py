@@ -18,7 +18,7 @@ import storage
 from beam_pipelines.report import card, numbers, plots
 from beam_pipelines.report import page as report_page
 from beam_pipelines.assemble import corpus_stats
-from schemas import release
+from lifecycle import release
 from schemas.layout import RunLayout
 from tests.test_assemble import gen_row, run, write_marker, write_root, write_seed
 

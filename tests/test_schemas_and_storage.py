@@ -5,6 +5,7 @@ import pytest
 
 import schemas
 import storage
+from storage import gcs
 
 
 def candidate_row(**kw):
@@ -66,11 +67,11 @@ def test_write_bytes_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_glob_regex_keeps_single_star_within_a_folder():
     import re
 
-    rx = re.compile(storage._glob_regex("d/documents/*/*.json.gz"))
+    rx = re.compile(gcs._glob_regex("d/documents/*/*.json.gz"))
     assert rx.fullmatch("d/documents/cc_en_head/cc_en_head-0000.json.gz")
     assert not rx.fullmatch("d/documents/a/b/c.json.gz")
-    assert re.compile(storage._glob_regex("d/**/*.gz")).fullmatch("d/a/b/c.gz")
-    assert re.compile(storage._glob_regex("d/**/*.gz")).fullmatch("d/c.gz")
+    assert re.compile(gcs._glob_regex("d/**/*.gz")).fullmatch("d/a/b/c.gz")
+    assert re.compile(gcs._glob_regex("d/**/*.gz")).fullmatch("d/c.gz")
 
 
 def test_open_lines_reads_gzip_zstd_and_plain(tmp_path):
@@ -167,7 +168,7 @@ def test_gcs_errors_map_to_oserrors_naming_the_path(bucket, monkeypatch):
     storage.write_text(path, '{"a": 1}\n' * 3)
     assert storage.exists(path) and list(storage.open_lines(path)) == [b'{"a": 1}'] * 3
     # what the emulator cannot answer, the client's own exceptions stand for (403, 503 after retries)
-    blob_cls = type(storage._blob(path))
+    blob_cls = type(gcs.blob(path))
     monkeypatch.setattr(blob_cls, "download_as_bytes", lambda self, **kw: (_ for _ in ()).throw(
         gexc.Forbidden("caller does not have storage.objects.get access")))
     with pytest.raises(PermissionError, match=f"{path}: access denied .*storage.objects.get"):
@@ -185,7 +186,7 @@ def test_validate_names_a_release_file_deleted_after_listing(bucket, monkeypatch
     """`bft validate gs://...` on a file deleted after it was listed: a problem in the one report, exit 1
     (was a NotFound traceback)."""
     from bft import cli
-    from schemas import release
+    from lifecycle import release
     from tests.test_assemble import run, write_root
 
     root = write_root(f"gs://{bucket}/run", bpe_tokenizer_path)

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from bft import cli
-from schemas import release
+from lifecycle import release
 
 
 def crawl_date(doc_id):   # what tests/test_assemble.py's write_root gives each candidate

@@ -1,4 +1,4 @@
-"""SIGTERM as Ctrl-C (schemas/signals.py), as schedulers send it: a real process, a real signal."""
+"""SIGTERM as Ctrl-C (lifecycle/signals.py), as schedulers send it: a real process, a real signal."""
 from __future__ import annotations
 
 import gzip

@@ -52,7 +52,7 @@ def test_trl_trains_on_a_release_loaded_from_its_data_folder(tiny_models, tmp_pa
     import datasets
     from transformers import AutoModelForCausalLM
 
-    from schemas import release
+    from lifecycle import release
     from tests.test_assemble import run, write_root, write_seed
 
     root = write_root(str(tmp_path / "run"), bpe_tokenizer_path)

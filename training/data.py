@@ -84,7 +84,7 @@ def encode(tokenizer, messages: list[dict]) -> dict:
 def load_rows(path: str) -> tuple[list[dict], list[dict], str]:
     """(train rows, validation rows, description) from a release (folder, ROOT/sft or run root:
     validated first, as a training team does), a Parquet file, or JSON lines."""
-    from schemas import release
+    from lifecycle import release
 
     if release.is_release(path):
         # through the release protocol: validated against the manifest, each file read once

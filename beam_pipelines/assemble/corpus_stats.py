@@ -24,7 +24,7 @@ import schemas
 from schemas import drops
 from schemas.outcomes import SCORE_EDGES, categories, histogram, shard_summary, value_counts  # noqa: F401 (re-exported)
 from schemas.recipes import GATE_STAGES, RECIPES
-from schemas.release import code_revision
+from lifecycle.release import code_revision
 # the partials merge by the one rule of the statistics (`merge`, used by assemble's combiners)
 from schemas.release_stats import Funnel, GateStats, OriginStats, ReleaseStats, StageStats, merge  # noqa: F401
 from beam_pipelines.assemble.decontaminate import BAND_ROWS, SHINGLE_WORDS, SIGNATURE_BANDS

@@ -1,5 +1,5 @@
 """`bft assemble`'s run: the options resolved once (config.resolve), the inputs planned and checked
-(which shards to join, their lineage), then the release published (schemas.release.publish) with the
+(which shards to join, their lineage), then the release published (lifecycle.release.publish) with the
 Beam pass, stats.json, the changes since the parent, the report and the card as its build step;
 a release of the same config and inputs is reused, never rebuilt."""
 from __future__ import annotations
@@ -20,11 +20,11 @@ from beam_pipelines.runtime import progress
 from beam_pipelines.runtime.options import pipeline_options
 from beam_pipelines.tokens import paper_tokens
 from beam_pipelines.tokens.load import prove, tokenizer_fingerprint
-from schemas import provenance, release
+from lifecycle import provenance, release
 from schemas.layout import DATA, STATS, RunLayout
 from beam_pipelines.assemble.recipes import ALL_STAGES
-from schemas.state import prepare_stats
-from storage.lock import claim_folder, clear_dead_folders
+from lifecycle.state import prepare_stats
+from storage.claims import claim_folder, clear_dead_folders
 
 log = logging.getLogger("bft.assemble")
 
@@ -107,7 +107,7 @@ def content_of(path: str, checksums: dict[str, str], claimed: str | None = None)
 
 def shard_problem(layout: RunLayout, stage: str, k: int, n: int, checksums: dict[str, str],
                   deferred: list | None = None) -> str | None:
-    """Why shard k of `stage` is not current (its marker, checksum or inputs: schemas.provenance), or
+    """Why shard k of `stage` is not current (its marker, checksum or inputs: lifecycle.provenance), or
     None; `checksums` caches the inputs' sha256 across shards; `deferred` receives the checks that
     need a file's bytes, for the reader to make."""
     out = layout.generation_shard(stage, k, n)
@@ -127,7 +127,7 @@ def _stage_models(layout: RunLayout, shards: list[ShardInput]) -> dict[str, list
 
 def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = None) -> dict:
     """Resolves `cfg` once (config.resolve), plans the inputs, then publishes the release
-    (schemas.release.publish) with the Beam pass, stats, report and card as its build step; returns
+    (lifecycle.release.publish) with the Beam pass, stats, report and card as its build step; returns
     its stats, with "folder": the release's. When the same config was published before (that
     version, or LATEST when no version is named) nothing is built: its stats come back with
     "reused": true. `run_record` (what bft rebuild did) goes into the manifest."""

@@ -32,7 +32,7 @@ from schemas.layout import RunLayout, release_data_file
 class FinalizeShard(beam.DoFn):
     """Output shard k: web part minus duplicate-instruction losers and rows over the cap, plus seed
     rows, split by hash into data/split={train,validation}/part-<shard k>-of-<shards>.parquet (numbered per split by
-    the driver afterwards: schemas.release.number_splits). Yields a partial."""
+    the driver afterwards: lifecycle.release.number_splits). Yields a partial."""
 
     def __init__(self, split: Split, folder: str, num_shards: int, tmp: str):
         self.split, self.folder, self.num_shards, self.tmp = split, folder, num_shards, tmp

@@ -107,7 +107,7 @@ def response_column(joined: pa.Table, recipe: Recipe):
 def web_examples(joined: pa.Table, keep: pa.Array, recipe: Recipe, tag: str | None, count_tokens,
                  made_by: list[str] | None = None) -> pa.Table:
     """The kept joined rows as SFT examples, with their lineage (`made_by`: the maker keys of the
-    recipe's stages, schemas.provenance.maker_key). `count_tokens(list[str]) -> list[int]`."""
+    recipe's stages, lifecycle.provenance.maker_key). `count_tokens(list[str]) -> list[int]`."""
     rows = joined.filter(keep)
     instructions = pc.utf8_trim_whitespace(rows["backtranslate.instruction"]).combine_chunks()
     responses = pc.utf8_trim_whitespace(response_column(rows, recipe)).combine_chunks()

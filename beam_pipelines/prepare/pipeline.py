@@ -26,7 +26,7 @@ from beam_pipelines.prepare.sample import SampleByKey, SampleToTarget, key_limit
 from beam_pipelines.prepare.write import (AssignShards, MergeShard, WriteParts, WriteRejects, keep_prior, read_prior,
                                           write_stats)
 from schemas.errors import UserError
-from schemas.state import prepare_stats
+from lifecycle.state import prepare_stats
 
 log = logging.getLogger("bft.prepare")
 

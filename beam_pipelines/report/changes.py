@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import storage
-from schemas import release
+from lifecycle import release
 from schemas.layout import SUCCESS, ReleaseLayout, RunLayout
 from schemas.options import option
 from schemas.release_stats import ReleaseStats

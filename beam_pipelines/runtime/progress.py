@@ -8,12 +8,12 @@ While the pass runs:
   bundle's counters when it ends, so a long first stage shows its counts when it is done) and the
   stage running (the labels of its transforms, e.g. `ReadAndMeasure`);
 * off a terminal one line a minute at most (none for a pass shorter than LOG_EVERY_S);
-* nothing with --quiet (schemas.progress.quiet()).
+* nothing with --quiet (lifecycle.progress.quiet()).
 
 The stage and the counters come from the local runner (FnApiRunner, the default): other runners get the
 elapsed time only. Ctrl-C and SIGTERM: the local workers ignore both (options.local_worker_command);
 the driver, on either, ends them (driver_watch.end_workers) and raises KeyboardInterrupt (on SIGTERM
-schemas.signals.Terminated), which bft's CLI turns into one line and exit status 130 (143).
+schemas.errors.Terminated), which bft's CLI turns into one line and exit status 130 (143).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import threading
 import time
 
 from schemas.errors import UserError, user_error_in_text
-from schemas.progress import LOG_EVERY_S, duration, quiet
+from lifecycle.progress import LOG_EVERY_S, duration, quiet
 
 REDRAW_S = 0.5
 # the counters of a pass shown, by (namespace, name); "dropped/..." counters are summed as "dropped"
@@ -154,7 +154,7 @@ def local_runner(options, status: PassStatus):
 
 @contextlib.contextmanager
 def interrupts():
-    """While the pass runs: SIGINT, and SIGTERM where bft's CLI takes it (schemas.signals), end the
+    """While the pass runs: SIGINT, and SIGTERM where bft's CLI takes it (lifecycle.signals), end the
     local workers at once and raise their interrupt in the driver (KeyboardInterrupt, Terminated).
     From then on, until the pass has unwound, what the runner's threads and Beam's loggers say about
     the workers it lost (gRPC stream errors, "Worker subprocess exited", "Error closing

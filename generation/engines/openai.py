@@ -101,7 +101,7 @@ import orjson
 
 from generation.engines.base import (ANSWER_TOO_LONG, PROMPT_TOO_LONG, REFUSAL, Completion, Engine, EngineConfig,
                                      EngineError, Request, failed, finished, model_context_length)
-from schemas import signals
+from lifecycle import signals
 
 # /completions `logprobs` each kind of server accepts at most (OpenAI's API reference: 5; vLLM's
 # default --max-logprobs: 20); chat `top_logprobs` is at most 20 on both.
@@ -416,7 +416,7 @@ class OpenAIEngine(Engine):
         """`concurrency` requests in flight, each freed slot taking the next item at once (`chunk` is
         not used: no barrier). `items` is advanced in a thread of its own, so that preparing requests
         overlaps waiting for answers; `emit` runs on the event loop's thread. Ctrl-C and SIGTERM are
-        held meanwhile (schemas.signals.deferred), so an interrupt never lands between an answer and
+        held meanwhile (lifecycle.signals.deferred), so an interrupt never lands between an answer and
         its `emit`: no request is sent after it, those in flight get DRAIN_S seconds to come back (they
         are paid for: their answers are emitted, and the runner keeps them), the rest are cancelled and
         the interrupt is raised. A second Ctrl-C cancels at once."""

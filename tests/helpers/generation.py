@@ -8,8 +8,8 @@ import pandas as pd
 import schemas
 import storage
 from generation.runner import GenerateConfig, StageRunner
-from schemas import provenance
-from schemas.release import sha256_of
+from lifecycle import provenance
+from lifecycle.release import sha256_of
 
 
 def copy_root(src, dst):

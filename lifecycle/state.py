@@ -12,7 +12,7 @@ wrong type. A reader takes such a file through `read_json` / `read_table`, which
 - a file that cannot be read at all (a bucket's error, no permission) is not "damaged": its OSError
   goes up as before.
 
-Only a writer of the root (one that holds its lock: schemas.lock) sets a file aside; a reader that
+Only a writer of the root (one that holds its lock: lifecycle.lock) sets a file aside; a reader that
 holds no lock (`bft status`) passes `set_aside=False` and gets the file read as missing, with the
 warning. Shapes are declared with plain values: a type (or tuple of types), `[spec]` (a list of
 spec), `{key: spec}` (an object with at least these keys), `MapOf(spec)` (an object of any keys whose

@@ -7,9 +7,10 @@
 The lock itself (flock locally, generation preconditions and a heartbeat on gs://) is storage.lock's;
 this module names its path (schemas.layout.RunLayout.lock) and makes its failures UserErrors, so a
 second writer is one line naming the holder and exit 1. It fences the holder's writes below the root
-(storage.lock's fencing): a holder that lost its lock writes nothing more there. The lock is taken by the command line only
-(bft.cli for prepare, generate and assemble; bft.rebuild around the whole rebuild), never by the
-steps themselves, so `bft rebuild` calling prepare, generate and assemble in-process does not lock twice.
+(storage.fencing): a holder that lost its lock writes nothing more there. The lock is taken by the
+command line only (bft.cli for prepare, generate and assemble; bft.rebuild around the whole rebuild),
+never by the steps themselves, so `bft rebuild` calling prepare, generate and assemble in-process
+does not lock twice.
 """
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """How a bft process takes the signals that stop it: SIGTERM as Ctrl-C.
 
 Ctrl-C (SIGINT) raises KeyboardInterrupt, as Python does. SIGTERM (what Kubernetes, systemd, Airflow
-and `timeout` send) raises `Terminated`, a KeyboardInterrupt, once `take_sigterm` installed its handler
-(bft's CLI does, for every verb): every path that keeps work on Ctrl-C keeps it on SIGTERM too (a
-generation stage's answered rows checkpointed, a Beam pass's workers ended and its temporary files
-removed, the night's record written), and the CLI prints one line (`interrupted_text`) and exits
-128 + the signal's number (`exit_status`): 130 for SIGINT, 143 for SIGTERM.
+and `timeout` send) raises `Terminated` (schemas.errors), a KeyboardInterrupt, once `take_sigterm`
+installed its handler (bft's CLI does, for every verb): every path that keeps work on Ctrl-C keeps it
+on SIGTERM too (a generation stage's answered rows checkpointed, a Beam pass's workers ended and its
+temporary files removed, the night's record written), and the CLI prints one line
+(schemas.errors.interrupted_text) and exits 128 + the signal's number (schemas.errors.interrupt_status):
+130 for SIGINT, 143 for SIGTERM.
 
 Code that must not be cut anywhere (an event loop whose answers are paid for) holds the signals for a
 while (`deferred`): it is told of them, finishes what it must, and the interrupt is raised after.
@@ -17,9 +18,7 @@ import signal
 import threading
 from typing import Callable
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread by the handler `take_sigterm` installs."""
+from schemas.errors import Terminated
 
 
 def _on_sigterm(signum, frame):
@@ -40,19 +39,6 @@ def take_sigterm():
         return None
     signal.signal(signal.SIGTERM, _on_sigterm)
     return signal.SIG_DFL if previous is None else previous  # None: a handler not set from Python
-
-
-def exit_status(interrupt: KeyboardInterrupt) -> int:
-    """128 + the signal's number, as a shell reports a process the signal ended."""
-    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
-
-
-def interrupted_text(interrupt: KeyboardInterrupt) -> str:
-    """The one line an interrupt ends with: which signal, and the answered rows kept (`kept_rows`,
-    which a generation stage sets on the interrupt it lets through)."""
-    text = "interrupted by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"
-    kept = getattr(interrupt, "kept_rows", None)
-    return text if kept is None else f"{text}: {kept:,} answered rows kept; rerun to resume"
 
 
 @contextlib.contextmanager

@@ -22,9 +22,9 @@ import hashlib
 import json
 
 import storage
-from schemas import state as stored
+from lifecycle import state as stored
+from lifecycle.release.manifest import sha256_of
 from schemas.layout import RunLayout
-from schemas.release import sha256_of
 
 KEY = "provenance"
 MISSING = "missing"     # `problem` of a shard whose data file does not exist (yet)
