@@ -108,7 +108,7 @@ def load_run(path: str, root: str | None = None, stages: list[str] | None = None
     is an error naming the key and the file)."""
     from beam_pipelines.assemble.pipeline import AssembleConfig
     from beam_pipelines.prepare import PrepareConfig
-    from generation.runner import GenerateConfig
+    from generation.job import GenerateConfig
     from schemas.recipes import RECIPES, gate_threshold
 
     doc = config.read_run_file(path)
@@ -173,7 +173,7 @@ def _one_threshold(path: str, stage: str, cfg, asm) -> None:
     the recipe's gate and that names no threshold takes it; one that names another is refused, naming
     both keys (a rewrite gate at 5 with assemble at 4 published the same pairs; at 0 with assemble at
     5, it paid for rewrites assemble then dropped)."""
-    from generation.runner import NO_GATE
+    from schemas.recipes import NO_GATE
     from schemas.recipes import RECIPES
 
     recipe = RECIPES[asm.recipe]
@@ -201,7 +201,7 @@ def worker_command(path: str, stage: str, workers: int, cfg=None) -> str:
     """What an external worker runs; with the stage's config `cfg`, a gate's threshold resolved from
     the recipe (`_one_threshold`) is passed on, so the workers gate as the rebuild checks (`--gate none`
     for a recipe without a gate)."""
-    from generation.runner import NO_GATE
+    from schemas.recipes import NO_GATE
 
     gate = cfg.gate_rule() if cfg is not None else None
     extra = f" --min-score {gate.threshold:g}" if gate is not None else ""

@@ -1,5 +1,6 @@
 """The generation stages end to end on tiny models: hf engine, openai engine against a real
 `transformers serve`, the vLLM adapter against a stand-in; resume, worker split, GCS."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,8 @@ import schemas
 import storage
 from generation.engines import EngineConfig
 from generation.prompting import fit_prompt, n_tokens, render
-from generation.runner import GenerateConfig, GenerationError, StageRunner
+from generation.job import GenerateConfig, GenerationError
+from generation.runner import StageRunner
 from schemas import provenance
 from schemas.keys import row_seed
 from schemas.layout import RunLayout
@@ -137,8 +139,8 @@ def test_transient_failures_over_the_budget_fail_the_stage_after_every_shard(pre
     # the rerun resends the 2 failures alone: 2 of the shard's 4 answered rows, not 2 of 2
     with pytest.raises(ErrorBudgetExceeded, match=r"2 of the 4 rows sent in the shards this run wrote .* \(50.0%\)"):
         StageRunner(cfg, engine=FailsShardOne(EngineConfig("hf", tiny_models["plain"]))).run()
-    cfg.max_error_rate = 1.0
-    summary = StageRunner(cfg, engine=FailsShardOne(EngineConfig("hf", tiny_models["plain"]))).run()
+    summary = StageRunner(dataclasses.replace(cfg, max_error_rate=1.0),
+                          engine=FailsShardOne(EngineConfig("hf", tiny_models["plain"]))).run()
     assert summary["sent"] == 2 and summary["errors"] == 2 and summary["shards_skipped"] == [0, 2]
 
 
@@ -224,12 +226,12 @@ def test_generation_on_gcs(prepared_root, tiny_models, gcs_emulator, bucket):
 def test_the_runner_names_no_stage_and_takes_metrics_from_shard_summary(prepared_root, tmp_path, tiny_models):
     import inspect
 
-    from generation import runner
+    from generation import dispatch, job, runner, shard
     from schemas.outcomes import shard_summary
 
     import re
 
-    source = inspect.getsource(runner)
+    source = "".join(inspect.getsource(m) for m in (runner, job, shard, dispatch))
     assert not [s for s in STAGES if s != "score" and f'"{s}"' in source]   # "score" is also a column
     assert not re.search(r"stage\s*(==|!=|in)\s*\(?\"", source)     # no `cfg.stage in ("score", ...)`
     assert not [p for p in ('"engine_error:', '"upstream_failed', '"missing_') if p in source]
