@@ -368,6 +368,32 @@ def test_a_gate_on_logprob_scores_defaults_to_4_5(prepared_root, tmp_path, tiny_
     assert summary["sent"] == sum(v == 4.7 for v in plan.values()) > 0
 
 
+def test_a_stage_job_is_resolved_once_frozen_and_survives_json(tmp_path, monkeypatch):
+    """`bft generate`'s options become one frozen StageJob: its gate by schemas.recipes.resolve_gate
+    (4.5 on a root whose score shards were made in logprob mode, --min-score when given), and the job
+    an external worker is handed reads back equal from its JSON."""
+    from generation.job import StageJob, resolve_job
+    from schemas import recipes
+
+    layout = RunLayout(str(tmp_path))
+    storage.write_text(layout.prepare_stats, "{}")
+    storage.write_text(layout.candidates_shard(0, 1), "")
+    storage.write_text(layout.generation_metrics("score", 0, 1), json.dumps({"config": {"score_mode": "logprob"}}))
+    calls = []
+    monkeypatch.setattr("generation.job.resolve_gate", lambda *a: calls.append(a) or recipes.resolve_gate(*a))
+    cfg = GenerateConfig(stage="rewrite", root=str(tmp_path), engine="hf", model="m", top_p=0.5)
+    job = resolve_job(cfg)
+    assert calls == [("score", "logprob", None)] and job.gate == recipes.Gate("score", 4.5)
+    assert (job.max_new_tokens, job.temperature, job.top_p, job.stop) == (2048, 1.0, 0.5, ("[/RES]",))
+    assert resolve_job(dataclasses.replace(cfg, min_score=4.0)).gate == recipes.Gate("score", 4.0)
+    for frozen in (job, cfg):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            frozen.gate = None
+    assert StageJob.from_json(job.to_json()) == job
+    with pytest.raises(GenerationError, match="job.json: not a stage job"):
+        StageJob.from_json('{"options": {}}', "job.json")
+
+
 def test_the_rate_gate_uses_alpagasus_threshold(prepared_root, tmp_path, tiny_models):
     root = copy_root(prepared_root, tmp_path)
     gen(root, "backtranslate", tiny_models["plain"])
