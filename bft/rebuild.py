@@ -41,7 +41,7 @@ import shlex
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import storage
 from bft import config
@@ -138,7 +138,7 @@ def load_run(path: str, root: str | None = None, stages: list[str] | None = None
             raise config.ConfigError(f"{path}: recipe {asm.recipe} needs stage {stage}: add a `generate: {stage}:` "
                                      "section with at least engine and model")
         cfg, run_values = verb_config(GenerateConfig, "generate", stage)
-        _one_threshold(path, stage, cfg, asm)
+        cfg = _one_threshold(path, stage, cfg, asm)
         plans.append(StagePlan(stage, cfg, run_values.get("external", False), run_values.get("workers", 1),
                                run_values.get("tokens_per_s")))
     for step in (asm, *(sp.cfg for sp in plans)):
@@ -164,7 +164,7 @@ def check_servers(plan: RunPlan) -> None:
             raise EngineError(f"{plan.path}: generate.{sp.stage}: {e}") from None
 
 
-def _one_threshold(path: str, stage: str, cfg, asm) -> None:
+def _one_threshold(path: str, stage: str, cfg, asm):
     """One gate and one threshold per run, the recipe's. A recipe without a gate (rewrite) answers
     every pair whose instruction parsed: its answering stage is sent them all (`--gate none`; the
     stage's own default gate, score, would need score shards the recipe does not make), and a gate or
@@ -183,18 +183,18 @@ def _one_threshold(path: str, stage: str, cfg, asm) -> None:
             raise config.ConfigError(f"{path}: generate.{stage}.{named.replace(' ', ': ', 1)}: the {asm.recipe} "
                                      f"recipe has no gate (assemble keeps every answered pair); remove it, or "
                                      "choose a recipe with a gate (filter+rewrite)")
-        cfg.gate = NO_GATE
-        return
+        return replace(cfg, gate=NO_GATE)
     gate = cfg.gate_rule()
     if gate is None or recipe.gate is None or gate.stage != recipe.gate or stage != recipe.answer:
-        return
+        return cfg
     if cfg.min_score is None:
-        cfg.min_score = asm.threshold
+        return replace(cfg, min_score=asm.threshold)
     elif cfg.min_score != asm.threshold:
         said = "assemble.min_score" if asm.min_score is not None else f"the {asm.recipe} recipe's default"
         raise config.ConfigError(f"{path}: generate.{stage}.min_score {cfg.min_score:g} and {said} "
                                  f"{asm.threshold:g} differ: one threshold gates the {stage} requests and keeps "
                                  f"the pairs; set assemble.min_score alone")
+    return cfg
 
 
 def worker_command(path: str, stage: str, workers: int, cfg=None) -> str:
@@ -414,9 +414,10 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
             summary = {"shards_done": [], "shards_skipped": status["complete"], "reused": 0}
             paid = None
         else:
+            stage_cfg = sp.cfg
             if cfg.wait and sp.cfg.batch != "none":  # rebuild --wait waits for a stage's batches too
-                sp.cfg.wait, sp.cfg.wait_timeout = True, min(sp.cfg.wait_timeout, cfg.wait_timeout)
-            runner = StageRunner(sp.cfg)
+                stage_cfg = replace(sp.cfg, wait=True, wait_timeout=min(sp.cfg.wait_timeout, cfg.wait_timeout))
+            runner = StageRunner(stage_cfg)
             runner.on_paid = lambda paid, stage=sp.stage: night.live(stage, paid)
             try:
                 with runner:  # closes the stage's engine before the next one loads
