@@ -59,7 +59,8 @@ def instant_engine(model: str):
 
 def run_once(root: str, model: str, server: str, cpus: list[int], all_cpus: set[int], pool: str) -> dict:
     from generation import preparing
-    from generation.runner import GenerateConfig, StageRunner
+    from generation.job import GenerateConfig
+    from generation.runner import StageRunner
 
     shutil.rmtree(os.path.join(root, "generations"), ignore_errors=True)
     os.sched_setaffinity(0, set(cpus))

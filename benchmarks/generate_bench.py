@@ -48,7 +48,8 @@ def build(docs: int) -> tuple[str, str]:
 def stage_overhead(root: str, model: str, batch_size: int, max_new: int, device: str) -> dict:
     from generation.engines import EngineConfig
     from generation.engines.hf import HFEngine
-    from generation.runner import GenerateConfig, StageRunner
+    from generation.job import GenerateConfig
+    from generation.runner import StageRunner
 
     shutil.rmtree(os.path.join(root, "generations"), ignore_errors=True)
     engine = HFEngine(EngineConfig("hf", model, batch_size=batch_size), device=device)

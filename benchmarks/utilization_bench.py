@@ -174,7 +174,8 @@ class Server:
 
 def run_stage(root: str, model: str, base_url: str, concurrency: int | None, profile: str | None = None) -> dict:
     """The backtranslate stage of `root` against `base_url`: {"wall_s", "t0", "summary"}."""
-    from generation.runner import GenerateConfig, StageRunner
+    from generation.job import GenerateConfig
+    from generation.runner import StageRunner
 
     shutil.rmtree(os.path.join(root, "generations"), ignore_errors=True)
     extra = {} if concurrency is None else {"concurrency": concurrency}

@@ -231,7 +231,7 @@ VERBS = {v.name: v for v in [
     Verb("prepare", "Beam pass 1: Dolma head split -> exact length filter -> dedup -> balanced candidate shards",
          "beam_pipelines.prepare:PrepareConfig", _prepare, beam=True, exits=(0, 1, 2, 130, 143)),
     Verb("generate", "run one LLM stage (backtranslate, score, rewrite, distill, rate) over the candidate shards",
-         "generation.runner:GenerateConfig", _generate, positional=("stage",), exits=(0, 1, 2, 75, 130, 143)),
+         "generation.job:GenerateConfig", _generate, positional=("stage",), exits=(0, 1, 2, 75, 130, 143)),
     Verb("assemble", "Beam pass 2: candidates + generations -> the SFT corpus, its statistics, a versioned release",
          "beam_pipelines.assemble.config:AssembleConfig", _assemble, beam=True, exits=(0, 1, 2, 130, 143)),
     Verb("validate", "re-check a release: manifest, checksums, schemas, row counts, unique ids (exit 1 if not)",

@@ -235,7 +235,7 @@ def prices(plan: RunPlan) -> dict[str, dict]:
     tokens (USD per 1M; module docstring). load_run keeps only what bft rebuild reads, so the stage
     sections are read again here (their keys and types were checked when the run was loaded)."""
     from bft import config
-    from generation.runner import GenerateConfig
+    from generation.job import GenerateConfig
 
     doc = config.read_run_file(plan.path)
     out = {}

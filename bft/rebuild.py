@@ -33,7 +33,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bft.night import Night, night_text, release_changes, stage_line, stage_values
 from bft.run_file import RunPlan, StagePlan, check_servers, derived, load_run

@@ -56,7 +56,7 @@ def load_run(path: str, root: str | None = None, stages: list[str] | None = None
     """All configs of a run file, validated, with the run's gate resolved once (module docstring)."""
     from beam_pipelines.assemble.config import AssembleConfig
     from beam_pipelines.prepare import PrepareConfig
-    from generation.runner import GenerateConfig
+    from generation.job import GenerateConfig
 
     doc = config.read_run_file(path)
     config.check_sections(doc, path)

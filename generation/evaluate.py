@@ -43,7 +43,8 @@ from lifecycle.release import MANIFEST, sha256_of
 from schemas.layout import RunLayout
 from schemas.options import option, required
 from schemas.keys import row_seed
-from generation.engines import EngineConfig, Request, load_engine
+from generation.engines import Request, load_engine
+from generation.engines.base import ENGINES, EngineOptions
 from generation.prompting import prompt_bound, render
 from generation.templates import DEFAULTS, EVAL_TAG, EVAL_TAG_WEB, messages
 
@@ -60,30 +61,19 @@ class EvalError(UserError):
     pass
 
 
-ENGINES = ["hf", "vllm", "openai"]
+@dataclass(frozen=True, kw_only=True)
+class EvalOptions(EngineOptions):
+    """How `bft eval` runs its model: the engines of bft generate, with their options (EngineOptions)."""
 
-
-@dataclass
-class EngineOptions:
-    """How `bft eval` runs its model (the engines of bft generate)."""
-
-    engine: str = option("hf", "the generation engine", choices=ENGINES)
-    base_url: str | None = option(None, "openai engine: e.g. http://localhost:8000/v1")
-    api: str | None = option(None, "openai engine endpoint", choices=["completions", "chat"])
-    batch_size: int | None = option(None, "hf engine: prompts per generate call")
-    max_model_len: int | None = option(None, "context length (default: the model's)")
-    tensor_parallel_size: int | None = option(None, "vllm engine: GPUs per model")
-    dtype: str | None = option(None, "weights' dtype", choices=["auto", "bf16", "fp16", "fp32"])
+    engine: str = option("hf", "the generation engine", choices=list(ENGINES))
     max_new_tokens: int | None = option(None, "new-token cap (default: 1024 for answers, 2048 for judgments)")
 
     def load_engine(self, model: str):
-        opts = {k: getattr(self, k) for k in ("base_url", "api", "batch_size", "max_model_len",
-                                              "tensor_parallel_size", "dtype") if getattr(self, k) is not None}
-        return load_engine(EngineConfig(engine=self.engine, model=model, **opts))
+        return load_engine(self.for_engine(self.engine, model))
 
 
-@dataclass(kw_only=True)
-class EvalGenerateConfig(EngineOptions):
+@dataclass(frozen=True, kw_only=True)
+class EvalGenerateConfig(EvalOptions):
     """The options of `bft eval generate`."""
 
     model: str = required("model folder (or served name) that answers")
@@ -95,16 +85,20 @@ class EvalGenerateConfig(EngineOptions):
                       choices=sorted(TAGS))
     seed: int = option(0, "seed of the sampling seeds")
 
+    def __post_init__(self) -> None:
+        # the defaults that other options decide, set as the config is built (it is frozen)
+        generator = self.generator or os.path.basename(self.model.rstrip("/"))
+        object.__setattr__(self, "generator", generator)
+        if self.output is None and self.root is not None:
+            object.__setattr__(self, "output", RunLayout(self.root).eval_file(generator))
+
     def check(self) -> None:
-        self.generator = self.generator or os.path.basename(self.model.rstrip("/"))
         if self.output is None:
-            if self.root is None:
-                raise EvalError("give --root or --output")
-            self.output = RunLayout(self.root).eval_file(self.generator)
+            raise EvalError("give --root or --output")
 
 
-@dataclass(kw_only=True)
-class EvalJudgeConfig(EngineOptions):
+@dataclass(frozen=True, kw_only=True)
+class EvalJudgeConfig(EvalOptions):
     """The options of `bft eval judge`."""
 
     a: str = required("answers of model a (bft eval generate output)")
@@ -114,9 +108,9 @@ class EvalJudgeConfig(EngineOptions):
     output: str | None = option(None, "JSON file: summary and per-item verdicts (alpaca_eval annotations beside "
                                 "it: NAME.annotations.json)")
 
-    def check(self) -> None:
-        if self.output is None and self.root is not None:
-            self.output = RunLayout(self.root).eval_file("judge")
+    def __post_init__(self) -> None:
+        if self.output is None and self.root is not None:   # a default set as the config is built (frozen)
+            object.__setattr__(self, "output", RunLayout(self.root).eval_file("judge"))
 
 
 def read_answers(path: str, what: str) -> list[dict]:

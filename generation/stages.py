@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from generation import parsing
+from generation.engines.base import TEMPERATURE, TOP_P
 from generation.prompting import SCORE_PREFIX
 from schemas.outcomes import BELOW_GATE, MISSING_TEXT, MISSING_UPSTREAM_ROW, category, upstream_failed
 from schemas.recipes import GATE_STAGES, Gate, default_gate  # noqa: F401 (Gate: the one rule, owned by schemas/recipes.py)
@@ -35,8 +36,8 @@ class StageSpec:
     prompt: Callable[[str, str | None], dict[str, str]]     # (document, instruction) -> template values
     # (output, row, finish_reason, stopped: see Completion.stopped) -> fields, error
     parse: Callable[[str, dict, str | None, bool | None], tuple[dict, str | None]]
-    temperature: float = 1.0
-    top_p: float = 0.9
+    temperature: float = TEMPERATURE
+    top_p: float = TOP_P
     max_new_tokens: int = 512
     gate: str | None = None         # the gate stage used by default (--gate); None: the stage has no gate
     carries: tuple[str, ...] = ()   # fields copied from the upstream row into every output row

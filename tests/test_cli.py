@@ -10,7 +10,7 @@ import pytest
 
 from bft import cli, config
 from beam_pipelines.prepare import PrepareConfig
-from generation.runner import GenerateConfig
+from generation.job import GenerateConfig
 from tests.conftest import LOCAL, dolma_line, write_dolma_file
 
 

@@ -15,7 +15,7 @@ import pytest
 import storage
 from bft.night import Night
 from generation.batch import BatchDispatch
-from generation.runner import Checkpoints
+from generation.shard import Checkpoints
 from lifecycle import provenance, state
 from schemas.errors import user_error_message
 from schemas.layout import RunLayout
@@ -178,7 +178,8 @@ def test_the_next_run_of_a_step_removes_its_own_debris_only(tmp_path):
     and empty _checkpoints/ folders stayed."""
     import time
 
-    from generation.runner import GenerateConfig, clear_debris
+    from generation.job import GenerateConfig
+    from generation.runner import clear_debris
 
     layout = RunLayout(str(tmp_path))
     stage = layout.generations("score")

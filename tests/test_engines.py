@@ -15,7 +15,8 @@ from benchmarks import real_tokenizers
 from generation.engines import Completion, Engine, EngineConfig, EngineError, Request, load_engine
 from generation.engines.base import digit_token_ids, finished
 from generation.prompting import SCORE_PREFIX, fit_prompt, fit_prompts, render
-from generation.runner import GenerateConfig, GenerationError, StageRunner
+from generation.job import GenerateConfig, GenerationError
+from generation.runner import StageRunner
 from generation.templates import DEFAULTS, LLAMA2_CHAT_TEMPLATE
 from schemas.layout import RunLayout
 from tests.helpers.generation import copy_root, gen, give_instructions, read_stage

@@ -1,5 +1,6 @@
 """The generation stages end to end on tiny models: hf engine, openai engine against a real
 `transformers serve`, the vLLM adapter against a stand-in; resume, worker split, GCS."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,8 @@ import schemas
 import storage
 from generation.engines import EngineConfig
 from generation.prompting import fit_prompt, n_tokens, render
-from generation.runner import GenerateConfig, GenerationError, StageRunner
+from generation.job import GenerateConfig, GenerationError
+from generation.runner import StageRunner
 from lifecycle import provenance
 from schemas.keys import row_seed
 from schemas.layout import RunLayout
@@ -137,8 +139,8 @@ def test_transient_failures_over_the_budget_fail_the_stage_after_every_shard(pre
     # the rerun resends the 2 failures alone: 2 of the shard's 4 answered rows, not 2 of 2
     with pytest.raises(ErrorBudgetExceeded, match=r"2 of the 4 rows sent in the shards this run wrote .* \(50.0%\)"):
         StageRunner(cfg, engine=FailsShardOne(EngineConfig("hf", tiny_models["plain"]))).run()
-    cfg.max_error_rate = 1.0
-    summary = StageRunner(cfg, engine=FailsShardOne(EngineConfig("hf", tiny_models["plain"]))).run()
+    summary = StageRunner(dataclasses.replace(cfg, max_error_rate=1.0),
+                          engine=FailsShardOne(EngineConfig("hf", tiny_models["plain"]))).run()
     assert summary["sent"] == 2 and summary["errors"] == 2 and summary["shards_skipped"] == [0, 2]
 
 
@@ -224,12 +226,12 @@ def test_generation_on_gcs(prepared_root, tiny_models, gcs_emulator, bucket):
 def test_the_runner_names_no_stage_and_takes_metrics_from_shard_summary(prepared_root, tmp_path, tiny_models):
     import inspect
 
-    from generation import runner
+    from generation import dispatch, job, runner, shard
     from schemas.outcomes import shard_summary
 
     import re
 
-    source = inspect.getsource(runner)
+    source = "".join(inspect.getsource(m) for m in (runner, job, shard, dispatch))
     assert not [s for s in STAGES if s != "score" and f'"{s}"' in source]   # "score" is also a column
     assert not re.search(r"stage\s*(==|!=|in)\s*\(?\"", source)     # no `cfg.stage in ("score", ...)`
     assert not [p for p in ('"engine_error:', '"upstream_failed', '"missing_') if p in source]
@@ -364,6 +366,32 @@ def test_a_gate_on_logprob_scores_defaults_to_4_5(prepared_root, tmp_path, tiny_
     write_scores(root, "score", plan, config={"score_mode": "logprob"})
     summary = gen(root, "rewrite", tiny_models["chat"])
     assert summary["sent"] == sum(v == 4.7 for v in plan.values()) > 0
+
+
+def test_a_stage_job_is_resolved_once_frozen_and_survives_json(tmp_path, monkeypatch):
+    """`bft generate`'s options become one frozen StageJob: its gate by schemas.recipes.resolve_gate
+    (4.5 on a root whose score shards were made in logprob mode, --min-score when given), and the job
+    an external worker is handed reads back equal from its JSON."""
+    from generation.job import StageJob, resolve_job
+    from schemas import recipes
+
+    layout = RunLayout(str(tmp_path))
+    storage.write_text(layout.prepare_stats, "{}")
+    storage.write_text(layout.candidates_shard(0, 1), "")
+    storage.write_text(layout.generation_metrics("score", 0, 1), json.dumps({"config": {"score_mode": "logprob"}}))
+    calls = []
+    monkeypatch.setattr("generation.job.resolve_gate", lambda *a: calls.append(a) or recipes.resolve_gate(*a))
+    cfg = GenerateConfig(stage="rewrite", root=str(tmp_path), engine="hf", model="m", top_p=0.5)
+    job = resolve_job(cfg)
+    assert calls == [("score", "logprob", None)] and job.gate == recipes.Gate("score", 4.5)
+    assert (job.max_new_tokens, job.temperature, job.top_p, job.stop) == (2048, 1.0, 0.5, ("[/RES]",))
+    assert resolve_job(dataclasses.replace(cfg, min_score=4.0)).gate == recipes.Gate("score", 4.0)
+    for frozen in (job, cfg):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            frozen.gate = None
+    assert StageJob.from_json(job.to_json()) == job
+    with pytest.raises(GenerationError, match="job.json: not a stage job"):
+        StageJob.from_json('{"options": {}}', "job.json")
 
 
 def test_the_rate_gate_uses_alpagasus_threshold(prepared_root, tmp_path, tiny_models):

@@ -6,10 +6,11 @@ an `Engine`; `Engine.generate` turns rendered requests into completions, in the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable
 
 from schemas.errors import UserError
+from schemas.options import option
 from schemas.outcomes import ANSWER_TOO_LONG, CONTENT_FILTER, PROMPT_TOO_LONG, REFUSAL  # noqa: F401 (engines name them from here)
 
 SCORE_DIGITS = ("1", "2", "3", "4", "5")
@@ -24,27 +25,55 @@ class EngineError(UserError):
     """An engine cannot be set up as configured (no server URL, no context length, ...)."""
 
 
+# The paper's sampling (Nguyen et al. 2024: T=1.0, top_p=0.9): a request's and a stage's default.
+TEMPERATURE, TOP_P = 1.0, 0.9
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions:
+    """The engine settings a verb takes as options (`bft generate`, `bft eval`): each default is written
+    here once, and `for_engine` makes the EngineConfig. run_only: how a stage runs, not what it writes
+    (bft generate's product config leaves them out)."""
+
+    tokenizer: str | None = option(None, "tokenizer of the model, if not the --model folder")
+    base_url: str | None = option(None, "openai engine: the server, e.g. http://localhost:8000/v1", run_only=True)
+    api: str = option("completions", "openai engine endpoint", choices=["completions", "chat"])
+    server: str = option("auto", "openai engine: the kind of server, which decides the request fields sent: vllm "
+                         "(its extensions: add_special_tokens, continue_final_message, 20 logprobs), openai "
+                         "(OpenAI's or Azure's API: documented fields only, max_completion_tokens on chat, 5 "
+                         "completion logprobs), generic (documented fields only); auto: from --base-url and "
+                         "GET /models", choices=list(SERVERS), run_only=True)
+    batch_size: int = option(16, "hf engine: prompts per generate call", run_only=True)
+    max_model_len: int | None = option(None, "context length (default: the model's)")
+    concurrency: int = option(256, "openai engine: requests in flight (256: vLLM's default max_num_seqs, so "
+                              "a vllm serve batch is full; raise it with the server's --max-num-seqs)", run_only=True)
+    request_timeout: float = option(600.0, "openai engine: seconds one HTTP request may take, as a whole",
+                                    run_only=True)
+    max_retries: int = option(8, "openai engine: retries of a request that failed for a transient reason "
+                              "(429, 5xx, timeout, connection); the server's Retry-After, retry-after-ms and "
+                              "x-ratelimit-reset-* are honoured", run_only=True)
+    max_retry_time: float = option(900.0, "openai engine: seconds after a request's first try past which it is "
+                                   "not retried again (a rate-limit window may be minutes)", run_only=True)
+    tensor_parallel_size: int = option(1, "vllm engine: GPUs per model", run_only=True)
+    gpu_memory_utilization: float = option(0.9, "vllm engine: share of GPU memory to take", run_only=True)
+    dtype: str = option("auto", "vllm and hf engines: weights' dtype", choices=list(DTYPES))
+
+    def for_engine(self, engine: str, model: str, **settings) -> "EngineConfig":
+        """The EngineConfig of `engine` running `model` with these options; `settings`: EngineConfig's
+        own fields (seed, offline, api_key_env)."""
+        return EngineConfig(engine, model, **{f.name: getattr(self, f.name) for f in fields(EngineOptions)},
+                            **settings)
+
+
 @dataclass(frozen=True)
-class EngineConfig:
-    """Which engine runs which model, and its settings. Options an engine does not use are ignored."""
+class EngineConfig(EngineOptions):
+    """Which engine runs which model, and its settings (EngineOptions, by keyword). Options an engine
+    does not use are ignored."""
 
     engine: str                          # vllm | openai | hf
     model: str                           # model folder or hub id (openai: the served model name)
-    tokenizer: str | None = None         # tokenizer folder or id, if not the model's
-    max_model_len: int | None = None     # context length (default: the model's, or the server's)
-    dtype: str = "auto"                  # vllm, hf: auto | bf16 | fp16 | fp32
     seed: int = 0                        # vllm: the engine's seed (requests carry their own)
-    batch_size: int = 16                 # hf: prompts per forward batch
-    tensor_parallel_size: int = 1        # vllm
-    gpu_memory_utilization: float = 0.9  # vllm
-    base_url: str | None = None          # openai: e.g. http://localhost:8000/v1
-    api: str = "completions"             # openai: completions | chat
-    concurrency: int = 256               # openai: requests in flight (vLLM's default max_num_seqs)
-    request_timeout: float = 600.0       # openai: seconds one HTTP request may take, as a whole
-    max_retries: int = 8                 # openai: retries of a request that failed for a transient reason
-    max_retry_time: float = 900.0        # openai: seconds from a request's first try after which it is not retried
     api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable holding the key
-    server: str = "auto"                 # openai: vllm | openai | generic | auto (SERVERS)
     offline: bool = False                # openai: no server, batch files only (`vllm run-batch`; server vllm)
 
     def check(self) -> None:
@@ -70,8 +99,8 @@ class Request:
     messages: list[dict]             # the same prompt as chat messages (for chat endpoints); a last
                                      # assistant message is a prefill the model continues
     max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 0.9
+    temperature: float = TEMPERATURE
+    top_p: float = TOP_P
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     digit_probs: bool = False        # logprob mode: only the next-token probabilities of "1".."5"

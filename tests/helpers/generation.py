@@ -7,7 +7,8 @@ import pandas as pd
 
 import schemas
 import storage
-from generation.runner import GenerateConfig, StageRunner
+from generation.job import GenerateConfig
+from generation.runner import StageRunner
 from lifecycle import provenance
 from lifecycle.release import sha256_of
 
