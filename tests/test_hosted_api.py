@@ -213,3 +213,18 @@ def test_an_answer_over_its_byte_cap_is_a_final_outcome_never_read_whole(prepare
         assert long.iloc[0]["parse_error"].startswith("answer_too_long: answer over 69,632 bytes (10,"), batch
         assert long.iloc[0]["raw_output"] == "" and rows["parse_error"].isna().sum() == len(rows) - 1, batch
         assert gen(root, "backtranslate", MODEL, **opts)["shards_skipped"] == [0, 1, 2]    # final: never resent
+
+
+def test_requests_go_through_the_proxy_the_environment_names(hosted, monkeypatch):
+    """Proxies come from the environment (HTTP_PROXY, NO_PROXY, as aiohttp's trust_env reads them), read
+    once per session rather than once per request: the preflight and the requests reach a host that
+    only the proxy knows."""
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, hosted.url.removesuffix("/v1"))
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    upstream = "http://bft-upstream.invalid/v1"
+    with load_engine(EngineConfig("openai", MODEL, base_url=upstream, api="chat", max_model_len=8192)) as eng:
+        out = eng.generate([Request("", [{"role": "user", "content": "hi"}], 8)])
+    assert out[0].finish_reason == "stop" and hosted.statuses() == [200]
+    assert hosted.proxied == [upstream + "/models", upstream + "/chat/completions"]

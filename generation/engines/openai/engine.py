@@ -152,11 +152,10 @@ class OpenAIEngine(Engine):
             wait = None
             try:
                 status, headers, content, over = await self._post(r)
-                text = content[:500].decode("utf-8", "replace")
                 if over is not None and status == 200:   # a final answer, too long to be one
                     return too_long(over, r)
                 if status in RETRY_STATUS:
-                    error = f"HTTP {status}: {text[:200]}"
+                    error = f"HTTP {status}: {content[:500].decode('utf-8', 'replace')[:200]}"
                     wait = retry_wait(headers, status)
                 else:
                     return outcome(status, headers, content, r, self.dialect.api)

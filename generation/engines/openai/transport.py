@@ -18,12 +18,12 @@ keeps `concurrency` requests in flight.
   that what was paid for is kept. One aiohttp session and one event loop are kept for the engine's
   life and closed by `close()`. aiohttp rather than httpx: at hundreds of requests in flight its
   per-request cost is several times lower (docs/BENCHMARKS.md), and the client must not be what leaves
-  the GPU idle. Proxies come from the environment (HTTPS_PROXY, ...). `request_timeout` bounds each
-  try as a whole (connect, send, every byte of the answer), so a server that drips its answer byte by
-  byte cannot hold a slot longer; an answer's body is read in chunks and never past its cap (the rest
-  is never read: a server answering 10 MB bodies costs a few KB per request, not an instruction of
-  10 MB). The API key comes from the environment variable named by `api_key_env` (default
-  OPENAI_API_KEY) and is never logged; credentials in the URL are redacted.
+  the GPU idle. Proxies come from the environment (HTTP_PROXY, NO_PROXY, ...; read once per session).
+  `request_timeout` bounds each try as a whole (connect, send, every byte of the answer), so a server
+  that drips its answer byte by byte cannot hold a slot longer; an answer's body is read in chunks and
+  never past its cap (the rest is never read: a server answering 10 MB bodies costs a few KB per
+  request, not an instruction of 10 MB). The API key comes from the environment variable named by
+  `api_key_env` (default OPENAI_API_KEY) and is never logged; credentials in the URL are redacted.
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ HAND_OFF = 16           # prepared requests handed from the preparing thread to 
 DRAIN_S = 10.0          # on an interrupt, what the requests in flight (paid for) get to come back: within the
                         # grace before SIGKILL of Kubernetes (30 s), Airflow (60 s) and systemd (90 s)
 READ_CHUNK = 64 * 1024
+JSON_HEADERS = {"Content-Type": "application/json"}   # of every POST (aiohttp copies it)
 AZURE_HOSTS = re.compile(r"\.azure\.com$")
 SHOWN_MODELS = 10    # served names listed in the error for a model that is not among them
 
@@ -95,15 +96,15 @@ def auth(key_env: str) -> dict:
 
 # ---- the preflight: GET /models, before any request is prepared -------------------------------------
 
-async def list_models(session: aiohttp.ClientSession, endpoint: Endpoint) -> list[dict]:
+async def list_models(session: aiohttp.ClientSession, endpoint: Endpoint, proxy: dict | None = None) -> list[dict]:
     """The model cards of the server's GET /models (read_listing), asked a few times within PREFLIGHT_S
     while the server cannot be reached or answers a status worth retrying; EngineError naming the URL
-    when it never answers."""
+    when it never answers. `proxy`: the proxy arguments of a session that does not read the environment."""
     url = endpoint.base_url + "/models"
     deadline = time.monotonic() + PREFLIGHT_S
     while True:
         try:
-            async with session.get(url, allow_redirects=False,
+            async with session.get(url, allow_redirects=False, **(proxy or {}),
                                    timeout=aiohttp.ClientTimeout(total=min(endpoint.timeout_s, PREFLIGHT_S))) as resp:
                 status, headers, body = resp.status, resp.headers, await resp.read()
             if status not in RETRY_STATUS:
@@ -191,16 +192,35 @@ class Transport:
         self.endpoint, self.concurrency = endpoint, concurrency
         self._loop = asyncio.new_event_loop()
         self._session: aiohttp.ClientSession | None = None
+        self._proxy: dict = {}
 
     def run(self, coro: Awaitable):
         """`coro` run to its end on the transport's loop (the session is made on the loop that keeps it)."""
         return self._loop.run_until_complete(coro)
 
     def session(self) -> aiohttp.ClientSession:
+        """The session, made on first use. What aiohttp's trust_env reads from the environment for every
+        request, each time in a thread of the loop's executor (two thread hops per request: more CPU
+        than the rest of the request), is read here once, with aiohttp's own functions, as every
+        request goes to the same host: the proxy for the URL (and its credentials) and the .netrc entry
+        of its host (the default auth: credentials in the URL still come first)."""
         if self._session is None:
+            from aiohttp.helpers import basicauth_from_netrc, get_env_proxy_for_url, netrc_from_env
+            from yarl import URL
+
+            url = URL(self.endpoint.base_url)
+            try:
+                proxy, proxy_auth = get_env_proxy_for_url(url)
+                self._proxy = {"proxy": proxy, **({"proxy_auth": proxy_auth} if proxy_auth else {})}
+            except LookupError:   # no proxy for this URL (none set, or NO_PROXY names its host)
+                self._proxy = {}
+            try:
+                netrc = {"auth": basicauth_from_netrc(netrc_from_env(), url.host)} if url.host else {}
+            except LookupError:
+                netrc = {}
             connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=self.concurrency,
                                              enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(connector=connector, headers=self.endpoint.headers, trust_env=True,
+            self._session = aiohttp.ClientSession(connector=connector, headers=self.endpoint.headers, **netrc,
                                                   timeout=aiohttp.ClientTimeout(total=None))
         return self._session
 
@@ -215,23 +235,23 @@ class Transport:
 
     async def models(self) -> list[dict]:
         """The model cards of GET /models (list_models)."""
-        return await list_models(self.session(), self.endpoint)
+        return await list_models(self.session(), self.endpoint, self._proxy)
 
     async def post(self, path: str, body: dict, cap: int) -> tuple[int, Any, bytes, int | None]:
         """One try, bounded as a whole by the endpoint's timeout: (status, headers, body, None), or for a
         body over `cap` bytes: its first `cap` bytes and the size seen (the Content-Length said, or what
         came), the rest unread."""
-        return await asyncio.wait_for(self._post_once(path, body, cap), self.endpoint.timeout_s)
-
-    async def _post_once(self, path: str, body: dict, cap: int) -> tuple[int, Any, bytes, int | None]:
-        async with self.session().post(self.endpoint.base_url + path, data=orjson.dumps(body), allow_redirects=False,
-                                       headers={"Content-Type": "application/json"}) as resp:
-            data = bytearray()
-            async for chunk in resp.content.iter_chunked(READ_CHUNK):
-                data += chunk
-                if len(data) > cap:   # leaving the block closes the connection with the rest unread
-                    return resp.status, resp.headers, bytes(data[:cap]), max(len(data), resp.content_length or 0)
-            return resp.status, resp.headers, bytes(data), None
+        session = self.session()
+        async with asyncio.timeout(self.endpoint.timeout_s):   # no task per request, as wait_for would make
+            async with session.post(self.endpoint.base_url + path, data=orjson.dumps(body), allow_redirects=False,
+                                    headers=JSON_HEADERS, **self._proxy) as resp:
+                chunks, size = [], 0
+                async for chunk in resp.content.iter_chunked(READ_CHUNK):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > cap:   # leaving the block closes the connection with the rest unread
+                        return resp.status, resp.headers, b"".join(chunks)[:cap], max(size, resp.content_length or 0)
+                return resp.status, resp.headers, b"".join(chunks), None
 
     # ---- dispatch -----------------------------------------------------------------------------------
     def stream(self, items, one: Callable[[Request], Awaitable[Completion]],
@@ -270,21 +290,29 @@ class Transport:
 
     async def _stream(self, items, one, emit, halt: asyncio.Event, now: asyncio.Event) -> None:
         """Workers take requests from a local deque that the preparing thread fills a batch at a time
-        (one hand-off per batch, not per request), kept at most 2 x concurrency ahead of dispatch.
+        (one hand-off per batch, not per request), kept at most 2 x concurrency ahead of dispatch; a
+        batch wakes as many idle workers as it holds requests (not all of them: most would find nothing).
         `halt` (an interrupt): the workers take no more requests, and those still waiting for an answer
         are cancelled after DRAIN_S seconds or when `now` is set."""
         loop = asyncio.get_running_loop()
         ready: collections.deque = collections.deque()
-        arrived = asyncio.Event()
+        idle: collections.deque[asyncio.Future] = collections.deque()   # one per worker waiting for a request
         state = {"finished": False}
         stop, problem = threading.Event(), []
         ahead = 2 * self.concurrency
         workers: list[asyncio.Task] = []
 
+        def wake(n: int) -> None:   # up to n idle workers look at `ready` again
+            while n > 0 and idle:
+                waiting = idle.popleft()
+                if not waiting.done():   # done: its worker was cancelled
+                    waiting.set_result(None)
+                    n -= 1
+
         def arrive(batch: list, last: bool) -> None:   # on the loop's thread
             ready.extend(batch)
             state["finished"] = state["finished"] or last
-            arrived.set()
+            wake(len(idle) if last else len(batch))   # the last: the workers with nothing left to take end
 
         def produce() -> None:
             batch: list = []
@@ -307,8 +335,9 @@ class Transport:
         async def worker() -> None:
             while True:
                 while not ready and not state["finished"] and not halt.is_set():
-                    arrived.clear()
-                    await arrived.wait()
+                    waiting = loop.create_future()
+                    idle.append(waiting)
+                    await waiting
                 if halt.is_set() or not ready:
                     return
                 key, request = ready.popleft()
@@ -317,7 +346,7 @@ class Transport:
         async def drain() -> None:
             await halt.wait()
             stop.set()
-            arrived.set()   # the idle workers end
+            wake(len(idle))   # the idle workers end
             try:
                 await asyncio.wait_for(now.wait(), DRAIN_S)
             except TimeoutError:
