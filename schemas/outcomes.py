@@ -12,7 +12,7 @@ is its category, and what follows, the detail:
     prompt_too_long: <detail>                  (finish_reason content_filter; a chat `refusal`; a prompt
     answer_too_long: <detail>                  the server or engine rejects as longer than its context;
                                                an answer whose body is over the request's byte cap,
-                                               generation.engines.openai.answer_cap, never read whole).
+                                               generation.engines.openai.dialect.answer_cap, never read whole).
                                                Never resent while the stage's config is unchanged, not
                                                budgeted, dropped by assemble as `<stage>:<category>`
     upstream_failed:<upstream category>        the upstream stage's row failed: nothing was sent

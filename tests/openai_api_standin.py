@@ -41,7 +41,9 @@ list of answers the next POSTs to the generation endpoints get instead ({"status
 "body"}); `refuse(body)`: a 200 with finish_reason content_filter; `requests`: each POST's path,
 body, status and arrival time; `listings`: how many GET /v1/models it answered; `creates`: what the
 next POSTs to /v1/batches do instead of answering at once: {"delay": s} (a slow server: the batch is
-made after s seconds, whether the client still waits or not) or {"status": 500} (an error, no batch).
+made after s seconds, whether the client still waits or not) or {"status": 500} (an error, no batch);
+`proxied`: the URL of each request that came as to a forward proxy (the stand-in named by HTTP_PROXY
+answers them as if it were the host they name).
 """
 from __future__ import annotations
 
@@ -174,6 +176,7 @@ class OpenAIStandin:
         self.fates: list[str] = []
         self.hold = False
         self.creates: list[dict] = []
+        self.proxied: list[str] = []
         self._lock = threading.Lock()
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._http.daemon_threads = True
@@ -492,16 +495,23 @@ class OpenAIStandin:
                 except (BrokenPipeError, ConnectionResetError):
                     pass   # the client stopped waiting (a timeout, or an answer it would not read whole)
 
+            def _route(self) -> tuple[str, str]:
+                """(path, query); a request sent through a proxy names the whole URL."""
+                url = urllib.parse.urlsplit(self.path)
+                if url.scheme:
+                    server.proxied.append(self.path)
+                return url.path.rstrip("/"), url.query
+
             def do_GET(self):
                 try:
-                    path, _, query = self.path.partition("?")
-                    self._send(*server.get(path.rstrip("/"), urllib.parse.parse_qs(query)))
+                    path, query = self._route()
+                    self._send(*server.get(path, urllib.parse.parse_qs(query)))
                 except APIError as e:
                     self._send(e.status, e.body)
 
             def do_POST(self):
                 try:
-                    self._send(*server.post(self.path.split("?")[0].rstrip("/"), self))
+                    self._send(*server.post(self._route()[0], self))
                 except APIError as e:
                     self._send(e.status, e.body)
 
@@ -528,4 +538,5 @@ def hosted(api_server):
     api_server.files.clear()
     api_server.hold = False
     api_server.creates.clear()
+    api_server.proxied.clear()
     return api_server

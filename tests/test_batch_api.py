@@ -8,7 +8,8 @@ import uuid
 import pyarrow.parquet as pq
 import pytest
 
-from generation.batch import BatchesPending, split
+from generation.batch import BatchesPending
+from generation.batch_api import split
 from tests.openai_api_standin import api_server, hosted  # noqa: F401 (fixtures)
 from tests.test_cli import run as bft
 from tests.test_generation import copy_root, gen, read_stage
@@ -90,11 +91,11 @@ def test_ended_batches_resubmit_only_their_missing_and_transient_rows(prepared_r
 
 def test_batch_files_are_split_to_the_limits_and_wait_polls_the_transitions(prepared_root, tmp_path, hosted,
                                                                             monkeypatch, capsys):
-    import generation.batch as batch
+    from generation import batch_api
 
     assert [len(f) for f in split([b"x" * 10 + b"\n"] * 7, max_requests=3)] == [3, 3, 1]
     assert [len(f) for f in split([b"x" * 10 + b"\n"] * 7, max_bytes=25)] == [2, 2, 2, 1]
-    monkeypatch.setattr(batch, "MAX_REQUESTS", 3)
+    monkeypatch.setattr(batch_api, "MAX_REQUESTS", 3)
     root = copy_root(prepared_root, tmp_path / "batch")
     summary = gen(root, "backtranslate", MODEL, **kw(hosted, batch="openai", wait=True, poll_s=0.01))
     assert summary["shards_done"] == [0, 1, 2] and len(hosted.batches) == 6           # 4 rows a shard: 3 + 1
@@ -197,21 +198,21 @@ def test_a_run_killed_while_submitting_never_submits_the_rows_twice(prepared_roo
     before the create makes it from that file on the next run; one killed after the create (before
     saving the batch's id) finds the batch by its input file in the listing: one batch per shard either
     way, and the rows answered as online."""
-    from generation import batch as batch_mod
+    from generation.batch_api import BatchAPI
 
     online, batched = copy_root(prepared_root, tmp_path / "online"), copy_root(prepared_root, tmp_path / "batch")
     gen(online, "backtranslate", MODEL, **kw(hosted))
-    real_create = batch_mod.BatchAPI.create
+    real_create = BatchAPI.create
 
     def create_then_die(self, *a, **k):
         if killed == "before_saving_the_id":
             real_create(self, *a, **k)
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(batch_mod.BatchAPI, "create", create_then_die)
+    monkeypatch.setattr(BatchAPI, "create", create_then_die)
     with pytest.raises(KeyboardInterrupt):
         gen(batched, "backtranslate", MODEL, **kw(hosted, batch="openai"))
-    monkeypatch.setattr(batch_mod.BatchAPI, "create", real_create)
+    monkeypatch.setattr(BatchAPI, "create", real_create)
     uploads = len(hosted.files)
     hosted.hold = True
     with pytest.raises(BatchesPending):
@@ -251,9 +252,9 @@ def test_a_batch_create_that_times_out_is_adopted_never_made_twice(prepared_root
 def test_a_create_whose_fate_stays_unknown_is_looked_for_not_retried(prepared_root, tmp_path, hosted, monkeypatch):
     """A 5xx on POST /batches (made or not: the client cannot tell): no second create in that run;
     later invocations look for it in the listing, and create it only CREATE_SETTLE_S after the try."""
-    from generation import batch as batch_mod
+    from generation import batch as batch_mod, batch_api
 
-    monkeypatch.setattr(batch_mod, "TRIES", 1)          # one look after the failed try, not five
+    monkeypatch.setattr(batch_api, "TRIES", 1)          # one look after the failed try, not five
     root = copy_root(prepared_root, tmp_path / "batch")
     hosted.hold = True
     hosted.creates.append({"status": 500})             # this one made nothing

@@ -155,9 +155,9 @@ def test_engines_close_what_they_hold(tiny_models, vllm, fresh):
     assert hf.lm is None
     eng = load_engine(EngineConfig("openai", "tiny-chat", base_url=fresh.url, api="chat"))
     eng.generate([Request("", [{"role": "user", "content": "hi"}], 2)])
-    session = eng._session
+    session = eng.transport._session
     eng.close()
-    assert session.closed and eng._session is None
+    assert session.closed and eng.transport._session is None
     with pytest.raises(RuntimeError, match="closed"):
         eng.generate([])
     with load_engine(EngineConfig("vllm", tiny_models["plain"])):
@@ -620,7 +620,7 @@ def test_retry_after_is_honoured(fresh):
 # --- final outcomes and the server's back-off headers (issue 18) ---------------------------------------
 
 def test_the_servers_wait_headers():
-    from generation.engines.openai import duration, retry_after, retry_wait
+    from generation.engines.openai.reader import duration, retry_after, retry_wait
 
     assert [duration(v) for v in ("1s", "6m0s", "20ms", "1h2m3.5s", "2.5", "soon", "")] == \
         [1.0, 360.0, 0.02, 3723.5, 2.5, None, None]
@@ -792,9 +792,9 @@ def test_prompts_prepared_in_worker_processes_are_the_same_in_the_same_order(pre
 def test_a_server_answering_503_to_the_preflight_fails_in_seconds(monkeypatch):
     """A gateway whose backend is down answers 503 to everything: one error naming the URL and the
     status, within the preflight's few seconds (PREFLIGHT_S), not 900 s of retries per request later."""
-    from generation.engines import openai
+    from generation.engines.openai import transport
 
-    monkeypatch.setattr(openai, "PREFLIGHT_S", 1.0)
+    monkeypatch.setattr(transport, "PREFLIGHT_S", 1.0)
     with answering(503, b"unavailable") as url:
         t0 = time.monotonic()
         with pytest.raises(EngineError, match=r"cannot reach the server at http://127.0.0.1:\d+/v1: it answered 503"):
@@ -806,7 +806,7 @@ def test_the_budget_reserves_what_the_request_asks(tmp_path):
     """Issue 19 point 11: the new tokens a request asks for are the ones its prompt's budget reserved
     (chat logprob asks for 2: the digit may come after a stripped space), so prompt + max_tokens never
     passes the context (OpenAI's API refuses that; vLLM 0.33.0 would clamp)."""
-    from generation.engines.openai import OpenAIEngine
+    from generation.engines.openai.dialect import Dialect
 
     def cfg(**kw):
         return GenerateConfig(stage="score", root=str(tmp_path), engine="openai", model="m", base_url="http://x", **kw)
@@ -814,11 +814,8 @@ def test_the_budget_reserves_what_the_request_asks(tmp_path):
     assert cfg(score_mode="logprob", api="chat").new_token_cap() == 2
     assert cfg(score_mode="logprob").new_token_cap() == 1
     assert cfg().new_token_cap() == 512 and cfg(max_new_tokens=7).new_token_cap() == 7
-    eng = OpenAIEngine.__new__(OpenAIEngine)
-    eng.model, eng._strip_bos = "m", None
     for api, cap in (("chat", 2), ("completions", 1)):
-        eng.api = api
-        _, body = eng._body(Request("p", [{"role": "user", "content": "q"}], cap, digit_probs=True))
+        _, body = Dialect("m", api).body(Request("p", [{"role": "user", "content": "q"}], cap, digit_probs=True))
         assert body["max_tokens"] == cap
 
 

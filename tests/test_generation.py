@@ -736,8 +736,8 @@ def test_a_user_error_raised_while_answers_arrive_is_one_line(prepared_root, tmp
 
     monkeypatch.setattr(OpenAIEngine, "_one", fake_one)
     eng = OpenAIEngine.__new__(OpenAIEngine)
-    import asyncio
-    eng.concurrency, eng._loop, eng._session = 4, asyncio.new_event_loop(), None
+    from generation.engines.openai.transport import Endpoint, Transport
+    eng.transport = Transport(Endpoint("http://x/v1", "http://x/v1", "OPENAI_API_KEY", 1.0), 4)
     from generation.engines.base import Request
 
     def emit(key, comp):

@@ -4,8 +4,10 @@ every stage against tests/openai_api_standin.py in both score modes, with no 400
 import pytest
 
 from generation.engines import EngineConfig, EngineError, Request, load_engine
-from generation.engines.openai import (CHAT_TOP_LOGPROBS, COMPLETION_LOGPROBS, MAX_BACKOFF_S, OpenAIEngine,
-                                       check_served, server_kind)
+from generation.engines.openai.dialect import CHAT_TOP_LOGPROBS, COMPLETION_LOGPROBS, Dialect, server_kind
+from generation.engines.openai.engine import MAX_BACKOFF_S
+from generation.engines.openai.reader import parse
+from generation.engines.openai.transport import check_served
 from generation.job import GenerationError
 from tests.openai_api_standin import APIError, api_server, check_body, hosted  # noqa: F401 (fixtures)
 from tests.test_generation import NO_GATE, copy_root, gen, read_stage
@@ -23,30 +25,28 @@ def test_the_server_kind_comes_from_the_url_then_the_model_cards():
     assert server_kind("vllm", "https://api.openai.com/v1", [], "m") == "vllm"       # the option wins
 
 
-def _engine(server: str, api: str, bos: str | None = None) -> OpenAIEngine:
-    eng = OpenAIEngine.__new__(OpenAIEngine)
-    eng.model, eng.api, eng.server, eng._strip_bos = "m", api, server, bos
-    return eng
+def _dialect(server: str, api: str, bos: str | None = None) -> Dialect:
+    return Dialect("m", api, server, bos)
 
 
 def test_each_kind_of_server_is_sent_only_the_fields_it_accepts():
     prefill = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Score:"}]
     score = Request("<s>[INST] q [/INST] Score:", prefill, 2, digit_probs=True, seed=3)
-    _, body = _engine("vllm", "chat")._body(score)
+    _, body = _dialect("vllm", "chat").body(score)
     assert body["continue_final_message"] and body["add_generation_prompt"] is False and body["max_tokens"] == 2
-    _, body = _engine("vllm", "completions")._body(score)
+    _, body = _dialect("vllm", "completions").body(score)
     assert body["add_special_tokens"] is False and body["logprobs"] == 20 == COMPLETION_LOGPROBS["vllm"]
     for server in ("openai", "generic"):
-        path, body = _engine(server, "completions", "<s>")._body(score)
+        path, body = _dialect(server, "completions", "<s>").body(score)
         assert path == "/completions" and body["logprobs"] == 5 and body["prompt"] == "[INST] q [/INST] Score:"
         check_body("/v1" + path, body)                                  # OpenAI's API takes it
-        _, body = _engine(server, "chat")._body(Request("", [{"role": "user", "content": "q"}], 9, seed=1))
+        _, body = _dialect(server, "chat").body(Request("", [{"role": "user", "content": "q"}], 9, seed=1))
         assert not {"continue_final_message", "add_generation_prompt", "add_special_tokens"} & set(body)
-    openai_chat = _engine("openai", "chat")._body(score)[1]
+    openai_chat = _dialect("openai", "chat").body(score)[1]
     assert openai_chat["max_completion_tokens"] == 2 and "max_tokens" not in openai_chat
-    assert _engine("generic", "chat")._body(score)[1]["max_tokens"] == 2
-    assert _engine("openai", "chat")._body(score)[1]["top_logprobs"] == CHAT_TOP_LOGPROBS <= 20
-    check_body("/v1/chat/completions", _engine("openai", "chat")._body(score)[1])
+    assert _dialect("generic", "chat").body(score)[1]["max_tokens"] == 2
+    assert _dialect("openai", "chat").body(score)[1]["top_logprobs"] == CHAT_TOP_LOGPROBS <= 20
+    check_body("/v1/chat/completions", _dialect("openai", "chat").body(score)[1])
 
 
 def test_stop_strings_go_where_servers_take_them_and_their_reason_is_read():
@@ -58,8 +58,8 @@ def test_stop_strings_go_where_servers_take_them_and_their_reason_is_read():
     rewrite = Request("p", [{"role": "user", "content": "q"}], 9, seed=1, stop=["[/RES]"])
     for server in ("vllm", "generic"):
         for api in ("completions", "chat"):
-            assert _engine(server, api)._body(rewrite)[1]["stop"] == ["[/RES]"]
-    hosted_body = _engine("openai", "chat")._body(rewrite)[1]
+            assert _dialect(server, api).body(rewrite)[1]["stop"] == ["[/RES]"]
+    hosted_body = _dialect("openai", "chat").body(rewrite)[1]
     assert "stop" not in hosted_body
     check_body("/v1/chat/completions", hosted_body)
     with pytest.raises(APIError, match="Unsupported parameter: 'stop'"):
@@ -68,7 +68,7 @@ def test_stop_strings_go_where_servers_take_them_and_their_reason_is_read():
     def stopped(choice: dict, r: Request = rewrite):
         content = orjson.dumps({"choices": [{"text": "[RES] An answer. ", **choice}],
                                 "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
-        return _engine("vllm", "completions")._parse(content, r).stopped
+        return parse(content, r, "completions").stopped
 
     assert stopped({"finish_reason": "stop", "stop_reason": "[/RES]"}) is True
     assert stopped({"finish_reason": "stop", "matched_stop": "[/RES]"}) is True
@@ -137,7 +137,7 @@ def test_a_rate_limit_reset_header_is_waited_on_the_hosted_api(hosted):
                      "body": {"error": {"message": "Rate limit reached for requests", "type": "requests",
                                         "code": "rate_limit_exceeded"}}}]
     with load_engine(EngineConfig("openai", MODEL, base_url=hosted.url, api="chat", max_model_len=8192)) as eng:
-        assert eng.server == "openai"
+        assert eng.dialect.server == "openai"
         out = eng.generate([Request("", [{"role": "user", "content": "hi"}], 8)])
     first, second = hosted.requests
     assert out[0].finish_reason == "stop" and 0.7 <= second["time"] - first["time"] < 5
@@ -179,7 +179,7 @@ def test_an_answer_over_its_byte_cap_is_a_final_outcome_never_read_whole(prepare
     final answer_too_long with its reason, online and from a batch's output file alike."""
     import tracemalloc
 
-    from generation.engines.openai import answer_cap
+    from generation.engines.openai.dialect import answer_cap
     from schemas.outcomes import REFUSALS
 
     big = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "' + b"x" * (10 << 20) + b'"}}]}'
@@ -213,3 +213,18 @@ def test_an_answer_over_its_byte_cap_is_a_final_outcome_never_read_whole(prepare
         assert long.iloc[0]["parse_error"].startswith("answer_too_long: answer over 69,632 bytes (10,"), batch
         assert long.iloc[0]["raw_output"] == "" and rows["parse_error"].isna().sum() == len(rows) - 1, batch
         assert gen(root, "backtranslate", MODEL, **opts)["shards_skipped"] == [0, 1, 2]    # final: never resent
+
+
+def test_requests_go_through_the_proxy_the_environment_names(hosted, monkeypatch):
+    """Proxies come from the environment (HTTP_PROXY, NO_PROXY, as aiohttp's trust_env reads them), read
+    once per session rather than once per request: the preflight and the requests reach a host that
+    only the proxy knows."""
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, hosted.url.removesuffix("/v1"))
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    upstream = "http://bft-upstream.invalid/v1"
+    with load_engine(EngineConfig("openai", MODEL, base_url=upstream, api="chat", max_model_len=8192)) as eng:
+        out = eng.generate([Request("", [{"role": "user", "content": "hi"}], 8)])
+    assert out[0].finish_reason == "stop" and hosted.statuses() == [200]
+    assert hosted.proxied == [upstream + "/models", upstream + "/chat/completions"]

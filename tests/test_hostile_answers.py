@@ -22,7 +22,7 @@ import schemas
 import storage
 from schemas import outcomes
 from generation.engines import Request
-from generation.engines.openai import OpenAIEngine
+from generation.engines.openai.reader import parse
 from schemas.layout import RunLayout
 from tests.test_engines import digit_model, fresh, server  # noqa: F401  (fixtures)
 from tests.test_generation import copy_root, gen, give_instructions, read_stage, write_scores
@@ -102,18 +102,11 @@ def answers(draw, api: str) -> bytes:
     return json.dumps(body, allow_nan=True).encode()
 
 
-def _engine(api: str) -> OpenAIEngine:
-    """The engine's 200-answer parser without a server (only `api` is read by it)."""
-    eng = OpenAIEngine.__new__(OpenAIEngine)
-    eng.api = api
-    return eng
-
-
 @settings(max_examples=400, **SETTINGS)
 @given(api=st.sampled_from(["completions", "chat"]), data=st.data(), digits=st.booleans())
 def test_any_200_answer_parses_to_a_result_or_an_error_row(api, data, digits):
     body = data.draw(answers(api))
-    comp = _engine(api)._parse(body, Request("p", [], 4, digit_probs=digits))
+    comp = parse(body, Request("p", [], 4, digit_probs=digits), api)
     assert comp.finish_reason in ("stop", "length", "error")
     if comp.finish_reason == "error":
         assert comp.error and isinstance(comp.error, str)

@@ -213,9 +213,9 @@ def test_plan_and_rebuild_preflight_the_servers_the_run_sends_to(tmp_path, tiny_
     first, in one line naming the run file, the stage and what is wrong; each server is asked once;
     an external stage's server (reached by its workers, elsewhere) is not asked from here."""
     from bft.run_file import check_servers, load_run
-    from generation.engines import openai
+    from generation.engines.openai import transport
 
-    monkeypatch.setattr(openai, "PREFLIGHT_S", 0.2)   # the server that is down is given up on at once
+    monkeypatch.setattr(transport, "PREFLIGHT_S", 0.2)   # the server that is down is given up on at once
     served = {"engine": "openai", "model": "gpt-standin", "base_url": hosted.url, "api": "chat", "max_model_len": 8192}
     down = f"http://127.0.0.1:{_free_port()}/v1"
     for score, said in [({"model": "gpt-standim"}, f"model 'gpt-standim' is not served at {hosted.url}; it serves: "

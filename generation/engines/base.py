@@ -16,7 +16,7 @@ from schemas.outcomes import ANSWER_TOO_LONG, CONTENT_FILTER, PROMPT_TOO_LONG, R
 SCORE_DIGITS = ("1", "2", "3", "4", "5")
 ENGINES = ("vllm", "openai", "hf")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
-# The kinds of OpenAI-compatible server the openai engine tells apart (engines/openai.py): each is sent
+# The kinds of OpenAI-compatible server the openai engine tells apart (engines/openai/dialect.py): each is sent
 # only the request fields it accepts. auto: detected from --base-url and GET /models.
 SERVERS = ("auto", "vllm", "openai", "generic")
 
