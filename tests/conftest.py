@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny tokenizers trained here, Dolma-layout files, and a GCS emulator on loopback."""
+"""Shared fixtures: tiny tokenizers and models trained here, Dolma-layout files, a published release, a GCS
+emulator and model-server stand-ins on loopback, evaluation sets, fault injection, the Flink cluster, and
+the `unit` marker."""
 from __future__ import annotations
 
 import contextlib
@@ -98,7 +100,7 @@ def prepared_root(tmp_path_factory, fixture_texts, bpe_tokenizer_path):
 
 @pytest.fixture(scope="session")
 def _published(tmp_path_factory, bpe_tokenizer_path):
-    from tests.test_assemble import run, write_root
+    from tests.helpers.assemble import run, write_root
 
     def make(folder):
         root = write_root(str(folder / "run"), bpe_tokenizer_path)
@@ -109,7 +111,7 @@ def _published(tmp_path_factory, bpe_tokenizer_path):
 
 @pytest.fixture
 def published(_published, tmp_path):
-    """A root of tests/test_assemble.py's generation shards holding release v1, assembled once per
+    """A root of tests/helpers/assemble.py's generation shards holding release v1, assembled once per
     test run (made_once) and copied for each test that reads, edits or damages v1 without
     assembling again (a copy moved to another root is valid; assembling in it would build again,
     since a release's lineage names its root's files)."""
@@ -189,6 +191,95 @@ def gcs_emulator():
 def bucket(gcs_emulator, request):
     name = "b-" + request.node.name.lower().replace("_", "-")[:40]
     return gcs_emulator.create_bucket(name).name
+
+
+# ---- model servers on loopback: stand-ins of OpenAI's API and of a vLLM server ---------------------
+
+@pytest.fixture(scope="module")
+def api_server():
+    """One stand-in of OpenAI's API per test module (tests/openai_api_standin.py)."""
+    from tests.openai_api_standin import OpenAIStandin
+
+    s = OpenAIStandin(["gpt-standin"])
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def hosted(api_server):
+    """The module's stand-in, as new: no scripted answers, requests, batches or files."""
+    api_server.plan.clear()
+    api_server.requests.clear()
+    api_server.listings = 0
+    api_server.answer = api_server.refuse = None
+    api_server.fates.clear()
+    api_server.batches.clear()
+    api_server.files.clear()
+    api_server.hold = False
+    api_server.creates.clear()
+    return api_server
+
+
+@pytest.fixture(scope="module")
+def digit_model(tiny_models, tmp_path_factory):
+    """The tiny chat model as Llama-2 is tokenized and scores: its tokenizer adds BOS (a post-processor
+    "<s> $A", as Llama-2's), so a prompt whose template already wrote "<s>" gets a second BOS when it
+    is tokenized with special tokens; and the digits' lm_head rows are made as likely as </s>, so the
+    score digits are always among the top-20 logprobs and a logprob score that finds none is a real
+    failure."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from generation.engines.base import digit_token_ids
+
+    folder = str(tmp_path_factory.mktemp("digits"))
+    tok = AutoTokenizer.from_pretrained(tiny_models["chat"])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                              special_tokens=[("<s>", tok.bos_token_id)])
+    model = LlamaForCausalLM.from_pretrained(tiny_models["chat"])
+    with __import__("torch").no_grad():
+        w = model.lm_head.weight
+        for k, ids in enumerate(digit_token_ids(tok).values()):
+            for t in ids:
+                w[t] = w[tok.eos_token_id] * (1.0 + 0.05 * k)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(digit_model):
+    """The vLLM-server stand-in serving the digit model as "tiny-chat" (no local folder by that name)."""
+    from tests.vllm_standin.openai_server import StandinServer
+
+    s = StandinServer(digit_model, served_name="tiny-chat")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def fresh(server):
+    """The module's vLLM-server stand-in, as new: no scripted answers or requests, tokenizing on."""
+    server.plan.clear()
+    server.requests.clear()
+    server.refuse = server.answer = None
+    server.tokenize = True
+    server.tokenize_calls.clear()
+    return server
+
+
+# ---- evaluation sets ------------------------------------------------------------------------------
+
+@pytest.fixture
+def eval_files(tmp_path):
+    """AlpacaEval's and MT-Bench's question files as published (tests/helpers/decontamination.py)."""
+    from tests.helpers.decontamination import ALPACA, MT_BENCH
+
+    alpaca = tmp_path / "alpaca_eval.json"
+    alpaca.write_text(json.dumps(ALPACA, indent=2))
+    mt = tmp_path / "question.jsonl"
+    mt.write_text("".join(json.dumps(q) + "\n" for q in MT_BENCH))
+    return str(alpaca), str(mt)
 
 
 # ---- fault injection: a process "killed" at a chosen write ----------------------------------------

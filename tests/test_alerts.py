@@ -9,7 +9,7 @@ from beam_pipelines.report import changes
 from bft.rebuild import night_text
 from generation import parsing
 from schemas import outcomes
-from tests.test_cli import run as bft
+from tests.helpers.cli import run as bft
 
 
 def latest(root):

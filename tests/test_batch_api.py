@@ -9,13 +9,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from generation.batch import BatchesPending, split
-from tests.openai_api_standin import api_server, hosted  # noqa: F401 (fixtures)
-from tests.test_cli import run as bft
-from tests.test_generation import copy_root, gen, read_stage
-from tests.test_rebuild import corpus  # noqa: F401 (a fixture)
+from tests.helpers.cli import run as bft
+from tests.helpers.corpora import ten_documents
+from tests.helpers.generation import copy_root, gen, read_stage
 from tests.vllm_standin.openai_server import StandinServer
 
 MODEL = "gpt-standin"
+
+
+@pytest.fixture
+def corpus(tmp_path, fixture_texts):
+    return ten_documents(tmp_path, fixture_texts)
 
 
 def kw(server, **more):
@@ -156,7 +160,7 @@ def test_bft_rebuild_exits_75_while_a_stages_batches_run(tmp_path, tiny_models, 
     """bft rebuild runs a batch stage as bft generate does: exit 75 with the batches submitted, then a
     later invocation collects them and goes on to the next stage. The night records a wait, not a
     failure."""
-    from tests.test_rebuild import run_file
+    from tests.helpers.rebuild import run_file
 
     stage = {"engine": "openai", "model": MODEL, "base_url": hosted.url, "api": "chat", "max_model_len": 8192,
              "max_new_tokens": 64, "batch": "openai"}

@@ -12,12 +12,7 @@ from bft import cli, config
 from beam_pipelines.prepare import PrepareConfig
 from generation.runner import GenerateConfig
 from tests.conftest import LOCAL, dolma_line, write_dolma_file
-
-
-def run(capsys, *argv):
-    rc = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
+from tests.helpers.cli import run
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from generation.runner import Checkpoints
 from schemas import provenance, state
 from schemas.errors import user_error_message
 from schemas.layout import RunLayout
-from tests.test_cli import run as bft
+from tests.helpers.cli import run as bft
 
 TRUNCATED, EMPTY, ARRAY = b'{"config": "abc", "batches": [{"id": "b', b"", b"[]"
 

@@ -1,6 +1,6 @@
 """bft assemble's decontamination (--decontaminate: pairs sharing a 13-word n-gram with an evaluation
 prompt) and near-duplicate instructions (MinHash LSH, the highest score kept), on the literal run of
-tests/test_assemble.py, and `bft eval`'s warning when its questions were not used to decontaminate."""
+tests/helpers/assemble.py, and `bft eval`'s warning when its questions were not used to decontaminate."""
 import json
 import os
 import random
@@ -13,19 +13,9 @@ from beam_pipelines.assemble.decontaminate import DecontaminationError, Member
 from bft import cli
 from schemas.errors import user_error_message
 from generation import evaluate
-from tests.test_assemble import read_release, rewrite_shard, run, write_marker, write_root
+from tests.helpers.assemble import read_release, run, write_root
+from tests.helpers.decontamination import ALPACA, IN_INSTRUCTION, IN_RESPONSE, MT_BENCH, plant
 
-ALPACA = [{"instruction": "Write a detailed essay about the economic consequences of the industrial revolution "
-                          "in nineteenth century Britain and its colonies.", "dataset": "helpful_base"},
-          {"instruction": "hi", "dataset": "oasst"}]
-MT_BENCH = [{"question_id": 81, "category": "writing",
-             "turns": ["Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural "
-                       "experiences and must-see attractions.",
-                       "Rewrite your previous response. Start every sentence with the letter A."]}]
-# 13 words of the AlpacaEval prompt, in another case and punctuation
-IN_INSTRUCTION = "Quick task! WRITE a detailed essay -- about the Economic consequences of the industrial revolution, in short."
-# 13 words of MT-Bench's first turn
-IN_RESPONSE = "Sure. compose an ENGAGING travel blog post about a recent trip to Hawaii; highlighting the food."
 # MT-Bench's second turn has 11 words: it is one n-gram, its whole word sequence
 SHORT_PROMPT = "OK: rewrite your previous response! Start every sentence with the letter A, as asked."
 # only 12 words of the first turn in a row
@@ -35,34 +25,6 @@ TWELVE_WORDS = "compose an engaging travel blog post about a recent trip to Hawa
 @pytest.fixture
 def root(tmp_path, bpe_tokenizer_path):
     return write_root(str(tmp_path / "run"), bpe_tokenizer_path)
-
-
-@pytest.fixture
-def eval_files(tmp_path):
-    alpaca = tmp_path / "alpaca_eval.json"
-    alpaca.write_text(json.dumps(ALPACA, indent=2))
-    mt = tmp_path / "question.jsonl"
-    mt.write_text("".join(json.dumps(q) + "\n" for q in MT_BENCH))
-    return str(alpaca), str(mt)
-
-
-def plant(root, instructions: dict[str, str] = {}, responses: dict[str, str] = {}, scores: dict[str, float] = {}):
-    """Backtranslate instructions, rewrite responses and scores of some ids changed, every marker made
-    from the new shards."""
-    def change(stage):
-        def apply(r):
-            if r["id"] in instructions and r["instruction"] is not None:   # carried downstream too
-                r["instruction"] = instructions[r["id"]]
-            if stage == "rewrite" and r["id"] in responses:
-                r["response"] = responses[r["id"]]
-            if stage == "score" and r["id"] in scores:
-                r["score"] = scores[r["id"]]
-        return apply
-    for k in range(2):
-        for stage in ("backtranslate", "score", "rewrite"):
-            rewrite_shard(root, stage, k, change(stage))
-        for stage in ("distill", "rate"):
-            write_marker(root, stage, k, 2)
 
 
 def web_ids(root, version):

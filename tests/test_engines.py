@@ -39,49 +39,6 @@ def vllm(monkeypatch):
         sys.modules.pop(name)
 
 
-@pytest.fixture(scope="module")
-def digit_model(tiny_models, tmp_path_factory):
-    """The tiny chat model as Llama-2 is tokenized and scores: its tokenizer adds BOS (a post-processor
-    "<s> $A", as Llama-2's), so a prompt whose template already wrote "<s>" gets a second BOS when it
-    is tokenized with special tokens; and the digits' lm_head rows are made as likely as </s>, so the
-    score digits are always among the top-20 logprobs and a logprob score that finds none is a real
-    failure."""
-    from tokenizers.processors import TemplateProcessing
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    folder = str(tmp_path_factory.mktemp("digits"))
-    tok = AutoTokenizer.from_pretrained(tiny_models["chat"])
-    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                              special_tokens=[("<s>", tok.bos_token_id)])
-    model = LlamaForCausalLM.from_pretrained(tiny_models["chat"])
-    with __import__("torch").no_grad():
-        w = model.lm_head.weight
-        for k, ids in enumerate(digit_token_ids(tok).values()):
-            for t in ids:
-                w[t] = w[tok.eos_token_id] * (1.0 + 0.05 * k)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def server(digit_model):
-    """The vLLM-server stand-in serving the digit model as "tiny-chat" (no local folder by that name)."""
-    s = StandinServer(digit_model, served_name="tiny-chat")
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def fresh(server):
-    server.plan.clear()
-    server.requests.clear()
-    server.refuse = server.answer = None
-    server.tokenize = True
-    server.tokenize_calls.clear()
-    return server
-
-
 def hf_tokenizer(path, chat_template=True):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast

@@ -19,13 +19,11 @@ from schemas.keys import row_seed
 from schemas.layout import RunLayout
 from generation.templates import DEFAULTS
 from tests.conftest import _free_port
-from tests.openai_api_standin import api_server, hosted, method_answer  # noqa: F401 (fixtures)
-# (tests/test_batch_api.py, test_hosted_api.py and test_hostile_answers.py still import them from here)
-from tests.helpers.generation import copy_root, gen, give_instructions, read_stage, reseal  # noqa: F401
+from tests.openai_api_standin import method_answer
+from tests.helpers.generation import (NO_GATE, copy_root, gen, give_instructions, read_generation_rows, read_stage,
+                                      reseal, write_scores)
 
 STAGES = ["backtranslate", "score", "rewrite", "distill", "rate"]
-# Tiny random models never score 5: the tests that drive every stage send rewrite and distill every row.
-NO_GATE = {"rewrite": {"gate": "none"}, "distill": {"gate": "none"}}
 
 
 def test_fit_prompt_cuts_the_document_to_the_budget(tiny_models):
@@ -259,26 +257,6 @@ def test_user_mistakes_are_one_clear_line(prepared_root, tmp_path, tiny_models, 
 
 
 # ---- the gate before rewrite and distill (issue 9, point 2) ----------------------------------------
-
-def write_scores(root, stage, scores, config=None):
-    """`stage` shards as a gate stage writes them: score per id from `scores` (missing: parse failure);
-    `config`: the stage config its markers record (e.g. {"score_mode": "logprob"})."""
-    layout = RunLayout(root)
-    for k in range(3):
-        bt = read_generation_rows(layout.generation_shard("backtranslate", k, 3))
-        rows = [dict(r, stage=stage, score=scores.get(r["id"]), parse_error=None if r["id"] in scores else "no_match")
-                for r in bt]
-        path = layout.generation_shard(stage, k, 3)
-        storage.write_parquet(schemas.to_table(rows, schemas.GENERATION, path), path)
-        made = provenance.made_from(layout, {"candidates": layout.candidates_shard(k, 3),
-                                             "backtranslate": layout.generation_shard("backtranslate", k, 3)}, {})
-        storage.write_text(layout.generation_metrics(stage, k, 3),
-                           json.dumps({provenance.KEY: provenance.seal(path, made), "config": config or {}}))
-
-
-def read_generation_rows(path):
-    return schemas.validate(storage.read_parquet(path), schemas.GENERATION, path).to_pylist()
-
 
 @pytest.mark.parametrize("stage", ["rewrite", "distill"])
 def test_rewrite_and_distill_send_only_rows_past_the_gate(prepared_root, tmp_path, tiny_models, stage):

@@ -7,8 +7,8 @@ from generation.engines import EngineConfig, EngineError, Request, load_engine
 from generation.engines.openai import (CHAT_TOP_LOGPROBS, COMPLETION_LOGPROBS, MAX_BACKOFF_S, OpenAIEngine,
                                        check_served, server_kind)
 from generation.runner import GenerationError
-from tests.openai_api_standin import APIError, api_server, check_body, hosted  # noqa: F401 (fixtures)
-from tests.test_generation import NO_GATE, copy_root, gen, read_stage
+from tests.openai_api_standin import APIError, check_body
+from tests.helpers.generation import NO_GATE, copy_root, gen, read_stage
 
 MODEL = "gpt-standin"
 

@@ -24,8 +24,7 @@ from schemas import outcomes
 from generation.engines import Request
 from generation.engines.openai import OpenAIEngine
 from schemas.layout import RunLayout
-from tests.test_engines import digit_model, fresh, server  # noqa: F401  (fixtures)
-from tests.test_generation import copy_root, gen, give_instructions, read_stage, write_scores
+from tests.helpers.generation import copy_root, gen, give_instructions, read_stage, write_scores
 
 # no explain phase: its line tracing (sys.settrace) makes loading a model 100x slower
 SETTINGS = dict(derandomize=True, database=None, deadline=None,

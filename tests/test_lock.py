@@ -23,7 +23,6 @@ from schemas.lock import LockHeld, LockLost, RootLock
 from storage import lock as storage_lock
 from tests.conftest import ROOT
 from tests.helpers.generation import copy_root, gen
-from tests.openai_api_standin import api_server, hosted  # noqa: F401 (fixtures)
 
 _HOLD = """
 import sys, time

@@ -4,8 +4,16 @@ document tokens it prices where prepare kept documents uncounted (issue 33 point
 import json
 import os
 
-from tests.test_rebuild import corpus, run_file  # noqa: F401 (corpus: a fixture)
-from tests.test_cli import run as bft
+import pytest
+
+from tests.helpers.cli import run as bft
+from tests.helpers.corpora import ten_documents
+from tests.helpers.rebuild import run_file
+
+
+@pytest.fixture
+def corpus(tmp_path, fixture_texts):
+    return ten_documents(tmp_path, fixture_texts)
 
 
 def test_plan_prices_hosted_stages_online_and_batch(tmp_path, tiny_models, bpe_tokenizer_path, corpus, capsys):

@@ -13,32 +13,12 @@ from beam_pipelines import prepare
 from beam_pipelines.prepare import PrepareConfig, UnreadableFileError
 from schemas.errors import UserError
 from tests.conftest import LOCAL, dolma_line, write_dolma_file
+from tests.helpers.corpora import bad_lines_corpus
 
 
 @pytest.fixture
 def corpus(tmp_path, fixture_texts):
-    """Two head files (with every kind of bad line), one middle file; returns the glob."""
-    docs = tmp_path / "dolma" / "documents"
-    head0 = [dolma_line(f"h{i:03d}", fixture_texts[i], **({"created": "2019-09-15T00:00:00.000Z"} if i == 10 else {}))
-             for i in range(0, 40)]
-    head1 = [dolma_line(f"h{i:03d}", fixture_texts[i]) for i in range(40, 80)]
-    head0 += [
-        b'{"id": "bad-json", "text": "x',
-        b"[1, 2]",
-        dolma_line("no-text", None),
-        dolma_line("blank", "  \n"),
-        b'{"id": "latin1", "text": "caf\xe9"}',
-        dolma_line("a-dup-of-h005", fixture_texts[5]),          # smaller id than h005: it wins
-        dolma_line("z-dup-of-h006", "  " + fixture_texts[6].replace(" ", "\n ")),
-        dolma_line("long", " ".join(fixture_texts[:60])),
-        b"",
-    ]
-    head1 += [dolma_line("h001", "same id, other text"), dolma_line("huge", "y" * (3 << 20))]
-    write_dolma_file(str(docs / "cc_en_head" / "cc_en_head-0000.json.gz"), head0)
-    write_dolma_file(str(docs / "cc_en_head" / "cc_en_head-0001.json.gz"), head1)
-    write_dolma_file(str(docs / "cc_en_middle" / "cc_en_middle-0000.json.gz"),
-                     [dolma_line(f"m{i}", fixture_texts[i]) for i in range(25)])
-    return str(docs / "*" / "*.json.gz")
+    return bad_lines_corpus(tmp_path, fixture_texts)
 
 
 def run_prepare(corpus, root, tok, beam_args=LOCAL, **kw):

@@ -14,44 +14,14 @@ import storage
 from bft.config import SECTIONS, ConfigError
 from schemas.layout import RunLayout
 from tests.conftest import _free_port, dolma_line, write_dolma_file
-from tests.openai_api_standin import api_server, hosted  # noqa: F401 (fixtures)
-from tests.test_cli import run as bft
-
-
-def write_corpus(folder, texts, ids):
-    write_dolma_file(str(folder / "documents" / "cc_en_head" / f"{ids[0]}.json.gz"),
-                     [dolma_line(i, t) for i, t in zip(ids, texts)])
-
-
-def run_file(tmp_path, tiny_models, tokenizer, root_dir, inputs, **changes) -> str:
-    doc = {
-        "root": root_dir,
-        "prepare": {"input": inputs, "tokenizer": tokenizer, "max_tokens": 4000, "num_shards": 2,
-                    "beam_args": ["--runner=FnApiRunner"]},
-        "generate": {"engine": "hf", "max_new_tokens": 6, "batch_size": 8,
-                     "backtranslate": {"model": tiny_models["chat"]},
-                     "score": {"model": tiny_models["chat"], "score_mode": "logprob"}},
-        # allow_empty: the tiny random models may write no usable pair (a critical alert, tests/test_alerts.py)
-        "assemble": {"recipe": "filter", "min_score": 0, "max_instruction_chars": 5000, "min_instruction_chars": 0,
-                     "allow_empty": True, "beam_args": ["--runner=FnApiRunner"]},
-    }
-    for key, value in changes.items():
-        section, _, name = key.partition("__")
-        if name:
-            stage, _, opt = name.partition("__")
-            target = doc[section][stage] if opt else doc[section]
-            target[opt or name] = value
-        else:
-            doc[section] = value
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return str(path)
+from tests.helpers.cli import run as bft
+from tests.helpers.corpora import ten_documents, write_corpus
+from tests.helpers.rebuild import run_file
 
 
 @pytest.fixture
 def corpus(tmp_path, fixture_texts):
-    write_corpus(tmp_path / "dolma", fixture_texts[:10], [f"a{i:02d}" for i in range(10)])
-    return str(tmp_path / "dolma" / "documents" / "*" / "*.json.gz")
+    return ten_documents(tmp_path, fixture_texts)
 
 
 def test_rebuild_runs_the_flow_then_reuses_everything(tmp_path, tiny_models, bpe_tokenizer_path, corpus, capsys):

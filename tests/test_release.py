@@ -17,7 +17,7 @@ from bft import cli
 from schemas import release
 from schemas.layout import RunLayout
 from tests.conftest import ROOT, SimulatedKill, kill_at, snapshot
-from tests.test_assemble import run, write_root
+from tests.helpers.assemble import run, write_root
 
 
 @pytest.fixture

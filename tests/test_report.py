@@ -20,7 +20,7 @@ from beam_pipelines.assemble import pipeline as assemble
 from beam_pipelines.assemble import corpus_stats
 from schemas import release
 from schemas.layout import RunLayout
-from tests.test_assemble import gen_row, run, write_marker, write_root, write_seed
+from tests.helpers.assemble import gen_row, run, write_marker, write_root, write_seed
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

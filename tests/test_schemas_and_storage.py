@@ -186,7 +186,7 @@ def test_validate_names_a_release_file_deleted_after_listing(bucket, monkeypatch
     (was a NotFound traceback)."""
     from bft import cli
     from schemas import release
-    from tests.test_assemble import run, write_root
+    from tests.helpers.assemble import run, write_root
 
     root = write_root(f"gs://{bucket}/run", bpe_tokenizer_path)
     folder = f"{root}/sft/{run(root, version='v1')['version']}"

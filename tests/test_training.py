@@ -167,7 +167,7 @@ def test_the_trained_folder_loads_in_the_hf_engine_and_reruns_are_no_ops(forward
 
 
 def test_sft_trains_on_a_published_release(tmp_path, tiny_models, bpe_tokenizer_path, seed_file):
-    from tests.test_assemble import run as assemble, write_root
+    from tests.helpers.assemble import run as assemble, write_root
 
     root = write_root(str(tmp_path / "run"), bpe_tokenizer_path, stages=("backtranslate", "score", "rewrite"))
     assemble(root, seed_data=seed_file, version="r1")

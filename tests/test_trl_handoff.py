@@ -53,7 +53,7 @@ def test_trl_trains_on_a_release_loaded_from_its_data_folder(tiny_models, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from schemas import release
-    from tests.test_assemble import run, write_root, write_seed
+    from tests.helpers.assemble import run, write_root, write_seed
 
     root = write_root(str(tmp_path / "run"), bpe_tokenizer_path)
     run(root, seed_data=write_seed(str(tmp_path / "seed.jsonl")), version="v1")
