@@ -14,6 +14,7 @@ from beam_pipelines.prepare import PrepareConfig, UnreadableFileError
 from schemas.errors import UserError
 from tests.conftest import LOCAL, dolma_line, write_dolma_file
 from tests.helpers.corpora import bad_lines_corpus
+from tests.helpers.shards import assign_in_one_process
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ def test_every_record_is_accounted_for(corpus, tmp_path, bpe_tokenizer_path, fix
 
     assert stats["shards"]["balanced_by"] == "utf8_bytes"
     weights = [len(t.encode()) for t in cands["text"]]
-    assert dict(zip(cands["id"], cands["shard"])) == shards.assign_shards(zip(cands["id"], weights), 4)
+    assert dict(zip(cands["id"], cands["shard"])) == assign_in_one_process(zip(cands["id"], weights), 4)
     assert stats["shards"]["balance_max_over_mean"] == round(shards.balance(
         [sum(w for w, k in zip(weights, cands["shard"]) if k == s) for s in range(4)]), 6)
     # dedup keeps the document that ranks first in the sample; the id collision keeps one document
@@ -308,7 +309,7 @@ def test_exact_counts_counts_every_document_and_shards_are_balanced_by_tokens_bu
                                                                              add_special_tokens=False)]
     assert stats["tokens"]["uncounted_documents"] == stats["length_filter"]["kept_by_bound"] == 0
     assert shards.num_buckets(len(cands)) == 8
-    expected = shards.assign_shards(zip(cands["id"], cands["n_tokens"]), 4, 8)
+    expected = assign_in_one_process(zip(cands["id"], cands["n_tokens"]), 4, 8)
     assert dict(zip(cands["id"], cands["shard"])) == expected
     assert stats["shards"]["balanced_by"] == "tokens"
     assert stats["shards"]["balance_max_over_mean"] < 1.2  # 72 documents, 4 shards
