@@ -349,8 +349,10 @@ def _selects_runner_tests(config) -> bool:
 def pytest_configure(config):
     config.addinivalue_line("markers", "engines: the whole engine matrix (make test-engines), beside make test's "
                                        "one Flink end-to-end test")
+    config.addinivalue_line("markers", "unit: a fast test (no Beam pass, model, server, process or cluster); "
+                                       "set by this conftest from what the test calls, see SLOW")
     if (hasattr(config, "workerinput") or os.environ.get("BFT_FLINK") == "0" or os.environ.get(FLINK_DIR)
-            or not _selects_runner_tests(config)):
+            or not _selects_runner_tests(config) or _selects_unit_tests_only(config)):
         return
     import tempfile
 
@@ -386,10 +388,75 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.path.dirname(os.environ[FLINK_DIR]), ignore_errors=True)   # its logs and spilled shuffles
 
 
+@pytest.hookimpl(tryfirst=True)   # before pytest's own hook deselects by marker (-m unit)
 def pytest_collection_modifyitems(config, items):
-    """The Flink end-to-end test first: it waits for the cluster (started above, in the background) while
-    the other workers run, instead of running last and alone at the end of the run."""
+    """Marks the fast tests `unit`. Puts the Flink end-to-end test first: it waits for the cluster (started
+    above, in the background) while the other workers run, instead of running last and alone at the end."""
+    for item in items:
+        if not item.get_closest_marker("engines") and not _is_slow(item):
+            item.add_marker(pytest.mark.unit)
     items.sort(key=lambda item: "flink_cluster_equal_the_local_runner" not in item.nodeid)
+
+
+# ---- the `unit` marker: the fast tests (`pytest -m unit`, make test-unit) -------------------------
+# A test is slow when it, or a fixture it uses, names one of SLOW, directly or through the test code's
+# own functions (tests/ only): what runs a Beam pass, a `bft` command, a generation stage or a model,
+# starts a server, a process or the cluster. Classified by what it calls, so a new test needs no mark.
+SLOW = frozenset({
+    "tiny_models", "prepared_root", "published", "gcs_emulator", "api_server", "server", "flink",   # fixtures
+    "run", "main", "Pipeline", "TestPipeline", "gen", "StageRunner", "load_engine", "from_pretrained",
+    "subprocess", "fork", "CliForks", "StandinServer", "OpenAIStandin", "answering", "flink_cluster",
+    "real_tokenizers",   # real vocabularies (benchmarks/real_tokenizers.py): exactness proofs over them
+})
+TESTS = os.path.join(ROOT, "tests") + os.sep
+
+
+def _selects_unit_tests_only(config) -> bool:
+    expr = (config.getoption("markexpr") or "").replace(" ", "")
+    return expr == "unit"
+
+
+def _is_slow(item) -> bool:
+    func = getattr(item, "function", None)
+    if hasattr(func, "hypothesis"):   # property-based: its body runs a hundred times
+        return True
+    seen: set = set()
+    if _reaches_slow(func, seen):
+        return True
+    fixtures = dict(item._fixtureinfo.name2fixturedefs)
+    for name in _strings(getattr(func, "__code__", None)):   # what it may ask by request.getfixturevalue
+        fixtures[name] = item.session._fixturemanager.getfixturedefs(name, item) or ()
+    return any(name in SLOW or any(_reaches_slow(d.func, seen) for d in defs) for name, defs in fixtures.items())
+
+
+def _codes(code):
+    """`code` and the code of the functions nested in it."""
+    stack = [code] if code is not None else []
+    while stack:
+        c = stack.pop()
+        yield c
+        stack.extend(k for k in c.co_consts if hasattr(k, "co_names"))
+
+
+def _strings(code) -> set[str]:
+    return {k for c in _codes(code) for k in c.co_consts if isinstance(k, str) and k.isidentifier()}
+
+
+def _reaches_slow(obj, seen: set) -> bool:
+    """Whether `obj`, a function or class of tests/, names one of SLOW, itself, in a nested function or a
+    method, or through a function or class of tests/ it names as a global."""
+    if isinstance(obj, type):
+        return (getattr(sys.modules.get(obj.__module__), "__file__", "") or "").startswith(TESTS) and \
+            any(_reaches_slow(v, seen) for v in vars(obj).values())
+    code = getattr(obj, "__code__", None)
+    if code is None or code in seen or not code.co_filename.startswith(TESTS):
+        return False
+    seen.add(code)
+    names = {n for c in _codes(code) for n in c.co_names}
+    if names & SLOW:
+        return True
+    scope = getattr(obj, "__globals__", {})
+    return any(_reaches_slow(scope.get(n), seen) for n in names)
 
 
 def flink_cluster() -> dict:

@@ -3,6 +3,7 @@ inside functions included, is checked against the rule, and no two modules impor
 modules import only helpers (tests/helpers/, conftest.py), never one another; no product module is
 over MAX_LINES lines."""
 import ast
+import functools
 import os
 
 import pytest
@@ -20,6 +21,7 @@ ALLOWED = {
 MAX_LINES = 450   # a module a reader can hold: one concern each
 
 
+@functools.cache   # read by several tests; the files do not change during a run
 def imports() -> dict[str, set[str]]:
     """{module: the modules of our packages it imports} over every .py file of the packages."""
     out: dict[str, set[str]] = {}
