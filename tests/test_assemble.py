@@ -110,7 +110,7 @@ def test_the_default_instruction_cap_keeps_the_papers_longest_instructions():
 
 
 def test_assemble_keeps_the_rewrites_the_parser_keeps():
-    """One rule for a rewrite (issue 37 point 4): assemble keeps exactly what parse_rewrite parses whole,
+    """One rule for a rewrite: assemble keeps exactly what parse_rewrite parses whole,
     whatever the output did after its [/RES] (later blocks, running on to the cap), and drops only
     what it does not, with the parser's reason."""
     from generation.parsing import parse_rewrite
@@ -192,7 +192,7 @@ def test_assemble_publishes_a_complete_release(root, tmp_path):
     listed = {e["path"] for e in manifest["files"]}
     assert {"data/split=train/part-00000-of-00002.parquet", "stats.json", "report.html",
             "README.md", "plots/funnel.png", "plots/scores.png"} <= listed
-    # each split numbered on its own (issue 21): the validation files are 0..n-1 of their own count
+    # each split numbered on its own: the validation files are 0..n-1 of their own count
     val = sorted(p for p in listed if p.startswith("data/split=validation/"))
     assert val == [f"data/split=validation/part-{i:05d}-of-{len(val):05d}.parquet" for i in range(len(val))]
     assert manifest["counts"] == {"train": len(splits["train"]), "validation": len(splits["validation"])}
@@ -427,7 +427,7 @@ def test_a_shard_without_its_completion_marker_is_named(root):
 
 
 def test_scores_made_in_logprob_mode_default_to_humpbacks_4_5(root):
-    """Issue 19 point 1: logprob scores are expectations (below 5 unless p(5) = 1); when the score
+    """Logprob scores are expectations (below 5 unless p(5) = 1); when the score
     shards say they were made in logprob mode, assemble's default threshold is 4.5 (AlpaGasus's), not 5."""
     layout, n = RunLayout(root), len(SHARDS)
     for k in range(n):
@@ -448,7 +448,7 @@ def test_scores_made_in_logprob_mode_default_to_humpbacks_4_5(root):
 
 
 def test_an_input_edited_in_place_with_the_same_size_makes_a_new_release(tmp_path, bpe_tokenizer_path):
-    """Issue 23 point 2: `sed -i 's/Teh end/The end/' seed.jsonl` (same byte count) then a rebuild said
+    """`sed -i 's/Teh end/The end/' seed.jsonl` (same byte count) then a rebuild said
     the release was current. The lineage (and the config hash) records every input by content: seed
     data, candidates and generation shards by sha256 (read once per file; the shard checks read them
     anyway), the tokenizer by storage.fingerprint (a copy of it: the test edits it in place)."""
@@ -482,7 +482,7 @@ def test_an_input_edited_in_place_with_the_same_size_makes_a_new_release(tmp_pat
 
 
 def test_a_run_never_deletes_a_live_runs_tmp_folder(root, tmp_path):
-    """Issue 23 point 11: a second assemble deleted sft/_tmp while the first was writing there (a
+    """A second assemble deleted sft/_tmp while the first was writing there (a
     FileNotFoundError traceback in the first). Besides the root lock, each run claims its _tmp/<run>/
     folder; cleanup removes only folders of runs that are gone (or have no owner record)."""
     import subprocess
@@ -521,8 +521,8 @@ def test_a_run_never_deletes_a_live_runs_tmp_folder(root, tmp_path):
                                       lambda split, name: f"{split}-{name[5:]}"],       # beside the card
                          ids=["data-prefix", "beside-the-card"])
 def test_a_release_of_an_older_layout_still_validates_and_loads(published, old_name):
-    """Issue 36 point 1: releases are written as data/split=<split>/part-*.parquet (tests/test_readers.py
-    reads them with every reader). A release of an older layout (issue 21's data/<split>-*.parquet, or
+    """Releases are written as data/split=<split>/part-*.parquet (tests/test_readers.py
+    reads them with every reader). A release of an older layout (data/<split>-*.parquet before, or
     the data files beside the card) still validates and loads: the manifest lists each file by path,
     and its split is read from either form of path."""
     old = os.path.join(published, "sft", "v0")
@@ -543,7 +543,7 @@ def test_a_release_of_an_older_layout_still_validates_and_loads(published, old_n
 
 
 def test_bft_latest_prints_the_data_folder_of_the_latest_release(root, tmp_path, capsys):
-    """Issue 21 point 2: one line per reader resolves sft/LATEST; `bft latest ROOT` prints the data path
+    """One line per reader resolves sft/LATEST; `bft latest ROOT` prints the data path
     (shell: `pd.read_parquet("$(bft latest ROOT)")`; Python: schemas.release.latest_data(ROOT))."""
     from bft import cli
 
@@ -559,7 +559,7 @@ def test_bft_latest_prints_the_data_folder_of_the_latest_release(root, tmp_path,
 
 
 def test_assemble_reads_each_input_file_once(root, monkeypatch):
-    """Issue 24 point 5: the driver checked every generation shard's sha256 (reading it whole), then a
+    """The driver checked every generation shard's sha256 (reading it whole), then a
     worker read it again; now the driver reads only markers, and JoinShard checks each file's sha256
     while it reads it, once, before parsing (the flipped-byte and stale tests above prove the checks)."""
     import collections
@@ -579,7 +579,7 @@ def test_assemble_reads_each_input_file_once(root, monkeypatch):
 
 
 def test_the_new_releases_data_is_read_once_for_the_changes_and_the_paper_lengths(root, monkeypatch):
-    """Issue 24: after the Beam pass the driver parsed every new data file twice for its figures (ids
+    """After the Beam pass the driver parsed every new data file twice for its figures (ids
     for the changes since the parent, then lengths in the paper's unit); one read_parquet serves both
     now (the publish protocol's checksums and validation read the bytes on their own), and the
     parent's ids come from the data files its manifest lists (release.data_files), not a listing."""
@@ -601,7 +601,7 @@ def test_the_new_releases_data_is_read_once_for_the_changes_and_the_paper_length
 
 
 def test_an_empty_candidates_shard_flows_through_assemble(tmp_path, bpe_tokenizer_path, monkeypatch):
-    """Issue 34: a candidates shard with no row (prepare keeps fewer documents than shards) and its empty
+    """A candidates shard with no row (prepare keeps fewer documents than shards) and its empty
     generation shards are a state, not a crash: the release is the one without that shard."""
     from tests.helpers import assemble as module   # where write_root reads SHARDS
 

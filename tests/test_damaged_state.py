@@ -1,4 +1,4 @@
-"""State that heals (issue 35 points 5, 7, 8): every file a run reads back is checked on read, and a
+"""State that heals: every file a run reads back is checked on read, and a
 damaged one is named in one line and set aside under ROOT/_damaged/ so that the rerun redoes only
 the part it held; a full disk is one line naming the folder and the bytes; write targets that are
 links are never followed; the debris of a killed write goes with the next run of the same step.

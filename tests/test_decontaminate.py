@@ -37,7 +37,7 @@ def web_ids(root, version):
 def test_alpacaeval_and_mtbench_question_files_read_as_they_are(eval_files, tmp_path):
     alpaca, mt = (decontaminate.eval_set(p, None, 13) for p in eval_files)
     assert alpaca.name == "alpaca_eval" and alpaca.prompts == [ALPACA[0]["instruction"]]
-    assert alpaca.ignored == ["hi"] and alpaca.summary()["ignored_prompts"] == 1   # under 4 words (issue 35)
+    assert alpaca.ignored == ["hi"] and alpaca.summary()["ignored_prompts"] == 1   # under 4 words
     assert mt.name == "question" and mt.prompts == MT_BENCH[0]["turns"]      # one prompt per turn
     # 19 words: 7 n-grams; the 11-word turn: one n-gram, its whole word sequence
     assert len(alpaca.hashes) == 7 and alpaca.short_prompts == 0 and alpaca.lengths == (13,)
@@ -189,7 +189,7 @@ def test_assemble_help_lists_the_new_options(capsys):
     assert "(default: 13)" in out and "(default: 0.8)" in out
 
 
-# ---- hostile evaluation files (issue 35 point 6) ----------------------------------------------------
+# ---- hostile evaluation files -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["link-to-dev-zero", "fifo", "folder", "nested", "nested-line", "over-limit"])
 def test_an_evaluation_file_that_is_no_regular_file_or_too_deep_is_one_line(tmp_path, kind, monkeypatch):

@@ -135,7 +135,7 @@ def test_a_document_record_crosses_a_shuffle_as_a_tuple_and_comes_back_named():
 
 
 def test_an_id_seen_with_another_text_is_its_own_reject_reason_and_the_smallest_text_hash_wins():
-    """Issue 36: two documents sharing an id with different texts. The copy of smallest text hash
+    """Two documents sharing an id with different texts. The copy of smallest text hash
     survives whatever order the runner hands them in; an exact copy is `duplicate_id`, a copy with
     another text `conflicting_id`, naming where the kept copy is."""
     from beam_pipelines.prepare import Doc

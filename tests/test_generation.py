@@ -217,7 +217,7 @@ def test_generation_on_gcs(prepared_root, tiny_models, gcs_emulator, bucket):
     assert gen(root, "backtranslate", tiny_models["plain"])["shards_skipped"] == [0, 1, 2]
 
 
-# ---- stages own their inputs and outputs; the runner names none (issue 12) -------------------------
+# ---- stages own their inputs and outputs; the runner names none ------------------------------------
 
 def test_the_runner_names_no_stage_and_takes_metrics_from_shard_summary(prepared_root, tmp_path, tiny_models):
     import inspect
@@ -256,7 +256,7 @@ def test_user_mistakes_are_one_clear_line(prepared_root, tmp_path, tiny_models, 
         assert cli.main(["generate", "backtranslate", "--root", root] + args + bad) == 1
 
 
-# ---- the gate before rewrite and distill (issue 9, point 2) ----------------------------------------
+# ---- the gate before rewrite and distill -----------------------------------------------------------
 
 @pytest.mark.parametrize("stage", ["rewrite", "distill"])
 def test_rewrite_and_distill_send_only_rows_past_the_gate(prepared_root, tmp_path, tiny_models, stage):
@@ -288,7 +288,7 @@ def test_rewrite_and_distill_send_only_rows_past_the_gate(prepared_root, tmp_pat
 
 
 def test_one_gate_lowered_sends_only_new_pairs_and_never_nan_or_cut_scores(prepared_root, tmp_path, tiny_models):
-    """Issue 19 points 3-4, issue 23 point 1: the gate (schemas.recipes.Gate) never passes a NaN score
+    """The gate (schemas.recipes.Gate) never passes a NaN score
     nor a score made from a cut document (assemble could not keep the pair); lowering the threshold
     sends only the pairs that pass now and did not before, the rewrites already made are kept."""
     import math
@@ -331,7 +331,7 @@ def test_one_gate_lowered_sends_only_new_pairs_and_never_nan_or_cut_scores(prepa
 
 
 def test_a_gate_on_logprob_scores_defaults_to_4_5(prepared_root, tmp_path, tiny_models):
-    """Issue 19 point 1: score shards made in logprob mode (their markers say so) gate at 4.5 by
+    """Score shards made in logprob mode (their markers say so) gate at 4.5 by
     default: an expected score of 4.7 is sent, 4.2 is not (at 5, nothing would be)."""
     root = copy_root(prepared_root, tmp_path)
     gen(root, "backtranslate", tiny_models["plain"])
@@ -357,7 +357,7 @@ def test_the_rate_gate_uses_alpagasus_threshold(prepared_root, tmp_path, tiny_mo
     assert sorted(rows.index[rows["finish_reason"].notna()]) == expected
 
 
-# ---- a row is reused only when what it was made from is unchanged (issue 34 point 1) --------------
+# ---- a row is reused only when what it was made from is unchanged ---------------------------------
 
 def hosted_stages(root, hosted, **backtranslate) -> dict:
     """backtranslate, score and rewrite (gated at score 4) on the hosted stand-in: {stage: requests sent}."""
@@ -380,7 +380,7 @@ def assemble_check(root):
 
 
 def test_edited_documents_and_a_changed_template_resend_only_the_rows_they_change(prepared_root, tmp_path, hosted):
-    """Issue 34 point 1: 3 documents keep their ids with edited text, then the backtranslate template
+    """3 documents keep their ids with edited text, then the backtranslate template
     changes. Each stage sends exactly the rows whose input changed; a rewrite row kept below the gate
     is remade (never sent) with its backtranslate row's new instruction: it was reused with the old one,
     as its input_hash (why it was not sent) does not hold it, and assemble refused every night after."""
@@ -419,7 +419,7 @@ def test_edited_documents_and_a_changed_template_resend_only_the_rows_they_chang
 
 
 def test_rerunning_a_stage_as_assemble_advises_remakes_its_stale_rows_only(prepared_root, tmp_path, hosted):
-    """Issue 34 point 1: a rewrite shard whose row below the gate carries an older instruction while its
+    """A rewrite shard whose row below the gate carries an older instruction while its
     inputs are current (as written before such rows were keyed by it) is refused by assemble, which
     tells to rerun bft generate rewrite: that rerun remakes that row, sends nothing, and writes the
     shard as a run from scratch would (it skipped the shard as complete)."""
@@ -443,7 +443,7 @@ def test_rerunning_a_stage_as_assemble_advises_remakes_its_stale_rows_only(prepa
     assemble_check(root)
 
 
-# ---- provenance, integrity, retries (issue 14, points 2, 7, 9) -------------------------------------
+# ---- provenance, integrity, retries ----------------------------------------------------------------
 
 def test_a_shard_made_from_an_older_upstream_or_config_is_redone(prepared_root, tmp_path, tiny_models):
     root = copy_root(prepared_root, tmp_path)
@@ -700,7 +700,7 @@ def test_a_user_error_raised_while_answers_arrive_is_one_line(prepared_root, tmp
     assert seen
 
 
-# ---- one stream across a stage's shards (issue 33 part 1) -----------------------------------------
+# ---- one stream across a stage's shards -----------------------------------------------------------
 
 HOSTED = dict(engine="openai", api="chat", max_model_len=8192, max_new_tokens=64, concurrency=4)
 

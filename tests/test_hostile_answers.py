@@ -1,5 +1,5 @@
 """Property-based (hypothesis) tests of what a hostile or broken OpenAI-compatible server can answer
-with a 200 (issue 23 point 8): generated answers, mutated from valid ones of each API (a value replaced
+with a 200: generated answers, mutated from valid ones of each API (a value replaced
 by any JSON: NaN, 10**30, a lone surrogate, a list where a string was, a key removed) or not JSON at all
 (garbage, nesting past any parser's depth), thrown at the openai engine's parser and at every stage
 through the vLLM-server stand-in. The properties: no traceback, every row accounted for (one per

@@ -307,7 +307,7 @@ def test_a_generate_worker_is_refused_only_by_its_own_name(tmp_path, capsys):
         assert rc == 1 and "run bft prepare first" in err, err
 
 
-# ---- fencing: a holder that lost its lock writes and sends nothing more (issue 35 point 3) -------
+# ---- fencing: a holder that lost its lock writes and sends nothing more --------------------------
 
 def raw_write(path: str, data: bytes) -> None:
     """A write by another process's holder (this process's fences do not see it)."""

@@ -377,7 +377,7 @@ def test_gcs_input_and_output_through_the_emulator(corpus, tmp_path, bpe_tokeniz
     assert table.num_rows > 0
 
 
-# ---- issue 14: robustness (truncated .zst, BOM, unwritable output, _tmp, overwrite, kills) -----------
+# ---- robustness (truncated .zst, BOM, unwritable output, _tmp, overwrite, kills) ---------------------
 
 def prepare_cfg(corpus, root, tok, **kw):
     cfg = PrepareConfig(input=[corpus], root=str(root), tokenizer=tok, max_tokens=4000,
@@ -387,7 +387,7 @@ def prepare_cfg(corpus, root, tok, **kw):
 
 
 def test_a_truncated_zstd_fails_naming_the_file_unless_skipped(tmp_path, bpe_tokenizer_path, fixture_texts):
-    """Issue 14.1: a .zst cut short used to read as a short file: documents vanished, exit 0."""
+    """A .zst cut short used to read as a short file: documents vanished, exit 0."""
     lines = [dolma_line(f"d{i:03d}", fixture_texts[i % 200] + f" {i}") for i in range(300)]
     write_dolma_file(str(tmp_path / "in" / "a.jsonl.zst"), lines[:20])
     cut = write_dolma_file(str(tmp_path / "in" / "b.jsonl.zst"), lines[20:])
@@ -460,7 +460,7 @@ def test_a_killed_runs_tmp_with_document_texts_is_cleaned(corpus, tmp_path, bpe_
 
 def test_an_overwrite_killed_midway_leaves_no_complete_output_and_no_old_shards(corpus, tmp_path,
                                                                                  bpe_tokenizer_path, monkeypatch):
-    """Issue 14.3: the old stats.json stayed while new shards replaced some old ones (ids in two shards);
+    """The old stats.json stayed while new shards replaced some old ones (ids in two shards);
     shard and reject files of another --num-shards stayed behind; another config was skipped silently."""
     from schemas.layout import LayoutError, RunLayout
     from tests.conftest import kill_at
@@ -635,7 +635,7 @@ def test_a_worker_started_through_the_boot_dies_with_its_driver_even_idle(tmp_pa
 
 def test_a_gcs_input_deleted_after_listing_is_unreadable_like_a_local_one(corpus, tmp_path, bpe_tokenizer_path,
                                                                           gcs_emulator, bucket, monkeypatch, capsys):
-    """Issue 23 point 9: an input deleted between the listing and the read gave a NotFound traceback on
+    """An input deleted between the listing and the read gave a NotFound traceback on
     gs://, and --skip-unreadable-files was ignored for it. Now: one line naming the file, or skipped
     and listed in stats.json's unreadable_files, as on local disk."""
     import storage
@@ -667,7 +667,7 @@ def test_a_gcs_input_deleted_after_listing_is_unreadable_like_a_local_one(corpus
 def test_the_tokenizer_is_proved_once_in_the_driver_and_the_worker_threads_use_the_proof(corpus, tmp_path,
                                                                                         bpe_tokenizer_path,
                                                                                         monkeypatch):
-    """Issue 24.4: with --target-docs (three measuring steps) on two worker threads, the tokenizer's
+    """With --target-docs (three measuring steps) on two worker threads, the tokenizer's
     shape is proved once, in the driver, and every worker's counter is built on that proof."""
     import threading
 
@@ -705,7 +705,7 @@ def test_the_tokenizer_is_proved_once_in_the_driver_and_the_worker_threads_use_t
 
 
 def test_a_pass_that_keeps_no_document_names_why_unless_allowed(corpus, tmp_path, bpe_tokenizer_path):
-    """Issue 34: a --splits typo kept 0 documents at exit 0 and the night went on with nothing. Now one
+    """A --splits typo kept 0 documents at exit 0 and the night went on with nothing. Now one
     error names what took every record and the split folders the input has; --allow-empty accepts it
     (the empty output is complete: the next run reuses it)."""
     root = tmp_path / "run"

@@ -103,7 +103,7 @@ def test_a_new_input_file_generates_only_for_its_documents(tmp_path, tiny_models
         assert f"vs {first_release}: examples none in either; kept share 0.0% -> 0.0%" in out, out
     stats = json.loads(open(os.path.join(root, "sft", latest, "stats.json")).read())
     assert stats["funnel"]["candidates"] == 13               # the new release holds the old and the new pairs
-    # the release records its parent; its report shows the diff and the alerts (issue 21 point 3)
+    # the release records its parent; its report shows the diff and the alerts
     assert stats["parent"] == first_release and stats["changes"]["parent"] == first_release
     assert set(stats["changes"]["pass_rates"]) == {"backtranslate", "score"}
     scores = stats["changes"]["scores"]
@@ -156,7 +156,7 @@ def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_to
     bt, score = before["stages"]["backtranslate"], before["stages"]["score"]
     assert bt["requests"] == 10 and bt["output_tokens"] == 60 and bt["output_tokens_source"].startswith("new-token cap")
     assert score["output_tokens"] == 10  # logprob mode: one token per request
-    # issue 37 point 1: no prior for a logprob gate (the paper's 13.6% is of generated scores at 5) nor for
+    # no prior for a logprob gate (the paper's 13.6% is of generated scores at 5) nor for
     # a parse rate: unknown, not 13.6% and 100%; the requests past an unknown rate are upper bounds
     assert score["gate_pass_rate"] is None and score["passing_gate"] is None
     assert score["gate_source"] == bt["parse_ok_source"] == "unknown: run --pilot N" and bt["parse_ok_rate"] is None
@@ -164,7 +164,7 @@ def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_to
     assert before["examples_expected"] is None and before["candidates_needed"] is None
     assert bt["gpu_hours"] == round(60 / 50 / 3600, 3)
     # the tiny models' 1024-token context: the score prompt (its rubric alone ~900 tiny-vocabulary tokens)
-    # holds few documents whole, and assemble drops the pairs of the cut ones (issue 19 point 10)
+    # holds few documents whole, and assemble drops the pairs of the cut ones
     assert score["whole_document_limit"] < bt["whole_document_limit"] and score["documents_cut"] > 0
     assert before["max_tokens_keeping_all_whole"] == score["whole_document_limit"]
     rc, out, _ = bft(capsys, "plan", "--config", cfg, "--target-examples", "68")
@@ -183,7 +183,7 @@ def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_to
     assert at_paper["yield_per_candidate"] == round(0.136 * (1 - score["documents_cut"] / score["requests"]), 5)
     assert {"requests", "prompt_tokens", "output_tokens", "gpu_hours"} <= set(bt)
     assert bt["prompt_tokens"] > before["candidates"]["doc_tokens"]  # the template's tokens are counted too
-    # what a row pays and what a prefix cache saves of it (issue 33 point 3): the score rubric comes first
+    # what a row pays and what a prefix cache saves of it: the score rubric comes first
     logprob_score = before["stages"]["score"]
     assert bt["output_tokens_per_row"] == 6.0 and logprob_score["output_tokens_per_row"] == 1.0
     assert 0 < bt["prefix_share"] < logprob_score["prefix_share"] < 1
@@ -202,7 +202,7 @@ def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_to
     assert measured["output_tokens_per_row"] == round(measured["output_tokens"] / measured["requests"], 1)
     assert 0 < measured["prefix_share"] < after["stages"]["score"]["prefix_share"] < 1   # from the shards
     assert after["stages"]["score"]["gate_source"] == "measured"
-    # after a run the plan says what the next rebuild makes: requests and examples (issue 19 point 12;
+    # after a run the plan says what the next rebuild makes: requests and examples (once
     # the gate's share was applied twice: "16 expected" for a release of 38)
     stats = json.load(open(os.path.join(root, "sft", open(os.path.join(root, "sft", "LATEST")).read().strip(),
                                         "stats.json")))
@@ -223,7 +223,7 @@ def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_to
     ({"extra": {"a": 1}}, "unknown section 'extra' (known: root, prepare, generate, assemble,"),
     ({"asemble": {"recipe": "filter"}}, f"unknown section 'asemble' (known: {', '.join(SECTIONS)}; did you mean "
                                         "'assemble'?)"),
-    # issue 34: a stage's typo was "section generate.score: unknown key 'rewrtie'"
+    # a stage's typo was "section generate.score: unknown key 'rewrtie'"
     ({"generate__rewrtie": {"model": "m"}}, ": generate: unknown stage 'rewrtie' (known: backtranslate, score, "
                                             "rewrite, distill, rate; did you mean 'rewrite'?)"),
     ({"generate__batch_siz": 4}, ": generate: unknown key 'batch_siz' (known: api, "),
@@ -248,7 +248,7 @@ def test_run_file_errors_name_the_key_and_the_file(tmp_path, tiny_models, bpe_to
 
 def test_plan_and_rebuild_preflight_the_servers_the_run_sends_to(tmp_path, tiny_models, bpe_tokenizer_path, corpus,
                                                                 hosted, monkeypatch, capsys):
-    """Issue 34: with a model the server does not serve, or the server down, `bft plan` exited 0 and
+    """With a model the server does not serve, or the server down, `bft plan` exited 0 and
     `bft rebuild` found it only at that stage, after prepare and the stages before. Both now stop
     first, in one line naming the run file, the stage and what is wrong; each server is asked once;
     an external stage's server (reached by its workers, elsewhere) is not asked from here."""
@@ -291,14 +291,14 @@ def test_the_recipes_threshold_gates_the_answering_stage(tmp_path, tiny_models, 
                    assemble__recipe="filter+rewrite", assemble__min_score=None, generate__rewrite={"model": "m"})
     plan = load_run(cfg)       # run_file's score stage is in logprob mode: expected scores, AlpaGasus's 4.5
     rewrite = [sp for sp in plan.stages if sp.stage == "rewrite"][0]
-    assert rewrite.cfg.gate_rule().threshold == 4.5 and plan.assemble.threshold == 4.5   # (issue 19 point 1)
+    assert rewrite.cfg.gate_rule().threshold == 4.5 and plan.assemble.threshold == 4.5
     cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, str(tmp_path / "run"), [corpus],
                    assemble__recipe="filter+rewrite", assemble__min_score=None, generate__rewrite={"model": "m"},
                    generate__score={"model": "m", "score_mode": "generate"})
     plan = load_run(cfg)
     rewrite = [sp for sp in plan.stages if sp.stage == "rewrite"][0]
     assert rewrite.cfg.gate_rule().threshold == 5.0 and plan.assemble.threshold == 5.0   # the paper's 5, in both
-    # one RunLayout per run (issue 24 point 1): built by the loader, the same object in every step
+    # one RunLayout per run: built by the loader, the same object in every step
     assert all(step.layout is plan.layout for step in (plan.prepare, plan.assemble, *(sp.cfg for sp in plan.stages)))
 
 
@@ -358,7 +358,7 @@ def chat_server(tiny_models):
 
 def test_a_night_with_content_filter_refusals_publishes_and_the_next_sends_nothing(
         tmp_path, tiny_models, bpe_tokenizer_path, corpus, fixture_texts, chat_server, capsys):
-    """Issue 18: a server that refuses ~10% of the rewrites (finish_reason content_filter, the same
+    """A server that refuses ~10% of the rewrites (finish_reason content_filter, the same
     prompt every time). With default settings the night publishes; the refused rows are final: counted
     in the summary, the release's stats and report, dropped as rewrite:content_filter, and never sent
     again: the next night with nothing changed sends no request at all."""
@@ -462,7 +462,7 @@ def test_rebuild_wait_lets_a_single_external_worker_take_the_root(tmp_path, tiny
     assert "waiting for workers: 0 of 2 shards complete" in out and "published release" in out, (out, err)
 
 
-# ---- issue 34 points 3 and 5: empty input, and what the on-call engineer sees ------------------------
+# ---- empty input, and what the on-call engineer sees -------------------------------------------------
 
 @pytest.fixture
 def nightly(tmp_path, prepared_root, tiny_models, bpe_tokenizer_path):
@@ -672,7 +672,7 @@ def test_plan_shows_tonights_work_beside_the_whole_corpus(nightly, fixture_texts
 
 def test_edited_documents_and_a_changed_template_resend_only_the_affected_rows_and_publish(
         tmp_path, tiny_models, bpe_tokenizer_path, corpus, fixture_texts, chat_server, capsys):
-    """Issue 34 point 1: a night in which 3 documents keep their ids with edited text, then a night with
+    """A night in which 3 documents keep their ids with edited text, then a night with
     another backtranslate template, both publish; each stage sends exactly the rows whose input changed,
     and a rewrite row kept below the gate carries its backtranslate row's new instruction (it was reused
     with the old one, and assemble failed every night after)."""
@@ -741,7 +741,7 @@ def test_edited_documents_and_a_changed_template_resend_only_the_affected_rows_a
         chat_server.answer = None
 
 
-# ---- issue 37 point 1: a plan that measures before it promises --------------------------------------
+# ---- a plan that measures before it promises --------------------------------------------------------
 
 def test_a_pilot_measures_with_intervals_and_the_night_pays_for_none_of_its_rows_again(
         nightly, tmp_path, tiny_models, bpe_tokenizer_path, fixture_texts, chat_server, capsys):
@@ -818,7 +818,7 @@ def test_a_pilot_measures_with_intervals_and_the_night_pays_for_none_of_its_rows
 
 
 def test_pilot_statistics():
-    """Wilson's interval and the pilot size for a relative precision (issue 37: ~600 pairs for +-20%,
+    """Wilson's interval and the pilot size for a relative precision (~600 pairs for +-20%,
     ~2,400 for +-10% at p = 0.14)."""
     from bft.pilot import pairs_for_precision, wilson
 

@@ -110,7 +110,7 @@ def _docs(n):
 
 @pytest.mark.parametrize("name", ["a.jsonl.zst", "a.json.gz"])
 def test_a_cut_compressed_file_is_an_error_naming_it_not_a_short_file(tmp_path, name):
-    """Issue 14.1: 600 documents cut at 60% used to read as ~360 lines and one malformed line."""
+    """600 documents cut at 60% used to read as ~360 lines and one malformed line."""
     from tests.conftest import write_dolma_file
 
     path = write_dolma_file(str(tmp_path / name), _docs(600))
@@ -152,7 +152,7 @@ def test_check_writable_names_a_file_in_the_way(tmp_path):
     assert os.listdir(tmp_path / "d" / "candidates") == []
 
 
-# ---- issue 23 point 9: GCS errors are the OSErrors a local file gives --------------------------------
+# ---- GCS errors are the OSErrors a local file gives --------------------------------------------------
 
 def test_gcs_errors_map_to_oserrors_naming_the_path(bucket, monkeypatch):
     from google.api_core import exceptions as gexc

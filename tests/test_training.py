@@ -323,7 +323,7 @@ def test_eval_prompt_puts_the_tag_where_training_does_and_the_judge_prompt_is_mt
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
     "{{ m['content'] }} {% endfor %}"])
 def test_a_template_that_drops_the_system_turn_is_refused(tiny_models, template):
-    """Issue 19 point 14: the tags are system prompts; a base whose chat template drops (or refuses)
+    """The tags are system prompts; a base whose chat template drops (or refuses)
     the system turn would train without them, silently: refused, naming the fix."""
     from transformers import AutoTokenizer
 
@@ -338,7 +338,7 @@ def test_a_template_that_drops_the_system_turn_is_refused(tiny_models, template)
 
 
 def test_the_judge_prompt_is_fitted_and_failures_are_counted_apart(tiny_models):
-    """Issue 19 point 8: two answers of up to 1024 tokens plus 2048 new tokens did not fit a 4096 judge:
+    """Two answers of up to 1024 tokens plus 2048 new tokens did not fit a 4096 judge:
     engine errors, counted as `no_verdict`, and long-answer items left the win rate. Now the answers are
     cut to fit (the longer first), engine errors are counted apart, and the win rate is given over the
     judged items and over all items."""
