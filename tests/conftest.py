@@ -398,6 +398,29 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: "flink_cluster_equal_the_local_runner" not in item.nodeid)
 
 
+def flink_cluster() -> dict:
+    """The record of this run's Flink cluster (scripts/flink_local.py), once it is up: its REST address
+    and the Beam flags that run a pass on it. Fails with the start's own error when it could not start."""
+    if os.environ.get("BFT_FLINK") == "0":
+        pytest.skip("BFT_FLINK=0: the Flink cluster is not started")
+    state = os.environ.get(FLINK_DIR)
+    if not state:
+        pytest.fail("no Flink cluster for this run: run pytest on tests/ or tests/test_runners.py, or start one "
+                    "(scripts/flink_local.sh start --dir D) and set BFT_FLINK_DIR=D")
+    record, rc = os.path.join(state, "cluster.json"), os.path.join(os.path.dirname(state), "start.rc")
+    deadline = time.time() + FLINK_WAIT_S
+    while time.time() < deadline:
+        if os.path.exists(rc) and open(rc).read().strip() not in ("", "0"):
+            log = open(os.path.join(os.path.dirname(state), "start.log"), errors="replace").read()
+            pytest.fail(f"the Flink cluster did not start: {log.strip()[-2000:]}")
+        if os.path.exists(record):
+            data = json.loads(open(record).read())
+            if "flags" in data:
+                return data
+        time.sleep(0.5)
+    pytest.fail(f"the Flink cluster was not up after {FLINK_WAIT_S}s (see {state}/log)")
+
+
 # ---- the `unit` marker: the fast tests (`pytest -m unit`, make test-unit) -------------------------
 # A test is slow when it, or a fixture it uses, names one of SLOW, directly or through the test code's
 # own functions (tests/ only): what runs a Beam pass, a `bft` command, a generation stage or a model,
@@ -412,6 +435,7 @@ TESTS = os.path.join(ROOT, "tests") + os.sep
 
 
 def _selects_unit_tests_only(config) -> bool:
+    """Whether the run is `-m unit`: no test of it needs the Flink cluster."""
     expr = (config.getoption("markexpr") or "").replace(" ", "")
     return expr == "unit"
 
@@ -457,26 +481,3 @@ def _reaches_slow(obj, seen: set) -> bool:
         return True
     scope = getattr(obj, "__globals__", {})
     return any(_reaches_slow(scope.get(n), seen) for n in names)
-
-
-def flink_cluster() -> dict:
-    """The record of this run's Flink cluster (scripts/flink_local.py), once it is up: its REST address
-    and the Beam flags that run a pass on it. Fails with the start's own error when it could not start."""
-    if os.environ.get("BFT_FLINK") == "0":
-        pytest.skip("BFT_FLINK=0: the Flink cluster is not started")
-    state = os.environ.get(FLINK_DIR)
-    if not state:
-        pytest.fail("no Flink cluster for this run: run pytest on tests/ or tests/test_runners.py, or start one "
-                    "(scripts/flink_local.sh start --dir D) and set BFT_FLINK_DIR=D")
-    record, rc = os.path.join(state, "cluster.json"), os.path.join(os.path.dirname(state), "start.rc")
-    deadline = time.time() + FLINK_WAIT_S
-    while time.time() < deadline:
-        if os.path.exists(rc) and open(rc).read().strip() not in ("", "0"):
-            log = open(os.path.join(os.path.dirname(state), "start.log"), errors="replace").read()
-            pytest.fail(f"the Flink cluster did not start: {log.strip()[-2000:]}")
-        if os.path.exists(record):
-            data = json.loads(open(record).read())
-            if "flags" in data:
-                return data
-        time.sleep(0.5)
-    pytest.fail(f"the Flink cluster was not up after {FLINK_WAIT_S}s (see {state}/log)")
