@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup setup-flink demo test test-engines flink-start flink-stop bench clean
+.PHONY: setup setup-flink demo test test-unit test-engines flink-start flink-stop bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: setup
 # The suite with one Flink end-to-end test on a real session cluster (started once per run by tests/conftest.py)
 test: setup-flink
 	$(BIN)/python -m pytest -q -n 3 --dist worksteal -m "not engines" tests
+
+# The fast tests only: no Beam pass, model, server or process (tests/conftest.py marks them `unit`)
+test-unit: setup
+	$(BIN)/python -m pytest -q -m unit tests
 
 # The whole engine matrix: prepare and assemble on Flink and on Beam's job service, a gs:// root on Flink
 test-engines: setup-flink

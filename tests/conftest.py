@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny tokenizers trained here, Dolma-layout files, and a GCS emulator on loopback."""
+"""Shared fixtures: tiny tokenizers and models trained here, Dolma-layout files, a published release, a GCS
+emulator and model-server stand-ins on loopback, evaluation sets, fault injection, the Flink cluster, and
+the `unit` marker."""
 from __future__ import annotations
 
 import contextlib
@@ -98,7 +100,7 @@ def prepared_root(tmp_path_factory, fixture_texts, bpe_tokenizer_path):
 
 @pytest.fixture(scope="session")
 def _published(tmp_path_factory, bpe_tokenizer_path):
-    from tests.test_assemble import run, write_root
+    from tests.helpers.assemble import run, write_root
 
     def make(folder):
         root = write_root(str(folder / "run"), bpe_tokenizer_path)
@@ -109,7 +111,7 @@ def _published(tmp_path_factory, bpe_tokenizer_path):
 
 @pytest.fixture
 def published(_published, tmp_path):
-    """A root of tests/test_assemble.py's generation shards holding release v1, assembled once per
+    """A root of tests/helpers/assemble.py's generation shards holding release v1, assembled once per
     test run (made_once) and copied for each test that reads, edits or damages v1 without
     assembling again (a copy moved to another root is valid; assembling in it would build again,
     since a release's lineage names its root's files)."""
@@ -191,6 +193,96 @@ def bucket(gcs_emulator, request):
     return gcs_emulator.create_bucket(name).name
 
 
+# ---- model servers on loopback: stand-ins of OpenAI's API and of a vLLM server ---------------------
+
+@pytest.fixture(scope="module")
+def api_server():
+    """One stand-in of OpenAI's API per test module (tests/openai_api_standin.py)."""
+    from tests.openai_api_standin import OpenAIStandin
+
+    s = OpenAIStandin(["gpt-standin"])
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def hosted(api_server):
+    """The module's stand-in, as new: no scripted answers, requests, batches or files."""
+    api_server.plan.clear()
+    api_server.requests.clear()
+    api_server.listings = 0
+    api_server.answer = api_server.refuse = None
+    api_server.fates.clear()
+    api_server.batches.clear()
+    api_server.files.clear()
+    api_server.hold = False
+    api_server.creates.clear()
+    api_server.proxied.clear()
+    return api_server
+
+
+@pytest.fixture(scope="module")
+def digit_model(tiny_models, tmp_path_factory):
+    """The tiny chat model as Llama-2 is tokenized and scores: its tokenizer adds BOS (a post-processor
+    "<s> $A", as Llama-2's), so a prompt whose template already wrote "<s>" gets a second BOS when it
+    is tokenized with special tokens; and the digits' lm_head rows are made as likely as </s>, so the
+    score digits are always among the top-20 logprobs and a logprob score that finds none is a real
+    failure."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from generation.engines.base import digit_token_ids
+
+    folder = str(tmp_path_factory.mktemp("digits"))
+    tok = AutoTokenizer.from_pretrained(tiny_models["chat"])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                              special_tokens=[("<s>", tok.bos_token_id)])
+    model = LlamaForCausalLM.from_pretrained(tiny_models["chat"])
+    with __import__("torch").no_grad():
+        w = model.lm_head.weight
+        for k, ids in enumerate(digit_token_ids(tok).values()):
+            for t in ids:
+                w[t] = w[tok.eos_token_id] * (1.0 + 0.05 * k)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(digit_model):
+    """The vLLM-server stand-in serving the digit model as "tiny-chat" (no local folder by that name)."""
+    from tests.vllm_standin.openai_server import StandinServer
+
+    s = StandinServer(digit_model, served_name="tiny-chat")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def fresh(server):
+    """The module's vLLM-server stand-in, as new: no scripted answers or requests, tokenizing on."""
+    server.plan.clear()
+    server.requests.clear()
+    server.refuse = server.answer = None
+    server.tokenize = True
+    server.tokenize_calls.clear()
+    return server
+
+
+# ---- evaluation sets ------------------------------------------------------------------------------
+
+@pytest.fixture
+def eval_files(tmp_path):
+    """AlpacaEval's and MT-Bench's question files as published (tests/helpers/decontamination.py)."""
+    from tests.helpers.decontamination import ALPACA, MT_BENCH
+
+    alpaca = tmp_path / "alpaca_eval.json"
+    alpaca.write_text(json.dumps(ALPACA, indent=2))
+    mt = tmp_path / "question.jsonl"
+    mt.write_text("".join(json.dumps(q) + "\n" for q in MT_BENCH))
+    return str(alpaca), str(mt)
+
+
 # ---- fault injection: a process "killed" at a chosen write ----------------------------------------
 
 class SimulatedKill(Exception):
@@ -258,8 +350,10 @@ def _selects_runner_tests(config) -> bool:
 def pytest_configure(config):
     config.addinivalue_line("markers", "engines: the whole engine matrix (make test-engines), beside make test's "
                                        "one Flink end-to-end test")
+    config.addinivalue_line("markers", "unit: a fast test (no Beam pass, model, server, process or cluster); "
+                                       "set by this conftest from what the test calls, see SLOW")
     if (hasattr(config, "workerinput") or os.environ.get("BFT_FLINK") == "0" or os.environ.get(FLINK_DIR)
-            or not _selects_runner_tests(config)):
+            or not _selects_runner_tests(config) or _selects_unit_tests_only(config)):
         return
     import tempfile
 
@@ -295,9 +389,13 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.path.dirname(os.environ[FLINK_DIR]), ignore_errors=True)   # its logs and spilled shuffles
 
 
+@pytest.hookimpl(tryfirst=True)   # before pytest's own hook deselects by marker (-m unit)
 def pytest_collection_modifyitems(config, items):
-    """The Flink end-to-end test first: it waits for the cluster (started above, in the background) while
-    the other workers run, instead of running last and alone at the end of the run."""
+    """Marks the fast tests `unit`. Puts the Flink end-to-end test first: it waits for the cluster (started
+    above, in the background) while the other workers run, instead of running last and alone at the end."""
+    for item in items:
+        if not item.get_closest_marker("engines") and not _is_slow(item):
+            item.add_marker(pytest.mark.unit)
     items.sort(key=lambda item: "flink_cluster_equal_the_local_runner" not in item.nodeid)
 
 
@@ -322,3 +420,99 @@ def flink_cluster() -> dict:
                 return data
         time.sleep(0.5)
     pytest.fail(f"the Flink cluster was not up after {FLINK_WAIT_S}s (see {state}/log)")
+
+
+# ---- the `unit` marker: the fast tests (`pytest -m unit`, make test-unit) -------------------------
+# A test is slow when it, or a fixture it uses, names one of SLOW, directly or through the test code's
+# own functions (tests/ only): what runs a Beam pass, a `bft` command, a generation stage or a model,
+# starts a server, a process or the cluster. Classified by what it calls, so a new test needs no mark.
+SLOW = frozenset({
+    "tiny_models", "prepared_root", "published", "gcs_emulator", "api_server", "server", "flink",   # fixtures
+    "run", "main", "Pipeline", "TestPipeline", "gen", "StageRunner", "load_engine", "from_pretrained",
+    "subprocess", "fork", "CliForks", "StandinServer", "OpenAIStandin", "answering", "flink_cluster",
+    "real_tokenizers",   # real vocabularies (benchmarks/real_tokenizers.py): exactness proofs over them
+})
+TESTS = os.path.join(ROOT, "tests") + os.sep
+
+
+def _selects_unit_tests_only(config) -> bool:
+    """Whether the run is `-m unit`: no test of it needs the Flink cluster."""
+    expr = (config.getoption("markexpr") or "").replace(" ", "")
+    return expr == "unit"
+
+
+def _is_slow(item) -> bool:
+    func = getattr(item, "function", None)
+    if hasattr(func, "hypothesis"):   # property-based: its body runs a hundred times
+        return True
+    seen: set = set()
+    if _reaches_slow(func, seen):
+        return True
+    fixtures = dict(item._fixtureinfo.name2fixturedefs)
+    for name in _strings(getattr(func, "__code__", None)):   # what it may ask by request.getfixturevalue
+        fixtures[name] = item.session._fixturemanager.getfixturedefs(name, item) or ()
+    return any(name in SLOW or any(_reaches_slow(d.func, seen) for d in defs) for name, defs in fixtures.items())
+
+
+def _codes(code):
+    """`code` and the code of the functions nested in it."""
+    stack = [code] if code is not None else []
+    while stack:
+        c = stack.pop()
+        yield c
+        stack.extend(k for k in c.co_consts if hasattr(k, "co_names"))
+
+
+def _strings(code) -> set[str]:
+    return {k for c in _codes(code) for k in c.co_consts if isinstance(k, str) and k.isidentifier()}
+
+
+def _reaches_slow(obj, seen: set) -> bool:
+    """Whether `obj`, a function or class of tests/, names one of SLOW, itself, in a nested function or a
+    method, or through a function or class of tests/ it names as a global."""
+    if isinstance(obj, type):
+        return (getattr(sys.modules.get(obj.__module__), "__file__", "") or "").startswith(TESTS) and \
+            any(_reaches_slow(v, seen) for v in vars(obj).values())
+    code = getattr(obj, "__code__", None)
+    if code is None or code in seen or not code.co_filename.startswith(TESTS):
+        return False
+    seen.add(code)
+    names = {n for c in _codes(code) for n in c.co_names}
+    if names & SLOW:
+        return True
+    scope = getattr(obj, "__globals__", {})
+    return any(_reaches_slow(scope.get(n), seen) for n in names)
+
+
+# ---- fixtures of the rebuild and plan tests ----
+
+@pytest.fixture(scope="module")
+def chat_server(tiny_models):
+    """The vLLM-server stand-in serving the tiny chat model as "tiny-chat" (tests/vllm_standin)."""
+    from tests.vllm_standin.openai_server import StandinServer
+
+    s = StandinServer(tiny_models["chat"], served_name="tiny-chat", max_model_len=8192)  # no document is cut
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def nightly(tmp_path, prepared_root, tiny_models, bpe_tokenizer_path):
+    """A copy of the prepared root (12 candidates in 3 shards) whose run file's prepare is reused (no Beam
+    pass), score external (the night stops before assemble): (root, run file, input glob)."""
+    import shutil
+
+    from tests.helpers.rebuild import run_file
+
+    root = str(tmp_path / "run")
+    shutil.copytree(prepared_root, root)
+    stats_path = os.path.join(root, "candidates", "stats.json")
+    stats = json.loads(open(stats_path).read())
+    inputs = os.path.join(root, "in", "*", "*.json.gz")
+    for entry in stats["inputs"]:   # the copy's input files are the ones recorded
+        entry["path"] = entry["path"].replace(prepared_root, root)
+    stats["config"]["input"] = [inputs]
+    open(stats_path, "w").write(json.dumps(stats))
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [inputs], prepare__max_tokens=1000,
+                   prepare__num_shards=3, prepare__reject_shards=1, generate__score__external=True)
+    return root, cfg, inputs

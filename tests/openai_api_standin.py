@@ -56,8 +56,6 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
-
 from tests.vllm_standin.openai_server import send_json
 
 COMMON = {"model", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n", "presence_penalty", "seed",
@@ -516,27 +514,3 @@ class OpenAIStandin:
                     self._send(e.status, e.body)
 
         return Handler
-
-
-@pytest.fixture(scope="module")
-def api_server():
-    """One stand-in of OpenAI's API per test module."""
-    s = OpenAIStandin(["gpt-standin"])
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def hosted(api_server):
-    """The module's stand-in, as new: no scripted answers, requests, batches or files."""
-    api_server.plan.clear()
-    api_server.requests.clear()
-    api_server.listings = 0
-    api_server.answer = api_server.refuse = None
-    api_server.fates.clear()
-    api_server.batches.clear()
-    api_server.files.clear()
-    api_server.hold = False
-    api_server.creates.clear()
-    api_server.proxied.clear()
-    return api_server

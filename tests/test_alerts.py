@@ -1,4 +1,4 @@
-"""Alerts that stop a bad night (issue 36 point 3): a release with no web example, or whose gate passed
+"""Alerts that stop a bad night: a release with no web example, or whose gate passed
 nothing, is published but LATEST stays where it was and the verb exits 1 (unless --allow-empty);
 --fail-on-alert holds it on any alert; the warnings (one-valued scores, a low digit mass in logprob
 mode, a kept share far from the parent's) are lines in the report and the night's summary."""
@@ -9,7 +9,7 @@ from beam_pipelines.report import changes
 from bft.night import night_text
 from generation import parsing
 from schemas import outcomes
-from tests.test_cli import run as bft
+from tests.helpers.cli import run as bft
 
 
 def latest(root):
@@ -83,7 +83,7 @@ def test_a_held_nights_summary_carries_its_alert_lines():
 
 
 def changes_of_a_held_release_can_be_opened_and_diffed(published, stats, capsys):
-    """Issue 36 point 4: "What changed" gave counts only. A release built on a parent holds
+    """The report's "What changed" once gave counts only. A release built on a parent holds
     changes/added.parquet and changes/removed.parquet (id, origin, url, domain; removed: why), the report
     counts them by web domain, and `bft diff A B` compares any two releases (here v2 removed every web
     example of v1: the gate passed nothing)."""

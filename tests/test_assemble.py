@@ -13,10 +13,9 @@ from nltk import ngrams
 from nltk.tokenize import wordpunct_tokenize
 
 import schemas
-from beam_pipelines.assemble import driver as assemble
 from beam_pipelines.assemble import corpus_stats
 from beam_pipelines.assemble import recipes
-from lifecycle import provenance, release
+from lifecycle import release
 from beam_pipelines.assemble.config import AssembleConfig, AssembleError, Split, resolve
 from beam_pipelines.assemble.seed import read_seed_table
 import storage
@@ -26,46 +25,8 @@ from schemas.keys import instruction_key
 from schemas.layout import RunLayout, release_split_of
 from schemas.recipes import Gate, resolve_gate
 from generation.templates import SEED_TAG, WEB_TAG
-from tests.conftest import LOCAL
-
-SHARDS = [["a0", "a1", "a2", "a3", "a4", "a5"], ["b0", "b1", "b2", "b3", "b4", "b5"]]
-INSTRUCTION = "Explain the topic of document {} please."
-
-
-def doc(i):
-    return f"Document {i} is about the weather in the mountains. " * 3
-
-
-def gen_row(i, stage, **kw):
-    row = {"id": i, "stage": stage, "model": f"tiny-{stage}", "prompt_tokens": 50, "output_tokens": 10,
-           "finish_reason": "stop", "raw_output": "...", "instruction": None, "score": None, "reasoning": None,
-           "response": None, "parse_error": None, "input_truncated": False, "seed": 1}
-    row.update(kw)
-    return row
-
-
-def stage_rows(stage):
-    """The literal generation output: one case per drop reason (see EXPECTED)."""
-    ids = [i for s in SHARDS for i in s]
-    if stage == "backtranslate":
-        rows = {i: gen_row(i, stage, instruction=INSTRUCTION.format(i)) for i in ids}
-        rows["a1"].update(instruction=None, parse_error="echo")
-        rows["a2"].update(instruction="Short")
-        rows["b0"].update(instruction="  EXPLAIN the topic of document a0\n please.")  # duplicate of a0's
-        rows["b1"].update(instruction=None, parse_error="engine_error: timeout")       # a failed request
-    elif stage == "score":
-        rows = {i: gen_row(i, stage, score=5.0, reasoning="fine") for i in ids}
-        rows["a3"].update(score=4.0)
-        rows["a4"].update(score=None, parse_error="no_match")
-    elif stage in ("rewrite", "distill"):
-        rows = {i: gen_row(i, stage, response=f"{stage.title()} answer for {i}.") for i in ids}
-        rows["a5"].update(finish_reason="length", response=None, parse_error="truncated")
-        rows["b3"].update(response="   ")
-    else:  # rate
-        rows = {i: gen_row(i, stage, score=4.5, reasoning="accurate") for i in ids}
-        rows["b4"].update(score=4.0)
-    return rows
-
+from tests.helpers.assemble import (INSTRUCTION, SHARDS, doc, gen_row, read_release, rewrite_shard, run,
+                                    write_marker, write_root, write_seed)
 
 EXPECTED_KEPT = {
     "filter+rewrite": ["a0", "b2", "b4", "b5"],
@@ -76,71 +37,9 @@ EXPECTED_KEPT = {
 }
 
 
-def crawl_date(i):
-    return f"2019-09-{10 + int(i[1:]):02d}T00:00:00.000Z"
-
-
-def write_root(root, tokenizer, stages=("backtranslate", "score", "rewrite", "distill", "rate")):
-    """Candidates (2 shards) and generation shards written through the schemas, as the pipeline does."""
-    n = len(SHARDS)
-    files = []
-    for k, ids in enumerate(SHARDS):
-        rows = [{"id": i, "text": doc(i), "source": "common-crawl", "url": f"https://example.org/{i}", "n_chars": len(doc(i)),
-                 "n_tokens": 30, "shard": k, "text_hash": i, "crawl_date": crawl_date(i)} for i in ids]
-        path = RunLayout(root).candidates_shard(k, n)
-        storage.write_parquet(schemas.to_table(rows, schemas.CANDIDATE, path), path)
-        files.append({"path": path, "rows": len(rows), "tokens": 180, "bytes": 0})
-        instructions = {i: r["instruction"] for i, r in stage_rows("backtranslate").items() if not r["parse_error"]}
-        for stage in stages:
-            by_id = stage_rows(stage)
-            for i, r in by_id.items():   # downstream rows carry their backtranslate row's instruction
-                r["instruction"] = instructions.get(i)
-            out = RunLayout(root).generation_shard(stage, k, n)
-            storage.write_parquet(schemas.to_table([by_id[i] for i in ids], schemas.GENERATION, out), out)
-            write_marker(root, stage, k, n)
-    stats = {"input_records": 20, "kept": 12, "dropped": {"too_long": 8}, "shards": {"files": files},
-             "config": {"tokenizer": tokenizer}}
-    storage.write_text(RunLayout(root).prepare_stats, json.dumps(stats))
-    return root
-
-
-def write_marker(root, stage, k, n, inputs=None):
-    """The marker the runner writes after a shard: its model and provenance (candidates shard k and,
-    downstream, backtranslate shard k as its inputs)."""
-    layout = RunLayout(root)
-    if inputs is None:
-        inputs = {"candidates": layout.candidates_shard(k, n)}
-        if stage != "backtranslate":
-            inputs["backtranslate"] = layout.generation_shard("backtranslate", k, n)
-    out = layout.generation_shard(stage, k, n)
-    record = provenance.seal(out, provenance.made_from(layout, inputs, {"model": f"tiny-{stage}"}))
-    storage.write_text(layout.generation_metrics(stage, k, n), json.dumps({"model": f"tiny-{stage}", provenance.KEY: record}))
-
-
-def write_seed(path, n=5):
-    rows = [{"instruction": f"Seed question number {i}?", "response": f"Seed answer {i}."} for i in range(n)]
-    rows.append({"instruction": "   ", "response": "no question"})
-    storage.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture
 def root(tmp_path, bpe_tokenizer_path):
     return write_root(str(tmp_path / "run"), bpe_tokenizer_path)
-
-
-def run(root, **kw):
-    return assemble.run(AssembleConfig(root=root, **kw), LOCAL)
-
-
-def read_release(root, version=None):
-    folder = release.resolve(os.path.join(root, "sft")) if version is None else os.path.join(root, "sft", version)
-    splits = {}
-    for split in ("train", "validation"):
-        files = [p for p in release.data_files(folder) if release_split_of(p[len(folder) + 1:]) == split]
-        frames = [pd.read_parquet(p) for p in files]
-        splits[split] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=schemas.SFT.names)
-    return folder, splits
 
 
 # ---- the recipes as pure functions -----------------------------------------------------------------
@@ -213,7 +112,7 @@ def test_the_default_instruction_cap_keeps_the_papers_longest_instructions():
 
 
 def test_assemble_keeps_the_rewrites_the_parser_keeps():
-    """One rule for a rewrite (issue 37 point 4): assemble keeps exactly what parse_rewrite parses whole,
+    """One rule for a rewrite: assemble keeps exactly what parse_rewrite parses whole,
     whatever the output did after its [/RES] (later blocks, running on to the cap), and drops only
     what it does not, with the parser's reason."""
     from generation.parsing import parse_rewrite
@@ -295,7 +194,7 @@ def test_assemble_publishes_a_complete_release(root, tmp_path):
     listed = {e["path"] for e in manifest["files"]}
     assert {"data/split=train/part-00000-of-00002.parquet", "stats.json", "report.html",
             "README.md", "plots/funnel.png", "plots/scores.png"} <= listed
-    # each split numbered on its own (issue 21): the validation files are 0..n-1 of their own count
+    # each split numbered on its own: the validation files are 0..n-1 of their own count
     val = sorted(p for p in listed if p.startswith("data/split=validation/"))
     assert val == [f"data/split=validation/part-{i:05d}-of-{len(val):05d}.parquet" for i in range(len(val))]
     assert manifest["counts"] == {"train": len(splits["train"]), "validation": len(splits["validation"])}
@@ -426,15 +325,6 @@ def test_bad_seed_data_is_named(root, tmp_path):
 
 # ---- generation shards as generate writes them now: the gate, cut documents, provenance --------------
 
-def rewrite_shard(root, stage, k, change, n=2):
-    """Rows of generation shard k changed by `change(row)`, rewritten with a fresh marker."""
-    path = RunLayout(root).generation_shard(stage, k, n)
-    rows = [change(r) or r for r in storage.read_parquet(path).to_pylist()]
-    storage.write_parquet(schemas.to_table(rows, schemas.GENERATION, path), path)
-    write_marker(root, stage, k, n)
-    return path
-
-
 def reasons_of(root, recipe, **kw):
     layout = RunLayout(root)
     rules = resolve(AssembleConfig(root=root, recipe=recipe, **kw), layout, {"config": {"tokenizer": "t"}}).rules
@@ -539,7 +429,7 @@ def test_a_shard_without_its_completion_marker_is_named(root):
 
 
 def test_scores_made_in_logprob_mode_default_to_humpbacks_4_5(root):
-    """Issue 19 point 1: logprob scores are expectations (below 5 unless p(5) = 1); when the score
+    """Logprob scores are expectations (below 5 unless p(5) = 1); when the score
     shards say they were made in logprob mode, assemble's default threshold is 4.5 (AlpaGasus's), not 5."""
     layout, n = RunLayout(root), len(SHARDS)
     for k in range(n):
@@ -592,7 +482,7 @@ def test_the_job_is_resolved_once_and_frozen_with_its_gate_from_resolve_gate(tmp
 
 
 def test_an_input_edited_in_place_with_the_same_size_makes_a_new_release(tmp_path, bpe_tokenizer_path):
-    """Issue 23 point 2: `sed -i 's/Teh end/The end/' seed.jsonl` (same byte count) then a rebuild said
+    """`sed -i 's/Teh end/The end/' seed.jsonl` (same byte count) then a rebuild said
     the release was current. The lineage (and the config hash) records every input by content: seed
     data, candidates and generation shards by sha256 (read once per file; the shard checks read them
     anyway), the tokenizer by storage.fingerprint (a copy of it: the test edits it in place)."""
@@ -626,7 +516,7 @@ def test_an_input_edited_in_place_with_the_same_size_makes_a_new_release(tmp_pat
 
 
 def test_a_run_never_deletes_a_live_runs_tmp_folder(root, tmp_path):
-    """Issue 23 point 11: a second assemble deleted sft/_tmp while the first was writing there (a
+    """A second assemble deleted sft/_tmp while the first was writing there (a
     FileNotFoundError traceback in the first). Besides the root lock, each run claims its _tmp/<run>/
     folder; cleanup removes only folders of runs that are gone (or have no owner record)."""
     import subprocess
@@ -666,8 +556,8 @@ def test_a_run_never_deletes_a_live_runs_tmp_folder(root, tmp_path):
                                       lambda split, name: f"{split}-{name[5:]}"],       # beside the card
                          ids=["data-prefix", "beside-the-card"])
 def test_a_release_of_an_older_layout_still_validates_and_loads(published, old_name):
-    """Issue 36 point 1: releases are written as data/split=<split>/part-*.parquet (tests/test_readers.py
-    reads them with every reader). A release of an older layout (issue 21's data/<split>-*.parquet, or
+    """Releases are written as data/split=<split>/part-*.parquet (tests/test_readers.py
+    reads them with every reader). A release of an older layout (data/<split>-*.parquet before, or
     the data files beside the card) still validates and loads: the manifest lists each file by path,
     and its split is read from either form of path."""
     old = os.path.join(published, "sft", "v0")
@@ -688,7 +578,7 @@ def test_a_release_of_an_older_layout_still_validates_and_loads(published, old_n
 
 
 def test_bft_latest_prints_the_data_folder_of_the_latest_release(root, tmp_path, capsys):
-    """Issue 21 point 2: one line per reader resolves sft/LATEST; `bft latest ROOT` prints the data path
+    """One line per reader resolves sft/LATEST; `bft latest ROOT` prints the data path
     (shell: `pd.read_parquet("$(bft latest ROOT)")`; Python: lifecycle.release.latest_data(ROOT))."""
     from bft import cli
 
@@ -704,7 +594,7 @@ def test_bft_latest_prints_the_data_folder_of_the_latest_release(root, tmp_path,
 
 
 def test_assemble_reads_each_input_file_once(root, monkeypatch):
-    """Issue 24 point 5: the driver checked every generation shard's sha256 (reading it whole), then a
+    """The driver checked every generation shard's sha256 (reading it whole), then a
     worker read it again; now the driver reads only markers, and JoinShard checks each file's sha256
     while it reads it, once, before parsing (the flipped-byte and stale tests above prove the checks)."""
     import collections
@@ -724,7 +614,7 @@ def test_assemble_reads_each_input_file_once(root, monkeypatch):
 
 
 def test_the_new_releases_data_is_read_once_for_the_changes_and_the_paper_lengths(root, monkeypatch):
-    """Issue 24: after the Beam pass the driver parsed every new data file twice for its figures (ids
+    """After the Beam pass the driver parsed every new data file twice for its figures (ids
     for the changes since the parent, then lengths in the paper's unit); one read_parquet serves both
     now (the publish protocol's checksums and validation read the bytes on their own), and the
     parent's ids come from the data files its manifest lists (release.data_files), not a listing."""
@@ -746,11 +636,10 @@ def test_the_new_releases_data_is_read_once_for_the_changes_and_the_paper_length
 
 
 def test_an_empty_candidates_shard_flows_through_assemble(tmp_path, bpe_tokenizer_path, monkeypatch):
-    """Issue 34: a candidates shard with no row (prepare keeps fewer documents than shards) and its empty
+    """A candidates shard with no row (prepare keeps fewer documents than shards) and its empty
     generation shards are a state, not a crash: the release is the one without that shard."""
-    import sys
+    from tests.helpers import assemble as module   # where write_root reads SHARDS
 
-    module = sys.modules[__name__]
     monkeypatch.setattr(module, "SHARDS", [SHARDS[0], [], SHARDS[1]])
     root = write_root(str(tmp_path / "run"), bpe_tokenizer_path)
     stats = run(root, version="v1")

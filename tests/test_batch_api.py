@@ -1,4 +1,4 @@
-"""Batch inference (issue 20 points 2 and 3): a stage through OpenAI's Batch API (the Files and Batches
+"""Batch inference: a stage through OpenAI's Batch API (the Files and Batches
 endpoints of tests/openai_api_standin.py) and through `vllm run-batch`'s files (played here by the
 vLLM stand-in's engine), compared row by row with the online path for the same answers."""
 import json
@@ -10,13 +10,17 @@ import pytest
 
 from generation.batch import BatchesPending
 from generation.batch_api import split
-from tests.openai_api_standin import api_server, hosted  # noqa: F401 (fixtures)
-from tests.test_cli import run as bft
-from tests.test_generation import copy_root, gen, read_stage
-from tests.test_rebuild import corpus  # noqa: F401 (a fixture)
+from tests.helpers.cli import run as bft
+from tests.helpers.corpora import ten_documents
+from tests.helpers.generation import copy_root, gen, read_stage
 from tests.vllm_standin.openai_server import StandinServer
 
 MODEL = "gpt-standin"
+
+
+@pytest.fixture
+def corpus(tmp_path, fixture_texts):
+    return ten_documents(tmp_path, fixture_texts)
 
 
 def kw(server, **more):
@@ -157,7 +161,7 @@ def test_bft_rebuild_exits_75_while_a_stages_batches_run(tmp_path, tiny_models, 
     """bft rebuild runs a batch stage as bft generate does: exit 75 with the batches submitted, then a
     later invocation collects them and goes on to the next stage. The night records a wait, not a
     failure."""
-    from tests.test_rebuild import run_file
+    from tests.helpers.rebuild import run_file
 
     stage = {"engine": "openai", "model": MODEL, "base_url": hosted.url, "api": "chat", "max_model_len": 8192,
              "max_new_tokens": 64, "batch": "openai"}
@@ -234,7 +238,7 @@ def submitted_ids(server) -> list[str]:
 
 def test_a_batch_create_that_times_out_is_adopted_never_made_twice(prepared_root, tmp_path, hosted):
     """POST /batches slower than --request-timeout: the batch is made anyway; the run finds it in the
-    listing instead of creating another from the same input file (issue 35 point 1)."""
+    listing instead of creating another from the same input file."""
     root = copy_root(prepared_root, tmp_path / "batch")
     hosted.hold = True
     hosted.creates.append({"delay": 0.6})              # shard 0's create: answered after the client gave up
@@ -280,8 +284,8 @@ def test_a_create_whose_fate_stays_unknown_is_looked_for_not_retried(prepared_ro
 
 def test_online_generation_refuses_a_stage_whose_batches_run(prepared_root, tmp_path, hosted, capsys):
     """`bft generate STAGE` without --batch while the stage's batches run would pay for their rows
-    twice: it refuses in one line naming the batches and the command that collects them (issue 35
-    point 2); collected, the stage needs nothing online."""
+    twice: it refuses in one line naming the batches and the command that collects them;
+    collected, the stage needs nothing online."""
     root = copy_root(prepared_root, tmp_path / "batch")
     hosted.hold = True
     with pytest.raises(BatchesPending):
@@ -303,7 +307,7 @@ def test_online_generation_refuses_a_stage_whose_batches_run(prepared_root, tmp_
 
 def test_a_batch_whose_output_file_is_gone_resubmits_its_rows_and_the_other_shards_proceed(prepared_root, tmp_path,
                                                                                           hosted, caplog):
-    """Issue 35 point 5: an output file deleted (by hand, or past its retention) made every rerun exit 1,
+    """An output file deleted (by hand, or past its retention) made every rerun exit 1,
     also for the healthy shards."""
     root = copy_root(prepared_root, tmp_path / "batch")
     hosted.hold = True

@@ -236,7 +236,7 @@ def test_a_job_the_runner_failed_is_its_first_error_line():
 
 
 def test_a_workers_user_error_is_not_printed_whole_but_a_bug_is():
-    """Issue 35: a stale shard found inside a Beam worker printed ~65 lines (the worker's traceback,
+    """A stale shard found inside a Beam worker printed ~65 lines (the worker's traceback,
     printed and logged) before the command's one line. The worker's stderr and its sdk_worker logger
     drop a traceback of one of our UserErrors; any other error (a bug) still prints whole."""
     import io

@@ -12,12 +12,7 @@ from bft import cli, config
 from beam_pipelines.prepare import PrepareConfig
 from generation.job import GenerateConfig
 from tests.conftest import LOCAL, dolma_line, write_dolma_file
-
-
-def run(capsys, *argv):
-    rc = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
+from tests.helpers.cli import run
 
 
 @pytest.fixture
@@ -53,7 +48,7 @@ def test_every_verb_and_stage_has_help(capsys, verb):
 @pytest.mark.parametrize("verb, codes", [("rebuild", (0, 1, 2, 75, 130, 143)), ("generate", (0, 1, 2, 75, 130, 143)),
                                          ("prepare", (0, 1, 2, 130, 143)), ("assemble", (0, 1, 2, 130, 143))])
 def test_the_verbs_a_scheduler_runs_list_their_exit_statuses_in_help(capsys, verb, codes):
-    """Issue 34: no exit codes in `bft rebuild --help`; a scheduler's author needs 75 (wait) and 130 apart."""
+    """No exit codes in `bft rebuild --help`; a scheduler's author needs 75 (wait) and 130 apart."""
     with pytest.raises(SystemExit):
         cli.main([verb, "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
@@ -65,8 +60,8 @@ def test_the_verbs_a_scheduler_runs_list_their_exit_statuses_in_help(capsys, ver
 
 @pytest.mark.parametrize("verb", ["prepare", "assemble", "rebuild", "plan", "generate", "latest", "train"])
 def test_verbose_and_quiet_say_what_they_do_on_each_verb(capsys, verb):
-    """Issue 34: --quiet's help named an internal module; --verbose's said "Beam's logs" on verbs
-    that run no Beam pipeline."""
+    """--quiet's help names no internal module, and --verbose's says "Beam's logs" only on verbs that
+    run a Beam pipeline."""
     with pytest.raises(SystemExit):
         cli.main([verb, "--help"])
     out = " ".join(capsys.readouterr().out.split())
@@ -78,13 +73,14 @@ def test_verbose_and_quiet_say_what_they_do_on_each_verb(capsys, verb):
 
 @pytest.mark.parametrize("verb", ["rebuild", "plan"])
 def test_an_error_names_its_verb_once(capsys, verb):
-    """Issue 34: "bft rebuild: bft rebuild needs --config"."""
+    """Not "bft rebuild: bft rebuild needs --config": the verb once, then what to give."""
     rc, _, err = run(capsys, verb)
     assert rc == 1 and err == f"bft {verb}: needs --config FILE (the run file)\n"
 
 
 def test_bft_latest_takes_the_root_of_a_run_file(published, tmp_path, capsys):
-    """Issue 34: `bft latest --config FILE` said "give a run root" though --help lists --config."""
+    """`bft latest --config FILE` reads the root from the run file, as --help says (it once said "give a run
+    root")."""
     run_file = tmp_path / "run.yaml"
     run_file.write_text(f"root: {published}\n")
     rc, out, err = run(capsys, "latest", "--config", str(run_file))
@@ -99,7 +95,7 @@ def test_a_run_files_sections_are_the_verbs():
 
 
 def test_bft_eval_alone_lists_its_sub_verbs(capsys):
-    """Issue 34: `bft eval --help` said "unknown verb 'eval'"."""
+    """`bft eval --help` lists judge and generate (it once said "unknown verb 'eval'")."""
     rc, out, err = run(capsys, "eval", "--help")
     assert rc == 0 and out.startswith("usage: bft eval {generate,judge}") and "eval judge" in out and not err
     rc, out, err = run(capsys, "eval")
@@ -226,7 +222,7 @@ def _alias_bomb(levels: int) -> str:
 
 
 def test_a_yaml_alias_bomb_is_refused_at_once_and_no_error_prints_a_huge_value(tmp_path, capsys):
-    """Issue 23 point 6: 9 levels of 9 aliases name 9^9 (387M) values in ~500 bytes; `bft plan` held
+    """9 levels of 9 aliases name 9^9 (387M) values in ~500 bytes; `bft plan` held
     1.4 GB after 120 s formatting one with !r. Refused before any value is built, in one line."""
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(_alias_bomb(9))
@@ -265,7 +261,7 @@ def test_a_user_error_raised_in_a_beam_worker_is_one_line():
 @pytest.mark.parametrize("reader", ["run file", "template", "seed data", "oasst"])
 @pytest.mark.parametrize("kind", ["link-to-dev-zero", "fifo", "folder"])
 def test_a_file_the_user_names_is_read_only_when_it_is_a_regular_file(tmp_path, reader, kind):
-    """Issue 35 point 6: every file the user names (run files, templates, seed data) is opened only when
+    """Every file the user names (run files, templates, seed data) is opened only when
     it is a regular file: a link to /dev/zero is never read, a FIFO never waited on, a folder is one line."""
     from beam_pipelines.assemble.seed import read_seed_table
     from generation.templates import load_template

@@ -1,4 +1,4 @@
-"""State that heals (issue 35 points 5, 7, 8): every file a run reads back is checked on read, and a
+"""State that heals: every file a run reads back is checked on read, and a
 damaged one is named in one line and set aside under ROOT/_damaged/ so that the rerun redoes only
 the part it held; a full disk is one line naming the folder and the bytes; write targets that are
 links are never followed; the debris of a killed write goes with the next run of the same step.
@@ -19,7 +19,7 @@ from generation.shard import Checkpoints
 from lifecycle import provenance, state
 from schemas.errors import user_error_message
 from schemas.layout import RunLayout
-from tests.test_cli import run as bft
+from tests.helpers.cli import run as bft
 
 TRUNCATED, EMPTY, ARRAY = b'{"config": "abc", "batches": [{"id": "b', b"", b"[]"
 

@@ -1,6 +1,6 @@
 """bft assemble's decontamination (--decontaminate: pairs sharing a 13-word n-gram with an evaluation
 prompt) and near-duplicate instructions (MinHash LSH, the highest score kept), on the literal run of
-tests/test_assemble.py, and `bft eval`'s warning when its questions were not used to decontaminate."""
+tests/helpers/assemble.py, and `bft eval`'s warning when its questions were not used to decontaminate."""
 import json
 import os
 import random
@@ -13,19 +13,9 @@ from beam_pipelines.assemble.decontaminate import DecontaminationError, Member
 from bft import cli
 from schemas.errors import user_error_message
 from generation import evaluate
-from tests.test_assemble import read_release, rewrite_shard, run, write_marker, write_root
+from tests.helpers.assemble import read_release, run, write_root
+from tests.helpers.decontamination import ALPACA, IN_INSTRUCTION, IN_RESPONSE, MT_BENCH, plant
 
-ALPACA = [{"instruction": "Write a detailed essay about the economic consequences of the industrial revolution "
-                          "in nineteenth century Britain and its colonies.", "dataset": "helpful_base"},
-          {"instruction": "hi", "dataset": "oasst"}]
-MT_BENCH = [{"question_id": 81, "category": "writing",
-             "turns": ["Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural "
-                       "experiences and must-see attractions.",
-                       "Rewrite your previous response. Start every sentence with the letter A."]}]
-# 13 words of the AlpacaEval prompt, in another case and punctuation
-IN_INSTRUCTION = "Quick task! WRITE a detailed essay -- about the Economic consequences of the industrial revolution, in short."
-# 13 words of MT-Bench's first turn
-IN_RESPONSE = "Sure. compose an ENGAGING travel blog post about a recent trip to Hawaii; highlighting the food."
 # MT-Bench's second turn has 11 words: it is one n-gram, its whole word sequence
 SHORT_PROMPT = "OK: rewrite your previous response! Start every sentence with the letter A, as asked."
 # only 12 words of the first turn in a row
@@ -35,34 +25,6 @@ TWELVE_WORDS = "compose an engaging travel blog post about a recent trip to Hawa
 @pytest.fixture
 def root(tmp_path, bpe_tokenizer_path):
     return write_root(str(tmp_path / "run"), bpe_tokenizer_path)
-
-
-@pytest.fixture
-def eval_files(tmp_path):
-    alpaca = tmp_path / "alpaca_eval.json"
-    alpaca.write_text(json.dumps(ALPACA, indent=2))
-    mt = tmp_path / "question.jsonl"
-    mt.write_text("".join(json.dumps(q) + "\n" for q in MT_BENCH))
-    return str(alpaca), str(mt)
-
-
-def plant(root, instructions: dict[str, str] = {}, responses: dict[str, str] = {}, scores: dict[str, float] = {}):
-    """Backtranslate instructions, rewrite responses and scores of some ids changed, every marker made
-    from the new shards."""
-    def change(stage):
-        def apply(r):
-            if r["id"] in instructions and r["instruction"] is not None:   # carried downstream too
-                r["instruction"] = instructions[r["id"]]
-            if stage == "rewrite" and r["id"] in responses:
-                r["response"] = responses[r["id"]]
-            if stage == "score" and r["id"] in scores:
-                r["score"] = scores[r["id"]]
-        return apply
-    for k in range(2):
-        for stage in ("backtranslate", "score", "rewrite"):
-            rewrite_shard(root, stage, k, change(stage))
-        for stage in ("distill", "rate"):
-            write_marker(root, stage, k, 2)
 
 
 def web_ids(root, version):
@@ -75,7 +37,7 @@ def web_ids(root, version):
 def test_alpacaeval_and_mtbench_question_files_read_as_they_are(eval_files, tmp_path):
     alpaca, mt = (decontaminate.eval_set(p, None, 13) for p in eval_files)
     assert alpaca.name == "alpaca_eval" and alpaca.prompts == [ALPACA[0]["instruction"]]
-    assert alpaca.ignored == ["hi"] and alpaca.summary()["ignored_prompts"] == 1   # under 4 words (issue 35)
+    assert alpaca.ignored == ["hi"] and alpaca.summary()["ignored_prompts"] == 1   # under 4 words
     assert mt.name == "question" and mt.prompts == MT_BENCH[0]["turns"]      # one prompt per turn
     # 19 words: 7 n-grams; the 11-word turn: one n-gram, its whole word sequence
     assert len(alpaca.hashes) == 7 and alpaca.short_prompts == 0 and alpaca.lengths == (13,)
@@ -228,7 +190,7 @@ def test_assemble_help_lists_the_new_options(capsys):
     assert "(default: 13)" in out and "(default: 0.8)" in out
 
 
-# ---- hostile evaluation files (issue 35 point 6) ----------------------------------------------------
+# ---- hostile evaluation files -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["link-to-dev-zero", "fifo", "folder", "nested", "nested-line", "over-limit"])
 def test_an_evaluation_file_that_is_no_regular_file_or_too_deep_is_one_line(tmp_path, kind, monkeypatch):

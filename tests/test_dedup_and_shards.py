@@ -3,9 +3,10 @@ import random
 
 import pytest
 
-from beam_pipelines.prepare.shards import BUCKET_DOCS, assign_shards, balance, num_buckets
+from beam_pipelines.prepare.shards import BUCKET_DOCS, assign_bucket, balance, num_buckets
 from schemas.keys import balance_bucket, normalize_for_dedup, sample_key, text_hash
 from schemas.layout import LayoutError, RunLayout, parse_shard_name, shard_name
+from tests.helpers.shards import assign_in_one_process
 
 
 def test_normalization_collapses_whitespace_and_composes_unicode():
@@ -31,9 +32,9 @@ def test_assignment_is_balanced_and_independent_of_order(n_buckets):
     """100K documents in 16 shards, in one bucket (the default at this size) or in 7."""
     rng = random.Random(0)
     docs = [(f"d{i}", int(rng.lognormvariate(6.5, 1.0)) % 3584 + 1) for i in range(100_000)]
-    a = assign_shards(docs, 16, n_buckets)
+    a = assign_in_one_process(docs, 16, n_buckets)
     rng.shuffle(docs)
-    assert assign_shards(docs, 16, n_buckets) == a
+    assert assign_in_one_process(docs, 16, n_buckets) == a
     tokens = [0] * 16
     for doc_id, n in docs:
         tokens[a[doc_id]] += n
@@ -48,7 +49,7 @@ def test_buckets_follow_the_corpus_size_and_a_document_keeps_its_bucket():
 
 
 def test_fewer_documents_than_shards_leaves_shards_empty():
-    a = assign_shards([("a", 5), ("b", 5)], 4)
+    a = assign_bucket([("a", 5), ("b", 5)], 4)
     assert sorted(a.values()) == [0, 1]
     assert balance([0, 0, 0]) == 1.0
 
@@ -82,8 +83,6 @@ def test_the_layout_owns_every_path_under_a_root(tmp_path, monkeypatch):
 
 
 def test_documents_already_seen_keep_their_shard_and_new_ones_level_the_loads():
-    from beam_pipelines.prepare.shards import assign_bucket
-
     old = {"a": 0, "b": 0, "c": 1}
     out = assign_bucket([("a", 10), ("b", 10), ("c", 5), ("n1", 9), ("n2", 1)], 3, prior=old)
     assert {k: out[k] for k in old} == old
@@ -136,7 +135,7 @@ def test_a_document_record_crosses_a_shuffle_as_a_tuple_and_comes_back_named():
 
 
 def test_an_id_seen_with_another_text_is_its_own_reject_reason_and_the_smallest_text_hash_wins():
-    """Issue 36: two documents sharing an id with different texts. The copy of smallest text hash
+    """Two documents sharing an id with different texts. The copy of smallest text hash
     survives whatever order the runner hands them in; an exact copy is `duplicate_id`, a copy with
     another text `conflicting_id`, naming where the kept copy is."""
     from beam_pipelines.prepare import Doc

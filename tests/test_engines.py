@@ -40,49 +40,6 @@ def vllm(monkeypatch):
         sys.modules.pop(name)
 
 
-@pytest.fixture(scope="module")
-def digit_model(tiny_models, tmp_path_factory):
-    """The tiny chat model as Llama-2 is tokenized and scores: its tokenizer adds BOS (a post-processor
-    "<s> $A", as Llama-2's), so a prompt whose template already wrote "<s>" gets a second BOS when it
-    is tokenized with special tokens; and the digits' lm_head rows are made as likely as </s>, so the
-    score digits are always among the top-20 logprobs and a logprob score that finds none is a real
-    failure."""
-    from tokenizers.processors import TemplateProcessing
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    folder = str(tmp_path_factory.mktemp("digits"))
-    tok = AutoTokenizer.from_pretrained(tiny_models["chat"])
-    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                              special_tokens=[("<s>", tok.bos_token_id)])
-    model = LlamaForCausalLM.from_pretrained(tiny_models["chat"])
-    with __import__("torch").no_grad():
-        w = model.lm_head.weight
-        for k, ids in enumerate(digit_token_ids(tok).values()):
-            for t in ids:
-                w[t] = w[tok.eos_token_id] * (1.0 + 0.05 * k)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def server(digit_model):
-    """The vLLM-server stand-in serving the digit model as "tiny-chat" (no local folder by that name)."""
-    s = StandinServer(digit_model, served_name="tiny-chat")
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def fresh(server):
-    server.plan.clear()
-    server.requests.clear()
-    server.refuse = server.answer = None
-    server.tokenize = True
-    server.tokenize_calls.clear()
-    return server
-
-
 def hf_tokenizer(path, chat_template=True):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
@@ -136,7 +93,7 @@ def tekken_tokenizer(tmp_path_factory):
     return real_tokenizers.save("tekken", str(tmp_path_factory.mktemp("tok_tekken")))
 
 
-# --- configuration apart from loading; close; the batching hint (issue 12) ---------------------------
+# --- configuration apart from loading; close; the batching hint --------------------------------------
 
 def test_engine_config_is_checked_before_anything_loads():
     with pytest.raises(EngineError, match="--engine openai needs --base-url"):
@@ -216,7 +173,7 @@ def test_the_vllm_standin_behaves_as_vllm(digit_model, vllm):
         vllm.LLM(digit_model, not_an_engine_arg=1)
     with pytest.raises(ValueError, match="dtype"):
         vllm.LLM(digit_model, dtype="bf16")
-    # SamplingParams is checked as vLLM 0.33.0 checks it (issue 19 point 13): no kinder than vLLM
+    # SamplingParams is checked as vLLM 0.33.0 checks it: no kinder than vLLM
     for bad, message in [({"temperature": -0.1}, "temperature must be non-negative"),
                          ({"temperature": 2.5}, r"temperature must be in \[0, 2\]"),
                          ({"temperature": float("nan")}, "temperature must be a finite number"),
@@ -270,7 +227,7 @@ def test_the_vllm_standins_engine_loop_behaves_as_vllms(tiny_models, vllm):
 
 
 def test_the_vllm_engine_streams_across_shards(prepared_root, tmp_path, tiny_models, vllm):
-    """Issue 33 point 2: the offline engine feeds vLLM's engine loop as its slots free, across shard
+    """The offline engine feeds vLLM's engine loop as its slots free, across shard
     boundaries. With 3 slots and shards of 4 requests, every engine step runs min(3, the stage's
     requests not yet answered) requests; one generate call per shard ran shard 0's last request alone,
     2 slots idle while shard 1 waited. The shards equal those made one request at a time (1 slot)."""
@@ -312,7 +269,7 @@ def test_a_vllm_stream_that_fails_leaves_no_request_in_the_engine(tiny_models, v
         assert eng.generate([Request("[INST] again [/INST]", [], 4, seed=1)])[0].finish_reason in ("stop", "length")
 
 
-# --- BOS once (issue 9 point 1) ----------------------------------------------------------------------
+# --- BOS once ----------------------------------------------------------------------------------------
 
 def test_vllm_gets_token_ids_with_one_bos(prepared_root, tmp_path, digit_model, vllm):
     root = copy_root(prepared_root, tmp_path)
@@ -353,7 +310,7 @@ def bos_plain_model(digit_model, tmp_path_factory):
 def test_a_model_without_a_chat_template_gets_one_bos_in_generation_and_training(prepared_root, tmp_path,
                                                                                    bos_plain_model, tiny_models,
                                                                                    vllm, caplog):
-    """Issue 19 point 2: the Llama-2 fallback format wrote no <s> and every engine tokenizes without
+    """The Llama-2 fallback format wrote no <s> and every engine tokenizes without
     special tokens, so a base model without a template was prompted without BOS (and trained so)."""
     from transformers import AutoTokenizer
 
@@ -375,7 +332,7 @@ def test_a_model_without_a_chat_template_gets_one_bos_in_generation_and_training
     assert bos_text(tok) == "<s>" and fallback_format(AutoTokenizer.from_pretrained(tiny_models["chat"])) is None
 
 
-# --- the logprob score prompt (issue 9 point 3) -------------------------------------------------------
+# --- the logprob score prompt -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["metaspace", "llama2_structure", "byte_level", "space_digit", "tekken"])
 @pytest.mark.parametrize("chat_template", [True, False])
@@ -410,7 +367,7 @@ def test_logprob_scores_through_vllm_and_both_http_endpoints(prepared_root, tmp_
     assert chat and all(b["continue_final_message"] and b["messages"][-1]["role"] == "assistant" for b in chat)
 
 
-# --- stop strings (issue 33 point 3, issue 37 point 4) -----------------------------------------------
+# --- stop strings ------------------------------------------------------------------------------------
 
 def test_a_rewrite_stops_at_its_close_and_parses_whole(prepared_root, tmp_path, tiny_models):
     """The runner sends rewrite's requests with the stop string [/RES] (recorded in the shard's config)
@@ -460,7 +417,7 @@ def test_in_process_engines_end_at_a_stop_string_and_say_so(digit_model, vllm, e
     assert cut.stopped is True and cut.finish_reason == "stop"
 
 
-# --- finish reasons (issue 9 point 4) -----------------------------------------------------------------
+# --- finish reasons -----------------------------------------------------------------------------------
 
 def test_only_stop_and_length_are_outputs():
     assert finished("x", 1, 1, "length").finish_reason == "length"
@@ -490,7 +447,7 @@ def test_content_filter_over_http_is_an_error_row(fresh, digit_model, api):
     assert out[2].finish_reason in ("stop", "length")
 
 
-# --- the chat API without a local tokenizer (issue 9 point 5) ----------------------------------------
+# --- the chat API without a local tokenizer ----------------------------------------------------------
 
 def test_chat_api_needs_no_local_tokenizer(prepared_root, tmp_path, fresh, fixture_texts):
     root = copy_root(prepared_root, tmp_path)
@@ -511,7 +468,7 @@ def test_chat_api_needs_no_local_tokenizer(prepared_root, tmp_path, fresh, fixtu
 
 def test_chat_api_without_a_tokenizer_cuts_only_what_the_servers_count_finds_too_long(prepared_root, tmp_path,
                                                                                      fresh, fixture_texts):
-    """Issue 19 point 9: without a tokenizer the byte bound (+128 reserve) cut most documents that fit
+    """Without a tokenizer the byte bound (+128 reserve) cut most documents that fit
     (16 of 32 score prompts at 4096). Where the server counts (vLLM's /tokenize), a document is cut only
     when the server's count is over the budget; without it the byte bound stays."""
     from generation.prompting import fit_prompts
@@ -541,7 +498,7 @@ def test_chat_api_without_a_tokenizer_cuts_only_what_the_servers_count_finds_too
 
 
 def test_a_model_the_server_does_not_serve_is_one_line_naming_what_it_serves(fresh):
-    """Issue 34: a model name the server does not serve said "give --max-model-len", and with that
+    """A model name the server does not serve said "give --max-model-len", and with that
     given the stage ran against the server's own model. The model must be among GET /models' ids."""
     with pytest.raises(EngineError) as e:
         load_engine(EngineConfig("openai", "tiny-chaat", base_url=fresh.url, api="chat", max_model_len=512))
@@ -556,7 +513,7 @@ def test_a_model_the_server_does_not_serve_is_one_line_naming_what_it_serves(fre
     (200, b'{"status": "ok"}', "answered 200 with JSON without a `data` list"),
 ])
 def test_a_url_that_is_no_openai_server_is_named_as_such(status, body, said):
-    """Issue 34: a port that answered 404 (no LLM server) gave "give --max-model-len"; with it given,
+    """A port that answered 404 (no LLM server) gave "give --max-model-len"; with it given,
     the stage ran into errors row by row. The preflight names it, with a hint on /v1."""
     with answering(status, body) as url:
         with pytest.raises(EngineError) as e:
@@ -566,7 +523,7 @@ def test_a_url_that_is_no_openai_server_is_named_as_such(status, body, said):
     assert "/v1" in message and len(message.splitlines()) == 1
 
 
-# --- dtype names, over-long prompts (issue 9 points 6, 7) ---------------------------------------------
+# --- dtype names, over-long prompts -------------------------------------------------------------------
 
 def test_vllm_gets_its_own_dtype_names(tiny_models, vllm):
     for ours, theirs in [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"), ("auto", "auto")]:
@@ -581,7 +538,7 @@ def test_an_over_long_prompt_is_an_error_row_not_a_failed_shard(tiny_models, vll
     assert out[1].finish_reason == "error" and "does not fit max_model_len 64" in out[1].error
 
 
-# --- malformed answers, timeouts, Retry-After (issue 14 points 6, 9) ----------------------------------
+# --- malformed answers, timeouts, Retry-After ---------------------------------------------------------
 
 @pytest.mark.parametrize("raw", [b'{"id": "x", "object": "text_completion"}', b'{"choices": [null]}',
                                  b'{"choices": []}', b"not json {", b'{"choices": [{"finish_reason": "stop"}]}'])
@@ -617,7 +574,7 @@ def test_retry_after_is_honoured(fresh):
     assert out[0].finish_reason in ("stop", "length") and second["time"] - first["time"] >= 2.0
 
 
-# --- final outcomes and the server's back-off headers (issue 18) ---------------------------------------
+# --- final outcomes and the server's back-off headers --------------------------------------------------
 
 def test_the_servers_wait_headers():
     from generation.engines.openai.reader import duration, retry_after, retry_wait
@@ -690,7 +647,7 @@ def test_a_content_filter_row_is_final_in_the_shard_and_never_resent(prepared_ro
     assert again["shards_skipped"] == [0, 1, 2] and again["sent"] == 0 and fresh.requests == []
 
 
-# --- the client's cheap path: prompts short enough in bytes are not tokenized (issue 18 point 4) -------
+# --- the client's cheap path: prompts short enough in bytes are not tokenized --------------------------
 
 def test_byte_bounded_tokenizers_never_exceed_bytes_plus_slack(llama2_structure_tokenizer, tekken_tokenizer,
                                                                fixture_texts):
@@ -746,7 +703,7 @@ def test_fit_prompts_counts_only_what_bytes_cannot_prove(llama2_structure_tokeni
 
 def test_prompts_prepared_in_worker_processes_are_the_same_in_the_same_order(prepared_root, tmp_path, tiny_models,
                                                                             monkeypatch):
-    """Issue 33 point 2: with cores to spare, a stage's prompts are prepared in worker processes
+    """With cores to spare, a stage's prompts are prepared in worker processes
     (generation/preparing.py): the same bytes, in the same order, as on one thread. Kept off on one
     core and for small stages."""
     from transformers import AutoTokenizer
@@ -803,7 +760,7 @@ def test_a_server_answering_503_to_the_preflight_fails_in_seconds(monkeypatch):
 
 
 def test_the_budget_reserves_what_the_request_asks(tmp_path):
-    """Issue 19 point 11: the new tokens a request asks for are the ones its prompt's budget reserved
+    """The new tokens a request asks for are the ones its prompt's budget reserved
     (chat logprob asks for 2: the digit may come after a stripped space), so prompt + max_tokens never
     passes the context (OpenAI's API refuses that; vLLM 0.33.0 would clamp)."""
     from generation.engines.openai.dialect import Dialect
@@ -819,7 +776,7 @@ def test_the_budget_reserves_what_the_request_asks(tmp_path):
         assert body["max_tokens"] == cap
 
 
-# --- one sampler on both vLLM paths (issue 19 point 7) --------------------------------------------------
+# --- one sampler on both vLLM paths ---------------------------------------------------------------------
 
 def test_vllm_offline_and_served_sample_with_the_models_generation_config(prepared_root, tmp_path, digit_model,
                                                                           vllm):

@@ -21,13 +21,11 @@ from schemas.keys import row_seed
 from schemas.layout import RunLayout
 from generation.templates import DEFAULTS
 from tests.conftest import _free_port
-from tests.openai_api_standin import api_server, hosted, method_answer  # noqa: F401 (fixtures)
-# (tests/test_batch_api.py, test_hosted_api.py and test_hostile_answers.py still import them from here)
-from tests.helpers.generation import copy_root, gen, give_instructions, read_stage, reseal  # noqa: F401
+from tests.openai_api_standin import method_answer
+from tests.helpers.generation import (NO_GATE, copy_root, gen, give_instructions, read_generation_rows, read_stage,
+                                      reseal, write_scores)
 
 STAGES = ["backtranslate", "score", "rewrite", "distill", "rate"]
-# Tiny random models never score 5: the tests that drive every stage send rewrite and distill every row.
-NO_GATE = {"rewrite": {"gate": "none"}, "distill": {"gate": "none"}}
 
 
 def test_fit_prompt_cuts_the_document_to_the_budget(tiny_models):
@@ -221,7 +219,7 @@ def test_generation_on_gcs(prepared_root, tiny_models, gcs_emulator, bucket):
     assert gen(root, "backtranslate", tiny_models["plain"])["shards_skipped"] == [0, 1, 2]
 
 
-# ---- stages own their inputs and outputs; the runner names none (issue 12) -------------------------
+# ---- stages own their inputs and outputs; the runner names none ------------------------------------
 
 def test_the_runner_names_no_stage_and_takes_metrics_from_shard_summary(prepared_root, tmp_path, tiny_models):
     import inspect
@@ -260,27 +258,7 @@ def test_user_mistakes_are_one_clear_line(prepared_root, tmp_path, tiny_models, 
         assert cli.main(["generate", "backtranslate", "--root", root] + args + bad) == 1
 
 
-# ---- the gate before rewrite and distill (issue 9, point 2) ----------------------------------------
-
-def write_scores(root, stage, scores, config=None):
-    """`stage` shards as a gate stage writes them: score per id from `scores` (missing: parse failure);
-    `config`: the stage config its markers record (e.g. {"score_mode": "logprob"})."""
-    layout = RunLayout(root)
-    for k in range(3):
-        bt = read_generation_rows(layout.generation_shard("backtranslate", k, 3))
-        rows = [dict(r, stage=stage, score=scores.get(r["id"]), parse_error=None if r["id"] in scores else "no_match")
-                for r in bt]
-        path = layout.generation_shard(stage, k, 3)
-        storage.write_parquet(schemas.to_table(rows, schemas.GENERATION, path), path)
-        made = provenance.made_from(layout, {"candidates": layout.candidates_shard(k, 3),
-                                             "backtranslate": layout.generation_shard("backtranslate", k, 3)}, {})
-        storage.write_text(layout.generation_metrics(stage, k, 3),
-                           json.dumps({provenance.KEY: provenance.seal(path, made), "config": config or {}}))
-
-
-def read_generation_rows(path):
-    return schemas.validate(storage.read_parquet(path), schemas.GENERATION, path).to_pylist()
-
+# ---- the gate before rewrite and distill -----------------------------------------------------------
 
 @pytest.mark.parametrize("stage", ["rewrite", "distill"])
 def test_rewrite_and_distill_send_only_rows_past_the_gate(prepared_root, tmp_path, tiny_models, stage):
@@ -312,7 +290,7 @@ def test_rewrite_and_distill_send_only_rows_past_the_gate(prepared_root, tmp_pat
 
 
 def test_one_gate_lowered_sends_only_new_pairs_and_never_nan_or_cut_scores(prepared_root, tmp_path, tiny_models):
-    """Issue 19 points 3-4, issue 23 point 1: the gate (schemas.recipes.Gate) never passes a NaN score
+    """The gate (schemas.recipes.Gate) never passes a NaN score
     nor a score made from a cut document (assemble could not keep the pair); lowering the threshold
     sends only the pairs that pass now and did not before, the rewrites already made are kept."""
     import math
@@ -355,7 +333,7 @@ def test_one_gate_lowered_sends_only_new_pairs_and_never_nan_or_cut_scores(prepa
 
 
 def test_a_gate_on_logprob_scores_defaults_to_4_5(prepared_root, tmp_path, tiny_models):
-    """Issue 19 point 1: score shards made in logprob mode (their markers say so) gate at 4.5 by
+    """Score shards made in logprob mode (their markers say so) gate at 4.5 by
     default: an expected score of 4.7 is sent, 4.2 is not (at 5, nothing would be)."""
     root = copy_root(prepared_root, tmp_path)
     gen(root, "backtranslate", tiny_models["plain"])
@@ -407,7 +385,7 @@ def test_the_rate_gate_uses_alpagasus_threshold(prepared_root, tmp_path, tiny_mo
     assert sorted(rows.index[rows["finish_reason"].notna()]) == expected
 
 
-# ---- a row is reused only when what it was made from is unchanged (issue 34 point 1) --------------
+# ---- a row is reused only when what it was made from is unchanged ---------------------------------
 
 def hosted_stages(root, hosted, **backtranslate) -> dict:
     """backtranslate, score and rewrite (gated at score 4) on the hosted stand-in: {stage: requests sent}."""
@@ -430,7 +408,7 @@ def assemble_check(root):
 
 
 def test_edited_documents_and_a_changed_template_resend_only_the_rows_they_change(prepared_root, tmp_path, hosted):
-    """Issue 34 point 1: 3 documents keep their ids with edited text, then the backtranslate template
+    """3 documents keep their ids with edited text, then the backtranslate template
     changes. Each stage sends exactly the rows whose input changed; a rewrite row kept below the gate
     is remade (never sent) with its backtranslate row's new instruction: it was reused with the old one,
     as its input_hash (why it was not sent) does not hold it, and assemble refused every night after."""
@@ -469,7 +447,7 @@ def test_edited_documents_and_a_changed_template_resend_only_the_rows_they_chang
 
 
 def test_rerunning_a_stage_as_assemble_advises_remakes_its_stale_rows_only(prepared_root, tmp_path, hosted):
-    """Issue 34 point 1: a rewrite shard whose row below the gate carries an older instruction while its
+    """A rewrite shard whose row below the gate carries an older instruction while its
     inputs are current (as written before such rows were keyed by it) is refused by assemble, which
     tells to rerun bft generate rewrite: that rerun remakes that row, sends nothing, and writes the
     shard as a run from scratch would (it skipped the shard as complete)."""
@@ -493,7 +471,7 @@ def test_rerunning_a_stage_as_assemble_advises_remakes_its_stale_rows_only(prepa
     assemble_check(root)
 
 
-# ---- provenance, integrity, retries (issue 14, points 2, 7, 9) -------------------------------------
+# ---- provenance, integrity, retries ----------------------------------------------------------------
 
 def test_a_shard_made_from_an_older_upstream_or_config_is_redone(prepared_root, tmp_path, tiny_models):
     root = copy_root(prepared_root, tmp_path)
@@ -750,7 +728,7 @@ def test_a_user_error_raised_while_answers_arrive_is_one_line(prepared_root, tmp
     assert seen
 
 
-# ---- one stream across a stage's shards (issue 33 part 1) -----------------------------------------
+# ---- one stream across a stage's shards -----------------------------------------------------------
 
 HOSTED = dict(engine="openai", api="chat", max_model_len=8192, max_new_tokens=64, concurrency=4)
 

@@ -1,4 +1,4 @@
-"""The openai engine against OpenAI's hosted API as its reference documents it (issue 20 point 1):
+"""The openai engine against OpenAI's hosted API as its reference documents it:
 server kinds and the fields each is sent, logprob limits, max_completion_tokens, rate-limit waits;
 every stage against tests/openai_api_standin.py in both score modes, with no 400."""
 import pytest
@@ -9,8 +9,8 @@ from generation.engines.openai.engine import MAX_BACKOFF_S
 from generation.engines.openai.reader import parse
 from generation.engines.openai.transport import check_served
 from generation.job import GenerationError
-from tests.openai_api_standin import APIError, api_server, check_body, hosted  # noqa: F401 (fixtures)
-from tests.test_generation import NO_GATE, copy_root, gen, read_stage
+from tests.openai_api_standin import APIError, check_body
+from tests.helpers.generation import NO_GATE, copy_root, gen, read_stage
 
 MODEL = "gpt-standin"
 
@@ -50,7 +50,7 @@ def test_each_kind_of_server_is_sent_only_the_fields_it_accepts():
 
 
 def test_stop_strings_go_where_servers_take_them_and_their_reason_is_read():
-    """Issue 33 point 3: rewrite's requests stop at [/RES] on vllm and generic servers; OpenAI's API,
+    """Rewrite's requests stop at [/RES] on vllm and generic servers; OpenAI's API,
     whose reasoning models refuse `stop`, gets none. What ended a "stop" answer is read from the
     choice: vLLM's stop_reason, SGLang's matched_stop, else unknown (None)."""
     import orjson
@@ -174,7 +174,7 @@ def test_the_back_off_budget_covers_a_one_minute_token_window():
 
 
 def test_an_answer_over_its_byte_cap_is_a_final_outcome_never_read_whole(prepared_root, tmp_path, hosted):
-    """A server answering 10 MB bodies (issue 35 point 4): the body is read in chunks up to the
+    """A server answering 10 MB bodies: the body is read in chunks up to the
     request's cap (answer_cap: its new tokens at 64 bytes, plus 64 KiB), the rest never; the row is a
     final answer_too_long with its reason, online and from a batch's output file alike."""
     import tracemalloc

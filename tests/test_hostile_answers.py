@@ -1,5 +1,5 @@
 """Property-based (hypothesis) tests of what a hostile or broken OpenAI-compatible server can answer
-with a 200 (issue 23 point 8): generated answers, mutated from valid ones of each API (a value replaced
+with a 200: generated answers, mutated from valid ones of each API (a value replaced
 by any JSON: NaN, 10**30, a lone surrogate, a list where a string was, a key removed) or not JSON at all
 (garbage, nesting past any parser's depth), thrown at the openai engine's parser and at every stage
 through the vLLM-server stand-in. The properties: no traceback, every row accounted for (one per
@@ -24,8 +24,7 @@ from schemas import outcomes
 from generation.engines import Request
 from generation.engines.openai.reader import parse
 from schemas.layout import RunLayout
-from tests.test_engines import digit_model, fresh, server  # noqa: F401  (fixtures)
-from tests.test_generation import copy_root, gen, give_instructions, read_stage, write_scores
+from tests.helpers.generation import copy_root, gen, give_instructions, read_stage, write_scores
 
 # no explain phase: its line tracing (sys.settrace) makes loading a model 100x slower
 SETTINGS = dict(derandomize=True, database=None, deadline=None,

@@ -1,7 +1,12 @@
 """The import graph has floors (docs/ARCHITECTURE.md, "Floors"): every import of our packages, those
-inside functions included, is checked against the rule, and no two modules import each other."""
+inside functions included, is checked against the rule, and no two modules import each other. Test
+modules import only helpers (tests/helpers/, conftest.py), never one another; no product module is
+over MAX_LINES lines."""
 import ast
+import functools
 import os
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("storage", "schemas", "lifecycle", "beam_pipelines", "generation", "training", "bft")
@@ -14,8 +19,10 @@ ALLOWED = {
     "training": {"storage", "schemas", "lifecycle", "generation.prompting", "generation.templates"},
     "bft": set(PACKAGES),
 }
+MAX_LINES = 450   # a module a reader can hold: one concern each
 
 
+@functools.cache   # read by several tests; the files do not change during a run
 def imports() -> dict[str, set[str]]:
     """{module: the modules of our packages it imports} over every .py file of the packages."""
     out: dict[str, set[str]] = {}
@@ -76,3 +83,47 @@ def test_one_list_of_stages():
     assert SPECS[RECIPES[DEFAULT_RECIPE].answer].gate == RECIPES[DEFAULT_RECIPE].gate
     assert {s: SPECS[s].gate for s in STAGES if SPECS[s].gate} == {
         r.answer: r.gate for r in RECIPES.values() if r.answer and r.gate}
+
+
+def imports_a_test_module(name: str) -> bool:
+    """Whether an imported name is (inside) a module tests/test_*.py."""
+    parts = name.split(".")
+    return parts[0] == "tests" and any(p.startswith("test_") for p in parts[1:])
+
+
+def test_no_test_module_imports_another():
+    """A test module is never a library: what several modules share lives in tests/helpers/ or conftest.py,
+    so running, moving or deleting one test module never changes another's."""
+    found = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "tests")):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+                if isinstance(node, ast.Import):
+                    targets = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):   # `from tests import test_x`, `from .test_x import y` too
+                    base = f"tests.{node.module or ''}" if node.level else node.module
+                    targets = [f"{base}.{a.name}" for a in node.names]
+                else:
+                    continue
+                if any(map(imports_a_test_module, targets)):
+                    found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    assert not found, "test modules imported as libraries (move what they share to tests/helpers/ or " \
+                      "conftest.py): " + ", ".join(found)
+
+
+@pytest.mark.xfail(strict=False, reason="until the structure merge")
+def test_no_product_module_is_over_max_lines():
+    long = []
+    for package in PACKAGES:
+        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(folder, name)
+                    with open(path, encoding="utf-8") as f:
+                        n = sum(1 for _ in f)
+                    if n > MAX_LINES:
+                        long.append(f"{os.path.relpath(path, ROOT)} ({n})")
+    assert not long, f"modules over {MAX_LINES} lines (split them along a seam): " + ", ".join(sorted(long))

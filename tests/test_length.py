@@ -334,7 +334,7 @@ def test_load_tokenizer_from_folder_and_missing_file(bpe_tokenizer_path, tmp_pat
         load_tokenizer(str(tmp_path / "nope.json"))
 
 
-# --- the switch between chunks and full tokenization (issue 25 point 2), driven by a fake clock ---
+# --- the switch between chunks and full tokenization, driven by a fake clock ----------------------
 
 class PricedClock:
     """A fake clock for `TokenCounter(clock=...)`: time passes only with the work done, `full` per
@@ -623,7 +623,7 @@ def test_a_worker_refuses_a_tokenizer_changed_after_the_drivers_proof_and_never_
 
 
 def test_threads_share_the_processs_tokenizer_and_each_counts_with_its_own_counter(bpe_tokenizer_path):
-    """Issue 24 point 4: every prepare step loaded and proved the tokenizer again, with an empty cache.
+    """Every prepare step loaded and proved the tokenizer again, with an empty cache.
     A Beam step now keeps the process's SharedTokenizer and asks it for the running thread's counter,
     shared by the steps of that thread: two threads get two counters (caches and totals are not
     thread-safe) on one loaded tokenizer, proved once."""

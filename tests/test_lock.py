@@ -25,7 +25,6 @@ from storage import lock as storage_lock
 from storage.holder import holder_info
 from tests.conftest import ROOT
 from tests.helpers.generation import copy_root, gen
-from tests.openai_api_standin import api_server, hosted  # noqa: F401 (fixtures)
 
 _HOLD = """
 import sys, time
@@ -310,7 +309,7 @@ def test_a_generate_worker_is_refused_only_by_its_own_name(tmp_path, capsys):
         assert rc == 1 and "run bft prepare first" in err, err
 
 
-# ---- fencing: a holder that lost its lock writes and sends nothing more (issue 35 point 3) -------
+# ---- fencing: a holder that lost its lock writes and sends nothing more --------------------------
 
 def raw_write(path: str, data: bytes) -> None:
     """A write by another process's holder (this process's fences do not see it)."""

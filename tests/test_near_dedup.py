@@ -11,26 +11,14 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipelines import minhash as mh
-from beam_pipelines import prepare
 from beam_pipelines.prepare import PrepareConfig
 from beam_pipelines.prepare.near_dedup import ConnectedComponents, node_of
 from schemas.errors import UserError
 from schemas.keys import sample_key
-from tests.conftest import LOCAL, dolma_line, write_dolma_file
+from tests.conftest import LOCAL
+from tests.helpers.near_duplicates import edited, jaccard, planted, run_prepare, write_planted
 
 P = mh.MinHashParams()
-
-
-def jaccard(a: str, b: str) -> float:
-    x, y = set(mh.shingles(a, 5).tolist()), set(mh.shingles(b, 5).tolist())
-    return len(x & y) / len(x | y)
-
-
-def edited(text: str, share: float, rng: random.Random) -> str:
-    words = text.split()
-    for i in rng.sample(range(len(words)), max(1, int(len(words) * share))):
-        words[i] = f"edit{rng.randrange(10 ** 6)}"
-    return " ".join(words)
 
 
 def test_the_estimate_follows_the_true_jaccard_similarity(fixture_texts):
@@ -58,25 +46,6 @@ def test_the_same_normalized_text_collides_in_every_band_and_sketches_are_fixed(
 def test_a_bucket_gives_a_star_and_a_path():
     assert list(mh.bucket_edges([1, 2])) == [(1, 2)]
     assert sorted(mh.bucket_edges([1, 2, 3, 4])) == [(1, 2), (1, 3), (1, 4), (2, 3), (3, 4)]
-
-
-def planted(fixture_texts, clusters=8, copies=3, seed=0):
-    """(id, text) documents: 60 fixture texts, and `copies` near-duplicates of each of the first
-    `clusters` of 150 words or more (a word in 100 edited, some with a boilerplate prefix or suffix:
-    true Jaccard similarity 0.8-0.95 with their original); {id: cluster}."""
-    rng = random.Random(seed)
-    docs, cluster = [], {}
-    for i, text in enumerate(fixture_texts[:60]):
-        docs.append((f"d{i:03d}", text))
-        if len(set(cluster.values())) < clusters and len(text.split()) >= 150:
-            cluster[f"d{i:03d}"] = i
-            for k in range(copies):
-                copy = edited(text, 0.01, rng)
-                copy = ["Home | News | Contact\n" + copy, copy + "\nCopyright 2023. All rights reserved.", copy][k % 3]
-                assert jaccard(text, copy) >= 0.8
-                docs.append((f"c{i}-{k}", copy))
-                cluster[f"c{i}-{k}"] = i
-    return docs, cluster
 
 
 def test_in_memory_every_planted_cluster_is_found_and_its_smallest_rank_survives(fixture_texts):
@@ -118,22 +87,6 @@ def corpus(tmp_path_factory, fixture_texts, bpe_tokenizer_path):
     docs, cluster, glob = write_planted(root, fixture_texts)
     stats = run_prepare(glob, root / "one", bpe_tokenizer_path)
     return {"glob": glob, "root": root, "docs": docs, "cluster": cluster, "stats": stats}
-
-
-def write_planted(root, fixture_texts):
-    """The planted corpus in two head files under root/in; returns (docs, cluster, the input glob)."""
-    docs, cluster = planted(fixture_texts)
-    lines = [dolma_line(i, t) for i, t in docs]
-    write_dolma_file(str(root / "in" / "cc_en_head" / "a.json.gz"), lines[0::2])
-    write_dolma_file(str(root / "in" / "cc_en_head" / "b.json.gz"), lines[1::2])
-    return docs, cluster, str(root / "in" / "*" / "*.json.gz")
-
-
-def run_prepare(glob, out, tok, beam_args=LOCAL, **kw):
-    cfg = PrepareConfig(input=[glob], root=str(out), tokenizer=tok, max_tokens=100_000, num_shards=2,
-                        reject_shards=1, near_dedup=True, **kw)
-    cfg.check()
-    return prepare.run(cfg, beam_args)
 
 
 def read(folder):

@@ -1,4 +1,4 @@
-"""Parsers on literal strings (PROMPTS.md's failure cases included) and the templates."""
+"""Parsers on literal strings (the failure cases of the papers' prompt formats included) and the templates."""
 import pytest
 
 from generation import parsing
@@ -38,7 +38,7 @@ def test_a_score_missing_from_a_cut_output_is_truncated():
 
 
 def test_a_non_finite_digit_probability_is_a_parse_failure():
-    """A NaN weight or a NaN logprob from a server gives NaN probabilities: never a score (issue 23)."""
+    """A NaN weight or a NaN logprob from a server gives NaN probabilities: never a score."""
     nan = float("nan")
     assert parsing.score_from_probs({"1": nan, "5": 0.5}) == ({"score": None, "reasoning": None},
                                                               "non_finite_probability")
@@ -54,7 +54,7 @@ def test_score_from_probs_gives_expectation_and_argmax():
 
 @pytest.mark.parametrize("text, finish, stopped, response, error", [
     ("Sure! [RES] The improved answer. [/RES]", "stop", False, "The improved answer.", None),
-    # one rule (issue 37 point 4): the first complete block is the answer, kept without a parse_error
+    # one rule: the first complete block is the answer, kept without a parse_error
     ("[RES]first[/RES] and [RES]second[/RES]", "stop", False, "first", None),
     ("[RES] an answer that was cut", "length", False, None, "truncated"),
     ("[RES] an answer without its close", "stop", False, None, "unclosed"),
@@ -102,7 +102,7 @@ def test_an_instruction_that_copies_the_document_is_an_echo():
     ("7\nway off", None, "out_of_range"),
     ("The response is accurate.\n5", None, "no_match"),
     ("", None, "empty"),
-    ("5/10\nout of ten", None, "out_of_range"),      # another scale than the prompt's 0-5 (issue 19 point 5)
+    ("5/10\nout of ten", None, "out_of_range"),      # another scale than the prompt's 0-5
     ("4/10", None, "out_of_range"),
     ("3/4", None, "out_of_range"),
     ("4.5/5\nfine", 4.5, None),

@@ -10,8 +10,16 @@ import re
 
 import storage
 from tests.conftest import dolma_line, write_dolma_file
-from tests.test_cli import run as bft
-from tests.test_rebuild import chat_server, corpus, nightly, run_file  # noqa: F401 (fixtures)
+import pytest
+
+from tests.helpers.cli import run as bft
+from tests.helpers.corpora import ten_documents
+from tests.helpers.rebuild import run_file
+
+
+@pytest.fixture
+def corpus(tmp_path, fixture_texts):
+    return ten_documents(tmp_path, fixture_texts)
 
 
 def test_plan_counts_requests_tokens_and_gpu_hours(tmp_path, tiny_models, bpe_tokenizer_path, corpus, capsys):

@@ -1,11 +1,19 @@
-"""bft plan's cost of hosted stages (issue 20 point 4): requests and tokens at the run file's prices
+"""bft plan's cost of hosted stages: requests and tokens at the run file's prices
 per 1M tokens, online and through the Batch API; GPU-hours for the self-hosted stages only. And the
-document tokens it prices where prepare kept documents uncounted (issue 33 point 5)."""
+document tokens it prices where prepare kept documents uncounted."""
 import json
 import os
 
-from tests.test_rebuild import corpus, run_file  # noqa: F401 (corpus: a fixture)
-from tests.test_cli import run as bft
+import pytest
+
+from tests.helpers.cli import run as bft
+from tests.helpers.corpora import ten_documents
+from tests.helpers.rebuild import run_file
+
+
+@pytest.fixture
+def corpus(tmp_path, fixture_texts):
+    return ten_documents(tmp_path, fixture_texts)
 
 
 def test_plan_prices_hosted_stages_online_and_batch(tmp_path, tiny_models, bpe_tokenizer_path, corpus, capsys):
@@ -76,8 +84,8 @@ def test_plan_estimates_the_documents_prepare_kept_uncounted_from_a_counted_samp
 
 
 def test_the_shared_prefix_is_the_template_text_before_the_first_field(tiny_models, tmp_path):
-    """Issue 33 point 3: what a prefix cache can reuse of each stage's prompts. The method's prompts are
-    kept as the papers write them (PROMPTS.md): backtranslate and score put their fixed text first;
+    """What a prefix cache can reuse of each stage's prompts. The method's prompts are
+    kept as the papers write them (generation/templates.py): backtranslate and score put their fixed text first;
     rewrite puts the draft (the document) before its long instruction, so only its first sentence is
     shared."""
     from transformers import AutoTokenizer

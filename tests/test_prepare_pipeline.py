@@ -13,32 +13,13 @@ from beam_pipelines import prepare
 from beam_pipelines.prepare import PrepareConfig, UnreadableFileError
 from schemas.errors import UserError
 from tests.conftest import LOCAL, dolma_line, write_dolma_file
+from tests.helpers.corpora import bad_lines_corpus
+from tests.helpers.shards import assign_in_one_process
 
 
 @pytest.fixture
 def corpus(tmp_path, fixture_texts):
-    """Two head files (with every kind of bad line), one middle file; returns the glob."""
-    docs = tmp_path / "dolma" / "documents"
-    head0 = [dolma_line(f"h{i:03d}", fixture_texts[i], **({"created": "2019-09-15T00:00:00.000Z"} if i == 10 else {}))
-             for i in range(0, 40)]
-    head1 = [dolma_line(f"h{i:03d}", fixture_texts[i]) for i in range(40, 80)]
-    head0 += [
-        b'{"id": "bad-json", "text": "x',
-        b"[1, 2]",
-        dolma_line("no-text", None),
-        dolma_line("blank", "  \n"),
-        b'{"id": "latin1", "text": "caf\xe9"}',
-        dolma_line("a-dup-of-h005", fixture_texts[5]),          # smaller id than h005: it wins
-        dolma_line("z-dup-of-h006", "  " + fixture_texts[6].replace(" ", "\n ")),
-        dolma_line("long", " ".join(fixture_texts[:60])),
-        b"",
-    ]
-    head1 += [dolma_line("h001", "same id, other text"), dolma_line("huge", "y" * (3 << 20))]
-    write_dolma_file(str(docs / "cc_en_head" / "cc_en_head-0000.json.gz"), head0)
-    write_dolma_file(str(docs / "cc_en_head" / "cc_en_head-0001.json.gz"), head1)
-    write_dolma_file(str(docs / "cc_en_middle" / "cc_en_middle-0000.json.gz"),
-                     [dolma_line(f"m{i}", fixture_texts[i]) for i in range(25)])
-    return str(docs / "*" / "*.json.gz")
+    return bad_lines_corpus(tmp_path, fixture_texts)
 
 
 def run_prepare(corpus, root, tok, beam_args=LOCAL, **kw):
@@ -84,7 +65,7 @@ def test_every_record_is_accounted_for(corpus, tmp_path, bpe_tokenizer_path, fix
 
     assert stats["shards"]["balanced_by"] == "utf8_bytes"
     weights = [len(t.encode()) for t in cands["text"]]
-    assert dict(zip(cands["id"], cands["shard"])) == shards.assign_shards(zip(cands["id"], weights), 4)
+    assert dict(zip(cands["id"], cands["shard"])) == assign_in_one_process(zip(cands["id"], weights), 4)
     assert stats["shards"]["balance_max_over_mean"] == round(shards.balance(
         [sum(w for w, k in zip(weights, cands["shard"]) if k == s) for s in range(4)]), 6)
     # dedup keeps the document that ranks first in the sample; the id collision keeps one document
@@ -328,7 +309,7 @@ def test_exact_counts_counts_every_document_and_shards_are_balanced_by_tokens_bu
                                                                              add_special_tokens=False)]
     assert stats["tokens"]["uncounted_documents"] == stats["length_filter"]["kept_by_bound"] == 0
     assert shards.num_buckets(len(cands)) == 8
-    expected = shards.assign_shards(zip(cands["id"], cands["n_tokens"]), 4, 8)
+    expected = assign_in_one_process(zip(cands["id"], cands["n_tokens"]), 4, 8)
     assert dict(zip(cands["id"], cands["shard"])) == expected
     assert stats["shards"]["balanced_by"] == "tokens"
     assert stats["shards"]["balance_max_over_mean"] < 1.2  # 72 documents, 4 shards
@@ -396,7 +377,7 @@ def test_gcs_input_and_output_through_the_emulator(corpus, tmp_path, bpe_tokeniz
     assert table.num_rows > 0
 
 
-# ---- issue 14: robustness (truncated .zst, BOM, unwritable output, _tmp, overwrite, kills) -----------
+# ---- robustness (truncated .zst, BOM, unwritable output, _tmp, overwrite, kills) ---------------------
 
 def prepare_cfg(corpus, root, tok, **kw):
     cfg = PrepareConfig(input=[corpus], root=str(root), tokenizer=tok, max_tokens=4000,
@@ -406,7 +387,7 @@ def prepare_cfg(corpus, root, tok, **kw):
 
 
 def test_a_truncated_zstd_fails_naming_the_file_unless_skipped(tmp_path, bpe_tokenizer_path, fixture_texts):
-    """Issue 14.1: a .zst cut short used to read as a short file: documents vanished, exit 0."""
+    """A .zst cut short used to read as a short file: documents vanished, exit 0."""
     lines = [dolma_line(f"d{i:03d}", fixture_texts[i % 200] + f" {i}") for i in range(300)]
     write_dolma_file(str(tmp_path / "in" / "a.jsonl.zst"), lines[:20])
     cut = write_dolma_file(str(tmp_path / "in" / "b.jsonl.zst"), lines[20:])
@@ -479,7 +460,7 @@ def test_a_killed_runs_tmp_with_document_texts_is_cleaned(corpus, tmp_path, bpe_
 
 def test_an_overwrite_killed_midway_leaves_no_complete_output_and_no_old_shards(corpus, tmp_path,
                                                                                  bpe_tokenizer_path, monkeypatch):
-    """Issue 14.3: the old stats.json stayed while new shards replaced some old ones (ids in two shards);
+    """The old stats.json stayed while new shards replaced some old ones (ids in two shards);
     shard and reject files of another --num-shards stayed behind; another config was skipped silently."""
     from schemas.layout import LayoutError, RunLayout
     from tests.conftest import kill_at
@@ -654,7 +635,7 @@ def test_a_worker_started_through_the_boot_dies_with_its_driver_even_idle(tmp_pa
 
 def test_a_gcs_input_deleted_after_listing_is_unreadable_like_a_local_one(corpus, tmp_path, bpe_tokenizer_path,
                                                                           gcs_emulator, bucket, monkeypatch, capsys):
-    """Issue 23 point 9: an input deleted between the listing and the read gave a NotFound traceback on
+    """An input deleted between the listing and the read gave a NotFound traceback on
     gs://, and --skip-unreadable-files was ignored for it. Now: one line naming the file, or skipped
     and listed in stats.json's unreadable_files, as on local disk."""
     import storage
@@ -686,7 +667,7 @@ def test_a_gcs_input_deleted_after_listing_is_unreadable_like_a_local_one(corpus
 def test_the_tokenizer_is_proved_once_in_the_driver_and_the_worker_threads_use_the_proof(corpus, tmp_path,
                                                                                         bpe_tokenizer_path,
                                                                                         monkeypatch):
-    """Issue 24.4: with --target-docs (three measuring steps) on two worker threads, the tokenizer's
+    """With --target-docs (three measuring steps) on two worker threads, the tokenizer's
     shape is proved once, in the driver, and every worker's counter is built on that proof."""
     import threading
 
@@ -726,7 +707,7 @@ def test_the_tokenizer_is_proved_once_in_the_driver_and_the_worker_threads_use_t
 
 
 def test_a_pass_that_keeps_no_document_names_why_unless_allowed(corpus, tmp_path, bpe_tokenizer_path):
-    """Issue 34: a --splits typo kept 0 documents at exit 0 and the night went on with nothing. Now one
+    """A --splits typo kept 0 documents at exit 0 and the night went on with nothing. Now one
     error names what took every record and the split folders the input has; --allow-empty accepts it
     (the empty output is complete: the next run reuses it)."""
     root = tmp_path / "run"

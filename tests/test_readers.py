@@ -1,5 +1,5 @@
 """The README's lines for reading a release ("Reading a release"), run as they are written on a published
-release: each reader gets both splits and tells them apart (issue 36 point 1: before, every reader but
+release: each reader gets both splits and tells them apart (before, every reader but
 `datasets` got train and validation mixed, with no split column, and DuckDB could not read `data/`)."""
 import collections
 import json

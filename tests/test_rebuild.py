@@ -12,45 +12,15 @@ import yaml
 import storage
 from bft.config import SECTIONS, ConfigError
 from schemas.layout import RunLayout
-from tests.conftest import _free_port, dolma_line, write_dolma_file
-from tests.openai_api_standin import api_server, hosted  # noqa: F401 (fixtures)
-from tests.test_cli import run as bft
-
-
-def write_corpus(folder, texts, ids):
-    write_dolma_file(str(folder / "documents" / "cc_en_head" / f"{ids[0]}.json.gz"),
-                     [dolma_line(i, t) for i, t in zip(ids, texts)])
-
-
-def run_file(tmp_path, tiny_models, tokenizer, root_dir, inputs, **changes) -> str:
-    doc = {
-        "root": root_dir,
-        "prepare": {"input": inputs, "tokenizer": tokenizer, "max_tokens": 4000, "num_shards": 2,
-                    "beam_args": ["--runner=FnApiRunner"]},
-        "generate": {"engine": "hf", "max_new_tokens": 6, "batch_size": 8,
-                     "backtranslate": {"model": tiny_models["chat"]},
-                     "score": {"model": tiny_models["chat"], "score_mode": "logprob"}},
-        # allow_empty: the tiny random models may write no usable pair (a critical alert, tests/test_alerts.py)
-        "assemble": {"recipe": "filter", "min_score": 0, "max_instruction_chars": 5000, "min_instruction_chars": 0,
-                     "allow_empty": True, "beam_args": ["--runner=FnApiRunner"]},
-    }
-    for key, value in changes.items():
-        section, _, name = key.partition("__")
-        if name:
-            stage, _, opt = name.partition("__")
-            target = doc[section][stage] if opt else doc[section]
-            target[opt or name] = value
-        else:
-            doc[section] = value
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return str(path)
+from tests.conftest import _free_port
+from tests.helpers.cli import run as bft
+from tests.helpers.corpora import ten_documents, write_corpus
+from tests.helpers.rebuild import run_file
 
 
 @pytest.fixture
 def corpus(tmp_path, fixture_texts):
-    write_corpus(tmp_path / "dolma", fixture_texts[:10], [f"a{i:02d}" for i in range(10)])
-    return str(tmp_path / "dolma" / "documents" / "*" / "*.json.gz")
+    return ten_documents(tmp_path, fixture_texts)
 
 
 def test_rebuild_runs_the_flow_then_reuses_everything(tmp_path, tiny_models, bpe_tokenizer_path, corpus, capsys):
@@ -132,7 +102,7 @@ def test_a_new_input_file_generates_only_for_its_documents(tmp_path, tiny_models
         assert f"vs {first_release}: examples none in either; kept share 0.0% -> 0.0%" in out, out
     stats = json.loads(open(os.path.join(root, "sft", latest, "stats.json")).read())
     assert stats["funnel"]["candidates"] == 13               # the new release holds the old and the new pairs
-    # the release records its parent; its report shows the diff and the alerts (issue 21 point 3)
+    # the release records its parent; its report shows the diff and the alerts
     assert stats["parent"] == first_release and stats["changes"]["parent"] == first_release
     assert set(stats["changes"]["pass_rates"]) == {"backtranslate", "score"}
     scores = stats["changes"]["scores"]
@@ -183,7 +153,7 @@ def test_external_stages_hand_off_to_workers(tmp_path, tiny_models, bpe_tokenize
     ({"extra": {"a": 1}}, "unknown section 'extra' (known: root, prepare, generate, assemble,"),
     ({"asemble": {"recipe": "filter"}}, f"unknown section 'asemble' (known: {', '.join(SECTIONS)}; did you mean "
                                         "'assemble'?)"),
-    # issue 34: a stage's typo was "section generate.score: unknown key 'rewrtie'"
+    # a stage's typo was "section generate.score: unknown key 'rewrtie'"
     ({"generate__rewrtie": {"model": "m"}}, ": generate: unknown stage 'rewrtie' (known: backtranslate, score, "
                                             "rewrite, distill, rate; did you mean 'rewrite'?)"),
     ({"generate__batch_siz": 4}, ": generate: unknown key 'batch_siz' (known: api, "),
@@ -208,7 +178,7 @@ def test_run_file_errors_name_the_key_and_the_file(tmp_path, tiny_models, bpe_to
 
 def test_plan_and_rebuild_preflight_the_servers_the_run_sends_to(tmp_path, tiny_models, bpe_tokenizer_path, corpus,
                                                                 hosted, monkeypatch, capsys):
-    """Issue 34: with a model the server does not serve, or the server down, `bft plan` exited 0 and
+    """With a model the server does not serve, or the server down, `bft plan` exited 0 and
     `bft rebuild` found it only at that stage, after prepare and the stages before. Both now stop
     first, in one line naming the run file, the stage and what is wrong; each server is asked once;
     an external stage's server (reached by its workers, elsewhere) is not asked from here."""
@@ -341,19 +311,10 @@ def test_rebuild_on_gcs(tmp_path, tiny_models, bpe_tokenizer_path, corpus, gcs_e
     assert storage.read_text(f"{root}/sft/LATEST").strip() == latest
 
 
-@pytest.fixture(scope="module")
-def chat_server(tiny_models):
-    """The vLLM-server stand-in serving the tiny chat model as "tiny-chat" (tests/vllm_standin)."""
-    from tests.vllm_standin.openai_server import StandinServer
-
-    s = StandinServer(tiny_models["chat"], served_name="tiny-chat", max_model_len=8192)  # no document is cut
-    yield s
-    s.stop()
-
 
 def test_a_night_with_content_filter_refusals_publishes_and_the_next_sends_nothing(
         tmp_path, tiny_models, bpe_tokenizer_path, corpus, fixture_texts, chat_server, capsys):
-    """Issue 18: a server that refuses ~10% of the rewrites (finish_reason content_filter, the same
+    """A server that refuses ~10% of the rewrites (finish_reason content_filter, the same
     prompt every time). With default settings the night publishes; the refused rows are final: counted
     in the summary, the release's stats and report, dropped as rewrite:content_filter, and never sent
     again: the next night with nothing changed sends no request at all."""
@@ -457,26 +418,7 @@ def test_rebuild_wait_lets_a_single_external_worker_take_the_root(tmp_path, tiny
     assert "waiting for workers: 0 of 2 shards complete" in out and "published release" in out, (out, err)
 
 
-# ---- issue 34 points 3 and 5: empty input, and what the on-call engineer sees ------------------------
-
-@pytest.fixture
-def nightly(tmp_path, prepared_root, tiny_models, bpe_tokenizer_path):
-    """A copy of the prepared root (12 candidates in 3 shards) whose run file's prepare is reused (no Beam
-    pass), score external (the night stops before assemble): (root, run file, input glob)."""
-    import shutil
-
-    root = str(tmp_path / "run")
-    shutil.copytree(prepared_root, root)
-    stats_path = os.path.join(root, "candidates", "stats.json")
-    stats = json.loads(open(stats_path).read())
-    inputs = os.path.join(root, "in", "*", "*.json.gz")
-    for entry in stats["inputs"]:   # the copy's input files are the ones recorded
-        entry["path"] = entry["path"].replace(prepared_root, root)
-    stats["config"]["input"] = [inputs]
-    open(stats_path, "w").write(json.dumps(stats))
-    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [inputs], prepare__max_tokens=1000,
-                   prepare__num_shards=3, prepare__reject_shards=1, generate__score__external=True)
-    return root, cfg, inputs
+# ---- empty input, and what the on-call engineer sees -------------------------------------------------
 
 
 def test_an_empty_input_folder_is_nothing_new_tonight(tmp_path, tiny_models, bpe_tokenizer_path, capsys):
@@ -649,7 +591,7 @@ def test_bft_status_shows_the_nights_the_pending_work_the_lock_and_latest(nightl
 
 def test_edited_documents_and_a_changed_template_resend_only_the_affected_rows_and_publish(
         tmp_path, tiny_models, bpe_tokenizer_path, corpus, fixture_texts, chat_server, capsys):
-    """Issue 34 point 1: a night in which 3 documents keep their ids with edited text, then a night with
+    """A night in which 3 documents keep their ids with edited text, then a night with
     another backtranslate template, both publish; each stage sends exactly the rows whose input changed,
     and a rewrite row kept below the gate carries its backtranslate row's new instruction (it was reused
     with the old one, and assemble failed every night after)."""

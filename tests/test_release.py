@@ -17,7 +17,7 @@ from bft import cli
 from lifecycle import release
 from schemas.layout import RunLayout
 from tests.conftest import ROOT, SimulatedKill, kill_at, snapshot
-from tests.test_assemble import run, write_root
+from tests.helpers.assemble import run, write_root
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def latest(root):
     return storage.read_text(path).strip() if os.path.exists(path) else None
 
 
-# ---- issue 14.5: validate before _SUCCESS; a rerun finishes an interrupted publish ----------------
+# ---- validate before _SUCCESS; a rerun finishes an interrupted publish ----------------------------
 
 def test_a_release_that_does_not_validate_is_never_marked_complete(root, monkeypatch):
     real = release.parquet_rows
@@ -64,7 +64,7 @@ def test_a_damaged_published_release_is_not_reported_as_published_again(root):
 
 # points at which a whole assemble is killed: inside the Beam pass (a staged part, a data file) and the
 # driver's first write after it (the report); every later point is a write of the publish protocol,
-# driven below with a small build (issue 24.7: the same protocol code, without a Beam pass per point)
+# driven below with a small build (the same protocol code, without a Beam pass per point)
 KILL_POINTS = [r"/sft/_tmp/.*/web-", r"/data/split=train/part-00001-of-00002\.parquet$", r"/v1/report\.html$"]
 # every write of a release, in the order assemble makes them: the data, the report, the card, the
 # stats, then publish's own: the manifest, _SUCCESS, LATEST
@@ -154,7 +154,7 @@ def test_publish_killed_at_any_write_reruns_to_the_release_of_an_uninterrupted_r
         release.validate(os.path.join(root, "sft", "v1"))
 
 
-# ---- issue 14.10: malformed and edited manifests -------------------------------------------------
+# ---- malformed and edited manifests --------------------------------------------------------------
 
 def _edit_manifest(folder, change):
     path = os.path.join(folder, "manifest.json")
@@ -199,7 +199,7 @@ def test_success_holds_the_manifest_checksum_in_sha256sum_format(published):
     assert subprocess.run(["sha256sum", "--status", "-c", "_SUCCESS"], cwd=folder).returncode == 0
 
 
-# ---- issue 14.8: validate never reads Parquet through Arrow's threads on a BufferReader ---------------
+# ---- validate never reads Parquet through Arrow's threads on a BufferReader ---------------------------
 
 def test_validate_and_gcs_reads_do_not_use_read_table_on_a_buffer(published, monkeypatch):
     """The pattern of apache/arrow#34314 and #33975 (SIGABRT in a few percent of processes): a
@@ -254,7 +254,7 @@ def test_an_empty_success_is_named_and_a_rerun_re_marks_a_release_without_rebuil
 
 @pytest.mark.parametrize("name", ["../../other/sft/v1", "/abs/sft/v1", "v1/../../x", "LATEST", ".."])
 def test_latest_names_a_version_inside_its_own_sft(tmp_path, capsys, name):
-    """Issue 23 point 4: LATEST that points outside its sft/ (another root's release, an absolute
+    """LATEST that points outside its sft/ (another root's release, an absolute
     path) is refused in one line, never followed."""
     from bft import cli
 
@@ -282,7 +282,7 @@ def _tamper(folder, rel, target, manifest_bytes=None):
 
 
 def test_a_tampered_release_with_links_is_refused_without_reading_them(published, tmp_path, capsys):
-    """Issue 23 point 7: README.md a link to /dev/zero with `bytes: 0` in the manifest made `bft
+    """README.md a link to /dev/zero with `bytes: 0` in the manifest made `bft
     validate` hash an endless file. A link (to a device, to another release's file, to a folder) or a
     FIFO is a problem named in the one report, and never opened: a FIFO would block an open()."""
     root = published

@@ -1,4 +1,4 @@
-"""The release as a data scientist reads it (issue 13): the statistics behind report.html (examples,
+"""The release as a data scientist reads it: the statistics behind report.html (examples,
 funnel, per-stage requests, score distributions, comparable lengths and diversity, provenance), the
 dataset card, the validation split of small releases, the release read once by `bft train`, and the
 report opened in a real headless browser."""
@@ -20,7 +20,7 @@ from beam_pipelines.report import page as report_page
 from beam_pipelines.assemble import corpus_stats
 from lifecycle import release
 from schemas.layout import RunLayout
-from tests.test_assemble import gen_row, run, write_marker, write_root, write_seed
+from tests.helpers.assemble import gen_row, run, write_marker, write_root, write_seed
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,7 +102,7 @@ def test_examples_funnel_and_stages_travel_through_the_partials(seeded_release):
                              "response": "Rewrite answer for a0.", "score": 5.0, "url": "https://example.org/a0",
                              "reason": None, "detail": None, "raw_output": None,
                              "source": "Document a0 is about the weather in the mountains. " * 3}
-    # a dropped row carries what the failing stage's model wrote (issue 21 point 4), shown for its output
+    # a dropped row carries what the failing stage's model wrote, shown for its output
     no_match = ex["dropped"]["score:no_match"][0]
     assert no_match["raw_output"] is not None and no_match["raw_output"] in open(os.path.join(folder, "report.html")).read()
     dropped = {r: [e["id"] for e in rows] for r, rows in ex["dropped"].items()}
@@ -169,7 +169,7 @@ def test_report_html_shows_examples_stages_scores_and_provenance(seeded_release)
                                  "data:text/html,<script>alert(1)</script>", "file:///etc/passwd",
                                  "https://a.org/\njavascript:x", "vbscript:msgbox(1)"])
 def test_only_http_urls_become_links_and_the_page_forbids_scripts(seeded_release, url):
-    """Issue 23 point 3: a Dolma `metadata.url` of `javascript:alert(document.domain)` was a clickable
+    """A Dolma `metadata.url` of `javascript:alert(document.domain)` was a clickable
     link. Only http(s) URLs are links; the rest is text; the page's CSP forbids any script."""
     import copy
     import re
@@ -284,7 +284,7 @@ def test_alerts_fire_on_a_small_validation_split_errors_and_a_moved_pass_rate():
 
 
 def test_the_paper_is_beside_us_where_we_measure_the_same(seeded_release):
-    """Issue 21 point 5: Table 6 lengths for the recipe's row, score validity, the score-5 share and
+    """Table 6 lengths for the recipe's row, score validity, the score-5 share and
     the share removed as too long, each with our figure and where the paper says it."""
     folder, stats = seeded_release
     rows = {r[0]: r for r in numbers.paper_rows(stats)}
@@ -303,7 +303,7 @@ def test_the_paper_is_beside_us_where_we_measure_the_same(seeded_release):
 
 
 def test_the_too_long_row_counts_every_length_drop():
-    """Issue 37 point 3: a pair whose document was cut in a stage's prompt is dropped by assemble for its
+    """A pair whose document was cut in a stage's prompt is dropped by assemble for its
     length as surely as a document over prepare's limit: the row counted only prepare's."""
     stats = {"funnel": {"dolma": {"input_records": 110, "dropped": {"other_split": 10, "too_long": 10}},
                         "dropped": {"score:input_truncated": 5, "rewrite:input_truncated": 3, "score_below_threshold": 40}}}
@@ -324,12 +324,12 @@ def test_the_score_summary_of_a_histogram():
 @pytest.mark.parametrize("threshold,integer_bars,x", [(5.0, True, 4.5), (4.5, True, 4.5), (3.2, True, 3.5),
                                                       (4.5, False, 44.5), (5.0, False, 49.5)])
 def test_the_threshold_line_is_drawn_where_the_threshold_is(threshold, integer_bars, x):
-    """Issue 36: the logprob mode's 4.5 over integer bars was drawn at 4 (the middle of bar 4). On
+    """The logprob mode's 4.5 over integer bars was drawn at 4 (the middle of bar 4). On
     integer bars the line separates the scores below the threshold from those at or over it."""
     assert numbers.threshold_x(threshold, integer_bars) == x
 
 
-# ---- browsing a sample (issue 36 point 5) ------------------------------------------------------------------
+# ---- browsing a sample -------------------------------------------------------------------------------------
 
 def test_the_browse_sample_takes_an_equal_share_of_each_stratum_whatever_the_sharding():
     from schemas.examples import examples

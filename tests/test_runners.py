@@ -36,10 +36,10 @@ from beam_pipelines.assemble import driver as assemble
 from beam_pipelines.assemble.config import AssembleConfig
 from beam_pipelines.prepare import PrepareConfig
 from tests.conftest import LOCAL, ROOT, _free_port, flink_cluster
-from tests.test_assemble import write_root, write_seed
-from tests.test_decontaminate import IN_INSTRUCTION, IN_RESPONSE, eval_files, plant  # noqa: F401  (a fixture)
-from tests.test_near_dedup import run_prepare, write_planted
-from tests.test_prepare_pipeline import corpus  # noqa: F401  (the fixture)
+from tests.helpers.assemble import write_root, write_seed
+from tests.helpers.corpora import bad_lines_corpus
+from tests.helpers.decontamination import IN_INSTRUCTION, IN_RESPONSE, plant
+from tests.helpers.near_duplicates import run_prepare, write_planted
 
 START_TIMEOUT_S = 60
 # what differs between two runs of one config in two roots: times, what hashes the root's name, and
@@ -180,6 +180,11 @@ def _stable(value, root):
     return value.replace(root, "<root>") if isinstance(value, str) else value
 
 
+@pytest.fixture
+def corpus(tmp_path, fixture_texts):
+    return bad_lines_corpus(tmp_path, fixture_texts)
+
+
 def _prepare(corpus, root, tok, beam_args, **kw):
     cfg = PrepareConfig(input=[corpus], root=str(root), tokenizer=tok, max_tokens=4000, num_shards=4,
                         reject_shards=2, **kw)
@@ -227,7 +232,7 @@ def test_prepare_and_assemble_on_a_flink_cluster_equal_the_local_runner(flink, t
 @pytest.mark.engines
 @pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("target_docs", [None, 30])
-def test_prepare_on_other_engines(request, runner, corpus, tmp_path, bpe_tokenizer_path, target_docs):  # noqa: F811
+def test_prepare_on_other_engines(request, runner, corpus, tmp_path, bpe_tokenizer_path, target_docs):
     engine = request.getfixturevalue(runner)
     local = _prepare(corpus, tmp_path / "local", bpe_tokenizer_path, LOCAL, target_docs=target_docs)
     other = _prepare(corpus, tmp_path / "other", bpe_tokenizer_path, engine, target_docs=target_docs)
@@ -267,7 +272,7 @@ def test_near_dedup_on_other_engines(request, runner, tmp_path, fixture_texts, b
 
 
 @pytest.mark.engines
-def test_a_gcs_root_on_flink(flink, gcs_emulator, bucket, corpus, tmp_path, bpe_tokenizer_path):  # noqa: F811
+def test_a_gcs_root_on_flink(flink, gcs_emulator, bucket, corpus, tmp_path, bpe_tokenizer_path):
     """A gs:// root on the cluster: its workers (started with the emulator's address) read the input and
     write the candidates to the bucket, the same files as the local runner's local root."""
     with submitted(flink) as jobs:

@@ -111,7 +111,7 @@ def _docs(n):
 
 @pytest.mark.parametrize("name", ["a.jsonl.zst", "a.json.gz"])
 def test_a_cut_compressed_file_is_an_error_naming_it_not_a_short_file(tmp_path, name):
-    """Issue 14.1: 600 documents cut at 60% used to read as ~360 lines and one malformed line."""
+    """600 documents cut at 60% used to read as ~360 lines and one malformed line."""
     from tests.conftest import write_dolma_file
 
     path = write_dolma_file(str(tmp_path / name), _docs(600))
@@ -153,7 +153,7 @@ def test_check_writable_names_a_file_in_the_way(tmp_path):
     assert os.listdir(tmp_path / "d" / "candidates") == []
 
 
-# ---- issue 23 point 9: GCS errors are the OSErrors a local file gives --------------------------------
+# ---- GCS errors are the OSErrors a local file gives --------------------------------------------------
 
 def test_gcs_errors_map_to_oserrors_naming_the_path(bucket, monkeypatch):
     from google.api_core import exceptions as gexc
@@ -187,7 +187,7 @@ def test_validate_names_a_release_file_deleted_after_listing(bucket, monkeypatch
     (was a NotFound traceback)."""
     from bft import cli
     from lifecycle import release
-    from tests.test_assemble import run, write_root
+    from tests.helpers.assemble import run, write_root
 
     root = write_root(f"gs://{bucket}/run", bpe_tokenizer_path)
     folder = f"{root}/sft/{run(root, version='v1')['version']}"

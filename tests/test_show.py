@@ -1,5 +1,5 @@
-"""The lineage each example carries and `bft show ID` (issue 36 point 2), on the shared published release
-(tests/conftest.py `published`: tests/test_assemble.py's generation shards, recipe filter+rewrite)."""
+"""The lineage each example carries and `bft show ID`, on the shared published release (tests/conftest.py
+`published`: tests/helpers/assemble.py's generation shards, recipe filter+rewrite)."""
 import json
 import os
 
@@ -8,10 +8,7 @@ import pytest
 
 from bft import cli
 from lifecycle import release
-
-
-def crawl_date(doc_id):   # what tests/test_assemble.py's write_root gives each candidate
-    return f"2019-09-{10 + int(doc_id[1:]):02d}T00:00:00.000Z"
+from tests.helpers.assemble import crawl_date   # what write_root gives each candidate
 
 
 def show(capsys, *args):

@@ -15,7 +15,7 @@ import storage
 from schemas.layout import RunLayout
 from tests.helpers.generation import copy_root, read_stage
 from tests.helpers.processes import CliForks
-from tests.openai_api_standin import api_server, hosted, method_answer  # noqa: F401 (fixtures)
+from tests.openai_api_standin import method_answer
 
 
 def grow_candidates(root: str, times: int) -> int:

@@ -167,7 +167,7 @@ def test_the_trained_folder_loads_in_the_hf_engine_and_reruns_are_no_ops(forward
 
 
 def test_sft_trains_on_a_published_release(tmp_path, tiny_models, bpe_tokenizer_path, seed_file):
-    from tests.test_assemble import run as assemble, write_root
+    from tests.helpers.assemble import run as assemble, write_root
 
     root = write_root(str(tmp_path / "run"), bpe_tokenizer_path, stages=("backtranslate", "score", "rewrite"))
     assemble(root, seed_data=seed_file, version="r1")
@@ -339,7 +339,7 @@ def test_eval_prompt_puts_the_tag_where_training_does_and_the_judge_prompt_is_mt
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
     "{{ m['content'] }} {% endfor %}"])
 def test_a_template_that_drops_the_system_turn_is_refused(tiny_models, template):
-    """Issue 19 point 14: the tags are system prompts; a base whose chat template drops (or refuses)
+    """The tags are system prompts; a base whose chat template drops (or refuses)
     the system turn would train without them, silently: refused, naming the fix."""
     from transformers import AutoTokenizer
 
@@ -354,7 +354,7 @@ def test_a_template_that_drops_the_system_turn_is_refused(tiny_models, template)
 
 
 def test_the_judge_prompt_is_fitted_and_failures_are_counted_apart(tiny_models):
-    """Issue 19 point 8: two answers of up to 1024 tokens plus 2048 new tokens did not fit a 4096 judge:
+    """Two answers of up to 1024 tokens plus 2048 new tokens did not fit a 4096 judge:
     engine errors, counted as `no_verdict`, and long-answer items left the win rate. Now the answers are
     cut to fit (the longer first), engine errors are counted apart, and the win rate is given over the
     judged items and over all items."""

@@ -47,13 +47,13 @@ def test_trl_assistant_only_labels_equal_ours_row_by_row(tiny_models, tmp_path):
 
 
 def test_trl_trains_on_a_release_loaded_from_its_data_folder(tiny_models, tmp_path, bpe_tokenizer_path):
-    """Issue 21 point 1: TRL reads a release as a training team loads it, `load_dataset(<release>)` (the
+    """TRL reads a release as a training team loads it, `load_dataset(<release>)` (the
     card's configs: data/), and trains on the tokens `bft train` would."""
     import datasets
     from transformers import AutoModelForCausalLM
 
     from lifecycle import release
-    from tests.test_assemble import run, write_root, write_seed
+    from tests.helpers.assemble import run, write_root, write_seed
 
     root = write_root(str(tmp_path / "run"), bpe_tokenizer_path)
     run(root, seed_data=write_seed(str(tmp_path / "seed.jsonl")), version="v1")

@@ -19,8 +19,6 @@ import heapq
 import math
 from typing import Iterable
 
-from schemas.keys import balance_bucket
-
 BUCKET_DOCS = 50_000  # documents balanced together by one worker (~30 MB of their keys)
 
 
@@ -52,20 +50,6 @@ def assign_bucket(docs: Iterable[tuple[str, int]], num_shards: int, bucket: int 
         tokens, rank, k = heapq.heappop(heap)
         out[doc_id] = k
         heapq.heappush(heap, (tokens + n, rank, k))
-    return out
-
-
-def assign_shards(docs: Iterable[tuple[str, int]], num_shards: int, n_buckets: int | None = None) -> dict[str, int]:
-    """{id: shard} for (id, n_tokens) pairs, bucket by bucket (in one process: for tests and the
-    simulation; the pipeline balances each bucket on its own worker)."""
-    docs = list(docs)
-    n_buckets = num_buckets(len(docs)) if n_buckets is None else n_buckets
-    buckets: dict[int, list[tuple[str, int]]] = {}
-    for d in docs:
-        buckets.setdefault(balance_bucket(d[0], n_buckets), []).append(d)
-    out: dict[str, int] = {}
-    for b, members in buckets.items():
-        out.update(assign_bucket(members, num_shards, b))
     return out
 
 
