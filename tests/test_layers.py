@@ -114,7 +114,6 @@ def test_no_test_module_imports_another():
                       "conftest.py): " + ", ".join(found)
 
 
-@pytest.mark.xfail(strict=False, reason="until the structure merge")
 def test_no_product_module_is_over_max_lines():
     long = []
     for package in PACKAGES:
