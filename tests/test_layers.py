@@ -6,7 +6,6 @@ import ast
 import functools
 import os
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("storage", "schemas", "lifecycle", "beam_pipelines", "generation", "training", "bft")
