@@ -83,9 +83,10 @@ def _prepare(cfg, beam_args, run_file) -> int:
 
 
 def _generate(cfg, beam_args, run_file) -> int:
+    from generation.job import worker_job
     from generation.runner import StageRunner
 
-    with StageRunner(cfg) as runner:
+    with StageRunner(worker_job(cfg)) as runner:
         summary = runner.run()
     from schemas.outcomes import refused_text
 
@@ -333,6 +334,10 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
             # a generate stage's run keys (external, workers, tokens_per_s) are bft rebuild's: not used here
             file_values, run_values, _ = config.section_values(cls, doc, args.config, head, sub or flags.get("stage"))
             beam_args = run_values.get("beam_args", []) + beam_args
+        if verb.name == "generate" and flags.get("job"):   # an external worker: the job bft rebuild wrote
+            from generation.job import job_options
+
+            file_values = job_options(flags, args.config)
         cfg = config.build(cls, file_values, flags, args.config or "")
         with root_lock(verb, cfg):
             return verb.run(cfg, beam_args, args.config)

@@ -33,8 +33,9 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
+import storage
 from bft.night import Night, night_text, release_changes, stage_line, stage_values
 from bft.run_file import RunPlan, StagePlan, check_servers, derived, load_run
 from schemas.errors import EX_TEMPFAIL, JSON_ANSWERED, UserError, exit_status, one_line
@@ -64,19 +65,25 @@ class RebuildConfig:
             raise UserError(f"--empty-exit-code {self.empty_exit_code}: an exit status, from 0 to 255")
 
 
-def worker_command(path: str, sp: StagePlan) -> str:
-    """What the external workers of stage `sp` run: the run's gate decision (load_run) passed on, so
-    that they gate as this run does: the run's threshold (`sp.gate`), or `--gate none` for a recipe
-    without a gate."""
-    from schemas.recipes import NO_GATE
+def write_worker_job(sp: StagePlan) -> str:
+    """The external stage `sp` resolved once (generation.job.resolve_job: its gate, the run's, caps,
+    sampling, template text) and written for its workers (ROOT/_jobs/STAGE.json, whole or not at
+    all): every worker runs this one job, not options rebuilt from flags. Returns its path."""
+    from generation.job import resolve_job
 
-    extra = f" --min-score {sp.gate.threshold:g}" if sp.gate is not None else ""
-    if sp.cfg.gate == NO_GATE:   # the recipe sends the stage every pair (run_file._stage_gate)
-        extra = f" --gate {NO_GATE}"
+    path = sp.cfg.layout.stage_job(sp.stage)
+    storage.write_text(path, resolve_job(sp.cfg).to_json() + "\n")
+    return path
+
+
+def worker_command(job_path: str, sp: StagePlan) -> str:
+    """What the external workers of stage `sp` run: the job file (write_worker_job), with each
+    worker's index when there are several."""
+    command = f"bft generate {sp.stage} --job {shlex.quote(job_path)}"
     if sp.workers > 1:
-        return (f"bft generate {sp.stage} --config {shlex.quote(path)}{extra} --worker-index $I --num-workers "
-                f"{sp.workers}   # for I in 0..{sp.workers - 1}, one per GPU or node")
-    return f"bft generate {sp.stage} --config {shlex.quote(path)}{extra}"
+        return (f"{command} --worker-index $I --num-workers {sp.workers}   # for I in 0..{sp.workers - 1}, "
+                "one per GPU or node")
+    return command
 
 
 class _Out:
@@ -168,7 +175,7 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
             if status["pending"] and cfg.wait:
                 status = _wait(sp, cfg, say, lock)
             if status["pending"]:
-                command = worker_command(plan.path, sp)
+                command = worker_command(write_worker_job(sp), sp)
                 say(f"   {len(status['complete'])} of {status['shards']} shards complete; the workers run:\n     "
                     f"{command}\n   then run this rebuild again (or with --wait)")
                 night.save("waiting for external workers")

@@ -8,7 +8,9 @@ runner, its shards and its dispatch only read the job; an external worker can be
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+
+import storage
 
 from generation.engines.base import ENGINES, EngineConfig, EngineOptions
 from generation.stages import STAGES, Gate, StageSpec
@@ -35,6 +37,10 @@ class GenerateConfig(Rooted, EngineOptions):
     worker_index: int = option(0, "this worker's index: it takes shards k with k % num_workers == index",
                                run_only=True)
     num_workers: int = option(1, "workers sharing the stage", run_only=True)
+    job: str | None = option(None, "a job file bft rebuild wrote for an external stage (ROOT/_jobs/STAGE.json: the "
+                             "run's options resolved once, its gate included): run as is, with this worker's "
+                             "--worker-index and --num-workers (no other option may be given with it)",
+                             run_only=True)
     temperature: float | None = option(None, "sampling temperature (default: the stage's, 1.0 in the paper)")
     top_p: float | None = option(None, "nucleus sampling (default: the stage's, 0.9 in the paper)")
     max_new_tokens: int | None = option(None, "new-token cap (default: the stage's)")
@@ -185,3 +191,35 @@ def resolve_job(cfg: GenerateConfig) -> StageJob:
                     spec.top_p if cfg.top_p is None else cfg.top_p,
                     () if logprob_prefix else spec.stop, logprob_prefix, load_template(cfg.stage, cfg.template),
                     cfg.engine_config())
+
+
+# what `bft generate STAGE --job FILE` takes besides the job: which worker this is
+WORKER_FLAGS = ("stage", "job", "worker_index", "num_workers")
+JOB_LIMIT = 1 << 20   # a job file is a few KB (the template's text included)
+
+
+def read_job(path: str) -> StageJob:
+    """The job file `bft rebuild` wrote for an external stage (RunLayout.stage_job)."""
+    return StageJob.from_json(storage.read_input(path, JOB_LIMIT, "the stage job").decode("utf-8", "replace"), path)
+
+
+def job_options(flags: dict, config_file: str | None) -> dict:
+    """The options `bft generate STAGE --job FILE` runs with: the job's own, as bft rebuild resolved
+    them, with this worker's --worker-index and --num-workers; any other option is refused, so that
+    every worker runs the one job."""
+    path = flags["job"]
+    extra = sorted(set(flags) - set(WORKER_FLAGS))
+    if extra or config_file:
+        named = ", ".join(["--config"] * bool(config_file) + ["--" + n.replace("_", "-") for n in extra])
+        raise UserError(f"--job {path} fixes the stage's options: give only --worker-index and --num-workers "
+                        f"with it, not {named}")
+    job = read_job(path)
+    if flags.get("stage") != job.options.stage:
+        raise UserError(f"--job {path} is a job of stage {job.options.stage}, not {flags.get('stage')}")
+    return {k: v for k, v in asdict(job.options).items() if k not in WORKER_FLAGS}
+
+
+def worker_job(cfg: GenerateConfig) -> StageJob | GenerateConfig:
+    """What `bft generate` runs: the job file's StageJob with this worker's options (`cfg`, built by
+    job_options), or `cfg` itself without --job (resolved by the runner)."""
+    return replace(read_job(cfg.job), options=cfg) if cfg.job else cfg

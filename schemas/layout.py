@@ -18,6 +18,7 @@ parses shard names.
     <root>/eval/<name>.json                                   bft eval (answers, judgments)
     <root>/_night.json, _last_night.json                      bft rebuild's record of the night in progress
                                                               and of the last night that ended
+    <root>/_jobs/<stage>.json                                 an external stage's resolved job, for its workers
     <root>/_lock/<name>                                       who writes the root now (lifecycle.lock): "root",
                                                               or generate-<stage>-<I>-of-<W> for one worker
     <root>/_damaged/<path>.<time> (+ .reason)                 state files found damaged on read, set aside
@@ -48,6 +49,7 @@ CHECKPOINTS = "_checkpoints"
 BATCHES = "_batches"
 NIGHT = "_night.json"
 LAST_NIGHT = "_last_night.json"
+JOBS = "_jobs"
 LOCK = "_lock"
 DAMAGED = "_damaged"
 STATS = "stats.json"
@@ -206,6 +208,11 @@ class RunLayout:
 
     def generation_metrics(self, stage: str, shard: int, num_shards: int) -> str:
         return self._join(GENERATIONS, stage, shard_name(stage, shard, num_shards, "metrics.json"))
+
+    def stage_job(self, stage: str) -> str:
+        """The resolved job of an external stage (generation.job.StageJob as JSON), written by `bft
+        rebuild` for its workers: `bft generate STAGE --job FILE` runs it as is."""
+        return self._join(JOBS, f"{stage}.json")
 
     @property
     def night_record(self) -> str:

@@ -132,12 +132,18 @@ def test_external_stages_hand_off_to_workers(tmp_path, tiny_models, bpe_tokenize
     rc, out, _ = bft(capsys, "rebuild", "--config", cfg)
     assert rc == 75
     assert "0 of 2 shards complete" in out
-    assert f"bft generate score --config {cfg} --worker-index $I --num-workers 2" in out
+    job = os.path.join(root, "_jobs", "score.json")   # the stage resolved once, for every worker
+    assert f"bft generate score --job {job} --worker-index $I --num-workers 2" in out
     assert not os.path.exists(os.path.join(root, "sft"))
     rc, out, err = bft(capsys, "rebuild", "--config", cfg, "--wait", "--wait-timeout", "0", "--poll-s", "0")
     assert rc == 1 and "still missing after --wait-timeout 0 s" in err
+    # the job fixes the options: another option beside it, or another stage's job, is one line
+    rc, _, err = bft(capsys, "generate", "score", "--job", job, "--temperature", "0.5")
+    assert rc == 1 and "give only --worker-index and --num-workers with it, not --temperature" in err
+    rc, _, err = bft(capsys, "generate", "backtranslate", "--job", job)
+    assert rc == 1 and "is a job of stage score, not backtranslate" in err
     for i in range(2):  # what each worker runs on its GPU
-        rc, out, err = bft(capsys, "generate", "score", "--config", cfg, "--worker-index", str(i), "--num-workers", "2")
+        rc, out, err = bft(capsys, "generate", "score", "--job", job, "--worker-index", str(i), "--num-workers", "2")
         assert rc == 0, err
     rc, out, err = bft(capsys, "rebuild", "--config", cfg)
     assert rc == 0, err
@@ -240,12 +246,14 @@ def test_the_recipes_threshold_gates_the_answering_stage(tmp_path, tiny_models, 
 def test_one_gate_decision_filters_the_rewrite_requests_and_keeps_the_pairs(tmp_path, tiny_models, bpe_tokenizer_path,
                                                                             corpus, monkeypatch, changes, threshold):
     """The threshold followed from the run file to where it acts: the gate the rewrite stage's requests
-    are filtered by (in this process and in an external worker's command) and the gate assemble keeps
+    are filtered by (in this process and in an external worker's job) and the gate assemble keeps
     pairs at are the one Gate that one resolve_gate call decided when the run was loaded."""
+    from beam_pipelines.assemble.config import resolve
     from bft import run_file as loader
-    from bft.rebuild import worker_command
+    from bft.rebuild import write_worker_job
+    from generation.job import read_job
     from generation.runner import StageRunner
-    from schemas.recipes import RECIPES, resolve_gate
+    from schemas.recipes import resolve_gate
 
     decided = []
 
@@ -261,9 +269,9 @@ def test_one_gate_decision_filters_the_rewrite_requests_and_keeps_the_pairs(tmp_
     assert len(decided) == 1 and decided[0].threshold == threshold and plan.gate is decided[0]
     rewrite = [sp for sp in plan.stages if sp.stage == "rewrite"][0]
     assert rewrite.gate is plan.gate and StageRunner(rewrite.cfg).gate == plan.gate             # (a) the requests
-    assert f"--min-score {threshold:g}" in worker_command(cfg, rewrite)
-    # (b) assemble: its config's threshold wins over a default when given; no score shard records a mode here
-    assert resolve_gate(RECIPES[plan.assemble.recipe].gate, None, plan.assemble.min_score) == plan.gate
+    assert read_job(write_worker_job(rewrite)).gate == plan.gate
+    # (b) assemble's job, resolved from the config the run file gave it (no score shard records a mode here)
+    assert resolve(plan.assemble, plan.layout, {"config": {"tokenizer": "t"}}).rules.gate == plan.gate
 
 
 def test_the_rewrite_recipe_sends_every_parsed_pair_to_rewrite_and_publishes(tmp_path, tiny_models, bpe_tokenizer_path,
@@ -272,8 +280,9 @@ def test_the_rewrite_recipe_sends_every_parsed_pair_to_rewrite_and_publishes(tmp
     score: `bft rebuild` with `recipe: rewrite` sent nothing and failed asking for score shards the
     recipe never makes. The recipe owns the gate: its answering stage is sent every parsed pair
     (`--gate none`, also in an external worker's command), and a gate named for it is refused."""
-    from bft.rebuild import worker_command
+    from bft.rebuild import write_worker_job
     from bft.run_file import load_run
+    from generation.job import read_job
 
     root = str(tmp_path / "run")
     cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], assemble__recipe="rewrite",
@@ -281,7 +290,7 @@ def test_the_rewrite_recipe_sends_every_parsed_pair_to_rewrite_and_publishes(tmp
     plan = load_run(cfg)
     assert [sp.stage for sp in plan.stages] == ["backtranslate", "rewrite"]
     rewrite = plan.stages[1]
-    assert rewrite.cfg.gate_rule() is None and "--gate none" in worker_command(cfg, rewrite)
+    assert rewrite.cfg.gate_rule() is None and read_job(write_worker_job(rewrite)).gate is None
     rc, out, err = bft(capsys, "rebuild", "--config", cfg)
     assert rc == 0, err
     assert "published release" in out
