@@ -131,6 +131,7 @@ def measure(plan, pilot: dict) -> dict:
 
     from beam_pipelines.assemble import recipes
     from schemas.outcomes import NOT_SENT, is_engine_error
+    from schemas import drops as schemas_drops
     from schemas.drops import CURATION_DROPS
     from schemas.recipes import RECIPES
 
@@ -152,8 +153,8 @@ def measure(plan, pilot: dict) -> dict:
         if reason is not None:
             drops[reason] = drops.get(reason, 0) + 1
 
-    def dropped_at(stage: str, reason: str | None) -> bool:
-        return reason is not None and (reason.startswith(f"{stage}:") or reason == f"{stage}_below_threshold")
+    def dropped_at(stage: str, reason: str | None) -> bool:   # the stage's own drops: failed, unscored, below the gate
+        return reason is not None and schemas_drops.parse(reason).stage == stage
 
     stages, entered = {}, set(ids)
     for stage in recipe.stages:
