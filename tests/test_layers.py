@@ -125,3 +125,34 @@ def test_no_product_module_is_over_max_lines():
                     if n > MAX_LINES:
                         long.append(f"{os.path.relpath(path, ROOT)} ({n})")
     assert not long, f"modules over {MAX_LINES} lines (split them along a seam): " + ", ".join(sorted(long))
+
+
+def test_the_architecture_tree_is_the_folder_tree():
+    """docs/ARCHITECTURE.md's folder tree names every product folder and module, and nothing else."""
+    import re
+
+    text = open(os.path.join(ROOT, "docs", "ARCHITECTURE.md"), encoding="utf-8").read()
+    block = text.split("## The folder tree")[1].split("```")[1]
+    drawn, path = {}, []
+    for line in block.strip("\n").splitlines():
+        m = re.match(r"^( *)(\w+)/ +(.*)$", line)
+        if m:
+            depth = len(m.group(1)) // 2
+            path = path[:depth] + [m.group(2)]
+            folder, rest = "/".join(path), m.group(3)
+        else:
+            rest = line.strip()
+        names = rest.split(":", 1)[1] if ":" in rest and m else rest if not m else ""
+        names = re.sub(r"\([^)]*\)", "", names)   # what a module holds, in brackets
+        drawn.setdefault(folder, set()).update(re.findall(r"\b[a-z_]+\b", names))
+    actual = {}
+    for package in PACKAGES:
+        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+            if "__pycache__" in folder:
+                continue
+            mods = {f[:-3] for f in files if f.endswith(".py") and f != "__init__.py"}
+            if mods or os.path.exists(os.path.join(folder, "__init__.py")):
+                actual[os.path.relpath(folder, ROOT)] = mods
+    assert set(drawn) == set(actual), set(drawn) ^ set(actual)
+    for folder, mods in actual.items():
+        assert mods <= drawn[folder], f"{folder}: not drawn: {sorted(mods - drawn[folder])}"
