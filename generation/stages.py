@@ -22,7 +22,7 @@ from schemas.recipes import GATE_STAGES, Gate, default_gate  # noqa: F401 (Gate:
 ANSWER_MAX_NEW_TOKENS = 2048
 # Backtranslation's cap: an instruction cut by it is dropped (`backtranslate:truncated`), so it must hold
 # every instruction assemble keeps (800 characters by default) and the paper's longest (~514 Llama-2
-# tokens). Measured (issue 19 point 11): 800-character windows of real technical English (the standard
+# tokens). Measured: 800-character windows of real technical English (the standard
 # library's docstrings, 3,767 windows) take median 223, p99 286, max 375 tokens with Llama-2's
 # sentencepiece structure (196 / 255 / 331 with tekken), over the 256 we had. 512 holds them all.
 BACKTRANSLATE_MAX_NEW_TOKENS = 512
@@ -92,7 +92,7 @@ STAGES = {
                                max_new_tokens=BACKTRANSLATE_MAX_NEW_TOKENS),
     # score: no stop string. Its format ends at a line "Score: N" whose N varies (a literal stop string
     # would need one per digit and spelling, and OpenAI's API takes 4 at most), and the parser takes the
-    # LAST `Score: N` (PROMPTS.md: a model may revise its score), which a stop at the first would change.
+    # LAST `Score: N` (Humpback's rubric: a model may revise its score), which a stop at the first would change.
     "score": StageSpec("score", "backtranslate", "response", lambda doc, ins: {"instruction": ins, "response": doc},
                        lambda out, row, fin, _: parsing.parse_score(out, fin), max_new_tokens=512,
                        carries=("instruction",), logprob_prefix=SCORE_PREFIX),

@@ -1,4 +1,4 @@
-"""The method's prompts, verbatim from the papers (see ../shared/PROMPTS.md), and how they are rendered.
+"""The method's prompts, verbatim from the papers (each with its source below), and how they are rendered.
 
 A template is a (system, user) pair with markers `<response>`, `<instruction>`, `<input>` (and
 `<answer_a>`, `<answer_b>` for the judge). Any
@@ -67,7 +67,7 @@ DISTILL = "<instruction>"
 
 # 5. AlpaGasus rating, Chen et al. 2023 Fig. 4, dimension "accuracy"; keep >= 4.5. As in the paper's
 # Figure 4, the Instruction/Input/Response block is part of the SYSTEM prompt and the user prompt is the
-# rating request. (PROMPTS.md section 5 and AlpaGasus's released rating script put the block in the user
+# rating request. (AlpaGasus, Chen et al. 2023, Fig. 4, and its released rating script put the block in the user
 # turn, the script as "###Instruction:\n...\n\n### Input:..."; `--template` with a file gives that
 # variant.) Sampling, from that script: temperature 0.0, top_p 1.0, 256 new tokens (StageSpec "rate").
 RATE_SYSTEM = ("We would like to request your feedback on the performance of AI assistant in response to the "
@@ -169,7 +169,7 @@ def load_template(stage: str, path: str | None = None) -> Template:
 
 
 def llama2_format(system: str | None, user: str) -> str:
-    """The Llama-2 chat format for models without a chat template (section 7 of PROMPTS.md)."""
+    """The Llama-2 chat format for models without a chat template (meta-llama/llama, generation.py)."""
     sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
     return f"[INST] {sys_block}{user.strip()} [/INST]" if not user.endswith("\n") else f"[INST] {sys_block}{user}[/INST]"
 

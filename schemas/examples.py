@@ -1,6 +1,6 @@
 """SFT example rows (the SFT schema of a release), built from column arrays: used by assemble for web
 and seed examples and by `bft seed`. A data-source tag is the system turn (Humpback, Li et al. 2023a,
-section 2.3; Nguyen et al. 2024 App. A.3); the defaults are PROMPTS.md section 6's."""
+section 2.3; Nguyen et al. 2024 App. A.3); the defaults are those papers' tags."""
 from __future__ import annotations
 
 import numpy as np

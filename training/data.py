@@ -1,6 +1,6 @@
 """Training examples for the three roles, tokenized with the loss on the target tokens only.
 
-    backward  user: PROMPTS.md section 1 around the response   ->  assistant: the instruction
+    backward  user: the backward prompt (Nguyen et al. 2024 App. A.2) around the response   ->  assistant: the instruction
     forward   user: the instruction                           ->  assistant: the response
     sft       the corpus's `messages` (data-source tag as system message, user, assistant)
 

@@ -1,4 +1,4 @@
-"""`bft seed`: the seed set of the method from OpenAssistant oasst1 messages (PROMPTS.md section 8).
+"""`bft seed`: the seed set of the method from OpenAssistant oasst1 messages (Li et al. 2023; Nguyen et al. 2024, App. A.3).
 
 A seed pair is the first turn of a conversation tree: the root prompter message and its assistant
 reply of rank 0, both English, not deleted and with a passed review. `--n` pairs are sampled

@@ -8,7 +8,7 @@ assistant_only_loss=True is a supported consumer of releases: our Llama-2 templa
 matters at scale: bf16, gradient accumulation, FSDP and multi-node through `accelerate launch`
 (docs/TRAINING.md), checkpoints and resume.
 
-Defaults are the paper's (PROMPTS.md section 8): cosine schedule, batch 32 (per-device batch x
+Defaults are the paper's (Nguyen et al. 2024, App. A.3-A.4): cosine schedule, batch 32 (per-device batch x
 gradient accumulation x processes), weight decay 0.1, dropout 0.1, lr 1e-5; length-grouped batches.
 The output is a standard Hugging Face folder (config, safetensors, tokenizer with a chat template;
 Llama-2's when the base model has none) that the hf, openai (`vllm serve` / `transformers serve`)

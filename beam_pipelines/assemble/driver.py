@@ -95,7 +95,7 @@ def plan_inputs(job: AssembleJob, layout: RunLayout) -> tuple[list[ShardInput], 
 
 def content_of(path: str, checksums: dict[str, str], claimed: str | None = None) -> dict:
     """An input of the release as its lineage (and so its config hash) records it: path, bytes and
-    sha256 of the content, so that an input edited in place with the same size is a change (issue 23).
+    sha256 of the content, so that an input edited in place with the same size is a change.
     The sha256 is the one the generation markers record (`checksums`, `claimed`: JoinShard checks it
     as it reads the file, before anything is published), or read now for a file no worker reads."""
     if claimed is not None:

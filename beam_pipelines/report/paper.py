@@ -1,4 +1,4 @@
-"""The paper's own figures (Nguyen et al. 2024, as ../shared/PAPER.md copies them), the one copy: the
+"""The paper's own figures (Nguyen et al. 2024), the one copy: the
 report puts them beside a release's numbers, and `bft plan` takes the score-5 share as the gate's
 prior where nothing is measured yet. Table 6: average lengths in Llama-2 tokens (instruction,
 response) per data variant; the score validity and the score-5 share of the scored pool; the share
