@@ -5,7 +5,8 @@
 
 generate: T=0.7, top_p=0.9 (Nguyen et al. 2024, App. A.4). The data-source tag is the system turn, exactly
 where `bft train` puts it (training/data.py: the release's `messages` carry it as a system message):
-`--tag assistant` is "Answer in the style of an AI Assistant." (the seed tag: Li et al. 2023, Nguyen et al. 2024 App. A.3),
+`--tag assistant` is "Answer in the style of an AI Assistant." (the seed tag: Li et al. 2023, Nguyen et al.
+2024 App. A.3),
 `--tag web` its web variant, `--tag none` no system turn. Writes [{instruction, output, generator,
 dataset}], which the `alpaca_eval` CLI takes as --model_outputs. When the model was trained on a
 release (its bft_train.json names it) whose manifest does not list the questions file among the files
@@ -81,7 +82,8 @@ class EvalGenerateConfig(EvalOptions):
     root: str | None = option(None, "run root: --output defaults to ROOT/eval/GENERATOR.json")
     output: str | None = option(None, "JSON file of answers")
     generator: str | None = option(None, "name in the output (default: the model folder's name)")
-    tag: str = option("assistant", "data-source tag, sent as the system turn as in training (Li et al. 2023; Nguyen et al. 2024 App. A.3)",
+    tag: str = option("assistant", "data-source tag, sent as the system turn as in training (Li et al. 2023; "
+                                   "Nguyen et al. 2024 App. A.3)",
                       choices=sorted(TAGS))
     seed: int = option(0, "seed of the sampling seeds")
 

@@ -1,4 +1,5 @@
-"""Parsing of model outputs (the papers' formats, generation/templates.py): never crash, never guess; a failure has a reason.
+"""Parsing of model outputs (the papers' formats, generation/templates.py): never crash, never guess; a
+failure has a reason.
 
 Each parser returns (fields, parse_error); parse_error is None on success, else one of the reasons
 below, recorded on the row so that the funnel can show why pairs were lost.

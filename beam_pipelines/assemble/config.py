@@ -41,10 +41,10 @@ class AssembleConfig(Rooted):
     min_instruction_chars: int = option(10, "shorter instructions are dropped")
     max_instruction_chars: int = option(4000, "longer instructions are dropped (the paper's longest "
                                         "instructions, ~514 tokens, are ~2,100 characters)")
-    seed_tag: str | None = option(None, "tag (system prompt) of seed examples (default: Li et al. 2023's, Nguyen et al. 2024 App. A.3); "
-                                "'' for none")
-    web_tag: str | None = option(None, "tag (system prompt) of web examples (default: Li et al. 2023's, Nguyen et al. 2024 App. A.3); "
-                               "'' for none")
+    seed_tag: str | None = option(None, "tag (system prompt) of seed examples (default: Li et al. 2023's, "
+                                "Nguyen et al. 2024 App. A.3); '' for none")
+    web_tag: str | None = option(None, "tag (system prompt) of web examples (default: Li et al. 2023's, "
+                               "Nguyen et al. 2024 App. A.3); '' for none")
     no_tags: bool = option(False, "no data-source tags at all")
     tokenizer: str | None = option(None, "for token counts (default: the one prepare used)")
     allow_partial: bool = option(False, "publish without candidate shards whose generation output is missing "
