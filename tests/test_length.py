@@ -563,11 +563,12 @@ def test_judge_is_the_length_filter_in_one_call(bpe_tokenizer_path, fixture_text
         kept_uncounted.append(len(uncounted))
     # with no minimum many texts fit by their bound; with one, the lower bound must prove it too (rarely)
     assert kept_uncounted[0] > len(texts) // 3 and kept_uncounted[1] < kept_uncounted[0] // 4
-    assert counter.rejected_by_bound == 2 and counter.kept_by_bound == sum(kept_uncounted)
+    # (kept uncounted: by the upper bound, or by a prefix's count and the rest's bound)
+    assert counter.rejected_by_bound == 2 and counter.kept_by_bound + counter.kept_by_prefix == sum(kept_uncounted)
     judged = judge(counter, texts, 0, high, exact=True)  # every kept text counted (a rejected one may not be)
     assert [j.n_tokens for j in judged if j.verdict is None] == [n for n in exact if n <= high]
     assert all(j.n_tokens in (n, None) for j, n in zip(judged, exact))
-    assert counter.kept_by_bound == sum(kept_uncounted)
+    assert counter.kept_by_bound + counter.kept_by_prefix == sum(kept_uncounted)
     # a long text is dropped by the count of its prefix at a cut; a sparse one (a long word a token:
     # more characters a token than the prefix is sized for) gets its rest counted from the cut
     vocab = json.loads(counter.tokenizer.to_str())["model"]["vocab"]
@@ -580,6 +581,31 @@ def test_judge_is_the_length_filter_in_one_call(bpe_tokenizer_path, fixture_text
     assert [j.verdict for j in judged] == ["too_long", "too_long"] and counter.rejected_by_prefix == before + 1
     assert judged[0].n_tokens is None and "first" in judged[0].detail
     assert judged[1].n_tokens == full_counts(counter.tokenizer, [sparse])[0] > high
+
+
+@pytest.mark.parametrize("structure", real_tokenizers.STRUCTURES)
+def test_a_text_over_the_limit_in_bytes_is_kept_by_its_prefix_count_and_the_rests_bound(real, structure, fixture_texts):
+    """judge keeps a text whose bytes exceed the limit uncounted when the count of a prefix at a proved
+    cut plus the rest's upper bound fits (the package docstring, 4.); every decision is full
+    tokenization's, and --exact-counts counts every kept text."""
+    from beam_pipelines.tokens.judge import judge
+
+    tok = real[structure]
+    counter = TokenCounter(tok)
+    texts = [t for t in fixture_texts if 600 < len(t.encode()) < 3000]
+    exact = full_counts(tok, texts)
+    limit = sorted(exact)[len(exact) // 2]
+    texts = [t for t, n in zip(texts, exact) if len(t.encode()) > limit + 1]   # no text fits by its bound
+    exact = full_counts(tok, texts)
+    judged = judge(counter, texts, 1, limit)
+    assert [j.verdict for j in judged] == [length_verdict(n, 1, limit) for n in exact]
+    assert all(j.n_tokens in (n, None) for j, n in zip(judged, exact))
+    by_prefix = [j for j in judged if j.n_tokens is None and j.verdict is None]
+    assert by_prefix and counter.kept_by_prefix == len(by_prefix) and counter.kept_by_bound == 0
+    assert all("the rest's upper bound" in j.detail for j in by_prefix)
+    judged = judge(counter, texts, 1, limit, exact=True)
+    assert [j.n_tokens for j in judged if j.verdict is None] == [n for n in exact if n <= limit]
+    assert counter.kept_by_prefix == len(by_prefix)
 
 
 @pytest.mark.parametrize("structure", real_tokenizers.STRUCTURES)

@@ -35,7 +35,8 @@ log = logging.getLogger("bft.prepare")
 COUNTING_PATHS = {"counted_pieces": "counted_from_pieces", "counted_full": "tokenized_in_full",
                   "full_by_switch": "in_full_by_switch", "chunk_lookups": "chunk_lookups",
                   "chunk_misses": "chunk_misses", "rejected_by_bound": "rejected_by_bound",
-                  "kept_by_bound": "kept_by_bound", "rejected_by_prefix": "rejected_by_prefix"}
+                  "kept_by_bound": "kept_by_bound", "rejected_by_prefix": "rejected_by_prefix",
+                  "kept_by_prefix": "kept_by_prefix"}
 
 
 def length_filter_stats(totals: dict[str, int]) -> dict[str, int]:

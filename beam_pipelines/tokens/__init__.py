@@ -104,7 +104,10 @@ shortcuts are all exact:
    than the prefix was sized for), the rest is counted from the cut, n(ctx + text[i:]) - n(ctx) (as a
    remainder is: `_finish`), and the two add up to n(text): no work is lost. `judge` cuts a text of
    more than 4.5 characters a token of the limit; one that holds an added token's content is counted
-   whole, as on the chunk path.
+   whole, as on the chunk path. The same sum keeps a text uncounted (`cut_to_keep`, without
+   --exact-counts): the rest's count n(ctx + text[i:]) - n(ctx) is at most upper_bound(ctx + text[i:])
+   - n(ctx) (3.), so n(text[:i]) + that <= limit proves the text kept; `judge` cuts a text whose bytes
+   exceed the limit where a prefix at 4 characters a token and the rest at a token a byte would fit.
 
 Any other tokenizer (BPE with dropout, or one word per text that no cut rule splits) is counted in full
 with `encode_batch_fast`, exact by definition. tests/test_length.py proves each path against full

@@ -20,6 +20,12 @@ _CACHE_LIMIT = 300_000  # words or chunks (~50 MB); words: cleared when full, ch
 _FIRST_LIMIT = 20_000   # first chunks of texts
 _PREFIX_CHARS = 4.5      # characters a token that judge's prefix of a long text is sized by: English web text
                         # has ~4, technical text ~3.3 (Llama-2); a sparser text's rest is counted after it
+# judge's keep test (`cut_to_keep`): the prefix is sized for this many characters a token (English web
+# text: ~4 with Llama-2's and tekken's vocabularies; a denser text just gets its rest counted too), for
+# 97% of the limit, and only when it leaves at least a tenth of the text uncounted
+_KEEP_CHARS = 4.0
+_KEEP_MARGIN = 0.97
+_KEEP_MOST = 0.9
 # Llama-2-structure words: a run of "▁" and the characters up to the next "▁" (or a trailing run).
 _CUT_WORDS = re.compile(f"{MARK}*[^{MARK}]+|{MARK}+")
 # Metaspace(split=True) words: each "▁" starts one (MergedWithNext), and a leading text without one.
@@ -35,7 +41,7 @@ class TokenCounter:
     the pipelines set it); a test passes a fake one. The attributes of `TOTALS` count what was done, for
     a step's tallies and the benchmarks."""
 
-    TOTALS = ("counted_full", "counted_pieces", "rejected_by_bound", "kept_by_bound", "rejected_by_prefix", "full_by_switch", "full_to_calibrate",
+    TOTALS = ("counted_full", "counted_pieces", "rejected_by_bound", "kept_by_bound", "rejected_by_prefix", "kept_by_prefix", "full_by_switch", "full_to_calibrate",
               "chunk_lookups", "chunk_misses", "chunks_encoded", "remainder_texts", "remainder_chars",
               "chars_full", "chars_chunks", "seconds_full", "seconds_chunks", "probes", "early_probes",
               "switches_to_full", "switches_to_chunks")
@@ -70,6 +76,7 @@ class TokenCounter:
         self.rejected_by_bound = 0  # texts proved too long without tokenizing
         self.kept_by_bound = 0      # texts proved to fit without tokenizing (`judge`, exact=False)
         self.rejected_by_prefix = 0  # texts proved too long by the count of a prefix (`judge`)
+        self.kept_by_prefix = 0     # texts proved to fit by a prefix's count and the rest's upper bound (`judge`)
         self.full_by_switch = 0     # CHUNKS texts tokenized in full because that was cheaper (CostSwitch)
         self.full_to_calibrate = 0  # CHUNKS texts tokenized in full to measure that cost
         self.chunk_lookups = 0      # chunks looked up in the caches
@@ -161,6 +168,26 @@ class TokenCounter:
             return 0
         cut = self._cut.search(text, start)
         return cut.start() if cut else 0
+
+    def cut_to_keep(self, text: str, limit: int) -> int:
+        """The index of the first proved cut at or after the point where a prefix counted at
+        _KEEP_CHARS characters a token plus the rest's upper bound (about a token a byte) would fit
+        `limit`, or 0 (none: the text is short enough to be counted whole, another path, no upper
+        bound, or an added token's content): judge counts text[:cut] first and keeps the text
+        uncounted when that count plus `tail_bound` of the rest fits (the package docstring, 4.)."""
+        start = int((len(text) - _KEEP_MARGIN * limit) / (1 - 1 / _KEEP_CHARS))
+        if (start <= 0 or start >= _KEEP_MOST * len(text) or self.shape.path != CHUNKS
+                or self.shape.upper is None or self._has_special(text)):
+            return 0
+        cut = self._cut.search(text, start)
+        return cut.start() if cut else 0
+
+    def tail_bound(self, tail: str) -> int | None:
+        """An upper bound of n(text) - n(text[:i]) for a text cut at a proved cut i, given text[i:]:
+        n(ctx + tail) - n(ctx) <= upper_bound(ctx + tail) - n(ctx) (`count_from_cuts` counts the same
+        difference). None when no upper bound is proved for it."""
+        bound = self.upper_bound(self._ctx + tail)
+        return None if bound is None else bound - self._ctx_tokens
 
     def count_from_cuts(self, tails: list[str]) -> list[int]:
         """n(text) - n(text[:i]) for texts cut at a proved cut i (`cut_past`), given their text[i:]:
