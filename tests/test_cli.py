@@ -127,7 +127,7 @@ def test_beam_flags_pass_through(tmp_path, dolma, bpe_tokenizer_path, capsys):
     assert rc == 0, err
     assert "12 input records -> 12 candidates" in out
     # the documents that fit by their upper bound are not counted, and the line says so
-    assert re.search(r"2 shards, [\d,]+ tokens in 1 counted documents \(11 kept uncounted\), balance max/mean "
+    assert re.search(r"2 shards, [\d,]+ tokens in 0 counted documents \(12 kept uncounted\), balance max/mean "
                      r"[\d.]+ \(by utf8_bytes\)", out), out
 
 
