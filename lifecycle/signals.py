@@ -42,30 +42,39 @@ def take_sigterm():
 
 
 @contextlib.contextmanager
+def taken(handler: Callable, take: Callable[[int, object], bool] = lambda signum, current: callable(current)):
+    """While the block runs, `handler` takes SIGINT and SIGTERM where `take(signum, the current
+    handler)` says (by default: where a Python handler is set), in the main thread only; yields
+    {signum: the handler it replaced}, each put back when the block ends."""
+    previous: dict[int, Callable] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            current = signal.getsignal(sig)
+            if take(sig, current):
+                previous[sig] = current
+                signal.signal(sig, handler)
+    try:
+        yield previous
+    finally:
+        for sig, current in previous.items():
+            signal.signal(sig, current)
+
+
+@contextlib.contextmanager
 def deferred(notify: Callable[[int], None]):
     """While the block runs, SIGINT and SIGTERM call `notify(signum)` instead of raising wherever the
     main thread is (`notify` runs in the main thread between two bytecodes: it may only schedule); when
     the block has ended, the first signal caught is raised as its own handler raises it
     (KeyboardInterrupt, Terminated). A signal that no Python handler takes (ignored, or SIGTERM at its
     default) is left alone, and so is every signal off the main thread."""
-    previous: dict[int, Callable] = {}
     caught: list[int] = []
 
     def held(signum, frame):
         caught.append(signum)
         notify(signum)
 
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            handler = signal.getsignal(sig)
-            if callable(handler):
-                previous[sig] = handler
-                signal.signal(sig, held)
-    try:
+    with taken(held) as previous:
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if caught:
         previous[caught[0]](caught[0], None)
         raise KeyboardInterrupt  # a handler that did not raise: the block still ended early

@@ -357,9 +357,11 @@ class Rooted:
         return cached
 
     def share_layout(self, layout: "RunLayout") -> None:
-        """Works under `layout`, another step's of the same run (bft rebuild: one RunLayout per run)."""
-        self.root = layout.root
+        """Works under `layout`, another step's of the same run (bft rebuild: one RunLayout per run);
+        part of building the config (bft.run_file), before any step reads it: a frozen config too."""
+        object.__setattr__(self, "root", layout.root)
         self.__dict__["_layout"] = layout
 
     def check_root(self) -> None:
-        self.root = self.layout.root
+        """The root in its normalized form, stored while the config is built (its `check`)."""
+        object.__setattr__(self, "root", self.layout.root)

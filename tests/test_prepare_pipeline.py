@@ -1,4 +1,5 @@
 """bft prepare end to end on Beam's local runner (and the portable runner, and GCS via the emulator)."""
+import dataclasses
 import json
 import os
 
@@ -271,10 +272,10 @@ def test_the_estimate_of_ranked_documents_is_close(tmp_path):
     cfg = PrepareConfig(input=["x"], root=str(tmp_path), tokenizer="t")
     for path in files:
         assert 0.8 * 10000 < prepare.sample.estimate_ranked([path], [os.path.getsize(path)], cfg) < 1.25 * 10000
-    cfg.select_where = ["metadata.bucket=1"]
+    cfg = dataclasses.replace(cfg, select_where=["metadata.bucket=1"])
     sizes = [os.path.getsize(f) for f in files]
     assert 0.8 * 5000 < prepare.sample.estimate_ranked(files, sizes, cfg) < 1.25 * 5000
-    cfg.select_where = []
+    cfg = dataclasses.replace(cfg, select_where=[])
     assert prepare.sample.estimate_ranked([], [], cfg) == 0
 
 

@@ -18,9 +18,7 @@ class AssembleError(UserError):
     """The inputs of assemble are missing or inconsistent."""
 
 
-# Mutable only because Rooted (shared by every verb's options) stores the normalized root back and
-# bft rebuild sets a night's flags on it; assemble itself never assigns to it (`resolve` copies).
-@dataclass
+@dataclass(frozen=True)
 class AssembleConfig(Rooted):
     """The options of `bft assemble` (flags and the `assemble:` section of a run file)."""
 

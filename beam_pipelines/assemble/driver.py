@@ -166,11 +166,8 @@ def run(cfg: AssembleConfig, beam_args: list[str], run_record: dict | None = Non
                                            [s.summary() for s in eval_sets],
                                            threshold=job.rules.gate.threshold if job.rules.gate else None)
         # what changed since the release LATEST names now (the parent), and the alerts (beam_pipelines/report/changes.py)
-        parent = release.latest_version(layout)
-        parent = parent if parent and parent != version and release._VERSION.match(parent) else None
-        parent_folder = layout.release(parent) if parent else None
-        if parent_folder and not storage.exists(storage.join(parent_folder, release.SUCCESS)):
-            parent_folder = None
+        parent = release.parent_of(layout, version)
+        parent_folder = layout.release(parent) if parent and release.is_published(layout.release(parent)) else None
         # the new release's data files, read once: their ids (the changes) and the web examples'
         # lengths in the paper's unit (Llama-2-structure tokens, for the report)
         # (the data files listed: the manifest that will list them is written after this build)

@@ -21,7 +21,7 @@ class UnreadableFileError(UserError):
     """An input file is truncated or corrupt."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrepareConfig(Rooted):
     """The options of `bft prepare` (flags and the `prepare:` section of a run file)."""
 
@@ -74,10 +74,12 @@ class PrepareConfig(Rooted):
         if not 0 < self.near_dedup_threshold <= 1:
             raise UserError(f"--near-dedup-threshold {self.near_dedup_threshold} is not in (0, 1]")
         self.check_root()
-        # recorded paths must name the same files from any directory (assemble reads them back)
-        self.input = [p if storage.is_gcs(p) else os.path.abspath(os.path.expanduser(p)) for p in self.input]
+        # recorded paths must name the same files from any directory (assemble reads them back); set
+        # while the (frozen) config is built: nothing changes it after
+        object.__setattr__(self, "input", [p if storage.is_gcs(p) else os.path.abspath(os.path.expanduser(p))
+                                           for p in self.input])
         if not storage.is_gcs(self.tokenizer) and os.path.exists(self.tokenizer):
-            self.tokenizer = os.path.abspath(self.tokenizer)
+            object.__setattr__(self, "tokenizer", os.path.abspath(self.tokenizer))
 
     def identity(self) -> dict:
         """What determines the output: every option but the run-only ones and the root (a run root

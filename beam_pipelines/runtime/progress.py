@@ -27,6 +27,7 @@ import threading
 import time
 
 from schemas.errors import UserError, user_error_in_text
+from lifecycle import signals
 from lifecycle.progress import LOG_EVERY_S, duration, quiet
 
 REDRAW_S = 0.5
@@ -183,8 +184,10 @@ def interrupts():
         # whole traceback: the command says it in one line when the pass fails with it
         return record.levelno < logging.ERROR or user_error_in_text(record.getMessage()) is None
 
+    replaced: dict = {}
+
     def on_signal(signum, frame):
-        for sig, handler in taken.items():  # a second Ctrl-C is an ordinary KeyboardInterrupt
+        for sig, handler in replaced.items():  # a second Ctrl-C is an ordinary KeyboardInterrupt
             signal.signal(sig, handler)
         interrupted.set()
         driver_watch.end_workers()
@@ -192,20 +195,17 @@ def interrupts():
             previous[signum](signum, frame)
         raise KeyboardInterrupt
 
-    # SIGTERM at its default (a library call, not the CLI) still ends the process at once; its
-    # workers die with it (driver_watch.boot)
-    taken = {sig: handler for sig, handler in previous.items() if sig == signal.SIGINT or callable(handler)}
     handlers = list(logging.getLogger().handlers)
     for handler in handlers:
         handler.addFilter(runner_record)
     threading.excepthook = thread_exception
-    for sig in taken:
-        signal.signal(sig, on_signal)
     try:
-        yield
+        # SIGTERM at its default (a library call, not the CLI) still ends the process at once; its
+        # workers die with it (driver_watch.boot)
+        with signals.taken(on_signal, lambda sig, current: sig == signal.SIGINT or callable(current)) as taken:
+            replaced.update(taken)
+            yield
     finally:
-        for sig, handler in taken.items():
-            signal.signal(sig, handler)
         threading.excepthook = hook
         for handler in handlers:
             handler.removeFilter(runner_record)

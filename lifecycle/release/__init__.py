@@ -28,11 +28,11 @@ from lifecycle.release.manifest import (MANIFEST, SPLITS, SUCCESS, _VERSION, Rel
                                    package_version, parquet_rows, read_manifest, sha256_of, success_line,
                                    write_manifest)
 from lifecycle.release.publish import HeldRelease, number_splits, publish
-from lifecycle.release.read import (LatestConfig, ValidateConfig, data_files, is_release, latest_data, latest_version,
-                               load, resolve, validate)
+from lifecycle.release.read import (LatestConfig, ValidateConfig, data_files, is_published, is_release, latest_data,
+                                    latest_name, latest_version, load, parent_of, resolve, validate)
 
 __all__ = ["MANIFEST", "SPLITS", "SUCCESS", "_VERSION", "HeldRelease", "LatestConfig", "ReleaseError", "ValidateConfig",
            "check_version_name", "code_revision", "config_hash", "data_files", "default_version", "describe_file",
-           "is_release", "latest_data", "latest_version", "load", "manifest_problems", "number_splits",
+           "is_published", "is_release", "latest_data", "latest_name", "latest_version", "parent_of", "load", "manifest_problems", "number_splits",
            "package_version", "parquet_rows", "publish", "read_manifest", "resolve", "sha256_of", "success_line",
            "validate", "write_manifest"]

@@ -77,25 +77,52 @@ def data_files(folder: str) -> list[str]:
     return [storage.join(folder, e["path"]) for e in manifest["files"] if e.get("split") in SPLITS]
 
 
+def latest_name(base: str, check: bool = True) -> str | None:
+    """The one reader of LATEST: the version `base`/LATEST names (base: a ROOT/sft folder), or None
+    when there is none. With `check` (before it is followed), a LATEST that is not a plain file, or
+    that names anything but a release folder beside it, is a ReleaseError."""
+    latest = storage.join(base, LATEST)
+    if not storage.exists(latest):
+        return None
+    if not check:
+        return storage.read_text(latest).strip()
+    kind = storage.not_regular(latest)
+    if kind:
+        raise ReleaseError(f"{latest} is {kind}, not a plain file naming a release; never followed")
+    name = storage.read_bytes(latest)[:300].decode("utf-8", "replace").strip()
+    if not _VERSION.match(name) or name in (LATEST, TMP):  # "../other/sft/v1", "/abs": never followed
+        raise ReleaseError(f"{latest} names {name[:200]!r}, not a version inside {base}: LATEST holds the "
+                           "name of one release folder beside it")
+    return name
+
+
 def latest_version(layout: RunLayout) -> str | None:
     """The version ROOT/sft/LATEST names (as written; `resolve` checks it before following it), or
     None when there is no LATEST."""
-    return storage.read_text(layout.latest).strip() if storage.exists(layout.latest) else None
+    return latest_name(layout.sft, check=False)
+
+
+def parent_of(layout: RunLayout, version: str) -> str | None:
+    """The parent of a release `version` being built: the version LATEST names now (another than
+    `version`, a name a release folder may have), else None. Its changes and alerts are measured
+    against it when it is published (`is_published`)."""
+    parent = latest_name(layout.sft, check=False)
+    return parent if parent and parent != version and _VERSION.match(parent) else None
+
+
+def is_published(folder: str) -> bool:
+    """Whether a release folder is whole: its _SUCCESS written last by publish."""
+    return storage.exists(storage.join(folder, SUCCESS))
 
 
 def resolve(path: str) -> str:
     """A release folder from PATH: the folder itself, or ROOT/sft (or ROOT) whose LATEST names one."""
     path = path.rstrip("/")
+    if storage.exists(storage.join(path, MANIFEST)):   # a release folder itself
+        return path
     for base in (path, storage.join(path, SFT)):
-        latest = storage.join(base, LATEST)
-        if storage.exists(latest) and not storage.exists(storage.join(path, MANIFEST)):
-            kind = storage.not_regular(latest)
-            if kind:
-                raise ReleaseError(f"{latest} is {kind}, not a plain file naming a release; never followed")
-            name = storage.read_bytes(latest)[:300].decode("utf-8", "replace").strip()
-            if not _VERSION.match(name) or name in (LATEST, TMP):  # "../other/sft/v1", "/abs": never followed
-                raise ReleaseError(f"{latest} names {name[:200]!r}, not a version inside {base}: LATEST holds the "
-                                   "name of one release folder beside it")
+        name = latest_name(base)
+        if name is not None:
             return storage.join(base, name)
     return path
 
