@@ -3,56 +3,10 @@ rebuild`'s preflight of the run's servers (run_file.check_servers): a plan of re
 be sent (the server is down, or does not serve the model) is an error, not a plan. What it reads:
 bft/plan_inputs.py; its table: bft/plan_table.py.
 
-Per generation stage the recipe needs: requests, prompt tokens, output tokens, the rows expected to
-pass each gate, and GPU-hours; and the candidates needed for a target corpus size. Each figure says
-where it comes from:
-
-- requests: backtranslate gets every candidate (ROOT/candidates when prepare has run, else an estimate
-  from a sample of the input: kept share x lines, scaled by file count; with --near-dedup, less the
-  sample's near-duplicates: a lower bound on the drops, since those across files are not in it); score/rate get the rows whose
-  instruction parsed; rewrite/distill only the rows that pass the gate (score >= 5, rate >= 4.5),
-  when the gate is on. Past a rate that is unknown, the requests are an upper bound (every row passes).
-- pass rates: measured by a pilot (`--pilot N`: bft/pilot.py; with 95% intervals), else on existing
-  shards (ROOT/generations/...). Nothing measured, there is no prior for a model's parse rate nor for
-  a gate, with one exception: the paper's 13.6% of pairs scored 5 (Nguyen et al. 2024: generated
-  scores at threshold 5, its 70B forward model on Dolma's head split); elsewhere "unknown: run
-  --pilot N". With the gate's share known and a parse rate not, the examples are an upper bound.
-- prompt tokens: the stage's template rendered with the model's own tokenizer (its chat template or
-  the Llama-2 format) with empty values, plus the document's tokens (the candidates' exact counts
-  when the model's tokenizer is prepare's, the documents prepare kept uncounted by their upper bound
-  estimated from a sample of them counted with prepare's tokenizer; else counted on a sample of
-  candidates with the model's tokenizer and scaled), plus for the stages after backtranslate the instruction's tokens (measured,
-  else backtranslate's new-token cap: an upper bound).
-- output tokens: the mean measured on existing shards, else the stage's new-token cap (upper bound);
-  shown per row too.
-- prefix share: the share of a stage's prompt tokens in the prefix all its prompts share (the template
-  text before the first record field, with the chat format: generation/budget.py), which a server's
-  prefix cache computes once: measured on the shards (their markers record it), else from the template
-  and the prompt tokens above; unknown without the model's tokenizer.
-- documents cut: per stage, the candidates over what its prompt holds whole (context - new-token cap -
-  template - instruction, with the model's tokenizer): cut, and for a gating or answering stage their
-  pairs are dropped by assemble; the smallest limit is the working length limit, printed beside
-  prepare's, and the `prepare.max_tokens` that keeps every stage whole (the paper removed such
-  documents before generating).
-- expected examples: with a pilot, candidates x the share of its candidates that every stage and
-  assemble's rules (beam_pipelines.assemble.recipes.verdicts) keep, with its Wilson interval scaled. Else each
-  stage's share applied once, of the requests it was sent: backtranslate's
-  parse rate, the gate's pass rate among the pairs scored, the answering stage's usable share (parsed,
-  whole document) among those it answered; where a stage has no shards yet, its whole-document share.
-- GPU-hours: output tokens / `tokens_per_s` of the stage's section (decode throughput of one GPU for
-  that model), else the throughput measured on existing shards (output tokens / wall seconds of a
-  worker); unknown when neither exists. Only for self-hosted stages: a stage priced per token is not.
-- tonight's work, beside the whole corpus's: the input files new, changed and removed since the last
-  prepare (its stats.json records every file's checksum), the documents of the new and changed files
-  (their lines x the share prepare kept last time: documents already seen are reused row by row, so
-  only these are sent), the shards each stage has pending (not written, or older than their upstream:
-  bft.status), whose candidates not yet answered (checkpoints count as answered) are sent too, and so
-  the requests each stage will send tonight: those documents and rows x the stage's requests per
-  candidate in the plan of the whole corpus. Before any prepare, tonight is the whole corpus.
-- cost of a hosted stage: a stage's section may price its tokens (`price_in`, `price_out`: USD per 1M
-  input / output tokens, as hosted APIs list them; `batch_discount`: the share the Batch API takes
-  off, default 0.5, OpenAI's); its prompt and output tokens above at those prices, online and through
-  the Batch API (`--engine openai-batch`). These keys are the plan's; `bft rebuild` ignores them.
+Per generation stage the recipe needs: requests, prompt and output tokens, the rows expected to pass
+each gate, GPU-hours or price, and the candidates needed for a target corpus size; each figure says
+where it comes from (docs/OPERATIONS.md, "What `bft plan` counts"): measured (a pilot, existing
+shards), the paper's figure at the one point it holds, or "unknown: run --pilot N".
 """
 from __future__ import annotations
 
