@@ -556,19 +556,19 @@ def test_judge_is_the_length_filter_in_one_call(bpe_tokenizer_path, fixture_text
         assert all(j.n_tokens in (n, None) for j, n in zip(judged, exact))
         uncounted = [j for j in judged[:-1] if j.n_tokens is None and j.verdict is None]
         assert all("upper bound" in j.detail for j in uncounted)
-        assert all(j.verdict == "too_long" and "first" in j.detail  # proved by the count of a prefix
-                   for j in judged[:-1] if j.n_tokens is None and j.verdict is not None)
+        assert all(j.verdict == "too_long" and ("first" in j.detail or "cached chunks" in j.detail)   # a prefix's
+                   for j in judged[:-1] if j.n_tokens is None and j.verdict is not None)        # count, or the caches
         assert judged[-2].n_tokens == exact[-1] and judged[-1].n_tokens is None
         assert judged[-1].verdict == "too_long" and "bytes bound" in judged[-1].detail
         kept_uncounted.append(len(uncounted))
     # with no minimum many texts fit by their bound; with one, the lower bound must prove it too (rarely)
     assert kept_uncounted[0] > len(texts) // 3 and kept_uncounted[1] < kept_uncounted[0] // 4
-    # (kept uncounted: by the upper bound, or by a prefix's count and the rest's bound)
-    assert counter.rejected_by_bound == 2 and counter.kept_by_bound + counter.kept_by_prefix == sum(kept_uncounted)
+    # (kept uncounted: by the upper bound, the chunk caches, or a prefix's count and the rest's bound)
+    assert counter.rejected_by_bound == 2 and counter.kept_by_bound + counter.kept_by_prefix + counter.kept_by_chunks == sum(kept_uncounted)
     judged = judge(counter, texts, 0, high, exact=True)  # every kept text counted (a rejected one may not be)
     assert [j.n_tokens for j in judged if j.verdict is None] == [n for n in exact if n <= high]
     assert all(j.n_tokens in (n, None) for j, n in zip(judged, exact))
-    assert counter.kept_by_bound + counter.kept_by_prefix == sum(kept_uncounted)
+    assert counter.kept_by_bound + counter.kept_by_prefix + counter.kept_by_chunks == sum(kept_uncounted)
     # a long text is dropped by the count of its prefix at a cut; a sparse one (a long word a token:
     # more characters a token than the prefix is sized for) gets its rest counted from the cut
     vocab = json.loads(counter.tokenizer.to_str())["model"]["vocab"]
@@ -576,6 +576,7 @@ def test_judge_is_the_length_filter_in_one_call(bpe_tokenizer_path, fixture_text
     long = next(t for t, n in zip(texts, exact) if n > 1.5 * high and not counter.bound_exceeds(t, high))
     sparse = (word + " ") * (high + 20)  # a token a word
     assert counter.cut_past(long, high) and counter.cut_past(sparse, high) and not counter.bound_exceeds(sparse, high)
+    counter = TokenCounter(load_tokenizer(bpe_tokenizer_path))   # caches empty: the chunks decide nothing
     before = counter.rejected_by_prefix
     judged = judge(counter, [long, sparse], 0, high)
     assert [j.verdict for j in judged] == ["too_long", "too_long"] and counter.rejected_by_prefix == before + 1
@@ -606,6 +607,33 @@ def test_a_text_over_the_limit_in_bytes_is_kept_by_its_prefix_count_and_the_rest
     judged = judge(counter, texts, 1, limit, exact=True)
     assert [j.n_tokens for j in judged if j.verdict is None] == [n for n in exact if n <= limit]
     assert counter.kept_by_prefix == len(by_prefix)
+
+
+@pytest.mark.parametrize("structure", real_tokenizers.STRUCTURES)
+def test_the_chunk_caches_bound_a_text_and_decide_without_tokenizing(real, structure, fixture_texts):
+    """chunk_bounds: the cached chunks' counts (a lower bound) and, with each missed chunk's upper bound
+    in context, an upper bound of the exact count, on real and adversarial texts (the package
+    docstring, 5.); judge decides by them where they suffice, with full tokenization's decisions."""
+    from beam_pipelines.tokens.judge import judge
+
+    tok = real[structure]
+    counter = TokenCounter(tok)
+    for _ in range(4):                                      # the caches learn from counted texts
+        counter.count(fixture_texts[:150])
+    joined = [" ".join(fixture_texts[i:i + 4]) for i in range(0, 150, 4)]   # their chunks, longer texts
+    texts = fixture_texts[:150] + joined + fixture_texts[150:] + adversarial_texts(fixture_texts, n=60, seed=5)
+    exact = full_counts(tok, texts)
+    for text, n in zip(texts, exact):
+        lower, upper = counter.chunk_bounds(text, 10**9)
+        assert lower <= n and (upper is None or n <= upper), (text[:80], lower, n, upper)
+    limit = sorted(exact)[len(exact) // 2]
+    judged = judge(counter, texts, 1, limit)
+    assert [j.verdict for j in judged] == [length_verdict(n, 1, limit) for n in exact]
+    assert all(j.n_tokens in (n, None) for j, n in zip(judged, exact))
+    if counter.shape.path == "chunks":
+        assert counter.kept_by_chunks > 0 and counter.rejected_by_chunks > 0
+        assert all("cached chunks" in j.detail for j in judged if j.n_tokens is None and "bound" not in j.detail
+                   and "first" not in j.detail)
 
 
 @pytest.mark.parametrize("structure", real_tokenizers.STRUCTURES)

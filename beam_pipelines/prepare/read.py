@@ -36,7 +36,8 @@ COUNTING_PATHS = {"counted_pieces": "counted_from_pieces", "counted_full": "toke
                   "full_by_switch": "in_full_by_switch", "chunk_lookups": "chunk_lookups",
                   "chunk_misses": "chunk_misses", "rejected_by_bound": "rejected_by_bound",
                   "kept_by_bound": "kept_by_bound", "rejected_by_prefix": "rejected_by_prefix",
-                  "kept_by_prefix": "kept_by_prefix"}
+                  "kept_by_prefix": "kept_by_prefix", "kept_by_chunks": "kept_by_chunks",
+                  "rejected_by_chunks": "rejected_by_chunks"}
 
 
 def length_filter_stats(totals: dict[str, int]) -> dict[str, int]:

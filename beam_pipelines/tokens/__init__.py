@@ -109,6 +109,13 @@ shortcuts are all exact:
    - n(ctx) (3.), so n(text[:i]) + that <= limit proves the text kept; `judge` cuts a text whose bytes
    exceed the limit where a prefix at 4 characters a token and the rest at a token a byte would fit.
 
+5. The chunk caches bound a text with no tokenizer call (`chunk_bounds`, CHUNKS only): n(text) is the
+   sum of its chunks' counts in context (0.), each >= 0; the cached ones are exact, and a missed one's
+   is at most upper_bound(ctx + " " + chunk) - n(ctx) (3.; the first chunk's, upper_bound(chunk)). So
+   the cached counts alone are a lower bound (over the limit: too long, whatever the misses count),
+   and with the misses' bounds added an upper bound (within the limits: kept). A long text is looked
+   up in a prefix of its chunks only (a lower bound needs no more). `judge` tries these first.
+
 Any other tokenizer (BPE with dropout, or one word per text that no cut rule splits) is counted in full
 with `encode_batch_fast`, exact by definition. tests/test_length.py proves each path against full
 tokenization on texts built to break it, with converted real vocabularies (benchmarks/real_tokenizers.py).

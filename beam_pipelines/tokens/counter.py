@@ -24,6 +24,9 @@ _PREFIX_CHARS = 4.5      # characters a token that judge's prefix of a long text
 # text: ~4 with Llama-2's and tekken's vocabularies; a denser text just gets its rest counted too), for
 # 97% of the limit, and only when it leaves at least a tenth of the text uncounted
 _KEEP_CHARS = 4.0
+# chunk_bounds looks a text up in its first this many characters a token of the limit at most: a lower
+# bound over the limit needs the cached chunks of ~1.4x the limit's tokens at a 70% hit rate
+_LOOKUP_CHARS = 8.0
 _KEEP_MARGIN = 0.97
 _KEEP_MOST = 0.9
 # Llama-2-structure words: a run of "▁" and the characters up to the next "▁" (or a trailing run).
@@ -41,7 +44,7 @@ class TokenCounter:
     the pipelines set it); a test passes a fake one. The attributes of `TOTALS` count what was done, for
     a step's tallies and the benchmarks."""
 
-    TOTALS = ("counted_full", "counted_pieces", "rejected_by_bound", "kept_by_bound", "rejected_by_prefix", "kept_by_prefix", "full_by_switch", "full_to_calibrate",
+    TOTALS = ("counted_full", "counted_pieces", "rejected_by_bound", "kept_by_bound", "rejected_by_prefix", "kept_by_prefix", "kept_by_chunks", "rejected_by_chunks", "full_by_switch", "full_to_calibrate",
               "chunk_lookups", "chunk_misses", "chunks_encoded", "remainder_texts", "remainder_chars",
               "chars_full", "chars_chunks", "seconds_full", "seconds_chunks", "probes", "early_probes",
               "switches_to_full", "switches_to_chunks")
@@ -77,6 +80,8 @@ class TokenCounter:
         self.kept_by_bound = 0      # texts proved to fit without tokenizing (`judge`, exact=False)
         self.rejected_by_prefix = 0  # texts proved too long by the count of a prefix (`judge`)
         self.kept_by_prefix = 0     # texts proved to fit by a prefix's count and the rest's upper bound (`judge`)
+        self.kept_by_chunks = 0     # texts proved to fit by the chunk caches' bounds, nothing tokenized (`judge`)
+        self.rejected_by_chunks = 0  # texts proved too long by their cached chunks' counts (`judge`)
         self.full_by_switch = 0     # CHUNKS texts tokenized in full because that was cheaper (CostSwitch)
         self.full_to_calibrate = 0  # CHUNKS texts tokenized in full to measure that cost
         self.chunk_lookups = 0      # chunks looked up in the caches
@@ -96,6 +101,8 @@ class TokenCounter:
             self._cut = re.compile(f" (?<={left} )")
             self._ctx = self.shape.cut_after[0] if "a" not in self.shape.cut_after else "a"
             self._ctx_tokens = len(tokenizer.encode(self._ctx, add_special_tokens=False).ids)
+            if self.shape.upper is not None:   # chunk_bounds: a missed chunk's bound is its bytes plus this
+                self._miss_extra = utf8_bytes(self._ctx + " ") + self.shape.upper.raw_extra - self._ctx_tokens
             self._words, self._first = CountCache(), CountCache()  # following chunk / first chunk -> count
             self._seen: dict[str, int] = {}        # following chunk missed, not cached yet -> times missed
             self._seen_first: dict[str, int] = {}  # first chunks likewise
@@ -140,7 +147,7 @@ class TokenCounter:
         ub = self.shape.upper
         if ub is None or self._has_special(text):
             return None
-        if ub.text == RAW or (ub.text == NON_ASCII and text.isascii()):
+        if ub.text == RAW or (ub.text == NON_ASCII and text.isascii() and self._ctx.isascii()):
             return utf8_bytes(text) + ub.raw_extra
         norm = self.normalize(text)
         marks = 2 * norm.count(MARK) if ub.mark_one else 0  # "▁" is 3 bytes and one token
@@ -168,6 +175,43 @@ class TokenCounter:
             return 0
         cut = self._cut.search(text, start)
         return cut.start() if cut else 0
+
+    def chunk_bounds(self, text: str, limit: int) -> tuple[int, int | None]:
+        """(lower, upper) bounds of n(text) from the chunk caches alone, with no tokenizer call (the
+        package docstring, 5.): the cached chunks' counts, exact, and for each chunk not cached 0
+        (lower) or its upper bound in context (upper). A text of more than _LOOKUP_CHARS characters a
+        token of `limit` is looked up in its first that many characters only (upper None: only a
+        lower bound over the limit can decide it). (0, None) on another path or for a text with an
+        added token's content."""
+        if self.shape.path != CHUNKS or self._has_special(text):
+            return 0, None
+        whole = len(text) <= _LOOKUP_CHARS * limit
+        # the chunks are the chunk path's own: its split is chosen on the whole text
+        part = text if whole else text[:int(_LOOKUP_CHARS * limit)]
+        chunks = part.split(" ") if self._unsafe_cut.search(text) is None else self._cut.split(part)
+        if not whole:
+            chunks.pop()   # perhaps a part of a chunk: left out (a chunk counts >= 0)
+        if not chunks:
+            return 0, None
+        head = dict.get(self._first, chunks[0]) if whole else None
+        found = list(map(self._words.get, itertools.islice(chunks, 1, None)))
+        lower = (head or 0) + sum(n for n in found if n is not None)
+        ub = self.shape.upper
+        if not whole or ub is None or lower > limit:
+            return lower, None
+        missed = [k for k, n in zip(itertools.islice(chunks, 1, None), found) if n is None]
+        if ub.text == RAW or (ub.text == NON_ASCII and text.isascii()):
+            # upper_bound(ctx + " " + k) - n(ctx) = bytes(k) + the same constant for every chunk k
+            upper = lower + sum(map(utf8_bytes, missed)) + len(missed) * self._miss_extra
+            if head is None:
+                upper += utf8_bytes(chunks[0]) + ub.raw_extra
+        else:
+            bounds = [self.upper_bound(self._ctx + " " + k) for k in missed]
+            first = self.upper_bound(chunks[0]) if head is None else 0
+            if first is None or None in bounds:
+                return lower, None
+            upper = lower + sum(bounds) - len(bounds) * self._ctx_tokens + first
+        return lower, upper
 
     def cut_to_keep(self, text: str, limit: int) -> int:
         """The index of the first proved cut at or after the point where a prefix counted at

@@ -21,7 +21,8 @@ def judge(counter: "TokenCounter", texts: list[str], min_tokens: int, max_tokens
           exact: bool = False) -> list[Judgment]:
     """The length filter on a batch, in one call: texts the upper bound proves kept are kept uncounted
     (`kept_by_bound`; never with `exact`, which counts every kept text), texts the bytes bound proves
-    too long are dropped uncounted (`rejected_by_bound`); a long text's prefix at a proved cut is
+    too long are dropped uncounted (`rejected_by_bound`); then the chunk caches' bounds decide what they
+    can (`rejected_by_chunks`, `kept_by_chunks`); a long text's prefix at a proved cut is
     counted first, and the text dropped when that is over the limit (`rejected_by_prefix`), else its
     rest counted from the cut; the others are counted exactly. Three `count` calls at most; the
     decisions are those of counting every text."""
@@ -38,6 +39,16 @@ def judge(counter: "TokenCounter", texts: list[str], min_tokens: int, max_tokens
             counter.rejected_by_bound += 1
             out[i] = Judgment(None, "too_long", f">= {too_long} tokens (bytes bound) > {max_tokens}")
         else:
+            lower, upper = counter.chunk_bounds(text, max_tokens)   # the caches alone: no tokenizer call
+            if lower > max_tokens:
+                counter.rejected_by_chunks += 1
+                out[i] = Judgment(None, "too_long", f">= {lower} tokens (its cached chunks) > {max_tokens}")
+                continue
+            if not exact and upper is not None and upper <= max_tokens and lower >= min_tokens:
+                counter.kept_by_chunks += 1
+                out[i] = Judgment(None, None, f"<= {upper} tokens (its cached chunks, the others' upper bound), "
+                                              f"allowed {min_tokens}..{max_tokens}")
+                continue
             cut = counter.cut_past(text, max_tokens) or (0 if exact else counter.cut_to_keep(text, max_tokens))
             if cut:
                 heads.append((i, cut))
