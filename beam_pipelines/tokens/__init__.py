@@ -110,9 +110,10 @@ shortcuts are all exact:
    exceed the limit where a prefix at 4 characters a token and the rest at a token a byte would fit.
 
 5. The chunk caches bound a text with no tokenizer call (`chunk_bounds`, CHUNKS only): n(text) is the
-   sum of its chunks' counts in context (0.), each >= 0; the cached ones are exact, and a missed one's
-   is at most upper_bound(ctx + " " + chunk) - n(ctx) (3.; the first chunk's, upper_bound(chunk)). So
-   the cached counts alone are a lower bound (over the limit: too long, whatever the misses count),
+   sum of its chunks' counts in context (0.); the cached ones are exact, and a missed one's is at
+   least 1 (a following chunk is " " + its text between two proved cuts: its tokens are its own and
+   cover that space) and at most upper_bound(ctx + " " + chunk) - n(ctx) (3.; the first chunk's, >= 0
+   and at most upper_bound(chunk)). So the cached counts and a token per missed chunk are a lower bound (over the limit: too long, whatever the misses count),
    and with the misses' bounds added an upper bound (within the limits: kept). A long text is looked
    up in a prefix of its chunks only (a lower bound needs no more). `judge` tries these first.
 

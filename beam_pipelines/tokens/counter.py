@@ -178,8 +178,8 @@ class TokenCounter:
 
     def chunk_bounds(self, text: str, limit: int) -> tuple[int, int | None]:
         """(lower, upper) bounds of n(text) from the chunk caches alone, with no tokenizer call (the
-        package docstring, 5.): the cached chunks' counts, exact, and for each chunk not cached 0
-        (lower) or its upper bound in context (upper). A text of more than _LOOKUP_CHARS characters a
+        package docstring, 5.): the cached chunks' counts, exact, and for each chunk not cached 1 (a
+        following chunk; 0 a first one) or its upper bound in context (upper). A text of more than _LOOKUP_CHARS characters a
         token of `limit` is looked up in its first that many characters only (upper None: only a
         lower bound over the limit can decide it). (0, None) on another path or for a text with an
         added token's content."""
@@ -195,7 +195,8 @@ class TokenCounter:
             return 0, None
         head = dict.get(self._first, chunks[0]) if whole else None
         found = list(map(self._words.get, itertools.islice(chunks, 1, None)))
-        lower = (head or 0) + sum(n for n in found if n is not None)
+        # a missed following chunk is " " + its text in context, between two proved cuts: a token at least
+        lower = (head or 0) + sum(n for n in found if n is not None) + found.count(None)
         ub = self.shape.upper
         if not whole or ub is None or lower > limit:
             return lower, None
