@@ -77,7 +77,7 @@ def _estimate_from_input(plan: RunPlan, sample_docs: int) -> dict:
         if lines >= sample_docs:
             break
     kept, tokens, texts, lengths = 0, 0, [], []
-    # prepare's own counter (length.shared_counter): the same loader and exact counts as the pass
+    # prepare's own counter (tokens.load.shared_counter): the same loader and exact counts as the pass
     for text, n in zip(docs, shared_counter(cfg.tokenizer).count(docs) if docs else []):
         if cfg.min_tokens <= n <= cfg.max_tokens:
             kept += 1

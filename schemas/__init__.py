@@ -44,7 +44,7 @@ CANDIDATE = _schema("candidate", [
     pa.field("source", pa.string()),
     pa.field("url", pa.string()),
     pa.field("n_chars", pa.int32(), nullable=False),
-    pa.field("n_tokens", pa.int32()),  # null: kept by its upper bound, uncounted (length.judge)
+    pa.field("n_tokens", pa.int32()),  # null: kept by its upper bound, uncounted (tokens.judge)
     pa.field("shard", pa.int32(), nullable=False),
     pa.field("text_hash", pa.string(), nullable=False),
     added("crawl_date", pa.string()),   # Dolma's `created` as the input gives it (Common Crawl: the crawl's date)

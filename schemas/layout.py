@@ -216,7 +216,7 @@ class RunLayout:
 
     @property
     def night_record(self) -> str:
-        """bft rebuild's record of a night still in progress (bft/rebuild.py: Night)."""
+        """bft rebuild's record of a night still in progress (bft/night.py: Night)."""
         return self._join(NIGHT)
 
     @property
@@ -225,7 +225,7 @@ class RunLayout:
         return self._join(LAST_NIGHT)
 
     def generation_checkpoints(self, stage: str, shard: int, num_shards: int) -> str:
-        """The folder of a shard in flight's checkpoint parts (generation/runner.py: Checkpoints)."""
+        """The folder of a shard in flight's checkpoint parts (generation/shard.py: Checkpoints)."""
         return self._join(GENERATIONS, stage, CHECKPOINTS, shard_name(stage, shard, num_shards, "d"))
 
     def all_generation_checkpoints(self, stage: str) -> str:

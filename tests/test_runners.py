@@ -43,7 +43,7 @@ from tests.helpers.near_duplicates import run_prepare, write_planted
 
 START_TIMEOUT_S = 60
 # what differs between two runs of one config in two roots: times, what hashes the root's name, and
-# which way the length filter counted (length.CostSwitch chooses by measured time; every way is exact)
+# which way the length filter counted (tokens.cost.CostSwitch chooses by measured time; every way is exact)
 VOLATILE = {"finished_at", "created_at", "started_at", "timing", "config_hash", "counted_from_pieces",
             "tokenized_in_full", "in_full_by_switch", "chunk_lookups", "chunk_misses"}
 

@@ -44,7 +44,7 @@ class ShardInput:
 def token_counter(tokenizer_path: str, proof=None):
     """Exact token counts with prepare's loader: the process's tokenizer, loaded in setup on the
     driver's `proof` (a changed file fails there, not on the first shard), counted by the running
-    thread's TokenCounter (length.SharedTokenizer.counter: its cache warm across shards)."""
+    thread's TokenCounter (tokens.load.SharedTokenizer.counter: its cache warm across shards)."""
     from beam_pipelines.tokens.load import shared_tokenizer
 
     shared = shared_tokenizer(tokenizer_path, proof)

@@ -31,7 +31,7 @@ from schemas.layout import RunLayout
 def build(p: beam.Pipeline, job: AssembleJob, shards: list[ShardInput], num_shards: int, folder: str, tmp: str,
           eval_sets: list[decontaminate.EvalSet], proof: TokenizerProof):
     """Adds the pass to `p`: the release's data files into `folder`, its parts and summary into `tmp`.
-    `proof`: the job's tokenizer as the driver proved it (length.prove), for the steps that count."""
+    `proof`: the job's tokenizer as the driver proved it (tokens.load.prove), for the steps that count."""
     joined = p | "JoinShards" >> JoinShards(shards, job.rules, job.tokenizer, proof, tmp, eval_sets)
     winners, losers, near_losers = (joined.keys | "DeduplicateInstructions" >> DeduplicateInstructions(
         job.split.seed, job.rules.near_dup_threshold))

@@ -35,7 +35,7 @@ def build(p: beam.Pipeline, cfg: PrepareConfig, run_id: str | None = None, files
           fingerprint: list[dict] | None = None, prior: list[str] | None = None,
           proof: TokenizerProof | None = None):
     """Adds the prepare pass to pipeline `p`; returns the PCollection of the final stats dict.
-    `proof`: the tokenizer proved by the driver (length.prove), handed to every measuring step."""
+    `proof`: the tokenizer proved by the driver (tokens.load.prove), handed to every measuring step."""
     proof = prove(cfg.tokenizer) if proof is None else proof
     files = list_inputs(cfg.input) if files is None else files
     selected = [f for f in files if not cfg.splits or dolma.split_of(f, cfg.splits)]

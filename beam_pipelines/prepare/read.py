@@ -29,7 +29,7 @@ from beam_pipelines.prepare.records import INPUT, Doc, Tallies, dropped, reject,
 from schemas.keys import sample_key, text_hash
 
 log = logging.getLogger("bft.prepare")
-# what the counter did (length.TokenCounter.totals), tallied per step as "length/<name>", and the name
+# what the counter did (tokens.counter.TokenCounter.totals), tallied per step as "length/<name>", and the name
 # stats.json's length_filter section gives it: which way texts were counted (CostSwitch chooses by
 # measured time, so these vary from run to run; the counts never do)
 COUNTING_PATHS = {"counted_pieces": "counted_from_pieces", "counted_full": "tokenized_in_full",

@@ -26,7 +26,7 @@ class Doc(NamedTuple):
     it was not there, or no output is being replaced); `minhash` is its sketch for --near-dedup
     (beam_pipelines/minhash.py: 224 bytes at the default 14 bands; None without --near-dedup, and
     after NearDeduplicate). `n_tokens` is None when the upper bound kept the document uncounted
-    (length.judge); `weight` is what shard balancing adds up for it: its n_tokens or its UTF-8 bytes,
+    (tokens.judge); `weight` is what shard balancing adds up for it: its n_tokens or its UTF-8 bytes,
     the same measure for every document of a run (PrepareConfig.balanced_by). Encoded by DocCoder
     (below)."""
 
