@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from tokenizers import AddedToken, Regex
 
 from beam_pipelines.tokens.counter import TokenCounter
-from beam_pipelines.tokens.judge import length_verdict
+from beam_pipelines.tokens.judge import judge, length_verdict
 from beam_pipelines.tokens.load import load_tokenizer
 from beam_pipelines.tokens.shape import CHUNKS, CUTS, FULL, PRETOKENS, tokenizer_shape
 from beam_pipelines.tokens.space_cuts import CANDIDATES, space_cuts
@@ -78,8 +78,12 @@ def test_real_structures_count_exactly_by_words_without_chunks(real, structure, 
     counter = TokenCounter(tok)
     assert counter.shape.path == path and "normalized" in space_cuts(json.loads(tok.to_str())).why
     texts = adversarial_texts(fixture_texts) + fixture_texts + ["a <extra> b", "<extra>"]
-    assert counter.count(texts) == full_counts(tok, texts)
+    exact = full_counts(tok, texts)
+    assert counter.count(texts) == exact
     assert counter.counted_pieces > len(fixture_texts)
+    # the length filter off the chunk path: its bounds and verdicts, no chunk look-up
+    limit = sorted(exact)[len(exact) // 2]
+    assert [j.verdict for j in judge(counter, texts, 1, limit)] == [length_verdict(n, 1, limit) for n in exact]
 
 
 @pytest.mark.parametrize("scheme, split", [("first", False), ("always", False), ("always", True), ("never", True)])
@@ -635,6 +639,24 @@ def test_the_chunk_caches_bound_a_text_and_decide_without_tokenizing(real, struc
         assert counter.kept_by_chunks > 0 and counter.rejected_by_chunks > 0
         assert all("cached chunks" in j.detail for j in judged if j.n_tokens is None and "bound" not in j.detail
                    and "first" not in j.detail)
+
+
+def test_a_missed_chunk_counts_no_token_where_unknown_symbols_are_dropped():
+    """A BPE without unk or byte fallback drops what its vocabulary lacks: a missed chunk (" !") may be
+    no token at all, so the caches' lower bound gives it 0, not 1 (else "ab ! ! ! ! !", 2 tokens, was
+    judged too long for 3)."""
+    import string
+
+    from beam_pipelines.tokens.judge import judge
+
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(string.ascii_lowercase)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s+|\w+|[^\s\w]+"), "isolated")
+    counter = TokenCounter(tok)
+    assert counter.shape.path == "chunks" and counter.shape.max_token_bytes == 0
+    text = "ab ! ! ! ! !"
+    assert full_counts(tok, [text]) == [2]
+    assert counter.chunk_bounds(text, 3)[0] <= 2
+    assert judge(counter, [text], 0, 3)[0].verdict is None
 
 
 @pytest.mark.parametrize("structure", real_tokenizers.STRUCTURES)

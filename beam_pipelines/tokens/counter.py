@@ -147,7 +147,7 @@ class TokenCounter:
         ub = self.shape.upper
         if ub is None or self._has_special(text):
             return None
-        if ub.text == RAW or (ub.text == NON_ASCII and text.isascii() and self._ctx.isascii()):
+        if ub.text == RAW or (ub.text == NON_ASCII and text.isascii()):
             return utf8_bytes(text) + ub.raw_extra
         norm = self.normalize(text)
         marks = 2 * norm.count(MARK) if ub.mark_one else 0  # "▁" is 3 bytes and one token
@@ -195,15 +195,17 @@ class TokenCounter:
             return 0, None
         head = dict.get(self._first, chunks[0]) if whole else None
         found = list(map(self._words.get, itertools.islice(chunks, 1, None)))
-        # a missed following chunk is " " + its text in context, between two proved cuts: a token at least
-        lower = (head or 0) + sum(n for n in found if n is not None) + found.count(None)
+        # a missed following chunk is " " + its text between two proved cuts: a token at least where every
+        # byte is some token's (the bytes lower bound is sound: max_token_bytes), else 0
+        cached = (head or 0) + sum(n for n in found if n is not None)
+        lower = cached + (found.count(None) if self.shape.max_token_bytes else 0)
         ub = self.shape.upper
         if not whole or ub is None or lower > limit:
             return lower, None
         missed = [k for k, n in zip(itertools.islice(chunks, 1, None), found) if n is None]
-        if ub.text == RAW or (ub.text == NON_ASCII and text.isascii()):
+        if ub.text == RAW or (ub.text == NON_ASCII and text.isascii() and self._ctx.isascii()):
             # upper_bound(ctx + " " + k) - n(ctx) = bytes(k) + the same constant for every chunk k
-            upper = lower + sum(map(utf8_bytes, missed)) + len(missed) * self._miss_extra
+            upper = cached + sum(map(utf8_bytes, missed)) + len(missed) * self._miss_extra
             if head is None:
                 upper += utf8_bytes(chunks[0]) + ub.raw_extra
         else:
@@ -211,7 +213,7 @@ class TokenCounter:
             first = self.upper_bound(chunks[0]) if head is None else 0
             if first is None or None in bounds:
                 return lower, None
-            upper = lower + sum(bounds) - len(bounds) * self._ctx_tokens + first
+            upper = cached + sum(bounds) - len(bounds) * self._ctx_tokens + first
         return lower, upper
 
     def cut_to_keep(self, text: str, limit: int) -> int:
