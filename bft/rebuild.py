@@ -172,10 +172,12 @@ def _run_night(plan: RunPlan, cfg: RebuildConfig, night: "Night", say, lock) -> 
         say(f"== generate {sp.stage} ({sp.cfg.engine}: {sp.cfg.model})" + (" [external]" if sp.external else ""))
         if sp.external:
             status = stage_status(sp.cfg)
-            if status["pending"] and cfg.wait:
-                status = _wait(sp, cfg, say, lock)
-            if status["pending"]:
+            if status["pending"]:   # tonight's job, written before anyone waits for the workers that run it
                 command = worker_command(write_worker_job(sp), sp)
+                if cfg.wait:
+                    say(f"   the workers run:\n     {command}")
+                    status = _wait(sp, cfg, say, lock)
+            if status["pending"]:
                 say(f"   {len(status['complete'])} of {status['shards']} shards complete; the workers run:\n     "
                     f"{command}\n   then run this rebuild again (or with --wait)")
                 night.save("waiting for external workers")

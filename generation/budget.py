@@ -18,7 +18,7 @@ import argparse
 
 from generation.prompting import n_tokens, render
 from generation.stages import STAGES
-from generation.templates import load_template
+from generation.templates import Template, load_template
 
 
 def placeholder_instruction(tokens: int) -> str:
@@ -33,7 +33,7 @@ def prompt_overhead(tokenizer, stage: str, template: str | None = None, instruct
     return n_tokens(tokenizer, render(tokenizer, system, user))
 
 
-def shared_prefix_tokens(tokenizer, stage: str, template: str | None = None) -> int | None:
+def shared_prefix_tokens(tokenizer, stage: str, template: str | Template | None = None) -> int | None:
     """Tokens every prompt of `stage` begins with, which a server's prefix cache (vLLM's automatic
     prefix caching, on in our vllm engine) computes once for all the stage's requests: the common
     prefix of the token ids of the stage's prompt rendered with two sets of values that differ from
@@ -42,7 +42,8 @@ def shared_prefix_tokens(tokenizer, stage: str, template: str | None = None) -> 
     less."""
     if tokenizer is None:
         return None
-    spec, tpl = STAGES[stage], load_template(stage, template)
+    spec = STAGES[stage]
+    tpl = template if isinstance(template, Template) else load_template(stage, template)
     records = (("A document.", "An instruction?"), ("Zebra text.", "Zebra question?"))
     ids = [tokenizer(render(tokenizer, *tpl.fill(**spec.prompt(doc, instruction))), add_special_tokens=False)
            ["input_ids"] for doc, instruction in records]

@@ -172,7 +172,7 @@ class StageJob:
             return cls(options, Gate(**d["gate"]) if d["gate"] else None, d["max_new_tokens"], d["temperature"],
                        d["top_p"], tuple(d["stop"]), d["logprob_prefix"], Template(**d["template"]),
                        EngineConfig(**d["engine"]))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise GenerationError(f"{where}: not a stage job as StageJob.to_json writes it ({type(e).__name__}: "
                                   f"{e}); write it again from the run file") from None
 
@@ -200,7 +200,11 @@ JOB_LIMIT = 1 << 20   # a job file is a few KB (the template's text included)
 
 def read_job(path: str) -> StageJob:
     """The job file `bft rebuild` wrote for an external stage (RunLayout.stage_job)."""
-    return StageJob.from_json(storage.read_input(path, JOB_LIMIT, "the stage job").decode("utf-8", "replace"), path)
+    try:
+        text = storage.read_input(path, JOB_LIMIT, "the stage job").decode("utf-8", "replace")
+    except OSError as e:
+        raise GenerationError(f"{path}: cannot read the stage job ({e}); bft rebuild writes it") from None
+    return StageJob.from_json(text, path)
 
 
 def job_options(flags: dict, config_file: str | None) -> dict:
@@ -221,5 +225,14 @@ def job_options(flags: dict, config_file: str | None) -> dict:
 
 def worker_job(cfg: GenerateConfig) -> StageJob | GenerateConfig:
     """What `bft generate` runs: the job file's StageJob with this worker's options (`cfg`, built by
-    job_options), or `cfg` itself without --job (resolved by the runner)."""
-    return replace(read_job(cfg.job), options=cfg) if cfg.job else cfg
+    job_options), or `cfg` itself without --job (resolved by the runner). The options must be the
+    job's own but for the worker's index and count: a `job:` key in a run file, or a job file written
+    again since job_options read it, is refused."""
+    if not cfg.job:
+        return cfg
+    job = read_job(cfg.job)
+    if replace(job.options, worker_index=cfg.worker_index, num_workers=cfg.num_workers, job=cfg.job) != cfg:
+        raise GenerationError(f"--job {cfg.job}: the stage runs the job's options as bft rebuild wrote them; give "
+                              "the job with --job alone (not in a run file), with only --worker-index and "
+                              "--num-workers beside it")
+    return replace(job, options=cfg)

@@ -134,7 +134,7 @@ class StageRunner(ShardDispatch):
         """Tokens every prompt of the stage begins with (budget.shared_prefix_tokens: what a prefix cache
         reuses), recorded in each shard's metrics; None without a tokenizer."""
         if not self._prefix:
-            self._prefix.append(shared_prefix_tokens(self.engine.tokenizer, self.cfg.stage, self.cfg.template))
+            self._prefix.append(shared_prefix_tokens(self.engine.tokenizer, self.cfg.stage, self.job.template))
         return self._prefix[0]
 
     def product_config(self) -> dict:

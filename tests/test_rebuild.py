@@ -135,13 +135,24 @@ def test_external_stages_hand_off_to_workers(tmp_path, tiny_models, bpe_tokenize
     job = os.path.join(root, "_jobs", "score.json")   # the stage resolved once, for every worker
     assert f"bft generate score --job {job} --worker-index $I --num-workers 2" in out
     assert not os.path.exists(os.path.join(root, "sft"))
+    os.remove(job)   # --wait writes tonight's job before it waits for the workers that run it
     rc, out, err = bft(capsys, "rebuild", "--config", cfg, "--wait", "--wait-timeout", "0", "--poll-s", "0")
     assert rc == 1 and "still missing after --wait-timeout 0 s" in err
-    # the job fixes the options: another option beside it, or another stage's job, is one line
+    assert os.path.exists(job) and f"bft generate score --job {job}" in out
+    # the job fixes the options: another option beside it, another stage's job, a run file's `job:` key
+    # with other options, or a job file that is not there is one line
     rc, _, err = bft(capsys, "generate", "score", "--job", job, "--temperature", "0.5")
     assert rc == 1 and "give only --worker-index and --num-workers with it, not --temperature" in err
     rc, _, err = bft(capsys, "generate", "backtranslate", "--job", job)
     assert rc == 1 and "is a job of stage score, not backtranslate" in err
+    other = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], generate__score__job=job,
+                     generate__score__max_new_tokens=3)
+    rc, _, err = bft(capsys, "generate", "score", "--config", other)
+    assert rc == 1 and "runs the job's options as bft rebuild wrote them" in err and "Traceback" not in err
+    rc, _, err = bft(capsys, "generate", "score", "--job", str(tmp_path / "nowhere.json"))
+    assert rc == 1 and "cannot read the stage job" in err and "Traceback" not in err
+    cfg = run_file(tmp_path, tiny_models, bpe_tokenizer_path, root, [corpus], generate__score__external=True,
+                   generate__score__workers=2)   # (run_file rewrote the run file above)
     for i in range(2):  # what each worker runs on its GPU
         rc, out, err = bft(capsys, "generate", "score", "--job", job, "--worker-index", str(i), "--num-workers", "2")
         assert rc == 0, err
