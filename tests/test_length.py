@@ -524,7 +524,7 @@ def test_the_search_for_added_tokens_equals_a_test_per_token(real, fixture_texts
     """tekken's 1000 added tokens, searched by one regex of their trie: the same answer as a substring
     test per token, on texts holding each token, its prefixes and its suffixes; a token that is a
     prefix of another ends that branch."""
-    from beam_pipelines.tokens.counter import _trie_regex
+    from beam_pipelines.tokens.shape import trie_regex
 
     counter = TokenCounter(real["tekken"])
     specials = [s for s in counter.shape.special_contents if s]
@@ -535,7 +535,7 @@ def test_the_search_for_added_tokens_equals_a_test_per_token(real, fixture_texts
     texts += specials + [s[:-1] for s in specials] + [s[1:] for s in specials] + ["[INST", "<SPECIAL_", "x<s>y"]
     for text in texts:
         assert counter._has_special(text) == any(s in text for s in specials), text[:80]
-    nested = re.compile(_trie_regex(["ab", "abc", "b.d", "x"]))
+    nested = re.compile(trie_regex(["ab", "abc", "b.d", "x"]))
     assert [bool(nested.search(t)) for t in ["zab", "abc", "a", "b.d", "byd", "bd", "x"]] == \
         [True, True, False, True, False, False, True]
 

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from beam_pipelines.tokens.chunk_cache import CountCache, trim_oldest, worth_caching
 from beam_pipelines.tokens.cost import CALIBRATE_SHARE, PROBE, SNIFF_SHARE, CostSwitch
 from beam_pipelines.tokens.shape import (CHUNKS, CUTS, FULL, MARK, NON_ASCII, RAW, TokenizerProof, metaspace,
-                                         split_and_words, tokenizer_shape, utf8_bytes)
+                                         split_and_words, tokenizer_shape, trie_regex, utf8_bytes)
 
 _CACHE_LIMIT = 300_000  # words or chunks (~50 MB); words: cleared when full, chunks: the oldest dropped
 _FIRST_LIMIT = 20_000   # first chunks of texts
@@ -72,7 +72,7 @@ class TokenCounter:
         # "<SPECIAL_n>": one substring test each cost ~0.5 ms for every text with a "<"), run only on
         # the texts that hold one of their first characters (an `in` test, much faster than the regex)
         specials = [s for s in self.shape.special_contents if s]
-        self._special = re.compile(_trie_regex(specials)).search if specials else None
+        self._special = re.compile(trie_regex(specials)).search if specials else None
         self._special_firsts = tuple(sorted({s[0] for s in specials}))
         self.counted_full = 0       # texts tokenized in full
         self.counted_pieces = 0     # texts counted from cached words or chunks
@@ -429,23 +429,3 @@ class TokenCounter:
             todo = list(missing)
             encs = self._model.encode_batch_fast(todo, add_special_tokens=False)
             cache.update(zip(todo, (len(e.ids) for e in encs)))
-
-
-def _trie_regex(words: list[str]) -> str:
-    """A regex that finds any of `words` (non-empty) in a text: their trie as nested alternations, so
-    that the engine scans for the first characters and walks one branch, whatever the number of words.
-    A word that another one extends ends the branch (the text holds the shorter one either way)."""
-    trie: dict = {}
-    for word in words:
-        node = trie
-        for ch in word:
-            node = node.setdefault(ch, {})
-        node[""] = {}
-
-    def alternation(node: dict) -> str:
-        if "" in node:
-            return ""
-        alts = [re.escape(ch) + alternation(child) for ch, child in sorted(node.items())]
-        return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
-
-    return alternation(trie)

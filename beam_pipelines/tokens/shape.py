@@ -231,3 +231,23 @@ def split_and_words(tok: Tokenizer, spec: dict):
             words.pre_tokenizer = live[-1]
             return (live[0] if len(live) == 2 else pre_tokenizers.Sequence(live[:-1])), words
     return tok.pre_tokenizer, words
+
+
+def trie_regex(words: list[str]) -> str:
+    """A regex that finds any of `words` (non-empty) in a text: their trie as nested alternations, so
+    that the engine scans for the first characters and walks one branch, whatever the number of words.
+    A word that another one extends ends the branch (the text holds the shorter one either way)."""
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def alternation(node: dict) -> str:
+        if "" in node:
+            return ""
+        alts = [re.escape(ch) + alternation(child) for ch, child in sorted(node.items())]
+        return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+
+    return alternation(trie)
