@@ -57,12 +57,11 @@ def judge(counter: "TokenCounter", texts: list[str], min_tokens: int, max_tokens
     counted: list[tuple[int, int]] = []   # (text, its count) of the cut texts whose prefix did not decide
     rests: list[tuple[int, int, int]] = []  # (text, cut, the prefix's count)
     for (i, cut), n in zip(heads, counter.count([texts[i][:cut] for i, cut in heads]) if heads else []):
-        tail = texts[i][cut:]
         if n > max_tokens:
             counter.rejected_by_prefix += 1
             out[i] = Judgment(None, "too_long", f">= {n} tokens (its first {cut} characters) > {max_tokens}")
-        elif (not exact and n >= min_tokens and n + len(tail) <= max_tokens   # (a cheap test first: bytes >= chars)
-              and (bound := counter.tail_bound(tail)) is not None and n + bound <= max_tokens):
+        elif (not exact and n >= min_tokens and n + len(texts[i]) - cut <= max_tokens   # cheap first: bytes >= chars
+              and (bound := counter.tail_bound(texts[i][cut:])) is not None and n + bound <= max_tokens):
             counter.kept_by_prefix += 1
             out[i] = Judgment(None, None, f"<= {n + bound} tokens ({n} in its first {cut} characters, the rest's "
                                           f"upper bound {bound}), allowed {min_tokens}..{max_tokens}")
