@@ -52,17 +52,17 @@ def test_every_record_is_accounted_for(corpus, tmp_path, bpe_tokenizer_path, fix
     # lineage: Dolma's `created` (the crawl date) where the line has one
     assert cands.set_index("id")["crawl_date"].dropna().to_dict() == {"h010": "2019-09-15T00:00:00.000Z"}
     # exact token counts where counted; the others kept uncounted by their upper bound, or (the longer
-    # texts, whose bound exceeds the limit) by the chunk caches' bounds or a prefix's count and the rest's
-    # bound: which of the two depends on how warm the process's caches are (earlier tests in this worker)
+    # texts, whose bound exceeds the limit) by the chunk caches' bounds (after a share of their missed
+    # chunks is counted) or a prefix's count and the rest's bound: which of the two depends on how warm the process's caches are (earlier tests in this worker)
     tok = Tokenizer.from_file(bpe_tokenizer_path)
     uncounted = cands["n_tokens"].isna()
     lf = stats["length_filter"]
-    assert 0 < uncounted.sum() and lf["kept_by_prefix"] + lf["kept_by_chunks"] > 0
+    assert 0 < uncounted.sum() and lf["kept_by_prefix"] + lf["kept_by_chunks"] + lf["kept_by_share"] > 0
     for text, n in zip(cands["text"], cands["n_tokens"]):
         full = len(tok.encode(text, add_special_tokens=False).ids)
         assert full == n <= 4000 if not pd.isna(n) else full <= 4000
     assert stats["tokens"]["uncounted_documents"] == uncounted.sum() <= (lf["kept_by_bound"] + lf["kept_by_prefix"]
-                                                                         + lf["kept_by_chunks"])
+                                                                         + lf["kept_by_chunks"] + lf["kept_by_share"])
     assert stats["tokens"]["counted_documents"] == (~uncounted).sum()
     assert stats["tokens"]["total"] == cands["n_tokens"].sum()
     # balanced by UTF-8 bytes, every document alike (a count of some and a bound of others would not mix)
@@ -500,9 +500,10 @@ def test_prepare_killed_at_any_write_reruns_to_the_output_of_an_uninterrupted_ru
 
     layout = RunLayout(str(tmp_path / "o"))
 
-    def stable(stats: dict) -> dict:  # less the time, and which way the length filter counted (timed)
+    def stable(stats: dict) -> dict:  # less the time, and which way the length filter counted (timed,
+        # and by the caches' state: only the bounds on the text alone are the same in every run)
         stats.pop("finished_at")
-        for path in ("counted_from_pieces", "tokenized_in_full", "in_full_by_switch", "chunk_lookups", "chunk_misses"):
+        for path in set(stats["length_filter"]) - {"measured", "rejected_by_bound", "kept_by_bound"}:
             stats["length_filter"].pop(path)
         return stats
 

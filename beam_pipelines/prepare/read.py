@@ -37,7 +37,13 @@ COUNTING_PATHS = {"counted_pieces": "counted_from_pieces", "counted_full": "toke
                   "chunk_misses": "chunk_misses", "rejected_by_bound": "rejected_by_bound",
                   "kept_by_bound": "kept_by_bound", "rejected_by_prefix": "rejected_by_prefix",
                   "kept_by_prefix": "kept_by_prefix", "kept_by_chunks": "kept_by_chunks",
-                  "rejected_by_chunks": "rejected_by_chunks"}
+                  "rejected_by_chunks": "rejected_by_chunks", "kept_by_share": "kept_by_share",
+                  "rejected_by_share": "rejected_by_share", "share_chars": "share_chars", "rest_chars": "rest_chars"}
+
+
+def limit_detail(verdict: str, min_tokens: int, max_tokens: int) -> str:
+    """A length reject's detail: the limit the document failed (the same whichever way it was decided)."""
+    return f"more than {max_tokens} tokens" if verdict == "too_long" else f"fewer than {min_tokens} tokens"
 
 
 def length_filter_stats(totals: dict[str, int]) -> dict[str, int]:
@@ -134,12 +140,17 @@ class _Measurer(beam.DoFn):
         for name in COUNTING_PATHS:
             tallies[f"length/{name}"] += after[name] - before[name]
         tallies["length/measured"] += len(batch)
-        for (line_no, doc), (n, verdict, detail) in zip(batch, judged):
+        # What is written never depends on the way a text was decided (by a bound, the caches, a share,
+        # a prefix or a count: chosen by the caches' state and measured time, so by the bundles a worker
+        # ran before): a reason says the limit it failed, and a kept text has its count only where every
+        # kept text is counted (balanced by tokens), so that a rerun writes the same bytes.
+        for (line_no, doc), (n, verdict, _) in zip(batch, judged):
             if verdict:
                 tallies[dropped(verdict)] += 1
-                yield reject(path, line_no, verdict, detail, doc.id)
+                yield reject(path, line_no, verdict, limit_detail(verdict, cfg.min_tokens, cfg.max_tokens), doc.id)
             else:
                 self._keep(path, line_no, doc)
+                n = n if self._by_tokens else None
                 yield Doc(doc.id, text_hash(doc.text), n, len(doc.text), file_index, line_no,
                           n if self._by_tokens else utf8_bytes(doc.text),
                           minhash=sketch(doc.text, self._minhash) if self._minhash else None)

@@ -4,9 +4,10 @@ not needed.
 `n_tokens` is the number of tokens of the text alone (no special tokens: no BOS, no EOS), exactly what
 `tokenizer.encode(text, add_special_tokens=False)` gives. The length filter's decisions are always
 those of counting every text. A count is exact wherever one is given; a text that an upper bound (3.)
-proves kept is not counted at all unless prepare runs with --exact-counts (its `n_tokens` is then
-null in the candidates, and balancing and statistics say what they use instead). The counting
-shortcuts are all exact:
+proves kept is not counted at all unless prepare runs with --exact-counts. Without it prepare writes no
+count for any kept text (`n_tokens` null in the candidates, whichever way it was decided: the way
+depends on the caches' state and on measured time, the output must not), and balancing and
+statistics say what they use instead. The counting shortcuts are all exact:
 
 0. Counting by chunks of the raw text ("chunks", the first choice). `space_cuts.py` proves from the
    tokenizer's structure that cutting the raw text before a space that follows a printable ASCII
@@ -117,6 +118,21 @@ shortcuts are all exact:
    and with the misses' bounds added an upper bound (within the limits: kept). A long text is looked
    up in a prefix of its chunks only (a lower bound needs no more). `judge` tries these first.
 
+6. A share of the missed chunks counted decides a text (`stepwise.py`, CHUNKS, while the cost switch
+   counts by chunks; it replaces 4. and 5. there). A text is looked up once: its cached chunks' counts
+   are exact, and each missed chunk is bounded as in 5. Any of its missed chunks, in text order, are
+   one remainder (0.: each but the last is followed by a cut in the text, so it ends with a character
+   of `cut_after`), whose count less n(ctx) is exactly the sum of theirs after a cut; so with S such
+   a set counted, n(text) = known + n(S) + the others', each of which is at least 1 (0 the first
+   chunk) and at most its upper bound in context. The text is dropped when known + n(S) + the others'
+   lower bounds exceed the limit, kept uncounted when known + n(S) + their upper bounds fit, and
+   otherwise the others are counted too, one more remainder whose count adds up to the exact n(text):
+   no work is lost. S is sized from the tokens a missed character has cost so far, for the bound the
+   text likely meets (drop or keep) with a margin, so that one round usually decides; a text whose
+   guess is near the limit is counted whole at once. The sizes move only time, never a decision or a
+   count. A long text is looked up in a prefix first (the first `_LOOKUP_CHARS` characters a token of
+   the limit), whose cached counts and a token per missed chunk usually prove it too long already.
+
 Any other tokenizer (BPE with dropout, or one word per text that no cut rule splits) is counted in full
 with `encode_batch_fast`, exact by definition. tests/test_length.py proves each path against full
 tokenization on texts built to break it, with converted real vocabularies (benchmarks/real_tokenizers.py).
@@ -126,6 +142,7 @@ The modules, from the bottom up (each imports only those above it):
     shape.py        what a tokenizer's structure allows: the counting path, the bounds (2., 3.), the proof
     cost.py         CostSwitch: chunks or full tokenization, batch by batch, from measured costs (0.)
     chunk_cache.py  which missed chunks are cached, and how a full cache is trimmed
+    stepwise.py     the chunk path's decisions by a share of the missed chunks (6.), inherited by...
     counter.py      TokenCounter: exact counts by the cheapest exact path, the bounds, the prefix cut (4.)
     load.py         the tokenizer loaded, fingerprinted and proved once per process, shared by threads
     judge.py        the length filter on a batch in one call, and its verdict

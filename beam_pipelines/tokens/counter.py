@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from beam_pipelines.tokens.chunk_cache import CountCache, trim_oldest, worth_caching
 from beam_pipelines.tokens.cost import CALIBRATE_SHARE, PROBE, SNIFF_SHARE, CostSwitch
+from beam_pipelines.tokens.stepwise import StepwiseChunks
 from beam_pipelines.tokens.shape import (CHUNKS, CUTS, FULL, MARK, NON_ASCII, RAW, TokenizerProof, metaspace,
                                          split_and_words, tokenizer_shape, trie_regex, utf8_bytes)
 
@@ -35,7 +36,7 @@ _CUT_WORDS = re.compile(f"{MARK}*[^{MARK}]+|{MARK}+")
 _METASPACE_WORDS = re.compile(f"{MARK}[^{MARK}]*|[^{MARK}]+")
 
 
-class TokenCounter:
+class TokenCounter(StepwiseChunks):
     """Exact `n_tokens` for texts; see the package docstring for why each path is exact.
 
     `clock` times the paths for the CHUNKS switch (`CostSwitch`): by default the thread's CPU time
@@ -47,7 +48,9 @@ class TokenCounter:
     TOTALS = ("counted_full", "counted_pieces", "rejected_by_bound", "kept_by_bound", "rejected_by_prefix", "kept_by_prefix", "kept_by_chunks", "rejected_by_chunks", "full_by_switch", "full_to_calibrate",
               "chunk_lookups", "chunk_misses", "chunks_encoded", "remainder_texts", "remainder_chars",
               "chars_full", "chars_chunks", "seconds_full", "seconds_chunks", "probes", "early_probes",
-              "switches_to_full", "switches_to_chunks")
+              "switches_to_full", "switches_to_chunks", "kept_by_share", "rejected_by_share", "share_chars",
+              "rest_chars")
+    CACHE_LIMIT, FIRST_LIMIT = _CACHE_LIMIT, _FIRST_LIMIT
 
     def __init__(self, tokenizer: Tokenizer, clock=time.thread_time, proof: TokenizerProof | None = None):
         """`proof`: the tokenizer's shape proved already (shared_counter), else proved here."""
@@ -93,6 +96,7 @@ class TokenCounter:
         self.seconds_full = self.seconds_chunks = 0.0    # and the time they took (by `clock`)
         self.switch = CostSwitch()
         self._chunk_batch: tuple | None = None  # (chars, seconds, probe, hit rate) of the last chunk pass
+        self._stepwise_init()
         if self.shape.path == CHUNKS:
             # the space first, then a look back at it and the character before it: the regex engine
             # then finds candidates by its literal-prefix scan (twice as fast as a lookbehind first)
@@ -273,19 +277,21 @@ class TokenCounter:
                     counts[i] = sum(map(get, words))
                 self.counted_pieces += len(by_words)
         if full:
-            batch = [texts[i] for i in full]
-            chars = sum(map(len, batch))
-            t0 = self._clock()
-            encs = self.tokenizer.encode_batch_fast(batch, add_special_tokens=False)
-            for i, enc in zip(full, encs):
-                counts[i] = len(enc)
-            self.counted_full += len(full)
-            self.chars_full += chars
-            seconds = self._clock() - t0
-            self.seconds_full += seconds
-            self.switch.full_measured(chars, seconds)
+            for i, n in zip(full, self.count_full([texts[i] for i in full])):
+                counts[i] = n
         if self._chunk_batch is not None:  # judged after the full cost of this call is known
             self.switch.chunks_measured(*self._chunk_batch)
+        return counts
+
+    def count_full(self, texts: list[str]) -> list[int]:
+        """Exact counts of `texts` tokenized whole, the cost measured for the switch."""
+        chars, t0 = sum(map(len, texts)), self._clock()
+        counts = [len(e) for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        self.counted_full += len(texts)
+        self.chars_full += chars
+        seconds = self._clock() - t0
+        self.seconds_full += seconds
+        self.switch.full_measured(chars, seconds)
         return counts
 
     def _count_chunks(self, texts: list[str], counts: list[int]) -> list[int]:

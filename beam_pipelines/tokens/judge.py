@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from beam_pipelines.tokens.counter import TokenCounter
+from beam_pipelines.tokens.shape import CHUNKS
+from beam_pipelines.tokens.stepwise import length_verdict
 
 
 class Judgment(NamedTuple):
@@ -21,14 +23,17 @@ def judge(counter: "TokenCounter", texts: list[str], min_tokens: int, max_tokens
           exact: bool = False) -> list[Judgment]:
     """The length filter on a batch, in one call: texts the upper bound proves kept are kept uncounted
     (`kept_by_bound`; never with `exact`, which counts every kept text), texts the bytes bound proves
-    too long are dropped uncounted (`rejected_by_bound`); then the chunk caches' bounds decide what they
-    can (`rejected_by_chunks`, `kept_by_chunks`); a long text's prefix at a proved cut is
-    counted first, and the text dropped when that is over the limit (`rejected_by_prefix`), else its
-    rest counted from the cut; the others are counted exactly. Three `count` calls at most; the
-    decisions are those of counting every text."""
+    too long are dropped uncounted (`rejected_by_bound`). On the chunk path, while the cost switch counts
+    by chunks, the others are decided by their cached chunks and a share of their missed ones counted
+    (`stepwise.py`: `rejected_by_chunks`, `kept_by_chunks`, `rejected_by_share`, `kept_by_share`), or
+    counted. Otherwise (and a text holding an added token's content) the chunk caches' bounds decide
+    what they can; a long text's prefix at a proved cut is counted first, and the text dropped when
+    that is over the limit (`rejected_by_prefix`), else its rest counted from the cut; the others are
+    counted exactly. The decisions are those of counting every text."""
     out: list[Judgment | None] = [None] * len(texts)
     todo: list[int] = []
     heads: list[tuple[int, int]] = []
+    unsure: list[int] = []
     for i, text in enumerate(texts):
         fits = 0 if exact else counter.bound_fits(text, min_tokens, max_tokens)
         too_long = 0 if fits else counter.bound_exceeds(text, max_tokens)
@@ -39,21 +44,28 @@ def judge(counter: "TokenCounter", texts: list[str], min_tokens: int, max_tokens
             counter.rejected_by_bound += 1
             out[i] = Judgment(None, "too_long", f">= {too_long} tokens (bytes bound) > {max_tokens}")
         else:
-            lower, upper = counter.chunk_bounds(text, max_tokens)   # the caches alone: no tokenizer call
-            if lower > max_tokens:
-                counter.rejected_by_chunks += 1
-                out[i] = Judgment(None, "too_long", f">= {lower} tokens (its cached chunks) > {max_tokens}")
-                continue
-            if not exact and upper is not None and upper <= max_tokens and lower >= min_tokens:
-                counter.kept_by_chunks += 1
-                out[i] = Judgment(None, None, f"<= {upper} tokens (its cached chunks, the others' upper bound), "
-                                              f"allowed {min_tokens}..{max_tokens}")
-                continue
-            cut = counter.cut_past(text, max_tokens) or (0 if exact else counter.cut_to_keep(text, max_tokens))
-            if cut:
-                heads.append((i, cut))
-            else:
-                todo.append(i)
+            unsure.append(i)
+    if counter.shape.path == CHUNKS:   # by chunks, a share of the missed ones at a time (stepwise.py)
+        decided, unsure = counter.decide(texts, unsure, min_tokens, max_tokens, exact)
+        for i, n, verdict, detail in decided:
+            out[i] = Judgment(n, verdict, detail)
+    for i in unsure:
+        text = texts[i]
+        lower, upper = counter.chunk_bounds(text, max_tokens)   # the caches alone: no tokenizer call
+        if lower > max_tokens:
+            counter.rejected_by_chunks += 1
+            out[i] = Judgment(None, "too_long", f">= {lower} tokens (its cached chunks) > {max_tokens}")
+            continue
+        if not exact and upper is not None and upper <= max_tokens and lower >= min_tokens:
+            counter.kept_by_chunks += 1
+            out[i] = Judgment(None, None, f"<= {upper} tokens (its cached chunks, the others' upper bound), "
+                                          f"allowed {min_tokens}..{max_tokens}")
+            continue
+        cut = counter.cut_past(text, max_tokens) or (0 if exact else counter.cut_to_keep(text, max_tokens))
+        if cut:
+            heads.append((i, cut))
+        else:
+            todo.append(i)
     counted: list[tuple[int, int]] = []   # (text, its count) of the cut texts whose prefix did not decide
     rests: list[tuple[int, int, int]] = []  # (text, cut, the prefix's count)
     for (i, cut), n in zip(heads, counter.count([texts[i][:cut] for i, cut in heads]) if heads else []):
@@ -74,11 +86,3 @@ def judge(counter: "TokenCounter", texts: list[str], min_tokens: int, max_tokens
         out[i] = Judgment(n, length_verdict(n, min_tokens, max_tokens), f"{n} tokens, allowed {min_tokens}..{max_tokens}")
     return out
 
-
-def length_verdict(n_tokens: int, min_tokens: int, max_tokens: int) -> str | None:
-    """None when the document is kept, else the reason it is dropped."""
-    if n_tokens > max_tokens:
-        return "too_long"
-    if n_tokens < min_tokens:
-        return "too_short"
-    return None
