@@ -113,8 +113,12 @@ statistics say what they use instead. The counting shortcuts are all exact:
 5. The chunk caches bound a text with no tokenizer call (`chunk_bounds`, CHUNKS only): n(text) is the
    sum of its chunks' counts in context (0.); the cached ones are exact, and a missed one's is at
    least 1 where every byte is some token's (2.: a following chunk is " " + its text between two
-   proved cuts, its tokens are its own and cover that space; else at least 0) and at most upper_bound(ctx + " " + chunk) - n(ctx) (3.; the first chunk's, >= 0
-   and at most upper_bound(chunk)). So the cached counts and a token per missed chunk are a lower bound (over the limit: too long, whatever the misses count),
+   proved cuts, its tokens are its own and cover that space; else at least 0) and at most its bytes
+   + 1 where the bound of 3. is taken of the raw text (3.'s per-character bound on the piece " " +
+   chunk, which the cut makes tokenized apart: the space is one token at most, " " or "▁", each other
+   character at most its bytes; a prepended "▁" or a prefix space is the text's start's, counted in
+   its first chunk), else upper_bound(ctx + " " + chunk) - n(ctx) (3.); the first chunk's, >= 0 and
+   at most upper_bound(chunk). So the cached counts and a token per missed chunk are a lower bound (over the limit: too long, whatever the misses count),
    and with the misses' bounds added an upper bound (within the limits: kept). A long text is looked
    up in a prefix of its chunks only (a lower bound needs no more). `judge` tries these first.
 

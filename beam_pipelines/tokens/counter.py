@@ -105,8 +105,9 @@ class TokenCounter(StepwiseChunks):
             self._cut = re.compile(f" (?<={left} )")
             self._ctx = self.shape.cut_after[0] if "a" not in self.shape.cut_after else "a"
             self._ctx_tokens = len(tokenizer.encode(self._ctx, add_special_tokens=False).ids)
-            if self.shape.upper is not None:   # chunk_bounds: a missed chunk's bound is its bytes plus this
-                self._miss_extra = utf8_bytes(self._ctx + " ") + self.shape.upper.raw_extra - self._ctx_tokens
+            # a missed following chunk's upper bound in context is its bytes plus this: the space before it,
+            # one token at most (the package docstring, 5.); a prepended "▁" or prefix space is the text's
+            self._miss_extra = 1
             self._words, self._first = CountCache(), CountCache()  # following chunk / first chunk -> count
             self._seen: dict[str, int] = {}        # following chunk missed, not cached yet -> times missed
             self._seen_first: dict[str, int] = {}  # first chunks likewise

@@ -15,8 +15,9 @@ from beam_pipelines.tokens.shape import FULL, NON_ASCII, RAW
 # words, numbers and names cost more than prose's ~0.25 with Llama-2's and tekken's vocabularies.
 _PRIOR_RATE, _PRIOR_BYTES = 0.35, 4096
 # A text whose guessed count is within this share of the limit is counted whole at once (a share would
-# rarely decide it); otherwise its share is sized for this many times what its bounds need, so that a
-# guess of tokens a byte off by as much still decides it in one round.
+# rarely decide it); otherwise its share is sized for a cost a character this many times the measured
+# one (to keep) or this many times less (to drop), so that a guess off by as much still decides it in
+# one round.
 _CLOSE = 0.08
 _SAFETY = 1.3
 _MOST = 0.85       # a share of more than this of the missed characters: all of them (no second round)
@@ -184,11 +185,13 @@ class StepwiseChunks:
             if not items or guess < 2 * min_tokens:   # a minimum to prove too: counted whole
                 pass
             elif guess > max_tokens * (1 + _CLOSE):   # likely too long: its lower bound past the limit
-                need = (max_tokens + 1 - known - lower_one * len(items)) * _SAFETY
-                gains = [rate * (len(k) + 1) - lower_one for k in items]
+                low = rate / _SAFETY   # what a counted chunk raises it by, guessed low
+                need = max_tokens + 1 - known - lower_one * len(items)
+                gains = [low * (len(k) + 1) - lower_one for k in items]
             elif not exact and guess < max_tokens * (1 - _CLOSE) and self.shape.upper is not None:
-                need = (known + sum(len(k) + extra for k in items) - max_tokens) * _SAFETY
-                gains = [(1 - rate) * len(k) + extra - rate for k in items]
+                high = rate * _SAFETY  # what a counted chunk lowers it by, guessed low
+                need = known + sum(len(k) + extra for k in items) - max_tokens
+                gains = [(1 - high) * len(k) + extra - high for k in items]
             if need is not None:
                 total, chars, most = 0.0, 0, _MOST * sum(map(len, items))
                 for j, (k, g) in enumerate(zip(items, gains), 1):
