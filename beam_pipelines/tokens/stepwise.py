@@ -82,31 +82,36 @@ class StepwiseChunks:
         return out
 
     def _look_up(self, i: int, text: str, limit: int) -> _Text:
-        """The text's chunks looked up: a long one in a prefix first, the rest only when the prefix's
-        lower bound (its cached counts and a token per missed following chunk) does not exceed `limit`."""
-        chunks = text.split(" ") if self._unsafe_cut.search(text) is None else self._cut.split(text)
-        get = self._words.get
-        end = len(chunks)
-        if len(text) > _LOOKUP_CHARS * limit:
-            end, chars = 1, len(chunks[0])
-            while end < len(chunks) and chars < _LOOKUP_CHARS * limit:
-                chars += len(chunks[end]) + 1
-                end += 1
-        while True:
-            found = list(map(get, itertools.islice(chunks, 1, end)))
-            misses = found.count(None)
-            missed = list(itertools.compress(itertools.islice(chunks, 1, end), map(operator.is_, found, _NONES))) if misses else []
-            known = sum(filter(None, found))
-            if end == len(chunks) or known + misses * bool(self.shape.max_token_bytes) > limit:
-                break
-            end = len(chunks)
-        self.chunk_lookups += end
+        """The text's chunks looked up: a long one in a prefix first (split alone: its chunks are the
+        text's, the last perhaps cut short and left out), the rest only when the prefix's lower bound (its
+        cached counts and a token per missed following chunk) does not exceed `limit`."""
+        plain = self._unsafe_cut.search(text) is None   # the chunk path's split, chosen on the whole text
+        reach = int(_LOOKUP_CHARS * limit)
+        if len(text) > reach:
+            chunks = text[:reach].split(" ") if plain else self._cut.split(text[:reach])
+            chunks.pop()
+            if len(chunks) > 1:
+                known, missed = self._found(chunks)
+                if known + len(missed) * bool(self.shape.max_token_bytes) > limit:  # the rest: >= 0 each
+                    self.chunk_lookups += len(chunks)
+                    self.chunk_misses += len(missed) + (chunks[0] not in self._first)
+                    return _Text(i, known + self._first.get(chunks[0], 0), False, missed, True, partial=True)
+        chunks = text.split(" ") if plain else self._cut.split(text)
+        known, missed = self._found(chunks)
         head_n = self._first.get(chunks[0])
+        self.chunk_lookups += len(chunks)
         self.chunk_misses += len(missed) + (head_n is None)
-        if end < len(chunks):   # proved too long by its prefix: the rest never looked up (>= 0 each)
-            return _Text(i, known + (head_n or 0), False, missed, True, partial=True)
-        return _Text(i, known + (head_n or 0), head_n is None, [chunks[0]] + missed if head_n is None else missed,
-                     text.isascii())
+        if head_n is None:
+            return _Text(i, known, True, [chunks[0]] + missed, text.isascii())
+        return _Text(i, known + head_n, False, missed, text.isascii())
+
+    def _found(self, chunks: list[str]) -> tuple[int, list[str]]:
+        """The cached counts of the following chunks summed, and the missed ones in text order."""
+        found = list(map(self._words.get, itertools.islice(chunks, 1, None)))
+        known = sum(filter(None, found))
+        if None not in found:
+            return known, []
+        return known, list(itertools.compress(itertools.islice(chunks, 1, None), map(operator.is_, found, _NONES)))
 
     def _bounds(self, s: _Text) -> None:
         """s.lower, s.upper: its known count plus, for each missed chunk not counted yet, at least 1 (a
