@@ -79,6 +79,7 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
     stage's measured ones and give the intervals."""
     from bft.pilot import stage_measured
     from generation import budget
+    from generation.prompting import token_counts
     from generation.stages import STAGES
     from schemas.recipes import RECIPES
 
@@ -129,7 +130,7 @@ def make_plan(plan: RunPlan, target_examples: int | None = None, sample_docs: in
                 doc_per_req = cands["doc_tokens"] / max(cands["rows"], 1)
             else:
                 sample = cands["texts"]
-                doc_per_req = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in sample) / len(sample)
+                doc_per_req = sum(token_counts(tokenizer, sample)) / len(sample)
             prompt_source = "template with the model's tokenizer + documents"
         else:
             overhead, doc_per_req = 0, cands["doc_tokens"] / max(cands["rows"], 1)

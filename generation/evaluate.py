@@ -46,7 +46,7 @@ from schemas.options import option, required
 from schemas.keys import row_seed
 from generation.engines import Request, load_engine
 from generation.engines.base import ENGINES, EngineOptions
-from generation.prompting import prompt_bound, render
+from generation.prompting import n_tokens, prompt_bound, render
 from generation.templates import DEFAULTS, EVAL_TAG, EVAL_TAG_WEB, messages
 
 log = logging.getLogger("bft.eval")
@@ -217,8 +217,7 @@ def fit_judgment(tokenizer, budget: int | None, instruction: str, first: str, se
         return prompt, msgs, False
 
     def length(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None \
-            else len(text.encode("utf-8", "surrogatepass"))
+        return n_tokens(tokenizer, text) if tokenizer is not None else len(text.encode("utf-8", "surrogatepass"))
 
     if prompt_bound(tokenizer, prompt, msgs) <= budget:
         return prompt, msgs, False

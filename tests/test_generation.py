@@ -42,6 +42,48 @@ def test_fit_prompt_cuts_the_document_to_the_budget(tiny_models):
     assert render(plain, None, "hi\n") == "[INST] hi\n[/INST]"
 
 
+def test_token_counts_are_the_tokenizer_calls_whatever_its_state(tiny_models, monkeypatch):
+    """prompting.token_counts (the prompts' exact counts) gives len(tokenizer(text)["input_ids"]) for
+    each text, special tokens in the text included: by the Rust tokenizer's encode_batch_fast when it is
+    in the state the call would set, else by the call itself (truncation or padding left on it, special
+    tokens split, a tokenizer without a Rust one)."""
+    from transformers import AutoTokenizer
+
+    from generation.prompting import token_counts
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["chat"])
+    texts = ["<s>[INST] Below is a candidate [/INST]", "word " * 700, "", "</s> x <unk>\n\t é ▁ 💡", "a" * 3000]
+
+    def called():
+        return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+
+    backend, calls = tok.backend_tokenizer, []
+    real = type(backend).encode_batch_fast
+
+    class Spy:   # counts the fast path's use (a tokenizers.Tokenizer's methods cannot be patched)
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def encode_batch_fast(self, *a, **k):
+            calls.append(1)
+            return real(backend, *a, **k)
+
+    monkeypatch.setattr(type(tok), "backend_tokenizer", property(lambda self: Spy()))
+    expected = called()
+    assert expected[1] >= 700 and expected[2] == 0
+    assert token_counts(tok, texts) == expected and calls == [1]
+    backend.enable_truncation(16)   # left on the Rust tokenizer: the call (which turns it off) decides
+    assert token_counts(tok, texts) == called() == expected and calls == [1]
+    tok.split_special_tokens = True   # "<s>" as text: the call's own setting
+    split = token_counts(tok, texts)
+    assert split == called() and split[0] > expected[0] and calls == [1]
+    tok.split_special_tokens = False   # the Rust tokenizer still splits them: the call, which resets it
+    assert token_counts(tok, texts) == expected and calls == [1]
+    assert token_counts(tok, texts) == expected and len(calls) == 2
+    monkeypatch.undo()
+    assert token_counts(type("Slow", (), {"__call__": lambda self, t, **k: tok(t, **k)})(), texts) == expected
+
+
 def test_all_five_stages_on_the_hf_engine(prepared_root, tmp_path, tiny_models):
     root = copy_root(prepared_root, tmp_path)
     for stage in STAGES:
