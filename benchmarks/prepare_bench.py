@@ -186,7 +186,10 @@ def run_speed(n_docs: int, files: int, max_tokens: int, shards: int, structure: 
         "same_length_decisions": length_ok_ours == set(theirs_tokens),
         "same_token_counts": all(theirs_tokens.get(i) == n for i, n in zip(counted["id"], counted["n_tokens"])),
         "share_kept_uncounted": (lf.get("kept_by_bound", 0) + lf.get("kept_by_prefix", 0)
-                                 + lf.get("kept_by_chunks", 0)) / measured,
+                                 + lf.get("kept_by_chunks", 0) + lf.get("kept_by_share", 0)) / measured,
+        "share_kept_by_share": lf.get("kept_by_share", 0) / measured,
+        "share_rejected_by_share": lf.get("rejected_by_share", 0) / measured,
+        "share_chars": lf.get("share_chars", 0), "rest_chars": lf.get("rest_chars", 0),
         "share_kept_by_prefix": lf.get("kept_by_prefix", 0) / measured,
         "share_kept_by_chunks": lf.get("kept_by_chunks", 0) / measured,
         "share_rejected_by_chunks": lf.get("rejected_by_chunks", 0) / measured,
@@ -268,21 +271,25 @@ def main(argv=None) -> None:
 
     mib = 2 ** 20
     print("\n| corpus | tokenizer | path | counts | docs | bft prepare docs/s | datatrove docs/s | ratio | "
-          "floor docs/s | prepare / floor | bft peak RSS | datatrove peak RSS | kept uncounted (of which by chunk bounds / by prefix) | "
-          "by pieces / in full (by the switch) / too long by bound / by chunks / by prefix | chunk cache hits | "
+          "floor docs/s | prepare / floor | bft peak RSS | datatrove peak RSS | kept uncounted (of which by chunk bounds / by a share / by prefix) | "
+          "by pieces / in full (by the switch) / too long by bound / by chunks / by a share / by prefix | "
+          "missed characters counted (in shares / after them) | chunk cache hits | "
           "balance in tokens (balanced by) | "
           "same decisions and counts |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|:---:|")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|:---:|")
     for r in results["speed"]:
         same = r["same_length_decisions"] and r["same_token_counts"] and r["floor_kept_the_same"]
         print(f"| {r['corpus']} | {r['structure']} | {r['path']} | {'exact' if r['exact_counts'] else 'bounded'} | "
               f"{r['docs']:,} | {r['ours_docs_per_s']:,.0f} | {r['datatrove_docs_per_s']:,.0f} | "
               f"{r['speed_ratio']:.2f}x | {r['floor_docs_per_s']:,.0f} | {r['over_floor']:.2f}x | "
               f"{r['ours']['peak_rss_bytes'] / mib:,.0f} MiB | {r['datatrove']['peak_rss_bytes'] / mib:,.0f} MiB | "
-              f"{r['share_kept_uncounted']:.1%} ({r.get('share_kept_by_chunks', 0):.1%} / {r.get('share_kept_by_prefix', 0):.1%}) | "
+              f"{r['share_kept_uncounted']:.1%} ({r.get('share_kept_by_chunks', 0):.1%} / "
+              f"{r.get('share_kept_by_share', 0):.1%} / {r.get('share_kept_by_prefix', 0):.1%}) | "
               f"{r['share_counted_by_words']:.1%} / "
               f"{r['share_tokenized_in_full']:.1%} ({r.get('share_in_full_by_switch', 0):.1%}) / "
-              f"{r['share_rejected_by_bound']:.1%} / {r.get('share_rejected_by_chunks', 0):.1%} / {r['share_rejected_by_prefix']:.1%} | "
+              f"{r['share_rejected_by_bound']:.1%} / {r.get('share_rejected_by_chunks', 0):.1%} / "
+              f"{r.get('share_rejected_by_share', 0):.1%} / {r['share_rejected_by_prefix']:.1%} | "
+              f"{r.get('share_chars', 0) / 1e6:.1f}M / {r.get('rest_chars', 0) / 1e6:.1f}M | "
               f"{'' if r.get('chunk_hit_rate') is None else format(r['chunk_hit_rate'], '.1%')} | "
               f"{r['balance_in_tokens']:.4f} ({r['balanced_by']}) | {'yes' if same else 'NO'} |")
     if results["sample"]:
