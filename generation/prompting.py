@@ -83,23 +83,57 @@ def n_tokens(tokenizer, text: str) -> int | None:
     """Tokens of `text` without special tokens added; None without a tokenizer."""
     if tokenizer is None:
         return None
-    return token_counts(tokenizer, [text])[0]
+    backend = fast_backend(tokenizer)
+    if backend is None:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(backend.encode_batch_fast([text], add_special_tokens=False)[0])
 
 
 def token_counts(tokenizer, texts: list[str]) -> list[int]:
-    """len(tokenizer(text, add_special_tokens=False)["input_ids"]) for each text, in one batch. A fast
-    tokenizer's call is its Rust tokenizer's `encode_batch` after setting no truncation, no padding and
-    `encode_special_tokens` to its `split_special_tokens` (transformers 5.x TokenizersBackend._encode_plus,
-    4.x PreTrainedTokenizerFast._batch_encode_plus), then a conversion of every encoding to Python
-    lists; when the Rust tokenizer is in that state already, its `encode_batch_fast` (no offsets)
-    gives the same ids for a third less time, and only their number is taken. Otherwise (a slow
-    tokenizer, truncation or padding set, special tokens split otherwise) the call itself."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if (backend is None or not hasattr(backend, "encode_batch_fast") or backend.truncation is not None
-            or backend.padding is not None
-            or backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False))):
+    """len(ids) for each row of tokenizer(texts, add_special_tokens=False)["input_ids"], in one batch:
+    by the Rust tokenizer's `encode_batch_fast` where `fast_backend` gives it, else by the call."""
+    backend = fast_backend(tokenizer)
+    if backend is None:
         return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
     return [len(e) for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+
+_CALL_PATH = ("__call__", "_call_one", "encode_plus", "batch_encode_plus", "_encode_plus", "_batch_encode_plus")
+
+
+def fast_backend(tokenizer):
+    """The Rust tokenizer whose `encode_batch_fast` gives the ids of `tokenizer(text,
+    add_special_tokens=False)` (without offsets, a third faster), or None. A fast tokenizer's call is
+    that Rust tokenizer's `encode_batch` after setting no truncation, no padding and
+    `encode_special_tokens` to its `split_special_tokens` (transformers 5.x
+    `TokenizersBackend._encode_plus`; 4.x `PreTrainedTokenizerFast._batch_encode_plus`), then a
+    conversion of every encoding to Python lists. So only for an instance of that class whose call
+    path no subclass overrides (CodeLlama's reads "<FILL_ME>" itself), and whose Rust tokenizer is in
+    that state already (a call sets it; one left with truncation, padding or other special-token
+    splitting is counted by the call)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    base = _fast_class()
+    if backend is None or base is None or not isinstance(tokenizer, base) or not hasattr(backend, "encode_batch_fast"):
+        return None
+    cls = type(tokenizer)
+    if any(hasattr(base, name) and getattr(cls, name, None) is not getattr(base, name) for name in _CALL_PATH):
+        return None
+    if (backend.truncation is not None or backend.padding is not None
+            or backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False))):
+        return None
+    return backend
+
+
+def _fast_class():
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+        return TokenizersBackend
+    except ImportError:
+        try:
+            from transformers import PreTrainedTokenizerFast
+            return PreTrainedTokenizerFast
+        except ImportError:
+            return None
 
 
 def prompt_bound(tokenizer, prompt: str, msgs: list[dict]) -> int:

@@ -82,6 +82,16 @@ def test_token_counts_are_the_tokenizer_calls_whatever_its_state(tiny_models, mo
     assert token_counts(tok, texts) == expected and len(calls) == 2
     monkeypatch.undo()
     assert token_counts(type("Slow", (), {"__call__": lambda self, t, **k: tok(t, **k)})(), texts) == expected
+    # a subclass that reads the text itself (as CodeLlama's "<FILL_ME>"): its own call counts
+    import copy
+
+    from generation.prompting import fast_backend
+
+    custom = copy.copy(tok)
+    custom.__class__ = type("Custom", (type(tok),), {"_encode_plus": lambda self, *a, **k: type(tok)._encode_plus(
+        self, *a, **k)})
+    assert fast_backend(tok) is not None and fast_backend(custom) is None
+    assert token_counts(custom, texts) == expected and n_tokens(custom, texts[1]) == expected[1]
 
 
 def test_all_five_stages_on_the_hf_engine(prepared_root, tmp_path, tiny_models):

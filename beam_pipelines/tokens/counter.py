@@ -280,7 +280,8 @@ class TokenCounter(StepwiseChunks):
         if full:
             for i, n in zip(full, self.count_full([texts[i] for i in full])):
                 counts[i] = n
-        if self._chunk_batch is not None:  # judged after the full cost of this call is known
+        if self._chunk_batch is not None and self._chunk_batch[0]:  # judged after the full cost is known (a
+            # batch of texts all holding an added token's content looked nothing up: nothing to judge)
             self.switch.chunks_measured(*self._chunk_batch)
         return counts
 

@@ -32,7 +32,8 @@ class _Text:
     not counted yet in text order (`items`; the first chunk, when missed, first, with `head` set: it is
     counted alone, not after a cut), and its bounds (`lower`, `upper`) from them."""
 
-    __slots__ = ("i", "known", "head", "items", "ascii", "partial", "lower", "upper", "alone", "alone_head")
+    __slots__ = ("i", "known", "head", "items", "ascii", "partial", "lower", "upper", "alone", "alone_head",
+                 "encoded")
 
     def __init__(self, i: int, known: int, head: bool, items: list[str], ascii: bool, partial: bool = False):
         self.i, self.known, self.head, self.items, self.ascii = i, known, head, items, ascii
@@ -40,6 +41,7 @@ class _Text:
         self.lower = self.upper = None
         self.alone: list[str] = []   # missed chunks set aside to be counted alone, into the cache
         self.alone_head: str | None = None
+        self.encoded = False   # some of its missed chunks were counted in a remainder
 
 
 class StepwiseChunks:
@@ -48,8 +50,8 @@ class StepwiseChunks:
     def _stepwise_init(self) -> None:
         self.kept_by_share = 0       # texts proved to fit after counting a share of their missed chunks
         self.rejected_by_share = 0   # texts proved too long likewise
-        self.share_chars = 0         # characters of the missed chunks counted in a text's share
-        self.rest_chars = 0          # ...and after it, for the texts the share did not decide
+        self.share_chars = 0         # characters of the missed chunks (each with its space) counted in shares
+        self.rest_chars = 0          # ...and after them, for the texts a share did not decide
         self._rate = [_PRIOR_RATE * _PRIOR_BYTES, _PRIOR_BYTES]  # tokens, characters of the missed chunks counted
 
     def decide_chunks(self, texts: list[str], todo: list[int], min_tokens: int, max_tokens: int,
@@ -232,21 +234,23 @@ class StepwiseChunks:
         tokens = chars = 0
         for (s, r, b), e in zip(rests, encs[len(alone) + len(alone_first):]):
             s.known += len(e) - b
+            # the missed chunks' characters, each with its space (the context and its space left out)
             tokens, chars = tokens + len(e) - b, chars + (len(r) - len(self._ctx) if b else len(r) + 1)
+            self.remainder_texts += not s.encoded   # a text once, whatever the rounds
+            s.encoded = True
         self._rate[0] += tokens
         self._rate[1] += chars
         self.chunks_encoded += len(alone) + len(alone_first)
-        self.remainder_texts += len(rests)
         self.remainder_chars += sum(len(r) for _, r, _ in rests)
         if share:
-            self.share_chars += sum(len(r) for _, r, _ in rests)
+            self.share_chars += chars
             for s, _ in work:
                 s.known += sum(map(self._words.__getitem__, s.alone))
                 if s.alone_head is not None:
                     s.known += self._first[s.alone_head]
                 s.alone, s.alone_head = [], None
         else:
-            self.rest_chars += sum(len(r) for _, r, _ in rests)
+            self.rest_chars += chars
 
     def decide(self, texts: list[str], todo: list[int], min_tokens: int, max_tokens: int,
                exact: bool) -> tuple[list[tuple[int, int | None, str | None, str]], list[int]]:
@@ -262,9 +266,11 @@ class StepwiseChunks:
         held = set(left)
         rest = [i for i in todo if i not in held]
         out = []
-        if self.switch.calibrating() and rest:
-            sample = rest[::CALIBRATE_SHARE]
-            del rest[::CALIBRATE_SHARE]
+        if self.switch.calibrating() and rest:   # not a long text: its prefix would decide it
+            reach = _LOOKUP_CHARS * max_tokens
+            sample = [i for i in rest[::CALIBRATE_SHARE] if len(texts[i]) <= reach]
+            held |= set(sample)
+            rest = [i for i in rest if i not in held]
             self.full_to_calibrate += len(sample)
             for i, n in zip(sample, self.count_full([texts[i] for i in sample])):
                 out.append((i, n, length_verdict(n, min_tokens, max_tokens), f"{n} tokens, allowed {min_tokens}..{max_tokens}"))
