@@ -764,3 +764,24 @@ def test_a_share_of_the_missed_chunks_counted_decides_as_full_tokenization(real,
         assert counter.rest_chars > 0 if safety < 1 else counter.kept_by_share + counter.rejected_by_share > 10
         assert all("chunks" in j.detail for j in judge(counter, texts, 0, limit) if j.n_tokens is None
                    and "bytes bound" not in j.detail and "(upper bound)" not in j.detail)
+
+
+def test_llama2_pieces_are_normalized_in_python_with_the_same_tokens(real, fixture_texts):
+    """counter.pieces_encoder: for Llama-2's structure (Prepend("▁") + Replace(" ", "▁"), no
+    pre-tokenizer) the remainders are normalized in Python and encoded by a copy without a normalizer:
+    the same tokens as the tokenizer's on every text without an added token's content (empty, spaces
+    only, "▁" itself, non-ASCII, control characters); any other structure, or an added token holding
+    "▁", keeps the tokenizer's own encoding."""
+    from tokenizers import AddedToken
+
+    from beam_pipelines.tokens.counter import pieces_encoder
+
+    tok = real["llama2"]
+    encode, counter = pieces_encoder(tok), TokenCounter(tok)
+    texts = [t for t in adversarial_texts(fixture_texts, n=200, seed=31) + fixture_texts[:50]
+             + ["", " ", "  a", "a ", "▁", " ▁ x", "é  ü\t\n", "\x00 \x1f"] if not counter._has_special(t)]
+    assert [e.ids for e in encode(texts)] == [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+    assert encode.__code__ is not pieces_encoder(real["tekken"]).__code__   # byte-level BPE: its own encoding
+    marked = Tokenizer.from_str(tok.to_str())
+    marked.add_special_tokens([AddedToken("▁x", normalized=False)])
+    assert pieces_encoder(marked).__code__ is pieces_encoder(real["tekken"]).__code__

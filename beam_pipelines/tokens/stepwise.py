@@ -227,8 +227,7 @@ class StepwiseChunks:
             else:
                 rests.append((s, ctx + " ".join(chunks), base))
         alone, alone_first = list(alone), list(alone_first)
-        encs = self.tokenizer.encode_batch_fast([ctx + k for k in alone] + alone_first + [r for _, r, _ in rests],
-                                                add_special_tokens=False)
+        encs = self.encode_pieces([ctx + k for k in alone] + alone_first + [r for _, r, _ in rests])
         self._words.update(zip(alone, (len(e) - base for e in encs[:len(alone)])))
         self._first.update(zip(alone_first, (len(e) for e in encs[len(alone):len(alone) + len(alone_first)])))
         tokens = chars = 0
