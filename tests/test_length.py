@@ -767,14 +767,14 @@ def test_a_share_of_the_missed_chunks_counted_decides_as_full_tokenization(real,
 
 
 def test_llama2_pieces_are_normalized_in_python_with_the_same_tokens(real, fixture_texts):
-    """counter.pieces_encoder: for Llama-2's structure (Prepend("▁") + Replace(" ", "▁"), no
+    """shape.pieces_encoder: for Llama-2's structure (Prepend("▁") + Replace(" ", "▁"), no
     pre-tokenizer) the remainders are normalized in Python and encoded by a copy without a normalizer:
     the same tokens as the tokenizer's on every text without an added token's content (empty, spaces
     only, "▁" itself, non-ASCII, control characters); any other structure, or an added token holding
     "▁", keeps the tokenizer's own encoding."""
     from tokenizers import AddedToken
 
-    from beam_pipelines.tokens.counter import pieces_encoder
+    from beam_pipelines.tokens.shape import pieces_encoder
 
     tok = real["llama2"]
     encode, counter = pieces_encoder(tok), TokenCounter(tok)
@@ -785,3 +785,15 @@ def test_llama2_pieces_are_normalized_in_python_with_the_same_tokens(real, fixtu
     marked = Tokenizer.from_str(tok.to_str())
     marked.add_special_tokens([AddedToken("▁x", normalized=False)])
     assert pieces_encoder(marked).__code__ is pieces_encoder(real["tekken"]).__code__
+
+
+def test_llama2s_bytes_lower_bound_needs_no_normalizer(real, fixture_texts):
+    """Llama-2's structure: the bytes lower bound takes the normalized bytes as the text's plus 2 a
+    space and 3 for the prepended "▁", exactly the normalizer's output, with no normalizer call."""
+    tok = real["llama2"]
+    counter = TokenCounter(tok)
+    assert counter._llama2 and not TokenCounter(real["tekken"])._llama2
+    b = counter.shape.max_token_bytes
+    for text in adversarial_texts(fixture_texts, n=100, seed=41) + ["", " ", "▁", "  é 💡 "]:
+        norm = tok.normalizer.normalize_str(text)
+        assert counter.lower_bound(text) == -(-len(norm.encode()) // b) <= len(tok.encode(text).ids) or not text

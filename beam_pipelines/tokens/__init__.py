@@ -31,7 +31,7 @@ statistics say what they use instead. The counting shortcuts are all exact:
    batches in full while that is cheaper, probing back from time to time (`CostSwitch`). Every path is
    exact; the choice moves only time. For Llama-2's structure (Prepend("▁") + Replace(" ", "▁"), no
    pre-tokenizer, no added token holding "▁") the remainders and chunks are normalized in Python and
-   encoded by a copy of the tokenizer without a normalizer (`counter.pieces_encoder`): the same
+   encoded by a copy of the tokenizer without a normalizer (`shape.pieces_encoder`): the same
    tokens for a text without an added token's content, which every chunk-path input is.
 1. Counting by words, memoized, when no chunk cut is proved. A Hugging Face tokenizer encodes a
    text (without added tokens) as normalizer -> pre-tokenizer -> model, and the model encodes each

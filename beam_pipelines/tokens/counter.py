@@ -14,8 +14,9 @@ from tokenizers import Tokenizer
 from beam_pipelines.tokens.chunk_cache import CountCache, trim_oldest, worth_caching
 from beam_pipelines.tokens.cost import CALIBRATE_SHARE, PROBE, SNIFF_SHARE, CostSwitch
 from beam_pipelines.tokens.stepwise import StepwiseChunks
-from beam_pipelines.tokens.shape import (CHUNKS, CUTS, FULL, MARK, NON_ASCII, RAW, TokenizerProof, metaspace,
-                                         split_and_words, tokenizer_shape, trie_regex, utf8_bytes)
+from beam_pipelines.tokens.shape import (CHUNKS, CUTS, FULL, MARK, NON_ASCII, RAW, TokenizerProof, llama2_normalizer,
+                                         metaspace, pieces_encoder, split_and_words, tokenizer_shape, trie_regex,
+                                         utf8_bytes)
 
 _CACHE_LIMIT = 300_000  # words or chunks (~50 MB); words: cleared when full, chunks: the oldest dropped
 _FIRST_LIMIT = 20_000   # first chunks of texts
@@ -34,26 +35,6 @@ _KEEP_MOST = 0.9
 _CUT_WORDS = re.compile(f"{MARK}*[^{MARK}]+|{MARK}+")
 # Metaspace(split=True) words: each "▁" starts one (MergedWithNext), and a leading text without one.
 _METASPACE_WORDS = re.compile(f"{MARK}[^{MARK}]*|[^{MARK}]+")
-
-
-def pieces_encoder(tokenizer: Tokenizer):
-    """`encode_batch_fast` for texts that hold no added token's content (the chunk path's remainders and
-    chunks). For Llama-2's structure (normalizer Prepend("▁") then Replace(" ", "▁"), no
-    pre-tokenizer, no added token holding "▁") the normalization is done in Python and a copy of the
-    tokenizer without a normalizer encodes: the same tokens (Prepend prepends to a non-empty text only,
-    Replace maps every space), without the alignments the Rust normalizer keeps (~15% of the time)."""
-    steps = json.loads(tokenizer.normalizer.__getstate__()) if tokenizer.normalizer is not None else None
-    llama2 = (tokenizer.pre_tokenizer is None and steps == {"type": "Sequence", "normalizers": [
-        {"type": "Prepend", "prepend": MARK}, {"type": "Replace", "pattern": {"String": " "}, "content": MARK}]}
-              and not any(MARK in a.content for a in tokenizer.get_added_tokens_decoder().values()))
-    if not llama2:
-        return lambda texts: tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    bare = Tokenizer.from_str(tokenizer.to_str())
-    bare.normalizer = None
-    bare.no_truncation()
-    bare.no_padding()
-    return lambda texts: bare.encode_batch_fast([(MARK + t).replace(" ", MARK) if t else "" for t in texts],
-                                                add_special_tokens=False)
 
 
 class TokenCounter(StepwiseChunks):
@@ -88,6 +69,7 @@ class TokenCounter(StepwiseChunks):
         else:
             spec, self.shape = {"pre_tokenizer": proof.pre}, proof.shape
         self._normalizer = tokenizer.normalizer
+        self._llama2 = llama2_normalizer(tokenizer)
         self._pre, self._model = split_and_words(tokenizer, spec)
         self._metaspace = metaspace(spec.get("pre_tokenizer"))
         self._words: dict[str, int] = {}
@@ -162,9 +144,15 @@ class TokenCounter(StepwiseChunks):
         return self._normalizer.normalize_str(text) if self._normalizer is not None else text
 
     def lower_bound(self, text: str) -> int:
-        """A number of tokens the text is sure to reach (0 when no bound is sound)."""
+        """A number of tokens the text is sure to reach (0 when no bound is sound). Llama-2's normalized
+        text's bytes are the text's plus 2 a space ("▁" is 3 bytes) and 3 for the prepended "▁" (a
+        non-empty text): no normalizer call."""
         b = self.shape.max_token_bytes
-        return math.ceil(len(self.normalize(text).encode("utf-8")) / b) if b else 0
+        if not b:
+            return 0
+        if self._llama2:
+            return math.ceil((utf8_bytes(text) + 2 * text.count(" ") + (3 if text else 0)) / b)
+        return math.ceil(len(self.normalize(text).encode("utf-8")) / b)
 
     def upper_bound(self, text: str) -> int | None:
         """A number of tokens the text cannot exceed (the package docstring, 3.), or None when none is

@@ -251,3 +251,28 @@ def trie_regex(words: list[str]) -> str:
         return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
 
     return alternation(trie)
+
+
+def llama2_normalizer(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer is in Llama-2's structure: normalizer Prepend("▁") then Replace(" ", "▁"),
+    no pre-tokenizer, no added token holding "▁" (Python then normalizes exactly as it does)."""
+    steps = json.loads(tokenizer.normalizer.__getstate__()) if tokenizer.normalizer is not None else None
+    return (tokenizer.pre_tokenizer is None and steps == {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": MARK}, {"type": "Replace", "pattern": {"String": " "}, "content": MARK}]}
+            and not any(MARK in a.content for a in tokenizer.get_added_tokens_decoder().values()))
+
+
+def pieces_encoder(tokenizer: Tokenizer):
+    """`encode_batch_fast` for texts that hold no added token's content (the chunk path's remainders and
+    chunks). For Llama-2's structure (normalizer Prepend("▁") then Replace(" ", "▁"), no
+    pre-tokenizer, no added token holding "▁") the normalization is done in Python and a copy of the
+    tokenizer without a normalizer encodes: the same tokens (Prepend prepends to a non-empty text only,
+    Replace maps every space), without the alignments the Rust normalizer keeps (~15% of the time)."""
+    if not llama2_normalizer(tokenizer):
+        return lambda texts: tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    bare = Tokenizer.from_str(tokenizer.to_str())
+    bare.normalizer = None
+    bare.no_truncation()
+    bare.no_padding()
+    return lambda texts: bare.encode_batch_fast([(MARK + t).replace(" ", MARK) if t else "" for t in texts],
+                                                add_special_tokens=False)
