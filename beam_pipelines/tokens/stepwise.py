@@ -169,7 +169,7 @@ class StepwiseChunks:
         `_count`, which adds their counts to `known`; `chunk_cache.worth_caching`), and sizes each
         text's share: how many of its other missed chunks, in text order, to count now. A text likely
         to fit counts enough for its upper bound to fit, one likely too long enough for its lower bound
-        to pass the limit, with `_SAFETY`, by the tokens a missed byte has cost so far; one near the
+        to pass the limit, with `_SAFETY`, by the tokens a missed character has cost so far; one near the
         limit (or any that may fit with --exact-counts, or near a minimum) counts all."""
         admit = worth_caching([k for s in pending for k in (s.items[1:] if s.head else s.items)], self._seen)
         admit_first = worth_caching([s.items[0] for s in pending if s.head], self._seen_first)
