@@ -6,7 +6,9 @@ from typing import NamedTuple
 
 from beam_pipelines.tokens.counter import TokenCounter
 from beam_pipelines.tokens.shape import CHUNKS
-from beam_pipelines.tokens.stepwise import length_verdict
+from beam_pipelines.tokens.stepwise import counted_judgment, length_verdict
+
+__all__ = ["Judgment", "judge", "length_verdict"]
 
 
 class Judgment(NamedTuple):
@@ -83,6 +85,6 @@ def judge(counter: "TokenCounter", texts: list[str], min_tokens: int, max_tokens
         for (i, _, n), rest in zip(rests, counter.count_from_cuts([texts[i][cut:] for i, cut, _ in rests])):
             counted.append((i, n + rest))
     for i, n in counted + list(zip(todo, counter.count([texts[i] for i in todo]) if todo else [])):
-        out[i] = Judgment(n, length_verdict(n, min_tokens, max_tokens), f"{n} tokens, allowed {min_tokens}..{max_tokens}")
+        out[i] = Judgment(*counted_judgment(n, min_tokens, max_tokens))
     return out
 

@@ -144,7 +144,7 @@ class StepwiseChunks:
         if not s.items and not s.partial:
             n = s.known
             self.counted_pieces += 1
-            out.append((s.i, n, length_verdict(n, min_tokens, max_tokens), f"{n} tokens, allowed {min_tokens}..{max_tokens}"))
+            out.append((s.i, *counted_judgment(n, min_tokens, max_tokens)))
             return True
         self._bounds(s)
         if s.lower > max_tokens:
@@ -272,7 +272,7 @@ class StepwiseChunks:
             rest = [i for i in rest if i not in held]
             self.full_to_calibrate += len(sample)
             for i, n in zip(sample, self.count_full([texts[i] for i in sample])):
-                out.append((i, n, length_verdict(n, min_tokens, max_tokens), f"{n} tokens, allowed {min_tokens}..{max_tokens}"))
+                out.append((i, *counted_judgment(n, min_tokens, max_tokens)))
         chars = sum(len(texts[i]) for i in rest)
         lookups, misses, t0 = self.chunk_lookups, self.chunk_misses, self._clock()
         out += self.decide_chunks(texts, rest, min_tokens, max_tokens, exact)
@@ -291,3 +291,8 @@ def length_verdict(n_tokens: int, min_tokens: int, max_tokens: int) -> str | Non
     if n_tokens < min_tokens:
         return "too_short"
     return None
+
+
+def counted_judgment(n_tokens: int, min_tokens: int, max_tokens: int) -> tuple[int, str | None, str]:
+    """A counted text's (count, verdict, detail)."""
+    return n_tokens, length_verdict(n_tokens, min_tokens, max_tokens), f"{n_tokens} tokens, allowed {min_tokens}..{max_tokens}"
