@@ -41,5 +41,5 @@ setup(
     package_data={"generation": ["templates/*.txt"], "beam_pipelines.report": ["page_template.html", "card_template.md"]},
     install_requires=BEAM,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["bft=bft.cli:main"]},
+    entry_points={"console_scripts": ["bft=bft.cli:entry"]},
 )

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from beam_pipelines.runtime import driver_watch, progress
-from beam_pipelines.runtime.options import local_worker_command
+from beam_pipelines.runtime.warm import local_worker_command
 from bft import cli
 from lifecycle.signals import take_sigterm
 from schemas.errors import Terminated
@@ -145,6 +145,26 @@ def _group(pgid: int) -> list[int]:
     return found
 
 
+def _forked_warm(pids: list[int]) -> list[int]:
+    """The local workers of `pids` forked by a warm process (runtime/warm.py): its command line, its child."""
+    def cmdline(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+
+    def parent(pid):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return int(f.read().rsplit(b")", 1)[1].split()[1])
+        except OSError:
+            return 0
+
+    warm = b"beam_pipelines.runtime.warm"
+    return [pid for pid in pids if warm in cmdline(pid) and warm in cmdline(parent(pid))]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_in_prepare_is_one_line_exit_143_and_leaves_no_process(tmp_path, bpe_tokenizer_path):
     """What systemd, `timeout` and Airflow do: SIGTERM to the whole process group (the driver and the
@@ -167,9 +187,10 @@ def test_sigterm_in_prepare_is_one_line_exit_143_and_leaves_no_process(tmp_path,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 12
-        while time.time() < deadline and proc.poll() is None and not driver_watch.local_workers(proc.pid):
+        # the workers, forked by the warm process the command started (runtime/warm.py)
+        while time.time() < deadline and proc.poll() is None and not _forked_warm(driver_watch.local_workers(proc.pid)):
             time.sleep(0.1)
-        assert proc.poll() is None and driver_watch.local_workers(proc.pid), "no local worker started"
+        assert proc.poll() is None and _forked_warm(driver_watch.local_workers(proc.pid)), "no local worker started"
         time.sleep(1.0)  # past the workers' start-up, well inside the pass (300K lines: over 10 s of work)
         assert proc.poll() is None, "the pass ended before the interrupt"
         os.killpg(proc.pid, signal.SIGTERM)
@@ -191,7 +212,7 @@ def test_sigterm_in_prepare_is_one_line_exit_143_and_leaves_no_process(tmp_path,
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("sig, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
 def test_an_interrupt_ends_the_local_workers_that_ignore_it(sig, raised):
-    """A local worker (started as options.local_worker_command starts Beam's) ignores Ctrl-C and
+    """A local worker (started as warm.local_worker_command starts Beam's) ignores Ctrl-C and
     SIGTERM; its driver, interrupted while a pass runs (progress.interrupts), kills it and raises the
     interrupt, KeyboardInterrupt or (with bft's CLI handler) Terminated."""
     command = local_worker_command(f"{sys.executable} -c 'import time; time.sleep(60)' -m "

@@ -5,15 +5,15 @@ killer) they are reparented and stay: busy ones finish their bundle (writing fil
 the next run is cleaning), then all wait for a driver that never answers, and print gRPC tracebacks
 when it is gone. Measured with `bft prepare` killed 3 s after its workers started: both workers were
 still there 20 s later. Two guards:
-- `boot` (`python -m beam_pipelines.runtime.driver_watch MODULE`, the local worker's command:
-  options.local_worker_command) asks the kernel to SIGKILL the worker when its driver ends
+- `boot` (`python -m beam_pipelines.runtime.driver_watch MODULE`; the local worker's command,
+  warm.local_worker_command, calls it when no warm process forks the worker) asks the kernel to SIGKILL the worker when its driver ends
   (PR_SET_PDEATHSIG, Linux), before Beam's worker starts: every worker, busy or idle, ends with the
   driver however the driver ends.
 - elsewhere, and for the workers of other runners, the driver exports its pid (BFT_DRIVER_PID, see
   options.pipeline_options) and `watch`, started by options.configure_process in the setup of every
   bft DoFn, polls it from a daemon thread every 0.5 s.
 
-The other way round, on Ctrl-C or SIGTERM: the workers ignore both (options.local_worker_command) and
+The other way round, on Ctrl-C or SIGTERM: the workers ignore both (warm.local_worker_command) and
 the interrupted driver ends them itself (`end_workers`, called by progress.interrupts), at once,
 instead of waiting for each busy worker's bundle.
 """
@@ -34,7 +34,7 @@ def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):   # gone, or going while read
         return False
     except OSError:
         return True
@@ -141,24 +141,21 @@ PR_SET_PDEATHSIG = 1
 BOOT = "beam_pipelines.runtime.driver_watch"
 
 
-def boot_command(command: str) -> str:
-    """The local runner's worker command (`PYTHON -m apache_beam.runners.worker.sdk_worker_main`) with
-    `boot` in front of Beam's worker main (which stays on the command line, for `local_workers`)."""
-    main = WORKER_MAIN.decode()
-    return command.replace(f"-m {main}", f"-m {BOOT} {main}", 1)
-
-
 def die_with_driver() -> None:
     """SIGKILL for this process when its parent, the driver, ends (Linux; elsewhere `watch` alone),
     and an exit now when the driver has ended already (before the request could be made)."""
-    driver = int(os.environ.get(DRIVER_PID, "0") or 0) or os.getppid()
+    die_with(int(os.environ.get(DRIVER_PID, "0") or 0) or os.getppid())
+
+
+def die_with(parent: int) -> None:
+    """SIGKILL for this process when its parent (pid `parent`) ends; an exit now if it has already."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             return
     except (OSError, AttributeError):
         return
-    if os.getppid() != driver:
+    if os.getppid() != parent:
         os._exit(1)
 
 
@@ -206,17 +203,21 @@ class _ErrorText:
 
 def boot(argv: list[str]) -> None:
     """`python -m beam_pipelines.runtime.driver_watch MODULE [ARG...]`: MODULE run as __main__ (with ARG...),
-    in a process that ends with its driver; Beam's worker without its log of our UserErrors."""
+    in a process that ends with its driver (a local worker started cold: warm.boot)."""
+    die_with_driver()
+    worker_main(argv)
+
+
+def worker_main(argv: list[str]) -> None:
+    """MODULE (`argv[1]`) run as __main__ with `argv[2:]`; Beam's worker without its log of our UserErrors."""
     import logging
     import runpy
 
-    die_with_driver()
     if argv[1].encode() == WORKER_MAIN:
         logging.getLogger("apache_beam.runners.worker.sdk_worker").addFilter(_not_a_user_error)
         sys.stderr = WorkerStderr(sys.stderr)
     sys.argv = [argv[0], *argv[2:]]
     runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-
 
 if __name__ == "__main__":
     boot(sys.argv)

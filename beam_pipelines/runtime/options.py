@@ -16,7 +16,7 @@ from beam_pipelines.runtime.driver_watch import DRIVER_PID  # the pid of the pro
 
 _M_TRIM_THRESHOLD = -1
 _M_ARENA_MAX = -8
-_ENV = {
+PROCESS_ENV = {
     "TOKENIZERS_PARALLELISM": "false",   # a fast tokenizer used before a fork deadlocks the children
     "ARROW_DEFAULT_MEMORY_POOL": "system",
     "MALLOC_ARENA_MAX": "2",
@@ -31,7 +31,7 @@ def configure_process() -> None:
     if _done:
         return
     _done = True
-    for key, value in _ENV.items():
+    for key, value in PROCESS_ENV.items():
         os.environ.setdefault(key, value)
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -70,18 +70,6 @@ def unknown_beam_flags(beam_args: list[str]) -> list[str]:
     _, unknown = parser.parse_known_args(beam_args)
     flags = [a.split("=", 1)[0] for a in unknown if a.startswith("-")]
     return flags or unknown  # a stray value is reported only when no unknown flag explains it
-
-
-def local_worker_command(command: str) -> str:
-    """The shell command that starts a local worker (the FnApiRunner runs it with `sh -c`). Its
-    signals are its driver's to give: the terminal's Ctrl-C reaches every process of the foreground
-    group, and a worker that took it raised KeyboardInterrupt wherever it was (often in its imports)
-    and printed its traceback, while the driver's thread printed another for the worker's exit status;
-    a scheduler's SIGTERM to the group (systemd, `timeout`) killed the workers under a driver still
-    unwinding. Ignored signals survive `exec`, and Python leaves them ignored, so the worker sees
-    neither; the driver ends its workers when it is interrupted (driver_watch.end_workers), and the
-    kernel when the driver dies (driver_watch.boot, through which the worker starts)."""
-    return f"trap '' INT TERM; exec {driver_watch.boot_command(command)}"
 
 
 def pipeline_options(beam_args: list[str]):

@@ -11,7 +11,7 @@ While the pass runs:
 * nothing with --quiet (lifecycle.progress.quiet()).
 
 The stage and the counters come from the local runner (FnApiRunner, the default): other runners get the
-elapsed time only. Ctrl-C and SIGTERM: the local workers ignore both (options.local_worker_command);
+elapsed time only. Ctrl-C and SIGTERM: the local workers ignore both (warm.local_worker_command);
 the driver, on either, ends them (driver_watch.end_workers) and raises KeyboardInterrupt (on SIGTERM
 schemas.errors.Terminated), which bft's CLI turns into one line and exit status 130 (143).
 """
@@ -129,9 +129,12 @@ def local_runner(options, status: PassStatus):
     from apache_beam.portability import python_urns
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    from beam_pipelines.runtime.options import local_worker_command
+    from beam_pipelines.runtime.warm import local_worker_command
 
     if (options.view_as(StandardOptions).runner or "").rsplit(".", 1)[-1] != "FnApiRunner":
+        from beam_pipelines.runtime import warm
+
+        warm.discard()   # another runner's workers are its own
         return None
 
     class Runner(FnApiRunner):

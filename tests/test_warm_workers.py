@@ -1,0 +1,111 @@
+"""The local runner's workers forked warm (beam_pipelines/runtime/warm.py): a worker command's request
+runs its module in a child of the warm process, with the command's streams, environment, folder and
+argv, and the command exits with the child's status; either side's death ends the other."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from beam_pipelines.runtime import warm
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Unix sockets, /proc, PR_SET_PDEATHSIG")
+PROBE = "tests.helpers.warm_probe"
+REQUEST = "import sys\nfrom beam_pipelines.runtime import warm\nsys.exit(warm.request(sys.argv[1:]))\n"
+
+
+@pytest.fixture
+def warm_process():
+    previous = os.environ.get(warm.ENV)
+    w = warm.start(())   # no imports: the protocol alone
+    try:
+        yield w
+    finally:
+        w.close()
+        if previous is not None:
+            os.environ[warm.ENV] = previous
+
+
+def command(tmp_path, **env):
+    """A worker command as the runner starts one: its own process, streams and environment."""
+    return subprocess.Popen([sys.executable, "-c", REQUEST, sys.executable, PROBE, "--id=7"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": ROOT, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (FileNotFoundError, ProcessLookupError):   # gone, or going while read
+        return False
+
+
+def wait_gone(pid: int, seconds: float = 10) -> bool:
+    deadline = time.time() + seconds
+    while alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    return not alive(pid)
+
+
+def test_a_worker_is_forked_with_the_commands_streams_environment_folder_argv_and_status(warm_process, tmp_path):
+    runs = [command(tmp_path, BFT_PROBE=f"run {i}", BFT_PROBE_STATUS=str(status)) for i, status in enumerate((0, 3))]
+    for i, (run, status) in enumerate(zip(runs, (0, 3))):
+        out, err = run.communicate(timeout=60)
+        assert out, err
+        said = json.loads(out)
+        assert run.returncode == status   # the worker's exit status is the command's
+        assert said["ppid"] == warm_process.process.pid and said["pid"] != run.pid   # forked by the warm process
+        assert (said["cwd"], said["argv"], said["probe"]) == (str(tmp_path), ["--id=7"], f"run {i}")
+
+
+def test_without_a_warm_process_the_command_starts_its_worker_itself(tmp_path):
+    for path in (str(tmp_path / "none"), "0"):   # none listening; turned off (BFT_WARM_WORKERS=0)
+        env = {**os.environ, warm.ENV: path, "PYTHONPATH": ROOT}
+        out = subprocess.run([sys.executable, "-c", "import sys\nfrom beam_pipelines.runtime import warm\n"
+                              "print(warm.request(['python', 'x']))"], env=env, capture_output=True, text=True)
+        assert out.stdout.strip() == "None", out.stderr
+
+
+def test_a_worker_dies_with_its_command_and_with_the_warm_process(warm_process, tmp_path):
+    run = command(tmp_path, BFT_PROBE="wait")
+    worker = json.loads(run.stdout.readline())["pid"]
+    run.kill()   # the runner (or the interrupted driver) ends the command: its worker goes with it
+    run.wait()
+    assert wait_gone(worker), "the worker outlived its command"
+
+    run = command(tmp_path, BFT_PROBE="wait")
+    worker = json.loads(run.stdout.readline())["pid"]
+    os.kill(warm_process.process.pid, signal.SIGKILL)   # the warm process ends (with its driver)
+    assert run.wait(timeout=30) == 1   # a worker lost: the command fails, as a killed worker would
+    assert wait_gone(worker), "the worker outlived the warm process"
+
+
+def test_the_warm_process_ignores_interrupts_and_is_one_of_the_drivers_local_workers(warm_process):
+    from beam_pipelines.runtime import driver_watch
+
+    pid = warm_process.process.pid
+    deadline = time.time() + 10   # until `sh` has trapped and exec'd Python
+    while not open(f"/proc/{pid}/cmdline", "rb").read().startswith(sys.executable.encode()):
+        assert time.time() < deadline
+        time.sleep(0.01)
+    for sig in (signal.SIGINT, signal.SIGTERM):   # a terminal's Ctrl-C reaches the whole foreground group
+        os.kill(pid, sig)
+    time.sleep(0.2)
+    assert alive(pid)
+    assert pid in driver_watch.local_workers()   # an interrupted driver kills it with its workers
+    warm_process.close()
+    assert not alive(pid) and os.environ.get(warm.ENV) is None and not os.path.exists(warm_process.folder)
+
+
+@pytest.mark.parametrize("argv, verb, started", [
+    (["--input", "x"], "prepare", True), (["--runner=FlinkRunner"], "prepare", False), (["--help"], "assemble", False),
+    ([], "rebuild", True), ([], "generate", False)])
+def test_which_commands_start_a_warm_process(argv, verb, started, monkeypatch):
+    monkeypatch.delenv(warm.ENV, raising=False)
+    assert warm.wanted(verb, argv) is started
+    monkeypatch.setenv(warm.ENV, "0")
+    assert not warm.wanted(verb, argv)
