@@ -7,12 +7,20 @@ prepare; the length filter's decisions are taken from a file of the ids a prepar
     FLOOR_KEEP=ids.txt .venv/bin/python -m benchmarks.prepare_floor prepare --input ... (bft prepare's flags)
 
 The read step is swapped in the driver before the pipeline is built; the workers unpickle the class
-from this module (PYTHONPATH must hold the repository, as prepare_bench sets it).
+from this module (PYTHONPATH must hold the repository, as prepare_bench sets it). Its local workers
+are forked warm, as bft prepare's are (beam_pipelines/runtime/warm.py), from a process started before
+this module's imports.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import sys
+
+if __name__ == "__main__":   # as bft's CLI does: the warm workers' process before this driver's imports
+    from beam_pipelines.runtime import warm
+
+    atexit.register(warm.start(warm.WORKER_IMPORTS + warm.PASS_MODULES["prepare"]).close)
 
 from beam_pipelines.tokens.shape import utf8_bytes
 from beam_pipelines.runtime.options import configure_process

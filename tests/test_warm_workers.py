@@ -109,3 +109,14 @@ def test_which_commands_start_a_warm_process(argv, verb, started, monkeypatch):
     assert warm.wanted(verb, argv) is started
     monkeypatch.setenv(warm.ENV, "0")
     assert not warm.wanted(verb, argv)
+
+
+def test_a_drivers_own_warm_process_serves_its_verb_and_an_inherited_one_does_not(warm_process, monkeypatch):
+    with warm.started("prepare", []) as w:   # started before the driver's imports (benchmarks/prepare_floor.py)
+        assert w is warm_process
+    assert warm_process.process.poll() is None   # the verb did not end what it did not start
+    monkeypatch.setattr(warm, "_current", None)   # as in a bft started by a bft: its environment names the parent's
+    monkeypatch.setattr(warm, "start", lambda modules: None)
+    with warm.started("prepare", []):
+        assert os.environ.get(warm.ENV) is None   # its workers will not ask the parent's warm process
+    assert os.environ[warm.ENV] == warm_process.path

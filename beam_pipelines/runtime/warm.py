@@ -109,8 +109,12 @@ def start(modules: tuple[str, ...]) -> WarmWorkers:
 
 @contextlib.contextmanager
 def started(verb: str, argv: list[str]):
-    """A warm process for the duration of `bft VERB ARGV` where `wanted`; nothing otherwise. A warm
-    process named by the environment (a bft that started this one) is not this driver's: unset here."""
+    """A warm process for the duration of `bft VERB ARGV` where `wanted`; nothing otherwise. One this
+    process started already (before imports of its own) serves; one named by the environment only (a
+    bft that started this one) is not this driver's: unset here."""
+    if _current is not None and os.environ.get(ENV) == _current.path:
+        yield _current
+        return
     inherited = os.environ.get(ENV)
     if inherited is not None and inherited != "0":
         del os.environ[ENV]
