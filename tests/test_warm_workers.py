@@ -11,6 +11,7 @@ import time
 import pytest
 
 from beam_pipelines.runtime import warm
+from beam_pipelines.runtime.driver_watch import alive
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Unix sockets, /proc, PR_SET_PDEATHSIG")
@@ -34,14 +35,6 @@ def command(tmp_path, **env):
     """A worker command as the runner starts one: its own process, streams and environment."""
     return subprocess.Popen([sys.executable, "-c", REQUEST, sys.executable, PROBE, "--id=7"], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": ROOT, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (FileNotFoundError, ProcessLookupError):   # gone, or going while read
-        return False
 
 
 def wait_gone(pid: int, seconds: float = 10) -> bool:
