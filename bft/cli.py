@@ -402,8 +402,9 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The `bft` command: `main`, then the interpreter's exit without its teardown of modules and objects
     (~0.3 s after a Beam pass, the runner's gRPC objects among them). What an exit must do is still
-    done, in the interpreter's order: non-daemon threads joined, atexit functions run (logging's flush,
-    temporary folders, process pools), the standard streams flushed. A bug's exception takes the
+    done, in the interpreter's order: threading's exit hooks run (concurrent.futures ends its pools'
+    threads there) and non-daemon threads joined, atexit functions run (logging's flush, temporary
+    folders, process pools), the standard streams flushed. A bug's exception takes the
     ordinary exit, its traceback printed."""
     import atexit
     import threading
@@ -416,9 +417,7 @@ def entry() -> None:
         if status is not None:
             print(status, file=sys.stderr)
         status = 0 if status is None else 1
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()   # what the interpreter's exit does first: threading's exit hooks, then the join
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

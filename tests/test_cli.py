@@ -290,3 +290,22 @@ def test_a_run_file_over_its_size_limit_is_one_line(tmp_path, monkeypatch, capsy
     rc, _, err = run(capsys, "plan", "--config", str(run_file))
     assert rc == 1 and f"{run_file}: 109 bytes, over the 64-byte limit of a run file" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, status", [(["--version"], 0), (["nosuchverb"], 2), (["prepare", "--nosuchflag"], 2)])
+def test_the_bft_command_ends_at_once_with_its_status_after_its_threads_and_exit_functions(argv, status):
+    """`bft` (cli.entry) skips the interpreter's teardown, not what an exit must do: threading's exit
+    hooks (a pool's idle thread, which a bare join of the non-daemon threads waited on forever) and the
+    atexit functions run, the streams are flushed; the status is main's (argparse's usage error: 2)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = ("import atexit, concurrent.futures, sys\nfrom bft import cli\n"
+              "pool = concurrent.futures.ThreadPoolExecutor(1)\npool.submit(int).result()\n"
+              "atexit.register(lambda: print('exit function ran'))\nsys.argv = ['bft', *sys.argv[1:]]\ncli.entry()\n")
+    out = subprocess.run([sys.executable, "-c", script, *argv], env={**os.environ, "PYTHONPATH": ROOT},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == status, out.stderr
+    assert out.stdout.splitlines()[-1] == "exit function ran"

@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Unix sockets, /proc, PR_SET_PDEATHSIG")
 PROBE = "tests.helpers.warm_probe"
-REQUEST = "import sys\nfrom beam_pipelines.runtime import warm\nsys.exit(warm.request(sys.argv[1:]))\n"
+REQUEST = "import sys\nfrom beam_pipelines.runtime import warm\nwarm.exit_with(warm.request(sys.argv[1:]))\n"
 
 
 @pytest.fixture
@@ -61,6 +61,10 @@ def test_without_a_warm_process_the_command_starts_its_worker_itself(tmp_path):
         out = subprocess.run([sys.executable, "-c", "import sys\nfrom beam_pipelines.runtime import warm\n"
                               "print(warm.request(['python', 'x']))"], env=env, capture_output=True, text=True)
         assert out.stdout.strip() == "None", out.stderr
+    # the worker command itself (warm.boot), with another module than Beam's worker main: run here, cold
+    run = subprocess.run([sys.executable, "-m", "beam_pipelines.runtime.warm", PROBE, "--id=7"], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": ROOT, "BFT_PROBE_STATUS": "3"}, capture_output=True, text=True)
+    assert run.returncode == 3 and json.loads(run.stdout)["argv"] == ["--id=7"], run.stderr
 
 
 def test_a_worker_dies_with_its_command_and_with_the_warm_process(warm_process, tmp_path):
@@ -113,3 +117,71 @@ def test_a_drivers_own_warm_process_serves_its_verb_and_an_inherited_one_does_no
     with warm.started("prepare", []):
         assert os.environ.get(warm.ENV) is None   # its workers will not ask the parent's warm process
     assert os.environ[warm.ENV] == warm_process.path
+
+
+def test_a_worker_killed_by_a_signal_ends_its_command_with_that_signal(warm_process, tmp_path):
+    run = command(tmp_path, BFT_PROBE="wait")
+    worker = json.loads(run.stdout.readline())["pid"]
+    os.kill(worker, signal.SIGKILL)   # the OOM killer, say: the runner sees the worker's own end
+    assert run.wait(timeout=30) == -signal.SIGKILL
+
+
+def test_a_failed_fork_sends_that_command_cold_and_the_other_workers_go_on(tmp_path):
+    """Out of processes or memory for one fork: that command starts its worker itself; the warm
+    process and the workers it forked before go on."""
+    import socket
+
+    serve = ("import os, sys\nfrom beam_pipelines.runtime import warm\nreal, n = os.fork, [0]\n"
+             "def fork():\n    n[0] += 1\n    if n[0] == 2:\n        raise OSError(11, 'Resource temporarily unavailable')\n"
+             "    return real()\nos.fork = fork\nwarm.serve(int(sys.argv[1]), [])\n")
+    path = str(tmp_path / "s")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen(8)
+        server = subprocess.Popen([sys.executable, "-c", serve, str(listener.fileno())], pass_fds=[listener.fileno()],
+                                  env={**os.environ, "PYTHONPATH": ROOT, "BFT_DRIVER_PID": str(os.getpid())})
+    try:
+        env = {warm.ENV: path, "BFT_PROBE": "wait"}
+        first = command(tmp_path, **env)
+        json.loads(first.stdout.readline())   # forked, waiting
+        out = subprocess.run([sys.executable, "-c", "import sys\nfrom beam_pipelines.runtime import warm\n"
+                              "print(warm.request(['python', 'x']))"], env={**os.environ, "PYTHONPATH": ROOT, **env},
+                             capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == "None", out.stderr   # this one starts its worker cold
+        time.sleep(0.2)
+        assert server.poll() is None and first.poll() is None   # the others go on
+        first.kill()
+        first.wait()
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_a_closed_standard_stream_or_a_long_tmpdir_means_cold_workers(tmp_path):
+    """A socket never takes fd 0-2 (a command run with stdin closed, `<&-`): the workers start cold;
+    likewise where no socket path fits (a long TMPDIR), and nothing is left behind."""
+    long = tmp_path / ("d" * 100)
+    long.mkdir()
+    script = ("import os, sys, tempfile\nfrom beam_pipelines.runtime import warm\n"
+              "tempfile.tempdir = sys.argv[1]\n"
+              "with warm.started('prepare', []) as w:\n    print('long tmpdir:', w, os.listdir(sys.argv[1]))\n"
+              "tempfile.tempdir = None\nos.close(0)\n"
+              "with warm.started('prepare', []) as w:\n    print('closed stdin:', w)\n"
+              "os.environ[warm.ENV] = '/nowhere'\nprint('request:', warm.request(['python', 'x']))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(long)], env={**os.environ, "PYTHONPATH": ROOT},
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.splitlines() == ["long tmpdir: None []", "closed stdin: None", "request: None"], out.stderr
+
+
+def test_a_killed_drivers_socket_folder_is_removed_by_the_next_driver(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"bft-warm-{int(dead.stdout)}-x1"   # a driver SIGKILLed: no close
+    orphan.mkdir()
+    mine = warm.start(())
+    try:
+        assert not orphan.exists() and os.path.isdir(mine.folder)   # and a live driver's stays
+    finally:
+        mine.close()

@@ -22,9 +22,12 @@ The child dies with the warm process and with the command (its socket's end); th
 its driver (PR_SET_PDEATHSIG) and ignores Ctrl-C and SIGTERM as the workers do (the interrupted driver
 ends every process whose command line names Beam's worker main, these included:
 driver_watch.end_workers). A command that reaches no warm process, or whose warm process ends before
-answering, starts its worker cold (driver_watch.boot), as before; BFT_WARM_WORKERS=0 turns warm
-workers off. The warm process imports modules only: no thread, no gRPC channel, no tokenizer, so a fork
-is safe.
+answering, starts its worker cold (driver_watch.boot), as before (so does every command where a
+standard stream is closed, or where no warm process could start: a socket path too long for TMPDIR);
+BFT_WARM_WORKERS=0 turns warm workers off. The warm process imports modules only: no thread of its
+own, no gRPC channel, no tokenizer (the threads libraries start at import, OpenBLAS's pool and
+jemalloc's, are fork-aware: they mend themselves in the child), so a fork is safe. A worker killed by
+a signal ends its command with the same signal: the runner sees what it would have seen.
 """
 from __future__ import annotations
 
@@ -54,6 +57,8 @@ PASS_MODULES = {"prepare": ("beam_pipelines.prepare.pipeline",),
                 "rebuild": ("beam_pipelines.prepare.pipeline", "beam_pipelines.assemble.pipeline")}
 _HEADER = struct.Struct("!I")
 _STATUS = struct.Struct("!i")
+_JOB_TIMEOUT_S = 10.0
+_PREFIX = "bft-warm-"   # the socket's folder under the temporary folder: bft-warm-<driver pid>-<random>
 _current: "WarmWorkers | None" = None
 
 
@@ -84,24 +89,53 @@ def wanted(verb: str, argv: list[str]) -> bool:
             and sys.platform.startswith("linux") and os.environ.get(ENV) != "0")
 
 
+def _standard_streams_open() -> bool:
+    """Whether fds 0-2 are open: a socket must not take one (a command run with stdin closed, `<&-`)."""
+    try:
+        for fd in (0, 1, 2):
+            os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _clear_orphans() -> None:
+    """Removes the socket folders of drivers that are gone (SIGKILLed: no `close`); their pid is in the name."""
+    root = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(root):
+            pid = name[len(_PREFIX):].split("-", 1)[0]
+            if name.startswith(_PREFIX) and pid.isdigit() and not driver_watch.alive(int(pid)):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def start(modules: tuple[str, ...]) -> WarmWorkers:
-    """Starts a warm process importing `modules` and advertises it to the worker commands (ENV)."""
+    """Starts a warm process importing `modules` and advertises it to the worker commands (ENV); an
+    OSError (a closed standard stream, a socket path too long for a long TMPDIR) leaves nothing behind."""
     global _current
     from beam_pipelines.runtime.options import PROCESS_ENV
 
-    folder = tempfile.mkdtemp(prefix="bft-warm-")
+    if not _standard_streams_open():
+        raise OSError("a standard stream is closed")
+    _clear_orphans()
+    # 0700: only this user's processes reach the socket
+    folder = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
     path = os.path.join(folder, "s")
     env = {**PROCESS_ENV, **os.environ, driver_watch.DRIVER_PID: str(os.getpid())}
     env.pop(ENV, None)
-    # listening from here: a command's request waits in the backlog while the warm process imports
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(path)
-        listener.listen(64)
-        # as a local worker starts: Ctrl-C and SIGTERM ignored from before Python runs (local_worker_command)
-        process = subprocess.Popen(["/bin/sh", "-c", 'trap "" INT TERM; exec "$0" "$@"', sys.executable, "-m",
-                                    __name__, "--serve", str(listener.fileno()), ",".join(modules),
-                                    driver_watch.WORKER_MAIN.decode()],   # for driver_watch.local_workers
-                                   env=env, stdin=subprocess.DEVNULL, pass_fds=[listener.fileno()])
+    try:
+        # listening from here: a command's request waits in the backlog while the warm process imports
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(path)
+            listener.listen(64)
+            # as a local worker starts: Ctrl-C and SIGTERM ignored from before Python runs (local_worker_command)
+            process = subprocess.Popen(["/bin/sh", "-c", 'trap "" INT TERM; exec "$0" "$@"', sys.executable, "-m",
+                                        __name__, "--serve", str(listener.fileno()), ",".join(modules),
+                                        driver_watch.WORKER_MAIN.decode()],   # for driver_watch.local_workers
+                                       env=env, stdin=subprocess.DEVNULL, pass_fds=[listener.fileno()])
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     _current = WarmWorkers(process, folder)
     os.environ[ENV] = path
     return _current
@@ -118,7 +152,10 @@ def started(verb: str, argv: list[str]):
     inherited = os.environ.get(ENV)
     if inherited is not None and inherited != "0":
         del os.environ[ENV]
-    warm = start(WORKER_IMPORTS + PASS_MODULES[verb]) if wanted(verb, argv) else None
+    warm = None
+    if wanted(verb, argv):
+        with contextlib.suppress(OSError):   # then the workers start cold, as without one
+            warm = start(WORKER_IMPORTS + PASS_MODULES[verb])
     try:
         yield warm
     finally:
@@ -174,16 +211,27 @@ def boot(argv: list[str]) -> None:
     driver_watch.boot (the worker started here, cold)."""
     driver_watch.die_with_driver()
     status = request(argv) if argv[1].encode() == driver_watch.WORKER_MAIN else None
-    if status is not None:
-        os._exit(status if status >= 0 else 128 - status)
-    driver_watch.boot(argv)
+    if status is None:
+        driver_watch.boot(argv)
+    else:
+        exit_with(status)
+
+
+def exit_with(status: int) -> None:
+    """Ends this process as its forked worker ended: with its exit status, or killed by its signal
+    (`status` < 0), as the runner would have seen the worker end."""
+    if status < 0:
+        with contextlib.suppress(OSError, ValueError):   # SIGKILL's cannot be set: it needs no setting
+            signal.signal(-status, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
+    os._exit(status if status >= 0 else 128 - status)
 
 
 def request(argv: list[str]) -> int | None:
     """Runs Beam's worker main (`argv` as driver_watch.boot got it) in a child of the warm process and
     returns its exit status; None when no warm process answered (the caller starts the worker cold)."""
     path = os.environ.get(ENV)
-    if not path or path == "0":
+    if not path or path == "0" or not _standard_streams_open():   # the socket must not be one of them
         return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -234,11 +282,21 @@ def _child(conn: socket.socket, closing: list, fds: list[int], job: dict, parent
 
 
 def _read_job(conn: socket.socket) -> tuple[list[int], dict]:
+    """The command's streams and job; a command that does not send them within seconds (stopped) is
+    dropped, with what it sent, rather than holding up the others."""
+    conn.settimeout(_JOB_TIMEOUT_S)
     head, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
-    if not head:
-        raise EOFError
-    head += _receive_exactly(conn, _HEADER.size - len(head))
-    return fds, json.loads(_receive_exactly(conn, _HEADER.unpack(head)[0]))
+    try:
+        if not head or len(fds) != 3:
+            raise EOFError
+        head += _receive_exactly(conn, _HEADER.size - len(head))
+        job = json.loads(_receive_exactly(conn, _HEADER.unpack(head)[0]))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    conn.settimeout(None)
+    return fds, job
 
 
 def serve(listening: int, modules: list[str]) -> None:
@@ -273,17 +331,26 @@ def serve(listening: int, modules: list[str]) -> None:
                         conn.sendall(_STATUS.pack(os.waitstatus_to_exitcode(status)))
                     conn.close()
         if listener in ready:
-            conn, _ = listener.accept()
+            try:
+                conn, _ = listener.accept()
+            except OSError:   # out of fds for a moment: the command waits, or starts its worker cold
+                continue
             try:
                 fds, job = _read_job(conn)
             except (OSError, EOFError, ValueError):
                 conn.close()
                 continue
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError:   # out of processes or memory: that command starts its worker cold, the others go on
+                pid = None
             if pid == 0:
                 _child(conn, [listener, wake_r, wake_w, *children.values()], fds, job, parent=me)
             for fd in fds:
                 os.close(fd)
+            if pid is None:
+                conn.close()
+                continue
             children[pid] = conn
             with contextlib.suppress(OSError):
                 conn.sendall(_STATUS.pack(pid))
