@@ -6,9 +6,9 @@ the next run is cleaning), then all wait for a driver that never answers, and pr
 when it is gone. Measured with `bft prepare` killed 3 s after its workers started: both workers were
 still there 20 s later. Two guards:
 - `boot` (`python -m beam_pipelines.runtime.driver_watch MODULE`; the local worker's command,
-  warm.local_worker_command, calls it when no warm process forks the worker) asks the kernel to SIGKILL the worker when its driver ends
-  (PR_SET_PDEATHSIG, Linux), before Beam's worker starts: every worker, busy or idle, ends with the
-  driver however the driver ends.
+  warm.local_worker_command, calls it when no warm process forks the worker, which does the same)
+  asks the kernel to SIGKILL the worker when its driver ends (PR_SET_PDEATHSIG, Linux), before Beam's
+  worker starts: every worker, busy or idle, ends with the driver however the driver ends.
 - elsewhere, and for the workers of other runners, the driver exports its pid (BFT_DRIVER_PID, see
   options.pipeline_options) and `watch`, started by options.configure_process in the setup of every
   bft DoFn, polls it from a daemon thread every 0.5 s.
@@ -218,6 +218,7 @@ def worker_main(argv: list[str]) -> None:
         sys.stderr = WorkerStderr(sys.stderr)
     sys.argv = [argv[0], *argv[2:]]
     runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+
 
 if __name__ == "__main__":
     boot(sys.argv)

@@ -129,11 +129,9 @@ def local_runner(options, status: PassStatus):
     from apache_beam.portability import python_urns
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    from beam_pipelines.runtime.warm import local_worker_command
+    from beam_pipelines.runtime import warm
 
     if (options.view_as(StandardOptions).runner or "").rsplit(".", 1)[-1] != "FnApiRunner":
-        from beam_pipelines.runtime import warm
-
         warm.discard()   # another runner's workers are its own
         return None
 
@@ -141,7 +139,7 @@ def local_runner(options, status: PassStatus):
         def run_via_runner_api(self, pipeline_proto, options):
             for env in pipeline_proto.components.environments.values():
                 if env.urn == python_urns.SUBPROCESS_SDK:
-                    env.payload = local_worker_command(env.payload.decode()).encode()
+                    env.payload = warm.local_worker_command(env.payload.decode()).encode()
             return super().run_via_runner_api(pipeline_proto, options)
 
         def _execute_bundle(self, runner_execution_context, bundle_context_manager, bundle_input):
