@@ -100,7 +100,11 @@ def test_the_warm_process_ignores_interrupts_and_is_one_of_the_drivers_local_wor
 
 @pytest.mark.parametrize("argv, verb, started", [
     (["--input", "x"], "prepare", True), (["--runner=FlinkRunner"], "prepare", False), (["--help"], "assemble", False),
-    ([], "rebuild", True), ([], "generate", False)])
+    ([], "rebuild", True), ([], "generate", False),
+    (["--runner=FnApiRunner"], "prepare", False),   # its workers in this process: none to fork
+    (["--direct_num_workers=1"], "prepare", False),
+    (["--runner", "FnApiRunner", "--direct_running_mode", "multi_processing"], "assemble", True),
+    (["--direct_num_workers=2", "--direct_running_mode=multi_processing"], "prepare", True)])
 def test_which_commands_start_a_warm_process(argv, verb, started, monkeypatch):
     monkeypatch.delenv(warm.ENV, raising=False)
     assert warm.wanted(verb, argv) is started

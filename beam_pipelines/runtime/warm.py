@@ -82,10 +82,20 @@ class WarmWorkers:
 
 
 def wanted(verb: str, argv: list[str]) -> bool:
-    """Whether `bft VERB ARGV` starts a warm process: a verb that runs passes, with Beam's local default
-    (no --runner flag; a run file naming another runner wastes only the warm process's imports:
-    `discard` ends it when the pass's runner is known), not for --help, not with BFT_WARM_WORKERS=0."""
-    return (verb in PASS_MODULES and not any(a in ("-h", "--help") or a.startswith("--runner") for a in argv)
+    """Whether `bft VERB ARGV` starts a warm process: a verb that runs passes on the FnApiRunner with
+    workers in processes (bft's default, or asked for by its flags; a run file naming another runner
+    wastes only the warm process's imports: `discard` ends it when the pass's runner is known), not for
+    --help, not with BFT_WARM_WORKERS=0."""
+    from beam_pipelines.runtime.options import default_beam_args
+
+    flags: dict[str, str] = {}
+    args = default_beam_args(argv)
+    for i, a in enumerate(args):   # --flag=value or --flag value
+        name, eq, value = a.partition("=")
+        flags[name] = value if eq or i + 1 == len(args) else args[i + 1]
+    return (verb in PASS_MODULES and "-h" not in flags and "--help" not in flags
+            and flags.get("--runner", "").rsplit(".", 1)[-1] == "FnApiRunner"
+            and flags.get("--direct_running_mode") == "multi_processing"
             and sys.platform.startswith("linux") and os.environ.get(ENV) != "0")
 
 
