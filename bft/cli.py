@@ -298,8 +298,25 @@ def run_verb(verb: Verb, argv: list[str]) -> int:
         return _run_verb(verb, argv)
     from beam_pipelines.runtime import warm   # before Beam's imports: the local workers' own run beside them
 
-    with warm.started(verb.name, argv):
+    with warm.started(verb.name, pass_flags(verb.name, argv)):
         return _run_verb(verb, argv)
+
+
+def pass_flags(verb: str, argv: list[str]) -> list[list[str]]:
+    """The flags each pass of `bft VERB ARGV` runs with, as far as Beam's are concerned: its run file's
+    `beam_args` (--config; rebuild: prepare's and assemble's), then the command line. A run file that
+    cannot be read leaves the command line alone: the verb says what is wrong with it."""
+    sections = ("prepare", "assemble") if verb == "rebuild" else (verb,)
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None and "--config" in argv[:-1]:
+        path = argv[argv.index("--config") + 1]
+    if path is None:
+        return [argv]
+    try:
+        doc = config.read_run_file(path)
+        return [list((doc.get(s) or {}).get("beam_args") or []) + argv for s in sections]
+    except Exception:
+        return [argv]
 
 
 def _run_verb(verb: Verb, argv: list[str]) -> int:

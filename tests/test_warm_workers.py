@@ -107,9 +107,25 @@ def test_the_warm_process_ignores_interrupts_and_is_one_of_the_drivers_local_wor
     (["--direct_num_workers=2", "--direct_running_mode=multi_processing"], "prepare", True)])
 def test_which_commands_start_a_warm_process(argv, verb, started, monkeypatch):
     monkeypatch.delenv(warm.ENV, raising=False)
-    assert warm.wanted(verb, argv) is started
+    assert warm.wanted(verb, [argv]) is started
     monkeypatch.setenv(warm.ENV, "0")
-    assert not warm.wanted(verb, argv)
+    assert not warm.wanted(verb, [argv])
+
+
+def test_a_run_files_beam_args_decide_too(tmp_path, monkeypatch):
+    """`bft rebuild --config FILE`: a warm process only where a pass's workers run in processes; an
+    in-process runner in the run file (as the tests' run files say) starts none."""
+    from bft.cli import pass_flags
+
+    monkeypatch.delenv(warm.ENV, raising=False)
+    run = tmp_path / "run.yaml"
+    run.write_text("prepare: {beam_args: ['--runner=FnApiRunner']}\nassemble: {beam_args: ['--runner=FnApiRunner']}\n")
+    assert pass_flags("rebuild", ["--config", str(run)]) == [["--runner=FnApiRunner", "--config", str(run)]] * 2
+    assert not warm.wanted("rebuild", pass_flags("rebuild", ["--config", str(run)]))
+    run.write_text("prepare: {beam_args: ['--runner=FnApiRunner']}\nassemble: {}\n")   # assemble: the default
+    assert warm.wanted("rebuild", pass_flags("rebuild", [f"--config={run}"]))
+    assert not warm.wanted("prepare", pass_flags("prepare", [f"--config={run}"]))
+    assert warm.wanted("prepare", pass_flags("prepare", ["--config", str(tmp_path / "missing.yaml")]))
 
 
 def test_a_drivers_own_warm_process_serves_its_verb_and_an_inherited_one_does_not(warm_process, monkeypatch):

@@ -81,21 +81,24 @@ class WarmWorkers:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def wanted(verb: str, argv: list[str]) -> bool:
-    """Whether `bft VERB ARGV` starts a warm process: a verb that runs passes on the FnApiRunner with
-    workers in processes (bft's default, or asked for by its flags; a run file naming another runner
-    wastes only the warm process's imports: `discard` ends it when the pass's runner is known), not for
+def wanted(verb: str, passes: list[list[str]]) -> bool:
+    """Whether `bft VERB` starts a warm process: a verb that runs passes, one of which (`passes`: each
+    pass's Beam flags, its run file's then its command line's) runs on the FnApiRunner with workers in
+    processes (bft's default, or asked for by its flags; a pass on another runner `discard`s it), not for
     --help, not with BFT_WARM_WORKERS=0."""
     from beam_pipelines.runtime.options import default_beam_args
 
-    flags: dict[str, str] = {}
-    args = default_beam_args(argv)
-    for i, a in enumerate(args):   # --flag=value or --flag value
-        name, eq, value = a.partition("=")
-        flags[name] = value if eq or i + 1 == len(args) else args[i + 1]
-    return (verb in PASS_MODULES and "-h" not in flags and "--help" not in flags
-            and flags.get("--runner", "").rsplit(".", 1)[-1] == "FnApiRunner"
-            and flags.get("--direct_running_mode") == "multi_processing"
+    def in_processes(argv: list[str]) -> bool:
+        flags: dict[str, str] = {}
+        args = default_beam_args(argv)
+        for i, a in enumerate(args):   # --flag=value or --flag value
+            name, eq, value = a.partition("=")
+            flags[name] = value if eq or i + 1 == len(args) else args[i + 1]
+        return ("-h" not in flags and "--help" not in flags
+                and flags.get("--runner", "").rsplit(".", 1)[-1] == "FnApiRunner"
+                and flags.get("--direct_running_mode") == "multi_processing")
+
+    return (verb in PASS_MODULES and any(map(in_processes, passes))
             and sys.platform.startswith("linux") and os.environ.get(ENV) != "0")
 
 
@@ -152,8 +155,8 @@ def start(modules: tuple[str, ...]) -> WarmWorkers:
 
 
 @contextlib.contextmanager
-def started(verb: str, argv: list[str]):
-    """A warm process for the duration of `bft VERB ARGV` where `wanted`; nothing otherwise. One this
+def started(verb: str, passes: list[list[str]]):
+    """A warm process for the duration of `bft VERB` where `wanted`; nothing otherwise. One this
     process started already (before imports of its own) serves; one named by the environment only (a
     bft that started this one) is not this driver's: unset here."""
     if _current is not None and os.environ.get(ENV) == _current.path:
@@ -163,7 +166,7 @@ def started(verb: str, argv: list[str]):
     if inherited is not None and inherited != "0":
         del os.environ[ENV]
     warm = None
-    if wanted(verb, argv):
+    if wanted(verb, passes):
         with contextlib.suppress(OSError):   # then the workers start cold, as without one
             warm = start(WORKER_IMPORTS + PASS_MODULES[verb])
     try:
