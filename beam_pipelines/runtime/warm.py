@@ -220,12 +220,12 @@ def _receive_exactly(conn: socket.socket, n: int) -> bytes:
 
 def boot(argv: list[str]) -> None:
     """`python -m beam_pipelines.runtime.warm MODULE [ARG...]` (local_worker_command): Beam's worker
-    forked by this driver's warm process, this process then exiting with its status; else
-    driver_watch.boot (the worker started here, cold)."""
+    forked by this driver's warm process, this process then exiting with its status; else, as
+    driver_watch.boot does, the worker started here, cold."""
     driver_watch.die_with_driver()
     status = request(argv) if argv[1].encode() == driver_watch.WORKER_MAIN else None
     if status is None:
-        driver_watch.boot(argv)
+        driver_watch.worker_main(argv)   # driver_watch.boot's work, its death with the driver asked above
     else:
         exit_with(status)
 
